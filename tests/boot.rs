@@ -1,0 +1,68 @@
+//! The guest boots to its init with the requested vCPUs and the exact command
+//! line, and its own poweroff/reboot end `vmm` with exit code 0.
+
+use harness::run_scenario;
+
+/// Reads the guest's `KLPV-READY cpus=N cmdline=...` line.
+fn ready_line(run: &harness::Run) -> (String, String) {
+    let lines = run.lines_with("KLPV-READY ");
+    assert_eq!(lines.len(), 1, "one READY line\n{}", run.transcript());
+    let rest = &lines[0][lines[0].find("KLPV-READY ").unwrap() + "KLPV-READY ".len()..];
+    let (cpus, cmdline) = rest.split_once(" cmdline=").expect("cmdline field");
+    (
+        cpus.trim_start_matches("cpus=").to_string(),
+        cmdline.to_string(),
+    )
+}
+
+#[test]
+fn two_vcpus_poweroff() {
+    let token = format!("t{}", std::process::id());
+    let run = run_scenario("boot", &["2", &token, "/bin/true"]);
+    let (cpus, cmdline) = ready_line(&run);
+    assert_eq!(cpus, "2", "{}", run.transcript());
+    assert_eq!(
+        cmdline,
+        format!("console=ttyS0 reboot=k panic=-1 klpv.token={token} -- /bin/true"),
+        "the guest sees exactly the command line given to vmm"
+    );
+    assert_eq!(
+        run.lines_with("KLPV-EXIT rc=0").len(),
+        1,
+        "{}",
+        run.transcript()
+    );
+    assert_eq!(run.result("boot")["rc"], "0", "poweroff ends vmm with 0");
+    assert!(
+        !run.lines_with("guest powered off").is_empty(),
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        !run.lines_with("guest boot marker:").is_empty(),
+        "boot timer logged"
+    );
+    assert!(
+        run.lines_with("Call Trace").is_empty(),
+        "no oops or warning"
+    );
+}
+
+#[test]
+fn four_vcpus_reboot() {
+    let token = format!("r{}", std::process::id());
+    let run = run_scenario("boot", &["4", &token, "/bin/reboot", "-f"]);
+    let (cpus, cmdline) = ready_line(&run);
+    assert_eq!(cpus, "4", "{}", run.transcript());
+    assert!(cmdline.contains(&format!("klpv.token={token}")));
+    assert_eq!(run.result("boot")["rc"], "0", "reboot ends vmm with 0");
+    assert!(
+        !run.lines_with("guest rebooted").is_empty(),
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        run.lines_with("Call Trace").is_empty(),
+        "no oops or warning"
+    );
+}

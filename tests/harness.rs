@@ -1,0 +1,246 @@
+//! Shared machinery for the end-to-end tests.
+//!
+//! Scenarios are shell scripts in `tests/scenarios/` that run `vmm` on a
+//! host with KVM and print `KLPV-RESULT <name> key=value...` lines next to
+//! the guest's own console lines. Where this host's /dev/kvm runs guests at
+//! hardware speed (`vmm --kvm-probe`), scenarios run here directly; otherwise
+//! they run inside the nested image: QEMU TCG boots an L1 Linux with KVM,
+//! whose init runs the scenario (`scripts/nested-run`). Either way the test
+//! reads the same lines.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How long one scenario may take before the test fails.
+pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Directory holding the release binaries (`vmm`, `pause_cycles`).
+pub fn bin_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    target.join("release")
+}
+
+pub fn vmm_bin() -> PathBuf {
+    let p = bin_dir().join("vmm");
+    assert!(
+        p.exists(),
+        "{} is missing: build with `cargo build --release --workspace --examples` (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+pub fn pause_cycles_bin() -> PathBuf {
+    bin_dir().join("examples").join("pause_cycles")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// This host's KVM runs guests at hardware speed.
+    Direct,
+    /// Run inside the nested QEMU image.
+    Nested,
+}
+
+/// Decided once per test binary: `KLPV_MODE=direct|nested` overrides the probe.
+pub fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("KLPV_MODE").as_deref() {
+        Ok("direct") => Mode::Direct,
+        Ok("nested") => Mode::Nested,
+        _ => {
+            let out = Command::new(vmm_bin())
+                .arg("--kvm-probe")
+                .output()
+                .expect("run vmm --kvm-probe");
+            let text = String::from_utf8_lossy(&out.stdout);
+            eprintln!("harness: {}", text.trim());
+            if text.contains("native=true") {
+                Mode::Direct
+            } else {
+                Mode::Nested
+            }
+        }
+    })
+}
+
+/// Builds (or confirms cached) the guest and nested images.
+fn ensure_images(mode: Mode) {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let root = repo_root();
+        let status = match mode {
+            Mode::Direct => Command::new(root.join("guest-images/build-guest")).status(),
+            Mode::Nested => Command::new(root.join("guest-images/build-nested"))
+                .arg("--bin")
+                .arg(vmm_bin())
+                .arg("--bin")
+                .arg(pause_cycles_bin())
+                .arg("--with-qemu")
+                .status(),
+        }
+        .expect("run guest-images build");
+        assert!(status.success(), "building guest images failed");
+    });
+}
+
+/// Everything a scenario printed, with its exit status.
+#[derive(Debug)]
+pub struct Run {
+    pub lines: Vec<String>,
+    pub success: bool,
+}
+
+impl Run {
+    /// `key=value` fields of every `KLPV-RESULT <name> ...` line.
+    pub fn results(&self, name: &str) -> Vec<HashMap<String, String>> {
+        let prefix = format!("KLPV-RESULT {name} ");
+        self.lines
+            .iter()
+            .filter_map(|l| l.find(&prefix).map(|i| &l[i + prefix.len()..]))
+            .map(fields)
+            .collect()
+    }
+
+    /// The only `KLPV-RESULT <name>` line; panics with the transcript otherwise.
+    pub fn result(&self, name: &str) -> HashMap<String, String> {
+        let mut r = self.results(name);
+        assert_eq!(
+            r.len(),
+            1,
+            "expected one {name} result\n{}",
+            self.transcript()
+        );
+        r.remove(0)
+    }
+
+    /// Lines containing `needle` (the console may prefix other output).
+    pub fn lines_with(&self, needle: &str) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter(|l| l.contains(needle))
+            .map(String::as_str)
+            .collect()
+    }
+
+    pub fn transcript(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+/// Splits `a=1 b=two` into a map; a value runs to the next ` key=`.
+pub fn fields(s: &str) -> HashMap<String, String> {
+    s.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Runs scenario `name` with `args` where KVM is usable and collects output.
+pub fn run_scenario(name: &str, args: &[&str]) -> Run {
+    let mode = mode();
+    ensure_images(mode);
+    let root = repo_root();
+    let mut cmd = match mode {
+        Mode::Direct => {
+            let mut c = Command::new(root.join("tests/scenarios").join(name));
+            c.args(args)
+                .env("KLPV_KERNEL", root.join("build/guest/bzImage"))
+                .env("KLPV_INITRD", root.join("build/guest/initramfs.cpio.gz"))
+                .env("PATH", path_with(&[bin_dir(), bin_dir().join("examples")]));
+            c
+        }
+        Mode::Nested => {
+            let mut c = Command::new(root.join("scripts/nested-run"));
+            c.arg("--").arg(name).args(args);
+            c
+        }
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    eprintln!("harness: scenario {name} {args:?} ({mode:?})");
+    let mut child = cmd.spawn().expect("start scenario");
+    let (tx, rx) = mpsc::channel();
+    for stream in [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).replace('\r', "");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + SCENARIO_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                eprintln!("  | {line}");
+                lines.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!(
+                    "scenario {name} timed out after {SCENARIO_TIMEOUT:?}\n{}",
+                    lines.join("\n")
+                );
+            }
+        }
+    }
+    let status = child.wait().expect("wait for scenario");
+    Run {
+        lines,
+        success: status.success(),
+    }
+}
+
+fn path_with(dirs: &[PathBuf]) -> std::ffi::OsString {
+    let mut parts: Vec<PathBuf> = dirs.to_vec();
+    if let Some(p) = std::env::var_os("PATH") {
+        parts.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(parts).expect("PATH entries")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_result_fields() {
+        let r = Run {
+            lines: vec![
+                "noise KLPV-RESULT boot rc=0 cpus=2".into(),
+                "KLPV-RESULT other rc=1".into(),
+            ],
+            success: true,
+        };
+        let b = r.result("boot");
+        assert_eq!(b["rc"], "0");
+        assert_eq!(b["cpus"], "2");
+        assert!(r.results("missing").is_empty());
+    }
+}

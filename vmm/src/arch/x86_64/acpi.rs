@@ -1,0 +1,175 @@
+//! ACPI tables: the guest's only way to find secondary CPUs (the Debian cloud
+//! kernel is built without MP-table parsing) and to power off. The platform is
+//! "hardware-reduced": no PM1 blocks or PM timer; sleep and reset go through
+//! one I/O port handled by `devices::power`. The DSDT names `_S5` (soft-off)
+//! and a pvpanic device so a panicking guest can tell us.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::{align_up, ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
+use crate::devices::{power::POWER_PORT, pvpanic::PVPANIC_PORT};
+
+const OEM_ID: [u8; 6] = *b"KLPVSR";
+const OEM_REVISION: u32 = 1;
+/// Value the guest writes to the reset register (FADT RESET_VALUE).
+pub const RESET_VALUE: u8 = 1;
+/// ISA IRQ the SCI would use; unused on a hardware-reduced platform but must be valid.
+const SCI_IRQ: u16 = 9;
+
+#[derive(Debug, Error)]
+pub enum AcpiError {
+    #[error("ACPI tables need {0} bytes but the BIOS area holds {1}")]
+    TooLarge(u64, u64),
+    #[error("cannot write ACPI tables into guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+fn bytes_of(table: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    table.to_aml_bytes(&mut v);
+    v
+}
+
+fn dsdt() -> Vec<u8> {
+    // \_S5_: SLP_TYPa = 5, the value the power device recognises.
+    let s5 = aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&5u8, &0u8, &0u8, &0u8]),
+    );
+    let pvpanic_io = aml::IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
+    let pvpanic_res = aml::ResourceTemplate::new(vec![&pvpanic_io]);
+    let hid = aml::Name::new("_HID".into(), &"QEMU0001");
+    let crs = aml::Name::new("_CRS".into(), &pvpanic_res);
+    let pvpanic = aml::Device::new("PEVT".into(), vec![&hid, &crs]);
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&pvpanic]);
+    let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"KLPVDSDT", OEM_REVISION);
+    s5.to_aml_bytes(&mut table);
+    sb.to_aml_bytes(&mut table);
+    table.update_checksum();
+    table.as_slice().to_vec()
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let port = |p: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(p),
+        )
+    };
+    let mut b = FADTBuilder::new(OEM_ID, *b"KLPVFACP", OEM_REVISION)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .dsdt_64(dsdt_addr);
+    b.sci_int = SCI_IRQ.into();
+    b.sleep_control_reg = port(POWER_PORT);
+    b.sleep_status_reg = port(POWER_PORT + 1);
+    b.reset_reg = port(POWER_PORT);
+    b.reset_value = RESET_VALUE;
+    bytes_of(&b.finalize())
+}
+
+fn madt(cpus: u8) -> Vec<u8> {
+    let mut m = MADT::new(
+        OEM_ID,
+        *b"KLPVMADT",
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_START as u32),
+    );
+    for id in 0..cpus {
+        m.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    m.add_structure(IoApic::new(0, IOAPIC_START as u32, 0));
+    bytes_of(&m)
+}
+
+/// Writes RSDP, XSDT, FADT, DSDT and MADT into the BIOS area and returns
+/// the RSDP address (for `boot_params.acpi_rsdp_addr`).
+pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
+    let rsdp_addr = ACPI_START;
+    let mut next = align_up(rsdp_addr + Rsdp::len() as u64, 16);
+    let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
+        let addr = next;
+        let end = addr + bytes.len() as u64;
+        if end > ACPI_END {
+            return Err(AcpiError::TooLarge(end - ACPI_START, ACPI_END - ACPI_START));
+        }
+        mem.write_slice(bytes, GuestAddress(addr))?;
+        next = align_up(end, 16);
+        Ok(addr)
+    };
+    let dsdt_addr = place(&dsdt())?;
+    let fadt_addr = place(&fadt(dsdt_addr))?;
+    let madt_addr = place(&madt(cpus))?;
+    let mut xsdt = XSDT::new(OEM_ID, *b"KLPVXSDT", OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt_addr = place(&bytes_of(&xsdt))?;
+    mem.write_slice(
+        &bytes_of(&Rsdp::new(OEM_ID, xsdt_addr)),
+        GuestAddress(rsdp_addr),
+    )?;
+    Ok(rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(t: &[u8]) -> bool {
+        t.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    #[test]
+    fn tables_are_well_formed() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let rsdp = write_tables(&mem, 4).unwrap();
+        let mut r = [0u8; 36];
+        mem.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
+        assert_eq!(&r[..8], b"RSD PTR ");
+        assert!(checksum_ok(&r[..20]) && checksum_ok(&r));
+        let xsdt = u64::from_le_bytes(r[24..32].try_into().unwrap());
+        let mut hdr = [0u8; 36];
+        mem.read_slice(&mut hdr, GuestAddress(xsdt)).unwrap();
+        assert_eq!(&hdr[..4], b"XSDT");
+        let n = (u32::from_le_bytes(hdr[4..8].try_into().unwrap()) as usize - 36) / 8;
+        let mut sigs = Vec::new();
+        for i in 0..n {
+            let p: u64 = mem
+                .read_obj(GuestAddress(xsdt + 36 + 8 * i as u64))
+                .unwrap();
+            let mut h = [0u8; 8];
+            mem.read_slice(&mut h, GuestAddress(p)).unwrap();
+            let len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+            let mut t = vec![0u8; len];
+            mem.read_slice(&mut t, GuestAddress(p)).unwrap();
+            assert!(checksum_ok(&t), "{:?} checksum", &h[..4]);
+            sigs.push(h[..4].to_vec());
+            if &h[..4] == b"APIC" {
+                // header(36) + lapic addr + flags + 4 LAPICs (8) + IOAPIC (12)
+                assert_eq!(len, 44 + 4 * 8 + 12);
+            }
+        }
+        assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+    }
+
+    #[test]
+    fn dsdt_names_s5_and_pvpanic() {
+        let d = dsdt();
+        assert!(d.windows(4).any(|w| w == b"_S5_"));
+        assert!(d.windows(8).any(|w| w == b"QEMU0001"));
+    }
+}

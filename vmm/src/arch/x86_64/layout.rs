@@ -1,0 +1,193 @@
+//! Guest-physical memory map.
+//!
+//! Low memory holds the boot structures at the addresses the Linux x86 boot
+//! protocol and common VMMs use; the kernel is loaded at 1 MiB. RAM is split
+//! around the 32-bit MMIO hole (IOAPIC, LAPIC). The patch arena is its own
+//! KVM memory slot outside every RAM range and is reported to the guest as
+//! e820 "reserved", so the guest allocator never hands it out.
+
+use thiserror::Error;
+
+/// GDT for the 64-bit boot CPU.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Empty IDT: the kernel installs its own before enabling interrupts.
+pub const BOOT_IDT_START: u64 = 0x520;
+/// The zero page (`struct boot_params`).
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer of the boot CPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Identity-mapped page tables: PML4, PDPT, PD (1 GiB of 2 MiB pages).
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Start of the Extended BIOS Data Area: RAM below it is usable.
+pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables live in the legacy BIOS area, where Linux also scans for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = 0x100000;
+/// The protected-mode kernel is loaded here.
+pub const HIMEM_START: u64 = 0x100000;
+/// Start of the 32-bit MMIO hole; RAM resumes at 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// In-kernel IOAPIC and local APIC (KVM defaults).
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const APIC_START: u64 = 0xfee0_0000;
+
+/// The arena is mapped into the kernel image window with 2 MiB pages later.
+pub const ARENA_ALIGN: u64 = 2 << 20;
+
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("guest memory of {0} MiB is too small: at least {MIN_MEM_MIB} MiB are needed")]
+    TooSmall(u64),
+    #[error("patch arena size {0} MiB must be a non-zero multiple of 2 MiB")]
+    ArenaSize(u64),
+}
+
+pub const MIN_MEM_MIB: u64 = 64;
+
+/// One e820 entry as handed to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+/// Where RAM and the patch arena sit in guest-physical space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryLayout {
+    /// Guest RAM ranges (start, size), backed by anonymous memory.
+    pub ram: Vec<(u64, u64)>,
+    /// The patch arena (start, size): its own slot, never RAM.
+    pub arena: (u64, u64),
+}
+
+impl MemoryLayout {
+    /// Splits `mem_bytes` of RAM around the MMIO hole and places the arena
+    /// right after the highest RAM byte, 2 MiB aligned, never inside the hole.
+    pub fn new(mem_bytes: u64, arena_bytes: u64) -> Result<Self, LayoutError> {
+        if mem_bytes < MIN_MEM_MIB << 20 {
+            return Err(LayoutError::TooSmall(mem_bytes >> 20));
+        }
+        if arena_bytes == 0 || arena_bytes % ARENA_ALIGN != 0 {
+            return Err(LayoutError::ArenaSize(arena_bytes >> 20));
+        }
+        let mut ram = vec![(0, mem_bytes.min(MMIO_GAP_START))];
+        if mem_bytes > MMIO_GAP_START {
+            ram.push((MMIO_GAP_END, mem_bytes - MMIO_GAP_START));
+        }
+        let (last_start, last_size) = ram[ram.len() - 1];
+        let mut arena_start = align_up(last_start + last_size, ARENA_ALIGN);
+        if arena_start < MMIO_GAP_END && arena_start + arena_bytes > MMIO_GAP_START {
+            arena_start = MMIO_GAP_END;
+        }
+        Ok(Self {
+            ram,
+            arena: (arena_start, arena_bytes),
+        })
+    }
+
+    /// Total RAM in bytes.
+    pub fn ram_bytes(&self) -> u64 {
+        self.ram.iter().map(|r| r.1).sum()
+    }
+
+    /// Highest RAM address below the MMIO hole (exclusive).
+    pub fn low_ram_end(&self) -> u64 {
+        self.ram[0].0 + self.ram[0].1
+    }
+
+    /// The e820 map: usable RAM minus the BIOS area, and the arena as reserved.
+    pub fn e820(&self) -> Vec<E820Entry> {
+        let mut map = vec![
+            E820Entry {
+                addr: 0,
+                size: EBDA_START,
+                kind: E820_RAM,
+            },
+            E820Entry {
+                addr: EBDA_START,
+                size: HIMEM_START - EBDA_START,
+                kind: E820_RESERVED,
+            },
+            E820Entry {
+                addr: HIMEM_START,
+                size: self.low_ram_end() - HIMEM_START,
+                kind: E820_RAM,
+            },
+        ];
+        if let Some(&(start, size)) = self.ram.get(1) {
+            map.push(E820Entry {
+                addr: start,
+                size,
+                kind: E820_RAM,
+            });
+        }
+        map.push(E820Entry {
+            addr: self.arena.0,
+            size: self.arena.1,
+            kind: E820_RESERVED,
+        });
+        map.sort_by_key(|e| e.addr);
+        map
+    }
+}
+
+pub fn align_up(v: u64, align: u64) -> u64 {
+    v.div_ceil(align) * align
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+        a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+    }
+
+    #[test]
+    fn arena_is_reserved_and_outside_ram() {
+        for mem_mib in [64u64, 512, 3071, 3072, 3073, 8192] {
+            let l = MemoryLayout::new(mem_mib << 20, 16 << 20).unwrap();
+            assert_eq!(l.ram_bytes(), mem_mib << 20);
+            for r in &l.ram {
+                assert!(!overlaps(*r, l.arena), "{mem_mib}: arena overlaps RAM");
+            }
+            assert!(!overlaps(
+                l.arena,
+                (MMIO_GAP_START, MMIO_GAP_END - MMIO_GAP_START)
+            ));
+            assert_eq!(l.arena.0 % ARENA_ALIGN, 0);
+            let e820 = l.e820();
+            let arena: Vec<_> = e820.iter().filter(|e| e.addr == l.arena.0).collect();
+            assert_eq!(arena.len(), 1);
+            assert_eq!(arena[0].kind, E820_RESERVED);
+            for e in e820.iter().filter(|e| e.kind == E820_RAM) {
+                assert!(!overlaps((e.addr, e.size), l.arena));
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert_eq!(
+            MemoryLayout::new(32 << 20, 2 << 20),
+            Err(LayoutError::TooSmall(32))
+        );
+        assert_eq!(
+            MemoryLayout::new(512 << 20, 3 << 20),
+            Err(LayoutError::ArenaSize(3))
+        );
+        assert_eq!(
+            MemoryLayout::new(512 << 20, 0),
+            Err(LayoutError::ArenaSize(0))
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! Boot CPU register state for the 64-bit Linux boot protocol: long mode with
+//! an identity map of the first GiB, flat segments, `rsi` pointing at the
+//! zero page and `rip` at the kernel's 64-bit entry.
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
+use kvm_ioctls::VcpuFd;
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::gdt::{segment_from_gdt, BOOT_GDT};
+use super::layout::{
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
+    ZERO_PAGE_START,
+};
+
+const X86_CR0_PE: u64 = 1 << 0;
+const X86_CR0_PG: u64 = 1 << 31;
+const X86_CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+#[derive(Debug, Error)]
+pub enum RegsError {
+    #[error("cannot write boot page tables or GDT into guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("KVM rejected the boot CPU's {what} state: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RegsError {
+    move |source| RegsError::Kvm { what, source }
+}
+
+/// Writes the GDT, an empty IDT and the identity page tables into guest memory.
+pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
+    for (i, entry) in BOOT_GDT.iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64))?;
+    }
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))?;
+    // PML4[0] -> PDPT, PDPT[0] -> PD, PD maps 1 GiB with 2 MiB pages.
+    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))?;
+    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))?;
+    for i in 0..512u64 {
+        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))?;
+    }
+    Ok(())
+}
+
+/// Puts the boot CPU in long mode at `entry`.
+pub fn setup_boot_cpu(vcpu: &VcpuFd, entry: u64) -> Result<(), RegsError> {
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("sregs"))?;
+    let code = segment_from_gdt(BOOT_GDT[1], 1);
+    let data = segment_from_gdt(BOOT_GDT[2], 2);
+    let tss = segment_from_gdt(BOOT_GDT[3], 3);
+    sregs.gdt.base = BOOT_GDT_START;
+    sregs.gdt.limit = (std::mem::size_of_val(&BOOT_GDT) - 1) as u16;
+    sregs.idt.base = BOOT_IDT_START;
+    sregs.idt.limit = 7;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+    sregs.cr3 = PML4_START;
+    sregs.cr4 |= X86_CR4_PAE;
+    sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
+    sregs.efer |= EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs).map_err(kvm("sregs"))?;
+
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rsp: BOOT_STACK_POINTER,
+        rbp: BOOT_STACK_POINTER,
+        rsi: ZERO_PAGE_START,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm("general registers"))?;
+    Ok(())
+}
+
+/// Default x87/SSE control words, as after FNINIT and a reset MXCSR.
+pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(kvm("FPU"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tables_identity_map_first_gib() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        write_boot_tables(&mem).unwrap();
+        let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
+        assert_eq!(pml4 & !0xfff, PDPTE_START);
+        let pd_last: u64 = mem.read_obj(GuestAddress(PDE_START + 511 * 8)).unwrap();
+        assert_eq!(pd_last & !0xfff, 511 << 21);
+        assert_eq!(pd_last & 0x80, 0x80, "2 MiB page bit");
+    }
+}

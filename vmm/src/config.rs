@@ -1,0 +1,140 @@
+//! Command-line configuration and the checks that run before any KVM object
+//! exists, so every bad input gets a one-line error naming the problem.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use thiserror::Error;
+
+use vmm::arch::x86_64::boot::{inspect_kernel, BootError};
+use vmm::arch::x86_64::layout::MIN_MEM_MIB;
+use vmm::VmConfig;
+
+/// APIC ids are one byte in the MADT, and 0xff is the broadcast id.
+pub const MAX_CPUS: u32 = 254;
+pub const MAX_ARENA_MIB: u64 = 512;
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Boot an unmodified Linux guest on KVM, ready to be live-patched from outside.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version)]
+pub struct Args {
+    /// The guest kernel (a bzImage).
+    #[arg(long, required_unless_present = "kvm_probe")]
+    pub kernel: Option<PathBuf>,
+    /// An initramfs for the guest.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// The guest kernel command line, passed verbatim.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub mem: u64,
+    /// Size of the reserved patch arena in MiB (a multiple of 2).
+    #[arg(long, default_value_t = 16)]
+    pub arena: u64,
+    /// Time a loop on /dev/kvm, print whether it runs at hardware speed, and exit.
+    #[arg(long)]
+    pub kvm_probe: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--cpus {0} is out of range: use 1 to {MAX_CPUS}")]
+    Cpus(u32),
+    #[error("--mem {0} MiB is too small: the guest needs at least {MIN_MEM_MIB} MiB")]
+    MemTooSmall(u64),
+    #[error("--mem {asked} MiB exceeds this host's {host} MiB of RAM")]
+    MemTooLarge { asked: u64, host: u64 },
+    #[error("--arena {0} MiB must be an even number between 2 and {MAX_ARENA_MIB}")]
+    Arena(u64),
+    #[error("--kernel is required")]
+    NoKernel,
+    #[error(transparent)]
+    Kernel(#[from] BootError),
+    #[error("cannot read initrd {path}: {source}")]
+    Initrd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("initrd {path} is {size} MiB, larger than guest RAM ({mem} MiB); raise --mem")]
+    InitrdTooLarge { path: PathBuf, size: u64, mem: u64 },
+    #[error("--cmdline is {len} bytes; this kernel accepts at most {max}")]
+    CmdlineTooLong { len: usize, max: u32 },
+    #[error("--cmdline contains a character the kernel cannot take (only printable ASCII)")]
+    CmdlineChars,
+}
+
+/// Total host RAM in MiB from /proc/meminfo, if readable.
+fn host_mem_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+impl Args {
+    /// Checks every argument and the files they name.
+    pub fn validate(&self) -> Result<VmConfig, ConfigError> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus(self.cpus));
+        }
+        if self.mem < MIN_MEM_MIB {
+            return Err(ConfigError::MemTooSmall(self.mem));
+        }
+        if let Some(host) = host_mem_mib() {
+            if self.mem > host {
+                return Err(ConfigError::MemTooLarge {
+                    asked: self.mem,
+                    host,
+                });
+            }
+        }
+        if self.arena < 2 || self.arena > MAX_ARENA_MIB || self.arena % 2 != 0 {
+            return Err(ConfigError::Arena(self.arena));
+        }
+        let kernel = self.kernel.clone().ok_or(ConfigError::NoKernel)?;
+        let info = inspect_kernel(&kernel)?;
+        if let Some(path) = &self.initrd {
+            let size = std::fs::metadata(path)
+                .map_err(|source| ConfigError::Initrd {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            if size >= self.mem << 20 {
+                return Err(ConfigError::InitrdTooLarge {
+                    path: path.clone(),
+                    size: size.div_ceil(1 << 20),
+                    mem: self.mem,
+                });
+            }
+        }
+        let max = info.header.cmdline_size;
+        if self.cmdline.len() >= max as usize {
+            return Err(ConfigError::CmdlineTooLong {
+                len: self.cmdline.len(),
+                max: max.saturating_sub(1),
+            });
+        }
+        if !self
+            .cmdline
+            .chars()
+            .all(|c| c.is_ascii() && !c.is_ascii_control())
+        {
+            return Err(ConfigError::CmdlineChars);
+        }
+        Ok(VmConfig {
+            kernel,
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus as u8,
+            mem_mib: self.mem,
+            arena_mib: self.arena,
+        })
+    }
+}

@@ -1,0 +1,149 @@
+//! Port-I/O devices and their dispatch. The guest sees a 16550 UART on COM1,
+//! an i8042 that can only reset, the ACPI sleep/reset register, a pvpanic
+//! port and the boot-timer port. Unclaimed reads float high (0xff) like an
+//! empty ISA bus, so probes for absent hardware fail fast.
+
+pub mod boot_timer;
+pub mod power;
+pub mod pvpanic;
+pub mod serial;
+
+use std::sync::Mutex;
+
+use boot_timer::BootTimer;
+use serial::Console;
+
+/// A guest action that ends the VM's run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestEvent {
+    PowerOff,
+    Reset,
+    Panic,
+}
+
+const COM1_START: u16 = 0x3f8;
+const COM1_END: u16 = 0x3ff;
+const I8042_DATA: u16 = 0x60;
+const I8042_COMMAND: u16 = 0x64;
+
+/// All port-I/O devices of one VM.
+pub struct PioDevices {
+    pub console: Console,
+    i8042: Mutex<vm_superio::I8042Device<power::ResetLatch>>,
+    pub boot_timer: BootTimer,
+}
+
+impl PioDevices {
+    pub fn new(console: Console, boot_timer: BootTimer) -> Self {
+        Self {
+            console,
+            i8042: Mutex::new(vm_superio::I8042Device::new(power::ResetLatch::default())),
+            boot_timer,
+        }
+    }
+
+    /// Handles an `in` from the guest.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        match port {
+            COM1_START..=COM1_END => {
+                if let Some(b) = data.first_mut() {
+                    *b = self.console.read((port - COM1_START) as u8);
+                }
+            }
+            I8042_DATA | I8042_COMMAND => {
+                if let (Some(b), Ok(mut dev)) = (data.first_mut(), self.i8042.lock()) {
+                    *b = dev.read((port - I8042_DATA) as u8);
+                }
+            }
+            pvpanic::PVPANIC_PORT => {
+                if let Some(b) = data.first_mut() {
+                    *b = pvpanic::read();
+                }
+            }
+            p if power::claims(p) => power::read(p, data),
+            _ => {}
+        }
+    }
+
+    /// Handles an `out` from the guest; returns an event that ends the run.
+    pub fn write(&self, port: u16, data: &[u8]) -> Option<GuestEvent> {
+        let value = *data.first()?;
+        match port {
+            COM1_START..=COM1_END => {
+                self.console.write((port - COM1_START) as u8, value);
+                None
+            }
+            I8042_DATA | I8042_COMMAND => {
+                let mut dev = self.i8042.lock().ok()?;
+                // ResetLatch::trigger is infallible.
+                let _ = dev.write((port - I8042_DATA) as u8, value);
+                dev.reset_evt().take().then_some(GuestEvent::Reset)
+            }
+            pvpanic::PVPANIC_PORT => pvpanic::write(value),
+            boot_timer::BOOT_TIMER_PORT => {
+                self.boot_timer.record(value);
+                None
+            }
+            p if power::claims(p) => power::write(p, value),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn devices() -> PioDevices {
+        PioDevices::new(Console::sink(), BootTimer::default())
+    }
+
+    #[test]
+    fn unclaimed_ports_float_high() {
+        let d = devices();
+        let mut buf = [0u8; 4];
+        d.read(0xcfc, &mut buf);
+        assert_eq!(buf, [0xff; 4]);
+        assert_eq!(d.write(0xcf8, &[0, 0, 0, 0x80]), None);
+    }
+
+    #[test]
+    fn i8042_reset_command_resets() {
+        let d = devices();
+        assert_eq!(d.write(I8042_COMMAND, &[0xaa]), None);
+        assert_eq!(d.write(I8042_COMMAND, &[0xfe]), Some(GuestEvent::Reset));
+        // The latch is consumed.
+        assert_eq!(d.write(I8042_COMMAND, &[0xaa]), None);
+    }
+
+    #[test]
+    fn acpi_sleep_and_reset() {
+        let d = devices();
+        assert_eq!(
+            d.write(power::POWER_PORT, &[(5 << 2) | (1 << 5)]),
+            Some(GuestEvent::PowerOff)
+        );
+        assert_eq!(
+            d.write(power::POWER_PORT, &[crate::arch::x86_64::acpi::RESET_VALUE]),
+            Some(GuestEvent::Reset)
+        );
+        assert_eq!(
+            d.write(power::POWER_PORT, &[(3 << 2) | (1 << 5)]),
+            None,
+            "S3 is not supported"
+        );
+    }
+
+    #[test]
+    fn pvpanic_reports_panic() {
+        let d = devices();
+        let mut b = [0u8];
+        d.read(pvpanic::PVPANIC_PORT, &mut b);
+        assert_eq!(b[0] & 1, 1, "advertises PANICKED");
+        assert_eq!(
+            d.write(pvpanic::PVPANIC_PORT, &[1]),
+            Some(GuestEvent::Panic)
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! pvpanic on an I/O port (ACPI `QEMU0001`): Linux's pvpanic-mmio driver
+//! writes PANICKED here from its panic notifier, which is how a guest panic
+//! becomes a distinct VMM exit code instead of a silent hang.
+
+use super::GuestEvent;
+
+pub const PVPANIC_PORT: u16 = 0x505;
+const PVPANIC_PANICKED: u8 = 1 << 0;
+
+/// The events we understand; the driver masks its notifications with this.
+pub fn read() -> u8 {
+    PVPANIC_PANICKED
+}
+
+pub fn write(value: u8) -> Option<GuestEvent> {
+    (value & PVPANIC_PANICKED != 0).then_some(GuestEvent::Panic)
+}

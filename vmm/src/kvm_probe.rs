@@ -1,0 +1,147 @@
+//! Does this host's /dev/kvm run guest code at hardware speed?
+//!
+//! Some hosts expose a /dev/kvm that emulates supervisor code instruction by
+//! instruction (see PLATFORM.md: a PVM host took ~1.5 s per million loop
+//! iterations). The probe runs a one-million-iteration `dec; jnz` loop in a
+//! real-mode vCPU and times it; hardware virtualization finishes in a few
+//! milliseconds. The end-to-end tests use this to choose between running
+//! `vmm` directly and running it inside the nested QEMU image.
+
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit};
+use thiserror::Error;
+
+/// Loop iterations the probe runs.
+pub const ITERATIONS: u32 = 1_000_000;
+/// Above this the host is too slow to boot Linux in reasonable time.
+pub const NATIVE_THRESHOLD: Duration = Duration::from_millis(200);
+
+const CODE_ADDR: u64 = 0x1000;
+const MEM_SIZE: usize = 0x10000;
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error("cannot open /dev/kvm: {0}")]
+    Open(kvm_ioctls::Error),
+    #[error("KVM {0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("cannot map probe memory: {0}")]
+    Mmap(std::io::Error),
+    #[error("probe vCPU stopped with {0} instead of HLT")]
+    UnexpectedExit(String),
+}
+
+/// Result of one probe run.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    pub elapsed: Duration,
+}
+
+impl Probe {
+    pub fn is_native(&self) -> bool {
+        self.elapsed < NATIVE_THRESHOLD
+    }
+}
+
+/// `mov ecx, ITERATIONS; l: dec ecx; jnz l; hlt` in 16-bit code.
+fn code() -> Vec<u8> {
+    let mut c = vec![0x66, 0xb9];
+    c.extend_from_slice(&ITERATIONS.to_le_bytes());
+    c.extend_from_slice(&[0x66, 0x49, 0x75, 0xfc, 0xf4]);
+    c
+}
+
+struct Anon {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Anon {
+    fn new(len: usize) -> Result<Self, ProbeError> {
+        // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(ProbeError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(Self { ptr, len })
+    }
+}
+
+impl Drop for Anon {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// Runs the probe once.
+pub fn run() -> Result<Probe, ProbeError> {
+    // Declared first so it is unmapped only after the VM is gone.
+    let mem = Anon::new(MEM_SIZE)?;
+    let kvm = Kvm::new().map_err(ProbeError::Open)?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| ProbeError::Kvm("VM creation", e))?;
+    let code = code();
+    // SAFETY: the mapping is MEM_SIZE bytes and the code fits well inside it.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            code.as_ptr(),
+            (mem.ptr as *mut u8).add(CODE_ADDR as usize),
+            code.len(),
+        )
+    };
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: mem.ptr as u64,
+    };
+    // SAFETY: `mem` is declared before `vm`, so it outlives the VM and vCPU.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| ProbeError::Kvm("memory slot", e))?;
+    let mut vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| ProbeError::Kvm("vCPU creation", e))?;
+    let mut sregs = vcpu.get_sregs().map_err(|e| ProbeError::Kvm("sregs", e))?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| ProbeError::Kvm("sregs", e))?;
+    let regs = kvm_bindings::kvm_regs {
+        rip: CODE_ADDR,
+        rflags: 2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)
+        .map_err(|e| ProbeError::Kvm("regs", e))?;
+    let start = Instant::now();
+    let exit = vcpu.run().map_err(|e| ProbeError::Kvm("KVM_RUN", e))?;
+    let elapsed = start.elapsed();
+    match exit {
+        VcpuExit::Hlt => Ok(Probe { elapsed }),
+        other => Err(ProbeError::UnexpectedExit(format!("{other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loop_encoding() {
+        let c = super::code();
+        assert_eq!(c.len(), 11);
+        assert_eq!(&c[..2], &[0x66, 0xb9]);
+        assert_eq!(*c.last().unwrap(), 0xf4);
+    }
+}

@@ -1,0 +1,129 @@
+//! `vmm`: boot a Linux guest on KVM with its serial console on this terminal.
+//!
+//! Exit codes: 0 guest powered off or rebooted; 1 bad arguments or set-up
+//! failure; 2 usage error (clap); 3 guest panic (pvpanic); 4 triple fault;
+//! 5 fatal KVM/vCPU error; 128+N stopped by signal N.
+
+mod config;
+mod terminal;
+
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing_subscriber::EnvFilter;
+
+use vmm::devices::boot_timer::BootTimer;
+use vmm::devices::GuestEvent;
+use vmm::{Vm, VmExit};
+
+const EXIT_SETUP: u8 = 1;
+const EXIT_GUEST_PANIC: u8 = 3;
+const EXIT_TRIPLE_FAULT: u8 = 4;
+const EXIT_FATAL: u8 = 5;
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = config::Args::parse();
+    if args.kvm_probe {
+        return probe();
+    }
+    let config = match args.validate() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+
+    // The console writes straight to fd 1, unbuffered: a prompt without a
+    // newline must show up at once.
+    let stdout = match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => return fail(&e),
+    };
+    let vm = match Vm::start(&config, Box::new(stdout), BootTimer::new(started)) {
+        Ok(vm) => Arc::new(vm),
+        Err(e) => return fail(&e),
+    };
+    tracing::info!(
+        cpus = config.cpus,
+        mem_mib = config.mem_mib,
+        arena = format!("{:#x}+{:#x}", vm.layout().arena.0, vm.layout().arena.1),
+        "guest started"
+    );
+
+    let requester = vm.exit_requester();
+    match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(mut signals) => {
+            let _ = std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || {
+                    if let Some(sig) = signals.forever().next() {
+                        let _ = requester.send(VmExit::Signal(sig));
+                    }
+                });
+        }
+        Err(e) => tracing::warn!("cannot watch signals: {e}"),
+    }
+    let tty = terminal::RawStdin::enable();
+    terminal::spawn_stdin_pump(vm.clone());
+
+    let exit = vm.wait();
+    drop(tty);
+    match exit {
+        VmExit::Guest(GuestEvent::PowerOff) => {
+            tracing::info!("guest powered off");
+            ExitCode::SUCCESS
+        }
+        VmExit::Guest(GuestEvent::Reset) => {
+            tracing::info!("guest rebooted");
+            ExitCode::SUCCESS
+        }
+        VmExit::Guest(GuestEvent::Panic) => {
+            eprintln!("vmm: guest kernel panicked");
+            ExitCode::from(EXIT_GUEST_PANIC)
+        }
+        VmExit::TripleFault { vcpu } => {
+            eprintln!("vmm: guest triple fault on vCPU {vcpu}");
+            ExitCode::from(EXIT_TRIPLE_FAULT)
+        }
+        VmExit::Fatal { vcpu, reason } => {
+            eprintln!("vmm: vCPU {vcpu} stopped: {reason}");
+            ExitCode::from(EXIT_FATAL)
+        }
+        VmExit::Signal(sig) => {
+            tracing::info!("stopped by signal {sig}");
+            ExitCode::from(128u8.saturating_add(sig as u8))
+        }
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("vmm: error: {e}");
+    ExitCode::from(EXIT_SETUP)
+}
+
+fn probe() -> ExitCode {
+    match vmm::kvm_probe::run() {
+        Ok(p) => {
+            println!(
+                "kvm-probe native={} loop_ms={:.1} iterations={}",
+                p.is_native(),
+                p.elapsed.as_secs_f64() * 1e3,
+                vmm::kvm_probe::ITERATIONS
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}

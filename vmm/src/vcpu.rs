@@ -1,0 +1,294 @@
+//! vCPU threads and their pause state machine.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread. To pause, the controller sets
+//! the vCPU's `pause` flag and sends it [`kick_signal`]; the handler sets
+//! `kvm_run.immediate_exit`, so the thread leaves (or never enters) guest
+//! mode even if the signal lands between the flag check and the ioctl. KVM
+//! completes a pending port or MMIO read before honouring `immediate_exit`,
+//! so parked register state is always consistent. A parked thread acks, then
+//! serves register snapshots until told to resume.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_regs, kvm_sregs, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use thiserror::Error;
+
+use crate::devices::{GuestEvent, PioDevices};
+use crate::vm::VmExit;
+
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("reading vCPU {id} {what} failed: {source}")]
+    Read {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Registers of a paused vCPU, everything the patch engine needs to find
+/// the kernel from outside.
+#[derive(Debug, Clone)]
+pub struct VcpuState {
+    pub id: u8,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub lstar: u64,
+    pub gs_base: u64,
+    pub kernel_gs_base: u64,
+}
+
+/// Why a vCPU thread stopped running the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuExitReason {
+    Guest(GuestEvent),
+    /// KVM_EXIT_SHUTDOWN: a triple fault.
+    TripleFault,
+    /// Something KVM or the guest did that we cannot continue from.
+    Fatal(String),
+    /// The controller asked the thread to stop.
+    Stopped,
+}
+
+/// Messages from a vCPU thread to its controller.
+#[derive(Debug)]
+pub enum VcpuReport {
+    /// Parked for the pause request of this generation.
+    Paused { id: u8, generation: u64 },
+    /// The thread has left its run loop for good.
+    Exited { id: u8, reason: VcpuExitReason },
+}
+
+/// Requests to a parked vCPU thread.
+pub enum VcpuRequest {
+    Snapshot(Sender<Result<VcpuState, VcpuError>>),
+    Resume,
+}
+
+/// Flags the controller flips and the vCPU thread polls.
+#[derive(Debug, Default)]
+pub struct VcpuControl {
+    pub pause: AtomicBool,
+    pub stop: AtomicBool,
+    /// Set by the thread once it has left its run loop.
+    pub exited: AtomicBool,
+    /// Generation of the pause request being honoured.
+    pub generation: std::sync::atomic::AtomicU64,
+}
+
+thread_local! {
+    /// `kvm_run.immediate_exit` of the vCPU owned by this thread.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Async-signal-safe: one thread-local read and one volatile byte store.
+    let _ = IMMEDIATE_EXIT.try_with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: the pointer targets this thread's own kvm_run mapping and
+            // is cleared before that mapping is dropped (see `VcpuThread::run`).
+            unsafe { std::ptr::write_volatile(p, 1) };
+        }
+    });
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+}
+
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_GS_BASE: u32 = 0xc000_0101;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+/// Everything a vCPU thread owns.
+pub struct VcpuThread {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub control: Arc<VcpuControl>,
+    pub devices: Arc<PioDevices>,
+    pub requests: Receiver<VcpuRequest>,
+    pub reports: Sender<VcpuReport>,
+    pub exits: Sender<VmExit>,
+}
+
+enum Step {
+    Continue,
+    Exit(VcpuExitReason),
+}
+
+impl VcpuThread {
+    /// The thread body: run until the guest or the controller ends it.
+    pub fn run(mut self) {
+        let ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|p| p.set(ptr));
+        let reason = self.run_loop();
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+        tracing::debug!(vcpu = self.id, ?reason, "vCPU thread exits");
+        self.control.exited.store(true, Ordering::Release);
+        let exit = match &reason {
+            VcpuExitReason::Guest(event) => Some(VmExit::Guest(*event)),
+            VcpuExitReason::TripleFault => Some(VmExit::TripleFault { vcpu: self.id }),
+            VcpuExitReason::Fatal(reason) => Some(VmExit::Fatal {
+                vcpu: self.id,
+                reason: reason.clone(),
+            }),
+            VcpuExitReason::Stopped => None,
+        };
+        if let Some(exit) = exit {
+            let _ = self.exits.send(exit);
+        }
+        let _ = self.reports.send(VcpuReport::Exited {
+            id: self.id,
+            reason,
+        });
+    }
+
+    fn run_loop(&mut self) -> VcpuExitReason {
+        loop {
+            if self.control.stop.load(Ordering::Acquire) {
+                return VcpuExitReason::Stopped;
+            }
+            if self.control.pause.load(Ordering::Acquire) {
+                if !self.park() {
+                    return VcpuExitReason::Stopped;
+                }
+                continue;
+            }
+            match self.step() {
+                Step::Continue => {}
+                Step::Exit(reason) => return reason,
+            }
+        }
+    }
+
+    /// Acks the pause and serves requests until resumed. Returns false when
+    /// the controller has gone away.
+    fn park(&mut self) -> bool {
+        let generation = self.control.generation.load(Ordering::Acquire);
+        if self
+            .reports
+            .send(VcpuReport::Paused {
+                id: self.id,
+                generation,
+            })
+            .is_err()
+        {
+            return false;
+        }
+        loop {
+            match self.requests.recv() {
+                Ok(VcpuRequest::Snapshot(reply)) => {
+                    let _ = reply.send(self.snapshot());
+                }
+                Ok(VcpuRequest::Resume) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn step(&mut self) -> Step {
+        let id = self.id;
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    self.devices.read(port, data);
+                    Step::Continue
+                }
+                VcpuExit::IoOut(port, data) => match self.devices.write(port, data) {
+                    Some(event) => Step::Exit(VcpuExitReason::Guest(event)),
+                    None => Step::Continue,
+                },
+                VcpuExit::MmioRead(addr, data) => {
+                    tracing::trace!(vcpu = id, addr, "unclaimed MMIO read");
+                    data.fill(0xff);
+                    Step::Continue
+                }
+                VcpuExit::MmioWrite(addr, _) => {
+                    tracing::trace!(vcpu = id, addr, "unclaimed MMIO write");
+                    Step::Continue
+                }
+                VcpuExit::Shutdown => Step::Exit(VcpuExitReason::TripleFault),
+                VcpuExit::Hlt => Step::Exit(VcpuExitReason::Fatal(
+                    "guest executed HLT with interrupts disabled outside the in-kernel irqchip"
+                        .into(),
+                )),
+                VcpuExit::SystemEvent(kind, _) => match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                        Step::Exit(VcpuExitReason::Guest(GuestEvent::PowerOff))
+                    }
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                        Step::Exit(VcpuExitReason::Guest(GuestEvent::Reset))
+                    }
+                    kvm_bindings::KVM_SYSTEM_EVENT_CRASH => {
+                        Step::Exit(VcpuExitReason::Guest(GuestEvent::Panic))
+                    }
+                    other => Step::Exit(VcpuExitReason::Fatal(format!(
+                        "unknown KVM system event {other}"
+                    ))),
+                },
+                VcpuExit::FailEntry(reason, cpu) => Step::Exit(VcpuExitReason::Fatal(format!(
+                    "VM entry failed on host CPU {cpu}: hardware reason {reason:#x}"
+                ))),
+                VcpuExit::InternalError => {
+                    Step::Exit(VcpuExitReason::Fatal("KVM internal error".into()))
+                }
+                VcpuExit::Intr => Step::Continue,
+                other => Step::Exit(VcpuExitReason::Fatal(format!(
+                    "unexpected KVM exit {other:?}"
+                ))),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Step::Continue
+            }
+            Err(e) => Step::Exit(VcpuExitReason::Fatal(format!("KVM_RUN failed: {e}"))),
+        }
+    }
+
+    fn snapshot(&self) -> Result<VcpuState, VcpuError> {
+        let id = self.id;
+        let err = |what| move |source| VcpuError::Read { id, what, source };
+        let regs = self.fd.get_regs().map_err(err("registers"))?;
+        let sregs = self.fd.get_sregs().map_err(err("special registers"))?;
+        let mut msrs = Msrs::from_entries(&[
+            kvm_bindings::kvm_msr_entry {
+                index: MSR_LSTAR,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_msr_entry {
+                index: MSR_GS_BASE,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_msr_entry {
+                index: MSR_KERNEL_GS_BASE,
+                ..Default::default()
+            },
+        ])
+        .map_err(|_| VcpuError::Read {
+            id,
+            what: "MSRs",
+            source: kvm_ioctls::Error::new(libc::ENOMEM),
+        })?;
+        self.fd.get_msrs(&mut msrs).map_err(err("MSRs"))?;
+        let m = msrs.as_slice();
+        Ok(VcpuState {
+            id,
+            regs,
+            sregs,
+            lstar: m[0].data,
+            gs_base: m[1].data,
+            kernel_gs_base: m[2].data,
+        })
+    }
+}
