@@ -68,9 +68,15 @@ fn main() {
                 for id in 0..vm.vcpu_count() as u8 {
                     match vm.vcpu_state(id) {
                         // The boot CPU runs with paging on from its first instruction.
-                        Ok(s) if id == 0 && s.sregs.cr0 & (1 << 31) == 0 => bad_snapshots += 1,
+                        Ok(s) if id == 0 && s.sregs.cr0 & (1 << 31) == 0 => {
+                            eprintln!("pause_cycles: vCPU 0 runs without paging: {s:?}");
+                            bad_snapshots += 1
+                        }
                         Ok(_) => {}
-                        Err(_) => bad_snapshots += 1,
+                        Err(e) => {
+                            eprintln!("pause_cycles: {e}");
+                            bad_snapshots += 1
+                        }
                     }
                 }
                 let resume = match vm.resume() {

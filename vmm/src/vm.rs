@@ -493,6 +493,15 @@ fn configure_vcpu(
     let mut c = supported.clone();
     cpuid::configure(&mut c, id, count);
     fd.set_cpuid2(&c).map_err(kvm_err("CPUID"))?;
+    if let Some(xcr0) = cpuid::xcr0(&c) {
+        let mut xcrs = kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = xcr0;
+        fd.set_xcrs(&xcrs).map_err(kvm_err("XCR0 setup"))?;
+    }
     let msrs = msr::boot_msrs().map_err(|e| VmError::Fam(e.to_string()))?;
     let written = fd.set_msrs(&msrs).map_err(kvm_err("MSR setup"))?;
     if written != msrs.as_slice().len() {

@@ -1,9 +1,10 @@
 //! Port-I/O devices and their dispatch. The guest sees a 16550 UART on COM1,
-//! an i8042 that can only reset, the ACPI sleep/reset register, a pvpanic
+//! a CMOS RTC, an i8042 that can only reset, the ACPI sleep/reset register, a pvpanic
 //! port and the boot-timer port. Unclaimed reads float high (0xff) like an
 //! empty ISA bus, so probes for absent hardware fail fast.
 
 pub mod boot_timer;
+pub mod cmos;
 pub mod power;
 pub mod pvpanic;
 pub mod serial;
@@ -21,7 +22,7 @@ pub enum GuestEvent {
     Panic,
 }
 
-const COM1_START: u16 = 0x3f8;
+const COM1_START: u16 = serial::COM1_PORT;
 const COM1_END: u16 = 0x3ff;
 const I8042_DATA: u16 = 0x60;
 const I8042_COMMAND: u16 = 0x64;
@@ -30,6 +31,7 @@ const I8042_COMMAND: u16 = 0x64;
 pub struct PioDevices {
     pub console: Console,
     i8042: Mutex<vm_superio::I8042Device<power::ResetLatch>>,
+    cmos: cmos::Cmos,
     pub boot_timer: BootTimer,
 }
 
@@ -38,6 +40,7 @@ impl PioDevices {
         Self {
             console,
             i8042: Mutex::new(vm_superio::I8042Device::new(power::ResetLatch::default())),
+            cmos: cmos::Cmos::default(),
             boot_timer,
         }
     }
@@ -61,6 +64,11 @@ impl PioDevices {
                     *b = pvpanic::read();
                 }
             }
+            cmos::INDEX_PORT | cmos::DATA_PORT => {
+                if let Some(b) = data.first_mut() {
+                    *b = self.cmos.read(port);
+                }
+            }
             p if power::claims(p) => power::read(p, data),
             _ => {}
         }
@@ -81,6 +89,10 @@ impl PioDevices {
                 dev.reset_evt().take().then_some(GuestEvent::Reset)
             }
             pvpanic::PVPANIC_PORT => pvpanic::write(value),
+            cmos::INDEX_PORT | cmos::DATA_PORT => {
+                self.cmos.write(port, value);
+                None
+            }
             boot_timer::BOOT_TIMER_PORT => {
                 self.boot_timer.record(value);
                 None

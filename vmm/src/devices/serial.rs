@@ -8,6 +8,8 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+/// I/O base of COM1.
+pub const COM1_PORT: u16 = 0x3f8;
 /// ISA IRQ of COM1.
 pub const COM1_IRQ: u32 = 4;
 
@@ -37,6 +39,7 @@ impl Console {
     }
 
     /// A console that discards output, for tests.
+    #[cfg(test)]
     pub fn sink() -> Self {
         // An eventfd with no flags cannot fail to be created short of fd exhaustion.
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");

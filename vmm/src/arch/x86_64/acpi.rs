@@ -18,7 +18,8 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{align_up, ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
-use crate::devices::{power::POWER_PORT, pvpanic::PVPANIC_PORT};
+use crate::devices::serial::{COM1_IRQ, COM1_PORT};
+use crate::devices::{cmos, power::POWER_PORT, pvpanic::PVPANIC_PORT};
 
 const OEM_ID: [u8; 6] = *b"KLPVSR";
 const OEM_REVISION: u32 = 1;
@@ -47,12 +48,32 @@ fn dsdt() -> Vec<u8> {
         "_S5_".into(),
         &aml::Package::new(vec![&5u8, &0u8, &0u8, &0u8]),
     );
+
+    // COM1 must be an ACPI device: on a hardware-reduced platform Linux has
+    // no legacy PIC and maps ISA IRQs only through _CRS, so without this the
+    // UART's interrupt never arrives and tty output stalls.
+    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_res = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com1_uid = aml::Name::new("_UID".into(), &0u8);
+    let com1_crs = aml::Name::new("_CRS".into(), &com1_res);
+    let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
+
+    // The CMOS RTC, without an alarm interrupt.
+    let rtc_io = aml::IO::new(cmos::INDEX_PORT, cmos::INDEX_PORT, 1, 2);
+    let rtc_res = aml::ResourceTemplate::new(vec![&rtc_io]);
+    let rtc_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));
+    let rtc_crs = aml::Name::new("_CRS".into(), &rtc_res);
+    let rtc = aml::Device::new("RTC_".into(), vec![&rtc_hid, &rtc_crs]);
+
     let pvpanic_io = aml::IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
     let pvpanic_res = aml::ResourceTemplate::new(vec![&pvpanic_io]);
-    let hid = aml::Name::new("_HID".into(), &"QEMU0001");
-    let crs = aml::Name::new("_CRS".into(), &pvpanic_res);
-    let pvpanic = aml::Device::new("PEVT".into(), vec![&hid, &crs]);
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&pvpanic]);
+    let pvpanic_hid = aml::Name::new("_HID".into(), &"QEMU0001");
+    let pvpanic_crs = aml::Name::new("_CRS".into(), &pvpanic_res);
+    let pvpanic = aml::Device::new("PEVT".into(), vec![&pvpanic_hid, &pvpanic_crs]);
+
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &rtc, &pvpanic]);
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"KLPVDSDT", OEM_REVISION);
     s5.to_aml_bytes(&mut table);
     sb.to_aml_bytes(&mut table);
@@ -171,5 +192,6 @@ mod tests {
         let d = dsdt();
         assert!(d.windows(4).any(|w| w == b"_S5_"));
         assert!(d.windows(8).any(|w| w == b"QEMU0001"));
+        assert!(d.windows(4).any(|w| w == b"COM1"));
     }
 }

@@ -6,6 +6,8 @@ use kvm_bindings::CpuId;
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+const LEAF_XSAVE: u32 = 0xd;
+const ECX_XSAVE: u32 = 1 << 26;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -50,6 +52,27 @@ pub fn configure(cpuid: &mut CpuId, id: u8, count: u8) {
     }
 }
 
+/// Every XCR0 state component the CPUID offers (leaf 0xD.0 EDX:EAX), or
+/// `None` without XSAVE.
+///
+/// The VMM starts vCPUs with XCR0 set to this rather than the reset value 1.
+/// Linux enables exactly these components, so nothing changes for the guest,
+/// but KVM then sizes CPUID 0xD.0 EBX for them from the start. That matters
+/// where XSETBV from the guest does not reach KVM (nested under QEMU TCG,
+/// whose SVM emulation does not intercept it): otherwise the guest reads a
+/// stale XSAVE size and warns "XSAVE consistency problem" at boot.
+pub fn xcr0(cpuid: &CpuId) -> Option<u64> {
+    let e = cpuid.as_slice();
+    let leaf1 = e.iter().find(|x| x.function == LEAF_FEATURES)?;
+    if leaf1.ecx & ECX_XSAVE == 0 {
+        return None;
+    }
+    let d = e
+        .iter()
+        .find(|x| x.function == LEAF_XSAVE && x.index == 0)?;
+    Some(u64::from(d.eax) | (u64::from(d.edx) << 32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +101,19 @@ mod tests {
         assert_eq!(e[2].ebx, 4);
         assert_eq!(e[2].eax, 2);
         assert_eq!(e[3].ecx, 0x1234, "other leaves untouched");
+    }
+
+    #[test]
+    fn xcr0_from_leaf_0xd() {
+        let mut l1 = entry(1, 0);
+        let mut d = entry(0xd, 0);
+        d.eax = 0x207;
+        assert_eq!(
+            xcr0(&CpuId::from_entries(&[l1, d]).unwrap()),
+            None,
+            "no XSAVE"
+        );
+        l1.ecx |= ECX_XSAVE;
+        assert_eq!(xcr0(&CpuId::from_entries(&[l1, d]).unwrap()), Some(0x207));
     }
 }
