@@ -124,6 +124,9 @@ pub struct VcpuThread {
 
 enum Step {
     Continue,
+    /// The last exit was port or MMIO I/O: KVM finishes the instruction
+    /// (register write-back, RIP advance) only on the next KVM_RUN.
+    ContinueIo,
     Exit(VcpuExitReason),
 }
 
@@ -155,21 +158,44 @@ impl VcpuThread {
     }
 
     fn run_loop(&mut self) -> VcpuExitReason {
+        let mut io_pending = false;
         loop {
             if self.control.stop.load(Ordering::Acquire) {
                 return VcpuExitReason::Stopped;
             }
             if self.control.pause.load(Ordering::Acquire) {
+                if io_pending {
+                    if let Some(reason) = self.complete_io() {
+                        return reason;
+                    }
+                    io_pending = false;
+                }
                 if !self.park() {
                     return VcpuExitReason::Stopped;
                 }
                 continue;
             }
             match self.step() {
-                Step::Continue => {}
+                Step::Continue => io_pending = false,
+                Step::ContinueIo => io_pending = true,
                 Step::Exit(reason) => return reason,
             }
         }
+    }
+
+    /// Lets KVM finish a pending I/O instruction without entering the guest,
+    /// so a parked vCPU's registers are those after the instruction.
+    fn complete_io(&mut self) -> Option<VcpuExitReason> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VcpuExitReason::Fatal(format!("completing I/O failed: {e}"))),
+            Ok(exit) => Some(VcpuExitReason::Fatal(format!(
+                "KVM entered the guest while completing I/O: {exit:?}"
+            ))),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        result
     }
 
     /// Acks the pause and serves requests until resumed. Returns false when
@@ -203,20 +229,20 @@ impl VcpuThread {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
                     self.devices.read(port, data);
-                    Step::Continue
+                    Step::ContinueIo
                 }
                 VcpuExit::IoOut(port, data) => match self.devices.write(port, data) {
                     Some(event) => Step::Exit(VcpuExitReason::Guest(event)),
-                    None => Step::Continue,
+                    None => Step::ContinueIo,
                 },
                 VcpuExit::MmioRead(addr, data) => {
                     tracing::trace!(vcpu = id, addr, "unclaimed MMIO read");
                     data.fill(0xff);
-                    Step::Continue
+                    Step::ContinueIo
                 }
                 VcpuExit::MmioWrite(addr, _) => {
                     tracing::trace!(vcpu = id, addr, "unclaimed MMIO write");
-                    Step::Continue
+                    Step::ContinueIo
                 }
                 VcpuExit::Shutdown => Step::Exit(VcpuExitReason::TripleFault),
                 VcpuExit::Hlt => Step::Exit(VcpuExitReason::Fatal(

@@ -403,6 +403,11 @@ impl Vm {
 
     /// Stops and joins every vCPU thread.
     pub fn stop(&self) {
+        // Same lock order as pause/resume (pause state, then vCPUs): a pause
+        // in flight finishes or fails first, and none can start meanwhile.
+        let Ok(mut pause) = self.pause.lock() else {
+            return;
+        };
         let Ok(mut vcpus) = self.vcpus.lock() else {
             return;
         };
@@ -416,9 +421,7 @@ impl Vm {
                 let _ = t.join();
             }
         }
-        if let Ok(mut p) = self.pause.lock() {
-            p.paused_since = None;
-        }
+        pause.paused_since = None;
     }
 }
 
