@@ -66,3 +66,27 @@ fn four_vcpus_reboot() {
         "no oops or warning"
     );
 }
+
+#[test]
+fn panic_and_sigterm_end_with_distinct_codes() {
+    let run = run_scenario("lifecycle", &[]);
+    assert_eq!(
+        run.result("lifecycle-panic")["rc"],
+        "3",
+        "guest panic -> exit 3\n{}",
+        run.transcript()
+    );
+    assert!(
+        !run.lines_with("Kernel panic").is_empty(),
+        "the guest really panicked"
+    );
+    assert!(!run.lines_with("guest kernel panicked").is_empty());
+    assert_eq!(
+        run.result("lifecycle-sigterm")["rc"],
+        "143",
+        "SIGTERM -> 128+15\n{}",
+        run.transcript()
+    );
+    assert_eq!(run.lines_with("KLPV-READY").len(), 2, "both guests came up");
+    assert!(!run.lines_with("stopped by signal 15").is_empty());
+}
