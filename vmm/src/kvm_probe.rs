@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
 use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Loop iterations the probe runs.
 pub const ITERATIONS: u32 = 1_000_000;
@@ -28,7 +29,7 @@ pub enum ProbeError {
     #[error("KVM {0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
     #[error("cannot map probe memory: {0}")]
-    Mmap(std::io::Error),
+    Mmap(String),
     #[error("probe vCPU stopped with {0} instead of HLT")]
     UnexpectedExit(String),
 }
@@ -53,61 +54,26 @@ fn code() -> Vec<u8> {
     c
 }
 
-struct Anon {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Anon {
-    fn new(len: usize) -> Result<Self, ProbeError> {
-        // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(ProbeError::Mmap(std::io::Error::last_os_error()));
-        }
-        Ok(Self { ptr, len })
-    }
-}
-
-impl Drop for Anon {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 /// Runs the probe once.
 pub fn run() -> Result<Probe, ProbeError> {
     // Declared first so it is unmapped only after the VM is gone.
-    let mem = Anon::new(MEM_SIZE)?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+        .map_err(|e| ProbeError::Mmap(e.to_string()))?;
+    mem.write_slice(&code(), GuestAddress(CODE_ADDR))
+        .map_err(|e| ProbeError::Mmap(e.to_string()))?;
+    let host = mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| ProbeError::Mmap(e.to_string()))?;
     let kvm = Kvm::new().map_err(ProbeError::Open)?;
     let vm = kvm
         .create_vm()
         .map_err(|e| ProbeError::Kvm("VM creation", e))?;
-    let code = code();
-    // SAFETY: the mapping is MEM_SIZE bytes and the code fits well inside it.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            code.as_ptr(),
-            (mem.ptr as *mut u8).add(CODE_ADDR as usize),
-            code.len(),
-        )
-    };
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
         guest_phys_addr: 0,
         memory_size: MEM_SIZE as u64,
-        userspace_addr: mem.ptr as u64,
+        userspace_addr: host as u64,
     };
     // SAFETY: `mem` is declared before `vm`, so it outlives the VM and vCPU.
     unsafe { vm.set_user_memory_region(region) }.map_err(|e| ProbeError::Kvm("memory slot", e))?;
