@@ -7,6 +7,7 @@
 //! tests), so data flows one way: patch bytes -> parse -> resolve -> link ->
 //! plan -> (pause) check, commit (resume).
 
+pub mod api;
 pub mod introspect;
 
 /// The engine's whole view of a guest.

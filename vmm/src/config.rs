@@ -37,6 +37,9 @@ pub struct Args {
     /// Size of the reserved patch arena in MiB (a multiple of 2).
     #[arg(long, default_value_t = 16)]
     pub arena: u64,
+    /// Serve the HTTP/JSON control API on this Unix socket (created mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
     /// Time a loop on /dev/kvm, print whether it runs at hardware speed, and exit.
     #[arg(long)]
     pub kvm_probe: bool,

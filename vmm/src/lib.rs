@@ -2,8 +2,11 @@
 //! engine what it needs from outside the guest: guest memory, a way to stop
 //! every vCPU at once, and the registers of each stopped vCPU.
 
+pub mod api;
 pub mod arch;
+pub mod control;
 pub mod devices;
+pub mod guest;
 pub mod kvm_probe;
 pub mod vcpu;
 pub mod vm;

@@ -17,6 +17,8 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing_subscriber::EnvFilter;
 
+use vmm::api::ApiServer;
+use vmm::control::Control;
 use vmm::devices::boot_timer::BootTimer;
 use vmm::devices::GuestEvent;
 use vmm::{Vm, VmExit};
@@ -45,6 +47,13 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
 
+    // The socket is bound before any KVM object exists: a path in use is a
+    // set-up error like any bad argument.
+    let mut api = match args.api_sock.as_deref().map(ApiServer::bind).transpose() {
+        Ok(api) => api,
+        Err(e) => return fail(&e),
+    };
+
     // The console writes straight to fd 1, unbuffered: a prompt without a
     // newline must show up at once.
     let stdout = match std::io::stdout().as_fd().try_clone_to_owned() {
@@ -61,6 +70,12 @@ fn main() -> ExitCode {
         arena = format!("{:#x}+{:#x}", vm.layout().arena.0, vm.layout().arena.1),
         "guest started"
     );
+
+    if let Some(api) = api.as_mut() {
+        if let Err(e) = api.start(Arc::new(Control::new(vm.clone()))) {
+            return fail(&e);
+        }
+    }
 
     let requester = vm.exit_requester();
     match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
@@ -80,6 +95,8 @@ fn main() -> ExitCode {
 
     let exit = vm.wait();
     drop(tty);
+    // Remove the socket file before reporting: the VM is gone.
+    drop(api);
     match exit {
         VmExit::Guest(GuestEvent::PowerOff) => {
             tracing::info!("guest powered off");

@@ -142,6 +142,36 @@ impl Kernel {
         Err(IntrospectError::NoKernel { attempts })
     }
 
+    /// Switches to the kernel's own page tables, `swapper_pg_dir` (init_mm),
+    /// which live as long as the kernel. [`Kernel::open`] found the kernel
+    /// through whatever PGD a vCPU had loaded, usually a process's, which
+    /// is freed when that process exits: a view kept beyond one pause must
+    /// not depend on it. Leaves the tables unchanged (and says why) if the
+    /// kernel's PGD cannot be found or does not map `_text` identically.
+    pub fn pin_init_mm<G: Guest + ?Sized>(&mut self, guest: &G) -> Result<(), String> {
+        let va = self
+            .kallsyms
+            .addr("swapper_pg_dir")
+            .map_err(|e| e.to_string())?;
+        let phys = self
+            .space(guest)
+            .translate(va)
+            .map_err(|e| format!("swapper_pg_dir at {va:#x}: {e}"))?
+            .phys;
+        let init_mm = PageTables::new(phys, self.tables.five_level());
+        let text = AddressSpace::new(guest, init_mm)
+            .translate(self.kaslr.text)
+            .map_err(|e| format!("swapper_pg_dir at {phys:#x} does not map _text: {e}"))?;
+        if text.phys != self.kaslr.text_phys {
+            return Err(format!(
+                "swapper_pg_dir at {phys:#x} maps _text to {:#x}, not {:#x}",
+                text.phys, self.kaslr.text_phys
+            ));
+        }
+        self.tables = init_mm;
+        Ok(())
+    }
+
     /// Kernel virtual memory of `guest`.
     pub fn space<'g, G: Guest + ?Sized>(&self, guest: &'g G) -> AddressSpace<'g, G> {
         AddressSpace::new(guest, self.tables)

@@ -1,0 +1,319 @@
+//! The control socket's wire format: the JSON bodies the VMM serves and the
+//! `patcher` CLI reads. One definition for both sides, so they cannot drift;
+//! `vmm/api/openapi.yaml` documents the same shapes for other clients.
+//!
+//! 64-bit addresses and register values travel as hex strings (`"0x..."`,
+//! see [`Hex`]): JSON numbers are doubles to most clients and lose bits
+//! above 2^53, which every kernel address has.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Longest memory read one request may ask for, in bytes.
+pub const MAX_MEMORY_READ: u64 = 65536;
+
+/// A 64-bit value shown as `"0x..."` in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Hex(pub u64);
+
+impl fmt::Display for Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+impl Serialize for Hex {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Hex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_hex(&s).map(Hex).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `0x1f`, `0X1F` or `1f` as a 64-bit hex number, with a message
+/// a user can act on.
+pub fn parse_hex(s: &str) -> Result<u64, String> {
+    let digits = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if digits.is_empty() || digits.len() > 16 {
+        return Err(format!(
+            "`{s}` is not a 64-bit hex number (want e.g. 0xffffffff81000000)"
+        ));
+    }
+    u64::from_str_radix(digits, 16)
+        .map_err(|_| format!("`{s}` is not a 64-bit hex number (want e.g. 0xffffffff81000000)"))
+}
+
+/// Whether the guest's vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Paused,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+        })
+    }
+}
+
+/// Every error reply: `{"error": "..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: String,
+}
+
+/// `GET /vm`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub state: VmState,
+    pub vcpus: usize,
+    pub uptime_ms: f64,
+    /// VMM start to the guest init's boot marker; null until it is written.
+    pub boot_ms: Option<f64>,
+    /// Null while the kernel cannot be found yet (early boot); see
+    /// `kernel_error`.
+    pub kernel: Option<KernelInfo>,
+    pub kernel_error: Option<String>,
+}
+
+/// The guest kernel as read from its memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KernelInfo {
+    /// `init_uts_ns.name.release` (what `uname -r` prints).
+    pub release: Option<String>,
+    /// `init_uts_ns.name.version` (`uname -v`: build number and date).
+    pub version: Option<String>,
+    /// `linux_banner` (the first line of /proc/version).
+    pub banner: Option<String>,
+    pub text: Hex,
+    pub text_phys: Hex,
+    /// `_text` minus its link-time address 0xffffffff81000000.
+    pub slide: Hex,
+    /// How `_text` was confirmed (LSTAR or the IDT).
+    pub confirmed_by: String,
+    pub page_table_levels: u8,
+    pub symbols: usize,
+    /// Time the VMM took to find and decode the kernel (kallsyms, BTF).
+    pub decode_ms: f64,
+    /// The pause for reading vCPU registers before that decode.
+    pub decode_pause_us: f64,
+}
+
+/// `PATCH /vm` body (Firecracker style).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateChange {
+    pub state: VmState,
+}
+
+/// `PUT /vm/pause` (and `PATCH /vm` to paused).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PauseReply {
+    pub state: VmState,
+    /// From the pause request until every vCPU was parked.
+    pub latency_us: f64,
+}
+
+/// `PUT /vm/resume` (and `PATCH /vm` to running).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResumeReply {
+    pub state: VmState,
+    /// From the pause request until the vCPUs were released: an upper
+    /// bound on the time any vCPU spent out of guest mode.
+    pub out_of_guest_us: f64,
+}
+
+/// `GET /vcpus/{id}/regs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegsReply {
+    pub vcpu: usize,
+    /// The VM was running, so the VMM paused it for the read and resumed it.
+    pub paused_for_read: bool,
+    /// How long that pause kept the vCPUs out of guest mode (null when the
+    /// VM was already paused).
+    pub out_of_guest_us: Option<f64>,
+    pub regs: Regs,
+}
+
+/// One vCPU's registers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Regs {
+    pub rax: Hex,
+    pub rbx: Hex,
+    pub rcx: Hex,
+    pub rdx: Hex,
+    pub rsi: Hex,
+    pub rdi: Hex,
+    pub rbp: Hex,
+    pub rsp: Hex,
+    pub r8: Hex,
+    pub r9: Hex,
+    pub r10: Hex,
+    pub r11: Hex,
+    pub r12: Hex,
+    pub r13: Hex,
+    pub r14: Hex,
+    pub r15: Hex,
+    pub rip: Hex,
+    pub rflags: Hex,
+    pub cr0: Hex,
+    pub cr3: Hex,
+    pub cr4: Hex,
+    pub efer: Option<Hex>,
+    pub lstar: Option<Hex>,
+    pub gs_base: Hex,
+    pub kernel_gs_base: Option<Hex>,
+    pub cs_selector: Hex,
+    pub cs_long: bool,
+    pub cpl: u8,
+    pub idtr_base: Hex,
+    pub idtr_limit: Hex,
+}
+
+impl From<&crate::VcpuRegs> for Regs {
+    fn from(r: &crate::VcpuRegs) -> Self {
+        Self {
+            rax: Hex(r.rax),
+            rbx: Hex(r.rbx),
+            rcx: Hex(r.rcx),
+            rdx: Hex(r.rdx),
+            rsi: Hex(r.rsi),
+            rdi: Hex(r.rdi),
+            rbp: Hex(r.rbp),
+            rsp: Hex(r.rsp),
+            r8: Hex(r.r8),
+            r9: Hex(r.r9),
+            r10: Hex(r.r10),
+            r11: Hex(r.r11),
+            r12: Hex(r.r12),
+            r13: Hex(r.r13),
+            r14: Hex(r.r14),
+            r15: Hex(r.r15),
+            rip: Hex(r.rip),
+            rflags: Hex(r.rflags),
+            cr0: Hex(r.cr0),
+            cr3: Hex(r.cr3),
+            cr4: Hex(r.cr4),
+            efer: r.efer.map(Hex),
+            lstar: r.lstar.map(Hex),
+            gs_base: Hex(r.gs_base),
+            kernel_gs_base: r.kernel_gs_base.map(Hex),
+            cs_selector: Hex(u64::from(r.cs_selector)),
+            cs_long: r.cs_long,
+            cpl: r.cpl(),
+            idtr_base: Hex(r.idtr_base),
+            idtr_limit: Hex(u64::from(r.idtr_limit)),
+        }
+    }
+}
+
+/// `GET /memory`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryReply {
+    /// The guest-physical start (given, or translated from `va`).
+    pub gpa: Hex,
+    /// The kernel-virtual start, when the read was by `va`.
+    pub va: Option<Hex>,
+    pub len: u64,
+    /// The bytes, two lowercase hex digits each.
+    pub bytes: String,
+}
+
+/// `GET /symbols?name=`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SymbolsReply {
+    pub name: String,
+    pub symbols: Vec<SymbolEntry>,
+}
+
+/// One symbol of that name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SymbolEntry {
+    pub addr: Hex,
+    /// klp's 1-based position among same-named symbols, in kallsyms order.
+    pub sympos: u32,
+    /// nm-style type, as /proc/kallsyms shows it.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A per-CPU variable: `addr` is its offset in each CPU's area.
+    pub per_cpu: bool,
+}
+
+/// `GET /symbols?addr=`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddrReply {
+    pub addr: Hex,
+    pub name: String,
+    pub offset: Hex,
+    pub symbol_addr: Hex,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// klp sympos of that symbol among its name's occurrences.
+    pub sympos: u32,
+}
+
+/// `GET /tasks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TasksReply {
+    pub count: usize,
+    /// How long the VM was paused for the walk (null if it was paused
+    /// already).
+    pub out_of_guest_us: Option<f64>,
+    pub tasks: Vec<TaskEntry>,
+}
+
+/// One task (thread).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskEntry {
+    pub pid: i32,
+    pub tgid: i32,
+    /// `task_struct.comm` (at most 15 bytes; /proc may show more for
+    /// workqueue workers and long kernel-thread names).
+    pub comm: String,
+    /// The /proc state letter (R S D T t X Z P I).
+    pub state: String,
+    pub on_cpu: bool,
+    /// The vCPU running it at the walk, if any, and its guest CPU number.
+    pub vcpu: Option<usize>,
+    pub cpu: Option<u32>,
+    /// Set for each CPU's idle task (pid 0).
+    pub idle_cpu: Option<u32>,
+    pub kthread: bool,
+    pub wq_worker: bool,
+    /// Address of the task_struct.
+    pub task: Hex,
+    pub stack_start: Hex,
+    pub stack_end: Hex,
+    /// `thread.sp`, saved at its last switch-out (stale while it runs).
+    pub saved_sp: Hex,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_as_strings() {
+        let j = serde_json::to_string(&Hex(0xffff_ffff_8100_0000)).unwrap();
+        assert_eq!(j, "\"0xffffffff81000000\"");
+        let h: Hex = serde_json::from_str(&j).unwrap();
+        assert_eq!(h, Hex(0xffff_ffff_8100_0000));
+        assert_eq!(parse_hex("1F").unwrap(), 0x1f);
+        assert!(parse_hex("0x").is_err());
+        assert!(parse_hex("0x1ffffffffffffffff").is_err());
+        assert!(parse_hex("xyz").is_err());
+    }
+}

@@ -1,0 +1,162 @@
+//! Every error the API returns is `{"error": "..."}` with a status that
+//! says whose fault it is (4xx: the request, 5xx: the VMM or the guest's
+//! state), including the ones axum and tower-http produce as plain text
+//! (bad paths, query strings or JSON bodies, oversized bodies, timeouts):
+//! [`json_errors`] rewrites those.
+
+use axum::body::{to_bytes, Body};
+use axum::extract::Request;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use patcher::api::ErrorReply;
+
+use super::routes::{allowed_methods, route_list};
+use super::{BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_TIMEOUT};
+use crate::control::ControlError;
+
+/// A failed request: status and a message a user can act on.
+#[derive(Debug)]
+pub struct HttpError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl HttpError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = self.status.as_u16(), "API: {}", self.message);
+        } else {
+            tracing::debug!(status = self.status.as_u16(), "API: {}", self.message);
+        }
+        (
+            self.status,
+            Json(ErrorReply {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<ControlError> for HttpError {
+    fn from(e: ControlError) -> Self {
+        let status = match &e {
+            ControlError::AlreadyPaused | ControlError::NotPaused => StatusCode::CONFLICT,
+            ControlError::NoSuchVcpu { .. } => StatusCode::NOT_FOUND,
+            ControlError::Stopped | ControlError::KernelNotReady(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ControlError::Vm(crate::VmError::PauseTimeout(..)) => StatusCode::SERVICE_UNAVAILABLE,
+            ControlError::Vm(_) | ControlError::Tasks(_) | ControlError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+fn is_json(resp: &Response) -> bool {
+    resp.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// Middleware: turns any non-JSON error response into `{"error": ...}`,
+/// replacing terse or empty framework messages with actionable ones.
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json(&resp) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = match to_bytes(body, 16 << 10).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = allowed_methods(&path);
+            format!(
+                "{method} is not allowed on {path}; use {}",
+                allowed
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )
+        }
+        StatusCode::NOT_FOUND if text.is_empty() => {
+            format!("no route {method} {path}; routes: {}", route_list())
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "request body too large: the limit is {MAX_BODY_BYTES} bytes{}",
+            if text.is_empty() {
+                String::new()
+            } else {
+                format!(" ({text})")
+            }
+        ),
+        StatusCode::REQUEST_TIMEOUT => format!(
+            "the request body did not arrive within {} s; send it in one go",
+            BODY_TIMEOUT.as_secs()
+        ),
+        StatusCode::SERVICE_UNAVAILABLE if text.is_empty() => format!(
+            "the request took longer than {} s and was abandoned; the VM is unchanged unless \
+             GET /vm says otherwise",
+            REQUEST_TIMEOUT.as_secs()
+        ),
+        _ if text.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_owned(),
+        _ => text,
+    };
+    let mut out = HttpError::new(status, message).into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
+}
+
+/// The 403 a refused peer gets (served outside the router).
+pub fn forbidden(message: &str) -> axum::http::Response<Body> {
+    let body = serde_json::to_vec(&ErrorReply {
+        error: message.to_owned(),
+    })
+    .unwrap_or_default();
+    let mut resp = axum::http::Response::new(Body::from(body));
+    *resp.status_mut() = StatusCode::FORBIDDEN;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -1,0 +1,230 @@
+//! What the control socket does to the VM, independent of HTTP: pausing on
+//! behalf of a user, short pauses of its own for consistent reads, and the
+//! cached view of the guest kernel.
+//!
+//! Every pause or resume, a user's or an internal one, goes through one
+//! gate, so an internal "pause, read, resume" can never resume a VM that a
+//! user paused, and a user's pause never lands in the middle of a task walk.
+//!
+//! The kernel view (`Kernel::open`, ~100 ms) is built lazily on first need
+//! and kept: `_text`, kallsyms and BTF do not change after boot. Only the
+//! register read that starts it needs the VM paused; the decode reads
+//! static kernel tables while the guest runs. A failure (typically: the
+//! kernel is not up yet) is returned, not cached, so a later request retries.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use patcher::introspect::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
+use patcher::VcpuRegs;
+
+use crate::guest::{vcpu_regs, RegsSnapshot};
+use crate::vm::{PauseReport, ResumeReport, Vm, VmError};
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("the VM is already paused; resume it first (PUT /vm/resume)")]
+    AlreadyPaused,
+    #[error("the VM is not paused; pause it first (PUT /vm/pause)")]
+    NotPaused,
+    #[error(
+        "the guest has stopped (it powered off, rebooted or crashed); the VMM is shutting down"
+    )]
+    Stopped,
+    #[error("no vCPU {id}: this VM has vCPUs 0 to {}", count.saturating_sub(1))]
+    NoSuchVcpu { id: usize, count: usize },
+    #[error("{0}")]
+    Vm(VmError),
+    #[error("the guest kernel cannot be inspected yet (is it still booting?): {0}")]
+    KernelNotReady(String),
+    #[error("reading the guest's task list failed: {0}")]
+    Tasks(String),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl From<VmError> for ControlError {
+    fn from(e: VmError) -> Self {
+        match e {
+            VmError::AlreadyPaused => Self::AlreadyPaused,
+            VmError::NotPaused => Self::NotPaused,
+            VmError::NotRunning => Self::Stopped,
+            VmError::NoSuchVcpu(id) => Self::NoSuchVcpu {
+                id: id.into(),
+                count: 0,
+            },
+            other => Self::Vm(other),
+        }
+    }
+}
+
+/// A result produced while every vCPU was parked.
+#[derive(Debug)]
+pub struct Paused<T> {
+    pub value: T,
+    /// Out-of-guest time of the pause taken for this read; `None` when the
+    /// VM was paused already (by a user) and stays so.
+    pub pause: Option<Duration>,
+}
+
+/// The guest kernel view with what it cost to build.
+#[derive(Debug)]
+pub struct CachedKernel {
+    pub kernel: Kernel,
+    pub walker: Option<Tasks>,
+    /// `Kernel::open` on the running guest.
+    pub decode: Duration,
+    /// The register-read pause before it.
+    pub pause: Duration,
+}
+
+/// The VM as the control socket drives it.
+pub struct Control {
+    vm: Arc<Vm>,
+    /// Serializes every pause/resume (see the module doc).
+    gate: Mutex<()>,
+    /// Serializes cache fills, so concurrent first requests decode once.
+    fill: Mutex<()>,
+    kernel: Mutex<Option<Arc<CachedKernel>>>,
+}
+
+impl Control {
+    pub fn new(vm: Arc<Vm>) -> Self {
+        Self {
+            vm,
+            gate: Mutex::new(()),
+            fill: Mutex::new(()),
+            kernel: Mutex::new(None),
+        }
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    fn gate(&self) -> Result<MutexGuard<'_, ()>, ControlError> {
+        // A poisoned gate only means a holder panicked; the VM state it
+        // guards lives in `Vm`, which stays consistent, so carry on.
+        Ok(self.gate.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A user's pause: fails if the VM is paused already.
+    pub fn pause(&self) -> Result<PauseReport, ControlError> {
+        let _g = self.gate()?;
+        Ok(self.vm.pause()?)
+    }
+
+    /// A user's resume: fails if the VM is not paused.
+    pub fn resume(&self) -> Result<ResumeReport, ControlError> {
+        let _g = self.gate()?;
+        Ok(self.vm.resume()?)
+    }
+
+    /// Runs `f` with every vCPU parked: inside the user's pause if there is
+    /// one, else inside a pause of its own that ends before returning.
+    pub fn paused<T>(
+        &self,
+        f: impl FnOnce(&Vm) -> Result<T, ControlError>,
+    ) -> Result<Paused<T>, ControlError> {
+        let _g = self.gate()?;
+        if self.vm.is_paused() {
+            return Ok(Paused {
+                value: f(&self.vm)?,
+                pause: None,
+            });
+        }
+        self.vm.pause()?;
+        let value = f(&self.vm);
+        let resumed = self.vm.resume();
+        let value = value?;
+        Ok(Paused {
+            value,
+            pause: Some(resumed?.paused_for),
+        })
+    }
+
+    /// Registers of vCPU `id`.
+    pub fn regs(&self, id: usize) -> Result<Paused<VcpuRegs>, ControlError> {
+        let count = self.vm.vcpu_count();
+        let id8 = u8::try_from(id)
+            .ok()
+            .filter(|_| id < count)
+            .ok_or(ControlError::NoSuchVcpu { id, count })?;
+        self.paused(|vm| Ok(vcpu_regs(&vm.vcpu_state(id8)?)))
+    }
+
+    fn all_regs(vm: &Vm) -> Result<Vec<VcpuRegs>, ControlError> {
+        all_vcpu_regs(vm).map_err(|e| ControlError::KernelNotReady(e.to_string()))
+    }
+
+    /// The cached kernel view, built on first use.
+    pub fn kernel(&self) -> Result<Arc<CachedKernel>, ControlError> {
+        if let Some(k) = self.cached() {
+            return Ok(k);
+        }
+        let _f = self.fill.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = self.cached() {
+            return Ok(k);
+        }
+        let regs = self.paused(Self::all_regs)?;
+        let snapshot = RegsSnapshot {
+            vm: &self.vm,
+            regs: regs.value,
+        };
+        let start = Instant::now();
+        let mut kernel =
+            Kernel::open(&snapshot).map_err(|e| ControlError::KernelNotReady(e.to_string()))?;
+        if let Err(why) = kernel.pin_init_mm(&*self.vm) {
+            tracing::warn!("keeping the page tables a vCPU had loaded: {why}");
+        }
+        let decode = start.elapsed();
+        let walker = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)
+            .map_err(|e| tracing::warn!("the task walk will not work on this kernel: {e}"))
+            .ok();
+        let cached = Arc::new(CachedKernel {
+            kernel,
+            walker,
+            decode,
+            pause: regs.pause.unwrap_or_default(),
+        });
+        tracing::info!(
+            text = format!("{:#x}", cached.kernel.kaslr.text),
+            symbols = cached.kernel.kallsyms.len(),
+            decode_ms = decode.as_secs_f64() * 1e3,
+            "guest kernel found"
+        );
+        *self.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(cached.clone());
+        Ok(cached)
+    }
+
+    fn cached(&self) -> Option<Arc<CachedKernel>> {
+        self.kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every task, walked inside one pause so the lists are consistent.
+    pub fn tasks(&self) -> Result<Paused<Vec<Task>>, ControlError> {
+        let k = self.kernel()?;
+        let walker = k.walker.ok_or(ControlError::Tasks(
+            "this kernel's BTF or kallsyms lack what the task walk needs (see the VMM log)".into(),
+        ))?;
+        self.paused(|vm| {
+            let regs = Self::all_regs(vm)?;
+            walker
+                .list(&k.kernel.space(vm), &regs)
+                .map_err(|e| ControlError::Tasks(e.to_string()))
+        })
+    }
+
+    /// A NUL-terminated string of at most `max` bytes at kernel address `va`.
+    pub fn read_cstr(&self, k: &Kernel, va: u64, max: usize) -> Option<String> {
+        let mut buf = vec![0u8; max];
+        k.space(&*self.vm).read_virt(va, &mut buf).ok()?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+}
