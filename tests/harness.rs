@@ -44,10 +44,6 @@ pub fn vmm_bin() -> PathBuf {
     p
 }
 
-pub fn pause_cycles_bin() -> PathBuf {
-    bin_dir().join("examples").join("pause_cycles")
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// This host's KVM runs guests at hardware speed.
@@ -85,13 +81,7 @@ fn ensure_images(mode: Mode) {
         let root = repo_root();
         let status = match mode {
             Mode::Direct => Command::new(root.join("guest-images/build-guest")).status(),
-            Mode::Nested => Command::new(root.join("guest-images/build-nested"))
-                .arg("--bin")
-                .arg(vmm_bin())
-                .arg("--bin")
-                .arg(pause_cycles_bin())
-                .arg("--with-qemu")
-                .status(),
+            Mode::Nested => Command::new(root.join("scripts/nested-image")).status(),
         }
         .expect("run guest-images build");
         assert!(status.success(), "building guest images failed");

@@ -8,6 +8,7 @@
 //! plan -> (pause) check, commit (resume).
 
 pub mod api;
+pub mod client;
 pub mod introspect;
 
 /// The engine's whole view of a guest.

@@ -1,16 +1,317 @@
-//! `patcher`: the client that pushes live patches to a running `vmm`.
-//! The control socket arrives with the next milestone; for now this only
-//! identifies itself.
+//! `patcher`: the command-line client of a running `vmm`'s control socket.
+//! Human-readable output by default; `--json` prints the API's own JSON
+//! reply, unchanged, for scripts.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-/// Live-patch a Linux guest from the hypervisor.
+use clap::{Parser, Subcommand};
+use hyper::Method;
+
+use patcher::api::{
+    AddrReply, KernelInfo, MemoryReply, PauseReply, RegsReply, ResumeReply, SymbolsReply,
+    TasksReply, VmInfo, MAX_MEMORY_READ,
+};
+use patcher::client::{query_escape, Client, ClientError};
+
+/// Live-patch a Linux guest from the hypervisor: the client of `vmm --api-sock`.
 #[derive(Debug, Parser)]
 #[command(name = "patcher", version)]
-struct Args {}
+struct Args {
+    /// The VMM's control socket (`vmm --api-sock PATH`).
+    #[arg(long, env = "KLPV_API_SOCK", value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Print the API's JSON reply instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Args::parse();
-    eprintln!("patcher: no subcommands yet; the control socket is not implemented");
-    std::process::exit(2);
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// VM state and the guest kernel found in its memory.
+    Status,
+    /// Stop every vCPU out of guest mode.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// One vCPU's registers (pauses for the read if the VM runs).
+    Regs {
+        #[arg(default_value_t = 0)]
+        vcpu: usize,
+    },
+    /// Dump guest memory (hex + ASCII) by kernel-virtual or guest-physical address.
+    Mem {
+        /// Kernel-virtual address (hex), or a symbol name optionally with
+        /// +offset (hex); with --phys, a guest-physical address (hex).
+        addr: String,
+        /// ADDR is guest-physical.
+        #[arg(long)]
+        phys: bool,
+        /// Bytes to read (at most 65536).
+        #[arg(long, default_value_t = 64)]
+        len: u64,
+    },
+    /// Addresses of a kernel symbol (every occurrence, with klp's sympos).
+    Sym { name: String },
+    /// The symbol containing a kernel address, as name+offset.
+    Addr { addr: String },
+    /// Every kernel symbol, in /proc/kallsyms format.
+    Symbols,
+    /// Every task (thread) and each CPU's idle task.
+    Tasks,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let client = match Client::new(&args.api_sock) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    match run(&client, &args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &ClientError) -> ExitCode {
+    eprintln!("patcher: error: {e}");
+    ExitCode::FAILURE
+}
+
+/// Prints a reply as JSON or through `human`.
+fn show<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) {
+    if json {
+        match serde_json::to_string_pretty(v) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("patcher: cannot print JSON: {e}"),
+        }
+    } else {
+        human(v);
+    }
+}
+
+fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
+    let json = args.json;
+    match &args.command {
+        Command::Status => {
+            let v: VmInfo = c.call(Method::GET, "/vm", None)?;
+            show(json, &v, print_status);
+        }
+        Command::Pause => {
+            let v: PauseReply = c.call(Method::PUT, "/vm/pause", None)?;
+            show(json, &v, |v| {
+                println!("paused: every vCPU parked {:.0} us after the request", v.latency_us)
+            });
+        }
+        Command::Resume => {
+            let v: ResumeReply = c.call(Method::PUT, "/vm/resume", None)?;
+            show(json, &v, |v| {
+                println!(
+                    "running: vCPUs were out of guest mode for {}",
+                    duration_us(v.out_of_guest_us)
+                )
+            });
+        }
+        Command::Regs { vcpu } => {
+            let v: RegsReply = c.call(Method::GET, &format!("/vcpus/{vcpu}/regs"), None)?;
+            show(json, &v, print_regs);
+        }
+        Command::Mem { addr, phys, len } => {
+            let len = (*len).min(MAX_MEMORY_READ);
+            let query = if *phys {
+                format!("gpa={}", query_escape(addr))
+            } else {
+                format!("va={}", resolve_address(c, addr)?)
+            };
+            let v: MemoryReply = c.call(Method::GET, &format!("/memory?{query}&len={len}"), None)?;
+            show(json, &v, print_memory);
+        }
+        Command::Sym { name } => {
+            let v: SymbolsReply = c.call(
+                Method::GET,
+                &format!("/symbols?name={}", query_escape(name)),
+                None,
+            )?;
+            show(json, &v, |v| {
+                for s in &v.symbols {
+                    let pc = if s.per_cpu { " (per-cpu offset)" } else { "" };
+                    println!("{} {} {} sympos={}{pc}", s.addr, s.kind, v.name, s.sympos);
+                }
+            });
+        }
+        Command::Addr { addr } => {
+            let v: AddrReply = c.call(
+                Method::GET,
+                &format!("/symbols?addr={}", query_escape(addr)),
+                None,
+            )?;
+            show(json, &v, |v| {
+                println!(
+                    "{} = {}+{} ({} at {}, sympos={})",
+                    v.addr, v.name, v.offset, v.kind, v.symbol_addr, v.sympos
+                )
+            });
+        }
+        Command::Symbols => {
+            // Already a text format every tool reads; --json does not apply.
+            print!("{}", c.text("/symbols/all")?);
+        }
+        Command::Tasks => {
+            let v: TasksReply = c.call(Method::GET, "/tasks", None)?;
+            show(json, &v, print_tasks);
+        }
+    }
+    Ok(())
+}
+
+/// `0xffff...`, `sym` or `sym+0x10` to a hex address.
+fn resolve_address(c: &Client, spec: &str) -> Result<String, ClientError> {
+    if patcher::api::parse_hex(spec).is_ok() {
+        return Ok(query_escape(spec));
+    }
+    let (name, off) = match spec.split_once('+') {
+        Some((n, o)) => (
+            n,
+            patcher::api::parse_hex(o).map_err(|m| ClientError::Api {
+                status: 400,
+                message: format!("offset in `{spec}`: {m}"),
+            })?,
+        ),
+        None => (spec, 0),
+    };
+    let v: SymbolsReply = c.call(
+        Method::GET,
+        &format!("/symbols?name={}", query_escape(name)),
+        None,
+    )?;
+    match v.symbols.as_slice() {
+        [one] => Ok(format!("{:#x}", one.addr.0.wrapping_add(off))),
+        many => Err(ClientError::Api {
+            status: 400,
+            message: format!(
+                "`{name}` names {} symbols ({}); give an address",
+                many.len(),
+                many.iter()
+                    .map(|s| s.addr.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+fn duration_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} us")
+    }
+}
+
+fn print_status(v: &VmInfo) {
+    println!("state:    {}", v.state);
+    println!("vcpus:    {}", v.vcpus);
+    println!("uptime:   {:.1} s", v.uptime_ms / 1000.0);
+    if let Some(b) = v.boot_ms {
+        println!("booted:   {:.1} s after start (guest boot marker)", b / 1000.0);
+    }
+    match (&v.kernel, &v.kernel_error) {
+        (Some(k), _) => print_kernel(k),
+        (None, Some(e)) => println!("kernel:   not found yet: {e}"),
+        (None, None) => println!("kernel:   unknown"),
+    }
+}
+
+fn print_kernel(k: &KernelInfo) {
+    let unknown = || "?".to_owned();
+    println!("kernel:   {}", k.release.clone().unwrap_or_else(unknown));
+    println!("build:    {}", k.version.clone().unwrap_or_else(unknown));
+    if let Some(b) = &k.banner {
+        println!("banner:   {b}");
+    }
+    println!(
+        "_text:    {} (phys {}, KASLR slide {}, confirmed by {})",
+        k.text, k.text_phys, k.slide, k.confirmed_by
+    );
+    println!(
+        "symbols:  {} decoded in {:.1} ms ({}-level page tables)",
+        k.symbols, k.decode_ms, k.page_table_levels
+    );
+}
+
+fn print_regs(v: &RegsReply) {
+    let r = &v.regs;
+    println!(
+        "vcpu {}{}",
+        v.vcpu,
+        match v.out_of_guest_us {
+            Some(us) => format!(" (paused {} for the read)", duration_us(us)),
+            None => String::new(),
+        }
+    );
+    println!("rip {}  rsp {}  rflags {}  cpl {}", r.rip, r.rsp, r.rflags, r.cpl);
+    println!("rax {}  rbx {}  rcx {}  rdx {}", r.rax, r.rbx, r.rcx, r.rdx);
+    println!("rsi {}  rdi {}  rbp {}", r.rsi, r.rdi, r.rbp);
+    println!("r8  {}  r9  {}  r10 {}  r11 {}", r.r8, r.r9, r.r10, r.r11);
+    println!("r12 {}  r13 {}  r14 {}  r15 {}", r.r12, r.r13, r.r14, r.r15);
+    println!("cr0 {}  cr3 {}  cr4 {}", r.cr0, r.cr3, r.cr4);
+    let opt = |h: Option<patcher::api::Hex>| h.map_or("?".to_owned(), |h| h.to_string());
+    println!(
+        "efer {}  lstar {}  gs_base {}  kernel_gs_base {}",
+        opt(r.efer),
+        opt(r.lstar),
+        r.gs_base,
+        opt(r.kernel_gs_base)
+    );
+}
+
+fn print_memory(v: &MemoryReply) {
+    let bytes: Vec<u8> = (0..v.bytes.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&v.bytes[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    let base = v.va.unwrap_or(v.gpa).0;
+    for (i, row) in bytes.chunks(16).enumerate() {
+        let hex: Vec<String> = row.iter().map(|b| format!("{b:02x}")).collect();
+        let ascii: String = row
+            .iter()
+            .map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' })
+            .collect();
+        println!(
+            "{:016x}  {:<47}  {ascii}",
+            base.wrapping_add(16 * i as u64),
+            hex.join(" ")
+        );
+    }
+}
+
+fn print_tasks(v: &TasksReply) {
+    println!(
+        "{:>7} {:>7} {:<16} {:>2} {:>5}  {:<18} {:<18}",
+        "PID", "TGID", "COMM", "S", "VCPU", "TASK", "SAVED SP"
+    );
+    for t in &v.tasks {
+        let comm = match t.idle_cpu {
+            Some(cpu) => format!("<idle cpu{cpu}>"),
+            None => t.comm.clone(),
+        };
+        println!(
+            "{:>7} {:>7} {:<16} {:>2} {:>5}  {:<18} {:<18}",
+            t.pid,
+            t.tgid,
+            comm,
+            t.state,
+            t.vcpu.map_or("-".to_owned(), |c| c.to_string()),
+            t.task.to_string(),
+            t.saved_sp.to_string()
+        );
+    }
+    println!(
+        "{} tasks{}",
+        v.count,
+        v.out_of_guest_us
+            .map(|us| format!(", walked in a pause of {}", duration_us(us)))
+            .unwrap_or_default()
+    );
 }

@@ -107,6 +107,30 @@ mod tests {
         assert!(allowed_methods("/nope").is_empty());
     }
 
+    /// Every route the server exposes is documented, and the document
+    /// promises no route the server lacks.
+    #[test]
+    fn openapi_document_lists_exactly_the_served_routes() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/api/openapi.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+        let paths = doc["paths"].as_mapping().expect("openapi.yaml has paths");
+        let mut documented = Vec::new();
+        for (p, ops) in paths {
+            let p = p.as_str().unwrap();
+            for (m, _) in ops.as_mapping().unwrap() {
+                documented.push(format!("{} {p}", m.as_str().unwrap().to_uppercase()));
+            }
+        }
+        documented.sort();
+        let mut served: Vec<String> = route_table()
+            .iter()
+            .map(|(m, p, _)| format!("{m} {p}"))
+            .collect();
+        served.sort();
+        assert_eq!(served, documented, "vmm/api/openapi.yaml is out of date");
+    }
+
     #[test]
     fn every_route_is_unique() {
         let t = route_table();
