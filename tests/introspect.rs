@@ -48,7 +48,12 @@ fn proc_task(line: &str) -> (i32, i32, String) {
     let tgid = rest.split('/').next().unwrap().parse().unwrap();
     let open = rest.find('(').unwrap();
     let close = rest.rfind(')').unwrap();
-    let tid = rest[..open].split_whitespace().last().unwrap().parse().unwrap();
+    let tid = rest[..open]
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
     (tgid, tid, rest[open + 1..close].to_owned())
 }
 
@@ -87,7 +92,10 @@ fn api_view_equals_the_guests_own_on_two_kaslr_slides() {
 
         // kallsyms: every vmlinux line of /proc/kallsyms, by digest.
         assert_eq!(api["api_lines"], guest["kallsyms_lines"], "boot {boot}");
-        assert_eq!(api["api_md5"], guest["kallsyms_md5"], "boot {boot}: kallsyms differ");
+        assert_eq!(
+            api["api_md5"], guest["kallsyms_md5"],
+            "boot {boot}: kallsyms differ"
+        );
         assert_eq!(k.symbols.to_string(), guest["kallsyms_lines"]);
         // The VM ran the whole way through to a clean poweroff.
         assert_eq!(api["rc"], "0", "boot {boot}: vmm exit");
@@ -125,7 +133,11 @@ fn api_view_equals_the_guests_own_on_two_kaslr_slides() {
         for (tid, (tgid, comm)) in &want {
             let g = got[tid];
             assert_eq!(g.tgid, *tgid, "boot {boot}: tgid of {tid}");
-            assert!(comm_matches(g, comm), "boot {boot}: {tid}: {} vs {comm}", g.comm);
+            assert!(
+                comm_matches(g, comm),
+                "boot {boot}: {tid}: {} vs {comm}",
+                g.comm
+            );
         }
         // One idle task per vCPU, and each vCPU runs exactly one task.
         let idle = t.tasks.iter().filter(|t| t.idle_cpu.is_some()).count();
@@ -148,5 +160,8 @@ fn api_view_equals_the_guests_own_on_two_kaslr_slides() {
         slides.len() >= 2,
         "boots had different KASLR slides: {slides:?}"
     );
-    assert!(run.lines_with("Call Trace").is_empty(), "no oops or warning");
+    assert!(
+        run.lines_with("Call Trace").is_empty(),
+        "no oops or warning"
+    );
 }

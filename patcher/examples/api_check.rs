@@ -28,7 +28,10 @@ fn main() -> ExitCode {
     let sock = PathBuf::from(sock);
     let r = match mode.as_str() {
         "robust" => robust(&sock),
-        "bench" => bench(&sock, args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000)),
+        "bench" => bench(
+            &sock,
+            args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000),
+        ),
         "peer" => peer(&sock),
         "text-hash" => Client::new(&sock)
             .map_err(|e| e.to_string())
@@ -51,7 +54,17 @@ fn raw(sock: &Path, req: &[u8], limit: Duration) -> Result<(u16, String, f64), S
     let mut s = UnixStream::connect(sock).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
     let start = Instant::now();
-    s.write_all(req).map_err(|e| format!("write: {e}"))?;
+    // A server that refuses early (413 on Content-Length) may close before
+    // the whole request is written: read its answer anyway.
+    match s.write_all(req) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) => {}
+        Err(e) => return Err(format!("write: {e}")),
+    }
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -104,7 +117,9 @@ fn alive(c: &Client) -> bool {
 
 fn robust(sock: &Path) -> Result<(), String> {
     let c = Client::new(sock).map_err(|e| e.to_string())?;
-    let info: VmInfo = c.call(Method::GET, "/vm", None).map_err(|e| e.to_string())?;
+    let info: VmInfo = c
+        .call(Method::GET, "/vm", None)
+        .map_err(|e| e.to_string())?;
     let text_before = text_hash(&c)?;
 
     // The socket file.
@@ -213,7 +228,12 @@ fn robust(sock: &Path) -> Result<(), String> {
     let t = Duration::from_secs(30);
     let (s, b, _) = raw(
         sock,
-        &request("PATCH", "/vm", "Content-Type: application/json\r\n", b"{\"state\":"),
+        &request(
+            "PATCH",
+            "/vm",
+            "Content-Type: application/json\r\n",
+            b"{\"state\":",
+        ),
         t,
     )?;
     report("malformed-json", s, &b, "");
@@ -234,7 +254,11 @@ fn robust(sock: &Path) -> Result<(), String> {
     report("wrong-method", s, &b, "");
     let (s, b, _) = raw(sock, &request("GET", "/memory?va=zz&len=4", "", b""), t)?;
     report("bad-query", s, &b, "");
-    let (s, b, _) = raw(sock, &request("GET", "/memory?gpa=0x0&len=999999", "", b""), t)?;
+    let (s, b, _) = raw(
+        sock,
+        &request("GET", "/memory?gpa=0x0&len=999999", "", b""),
+        t,
+    )?;
     report("oversized-read", s, &b, "");
     let (s, b, _) = raw(sock, &request("GET", "/vcpus/99/regs", "", b""), t)?;
     report("no-such-vcpu", s, &b, "");
@@ -284,7 +308,10 @@ fn robust(sock: &Path) -> Result<(), String> {
             let _ = s.read(&mut buf);
         }
     }
-    println!("KLPV-RESULT api-vanished alive_after={}", u8::from(alive(&c)));
+    println!(
+        "KLPV-RESULT api-vanished alive_after={}",
+        u8::from(alive(&c))
+    );
 
     // More connections than the cap: the surplus is refused with 503 at
     // once, and the VMM recovers when they close.
@@ -301,7 +328,9 @@ fn robust(sock: &Path) -> Result<(), String> {
     // reads their EOF. Retry (bounded) until a request gets a slot.
     let recovered = (0..1000).any(|_| alive(&c));
 
-    let after: VmInfo = c.call(Method::GET, "/vm", None).map_err(|e| e.to_string())?;
+    let after: VmInfo = c
+        .call(Method::GET, "/vm", None)
+        .map_err(|e| e.to_string())?;
     let text_after = text_hash(&c)?;
     println!(
         "KLPV-RESULT api-after recovered={} state={} text_unchanged={} text_hash={text_before:016x}",
@@ -321,7 +350,11 @@ fn peer(sock: &Path) -> Result<(), String> {
         }
         Ok(s) => drop(s),
     }
-    let (s, body, _) = raw(sock, &request("GET", "/vm", "", b""), Duration::from_secs(30))?;
+    let (s, body, _) = raw(
+        sock,
+        &request("GET", "/vm", "", b""),
+        Duration::from_secs(30),
+    )?;
     if s == 403 && json_error(&body) {
         println!("refused-403 {}", body.trim());
     } else {
@@ -367,7 +400,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn bench(sock: &Path, n: usize) -> Result<(), String> {
     let c = Client::new(sock).map_err(|e| e.to_string())?;
-    let info: VmInfo = c.call(Method::GET, "/vm", None).map_err(|e| e.to_string())?;
+    let info: VmInfo = c
+        .call(Method::GET, "/vm", None)
+        .map_err(|e| e.to_string())?;
     let k = info.kernel.ok_or("guest kernel not found")?;
     let (mut rtt, mut out, mut lat) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {

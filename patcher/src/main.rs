@@ -102,7 +102,10 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
         Command::Pause => {
             let v: PauseReply = c.call(Method::PUT, "/vm/pause", None)?;
             show(json, &v, |v| {
-                println!("paused: every vCPU parked {:.0} us after the request", v.latency_us)
+                println!(
+                    "paused: every vCPU parked {:.0} us after the request",
+                    v.latency_us
+                )
             });
         }
         Command::Resume => {
@@ -125,7 +128,8 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             } else {
                 format!("va={}", resolve_address(c, addr)?)
             };
-            let v: MemoryReply = c.call(Method::GET, &format!("/memory?{query}&len={len}"), None)?;
+            let v: MemoryReply =
+                c.call(Method::GET, &format!("/memory?{query}&len={len}"), None)?;
             show(json, &v, print_memory);
         }
         Command::Sym { name } => {
@@ -215,7 +219,10 @@ fn print_status(v: &VmInfo) {
     println!("vcpus:    {}", v.vcpus);
     println!("uptime:   {:.1} s", v.uptime_ms / 1000.0);
     if let Some(b) = v.boot_ms {
-        println!("booted:   {:.1} s after start (guest boot marker)", b / 1000.0);
+        println!(
+            "booted:   {:.1} s after start (guest boot marker)",
+            b / 1000.0
+        );
     }
     match (&v.kernel, &v.kernel_error) {
         (Some(k), _) => print_kernel(k),
@@ -251,7 +258,10 @@ fn print_regs(v: &RegsReply) {
             None => String::new(),
         }
     );
-    println!("rip {}  rsp {}  rflags {}  cpl {}", r.rip, r.rsp, r.rflags, r.cpl);
+    println!(
+        "rip {}  rsp {}  rflags {}  cpl {}",
+        r.rip, r.rsp, r.rflags, r.cpl
+    );
     println!("rax {}  rbx {}  rcx {}  rdx {}", r.rax, r.rbx, r.rcx, r.rdx);
     println!("rsi {}  rdi {}  rbp {}", r.rsi, r.rdi, r.rbp);
     println!("r8  {}  r9  {}  r10 {}  r11 {}", r.r8, r.r9, r.r10, r.r11);
@@ -276,7 +286,13 @@ fn print_memory(v: &MemoryReply) {
         let hex: Vec<String> = row.iter().map(|b| format!("{b:02x}")).collect();
         let ascii: String = row
             .iter()
-            .map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' })
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
             .collect();
         println!(
             "{:016x}  {:<47}  {ascii}",

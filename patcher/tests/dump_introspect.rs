@@ -171,6 +171,34 @@ fn kaslr_slide_found_and_consistent() {
     );
 }
 
+/// The view kept beyond one pause uses the kernel's own PGD, which maps the
+/// kernel exactly as the vCPU's (possibly a process's) page tables did.
+#[test]
+fn pinning_init_top_pgt_keeps_every_kernel_translation() {
+    let f = fixture();
+    let mut k = Kernel::open(&f.guest).unwrap();
+    let before = k.space(&f.guest).tables();
+    k.pin_init_mm(&f.guest).unwrap_or_else(|e| panic!("{e}"));
+    let after = k.space(&f.guest).tables();
+    let pgd = proc_addr(f, "init_top_pgt");
+    assert_eq!(
+        after.root(),
+        k.space(&f.guest).translate(pgd).unwrap().phys,
+        "root is init_top_pgt's physical address"
+    );
+    for name in [
+        "_text",
+        "_etext",
+        "init_task",
+        "linux_banner",
+        "init_top_pgt",
+    ] {
+        let va = proc_addr(f, name);
+        let old = before.translate(&f.guest, va).unwrap().phys;
+        assert_eq!(k.space(&f.guest).translate(va).unwrap().phys, old, "{name}");
+    }
+}
+
 #[test]
 fn btf_offsets_are_sane_and_match_memory() {
     let f = fixture();

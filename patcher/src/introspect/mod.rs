@@ -142,7 +142,8 @@ impl Kernel {
         Err(IntrospectError::NoKernel { attempts })
     }
 
-    /// Switches to the kernel's own page tables, `swapper_pg_dir` (init_mm),
+    /// Switches to the kernel's own page tables, `init_top_pgt` (x86-64's
+    /// `swapper_pg_dir`, init_mm's PGD),
     /// which live as long as the kernel. [`Kernel::open`] found the kernel
     /// through whatever PGD a vCPU had loaded, usually a process's, which
     /// is freed when that process exits: a view kept beyond one pause must
@@ -151,20 +152,20 @@ impl Kernel {
     pub fn pin_init_mm<G: Guest + ?Sized>(&mut self, guest: &G) -> Result<(), String> {
         let va = self
             .kallsyms
-            .addr("swapper_pg_dir")
+            .addr("init_top_pgt")
             .map_err(|e| e.to_string())?;
         let phys = self
             .space(guest)
             .translate(va)
-            .map_err(|e| format!("swapper_pg_dir at {va:#x}: {e}"))?
+            .map_err(|e| format!("init_top_pgt at {va:#x}: {e}"))?
             .phys;
         let init_mm = PageTables::new(phys, self.tables.five_level());
         let text = AddressSpace::new(guest, init_mm)
             .translate(self.kaslr.text)
-            .map_err(|e| format!("swapper_pg_dir at {phys:#x} does not map _text: {e}"))?;
+            .map_err(|e| format!("init_top_pgt at {phys:#x} does not map _text: {e}"))?;
         if text.phys != self.kaslr.text_phys {
             return Err(format!(
-                "swapper_pg_dir at {phys:#x} maps _text to {:#x}, not {:#x}",
+                "init_top_pgt at {phys:#x} maps _text to {:#x}, not {:#x}",
                 text.phys, self.kaslr.text_phys
             ));
         }

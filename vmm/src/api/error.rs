@@ -5,6 +5,7 @@
 //! [`json_errors`] rewrites those.
 
 use axum::body::{to_bytes, Body};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -144,6 +145,33 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         out.headers_mut().insert(header::ALLOW, allow.clone());
     }
     out
+}
+
+/// A JSON body that could not be read: a body that stalled past
+/// [`BODY_TIMEOUT`] is the client's timeout (408), not malformed JSON.
+pub fn json_rejection(r: JsonRejection) -> HttpError {
+    let timed_out = {
+        let mut e: Option<&(dyn std::error::Error + 'static)> = Some(&r);
+        let mut found = false;
+        while let Some(err) = e {
+            if err.is::<tower_http::timeout::TimeoutError>() {
+                found = true;
+                break;
+            }
+            e = err.source();
+        }
+        found
+    };
+    if timed_out {
+        return HttpError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s; send it in one go",
+                BODY_TIMEOUT.as_secs()
+            ),
+        );
+    }
+    HttpError::new(r.status(), r.body_text())
 }
 
 /// The 403 a refused peer gets (served outside the router).

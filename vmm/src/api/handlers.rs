@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +18,7 @@ use patcher::api::{
 use patcher::introspect::{kaslr, PagingError, VirtRead};
 use patcher::Guest;
 
-use super::error::HttpError;
+use super::error::{json_rejection, HttpError};
 use super::routes::AppState;
 use crate::control::{CachedKernel, Control};
 
@@ -129,8 +130,9 @@ pub async fn vm_resume(State(c): State<AppState>) -> Reply<ResumeReply> {
 /// PATCH /vm {"state": "paused" | "running"}
 pub async fn vm_set_state(
     State(c): State<AppState>,
-    Json(change): Json<StateChange>,
+    change: Result<Json<StateChange>, JsonRejection>,
 ) -> Result<Response, HttpError> {
+    let Json(change) = change.map_err(json_rejection)?;
     blocking(move || {
         Ok(match change.state {
             VmState::Paused => Json(do_pause(&c)?).into_response(),

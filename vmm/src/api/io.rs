@@ -102,10 +102,119 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
     }
 }
 
+/// Reads a connection's first request head (up to the blank line) within
+/// `limit`. hyper's own header timeout just closes the connection; reading
+/// the head first lets a client that stalls mid-headers get a 408 saying
+/// why. Returns the bytes read (to replay to hyper with [`Rewind`]), or
+/// `None` if the client stalled.
+pub async fn first_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: Duration,
+) -> io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(1024);
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            buf.extend_from_slice(&chunk[..n]);
+            // EOF, a complete head, or more than any valid head: hyper
+            // takes it from here (and answers oversized heads itself).
+            if n == 0 || memchr_head_end(&buf) || buf.len() > MAX_HEAD_BYTES {
+                return Ok::<_, io::Error>(());
+            }
+        }
+    };
+    match tokio::time::timeout(limit, read).await {
+        Ok(r) => r.map(|()| Some(buf)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Largest request head read ahead of hyper.
+const MAX_HEAD_BYTES: usize = 64 << 10;
+
+fn memchr_head_end(buf: &[u8]) -> bool {
+    buf.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+/// `inner` with `prefix` (bytes already read from it) served first.
+pub struct Rewind<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_stalled_head_is_reported_and_a_complete_one_replayed() {
+        let (mut a, mut b) = tokio::io::duplex(256);
+        b.write_all(b"GET /vm HTTP/1.1\r\nHost: x").await.unwrap();
+        assert!(first_head(&mut a, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .is_none());
+
+        let (mut a, mut b) = tokio::io::duplex(256);
+        b.write_all(b"GET /vm HTTP/1.1\r\n\r\nrest").await.unwrap();
+        drop(b);
+        let head = first_head(&mut a, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut all = Vec::new();
+        Rewind::new(head, a).read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"GET /vm HTTP/1.1\r\n\r\nrest");
+    }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_reader_that_stops_is_dropped() {

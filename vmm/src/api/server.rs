@@ -18,7 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use super::error::forbidden;
-use super::io::StallGuard;
+use super::io::{first_head, Rewind, StallGuard};
 use super::peer::{self, Verdict};
 use super::routes::router;
 use super::{HEADER_TIMEOUT, MAX_CONNECTIONS, WRITE_STALL_TIMEOUT};
@@ -163,8 +163,42 @@ async fn accept_loop(listener: UnixListener, app: Router) {
     }
 }
 
-async fn serve(stream: UnixStream, verdict: Verdict, app: Router) {
-    let io = TokioIo::new(StallGuard::new(stream, WRITE_STALL_TIMEOUT));
+async fn serve(mut stream: UnixStream, verdict: Verdict, app: Router) {
+    let head = match first_head(&mut stream, HEADER_TIMEOUT).await {
+        // A partial first line (a huge head cut at the read-ahead limit)
+        // still starts like HTTP; hyper answers the rest.
+        Ok(Some(head)) => head,
+        Ok(None) => {
+            refuse(
+                stream,
+                "408 Request Timeout",
+                &format!(
+                    "the request's headers did not arrive within {} s; send the whole request at once",
+                    HEADER_TIMEOUT.as_secs()
+                ),
+            )
+            .await;
+            return;
+        }
+        Err(e) => {
+            tracing::debug!("API connection ended before a request: {e}");
+            return;
+        }
+    };
+    if !head.is_empty() && !looks_like_http1(&head) {
+        refuse(
+            stream,
+            "400 Bad Request",
+            "this is not an HTTP/1.1 request; the control socket speaks HTTP/1.1 + JSON \
+             (try: curl --unix-socket PATH http://localhost/vm)",
+        )
+        .await;
+        return;
+    }
+    let io = TokioIo::new(StallGuard::new(
+        Rewind::new(head, stream),
+        WRITE_STALL_TIMEOUT,
+    ));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -190,15 +224,40 @@ async fn serve(stream: UnixStream, verdict: Verdict, app: Router) {
     }
 }
 
+/// Whether a request head starts with `METHOD SP TARGET SP HTTP/1.x`.
+fn looks_like_http1(head: &[u8]) -> bool {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    let version = parts.next().unwrap_or_default();
+    !method.is_empty()
+        && method.iter().all(u8::is_ascii_uppercase)
+        && target.first() == Some(&b'/')
+        && version.starts_with(b"HTTP/1.")
+}
+
 /// Answers a connection beyond the cap with 503 and closes it.
-async fn refuse_busy(mut stream: UnixStream) {
+async fn refuse_busy(stream: UnixStream) {
     tracing::warn!("API: more than {MAX_CONNECTIONS} connections; refusing one");
-    let body = format!(
-        "{{\"error\":\"too many connections: the VMM serves at most {MAX_CONNECTIONS} at once; \
-         retry when one closes\"}}"
-    );
+    refuse(
+        stream,
+        "503 Service Unavailable",
+        &format!(
+            "too many connections: the VMM serves at most {MAX_CONNECTIONS} at once; retry when one closes"
+        ),
+    )
+    .await;
+}
+
+/// Writes one JSON error response outside hyper and closes the connection.
+async fn refuse(mut stream: UnixStream, status: &str, message: &str) {
+    let body = serde_json::to_string(&patcher::api::ErrorReply {
+        error: message.to_owned(),
+    })
+    .unwrap_or_default();
     let resp = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -207,4 +266,18 @@ async fn refuse_busy(mut stream: UnixStream) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_http1_request_lines() {
+        assert!(looks_like_http1(b"GET /vm HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(looks_like_http1(b"PATCH /vm HTTP/1.0\r\n\r\n"));
+        assert!(!looks_like_http1(b"\x00\x01 not http\r\n\r\n"));
+        assert!(!looks_like_http1(b"GET vm HTTP/1.1\r\n\r\n"));
+        assert!(!looks_like_http1(b"PRI * HTTP/2.0\r\n\r\n"));
+    }
 }
