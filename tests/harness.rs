@@ -169,7 +169,9 @@ pub fn run_scenario(name: &str, args: &[&str]) -> Run {
     let first = match run_once(mode, name, args) {
         Attempt::Done(run) if !l1_failed(mode, &run) => return run,
         Attempt::Done(run) => {
-            eprintln!("harness: the nested L1 kernel failed during {name} (emulator); retrying once");
+            eprintln!(
+                "harness: the nested L1 kernel failed during {name} (emulator); retrying once"
+            );
             run.lines
         }
         Attempt::L1Hung(lines) => {
