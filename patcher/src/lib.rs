@@ -8,8 +8,12 @@
 //! plan -> (pause) check, commit (resume).
 
 pub mod api;
+pub mod arena;
 pub mod client;
 pub mod introspect;
+pub mod overlay;
+pub mod site;
+pub mod write;
 
 /// The engine's whole view of a guest.
 pub trait Guest {

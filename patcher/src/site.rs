@@ -1,0 +1,569 @@
+//! Patch sites: where an old function gets its `jmp` to the new one.
+//!
+//! A kernel built with ftrace starts every traceable function with a
+//! 5-byte `call __fentry__` that the kernel turns into a 5-byte nop at boot
+//! (`0f 1f 44 00 00`, x86's ideal nop on every 64-bit CPU). That nop is the
+//! one place in a function that can be replaced by a 5-byte `jmp rel32`
+//! while the function is live: no instruction boundary inside it is a
+//! return address or a branch target. It is where the kernel's own
+//! livepatch (through ftrace) diverts a function too.
+//!
+//! Before the nop may come a 4-byte ENDBR64 (`f3 0f 1e fa`, kernels with
+//! CONFIG_X86_KERNEL_IBT), or what IBT sealing leaves of an ENDBR that no
+//! indirect call needs (`66 0f 1f 00`, "osp nopl (%rax)"). Kernels with
+//! CONFIG_CALL_PADDING (6.2+) place 16 bytes of padding (nops, or a kCFI
+//! hash / call-depth accounting code) *before* the symbol: the symbol is
+//! still the entry and the site is still at the entry (after ENDBR); the
+//! padding is never touched.
+//!
+//! Anything else at the site is refused with what it is: a `call` (ftrace
+//! is tracing the function, or an in-guest livepatch diverts it through an
+//! ftrace trampoline), a `jmp rel32` (someone already redirected it), an
+//! `int3` (a kprobe or a text_poke in progress), or other bytes (the
+//! function is `notrace`: there is no safe site). Bytes are decoded with
+//! iced-x86, and shown disassembled in errors.
+
+use std::fmt;
+
+use iced_x86::{Decoder, DecoderOptions, Formatter, GasFormatter, Instruction, Mnemonic};
+
+use crate::introspect::{AddressSpace, Kallsyms, VirtRead};
+use crate::Guest;
+
+/// The ideal 5-byte nop the kernel writes over `call __fentry__`.
+pub const FTRACE_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+/// `gen_endbr_poison()`: a sealed ENDBR (IBT on, no indirect callers).
+const ENDBR_POISON: [u8; 4] = [0x66, 0x0f, 0x1f, 0x00];
+/// Bytes read at an entry: ENDBR + nop + a little to disassemble in errors.
+const ENTRY_READ: usize = 16;
+const JMP_REL32: u8 = 0xe9;
+/// The kernel module area, where ftrace trampolines are allocated.
+const MODULES_START: u64 = 0xffff_ffff_c000_0000;
+
+/// Errors of finding and decoding a patch site.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error("{func:#x} is not the start of a kernel function ({why})")]
+    NotAFunction { func: u64, why: String },
+    #[error(
+        "{name} at {func:#x} is not in the kernel's resident text [{text_start:#x}, {text_end:#x}) \
+         (init code is freed after boot; module functions are not supported yet)"
+    )]
+    NotInText {
+        name: String,
+        func: u64,
+        text_start: u64,
+        text_end: u64,
+    },
+    #[error("{name} at {func:#x} is {size} bytes long: too short for a {need}-byte entry site")]
+    TooShort {
+        name: String,
+        func: u64,
+        size: u64,
+        need: u64,
+    },
+    #[error(
+        "the entry of {name} at {at:#x} is a call to {target_desc} ({bytes}: {disasm}): the \
+         function is traced by ftrace or patched by a livepatch inside the guest; refusing to \
+         redirect it"
+    )]
+    Call {
+        name: String,
+        at: u64,
+        target: u64,
+        target_desc: String,
+        bytes: String,
+        disasm: String,
+    },
+    #[error(
+        "the entry of {name} at {at:#x} already jumps to {target_desc} ({bytes}): the function \
+         is already redirected by someone else"
+    )]
+    Jmp {
+        name: String,
+        at: u64,
+        target: u64,
+        target_desc: String,
+        bytes: String,
+    },
+    #[error(
+        "the entry of {name} at {at:#x} is an int3 ({bytes}): a kprobe, or a text_poke in \
+         progress; try again later"
+    )]
+    Int3 {
+        name: String,
+        at: u64,
+        bytes: String,
+    },
+    #[error(
+        "the entry of {name} at {at:#x} is not the 5-byte ftrace nop: {bytes} ({disasm}); the \
+         function may be notrace"
+    )]
+    Unexpected {
+        name: String,
+        at: u64,
+        bytes: String,
+        disasm: String,
+    },
+    #[error("cannot read the entry of {name} at {func:#x}: {source}")]
+    Read {
+        name: String,
+        func: u64,
+        #[source]
+        source: crate::introspect::PagingError,
+    },
+    #[error(
+        "the site of {name} at {at:#x} is not physically contiguous across a page boundary; \
+         refusing to split a 5-byte write"
+    )]
+    Straddles { name: String, at: u64 },
+    #[error(
+        "the site of {name} at {at:#x} is not executable in the kernel's page tables: not kernel \
+         text"
+    )]
+    NotExecutable { name: String, at: u64 },
+    #[error("a jmp from {at:#x} cannot reach {target:#x}: more than ±2 GiB away")]
+    OutOfReach { at: u64, target: u64 },
+}
+
+/// What precedes the nop at a function's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endbr {
+    None,
+    /// `endbr64`.
+    Endbr64,
+    /// An ENDBR sealed by the kernel at boot (IBT on, no indirect callers).
+    Sealed,
+}
+
+impl Endbr {
+    pub fn len(self) -> u64 {
+        match self {
+            Endbr::None => 0,
+            Endbr::Endbr64 | Endbr::Sealed => 4,
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The decoded entry of a function (virtual addresses only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub func: u64,
+    pub endbr: Endbr,
+    /// Address of the nop.
+    pub at: u64,
+    pub original: [u8; 5],
+}
+
+/// A validated patch site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    /// Function name (kallsyms).
+    pub name: String,
+    /// Function address.
+    pub func: u64,
+    pub endbr: Endbr,
+    /// Virtual address of the nop.
+    pub at: u64,
+    /// Guest-physical address of the nop.
+    pub gpa: u64,
+    /// The bytes there (restored on disable).
+    pub original: [u8; 5],
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// AT&T disassembly of up to `max` instructions of `code` at `ip`.
+pub fn disasm(code: &[u8], ip: u64, max: usize) -> String {
+    let mut dec = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let mut fmt = GasFormatter::new();
+    let mut out = Vec::new();
+    let mut ins = Instruction::default();
+    while dec.can_decode() && out.len() < max {
+        dec.decode_out(&mut ins);
+        if ins.is_invalid() {
+            out.push("(bad)".to_owned());
+            break;
+        }
+        let mut s = String::new();
+        fmt.format(&ins, &mut s);
+        out.push(s);
+    }
+    if out.is_empty() {
+        "nothing to decode".into()
+    } else {
+        out.join("; ")
+    }
+}
+
+/// `jmp rel32` from the 5 bytes at `at` to `target`.
+pub fn jmp_rel32(at: u64, target: u64) -> Result<[u8; 5], SiteError> {
+    // Without wrap-around: a jmp from the top of the address space to a low
+    // (user) address is encodable but never a valid redirect.
+    let rel = i128::from(target) - (i128::from(at) + 5);
+    let rel = i32::try_from(rel).map_err(|_| SiteError::OutOfReach { at, target })?;
+    let r = rel.to_le_bytes();
+    Ok([JMP_REL32, r[0], r[1], r[2], r[3]])
+}
+
+/// Decodes a function entry from its first bytes. `code` starts at `func`
+/// and holds the function (at most to its end, so a short function is
+/// caught); `name` only labels errors; `describe` names call/jmp targets.
+pub fn decode_entry(
+    name: &str,
+    func: u64,
+    code: &[u8],
+    describe: &dyn Fn(u64) -> String,
+) -> Result<Entry, SiteError> {
+    let endbr = match code.get(..4) {
+        Some(b) if b == ENDBR64 => Endbr::Endbr64,
+        Some(b) if b == ENDBR_POISON => Endbr::Sealed,
+        _ => Endbr::None,
+    };
+    let skip = endbr.len() as usize;
+    let at = func + endbr.len();
+    let rest = code.get(skip..).unwrap_or_default();
+    let need = endbr.len() + 5;
+    let bytes = hex(rest.get(..5).unwrap_or(rest));
+
+    let mut dec = Decoder::with_ip(64, rest, at, DecoderOptions::NONE);
+    let ins = dec.decode();
+    let len = ins.len();
+    if !ins.is_invalid() {
+        match ins.mnemonic() {
+            Mnemonic::Call if rest.first() == Some(&0xe8) => {
+                return Err(SiteError::Call {
+                    name: name.into(),
+                    at,
+                    target: ins.near_branch_target(),
+                    target_desc: describe(ins.near_branch_target()),
+                    bytes: hex(rest.get(..len).unwrap_or(rest)),
+                    disasm: disasm(rest, at, 1),
+                })
+            }
+            Mnemonic::Jmp if rest.first() == Some(&JMP_REL32) && len == 5 => {
+                return Err(SiteError::Jmp {
+                    name: name.into(),
+                    at,
+                    target: ins.near_branch_target(),
+                    target_desc: describe(ins.near_branch_target()),
+                    bytes: hex(rest.get(..5).unwrap_or(rest)),
+                })
+            }
+            Mnemonic::Int3 => {
+                return Err(SiteError::Int3 {
+                    name: name.into(),
+                    at,
+                    bytes,
+                })
+            }
+            // Any single 5-byte nop is a safe site (its bytes are restored
+            // exactly); this kernel, like all x86-64 ones, uses FTRACE_NOP.
+            Mnemonic::Nop if len == 5 => {
+                let mut original = [0u8; 5];
+                if let Some(b) = rest.get(..5) {
+                    original.copy_from_slice(b);
+                    return Ok(Entry {
+                        func,
+                        endbr,
+                        at,
+                        original,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    if (code.len() as u64) < need {
+        return Err(SiteError::TooShort {
+            name: name.into(),
+            func,
+            size: code.len() as u64,
+            need,
+        });
+    }
+    Err(SiteError::Unexpected {
+        name: name.into(),
+        at,
+        bytes,
+        disasm: disasm(rest, at, 3),
+    })
+}
+
+/// Names an address for errors: "symbol+off" when kallsyms knows it, and
+/// what ftrace would put there.
+fn describe_target(kallsyms: &Kallsyms, target: u64) -> String {
+    match kallsyms.locate(target) {
+        Some(l) if l.offset == 0 => format!("{} ({target:#x})", l.symbol.name),
+        Some(l) => format!("{}+{:#x} ({target:#x})", l.symbol.name, l.offset),
+        None if target >= MODULES_START => {
+            format!("{target:#x} in the module area (an ftrace trampoline or module code)")
+        }
+        None => format!("{target:#x} (no symbol)"),
+    }
+}
+
+impl Site {
+    /// Finds and validates the site of the kernel function at `func`: it
+    /// must be the start of a 't'/'T' kallsyms symbol inside resident kernel
+    /// text `[_text, _etext)`, long enough, executable, with the expected
+    /// nop at its entry.
+    pub fn find<G: Guest + ?Sized>(
+        space: &AddressSpace<'_, G>,
+        kallsyms: &Kallsyms,
+        func: u64,
+    ) -> Result<Site, SiteError> {
+        let not_fn = |why: String| SiteError::NotAFunction { func, why };
+        let located = kallsyms
+            .locate(func)
+            .ok_or_else(|| not_fn("no kallsyms symbol covers it".into()))?;
+        if located.offset != 0 {
+            return Err(not_fn(format!(
+                "it is {}+{:#x}",
+                located.symbol.name, located.offset
+            )));
+        }
+        let name = located.symbol.name.clone();
+        if !located.symbol.kind.eq_ignore_ascii_case(&'t') {
+            return Err(not_fn(format!(
+                "{name} has kallsyms type '{}', not a text symbol",
+                located.symbol.kind
+            )));
+        }
+        let bound = |s: &str| {
+            kallsyms
+                .addr(s)
+                .map_err(|e| not_fn(format!("cannot bound kernel text: {e}")))
+        };
+        let (text_start, text_end) = (bound("_text")?, bound("_etext")?);
+        if func < text_start || func >= text_end {
+            return Err(SiteError::NotInText {
+                name,
+                func,
+                text_start,
+                text_end,
+            });
+        }
+        // The function ends where the next higher symbol starts (kallsyms
+        // has no sizes); absolute per-CPU symbols sort first and are skipped.
+        let symbols = kallsyms.symbols();
+        let first_real = symbols.partition_point(|s| s.absolute);
+        let real = symbols.get(first_real..).unwrap_or_default();
+        let next = real
+            .get(real.partition_point(|s| s.addr <= func))
+            .map_or(text_end, |s| s.addr.min(text_end));
+        let size = next - func;
+        let mut code = vec![0u8; (size.min(ENTRY_READ as u64)) as usize];
+        space
+            .read_virt(func, &mut code)
+            .map_err(|source| SiteError::Read {
+                name: name.clone(),
+                func,
+                source,
+            })?;
+        let entry = decode_entry(&name, func, &code, &|t| describe_target(kallsyms, t))?;
+        let first = space
+            .translate(entry.at)
+            .map_err(|source| SiteError::Read {
+                name: name.clone(),
+                func,
+                source,
+            })?;
+        let last = space
+            .translate(entry.at + 4)
+            .map_err(|source| SiteError::Read {
+                name: name.clone(),
+                func,
+                source,
+            })?;
+        if !first.executable || !last.executable || first.user {
+            return Err(SiteError::NotExecutable { name, at: entry.at });
+        }
+        if last.phys != first.phys + 4 {
+            return Err(SiteError::Straddles { name, at: entry.at });
+        }
+        Ok(Site {
+            name,
+            func: entry.func,
+            endbr: entry.endbr,
+            at: entry.at,
+            gpa: first.phys,
+            original: entry.original,
+        })
+    }
+
+    /// The 5 bytes that divert this function to `target` (`jmp rel32`).
+    pub fn redirect(&self, target: u64) -> Result<[u8; 5], SiteError> {
+        jmp_rel32(self.at, target)
+    }
+
+    /// The write that diverts this function to `target`, expecting the nop.
+    pub fn redirect_write(&self, target: u64) -> Result<crate::write::Write, SiteError> {
+        Ok(crate::write::Write::new(
+            self.gpa,
+            self.redirect(target)?.to_vec(),
+            self.original.to_vec(),
+            format!("site {} ({:#x})", self.name, self.at),
+        ))
+    }
+
+    /// The allow-list entry for this site's 5 bytes.
+    pub fn allowed(&self) -> crate::write::Allowed {
+        crate::write::Allowed {
+            gpa: self.gpa,
+            len: 5,
+            kind: crate::write::AllowKind::Site { func: self.func },
+        }
+    }
+}
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {:#x}: nop at {:#x} (gpa {:#x}, {})",
+            self.name,
+            self.func,
+            self.at,
+            self.gpa,
+            hex(&self.original)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const F: u64 = 0xffff_ffff_9a00_1000;
+
+    fn none(t: u64) -> String {
+        format!("{t:#x}")
+    }
+
+    fn body(prefix: &[u8]) -> Vec<u8> {
+        let mut v = prefix.to_vec();
+        v.extend_from_slice(&[0x55, 0x48, 0x89, 0xe5, 0x5d, 0xc3]); // push rbp; mov; pop; ret
+        v
+    }
+
+    #[test]
+    fn plain_nop_site() {
+        let e = decode_entry("f", F, &body(&FTRACE_NOP), &none).unwrap();
+        assert_eq!((e.at, e.endbr, e.original), (F, Endbr::None, FTRACE_NOP));
+    }
+
+    #[test]
+    fn endbr_and_sealed_endbr_are_skipped() {
+        let mut code = ENDBR64.to_vec();
+        code.extend_from_slice(&FTRACE_NOP);
+        let e = decode_entry("f", F, &body(&code), &none).unwrap();
+        assert_eq!((e.at, e.endbr), (F + 4, Endbr::Endbr64));
+        let mut code = ENDBR_POISON.to_vec();
+        code.extend_from_slice(&FTRACE_NOP);
+        let e = decode_entry("f", F, &body(&code), &none).unwrap();
+        assert_eq!((e.at, e.endbr), (F + 4, Endbr::Sealed));
+    }
+
+    #[test]
+    fn call_padding_before_the_symbol_is_not_looked_at() {
+        // 16 bytes of padding nops precede the symbol; we are handed the
+        // bytes from the symbol on, and the padding stays outside the site.
+        let mut image = vec![0x90u8; 16];
+        image.extend_from_slice(&ENDBR64);
+        image.extend_from_slice(&FTRACE_NOP);
+        let e = decode_entry("f", F, &body(image.get(16..).unwrap()), &none).unwrap();
+        assert_eq!(e.at, F + 4);
+    }
+
+    #[test]
+    fn traced_function_is_refused() {
+        // call ftrace_caller, as ftrace writes it when tracing.
+        let target = F - 0x10_0000;
+        let rel = (target as i64 - (F as i64 + 5)) as i32;
+        let mut code = vec![0xe8];
+        code.extend_from_slice(&rel.to_le_bytes());
+        let e = decode_entry("f", F, &body(&code), &|_| "ftrace_caller".into()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, SiteError::Call { target: t, .. } if t == target),
+            "{msg}"
+        );
+        assert!(msg.contains("ftrace") && msg.contains("call"), "{msg}");
+        assert!(msg.contains("e8 "), "{msg}");
+    }
+
+    #[test]
+    fn redirected_function_is_refused() {
+        let site = jmp_rel32(F, F + 0x123_4567).unwrap();
+        let e = decode_entry("f", F, &body(&site), &none).unwrap_err();
+        assert!(matches!(e, SiteError::Jmp { target, .. } if target == F + 0x123_4567));
+        assert!(e.to_string().contains("already redirected"), "{e}");
+    }
+
+    #[test]
+    fn unexpected_bytes_are_shown() {
+        // A notrace function: push %rbp; mov %rsp,%rbp.
+        let e = decode_entry("g", F, &body(&[]), &none).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, SiteError::Unexpected { .. }));
+        assert!(msg.contains("55 48 89 e5") && msg.contains("push"), "{msg}");
+        // A short jmp (an alternative at memcpy's entry) is not a redirect.
+        let e = decode_entry("memcpy", F, &body(&[0xeb, 0x1e]), &none).unwrap_err();
+        assert!(matches!(e, SiteError::Unexpected { .. }), "{e}");
+        let e = decode_entry("k", F, &body(&[0xcc]), &none).unwrap_err();
+        assert!(matches!(e, SiteError::Int3 { .. }));
+        // Garbage that does not decode.
+        let e = decode_entry("x", F, &[0x0f, 0xff, 0xff, 0xff, 0xff, 0xff], &none).unwrap_err();
+        assert!(matches!(e, SiteError::Unexpected { .. }), "{e}");
+    }
+
+    #[test]
+    fn too_short() {
+        let e = decode_entry("t", F, &[0x0f, 0x1f, 0x44], &none).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SiteError::TooShort {
+                    size: 3,
+                    need: 5,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut code = ENDBR64.to_vec();
+        code.extend_from_slice(&[0xc3]);
+        let e = decode_entry("t", F, &code, &none).unwrap_err();
+        assert!(matches!(e, SiteError::TooShort { need: 9, .. }), "{e}");
+    }
+
+    #[test]
+    fn jmp_encoding_and_reach() {
+        let b = jmp_rel32(F, F + 5 + 0x10).unwrap();
+        assert_eq!(b, [0xe9, 0x10, 0, 0, 0]);
+        let b = jmp_rel32(F, F - 0x100).unwrap();
+        let mut d = Decoder::with_ip(64, &b, F, DecoderOptions::NONE);
+        let i = d.decode();
+        assert_eq!(
+            (i.mnemonic(), i.near_branch_target()),
+            (Mnemonic::Jmp, F - 0x100)
+        );
+        let g = 0xffff_ffff_0000_0000u64;
+        assert!(jmp_rel32(g, g + (1 << 31) + 5).is_err());
+        assert!(jmp_rel32(g, g + (1 << 31) + 4).is_ok());
+        assert!(jmp_rel32(g, g - (1 << 31) + 5).is_ok());
+        assert!(jmp_rel32(g, g - (1 << 31) + 4).is_err());
+        assert!(jmp_rel32(F, 0x1000).is_err());
+    }
+}
