@@ -64,37 +64,33 @@ pub enum SiteError {
         need: u64,
     },
     #[error(
-        "the entry of {name} at {at:#x} is a call to {target_desc} ({bytes}: {disasm}): the \
-         function is traced by ftrace or patched by a livepatch inside the guest; refusing to \
-         redirect it"
+        "the entry of {name} at {at:#x} is a call to {target_desc} ({code}): {hint}; refusing \
+         to redirect it"
     )]
     Call {
         name: String,
         at: u64,
         target: u64,
         target_desc: String,
-        bytes: String,
-        disasm: String,
+        /// Bytes and disassembly.
+        code: String,
+        hint: &'static str,
     },
-    #[error(
-        "the entry of {name} at {at:#x} already jumps to {target_desc} ({bytes}): the function \
-         is already redirected by someone else"
-    )]
+    #[error("the entry of {name} at {at:#x} jumps to {target_desc} ({bytes}): {hint}")]
     Jmp {
         name: String,
         at: u64,
         target: u64,
         target_desc: String,
         bytes: String,
+        hint: &'static str,
     },
-    #[error(
-        "the entry of {name} at {at:#x} is an int3 ({bytes}): a kprobe, or a text_poke in \
-         progress; try again later"
-    )]
+    #[error("the entry of {name} at {at:#x} is an int3 ({bytes}): {hint}")]
     Int3 {
         name: String,
         at: u64,
         bytes: String,
+        hint: &'static str,
     },
     #[error(
         "the entry of {name} at {at:#x} is not the 5-byte ftrace nop: {bytes} ({disasm}); the \
@@ -150,6 +146,64 @@ impl Endbr {
     }
 }
 
+/// Where a call or jmp found at an entry goes, for the error message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// "symbol+off (address)" or the address and what is there.
+    pub desc: String,
+    pub kind: TargetKind,
+}
+
+/// What kind of code a call or jmp at an entry reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// ftrace's own entry code (`ftrace_caller`, `ftrace_regs_caller`, ...).
+    Ftrace,
+    /// The module area: ftrace trampolines (which an in-guest livepatch
+    /// uses), optimized-kprobe detours, module code.
+    ModuleArea,
+    /// Another kernel text symbol: ordinary code (a tail call, a static
+    /// call trampoline, a plain call in a notrace function).
+    KernelText,
+    /// Anywhere else, e.g. patch code in an arena.
+    Elsewhere,
+}
+
+impl TargetKind {
+    fn call_hint(self) -> &'static str {
+        match self {
+            TargetKind::Ftrace | TargetKind::ModuleArea => {
+                "the function is traced by ftrace or patched by a livepatch inside the guest"
+            }
+            TargetKind::KernelText => {
+                "the function starts with an ordinary call, not the ftrace nop (it is notrace)"
+            }
+            TargetKind::Elsewhere => "someone else diverted the function",
+        }
+    }
+
+    fn jmp_hint(self) -> &'static str {
+        match self {
+            TargetKind::KernelText => {
+                "a jump stub (tail call or static-call trampoline) with no ftrace site; not \
+                 patchable"
+            }
+            TargetKind::ModuleArea => {
+                "already redirected (an optimized kprobe, or a detour in module memory)"
+            }
+            TargetKind::Ftrace | TargetKind::Elsewhere => {
+                "already redirected by someone else (an earlier patch in the arena, or another \
+                 tool)"
+            }
+        }
+    }
+}
+
+/// ftrace's entry code: a `call` to these at an entry means "traced"
+/// (or a dynamically allocated trampoline in the module area). Not
+/// `ftrace_stub`: the call sites inside ftrace's own trampolines call it.
+const FTRACE_ENTRIES: [&str; 3] = ["ftrace_caller", "ftrace_regs_caller", "__fentry__"];
+
 /// The decoded entry of a function (virtual addresses only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
@@ -187,6 +241,8 @@ fn hex(b: &[u8]) -> String {
 pub fn disasm(code: &[u8], ip: u64, max: usize) -> String {
     let mut dec = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
     let mut fmt = GasFormatter::new();
+    // Like objdump: lowercase hex.
+    fmt.options_mut().set_uppercase_hex(false);
     let mut out = Vec::new();
     let mut ins = Instruction::default();
     while dec.can_decode() && out.len() < max {
@@ -218,12 +274,12 @@ pub fn jmp_rel32(at: u64, target: u64) -> Result<[u8; 5], SiteError> {
 
 /// Decodes a function entry from its first bytes. `code` starts at `func`
 /// and holds the function (at most to its end, so a short function is
-/// caught); `name` only labels errors; `describe` names call/jmp targets.
+/// caught); `name` only labels errors; `classify` names call/jmp targets.
 pub fn decode_entry(
     name: &str,
     func: u64,
     code: &[u8],
-    describe: &dyn Fn(u64) -> String,
+    classify: &dyn Fn(u64) -> Target,
 ) -> Result<Entry, SiteError> {
     let endbr = match code.get(..4) {
         Some(b) if b == ENDBR64 => Endbr::Endbr64,
@@ -242,30 +298,48 @@ pub fn decode_entry(
     if !ins.is_invalid() {
         match ins.mnemonic() {
             Mnemonic::Call if rest.first() == Some(&0xe8) => {
+                let target = ins.near_branch_target();
+                let t = classify(target);
                 return Err(SiteError::Call {
                     name: name.into(),
                     at,
-                    target: ins.near_branch_target(),
-                    target_desc: describe(ins.near_branch_target()),
-                    bytes: hex(rest.get(..len).unwrap_or(rest)),
-                    disasm: disasm(rest, at, 1),
-                })
+                    target,
+                    target_desc: t.desc,
+                    code: format!(
+                        "{}: {}",
+                        hex(rest.get(..len).unwrap_or(rest)),
+                        disasm(rest, at, 1)
+                    ),
+                    hint: t.kind.call_hint(),
+                });
             }
             Mnemonic::Jmp if rest.first() == Some(&JMP_REL32) && len == 5 => {
+                let target = ins.near_branch_target();
+                let t = classify(target);
                 return Err(SiteError::Jmp {
                     name: name.into(),
                     at,
-                    target: ins.near_branch_target(),
-                    target_desc: describe(ins.near_branch_target()),
+                    target,
+                    target_desc: t.desc,
                     bytes: hex(rest.get(..5).unwrap_or(rest)),
-                })
+                    hint: t.kind.jmp_hint(),
+                });
             }
             Mnemonic::Int3 => {
+                // text_poke_bp() puts an int3 over the first byte while it
+                // changes an instruction; the rest is still the nop.
+                let hint = if rest.get(1..5) == FTRACE_NOP.get(1..5) {
+                    "a breakpoint over the ftrace nop: the kernel is changing it (text_poke), \
+                     or a kprobe; try again later"
+                } else {
+                    "int3 padding or a breakpoint: not a patchable function entry"
+                };
                 return Err(SiteError::Int3 {
                     name: name.into(),
                     at,
                     bytes,
-                })
+                    hint,
+                });
             }
             // Any single 5-byte nop is a safe site (its bytes are restored
             // exactly); this kernel, like all x86-64 ones, uses FTRACE_NOP.
@@ -300,16 +374,32 @@ pub fn decode_entry(
     })
 }
 
-/// Names an address for errors: "symbol+off" when kallsyms knows it, and
-/// what ftrace would put there.
-fn describe_target(kallsyms: &Kallsyms, target: u64) -> String {
+/// Names and classifies an address with kallsyms, for errors.
+pub fn classify_target(kallsyms: &Kallsyms, target: u64) -> Target {
     match kallsyms.locate(target) {
-        Some(l) if l.offset == 0 => format!("{} ({target:#x})", l.symbol.name),
-        Some(l) => format!("{}+{:#x} ({target:#x})", l.symbol.name, l.offset),
-        None if target >= MODULES_START => {
-            format!("{target:#x} in the module area (an ftrace trampoline or module code)")
+        Some(l) => {
+            let desc = if l.offset == 0 {
+                format!("{} ({target:#x})", l.symbol.name)
+            } else {
+                format!("{}+{:#x} ({target:#x})", l.symbol.name, l.offset)
+            };
+            let kind = if l.offset == 0 && FTRACE_ENTRIES.contains(&l.symbol.name.as_str()) {
+                TargetKind::Ftrace
+            } else if l.symbol.kind.eq_ignore_ascii_case(&'t') {
+                TargetKind::KernelText
+            } else {
+                TargetKind::Elsewhere
+            };
+            Target { desc, kind }
         }
-        None => format!("{target:#x} (no symbol)"),
+        None if target >= MODULES_START => Target {
+            desc: format!("{target:#x} in the module area"),
+            kind: TargetKind::ModuleArea,
+        },
+        None => Target {
+            desc: format!("{target:#x} (no kernel symbol)"),
+            kind: TargetKind::Elsewhere,
+        },
     }
 }
 
@@ -371,7 +461,7 @@ impl Site {
                 func,
                 source,
             })?;
-        let entry = decode_entry(&name, func, &code, &|t| describe_target(kallsyms, t))?;
+        let entry = decode_entry(&name, func, &code, &|t| classify_target(kallsyms, t))?;
         let first = space
             .translate(entry.at)
             .map_err(|source| SiteError::Read {
@@ -447,8 +537,11 @@ mod tests {
 
     const F: u64 = 0xffff_ffff_9a00_1000;
 
-    fn none(t: u64) -> String {
-        format!("{t:#x}")
+    fn none(t: u64) -> Target {
+        Target {
+            desc: format!("{t:#x}"),
+            kind: TargetKind::Elsewhere,
+        }
     }
 
     fn body(prefix: &[u8]) -> Vec<u8> {
@@ -493,13 +586,31 @@ mod tests {
         let rel = (target as i64 - (F as i64 + 5)) as i32;
         let mut code = vec![0xe8];
         code.extend_from_slice(&rel.to_le_bytes());
-        let e = decode_entry("f", F, &body(&code), &|_| "ftrace_caller".into()).unwrap_err();
+        let ftrace = |_| Target {
+            desc: "ftrace_caller".into(),
+            kind: TargetKind::Ftrace,
+        };
+        let e = decode_entry("f", F, &body(&code), &ftrace).unwrap_err();
         let msg = e.to_string();
         assert!(
             matches!(e, SiteError::Call { target: t, .. } if t == target),
             "{msg}"
         );
-        assert!(msg.contains("ftrace") && msg.contains("call"), "{msg}");
+        assert!(
+            msg.contains("traced by ftrace") && msg.contains("call"),
+            "{msg}"
+        );
+        let plain = |_| Target {
+            desc: "verify_cpu".into(),
+            kind: TargetKind::KernelText,
+        };
+        let m2 = decode_entry("f", F, &body(&code), &plain)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m2.contains("notrace") && !m2.contains("traced by ftrace"),
+            "{m2}"
+        );
         assert!(msg.contains("e8 "), "{msg}");
     }
 
@@ -509,6 +620,12 @@ mod tests {
         let e = decode_entry("f", F, &body(&site), &none).unwrap_err();
         assert!(matches!(e, SiteError::Jmp { target, .. } if target == F + 0x123_4567));
         assert!(e.to_string().contains("already redirected"), "{e}");
+        let stub = |_| Target {
+            desc: "bpf_trace_run1".into(),
+            kind: TargetKind::KernelText,
+        };
+        let e = decode_entry("f", F, &body(&site), &stub).unwrap_err();
+        assert!(e.to_string().contains("jump stub"), "{e}");
     }
 
     #[test]
@@ -521,8 +638,11 @@ mod tests {
         // A short jmp (an alternative at memcpy's entry) is not a redirect.
         let e = decode_entry("memcpy", F, &body(&[0xeb, 0x1e]), &none).unwrap_err();
         assert!(matches!(e, SiteError::Unexpected { .. }), "{e}");
-        let e = decode_entry("k", F, &body(&[0xcc]), &none).unwrap_err();
+        let e = decode_entry("k", F, &body(&[0xcc, 0xcc]), &none).unwrap_err();
         assert!(matches!(e, SiteError::Int3 { .. }));
+        assert!(e.to_string().contains("padding"), "{e}");
+        let e = decode_entry("k", F, &body(&[0xcc, 0x1f, 0x44, 0, 0]), &none).unwrap_err();
+        assert!(e.to_string().contains("text_poke"), "{e}");
         // Garbage that does not decode.
         let e = decode_entry("x", F, &[0x0f, 0xff, 0xff, 0xff, 0xff, 0xff], &none).unwrap_err();
         assert!(matches!(e, SiteError::Unexpected { .. }), "{e}");
