@@ -23,11 +23,12 @@
 //! function is `notrace`: there is no safe site). Bytes are decoded with
 //! iced-x86, and shown disassembled in errors.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use iced_x86::{Decoder, DecoderOptions, Formatter, GasFormatter, Instruction, Mnemonic};
 
-use crate::introspect::{AddressSpace, Kallsyms, VirtRead};
+use crate::introspect::{AddressSpace, Btf, Kallsyms, VirtRead};
 use crate::Guest;
 
 /// The ideal 5-byte nop the kernel writes over `call __fentry__`.
@@ -38,6 +39,14 @@ const ENDBR_POISON: [u8; 4] = [0x66, 0x0f, 0x1f, 0x00];
 /// Bytes read at an entry: ENDBR + nop + a little to disassemble in errors.
 const ENTRY_READ: usize = 16;
 const JMP_REL32: u8 = 0xe9;
+/// `FTRACE_FL_DISABLED` (bit 25 since Linux 4.x, unchanged through 6.x): a
+/// record ftrace ignores — the code of a weak function that was overridden
+/// at link time keeps its `__mcount_loc` entry but has no symbol.
+const FTRACE_FL_DISABLED: u64 = 1 << 25;
+/// Bounds on the guest's ftrace page list (a hostile guest may loop it).
+const MAX_FTRACE_PAGES: u64 = 1 << 16;
+const MAX_FTRACE_RECORDS: u64 = 1 << 22;
+const MAX_FTRACE_PAGE_BYTES: u64 = 64 << 20;
 /// The kernel module area, where ftrace trampolines are allocated.
 const MODULES_START: u64 = 0xffff_ffff_c000_0000;
 
@@ -102,6 +111,18 @@ pub enum SiteError {
         bytes: String,
         disasm: String,
     },
+    #[error(
+        "the entry of {name} at {at:#x} is a 5-byte nop ({bytes}) but not one of the kernel's \
+         ftrace sites: it is a jump label or alternative the kernel may rewrite; refusing to \
+         redirect it"
+    )]
+    NotFtraceSite {
+        name: String,
+        at: u64,
+        bytes: String,
+    },
+    #[error("cannot read the kernel's ftrace records: {0}")]
+    Records(String),
     #[error("cannot read the entry of {name} at {func:#x}: {source}")]
     Read {
         name: String,
@@ -374,6 +395,13 @@ pub fn decode_entry(
     })
 }
 
+/// kallsyms types a function can have: 't'/'T', and 'W'/'w' for weak
+/// definitions (nm reports weak functions that way wherever they live; the
+/// caller still checks the address is in kernel text).
+pub fn is_code_kind(kind: char) -> bool {
+    matches!(kind, 't' | 'T' | 'W' | 'w')
+}
+
 /// Names and classifies an address with kallsyms, for errors.
 pub fn classify_target(kallsyms: &Kallsyms, target: u64) -> Target {
     match kallsyms.locate(target) {
@@ -385,7 +413,7 @@ pub fn classify_target(kallsyms: &Kallsyms, target: u64) -> Target {
             };
             let kind = if l.offset == 0 && FTRACE_ENTRIES.contains(&l.symbol.name.as_str()) {
                 TargetKind::Ftrace
-            } else if l.symbol.kind.eq_ignore_ascii_case(&'t') {
+            } else if is_code_kind(l.symbol.kind) {
                 TargetKind::KernelText
             } else {
                 TargetKind::Elsewhere
@@ -403,14 +431,117 @@ pub fn classify_target(kallsyms: &Kallsyms, target: u64) -> Target {
     }
 }
 
+/// The kernel's own list of ftrace sites in vmlinux text: the addresses
+/// of the `call __fentry__` it turned into nops (`ftrace_pages_start`, a
+/// list of `struct ftrace_page` holding `struct dyn_ftrace { ip, flags }`,
+/// layouts from BTF). A nop at a function's entry is a patch site only if
+/// it is one of these: a jump label or an alternative can also be a 5-byte
+/// nop at an entry (e.g. `pgd_none` on a 5-level kernel), and the kernel
+/// rewrites those when a static key flips. It is also the set klp can
+/// patch (it hooks functions through these records).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FtraceRecords {
+    ips: BTreeSet<u64>,
+}
+
+impl FtraceRecords {
+    /// Reads the records in `[_text, _etext)`, skipping disabled ones.
+    /// Every read is bounded: page count, records per page, bytes.
+    pub fn load<M: VirtRead + ?Sized>(
+        mem: &M,
+        kallsyms: &Kallsyms,
+        btf: &Btf,
+    ) -> Result<Self, SiteError> {
+        let err = |e: &dyn fmt::Display| SiteError::Records(e.to_string());
+        let off = |p: &str| btf.offset_of(p).map_err(|e| err(&e));
+        let (next, records, index) = (
+            off("ftrace_page.next")?,
+            off("ftrace_page.records")?,
+            off("ftrace_page.index")?,
+        );
+        let (ip_off, flags_off) = (off("dyn_ftrace.ip")?, off("dyn_ftrace.flags")?);
+        let size = btf.struct_size("dyn_ftrace").map_err(|e| err(&e))?;
+        if !(16..=256).contains(&size) || ip_off + 8 > size || flags_off + 8 > size {
+            return Err(err(&format!(
+                "implausible struct dyn_ftrace ({size} bytes)"
+            )));
+        }
+        let sym = |n: &str| kallsyms.addr(n).map_err(|e| err(&e));
+        let (text, etext) = (sym("_text")?, sym("_etext")?);
+        let mut page = mem
+            .read_u64(sym("ftrace_pages_start")?)
+            .map_err(|e| err(&e))?;
+        let (mut pages, mut total) = (0u64, 0u64);
+        let mut ips = BTreeSet::new();
+        while page != 0 {
+            pages += 1;
+            if pages > MAX_FTRACE_PAGES {
+                return Err(err(&"the ftrace page list does not end"));
+            }
+            let recs = mem
+                .read_u64(page.wrapping_add(records))
+                .map_err(|e| err(&e))?;
+            let n = u64::from(
+                mem.read_u32(page.wrapping_add(index))
+                    .map_err(|e| err(&e))?,
+            );
+            total += n;
+            if total > MAX_FTRACE_RECORDS {
+                return Err(err(&format!("more than {MAX_FTRACE_RECORDS} records")));
+            }
+            let bytes = mem
+                .read_vec(recs, n * size, MAX_FTRACE_PAGE_BYTES, "ftrace records")
+                .map_err(|e| err(&e))?;
+            for rec in bytes.chunks_exact(size as usize) {
+                let field = |o: u64| {
+                    rec.get(o as usize..o as usize + 8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_le_bytes)
+                        .unwrap_or(0)
+                };
+                let (ip, flags) = (field(ip_off), field(flags_off));
+                if (text..etext).contains(&ip) && flags & FTRACE_FL_DISABLED == 0 {
+                    ips.insert(ip);
+                }
+            }
+            page = mem.read_u64(page.wrapping_add(next)).map_err(|e| err(&e))?;
+        }
+        Ok(Self { ips })
+    }
+
+    /// A record set given directly (tests, or a source other than memory).
+    pub fn from_ips(ips: impl IntoIterator<Item = u64>) -> Self {
+        Self {
+            ips: ips.into_iter().collect(),
+        }
+    }
+
+    pub fn contains(&self, ip: u64) -> bool {
+        self.ips.contains(&ip)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ips.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ips.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ips.iter().copied()
+    }
+}
+
 impl Site {
     /// Finds and validates the site of the kernel function at `func`: it
-    /// must be the start of a 't'/'T' kallsyms symbol inside resident kernel
+    /// must be the start of a code ([`is_code_kind`]) kallsyms symbol inside resident kernel
     /// text `[_text, _etext)`, long enough, executable, with the expected
-    /// nop at its entry.
+    /// nop at its entry, and that nop one of the kernel's ftrace `records`.
     pub fn find<G: Guest + ?Sized>(
         space: &AddressSpace<'_, G>,
         kallsyms: &Kallsyms,
+        records: &FtraceRecords,
         func: u64,
     ) -> Result<Site, SiteError> {
         let not_fn = |why: String| SiteError::NotAFunction { func, why };
@@ -424,7 +555,7 @@ impl Site {
             )));
         }
         let name = located.symbol.name.clone();
-        if !located.symbol.kind.eq_ignore_ascii_case(&'t') {
+        if !is_code_kind(located.symbol.kind) {
             return Err(not_fn(format!(
                 "{name} has kallsyms type '{}', not a text symbol",
                 located.symbol.kind
@@ -462,6 +593,13 @@ impl Site {
                 source,
             })?;
         let entry = decode_entry(&name, func, &code, &|t| classify_target(kallsyms, t))?;
+        if !records.contains(entry.at) {
+            return Err(SiteError::NotFtraceSite {
+                name,
+                at: entry.at,
+                bytes: hex(&entry.original),
+            });
+        }
         let first = space
             .translate(entry.at)
             .map_err(|source| SiteError::Read {
