@@ -19,7 +19,9 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use patcher::arena::{slot_of, Arena, ImageFacts, NxSource, Perm, WINDOW_END, WINDOW_START};
+use patcher::arena::{
+    slot_of, Arena, Granularity, ImageFacts, NxSource, Perm, WINDOW_END, WINDOW_START,
+};
 use patcher::introspect::paging::{MappedRun, PTI_USER_PGD_BIT};
 use patcher::introspect::{DumpGuest, Kernel, PageTables, VirtRead};
 use patcher::overlay::Overlay;
@@ -564,4 +566,53 @@ fn sites_are_exactly_the_kernels_ftrace_records() {
         not_records.iter().any(|n| n == "pgd_none"),
         "{not_records:?}"
     );
+}
+
+/// The 2 MiB-leaf mode on the real kernel: one PMD entry per slot, no PTE
+/// pages, rights per slot; the kernel's mappings unchanged.
+#[test]
+fn large_page_arena_on_the_real_kernel() {
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let facts = ImageFacts::from_kernel(&f.kernel).unwrap();
+    let mut arena = Arena::with_granularity(&g, &facts, Granularity::Large2M).unwrap();
+    assert_eq!((arena.table_pages(), arena.pmd_slots().1), (0, 8));
+    let before = f
+        .kernel
+        .tables
+        .mapped_runs(&g, WINDOW_START, WINDOW_END)
+        .unwrap();
+    let regions = [
+        arena.alloc(PAGE, Perm::Text).unwrap(),
+        arena.alloc(PAGE, Perm::ReadOnly).unwrap(),
+        arena.alloc(PAGE, Perm::Data).unwrap(),
+    ];
+    let mut plan = Plan::new(arena.allowed());
+    plan.extend(arena.map_writes(&g, &regions).unwrap());
+    assert_eq!(plan.writes().len(), 3);
+    plan.commit(&g).unwrap();
+    for t in kernel_pgds(f) {
+        for (r, w, x) in [
+            (regions[0], false, true),
+            (regions[1], false, false),
+            (regions[2], true, false),
+        ] {
+            let tr = t.translate(&g, r.va + 1).unwrap();
+            assert_eq!(
+                (tr.phys, tr.page_size, tr.writable, tr.executable),
+                (r.gpa + 1, 2 << 20, w, x)
+            );
+        }
+    }
+    let (lo, hi) = arena.va_range();
+    let after = f
+        .kernel
+        .tables
+        .mapped_runs(&g, WINDOW_START, WINDOW_END)
+        .unwrap();
+    assert_eq!(runs_outside(&after, lo, hi), before);
+    assert!(g.write_log().iter().all(|&(gpa, len)| {
+        gpa >= arena.pmd_page() + arena.pmd_slots().0 * 8
+            && gpa + len as u64 <= arena.pmd_page() + 4096
+    }));
 }

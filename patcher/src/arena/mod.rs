@@ -22,6 +22,15 @@
 //! can grant what the new contents should not have (the engine cannot
 //! flush the guest's TLBs). The allocator is a plain value: allocate on a
 //! clone, commit the plan, keep the clone only if the commit succeeded.
+//!
+//! [`Granularity::Large2M`] is the alternative without PTE pages: each slot
+//! is one 2 MiB leaf with one permission, fixed when its first page is
+//! allocated. Why offer it: the PTE pages live in e820-reserved memory,
+//! which the guest's direct map does not cover, so a guest page-table
+//! walker that follows our PMD entries through `__va()` (debugfs
+//! `page_tables`, CONFIG_DEBUG_WX's check when re-run) would fault on
+//! them; a 2 MiB leaf is never followed. The price is coarser permissions
+//! (a slot per permission in use) and a 2 MiB-aligned arena.
 
 pub mod tables;
 
@@ -29,16 +38,19 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use tables::{
-    entries, read_page, read_u64, ACCESSED, ADDR_MASK, DIRTY, ENTRIES, GLOBAL, KERNPG_TABLE, NX,
-    PAGE, PMD_SIZE, PRESENT, RW,
+    entries, read_page, read_u64, ACCESSED, ADDR_MASK, DIRTY, ENTRIES, GLOBAL, KERNPG_TABLE,
+    LARGE_PAT, NX, PAGE, PMD_SIZE, PRESENT, PS, PTE_PAT, RW,
 };
 pub use tables::{slot_of, Attrs, ImageFacts, NxSource, Window, WINDOW_END, WINDOW_START};
 
+use crate::introspect::kaslr::DEFAULT_TEXT;
 use crate::write::{AllowKind, Allowed, Write};
 use crate::Guest;
 
 /// rel32 reach: every arena byte must be this close to every kernel byte.
 const REACH: u64 = 1 << 31;
+/// 512 MiB of 2 MiB slots: the image window of a kernel without KASLR.
+const NO_KASLR_SLOTS: u64 = 256;
 
 /// Errors of setting up, allocating from and mapping the arena.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +168,16 @@ impl fmt::Display for Perm {
     }
 }
 
+/// How arena pages are mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Granularity {
+    /// 4 KiB PTEs in PTE pages at the start of the arena; per-page rights.
+    #[default]
+    Pages4K,
+    /// 2 MiB PMD leaves, no PTE pages; per-slot rights.
+    Large2M,
+}
+
 /// An allocation: virtually and physically contiguous.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
@@ -198,6 +220,9 @@ pub struct Arena {
     slots: u64,
     pmd_page: u64,
     attrs: Attrs,
+    granularity: Granularity,
+    /// With [`Granularity::Large2M`]: each slot's permission once set.
+    slot_perm: Vec<Option<Perm>>,
     /// Mappable pages, in order: page `i` is at `base_va + i * 4 KiB` and
     /// guest-physical `gpa + (table_pages + i) * 4 KiB`.
     pages: Vec<Page>,
@@ -207,8 +232,18 @@ pub struct Arena {
 
 impl Arena {
     /// Lays the arena the VMM reserved (`guest.arena()`) out next to the
-    /// kernel image. Reads the kernel's page tables; writes nothing.
+    /// kernel image, with 4 KiB pages. Reads the kernel's page tables;
+    /// writes nothing.
     pub fn new<G: Guest + ?Sized>(guest: &G, facts: &ImageFacts) -> Result<Self, ArenaError> {
+        Self::with_granularity(guest, facts, Granularity::Pages4K)
+    }
+
+    /// [`Arena::new`] with a choice of page size.
+    pub fn with_granularity<G: Guest + ?Sized>(
+        guest: &G,
+        facts: &ImageFacts,
+        granularity: Granularity,
+    ) -> Result<Self, ArenaError> {
         let (gpa, size) = guest.arena();
         if size == 0 {
             return Err(ArenaError::NoArena);
@@ -220,10 +255,17 @@ impl Arena {
         if gpa.checked_add(size).is_none_or(|end| end > ADDR_MASK) {
             return Err(bad("beyond the physical address space"));
         }
+        if granularity == Granularity::Large2M && (gpa % PMD_SIZE != 0 || size % PMD_SIZE != 0) {
+            // A 2 MiB leaf over a partial slot would map memory past the arena.
+            return Err(bad("2 MiB mappings need a 2 MiB aligned arena"));
+        }
         let total = size / PAGE;
         // Each PTE page maps 512 pages: t table pages serve (total - t) data
         // pages when 512 * t >= total - t.
-        let table_pages = total.div_ceil(ENTRIES + 1);
+        let table_pages = match granularity {
+            Granularity::Pages4K => total.div_ceil(ENTRIES + 1),
+            Granularity::Large2M => 0,
+        };
         let mappable = total - table_pages;
         if mappable == 0 {
             return Err(bad("too small: no page left after its page table"));
@@ -258,6 +300,8 @@ impl Arena {
             slots,
             pmd_page: window.pmd_page,
             attrs: window.attrs,
+            granularity,
+            slot_perm: vec![None; slots as usize],
             pages: vec![Page::Unused; mappable as usize],
             allocs: BTreeMap::new(),
         })
@@ -292,9 +336,29 @@ impl Arena {
         self.attrs
     }
 
+    pub fn granularity(&self) -> Granularity {
+        self.granularity
+    }
+
+    /// Whether page `i` may be handed out for `perm`.
+    fn fits(&self, i: usize, perm: Perm) -> bool {
+        let page_ok = self.pages.get(i).is_some_and(|p| p.fits(perm));
+        let slot_ok = match self.granularity {
+            Granularity::Pages4K => true,
+            Granularity::Large2M => self
+                .slot_perm
+                .get(i / ENTRIES as usize)
+                .is_some_and(|s| s.is_none_or(|p| p == perm)),
+        };
+        page_ok && slot_ok
+    }
+
     /// Bytes free for `perm` (never-used pages and retired `perm` pages).
     pub fn free_bytes(&self, perm: Perm) -> u64 {
-        self.pages.iter().filter(|p| p.fits(perm)).count() as u64 * PAGE
+        (0..self.pages.len())
+            .filter(|&i| self.fits(i, perm))
+            .count() as u64
+            * PAGE
     }
 
     /// Live allocations.
@@ -353,7 +417,22 @@ impl Arena {
 
     /// The PTE for mappable page `page` with `perm`.
     pub fn pte(&self, page: u64, perm: Perm) -> u64 {
-        let mut e = self.page_gpa(page) | PRESENT | ACCESSED | self.attrs.cache;
+        let e = self.page_gpa(page) | self.attrs.cache;
+        self.leaf_bits(e, perm)
+    }
+
+    /// The 2 MiB leaf PMD entry for arena slot `j` with `perm` (PAT moves
+    /// from bit 7 to bit 12 in a large leaf).
+    pub fn large_leaf(&self, j: u64, perm: Perm) -> u64 {
+        let mut e = self.page_gpa(j * ENTRIES) | PS | (self.attrs.cache & !PTE_PAT);
+        if self.attrs.cache & PTE_PAT != 0 {
+            e |= LARGE_PAT;
+        }
+        self.leaf_bits(e, perm)
+    }
+
+    fn leaf_bits(&self, mut e: u64, perm: Perm) -> u64 {
+        e |= PRESENT | ACCESSED;
         if self.attrs.global {
             e |= GLOBAL;
         }
@@ -376,8 +455,8 @@ impl Arena {
         let (mut run_start, mut run) = (0u64, 0u64);
         let (mut largest, mut total) = (0u64, 0u64);
         let mut found = None;
-        for (i, p) in self.pages.iter().enumerate() {
-            if p.fits(perm) {
+        for i in 0..self.pages.len() {
+            if self.fits(i, perm) {
                 if run == 0 {
                     run_start = i as u64;
                 }
@@ -407,6 +486,13 @@ impl Arena {
             .take(need as usize)
         {
             *p = Page::Used(perm);
+        }
+        if self.granularity == Granularity::Large2M {
+            for j in first / ENTRIES..=(first + need - 1) / ENTRIES {
+                if let Some(s) = self.slot_perm.get_mut(j as usize) {
+                    *s = Some(perm);
+                }
+            }
         }
         self.allocs.insert(first, need);
         Ok(self.region(first, need, perm))
@@ -470,6 +556,9 @@ impl Arena {
                     .or_default()
                     .insert(page % ENTRIES, self.pte(page, r.perm));
             }
+        }
+        if self.granularity == Granularity::Large2M {
+            return self.map_large(guest, by_slot.keys().copied());
         }
         let mut writes = Vec::new();
         for (j, want) in by_slot {
@@ -554,6 +643,58 @@ impl Arena {
         }
         Ok(writes)
     }
+
+    /// [`Arena::map_writes`] for 2 MiB leaves: one PMD entry per slot.
+    fn map_large<G: Guest + ?Sized>(
+        &self,
+        guest: &G,
+        slots: impl Iterator<Item = u64>,
+    ) -> Result<Vec<Write>, ArenaError> {
+        let mut writes = Vec::new();
+        for j in slots {
+            let slot_va = self.base_va + j * PMD_SIZE;
+            let Some(perm) = self.slot_perm.get(j as usize).copied().flatten() else {
+                continue;
+            };
+            let want = self.large_leaf(j, perm);
+            let current = read_u64(guest, self.slot_gpa(j))?;
+            if current == want {
+                continue;
+            }
+            if current != 0 {
+                return Err(ArenaError::SlotTaken {
+                    slot: self.first_slot + j,
+                    va: slot_va,
+                    found: current,
+                    expected: want,
+                });
+            }
+            writes.push(Write::new(
+                self.slot_gpa(j),
+                want.to_le_bytes().to_vec(),
+                current.to_le_bytes().to_vec(),
+                format!(
+                    "PMD slot {} ({slot_va:#x}, 2 MiB {perm})",
+                    self.first_slot + j
+                ),
+            ));
+        }
+        Ok(writes)
+    }
+}
+
+/// Slots at or above this index are not the kernel image's. Without
+/// CONFIG_RANDOMIZE_BASE, KERNEL_IMAGE_SIZE is 512 MiB and the module area
+/// (MODULES_VADDR) starts at 0xffffffffa0000000, inside this PMD page,
+/// where module loading fills slots later. A kernel at its default address
+/// may be such a build: stay below 512 MiB then. A kernel elsewhere was
+/// moved by KASLR, so the image window is the whole 1 GiB.
+fn slot_limit(facts: &ImageFacts) -> u64 {
+    if facts.text == DEFAULT_TEXT {
+        NO_KASLR_SLOTS
+    } else {
+        ENTRIES
+    }
 }
 
 /// First slot of `needed` consecutive empty slots: the lowest run above
@@ -564,12 +705,13 @@ fn choose_slots(slots: &[u64], needed: u64, facts: &ImageFacts) -> Result<u64, A
     let empty = |s: u64| slots.get(s as usize) == Some(&0);
     let run_ok = |start: u64| (start..start + needed).all(empty);
     let end_up = facts.end.div_ceil(PMD_SIZE).saturating_mul(PMD_SIZE);
+    let limit = slot_limit(facts);
     let above = if end_up >= WINDOW_END {
         ENTRIES
     } else {
         slot_of(end_up)
     };
-    if let Some(s) = (above..=ENTRIES.saturating_sub(needed)).find(|&s| run_ok(s)) {
+    if let Some(s) = (above..=limit.saturating_sub(needed)).find(|&s| run_ok(s)) {
         return Ok(s);
     }
     let text_slot = slot_of(facts.text);

@@ -22,10 +22,16 @@ const MEM: usize = 0x180_0000;
 const ROX_2M: u64 = 0xe1;
 
 fn kernel() -> FakePhys {
+    kernel_at(TEXT)
+}
+
+/// The fake image at `text`: three 2 MiB slots (text RX, rodata R, data
+/// RW) and a fourth split into 4 KiB pages up to `_end`.
+fn kernel_at(text: u64) -> FakePhys {
     let m = FakePhys::new(MEM);
     m.put_u64(PML4 + 511 * 8, PDPT | 0x67);
     m.put_u64(PDPT + 510 * 8, PMD | 0x63);
-    let s = slot_of(TEXT);
+    let s = slot_of(text);
     m.put_u64(PMD + s * 8, TEXT_PHYS | ROX_2M);
     m.put_u64(PMD + (s + 1) * 8, (TEXT_PHYS + PMD_SIZE) | ROX_2M | NX);
     m.put_u64(PMD + (s + 2) * 8, (TEXT_PHYS + 2 * PMD_SIZE) | 0xe3 | NX);
@@ -41,12 +47,16 @@ fn kernel() -> FakePhys {
 }
 
 fn facts() -> ImageFacts {
+    facts_at(TEXT)
+}
+
+fn facts_at(text: u64) -> ImageFacts {
     ImageFacts {
         tables: PageTables::new(PML4, false),
-        text: TEXT,
+        text,
         text_phys: TEXT_PHYS,
-        end: END,
-        rodata: TEXT + PMD_SIZE,
+        end: text + (END - TEXT),
+        rodata: text + PMD_SIZE,
         pmd_page_va: None,
     }
 }
@@ -405,4 +415,73 @@ fn five_level_walk() {
     f.tables = PageTables::new(0x5000, true);
     let a = Arena::new(&overlay(&m), &f).unwrap();
     assert_eq!(a.pmd_page(), PMD);
+}
+
+#[test]
+fn kernel_without_kaslr_keeps_out_of_the_module_area() {
+    // At the default address the build may lack CONFIG_RANDOMIZE_BASE:
+    // modules then start at 0xffffffffa0000000 (slot 256) in this PMD page.
+    let text = crate::introspect::kaslr::DEFAULT_TEXT;
+    let m = kernel_at(text);
+    let a = Arena::new(&overlay(&m), &facts_at(text)).unwrap();
+    assert_eq!(a.pmd_slots(), (slot_of(text) + 4, 2));
+    // Slots up to 255 taken: the free ones at 256.. are not the image's.
+    for s in slot_of(text) + 4..256 {
+        m.put_u64(PMD + s * 8, 0x2);
+    }
+    let a = Arena::new(&overlay(&m), &facts_at(text)).unwrap();
+    assert_eq!(a.pmd_slots(), (slot_of(text) - 2, 2), "below _text instead");
+    // A KASLR-moved kernel may use the whole 1 GiB window.
+    let m = kernel();
+    for s in slot_of(TEXT) + 4..256 {
+        m.put_u64(PMD + s * 8, 0x2);
+    }
+    let a = Arena::new(&overlay(&m), &facts()).unwrap();
+    assert_eq!(a.pmd_slots(), (256, 2));
+}
+
+#[test]
+fn large_pages_one_permission_per_slot() {
+    let m = kernel();
+    let arena = (0x100_0000, 3 * PMD_SIZE);
+    let g = Overlay::new(&m).with_arena(arena.0, arena.1);
+    let mut a = Arena::with_granularity(&g, &facts(), Granularity::Large2M).unwrap();
+    assert_eq!(a.granularity(), Granularity::Large2M);
+    assert_eq!(a.table_pages(), 0);
+    assert_eq!(a.pmd_slots(), (slot_of(TEXT) + 4, 3));
+    let text = a.alloc(PAGE, Perm::Text).unwrap();
+    let data = a.alloc(PAGE, Perm::Data).unwrap();
+    let text2 = a.alloc(2 * PAGE, Perm::Text).unwrap();
+    assert_eq!(text.gpa, arena.0, "no PTE pages");
+    assert_eq!(data.va, a.va_range().0 + PMD_SIZE, "data gets its own slot");
+    assert_eq!(text2.va, text.va + PAGE, "text shares the text slot");
+    let w = a.map_writes(&g, &[text, data, text2]).unwrap();
+    assert_eq!(w.len(), 2, "one PMD leaf per slot");
+    commit(&g, &a, w);
+    let pt = facts().tables;
+    for (r, writable, executable) in [
+        (text, false, true),
+        (data, true, false),
+        (text2, false, true),
+    ] {
+        let t = pt.translate(&g, r.va + 5).unwrap();
+        assert_eq!((t.phys, t.page_size), (r.gpa + 5, PMD_SIZE));
+        assert_eq!((t.writable, t.executable), (writable, executable));
+    }
+    assert_eq!(
+        a.large_leaf(1, Perm::Data),
+        (arena.0 + PMD_SIZE) | PRESENT | RW | ACCESSED | DIRTY | PS | NX
+    );
+    // The third slot is the only one left for read-only data.
+    assert_eq!(a.free_bytes(Perm::ReadOnly), PMD_SIZE);
+    assert!(a.alloc(PMD_SIZE + 1, Perm::ReadOnly).is_err());
+    // Freed text pages stay text; the slot never changes rights.
+    a.free(&text).unwrap();
+    assert_eq!(a.alloc(PAGE, Perm::Text).unwrap().va, text.va);
+    // Unaligned arenas cannot be mapped with 2 MiB leaves.
+    let g = Overlay::new(&m).with_arena(0x100_0000 + PAGE, 2 * PMD_SIZE);
+    assert!(matches!(
+        Arena::with_granularity(&g, &facts(), Granularity::Large2M),
+        Err(ArenaError::BadArena { .. })
+    ));
 }
