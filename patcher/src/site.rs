@@ -824,4 +824,136 @@ mod tests {
         assert!(jmp_rel32(g, g - (1 << 31) + 4).is_err());
         assert!(jmp_rel32(F, 0x1000).is_err());
     }
+
+    mod records {
+        use std::collections::BTreeMap;
+
+        use super::super::*;
+        use crate::introspect::btf::tests::BtfBuilder;
+        use crate::introspect::kallsyms::{Image, Layout, TablesBuilder, TABLES_BASE};
+        use crate::introspect::PagingError;
+
+        const TEXT: u64 = 0xffff_ffff_8100_0000;
+        const ETEXT: u64 = 0xffff_ffff_8120_0000;
+        const START: u64 = 0xffff_ffff_8300_0000;
+        const PAGE_A: u64 = 0xffff_8880_0000_1000;
+        const PAGE_B: u64 = 0xffff_8880_0000_2000;
+        const RECS_A: u64 = 0xffff_8880_0001_0000;
+        const RECS_B: u64 = 0xffff_8880_0002_0000;
+
+        /// Kernel virtual memory as a few byte ranges.
+        #[derive(Default)]
+        struct Mem(BTreeMap<u64, Vec<u8>>);
+
+        impl Mem {
+            fn put(&mut self, va: u64, bytes: Vec<u8>) {
+                self.0.insert(va, bytes);
+            }
+            fn put_u64s(&mut self, va: u64, words: &[u64]) {
+                self.put(va, words.iter().flat_map(|w| w.to_le_bytes()).collect());
+            }
+        }
+
+        impl VirtRead for Mem {
+            fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), PagingError> {
+                let (start, bytes) = self
+                    .0
+                    .range(..=va)
+                    .next_back()
+                    .ok_or(PagingError::Unmapped { va })?;
+                let off = (va - start) as usize;
+                let src = bytes
+                    .get(off..off + buf.len())
+                    .ok_or(PagingError::Unmapped { va })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+        }
+
+        fn kallsyms() -> Kallsyms {
+            let syms = vec![
+                ('T', "_text".to_string(), TEXT),
+                ('T', "f".to_string(), TEXT + 0x100),
+                ('T', "_etext".to_string(), ETEXT),
+                ('b', "ftrace_pages_start".to_string(), START),
+            ];
+            let bytes = TablesBuilder::new(Layout::OffsetsFirst, syms).build();
+            Kallsyms::from_image(Image {
+                base: TABLES_BASE,
+                bytes: &bytes,
+            })
+            .unwrap()
+        }
+
+        /// struct ftrace_page { next; records; int index; int order; }
+        /// struct dyn_ftrace { unsigned long ip, flags; }
+        fn btf() -> Btf {
+            let mut b = BtfBuilder::new();
+            let ulong = b.int("long unsigned int", 8);
+            let int = b.int("int", 4);
+            let rec = b.composite(
+                false,
+                "dyn_ftrace",
+                16,
+                &[("ip", ulong, 0, 0), ("flags", ulong, 64, 0)],
+            );
+            let rec_p = b.ptr(rec);
+            let page_p = b.ptr(0);
+            b.composite(
+                false,
+                "ftrace_page",
+                24,
+                &[
+                    ("next", page_p, 0, 0),
+                    ("records", rec_p, 64, 0),
+                    ("index", int, 128, 0),
+                    ("order", int, 160, 0),
+                ],
+            );
+            Btf::parse(&b.build()).unwrap()
+        }
+
+        fn page(mem: &mut Mem, at: u64, next: u64, recs: u64, n: u64) {
+            mem.put_u64s(at, &[next, recs, n]);
+        }
+
+        #[test]
+        fn reads_enabled_text_records() {
+            let mut m = Mem::default();
+            m.put_u64s(START, &[PAGE_A]);
+            page(&mut m, PAGE_A, PAGE_B, RECS_A, 2);
+            page(&mut m, PAGE_B, 0, RECS_B, 2);
+            m.put_u64s(RECS_A, &[TEXT + 0x100, 0, TEXT + 0x200, 1 << 31]);
+            // A disabled record and one outside vmlinux text (a module's).
+            m.put_u64s(RECS_B, &[TEXT + 0x300, FTRACE_FL_DISABLED, ETEXT + 0x10, 0]);
+            let r = FtraceRecords::load(&m, &kallsyms(), &btf()).unwrap();
+            assert_eq!(
+                r.iter().collect::<Vec<_>>(),
+                vec![TEXT + 0x100, TEXT + 0x200]
+            );
+            assert!(r.contains(TEXT + 0x100) && !r.contains(TEXT + 0x300));
+        }
+
+        #[test]
+        fn hostile_lists_end_in_errors() {
+            let (k, b) = (kallsyms(), btf());
+            // A list that loops.
+            let mut m = Mem::default();
+            m.put_u64s(START, &[PAGE_A]);
+            page(&mut m, PAGE_A, PAGE_A, RECS_A, 0);
+            m.put_u64s(RECS_A, &[0]);
+            let e = FtraceRecords::load(&m, &k, &b).unwrap_err();
+            assert!(e.to_string().contains("does not end"), "{e}");
+            // An index that would make us allocate gigabytes.
+            let mut m = Mem::default();
+            m.put_u64s(START, &[PAGE_A]);
+            page(&mut m, PAGE_A, 0, RECS_A, 0xffff_ffff);
+            let e = FtraceRecords::load(&m, &k, &b).unwrap_err();
+            assert!(matches!(e, SiteError::Records(_)), "{e}");
+            // A page pointer into nowhere.
+            let mut m = Mem::default();
+            m.put_u64s(START, &[0xdead_0000]);
+            assert!(FtraceRecords::load(&m, &k, &b).is_err());
+        }
+    }
 }

@@ -11,6 +11,9 @@ mod tables;
 use crate::introspect::paging::{AddressSpace, MappedRun, PagingError, VirtRead};
 use crate::Guest;
 
+/// Test support for other modules: builds kallsyms tables in memory.
+#[cfg(test)]
+pub(crate) use tables::tests::{Builder as TablesBuilder, BASE as TABLES_BASE};
 pub use tables::{AddressMode, Image, Layout, NameLengths, TableAddrs, TablesError, MAX_SYMBOLS};
 
 /// The end of the kernel image window (modules start here on x86_64).
