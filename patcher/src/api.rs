@@ -339,6 +339,9 @@ pub struct FuncInfo {
     /// `klp_func.old_sympos` as given (0: the name is unique).
     pub sympos: u32,
     pub old_addr: Hex,
+    /// The 5 bytes at the old entry that become `jmp new_addr` (the ftrace
+    /// nop, after ENDBR64 when the kernel has IBT).
+    pub site: Hex,
     /// The replacement's address in the arena.
     pub new_addr: Hex,
     /// Whether the old function's entry jumps to `new_addr` now.
