@@ -10,6 +10,7 @@
 pub mod api;
 pub mod client;
 pub mod introspect;
+pub mod safepoint;
 pub mod stack;
 
 /// The engine's whole view of a guest.
