@@ -355,8 +355,9 @@ mod tests {
             ..VcpuRegs::default()
         };
         let t = task(3, 0x8000..0x9000, 0, Some(0));
+        let irq = vec![0x20000..0x24000];
         let b = check()
-            .blockers(&mem, std::slice::from_ref(&t), &[r], &[0x20000..0x24000])
+            .blockers(&mem, std::slice::from_ref(&t), &[r], &irq)
             .unwrap();
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].func, "f");
