@@ -355,7 +355,7 @@ mod tests {
             ..VcpuRegs::default()
         };
         let t = task(3, 0x8000..0x9000, 0, Some(0));
-        let irq = vec![0x20000..0x24000];
+        let irq: Vec<Range<u64>> = std::iter::once(0x20000..0x24000).collect();
         let b = check()
             .blockers(&mem, std::slice::from_ref(&t), &[r], &irq)
             .unwrap();
