@@ -5,7 +5,10 @@
 //!   api_check robust SOCK      concurrency, every bad-input class, peer refusal
 //!   api_check bench SOCK N     N pause/resume round trips through the API
 //!   api_check peer SOCK        (internal) one GET /vm as whoever runs it
-//!   api_check text-hash SOCK   hash of the guest's kernel text via GET /memory
+//!   api_check text-hash SOCK   hash of the guest's kernel text via GET /memory,
+//!                              the 5-byte sites of live patched functions
+//!                              masked (so "unchanged outside the sites"
+//!                              can be checked while a patch is on)
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -33,10 +36,15 @@ fn main() -> ExitCode {
             args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000),
         ),
         "peer" => peer(&sock),
-        "text-hash" => Client::new(&sock)
-            .map_err(|e| e.to_string())
-            .and_then(|c| text_hash(&c))
-            .map(|h| println!("KLPV-RESULT text-hash fnv={h:016x}")),
+        "text-hash" => Client::new(&sock).map_err(|e| e.to_string()).and_then(|c| {
+            let sites = live_sites(&c)?;
+            let h = text_hash_masked(&c, &sites)?;
+            println!(
+                "KLPV-RESULT text-hash fnv={h:016x} masked_sites={}",
+                sites.len()
+            );
+            Ok(())
+        }),
         _ => Err(format!("unknown mode {mode}")),
     };
     match r {
@@ -363,8 +371,26 @@ fn peer(sock: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The 5-byte sites of every live patched function.
+fn live_sites(c: &Client) -> Result<Vec<u64>, String> {
+    let v: patcher::api::PatchesReply = c
+        .call(Method::GET, "/patches", None)
+        .map_err(|e| e.to_string())?;
+    Ok(v.patches
+        .iter()
+        .flat_map(|p| p.funcs.iter())
+        .filter(|f| f.live)
+        .map(|f| f.site.0)
+        .collect())
+}
+
 /// FNV-1a over the kernel's text, `_text` to `_etext`, read through the API.
 fn text_hash(c: &Client) -> Result<u64, String> {
+    text_hash_masked(c, &[])
+}
+
+/// [`text_hash`] with the 5 bytes at each of `sites` hashed as zeros.
+fn text_hash_masked(c: &Client, sites: &[u64]) -> Result<u64, String> {
     let addr = |name: &str| -> Result<u64, String> {
         let r: SymbolsReply = c
             .call(Method::GET, &format!("/symbols?name={name}"), None)
@@ -382,7 +408,13 @@ fn text_hash(c: &Client) -> Result<u64, String> {
         let m: MemoryReply = c
             .call(Method::GET, &format!("/memory?va={va:#x}&len={len}"), None)
             .map_err(|e| e.to_string())?;
-        for b in m.bytes.bytes() {
+        for (i, b) in m.bytes.bytes().enumerate() {
+            let at = va + (i / 2) as u64;
+            let b = if sites.iter().any(|&s| (s..s + 5).contains(&at)) {
+                b'0'
+            } else {
+                b
+            };
             h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
         }
         va += len;

@@ -301,6 +301,91 @@ pub struct TaskEntry {
     pub saved_sp: Hex,
 }
 
+/// Largest livepatch module `POST /patches` accepts, in bytes (modules
+/// built with debug info are a few hundred KiB; 413 beyond).
+pub const MAX_PATCH_BYTES: usize = 16 << 20;
+
+/// Where a patch stands, in klp's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchState {
+    /// Its functions are redirected (the newest enabled patch per function
+    /// wins).
+    Enabled,
+    /// Disabled by the user; its code stays mapped until removed.
+    Disabled,
+    /// Disabled by a later `.replace = true` patch.
+    Replaced,
+    /// Waiting for a safe point.
+    InTransition,
+}
+
+impl fmt::Display for PatchState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PatchState::Enabled => "enabled",
+            PatchState::Disabled => "disabled",
+            PatchState::Replaced => "replaced",
+            PatchState::InTransition => "in transition",
+        })
+    }
+}
+
+/// One patched function.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FuncInfo {
+    /// `klp_func.old_name`.
+    pub name: String,
+    /// `klp_func.old_sympos` as given (0: the name is unique).
+    pub sympos: u32,
+    pub old_addr: Hex,
+    /// The 5 bytes at the old entry that become `jmp new_addr` (the ftrace
+    /// nop, after ENDBR64 when the kernel has IBT).
+    pub site: Hex,
+    /// The replacement's address in the arena.
+    pub new_addr: Hex,
+    /// Whether the old function's entry jumps to `new_addr` now.
+    pub live: bool,
+}
+
+/// One patch, as `GET /patches` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PatchInfo {
+    /// The module's name (klp's sysfs name).
+    pub name: String,
+    pub state: PatchState,
+    /// `klp_patch.replace`.
+    pub replace: bool,
+    /// Applied with `--force` (no safe-point check).
+    pub forced: bool,
+    /// When it was applied, seconds since the Unix epoch.
+    pub applied_at: u64,
+    /// Guest pause of the transition that applied it.
+    pub pause_us: f64,
+    /// Arena bytes its code and data occupy.
+    pub arena_bytes: u64,
+    pub funcs: Vec<FuncInfo>,
+}
+
+/// `GET /patches`: the stack, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PatchesReply {
+    pub patches: Vec<PatchInfo>,
+}
+
+/// `POST /patches`, `POST /patches/{name}/disable`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransitionReply {
+    pub patch: PatchInfo,
+    /// Parsing, resolving and linking, done while the guest ran.
+    pub prepare_ms: f64,
+    /// The pause in which every guest write happened: from the pause
+    /// request until the vCPUs were released.
+    pub pause_us: f64,
+    /// Guest bytes written in that pause.
+    pub bytes_written: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

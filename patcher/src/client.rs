@@ -37,6 +37,11 @@ pub enum ClientError {
     Api { status: u16, message: String },
     #[error("the VMM's reply to {what} is not what this patcher expects: {message}")]
     Decode { what: String, message: String },
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start the client runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -79,6 +84,20 @@ impl Client {
         path_and_query: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Reply, ClientError> {
+        self.send_typed(
+            method,
+            path_and_query,
+            body.map(|b| (b, "application/json")),
+        )
+    }
+
+    /// Like [`Client::send`] with the body's content type.
+    pub fn send_typed(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<(Vec<u8>, &'static str)>,
+    ) -> Result<Reply, ClientError> {
         let fut = self.send_async(method, path_and_query, body);
         self.runtime
             .block_on(async { tokio::time::timeout(CLIENT_TIMEOUT, fut).await })
@@ -91,7 +110,7 @@ impl Client {
         &self,
         method: Method,
         path_and_query: &str,
-        body: Option<Vec<u8>>,
+        body: Option<(Vec<u8>, &'static str)>,
     ) -> Result<Reply, ClientError> {
         let stream = UnixStream::connect(&self.path).await.map_err(|source| {
             let hint = match source.kind() {
@@ -120,16 +139,19 @@ impl Client {
             .await
             .map_err(|e| http(&e))?;
         let driver = tokio::spawn(conn);
-        let has_body = body.is_some();
         let mut req = Request::builder()
             .method(method)
             .uri(path_and_query)
             .header(hyper::header::HOST, "localhost");
-        if has_body {
-            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
+        let bytes = match body {
+            Some((bytes, content_type)) => {
+                req = req.header(hyper::header::CONTENT_TYPE, content_type);
+                bytes
+            }
+            None => Vec::new(),
+        };
         let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| http(&e))?;
         let resp = sender.send_request(req).await.map_err(|e| http(&e))?;
         let status = resp.status().as_u16();
@@ -157,6 +179,25 @@ impl Client {
         check(&reply)?;
         serde_json::from_slice(&reply.body).map_err(|e| ClientError::Decode {
             what,
+            message: e.to_string(),
+        })
+    }
+
+    /// POSTs a file's bytes (`application/octet-stream`) and decodes the
+    /// JSON reply.
+    pub fn upload<T: DeserializeOwned>(
+        &self,
+        path_and_query: &str,
+        bytes: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        let reply = self.send_typed(
+            Method::POST,
+            path_and_query,
+            Some((bytes, "application/octet-stream")),
+        )?;
+        check(&reply)?;
+        serde_json::from_slice(&reply.body).map_err(|e| ClientError::Decode {
+            what: format!("POST {path_and_query}"),
             message: e.to_string(),
         })
     }

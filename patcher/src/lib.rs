@@ -12,7 +12,9 @@ pub mod arena;
 pub mod client;
 pub mod introspect;
 pub mod overlay;
+pub mod safepoint;
 pub mod site;
+pub mod stack;
 pub mod write;
 
 /// The engine's whole view of a guest.

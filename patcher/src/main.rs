@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 use hyper::Method;
 
 use patcher::api::{
-    AddrReply, KernelInfo, MemoryReply, PauseReply, RegsReply, ResumeReply, SymbolsReply,
-    TasksReply, VmInfo, MAX_MEMORY_READ,
+    AddrReply, KernelInfo, MemoryReply, PatchInfo, PatchesReply, PauseReply, RegsReply,
+    ResumeReply, SymbolsReply, TasksReply, TransitionReply, VmInfo, MAX_MEMORY_READ,
 };
 use patcher::client::{query_escape, Client, ClientError};
 
@@ -61,6 +61,29 @@ enum Command {
     Symbols,
     /// Every task (thread) and each CPU's idle task.
     Tasks,
+    /// Load a livepatch module (.ko) into the guest and enable it.
+    Apply {
+        file: PathBuf,
+        /// Skip the safe-point check (the patch is marked forced).
+        #[arg(long)]
+        force: bool,
+    },
+    /// The loaded patches and where each patched function jumps.
+    List,
+    /// Disable an enabled patch.
+    Disable {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Enable a disabled or replaced patch again.
+    Enable {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Forget a disabled or replaced patch and free its arena space.
+    Remove { name: String },
 }
 
 fn main() -> ExitCode {
@@ -165,6 +188,44 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
         Command::Tasks => {
             let v: TasksReply = c.call(Method::GET, "/tasks", None)?;
             show(json, &v, print_tasks);
+        }
+        Command::Apply { file, force } => {
+            let bytes = std::fs::read(file).map_err(|source| ClientError::File {
+                path: file.clone(),
+                source,
+            })?;
+            let v: TransitionReply = c.upload(&format!("/patches?force={force}"), bytes)?;
+            show(json, &v, |v| print_transition("applied", v));
+        }
+        Command::List => {
+            let v: PatchesReply = c.call(Method::GET, "/patches", None)?;
+            show(json, &v, print_patches);
+        }
+        Command::Disable { name, force } => {
+            let v: TransitionReply = c.call(
+                Method::POST,
+                &format!("/patches/{}/disable?force={force}", query_escape(name)),
+                None,
+            )?;
+            show(json, &v, |v| print_transition("disabled", v));
+        }
+        Command::Enable { name, force } => {
+            let v: TransitionReply = c.call(
+                Method::POST,
+                &format!("/patches/{}/enable?force={force}", query_escape(name)),
+                None,
+            )?;
+            show(json, &v, |v| print_transition("enabled", v));
+        }
+        Command::Remove { name } => {
+            let v: PatchInfo = c.call(
+                Method::DELETE,
+                &format!("/patches/{}", query_escape(name)),
+                None,
+            )?;
+            show(json, &v, |v| {
+                println!("removed {} ({} arena bytes freed)", v.name, v.arena_bytes)
+            });
         }
     }
     Ok(())
@@ -330,4 +391,51 @@ fn print_tasks(v: &TasksReply) {
             .map(|us| format!(", walked in a pause of {}", duration_us(us)))
             .unwrap_or_default()
     );
+}
+
+fn print_transition(what: &str, v: &TransitionReply) {
+    println!(
+        "{what} {}: prepared in {:.1} ms while the guest ran, {} bytes written in one pause of {}",
+        v.patch.name,
+        v.prepare_ms,
+        v.bytes_written,
+        duration_us(v.pause_us)
+    );
+    print_patch(&v.patch);
+}
+
+fn print_patch(p: &PatchInfo) {
+    println!(
+        "{} [{}{}{}] applied at {} (unix), pause {}, {} arena bytes",
+        p.name,
+        p.state,
+        if p.replace { ", replace" } else { "" },
+        if p.forced { ", forced" } else { "" },
+        p.applied_at,
+        duration_us(p.pause_us),
+        p.arena_bytes
+    );
+    for f in &p.funcs {
+        let pos = if f.sympos == 0 {
+            String::new()
+        } else {
+            format!(",{}", f.sympos)
+        };
+        println!(
+            "  {}{pos} {} -> {} {}",
+            f.name,
+            f.old_addr,
+            f.new_addr,
+            if f.live { "live" } else { "not live" }
+        );
+    }
+}
+
+fn print_patches(v: &PatchesReply) {
+    if v.patches.is_empty() {
+        println!("no patches loaded");
+    }
+    for p in &v.patches {
+        print_patch(p);
+    }
 }

@@ -576,13 +576,10 @@ impl Site {
             });
         }
         // The function ends where the next higher symbol starts (kallsyms
-        // has no sizes); absolute per-CPU symbols sort first and are skipped.
-        let symbols = kallsyms.symbols();
-        let first_real = symbols.partition_point(|s| s.absolute);
-        let real = symbols.get(first_real..).unwrap_or_default();
-        let next = real
-            .get(real.partition_point(|s| s.addr <= func))
-            .map_or(text_end, |s| s.addr.min(text_end));
+        // has no sizes).
+        let next = kallsyms
+            .extent(func)
+            .map_or(text_end, |r| r.end.min(text_end));
         let size = next - func;
         let mut code = vec![0u8; (size.min(ENTRY_READ as u64)) as usize];
         space

@@ -484,3 +484,71 @@ fn vcpu_on_user_page_tables_alone_finds_the_kernel_through_pti() {
         .expect("a running task");
     assert_eq!(running.comm, "klpv-spin");
 }
+
+/// The safe-point check on a real guest: every sleeping task sleeps in
+/// `__schedule`, so a transition changing it is blocked by all of them
+/// (and the vCPU spinning in user mode by none); a function nobody is in
+/// blocks nobody.
+#[test]
+fn safepoint_check_finds_sleepers_in_schedule_and_nobody_in_cmdline_proc_show() {
+    use patcher::safepoint::{irq_stacks, Check, Seen, Span};
+    let f = fixture();
+    let k = &f.kernel;
+    let space = k.space(&f.guest);
+    let tasks = k.tasks(&f.guest).unwrap();
+    let regs = patcher::introspect::all_vcpu_regs(&f.guest).unwrap();
+    let walker = patcher::introspect::Tasks::from_kernel(&k.kallsyms, &k.btf).unwrap();
+    let bases = walker.per_cpu_bases(&space).unwrap();
+    let irq = irq_stacks(
+        &space,
+        &bases,
+        k.kallsyms.addr("hardirq_stack_ptr").unwrap(),
+    );
+    assert_eq!(irq.len(), bases.len(), "one IRQ stack per CPU");
+    let span = |name: &str| {
+        let a = k.kallsyms.resolve(name, 0).unwrap();
+        Span {
+            range: k.kallsyms.extent(a).unwrap(),
+            name: name.into(),
+        }
+    };
+    let sched = Check::new(vec![span("__schedule")]);
+    let b = sched.blockers(&space, &tasks, &regs, &irq).unwrap();
+    let sleeping: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.running.is_none() && t.state_char() != 'R')
+        .collect();
+    for t in &sleeping {
+        assert!(
+            b.iter()
+                .any(|b| b.pid == t.pid && matches!(b.seen, Seen::Stack { .. })),
+            "sleeping pid {} ({}) not found in __schedule",
+            t.pid,
+            t.comm
+        );
+    }
+    let spinner = role_pid(f, "spinner");
+    assert!(
+        !b.iter().any(|b| b.pid == spinner),
+        "the user-mode spinner has an empty kernel stack"
+    );
+    let none = Check::new(vec![span("cmdline_proc_show")]);
+    assert!(none
+        .blockers(&space, &tasks, &regs, &irq)
+        .unwrap()
+        .is_empty());
+    eprintln!(
+        "__schedule: {} blocking entries over {} sleeping tasks",
+        b.len(),
+        sleeping.len()
+    );
+}
+
+fn role_pid(f: &Fixture, name: &str) -> i32 {
+    read(f, "roles.txt")
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in roles.txt"))
+}

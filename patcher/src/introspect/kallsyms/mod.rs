@@ -277,6 +277,19 @@ impl Kallsyms {
             offset: addr - sym_addr,
         })
     }
+
+    /// The extent of the symbol starting at `addr`: up to the next higher
+    /// symbol (kallsyms records no sizes). None if no symbol starts there
+    /// or it is the last one.
+    pub fn extent(&self, addr: u64) -> Option<std::ops::Range<u64>> {
+        let real = self.symbols.get(self.first_relative..)?;
+        let k = real.partition_point(|s| s.addr <= addr);
+        let start = real.get(k.checked_sub(1)?)?.addr;
+        if start != addr {
+            return None;
+        }
+        Some(start..real.get(k)?.addr)
+    }
 }
 
 fn name_of(symbols: &[Symbol], i: u32) -> &str {
