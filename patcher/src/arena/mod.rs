@@ -92,6 +92,11 @@ pub enum ArenaError {
         va: u64,
         why: String,
     },
+    #[error(
+        "the arena is already mapped (PMD slots {slots:?} point into it): keep the Arena that \
+         mapped it instead of laying it out again, which would reuse its live PTE pages"
+    )]
+    AlreadyMapped { slots: Vec<u64> },
     #[error("the kernel's PMD page {pmd_page:#x} lies inside the arena: refusing to map over it")]
     PmdPageInArena { pmd_page: u64 },
     #[error(
@@ -277,6 +282,19 @@ impl Arena {
             return Err(ArenaError::PmdPageInArena {
                 pmd_page: window.pmd_page,
             });
+        }
+        // Any window entry (table pointer or 2 MiB leaf) into the arena
+        // means an earlier layout is live.
+        let mapped: Vec<u64> = (0..ENTRIES)
+            .zip(&window.slots)
+            .filter(|&(_, &e)| {
+                let to = e & ADDR_MASK;
+                e & PRESENT != 0 && to.wrapping_sub(gpa) < size
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if !mapped.is_empty() {
+            return Err(ArenaError::AlreadyMapped { slots: mapped });
         }
         let first_slot = choose_slots(&window.slots, slots, facts)?;
         let base_va = WINDOW_START + first_slot * PMD_SIZE;

@@ -485,3 +485,21 @@ fn large_pages_one_permission_per_slot() {
         Err(ArenaError::BadArena { .. })
     ));
 }
+
+#[test]
+fn laying_out_a_mapped_arena_again_is_refused() {
+    for granularity in [Granularity::Pages4K, Granularity::Large2M] {
+        let m = kernel();
+        let arena = (0x100_0000, 2 * PMD_SIZE);
+        let g = Overlay::new(&m).with_arena(arena.0, arena.1);
+        let mut a = Arena::with_granularity(&g, &facts(), granularity).unwrap();
+        let r = a.alloc(PAGE, Perm::Text).unwrap();
+        commit(&g, &a, a.map_writes(&g, &[r]).unwrap());
+        // A second layout would take the next slots but the same PTE pages.
+        let e = Arena::with_granularity(&g, &facts(), granularity).unwrap_err();
+        assert!(
+            matches!(&e, ArenaError::AlreadyMapped { slots } if slots == &[a.pmd_slots().0]),
+            "{e}"
+        );
+    }
+}
