@@ -10,6 +10,8 @@
 pub mod api;
 pub mod client;
 pub mod introspect;
+pub mod link;
+pub mod module;
 pub mod stack;
 
 /// The engine's whole view of a guest.

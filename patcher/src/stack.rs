@@ -23,7 +23,9 @@ use crate::api::PatchState;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum StackError {
-    #[error("a patch named `{0}` is already loaded (state: {1}); remove it first or rename the module")]
+    #[error(
+        "a patch named `{0}` is already loaded (state: {1}); remove it first or rename the module"
+    )]
     Duplicate(String, PatchState),
     #[error("no patch named `{0}`; `patcher list` shows the loaded ones")]
     Unknown(String),
