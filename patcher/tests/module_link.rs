@@ -506,3 +506,134 @@ fn corrupted_modules_never_panic() {
         good.len()
     );
 }
+
+/// A guest whose mitigation picked another return thunk (retbleed/SRSO):
+/// every `jmp __x86_return_thunk` goes to it, as apply_returns would make it.
+#[test]
+fn return_sites_follow_the_guests_thunk() {
+    let f = fixture();
+    let m = parse(f, "hot-getppid").unwrap_or_else(|e| panic!("{e}"));
+    let other = proc_addrs(f, "srso_return_thunk")
+        .first()
+        .copied()
+        .unwrap_or(proc_addrs(f, "__x86_return_thunk")[0] + 0x40);
+    let l = link::link(
+        &m,
+        &f.kernel.kallsyms,
+        bases(f, &m),
+        &LinkOptions {
+            return_thunk: Some(other),
+        },
+    )
+    .unwrap();
+    assert!(!m.return_jumps.is_empty());
+    for &i in &m.return_jumps {
+        let p = l.va(m.relocs[i].place).unwrap();
+        assert_eq!(l.read(p - 1, 1).unwrap(), [0xe9]);
+        let rel = i32::from_le_bytes(l.read(p, 4).unwrap().try_into().unwrap());
+        assert_eq!((p + 4).wrapping_add_signed(i64::from(rel)), other);
+    }
+}
+
+/// `.klp.sym.<object>.<name>,<sympos>` symbols (what klp-convert or
+/// kpatch-build emit to reach static kernel symbols): made here from
+/// bad-unresolved.ko by renaming its undefined symbols with objcopy.
+#[test]
+fn klp_sym_references_follow_sympos() {
+    let f = fixture();
+    let _ = ko("bad-unresolved");
+    let dir = root().join("build/patches");
+    let convert = |out: &str, renames: &[(&str, &str)]| -> Vec<u8> {
+        let path = dir.join(out);
+        let mut cmd = Command::new("objcopy");
+        for (from, to) in renames {
+            cmd.arg(format!("--redefine-sym={from}={to}"));
+        }
+        let status = cmd
+            .arg(dir.join("bad-unresolved.ko"))
+            .arg(&path)
+            .status()
+            .expect("objcopy");
+        assert!(status.success());
+        std::fs::read(path).unwrap()
+    };
+    let bytes = convert(
+        "klp-sym.ko",
+        &[
+            ("cmdline_proc_show", ".klp.sym.vmlinux.cmdline_proc_show,0"),
+            ("klpv_missing_function", ".klp.sym.vmlinux.version_show,2"),
+            (
+                "klpv_missing_variable",
+                ".klp.sym.vmlinux.saved_command_line,0",
+            ),
+        ],
+    );
+    let m = Module::parse(&bytes, &f.kernel.btf, &f.release).unwrap_or_else(|e| panic!("{e}"));
+    let l = link_ok(f, &m);
+    check_relocations(f, &m, &l);
+    let value = |name: &str| {
+        let i = m.symbols.iter().position(|s| s.name == name).unwrap();
+        l.symbol_value(&m, i).unwrap()
+    };
+    assert_eq!(
+        value(".klp.sym.vmlinux.cmdline_proc_show,0"),
+        proc_addrs(f, "cmdline_proc_show")[0]
+    );
+    assert_eq!(
+        value(".klp.sym.vmlinux.version_show,2"),
+        proc_addrs(f, "version_show")[1]
+    );
+    assert_eq!(
+        value(".klp.sym.vmlinux.saved_command_line,0"),
+        proc_addrs(f, "saved_command_line")[0]
+    );
+
+    // Wrong sympos and an ambiguous name are reported together.
+    let bytes = convert(
+        "klp-sym-bad.ko",
+        &[
+            ("cmdline_proc_show", ".klp.sym.vmlinux.cmdline_proc_show,2"),
+            ("klpv_missing_function", ".klp.sym.vmlinux.version_show,0"),
+        ],
+    );
+    let m = Module::parse(&bytes, &f.kernel.btf, &f.release).unwrap_or_else(|e| panic!("{e}"));
+    match link::link(&m, &f.kernel.kallsyms, bases(f, &m), &options(f)) {
+        Err(LinkError::Unresolved(list)) => {
+            let names: Vec<&str> = list.iter().map(|u| u.name.as_str()).collect();
+            assert_eq!(names.len(), 3, "{list:?}");
+            assert!(names.contains(&".klp.sym.vmlinux.cmdline_proc_show,2"));
+            assert!(names.contains(&".klp.sym.vmlinux.version_show,0"));
+            assert!(names.contains(&"klpv_missing_variable"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A reference into a module object is not supported yet.
+    let bytes = convert(
+        "klp-sym-module.ko",
+        &[("klpv_missing_function", ".klp.sym.dummy.dummy_dev_init,0")],
+    );
+    match Module::parse(&bytes, &f.kernel.btf, &f.release) {
+        Err(ModuleError::ObjectNotSupported(o)) => assert_eq!(o, "dummy"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The old functions the test patches replace start with the 5-byte
+/// ftrace nop in the running guest (what the redirect overwrites).
+#[test]
+fn old_functions_start_with_the_ftrace_nop() {
+    let f = fixture();
+    let space = f.kernel.space(&f.guest);
+    for name in ["cmdline_proc_show", "__x64_sys_getppid", "__x64_sys_time"] {
+        let va = proc_addrs(f, name)[0];
+        let mut b = [0u8; 9];
+        space.read_virt(va, &mut b).unwrap();
+        let entry = if b[..4] == [0xf3, 0x0f, 0x1e, 0xfa] {
+            &b[4..9] // ENDBR64 first
+        } else {
+            &b[..5]
+        };
+        assert_eq!(entry, NOP5, "{name} at {va:#x}: {b:02x?}");
+    }
+}

@@ -107,3 +107,90 @@ fn global(kallsyms: &Kallsyms, name: &str, weak: bool) -> Result<u64, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::introspect::kallsyms::tables::tests::{sample_symbols, Builder, BASE};
+    use crate::introspect::kallsyms::{Image, Layout};
+
+    fn kallsyms() -> Kallsyms {
+        let mut syms = sample_symbols(0);
+        let names = [
+            ('T', "seq_printf"),
+            ('t', "static_fn"),
+            ('t', "static_fn"),
+            ('T', "twice_global"),
+            ('T', "twice_global"),
+            ('t', "mixed"),
+            ('T', "mixed"),
+        ];
+        for (i, (k, n)) in names.iter().enumerate() {
+            syms.push((*k, (*n).to_owned(), 0xffff_ffff_8100_2000 + i as u64 * 0x10));
+        }
+        let bytes = Builder::new(Layout::OffsetsFirst, syms).build();
+        Kallsyms::from_image(Image {
+            base: BASE,
+            bytes: &bytes,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn old_functions_follow_klp_sympos() {
+        let k = kallsyms();
+        assert_eq!(
+            old_function(&k, "seq_printf", 0).unwrap(),
+            0xffff_ffff_8100_2000
+        );
+        assert_eq!(
+            old_function(&k, "seq_printf", 1).unwrap(),
+            0xffff_ffff_8100_2000
+        );
+        assert_eq!(
+            old_function(&k, "static_fn", 2).unwrap(),
+            0xffff_ffff_8100_2020
+        );
+        match old_function(&k, "static_fn", 0) {
+            Err(LinkError::OldFunctionAmbiguous { candidates, .. }) => assert_eq!(
+                candidates,
+                vec![(1, 0xffff_ffff_8100_2010), (2, 0xffff_ffff_8100_2020)]
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            old_function(&k, "static_fn", 3),
+            Err(LinkError::OldFunctionNoSuchPosition {
+                count: 2,
+                sympos: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            old_function(&k, "static_fn", u64::MAX),
+            Err(LinkError::OldFunctionNoSuchPosition { .. })
+        ));
+        assert!(matches!(
+            old_function(&k, "nope", 0),
+            Err(LinkError::OldFunctionNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn undefined_symbols_need_a_unique_global() {
+        let k = kallsyms();
+        assert_eq!(global(&k, "seq_printf", false), Ok(0xffff_ffff_8100_2000));
+        // A local of the same name does not make a global ambiguous.
+        assert_eq!(global(&k, "mixed", false), Ok(0xffff_ffff_8100_2060));
+        // Per-CPU symbols are global absolutes: their offset is the value.
+        assert_eq!(global(&k, "current_task", false), Ok(0x1fb80));
+        assert!(global(&k, "static_fn", false)
+            .unwrap_err()
+            .contains(".klp.sym.vmlinux.static_fn"));
+        assert!(global(&k, "twice_global", false)
+            .unwrap_err()
+            .contains("2 global"));
+        assert!(global(&k, "nope", false).is_err());
+        assert_eq!(global(&k, "nope", true), Ok(0), "unresolved weak is NULL");
+    }
+}

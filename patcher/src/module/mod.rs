@@ -444,9 +444,13 @@ impl Module {
         }
     }
 
-    /// Finds the relocation at `place`.
-    fn reloc_at(&self, place: Place) -> Option<usize> {
-        self.relocs.iter().position(|r| r.place == place)
+    /// Relocation index by place (a module may have many relocations).
+    fn reloc_index(&self) -> HashMap<Place, usize> {
+        self.relocs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.place, i))
+            .collect()
     }
 
     /// Reads `__mcount_loc`: one R_X86_64_64 per `call __fentry__` site.
@@ -462,6 +466,7 @@ impl Module {
             return Ok(());
         };
         let mut drop = Vec::new();
+        let at = self.reloc_index();
         for r in elf.relas.iter().filter(|r| r.target == index) {
             if r.r_type != E::R_X86_64_64 {
                 return Err(ModuleError::BadSite(format!(
@@ -476,10 +481,12 @@ impl Module {
                 .bytes_at(site, 5)
                 .filter(|b| b.first() == Some(&0xe8))
                 .is_some();
-            let rel = self.reloc_at(Place {
-                offset: site.offset + 1,
-                ..site
-            });
+            let rel = at
+                .get(&Place {
+                    offset: site.offset.saturating_add(1),
+                    ..site
+                })
+                .copied();
             let fentry = rel.filter(|&i| {
                 let r = &self.relocs[i];
                 r.kind.pc_relative()
@@ -519,6 +526,7 @@ impl Module {
         let Some((index, _)) = elf.section_by_name(".return_sites") else {
             return Ok(());
         };
+        let at = self.reloc_index();
         for r in elf.relas.iter().filter(|r| r.target == index) {
             if r.r_type != E::R_X86_64_PC32 {
                 return Err(ModuleError::BadSite(format!(
@@ -533,11 +541,12 @@ impl Module {
                 .bytes_at(site, 5)
                 .filter(|b| b.first() == Some(&0xe9))
                 .is_some();
-            let rel = self
-                .reloc_at(Place {
-                    offset: site.offset + 1,
+            let rel = at
+                .get(&Place {
+                    offset: site.offset.saturating_add(1),
                     ..site
                 })
+                .copied()
                 .filter(|&i| {
                     let r = &self.relocs[i];
                     r.kind.pc_relative()

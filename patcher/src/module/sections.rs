@@ -122,7 +122,7 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
         _ => {}
     }
     let prefixed = |p: &str| name == p || name.starts_with(&format!("{p}."));
-    if prefixed(".init") || prefixed(".exit") || name.starts_with(".init.") {
+    if prefixed(".init") || prefixed(".exit") {
         return Policy::InitExit;
     }
     if name.starts_with("__ksymtab") || name.starts_with("__kcrctab") {
