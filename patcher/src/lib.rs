@@ -11,6 +11,8 @@ pub mod api;
 pub mod arena;
 pub mod client;
 pub mod introspect;
+pub mod link;
+pub mod module;
 pub mod overlay;
 pub mod safepoint;
 pub mod site;

@@ -6,7 +6,7 @@
 //! for /proc/kallsyms. Only the core kernel's symbols are there; module
 //! symbols live in each module's own tables.
 
-mod tables;
+pub(crate) mod tables;
 
 use crate::introspect::paging::{AddressSpace, MappedRun, PagingError, VirtRead};
 use crate::Guest;

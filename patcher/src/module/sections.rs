@@ -1,0 +1,204 @@
+//! What to do with each allocatable section of a module, mirroring what the
+//! kernel's module loader (kernel/module/main.c, arch/x86/kernel/module.c
+//! `module_finalize`) does with it, since klpvisor plays the loader's part
+//! from outside the guest and cannot register anything with the kernel.
+//!
+//! * Code and data are loaded into one of three segments by permission.
+//! * Metadata the loader only consumes is read (`__mcount_loc`,
+//!   `.return_sites`) or skipped when leaving it unprocessed is still
+//!   correct (see [`policy`] for each reason).
+//! * Sections whose meaning depends on a registration with the running
+//!   kernel are refused: the code would misbehave in ways the user cannot
+//!   see (a fault in a uaccess would oops, a static key would never flip).
+//! * Unknown allocatable sections are refused too: we cannot tell whether
+//!   the loader would have processed them.
+
+/// The three segments of a linked patch, by page permission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Segment {
+    /// Read + execute.
+    Text,
+    /// Read only, no execute.
+    Rodata,
+    /// Read + write, no execute (`.data`, `.bss`).
+    Data,
+}
+
+/// The decision for one section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Copied into the arena.
+    Load(Segment),
+    /// Read by the parser, not loaded.
+    Parse,
+    /// Not loaded; the reason it is safe.
+    Skip(&'static str),
+    /// Refused when it is not empty; the reason.
+    Refuse(&'static str),
+    /// `.init.*` / `.exit.*`: never run from outside (klpvisor does not call
+    /// module_init); a reference to them from loaded code is an error.
+    InitExit,
+    /// Not recognised.
+    Unknown,
+}
+
+/// The section that is the module's `struct module` (THIS_MODULE).
+pub const THIS_MODULE: &str = ".gnu.linkonce.this_module";
+
+/// The decision for an allocatable section, by name and flags.
+pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
+    // Exact names first: metadata sections the loader consumes.
+    match name {
+        "__mcount_loc" => return Policy::Parse,
+        ".return_sites" => return Policy::Parse,
+        ".modinfo" | "__versions" => return Policy::Skip("module metadata, checked by the parser"),
+        THIS_MODULE => {
+            return Policy::Skip(
+                "the module's struct module: the patch is not a guest module, so THIS_MODULE is \
+                 NULL, as for built-in code",
+            )
+        }
+        ".retpoline_sites" => {
+            return Policy::Skip(
+                "indirect calls stay calls to the kernel's __x86_indirect_thunk_*, which the \
+                 kernel itself patched for its mitigation mode",
+            )
+        }
+        ".orc_unwind" | ".orc_unwind_ip" => {
+            return Policy::Skip(
+                "ORC data cannot be registered from outside: the guest's stack traces through \
+                 patch code are not reliable (klpvisor's own stack checks do not use ORC)",
+            )
+        }
+        ".smp_locks" => {
+            return Policy::Skip("lock prefixes stay, which is correct on SMP and UP alike")
+        }
+        ".parainstructions" => {
+            return Policy::Skip("paravirt call sites stay indirect calls through pv_ops")
+        }
+        ".static_call_sites" => {
+            return Policy::Skip(
+                "static calls stay calls to the kernel's __SCT__ trampolines, which the kernel \
+                 keeps pointing at the current target",
+            )
+        }
+        ".altinstr_replacement" | ".altinstr_aux" => {
+            return Policy::Skip("replacement code of .altinstructions, refused on its own")
+        }
+        "__patchable_function_entries" | "__param" => {
+            return Policy::Skip("nothing in the patch code depends on it")
+        }
+        "__ex_table" => {
+            return Policy::Refuse(
+                "exception-table fixups (uaccess such as get_user/put_user/copy_*_user inlined \
+                 into the patch) are registered with the module loader, which cannot be done \
+                 from outside: a fault would oops instead of returning -EFAULT. Call \
+                 out-of-line helpers instead",
+            )
+        }
+        ".altinstructions" => {
+            return Policy::Refuse(
+                "alternatives (ALTERNATIVE(), static_cpu_has, stac/clac in user_access_begin) \
+                 are chosen by the kernel at load time from the CPU's features; not supported \
+                 from outside yet",
+            )
+        }
+        "__jump_table" => {
+            return Policy::Refuse(
+                "static keys (static_branch_*, tracepoints, dynamic debug) in the patch must be \
+                 registered with the kernel to follow key changes, which cannot be done from \
+                 outside",
+            )
+        }
+        "__bug_table" => {
+            return Policy::Refuse(
+                "BUG()/WARN() sites must be registered with the kernel; without that a WARN in \
+                 the patch would oops. Remove WARN/BUG from the patch",
+            )
+        }
+        ".static_call.text" | ".static_call_tramp_key" => {
+            return Policy::Refuse("static calls defined by the patch need kernel registration")
+        }
+        _ => {}
+    }
+    let prefixed = |p: &str| name == p || name.starts_with(&format!("{p}."));
+    if prefixed(".init") || prefixed(".exit") {
+        return Policy::InitExit;
+    }
+    if name.starts_with("__ksymtab") || name.starts_with("__kcrctab") {
+        return Policy::Refuse(
+            "the patch exports symbols, which only a module loaded by the kernel can",
+        );
+    }
+    if name.starts_with("__tracepoint")
+        || name.starts_with("_ftrace_")
+        || name.starts_with("__dyndbg")
+        || name.starts_with("__bpf_raw_tp")
+        || name == "__kprobes"
+    {
+        return Policy::Refuse("tracing metadata needs registration with the kernel");
+    }
+    if name.starts_with(".note") {
+        return Policy::Skip("ELF notes (build id, Linux version)");
+    }
+    if exec {
+        if prefixed(".text") || prefixed(".noinstr.text") || prefixed(".sched.text") {
+            return Policy::Load(Segment::Text);
+        }
+        return Policy::Unknown;
+    }
+    if name == ".data..ro_after_init" {
+        // Read-only once module_init has run; nothing runs init here.
+        return Policy::Load(Segment::Rodata);
+    }
+    if !write && (prefixed(".rodata") || name.starts_with(".rodata.")) {
+        return Policy::Load(Segment::Rodata);
+    }
+    if write && (prefixed(".data") || name.starts_with(".data.") || prefixed(".bss")) {
+        return Policy::Load(Segment::Data);
+    }
+    Policy::Unknown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions() {
+        assert_eq!(policy(".text", false, true), Policy::Load(Segment::Text));
+        assert_eq!(
+            policy(".text.unlikely", false, true),
+            Policy::Load(Segment::Text)
+        );
+        assert_eq!(policy(".init.text", false, true), Policy::InitExit);
+        assert_eq!(policy(".exit.data", true, false), Policy::InitExit);
+        assert_eq!(
+            policy(".rodata.str1.1", false, false),
+            Policy::Load(Segment::Rodata)
+        );
+        assert_eq!(
+            policy(".data..ro_after_init", true, false),
+            Policy::Load(Segment::Rodata)
+        );
+        assert_eq!(policy(".data", true, false), Policy::Load(Segment::Data));
+        assert_eq!(
+            policy(".data..read_mostly", true, false),
+            Policy::Load(Segment::Data)
+        );
+        assert_eq!(policy(".bss", true, false), Policy::Load(Segment::Data));
+        assert!(matches!(
+            policy("__ex_table", false, false),
+            Policy::Refuse(_)
+        ));
+        assert!(matches!(
+            policy("__ksymtab_gpl", false, false),
+            Policy::Refuse(_)
+        ));
+        assert!(matches!(policy(THIS_MODULE, true, false), Policy::Skip(_)));
+        assert_eq!(policy("__mcount_loc", false, false), Policy::Parse);
+        assert_eq!(policy(".weird", false, false), Policy::Unknown);
+        assert_eq!(policy(".weird", false, true), Policy::Unknown);
+        assert_eq!(policy(".rodata", true, false), Policy::Unknown);
+    }
+}
