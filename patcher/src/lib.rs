@@ -10,6 +10,7 @@
 pub mod api;
 pub mod arena;
 pub mod client;
+pub mod engine;
 pub mod introspect;
 pub mod link;
 pub mod module;

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use patcher::api::{PatchInfo, TransitionReply};
+use patcher::engine::{Engine, EngineError, Prepared};
 use patcher::introspect::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
 use patcher::VcpuRegs;
 
@@ -43,6 +45,8 @@ pub enum ControlError {
     Tasks(String),
     #[error("internal error: {0}")]
     Internal(&'static str),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
 }
 
 impl From<VmError> for ControlError {
@@ -80,6 +84,9 @@ pub struct CachedKernel {
     pub pause: Duration,
 }
 
+/// How long a transition waits for a safe point before failing cleanly.
+pub const TRANSITION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The VM as the control socket drives it.
 pub struct Control {
     vm: Arc<Vm>,
@@ -88,6 +95,9 @@ pub struct Control {
     /// Serializes cache fills, so concurrent first requests decode once.
     fill: Mutex<()>,
     kernel: Mutex<Option<Arc<CachedKernel>>>,
+    /// The patch engine: held across prepare and commit, so transitions
+    /// never interleave.
+    engine: Mutex<Engine>,
 }
 
 impl Control {
@@ -97,6 +107,7 @@ impl Control {
             gate: Mutex::new(()),
             fill: Mutex::new(()),
             kernel: Mutex::new(None),
+            engine: Mutex::new(Engine::default()),
         }
     }
 
@@ -218,6 +229,92 @@ impl Control {
                 .list(&k.kernel.space(vm), &regs)
                 .map_err(|e| ControlError::Tasks(e.to_string()))
         })
+    }
+
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        // A panic mid-transition cannot leave the engine half-updated: it
+        // changes its state only after a commit succeeded.
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The loaded patches, oldest first.
+    pub fn patches(&self) -> Vec<PatchInfo> {
+        self.engine().list()
+    }
+
+    /// Prepares a transition while the guest runs (parse, resolve, link,
+    /// plan: reads only), then commits all of its writes in one pause. A
+    /// transition blocked by a task inside a changed function is retried,
+    /// the guest running in between, with backoff (1 ms doubling to
+    /// 100 ms) until [`TRANSITION_TIMEOUT`]; then the blockers are reported
+    /// and nothing has changed.
+    fn transition(
+        &self,
+        prepare: impl FnOnce(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
+    ) -> Result<TransitionReply, ControlError> {
+        let k = self.kernel()?;
+        let mut engine = self.engine();
+        let start = Instant::now();
+        let prepared = prepare(&mut engine, &k.kernel)?;
+        let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
+        let deadline = Instant::now() + TRANSITION_TIMEOUT;
+        let mut backoff = Duration::from_millis(1);
+        let mut attempts = 0u32;
+        let done = loop {
+            attempts += 1;
+            match self.paused(|vm| Ok(engine.commit(&k.kernel, vm, &prepared)?)) {
+                Err(ControlError::Engine(EngineError::Blocked(b)))
+                    if Instant::now() + backoff < deadline =>
+                {
+                    tracing::debug!(
+                        patch = prepared.name(),
+                        attempts,
+                        blockers = b.len(),
+                        "no safe point yet; retrying"
+                    );
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        };
+        let pause_us = done.pause.unwrap_or_default().as_secs_f64() * 1e6;
+        let patch = engine.record_pause(&done.value.name, pause_us);
+        tracing::info!(
+            patch = done.value.name,
+            prepare_ms,
+            pause_us,
+            attempts,
+            bytes = done.value.bytes_written,
+            "transition committed"
+        );
+        Ok(TransitionReply {
+            patch: patch.unwrap_or(done.value.patch),
+            prepare_ms,
+            pause_us,
+            bytes_written: done.value.bytes_written,
+        })
+    }
+
+    /// Loads and enables a livepatch module.
+    pub fn apply(&self, ko: &[u8], force: bool) -> Result<TransitionReply, ControlError> {
+        self.transition(|e, k| e.prepare_apply(k, &*self.vm, ko, force))
+    }
+
+    /// Disables enabled patch `name`.
+    pub fn disable(&self, name: &str, force: bool) -> Result<TransitionReply, ControlError> {
+        self.transition(|e, k| e.prepare_disable(k, &*self.vm, name, force))
+    }
+
+    /// Enables loaded patch `name` again (a downgrade for an older
+    /// replace patch).
+    pub fn enable(&self, name: &str, force: bool) -> Result<TransitionReply, ControlError> {
+        self.transition(|e, k| e.prepare_enable(k, &*self.vm, name, force))
+    }
+
+    /// Forgets a disabled or replaced patch and frees its arena space.
+    pub fn remove(&self, name: &str) -> Result<PatchInfo, ControlError> {
+        Ok(self.engine().remove(name)?)
     }
 
     /// A NUL-terminated string of at most `max` bytes at kernel address `va`.

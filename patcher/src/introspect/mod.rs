@@ -173,6 +173,22 @@ impl Kernel {
         Ok(())
     }
 
+    /// A field of `init_uts_ns.name` ("release": what `uname -r` prints,
+    /// "version": `uname -v`), read through BTF offsets.
+    pub fn uts<G: Guest + ?Sized>(&self, guest: &G, field: &str) -> Option<String> {
+        let base = self.kallsyms.addr("init_uts_ns").ok()?;
+        let off = self
+            .btf
+            .offset_of(&format!("uts_namespace.name.{field}"))
+            .ok()?;
+        let mut buf = [0u8; 65];
+        self.space(guest)
+            .read_virt(base.wrapping_add(off), &mut buf)
+            .ok()?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+
     /// Kernel virtual memory of `guest`.
     pub fn space<'g, G: Guest + ?Sized>(&self, guest: &'g G) -> AddressSpace<'g, G> {
         AddressSpace::new(guest, self.tables)

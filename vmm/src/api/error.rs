@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use patcher::api::ErrorReply;
+use patcher::engine::Fault;
 
 use super::routes::{allowed_methods, route_list};
 use super::{BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_TIMEOUT};
@@ -75,6 +76,13 @@ impl From<ControlError> for HttpError {
             ControlError::Vm(_) | ControlError::Tasks(_) | ControlError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            ControlError::Engine(e) => match e.kind() {
+                Fault::Module => StatusCode::UNPROCESSABLE_ENTITY,
+                Fault::State => StatusCode::CONFLICT,
+                Fault::NotFound => StatusCode::NOT_FOUND,
+                Fault::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+                Fault::Guest => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         };
         Self::new(status, e.to_string())
     }

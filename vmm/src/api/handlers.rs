@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use patcher::api::{
-    parse_hex, AddrReply, Hex, KernelInfo, MemoryReply, PauseReply, Regs, RegsReply, ResumeReply,
-    StateChange, SymbolEntry, SymbolsReply, TaskEntry, TasksReply, VmInfo, VmState,
-    MAX_MEMORY_READ,
+    parse_hex, AddrReply, Hex, KernelInfo, MemoryReply, PatchInfo, PatchesReply, PauseReply, Regs,
+    RegsReply, ResumeReply, StateChange, SymbolEntry, SymbolsReply, TaskEntry, TasksReply,
+    TransitionReply, VmInfo, VmState, MAX_MEMORY_READ,
 };
 use patcher::introspect::{kaslr, PagingError, VirtRead};
 use patcher::Guest;
@@ -411,4 +411,80 @@ pub async fn tasks(State(c): State<AppState>) -> Reply<TasksReply> {
         }))
     })
     .await
+}
+
+/// `?force=true|false` (default false), the only parameter the patch
+/// routes take.
+fn force_param(q: &HashMap<String, String>) -> Result<bool, HttpError> {
+    check_params(q, &["force"])?;
+    match q.get("force").map(String::as_str) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") | Some("") => Ok(true),
+        Some(v) => Err(HttpError::bad_request(format!(
+            "force `{v}` is not true or false"
+        ))),
+    }
+}
+
+/// GET /patches
+pub async fn patches(State(c): State<AppState>) -> Reply<PatchesReply> {
+    blocking(move || {
+        Ok(Json(PatchesReply {
+            patches: c.patches(),
+        }))
+    })
+    .await
+}
+
+/// POST /patches?force=BOOL, body: the livepatch module (.ko) as is.
+pub async fn patch_apply(
+    State(c): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Reply<TransitionReply> {
+    let force = force_param(&q)?;
+    let ko = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the module is larger than {} bytes; strip its debug info (strip -g) and retry",
+                    patcher::api::MAX_PATCH_BYTES
+                ),
+            )
+        } else {
+            HttpError::new(r.status(), r.body_text())
+        }
+    })?;
+    if ko.is_empty() {
+        return Err(HttpError::bad_request(
+            "empty body: send the livepatch module's bytes (curl --data-binary @FILE.ko)",
+        ));
+    }
+    blocking(move || Ok(Json(c.apply(&ko, force)?))).await
+}
+
+/// POST /patches/{name}/disable?force=BOOL
+pub async fn patch_disable(
+    State(c): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<TransitionReply> {
+    let force = force_param(&q)?;
+    blocking(move || Ok(Json(c.disable(&name, force)?))).await
+}
+
+/// POST /patches/{name}/enable?force=BOOL
+pub async fn patch_enable(
+    State(c): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<TransitionReply> {
+    let force = force_param(&q)?;
+    blocking(move || Ok(Json(c.enable(&name, force)?))).await
+}
+
+/// DELETE /patches/{name}
+pub async fn patch_remove(State(c): State<AppState>, Path(name): Path<String>) -> Reply<PatchInfo> {
+    blocking(move || Ok(Json(c.remove(&name)?))).await
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, patch, put, MethodRouter};
+use axum::routing::{delete, get, patch, post, put, MethodRouter};
 use axum::{middleware, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -17,6 +17,7 @@ use super::error::{json_errors, HttpError};
 use super::handlers;
 use super::{BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_TIMEOUT};
 use crate::control::Control;
+use patcher::api::MAX_PATCH_BYTES;
 
 pub type AppState = Arc<Control>;
 
@@ -33,6 +34,28 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, "/symbols", get(handlers::symbols)),
         (Method::GET, "/symbols/all", get(handlers::symbols_all)),
         (Method::GET, "/tasks", get(handlers::tasks)),
+        (Method::GET, "/patches", get(handlers::patches)),
+        (
+            Method::POST,
+            "/patches",
+            // A module is not a JSON request: it gets its own, larger limit.
+            post(handlers::patch_apply).layer(DefaultBodyLimit::max(MAX_PATCH_BYTES)),
+        ),
+        (
+            Method::POST,
+            "/patches/{name}/disable",
+            post(handlers::patch_disable),
+        ),
+        (
+            Method::POST,
+            "/patches/{name}/enable",
+            post(handlers::patch_enable),
+        ),
+        (
+            Method::DELETE,
+            "/patches/{name}",
+            delete(handlers::patch_remove),
+        ),
     ]
 }
 
@@ -84,7 +107,9 @@ pub fn router(control: Arc<Control>) -> Router {
             REQUEST_TIMEOUT,
         ))
         .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
-        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        // The largest body any route takes; each route's own limit
+        // (DefaultBodyLimit) is checked as its extractor reads.
+        .layer(RequestBodyLimitLayer::new(MAX_PATCH_BYTES))
         .layer(CatchPanicLayer::custom(|_| {
             HttpError::internal("the VMM hit a bug serving this request (see its log)")
                 .into_response()

@@ -1,0 +1,501 @@
+//! The engine: one guest's patches, from a module's bytes to the writes of
+//! a transition and back.
+//!
+//! Every transition has two halves. *Prepare* runs while the guest runs and
+//! only reads it: parse and link the module into arena space (on a copy of
+//! the arena's state), compute with [`Stack`] what every affected function's
+//! entry must do, and turn that into one [`Plan`] of writes with the bytes
+//! each write expects to replace. *Commit* runs with every vCPU paused:
+//! check that no task is inside a function the transition changes
+//! ([`safepoint`](crate::safepoint)), check every expected byte, write, and
+//! only then adopt the new stack and arena state. A transition that fails
+//! anywhere leaves the guest and the engine exactly as they were.
+
+mod load;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use crate::api::{FuncInfo, Hex, PatchInfo, PatchState};
+use crate::arena::{Arena, ArenaError, ImageFacts, Region};
+use crate::introspect::{all_vcpu_regs, Kernel, Tasks};
+use crate::module::ModuleError;
+use crate::safepoint::{irq_stacks, Blocker, Check, SafepointError, Span};
+use crate::site::{FtraceRecords, Site, SiteError};
+use crate::stack::{Change, Entry, Stack, StackError};
+use crate::write::{Plan, Write, WriteError};
+use crate::Guest;
+
+/// Who is at fault for an [`EngineError`], so a front end can pick a status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The module cannot be applied to this kernel.
+    Module,
+    /// The request conflicts with the patches' or the guest's state.
+    State,
+    /// No such patch.
+    NotFound,
+    /// The arena is full.
+    NoSpace,
+    /// Reading or writing the guest failed.
+    Guest,
+}
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Module(#[from] ModuleError),
+    #[error("{0}")]
+    Link(String),
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error("patch arena: {0}")]
+    Arena(#[from] ArenaError),
+    #[error("cannot patch {name}: {source}")]
+    Site {
+        name: String,
+        source: Box<SiteError>,
+    },
+    #[error(
+        "guest memory changed under the transition or the plan is unsafe; nothing was written: {0}"
+    )]
+    Write(#[from] WriteError),
+    #[error("reading the guest kernel failed: {0}")]
+    Introspect(String),
+    #[error("safe-point check failed: {0}")]
+    Safepoint(#[from] SafepointError),
+    #[error(
+        "no safe point: {} task(s) are inside functions this transition changes; nothing was written \
+         (retry later, or --force to skip the check):\n  {}",
+        .0.len(),
+        .0.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("\n  ")
+    )]
+    Blocked(Vec<Blocker>),
+}
+
+impl EngineError {
+    pub fn kind(&self) -> Fault {
+        match self {
+            EngineError::Module(_) | EngineError::Link(_) => Fault::Module,
+            EngineError::Stack(StackError::Unknown(_)) => Fault::NotFound,
+            EngineError::Stack(_) | EngineError::Blocked(_) => Fault::State,
+            EngineError::Arena(ArenaError::Full { .. }) => Fault::NoSpace,
+            EngineError::Arena(_) | EngineError::Introspect(_) | EngineError::Safepoint(_) => {
+                Fault::Guest
+            }
+            EngineError::Site { source, .. } => match **source {
+                SiteError::NotAFunction { .. }
+                | SiteError::NotInText { .. }
+                | SiteError::TooShort { .. }
+                | SiteError::NotFtraceSite { .. }
+                | SiteError::OutOfReach { .. } => Fault::Module,
+                SiteError::Records(_) | SiteError::Read { .. } => Fault::Guest,
+                _ => Fault::State,
+            },
+            EngineError::Write(WriteError::Mismatch { .. }) => Fault::State,
+            EngineError::Write(_) => Fault::Guest,
+        }
+    }
+}
+
+/// One patched function of a loaded patch.
+#[derive(Debug, Clone)]
+struct FuncRecord {
+    name: String,
+    sympos: u32,
+    old: u64,
+    new: u64,
+}
+
+/// What the engine keeps of a loaded patch beyond its stack entry.
+#[derive(Debug, Clone)]
+struct Record {
+    replace: bool,
+    applied_at: u64,
+    pause_us: f64,
+    regions: Vec<Region>,
+    funcs: Vec<FuncRecord>,
+}
+
+impl Record {
+    fn text(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.regions
+            .iter()
+            .filter(|r| r.perm == crate::arena::Perm::Text)
+            .map(|r| r.va..r.va + r.len)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+}
+
+/// Facts read once from the guest kernel for every transition.
+#[derive(Debug)]
+struct Facts {
+    arena: Arena,
+    ftrace: FtraceRecords,
+    tasks: Tasks,
+    hardirq_stack_ptr: Option<u64>,
+}
+
+/// A transition ready to commit. Dropping it changes nothing.
+#[derive(Debug)]
+pub struct Prepared {
+    name: String,
+    change: Change,
+    plan: Plan,
+    /// The arena's state after this transition (apply only).
+    arena: Option<Arena>,
+    /// The new patch's record (apply only).
+    record: Option<Record>,
+    /// Sites validated for this transition, not yet known to the engine.
+    sites: Vec<Site>,
+    /// The functions whose stacks must be clean.
+    check: Check,
+}
+
+impl Prepared {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Guest bytes the commit writes.
+    pub fn bytes(&self) -> u64 {
+        self.plan
+            .writes()
+            .iter()
+            .map(|w| w.bytes.len() as u64)
+            .sum()
+    }
+}
+
+/// A committed transition.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub name: String,
+    pub patch: PatchInfo,
+    pub bytes_written: u64,
+}
+
+/// One guest's patches.
+#[derive(Debug, Default)]
+pub struct Engine {
+    facts: Option<Facts>,
+    stack: Stack,
+    records: BTreeMap<String, Record>,
+    /// Validated sites by old function address, with their original bytes.
+    sites: BTreeMap<u64, Site>,
+}
+
+impl Engine {
+    /// Reads what every transition needs from the kernel, once.
+    fn facts<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<&mut Facts, EngineError> {
+        if self.facts.is_none() {
+            let image = ImageFacts::from_kernel(kernel)?;
+            let arena = Arena::new(guest, &image)?;
+            let space = kernel.space(guest);
+            let ftrace =
+                FtraceRecords::load(&space, &kernel.kallsyms, &kernel.btf).map_err(|source| {
+                    EngineError::Site {
+                        name: "ftrace records".into(),
+                        source: Box::new(source),
+                    }
+                })?;
+            let tasks = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)
+                .map_err(|e| EngineError::Introspect(e.to_string()))?;
+            let hardirq_stack_ptr = kernel.kallsyms.addr("hardirq_stack_ptr").ok();
+            self.facts = Some(Facts {
+                arena,
+                ftrace,
+                tasks,
+                hardirq_stack_ptr,
+            });
+        }
+        self.facts
+            .as_mut()
+            .ok_or(EngineError::Introspect("kernel facts unavailable".into()))
+    }
+
+    /// The site of the function at `old`: known, or validated now.
+    fn site<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        ftrace: &FtraceRecords,
+        name: &str,
+        old: u64,
+    ) -> Result<Site, EngineError> {
+        if let Some(s) = self.sites.get(&old) {
+            return Ok(s.clone());
+        }
+        Site::find(&kernel.space(guest), &kernel.kallsyms, ftrace, old).map_err(|source| {
+            EngineError::Site {
+                name: name.to_owned(),
+                source: Box::new(source),
+            }
+        })
+    }
+
+    /// The site writes and safe-point spans of a stack change.
+    fn plan_sites(
+        &self,
+        kernel: &Kernel,
+        change: &Change,
+        fresh: &[Site],
+        fresh_record: Option<&Record>,
+        plan: &mut Plan,
+    ) -> Result<Check, EngineError> {
+        let mut spans = Vec::new();
+        for (&old, &(before, after)) in &change.sites {
+            let site = self
+                .sites
+                .get(&old)
+                .or_else(|| fresh.iter().find(|s| s.func == old))
+                .ok_or_else(|| EngineError::Introspect(format!("no site for {old:#x}")))?;
+            let bytes =
+                |t: Option<u64>| -> Result<Vec<u8>, EngineError> {
+                    match t {
+                        Some(t) => site.redirect(t).map(|b| b.to_vec()).map_err(|source| {
+                            EngineError::Site {
+                                name: site.name.clone(),
+                                source: Box::new(source),
+                            }
+                        }),
+                        None => Ok(site.original.to_vec()),
+                    }
+                };
+            plan.allow(site.allowed());
+            plan.push(Write::new(
+                site.gpa,
+                bytes(after)?,
+                bytes(before)?,
+                format!("entry of {}", site.name),
+            ));
+            spans.push(Span {
+                range: kernel.kallsyms.extent(old).unwrap_or(old..old + 1),
+                name: site.name.clone(),
+            });
+            // The code being switched away from, if it is a patch's.
+            if let Some(t) = before {
+                if let Some(r) = self
+                    .records
+                    .values()
+                    .chain(fresh_record)
+                    .find(|r| r.text().any(|x| x.contains(&t)))
+                {
+                    for range in r.text() {
+                        spans.push(Span {
+                            range,
+                            name: format!("patched {}", site.name),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Check::new(spans))
+    }
+
+    /// Plans disabling enabled patch `name`.
+    pub fn prepare_disable<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        name: &str,
+        force: bool,
+    ) -> Result<Prepared, EngineError> {
+        self.facts(kernel, guest)?;
+        let change = self.stack.plan_disable(name, force)?;
+        self.prepared_sites(kernel, name, change)
+    }
+
+    /// Plans enabling loaded patch `name` again.
+    pub fn prepare_enable<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        name: &str,
+        force: bool,
+    ) -> Result<Prepared, EngineError> {
+        self.facts(kernel, guest)?;
+        let change = self.stack.plan_reenable(name, force)?;
+        self.prepared_sites(kernel, name, change)
+    }
+
+    fn prepared_sites(
+        &self,
+        kernel: &Kernel,
+        name: &str,
+        change: Change,
+    ) -> Result<Prepared, EngineError> {
+        let mut plan = Plan::new(Vec::new());
+        let check = self.plan_sites(kernel, &change, &[], None, &mut plan)?;
+        Ok(Prepared {
+            name: name.to_owned(),
+            change,
+            plan,
+            arena: None,
+            record: None,
+            sites: Vec::new(),
+            check,
+        })
+    }
+
+    /// Commits `p` with every vCPU paused: the safe-point check (unless
+    /// the transition is forced), then every write, then the new state.
+    pub fn commit<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &Prepared,
+    ) -> Result<Committed, EngineError> {
+        if !p.change.forced && !p.check.is_empty() {
+            let blockers = self.blockers(kernel, guest, &p.check)?;
+            if !blockers.is_empty() {
+                return Err(EngineError::Blocked(blockers));
+            }
+        }
+        p.plan.commit(guest)?;
+        if let Some(arena) = &p.arena {
+            if let Some(f) = self.facts.as_mut() {
+                f.arena = arena.clone();
+            }
+        }
+        for s in &p.sites {
+            self.sites.entry(s.func).or_insert_with(|| s.clone());
+        }
+        if let Some(r) = &p.record {
+            self.records.insert(p.name.clone(), r.clone());
+        }
+        self.stack.apply(&p.change);
+        let patch = self
+            .info(&p.name)
+            .ok_or_else(|| EngineError::Introspect("committed patch vanished".into()))?;
+        Ok(Committed {
+            name: p.name.clone(),
+            patch,
+            bytes_written: p.bytes(),
+        })
+    }
+
+    fn blockers<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        check: &Check,
+    ) -> Result<Vec<Blocker>, EngineError> {
+        let f = self
+            .facts
+            .as_ref()
+            .ok_or(EngineError::Introspect("kernel facts unavailable".into()))?;
+        let space = kernel.space(guest);
+        let regs = all_vcpu_regs(guest).map_err(|e| EngineError::Introspect(e.to_string()))?;
+        let tasks = f
+            .tasks
+            .list(&space, &regs)
+            .map_err(|e| EngineError::Introspect(e.to_string()))?;
+        let irq = match f.hardirq_stack_ptr {
+            Some(ptr) => {
+                let bases = f
+                    .tasks
+                    .per_cpu_bases(&space)
+                    .map_err(|e| EngineError::Introspect(e.to_string()))?;
+                irq_stacks(&space, &bases, ptr)
+            }
+            None => Vec::new(),
+        };
+        Ok(check.blockers(&space, &tasks, &regs, &irq)?)
+    }
+
+    /// Notes the pause a committed transition took (measured by the VMM).
+    pub fn record_pause(&mut self, name: &str, pause_us: f64) -> Option<PatchInfo> {
+        if let Some(r) = self.records.get_mut(name) {
+            if r.pause_us == 0.0 {
+                r.pause_us = pause_us;
+            }
+        }
+        self.info(name)
+    }
+
+    /// Forgets a patch that is not enabled. Its arena pages are retired:
+    /// still mapped (a task might, in theory, still return into them), and
+    /// reused only for the same permission.
+    pub fn remove(&mut self, name: &str) -> Result<PatchInfo, EngineError> {
+        let info = self
+            .info(name)
+            .ok_or_else(|| StackError::Unknown(name.to_owned()))?;
+        self.stack.remove(name)?;
+        if let Some(r) = self.records.remove(name) {
+            if let Some(f) = self.facts.as_mut() {
+                for region in &r.regions {
+                    f.arena.free(region)?;
+                }
+            }
+        }
+        Ok(info)
+    }
+
+    /// Every loaded patch, oldest first.
+    pub fn list(&self) -> Vec<PatchInfo> {
+        self.stack
+            .entries()
+            .iter()
+            .filter_map(|e| self.info(&e.name))
+            .collect()
+    }
+
+    fn info(&self, name: &str) -> Option<PatchInfo> {
+        let e = self.stack.get(name)?;
+        let r = self.records.get(name)?;
+        let live = self.stack.live();
+        Some(PatchInfo {
+            name: e.name.clone(),
+            state: e.state,
+            replace: r.replace,
+            forced: e.forced,
+            applied_at: r.applied_at,
+            pause_us: r.pause_us,
+            arena_bytes: r.bytes(),
+            funcs: r
+                .funcs
+                .iter()
+                .map(|f| FuncInfo {
+                    name: f.name.clone(),
+                    sympos: f.sympos,
+                    old_addr: Hex(f.old),
+                    site: Hex(self.sites.get(&f.old).map_or(f.old, |s| s.at)),
+                    new_addr: Hex(f.new),
+                    live: e.state == PatchState::Enabled && live.get(&f.old) == Some(&f.new),
+                })
+                .collect(),
+        })
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A new stack entry for `funcs`.
+fn entry(name: &str, replace: bool, funcs: &[FuncRecord]) -> Entry {
+    Entry::new(
+        name,
+        replace,
+        funcs
+            .iter()
+            .map(|f| crate::stack::Redirect {
+                old: f.old,
+                new: f.new,
+            })
+            .collect(),
+    )
+}
