@@ -1,0 +1,69 @@
+//! Livepatch modules built by kbuild, applied from outside the guest.
+
+use harness::{run_scenario, Run};
+use patcher::api::{PatchState, PatchesReply};
+
+/// The JSON after `KLPV-JSON-PATCHES <step> `.
+fn patches(run: &Run, step: &str) -> PatchesReply {
+    let tag = format!("KLPV-JSON-PATCHES {step} ");
+    let json = run
+        .lines
+        .iter()
+        .find_map(|l| l.split_once(&tag).map(|(_, j)| j.to_owned()))
+        .unwrap_or_else(|| panic!("no patch list at {step}\n{}", run.transcript()));
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"))
+}
+
+/// What `cat /proc/cmdline` printed the n-th time.
+fn cmdline(run: &Run, n: u32) -> String {
+    let tag = format!("KLPV-CMDLINE {n} ");
+    run.lines
+        .iter()
+        .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no cmdline #{n}\n{}", run.transcript()))
+}
+
+#[test]
+fn livepatch_sample_applies_and_disables_from_outside() {
+    let run = run_scenario("patch-sample", &[]);
+    let t = run.transcript();
+    assert_eq!(run.result("patch-apply")["rc"], "0", "{t}");
+    assert_eq!(run.result("patch-disable")["rc"], "0", "{t}");
+
+    // The guest sees the patch land and go.
+    let original = cmdline(&run, 1);
+    assert!(original.contains("console=ttyS0"), "{original}");
+    assert_eq!(cmdline(&run, 2), "this has been live patched");
+    assert_eq!(cmdline(&run, 3), original);
+
+    // The patch as listed: enabled with its one function live, then disabled.
+    let on = patches(&run, "applied");
+    assert_eq!(on.patches.len(), 1);
+    let p = &on.patches[0];
+    assert_eq!(p.name, "livepatch_sample");
+    assert_eq!(p.state, PatchState::Enabled);
+    assert!(!p.replace && !p.forced);
+    assert_eq!(p.funcs.len(), 1);
+    assert_eq!(p.funcs[0].name, "cmdline_proc_show");
+    assert!(p.funcs[0].live);
+    let off = patches(&run, "disabled");
+    assert_eq!(off.patches[0].state, PatchState::Disabled);
+    assert!(!off.patches[0].funcs[0].live);
+
+    // Kernel text: identical outside the patch site while applied, and
+    // identical everywhere after disable.
+    let hashes = run.results("text-hash");
+    assert_eq!(hashes.len(), 3, "{t}");
+    assert_eq!(hashes[1]["masked_sites"], "1");
+    assert_eq!(hashes[0]["fnv"], hashes[1]["fnv"], "text outside the site");
+    assert_eq!(hashes[0]["fnv"], hashes[2]["fnv"], "text after disable");
+
+    assert_eq!(run.result("patch-sample-exit")["rc"], "0");
+    let dmesg = run.lines_with("KLPV-DMESG warnings=");
+    assert_eq!(dmesg.len(), 1, "{t}");
+    assert!(dmesg[0].ends_with("warnings=0"), "dmesg: {}", dmesg[0]);
+    assert!(
+        run.lines_with("Call Trace").is_empty(),
+        "no oops or warning"
+    );
+}
