@@ -52,10 +52,13 @@ fn livepatch_sample_applies_and_disables_from_outside() {
 
     // Kernel text: identical outside the patch site while applied, and
     // identical everywhere after disable.
+    // Hashes: before, applied (site masked), after (whole), after (site
+    // masked).
     let hashes = run.results("text-hash");
-    assert_eq!(hashes.len(), 3, "{t}");
+    assert_eq!(hashes.len(), 4, "{t}");
     assert_eq!(hashes[1]["masked_sites"], "1");
-    assert_eq!(hashes[0]["fnv"], hashes[1]["fnv"], "text outside the site");
+    assert_eq!(hashes[3]["masked_sites"], "1");
+    assert_eq!(hashes[1]["fnv"], hashes[3]["fnv"], "text outside the site");
     assert_eq!(hashes[0]["fnv"], hashes[2]["fnv"], "text after disable");
 
     assert_eq!(run.result("patch-sample-exit")["rc"], "0");

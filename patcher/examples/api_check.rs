@@ -5,10 +5,12 @@
 //!   api_check robust SOCK      concurrency, every bad-input class, peer refusal
 //!   api_check bench SOCK N     N pause/resume round trips through the API
 //!   api_check peer SOCK        (internal) one GET /vm as whoever runs it
-//!   api_check text-hash SOCK   hash of the guest's kernel text via GET /memory,
-//!                              the 5-byte sites of live patched functions
-//!                              masked (so "unchanged outside the sites"
-//!                              can be checked while a patch is on)
+//!   api_check text-hash SOCK [SITE...]
+//!                              hash of the guest's kernel text via GET
+//!                              /memory with the 5 bytes at each SITE (hex),
+//!                              or else at each live patch site, masked: so
+//!                              "unchanged outside the sites" can be checked
+//!                              while a patch is on
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -25,7 +27,7 @@ use patcher::client::{Client, ClientError};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let (Some(mode), Some(sock)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: api_check robust|bench|peer|text-hash SOCK [N]");
+        eprintln!("usage: api_check robust|bench|peer|text-hash SOCK [N | SITE...]");
         return ExitCode::from(2);
     };
     let sock = PathBuf::from(sock);
@@ -37,7 +39,14 @@ fn main() -> ExitCode {
         ),
         "peer" => peer(&sock),
         "text-hash" => Client::new(&sock).map_err(|e| e.to_string()).and_then(|c| {
-            let sites = live_sites(&c)?;
+            // Explicit sites (hex) to mask, or else the live ones.
+            let sites = match args.get(3..).filter(|a| !a.is_empty()) {
+                Some(given) => given
+                    .iter()
+                    .map(|s| patcher::api::parse_hex(s))
+                    .collect::<Result<Vec<u64>, String>>()?,
+                None => live_sites(&c)?,
+            };
             let h = text_hash_masked(&c, &sites)?;
             println!(
                 "KLPV-RESULT text-hash fnv={h:016x} masked_sites={}",
