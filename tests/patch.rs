@@ -70,3 +70,23 @@ fn livepatch_sample_applies_and_disables_from_outside() {
         "no oops or warning"
     );
 }
+
+#[test]
+fn hot_syscall_patched_and_unpatched_under_a_loop_on_every_vcpu() {
+    let run = run_scenario("patch-hot", &["10"]);
+    let t = run.transcript();
+    let r = run.result("patch-hot");
+    assert_eq!(r["ok"], "10", "every apply/disable/remove cycle succeeded\n{t}");
+    let workers = run.lines_with("KLPV-HOT-WORKER");
+    assert_eq!(workers.len(), 2, "{t}");
+    for w in &workers {
+        assert!(w.ends_with("failed=0"), "the loop's results stayed right: {w}");
+        assert!(!w.contains("rounds=0 "), "the loop ran: {w}");
+    }
+    assert!(patches(&run, "end").patches.is_empty(), "all removed");
+    let dmesg = run.lines_with("KLPV-DMESG warnings=");
+    assert_eq!(dmesg.len(), 1, "{t}");
+    assert!(dmesg[0].ends_with("warnings=0"), "dmesg: {}", dmesg[0]);
+    assert_eq!(run.result("patch-hot-exit")["rc"], "0");
+    assert!(run.lines_with("Call Trace").is_empty(), "no oops or warning");
+}

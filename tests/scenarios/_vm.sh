@@ -13,6 +13,11 @@
 # vm_finish [LINE]
 #   Sends LINE (default "done"), closes the console and waits for vmm;
 #   returns vmm's exit code.
+# A vmm that has gone away must not kill the scenario with SIGPIPE when it
+# writes to the console FIFO: the write fails and vm_finish reports vmm's
+# exit code.
+trap '' PIPE
+
 vm_start() {
 	vm_dir=/tmp/klpv-vm-$1
 	vm_cmd=$2
@@ -55,7 +60,8 @@ vm_send() {
 }
 
 vm_finish() {
-	echo "${1:-done}" >&3
+	kill -0 "$VM_PID" 2>/dev/null || echo "KLPV-VM vmm exited before the scenario finished"
+	echo "${1:-done}" >&3 2>/dev/null
 	exec 3>&-
 	wait "$VM_PID"
 	vm_rc=$?
