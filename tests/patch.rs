@@ -76,11 +76,17 @@ fn hot_syscall_patched_and_unpatched_under_a_loop_on_every_vcpu() {
     let run = run_scenario("patch-hot", &["10"]);
     let t = run.transcript();
     let r = run.result("patch-hot");
-    assert_eq!(r["ok"], "10", "every apply/disable/remove cycle succeeded\n{t}");
+    assert_eq!(
+        r["ok"], "10",
+        "every apply/disable/remove cycle succeeded\n{t}"
+    );
     let workers = run.lines_with("KLPV-HOT-WORKER");
     assert_eq!(workers.len(), 2, "{t}");
     for w in &workers {
-        assert!(w.ends_with("failed=0"), "the loop's results stayed right: {w}");
+        assert!(
+            w.ends_with("failed=0"),
+            "the loop's results stayed right: {w}"
+        );
         assert!(!w.contains("rounds=0 "), "the loop ran: {w}");
     }
     assert!(patches(&run, "end").patches.is_empty(), "all removed");
@@ -88,5 +94,76 @@ fn hot_syscall_patched_and_unpatched_under_a_loop_on_every_vcpu() {
     assert_eq!(dmesg.len(), 1, "{t}");
     assert!(dmesg[0].ends_with("warnings=0"), "dmesg: {}", dmesg[0]);
     assert_eq!(run.result("patch-hot-exit")["rc"], "0");
-    assert!(run.lines_with("Call Trace").is_empty(), "no oops or warning");
+    assert!(
+        run.lines_with("Call Trace").is_empty(),
+        "no oops or warning"
+    );
+}
+
+/// Each class of bad input: refused with a message naming the problem,
+/// and the kernel text and the arena unchanged (hashes through the API).
+#[test]
+fn bad_patches_are_refused_and_the_guest_is_untouched() {
+    let run = run_scenario("patch-bad", &[]);
+    let t = run.transcript();
+    let want = [
+        ("not-elf", "not an ELF file"),
+        ("wrong-machine", "AArch64"),
+        ("truncated", "truncated"),
+        ("not-livepatch", "not a livepatch module"),
+        ("unknown-function", "klpv_no_such_function"),
+        ("ambiguous", "set .old_sympos"),
+        ("wrong-sympos", ".old_sympos = 3"),
+        ("unresolved", "3 symbol(s) cannot be resolved"),
+        ("other-release", "rebuild it against linux-headers-"),
+        ("ex-table", "__ex_table"),
+        ("module-object", "not supported yet"),
+        ("init-ref", ".init.data"),
+        ("arena-full", "arena full"),
+        ("duplicate", "already loaded"),
+        ("traced", "ftrace"),
+    ];
+    let results = run.results("patch-bad");
+    for (class, needle) in want {
+        let r = results
+            .iter()
+            .find(|r| r["class"] == class)
+            .unwrap_or_else(|| panic!("no result for {class}\n{t}"));
+        assert_eq!(r["rc"], "1", "{class} refused\n{t}");
+        let msg = run
+            .lines
+            .iter()
+            .find(|l| l.contains(&format!("PATCH-BAD {class}: ")))
+            .unwrap_or_else(|| panic!("no message for {class}"));
+        assert!(msg.contains(needle), "{class}: `{needle}` not in: {msg}");
+    }
+    // Every unresolvable symbol is named, in one error.
+    let unresolved = run.lines_with("PATCH-BAD unresolved: ");
+    for name in ["klpv_missing_function", "klpv_missing_variable"] {
+        assert!(unresolved[0].contains(name), "{}", unresolved[0]);
+    }
+    let hashes = run.results("guest-hash");
+    assert_eq!(hashes.len(), 2, "{t}");
+    assert_eq!(hashes[0], hashes[1], "kernel text and arena untouched");
+    assert_eq!(
+        run.result("patch-good")["rc"],
+        "0",
+        "a good patch still applies"
+    );
+    assert_eq!(run.result("patch-good-off")["rc"], "0");
+    assert_eq!(
+        run.result("patch-untraced")["rc"],
+        "0",
+        "applies once untraced"
+    );
+    assert!(run
+        .lines_with("KLPV-CMDLINE 3 ")
+        .iter()
+        .any(|l| l.ends_with("this has been live patched")));
+    let dmesg = run.lines_with("KLPV-DMESG warnings=");
+    assert!(
+        dmesg.len() == 1 && dmesg[0].ends_with("warnings=0"),
+        "{dmesg:?}"
+    );
+    assert_eq!(run.result("patch-bad-exit")["rc"], "0");
 }

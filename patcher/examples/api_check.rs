@@ -5,6 +5,7 @@
 //!   api_check robust SOCK      concurrency, every bad-input class, peer refusal
 //!   api_check bench SOCK N     N pause/resume round trips through the API
 //!   api_check peer SOCK        (internal) one GET /vm as whoever runs it
+//!   api_check guest-hash SOCK  hashes of the kernel text and the whole arena
 //!   api_check text-hash SOCK [SITE...]
 //!                              hash of the guest's kernel text via GET
 //!                              /memory with the 5 bytes at each SITE (hex),
@@ -54,6 +55,9 @@ fn main() -> ExitCode {
             );
             Ok(())
         }),
+        "guest-hash" => Client::new(&sock)
+            .map_err(|e| e.to_string())
+            .and_then(|c| guest_hash(&c)),
         _ => Err(format!("unknown mode {mode}")),
     };
     match r {
@@ -377,6 +381,34 @@ fn peer(sock: &Path) -> Result<(), String> {
     } else {
         println!("allowed status={s} {}", body.trim());
     }
+    Ok(())
+}
+
+/// FNV-1a of the kernel text and of the whole patch arena (what a refused
+/// patch must leave untouched).
+fn guest_hash(c: &Client) -> Result<(), String> {
+    let text = text_hash(c)?;
+    let vm: VmInfo = c
+        .call(Method::GET, "/vm", None)
+        .map_err(|e| e.to_string())?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut gpa = vm.arena_gpa.0;
+    let end = gpa + vm.arena_size;
+    while gpa < end {
+        let len = (end - gpa).min(patcher::api::MAX_MEMORY_READ);
+        let m: MemoryReply = c
+            .call(
+                Method::GET,
+                &format!("/memory?gpa={gpa:#x}&len={len}"),
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+        for b in m.bytes.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        gpa += len;
+    }
+    println!("KLPV-RESULT guest-hash text={text:016x} arena={h:016x}");
     Ok(())
 }
 

@@ -87,6 +87,9 @@ pub struct VmInfo {
     /// `kernel_error`.
     pub kernel: Option<KernelInfo>,
     pub kernel_error: Option<String>,
+    /// The reserved patch arena: guest-physical start and size.
+    pub arena_gpa: Hex,
+    pub arena_size: u64,
 }
 
 /// The guest kernel as read from its memory.

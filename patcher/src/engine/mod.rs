@@ -234,7 +234,15 @@ impl Engine {
         old: u64,
     ) -> Result<Site, EngineError> {
         if let Some(s) = self.sites.get(&old) {
-            return Ok(s.clone());
+            // Known, and not redirected now: it must still hold its
+            // original bytes; if the guest changed it (ftrace, in-guest
+            // klp), validate afresh for an error that says why.
+            let live = self.stack.live().contains_key(&old);
+            let mut now = [0u8; 5];
+            let unchanged = guest.read_phys(s.gpa, &mut now).is_ok() && now == s.original;
+            if live || unchanged {
+                return Ok(s.clone());
+            }
         }
         Site::find(&kernel.space(guest), &kernel.kallsyms, ftrace, old).map_err(|source| {
             EngineError::Site {

@@ -94,6 +94,8 @@ pub async fn vm_info(State(c): State<AppState>) -> Reply<VmInfo> {
             boot_ms: vm.boot_time().map(|d| d.as_secs_f64() * 1e3),
             kernel,
             kernel_error,
+            arena_gpa: Hex(vm.layout().arena.0),
+            arena_size: vm.layout().arena.1,
         }))
     })
     .await
