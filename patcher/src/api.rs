@@ -387,6 +387,10 @@ pub struct TransitionReply {
     pub pause_us: f64,
     /// Guest bytes written in that pause.
     pub bytes_written: u64,
+    /// What this transition did not do that in-kernel livepatch would
+    /// (e.g. callbacks not run).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[cfg(test)]

@@ -401,6 +401,9 @@ fn print_transition(what: &str, v: &TransitionReply) {
         v.bytes_written,
         duration_us(v.pause_us)
     );
+    for w in &v.warnings {
+        println!("warning: {w}");
+    }
     print_patch(&v.patch);
 }
 

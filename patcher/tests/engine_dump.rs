@@ -139,6 +139,12 @@ fn replace_patch_takes_over_and_bad_modules_change_nothing() {
     // hot-getppid is a replace patch: cmdline_proc_show goes back to the
     // original, getppid is redirected, the sample ends replaced.
     let p = e.prepare_apply(k, &g, &ko("hot-getppid"), false).unwrap();
+    // What klp would do and we do not yet is said, not silently skipped.
+    let w = p.warnings().join("\n");
+    assert!(
+        w.contains("pre_patch, post_unpatch") && w.contains("klp_state"),
+        "{w}"
+    );
     e.commit(k, &g, &p).unwrap();
     assert_eq!(entry_bytes(&k.space(&g), sample_old), original);
     let l = e.list();

@@ -257,6 +257,9 @@ impl Control {
         let start = Instant::now();
         let prepared = prepare(&mut engine, &k.kernel)?;
         let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
+        for w in prepared.warnings() {
+            tracing::warn!(patch = prepared.name(), "{w}");
+        }
         let deadline = Instant::now() + TRANSITION_TIMEOUT;
         let mut backoff = Duration::from_millis(1);
         let mut attempts = 0u32;
@@ -293,6 +296,7 @@ impl Control {
             prepare_ms,
             pause_us,
             bytes_written: done.value.bytes_written,
+            warnings: prepared.warnings().to_vec(),
         })
     }
 

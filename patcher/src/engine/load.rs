@@ -103,6 +103,34 @@ impl Engine {
                 .map_err(EngineError::Write)?,
             );
         }
+        let mut warnings = Vec::new();
+        let callbacks: Vec<&str> = module
+            .patch
+            .objects
+            .iter()
+            .flat_map(|o| {
+                let c = &o.callbacks;
+                [
+                    ("pre_patch", c.pre_patch.is_some()),
+                    ("post_patch", c.post_patch.is_some()),
+                    ("pre_unpatch", c.pre_unpatch.is_some()),
+                    ("post_unpatch", c.post_unpatch.is_some()),
+                ]
+            })
+            .filter_map(|(n, set)| set.then_some(n))
+            .collect();
+        if !callbacks.is_empty() {
+            warnings.push(format!(
+                "the patch has klp callbacks ({}); klpvisor does not run callbacks yet",
+                callbacks.join(", ")
+            ));
+        }
+        if !module.patch.states.is_empty() {
+            warnings.push(format!(
+                "the patch declares {} klp_state(s); klpvisor does not check state compatibility yet",
+                module.patch.states.len()
+            ));
+        }
         let record = Record {
             replace: module.patch.replace,
             applied_at: now_unix(),
@@ -122,6 +150,7 @@ impl Engine {
             record: Some(record),
             sites: fresh,
             check,
+            warnings,
         })
     }
 }

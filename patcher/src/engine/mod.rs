@@ -156,11 +156,17 @@ pub struct Prepared {
     sites: Vec<Site>,
     /// The functions whose stacks must be clean.
     check: Check,
+    /// What the transition will not do that klp would.
+    warnings: Vec<String>,
 }
 
 impl Prepared {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Guest bytes the commit writes.
@@ -353,6 +359,7 @@ impl Engine {
             record: None,
             sites: Vec::new(),
             check,
+            warnings: Vec::new(),
         })
     }
 
