@@ -175,7 +175,9 @@ pub fn run_scenario(name: &str, args: &[&str]) -> Run {
             run.lines
         }
         Attempt::L1Hung(lines) => {
-            eprintln!("harness: L1 did not boot within {L1_BOOT_LIMIT:?}; retrying once");
+            eprintln!(
+                "harness: L1 did not boot within {L1_BOOT_LIMIT:?} or livelocked (emulator); retrying once"
+            );
             lines
         }
     };
@@ -247,7 +249,16 @@ fn run_once(mode: Mode, name: &str, args: &[&str]) -> Attempt {
             Ok(line) => {
                 eprintln!("  | {line}");
                 l1_up |= line.contains("KLPV-L1 ");
+                // L1's own watchdog naming the vmm: the emulated SVM has
+                // livelocked the L1 CPU running L2 (seen under QEMU 7.2
+                // TCG); nothing after it is about the code under test.
+                let l1_livelock =
+                    mode == Mode::Nested && line.contains("soft lockup") && line.contains("[vmm:");
                 lines.push(line);
+                if l1_livelock {
+                    kill_tree(&mut child);
+                    return Attempt::L1Hung(lines);
+                }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) if !l1_up => {
