@@ -167,3 +167,46 @@ fn bad_patches_are_refused_and_the_guest_is_untouched() {
     );
     assert_eq!(run.result("patch-bad-exit")["rc"], "0");
 }
+
+/// The consistency model: a transition waits while a task sleeps inside
+/// the function it replaces, fails cleanly when the task stays too long,
+/// and commits once the task has left.
+#[test]
+fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
+    let run = run_scenario("patch-blocked", &[]);
+    let t = run.transcript();
+    assert!(run.results("blocked").is_empty(), "{t}");
+    // 1 s timeout, 60 s sleeper: refused, the sleeper named, nothing changed.
+    assert_eq!(run.result("blocked-short")["rc"], "1", "{t}");
+    let msg = run.lines_with("BLOCKED-SHORT: ");
+    assert!(
+        msg[0].contains("no safe point")
+            && msg[0].contains("(sleep)")
+            && msg[0].contains("common_nsleep"),
+        "{}",
+        msg[0]
+    );
+    let hashes = run.results("guest-hash");
+    assert_eq!(hashes.len(), 2, "{t}");
+    assert_eq!(hashes[0], hashes[1], "kernel text and arena unchanged");
+    assert!(patches(&run, "short").patches.is_empty(), "no patch loaded");
+    // 4 s sleeper, default 10 s: committed after waiting for it.
+    assert_eq!(run.result("blocked-wait")["rc"], "0", "{t}");
+    let json = run
+        .lines
+        .iter()
+        .find_map(|l| {
+            l.split_once("KLPV-JSON-TRANSITION wait ")
+                .map(|(_, j)| j.to_owned())
+        })
+        .expect("transition reply");
+    let reply: patcher::api::TransitionReply = serde_json::from_str(&json).unwrap();
+    assert!(reply.attempts > 1, "it had to wait: {json}");
+    assert!(reply.waited_ms > 500.0, "{json}");
+    assert_eq!(reply.patch.state, PatchState::Enabled);
+    assert_eq!(run.result("blocked-exit")["rc"], "0");
+    assert!(
+        run.lines_with("Call Trace").is_empty(),
+        "no oops or warning"
+    );
+}

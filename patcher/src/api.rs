@@ -387,6 +387,13 @@ pub struct TransitionReply {
     pub pause_us: f64,
     /// Guest bytes written in that pause.
     pub bytes_written: u64,
+    /// Pauses it took to find a safe point (1: the first).
+    #[serde(default)]
+    pub attempts: u32,
+    /// From the first pause to the committing one (0 when the first
+    /// found a safe point).
+    #[serde(default)]
+    pub waited_ms: f64,
     /// What this transition did not do that in-kernel livepatch would
     /// (e.g. callbacks not run).
     #[serde(default)]

@@ -67,6 +67,9 @@ enum Command {
         /// Skip the safe-point check (the patch is marked forced).
         #[arg(long)]
         force: bool,
+        /// How long to wait for a safe point, in milliseconds (VMM default 10000).
+        #[arg(long, value_name = "MS")]
+        timeout: Option<u64>,
     },
     /// The loaded patches and where each patched function jumps.
     List,
@@ -75,12 +78,18 @@ enum Command {
         name: String,
         #[arg(long)]
         force: bool,
+        /// How long to wait for a safe point, in milliseconds (VMM default 10000).
+        #[arg(long, value_name = "MS")]
+        timeout: Option<u64>,
     },
     /// Enable a disabled or replaced patch again.
     Enable {
         name: String,
         #[arg(long)]
         force: bool,
+        /// How long to wait for a safe point, in milliseconds (VMM default 10000).
+        #[arg(long, value_name = "MS")]
+        timeout: Option<u64>,
     },
     /// Forget a disabled or replaced patch and free its arena space.
     Remove { name: String },
@@ -189,30 +198,51 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             let v: TasksReply = c.call(Method::GET, "/tasks", None)?;
             show(json, &v, print_tasks);
         }
-        Command::Apply { file, force } => {
+        Command::Apply {
+            file,
+            force,
+            timeout,
+        } => {
             let bytes = std::fs::read(file).map_err(|source| ClientError::File {
                 path: file.clone(),
                 source,
             })?;
-            let v: TransitionReply = c.upload(&format!("/patches?force={force}"), bytes)?;
+            let v: TransitionReply =
+                c.upload(&format!("/patches?{}", params(*force, *timeout)), bytes)?;
             show(json, &v, |v| print_transition("applied", v));
         }
         Command::List => {
             let v: PatchesReply = c.call(Method::GET, "/patches", None)?;
             show(json, &v, print_patches);
         }
-        Command::Disable { name, force } => {
+        Command::Disable {
+            name,
+            force,
+            timeout,
+        } => {
             let v: TransitionReply = c.call(
                 Method::POST,
-                &format!("/patches/{}/disable?force={force}", query_escape(name)),
+                &format!(
+                    "/patches/{}/disable?{}",
+                    query_escape(name),
+                    params(*force, *timeout)
+                ),
                 None,
             )?;
             show(json, &v, |v| print_transition("disabled", v));
         }
-        Command::Enable { name, force } => {
+        Command::Enable {
+            name,
+            force,
+            timeout,
+        } => {
             let v: TransitionReply = c.call(
                 Method::POST,
-                &format!("/patches/{}/enable?force={force}", query_escape(name)),
+                &format!(
+                    "/patches/{}/enable?{}",
+                    query_escape(name),
+                    params(*force, *timeout)
+                ),
                 None,
             )?;
             show(json, &v, |v| print_transition("enabled", v));
@@ -401,6 +431,12 @@ fn print_transition(what: &str, v: &TransitionReply) {
         v.bytes_written,
         duration_us(v.pause_us)
     );
+    if v.attempts > 1 {
+        println!(
+            "waited {:.0} ms for a safe point ({} pauses)",
+            v.waited_ms, v.attempts
+        );
+    }
     for w in &v.warnings {
         println!("warning: {w}");
     }
@@ -440,5 +476,13 @@ fn print_patches(v: &PatchesReply) {
     }
     for p in &v.patches {
         print_patch(p);
+    }
+}
+
+/// The transition routes' query string.
+fn params(force: bool, timeout: Option<u64>) -> String {
+    match timeout {
+        Some(ms) => format!("force={force}&timeout_ms={ms}"),
+        None => format!("force={force}"),
     }
 }

@@ -35,14 +35,6 @@ pub const IRQ_STACK_SIZE: u64 = 16 << 10;
 
 #[derive(Debug, Error)]
 pub enum SafepointError {
-    #[error("cannot read the stack of task {pid} ({comm}) at {addr:#x}+{len:#x}: {source}")]
-    Read {
-        pid: i32,
-        comm: String,
-        addr: u64,
-        len: u64,
-        source: crate::introspect::PagingError,
-    },
     #[error("vCPU {vcpu} runs task {pid} but has no registers")]
     NoRegs { vcpu: usize, pid: i32 },
 }
@@ -63,6 +55,8 @@ pub enum Seen {
     Stack { slot: u64 },
     /// The vCPU's stack pointer is on no stack we know.
     UnknownStack { vcpu: usize, rsp: u64 },
+    /// The task's stack could not be read (blocks: unknown means unsafe).
+    Unreadable { addr: u64 },
 }
 
 /// A task that keeps the transition from committing now.
@@ -93,6 +87,11 @@ impl std::fmt::Display for Blocker {
             Seen::UnknownStack { vcpu, rsp } => write!(
                 f,
                 "pid {} ({}) runs on vCPU {vcpu} with RSP {rsp:#x} on no known stack",
+                self.pid, self.comm
+            ),
+            Seen::Unreadable { addr } => write!(
+                f,
+                "pid {} ({}): its stack at {addr:#x} cannot be read",
                 self.pid, self.comm
             ),
         }
@@ -137,6 +136,11 @@ impl Check {
             return Ok(out);
         }
         for t in tasks {
+            // A zombie or dead task never runs again: nothing on its stack
+            // (often already freed) can be returned into.
+            if t.exit_state != 0 {
+                continue;
+            }
             let mut ranges: Vec<Range<u64>> = Vec::new();
             match t.running {
                 Some(run) => {
@@ -198,14 +202,16 @@ impl Check {
         }
         // len <= MAX_STACK, so it fits in usize.
         let mut buf = vec![0u8; len as usize];
-        mem.read_virt(start, &mut buf)
-            .map_err(|source| SafepointError::Read {
+        if mem.read_virt(start, &mut buf).is_err() {
+            out.push(Blocker {
                 pid: t.pid,
                 comm: t.comm.clone(),
+                func: String::new(),
                 addr: start,
-                len,
-                source,
-            })?;
+                seen: Seen::Unreadable { addr: start },
+            });
+            return Ok(());
+        }
         for (i, w) in buf.chunks_exact(8).enumerate() {
             let mut word = [0u8; 8];
             word.copy_from_slice(w);
@@ -382,6 +388,28 @@ mod tests {
             .blockers(&mem, &[t], &[], &[])
             .unwrap()
             .is_empty());
+    }
+
+    /// Memory that cannot be read at all.
+    struct Nothing;
+
+    impl VirtRead for Nothing {
+        fn read_virt(&self, va: u64, _: &mut [u8]) -> Result<(), PagingError> {
+            Err(PagingError::NonCanonical { va, levels: 4 })
+        }
+    }
+
+    #[test]
+    fn zombies_are_skipped_and_unreadable_stacks_block() {
+        let mut zombie = task(9, 0..0, 0, None);
+        zombie.exit_state = 16; // EXIT_ZOMBIE
+        assert!(check()
+            .blockers(&Nothing, &[zombie], &[], &[])
+            .unwrap()
+            .is_empty());
+        let live = task(10, 0x8000..0x9000, 0x8f00, None);
+        let b = check().blockers(&Nothing, &[live], &[], &[]).unwrap();
+        assert_eq!(b[0].seen, Seen::Unreadable { addr: 0x8f00 });
     }
 
     #[test]

@@ -84,8 +84,20 @@ pub struct CachedKernel {
     pub pause: Duration,
 }
 
-/// How long a transition waits for a safe point before failing cleanly.
+/// How long a transition waits for a safe point before failing cleanly
+/// (`?timeout_ms=` overrides it, up to [`MAX_TRANSITION_TIMEOUT`]).
 pub const TRANSITION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait a request may ask for (the API answers within 30 s).
+pub const MAX_TRANSITION_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// How a transition is to be made.
+#[derive(Debug, Clone, Copy)]
+pub struct Transition {
+    /// Skip the safe-point check; the patch is marked forced.
+    pub force: bool,
+    /// How long to retry while tasks block it.
+    pub timeout: Duration,
+}
 
 /// The VM as the control socket drives it.
 pub struct Control {
@@ -246,10 +258,11 @@ impl Control {
     /// plan: reads only), then commits all of its writes in one pause. A
     /// transition blocked by a task inside a changed function is retried,
     /// the guest running in between, with backoff (1 ms doubling to
-    /// 100 ms) until [`TRANSITION_TIMEOUT`]; then the blockers are reported
+    /// 100 ms) until `timeout`; then the blockers are reported
     /// and nothing has changed.
     fn transition(
         &self,
+        timeout: Duration,
         prepare: impl FnOnce(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
     ) -> Result<TransitionReply, ControlError> {
         let k = self.kernel()?;
@@ -260,7 +273,8 @@ impl Control {
         for w in prepared.warnings() {
             tracing::warn!(patch = prepared.name(), "{w}");
         }
-        let deadline = Instant::now() + TRANSITION_TIMEOUT;
+        let first = Instant::now();
+        let deadline = first + timeout;
         let mut backoff = Duration::from_millis(1);
         let mut attempts = 0u32;
         let done = loop {
@@ -297,23 +311,33 @@ impl Control {
             pause_us,
             bytes_written: done.value.bytes_written,
             warnings: prepared.warnings().to_vec(),
+            attempts,
+            waited_ms: if attempts > 1 {
+                first.elapsed().as_secs_f64() * 1e3
+            } else {
+                0.0
+            },
         })
     }
 
     /// Loads and enables a livepatch module.
-    pub fn apply(&self, ko: &[u8], force: bool) -> Result<TransitionReply, ControlError> {
-        self.transition(|e, k| e.prepare_apply(k, &*self.vm, ko, force))
+    pub fn apply(&self, ko: &[u8], t: Transition) -> Result<TransitionReply, ControlError> {
+        self.transition(t.timeout, |e, k| e.prepare_apply(k, &*self.vm, ko, t.force))
     }
 
     /// Disables enabled patch `name`.
-    pub fn disable(&self, name: &str, force: bool) -> Result<TransitionReply, ControlError> {
-        self.transition(|e, k| e.prepare_disable(k, &*self.vm, name, force))
+    pub fn disable(&self, name: &str, t: Transition) -> Result<TransitionReply, ControlError> {
+        self.transition(t.timeout, |e, k| {
+            e.prepare_disable(k, &*self.vm, name, t.force)
+        })
     }
 
     /// Enables loaded patch `name` again (a downgrade for an older
     /// replace patch).
-    pub fn enable(&self, name: &str, force: bool) -> Result<TransitionReply, ControlError> {
-        self.transition(|e, k| e.prepare_enable(k, &*self.vm, name, force))
+    pub fn enable(&self, name: &str, t: Transition) -> Result<TransitionReply, ControlError> {
+        self.transition(t.timeout, |e, k| {
+            e.prepare_enable(k, &*self.vm, name, t.force)
+        })
     }
 
     /// Forgets a disabled or replaced patch and frees its arena space.

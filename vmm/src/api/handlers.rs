@@ -20,7 +20,9 @@ use patcher::Guest;
 
 use super::error::{json_rejection, HttpError};
 use super::routes::AppState;
-use crate::control::{CachedKernel, Control};
+use crate::control::{
+    CachedKernel, Control, Transition, MAX_TRANSITION_TIMEOUT, TRANSITION_TIMEOUT,
+};
 
 type Reply<T> = Result<Json<T>, HttpError>;
 
@@ -415,17 +417,35 @@ pub async fn tasks(State(c): State<AppState>) -> Reply<TasksReply> {
     .await
 }
 
-/// `?force=true|false` (default false), the only parameter the patch
-/// routes take.
-fn force_param(q: &HashMap<String, String>) -> Result<bool, HttpError> {
-    check_params(q, &["force"])?;
-    match q.get("force").map(String::as_str) {
-        None | Some("false") | Some("0") => Ok(false),
-        Some("true") | Some("1") | Some("") => Ok(true),
-        Some(v) => Err(HttpError::bad_request(format!(
-            "force `{v}` is not true or false"
-        ))),
-    }
+/// The transition routes' parameters: `?force=true|false` (default false)
+/// and `?timeout_ms=N` (how long to wait for a safe point; default
+/// [`TRANSITION_TIMEOUT`], at most [`MAX_TRANSITION_TIMEOUT`]).
+fn transition_params(q: &HashMap<String, String>) -> Result<Transition, HttpError> {
+    check_params(q, &["force", "timeout_ms"])?;
+    let force = match q.get("force").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(v) => {
+            return Err(HttpError::bad_request(format!(
+                "force `{v}` is not true or false"
+            )))
+        }
+    };
+    let timeout = match q.get("timeout_ms") {
+        None => TRANSITION_TIMEOUT,
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .map(std::time::Duration::from_millis)
+            .filter(|d| *d <= MAX_TRANSITION_TIMEOUT)
+            .ok_or_else(|| {
+                HttpError::bad_request(format!(
+                    "timeout_ms `{v}` is not a number of milliseconds from 0 to {}",
+                    MAX_TRANSITION_TIMEOUT.as_millis()
+                ))
+            })?,
+    };
+    Ok(Transition { force, timeout })
 }
 
 /// GET /patches
@@ -444,7 +464,7 @@ pub async fn patch_apply(
     Query(q): Query<HashMap<String, String>>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Reply<TransitionReply> {
-    let force = force_param(&q)?;
+    let t = transition_params(&q)?;
     let ko = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             HttpError::new(
@@ -463,7 +483,7 @@ pub async fn patch_apply(
             "empty body: send the livepatch module's bytes (curl --data-binary @FILE.ko)",
         ));
     }
-    blocking(move || Ok(Json(c.apply(&ko, force)?))).await
+    blocking(move || Ok(Json(c.apply(&ko, t)?))).await
 }
 
 /// POST /patches/{name}/disable?force=BOOL
@@ -472,8 +492,8 @@ pub async fn patch_disable(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply<TransitionReply> {
-    let force = force_param(&q)?;
-    blocking(move || Ok(Json(c.disable(&name, force)?))).await
+    let t = transition_params(&q)?;
+    blocking(move || Ok(Json(c.disable(&name, t)?))).await
 }
 
 /// POST /patches/{name}/enable?force=BOOL
@@ -482,8 +502,8 @@ pub async fn patch_enable(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply<TransitionReply> {
-    let force = force_param(&q)?;
-    blocking(move || Ok(Json(c.enable(&name, force)?))).await
+    let t = transition_params(&q)?;
+    blocking(move || Ok(Json(c.enable(&name, t)?))).await
 }
 
 /// DELETE /patches/{name}
