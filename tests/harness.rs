@@ -19,6 +19,11 @@ use std::time::Duration;
 /// How long one scenario may take before the test fails.
 pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// How long a nested run may take before nested-run kills its QEMU (the
+/// busiest scenario needs about 2 minutes): an emulator livelock the
+/// harness cannot see costs this, then one retry.
+pub const NESTED_RUN_TIMEOUT_SECS: u32 = 420;
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -209,7 +214,11 @@ fn run_once(mode: Mode, name: &str, args: &[&str]) -> Attempt {
         }
         Mode::Nested => {
             let mut c = Command::new(root.join("scripts/nested-run"));
-            c.arg("--").arg(name).args(args);
+            c.arg("--timeout")
+                .arg(NESTED_RUN_TIMEOUT_SECS.to_string())
+                .arg("--")
+                .arg(name)
+                .args(args);
             c
         }
     };

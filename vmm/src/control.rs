@@ -22,7 +22,7 @@ use patcher::engine::{Engine, EngineError, Prepared};
 use patcher::introspect::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
 use patcher::VcpuRegs;
 
-use crate::guest::{vcpu_regs, RegsSnapshot};
+use crate::guest::{vcpu_regs, RegsSnapshot, RootPages};
 use crate::vm::{PauseReport, ResumeReport, Vm, VmError};
 
 #[derive(Debug, Error)]
@@ -191,10 +191,16 @@ impl Control {
         if let Some(k) = self.cached() {
             return Ok(k);
         }
-        let regs = self.paused(Self::all_regs)?;
+        let regs = self.paused(|vm| {
+            let regs = Self::all_regs(vm)?;
+            let roots = RootPages::capture(vm, &regs);
+            Ok((regs, roots))
+        })?;
+        let (vcpu_regs, roots) = regs.value;
         let snapshot = RegsSnapshot {
             vm: &self.vm,
-            regs: regs.value,
+            regs: vcpu_regs,
+            roots,
         };
         let start = Instant::now();
         let mut kernel =

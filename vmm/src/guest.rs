@@ -7,6 +7,7 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
+use patcher::introspect::paging::{PageTables, PTI_USER_PGD_BIT};
 use patcher::{Guest, VcpuRegs};
 
 use crate::vcpu::VcpuState;
@@ -103,15 +104,71 @@ pub fn vcpu_regs(s: &VcpuState) -> VcpuRegs {
 /// A guest whose vCPU registers were read once, during a short pause, while
 /// memory stays live: `Kernel::open` decodes static kernel tables (kallsyms,
 /// BTF) for ~100 ms without holding the guest stopped.
+///
+/// The CR3 a vCPU had loaded usually belongs to a process, whose top-level
+/// table is freed (and zeroed or reused) when it exits — possibly while the
+/// decode runs. So the top-level pages are copied inside the pause
+/// ([`RootPages::capture`]) and reads of them are served from the copies:
+/// their kernel half points at lower tables every address space shares and
+/// the kernel never frees, so the copy stays a valid kernel view.
 pub struct RegsSnapshot<'a> {
     pub vm: &'a Vm,
     pub regs: Vec<VcpuRegs>,
+    pub roots: RootPages,
+}
+
+/// Copies of page-table root pages, taken while the vCPUs were parked.
+#[derive(Debug, Default)]
+pub struct RootPages(Vec<(u64, Box<[u8; PAGE]>)>);
+
+const PAGE: usize = 4096;
+
+impl RootPages {
+    /// Copies the root page of every vCPU's CR3 and of its page-table
+    /// isolation twin (the 8 KiB-aligned pair). Call with the vCPUs parked.
+    pub fn capture(vm: &Vm, regs: &[VcpuRegs]) -> Self {
+        let mut pages: Vec<(u64, Box<[u8; PAGE]>)> = Vec::new();
+        for r in regs {
+            let pair = PageTables::from_regs(r).root() & !(PTI_USER_PGD_BIT | (PAGE as u64 - 1));
+            for gpa in [pair, pair | PTI_USER_PGD_BIT] {
+                if pages.iter().any(|(g, _)| *g == gpa) {
+                    continue;
+                }
+                let mut page = Box::new([0u8; PAGE]);
+                // A root outside guest RAM stays uncopied; the walk through
+                // it then fails with the read error, as it would live.
+                if vm.read_phys(gpa, &mut page[..]).is_ok() {
+                    pages.push((gpa, page));
+                }
+            }
+        }
+        Self(pages)
+    }
+
+    /// Fills `buf` from a copy if it lies inside one copied page.
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        let base = gpa & !(PAGE as u64 - 1);
+        let off = (gpa - base) as usize;
+        let Some((_, page)) = self.0.iter().find(|(g, _)| *g == base) else {
+            return false;
+        };
+        match page.get(off..off.saturating_add(buf.len())) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl Guest for RegsSnapshot<'_> {
     type Error = GuestAccessError;
 
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
+        if self.roots.read(gpa, buf) {
+            return Ok(());
+        }
         self.vm.read_phys(gpa, buf)
     }
 
@@ -132,5 +189,24 @@ impl Guest for RegsSnapshot<'_> {
             .get(id)
             .copied()
             .ok_or(GuestAccessError::NoSuchVcpu(id, self.regs.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_copies_serve_reads_inside_one_page_only() {
+        let mut page = Box::new([0u8; PAGE]);
+        page[0xff8..].copy_from_slice(&0x1234u64.to_le_bytes());
+        let roots = RootPages(vec![(0x2908000, page)]);
+        let mut entry = [0u8; 8];
+        assert!(roots.read(0x2908ff8, &mut entry));
+        assert_eq!(u64::from_le_bytes(entry), 0x1234);
+        // Crossing into the next page, or another page: read live instead.
+        assert!(!roots.read(0x2908ffc, &mut entry));
+        assert!(!roots.read(0x2909000, &mut entry));
+        assert!(!roots.read(0x2907ff8, &mut entry));
     }
 }
