@@ -90,6 +90,10 @@ pub struct VmInfo {
     /// The reserved patch arena: guest-physical start and size.
     pub arena_gpa: Hex,
     pub arena_size: u64,
+    /// The VMM's live heap in bytes: flat across transitions unless
+    /// something leaks (RSS would mostly show guest RAM).
+    #[serde(default)]
+    pub heap_bytes: u64,
 }
 
 /// The guest kernel as read from its memory.
@@ -370,10 +374,56 @@ pub struct PatchInfo {
     pub funcs: Vec<FuncInfo>,
 }
 
-/// `GET /patches`: the stack, oldest first.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `GET /patches`: the stack, oldest first, and what runs now.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PatchesReply {
     pub patches: Vec<PatchInfo>,
+    /// Every redirected function and the code its entry jumps to now.
+    #[serde(default)]
+    pub live: Vec<LiveFunc>,
+    /// The transition waiting for a safe point, if one is.
+    #[serde(default)]
+    pub transition: Option<PendingTransition>,
+    /// Removed patches whose code stays mapped until no task's stack
+    /// references it.
+    #[serde(default)]
+    pub retired: Vec<RetiredInfo>,
+}
+
+/// A redirected function: what `cat /sys/kernel/livepatch/*/...` cannot
+/// tell you in one place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveFunc {
+    pub name: String,
+    pub sympos: u32,
+    pub old_addr: Hex,
+    /// Where the entry jumps.
+    pub target: Hex,
+    /// The patch that code belongs to.
+    pub patch: String,
+}
+
+/// A transition retrying for a safe point.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingTransition {
+    pub patch: String,
+    /// `apply`, `disable` or `enable`.
+    pub action: String,
+    pub forced: bool,
+    /// Since the first attempt.
+    pub waited_ms: f64,
+    pub attempts: u32,
+    /// The tasks that blocked the last attempt.
+    pub blockers: Vec<String>,
+}
+
+/// A removed patch whose arena space is not reusable yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetiredInfo {
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub removed_at: u64,
+    pub arena_bytes: u64,
 }
 
 /// `POST /patches`, `POST /patches/{name}/disable`.

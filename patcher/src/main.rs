@@ -309,6 +309,7 @@ fn print_status(v: &VmInfo) {
     println!("state:    {}", v.state);
     println!("vcpus:    {}", v.vcpus);
     println!("uptime:   {:.1} s", v.uptime_ms / 1000.0);
+    println!("vmm heap: {} KiB", v.heap_bytes / 1024);
     if let Some(b) = v.boot_ms {
         println!(
             "booted:   {:.1} s after start (guest boot marker)",
@@ -476,6 +477,46 @@ fn print_patches(v: &PatchesReply) {
     }
     for p in &v.patches {
         print_patch(p);
+    }
+    if let Some(t) = &v.transition {
+        println!(
+            "in transition: {} {}{} — {} attempt(s), waiting {:.0} ms for a safe point",
+            t.action,
+            t.patch,
+            if t.forced { " (forced)" } else { "" },
+            t.attempts,
+            t.waited_ms
+        );
+        for b in &t.blockers {
+            println!("  blocked by {b}");
+        }
+    }
+    if !v.live.is_empty() {
+        println!("live redirections:");
+        for f in &v.live {
+            println!(
+                "  {:<32} {} -> {}  ({})",
+                sym_name(&f.name, f.sympos),
+                f.old_addr,
+                f.target,
+                f.patch
+            );
+        }
+    }
+    for r in &v.retired {
+        println!(
+            "retired {}: {} arena bytes still mapped until no task's stack references its code",
+            r.name, r.arena_bytes
+        );
+    }
+}
+
+/// `name` or `name,sympos` as klp's sysfs spells it.
+fn sym_name(name: &str, sympos: u32) -> String {
+    if sympos == 0 {
+        name.to_owned()
+    } else {
+        format!("{name},{sympos}")
     }
 }
 

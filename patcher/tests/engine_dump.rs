@@ -12,6 +12,7 @@ use patcher::api::PatchState;
 use patcher::engine::{Engine, EngineError, Fault};
 use patcher::introspect::{DumpGuest, Kernel, VirtRead};
 use patcher::overlay::Overlay;
+use patcher::Guest;
 
 /// Just past the dump's RAM, where the VMM would reserve the arena.
 const ARENA: (u64, u64) = (0x2000_0000, 16 << 20);
@@ -152,8 +153,12 @@ fn replace_patch_takes_over_and_bad_modules_change_nothing() {
     assert_eq!(l[1].state, PatchState::Enabled);
     assert!(l[1].replace);
     assert!(l[1].funcs.iter().all(|f| f.live));
-    // The replaced patch can be removed.
+    // The replaced patch can be removed; no stack references its code, so
+    // the next sweep frees its arena space.
     e.remove("livepatch_sample").unwrap();
+    assert_eq!(e.retired().len(), 1);
+    assert_eq!(e.sweep(k, &g).unwrap(), vec!["livepatch_sample"]);
+    assert!(e.retired().is_empty());
 
     // Bad modules: a clear error, no write.
     let writes = g.write_log().len();
@@ -172,4 +177,41 @@ fn replace_patch_takes_over_and_bad_modules_change_nothing() {
     let err = e.prepare_apply(k, &g, b"not an elf", false).unwrap_err();
     assert_eq!(err.kind(), Fault::Module);
     assert_eq!(g.write_log().len(), writes, "refusals wrote nothing");
+}
+
+/// Code of a removed patch stays allocated while a task's stack holds an
+/// address inside it (forced transitions skip the check that would have
+/// waited), and is freed by the first sweep after the stack moved on.
+#[test]
+fn retired_code_is_freed_only_when_no_stack_references_it() {
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let mut e = Engine::default();
+    let p = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    let new = e.commit(k, &g, &p).unwrap().patch.funcs[0].new_addr.0;
+    let p = e.prepare_disable(k, &g, "livepatch_sample", true).unwrap();
+    e.commit(k, &g, &p).unwrap();
+
+    // A sleeping task "was preempted inside" the new function: its saved
+    // stack pointer's first word is a return address into it.
+    let tasks = k.tasks(&f.guest).unwrap();
+    let sleeper = tasks
+        .iter()
+        .find(|t| t.running.is_none() && t.exit_state == 0 && t.pid > 1)
+        .expect("a sleeping task");
+    let slot = k.space(&g).translate(sleeper.saved_sp).unwrap().phys;
+    let mut saved = [0u8; 8];
+    g.read_phys(slot, &mut saved).unwrap();
+    g.write_phys(slot, &(new + 4).to_le_bytes()).unwrap();
+
+    e.remove("livepatch_sample").unwrap();
+    assert!(e.sweep(k, &g).unwrap().is_empty(), "referenced: kept");
+    assert_eq!(e.retired()[0].name, "livepatch_sample");
+
+    g.write_phys(slot, &saved).unwrap();
+    assert_eq!(e.sweep(k, &g).unwrap(), vec!["livepatch_sample"]);
+    assert!(e.retired().is_empty());
 }

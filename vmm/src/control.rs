@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use patcher::api::{PatchInfo, TransitionReply};
+use patcher::api::{PatchInfo, PatchState, PatchesReply, PendingTransition, TransitionReply};
 use patcher::engine::{Engine, EngineError, Prepared};
 use patcher::introspect::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
 use patcher::VcpuRegs;
@@ -110,6 +110,26 @@ pub struct Control {
     /// The patch engine: held across prepare and commit, so transitions
     /// never interleave.
     engine: Mutex<Engine>,
+    /// The engine's view as of the last change, served by `GET /patches`
+    /// without waiting for a transition that is retrying for a safe point.
+    published: Mutex<PatchesReply>,
+    /// The transition retrying for a safe point, if one is.
+    pending: Mutex<Option<PendingTransition>>,
+}
+
+/// Clears the pending transition however the transition ends.
+struct PendingGuard<'a>(&'a Mutex<Option<PendingTransition>>);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        *lock(self.0) = None;
+    }
+}
+
+/// Locks `m`, recovering from poisoning: every value behind these locks is
+/// replaced whole, never left half-updated.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Control {
@@ -120,6 +140,8 @@ impl Control {
             fill: Mutex::new(()),
             kernel: Mutex::new(None),
             engine: Mutex::new(Engine::default()),
+            published: Mutex::new(PatchesReply::default()),
+            pending: Mutex::new(None),
         }
     }
 
@@ -255,9 +277,27 @@ impl Control {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The loaded patches, oldest first.
-    pub fn patches(&self) -> Vec<PatchInfo> {
-        self.engine().list()
+    /// The loaded patches, oldest first, what runs now, and the transition
+    /// in progress (its patch shown "in transition").
+    pub fn patches(&self) -> PatchesReply {
+        let mut reply = lock(&self.published).clone();
+        reply.transition = lock(&self.pending).clone();
+        if let Some(t) = &reply.transition {
+            for p in reply.patches.iter_mut().filter(|p| p.name == t.patch) {
+                p.state = PatchState::InTransition;
+            }
+        }
+        reply
+    }
+
+    /// Publishes the engine's state after a change.
+    fn publish(&self, engine: &Engine) {
+        *lock(&self.published) = PatchesReply {
+            patches: engine.list(),
+            live: engine.live(),
+            transition: None,
+            retired: engine.retired(),
+        };
     }
 
     /// Prepares a transition while the guest runs (parse, resolve, link,
@@ -268,9 +308,11 @@ impl Control {
     /// and nothing has changed.
     fn transition(
         &self,
-        timeout: Duration,
+        action: &str,
+        t: Transition,
         prepare: impl FnOnce(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
     ) -> Result<TransitionReply, ControlError> {
+        let timeout = t.timeout;
         let k = self.kernel()?;
         let mut engine = self.engine();
         let start = Instant::now();
@@ -280,6 +322,15 @@ impl Control {
             tracing::warn!(patch = prepared.name(), "{w}");
         }
         let first = Instant::now();
+        *lock(&self.pending) = Some(PendingTransition {
+            patch: prepared.name().to_owned(),
+            action: action.to_owned(),
+            forced: t.force,
+            waited_ms: 0.0,
+            attempts: 0,
+            blockers: Vec::new(),
+        });
+        let _pending = PendingGuard(&self.pending);
         let deadline = first + timeout;
         let mut backoff = Duration::from_millis(1);
         let mut attempts = 0u32;
@@ -295,6 +346,11 @@ impl Control {
                         blockers = b.len(),
                         "no safe point yet; retrying"
                     );
+                    if let Some(p) = lock(&self.pending).as_mut() {
+                        p.attempts = attempts;
+                        p.waited_ms = first.elapsed().as_secs_f64() * 1e3;
+                        p.blockers = b.iter().map(|b| b.to_string()).collect();
+                    }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_millis(100));
                 }
@@ -303,6 +359,7 @@ impl Control {
         };
         let pause_us = done.pause.unwrap_or_default().as_secs_f64() * 1e6;
         let patch = engine.record_pause(&done.value.name, pause_us);
+        self.publish(&engine);
         tracing::info!(
             patch = done.value.name,
             prepare_ms,
@@ -328,12 +385,14 @@ impl Control {
 
     /// Loads and enables a livepatch module.
     pub fn apply(&self, ko: &[u8], t: Transition) -> Result<TransitionReply, ControlError> {
-        self.transition(t.timeout, |e, k| e.prepare_apply(k, &*self.vm, ko, t.force))
+        self.transition("apply", t, |e, k| {
+            e.prepare_apply(k, &*self.vm, ko, t.force)
+        })
     }
 
     /// Disables enabled patch `name`.
     pub fn disable(&self, name: &str, t: Transition) -> Result<TransitionReply, ControlError> {
-        self.transition(t.timeout, |e, k| {
+        self.transition("disable", t, |e, k| {
             e.prepare_disable(k, &*self.vm, name, t.force)
         })
     }
@@ -341,14 +400,31 @@ impl Control {
     /// Enables loaded patch `name` again (a downgrade for an older
     /// replace patch).
     pub fn enable(&self, name: &str, t: Transition) -> Result<TransitionReply, ControlError> {
-        self.transition(t.timeout, |e, k| {
+        self.transition("enable", t, |e, k| {
             e.prepare_enable(k, &*self.vm, name, t.force)
         })
     }
 
-    /// Forgets a disabled or replaced patch and frees its arena space.
+    /// Forgets a disabled or replaced patch. Its arena space is freed in
+    /// a short pause if no task's stack references its code, else by a
+    /// later transition's pause once none does.
     pub fn remove(&self, name: &str) -> Result<PatchInfo, ControlError> {
-        Ok(self.engine().remove(name)?)
+        let mut engine = self.engine();
+        let info = engine.remove(name)?;
+        if let Some(k) = self.cached() {
+            match self.paused(|vm| Ok(engine.sweep(&k.kernel, vm)?)) {
+                Ok(p) if !p.value.is_empty() => {
+                    tracing::info!(freed = ?p.value, "arena space of removed patches freed")
+                }
+                Ok(_) => tracing::info!(
+                    patch = name,
+                    "its code stays mapped: a task's stack may still reference it"
+                ),
+                Err(e) => tracing::warn!(patch = name, "cannot check stacks yet: {e}"),
+            }
+        }
+        self.publish(&engine);
+        Ok(info)
     }
 
     /// A NUL-terminated string of at most `max` bytes at kernel address `va`.

@@ -7,6 +7,7 @@ pub mod arch;
 pub mod control;
 pub mod devices;
 pub mod guest;
+pub mod heap;
 pub mod kvm_probe;
 pub mod vcpu;
 pub mod vm;

@@ -7,6 +7,10 @@
 mod config;
 mod terminal;
 
+/// Counts the heap for `GET /vm`'s `heap_bytes`.
+#[global_allocator]
+static HEAP: vmm::heap::Counting = vmm::heap::Counting;
+
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;

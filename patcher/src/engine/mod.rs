@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
-use crate::api::{FuncInfo, Hex, PatchInfo, PatchState};
+use crate::api::{FuncInfo, Hex, LiveFunc, PatchInfo, PatchState, RetiredInfo};
 use crate::arena::{Arena, ArenaError, ImageFacts, Region};
 use crate::introspect::{all_vcpu_regs, Kernel, Tasks};
 use crate::module::ModuleError;
@@ -187,6 +187,17 @@ pub struct Committed {
     pub bytes_written: u64,
 }
 
+/// A removed patch whose arena space is not free yet: a task may still
+/// hold a return address into its code (a forced transition skipped the
+/// check, or the task was preempted there before the check could see it
+/// leave). Freed by [`Engine::sweep`] once no stack references it.
+#[derive(Debug, Clone)]
+struct Retired {
+    name: String,
+    removed_at: u64,
+    record: Record,
+}
+
 /// One guest's patches.
 #[derive(Debug, Default)]
 pub struct Engine {
@@ -195,6 +206,8 @@ pub struct Engine {
     records: BTreeMap<String, Record>,
     /// Validated sites by old function address, with their original bytes.
     sites: BTreeMap<u64, Site>,
+    /// Removed patches whose code is still mapped, oldest first.
+    retired: Vec<Retired>,
 }
 
 impl Engine {
@@ -390,6 +403,9 @@ impl Engine {
             self.records.insert(p.name.clone(), r.clone());
         }
         self.stack.apply(&p.change);
+        // In the same pause, free retired code no stack references any
+        // more. A failure only delays that; the transition has committed.
+        let _ = self.sweep(kernel, guest);
         let patch = self
             .info(&p.name)
             .ok_or_else(|| EngineError::Introspect("committed patch vanished".into()))?;
@@ -439,22 +455,102 @@ impl Engine {
         self.info(name)
     }
 
-    /// Forgets a patch that is not enabled. Its arena pages are retired:
-    /// still mapped (a task might, in theory, still return into them), and
-    /// reused only for the same permission.
+    /// Forgets a patch that is not enabled. Its code stays mapped, and its
+    /// arena space allocated, until [`Engine::sweep`] finds no task whose
+    /// stack references it (klp frees a module only after its transition
+    /// completed, for the same reason).
     pub fn remove(&mut self, name: &str) -> Result<PatchInfo, EngineError> {
         let info = self
             .info(name)
             .ok_or_else(|| StackError::Unknown(name.to_owned()))?;
         self.stack.remove(name)?;
-        if let Some(r) = self.records.remove(name) {
+        if let Some(record) = self.records.remove(name) {
+            self.retired.push(Retired {
+                name: name.to_owned(),
+                removed_at: now_unix(),
+                record,
+            });
+        }
+        Ok(info)
+    }
+
+    /// Frees the arena space of every retired patch no task references:
+    /// no RIP and no return address (conservatively, no stack word) inside
+    /// its code. Call with every vCPU paused. Returns the names freed.
+    pub fn sweep<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<Vec<String>, EngineError> {
+        if self.retired.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut freed = Vec::new();
+        let mut keep = Vec::new();
+        for r in std::mem::take(&mut self.retired) {
+            let check = Check::new(
+                r.record
+                    .text()
+                    .map(|range| Span {
+                        range,
+                        name: format!("retired {}", r.name),
+                    })
+                    .collect(),
+            );
+            let referenced = match self.blockers(kernel, guest, &check) {
+                Ok(b) => !b.is_empty(),
+                // Unknown means referenced: freeing too late costs space,
+                // freeing too early lets new code overwrite a live frame.
+                Err(_) => true,
+            };
+            if referenced {
+                keep.push(r);
+                continue;
+            }
             if let Some(f) = self.facts.as_mut() {
-                for region in &r.regions {
+                for region in &r.record.regions {
                     f.arena.free(region)?;
                 }
             }
+            freed.push(r.name);
         }
-        Ok(info)
+        self.retired = keep;
+        Ok(freed)
+    }
+
+    /// Removed patches whose code is still mapped.
+    pub fn retired(&self) -> Vec<RetiredInfo> {
+        self.retired
+            .iter()
+            .map(|r| RetiredInfo {
+                name: r.name.clone(),
+                removed_at: r.removed_at,
+                arena_bytes: r.record.bytes(),
+            })
+            .collect()
+    }
+
+    /// Every function whose entry is redirected now, and where to.
+    pub fn live(&self) -> Vec<LiveFunc> {
+        let mut out = Vec::new();
+        for (old, new) in self.stack.live() {
+            let owner = self.records.iter().find_map(|(name, r)| {
+                r.funcs
+                    .iter()
+                    .find(|f| f.old == old && f.new == new)
+                    .map(|f| (name, f))
+            });
+            if let Some((patch, f)) = owner {
+                out.push(LiveFunc {
+                    name: f.name.clone(),
+                    sympos: f.sympos,
+                    old_addr: Hex(old),
+                    target: Hex(new),
+                    patch: patch.clone(),
+                });
+            }
+        }
+        out
     }
 
     /// Every loaded patch, oldest first.

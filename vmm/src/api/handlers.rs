@@ -98,6 +98,7 @@ pub async fn vm_info(State(c): State<AppState>) -> Reply<VmInfo> {
             kernel_error,
             arena_gpa: Hex(vm.layout().arena.0),
             arena_size: vm.layout().arena.1,
+            heap_bytes: crate::heap::live_bytes(),
         }))
     })
     .await
@@ -450,12 +451,7 @@ fn transition_params(q: &HashMap<String, String>) -> Result<Transition, HttpErro
 
 /// GET /patches
 pub async fn patches(State(c): State<AppState>) -> Reply<PatchesReply> {
-    blocking(move || {
-        Ok(Json(PatchesReply {
-            patches: c.patches(),
-        }))
-    })
-    .await
+    blocking(move || Ok(Json(c.patches()))).await
 }
 
 /// POST /patches?force=BOOL, body: the livepatch module (.ko) as is.
