@@ -215,3 +215,86 @@ fn retired_code_is_freed_only_when_no_stack_references_it() {
     assert_eq!(e.sweep(k, &g).unwrap(), vec!["livepatch_sample"]);
     assert!(e.retired().is_empty());
 }
+
+/// The cumulative-replace scenario of klpv-v1/v2 (f = task_mem,
+/// g = proc_task_name, h = cpuset_task_status_allowed), on real memory:
+/// after v2 exactly f and h are redirected and g's entry is byte-identical
+/// to the kernel's; downgrade to v1 (cumulative) and back; a patch a forced
+/// transition replaced cannot come back.
+#[test]
+fn cumulative_replace_downgrade_and_forced_replace() {
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let space = k.space(&g);
+    let addr = |n: &str| k.kallsyms.resolve(n, 0).unwrap();
+    let (tf, tg, th) = (
+        addr("task_mem"),
+        addr("proc_task_name"),
+        addr("cpuset_task_status_allowed"),
+    );
+    let original = |a| entry_bytes(&space, a);
+    let (of, og, oh) = (original(tf), original(tg), original(th));
+    let live = |e: &Engine| -> Vec<(u64, String)> {
+        e.live()
+            .into_iter()
+            .map(|l| (l.old_addr.0, l.patch))
+            .collect()
+    };
+    let state = |e: &Engine, name: &str| {
+        e.list()
+            .into_iter()
+            .find(|p| p.name == name)
+            .map(|p| p.state)
+            .unwrap()
+    };
+    let mut e = Engine::default();
+    let go = |e: &mut Engine, p: Result<_, EngineError>| {
+        let p = p.unwrap_or_else(|err| panic!("{err}"));
+        e.commit(k, &g, &p).unwrap_or_else(|err| panic!("{err}"));
+    };
+
+    let p = e.prepare_apply(k, &g, &ko("klpv-v1"), false);
+    go(&mut e, p);
+    let mut want = vec![(tf, "klpv_v1".to_owned()), (tg, "klpv_v1".to_owned())];
+    want.sort();
+    assert_eq!(live(&e), want);
+    assert_eq!(entry_bytes(&space, th), oh);
+
+    let p = e.prepare_apply(k, &g, &ko("klpv-v2"), false);
+    go(&mut e, p);
+    let mut want = vec![(tf, "klpv_v2".to_owned()), (th, "klpv_v2".to_owned())];
+    want.sort();
+    assert_eq!(live(&e), want);
+    assert_eq!(entry_bytes(&space, tg), og, "g is the kernel's again");
+    assert_ne!(entry_bytes(&space, tf), of);
+    assert_eq!(state(&e, "klpv_v1"), PatchState::Replaced);
+    e.remove("klpv_v1").unwrap();
+
+    // Downgrade to the cumulative v1 and back to v2.
+    let p = e.prepare_apply(k, &g, &ko("klpv-v1r"), false);
+    go(&mut e, p);
+    let mut want = vec![(tf, "klpv_v1r".to_owned()), (tg, "klpv_v1r".to_owned())];
+    want.sort();
+    assert_eq!(live(&e), want);
+    assert_eq!(entry_bytes(&space, th), oh, "h is the kernel's again");
+    assert_eq!(state(&e, "klpv_v2"), PatchState::Replaced);
+    let p = e.prepare_enable(k, &g, "klpv_v2", false);
+    go(&mut e, p);
+    assert_eq!(state(&e, "klpv_v1r"), PatchState::Replaced);
+    assert_eq!(entry_bytes(&space, tg), og);
+
+    // v1r brought back by force replaces v2 by force: v2 may still run on
+    // some stack, so enabling it again is refused, as klp refuses it.
+    let p = e.prepare_enable(k, &g, "klpv_v1r", true);
+    go(&mut e, p);
+    let err = e.prepare_enable(k, &g, "klpv_v2", false).unwrap_err();
+    assert_eq!(err.kind(), Fault::State);
+    assert!(err.to_string().contains("forced"), "{err}");
+
+    // Disable everything: every entry is the kernel's again.
+    let p = e.prepare_disable(k, &g, "klpv_v1r", false);
+    go(&mut e, p);
+    assert!(e.live().is_empty());
+    assert_eq!((original(tf), original(tg), original(th)), (of, og, oh));
+}
