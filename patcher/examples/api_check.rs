@@ -6,6 +6,16 @@
 //!   api_check bench SOCK N     N pause/resume round trips through the API
 //!   api_check peer SOCK        (internal) one GET /vm as whoever runs it
 //!   api_check guest-hash SOCK  hashes of the kernel text and the whole arena
+//!   api_check cycle SOCK N     N transitions cycling enable klpv_v1 ->
+//!                              enable klpv_v2 (replace) -> disable klpv_v2
+//!                              (both loaded, neither enabled): each one's
+//!                              pause, attempts, and the VMM heap after the
+//!                              first 30 and at the end
+//!   api_check alternate SOCK K A B
+//!                              K transitions enabling loaded replace
+//!                              patches B, A, B, ... (A enabled): pause and
+//!                              request time, median and p99, and the
+//!                              guest's task count
 //!   api_check text-hash SOCK [SITE...]
 //!                              hash of the guest's kernel text via GET
 //!                              /memory with the 5 bytes at each SITE (hex),
@@ -22,7 +32,9 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use hyper::Method;
-use patcher::api::{MemoryReply, PauseReply, ResumeReply, SymbolsReply, VmInfo};
+use patcher::api::{
+    MemoryReply, PauseReply, ResumeReply, SymbolsReply, TasksReply, TransitionReply, VmInfo,
+};
 use patcher::client::{Client, ClientError};
 
 fn main() -> ExitCode {
@@ -39,6 +51,18 @@ fn main() -> ExitCode {
             args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000),
         ),
         "peer" => peer(&sock),
+        "alternate" => match (
+            args.get(3).and_then(|k| k.parse().ok()),
+            args.get(4),
+            args.get(5),
+        ) {
+            (Some(k), Some(a), Some(b)) => alternate(&sock, k, a, b),
+            _ => Err("usage: api_check alternate SOCK K A B".into()),
+        },
+        "cycle" => cycle(
+            &sock,
+            args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000),
+        ),
         "text-hash" => Client::new(&sock).map_err(|e| e.to_string()).and_then(|c| {
             // Explicit sites (hex) to mask, or else the live ones.
             let sites = match args.get(3..).filter(|a| !a.is_empty()) {
@@ -49,9 +73,15 @@ fn main() -> ExitCode {
                 None => live_sites(&c)?,
             };
             let h = text_hash_masked(&c, &sites)?;
+            let list: Vec<String> = sites.iter().map(|s| format!("{s:#x}")).collect();
             println!(
-                "KLPV-RESULT text-hash fnv={h:016x} masked_sites={}",
-                sites.len()
+                "KLPV-RESULT text-hash fnv={h:016x} masked_sites={} sites={}",
+                sites.len(),
+                if list.is_empty() {
+                    "-".into()
+                } else {
+                    list.join(",")
+                }
             );
             Ok(())
         }),
@@ -505,6 +535,101 @@ fn bench(sock: &Path, n: usize) -> Result<(), String> {
         percentile(&lat, 0.99),
         k.decode_ms,
         k.symbols
+    );
+    Ok(())
+}
+
+/// The stress loop: `n` transitions v1 -> v2 (replace) -> none -> v1 ...
+fn cycle(sock: &Path, n: usize) -> Result<(), String> {
+    const WARM: usize = 30;
+    let c = Client::new(sock).map_err(|e| e.to_string())?;
+    let heap = || -> Result<u64, String> {
+        c.call::<VmInfo>(Method::GET, "/vm", None)
+            .map(|v| v.heap_bytes)
+            .map_err(|e| e.to_string())
+    };
+    let steps = [
+        "/patches/klpv_v1/enable",
+        "/patches/klpv_v2/enable",
+        "/patches/klpv_v2/disable",
+    ];
+    let (mut pauses, mut attempts, mut failed) = (Vec::new(), Vec::new(), 0usize);
+    let mut heap_warm = heap()?;
+    let start = Instant::now();
+    for i in 0..n {
+        let path = steps[i % steps.len()];
+        match c.call::<TransitionReply>(Method::POST, path, None) {
+            Ok(r) => {
+                pauses.push(r.pause_us);
+                attempts.push(r.attempts);
+            }
+            Err(e) => {
+                failed += 1;
+                if failed <= 5 {
+                    println!(
+                        "KLPV-STRESS-ERROR {i} {path}: {}",
+                        e.to_string().replace('\n', " ")
+                    );
+                }
+                // The cycle only continues from a known state.
+                return Err(format!("transition {i} ({path}) failed: {e}"));
+            }
+        }
+        if i + 1 == WARM {
+            heap_warm = heap()?;
+        }
+    }
+    let total = start.elapsed();
+    let heap_end = heap()?;
+    pauses.sort_by(f64::total_cmp);
+    let pct = |q: f64| percentile(&pauses, q);
+    println!(
+        "KLPV-RESULT stress transitions={n} ok={} failed={failed} pause_median_us={:.0} \
+         pause_p99_us={:.0} pause_max_us={:.0} retried={} max_attempts={} total_ms={:.0} \
+         heap_warm={heap_warm} heap_end={heap_end}",
+        pauses.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0),
+        attempts.iter().filter(|&&a| a > 1).count(),
+        attempts.iter().max().copied().unwrap_or(0),
+        total.as_secs_f64() * 1e3,
+    );
+    Ok(())
+}
+
+/// The replace benchmark: `k` transitions between two loaded replace
+/// patches, each a full atomic replace of every function they carry.
+fn alternate(sock: &Path, k: usize, a: &str, b: &str) -> Result<(), String> {
+    let c = Client::new(sock).map_err(|e| e.to_string())?;
+    let tasks = c
+        .call::<TasksReply>(Method::GET, "/tasks", None)
+        .map_err(|e| e.to_string())?
+        .count;
+    let (mut pauses, mut requests, mut funcs) = (Vec::new(), Vec::new(), 0);
+    for i in 0..k {
+        let name = if i % 2 == 0 { b } else { a };
+        let start = Instant::now();
+        let r: TransitionReply = c
+            .call(
+                Method::POST,
+                &format!("/patches/{name}/enable?timeout_ms=25000"),
+                None,
+            )
+            .map_err(|e| format!("enable {name}: {e}"))?;
+        requests.push(start.elapsed().as_secs_f64() * 1e3);
+        pauses.push(r.pause_us);
+        funcs = r.patch.funcs.len();
+    }
+    pauses.sort_by(f64::total_cmp);
+    requests.sort_by(f64::total_cmp);
+    println!(
+        "KLPV-RESULT alternate a={a} b={b} funcs={funcs} tasks={tasks} transitions={k} \
+         pause_median_us={:.0} pause_p99_us={:.0} request_median_ms={:.1} request_p99_ms={:.1}",
+        percentile(&pauses, 0.5),
+        percentile(&pauses, 0.99),
+        percentile(&requests, 0.5),
+        percentile(&requests, 0.99),
     );
     Ok(())
 }
