@@ -96,6 +96,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, turning a closed pipe into a println! panic.
+    // SAFETY: restoring a signal's default disposition before any thread
+    // exists has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = Args::parse();
     let client = match Client::new(&args.api_sock) {
         Ok(c) => c,
