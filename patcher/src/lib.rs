@@ -14,6 +14,7 @@ pub mod engine;
 pub mod introspect;
 pub mod link;
 pub mod module;
+pub mod orc;
 pub mod overlay;
 pub mod safepoint;
 pub mod site;

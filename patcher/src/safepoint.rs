@@ -6,7 +6,10 @@
 //! each task when its own stack is clean; we switch all of them at once, so
 //! all stacks must be clean at once (as Ksplice did under stop_machine).
 //!
-//! Stacks are scanned conservatively: every 8-byte word between a task's
+//! A sleeping task whose stack unwinds reliably with the kernel's ORC
+//! tables ([`Orc::unwind_sleeping`]) is judged by its real frames, as klp
+//! judges it. Every other stack is scanned conservatively: every 8-byte
+//! word between a task's
 //! stack pointer and the top of its stack that points into a changed
 //! function counts, whether or not it is really a return address. A stale
 //! word can only delay a transition (it is retried), never let an unsafe
@@ -24,6 +27,7 @@ use std::ops::Range;
 use thiserror::Error;
 
 use crate::introspect::{Task, VirtRead};
+use crate::orc::Orc;
 use crate::VcpuRegs;
 
 /// The largest stack scanned (x86-64's THREAD_SIZE is 16 KiB, 32 KiB with
@@ -53,6 +57,8 @@ pub enum Seen {
     Rip { vcpu: usize },
     /// A stack word at `slot` points into it.
     Stack { slot: u64 },
+    /// It is frame `depth` (0: innermost) of the task's unwound stack.
+    Frame { depth: usize },
     /// The vCPU's stack pointer is on no stack we know.
     UnknownStack { vcpu: usize, rsp: u64 },
     /// The task's stack could not be read (blocks: unknown means unsafe).
@@ -82,6 +88,11 @@ impl std::fmt::Display for Blocker {
             Seen::Stack { slot } => write!(
                 f,
                 "pid {} ({}) has {} ({:#x}) on its stack at {slot:#x}",
+                self.pid, self.comm, self.func, self.addr
+            ),
+            Seen::Frame { depth } => write!(
+                f,
+                "pid {} ({}) is in {} ({:#x}, frame {depth} of its stack)",
                 self.pid, self.comm, self.func, self.addr
             ),
             Seen::UnknownStack { vcpu, rsp } => write!(
@@ -122,14 +133,28 @@ impl Check {
         s.range.contains(&addr).then_some(s)
     }
 
-    /// Every task that blocks the transition. `regs[v]` are vCPU v's
-    /// registers; `irq_stacks` are the CPUs' IRQ stacks.
+    /// Every task that blocks the transition, every stack scanned
+    /// conservatively. `regs[v]` are vCPU v's registers; `irq_stacks` are
+    /// the CPUs' IRQ stacks.
     pub fn blockers<M: VirtRead + ?Sized>(
         &self,
         mem: &M,
         tasks: &[Task],
         regs: &[VcpuRegs],
         irq_stacks: &[Range<u64>],
+    ) -> Result<Vec<Blocker>, SafepointError> {
+        self.blockers_with(mem, tasks, regs, irq_stacks, None)
+    }
+
+    /// [`Check::blockers`], sleeping tasks judged by their ORC-unwound
+    /// frames where `orc` unwinds them reliably.
+    pub fn blockers_with<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        tasks: &[Task],
+        regs: &[VcpuRegs],
+        irq_stacks: &[Range<u64>],
+        orc: Option<&Orc>,
     ) -> Result<Vec<Blocker>, SafepointError> {
         let mut out = Vec::new();
         if self.is_empty() {
@@ -177,6 +202,11 @@ impl Check {
                         continue;
                     }
                 }
+                // Off every CPU: its saved frame is complete (a task
+                // still on_cpu may be mid-switch).
+                None if !t.on_cpu
+                    && t.stack.contains(&t.saved_sp)
+                    && orc.is_some_and(|o| self.frames(mem, o, t, &mut out)) => {}
                 None if t.stack.contains(&t.saved_sp) => ranges.push(t.saved_sp..t.stack.end),
                 // A saved SP off its stack: scan all of it (conservative).
                 None => ranges.push(t.stack.clone()),
@@ -186,6 +216,28 @@ impl Check {
             }
         }
         Ok(out)
+    }
+
+    /// Judges sleeping `t` by its unwound frames; false if its stack does
+    /// not unwind reliably (then it must be scanned).
+    fn frames<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        orc: &Orc,
+        t: &Task,
+        out: &mut Vec<Blocker>,
+    ) -> bool {
+        let Ok(frames) = orc.unwind_sleeping(mem, t) else {
+            return false;
+        };
+        for (depth, &ip) in frames.iter().enumerate() {
+            // A return address may sit just past its function's end (a
+            // call as the last instruction): the call site is ip - 1.
+            if let Some(s) = self.hit(ip).or_else(|| self.hit(ip.wrapping_sub(1))) {
+                out.push(blocker(t, s, ip, Seen::Frame { depth }));
+            }
+        }
+        true
     }
 
     fn scan<M: VirtRead + ?Sized>(

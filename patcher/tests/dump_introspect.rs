@@ -552,3 +552,138 @@ fn role_pid(f: &Fixture, name: &str) -> i32 {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in roles.txt"))
 }
+
+/// The ORC unwinder from outside walks every sleeping task's stack to the
+/// same frames the guest kernel's own unwinder printed in /proc/PID/stack
+/// just before the dump (tasks woken in between may differ: a few).
+#[test]
+fn orc_unwinds_sleeping_tasks_as_the_guest_kernel_does() {
+    use patcher::orc::Orc;
+    let f = fixture();
+    let k = &f.kernel;
+    let space = k.space(&f.guest);
+    let release = k.uts(&f.guest, "release");
+    let t = Instant::now();
+    let orc = Orc::load(&space, &k.kallsyms, release.as_deref()).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "ORC tables: {} entries, read in {:?}",
+        orc.len(),
+        t.elapsed()
+    );
+
+    // tid -> ["__schedule+0x2f1", ...] (the "/0xsize" and "[<0>]" dropped).
+    let mut oracle: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    for line in read(f, "stacks.txt").lines() {
+        let mut w = line.split_whitespace();
+        let (Some(tid), Some(_), Some(frame)) = (w.next(), w.next(), w.next()) else {
+            continue;
+        };
+        let frame = frame.split('/').next().unwrap_or(frame).to_owned();
+        oracle.entry(tid.parse().unwrap()).or_default().push(frame);
+    }
+    let skip = [role_pid(f, "lister"), role_pid(f, "spinner")];
+    // /proc/PID/stack leaves out the scheduler's own functions
+    // (stack_trace_consume_entry_nosched skips .sched.text).
+    let sched = k.kallsyms.addr("__sched_text_start").unwrap()
+        ..k.kallsyms.addr("__sched_text_end").unwrap();
+    let tasks = k.tasks(&f.guest).unwrap();
+    let (mut equal, mut differ, mut unreliable) = (0, Vec::new(), Vec::new());
+    for t in tasks.iter().filter(|t| {
+        t.running.is_none() && t.exit_state == 0 && t.idle_cpu.is_none() && !skip.contains(&t.pid)
+    }) {
+        let Some(want) = oracle.get(&t.pid) else {
+            continue;
+        };
+        match orc.unwind_sleeping(&space, t) {
+            Ok(frames) => {
+                let got: Vec<String> = frames
+                    .iter()
+                    .filter(|ip| !sched.contains(ip))
+                    .map(|&ip| match k.kallsyms.locate(ip) {
+                        Some(l) => format!("{}+{:#x}", l.symbol.name, l.offset),
+                        None => format!("{ip:#x}"),
+                    })
+                    .collect();
+                if &got == want {
+                    equal += 1;
+                } else {
+                    differ.push((t.pid, t.comm.clone(), got, want.clone()));
+                }
+            }
+            Err(e) => unreliable.push((t.pid, t.comm.clone(), e)),
+        }
+    }
+    eprintln!(
+        "ORC unwind: {equal} equal to /proc/PID/stack, {} differ, {} unreliable",
+        differ.len(),
+        unreliable.len()
+    );
+    for d in &differ {
+        eprintln!("  differs: {d:?}");
+    }
+    for u in &unreliable {
+        eprintln!("  unreliable: {u:?}");
+    }
+    assert!(equal >= 20, "too few sleeping tasks compared: {equal}");
+    assert!(
+        differ.len() + unreliable.len() <= equal / 10,
+        "more than a tenth of the stacks are not the kernel's"
+    );
+}
+
+/// ORC-judged safe points are precise: a stale word that merely looks like
+/// an address in a function (here forged into a sleeping task's saved r15
+/// slot) blocks the conservative scan but not the unwound check, while the
+/// real frames (__schedule, for every sleeper) block both.
+#[test]
+fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
+    use patcher::introspect::DumpGuest;
+    use patcher::orc::Orc;
+    use patcher::overlay::Overlay;
+    use patcher::safepoint::{irq_stacks, Check, Seen, Span};
+    use patcher::Guest;
+    let f = fixture();
+    let k = &f.kernel;
+    let g: Overlay<'_, DumpGuest> = Overlay::new(&f.guest);
+    let space = k.space(&g);
+    let orc = Orc::load(&space, &k.kallsyms, k.uts(&g, "release").as_deref()).unwrap();
+    let span = |name: &str| {
+        let a = k.kallsyms.resolve(name, 0).unwrap();
+        Span {
+            range: k.kallsyms.extent(a).unwrap(),
+            name: name.into(),
+        }
+    };
+    let regs = patcher::introspect::all_vcpu_regs(&g).unwrap();
+    let tasks = k.tasks(&g).unwrap();
+    let walker = patcher::introspect::Tasks::from_kernel(&k.kallsyms, &k.btf).unwrap();
+    let irq = irq_stacks(
+        &space,
+        &walker.per_cpu_bases(&space).unwrap(),
+        k.kallsyms.addr("hardirq_stack_ptr").unwrap(),
+    );
+    let sleeper = tasks
+        .iter()
+        .find(|t| t.running.is_none() && !t.on_cpu && t.exit_state == 0 && t.pid > 1)
+        .unwrap();
+
+    let sched = Check::new(vec![span("__schedule")]);
+    let precise = sched
+        .blockers_with(&space, &tasks, &regs, &irq, Some(&orc))
+        .unwrap();
+    assert!(precise
+        .iter()
+        .any(|b| b.pid == sleeper.pid && b.seen == Seen::Frame { depth: 0 }));
+
+    let cmdline = span("cmdline_proc_show");
+    let slot = space.translate(sleeper.saved_sp).unwrap().phys;
+    g.write_phys(slot, &(cmdline.range.start + 9).to_le_bytes())
+        .unwrap();
+    let check = Check::new(vec![cmdline]);
+    let scanned = check.blockers(&space, &tasks, &regs, &irq).unwrap();
+    assert!(scanned.iter().any(|b| b.pid == sleeper.pid), "{scanned:?}");
+    let unwound = check
+        .blockers_with(&space, &tasks, &regs, &irq, Some(&orc))
+        .unwrap();
+    assert!(unwound.iter().all(|b| b.pid != sleeper.pid), "{unwound:?}");
+}

@@ -195,14 +195,16 @@ fn retired_code_is_freed_only_when_no_stack_references_it() {
     let p = e.prepare_disable(k, &g, "livepatch_sample", true).unwrap();
     e.commit(k, &g, &p).unwrap();
 
-    // A sleeping task "was preempted inside" the new function: its saved
-    // stack pointer's first word is a return address into it.
+    // A sleeping task "was preempted inside" the new function: the return
+    // address its switch frame resumes at (inactive_task_frame.ret_addr,
+    // 6 words above thread.sp) is in it. No ORC data covers patch code, so
+    // the stack is scanned and the word found.
     let tasks = k.tasks(&f.guest).unwrap();
     let sleeper = tasks
         .iter()
-        .find(|t| t.running.is_none() && t.exit_state == 0 && t.pid > 1)
+        .find(|t| t.running.is_none() && !t.on_cpu && t.exit_state == 0 && t.pid > 1)
         .expect("a sleeping task");
-    let slot = k.space(&g).translate(sleeper.saved_sp).unwrap().phys;
+    let slot = k.space(&g).translate(sleeper.saved_sp + 48).unwrap().phys;
     let mut saved = [0u8; 8];
     g.read_phys(slot, &mut saved).unwrap();
     g.write_phys(slot, &(new + 4).to_le_bytes()).unwrap();

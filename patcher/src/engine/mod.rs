@@ -23,6 +23,7 @@ use crate::api::{FuncInfo, Hex, LiveFunc, PatchInfo, PatchState, RetiredInfo};
 use crate::arena::{Arena, ArenaError, ImageFacts, Region};
 use crate::introspect::{all_vcpu_regs, Kernel, Tasks};
 use crate::module::ModuleError;
+use crate::orc::Orc;
 use crate::safepoint::{irq_stacks, Blocker, Check, SafepointError, Span};
 use crate::site::{FtraceRecords, Site, SiteError};
 use crate::stack::{Change, Entry, Stack, StackError};
@@ -140,6 +141,9 @@ struct Facts {
     ftrace: FtraceRecords,
     tasks: Tasks,
     hardirq_stack_ptr: Option<u64>,
+    /// The kernel's ORC tables, for precise unwinding of sleeping tasks
+    /// (None: conservative scanning only).
+    orc: Option<Orc>,
 }
 
 /// A transition ready to commit. Dropping it changes nothing.
@@ -231,11 +235,14 @@ impl Engine {
             let tasks = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)
                 .map_err(|e| EngineError::Introspect(e.to_string()))?;
             let hardirq_stack_ptr = kernel.kallsyms.addr("hardirq_stack_ptr").ok();
+            let release = kernel.uts(guest, "release");
+            let orc = Orc::load(&space, &kernel.kallsyms, release.as_deref()).ok();
             self.facts = Some(Facts {
                 arena,
                 ftrace,
                 tasks,
                 hardirq_stack_ptr,
+                orc,
             });
         }
         self.facts
@@ -442,7 +449,7 @@ impl Engine {
             }
             None => Vec::new(),
         };
-        Ok(check.blockers(&space, &tasks, &regs, &irq)?)
+        Ok(check.blockers_with(&space, &tasks, &regs, &irq, f.orc.as_ref())?)
     }
 
     /// Notes the pause a committed transition took (measured by the VMM).
