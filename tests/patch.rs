@@ -190,8 +190,23 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
     assert_eq!(hashes.len(), 2, "{t}");
     assert_eq!(hashes[0], hashes[1], "kernel text and arena unchanged");
     assert!(patches(&run, "short").patches.is_empty(), "no patch loaded");
-    // 4 s sleeper, default 10 s: committed after waiting for it.
+    // 4 s sleeper, default 10 s: committed after waiting for it; while
+    // it waited, the list showed it in transition, blocked by the sleeper.
     assert_eq!(run.result("blocked-wait")["rc"], "0", "{t}");
+    let waiting = patches(&run, "waiting");
+    let pending = waiting.transition.expect("a transition in progress");
+    assert_eq!(
+        (pending.patch.as_str(), pending.action.as_str()),
+        ("block_nsleep", "apply")
+    );
+    assert!(
+        pending
+            .blockers
+            .iter()
+            .any(|b| b.contains("(sleep)") && b.contains("common_nsleep")),
+        "{:?}",
+        pending.blockers
+    );
     let json = run
         .lines
         .iter()

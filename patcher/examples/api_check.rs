@@ -13,7 +13,8 @@
 //!                              first 30 and at the end
 //!   api_check alternate SOCK K A B
 //!                              K transitions enabling loaded replace
-//!                              patches B, A, B, ... (A enabled): pause and
+//!                              patches A, B, A, ... (B enabled, A replaced
+//!                              by it): pause and
 //!                              request time, median and p99, and the
 //!                              guest's task count
 //!   api_check text-hash SOCK [SITE...]
@@ -608,7 +609,7 @@ fn alternate(sock: &Path, k: usize, a: &str, b: &str) -> Result<(), String> {
         .count;
     let (mut pauses, mut requests, mut funcs) = (Vec::new(), Vec::new(), 0);
     for i in 0..k {
-        let name = if i % 2 == 0 { b } else { a };
+        let name = if i % 2 == 0 { a } else { b };
         let start = Instant::now();
         let r: TransitionReply = c
             .call(
