@@ -135,6 +135,18 @@ impl Run {
     pub fn transcript(&self) -> String {
         self.lines.join("\n")
     }
+
+    /// The JSON a scenario printed on one line after `TAG STEP `
+    /// (e.g. `KLPV-JSON-PATCHES applied {...}`), decoded.
+    pub fn json<T: serde::de::DeserializeOwned>(&self, tag: &str, step: &str) -> T {
+        let prefix = format!("{tag} {step} ");
+        let json = self
+            .lines
+            .iter()
+            .find_map(|l| l.split_once(&prefix).map(|(_, j)| j.to_owned()))
+            .unwrap_or_else(|| panic!("no {tag} at {step}\n{}", self.transcript()));
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{tag} {step}: {e}: {json}"))
+    }
 }
 
 /// Splits `a=1 b=two` into a map; a value runs to the next ` key=`.

@@ -5,13 +5,7 @@ use patcher::api::{PatchState, PatchesReply};
 
 /// The JSON after `KLPV-JSON-PATCHES <step> `.
 fn patches(run: &Run, step: &str) -> PatchesReply {
-    let tag = format!("KLPV-JSON-PATCHES {step} ");
-    let json = run
-        .lines
-        .iter()
-        .find_map(|l| l.split_once(&tag).map(|(_, j)| j.to_owned()))
-        .unwrap_or_else(|| panic!("no patch list at {step}\n{}", run.transcript()));
-    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"))
+    run.json("KLPV-JSON-PATCHES", step)
 }
 
 /// What `cat /proc/cmdline` printed the n-th time.
@@ -207,17 +201,9 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
         "{:?}",
         pending.blockers
     );
-    let json = run
-        .lines
-        .iter()
-        .find_map(|l| {
-            l.split_once("KLPV-JSON-TRANSITION wait ")
-                .map(|(_, j)| j.to_owned())
-        })
-        .expect("transition reply");
-    let reply: patcher::api::TransitionReply = serde_json::from_str(&json).unwrap();
-    assert!(reply.attempts > 1, "it had to wait: {json}");
-    assert!(reply.waited_ms > 500.0, "{json}");
+    let reply: patcher::api::TransitionReply = run.json("KLPV-JSON-TRANSITION", "wait");
+    assert!(reply.attempts > 1, "it had to wait: {reply:?}");
+    assert!(reply.waited_ms > 500.0, "{reply:?}");
     assert_eq!(reply.patch.state, PatchState::Enabled);
     assert_eq!(run.result("blocked-exit")["rc"], "0");
     assert!(

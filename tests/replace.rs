@@ -8,13 +8,7 @@ use harness::{run_scenario, Run};
 use patcher::api::{PatchState, PatchesReply};
 
 fn patches(run: &Run, step: &str) -> PatchesReply {
-    let tag = format!("KLPV-JSON-PATCHES {step} ");
-    let json = run
-        .lines
-        .iter()
-        .find_map(|l| l.split_once(&tag).map(|(_, j)| j.to_owned()))
-        .unwrap_or_else(|| panic!("no patch list at {step}\n{}", run.transcript()));
-    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"))
+    run.json("KLPV-JSON-PATCHES", step)
 }
 
 /// What the guest saw after `step`: f, g, h (from f's block) and the

@@ -6,7 +6,8 @@
  * reference only global symbols; a static one needs a `.klp.sym` relocation
  * with its sympos. klpvisor must name all three in one error.
  *
- * modpost refuses undefined symbols; build with KLPV_MODPOST_WARN=1.
+ * modpost refuses undefined symbols: built with modpost warnings only.
+ * klpv: modpost-warn
  * (insmod refuses the module too: "Unknown symbol".)
  */
 #include <linux/module.h>

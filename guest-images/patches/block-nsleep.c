@@ -8,9 +8,10 @@
  * when it does not leave in time.
  *
  * hrtimer_nanosleep is global but not exported: kbuild's modpost refuses
- * it, so this module is built with KLPV_MODPOST_WARN=1, and klpvisor
+ * it, so this module is built with modpost warnings only, and klpvisor
  * resolves it from the guest's kallsyms (kpatch would emit a
  * .klp.sym.vmlinux.hrtimer_nanosleep,0 relocation for in-kernel klp).
+ * klpv: modpost-warn
  */
 #include <linux/module.h>
 #include <linux/kernel.h>

@@ -262,33 +262,26 @@ impl Orc {
                 }
             }
             // Registers saved by this frame, if it is an interrupt or
-            // exception frame (full: all of pt_regs, else the iret frame).
-            let (next_ip, next_sp, regs) = match e.kind {
-                TYPE_CALL => (read(prev_sp.wrapping_sub(8), ip)?, prev_sp, None),
-                TYPE_REGS => {
-                    let cs = read(prev_sp + PT_CS, ip)?;
-                    let r_ip = read(prev_sp + PT_IP, ip)?;
-                    let r_sp = read(prev_sp + PT_SP, ip)?;
-                    if cs & 3 != 0 {
+            // exception frame: where its pt_regs start, and whether all of
+            // them were saved (REGS) or only the iret frame (REGS_PARTIAL,
+            // which sits at pt_regs' ip).
+            let saved = match e.kind {
+                TYPE_CALL => None,
+                TYPE_REGS => Some((prev_sp, true)),
+                TYPE_REGS_PARTIAL => Some((prev_sp.wrapping_sub(PT_IP), false)),
+                _ => {
+                    return Err(Unreliable {
+                        ip,
+                        why: "unknown ORC frame type",
+                    })
+                }
+            };
+            let (next_ip, next_sp, regs) = match saved {
+                None => (read(prev_sp.wrapping_sub(8), ip)?, prev_sp, None),
+                Some((base, full)) => {
+                    if read(base + PT_CS, ip)? & 3 != 0 {
                         // User-mode registers: the stack's end for a user
                         // task, and they must be its task_pt_regs.
-                        return if prev_sp + PT_REGS_SIZE == stack.end {
-                            Ok(frames)
-                        } else {
-                            Err(Unreliable {
-                                ip,
-                                why: "user registers not at the top of the stack",
-                            })
-                        };
-                    }
-                    (r_ip, r_sp, Some((prev_sp, true)))
-                }
-                TYPE_REGS_PARTIAL => {
-                    let base = prev_sp.wrapping_sub(PT_IP);
-                    let cs = read(base + PT_CS, ip)?;
-                    let r_ip = read(base + PT_IP, ip)?;
-                    let r_sp = read(base + PT_SP, ip)?;
-                    if cs & 3 != 0 {
                         return if base + PT_REGS_SIZE == stack.end {
                             Ok(frames)
                         } else {
@@ -298,13 +291,8 @@ impl Orc {
                             })
                         };
                     }
-                    (r_ip, r_sp, Some((base, false)))
-                }
-                _ => {
-                    return Err(Unreliable {
-                        ip,
-                        why: "unknown ORC frame type",
-                    })
+                    let r_ip = read(base + PT_IP, ip)?;
+                    (r_ip, read(base + PT_SP, ip)?, Some((base, full)))
                 }
             };
             bp = match e.bp_reg {

@@ -7,8 +7,7 @@
 //! build/dump until the guest image changes.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -26,24 +25,17 @@ struct Fixture {
     kernel: Kernel,
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+
+use common::open_dump;
 
 /// Builds (or reuses) the dump once per test binary.
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = root().join("build/dump");
-        let status = Command::new(root().join("guest-images/dump-guest"))
-            .arg(&dir)
-            .status()
-            .expect("cannot run guest-images/dump-guest");
-        assert!(status.success(), "guest-images/dump-guest failed: {status}");
-        let guest = DumpGuest::open(dir.join("vmcore.elf")).expect("open vmcore.elf");
         let t = Instant::now();
-        let kernel = Kernel::open(&guest).unwrap_or_else(|e| panic!("{e}"));
-        eprintln!("Kernel::open on the dump took {:?}", t.elapsed());
+        let (dir, guest, kernel) = open_dump();
+        eprintln!("dump (cached) + Kernel::open took {:?}", t.elapsed());
         Fixture { dir, guest, kernel }
     })
 }

@@ -4,53 +4,15 @@
 //! would execute: the old entry jumps to linked code whose own calls land
 //! on the guest's functions; disable and replace restore exactly.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
-
 use patcher::api::PatchState;
 use patcher::engine::{Engine, EngineError, Fault};
-use patcher::introspect::{DumpGuest, Kernel, VirtRead};
+use patcher::introspect::VirtRead;
 use patcher::overlay::Overlay;
 use patcher::Guest;
 
-/// Just past the dump's RAM, where the VMM would reserve the arena.
-const ARENA: (u64, u64) = (0x2000_0000, 16 << 20);
+mod common;
 
-struct Fixture {
-    guest: DumpGuest,
-    kernel: Kernel,
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = root().join("build/dump");
-        let status = Command::new(root().join("guest-images/dump-guest"))
-            .arg(&dir)
-            .status()
-            .expect("run dump-guest");
-        assert!(status.success());
-        let guest = DumpGuest::open(dir.join("vmcore.elf")).expect("open vmcore.elf");
-        let kernel = Kernel::open(&guest).unwrap_or_else(|e| panic!("{e}"));
-        Fixture { guest, kernel }
-    })
-}
-
-fn ko(name: &str) -> Vec<u8> {
-    let out = root().join("build/patches");
-    let status = Command::new(root().join("guest-images/build-livepatch"))
-        .arg(root().join(format!("guest-images/patches/{name}.c")))
-        .arg(&out)
-        .status()
-        .expect("run build-livepatch");
-    assert!(status.success(), "build-livepatch {name}");
-    std::fs::read(out.join(format!("{name}.ko"))).unwrap()
-}
+use common::{dump as fixture, ko, ARENA};
 
 fn entry_bytes<M: VirtRead>(mem: &M, va: u64) -> [u8; 5] {
     let mut b = [0u8; 5];
@@ -142,10 +104,7 @@ fn replace_patch_takes_over_and_bad_modules_change_nothing() {
     let p = e.prepare_apply(k, &g, &ko("hot-getppid"), false).unwrap();
     // What klp would do and we do not yet is said, not silently skipped.
     let w = p.warnings().join("\n");
-    assert!(
-        w.contains("pre_patch, post_unpatch") && w.contains("klp_state"),
-        "{w}"
-    );
+    assert!(w.contains("pre_patch, post_unpatch"), "{w}");
     e.commit(k, &g, &p).unwrap();
     assert_eq!(entry_bytes(&k.space(&g), sample_old), original);
     let l = e.list();
@@ -299,4 +258,45 @@ fn cumulative_replace_downgrade_and_forced_replace() {
     go(&mut e, p);
     assert!(e.live().is_empty());
     assert_eq!((original(tf), original(tg), original(th)), (of, og, oh));
+}
+
+/// klp's system-state rule (klp_is_patch_compatible): hot-getppid (replace)
+/// introduces state 1 at version 2. A replace patch without state 1, or
+/// with it at version 1, is refused with nothing written; a non-replace
+/// patch need not carry it; the same state at a higher version upgrades.
+#[test]
+fn system_states_refuse_incompatible_patches_and_accept_upgrades() {
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let mut e = Engine::default();
+    let p = e.prepare_apply(k, &g, &ko("state-v1"), false).unwrap();
+    e.commit(k, &g, &p).unwrap();
+    // Upgrade: state 1 at version 2, replacing state-v1.
+    let p = e.prepare_apply(k, &g, &ko("hot-getppid"), false).unwrap();
+    e.commit(k, &g, &p).unwrap();
+    let writes = g.write_log().len();
+    // Going back to the replaced state-v1 is a downgrade: refused.
+    let err = e.prepare_enable(k, &g, "state_v1", false).unwrap_err();
+    assert_eq!(err.kind(), Fault::State, "{err}");
+    assert!(err.to_string().contains("older than"), "{err}");
+    // So is loading it afresh once the replaced record is gone.
+    e.remove("state_v1").unwrap();
+    for (module, want) in [
+        ("klpv-v2", "does not carry system state 1 (version 2)"),
+        (
+            "state-v1",
+            "system state 1 at version 1, older than `hot_getppid`'s version 2",
+        ),
+    ] {
+        let err = e.prepare_apply(k, &g, &ko(module), false).unwrap_err();
+        assert_eq!(err.kind(), Fault::State, "{err}");
+        assert!(err.to_string().contains(want), "{module}: {err}");
+    }
+    assert_eq!(g.write_log().len(), writes, "nothing written");
+    // A non-replace patch without the state stacks fine.
+    let p = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    e.commit(k, &g, &p).unwrap();
 }

@@ -7,44 +7,19 @@
 //! long each transition's prepare and commit took.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Instant;
 
 use patcher::api::{PatchInfo, PatchState};
 use patcher::engine::Engine;
-use patcher::introspect::{DumpGuest, Kernel, VirtRead};
+use patcher::introspect::{Kernel, VirtRead};
 use patcher::overlay::Overlay;
 use patcher::site::{is_code_kind, FtraceRecords, Site};
 use patcher::Guest;
 
-/// Just past the dump's RAM, where the VMM would reserve the arena.
-const ARENA: (u64, u64) = (0x2000_0000, 16 << 20);
+mod common;
 
-struct Fixture {
-    guest: DumpGuest,
-    kernel: Kernel,
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = root().join("build/dump");
-        let status = Command::new(root().join("guest-images/dump-guest"))
-            .arg(&dir)
-            .status()
-            .expect("run dump-guest");
-        assert!(status.success());
-        let guest = DumpGuest::open(dir.join("vmcore.elf")).expect("open vmcore.elf");
-        let kernel = Kernel::open(&guest).unwrap_or_else(|e| panic!("{e}"));
-        Fixture { guest, kernel }
-    })
-}
+use common::{build_ko, dump as fixture, root, ARENA};
 
 /// The names of many-funcs.list, in order.
 fn list() -> Vec<String> {
@@ -67,14 +42,7 @@ fn ko(name: &str) -> Vec<u8> {
         .status()
         .expect("run gen-many");
     assert!(status.success(), "gen-many");
-    let out = root().join("build/patches");
-    let status = Command::new(root().join("guest-images/build-livepatch"))
-        .arg(src.join(format!("{name}.c")))
-        .arg(&out)
-        .status()
-        .expect("run build-livepatch");
-    assert!(status.success(), "build-livepatch {name}");
-    std::fs::read(out.join(format!("{name}.ko"))).unwrap()
+    build_ko(&src.join(format!("{name}.c")))
 }
 
 fn read<M: VirtRead>(mem: &M, va: u64, len: u64) -> Vec<u8> {

@@ -8,7 +8,6 @@
 //! against the dump's kallsyms; the results are checked against the
 //! guest's own /proc/kallsyms.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -23,21 +22,14 @@ struct Fixture {
     kallsyms_txt: String,
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+
+use common::{ko, open_dump, root};
 
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = root().join("build/dump");
-        let status = Command::new(root().join("guest-images/dump-guest"))
-            .arg(&dir)
-            .status()
-            .expect("cannot run guest-images/dump-guest");
-        assert!(status.success(), "guest-images/dump-guest failed: {status}");
-        let guest = DumpGuest::open(dir.join("vmcore.elf")).expect("open vmcore.elf");
-        let kernel = Kernel::open(&guest).unwrap_or_else(|e| panic!("{e}"));
+        let (dir, guest, kernel) = open_dump();
         // The guest's `uname -r`, from its own memory.
         let space = kernel.space(&guest);
         let uts = kernel.kallsyms.addr("init_uts_ns").unwrap();
@@ -55,22 +47,6 @@ fn fixture() -> &'static Fixture {
             kallsyms_txt,
         }
     })
-}
-
-/// Builds (or reuses) guest-images/patches/NAME.c and returns the .ko bytes.
-fn ko(name: &str) -> Vec<u8> {
-    let out = root().join("build/patches");
-    let mut cmd = Command::new(root().join("guest-images/build-livepatch"));
-    cmd.arg(root().join(format!("guest-images/patches/{name}.c")))
-        .arg(&out);
-    if name == "bad-unresolved" {
-        cmd.env("KLPV_MODPOST_WARN", "1");
-    }
-    let status = cmd
-        .status()
-        .expect("cannot run guest-images/build-livepatch");
-    assert!(status.success(), "build-livepatch {name} failed: {status}");
-    std::fs::read(out.join(format!("{name}.ko"))).unwrap()
 }
 
 /// Every address the guest's /proc/kallsyms gives `name`, in order.

@@ -30,6 +30,7 @@ impl Engine {
         if let Some(obj) = module.patch.objects.iter().find_map(|o| o.name.clone()) {
             return Err(ModuleError::ObjectNotSupported(obj).into());
         }
+        self.check_states(&name, module.patch.replace, &module.patch.states)?;
 
         // Place the segments on a copy of the arena: the engine's own
         // state changes only when the commit succeeds.
@@ -125,14 +126,9 @@ impl Engine {
                 callbacks.join(", ")
             ));
         }
-        if !module.patch.states.is_empty() {
-            warnings.push(format!(
-                "the patch declares {} klp_state(s); klpvisor does not check state compatibility yet",
-                module.patch.states.len()
-            ));
-        }
         let record = Record {
             replace: module.patch.replace,
+            states: module.patch.states.clone(),
             applied_at: now_unix(),
             pause_us: 0.0,
             regions,

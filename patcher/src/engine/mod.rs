@@ -22,7 +22,7 @@ use thiserror::Error;
 use crate::api::{FuncInfo, Hex, LiveFunc, PatchInfo, PatchState, RetiredInfo};
 use crate::arena::{Arena, ArenaError, ImageFacts, Region};
 use crate::introspect::{all_vcpu_regs, Kernel, Tasks};
-use crate::module::ModuleError;
+use crate::module::{ModuleError, State};
 use crate::orc::Orc;
 use crate::safepoint::{irq_stacks, Blocker, Check, SafepointError, Span};
 use crate::site::{FtraceRecords, Site, SiteError};
@@ -69,6 +69,15 @@ pub enum EngineError {
     #[error("safe-point check failed: {0}")]
     Safepoint(#[from] SafepointError),
     #[error(
+        "patch `{patch}` is incompatible with enabled patch `{holder}`: {why} (klp's \
+         klp_is_patch_compatible rule; nothing was written)"
+    )]
+    State {
+        patch: String,
+        holder: String,
+        why: String,
+    },
+    #[error(
         "no safe point: {} task(s) are inside functions this transition changes; nothing was written \
          (retry later, or --force to skip the check):\n  {}",
         .0.len(),
@@ -82,7 +91,9 @@ impl EngineError {
         match self {
             EngineError::Module(_) | EngineError::Link(_) => Fault::Module,
             EngineError::Stack(StackError::Unknown(_)) => Fault::NotFound,
-            EngineError::Stack(_) | EngineError::Blocked(_) => Fault::State,
+            EngineError::Stack(_) | EngineError::Blocked(_) | EngineError::State { .. } => {
+                Fault::State
+            }
             EngineError::Arena(ArenaError::Full { .. }) => Fault::NoSpace,
             EngineError::Arena(_) | EngineError::Introspect(_) | EngineError::Safepoint(_) => {
                 Fault::Guest
@@ -115,6 +126,8 @@ struct FuncRecord {
 #[derive(Debug, Clone)]
 struct Record {
     replace: bool,
+    /// Its `klp_state`s: the system states it introduced or handles.
+    states: Vec<State>,
     applied_at: u64,
     pause_us: f64,
     regions: Vec<Region>,
@@ -350,6 +363,48 @@ impl Engine {
         self.prepared_sites(kernel, name, change)
     }
 
+    /// klp's system-state rule for enabling `patch` (`replace`, carrying
+    /// `states`) next to the enabled patches: a replace patch must carry
+    /// every state an enabled patch has, and no patch may carry a state at
+    /// a lower version than an enabled patch does.
+    fn check_states(
+        &self,
+        patch: &str,
+        replace: bool,
+        states: &[State],
+    ) -> Result<(), EngineError> {
+        let enabled = self
+            .stack
+            .entries()
+            .iter()
+            .filter(|e| e.state == PatchState::Enabled && e.name != patch);
+        for e in enabled {
+            let Some(r) = self.records.get(&e.name) else {
+                continue;
+            };
+            for old in &r.states {
+                let why = match states.iter().find(|s| s.id == old.id) {
+                    None if replace => format!(
+                        "it replaces every patch but does not carry system state {} (version {}) \
+                         that `{}` introduced",
+                        old.id, old.version, e.name
+                    ),
+                    Some(s) if s.version < old.version => format!(
+                        "it carries system state {} at version {}, older than `{}`'s version {}",
+                        old.id, s.version, e.name, old.version
+                    ),
+                    _ => continue,
+                };
+                return Err(EngineError::State {
+                    patch: patch.to_owned(),
+                    holder: e.name.clone(),
+                    why,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Plans enabling loaded patch `name` again.
     pub fn prepare_enable<G: Guest + ?Sized>(
         &mut self,
@@ -359,6 +414,9 @@ impl Engine {
         force: bool,
     ) -> Result<Prepared, EngineError> {
         self.facts(kernel, guest)?;
+        if let Some(r) = self.records.get(name) {
+            self.check_states(name, r.replace, &r.states)?;
+        }
         let change = self.stack.plan_reenable(name, force)?;
         self.prepared_sites(kernel, name, change)
     }
