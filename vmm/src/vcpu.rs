@@ -178,6 +178,10 @@ impl VcpuThread {
             match self.step() {
                 Step::Continue => io_pending = false,
                 Step::ContinueIo => io_pending = true,
+                Step::Exit(VcpuExitReason::TripleFault) => {
+                    self.log_fault_state();
+                    return VcpuExitReason::TripleFault;
+                }
                 Step::Exit(reason) => return reason,
             }
         }
@@ -279,6 +283,37 @@ impl VcpuThread {
                 Step::Continue
             }
             Err(e) => Step::Exit(VcpuExitReason::Fatal(format!("KVM_RUN failed: {e}"))),
+        }
+    }
+
+    /// The registers a triple fault left behind, for whoever reads the log:
+    /// on Intel KVM keeps them after KVM_EXIT_SHUTDOWN, and RIP, CR2 and the
+    /// IDT say which fault could not be delivered. On AMD KVM has already
+    /// reinitialized the VMCB (its state is undefined after a shutdown
+    /// intercept), so the vCPU reads as reset; say so instead.
+    fn log_fault_state(&self) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => tracing::error!(
+                vcpu = self.id,
+                "triple fault; KVM reset the vCPU, its registers at the fault are lost"
+            ),
+            (Ok(r), Ok(s)) => tracing::error!(
+                vcpu = self.id,
+                rip = format_args!("{:#x}", r.rip),
+                rsp = format_args!("{:#x}", r.rsp),
+                rflags = format_args!("{:#x}", r.rflags),
+                cr0 = format_args!("{:#x}", s.cr0),
+                cr2 = format_args!("{:#x}", s.cr2),
+                cr3 = format_args!("{:#x}", s.cr3),
+                cr4 = format_args!("{:#x}", s.cr4),
+                efer = format_args!("{:#x}", s.efer),
+                idt = format_args!("{:#x}+{:#x}", s.idt.base, s.idt.limit),
+                cs = format_args!("{:#x}", s.cs.selector),
+                "triple fault"
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(vcpu = self.id, "triple fault; registers unreadable: {e}")
+            }
         }
     }
 
