@@ -168,9 +168,10 @@ pub const L1_BOOT_LIMIT: Duration = Duration::from_secs(180);
 pub const L2_BOOT_LIMIT: Duration = Duration::from_secs(150);
 
 /// Attempts at one nested scenario while the emulator, not the code under
-/// test, ends them (see [`emulator_failure`]). On the 2-core Intel CI
-/// machines of 2026-11-27 about one L2 boot in three died in early SMP
-/// initcalls, under our VMM and under QEMU alike, with QEMU 7.2 and 10.0.
+/// test, ends them (see [`emulator_failure`]). On the 2-core Intel machines
+/// of 2026-11-27, with a 2-vCPU L1, about one L2 boot in three died in early
+/// SMP initcalls, under our VMM and under QEMU alike, with QEMU 7.2 and
+/// 10.0; nested-run now gives L1 one vCPU, which made that go away.
 const NESTED_ATTEMPTS: usize = 6;
 
 /// Why a nested run says nothing about the code under test, if it does not:
