@@ -153,6 +153,33 @@ fn cumulative_replace_downgrade_and_a_thousand_transitions_under_load() {
         end <= warm + 256 * 1024,
         "VMM heap grew from {warm} to {end} bytes over the stress"
     );
+    // Rollback: v1 alone <-> v2 over v1, 100 times each way, exact.
+    let v1_seen = "f=v1 g=g1 h=orig direct-g=g1 direct-h=orig";
+    let v2_seen = seen(&run, "v2");
+    assert_eq!(seen(&run, "before-rollback"), v1_seen);
+    let rb = run.result("rollback");
+    assert_eq!(
+        (
+            rb["loops"].as_str(),
+            rb["rollbacks"].as_str(),
+            rb["mismatches"].as_str()
+        ),
+        ("100", "200", "0"),
+        "{t}"
+    );
+    assert_eq!(rb["sites"], "3", "f, g and h");
+    assert_eq!(seen(&run, "rolled"), v2_seen);
+    assert_eq!(run.result("step-rollback")["rc"], "0");
+    assert_eq!(seen(&run, "rolled-back"), v1_seen, "undoing the replace");
+    // The history's newest entry is that rollback, from v2 over v1.
+    let last = run.lines_with("KLPV-HISTORY ");
+    assert_eq!(last.len(), 1, "{t}");
+    assert!(
+        last[0].contains(": rollback #")
+            && last[0].ends_with("before it: klpv_v1 replaced, klpv_v2 enabled"),
+        "{}",
+        last[0]
+    );
     assert_eq!(
         seen(&run, "off"),
         "f=orig g=- h=- direct-g=orig direct-h=orig"

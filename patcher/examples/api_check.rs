@@ -17,6 +17,11 @@
 //!                              by it): pause and
 //!                              request time, median and p99, and the
 //!                              guest's task count
+//!   api_check rollback SOCK N REPLACE
+//!                              from the current stack, enable REPLACE,
+//!                              then N times roll back and roll that back,
+//!                              checking every patch site's bytes and every
+//!                              patch's state each time
 //!   api_check text-hash SOCK [SITE...]
 //!                              hash of the guest's kernel text via GET
 //!                              /memory with the 5 bytes at each SITE (hex),
@@ -52,6 +57,11 @@ fn main() -> ExitCode {
             args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000),
         ),
         "peer" => peer(&sock),
+        "rollback" => rollback(
+            &sock,
+            args.get(3).and_then(|n| n.parse().ok()).unwrap_or(100),
+            args.get(4).map_or("klpv_v2", String::as_str),
+        ),
         "alternate" => match (
             args.get(3).and_then(|k| k.parse().ok()),
             args.get(4),
@@ -595,6 +605,77 @@ fn cycle(sock: &Path, n: usize) -> Result<(), String> {
         attempts.iter().filter(|&&a| a > 1).count(),
         attempts.iter().max().copied().unwrap_or(0),
         total.as_secs_f64() * 1e3,
+    );
+    Ok(())
+}
+
+/// Every patch site of every loaded patch, its 5 entry bytes, and each
+/// patch's state: what a rollback must restore exactly.
+type StackShot = (Vec<(u64, String)>, Vec<(String, String)>);
+
+fn stack_shot(c: &Client) -> Result<StackShot, String> {
+    let v: patcher::api::PatchesReply = c
+        .call(Method::GET, "/patches", None)
+        .map_err(|e| e.to_string())?;
+    let mut sites: Vec<u64> = v
+        .patches
+        .iter()
+        .flat_map(|p| p.funcs.iter().map(|f| f.site.0))
+        .collect();
+    sites.sort_unstable();
+    sites.dedup();
+    let mut bytes = Vec::new();
+    for site in sites {
+        let m: MemoryReply = c
+            .call(Method::GET, &format!("/memory?va={site:#x}&len=5"), None)
+            .map_err(|e| e.to_string())?;
+        bytes.push((site, m.bytes));
+    }
+    let states = v
+        .patches
+        .iter()
+        .map(|p| (p.name.clone(), p.state.to_string()))
+        .collect();
+    Ok((bytes, states))
+}
+
+/// The rollback loop: from the current stack A, enable `replace` (a
+/// replace patch) giving B; then `n` times roll back (B -> A) and roll
+/// the rollback back (A -> B), comparing every patch site's bytes and
+/// every patch's state with A and B each time.
+fn rollback(sock: &Path, n: usize, replace: &str) -> Result<(), String> {
+    let c = Client::new(sock).map_err(|e| e.to_string())?;
+    let a = stack_shot(&c)?;
+    c.call::<TransitionReply>(Method::POST, &format!("/patches/{replace}/enable"), None)
+        .map_err(|e| format!("enable {replace}: {e}"))?;
+    let b = stack_shot(&c)?;
+    if a == b {
+        return Err(format!("enabling {replace} changed nothing"));
+    }
+    let (mut pauses, mut mismatches) = (Vec::new(), 0usize);
+    for i in 0..n {
+        for (want, what) in [(&a, "before the replace"), (&b, "after the replace")] {
+            let r: patcher::api::RollbackReply = c
+                .call(Method::POST, "/rollback", None)
+                .map_err(|e| format!("rollback {i} to {what}: {e}"))?;
+            pauses.push(r.pause_us);
+            let got = stack_shot(&c)?;
+            if &got != want {
+                mismatches += 1;
+                if mismatches <= 3 {
+                    println!("KLPV-ROLLBACK-MISMATCH {i} {what}: want {want:?} got {got:?}");
+                }
+            }
+        }
+    }
+    pauses.sort_by(f64::total_cmp);
+    println!(
+        "KLPV-RESULT rollback loops={n} rollbacks={} mismatches={mismatches} sites={} \
+         pause_median_us={:.0} pause_p99_us={:.0}",
+        pauses.len(),
+        a.0.len(),
+        percentile(&pauses, 0.5),
+        percentile(&pauses, 0.99),
     );
     Ok(())
 }

@@ -450,6 +450,40 @@ pub struct TransitionReply {
     pub warnings: Vec<String>,
 }
 
+/// One committed transition, as `GET /history` lists it: what it did and
+/// the stack it started from, which `POST /rollback?to=SEQ` returns to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// 1 for the first transition of this VMM, then counting up.
+    pub seq: u64,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// `apply`, `disable`, `enable` or `rollback`.
+    pub action: String,
+    /// The patch it applied, disabled or enabled (`rollback`: `#SEQ`).
+    pub patch: String,
+    pub forced: bool,
+    /// Each loaded patch and its state just before it, oldest first.
+    pub before: Vec<(String, PatchState)>,
+}
+
+/// `POST /rollback`: the stack is back where it was before transition `to`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackReply {
+    /// The transition whose starting point was restored.
+    pub to: u64,
+    /// This rollback's own number in the history (it can be rolled back
+    /// too).
+    pub seq: u64,
+    /// The stack after the rollback, oldest first.
+    pub patches: Vec<PatchInfo>,
+    pub prepare_ms: f64,
+    pub pause_us: f64,
+    pub bytes_written: u64,
+    pub attempts: u32,
+    pub waited_ms: f64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

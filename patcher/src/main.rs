@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use hyper::Method;
 
 use patcher::api::{
-    AddrReply, KernelInfo, MemoryReply, PatchInfo, PatchesReply, PauseReply, RegsReply,
-    ResumeReply, SymbolsReply, TasksReply, TransitionReply, VmInfo, MAX_MEMORY_READ,
+    AddrReply, HistoryEntry, KernelInfo, MemoryReply, PatchInfo, PatchesReply, PauseReply,
+    RegsReply, ResumeReply, RollbackReply, SymbolsReply, TasksReply, TransitionReply, VmInfo,
+    MAX_MEMORY_READ,
 };
 use patcher::client::{query_escape, Client, ClientError};
 
@@ -93,6 +94,21 @@ enum Command {
     },
     /// Forget a disabled or replaced patch and free its arena space.
     Remove { name: String },
+    /// The committed transitions, each with the stack it started from.
+    History,
+    /// Return every patch, in one safe-point transition, to its state just
+    /// before transition N (default: undo the last transition), including
+    /// patches a replace had disabled. Patches loaded since stay, disabled.
+    Rollback {
+        /// The transition to go back before (`patcher history` numbers them).
+        #[arg(long, value_name = "N")]
+        to: Option<u64>,
+        #[arg(long)]
+        force: bool,
+        /// How long to wait for a safe point, in milliseconds (VMM default 10000).
+        #[arg(long, value_name = "MS")]
+        timeout: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -252,6 +268,19 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
                 None,
             )?;
             show(json, &v, |v| print_transition("enabled", v));
+        }
+        Command::History => {
+            let v: Vec<HistoryEntry> = c.call(Method::GET, "/history", None)?;
+            show(json, &v, |v| print_history(v));
+        }
+        Command::Rollback { to, force, timeout } => {
+            let to = to.map(|n| format!("to={n}&")).unwrap_or_default();
+            let v: RollbackReply = c.call(
+                Method::POST,
+                &format!("/rollback?{to}{}", params(*force, *timeout)),
+                None,
+            )?;
+            show(json, &v, print_rollback);
         }
         Command::Remove { name } => {
             let v: PatchInfo = c.call(
@@ -448,6 +477,47 @@ fn print_transition(what: &str, v: &TransitionReply) {
         println!("warning: {w}");
     }
     print_patch(&v.patch);
+}
+
+fn print_history(v: &[HistoryEntry]) {
+    if v.is_empty() {
+        println!("no transitions yet");
+    }
+    for h in v {
+        let before: Vec<String> = h.before.iter().map(|(n, s)| format!("{n} {s}")).collect();
+        println!(
+            "#{} at {} (unix): {} {}{}; before it: {}",
+            h.seq,
+            h.at,
+            h.action,
+            h.patch,
+            if h.forced { " (forced)" } else { "" },
+            if before.is_empty() {
+                "no patches".to_owned()
+            } else {
+                before.join(", ")
+            }
+        );
+    }
+}
+
+fn print_rollback(v: &RollbackReply) {
+    println!(
+        "rolled back to before #{} (this is #{}): {} bytes written in one pause of {}",
+        v.to,
+        v.seq,
+        v.bytes_written,
+        duration_us(v.pause_us)
+    );
+    if v.attempts > 1 {
+        println!(
+            "waited {:.0} ms for a safe point ({} pauses)",
+            v.waited_ms, v.attempts
+        );
+    }
+    for p in &v.patches {
+        print_patch(p);
+    }
 }
 
 fn print_patch(p: &PatchInfo) {

@@ -45,6 +45,11 @@ pub enum StackError {
          as klp refuses it: its code may still run on some task's stack"
     )]
     ReplacedByForce { name: String, by: String },
+    #[error(
+        "patch `{0}` was enabled then but has since been removed; apply its module again \
+         (it will be enabled on top), or roll back to a later point"
+    )]
+    RemovedSince(String),
 }
 
 /// One function a patch redirects, by the old function's entry address.
@@ -97,6 +102,8 @@ pub struct Change {
     /// The patch being enabled again (from disabled or replaced), moved
     /// to the top of the stack.
     pub reenable: Option<String>,
+    /// The whole stack after the change (a rollback), replacing it.
+    pub restore: Option<Vec<Entry>>,
     pub forced: bool,
 }
 
@@ -200,6 +207,35 @@ impl Stack {
         Ok(self.change(after, None, None, forced))
     }
 
+    /// Plans returning to `earlier`, the stack as it was before some past
+    /// transition: every patch in its state then (a replaced patch
+    /// replaced again, a disabled one disabled), in its order then, so
+    /// the same patch wins each function. Patches loaded since stay
+    /// loaded, disabled; a patch enabled then but removed since cannot
+    /// come back (its code is gone).
+    pub fn plan_restore(&self, earlier: &[Entry], forced: bool) -> Result<Change, StackError> {
+        let mut after = Vec::with_capacity(self.entries.len());
+        for then in earlier {
+            match self.get(&then.name) {
+                Some(_) => after.push(then.clone()),
+                None if then.state == PatchState::Enabled => {
+                    return Err(StackError::RemovedSince(then.name.clone()))
+                }
+                None => {}
+            }
+        }
+        for now in &self.entries {
+            if !earlier.iter().any(|e| e.name == now.name) {
+                let mut e = now.clone();
+                e.state = PatchState::Disabled;
+                after.push(e);
+            }
+        }
+        let mut c = self.change(after.clone(), None, None, forced);
+        c.restore = Some(after);
+        Ok(c)
+    }
+
     /// Removes a patch that is not enabled (its code may then be unmapped
     /// and its arena space reused once no stack references it).
     pub fn remove(&mut self, name: &str) -> Result<Entry, StackError> {
@@ -218,6 +254,10 @@ impl Stack {
 
     /// Makes a committed change the stack's state.
     pub fn apply(&mut self, change: &Change) {
+        if let Some(entries) = &change.restore {
+            self.entries = entries.clone();
+            return;
+        }
         if let Some(name) = &change.reenable {
             if let Some(i) = self.entries.iter().position(|e| &e.name == name) {
                 let e = self.entries.remove(i);
@@ -266,6 +306,7 @@ impl Stack {
             states: after.iter().map(|e| (e.name.clone(), e.state)).collect(),
             push,
             reenable,
+            restore: None,
             forced,
         }
     }
@@ -436,5 +477,59 @@ mod tests {
         enable(&mut s, entry("a", false, &[(F, 1), (G, 2)]));
         let c = s.plan_enable(entry("b", false, &[(G, 2)]), false).unwrap();
         assert!(c.sites.is_empty(), "same target: nothing to write");
+    }
+
+    #[test]
+    fn restore_returns_to_an_earlier_stack_exactly() {
+        let mut s = Stack::default();
+        enable(&mut s, entry("v1", false, &[(F, 1), (G, 2)]));
+        let before_v2 = s.entries().to_vec();
+        let live_before = s.live();
+        // v2 replaces v1: F re-pointed, G back to the original, H patched.
+        enable(&mut s, entry("v2", true, &[(F, 3), (H, 4)]));
+        enable(&mut s, entry("extra", false, &[(H, 5)]));
+        let c = s.plan_restore(&before_v2, false).unwrap();
+        assert_eq!(
+            c.sites,
+            BTreeMap::from([
+                (F, (Some(3), Some(1))),
+                (G, (None, Some(2))),
+                (H, (Some(5), None))
+            ])
+        );
+        s.apply(&c);
+        assert_eq!(s.live(), live_before);
+        assert_eq!(state(&s, "v1"), PatchState::Enabled);
+        // Loaded since: kept, disabled.
+        assert_eq!(state(&s, "v2"), PatchState::Disabled);
+        assert_eq!(state(&s, "extra"), PatchState::Disabled);
+        // Back to "v2 on top of replaced v1": v1 replaced again.
+        let c = s
+            .plan_restore(
+                &[
+                    Entry {
+                        state: PatchState::Replaced,
+                        ..entry("v1", false, &[(F, 1), (G, 2)])
+                    },
+                    Entry {
+                        state: PatchState::Enabled,
+                        ..entry("v2", true, &[(F, 3), (H, 4)])
+                    },
+                ],
+                false,
+            )
+            .unwrap();
+        s.apply(&c);
+        assert_eq!(s.live(), BTreeMap::from([(F, 3), (H, 4)]));
+        assert_eq!(state(&s, "v1"), PatchState::Replaced);
+        // A patch enabled then and removed since cannot come back.
+        let then = s.entries().to_vec();
+        let c = s.plan_disable("v2", false).unwrap();
+        s.apply(&c);
+        s.remove("v2").unwrap();
+        assert_eq!(
+            s.plan_restore(&then, false),
+            Err(StackError::RemovedSince("v2".into()))
+        );
     }
 }

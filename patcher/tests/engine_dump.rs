@@ -35,7 +35,7 @@ fn sample_applies_disables_and_reapplies_exactly() {
     assert!(g.write_log().is_empty(), "prepare writes nothing");
     let done = e.commit(k, &g, &p).unwrap();
     assert_eq!(done.name, "livepatch_sample");
-    let info = &done.patch;
+    let info = done.patch.as_ref().unwrap();
     assert_eq!(info.state, PatchState::Enabled);
     let func = &info.funcs[0];
     assert_eq!(
@@ -150,7 +150,9 @@ fn retired_code_is_freed_only_when_no_stack_references_it() {
     let p = e
         .prepare_apply(k, &g, &ko("livepatch-sample"), false)
         .unwrap();
-    let new = e.commit(k, &g, &p).unwrap().patch.funcs[0].new_addr.0;
+    let new = e.commit(k, &g, &p).unwrap().patch.unwrap().funcs[0]
+        .new_addr
+        .0;
     let p = e.prepare_disable(k, &g, "livepatch_sample", true).unwrap();
     e.commit(k, &g, &p).unwrap();
 
@@ -299,4 +301,77 @@ fn system_states_refuse_incompatible_patches_and_accept_upgrades() {
         .prepare_apply(k, &g, &ko("livepatch-sample"), false)
         .unwrap();
     e.commit(k, &g, &p).unwrap();
+}
+
+/// Rollback: back before v2 (v1 enabled again, although a replace
+/// disabled it, v2 kept but disabled), undo that rollback, then back to
+/// before the first transition: every entry byte as it was at each point.
+#[test]
+fn rollback_returns_every_entry_to_an_earlier_point() {
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let space = k.space(&g);
+    let addr = |n: &str| k.kallsyms.resolve(n, 0).unwrap();
+    let funcs = [
+        addr("task_mem"),
+        addr("proc_task_name"),
+        addr("cpuset_task_status_allowed"),
+    ];
+    let entries = || funcs.map(|a| entry_bytes(&space, a));
+    let state = |e: &Engine, name: &str| {
+        e.list()
+            .into_iter()
+            .find(|p| p.name == name)
+            .map(|p| p.state)
+            .unwrap()
+    };
+    let go = |e: &mut Engine, p: Result<_, EngineError>| {
+        let p = p.unwrap_or_else(|err| panic!("{err}"));
+        e.commit(k, &g, &p).unwrap_or_else(|err| panic!("{err}"))
+    };
+    let mut e = Engine::default();
+    let original = entries();
+    let p = e.prepare_apply(k, &g, &ko("klpv-v1"), false);
+    go(&mut e, p);
+    let with_v1 = entries();
+    let p = e.prepare_apply(k, &g, &ko("klpv-v2"), false);
+    go(&mut e, p);
+    let with_v2 = entries();
+    assert_ne!(with_v1, with_v2);
+    assert_eq!(with_v2[1], original[1], "v2 reverted g");
+
+    // Undo the last transition (v2's apply).
+    let p = e.prepare_rollback(k, &g, None, false);
+    let c = go(&mut e, p);
+    assert_eq!(c.seq, 3);
+    assert_eq!(entries(), with_v1);
+    assert_eq!(state(&e, "klpv_v1"), PatchState::Enabled);
+    assert_eq!(state(&e, "klpv_v2"), PatchState::Disabled);
+    // Undo the rollback: v2 on top of a replaced v1 again.
+    let p = e.prepare_rollback(k, &g, Some(3), false);
+    go(&mut e, p);
+    assert_eq!(entries(), with_v2);
+    assert_eq!(state(&e, "klpv_v1"), PatchState::Replaced);
+    assert_eq!(state(&e, "klpv_v2"), PatchState::Enabled);
+    // Before everything: the kernel's own entries, both patches loaded.
+    let p = e.prepare_rollback(k, &g, Some(1), false);
+    go(&mut e, p);
+    assert_eq!(entries(), original);
+    assert!(e.live().is_empty());
+    let h = e.history();
+    assert_eq!(
+        h.iter().map(|h| h.action.as_str()).collect::<Vec<_>>(),
+        ["apply", "apply", "rollback", "rollback", "rollback"]
+    );
+    assert_eq!(h[2].before.len(), 2);
+
+    // Unknown transition; a patch removed since cannot come back.
+    let err = e.prepare_rollback(k, &g, Some(99), false).unwrap_err();
+    assert_eq!(err.kind(), Fault::NotFound, "{err}");
+    e.remove("klpv_v1").unwrap();
+    let writes = g.write_log().len();
+    let err = e.prepare_rollback(k, &g, Some(2), false).unwrap_err();
+    assert!(err.to_string().contains("has since been removed"), "{err}");
+    assert_eq!(g.write_log().len(), writes, "nothing written");
 }

@@ -128,16 +128,17 @@ fn apply_replace_disable(n: usize) {
     let prep_a = ms(t);
     assert!(g.write_log().is_empty(), "prepare writes nothing");
     let t = Instant::now();
-    let done = e.commit(k, &g, &p).unwrap();
+    let mut done = e.commit(k, &g, &p).unwrap();
     let commit_a = ms(t);
     assert_eq!(done.name, a_name);
-    assert_eq!(done.patch.state, PatchState::Enabled);
-    assert!(done.patch.replace);
-    check_redirected(&g, k, &done.patch, names);
-    for (func, (old, _)) in done.patch.funcs.iter().zip(&originals) {
+    let done_patch = done.patch.take().expect("the applied patch");
+    assert_eq!(done_patch.state, PatchState::Enabled);
+    assert!(done_patch.replace);
+    check_redirected(&g, k, &done_patch, names);
+    for (func, (old, _)) in done_patch.funcs.iter().zip(&originals) {
         assert_eq!(func.old_addr.0, *old, "{}", func.name);
     }
-    let a_targets: BTreeSet<u64> = done.patch.funcs.iter().map(|f| f.new_addr.0).collect();
+    let a_targets: BTreeSet<u64> = done_patch.funcs.iter().map(|f| f.new_addr.0).collect();
     let bytes_a = done.bytes_written;
 
     // b replaces a: every entry moves to b's code in one transition.
@@ -147,9 +148,9 @@ fn apply_replace_disable(n: usize) {
     let t = Instant::now();
     let done = e.commit(k, &g, &p).unwrap();
     let commit_b = ms(t);
-    check_redirected(&g, k, &done.patch, names);
-    assert!(done
-        .patch
+    let done_patch = done.patch.as_ref().expect("the applied patch");
+    check_redirected(&g, k, done_patch, names);
+    assert!(done_patch
         .funcs
         .iter()
         .all(|f| !a_targets.contains(&f.new_addr.0)));
@@ -166,8 +167,9 @@ fn apply_replace_disable(n: usize) {
     let t = Instant::now();
     let done = e.commit(k, &g, &p).unwrap();
     let commit_off = ms(t);
-    assert_eq!(done.patch.state, PatchState::Disabled);
-    assert!(done.patch.funcs.iter().all(|f| !f.live));
+    let done_patch = done.patch.as_ref().expect("the disabled patch");
+    assert_eq!(done_patch.state, PatchState::Disabled);
+    assert!(done_patch.funcs.iter().all(|f| !f.live));
     for (name, (old, text)) in names.iter().zip(&originals) {
         assert_eq!(&read(&space, *old, text.len() as u64), text, "{name}");
     }

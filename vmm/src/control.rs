@@ -17,8 +17,11 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use patcher::api::{PatchInfo, PatchState, PatchesReply, PendingTransition, TransitionReply};
-use patcher::engine::{Engine, EngineError, Prepared};
+use patcher::api::{
+    HistoryEntry, PatchInfo, PatchState, PatchesReply, PendingTransition, RollbackReply,
+    TransitionReply,
+};
+use patcher::engine::{Committed, Engine, EngineError, Prepared};
 use patcher::introspect::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
 use patcher::VcpuRegs;
 
@@ -119,6 +122,16 @@ pub struct Control {
 
 /// Clears the pending transition however the transition ends.
 struct PendingGuard<'a>(&'a Mutex<Option<PendingTransition>>);
+
+/// What a committed transition took, for its reply.
+struct Outcome {
+    committed: Committed,
+    prepare_ms: f64,
+    pause_us: f64,
+    attempts: u32,
+    waited_ms: f64,
+    warnings: Vec<String>,
+}
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
@@ -305,13 +318,14 @@ impl Control {
     /// transition blocked by a task inside a changed function is retried,
     /// the guest running in between, with backoff (1 ms doubling to
     /// 100 ms) until `timeout`; then the blockers are reported
-    /// and nothing has changed.
-    fn transition(
+    /// and nothing has changed. `finish` turns the outcome into the reply.
+    fn run_transition<R>(
         &self,
         action: &str,
         t: Transition,
         prepare: impl FnOnce(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
-    ) -> Result<TransitionReply, ControlError> {
+        finish: impl FnOnce(&mut Engine, Outcome) -> Result<R, ControlError>,
+    ) -> Result<R, ControlError> {
         let timeout = t.timeout;
         let k = self.kernel()?;
         let mut engine = self.engine();
@@ -358,29 +372,91 @@ impl Control {
             }
         };
         let pause_us = done.pause.unwrap_or_default().as_secs_f64() * 1e6;
-        let patch = engine.record_pause(&done.value.name, pause_us);
-        self.publish(&engine);
         tracing::info!(
+            action,
             patch = done.value.name,
+            seq = done.value.seq,
             prepare_ms,
             pause_us,
             attempts,
             bytes = done.value.bytes_written,
             "transition committed"
         );
-        Ok(TransitionReply {
-            patch: patch.unwrap_or(done.value.patch),
+        let outcome = Outcome {
+            committed: done.value,
             prepare_ms,
             pause_us,
-            bytes_written: done.value.bytes_written,
-            warnings: prepared.warnings().to_vec(),
             attempts,
             waited_ms: if attempts > 1 {
                 first.elapsed().as_secs_f64() * 1e3
             } else {
                 0.0
             },
+            warnings: prepared.warnings().to_vec(),
+        };
+        let reply = finish(&mut engine, outcome);
+        self.publish(&engine);
+        reply
+    }
+
+    /// A transition of one patch (apply, disable, enable).
+    fn transition(
+        &self,
+        action: &str,
+        t: Transition,
+        prepare: impl FnOnce(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
+    ) -> Result<TransitionReply, ControlError> {
+        self.run_transition(action, t, prepare, |engine, o| {
+            let patch = engine
+                .record_pause(&o.committed.name, o.pause_us)
+                .or(o.committed.patch)
+                .ok_or_else(|| {
+                    ControlError::Engine(EngineError::Introspect(
+                        "the committed patch vanished".into(),
+                    ))
+                })?;
+            Ok(TransitionReply {
+                patch,
+                prepare_ms: o.prepare_ms,
+                pause_us: o.pause_us,
+                bytes_written: o.committed.bytes_written,
+                warnings: o.warnings,
+                attempts: o.attempts,
+                waited_ms: o.waited_ms,
+            })
         })
+    }
+
+    /// Returns every patch to its state just before transition `to`
+    /// (default: the last), in one transition.
+    pub fn rollback(&self, to: Option<u64>, t: Transition) -> Result<RollbackReply, ControlError> {
+        // Which transition "the last" was is known once the engine is locked.
+        let target = std::cell::Cell::new(0);
+        self.run_transition(
+            "rollback",
+            t,
+            |e, k| {
+                target.set(to.unwrap_or(e.last_seq()));
+                e.prepare_rollback(k, &*self.vm, Some(target.get()), t.force)
+            },
+            |engine, o| {
+                Ok(RollbackReply {
+                    to: target.get(),
+                    seq: o.committed.seq,
+                    patches: engine.list(),
+                    prepare_ms: o.prepare_ms,
+                    pause_us: o.pause_us,
+                    bytes_written: o.committed.bytes_written,
+                    attempts: o.attempts,
+                    waited_ms: o.waited_ms,
+                })
+            },
+        )
+    }
+
+    /// The committed transitions a rollback can return to.
+    pub fn history(&self) -> Vec<HistoryEntry> {
+        self.engine().history()
     }
 
     /// Loads and enables a livepatch module.

@@ -140,6 +140,7 @@ impl Engine {
         let check = self.plan_sites(kernel, &change, &fresh, Some(&record), &mut plan)?;
         Ok(Prepared {
             name,
+            action: "apply",
             change,
             plan,
             arena: Some(arena),

@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
-use crate::api::{FuncInfo, Hex, LiveFunc, PatchInfo, PatchState, RetiredInfo};
+use crate::api::{FuncInfo, Hex, HistoryEntry, LiveFunc, PatchInfo, PatchState, RetiredInfo};
 use crate::arena::{Arena, ArenaError, ImageFacts, Region};
 use crate::introspect::{all_vcpu_regs, Kernel, Tasks};
 use crate::module::{ModuleError, State};
@@ -84,13 +84,24 @@ pub enum EngineError {
         .0.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("\n  ")
     )]
     Blocked(Vec<Blocker>),
+    #[error(
+        "no transition #{to} to roll back to; `patcher history` lists the last {MAX_HISTORY} \
+         (the newest is #{newest})"
+    )]
+    NoSuchTransition { to: u64, newest: u64 },
 }
+
+/// Committed transitions the engine remembers for rollback; older ones are
+/// forgotten, so a VMM running for months stays flat.
+pub const MAX_HISTORY: usize = 1024;
 
 impl EngineError {
     pub fn kind(&self) -> Fault {
         match self {
             EngineError::Module(_) | EngineError::Link(_) => Fault::Module,
-            EngineError::Stack(StackError::Unknown(_)) => Fault::NotFound,
+            EngineError::Stack(StackError::Unknown(_)) | EngineError::NoSuchTransition { .. } => {
+                Fault::NotFound
+            }
             EngineError::Stack(_) | EngineError::Blocked(_) | EngineError::State { .. } => {
                 Fault::State
             }
@@ -163,6 +174,8 @@ struct Facts {
 #[derive(Debug)]
 pub struct Prepared {
     name: String,
+    /// `apply`, `disable`, `enable` or `rollback`, for the history.
+    action: &'static str,
     change: Change,
     plan: Plan,
     /// The arena's state after this transition (apply only).
@@ -200,8 +213,22 @@ impl Prepared {
 #[derive(Debug, Clone)]
 pub struct Committed {
     pub name: String,
-    pub patch: PatchInfo,
+    /// Its number in the history.
+    pub seq: u64,
+    /// The patch it applied, disabled or enabled (None for a rollback).
+    pub patch: Option<PatchInfo>,
     pub bytes_written: u64,
+}
+
+/// A committed transition and the stack it started from.
+#[derive(Debug, Clone)]
+struct Past {
+    seq: u64,
+    at: u64,
+    action: &'static str,
+    patch: String,
+    forced: bool,
+    before: Vec<Entry>,
 }
 
 /// A removed patch whose arena space is not free yet: a task may still
@@ -225,6 +252,10 @@ pub struct Engine {
     sites: BTreeMap<u64, Site>,
     /// Removed patches whose code is still mapped, oldest first.
     retired: Vec<Retired>,
+    /// The last [`MAX_HISTORY`] committed transitions, oldest first.
+    history: std::collections::VecDeque<Past>,
+    /// The number of the last committed transition.
+    seq: u64,
 }
 
 impl Engine {
@@ -360,7 +391,7 @@ impl Engine {
     ) -> Result<Prepared, EngineError> {
         self.facts(kernel, guest)?;
         let change = self.stack.plan_disable(name, force)?;
-        self.prepared_sites(kernel, name, change)
+        self.prepared_sites(kernel, name, "disable", change)
     }
 
     /// klp's system-state rule for enabling `patch` (`replace`, carrying
@@ -418,19 +449,67 @@ impl Engine {
             self.check_states(name, r.replace, &r.states)?;
         }
         let change = self.stack.plan_reenable(name, force)?;
-        self.prepared_sites(kernel, name, change)
+        self.prepared_sites(kernel, name, "enable", change)
+    }
+
+    /// Plans returning every patch to the state it had just before
+    /// transition `to` (default: the last one, i.e. undo it), in one
+    /// transition with the same safe-point rule as any other: what no
+    /// in-kernel livepatch can do, since a replace there frees what it
+    /// replaced. Patches loaded since stay loaded, disabled.
+    pub fn prepare_rollback<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        to: Option<u64>,
+        force: bool,
+    ) -> Result<Prepared, EngineError> {
+        self.facts(kernel, guest)?;
+        let to = to.unwrap_or(self.seq);
+        let past =
+            self.history
+                .iter()
+                .find(|p| p.seq == to)
+                .ok_or(EngineError::NoSuchTransition {
+                    to,
+                    newest: self.seq,
+                })?;
+        let change = self.stack.plan_restore(&past.before, force)?;
+        self.prepared_sites(kernel, &format!("#{to}"), "rollback", change)
+    }
+
+    /// The number of the last committed transition (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The transitions a rollback can return to, oldest first.
+    pub fn history(&self) -> Vec<HistoryEntry> {
+        self.history
+            .iter()
+            .map(|p| HistoryEntry {
+                seq: p.seq,
+                at: p.at,
+                action: p.action.to_owned(),
+                patch: p.patch.clone(),
+                forced: p.forced,
+                before: p.before.iter().map(|e| (e.name.clone(), e.state)).collect(),
+            })
+            .collect()
     }
 
     fn prepared_sites(
         &self,
         kernel: &Kernel,
         name: &str,
+        action: &'static str,
         change: Change,
     ) -> Result<Prepared, EngineError> {
         let mut plan = Plan::new(Vec::new());
         let check = self.plan_sites(kernel, &change, &[], None, &mut plan)?;
         Ok(Prepared {
             name: name.to_owned(),
+            action,
             change,
             plan,
             arena: None,
@@ -467,16 +546,26 @@ impl Engine {
         if let Some(r) = &p.record {
             self.records.insert(p.name.clone(), r.clone());
         }
+        self.seq += 1;
+        if self.history.len() == MAX_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(Past {
+            seq: self.seq,
+            at: now_unix(),
+            action: p.action,
+            patch: p.name.clone(),
+            forced: p.change.forced,
+            before: self.stack.entries().to_vec(),
+        });
         self.stack.apply(&p.change);
         // In the same pause, free retired code no stack references any
         // more. A failure only delays that; the transition has committed.
         let _ = self.sweep(kernel, guest);
-        let patch = self
-            .info(&p.name)
-            .ok_or_else(|| EngineError::Introspect("committed patch vanished".into()))?;
         Ok(Committed {
             name: p.name.clone(),
-            patch,
+            seq: self.seq,
+            patch: self.info(&p.name),
             bytes_written: p.bytes(),
         })
     }

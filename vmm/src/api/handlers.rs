@@ -15,6 +15,7 @@ use patcher::api::{
     RegsReply, ResumeReply, StateChange, SymbolEntry, SymbolsReply, TaskEntry, TasksReply,
     TransitionReply, VmInfo, VmState, MAX_MEMORY_READ,
 };
+use patcher::api::{HistoryEntry, RollbackReply};
 use patcher::introspect::{kaslr, PagingError, VirtRead};
 use patcher::Guest;
 
@@ -505,4 +506,28 @@ pub async fn patch_enable(
 /// DELETE /patches/{name}
 pub async fn patch_remove(State(c): State<AppState>, Path(name): Path<String>) -> Reply<PatchInfo> {
     blocking(move || Ok(Json(c.remove(&name)?))).await
+}
+
+/// GET /history
+pub async fn history(State(c): State<AppState>) -> Reply<Vec<HistoryEntry>> {
+    blocking(move || Ok(Json(c.history()))).await
+}
+
+/// POST /rollback?to=SEQ&force=BOOL&timeout_ms=MS
+pub async fn rollback(
+    State(c): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<RollbackReply> {
+    let mut rest = q.clone();
+    rest.remove("to");
+    let t = transition_params(&rest)?;
+    let to = match q.get("to") {
+        None => None,
+        Some(v) => Some(v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            HttpError::bad_request(format!(
+                "to `{v}` is not a transition number; `patcher history` lists them"
+            ))
+        })?),
+    };
+    blocking(move || Ok(Json(c.rollback(to, t)?))).await
 }

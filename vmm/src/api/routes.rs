@@ -56,6 +56,8 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
             "/patches/{name}",
             delete(handlers::patch_remove),
         ),
+        (Method::GET, "/history", get(handlers::history)),
+        (Method::POST, "/rollback", post(handlers::rollback)),
     ]
 }
 
