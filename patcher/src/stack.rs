@@ -85,6 +85,16 @@ impl Entry {
     }
 }
 
+/// A patch's place in the stack at some moment, without its redirects (a
+/// loaded patch's never change): what the history keeps per transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub name: String,
+    pub state: PatchState,
+    pub forced: bool,
+    pub replaced_by_force: Option<String>,
+}
+
 /// What one function's entry does: jump to `Some(new)` or run the original.
 pub type Target = Option<u64>;
 
@@ -120,6 +130,19 @@ impl Stack {
 
     pub fn get(&self, name: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.name == name)
+    }
+
+    /// Every patch's place, oldest first (see [`Stack::plan_restore`]).
+    pub fn placed(&self) -> Vec<Placed> {
+        self.entries
+            .iter()
+            .map(|e| Placed {
+                name: e.name.clone(),
+                state: e.state,
+                forced: e.forced,
+                replaced_by_force: e.replaced_by_force.clone(),
+            })
+            .collect()
     }
 
     /// Per function, the target the newest enabled patch gives it.
@@ -213,11 +236,16 @@ impl Stack {
     /// the same patch wins each function. Patches loaded since stay
     /// loaded, disabled; a patch enabled then but removed since cannot
     /// come back (its code is gone).
-    pub fn plan_restore(&self, earlier: &[Entry], forced: bool) -> Result<Change, StackError> {
+    pub fn plan_restore(&self, earlier: &[Placed], forced: bool) -> Result<Change, StackError> {
         let mut after = Vec::with_capacity(self.entries.len());
         for then in earlier {
             match self.get(&then.name) {
-                Some(_) => after.push(then.clone()),
+                Some(now) => after.push(Entry {
+                    state: then.state,
+                    forced: then.forced,
+                    replaced_by_force: then.replaced_by_force.clone(),
+                    ..now.clone()
+                }),
                 None if then.state == PatchState::Enabled => {
                     return Err(StackError::RemovedSince(then.name.clone()))
                 }
@@ -483,7 +511,7 @@ mod tests {
     fn restore_returns_to_an_earlier_stack_exactly() {
         let mut s = Stack::default();
         enable(&mut s, entry("v1", false, &[(F, 1), (G, 2)]));
-        let before_v2 = s.entries().to_vec();
+        let before_v2 = s.placed();
         let live_before = s.live();
         // v2 replaces v1: F re-pointed, G back to the original, H patched.
         enable(&mut s, entry("v2", true, &[(F, 3), (H, 4)]));
@@ -507,13 +535,17 @@ mod tests {
         let c = s
             .plan_restore(
                 &[
-                    Entry {
+                    Placed {
+                        name: "v1".into(),
                         state: PatchState::Replaced,
-                        ..entry("v1", false, &[(F, 1), (G, 2)])
+                        forced: false,
+                        replaced_by_force: None,
                     },
-                    Entry {
+                    Placed {
+                        name: "v2".into(),
                         state: PatchState::Enabled,
-                        ..entry("v2", true, &[(F, 3), (H, 4)])
+                        forced: false,
+                        replaced_by_force: None,
                     },
                 ],
                 false,
@@ -523,7 +555,7 @@ mod tests {
         assert_eq!(s.live(), BTreeMap::from([(F, 3), (H, 4)]));
         assert_eq!(state(&s, "v1"), PatchState::Replaced);
         // A patch enabled then and removed since cannot come back.
-        let then = s.entries().to_vec();
+        let then = s.placed();
         let c = s.plan_disable("v2", false).unwrap();
         s.apply(&c);
         s.remove("v2").unwrap();

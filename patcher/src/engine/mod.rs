@@ -26,7 +26,7 @@ use crate::module::{ModuleError, State};
 use crate::orc::Orc;
 use crate::safepoint::{irq_stacks, Blocker, Check, SafepointError, Span};
 use crate::site::{FtraceRecords, Site, SiteError};
-use crate::stack::{Change, Entry, Stack, StackError};
+use crate::stack::{Change, Entry, Placed, Stack, StackError};
 use crate::write::{Plan, Write, WriteError};
 use crate::Guest;
 
@@ -92,8 +92,9 @@ pub enum EngineError {
 }
 
 /// Committed transitions the engine remembers for rollback; older ones are
-/// forgotten, so a VMM running for months stays flat.
-pub const MAX_HISTORY: usize = 1024;
+/// forgotten, so a VMM running for months stays flat (an entry costs about
+/// 100 bytes per loaded patch).
+pub const MAX_HISTORY: usize = 256;
 
 impl EngineError {
     pub fn kind(&self) -> Fault {
@@ -228,7 +229,7 @@ struct Past {
     action: &'static str,
     patch: String,
     forced: bool,
-    before: Vec<Entry>,
+    before: Vec<Placed>,
 }
 
 /// A removed patch whose arena space is not free yet: a task may still
@@ -556,7 +557,7 @@ impl Engine {
             action: p.action,
             patch: p.name.clone(),
             forced: p.change.forced,
-            before: self.stack.entries().to_vec(),
+            before: self.stack.placed(),
         });
         self.stack.apply(&p.change);
         // In the same pause, free retired code no stack references any
