@@ -138,6 +138,16 @@ impl Run {
 
     /// The JSON a scenario printed on one line after `TAG STEP `
     /// (e.g. `KLPV-JSON-PATCHES applied {...}`), decoded.
+    /// What the guest's klpv-cmdline printed for `cat /proc/cmdline` the
+    /// n-th time (`KLPV-CMDLINE <n> <text>`).
+    pub fn cmdline(&self, n: u32) -> String {
+        let tag = format!("KLPV-CMDLINE {n} ");
+        self.lines
+            .iter()
+            .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no cmdline #{n}\n{}", self.transcript()))
+    }
+
     pub fn json<T: serde::de::DeserializeOwned>(&self, tag: &str, step: &str) -> T {
         let prefix = format!("{tag} {step} ");
         let json = self

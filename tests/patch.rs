@@ -8,15 +8,6 @@ fn patches(run: &Run, step: &str) -> PatchesReply {
     run.json("KLPV-JSON-PATCHES", step)
 }
 
-/// What `cat /proc/cmdline` printed the n-th time.
-fn cmdline(run: &Run, n: u32) -> String {
-    let tag = format!("KLPV-CMDLINE {n} ");
-    run.lines
-        .iter()
-        .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
-        .unwrap_or_else(|| panic!("no cmdline #{n}\n{}", run.transcript()))
-}
-
 #[test]
 fn livepatch_sample_applies_and_disables_from_outside() {
     let run = run_scenario("patch-sample", &[]);
@@ -25,10 +16,10 @@ fn livepatch_sample_applies_and_disables_from_outside() {
     assert_eq!(run.result("patch-disable")["rc"], "0", "{t}");
 
     // The guest sees the patch land and go.
-    let original = cmdline(&run, 1);
+    let original = run.cmdline(1);
     assert!(original.contains("console=ttyS0"), "{original}");
-    assert_eq!(cmdline(&run, 2), "this has been live patched");
-    assert_eq!(cmdline(&run, 3), original);
+    assert_eq!(run.cmdline(2), "this has been live patched");
+    assert_eq!(run.cmdline(3), original);
 
     // The patch as listed: enabled with its one function live, then disabled.
     let on = patches(&run, "applied");

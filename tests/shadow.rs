@@ -5,15 +5,6 @@
 use harness::{run_scenario, Run};
 use patcher::api::{PatchState, PatchesReply};
 
-/// What `cat /proc/cmdline` printed the n-th time.
-fn cmdline(run: &Run, n: u32) -> String {
-    let tag = format!("KLPV-CMDLINE {n} ");
-    run.lines
-        .iter()
-        .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
-        .unwrap_or_else(|| panic!("no cmdline #{n}\n{}", run.transcript()))
-}
-
 /// The line `KLPV-REFUSED <what> rc=... <message>`, after the tag.
 fn refused(run: &Run, what: &str) -> String {
     let tag = format!("KLPV-REFUSED {what} ");
@@ -35,15 +26,15 @@ fn a_shadow_variable_outlives_a_replace_and_states_are_enforced() {
     ] {
         assert_eq!(run.result(step)["rc"], "0", "{step}\n{t}");
     }
-    let original = cmdline(&run, 1);
+    let original = run.cmdline(1);
     assert!(original.contains("console=ttyS0"), "{original}");
     // v1 allocates the shadow variable and counts; v2 finds it and goes on.
-    assert_eq!(cmdline(&run, 2), "klpv-shadow v1 count=1", "{t}");
-    assert_eq!(cmdline(&run, 3), "klpv-shadow v1 count=2", "{t}");
-    assert_eq!(cmdline(&run, 4), "klpv-shadow v2 count=3", "{t}");
+    assert_eq!(run.cmdline(2), "klpv-shadow v1 count=1", "{t}");
+    assert_eq!(run.cmdline(3), "klpv-shadow v1 count=2", "{t}");
+    assert_eq!(run.cmdline(4), "klpv-shadow v2 count=3", "{t}");
     // The refused downgrade changed nothing the guest can see.
-    assert_eq!(cmdline(&run, 5), "klpv-shadow v2 count=4", "{t}");
-    assert_eq!(cmdline(&run, 6), original, "disable restores the original");
+    assert_eq!(run.cmdline(5), "klpv-shadow v2 count=4", "{t}");
+    assert_eq!(run.cmdline(6), original, "disable restores the original");
 
     // klp's rule, with reasons a user can act on.
     let no_state = refused(&run, "no-state");

@@ -467,12 +467,7 @@ fn print_transition(what: &str, v: &TransitionReply) {
         v.bytes_written,
         duration_us(v.pause_us)
     );
-    if v.attempts > 1 {
-        println!(
-            "waited {:.0} ms for a safe point ({} pauses)",
-            v.waited_ms, v.attempts
-        );
-    }
+    print_waited(v.attempts, v.waited_ms);
     for w in &v.warnings {
         println!("warning: {w}");
     }
@@ -509,14 +504,15 @@ fn print_rollback(v: &RollbackReply) {
         v.bytes_written,
         duration_us(v.pause_us)
     );
-    if v.attempts > 1 {
-        println!(
-            "waited {:.0} ms for a safe point ({} pauses)",
-            v.waited_ms, v.attempts
-        );
-    }
+    print_waited(v.attempts, v.waited_ms);
     for p in &v.patches {
         print_patch(p);
+    }
+}
+
+fn print_waited(attempts: u32, waited_ms: f64) {
+    if attempts > 1 {
+        println!("waited {waited_ms:.0} ms for a safe point ({attempts} pauses)");
     }
 }
 

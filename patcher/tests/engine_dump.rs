@@ -20,6 +20,32 @@ fn entry_bytes<M: VirtRead>(mem: &M, va: u64) -> [u8; 5] {
     b
 }
 
+/// The klpv-v1/v2 functions f, g and h: task_mem, proc_task_name,
+/// cpuset_task_status_allowed.
+fn klpv_funcs(k: &patcher::introspect::Kernel) -> [u64; 3] {
+    ["task_mem", "proc_task_name", "cpuset_task_status_allowed"]
+        .map(|n| k.kallsyms.resolve(n, 0).unwrap())
+}
+
+fn state(e: &Engine, name: &str) -> PatchState {
+    e.list()
+        .into_iter()
+        .find(|p| p.name == name)
+        .map(|p| p.state)
+        .unwrap_or_else(|| panic!("no patch {name}"))
+}
+
+/// Commits a prepared transition that must succeed.
+fn go<G: Guest + ?Sized>(
+    e: &mut Engine,
+    k: &patcher::introspect::Kernel,
+    g: &G,
+    p: Result<patcher::engine::Prepared, EngineError>,
+) -> patcher::engine::Committed {
+    let p = p.unwrap_or_else(|err| panic!("{err}"));
+    e.commit(k, g, &p).unwrap_or_else(|err| panic!("{err}"))
+}
+
 #[test]
 fn sample_applies_disables_and_reapplies_exactly() {
     let f = fixture();
@@ -190,12 +216,7 @@ fn cumulative_replace_downgrade_and_forced_replace() {
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let k = &f.kernel;
     let space = k.space(&g);
-    let addr = |n: &str| k.kallsyms.resolve(n, 0).unwrap();
-    let (tf, tg, th) = (
-        addr("task_mem"),
-        addr("proc_task_name"),
-        addr("cpuset_task_status_allowed"),
-    );
+    let [tf, tg, th] = klpv_funcs(k);
     let original = |a| entry_bytes(&space, a);
     let (of, og, oh) = (original(tf), original(tg), original(th));
     let live = |e: &Engine| -> Vec<(u64, String)> {
@@ -204,28 +225,17 @@ fn cumulative_replace_downgrade_and_forced_replace() {
             .map(|l| (l.old_addr.0, l.patch))
             .collect()
     };
-    let state = |e: &Engine, name: &str| {
-        e.list()
-            .into_iter()
-            .find(|p| p.name == name)
-            .map(|p| p.state)
-            .unwrap()
-    };
     let mut e = Engine::default();
-    let go = |e: &mut Engine, p: Result<_, EngineError>| {
-        let p = p.unwrap_or_else(|err| panic!("{err}"));
-        e.commit(k, &g, &p).unwrap_or_else(|err| panic!("{err}"));
-    };
 
     let p = e.prepare_apply(k, &g, &ko("klpv-v1"), false);
-    go(&mut e, p);
+    go(&mut e, k, &g, p);
     let mut want = vec![(tf, "klpv_v1".to_owned()), (tg, "klpv_v1".to_owned())];
     want.sort();
     assert_eq!(live(&e), want);
     assert_eq!(entry_bytes(&space, th), oh);
 
     let p = e.prepare_apply(k, &g, &ko("klpv-v2"), false);
-    go(&mut e, p);
+    go(&mut e, k, &g, p);
     let mut want = vec![(tf, "klpv_v2".to_owned()), (th, "klpv_v2".to_owned())];
     want.sort();
     assert_eq!(live(&e), want);
@@ -236,28 +246,28 @@ fn cumulative_replace_downgrade_and_forced_replace() {
 
     // Downgrade to the cumulative v1 and back to v2.
     let p = e.prepare_apply(k, &g, &ko("klpv-v1r"), false);
-    go(&mut e, p);
+    go(&mut e, k, &g, p);
     let mut want = vec![(tf, "klpv_v1r".to_owned()), (tg, "klpv_v1r".to_owned())];
     want.sort();
     assert_eq!(live(&e), want);
     assert_eq!(entry_bytes(&space, th), oh, "h is the kernel's again");
     assert_eq!(state(&e, "klpv_v2"), PatchState::Replaced);
     let p = e.prepare_enable(k, &g, "klpv_v2", false);
-    go(&mut e, p);
+    go(&mut e, k, &g, p);
     assert_eq!(state(&e, "klpv_v1r"), PatchState::Replaced);
     assert_eq!(entry_bytes(&space, tg), og);
 
     // v1r brought back by force replaces v2 by force: v2 may still run on
     // some stack, so enabling it again is refused, as klp refuses it.
     let p = e.prepare_enable(k, &g, "klpv_v1r", true);
-    go(&mut e, p);
+    go(&mut e, k, &g, p);
     let err = e.prepare_enable(k, &g, "klpv_v2", false).unwrap_err();
     assert_eq!(err.kind(), Fault::State);
     assert!(err.to_string().contains("forced"), "{err}");
 
     // Disable everything: every entry is the kernel's again.
     let p = e.prepare_disable(k, &g, "klpv_v1r", false);
-    go(&mut e, p);
+    go(&mut e, k, &g, p);
     assert!(e.live().is_empty());
     assert_eq!((original(tf), original(tg), original(th)), (of, og, oh));
 }
@@ -312,51 +322,35 @@ fn rollback_returns_every_entry_to_an_earlier_point() {
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let k = &f.kernel;
     let space = k.space(&g);
-    let addr = |n: &str| k.kallsyms.resolve(n, 0).unwrap();
-    let funcs = [
-        addr("task_mem"),
-        addr("proc_task_name"),
-        addr("cpuset_task_status_allowed"),
-    ];
+    let funcs = klpv_funcs(k);
     let entries = || funcs.map(|a| entry_bytes(&space, a));
-    let state = |e: &Engine, name: &str| {
-        e.list()
-            .into_iter()
-            .find(|p| p.name == name)
-            .map(|p| p.state)
-            .unwrap()
-    };
-    let go = |e: &mut Engine, p: Result<_, EngineError>| {
-        let p = p.unwrap_or_else(|err| panic!("{err}"));
-        e.commit(k, &g, &p).unwrap_or_else(|err| panic!("{err}"))
-    };
     let mut e = Engine::default();
     let original = entries();
     let p = e.prepare_apply(k, &g, &ko("klpv-v1"), false);
-    go(&mut e, p);
+    go(&mut e, k, &g, p);
     let with_v1 = entries();
     let p = e.prepare_apply(k, &g, &ko("klpv-v2"), false);
-    go(&mut e, p);
+    go(&mut e, k, &g, p);
     let with_v2 = entries();
     assert_ne!(with_v1, with_v2);
     assert_eq!(with_v2[1], original[1], "v2 reverted g");
 
     // Undo the last transition (v2's apply).
     let p = e.prepare_rollback(k, &g, None, false);
-    let c = go(&mut e, p);
+    let c = go(&mut e, k, &g, p);
     assert_eq!(c.seq, 3);
     assert_eq!(entries(), with_v1);
     assert_eq!(state(&e, "klpv_v1"), PatchState::Enabled);
     assert_eq!(state(&e, "klpv_v2"), PatchState::Disabled);
     // Undo the rollback: v2 on top of a replaced v1 again.
     let p = e.prepare_rollback(k, &g, Some(3), false);
-    go(&mut e, p);
+    go(&mut e, k, &g, p);
     assert_eq!(entries(), with_v2);
     assert_eq!(state(&e, "klpv_v1"), PatchState::Replaced);
     assert_eq!(state(&e, "klpv_v2"), PatchState::Enabled);
     // Before everything: the kernel's own entries, both patches loaded.
     let p = e.prepare_rollback(k, &g, Some(1), false);
-    go(&mut e, p);
+    go(&mut e, k, &g, p);
     assert_eq!(entries(), original);
     assert!(e.live().is_empty());
     let h = e.history();
