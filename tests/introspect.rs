@@ -60,8 +60,13 @@ fn proc_task(line: &str) -> (i32, i32, String) {
 /// /proc shows workqueue workers as "kworker/0:1-events" (the comm plus
 /// the work's queue); task_struct.comm holds 15 bytes at most.
 fn comm_matches(t: &TaskEntry, proc_comm: &str) -> bool {
+    // A workqueue worker's /proc comm adds "-<workqueue>" when idle and
+    // "+<workqueue>" while running a work item (wq_worker_comm()).
     t.comm == proc_comm
-        || (t.wq_worker && proc_comm.starts_with(&format!("{}-", t.comm)))
+        || (t.wq_worker
+            && ["-", "+"]
+                .iter()
+                .any(|sep| proc_comm.starts_with(&format!("{}{sep}", t.comm))))
         || (t.comm.len() == 15 && proc_comm.starts_with(&t.comm))
 }
 
