@@ -388,6 +388,22 @@ pub struct PatchesReply {
     /// references it.
     #[serde(default)]
     pub retired: Vec<RetiredInfo>,
+    /// The call gate that runs klp callbacks, once installed.
+    #[serde(default)]
+    pub gate: Option<GateInfo>,
+}
+
+/// The call gate: klpvisor's own code in the guest (see README,
+/// "Callbacks"), shown like any other code klpvisor put there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateInfo {
+    /// Its code page (two functions).
+    pub text: Hex,
+    /// Its data page (irq_work, work_struct, mailbox).
+    pub data: Hex,
+    pub data_gpa: Hex,
+    /// Callbacks sent so far.
+    pub calls: u64,
 }
 
 /// A redirected function: what `cat /sys/kernel/livepatch/*/...` cannot
@@ -444,10 +460,31 @@ pub struct TransitionReply {
     /// found a safe point).
     #[serde(default)]
     pub waited_ms: f64,
-    /// What this transition did not do that in-kernel livepatch would
-    /// (e.g. callbacks not run).
+    /// What this transition did not do that in-kernel livepatch would,
+    /// or what went wrong after it committed (a post callback that did
+    /// not return in time).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The klp callbacks run, in order.
+    #[serde(default)]
+    pub callbacks: Vec<CallbackRun>,
+}
+
+/// One klp callback the VMM ran in the guest (see README, "Callbacks").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallbackRun {
+    pub patch: String,
+    /// `pre_patch`, `post_patch`, `pre_unpatch` or `post_unpatch`.
+    pub callback: crate::callback::Kind,
+    /// The `struct klp_object` it got.
+    pub object: Hex,
+    /// `pre_patch`'s return value (0 lets the patch go on); `None` for
+    /// the void callbacks and for a call that did not finish.
+    pub ret: Option<i32>,
+    /// From sending it to its result, guest running throughout.
+    pub ms: f64,
+    /// Whether it finished in time.
+    pub done: bool,
 }
 
 /// One committed transition, as `GET /history` lists it: what it did and
@@ -482,6 +519,11 @@ pub struct RollbackReply {
     pub bytes_written: u64,
     pub attempts: u32,
     pub waited_ms: f64,
+    /// The klp callbacks run, in order.
+    #[serde(default)]
+    pub callbacks: Vec<CallbackRun>,
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod arena;
+pub mod callback;
 pub mod client;
 pub mod engine;
 pub mod introspect;

@@ -9,9 +9,9 @@ use clap::{Parser, Subcommand};
 use hyper::Method;
 
 use patcher::api::{
-    AddrReply, HistoryEntry, KernelInfo, MemoryReply, PatchInfo, PatchesReply, PauseReply,
-    RegsReply, ResumeReply, RollbackReply, SymbolsReply, TasksReply, TransitionReply, VmInfo,
-    MAX_MEMORY_READ,
+    AddrReply, CallbackRun, HistoryEntry, KernelInfo, MemoryReply, PatchInfo, PatchesReply,
+    PauseReply, RegsReply, ResumeReply, RollbackReply, SymbolsReply, TasksReply, TransitionReply,
+    VmInfo, MAX_MEMORY_READ,
 };
 use patcher::client::{query_escape, Client, ClientError};
 
@@ -468,10 +468,24 @@ fn print_transition(what: &str, v: &TransitionReply) {
         duration_us(v.pause_us)
     );
     print_waited(v.attempts, v.waited_ms);
-    for w in &v.warnings {
+    print_callbacks(&v.callbacks, &v.warnings);
+    print_patch(&v.patch);
+}
+
+fn print_callbacks(runs: &[CallbackRun], warnings: &[String]) {
+    for r in runs {
+        println!(
+            "callback {} {}({}) ran in the guest in {:.1} ms{}",
+            r.patch,
+            r.callback,
+            r.object,
+            r.ms,
+            r.ret.map(|v| format!(", returned {v}")).unwrap_or_default()
+        );
+    }
+    for w in warnings {
         println!("warning: {w}");
     }
-    print_patch(&v.patch);
 }
 
 fn print_history(v: &[HistoryEntry]) {
@@ -505,6 +519,7 @@ fn print_rollback(v: &RollbackReply) {
         duration_us(v.pause_us)
     );
     print_waited(v.attempts, v.waited_ms);
+    print_callbacks(&v.callbacks, &v.warnings);
     for p in &v.patches {
         print_patch(p);
     }
@@ -574,6 +589,12 @@ fn print_patches(v: &PatchesReply) {
                 f.patch
             );
         }
+    }
+    if let Some(g) = &v.gate {
+        println!(
+            "call gate (klp callbacks): code at {}, data at {}; {} callback(s) sent",
+            g.text, g.data, g.calls
+        );
     }
     for r in &v.retired {
         println!(

@@ -148,6 +148,9 @@ pub enum AllowKind {
     Arena,
     /// Entries of the kernel's PMD page that the arena mapping owns.
     PmdSlots,
+    /// The head of one CPU's `raised_list`, where the call gate queues its
+    /// irq_work (see [`crate::callback::gate`]): 8 bytes of per-CPU data.
+    IrqWorkList { cpu: u32 },
 }
 
 /// A guest-physical range writes may touch.
@@ -170,6 +173,7 @@ impl fmt::Display for Allowed {
             AllowKind::Site { func } => write!(f, "site of {func:#x}")?,
             AllowKind::Arena => f.write_str("arena")?,
             AllowKind::PmdSlots => f.write_str("PMD slots")?,
+            AllowKind::IrqWorkList { cpu } => write!(f, "raised_list of CPU {cpu}")?,
         }
         write!(f, " {:#x}..{:#x}", self.gpa, self.end())
     }
@@ -233,6 +237,19 @@ impl Plan {
 
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
+    }
+
+    /// Moves the writes for which `take` holds into a plan of their own
+    /// with the same allow-list, keeping the order of both.
+    pub fn split_off(&mut self, mut take: impl FnMut(&Write) -> bool) -> Plan {
+        let (taken, kept) = std::mem::take(&mut self.writes)
+            .into_iter()
+            .partition(|w| take(w));
+        self.writes = kept;
+        Plan {
+            writes: taken,
+            allowed: self.allowed.clone(),
+        }
     }
 
     /// The plan that undoes this one: inverse writes in reverse order, same

@@ -369,3 +369,114 @@ fn rollback_returns_every_entry_to_an_earlier_point() {
     assert!(err.to_string().contains("has since been removed"), "{err}");
     assert_eq!(g.write_log().len(), writes, "nothing written");
 }
+
+/// klp callbacks on the real kernel's memory: the call gate installs (the
+/// IDT's irq_work vector checked, layouts from BTF), a transition lists
+/// the callbacks in klp's order, and sending one writes exactly the
+/// mailbox, the gate's irq_work and CPU 0's raised_list head — the guest
+/// (which does not run here) would take it from there.
+#[test]
+fn callbacks_are_ordered_and_sent_through_the_gate() {
+    use patcher::callback::Kind;
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let mut e = Engine::default();
+    let kinds = |calls: Vec<patcher::callback::Call>| -> Vec<(String, Kind)> {
+        calls.into_iter().map(|c| (c.patch, c.kind)).collect()
+    };
+
+    assert!(e.install_gate(k, &g).unwrap(), "installs once");
+    assert!(!e.install_gate(k, &g).unwrap(), "and only once");
+    let after_gate = g.write_log().len();
+
+    let p = e.prepare_apply(k, &g, &ko("callbacks-v1"), false).unwrap();
+    assert_eq!(
+        kinds(p.calls().pre()),
+        [("callbacks_v1".to_string(), Kind::PrePatch)]
+    );
+    assert_eq!(
+        kinds(p.calls().post()),
+        [("callbacks_v1".to_string(), Kind::PostPatch)]
+    );
+    // The load splits off; what stays is the one entry write.
+    let mut p = p;
+    let total = p.bytes();
+    let load = p.take_load();
+    assert!(!load.is_empty());
+    assert_eq!(p.bytes(), total, "the load still counts");
+    load.commit(&g).unwrap();
+    let pre = p.calls().pre();
+    let call = &pre[0];
+    let func = call.func.unwrap();
+    let object = call.object;
+
+    // The gate only calls the patch's own loaded code.
+    let before = g.write_log().len();
+    let mut bad = call.clone();
+    bad.func = Some(k.kallsyms.addr("panic").unwrap());
+    let err = e.arm_call(k, &g, &p, &bad).unwrap_err();
+    assert!(
+        err.to_string().contains("not in that patch's loaded code"),
+        "{err}"
+    );
+    assert_eq!(g.write_log().len(), before);
+
+    // Sending pre_patch: four writes, one of them CPU 0's raised_list.
+    let before = g.write_log().len();
+    let armed = e.arm_call(k, &g, &p, call).unwrap();
+    assert_eq!((armed.vcpu, armed.seq), (0, 1));
+    let log = g.write_log();
+    assert_eq!(log.len() - before, 4, "{:?}", &log[before..]);
+    let space = k.space(&g);
+    let bases = patcher::introspect::Tasks::from_kernel(&k.kallsyms, &k.btf)
+        .unwrap()
+        .per_cpu_bases(&space)
+        .unwrap();
+    let cpu = bases.iter().find(|(c, _)| *c == armed.cpu).unwrap().1;
+    let head = cpu + k.kallsyms.addr("raised_list").unwrap();
+    let node = space.read_u64(head).unwrap();
+    // The node is the gate's irq_work, claimed, with func = the gate code
+    // and the mailbox naming the callback and its klp_object.
+    let node_func = space
+        .read_u64(node + k.btf.offset_of("irq_work.func").unwrap())
+        .unwrap();
+    let flags = space
+        .read_u32(node + k.btf.offset_of("irq_work.node.u_flags").unwrap())
+        .unwrap();
+    assert_eq!(flags, 3, "PENDING | BUSY");
+    let mut code = [0u8; 4];
+    space.read_virt(node_func, &mut code).unwrap();
+    assert_eq!(code, [0xf3, 0x0f, 0x1e, 0xfa], "the gate's irq function");
+    let mailbox = node + 256;
+    assert_eq!(space.read_u64(mailbox).unwrap(), 1, "seq");
+    assert_eq!(space.read_u64(mailbox + 8).unwrap(), 1, "armed");
+    assert_eq!(space.read_u64(mailbox + 16).unwrap(), func);
+    assert_eq!(space.read_u64(mailbox + 24).unwrap(), object);
+    assert_eq!(
+        e.poll_call(&g, &armed).unwrap(),
+        patcher::callback::gate::Progress::Armed
+    );
+    // A second call while this one is in the guest is refused, unwritten.
+    let before = g.write_log().len();
+    let err = e.arm_call(k, &g, &p, call).unwrap_err();
+    assert!(err.to_string().contains("still in the guest"), "{err}");
+    assert_eq!(g.write_log().len(), before);
+    // (The gate's pages came before the patch's: preparing after the gate
+    // kept them.)
+    assert!(after_gate > 0);
+
+    // Disabling runs the unpatch pair; a replace runs only its own.
+    e.commit(k, &g, &p).unwrap();
+    let d = e.prepare_disable(k, &g, "callbacks_v1", false).unwrap();
+    assert_eq!(
+        kinds(d.calls().pre()),
+        [("callbacks_v1".to_string(), Kind::PreUnpatch)]
+    );
+    let r = e.prepare_apply(k, &g, &ko("callbacks-v2"), false).unwrap();
+    assert_eq!(
+        kinds(r.calls().pre()),
+        [("callbacks_v2".to_string(), Kind::PrePatch)],
+        "the replaced patch's callbacks do not run"
+    );
+}

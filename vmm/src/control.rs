@@ -18,11 +18,14 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use patcher::api::{
-    HistoryEntry, PatchInfo, PatchState, PatchesReply, PendingTransition, RollbackReply,
-    TransitionReply,
+    CallbackRun, Hex, HistoryEntry, PatchInfo, PatchState, PatchesReply, PendingTransition,
+    RollbackReply, TransitionReply,
 };
+use patcher::callback::gate::{Progress, IRQ_WORK_VECTOR};
+use patcher::callback::{Call, Calls};
 use patcher::engine::{Committed, Engine, EngineError, Prepared};
 use patcher::introspect::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
+use patcher::write::Plan;
 use patcher::VcpuRegs;
 
 use crate::guest::{vcpu_regs, RegsSnapshot, RootPages};
@@ -48,6 +51,33 @@ pub enum ControlError {
     Tasks(String),
     #[error("internal error: {0}")]
     Internal(&'static str),
+    #[error(
+        "{patch}: {callback} returned {ret}{errno}: klp refuses a patch whose pre_patch fails, \
+         so the transition was abandoned and no function was redirected{cancelled}"
+    )]
+    Refused {
+        patch: String,
+        callback: patcher::callback::Kind,
+        ret: i32,
+        errno: String,
+        cancelled: String,
+    },
+    #[error(
+        "{patch}: {callback} did not finish within {ms} ms ({progress}); the transition was \
+         abandoned and no function was redirected{cancelled}"
+    )]
+    CallbackTimeout {
+        patch: String,
+        callback: patcher::callback::Kind,
+        ms: u64,
+        progress: String,
+        cancelled: String,
+    },
+    #[error(
+        "the VM is paused and this transition runs klp callbacks, which run in the guest; \
+         resume it first (PUT /vm/resume)"
+    )]
+    PausedForCallbacks,
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -92,6 +122,9 @@ pub struct CachedKernel {
 pub const TRANSITION_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest wait a request may ask for (the API answers within 30 s).
 pub const MAX_TRANSITION_TIMEOUT: Duration = Duration::from_secs(25);
+/// How long a post callback, or one that cancels a pre callback, may take.
+/// Pre callbacks share the transition's timeout with the safe-point wait.
+pub const CALLBACK_GRACE: Duration = Duration::from_secs(2);
 
 /// How a transition is to be made.
 #[derive(Debug, Clone, Copy)]
@@ -131,6 +164,33 @@ struct Outcome {
     attempts: u32,
     waited_ms: f64,
     warnings: Vec<String>,
+    callbacks: Vec<CallbackRun>,
+}
+
+/// A callback that did not let the transition go on.
+enum Stop {
+    /// `pre_patch` returned non-zero.
+    Refused(CallbackRun),
+    /// It did not finish in time, or could not be sent.
+    Failed(ControlError),
+}
+
+/// The Linux name of a negative errno, for `pre_patch` refusals.
+fn errno_name(ret: i32) -> String {
+    let name = match -ret {
+        1 => "EPERM",
+        2 => "ENOENT",
+        5 => "EIO",
+        11 => "EAGAIN",
+        12 => "ENOMEM",
+        16 => "EBUSY",
+        17 => "EEXIST",
+        19 => "ENODEV",
+        22 => "EINVAL",
+        95 => "EOPNOTSUPP",
+        _ => return String::new(),
+    };
+    format!(" (-{name})")
 }
 
 impl Drop for PendingGuard<'_> {
@@ -310,32 +370,50 @@ impl Control {
             live: engine.live(),
             transition: None,
             retired: engine.retired(),
+            gate: engine.gate_info(),
         };
     }
 
     /// Prepares a transition while the guest runs (parse, resolve, link,
-    /// plan: reads only), then commits all of its writes in one pause. A
+    /// plan: reads only), runs its pre callbacks, then commits all of its
+    /// entry writes in one pause and runs its post callbacks. A
     /// transition blocked by a task inside a changed function is retried,
     /// the guest running in between, with backoff (1 ms doubling to
-    /// 100 ms) until `timeout`; then the blockers are reported
-    /// and nothing has changed. `finish` turns the outcome into the reply.
+    /// 100 ms) until `timeout`; then the blockers are reported, the pre
+    /// callbacks are cancelled as klp cancels them, and no function is
+    /// redirected. `finish` turns the outcome into the reply.
     fn run_transition<R>(
         &self,
         action: &str,
         t: Transition,
-        prepare: impl FnOnce(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
+        prepare: impl Fn(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
         finish: impl FnOnce(&mut Engine, Outcome) -> Result<R, ControlError>,
     ) -> Result<R, ControlError> {
-        let timeout = t.timeout;
         let k = self.kernel()?;
         let mut engine = self.engine();
         let start = Instant::now();
-        let prepared = prepare(&mut engine, &k.kernel)?;
+        let mut prepared = prepare(&mut engine, &k.kernel)?;
+        if !prepared.calls().is_empty() {
+            if self.vm.is_paused() {
+                return Err(ControlError::PausedForCallbacks);
+            }
+            if !engine.has_gate() {
+                // The gate takes arena pages: install it, then plan again
+                // on the arena that has it.
+                self.paused(|vm| Ok(engine.install_gate(&k.kernel, vm)?))?;
+                tracing::info!("call gate installed for klp callbacks");
+                prepared = prepare(&mut engine, &k.kernel)?;
+            }
+        }
+        // (Taken only now: a new patch's callbacks moved with it when the
+        // gate made it plan again.)
+        let calls = prepared.calls().clone();
         let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
         for w in prepared.warnings() {
             tracing::warn!(patch = prepared.name(), "{w}");
         }
         let first = Instant::now();
+        let deadline = first + t.timeout;
         *lock(&self.pending) = Some(PendingTransition {
             patch: prepared.name().to_owned(),
             action: action.to_owned(),
@@ -345,7 +423,51 @@ impl Control {
             blockers: Vec::new(),
         });
         let _pending = PendingGuard(&self.pending);
-        let deadline = first + timeout;
+
+        // The pre callbacks. A new patch's code must be in the guest
+        // before its pre_patch runs: load it first (no safe point needed,
+        // nothing references it yet).
+        let mut runs = Vec::new();
+        let mut loaded = None;
+        let mut passed = Vec::new();
+        if !calls.is_empty() {
+            if prepared.loads() {
+                let load = prepared.take_load();
+                loaded = Some(
+                    self.paused(|vm| Ok(load.commit(vm).map_err(EngineError::from)?))?
+                        .value,
+                );
+            }
+            for call in calls.pre() {
+                if call.func.is_some() {
+                    match self.call(&k, &mut engine, &prepared, &call, deadline) {
+                        Ok(run) if run.ret.unwrap_or(0) == 0 => runs.push(run),
+                        Ok(run) => {
+                            return Err(self.abandon(
+                                &k,
+                                &mut engine,
+                                prepared,
+                                loaded,
+                                &passed,
+                                Stop::Refused(run),
+                            ))
+                        }
+                        Err(e) => {
+                            return Err(self.abandon(
+                                &k,
+                                &mut engine,
+                                prepared,
+                                loaded,
+                                &passed,
+                                Stop::Failed(e),
+                            ))
+                        }
+                    }
+                }
+                passed.push(call);
+            }
+        }
+
         let mut backoff = Duration::from_millis(1);
         let mut attempts = 0u32;
         let done = loop {
@@ -368,7 +490,18 @@ impl Control {
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_millis(100));
                 }
-                other => break other?,
+                Ok(done) => break done,
+                Err(e) if calls.is_empty() => return Err(e),
+                Err(e) => {
+                    return Err(self.abandon(
+                        &k,
+                        &mut engine,
+                        prepared,
+                        loaded,
+                        &passed,
+                        Stop::Failed(e),
+                    ))
+                }
             }
         };
         let pause_us = done.pause.unwrap_or_default().as_secs_f64() * 1e6;
@@ -382,6 +515,23 @@ impl Control {
             bytes = done.value.bytes_written,
             "transition committed"
         );
+        let mut warnings = prepared.warnings().to_vec();
+        // The post callbacks: the transition stands whatever they do.
+        for call in calls.post() {
+            match self.call(
+                &k,
+                &mut engine,
+                &prepared,
+                &call,
+                Instant::now() + CALLBACK_GRACE,
+            ) {
+                Ok(run) => runs.push(run),
+                Err(e) => {
+                    tracing::warn!(patch = call.patch, callback = %call.kind, "{e}");
+                    warnings.push(format!("{} {} did not finish: {e}", call.patch, call.kind));
+                }
+            }
+        }
         let outcome = Outcome {
             committed: done.value,
             prepare_ms,
@@ -392,11 +542,133 @@ impl Control {
             } else {
                 0.0
             },
-            warnings: prepared.warnings().to_vec(),
+            warnings,
+            callbacks: runs,
         };
         let reply = finish(&mut engine, outcome);
         self.publish(&engine);
         reply
+    }
+
+    /// Runs one callback in the guest through the call gate and waits for
+    /// its result until `deadline`. The guest runs throughout except for
+    /// the short pause that sends it.
+    fn call(
+        &self,
+        k: &CachedKernel,
+        engine: &mut Engine,
+        prepared: &Prepared,
+        call: &Call,
+        deadline: Instant,
+    ) -> Result<CallbackRun, ControlError> {
+        let start = Instant::now();
+        let armed = self
+            .paused(|vm| {
+                let armed = engine.arm_call(&k.kernel, vm, prepared, call)?;
+                if !vm.raise_vector(armed.vcpu, IRQ_WORK_VECTOR)? {
+                    tracing::warn!("the local APIC did not take the call gate's interrupt now");
+                }
+                Ok(armed)
+            })?
+            .value;
+        let bell = self.vm.doorbell();
+        let cancelled = String::new();
+        loop {
+            let seen = bell.rings();
+            let progress = engine.poll_call(&*self.vm, &armed)?;
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            if let Progress::Done(ret) = progress {
+                // pre_patch returns an int: the low half of rax.
+                let ret = call.kind.returns().then_some(ret as u32 as i32);
+                tracing::info!(patch = call.patch, callback = %call.kind, ?ret, ms, seq = armed.seq, "klp callback ran");
+                return Ok(CallbackRun {
+                    patch: call.patch.clone(),
+                    callback: call.kind,
+                    object: Hex(call.object),
+                    ret,
+                    ms,
+                    done: true,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(ControlError::CallbackTimeout {
+                    patch: call.patch.clone(),
+                    callback: call.kind,
+                    ms: ms as u64,
+                    progress: progress.describe(armed.cpu),
+                    cancelled,
+                });
+            }
+            bell.wait_past(seen, deadline);
+        }
+    }
+
+    /// Abandons a transition whose pre callbacks ran (some of them): runs
+    /// the callbacks that cancel the passed ones, as klp does, then takes
+    /// back a loaded patch: its pages are restored byte for byte if its
+    /// code surely no longer runs and the guest did not change them, else
+    /// retired (kept mapped until no stack references them). Returns the
+    /// error to report.
+    fn abandon(
+        &self,
+        k: &CachedKernel,
+        engine: &mut Engine,
+        prepared: Prepared,
+        loaded: Option<Plan>,
+        passed: &[Call],
+        stop: Stop,
+    ) -> ControlError {
+        let mut clean = !matches!(stop, Stop::Failed(ControlError::CallbackTimeout { .. }));
+        let mut ran = Vec::new();
+        for c in Calls::cancel(passed) {
+            match self.call(k, engine, &prepared, &c, Instant::now() + CALLBACK_GRACE) {
+                Ok(_) => ran.push(format!("{} {}", c.patch, c.kind)),
+                Err(e) => {
+                    clean = false;
+                    tracing::warn!(patch = c.patch, callback = %c.kind, "cancelling: {e}");
+                    ran.push(format!("{} {} (did not finish)", c.patch, c.kind));
+                }
+            }
+        }
+        if let Some(undo) = loaded {
+            let restored = clean
+                && self
+                    .paused(|vm| Ok(undo.commit(vm).map_err(EngineError::from)?))
+                    .map_err(|e| tracing::info!("keeping the abandoned patch's pages: {e}"))
+                    .is_ok();
+            if !restored {
+                engine.retire_load(prepared);
+            }
+        }
+        self.publish(engine);
+        let cancelled = if ran.is_empty() {
+            String::new()
+        } else {
+            format!("; ran {} to cancel", ran.join(", "))
+        };
+        match stop {
+            Stop::Refused(run) => ControlError::Refused {
+                patch: run.patch,
+                callback: run.callback,
+                ret: run.ret.unwrap_or(0),
+                errno: errno_name(run.ret.unwrap_or(0)),
+                cancelled,
+            },
+            Stop::Failed(ControlError::CallbackTimeout {
+                patch,
+                callback,
+                ms,
+                progress,
+                ..
+            }) => ControlError::CallbackTimeout {
+                patch,
+                callback,
+                ms,
+                progress,
+                cancelled,
+            },
+            Stop::Failed(e) => e,
+        }
     }
 
     /// A transition of one patch (apply, disable, enable).
@@ -404,7 +676,7 @@ impl Control {
         &self,
         action: &str,
         t: Transition,
-        prepare: impl FnOnce(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
+        prepare: impl Fn(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
     ) -> Result<TransitionReply, ControlError> {
         self.run_transition(action, t, prepare, |engine, o| {
             let patch = engine
@@ -423,6 +695,7 @@ impl Control {
                 warnings: o.warnings,
                 attempts: o.attempts,
                 waited_ms: o.waited_ms,
+                callbacks: o.callbacks,
             })
         })
     }
@@ -449,6 +722,8 @@ impl Control {
                     bytes_written: o.committed.bytes_written,
                     attempts: o.attempts,
                     waited_ms: o.waited_ms,
+                    callbacks: o.callbacks,
+                    warnings: o.warnings,
                 })
             },
         )

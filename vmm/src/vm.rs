@@ -136,7 +136,8 @@ struct PauseState {
 /// A VM with its vCPU threads.
 pub struct Vm {
     _kvm: Kvm,
-    _vm_fd: VmFd,
+    /// The VM file descriptor (MSIs for the call gate).
+    vm_fd: VmFd,
     memory: GuestMemoryMmap,
     layout: layout::MemoryLayout,
     devices: Arc<PioDevices>,
@@ -244,7 +245,7 @@ impl Vm {
 
         Ok(Self {
             _kvm: kvm,
-            _vm_fd: vm_fd,
+            vm_fd,
             memory,
             layout,
             devices,
@@ -259,6 +260,29 @@ impl Vm {
 }
 
 impl Vm {
+    /// The call gate's doorbell.
+    pub fn doorbell(&self) -> &crate::devices::doorbell::Doorbell {
+        &self.devices.doorbell
+    }
+
+    /// Raises `vector` on the local APIC of vCPU `vcpu` (APIC id = vCPU
+    /// index here) with an MSI, fixed delivery, edge: the interrupt an IPI
+    /// to that CPU would be. Returns false if the APIC did not accept it.
+    pub fn raise_vector(&self, vcpu: usize, vector: u8) -> Result<bool, VmError> {
+        let apic = u32::try_from(vcpu)
+            .ok()
+            .filter(|_| vcpu < self.vcpu_count())
+            .ok_or(VmError::NoSuchVcpu(u8::try_from(vcpu).unwrap_or(u8::MAX)))?;
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: 0xfee0_0000 | (apic << 12),
+            address_hi: 0,
+            data: u32::from(vector),
+            ..Default::default()
+        };
+        let delivered = self.vm_fd.signal_msi(msi).map_err(kvm_err("MSI"))?;
+        Ok(delivered > 0)
+    }
+
     /// Guest memory (RAM and the arena), for introspection.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory

@@ -104,28 +104,6 @@ impl Engine {
                 .map_err(EngineError::Write)?,
             );
         }
-        let mut warnings = Vec::new();
-        let callbacks: Vec<&str> = module
-            .patch
-            .objects
-            .iter()
-            .flat_map(|o| {
-                let c = &o.callbacks;
-                [
-                    ("pre_patch", c.pre_patch.is_some()),
-                    ("post_patch", c.post_patch.is_some()),
-                    ("pre_unpatch", c.pre_unpatch.is_some()),
-                    ("post_unpatch", c.post_unpatch.is_some()),
-                ]
-            })
-            .filter_map(|(n, set)| set.then_some(n))
-            .collect();
-        if !callbacks.is_empty() {
-            warnings.push(format!(
-                "the patch has klp callbacks ({}); klpvisor does not run callbacks yet",
-                callbacks.join(", ")
-            ));
-        }
         let record = Record {
             replace: module.patch.replace,
             states: module.patch.states.clone(),
@@ -133,7 +111,11 @@ impl Engine {
             pause_us: 0.0,
             regions,
             funcs,
+            callbacks: linked.callbacks.clone(),
         };
+        // On a replace too, only the new patch's callbacks run.
+        let mut calls = crate::callback::Calls::default();
+        calls.enable(&name, &record.callbacks);
         let change = self
             .stack
             .plan_enable(entry(&name, record.replace, &record.funcs), force)?;
@@ -147,7 +129,9 @@ impl Engine {
             record: Some(record),
             sites: fresh,
             check,
-            warnings,
+            warnings: Vec::new(),
+            calls,
+            loaded_bytes: 0,
         })
     }
 }

@@ -21,7 +21,10 @@ use thiserror::Error;
 
 use crate::api::{FuncInfo, Hex, HistoryEntry, LiveFunc, PatchInfo, PatchState, RetiredInfo};
 use crate::arena::{Arena, ArenaError, ImageFacts, Region};
+use crate::callback::gate::{Gate, GateError, Progress};
+use crate::callback::{Call, Calls};
 use crate::introspect::{all_vcpu_regs, Kernel, Tasks};
+use crate::link::LinkedCallbacks;
 use crate::module::{ModuleError, State};
 use crate::orc::Orc;
 use crate::safepoint::{irq_stacks, Blocker, Check, SafepointError, Span};
@@ -89,6 +92,8 @@ pub enum EngineError {
          (the newest is #{newest})"
     )]
     NoSuchTransition { to: u64, newest: u64 },
+    #[error(transparent)]
+    Gate(#[from] GateError),
 }
 
 /// Committed transitions the engine remembers for rollback; older ones are
@@ -106,7 +111,10 @@ impl EngineError {
             EngineError::Stack(_) | EngineError::Blocked(_) | EngineError::State { .. } => {
                 Fault::State
             }
-            EngineError::Arena(ArenaError::Full { .. }) => Fault::NoSpace,
+            EngineError::Arena(ArenaError::Full { .. })
+            | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
+            EngineError::Gate(GateError::Busy(_)) => Fault::State,
+            EngineError::Gate(_) => Fault::Guest,
             EngineError::Arena(_) | EngineError::Introspect(_) | EngineError::Safepoint(_) => {
                 Fault::Guest
             }
@@ -144,6 +152,8 @@ struct Record {
     pause_us: f64,
     regions: Vec<Region>,
     funcs: Vec<FuncRecord>,
+    /// Each object's linked callbacks, in patch order.
+    callbacks: Vec<LinkedCallbacks>,
 }
 
 impl Record {
@@ -189,6 +199,10 @@ pub struct Prepared {
     check: Check,
     /// What the transition will not do that klp would.
     warnings: Vec<String>,
+    /// The klp callbacks to run around the commit.
+    calls: Calls,
+    /// Bytes of a load plan split off by [`Prepared::take_load`].
+    loaded_bytes: u64,
 }
 
 impl Prepared {
@@ -200,14 +214,59 @@ impl Prepared {
         &self.warnings
     }
 
-    /// Guest bytes the commit writes.
+    /// Guest bytes the transition writes (its load included).
     pub fn bytes(&self) -> u64 {
-        self.plan
-            .writes()
-            .iter()
-            .map(|w| w.bytes.len() as u64)
-            .sum()
+        self.loaded_bytes
+            + self
+                .plan
+                .writes()
+                .iter()
+                .map(|w| w.bytes.len() as u64)
+                .sum::<u64>()
     }
+
+    /// The klp callbacks to run before and after the commit.
+    pub fn calls(&self) -> &Calls {
+        &self.calls
+    }
+
+    /// Splits off the writes that load a new patch (its arena pages and
+    /// their mapping) so they can be committed before its `pre_patch`
+    /// callbacks run: the callbacks are the patch's own code. What stays
+    /// is the switch, the entry writes. Nothing references the loaded
+    /// pages until then, so the load needs no safe point; undo it with
+    /// the returned plan's [`Plan::inverse`] once committed.
+    pub fn take_load(&mut self) -> Plan {
+        let sites: Vec<_> = self
+            .plan
+            .allowed()
+            .iter()
+            .filter(|a| matches!(a.kind, crate::write::AllowKind::Site { .. }))
+            .copied()
+            .collect();
+        let load = self.plan.split_off(|w| {
+            !sites
+                .iter()
+                .any(|a| a.gpa <= w.gpa && w.gpa < a.gpa + a.len)
+        });
+        self.loaded_bytes = load.writes().iter().map(|w| w.bytes.len() as u64).sum();
+        load
+    }
+
+    /// Whether this transition loads a new patch (apply).
+    pub fn loads(&self) -> bool {
+        self.record.is_some()
+    }
+}
+
+/// A callback sent into the guest, to wait for with [`Engine::poll_call`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Armed {
+    pub seq: u64,
+    /// The vCPU to raise the gate's vector on.
+    pub vcpu: usize,
+    /// That vCPU's Linux CPU number.
+    pub cpu: u32,
 }
 
 /// A committed transition.
@@ -257,6 +316,10 @@ pub struct Engine {
     history: std::collections::VecDeque<Past>,
     /// The number of the last committed transition.
     seq: u64,
+    /// The call gate, once a callback needed it.
+    gate: Option<Gate>,
+    /// The number of the last callback sent.
+    calls: u64,
 }
 
 impl Engine {
@@ -392,7 +455,9 @@ impl Engine {
     ) -> Result<Prepared, EngineError> {
         self.facts(kernel, guest)?;
         let change = self.stack.plan_disable(name, force)?;
-        self.prepared_sites(kernel, name, "disable", change)
+        let mut calls = Calls::default();
+        calls.disable(name, &self.callbacks_of(name));
+        self.prepared_sites(kernel, name, "disable", change, calls)
     }
 
     /// klp's system-state rule for enabling `patch` (`replace`, carrying
@@ -450,7 +515,10 @@ impl Engine {
             self.check_states(name, r.replace, &r.states)?;
         }
         let change = self.stack.plan_reenable(name, force)?;
-        self.prepared_sites(kernel, name, "enable", change)
+        // Only the enabled patch's callbacks, also when it replaces others.
+        let mut calls = Calls::default();
+        calls.enable(name, &self.callbacks_of(name));
+        self.prepared_sites(kernel, name, "enable", change, calls)
     }
 
     /// Plans returning every patch to the state it had just before
@@ -476,7 +544,185 @@ impl Engine {
                     newest: self.seq,
                 })?;
         let change = self.stack.plan_restore(&past.before, force)?;
-        self.prepared_sites(kernel, &format!("#{to}"), "rollback", change)
+        let calls = self.rollback_calls(&change);
+        self.prepared_sites(kernel, &format!("#{to}"), "rollback", change, calls)
+    }
+
+    /// A rollback runs callbacks as the enables and disables it amounts to
+    /// would: if it enables a replace patch, that is a replace and only the
+    /// enabled patches' callbacks run; otherwise the patches it enables
+    /// run their patch callbacks (oldest first) and those it disables
+    /// their unpatch callbacks (newest first).
+    fn rollback_calls(&self, change: &Change) -> Calls {
+        let enabled_now = |n: &str| {
+            self.stack
+                .get(n)
+                .is_some_and(|e| e.state == PatchState::Enabled)
+        };
+        let after = |n: &str| change.states.iter().find(|(x, _)| x == n).map(|(_, s)| *s);
+        let order: Vec<&Entry> = match &change.restore {
+            Some(after) => after.iter().collect(),
+            None => self.stack.entries().iter().collect(),
+        };
+        let enabling: Vec<&str> = order
+            .iter()
+            .map(|e| e.name.as_str())
+            .filter(|n| after(n) == Some(PatchState::Enabled) && !enabled_now(n))
+            .collect();
+        let disabling: Vec<&str> = self
+            .stack
+            .entries()
+            .iter()
+            .rev()
+            .map(|e| e.name.as_str())
+            .filter(|n| enabled_now(n) && after(n).is_some_and(|s| s != PatchState::Enabled))
+            .collect();
+        let replace = enabling
+            .iter()
+            .any(|n| self.records.get(*n).is_some_and(|r| r.replace));
+        let mut calls = Calls::default();
+        for n in enabling {
+            calls.enable(n, &self.callbacks_of(n));
+        }
+        if !replace {
+            for n in disabling {
+                calls.disable(n, &self.callbacks_of(n));
+            }
+        }
+        calls
+    }
+
+    fn callbacks_of(&self, name: &str) -> Vec<LinkedCallbacks> {
+        self.records
+            .get(name)
+            .map(|r| r.callbacks.clone())
+            .unwrap_or_default()
+    }
+
+    /// Installs the call gate (see [`crate::callback::gate`]) unless it is
+    /// there already. Call with every vCPU paused, before preparing the
+    /// transition that needs it: the gate takes arena pages. Returns
+    /// whether it installed now.
+    pub fn install_gate<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<bool, EngineError> {
+        if self.gate.is_some() {
+            return Ok(false);
+        }
+        let regs = guest
+            .vcpu_regs(0)
+            .map_err(|e| EngineError::Introspect(format!("vCPU 0 registers: {e}")))?;
+        let facts = self.facts(kernel, guest)?;
+        let mut arena = facts.arena.clone();
+        let (gate, writes) = Gate::plan_install(kernel, guest, &regs, &mut arena)?;
+        let mut plan = Plan::new(arena.allowed());
+        plan.extend(writes);
+        plan.commit(guest)?;
+        facts.arena = arena;
+        self.gate = Some(gate);
+        Ok(true)
+    }
+
+    /// The call gate, for the API.
+    pub fn gate_info(&self) -> Option<crate::api::GateInfo> {
+        let [text, data] = self.gate.as_ref()?.regions();
+        Some(crate::api::GateInfo {
+            text: Hex(text.va),
+            data: Hex(data.va),
+            data_gpa: Hex(data.gpa),
+            calls: self.calls,
+        })
+    }
+
+    /// Whether the call gate is installed.
+    pub fn has_gate(&self) -> bool {
+        self.gate.is_some()
+    }
+
+    /// Sends `call` into the guest through the gate, to CPU 0 (the boot
+    /// CPU, which x86 Linux does not take offline). Call with every vCPU
+    /// paused; then raise the gate's vector on [`Armed::vcpu`].
+    pub fn arm_call<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &Prepared,
+        call: &Call,
+    ) -> Result<Armed, EngineError> {
+        let func = call.func.ok_or_else(|| {
+            EngineError::Introspect(format!("{} has no {}", call.patch, call.kind))
+        })?;
+        // The gate calls whatever the mailbox says: it must be the code of
+        // the patch the callback belongs to, loaded in the arena now.
+        let record = self
+            .records
+            .get(&call.patch)
+            .or(p.record.as_ref().filter(|_| p.name == call.patch));
+        if !record.is_some_and(|r| r.text().any(|t| t.contains(&func))) {
+            return Err(EngineError::Introspect(format!(
+                "{} {} at {func:#x} is not in that patch's loaded code; not calling it",
+                call.patch, call.kind
+            )));
+        }
+        let regs = guest
+            .vcpu_regs(0)
+            .map_err(|e| EngineError::Introspect(format!("vCPU 0 registers: {e}")))?;
+        let facts = self
+            .facts
+            .as_ref()
+            .ok_or(EngineError::Introspect("kernel facts unavailable".into()))?;
+        let bases = facts
+            .tasks
+            .per_cpu_bases(&kernel.space(guest))
+            .map_err(|e| EngineError::Introspect(e.to_string()))?;
+        // The per-CPU base is GS in the kernel, the other GS base in user
+        // mode; try both, so a vCPU caught right at an entry still works.
+        let (cpu, base) = [Some(regs.gs_base), regs.kernel_gs_base]
+            .into_iter()
+            .flatten()
+            .find_map(|gs| bases.iter().find(|(_, b)| *b == gs).copied())
+            .ok_or_else(|| {
+                EngineError::Introspect(
+                    "vCPU 0's GS bases are no CPU's per-CPU area (__per_cpu_offset)".into(),
+                )
+            })?;
+        let gate = self.gate.as_mut().ok_or(EngineError::Introspect(
+            "the call gate is not installed".into(),
+        ))?;
+        let seq = self.calls + 1;
+        let plan = gate.plan_arm(kernel, guest, (cpu, base), call, func, seq)?;
+        plan.commit(guest)?;
+        self.calls = seq;
+        Ok(Armed { seq, vcpu: 0, cpu })
+    }
+
+    /// How far a sent callback got (the guest may run meanwhile).
+    pub fn poll_call<G: Guest + ?Sized>(
+        &self,
+        guest: &G,
+        armed: &Armed,
+    ) -> Result<Progress, EngineError> {
+        let gate = self.gate.as_ref().ok_or(EngineError::Introspect(
+            "the call gate is not installed".into(),
+        ))?;
+        Ok(gate.poll(guest, armed.seq)?)
+    }
+
+    /// Keeps the pages a transition loaded although it was abandoned,
+    /// because the patch's own code may still run in the guest (a callback
+    /// that did not return in time): the patch is retired at once, and
+    /// [`Engine::sweep`] frees its pages once no stack references them.
+    pub fn retire_load(&mut self, p: Prepared) {
+        if let (Some(arena), Some(record), Some(f)) = (p.arena, p.record, self.facts.as_mut()) {
+            f.arena = arena;
+            self.retired.push(Retired {
+                name: p.name,
+                removed_at: now_unix(),
+                record,
+            });
+        }
     }
 
     /// The number of the last committed transition (0: none yet).
@@ -505,6 +751,7 @@ impl Engine {
         name: &str,
         action: &'static str,
         change: Change,
+        calls: Calls,
     ) -> Result<Prepared, EngineError> {
         let mut plan = Plan::new(Vec::new());
         let check = self.plan_sites(kernel, &change, &[], None, &mut plan)?;
@@ -518,6 +765,8 @@ impl Engine {
             sites: Vec::new(),
             check,
             warnings: Vec::new(),
+            calls,
+            loaded_bytes: 0,
         })
     }
 

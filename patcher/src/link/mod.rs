@@ -151,6 +151,8 @@ pub struct LinkedFunc {
 /// Addresses of the callbacks of one object.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkedCallbacks {
+    /// The linked `struct klp_object`, the callbacks' argument.
+    pub object: u64,
     pub pre_patch: Option<u64>,
     pub post_patch: Option<u64>,
     pub pre_unpatch: Option<u64>,
@@ -352,6 +354,9 @@ pub fn link(
         }
         let cb = &object.callbacks;
         let callbacks = LinkedCallbacks {
+            object: linked
+                .va(object.place)
+                .ok_or_else(|| internal("klp_object"))?,
             pre_patch: code(&linked, &cb.pre_patch)?,
             post_patch: code(&linked, &cb.post_patch)?,
             pre_unpatch: code(&linked, &cb.pre_unpatch)?,

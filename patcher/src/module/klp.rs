@@ -45,6 +45,9 @@ pub struct Object {
     pub name: Option<String>,
     pub funcs: Vec<Func>,
     pub callbacks: Callbacks,
+    /// Where the `struct klp_object` itself is: its linked address is the
+    /// argument every callback gets.
+    pub place: Place,
 }
 
 /// One `struct klp_func`.
@@ -506,6 +509,7 @@ impl<'a> Reader<'a> {
                 name,
                 funcs,
                 callbacks,
+                place: at,
             }))
         })
     }

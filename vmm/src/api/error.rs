@@ -67,7 +67,11 @@ impl IntoResponse for HttpError {
 impl From<ControlError> for HttpError {
     fn from(e: ControlError) -> Self {
         let status = match &e {
-            ControlError::AlreadyPaused | ControlError::NotPaused => StatusCode::CONFLICT,
+            ControlError::AlreadyPaused
+            | ControlError::NotPaused
+            | ControlError::PausedForCallbacks
+            | ControlError::Refused { .. } => StatusCode::CONFLICT,
+            ControlError::CallbackTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::NoSuchVcpu { .. } => StatusCode::NOT_FOUND,
             ControlError::Stopped | ControlError::KernelNotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -1,10 +1,11 @@
 //! Port-I/O devices and their dispatch. The guest sees a 16550 UART on COM1,
 //! a CMOS RTC, an i8042 that can only reset, the ACPI sleep/reset register, a pvpanic
-//! port and the boot-timer port. Unclaimed reads float high (0xff) like an
+//! port, the boot-timer port and the call gate's doorbell. Unclaimed reads float high (0xff) like an
 //! empty ISA bus, so probes for absent hardware fail fast.
 
 pub mod boot_timer;
 pub mod cmos;
+pub mod doorbell;
 pub mod power;
 pub mod pvpanic;
 pub mod serial;
@@ -33,6 +34,7 @@ pub struct PioDevices {
     i8042: Mutex<vm_superio::I8042Device<power::ResetLatch>>,
     cmos: cmos::Cmos,
     pub boot_timer: BootTimer,
+    pub doorbell: doorbell::Doorbell,
 }
 
 impl PioDevices {
@@ -42,6 +44,7 @@ impl PioDevices {
             i8042: Mutex::new(vm_superio::I8042Device::new(power::ResetLatch::default())),
             cmos: cmos::Cmos::default(),
             boot_timer,
+            doorbell: doorbell::Doorbell::default(),
         }
     }
 
@@ -76,6 +79,10 @@ impl PioDevices {
 
     /// Handles an `out` from the guest; returns an event that ends the run.
     pub fn write(&self, port: u16, data: &[u8]) -> Option<GuestEvent> {
+        if port == doorbell::DOORBELL_PORT {
+            self.doorbell.ring();
+            return None;
+        }
         let value = *data.first()?;
         match port {
             COM1_START..=COM1_END => {
