@@ -71,7 +71,7 @@ pub enum SignatureError {
     )]
     KernelSignatureOnly,
     #[error(
-        "patch is signed by key {key_id}, which this VMM does not trust (trusted: {trusted}); \
+        "patch is signed by key {key_id}, which is not among the trusted keys ({trusted}); \
          sign it with one of those keys or add {key_id}'s .pub file to --trusted-keys"
     )]
     UnknownKey { key_id: KeyId, trusted: String },

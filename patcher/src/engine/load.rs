@@ -133,6 +133,7 @@ impl Engine {
             pause_us: 0.0,
             regions,
             funcs,
+            signature: "unsigned".to_owned(),
         };
         let change = self
             .stack

@@ -144,6 +144,9 @@ struct Record {
     pause_us: f64,
     regions: Vec<Region>,
     funcs: Vec<FuncRecord>,
+    /// How the module's signature was checked (the engine never sees
+    /// signatures: the caller checks them before `prepare_apply`).
+    signature: String,
 }
 
 impl Record {
@@ -198,6 +201,14 @@ impl Prepared {
 
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// Records how the applied module's signature was checked, for
+    /// `PatchInfo::signature` (an apply only; "unsigned" if never set).
+    pub fn set_signature(&mut self, signature: String) {
+        if let Some(r) = self.record.as_mut() {
+            r.signature = signature;
+        }
     }
 
     /// Guest bytes the commit writes.
@@ -729,6 +740,7 @@ impl Engine {
             applied_at: r.applied_at,
             pause_us: r.pause_us,
             arena_bytes: r.bytes(),
+            signature: r.signature.clone(),
             funcs: r
                 .funcs
                 .iter()
