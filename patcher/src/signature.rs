@@ -108,7 +108,7 @@ pub enum SignatureError {
         why: String,
     },
     #[error(
-        "--trusted-keys {dir} holds no *.pub file; copy there the NAME.pub of each key \
+        "{dir} holds no *.pub file; copy there the NAME.pub of each key \
          (`patcher keygen --out NAME`) whose patches this VMM may apply"
     )]
     NoTrustedKeys { dir: PathBuf },

@@ -369,3 +369,45 @@ fn rollback_returns_every_entry_to_an_earlier_point() {
     assert!(err.to_string().contains("has since been removed"), "{err}");
     assert_eq!(g.write_log().len(), writes, "nothing written");
 }
+
+/// A signed module, checked the way the VMM checks it: the engine gets
+/// exactly the module kbuild wrote (every byte the same, so the same
+/// writes land) and the patch records how it was signed.
+#[test]
+fn signed_module_applies_stripped_and_lists_its_signature() {
+    use patcher::signature::{sign, Policy, SecretKey, TrustedKeys};
+    let f = fixture();
+    let k = &f.kernel;
+    let key = SecretKey::from_seed([7; 32]);
+    let module = ko("livepatch-sample");
+    let signed = sign(&module, &key).unwrap();
+    let policy = Policy::RequireSigned(TrustedKeys::from_keys([(
+        key.public(),
+        "release.pub".to_owned(),
+    )]));
+    let checked = policy.check(&signed).unwrap();
+    assert_eq!(checked.module, &module[..], "the parser sees the original");
+
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let mut e = Engine::default();
+    let mut p = e.prepare_apply(k, &g, checked.module, false).unwrap();
+    p.set_signature(checked.provenance.to_string());
+    let done = e.commit(k, &g, &p).unwrap();
+    let want = format!("verified: {} (release.pub)", key.id());
+    assert_eq!(done.patch.unwrap().signature, want);
+    assert_eq!(e.list()[0].signature, want);
+
+    // The same writes as the unsigned module's.
+    let plain = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let mut e2 = Engine::default();
+    let p2 = e2.prepare_apply(k, &plain, &module, false);
+    go(&mut e2, k, &plain, p2);
+    assert_eq!(g.write_log(), plain.write_log());
+    for (gpa, len) in g.write_log() {
+        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+        g.read_phys(gpa, &mut a).unwrap();
+        plain.read_phys(gpa, &mut b).unwrap();
+        assert_eq!(a, b, "bytes written at {gpa:#x}");
+    }
+    assert_eq!(e2.list()[0].signature, "unsigned");
+}
