@@ -477,7 +477,9 @@ impl Control {
     /// is not taken and the guest is not paused, read or written. The
     /// engine then sees exactly the module as built, signatures stripped.
     pub fn apply(&self, ko: &[u8], t: Transition) -> Result<TransitionReply, ControlError> {
-        let checked = self.policy.check(ko)?;
+        let checked = self.policy.check(ko).inspect_err(|e| {
+            tracing::warn!(bytes = ko.len(), "patch refused, guest untouched: {e}");
+        })?;
         let signature = checked.provenance.to_string();
         tracing::info!(signature, "patch signature checked");
         self.transition("apply", t, |e, k| {
