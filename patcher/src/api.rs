@@ -94,6 +94,27 @@ pub struct VmInfo {
     /// something leaks (RSS would mostly show guest RAM).
     #[serde(default)]
     pub heap_bytes: u64,
+    /// Which patches this VMM accepts.
+    #[serde(default)]
+    pub signatures: SignaturePolicyInfo,
+}
+
+/// `GET /vm`'s `signatures`: whether patches must be signed, and by whom.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SignaturePolicyInfo {
+    /// `vmm --trusted-keys DIR` was given: unsigned patches are refused.
+    pub enforced: bool,
+    /// The keys whose signatures are accepted (empty when not enforced).
+    pub trusted_keys: Vec<TrustedKeyInfo>,
+}
+
+/// One trusted public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustedKeyInfo {
+    /// The first 8 bytes of the SHA-256 of the key, in hex.
+    pub key_id: String,
+    /// The `.pub` file it was read from.
+    pub file: String,
 }
 
 /// The guest kernel as read from its memory.
@@ -371,7 +392,16 @@ pub struct PatchInfo {
     pub pause_us: f64,
     /// Arena bytes its code and data occupy.
     pub arena_bytes: u64,
+    /// How its signature was checked when it was applied: `unsigned`,
+    /// `verified: KEYID (FILE.pub)` or `not verified: signed by KEYID, no
+    /// --trusted-keys` (see `patcher::signature::Provenance`).
+    #[serde(default = "unsigned")]
+    pub signature: String,
     pub funcs: Vec<FuncInfo>,
+}
+
+fn unsigned() -> String {
+    "unsigned".to_owned()
 }
 
 /// `GET /patches`: the stack, oldest first, and what runs now.

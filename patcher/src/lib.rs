@@ -18,6 +18,7 @@ pub mod module;
 pub mod orc;
 pub mod overlay;
 pub mod safepoint;
+pub mod signature;
 pub mod site;
 pub mod stack;
 pub mod write;

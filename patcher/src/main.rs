@@ -2,7 +2,7 @@
 //! Human-readable output by default; `--json` prints the API's own JSON
 //! reply, unchanged, for scripts.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -14,14 +14,18 @@ use patcher::api::{
     VmInfo, MAX_MEMORY_READ,
 };
 use patcher::client::{query_escape, Client, ClientError};
+use patcher::signature::{
+    sign, write_key_pair, Policy, Provenance, SecretKey, SignatureError, TrustedKeys,
+};
 
 /// Live-patch a Linux guest from the hypervisor: the client of `vmm --api-sock`.
 #[derive(Debug, Parser)]
 #[command(name = "patcher", version)]
 struct Args {
-    /// The VMM's control socket (`vmm --api-sock PATH`).
+    /// The VMM's control socket (`vmm --api-sock PATH`); every command
+    /// but keygen, sign and verify needs it.
     #[arg(long, env = "KLPV_API_SOCK", value_name = "PATH")]
-    api_sock: PathBuf,
+    api_sock: Option<PathBuf>,
     /// Print the API's JSON reply instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -96,6 +100,31 @@ enum Command {
     Remove { name: String },
     /// The committed transitions, each with the stack it started from.
     History,
+    /// Make an Ed25519 key pair for signing patches: NAME.key (secret,
+    /// mode 0600) and NAME.pub (for `vmm --trusted-keys DIR`).
+    Keygen {
+        /// Path and base name of the two files.
+        #[arg(long, value_name = "NAME")]
+        out: PathBuf,
+    },
+    /// Sign a livepatch module: append a klpvisor signature by KEY.
+    Sign {
+        /// The secret key (NAME.key from `patcher keygen`).
+        #[arg(long, value_name = "NAME.key")]
+        key: PathBuf,
+        /// The livepatch module (.ko).
+        file: PathBuf,
+        /// Where to write the signed module (default: FILE, in place).
+        #[arg(short, long, value_name = "OUT.ko")]
+        out: Option<PathBuf>,
+    },
+    /// Check a module's signature offline, as `vmm --trusted-keys DIR` would.
+    Verify {
+        /// A directory of trusted NAME.pub files.
+        #[arg(long, value_name = "DIR")]
+        trusted_keys: PathBuf,
+        file: PathBuf,
+    },
     /// Return every patch, in one safe-point transition, to its state just
     /// before transition N (default: undo the last transition), including
     /// patches a replace had disabled. Patches loaded since stay, disabled.
@@ -119,7 +148,19 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let args = Args::parse();
-    let client = match Client::new(&args.api_sock) {
+    if let Some(done) = offline(&args.command) {
+        return match done {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
+    let Some(sock) = &args.api_sock else {
+        eprintln!(
+            "patcher: error: give the VMM's control socket: --api-sock PATH or KLPV_API_SOCK"
+        );
+        return ExitCode::from(2);
+    };
+    let client = match Client::new(sock) {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
@@ -129,7 +170,64 @@ fn main() -> ExitCode {
     }
 }
 
-fn fail(e: &ClientError) -> ExitCode {
+/// The commands that need no VMM (keys and signatures); None for the rest.
+fn offline(command: &Command) -> Option<Result<(), SignatureError>> {
+    Some(match command {
+        Command::Keygen { out } => write_key_pair(out).map(|(secret, public, id)| {
+            println!("key {id}");
+            println!("secret: {} (keep it private)", secret.display());
+            println!(
+                "public: {} (copy it into the directory of vmm --trusted-keys)",
+                public.display()
+            );
+        }),
+        Command::Sign { key, file, out } => sign_file(key, file, out.as_deref().unwrap_or(file)),
+        Command::Verify { trusted_keys, file } => {
+            verify_file(trusted_keys, file).map(|p| println!("{}: {p}", file.display()))
+        }
+        _ => return None,
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, SignatureError> {
+    std::fs::read(path).map_err(|source| SignatureError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Signs `file` into `out`, through a temporary file renamed over it, so
+/// an interrupted in-place sign never leaves half a module.
+fn sign_file(key: &Path, file: &Path, out: &Path) -> Result<(), SignatureError> {
+    let key = SecretKey::load(key)?;
+    let signed = sign(&read(file)?, &key)?;
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".signing");
+    let tmp = PathBuf::from(tmp);
+    let write_err = |source| SignatureError::Write {
+        path: out.to_owned(),
+        source,
+    };
+    std::fs::write(&tmp, &signed).map_err(write_err)?;
+    if let Err(e) = std::fs::rename(&tmp, out) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(write_err(e));
+    }
+    println!(
+        "signed {} with key {} -> {}",
+        file.display(),
+        key.id(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn verify_file(dir: &Path, file: &Path) -> Result<Provenance, SignatureError> {
+    let policy = Policy::RequireSigned(TrustedKeys::load_dir(dir)?);
+    Ok(policy.check(&read(file)?)?.provenance)
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("patcher: error: {e}");
     ExitCode::FAILURE
 }
@@ -282,6 +380,7 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             )?;
             show(json, &v, print_rollback);
         }
+        Command::Keygen { .. } | Command::Sign { .. } | Command::Verify { .. } => {}
         Command::Remove { name } => {
             let v: PatchInfo = c.call(
                 Method::DELETE,
@@ -350,6 +449,17 @@ fn print_status(v: &VmInfo) {
             "booted:   {:.1} s after start (guest boot marker)",
             b / 1000.0
         );
+    }
+    if v.signatures.enforced {
+        let keys: Vec<String> = v
+            .signatures
+            .trusted_keys
+            .iter()
+            .map(|k| format!("{} ({})", k.key_id, k.file))
+            .collect();
+        println!("patches:  signed only; trusted keys: {}", keys.join(", "));
+    } else {
+        println!("patches:  unsigned accepted (no --trusted-keys)");
     }
     match (&v.kernel, &v.kernel_error) {
         (Some(k), _) => print_kernel(k),
@@ -542,6 +652,7 @@ fn print_patch(p: &PatchInfo) {
         duration_us(p.pause_us),
         p.arena_bytes
     );
+    println!("  signature: {}", p.signature);
     for f in &p.funcs {
         let pos = if f.sympos == 0 {
             String::new()

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use thiserror::Error;
 
+use patcher::signature::{Policy, SignatureError, TrustedKeys};
 use vmm::arch::x86_64::boot::{inspect_kernel, BootError};
 use vmm::arch::x86_64::layout::MIN_MEM_MIB;
 use vmm::VmConfig;
@@ -40,6 +41,11 @@ pub struct Args {
     /// Serve the HTTP/JSON control API on this Unix socket (created mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Accept only patches signed (`patcher sign`) by one of the keys in
+    /// DIR (every `*.pub` file there, made by `patcher keygen`). Without
+    /// it, unsigned patches are accepted and `patcher list` says so.
+    #[arg(long, value_name = "DIR")]
+    pub trusted_keys: Option<PathBuf>,
     /// Time a loop on /dev/kvm, print whether it runs at hardware speed, and exit.
     #[arg(long)]
     pub kvm_probe: bool,
@@ -70,6 +76,8 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: u32 },
     #[error("--cmdline contains a character the kernel cannot take (only printable ASCII)")]
     CmdlineChars,
+    #[error("--trusted-keys: {0}")]
+    TrustedKeys(#[from] SignatureError),
 }
 
 /// Total host RAM in MiB from /proc/meminfo, if readable.
@@ -81,6 +89,15 @@ fn host_mem_mib() -> Option<u64> {
 }
 
 impl Args {
+    /// Which patches the control socket accepts: read once at start-up,
+    /// so a bad key file stops the VMM before the guest boots.
+    pub fn signature_policy(&self) -> Result<Policy, ConfigError> {
+        Ok(match &self.trusted_keys {
+            None => Policy::AcceptUnsigned,
+            Some(dir) => Policy::RequireSigned(TrustedKeys::load_dir(dir)?),
+        })
+    }
+
     /// Checks every argument and the files they name.
     pub fn validate(&self) -> Result<VmConfig, ConfigError> {
         if self.cpus == 0 || self.cpus > MAX_CPUS {

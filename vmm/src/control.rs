@@ -25,6 +25,7 @@ use patcher::callback::gate::{Progress, IRQ_WORK_VECTOR};
 use patcher::callback::{Call, Calls};
 use patcher::engine::{Committed, Engine, EngineError, Prepared};
 use patcher::introspect::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
+use patcher::signature::{Policy, SignatureError};
 use patcher::write::Plan;
 use patcher::VcpuRegs;
 
@@ -80,6 +81,9 @@ pub enum ControlError {
     PausedForCallbacks,
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// Refused by the signature policy, before anything was parsed.
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
 }
 
 impl From<VmError> for ControlError {
@@ -151,6 +155,8 @@ pub struct Control {
     published: Mutex<PatchesReply>,
     /// The transition retrying for a safe point, if one is.
     pending: Mutex<Option<PendingTransition>>,
+    /// Which patches `apply` accepts (`vmm --trusted-keys`).
+    policy: Policy,
 }
 
 /// Clears the pending transition however the transition ends.
@@ -206,7 +212,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Control {
-    pub fn new(vm: Arc<Vm>) -> Self {
+    pub fn new(vm: Arc<Vm>, policy: Policy) -> Self {
         Self {
             vm,
             gate: Mutex::new(()),
@@ -215,7 +221,12 @@ impl Control {
             engine: Mutex::new(Engine::default()),
             published: Mutex::new(PatchesReply::default()),
             pending: Mutex::new(None),
+            policy,
         }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     pub fn vm(&self) -> &Vm {
@@ -735,9 +746,21 @@ impl Control {
     }
 
     /// Loads and enables a livepatch module.
+    ///
+    /// The signature is checked first, on the uploaded bytes alone: a
+    /// refused patch is never parsed, linked or planned, the engine lock
+    /// is not taken and the guest is not paused, read or written. The
+    /// engine then sees exactly the module as built, signatures stripped.
     pub fn apply(&self, ko: &[u8], t: Transition) -> Result<TransitionReply, ControlError> {
+        let checked = self.policy.check(ko).inspect_err(|e| {
+            tracing::warn!(bytes = ko.len(), "patch refused, guest untouched: {e}");
+        })?;
+        let signature = checked.provenance.to_string();
+        tracing::info!(signature, "patch signature checked");
         self.transition("apply", t, |e, k| {
-            e.prepare_apply(k, &*self.vm, ko, t.force)
+            let mut p = e.prepare_apply(k, &*self.vm, checked.module, t.force)?;
+            p.set_signature(signature.clone());
+            Ok(p)
         })
     }
 

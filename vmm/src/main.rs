@@ -50,6 +50,13 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
+    let policy = match args.signature_policy() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    for k in policy.trusted() {
+        tracing::info!(key_id = %k.id, file = k.file, "trusted patch signing key");
+    }
 
     // The socket is bound before any KVM object exists: a path in use is a
     // set-up error like any bad argument.
@@ -76,7 +83,7 @@ fn main() -> ExitCode {
     );
 
     if let Some(api) = api.as_mut() {
-        if let Err(e) = api.start(Arc::new(Control::new(vm.clone()))) {
+        if let Err(e) = api.start(Arc::new(Control::new(vm.clone(), policy))) {
             return fail(&e);
         }
     }

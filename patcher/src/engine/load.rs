@@ -112,6 +112,7 @@ impl Engine {
             regions,
             funcs,
             callbacks: linked.callbacks.clone(),
+            signature: "unsigned".to_owned(),
         };
         // On a replace too, only the new patch's callbacks run.
         let mut calls = crate::callback::Calls::default();

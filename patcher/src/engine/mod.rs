@@ -154,6 +154,9 @@ struct Record {
     funcs: Vec<FuncRecord>,
     /// Each object's linked callbacks, in patch order.
     callbacks: Vec<LinkedCallbacks>,
+    /// How the module's signature was checked (the engine never sees
+    /// signatures: the caller checks them before `prepare_apply`).
+    signature: String,
 }
 
 impl Record {
@@ -212,6 +215,14 @@ impl Prepared {
 
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// Records how the applied module's signature was checked, for
+    /// `PatchInfo::signature` (an apply only; "unsigned" if never set).
+    pub fn set_signature(&mut self, signature: String) {
+        if let Some(r) = self.record.as_mut() {
+            r.signature = signature;
+        }
     }
 
     /// Guest bytes the transition writes (its load included).
@@ -978,6 +989,7 @@ impl Engine {
             applied_at: r.applied_at,
             pause_us: r.pause_us,
             arena_bytes: r.bytes(),
+            signature: r.signature.clone(),
             funcs: r
                 .funcs
                 .iter()

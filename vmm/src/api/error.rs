@@ -80,6 +80,12 @@ impl From<ControlError> for HttpError {
             ControlError::Vm(_) | ControlError::Tasks(_) | ControlError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            // A module whose trailer cannot be read is a bad module (like
+            // one the ELF parser rejects); anything else is the policy's no.
+            ControlError::Signature(patcher::signature::SignatureError::Malformed(_)) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ControlError::Signature(_) => StatusCode::FORBIDDEN,
             ControlError::Engine(e) => match e.kind() {
                 Fault::Module => StatusCode::UNPROCESSABLE_ENTITY,
                 Fault::State => StatusCode::CONFLICT,
@@ -199,4 +205,46 @@ pub fn forbidden(message: &str) -> axum::http::Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patcher::signature::{KeyId, SignatureError};
+
+    /// A policy refusal is 403 (the request is understood and not
+    /// allowed); an unreadable trailer is a bad module like any other.
+    #[test]
+    fn signature_refusals_are_forbidden_and_malformed_trailers_unprocessable() {
+        let status = |e: SignatureError| HttpError::from(ControlError::Signature(e)).status;
+        assert_eq!(status(SignatureError::Unsigned), StatusCode::FORBIDDEN);
+        assert_eq!(
+            status(SignatureError::KernelSignatureOnly),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(SignatureError::UnknownKey {
+                key_id: KeyId([1; 8]),
+                trusted: String::new()
+            }),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(SignatureError::BadSignature {
+                key_id: KeyId([1; 8]),
+                key_file: "k.pub".into()
+            }),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(SignatureError::Malformed("x".into())),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        let e = HttpError::from(ControlError::Signature(SignatureError::Unsigned));
+        assert!(
+            e.message.starts_with("patch is not signed"),
+            "{}",
+            e.message
+        );
+    }
 }

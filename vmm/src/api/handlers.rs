@@ -15,7 +15,7 @@ use patcher::api::{
     RegsReply, ResumeReply, StateChange, SymbolEntry, SymbolsReply, TaskEntry, TasksReply,
     TransitionReply, VmInfo, VmState, MAX_MEMORY_READ,
 };
-use patcher::api::{HistoryEntry, RollbackReply};
+use patcher::api::{HistoryEntry, RollbackReply, SignaturePolicyInfo, TrustedKeyInfo};
 use patcher::introspect::{kaslr, PagingError, VirtRead};
 use patcher::Guest;
 
@@ -100,6 +100,18 @@ pub async fn vm_info(State(c): State<AppState>) -> Reply<VmInfo> {
             arena_gpa: Hex(vm.layout().arena.0),
             arena_size: vm.layout().arena.1,
             heap_bytes: crate::heap::live_bytes(),
+            signatures: SignaturePolicyInfo {
+                enforced: c.policy().enforced(),
+                trusted_keys: c
+                    .policy()
+                    .trusted()
+                    .iter()
+                    .map(|k| TrustedKeyInfo {
+                        key_id: k.id.to_string(),
+                        file: k.file.clone(),
+                    })
+                    .collect(),
+            },
         }))
     })
     .await
