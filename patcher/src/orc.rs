@@ -203,10 +203,12 @@ impl Orc {
                 why: "the stack cannot be read",
             })
         };
+        // Guest data: addresses wrap instead of overflowing, and `read`
+        // refuses anything (a wrapped address included) off the stack.
         let frame = task.saved_sp;
-        let mut ip = read(frame + FRAME_RET, 0)?;
-        let mut bp = read(frame + FRAME_BP, ip)?;
-        let mut sp = frame + FRAME_SIZE;
+        let mut ip = read(frame.wrapping_add(FRAME_RET), 0)?;
+        let mut bp = read(frame.wrapping_add(FRAME_BP), ip)?;
+        let mut sp = frame.wrapping_add(FRAME_SIZE);
         let mut signal = false;
         let mut frames = Vec::new();
         loop {
@@ -279,10 +281,10 @@ impl Orc {
             let (next_ip, next_sp, regs) = match saved {
                 None => (read(prev_sp.wrapping_sub(8), ip)?, prev_sp, None),
                 Some((base, full)) => {
-                    if read(base + PT_CS, ip)? & 3 != 0 {
+                    if read(base.wrapping_add(PT_CS), ip)? & 3 != 0 {
                         // User-mode registers: the stack's end for a user
                         // task, and they must be its task_pt_regs.
-                        return if base + PT_REGS_SIZE == stack.end {
+                        return if base.checked_add(PT_REGS_SIZE) == Some(stack.end) {
                             Ok(frames)
                         } else {
                             Err(Unreliable {
@@ -291,13 +293,17 @@ impl Orc {
                             })
                         };
                     }
-                    let r_ip = read(base + PT_IP, ip)?;
-                    (r_ip, read(base + PT_SP, ip)?, Some((base, full)))
+                    let r_ip = read(base.wrapping_add(PT_IP), ip)?;
+                    (
+                        r_ip,
+                        read(base.wrapping_add(PT_SP), ip)?,
+                        Some((base, full)),
+                    )
                 }
             };
             bp = match e.bp_reg {
                 REG_UNDEFINED => match regs {
-                    Some((r, true)) => read(r + PT_BP, ip)?,
+                    Some((r, true)) => read(r.wrapping_add(PT_BP), ip)?,
                     _ => bp,
                 },
                 REG_PREV_SP => read(prev_sp.wrapping_add(e.bp_offset as i64 as u64), ip)?,
@@ -352,6 +358,41 @@ mod tests {
         let e = Entry::decode(&[0, 0, 0, 0, 0, 0x04]).unwrap();
         assert!(e.end && e.sp_reg == REG_UNDEFINED);
         assert_eq!(Entry::decode(&[0; 5]), None);
+    }
+
+    #[test]
+    fn a_saved_sp_at_the_top_of_the_address_space_is_unreliable() {
+        // Found by the tasks fuzz target: `saved_sp + 48` overflowed.
+        struct Nothing;
+        impl VirtRead for Nothing {
+            fn read_virt(
+                &self,
+                va: u64,
+                _: &mut [u8],
+            ) -> Result<(), crate::introspect::PagingError> {
+                Err(crate::introspect::PagingError::Unmapped { va })
+            }
+        }
+        let orc = Orc {
+            ips: vec![0],
+            entries: vec![Entry::decode(&[8, 0, 0, 0, 5, 0]).unwrap()],
+            text: 0..u64::MAX,
+        };
+        let task = Task {
+            addr: 0,
+            pid: 1,
+            tgid: 1,
+            comm: String::new(),
+            state: 0,
+            exit_state: 0,
+            flags: 0,
+            on_cpu: false,
+            stack: u64::MAX - 0x4000..u64::MAX,
+            saved_sp: u64::MAX - 8,
+            idle_cpu: None,
+            running: None,
+        };
+        assert!(orc.unwind_sleeping(&Nothing, &task).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! its input unchecked and calls `expect`, which a hostile guest could turn
 //! into a panic of the host. Everything here is bounds-checked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::introspect::kallsyms::Kallsyms;
 use crate::introspect::paging::{PagingError, VirtRead};
@@ -480,7 +480,7 @@ impl Btf {
                 }
             }
             let (m, rel) = self
-                .find_member(ty, part, 0)
+                .find_member(ty, part, 0, &mut HashSet::new())
                 .ok_or_else(|| BtfError::NoMember {
                     path: path.into(),
                     ty: ty_name.clone(),
@@ -535,8 +535,20 @@ impl Btf {
 
     /// Member `name` of composite `ty`, searching anonymous members
     /// depth-first; returns it and its bit offset relative to `ty`.
-    fn find_member(&self, ty: u32, name: &str, depth: usize) -> Option<(Member, u64)> {
-        if depth > MAX_DEPTH {
+    ///
+    /// `searched` holds the composites already searched for `name`: the
+    /// search of one does not depend on how it was reached, so none is
+    /// searched twice. Without it, corrupt BTF whose structs each have two
+    /// anonymous members of the next (or their own) type makes the search
+    /// take 2^MAX_DEPTH steps (found by the `btf` fuzz target).
+    fn find_member(
+        &self,
+        ty: u32,
+        name: &str,
+        depth: usize,
+        searched: &mut HashSet<u32>,
+    ) -> Option<(Member, u64)> {
+        if depth > MAX_DEPTH || !searched.insert(ty) {
             return None;
         }
         let Some(Kind::Composite { members, .. }) = self.get(ty).map(|t| &t.kind) else {
@@ -551,7 +563,7 @@ impl Btf {
                 let Ok(inner) = self.resolve(m.ty, name) else {
                     continue;
                 };
-                if let Some((found, rel)) = self.find_member(inner, name, depth + 1) {
+                if let Some((found, rel)) = self.find_member(inner, name, depth + 1, searched) {
                     return Some((found, rel.checked_add(u64::from(m.bit_offset))?));
                 }
             }
@@ -797,6 +809,27 @@ pub(crate) mod tests {
         assert!(btf.field("s.m").is_err());
         assert!(btf.field("s.m.x").is_err());
         assert!(btf.struct_size("a").is_err());
+    }
+
+    #[test]
+    fn anonymous_member_fan_out_is_searched_once() {
+        // Type id i + 1 has two anonymous members of type i + 2, 64 deep,
+        // and the last has two of the first: 2^64 paths without the
+        // searched set (the btf fuzz target's timeout).
+        let mut b = BtfBuilder::new();
+        let n = 64;
+        for i in 1..=n {
+            let next = if i == n { 1 } else { i + 1 };
+            let name = if i == 1 { "s" } else { "" };
+            b.composite(false, name, 8, &[("", next, 0, 0), ("", next, 32, 0)]);
+        }
+        let btf = Btf::parse(&b.build()).unwrap();
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            btf.field("s.missing"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

@@ -11,6 +11,9 @@ pub(crate) mod tables;
 use crate::introspect::paging::{AddressSpace, MappedRun, PagingError, VirtRead};
 use crate::Guest;
 
+/// Synthetic kallsyms tables for tests and the fuzz targets.
+#[cfg(any(test, feature = "synth"))]
+pub use tables::synth;
 /// Test support for other modules: builds kallsyms tables in memory.
 #[cfg(test)]
 pub(crate) use tables::tests::{Builder as TablesBuilder, BASE as TABLES_BASE};

@@ -559,11 +559,13 @@ pub fn address(mode: AddressMode, relative_base: u64, raw: u32) -> (u64, bool) {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
+/// Synthetic kallsyms tables, for unit tests and the fuzz targets (the
+/// `synth` feature): a kernel's symbol table without a kernel.
+#[cfg(any(test, feature = "synth"))]
+pub mod synth {
+    use super::Layout;
 
-    /// Builds kallsyms tables like scripts/kallsyms.c, for tests.
+    /// Builds kallsyms tables like scripts/kallsyms.c.
     pub struct Builder {
         pub layout: Layout,
         /// (type char, name, address); absolute if address < 0x1_0000_0000.
@@ -611,7 +613,7 @@ pub(crate) mod tests {
                     if used[i] {
                         vec![i as u8]
                     } else {
-                        fill.next().unwrap().to_vec()
+                        fill.next().unwrap_or(b"_x").to_vec()
                     }
                 })
                 .collect()
@@ -719,6 +721,12 @@ pub(crate) mod tests {
         }
         v
     }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    pub use super::synth::{sample_symbols, Builder, BASE};
+    use super::*;
 
     fn check(b: &Builder) {
         let bytes = b.build();

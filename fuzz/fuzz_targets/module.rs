@@ -1,0 +1,38 @@
+//! A livepatch module (.ko) of arbitrary bytes, parsed against the klp
+//! layouts of fixtures/klp.btf and, if it parses, linked against the fixed
+//! kernel's kallsyms just past `_end`, as the engine places the arena.
+#![no_main]
+
+use klpvisor_fuzz::{kallsyms, klp_btf, END, RELEASE};
+use libfuzzer_sys::fuzz_target;
+use patcher::link::{self, Bases, LinkOptions, NOP5};
+use patcher::module::Module;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(m) = Module::parse(data, klp_btf(), RELEASE) else {
+        return;
+    };
+    let layout = m.layout();
+    let text = END.next_multiple_of(2 << 20);
+    let bases = Bases {
+        text,
+        rodata: text.saturating_add(layout.text),
+        data: text
+            .saturating_add(layout.text)
+            .saturating_add(layout.rodata),
+    };
+    let options = LinkOptions {
+        return_thunk: kallsyms().addr("__x86_return_thunk").ok(),
+    };
+    let Ok(l) = link::link(&m, kallsyms(), bases, &options) else {
+        return;
+    };
+    // What module_link.rs checks of every real module: each segment is
+    // its laid-out size and every fentry call became the 5-byte nop.
+    assert_eq!(l.text.bytes.len() as u64, layout.text);
+    assert_eq!(l.rodata.bytes.len() as u64, layout.rodata);
+    assert_eq!(l.data.bytes.len() as u64, layout.data);
+    for &va in &l.fentry_nops {
+        assert_eq!(l.read(va, 5), Some(&NOP5[..]));
+    }
+});
