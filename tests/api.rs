@@ -33,6 +33,7 @@ fn socket_survives_concurrency_bad_input_and_foreign_users() {
         ("unknown-route", "404"),
         ("wrong-method", "405"),
         ("bad-query", "400"),
+        ("bad-rollback-target", "400"),
         ("oversized-read", "400"),
         ("no-such-vcpu", "404"),
         ("oversized-body", "413"),

@@ -91,7 +91,17 @@ fn hot_syscall_patched_and_unpatched_under_a_loop_on_every_vcpu() {
 fn bad_patches_are_refused_and_the_guest_is_untouched() {
     let run = run_scenario("patch-bad", &[]);
     let t = run.transcript();
+    // A forged kallsyms (the guest's token table overwritten before the
+    // VMM first looked): the apply fails cleanly, every byte of guest
+    // memory the same around it (the VM paused meanwhile).
+    let ram = run.results("ram-hash");
+    assert_eq!(ram.len(), 2, "{t}");
+    assert_eq!(ram[0], ram[1], "a forged kallsyms changed guest memory");
+    let hits = &run.result("kallsyms-corrupt")["hits"];
+    assert!(hits.parse::<u32>().is_ok_and(|n| n >= 1), "{hits}\n{t}");
+    assert_eq!(run.result("kallsyms-restore")["hits"], *hits, "{t}");
     let want = [
+        ("forged-kallsyms", "kallsyms"),
         ("not-elf", "not an ELF file"),
         ("wrong-machine", "AArch64"),
         ("truncated", "truncated"),
@@ -175,6 +185,23 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
     assert_eq!(hashes.len(), 2, "{t}");
     assert_eq!(hashes[0], hashes[1], "kernel text and arena unchanged");
     assert!(patches(&run, "short").patches.is_empty(), "no patch loaded");
+    // One change at a time: a second apply while one waits is refused at
+    // once, naming the one in progress; the waiting one then commits.
+    let busy = run
+        .lines
+        .iter()
+        .find_map(|l| {
+            l.split_once("KLPV-REFUSED busy ")
+                .map(|(_, m)| m.to_owned())
+        })
+        .unwrap_or_else(|| panic!("no busy refusal\n{t}"));
+    assert!(!busy.starts_with("rc=0"), "{busy}");
+    assert!(
+        busy.contains("another transition is in progress (apply of block_nsleep)"),
+        "{busy}"
+    );
+    assert_eq!(run.result("blocked-held")["rc"], "0", "{t}");
+    assert_eq!(run.result("blocked-reset")["rc"], "0", "{t}");
     // 4 s sleeper, default 10 s: committed after waiting for it; while
     // it waited, the list showed it in transition, blocked by the sleeper.
     assert_eq!(run.result("blocked-wait")["rc"], "0", "{t}");

@@ -23,6 +23,16 @@
 //!                              then N times roll back and roll that back,
 //!                              checking every patch site's bytes and every
 //!                              patch's state each time
+//!   api_check ram-hash PID MEM ARENA
+//!                              hash of all guest memory (RAM and arena, MiB
+//!                              as given to vmm --mem/--arena) as the vmm
+//!                              process PID maps it (/proc/PID/mem)
+//!   api_check kallsyms-corrupt PID MEM ARENA
+//!                              a compromised guest: overwrites the digit
+//!                              tokens of kallsyms_token_table in guest RAM
+//!                              (through /proc/PID/mem), saving the bytes
+//!   api_check kallsyms-restore PID MEM ARENA
+//!                              writes the saved bytes back
 //!   api_check text-hash SOCK [SITE...]
 //!                              hash of the guest's kernel text via GET
 //!                              /memory with the 5 bytes at each SITE (hex),
@@ -97,6 +107,21 @@ fn main() -> ExitCode {
             );
             Ok(())
         }),
+        // Here SOCK is the vmm's pid: these modes go through the VMM
+        // process's own mapping of guest memory, not the API, so they
+        // work before the VMM has looked at the guest kernel.
+        "ram-hash" | "kallsyms-corrupt" | "kallsyms-restore" => {
+            let mib = |i: usize| args.get(i).and_then(|v| v.parse::<u64>().ok());
+            match (mib(3), mib(4)) {
+                (Some(mem), Some(arena)) => guest_memory(&sock, &[mem << 20, arena << 20])
+                    .and_then(|m| match mode.as_str() {
+                        "ram-hash" => ram_hash(&m),
+                        "kallsyms-corrupt" => kallsyms_corrupt(&m),
+                        _ => kallsyms_restore(&m),
+                    }),
+                _ => Err(format!("usage: api_check {mode} PID MEM_MIB ARENA_MIB")),
+            }
+        }
         "guest-hash" => Client::new(&sock)
             .map_err(|e| e.to_string())
             .and_then(|c| guest_hash(&c)),
@@ -317,6 +342,8 @@ fn robust(sock: &Path) -> Result<(), String> {
     report("wrong-method", s, &b, "");
     let (s, b, _) = raw(sock, &request("GET", "/memory?va=zz&len=4", "", b""), t)?;
     report("bad-query", s, &b, "");
+    let (s, b, _) = raw(sock, &request("POST", "/rollback?to=last", "", b""), t)?;
+    report("bad-rollback-target", s, &b, "");
     let (s, b, _) = raw(
         sock,
         &request("GET", "/memory?gpa=0x0&len=999999", "", b""),
@@ -728,5 +755,140 @@ fn alternate(sock: &Path, k: usize, a: &str, b: &str) -> Result<(), String> {
         percentile(&requests, 0.5),
         percentile(&requests, 0.99),
     );
+    Ok(())
+}
+
+/// The vmm's mappings of guest memory: the anonymous read-write mappings
+/// of exactly the RAM and arena sizes (a RAM under 3 GiB is one region),
+/// with /proc/PID/mem open read-write.
+struct GuestMemory {
+    mem: std::fs::File,
+    regions: Vec<(u64, u64)>,
+}
+
+fn guest_memory(pid: &Path, sizes: &[u64]) -> Result<GuestMemory, String> {
+    let pid = pid.display().to_string();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    let mut regions = Vec::new();
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // Anonymous: no path (6th field); read-write.
+        if f.len() != 5 || !f[1].starts_with("rw") {
+            continue;
+        }
+        let Some((a, b)) = f[0].split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if sizes.contains(&(b - a)) {
+            regions.push((a, b - a));
+        }
+    }
+    if regions.len() != sizes.len() {
+        return Err(format!(
+            "found {} mappings of the guest memory sizes {sizes:?} in /proc/{pid}/maps, not {}",
+            regions.len(),
+            sizes.len()
+        ));
+    }
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
+    Ok(GuestMemory { mem, regions })
+}
+
+impl GuestMemory {
+    fn read(&self, at: u64, buf: &mut [u8]) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        self.mem
+            .read_exact_at(buf, at)
+            .map_err(|e| format!("reading guest memory at {at:#x}: {e}"))
+    }
+
+    fn write(&self, at: u64, buf: &[u8]) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        self.mem
+            .write_all_at(buf, at)
+            .map_err(|e| format!("writing guest memory at {at:#x}: {e}"))
+    }
+
+    /// Every region, 1 MiB at a time.
+    fn chunks(&self, mut f: impl FnMut(u64, &[u8])) -> Result<(), String> {
+        let mut buf = vec![0u8; 1 << 20];
+        for &(start, len) in &self.regions {
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(buf.len() as u64) as usize;
+                self.read(start + off, &mut buf[..n])?;
+                f(start + off, &buf[..n]);
+                off += n as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ram_hash(m: &GuestMemory) -> Result<(), String> {
+    // Word-wise FNV-style: fast enough for 256 MiB under TCG; this is an
+    // equality check, not a cryptographic one.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut total = 0u64;
+    m.chunks(|_, b| {
+        for w in b.chunks_exact(8) {
+            let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
+            h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        total += b.len() as u64;
+    })?;
+    println!(
+        "KLPV-RESULT ram-hash h={h:016x} bytes={total} regions={}",
+        m.regions.len()
+    );
+    Ok(())
+}
+
+/// kallsyms_token_table's digit tokens, which the VMM's decoder anchors on.
+const DIGIT_RUN: &[u8] = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00";
+const SAVED: &str = "/tmp/klpv-kallsyms-saved";
+
+fn kallsyms_corrupt(m: &GuestMemory) -> Result<(), String> {
+    let mut hits = Vec::new();
+    for &(start, len) in &m.regions {
+        let mut region = vec![0u8; len as usize];
+        m.read(start, &mut region)?;
+        hits.extend(memchr::memmem::find_iter(&region, DIGIT_RUN).map(|i| start + i as u64));
+    }
+    if hits.is_empty() {
+        return Err("no kallsyms token table in guest memory".into());
+    }
+    let mut saved = String::new();
+    for &hit in &hits {
+        // "0".."9" become "Z": still tokens, no longer the digits.
+        let forged: Vec<u8> = DIGIT_RUN
+            .iter()
+            .map(|&c| if c == 0 { 0 } else { b'Z' })
+            .collect();
+        m.write(hit, &forged)?;
+        saved.push_str(&format!("{hit:x}\n"));
+    }
+    std::fs::write(SAVED, saved).map_err(|e| format!("{SAVED}: {e}"))?;
+    println!("KLPV-RESULT kallsyms-corrupt hits={}", hits.len());
+    Ok(())
+}
+
+fn kallsyms_restore(m: &GuestMemory) -> Result<(), String> {
+    let saved = std::fs::read_to_string(SAVED).map_err(|e| format!("{SAVED}: {e}"))?;
+    let mut n = 0;
+    for line in saved.lines() {
+        let at = u64::from_str_radix(line.trim(), 16).map_err(|e| format!("{SAVED}: {e}"))?;
+        m.write(at, DIGIT_RUN)?;
+        n += 1;
+    }
+    println!("KLPV-RESULT kallsyms-restore hits={n}");
     Ok(())
 }

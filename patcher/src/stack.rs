@@ -50,7 +50,17 @@ pub enum StackError {
          (it will be enabled on top), or roll back to a later point"
     )]
     RemovedSince(String),
+    #[error(
+        "{MAX_PATCHES} patches are loaded, the most a VMM keeps; remove a disabled or replaced \
+         one first (`patcher remove NAME`), or fold them into one replace patch"
+    )]
+    TooMany,
 }
+
+/// The most patches loaded at once: every transition's plan and safe-point
+/// check scale with the stack, and a cumulative (replace) patch is how klp
+/// expects a long series of fixes to be kept.
+pub const MAX_PATCHES: usize = 64;
 
 /// One function a patch redirects, by the old function's entry address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +164,9 @@ impl Stack {
     pub fn plan_enable(&self, entry: Entry, forced: bool) -> Result<Change, StackError> {
         if let Some(e) = self.get(&entry.name) {
             return Err(StackError::Duplicate(entry.name, e.state));
+        }
+        if self.entries.len() >= MAX_PATCHES {
+            return Err(StackError::TooMany);
         }
         let mut after: Vec<Entry> = self.entries.clone();
         let mut pushed = entry.clone();
@@ -305,7 +318,11 @@ impl Stack {
                         .map(|p| p.name.clone())
                         .or_else(|| change.reenable.clone());
                 }
-                if *state == PatchState::Enabled {
+                // Only the patch this change enables takes its forced flag;
+                // one that stays enabled keeps its own.
+                let enabled_now = change.push.as_ref().is_some_and(|p| &p.name == name)
+                    || change.reenable.as_ref() == Some(name);
+                if *state == PatchState::Enabled && enabled_now {
                     e.forced = change.forced;
                 }
                 e.state = *state;
@@ -384,6 +401,43 @@ mod tests {
 
     fn state(s: &Stack, name: &str) -> PatchState {
         s.get(name).unwrap().state
+    }
+
+    #[test]
+    fn a_patch_keeps_its_forced_flag_when_another_is_enabled() {
+        let mut s = Stack::default();
+        let c = s
+            .plan_enable(entry("forced", false, &[(0x1000, 0x9000)]), true)
+            .unwrap();
+        s.apply(&c);
+        enable(&mut s, entry("later", false, &[(0x2000, 0xa000)]));
+        assert!(s.get("forced").unwrap().forced, "still forced");
+        assert!(!s.get("later").unwrap().forced);
+    }
+
+    #[test]
+    fn the_stack_holds_at_most_max_patches() {
+        let mut s = Stack::default();
+        for i in 0..MAX_PATCHES as u64 {
+            enable(
+                &mut s,
+                entry(&format!("p{i}"), false, &[(0x1000 + i, 0x9000 + i)]),
+            );
+        }
+        let err = s
+            .plan_enable(entry("one-more", false, &[(0x5000, 0x6000)]), false)
+            .unwrap_err();
+        assert!(matches!(err, StackError::TooMany), "{err}");
+        assert!(err.to_string().contains("patcher remove"), "{err}");
+        // Removing one makes room.
+        let p = s
+            .plan_disable(&format!("p{}", MAX_PATCHES - 1), false)
+            .unwrap();
+        s.apply(&p);
+        s.remove(&format!("p{}", MAX_PATCHES - 1)).unwrap();
+        assert!(s
+            .plan_enable(entry("one-more", false, &[(0x5000, 0x6000)]), false)
+            .is_ok());
     }
 
     #[test]

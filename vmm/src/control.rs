@@ -75,6 +75,11 @@ pub enum ControlError {
         cancelled: String,
     },
     #[error(
+        "another transition is in progress ({0}); one runs at a time: retry when it ends \
+         (`patcher list` shows it)"
+    )]
+    Busy(String),
+    #[error(
         "the VM is paused and this transition runs klp callbacks, which run in the guest; \
          resume it first (PUT /vm/resume)"
     )]
@@ -150,6 +155,10 @@ pub struct Control {
     /// The patch engine: held across prepare and commit, so transitions
     /// never interleave.
     engine: Mutex<Engine>,
+    /// Held for a whole change (transition or remove); a second change is
+    /// refused while it is (see `engine_for_change`), reads of the engine
+    /// just wait for it.
+    changing: Mutex<()>,
     /// The engine's view as of the last change, served by `GET /patches`
     /// without waiting for a transition that is retrying for a safe point.
     published: Mutex<PatchesReply>,
@@ -219,6 +228,7 @@ impl Control {
             fill: Mutex::new(()),
             kernel: Mutex::new(None),
             engine: Mutex::new(Engine::default()),
+            changing: Mutex::new(()),
             published: Mutex::new(PatchesReply::default()),
             pending: Mutex::new(None),
             policy,
@@ -361,6 +371,25 @@ impl Control {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The engine for a change: refused at once, not queued, while another
+    /// change holds it. A queued request would wait out the other one's
+    /// safe-point retries and callbacks (up to its timeout) and could pass
+    /// the API's 30 s answer limit; a clear "busy" lets the client decide.
+    fn engine_for_change(
+        &self,
+    ) -> Result<(MutexGuard<'_, ()>, MutexGuard<'_, Engine>), ControlError> {
+        match self.changing.try_lock() {
+            Ok(g) => Ok((g, self.engine())),
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok((p.into_inner(), self.engine())),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                Err(ControlError::Busy(match lock(&self.pending).as_ref() {
+                    Some(t) => format!("{} of {}", t.action, t.patch),
+                    None => "being prepared".into(),
+                }))
+            }
+        }
+    }
+
     /// The loaded patches, oldest first, what runs now, and the transition
     /// in progress (its patch shown "in transition").
     pub fn patches(&self) -> PatchesReply {
@@ -401,7 +430,7 @@ impl Control {
         finish: impl FnOnce(&mut Engine, Outcome) -> Result<R, ControlError>,
     ) -> Result<R, ControlError> {
         let k = self.kernel()?;
-        let mut engine = self.engine();
+        let (_changing, mut engine) = self.engine_for_change()?;
         let start = Instant::now();
         let mut prepared = prepare(&mut engine, &k.kernel)?;
         if !prepared.calls().is_empty() {
@@ -783,7 +812,7 @@ impl Control {
     /// a short pause if no task's stack references its code, else by a
     /// later transition's pause once none does.
     pub fn remove(&self, name: &str) -> Result<PatchInfo, ControlError> {
-        let mut engine = self.engine();
+        let (_changing, mut engine) = self.engine_for_change()?;
         let info = engine.remove(name)?;
         if let Some(k) = self.cached() {
             match self.paused(|vm| Ok(engine.sweep(&k.kernel, vm)?)) {

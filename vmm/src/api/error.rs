@@ -70,6 +70,7 @@ impl From<ControlError> for HttpError {
             ControlError::AlreadyPaused
             | ControlError::NotPaused
             | ControlError::PausedForCallbacks
+            | ControlError::Busy(_)
             | ControlError::Refused { .. } => StatusCode::CONFLICT,
             ControlError::CallbackTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::NoSuchVcpu { .. } => StatusCode::NOT_FOUND,
