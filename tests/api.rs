@@ -37,6 +37,7 @@ fn socket_survives_concurrency_bad_input_and_foreign_users() {
         ("oversized-read", "400"),
         ("no-such-vcpu", "404"),
         ("oversized-body", "413"),
+        ("oversized-patch", "413"),
         ("not-http", "400"),
         ("slow-headers", "408"),
         ("slow-body", "408"),

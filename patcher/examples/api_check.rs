@@ -33,6 +33,10 @@
 //!                              (through /proc/PID/mem), saving the bytes
 //!   api_check kallsyms-restore PID MEM ARENA
 //!                              writes the saved bytes back
+//!   api_check callbacks SOCK N PATCH
+//!                              N disable/enable pairs of enabled PATCH:
+//!                              request time, and each klp callback's time
+//!                              in the guest (median, p99)
 //!   api_check text-hash SOCK [SITE...]
 //!                              hash of the guest's kernel text via GET
 //!                              /memory with the 5 bytes at each SITE (hex),
@@ -80,6 +84,10 @@ fn main() -> ExitCode {
         ) {
             (Some(k), Some(a), Some(b)) => alternate(&sock, k, a, b),
             _ => Err("usage: api_check alternate SOCK K A B".into()),
+        },
+        "callbacks" => match (args.get(3).and_then(|n| n.parse().ok()), args.get(4)) {
+            (Some(n), Some(name)) => callbacks_bench(&sock, n, name),
+            _ => Err("usage: api_check callbacks SOCK N PATCH".into()),
         },
         "cycle" => cycle(
             &sock,
@@ -359,6 +367,19 @@ fn robust(sock: &Path) -> Result<(), String> {
         t,
     )?;
     report("oversized-body", s, &b, "");
+    // A module upload over the 16 MiB limit.
+    let huge = vec![0u8; patcher::api::MAX_PATCH_BYTES + 1];
+    let (s, b, _) = raw(
+        sock,
+        &request(
+            "POST",
+            "/patches",
+            "Content-Type: application/octet-stream\r\n",
+            &huge,
+        ),
+        t,
+    )?;
+    report("oversized-patch", s, &b, "");
     let (s, b, _) = raw(sock, b"\x00\x01\x02 this is not HTTP\r\n\r\n", t)?;
     report("not-http", s, &b, "");
 
@@ -890,5 +911,47 @@ fn kallsyms_restore(m: &GuestMemory) -> Result<(), String> {
         n += 1;
     }
     println!("KLPV-RESULT kallsyms-restore hits={n}");
+    Ok(())
+}
+
+fn callbacks_bench(sock: &Path, n: usize, name: &str) -> Result<(), String> {
+    let c = Client::new(sock).map_err(|e| e.to_string())?;
+    let (mut request, mut pause, mut cb) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        for action in ["disable", "enable"] {
+            let t = Instant::now();
+            let r: TransitionReply = c
+                .call(Method::POST, &format!("/patches/{name}/{action}"), None)
+                .map_err(|e| format!("{action} {name}: {e}"))?;
+            request.push(t.elapsed().as_secs_f64() * 1e3);
+            pause.push(r.pause_us);
+            for run in &r.callbacks {
+                if !run.done {
+                    return Err(format!("{} {} did not finish", run.patch, run.callback));
+                }
+                cb.push(run.ms);
+            }
+        }
+    }
+    for v in [&mut request, &mut pause, &mut cb] {
+        v.sort_by(f64::total_cmp);
+    }
+    let stat = |v: &[f64]| {
+        if v.is_empty() {
+            (0.0, 0.0)
+        } else {
+            (percentile(v, 0.5), percentile(v, 0.99))
+        }
+    };
+    let (rm, rp) = stat(&request);
+    let (pm, pp) = stat(&pause);
+    let (cm, cp) = stat(&cb);
+    println!(
+        "KLPV-RESULT callbacks-bench patch={name} transitions={} callbacks={} \
+         request_median_ms={rm:.1} request_p99_ms={rp:.1} pause_median_us={pm:.0} \
+         pause_p99_us={pp:.0} callback_median_ms={cm:.2} callback_p99_ms={cp:.2}",
+        request.len(),
+        cb.len()
+    );
     Ok(())
 }
