@@ -23,15 +23,16 @@
 //!                              then N times roll back and roll that back,
 //!                              checking every patch site's bytes and every
 //!                              patch's state each time
-//!   api_check ram-hash PID MEM ARENA
-//!                              hash of all guest memory (RAM and arena, MiB
-//!                              as given to vmm --mem/--arena) as the vmm
-//!                              process PID maps it (/proc/PID/mem)
-//!   api_check kallsyms-corrupt PID MEM ARENA
+//!   api_check ram-hash SOCK PID MEM ARENA
+//!                              hash of all guest memory (RAM, MiB as given
+//!                              to vmm --mem, read through the vmm process
+//!                              PID's own mapping, /proc/PID/mem; the
+//!                              arena, --arena MiB, by physical API reads)
+//!   api_check kallsyms-corrupt SOCK PID MEM ARENA
 //!                              a compromised guest: overwrites the digit
 //!                              tokens of kallsyms_token_table in guest RAM
 //!                              (through /proc/PID/mem), saving the bytes
-//!   api_check kallsyms-restore PID MEM ARENA
+//!   api_check kallsyms-restore SOCK PID MEM ARENA
 //!                              writes the saved bytes back
 //!   api_check callbacks SOCK N PATCH
 //!                              N disable/enable pairs of enabled PATCH:
@@ -115,19 +116,24 @@ fn main() -> ExitCode {
             );
             Ok(())
         }),
-        // Here SOCK is the vmm's pid: these modes go through the VMM
-        // process's own mapping of guest memory, not the API, so they
-        // work before the VMM has looked at the guest kernel.
+        // These go through the vmm process's own mapping of guest RAM
+        // (and physical reads of the API, which need no kernel view), so
+        // they work before the VMM has looked at the guest kernel.
         "ram-hash" | "kallsyms-corrupt" | "kallsyms-restore" => {
-            let mib = |i: usize| args.get(i).and_then(|v| v.parse::<u64>().ok());
-            match (mib(3), mib(4)) {
-                (Some(mem), Some(arena)) => guest_memory(&sock, &[mem << 20, arena << 20])
-                    .and_then(|m| match mode.as_str() {
-                        "ram-hash" => ram_hash(&m),
-                        "kallsyms-corrupt" => kallsyms_corrupt(&m),
-                        _ => kallsyms_restore(&m),
-                    }),
-                _ => Err(format!("usage: api_check {mode} PID MEM_MIB ARENA_MIB")),
+            let num = |i: usize| args.get(i).and_then(|v| v.parse::<u64>().ok());
+            match (num(3), num(4), num(5)) {
+                (Some(pid), Some(mem), Some(arena)) => {
+                    guest_memory(&sock, pid, mem << 20, arena << 20).and_then(|m| {
+                        match mode.as_str() {
+                            "ram-hash" => ram_hash(&m),
+                            "kallsyms-corrupt" => kallsyms_corrupt(&m),
+                            _ => kallsyms_restore(&m),
+                        }
+                    })
+                }
+                _ => Err(format!(
+                    "usage: api_check {mode} SOCK PID MEM_MIB ARENA_MIB"
+                )),
             }
         }
         "guest-hash" => Client::new(&sock)
@@ -779,22 +785,53 @@ fn alternate(sock: &Path, k: usize, a: &str, b: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The vmm's mappings of guest memory: the anonymous read-write mappings
-/// of exactly the RAM and arena sizes (a RAM under 3 GiB is one region),
-/// with /proc/PID/mem open read-write.
+/// Guest memory as the vmm holds it: RAM in the vmm's own address space
+/// (found by content: the ACPI RSDP page the VMM wrote at 0xe0000 is read
+/// through the API and looked for page by page in the vmm's anonymous
+/// mappings), the arena by physical reads of the API.
 struct GuestMemory {
     mem: std::fs::File,
+    /// (host address, bytes) of guest RAM from guest-physical 0.
     regions: Vec<(u64, u64)>,
+    client: Client,
+    arena: (u64, u64),
 }
 
-fn guest_memory(pid: &Path, sizes: &[u64]) -> Result<GuestMemory, String> {
-    let pid = pid.display().to_string();
+/// Where the VMM writes the ACPI RSDP.
+const RSDP_GPA: u64 = 0xe0000;
+
+fn guest_memory(sock: &Path, pid: u64, ram: u64, arena: u64) -> Result<GuestMemory, String> {
+    use std::os::unix::fs::FileExt;
+    if ram > 3 << 30 {
+        return Err("RAM above 3 GiB is split around the MMIO hole; use less".into());
+    }
+    let client = Client::new(sock).map_err(|e| e.to_string())?;
+    let m: MemoryReply = client
+        .call(
+            Method::GET,
+            &format!("/memory?gpa={RSDP_GPA:#x}&len=4096"),
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+    let page = (0..m.bytes.len() / 2)
+        .map(|i| u8::from_str_radix(&m.bytes[2 * i..2 * i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|e| format!("memory reply: {e}"))?;
+    if !page.starts_with(b"RSD PTR ") {
+        return Err(format!("no RSDP at guest-physical {RSDP_GPA:#x}"));
+    }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
-    let mut regions = Vec::new();
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 4096];
     for line in maps.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
-        // Anonymous: no path (6th field); read-write.
+        // Anonymous (no path), read-write, large enough to hold RAM.
         if f.len() != 5 || !f[1].starts_with("rw") {
             continue;
         }
@@ -804,23 +841,26 @@ fn guest_memory(pid: &Path, sizes: &[u64]) -> Result<GuestMemory, String> {
         let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
             continue;
         };
-        if sizes.contains(&(b - a)) {
-            regions.push((a, b - a));
+        let mut base = a;
+        while base + ram <= b {
+            if mem.read_exact_at(&mut buf, base + RSDP_GPA).is_ok() && buf == page {
+                found.push(base);
+            }
+            base += 4096;
         }
     }
-    if regions.len() != sizes.len() {
-        return Err(format!(
-            "found {} mappings of the guest memory sizes {sizes:?} in /proc/{pid}/maps, not {}",
-            regions.len(),
-            sizes.len()
-        ));
+    match found.as_slice() {
+        [base] => Ok(GuestMemory {
+            mem,
+            regions: vec![(*base, ram)],
+            client,
+            arena: (ram.next_multiple_of(2 << 20), arena),
+        }),
+        other => Err(format!(
+            "{} places in vmm {pid} hold guest RAM's RSDP page; cannot tell which is RAM",
+            other.len()
+        )),
     }
-    let mem = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(format!("/proc/{pid}/mem"))
-        .map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
-    Ok(GuestMemory { mem, regions })
 }
 
 impl GuestMemory {
@@ -859,13 +899,28 @@ fn ram_hash(m: &GuestMemory) -> Result<(), String> {
     // equality check, not a cryptographic one.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut total = 0u64;
-    m.chunks(|_, b| {
+    let mut mix = |b: &[u8]| {
         for w in b.chunks_exact(8) {
             let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
             h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3);
         }
         total += b.len() as u64;
-    })?;
+    };
+    m.chunks(|_, b| mix(b))?;
+    let (mut gpa, end) = (m.arena.0, m.arena.0 + m.arena.1);
+    while gpa < end {
+        let len = (end - gpa).min(patcher::api::MAX_MEMORY_READ);
+        let r: MemoryReply = m
+            .client
+            .call(
+                Method::GET,
+                &format!("/memory?gpa={gpa:#x}&len={len}"),
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+        mix(r.bytes.as_bytes());
+        gpa += len;
+    }
     println!(
         "KLPV-RESULT ram-hash h={h:016x} bytes={total} regions={}",
         m.regions.len()
