@@ -99,6 +99,58 @@ fn callbacks_run_in_the_guest_in_klps_order() {
     );
     assert_eq!(name(&run, 7), "Name: grep+cb1", "{t}");
 
+    // A callback that does not finish in time: the transition gives up
+    // with an error that says how far it got, nothing is redirected, and
+    // the gate refuses other callbacks until that one has finished; then
+    // the next transition runs its callbacks as usual.
+    let refusal = |what: &str| {
+        run.lines
+            .iter()
+            .find_map(|l| {
+                l.split_once(&format!("KLPV-REFUSED {what} "))
+                    .map(|(_, m)| m.to_owned())
+            })
+            .unwrap_or_else(|| panic!("no {what} refusal\n{t}"))
+    };
+    let slow = refusal("slow");
+    assert!(!slow.starts_with("rc=0"), "{slow}");
+    assert!(
+        slow.contains("callbacks_slow: pre_patch did not finish within")
+            && slow.contains("the callback started and has not returned"),
+        "{slow}"
+    );
+    let busy = refusal("gate-busy");
+    assert!(!busy.starts_with("rc=0"), "{busy}");
+    assert!(
+        busy.contains("an earlier callback is still in the guest"),
+        "{busy}"
+    );
+    let tries: u32 = run.result("cb-after-slow")["tries"].parse().unwrap();
+    assert!(tries < 2000, "the gate never freed up\n{t}");
+    let mut after = log(&run, 8);
+    after.extend(log(&run, 9));
+    assert_eq!(
+        after,
+        [
+            cb("slow", "pre_patch", 0),
+            "slow pre_patch done".to_string(),
+            cb("v1", "pre_unpatch", 1),
+            cb("v1", "post_unpatch", 0),
+        ],
+        "{t}"
+    );
+    assert_eq!(
+        name(&run, 8),
+        "Name: grep+cb1",
+        "the slow patch never went live"
+    );
+    assert_eq!(name(&run, 9), "Name: grep", "{t}");
+    let last: PatchesReply = run.json("KLPV-JSON-PATCHES", "final");
+    assert!(
+        last.patches.iter().all(|p| p.name != "callbacks_slow"),
+        "an abandoned patch is not kept: {last:?}"
+    );
+
     let list: PatchesReply = run.json("KLPV-JSON-PATCHES", "end");
     let state = |name: &str| {
         list.patches

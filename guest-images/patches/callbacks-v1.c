@@ -10,7 +10,8 @@
  * the Name: line of /proc/PID/status.
  *
  * callbacks-v2.c is the same at version 2 as a replace patch;
- * callbacks-fail.c's pre_patch refuses with -EBUSY.
+ * callbacks-fail.c's pre_patch refuses with -EBUSY; callbacks-slow.c's
+ * sleeps (KLPV_CB_PRE_PATCH_SLEEP_MS) and then logs "pre_patch done".
  *
  * proc_task_name is not exported; klpvisor resolves it from kallsyms.
  * klpv: modpost-warn
@@ -20,6 +21,7 @@
 #include <linux/livepatch.h>
 #include <linux/sched.h>
 #include <linux/seq_file.h>
+#include <linux/delay.h>
 
 #ifndef KLPV_CB_VERSION
 #define KLPV_CB_VERSION 1
@@ -66,6 +68,10 @@ static void log_callback(const char *what, struct klp_object *obj)
 static int pre_patch(struct klp_object *obj)
 {
 	log_callback("pre_patch", obj);
+#ifdef KLPV_CB_PRE_PATCH_SLEEP_MS
+	msleep(KLPV_CB_PRE_PATCH_SLEEP_MS);
+	pr_info("klpv-cb %s pre_patch done\n", KLPV_CB_TAG);
+#endif
 	return KLPV_CB_PRE_PATCH_RET;
 }
 
