@@ -480,28 +480,17 @@ impl Control {
             }
             for call in calls.pre() {
                 if call.func.is_some() {
-                    match self.call(&k, &mut engine, &prepared, &call, deadline) {
-                        Ok(run) if run.ret.unwrap_or(0) == 0 => runs.push(run),
-                        Ok(run) => {
-                            return Err(self.abandon(
-                                &k,
-                                &mut engine,
-                                prepared,
-                                loaded,
-                                &passed,
-                                Stop::Refused(run),
-                            ))
+                    let stop = match self.call(&k, &mut engine, &prepared, &call, deadline) {
+                        Ok(run) if run.ret.unwrap_or(0) == 0 => {
+                            runs.push(run);
+                            None
                         }
-                        Err(e) => {
-                            return Err(self.abandon(
-                                &k,
-                                &mut engine,
-                                prepared,
-                                loaded,
-                                &passed,
-                                Stop::Failed(e),
-                            ))
-                        }
+                        Ok(run) => Some(Stop::Refused(run)),
+                        Err(e) => Some(Stop::Failed(e)),
+                    };
+                    if let Some(stop) = stop {
+                        let e = self.abandon(&k, &mut engine, prepared, loaded, &passed, stop);
+                        return Err(e);
                     }
                 }
                 passed.push(call);
@@ -612,7 +601,6 @@ impl Control {
             })?
             .value;
         let bell = self.vm.doorbell();
-        let cancelled = String::new();
         loop {
             let seen = bell.rings();
             let progress = engine.poll_call(&*self.vm, &armed)?;
@@ -636,7 +624,7 @@ impl Control {
                     callback: call.kind,
                     ms: ms as u64,
                     progress: progress.describe(armed.cpu),
-                    cancelled,
+                    cancelled: String::new(),
                 });
             }
             bell.wait_past(seen, deadline);
