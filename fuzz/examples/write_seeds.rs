@@ -13,7 +13,7 @@ use klpvisor_fuzz::tasks_window::*;
 use klpvisor_fuzz::{kallsyms, kernel_tables, PhysGuest, Window, STEXT, WINDOW};
 use patcher::api::{PatchesReply, Regs, RegsReply};
 use patcher::introspect::kallsyms::{Image, Layout};
-use patcher::introspect::tasks::{TaskLayout, TaskSymbols, ThreadLinks};
+use patcher::introspect::tasks::{TaskLayout, TaskSymbols, ThreadLinks, THREAD_SIZE};
 use patcher::introspect::{AddressSpace, Kallsyms, PageTables, Tasks, VirtRead};
 use patcher::orc::Orc;
 
@@ -249,6 +249,7 @@ fn tasks_seeds() -> Result<()> {
             thread_node: 0x60,
         },
         rq_idle: 0x18,
+        thread_size: THREAD_SIZE,
     };
     let symbols = TaskSymbols {
         init_task: WINDOW + INIT_TASK,

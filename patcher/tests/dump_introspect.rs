@@ -305,6 +305,18 @@ fn comm_matches(task: &Task, proc_comm: &str) -> bool {
 fn tasks_equal_the_guests_task_list() {
     let f = fixture();
     let tasks = f.kernel.tasks(&f.guest).unwrap_or_else(|e| panic!("{e}"));
+    // THREAD_SIZE, read from the kernel's per-CPU top of stack (16 KiB on
+    // these non-KASAN kernels), is the size the linker gave init's stack
+    // where kallsyms has its bounds (6.12; 6.1 has no __end_init_stack).
+    let mut walker =
+        patcher::introspect::Tasks::from_kernel(&f.kernel.kallsyms, &f.kernel.btf).unwrap();
+    let thread_size =
+        walker.measure_thread_size(&f.kernel.space(&f.guest), &f.kernel.kallsyms, &f.kernel.btf);
+    assert_eq!(thread_size, Some(THREAD_SIZE));
+    let ks = &f.kernel.kallsyms;
+    if let (Ok(start), Ok(end)) = (ks.addr("__start_init_stack"), ks.addr("__end_init_stack")) {
+        assert_eq!(end - start, THREAD_SIZE);
+    }
     let want = proc_tasks(f);
     let role = |name: &str| -> i32 {
         let roles = read(f, "roles.txt");
@@ -483,7 +495,7 @@ fn vcpu_on_user_page_tables_alone_finds_the_kernel_through_pti() {
 /// blocks nobody.
 #[test]
 fn safepoint_check_finds_sleepers_in_schedule_and_nobody_in_cmdline_proc_show() {
-    use patcher::safepoint::{irq_stacks, Check, Seen, Span};
+    use patcher::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Check, Seen, Span};
     let f = fixture();
     let k = &f.kernel;
     let space = k.space(&f.guest);
@@ -491,10 +503,11 @@ fn safepoint_check_finds_sleepers_in_schedule_and_nobody_in_cmdline_proc_show() 
     let regs = patcher::introspect::all_vcpu_regs(&f.guest).unwrap();
     let walker = patcher::introspect::Tasks::from_kernel(&k.kallsyms, &k.btf).unwrap();
     let bases = walker.per_cpu_bases(&space).unwrap();
-    let irq = irq_stacks(
+    let irq = irq_stacks_sized(
         &space,
         &bases,
-        k.kallsyms.addr("hardirq_stack_ptr").unwrap(),
+        hardirq_stack_ptr(&k.kallsyms, &k.btf).unwrap(),
+        walker.layout.thread_size,
     );
     assert_eq!(irq.len(), bases.len(), "one IRQ stack per CPU");
     let span = |name: &str| {
@@ -550,13 +563,23 @@ fn role_pid(f: &Fixture, name: &str) -> i32 {
 /// just before the dump (tasks woken in between may differ: a few).
 #[test]
 fn orc_unwinds_sleeping_tasks_as_the_guest_kernel_does() {
-    use patcher::orc::Orc;
+    use patcher::orc::{Format, Orc};
     let f = fixture();
     let k = &f.kernel;
     let space = k.space(&f.guest);
-    let release = k.uts(&f.guest, "release");
+    let release = k.uts(&f.guest, "release").unwrap_or_default();
     let t = Instant::now();
-    let orc = Orc::load(&space, &k.kallsyms, release.as_deref()).unwrap_or_else(|e| panic!("{e}"));
+    // The format from the guest's BTF, as the engine reads it; on 6.1 it
+    // is the one the release-based reader knows.
+    let orc = Orc::load_btf(&space, &k.kallsyms, &k.btf).unwrap_or_else(|e| panic!("{e}"));
+    if release.starts_with("6.1.") {
+        assert_eq!(
+            Format::from_btf(&k.btf).unwrap(),
+            Format::V4_14,
+            "6.1's BTF describes the 4.14..6.2 ORC format"
+        );
+        Orc::load(&space, &k.kallsyms, Some(&release)).unwrap();
+    }
     eprintln!(
         "ORC tables: {} entries, read in {:?}",
         orc.len(),
@@ -632,13 +655,13 @@ fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
     use patcher::introspect::DumpGuest;
     use patcher::orc::Orc;
     use patcher::overlay::Overlay;
-    use patcher::safepoint::{irq_stacks, Check, Seen, Span};
+    use patcher::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Check, Seen, Span};
     use patcher::Guest;
     let f = fixture();
     let k = &f.kernel;
     let g: Overlay<'_, DumpGuest> = Overlay::new(&f.guest);
     let space = k.space(&g);
-    let orc = Orc::load(&space, &k.kallsyms, k.uts(&g, "release").as_deref()).unwrap();
+    let orc = Orc::load_btf(&space, &k.kallsyms, &k.btf).unwrap();
     let span = |name: &str| {
         let a = k.kallsyms.resolve(name, 0).unwrap();
         Span {
@@ -649,10 +672,11 @@ fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
     let regs = patcher::introspect::all_vcpu_regs(&g).unwrap();
     let tasks = k.tasks(&g).unwrap();
     let walker = patcher::introspect::Tasks::from_kernel(&k.kallsyms, &k.btf).unwrap();
-    let irq = irq_stacks(
+    let irq = irq_stacks_sized(
         &space,
         &walker.per_cpu_bases(&space).unwrap(),
-        k.kallsyms.addr("hardirq_stack_ptr").unwrap(),
+        hardirq_stack_ptr(&k.kallsyms, &k.btf).unwrap(),
+        walker.layout.thread_size,
     );
     let sleeper = tasks
         .iter()
