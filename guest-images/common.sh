@@ -28,6 +28,16 @@ case $KLPV_GUEST in
 esac
 export KLPV_GUEST
 KLPV_GUEST_DIR=$KLPV_BUILD/guest$KLPV_GUEST_SUFFIX
+# CPU features the QEMU TCG machines that run the guest (dump-guest's, and
+# nested-run's L1, whose KVM passes its CPU on to L2) must not offer it.
+# QEMU 7.2's TCG corrupts EFLAGS after 6.12's SLUB fast path
+# `cmpxchg16b %gs:(%rsi); jnz` (EFLAGS became the low half of RAX, TF
+# included: a #DB, then an oops or double fault in kmem_cache_alloc, in
+# most nested boots and one dump in two). Without CX16 the kernel takes its
+# own this_cpu_cmpxchg16b_emu instead. An emulator workaround for the test
+# rigs only: the VMM offers the guest whatever CPU it has.
+KLPV_GUEST_CPU_FLAGS=
+[ "$KLPV_GUEST" = 6.1 ] || KLPV_GUEST_CPU_FLAGS=,-cx16
 KLPV_GUEST_APT=()
 if [ "$KLPV_GUEST" = 6.12 ]; then
 	KLPV_APT_DIR=$KLPV_BUILD/apt-bookworm-backports
