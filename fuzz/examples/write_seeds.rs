@@ -338,6 +338,7 @@ fn check_module_seed() -> Result<()> {
     };
     let options = patcher::link::LinkOptions {
         return_thunk: kallsyms().addr("__x86_return_thunk").ok(),
+        plain_returns: false,
     };
     let linked = patcher::link::link(&m, kallsyms(), bases, &options)?;
     println!(

@@ -360,8 +360,12 @@ impl Gate {
             system_wq: sym("system_wq")?,
             raised_list: sym("raised_list")?,
             indirect_thunk: kernel.kallsyms.addr("__x86_indirect_thunk_rax").ok(),
+            // The gate returns as the kernel's own code does: through the
+            // chosen return thunk, or with a plain `ret` where the default
+            // thunk would warn (see guest_plain_returns).
             return_thunk: crate::link::guest_return_thunk(&space, &kernel.kallsyms)
-                .map_err(|e| GateError::Unsupported(e.to_string()))?,
+                .map_err(|e| GateError::Unsupported(e.to_string()))?
+                .filter(|&t| !crate::link::guest_plain_returns(&space, &kernel.kallsyms, Some(t))),
         };
         let layout = Layout::from_kernel(kernel)?;
         let text = arena.alloc(PAGE, Perm::Text)?;

@@ -4,7 +4,7 @@
 use super::{entry, now_unix, Engine, EngineError, FuncRecord, Prepared, Record};
 use crate::arena::{Perm, Region};
 use crate::introspect::Kernel;
-use crate::link::{guest_return_thunk, link, Bases, LinkOptions};
+use crate::link::{guest_plain_returns, guest_return_thunk, link, Bases, LinkOptions};
 use crate::module::{Module, ModuleError};
 use crate::write::{Plan, Write};
 use crate::Guest;
@@ -59,9 +59,11 @@ impl Engine {
             data: base(Perm::Data),
         };
         let space = kernel.space(guest);
+        let return_thunk = guest_return_thunk(&space, &kernel.kallsyms)
+            .map_err(|e| EngineError::Link(e.to_string()))?;
         let options = LinkOptions {
-            return_thunk: guest_return_thunk(&space, &kernel.kallsyms)
-                .map_err(|e| EngineError::Link(e.to_string()))?,
+            return_thunk,
+            plain_returns: guest_plain_returns(&space, &kernel.kallsyms, return_thunk),
         };
         let linked = link(&module, &kernel.kallsyms, bases, &options)
             .map_err(|e| EngineError::Link(e.to_string()))?;

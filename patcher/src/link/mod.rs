@@ -110,6 +110,33 @@ pub struct LinkOptions {
     /// `None` leaves `jmp __x86_return_thunk` as compiled. Read it with
     /// [`guest_return_thunk`].
     pub return_thunk: Option<u64>,
+    /// Write `ret; int3 x4` over each `jmp __x86_return_thunk` instead, as
+    /// the kernel's apply_returns() does when X86_FEATURE_RETHUNK is off.
+    /// Decide it with [`guest_plain_returns`].
+    pub plain_returns: bool,
+}
+
+/// Whether the guest wants plain `ret`s at return sites. The kernel's
+/// apply_returns() points every `jmp __x86_return_thunk` at
+/// `x86_return_thunk` when X86_FEATURE_RETHUNK is set, and writes `ret`
+/// over it otherwise. Since the kernel commit "x86/retpoline: Ensure
+/// default return thunk isn't used at runtime", the default
+/// `__x86_return_thunk` is a `jmp warn_thunk_thunk` (a WARN on its first
+/// use) rather than a `ret`, so a site left pointing at it (6.12 on a CPU
+/// that needs no return thunk) warns. The feature bit's number is not in
+/// BTF, so the guest's memory decides: `thunk` (its `x86_return_thunk`) is
+/// the default one, and the default does not start with `ret` (0xc3). On
+/// kernels whose default thunk is a `ret` (Debian's 6.1) nothing changes.
+pub fn guest_plain_returns<M: VirtRead + ?Sized>(
+    mem: &M,
+    kallsyms: &Kallsyms,
+    thunk: Option<u64>,
+) -> bool {
+    let Ok(default) = kallsyms.addr("__x86_return_thunk") else {
+        return false;
+    };
+    let mut first = [0u8; 1];
+    thunk == Some(default) && mem.read_virt(default, &mut first).is_ok() && first[0] != 0xc3
 }
 
 /// Reads the guest's `x86_return_thunk` pointer (6.1 stable: set by the
@@ -293,6 +320,22 @@ pub fn link(
         module.return_jumps.iter().copied().collect();
     for (i, r) in module.relocs.iter().enumerate() {
         let at = || module.describe(r.place);
+        if options.plain_returns && return_jumps.contains(&i) {
+            // `jmp rel32` (e9, its rel32 at the relocation) -> ret; int3 x4.
+            let (buf, offset) = linked.locate_mut(module, r.place)?;
+            let start = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_sub(1))
+                .ok_or_else(|| internal("return site offset"))?;
+            let site = buf
+                .get_mut(start..start + 5)
+                .ok_or_else(|| internal("return site outside its segment"))?;
+            if site[0] != 0xe9 {
+                return Err(internal("return site is not a jmp rel32"));
+            }
+            site.copy_from_slice(&[0xc3, 0xcc, 0xcc, 0xcc, 0xcc]);
+            continue;
+        }
         let target = match (return_jumps.contains(&i), options.return_thunk) {
             (true, Some(thunk)) => thunk,
             _ => linked
