@@ -22,6 +22,7 @@
 #include <linux/sched.h>
 #include <linux/seq_file.h>
 #include <linux/delay.h>
+#include <linux/string.h>
 
 #ifndef KLPV_CB_VERSION
 #define KLPV_CB_VERSION 1
@@ -47,12 +48,19 @@ static void livepatch_proc_task_name(struct seq_file *m, struct task_struct *p,
 	seq_printf(m, "%s+cb%d", comm, KLPV_CB_VERSION);
 }
 
-/* Whether proc_task_name's entry is a jmp to this patch's function. */
+/*
+ * Whether proc_task_name's entry is a jmp to this patch's function (after
+ * the ENDBR64, or the nop IBT sealing leaves of it, on IBT kernels: 6.12).
+ */
 static int live(void)
 {
 	const unsigned char *p = (const unsigned char *)proc_task_name;
+	static const unsigned char endbr64[] = { 0xf3, 0x0f, 0x1e, 0xfa };
+	static const unsigned char sealed[] = { 0x66, 0x0f, 0x1f, 0x00 };
 	long target;
 
+	if (!memcmp(p, endbr64, 4) || !memcmp(p, sealed, 4))
+		p += 4;
 	if (p[0] != 0xe9)
 		return 0;
 	target = (long)(p + 5) + *(const int *)(p + 1);
