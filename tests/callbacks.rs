@@ -4,7 +4,7 @@
 //! gate around apply, replace, disable, a refused pre_patch and rollbacks.
 
 use harness::{run_scenario, Run};
-use patcher::api::{PatchState, PatchesReply};
+use klpvisor_api::{PatchState, PatchesReply};
 
 /// The callback log lines the guest saw appear during step `n`.
 fn log(run: &Run, n: u32) -> Vec<String> {

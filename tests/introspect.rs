@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use harness::{fields, run_scenario, Run};
-use patcher::api::{TaskEntry, TasksReply, VmInfo};
+use klpvisor_api::{TaskEntry, TasksReply, VmInfo};
 
 /// The JSON after `KLPV-JSON-<kind> boot=<n> ` for each boot.
 fn json_lines<T: serde::de::DeserializeOwned>(run: &Run, kind: &str) -> BTreeMap<u32, T> {

@@ -1,7 +1,7 @@
 //! Livepatch modules built by kbuild, applied from outside the guest.
 
 use harness::{run_scenario, Run};
-use patcher::api::{PatchState, PatchesReply};
+use klpvisor_api::{PatchState, PatchesReply};
 
 /// The JSON after `KLPV-JSON-PATCHES <step> `.
 fn patches(run: &Run, step: &str) -> PatchesReply {
@@ -219,7 +219,7 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
         "{:?}",
         pending.blockers
     );
-    let reply: patcher::api::TransitionReply = run.json("KLPV-JSON-TRANSITION", "wait");
+    let reply: klpvisor_api::TransitionReply = run.json("KLPV-JSON-TRANSITION", "wait");
     assert!(reply.attempts > 1, "it had to wait: {reply:?}");
     assert!(reply.waited_ms > 500.0, "{reply:?}");
     assert_eq!(reply.patch.state, PatchState::Enabled);

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use harness::{run_scenario, Run};
-use patcher::api::{PatchState, PatchesReply};
+use klpvisor_api::{PatchState, PatchesReply};
 
 fn patches(run: &Run, step: &str) -> PatchesReply {
     run.json("KLPV-JSON-PATCHES", step)

@@ -3,7 +3,7 @@
 //! state-compatibility rule is enforced from outside.
 
 use harness::{run_scenario, Run};
-use patcher::api::{PatchState, PatchesReply};
+use klpvisor_api::{PatchState, PatchesReply};
 
 /// The line `KLPV-REFUSED <what> rc=... <message>`, after the tag.
 fn refused(run: &Run, what: &str) -> String {

@@ -3,7 +3,7 @@
 //! (scenario `patch-signed`, one L1 boot, two guest boots).
 
 use harness::{run_scenario, Run};
-use patcher::api::{PatchState, PatchesReply, VmInfo};
+use klpvisor_api::{PatchState, PatchesReply, VmInfo};
 
 fn patches(run: &Run, step: &str) -> PatchesReply {
     run.json("KLPV-JSON-PATCHES", step)

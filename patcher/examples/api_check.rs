@@ -54,10 +54,10 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use hyper::Method;
-use patcher::api::{
+use klpvisor_api::client::{Client, ClientError};
+use klpvisor_api::{
     MemoryReply, PauseReply, ResumeReply, SymbolsReply, TasksReply, TransitionReply, VmInfo,
 };
-use patcher::client::{Client, ClientError};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -99,7 +99,7 @@ fn main() -> ExitCode {
             let sites = match args.get(3..).filter(|a| !a.is_empty()) {
                 Some(given) => given
                     .iter()
-                    .map(|s| patcher::api::parse_hex(s))
+                    .map(|s| klpvisor_api::parse_hex(s))
                     .collect::<Result<Vec<u64>, String>>()?,
                 None => live_sites(&c)?,
             };
@@ -192,7 +192,7 @@ fn raw(sock: &Path, req: &[u8], limit: Duration) -> Result<(u16, String, f64), S
 
 /// `{"error": "..."}` with a non-empty message.
 fn json_error(body: &str) -> bool {
-    serde_json::from_str::<patcher::api::ErrorReply>(body).is_ok_and(|e| !e.error.is_empty())
+    serde_json::from_str::<klpvisor_api::ErrorReply>(body).is_ok_and(|e| !e.error.is_empty())
 }
 
 fn report(name: &str, status: u16, body: &str, extra: &str) {
@@ -286,14 +286,14 @@ fn robust(sock: &Path) -> Result<(), String> {
                             )
                             .map(drop),
                         2 => c
-                            .call::<patcher::api::RegsReply>(
+                            .call::<klpvisor_api::RegsReply>(
                                 Method::GET,
                                 &format!("/vcpus/{}/regs", (i + j) % vcpus),
                                 None,
                             )
                             .map(drop),
                         _ => c
-                            .call::<patcher::api::TasksReply>(Method::GET, "/tasks", None)
+                            .call::<klpvisor_api::TasksReply>(Method::GET, "/tasks", None)
                             .map(|t| {
                                 if t.count == 0 {
                                     bad += 1;
@@ -374,7 +374,7 @@ fn robust(sock: &Path) -> Result<(), String> {
     )?;
     report("oversized-body", s, &b, "");
     // A module upload over the 16 MiB limit.
-    let huge = vec![0u8; patcher::api::MAX_PATCH_BYTES + 1];
+    let huge = vec![0u8; klpvisor_api::MAX_PATCH_BYTES + 1];
     let (s, b, _) = raw(
         sock,
         &request(
@@ -489,7 +489,7 @@ fn guest_hash(c: &Client) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     // The call gate's data page records every callback sent (its
     // mailbox): it changes by design, so it is left out.
-    let patches: patcher::api::PatchesReply = c
+    let patches: klpvisor_api::PatchesReply = c
         .call(Method::GET, "/patches", None)
         .map_err(|e| e.to_string())?;
     let skip = patches.gate.map(|g| g.data_gpa.0);
@@ -501,7 +501,7 @@ fn guest_hash(c: &Client) -> Result<(), String> {
             gpa += 4096;
             continue;
         }
-        let len = (end - gpa).min(patcher::api::MAX_MEMORY_READ);
+        let len = (end - gpa).min(klpvisor_api::MAX_MEMORY_READ);
         let len = match skip.filter(|&s| s > gpa && s < gpa + len) {
             Some(s) => s - gpa,
             None => len,
@@ -524,7 +524,7 @@ fn guest_hash(c: &Client) -> Result<(), String> {
 
 /// The 5-byte sites of every live patched function.
 fn live_sites(c: &Client) -> Result<Vec<u64>, String> {
-    let v: patcher::api::PatchesReply = c
+    let v: klpvisor_api::PatchesReply = c
         .call(Method::GET, "/patches", None)
         .map_err(|e| e.to_string())?;
     Ok(v.patches
@@ -555,7 +555,7 @@ fn text_hash_masked(c: &Client, sites: &[u64]) -> Result<u64, String> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut va = start;
     while va < end {
-        let len = (end - va).min(patcher::api::MAX_MEMORY_READ);
+        let len = (end - va).min(klpvisor_api::MAX_MEMORY_READ);
         let m: MemoryReply = c
             .call(Method::GET, &format!("/memory?va={va:#x}&len={len}"), None)
             .map_err(|e| e.to_string())?;
@@ -683,7 +683,7 @@ fn cycle(sock: &Path, n: usize) -> Result<(), String> {
 type StackShot = (Vec<(u64, String)>, Vec<(String, String)>);
 
 fn stack_shot(c: &Client) -> Result<StackShot, String> {
-    let v: patcher::api::PatchesReply = c
+    let v: klpvisor_api::PatchesReply = c
         .call(Method::GET, "/patches", None)
         .map_err(|e| e.to_string())?;
     let mut sites: Vec<u64> = v
@@ -724,7 +724,7 @@ fn rollback(sock: &Path, n: usize, replace: &str) -> Result<(), String> {
     let (mut pauses, mut mismatches) = (Vec::new(), 0usize);
     for i in 0..n {
         for (want, what) in [(&a, "before the replace"), (&b, "after the replace")] {
-            let r: patcher::api::RollbackReply = c
+            let r: klpvisor_api::RollbackReply = c
                 .call(Method::POST, "/rollback", None)
                 .map_err(|e| format!("rollback {i} to {what}: {e}"))?;
             pauses.push(r.pause_us);
@@ -909,7 +909,7 @@ fn ram_hash(m: &GuestMemory) -> Result<(), String> {
     m.chunks(|_, b| mix(b))?;
     let (mut gpa, end) = (m.arena.0, m.arena.0 + m.arena.1);
     while gpa < end {
-        let len = (end - gpa).min(patcher::api::MAX_MEMORY_READ);
+        let len = (end - gpa).min(klpvisor_api::MAX_MEMORY_READ);
         let r: MemoryReply = m
             .client
             .call(

@@ -8,13 +8,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use hyper::Method;
 
-use patcher::api::{
+use klpvisor_api::client::{query_escape, Client, ClientError};
+use klpvisor_api::{
     AddrReply, CallbackRun, HistoryEntry, KernelInfo, MemoryReply, PatchInfo, PatchesReply,
     PauseReply, RegsReply, ResumeReply, RollbackReply, SymbolsReply, TasksReply, TransitionReply,
     VmInfo, MAX_MEMORY_READ,
 };
-use patcher::client::{query_escape, Client, ClientError};
-use patcher::signature::{
+use klpvisor_engine::signature::{
     sign, write_key_pair, Policy, Provenance, SecretKey, SignatureError, TrustedKeys,
 };
 
@@ -397,13 +397,13 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
 
 /// `0xffff...`, `sym` or `sym+0x10` to a hex address.
 fn resolve_address(c: &Client, spec: &str) -> Result<String, ClientError> {
-    if patcher::api::parse_hex(spec).is_ok() {
+    if klpvisor_api::parse_hex(spec).is_ok() {
         return Ok(query_escape(spec));
     }
     let (name, off) = match spec.split_once('+') {
         Some((n, o)) => (
             n,
-            patcher::api::parse_hex(o).map_err(|m| ClientError::Api {
+            klpvisor_api::parse_hex(o).map_err(|m| ClientError::Api {
                 status: 400,
                 message: format!("offset in `{spec}`: {m}"),
             })?,
@@ -504,7 +504,7 @@ fn print_regs(v: &RegsReply) {
     println!("r8  {}  r9  {}  r10 {}  r11 {}", r.r8, r.r9, r.r10, r.r11);
     println!("r12 {}  r13 {}  r14 {}  r15 {}", r.r12, r.r13, r.r14, r.r15);
     println!("cr0 {}  cr3 {}  cr4 {}", r.cr0, r.cr3, r.cr4);
-    let opt = |h: Option<patcher::api::Hex>| h.map_or("?".to_owned(), |h| h.to_string());
+    let opt = |h: Option<klpvisor_api::Hex>| h.map_or("?".to_owned(), |h| h.to_string());
     println!(
         "efer {}  lstar {}  gs_base {}  kernel_gs_base {}",
         opt(r.efer),
