@@ -10,6 +10,9 @@ fn patches(run: &Run, step: &str) -> PatchesReply {
 
 #[test]
 fn livepatch_sample_applies_and_disables_from_outside() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-sample", &[]);
     let t = run.transcript();
     assert_eq!(run.result("patch-apply")["rc"], "0", "{t}");
@@ -58,6 +61,9 @@ fn livepatch_sample_applies_and_disables_from_outside() {
 
 #[test]
 fn hot_syscall_patched_and_unpatched_under_a_loop_on_every_vcpu() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-hot", &["10"]);
     let t = run.transcript();
     let r = run.result("patch-hot");
@@ -89,6 +95,9 @@ fn hot_syscall_patched_and_unpatched_under_a_loop_on_every_vcpu() {
 /// and the kernel text and the arena unchanged (hashes through the API).
 #[test]
 fn bad_patches_are_refused_and_the_guest_is_untouched() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-bad", &[]);
     let t = run.transcript();
     // A forged kallsyms (the guest's token table overwritten before the
@@ -168,6 +177,9 @@ fn bad_patches_are_refused_and_the_guest_is_untouched() {
 /// and commits once the task has left.
 #[test]
 fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-blocked", &[]);
     let t = run.transcript();
     assert!(run.results("blocked").is_empty(), "{t}");

@@ -45,6 +45,9 @@ fn set(items: &[(&str, &str)]) -> BTreeSet<(String, String)> {
 
 #[test]
 fn cumulative_replace_downgrade_and_a_thousand_transitions_under_load() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-replace", &["1000"]);
     let t = run.transcript();
     for step in ["v1", "v2", "remove-v1", "down", "up", "forced", "reset"] {

@@ -16,6 +16,9 @@ fn refused(run: &Run, what: &str) -> String {
 
 #[test]
 fn a_shadow_variable_outlives_a_replace_and_states_are_enforced() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-shadow", &[]);
     let t = run.transcript();
     for step in [

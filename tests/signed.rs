@@ -20,6 +20,9 @@ fn message(run: &Run, tag: &str, class: &str) -> String {
 
 #[test]
 fn only_validly_signed_patches_apply_with_trusted_keys() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-signed", &[]);
     let t = run.transcript();
     let keys = run.result("signed-keys");

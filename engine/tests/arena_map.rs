@@ -99,6 +99,9 @@ fn runs_outside(runs: &[MappedRun], lo: u64, hi: u64) -> Vec<MappedRun> {
 
 #[test]
 fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let mut probe = [0u8; 8];
     assert!(
@@ -287,6 +290,9 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
 
 #[test]
 fn refused_plans_leave_the_guest_untouched() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let facts = ImageFacts::from_kernel(&f.kernel).unwrap();
@@ -331,6 +337,9 @@ fn refused_plans_leave_the_guest_untouched() {
 
 #[test]
 fn real_function_entries_decode_as_sites() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let g = Overlay::new(&f.guest);
     let space = f.kernel.space(&g);
@@ -467,6 +476,9 @@ fn real_function_entries_decode_as_sites() {
 /// one of them.
 #[test]
 fn sites_are_exactly_the_kernels_ftrace_records() {
+    if common::skip_without_dump() {
+        return;
+    }
     /// 6.1's flag for records ftrace ignores: weak functions overridden at
     /// link time leave their code and __mcount_loc entry but no symbol.
     const FTRACE_FL_DISABLED: u64 = 1 << 25;
@@ -573,6 +585,9 @@ fn sites_are_exactly_the_kernels_ftrace_records() {
 /// pages, rights per slot; the kernel's mappings unchanged.
 #[test]
 fn large_page_arena_on_the_real_kernel() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let facts = ImageFacts::from_kernel(&f.kernel).unwrap();

@@ -48,6 +48,9 @@ fn go<G: Guest + ?Sized>(
 
 #[test]
 fn sample_applies_disables_and_reapplies_exactly() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let k = &f.kernel;
@@ -114,6 +117,9 @@ fn sample_applies_disables_and_reapplies_exactly() {
 
 #[test]
 fn replace_patch_takes_over_and_bad_modules_change_nothing() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let k = &f.kernel;
@@ -172,6 +178,9 @@ fn replace_patch_takes_over_and_bad_modules_change_nothing() {
 /// waited), and is freed by the first sweep after the stack moved on.
 #[test]
 fn retired_code_is_freed_only_when_no_stack_references_it() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let k = &f.kernel;
@@ -215,6 +224,9 @@ fn retired_code_is_freed_only_when_no_stack_references_it() {
 /// transition replaced cannot come back.
 #[test]
 fn cumulative_replace_downgrade_and_forced_replace() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let k = &f.kernel;
@@ -281,6 +293,9 @@ fn cumulative_replace_downgrade_and_forced_replace() {
 /// patch need not carry it; the same state at a higher version upgrades.
 #[test]
 fn system_states_refuse_incompatible_patches_and_accept_upgrades() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let k = &f.kernel;
@@ -321,6 +336,9 @@ fn system_states_refuse_incompatible_patches_and_accept_upgrades() {
 /// before the first transition: every entry byte as it was at each point.
 #[test]
 fn rollback_returns_every_entry_to_an_earlier_point() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let k = &f.kernel;
@@ -380,6 +398,9 @@ fn rollback_returns_every_entry_to_an_earlier_point() {
 /// (which does not run here) would take it from there.
 #[test]
 fn callbacks_are_ordered_and_sent_through_the_gate() {
+    if common::skip_without_dump() {
+        return;
+    }
     use klpvisor_engine::callback::Kind;
     let f = fixture();
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
@@ -489,6 +510,9 @@ fn callbacks_are_ordered_and_sent_through_the_gate() {
 /// writes land) and the patch records how it was signed.
 #[test]
 fn signed_module_applies_stripped_and_lists_its_signature() {
+    if common::skip_without_dump() {
+        return;
+    }
     use klpvisor_engine::signature::{sign, Policy, SecretKey, TrustedKeys};
     let f = fixture();
     let k = &f.kernel;

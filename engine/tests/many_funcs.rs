@@ -53,6 +53,9 @@ fn read<M: VirtRead>(mem: &M, va: u64, len: u64) -> Vec<u8> {
 
 #[test]
 fn list_has_100_unique_patchable_functions() {
+    if common::skip_without_dump() {
+        return;
+    }
     let names = list();
     assert_eq!(names.len(), 100, "many-funcs.list");
     let distinct: BTreeSet<&String> = names.iter().collect();
@@ -188,10 +191,16 @@ fn apply_replace_disable(n: usize) {
 
 #[test]
 fn many10_apply_replace_disable_restores_text() {
+    if common::skip_without_dump() {
+        return;
+    }
     apply_replace_disable(10);
 }
 
 #[test]
 fn many100_apply_replace_disable_restores_text() {
+    if common::skip_without_dump() {
+        return;
+    }
     apply_replace_disable(100);
 }

@@ -133,6 +133,9 @@ fn call_targets(m: &Module, l: &Linked, symbol: &str) -> Vec<u64> {
 
 #[test]
 fn sample_parses_links_and_resolves() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let m = parse(f, "livepatch-sample").unwrap_or_else(|e| panic!("{e}"));
     let p = &m.patch;
@@ -226,6 +229,9 @@ fn sample_parses_links_and_resolves() {
 
 #[test]
 fn hot_patch_has_replace_states_callbacks_and_percpu() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let m = parse(f, "hot-getppid").unwrap_or_else(|e| panic!("{e}"));
     let p = &m.patch;
@@ -281,6 +287,9 @@ fn hot_patch_has_replace_states_callbacks_and_percpu() {
 
 #[test]
 fn section_refusals() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     match parse(f, "bad-extable") {
         Err(ModuleError::UnsupportedSections(list)) => {
@@ -306,6 +315,9 @@ fn section_refusals() {
 
 #[test]
 fn not_livepatch_and_module_objects() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     assert!(matches!(
         parse(f, "not-livepatch"),
@@ -319,6 +331,9 @@ fn not_livepatch_and_module_objects() {
 
 #[test]
 fn old_function_errors() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let link_err = |name: &str| {
         let m = parse(f, name).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -376,6 +391,9 @@ fn old_function_errors() {
 
 #[test]
 fn release_machine_and_garbage() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let sample = ko("livepatch-sample");
     // Built for another release: the same module with its vermagic edited.
@@ -427,6 +445,9 @@ fn replace_bytes(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 /// Every prefix of a real module fails cleanly, never panics.
 #[test]
 fn every_truncation_fails_without_panic() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let sample = ko("livepatch-sample");
     for len in 0..sample.len() {
@@ -442,6 +463,9 @@ fn every_truncation_fails_without_panic() {
 /// fails cleanly.
 #[test]
 fn corrupted_modules_never_panic() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let dir = root().join("build/patches");
     let stripped = dir.join("livepatch-sample.stripped.ko");
@@ -487,6 +511,9 @@ fn corrupted_modules_never_panic() {
 /// every `jmp __x86_return_thunk` goes to it, as apply_returns would make it.
 #[test]
 fn return_sites_follow_the_guests_thunk() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let m = parse(f, "hot-getppid").unwrap_or_else(|e| panic!("{e}"));
     let other = proc_addrs(f, "srso_return_thunk")
@@ -516,6 +543,9 @@ fn return_sites_follow_the_guests_thunk() {
 /// bad-unresolved.ko by renaming its undefined symbols with objcopy.
 #[test]
 fn klp_sym_references_follow_sympos() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let _ = ko("bad-unresolved");
     let dir = root().join("build/patches");
@@ -599,6 +629,9 @@ fn klp_sym_references_follow_sympos() {
 /// ftrace nop in the running guest (what the redirect overwrites).
 #[test]
 fn old_functions_start_with_the_ftrace_nop() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let space = f.kernel.space(&f.guest);
     for name in ["cmdline_proc_show", "__x64_sys_getppid", "__x64_sys_time"] {

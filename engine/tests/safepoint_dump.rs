@@ -43,6 +43,9 @@ fn role_pid(f: &Fixture, name: &str) -> i32 {
 /// blocks nobody.
 #[test]
 fn safepoint_check_finds_sleepers_in_schedule_and_nobody_in_cmdline_proc_show() {
+    if common::skip_without_dump() {
+        return;
+    }
     use klpvisor_engine::safepoint::{irq_stacks, Check, Seen, Span};
     let f = fixture();
     let k = &f.kernel;
@@ -102,6 +105,9 @@ fn safepoint_check_finds_sleepers_in_schedule_and_nobody_in_cmdline_proc_show() 
 /// real frames (__schedule, for every sleeper) block both.
 #[test]
 fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
+    if common::skip_without_dump() {
+        return;
+    }
     use klpvisor_engine::safepoint::{irq_stacks, Check, Seen, Span};
     use klpvisor_guest::orc::Orc;
     use klpvisor_guest::overlay::Overlay;

@@ -63,6 +63,9 @@ fn proc_addr(f: &Fixture, name: &str) -> u64 {
 
 #[test]
 fn kallsyms_equal_proc_kallsyms() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let want = proc_kallsyms(f);
     let got: Vec<String> = f
@@ -119,6 +122,9 @@ fn kallsyms_equal_proc_kallsyms() {
 
 #[test]
 fn kallsyms_decode_timing() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let space = f.kernel.space(&f.guest);
     let rounds = 5;
@@ -142,6 +148,9 @@ fn kallsyms_decode_timing() {
 
 #[test]
 fn kaslr_slide_found_and_consistent() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let k = &f.kernel.kaslr;
     let text = proc_addr(f, "_text");
@@ -167,6 +176,9 @@ fn kaslr_slide_found_and_consistent() {
 /// kernel exactly as the vCPU's (possibly a process's) page tables did.
 #[test]
 fn pinning_init_top_pgt_keeps_every_kernel_translation() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let mut k = Kernel::open(&f.guest).unwrap();
     let before = k.space(&f.guest).tables();
@@ -193,6 +205,9 @@ fn pinning_init_top_pgt_keeps_every_kernel_translation() {
 
 #[test]
 fn btf_offsets_are_sane_and_match_memory() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let btf = &f.kernel.btf;
     let size = btf.struct_size("task_struct").unwrap();
@@ -303,6 +318,9 @@ fn comm_matches(task: &Task, proc_comm: &str) -> bool {
 
 #[test]
 fn tasks_equal_the_guests_task_list() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     let tasks = f.kernel.tasks(&f.guest).unwrap_or_else(|e| panic!("{e}"));
     let want = proc_tasks(f);
@@ -443,6 +461,9 @@ impl Guest for OneVcpu<'_> {
 
 #[test]
 fn vcpu_on_user_page_tables_alone_finds_the_kernel_through_pti() {
+    if common::skip_without_dump() {
+        return;
+    }
     let f = fixture();
     // The busy loop's vCPU is in user mode or at an interrupt entry, on the
     // PTI user PGD (the dump boots with pti=on).
@@ -491,6 +512,9 @@ fn role_pid(f: &Fixture, name: &str) -> i32 {
 /// just before the dump (tasks woken in between may differ: a few).
 #[test]
 fn orc_unwinds_sleeping_tasks_as_the_guest_kernel_does() {
+    if common::skip_without_dump() {
+        return;
+    }
     use klpvisor_guest::orc::Orc;
     let f = fixture();
     let k = &f.kernel;

@@ -4,6 +4,7 @@
 //! Each test binary uses a part of it.
 #![allow(dead_code)]
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -13,6 +14,27 @@ use klpvisor_guest::{DumpGuest, Kernel};
 /// Just past the dump's 512 MiB of RAM, where the VMM would reserve the
 /// arena: 16 MiB.
 pub const ARENA: (u64, u64) = (0x2000_0000, 16 << 20);
+
+/// Whether this tier runs: the dump tests boot the test guest in QEMU
+/// (and, the first time, install packages, download the Debian kernel and
+/// build patches with kbuild), so a plain `cargo test` skips them with a
+/// one-line note. `KLPV_DUMP_TESTS=1` runs them; `scripts/test` sets it.
+pub fn skip_without_dump() -> bool {
+    if std::env::var_os("KLPV_DUMP_TESTS").is_some_and(|v| v == "1") {
+        return false;
+    }
+    // Straight to stderr: libtest captures print!/eprint!, not this, so the
+    // note shows in a normal run.
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("dump test")
+        .to_owned();
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped {name}: needs the QEMU dump of the test guest; run with KLPV_DUMP_TESTS=1 (see tests/README.md)"
+    );
+    true
+}
 
 /// The repository root.
 pub fn root() -> PathBuf {
