@@ -1,4 +1,4 @@
-//! klp callbacks (issue 6), end to end: patches built by kbuild log each
+//! klp callbacks, end to end: patches built by kbuild log each
 //! of their callbacks, with whether their function is live at that
 //! moment, and the VMM runs them in the guest kernel through its call
 //! gate around apply, replace, disable, a refused pre_patch and rollbacks.

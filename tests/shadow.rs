@@ -1,4 +1,4 @@
-//! Shadow variables and system states (issue 6), end to end: patches built
+//! Shadow variables and system states, end to end: patches built
 //! by kbuild call the guest kernel's own klp_shadow_* functions, and klp's
 //! state-compatibility rule is enforced from outside.
 

@@ -1,4 +1,4 @@
-//! Signed patches (issue 7), end to end: the signature matrix through the
+//! Signed patches, end to end: the signature matrix through the
 //! real control socket with `patcher`, with and without `vmm --trusted-keys`
 //! (scenario `patch-signed`, one L1 boot, two guest boots).
 

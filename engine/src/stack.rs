@@ -467,8 +467,9 @@ mod tests {
         assert!(s.live().is_empty());
     }
 
-    /// The scenario: v1 patches f and g; v2 (replace) patches f and
-    /// h. After v2: f -> v2, g original, h -> v2, v1 replaced and removable.
+    /// klp's cumulative-patch scenario: v1 patches f and g; v2 (replace)
+    /// patches f and h. After v2: f -> v2, g original, h -> v2, v1 replaced
+    /// and removable.
     #[test]
     fn replace_reverts_what_only_older_patches_touched() {
         let mut s = Stack::default();

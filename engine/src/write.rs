@@ -492,7 +492,7 @@ mod tests {
         assert_eq!(hash_ranges(&m, &[(0, 0x10000)]).unwrap(), h0);
     }
 
-    /// Issue 7's allow-list test: a plan that also targets other memory
+    /// The allow-list's own test: a plan that also targets other memory
     /// (kernel text next to a site, a PMD slot the arena does not own, a
     /// range straddling the arena's end) is refused whole.
     #[test]
