@@ -14,7 +14,10 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tokio::net::UnixStream;
 
-use crate::ErrorReply;
+use crate::{
+    AddrReply, ErrorReply, HistoryEntry, MemoryReply, PatchInfo, PatchesReply, PauseReply,
+    RegsReply, ResumeReply, RollbackReply, SymbolsReply, TasksReply, TransitionReply, VmInfo,
+};
 
 /// How long one request may take end to end (the server's own limit is
 /// 30 s; this only catches a VMM that stopped answering altogether).
@@ -210,6 +213,157 @@ impl Client {
             what: format!("GET {path_and_query}"),
             message: e.to_string(),
         })
+    }
+}
+
+/// How a transition may proceed: the query parameters every change
+/// (apply, enable, disable, rollback) takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransitionOptions {
+    /// Skip the safe-point check (`--force`): the patch is marked forced.
+    pub force: bool,
+    /// How long to wait for a safe point, in ms (the VMM's default if `None`).
+    pub timeout_ms: Option<u64>,
+}
+
+impl TransitionOptions {
+    fn query(self) -> String {
+        match self.timeout_ms {
+            Some(ms) => format!("force={}&timeout_ms={ms}", self.force),
+            None => format!("force={}", self.force),
+        }
+    }
+}
+
+/// Which address space a `GET /memory` read names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// A kernel-virtual address (`va=`), translated by the guest's page tables.
+    Virt,
+    /// A guest-physical address (`gpa=`).
+    Phys,
+}
+
+/// One typed method per route: the only place a client spells the API's
+/// paths, so the CLI and the test tools cannot drift from each other.
+impl Client {
+    /// `GET /vm`: state, vCPUs, the guest kernel as found.
+    pub fn vm(&self) -> Result<VmInfo, ClientError> {
+        self.call(Method::GET, "/vm", None)
+    }
+
+    /// `PUT /vm/pause`.
+    pub fn pause(&self) -> Result<PauseReply, ClientError> {
+        self.call(Method::PUT, "/vm/pause", None)
+    }
+
+    /// `PUT /vm/resume`.
+    pub fn resume(&self) -> Result<ResumeReply, ClientError> {
+        self.call(Method::PUT, "/vm/resume", None)
+    }
+
+    /// `GET /vcpus/{vcpu}/regs`.
+    pub fn regs(&self, vcpu: usize) -> Result<RegsReply, ClientError> {
+        self.call(Method::GET, &format!("/vcpus/{vcpu}/regs"), None)
+    }
+
+    /// `GET /memory?va=|gpa=ADDR&len=LEN`; `addr` is passed as given (hex,
+    /// escaped), so the VMM's own parser judges it.
+    pub fn memory(&self, space: Space, addr: &str, len: u64) -> Result<MemoryReply, ClientError> {
+        let key = match space {
+            Space::Virt => "va",
+            Space::Phys => "gpa",
+        };
+        let addr = query_escape(addr);
+        self.call(
+            Method::GET,
+            &format!("/memory?{key}={addr}&len={len}"),
+            None,
+        )
+    }
+
+    /// `GET /symbols?name=NAME`: every address of NAME.
+    pub fn symbol(&self, name: &str) -> Result<SymbolsReply, ClientError> {
+        let name = query_escape(name);
+        self.call(Method::GET, &format!("/symbols?name={name}"), None)
+    }
+
+    /// `GET /symbols?addr=ADDR`: the symbol containing ADDR.
+    pub fn symbol_at(&self, addr: &str) -> Result<AddrReply, ClientError> {
+        let addr = query_escape(addr);
+        self.call(Method::GET, &format!("/symbols?addr={addr}"), None)
+    }
+
+    /// `GET /symbols/all`: the whole table in /proc/kallsyms format.
+    pub fn all_symbols(&self) -> Result<String, ClientError> {
+        self.text("/symbols/all")
+    }
+
+    /// `GET /tasks`.
+    pub fn tasks(&self) -> Result<TasksReply, ClientError> {
+        self.call(Method::GET, "/tasks", None)
+    }
+
+    /// `GET /patches`: the stack, live redirections, the pending transition.
+    pub fn patches(&self) -> Result<PatchesReply, ClientError> {
+        self.call(Method::GET, "/patches", None)
+    }
+
+    /// `POST /patches`: load a module's bytes and enable it.
+    pub fn apply(
+        &self,
+        module: Vec<u8>,
+        opts: TransitionOptions,
+    ) -> Result<TransitionReply, ClientError> {
+        self.upload(&format!("/patches?{}", opts.query()), module)
+    }
+
+    /// `POST /patches/{name}/enable`.
+    pub fn enable(
+        &self,
+        name: &str,
+        opts: TransitionOptions,
+    ) -> Result<TransitionReply, ClientError> {
+        let name = query_escape(name);
+        let q = opts.query();
+        self.call(Method::POST, &format!("/patches/{name}/enable?{q}"), None)
+    }
+
+    /// `POST /patches/{name}/disable`.
+    pub fn disable(
+        &self,
+        name: &str,
+        opts: TransitionOptions,
+    ) -> Result<TransitionReply, ClientError> {
+        let name = query_escape(name);
+        let q = opts.query();
+        self.call(Method::POST, &format!("/patches/{name}/disable?{q}"), None)
+    }
+
+    /// `DELETE /patches/{name}`: forget a patch that is not enabled.
+    pub fn remove(&self, name: &str) -> Result<PatchInfo, ClientError> {
+        let name = query_escape(name);
+        self.call(Method::DELETE, &format!("/patches/{name}"), None)
+    }
+
+    /// `GET /history`: the committed transitions.
+    pub fn history(&self) -> Result<Vec<HistoryEntry>, ClientError> {
+        self.call(Method::GET, "/history", None)
+    }
+
+    /// `POST /rollback[?to=N]`: back to the stack before transition N
+    /// (default: the last).
+    pub fn rollback(
+        &self,
+        to: Option<u64>,
+        opts: TransitionOptions,
+    ) -> Result<RollbackReply, ClientError> {
+        let to = to.map(|n| format!("to={n}&")).unwrap_or_default();
+        self.call(
+            Method::POST,
+            &format!("/rollback?{to}{}", opts.query()),
+            None,
+        )
     }
 }
 
