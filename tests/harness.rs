@@ -252,12 +252,19 @@ fn l2_boots_unfinished(lines: &[String]) -> usize {
 /// Nested, a run the emulator ended (see [`emulator_failure`]) is retried,
 /// up to [`NESTED_ATTEMPTS`] in all; anything else counts.
 pub fn run_scenario(name: &str, args: &[&str]) -> Run {
+    run_scenario_within(name, args, NESTED_RUN_TIMEOUT_SECS)
+}
+
+/// [`run_scenario`] for a scenario that needs longer than
+/// [`NESTED_RUN_TIMEOUT_SECS`] in the nested image (many L2 boots); at most
+/// [`SCENARIO_TIMEOUT`].
+pub fn run_scenario_within(name: &str, args: &[&str], nested_timeout_secs: u32) -> Run {
     let mode = mode();
     ensure_images(mode);
     let mut failed: Vec<(String, Vec<String>)> = Vec::new();
     for attempt in 1..=NESTED_ATTEMPTS {
         let last = attempt == NESTED_ATTEMPTS;
-        let (why, lines) = match run_once(mode, name, args) {
+        let (why, lines) = match run_once(mode, name, args, nested_timeout_secs) {
             Attempt::Done(run) => match emulator_failure(mode, &run) {
                 Some(why) if !last => (why.to_string(), run.lines),
                 _ => return run,
@@ -283,7 +290,7 @@ enum Attempt {
     Emulator(String, Vec<String>),
 }
 
-fn run_once(mode: Mode, name: &str, args: &[&str]) -> Attempt {
+fn run_once(mode: Mode, name: &str, args: &[&str], nested_timeout_secs: u32) -> Attempt {
     let root = repo_root();
     let mut cmd = match mode {
         Mode::Direct => {
@@ -297,7 +304,7 @@ fn run_once(mode: Mode, name: &str, args: &[&str]) -> Attempt {
         Mode::Nested => {
             let mut c = Command::new(root.join("scripts/nested-run"));
             c.arg("--timeout")
-                .arg(NESTED_RUN_TIMEOUT_SECS.to_string())
+                .arg(nested_timeout_secs.to_string())
                 .arg("--")
                 .arg(name)
                 .args(args);

@@ -136,6 +136,13 @@ pub struct KernelInfo {
     /// How `_text` was confirmed (LSTAR or the IDT).
     pub confirmed_by: String,
     pub page_table_levels: u8,
+    /// Guest-physical address of the page tables the VMM reads the kernel
+    /// through: the kernel's own `init_top_pgt`.
+    #[serde(default)]
+    pub page_tables: Hex,
+    /// The vCPU root the kernel was first found through (for diagnosis).
+    #[serde(default)]
+    pub found_through: String,
     pub symbols: usize,
     /// Time the VMM took to find and decode the kernel (kallsyms, BTF).
     pub decode_ms: f64,
@@ -360,7 +367,7 @@ pub struct PatchInfo {
     pub arena_bytes: u64,
     /// How its signature was checked when it was applied: `unsigned`,
     /// `verified: KEYID (FILE.pub)` or `not verified: signed by KEYID, no
-    /// --trusted-keys` (see `patcher::signature::Provenance`).
+    /// --trusted-keys` (see `klpvisor_engine::signature::Provenance`).
     #[serde(default = "unsigned")]
     pub signature: String,
     pub funcs: Vec<FuncInfo>,

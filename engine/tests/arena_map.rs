@@ -41,8 +41,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let (_, guest, mut kernel) = open_dump();
-        kernel.pin_init_mm(&guest).unwrap_or_else(|e| panic!("{e}"));
+        let (_, guest, kernel) = open_dump();
         let records = FtraceRecords::load(&kernel.space(&guest), &kernel.kallsyms, &kernel.btf)
             .unwrap_or_else(|e| panic!("{e}"));
         Fixture {

@@ -175,21 +175,20 @@ fn kaslr_slide_found_and_consistent() {
 /// The view kept beyond one pause uses the kernel's own PGD, which maps the
 /// kernel exactly as the vCPU's (possibly a process's) page tables did.
 #[test]
-fn pinning_init_top_pgt_keeps_every_kernel_translation() {
+fn the_view_reads_through_init_top_pgt_and_keeps_every_kernel_translation() {
     if common::skip_without_dump() {
         return;
     }
     let f = fixture();
-    let mut k = Kernel::open(&f.guest).unwrap();
-    let before = k.space(&f.guest).tables();
-    k.pin_init_mm(&f.guest).unwrap_or_else(|e| panic!("{e}"));
-    let after = k.space(&f.guest).tables();
+    let k = &f.kernel;
+    let found = k.origin.tables;
     let pgd = proc_addr(f, "init_top_pgt");
     assert_eq!(
-        after.root(),
-        k.space(&f.guest).translate(pgd).unwrap().phys,
+        k.tables.root(),
+        found.translate(&f.guest, pgd).unwrap().phys,
         "root is init_top_pgt's physical address"
     );
+    assert_eq!(k.tables.five_level(), found.five_level());
     for name in [
         "_text",
         "_etext",
@@ -198,9 +197,10 @@ fn pinning_init_top_pgt_keeps_every_kernel_translation() {
         "init_top_pgt",
     ] {
         let va = proc_addr(f, name);
-        let old = before.translate(&f.guest, va).unwrap().phys;
+        let old = found.translate(&f.guest, va).unwrap().phys;
         assert_eq!(k.space(&f.guest).translate(va).unwrap().phys, old, "{name}");
     }
+    k.verify(&f.guest).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -485,7 +485,9 @@ fn vcpu_on_user_page_tables_alone_finds_the_kernel_through_pti() {
     assert!(Kallsyms::load(&AddressSpace::new(&f.guest, user), f.kernel.kaslr.text).is_err());
     let only = OneVcpu(&f.guest, vcpu);
     let k = Kernel::open(&only).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(k.tables.root(), user.root() & !PTI_USER_PGD_BIT);
+    assert_eq!(k.origin.tables.root(), user.root() & !PTI_USER_PGD_BIT);
+    assert!(k.origin.pti_twin);
+    assert_eq!(k.tables, f.kernel.tables, "kept: init_top_pgt");
     assert_eq!(k.kaslr.text, f.kernel.kaslr.text);
     assert_eq!(k.kallsyms.len(), f.kernel.kallsyms.len());
     // Its current task is still found (through KERNEL_GS_BASE if the user

@@ -441,6 +441,10 @@ fn print_kernel(k: &KernelInfo) {
         "symbols:  {} decoded in {:.1} ms ({}-level page tables)",
         k.symbols, k.decode_ms, k.page_table_levels
     );
+    println!(
+        "paging:   read through init_top_pgt at {} (found through {})",
+        k.page_tables, k.found_through
+    );
 }
 
 fn print_regs(v: &RegsReply) {

@@ -144,13 +144,53 @@ pub struct Transition {
     pub timeout: Duration,
 }
 
+/// Builds of the kernel view one request makes before it gives up.
+pub const FILL_ATTEMPTS: u32 = 3;
+/// The pause before a request's second build; doubled for each further one.
+pub const FILL_RETRY_BASE: Duration = Duration::from_millis(100);
+/// The longest a request waits for the backoff of earlier failures.
+pub const FILL_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Paces kernel-view builds after failures: each failed request doubles
+/// the time before the next may build again (from [`FILL_RETRY_BASE`] up
+/// to [`FILL_BACKOFF_MAX`]); a success resets it. A request that arrives
+/// early waits out the rest rather than failing, so a user's request is
+/// delayed, never refused, by the backoff.
+#[derive(Debug, Default)]
+struct FillBackoff {
+    failures: u32,
+    not_before: Option<Instant>,
+}
+
+impl FillBackoff {
+    fn wait(&self) -> Option<Duration> {
+        self.not_before
+            .and_then(|t| t.checked_duration_since(Instant::now()))
+            .map(|d| d.min(FILL_BACKOFF_MAX))
+    }
+
+    fn failed(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let delay = FILL_RETRY_BASE
+            .saturating_mul(1 << self.failures.min(5))
+            .min(FILL_BACKOFF_MAX);
+        self.not_before = Some(Instant::now() + delay);
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        *self = Self::default();
+    }
+}
+
 /// The VM as the control socket drives it.
 pub struct Control {
     vm: Arc<Vm>,
     /// Serializes every pause/resume (see the module doc).
     gate: Mutex<()>,
-    /// Serializes cache fills, so concurrent first requests decode once.
-    fill: Mutex<()>,
+    /// Serializes cache fills, so concurrent first requests decode once,
+    /// and paces the retries after a failed one.
+    fill: Mutex<FillBackoff>,
     kernel: Mutex<Option<Arc<CachedKernel>>>,
     /// The patch engine: held across prepare and commit, so transitions
     /// never interleave.
@@ -225,7 +265,7 @@ impl Control {
         Self {
             vm,
             gate: Mutex::new(()),
-            fill: Mutex::new(()),
+            fill: Mutex::new(FillBackoff::default()),
             kernel: Mutex::new(None),
             engine: Mutex::new(Engine::default()),
             changing: Mutex::new(()),
@@ -299,14 +339,58 @@ impl Control {
     }
 
     /// The cached kernel view, built on first use.
+    ///
+    /// A view is cached only after it has read the kernel back through the
+    /// page tables it keeps (`init_top_pgt`), on the live guest: a view
+    /// that cannot would refuse every patch for the VM's whole life. A
+    /// failed build is retried within the request ([`FILL_ATTEMPTS`], the
+    /// vCPUs' registers read afresh each time: one may have been in the
+    /// middle of a CR3 switch or in early boot), and later requests retry
+    /// no sooner than [`FillBackoff`] allows, so a guest whose view cannot
+    /// be built does not make the VMM decode it on every request.
     pub fn kernel(&self) -> Result<Arc<CachedKernel>, ControlError> {
         if let Some(k) = self.cached() {
             return Ok(k);
         }
-        let _f = self.fill.lock().unwrap_or_else(|p| p.into_inner());
+        let mut backoff = self.fill.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = self.cached() {
             return Ok(k);
         }
+        if let Some(wait) = backoff.wait() {
+            std::thread::sleep(wait);
+        }
+        let mut last = String::new();
+        for attempt in 0..FILL_ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(FILL_RETRY_BASE * (1 << (attempt - 1)));
+            }
+            match self.build_kernel() {
+                Ok(cached) => {
+                    backoff.succeeded();
+                    *self.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(cached.clone());
+                    return Ok(cached);
+                }
+                // The VM stopped or a user paused it: retrying cannot help.
+                Err(e @ (ControlError::Stopped | ControlError::Vm(_))) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(attempt = attempt + 1, "the guest kernel view failed: {e}");
+                    last = e.to_string();
+                }
+            }
+        }
+        let retry_in = backoff.failed();
+        Err(ControlError::KernelNotReady(format!(
+            "{last}\n(tried {FILL_ATTEMPTS} times; the next request tries again, no sooner than \
+             {} ms from now. If the guest has finished booting and this persists, the VMM log \
+             has each attempt)",
+            retry_in.as_millis()
+        )))
+    }
+
+    /// One build of the kernel view: registers and root pages read in a
+    /// short pause, the kernel decoded from a snapshot of them, then checked
+    /// on the live guest through the page tables it keeps.
+    fn build_kernel(&self) -> Result<Arc<CachedKernel>, ControlError> {
         let regs = self.paused(|vm| {
             let regs = Self::all_regs(vm)?;
             let roots = RootPages::capture(vm, &regs);
@@ -319,11 +403,16 @@ impl Control {
             roots,
         };
         let start = Instant::now();
-        let mut kernel =
+        let kernel =
             Kernel::open(&snapshot).map_err(|e| ControlError::KernelNotReady(e.to_string()))?;
-        if let Err(why) = kernel.pin_init_mm(&*self.vm) {
-            tracing::warn!("keeping the page tables a vCPU had loaded: {why}");
-        }
+        // Kernel::open verified the view through the snapshot; the cached
+        // view serves the live guest, so check it there too.
+        kernel.verify(&*self.vm).map_err(|e| {
+            ControlError::KernelNotReady(format!(
+                "the kernel view found through {} does not read back on the live guest: {e}",
+                kernel.origin
+            ))
+        })?;
         let decode = start.elapsed();
         let walker = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)
             .map_err(|e| tracing::warn!("the task walk will not work on this kernel: {e}"))
@@ -338,9 +427,14 @@ impl Control {
             text = format!("{:#x}", cached.kernel.kaslr.text),
             symbols = cached.kernel.kallsyms.len(),
             decode_ms = decode.as_secs_f64() * 1e3,
+            found_through = %cached.kernel.origin,
+            reads_through = %format!(
+                "init_top_pgt at {:#x} ({}-level)",
+                cached.kernel.tables.root(),
+                if cached.kernel.tables.five_level() { 5 } else { 4 }
+            ),
             "guest kernel found"
         );
-        *self.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(cached.clone());
         Ok(cached)
     }
 
@@ -824,5 +918,27 @@ impl Control {
         k.space(&*self.vm).read_virt(va, &mut buf).ok()?;
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
         Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_view_backoff_doubles_to_a_cap_and_resets_on_success() {
+        let mut b = FillBackoff::default();
+        assert_eq!(b.wait(), None, "nothing failed yet: build at once");
+        assert_eq!(b.failed(), FILL_RETRY_BASE * 2);
+        assert!(b.wait().is_some_and(|w| w <= FILL_RETRY_BASE * 2));
+        assert_eq!(b.failed(), FILL_RETRY_BASE * 4);
+        for _ in 0..10 {
+            b.failed();
+        }
+        assert_eq!(b.failed(), FILL_BACKOFF_MAX);
+        assert!(b.wait().is_some_and(|w| w <= FILL_BACKOFF_MAX));
+        b.succeeded();
+        assert_eq!(b.wait(), None);
+        assert_eq!(b.failed(), FILL_RETRY_BASE * 2);
     }
 }

@@ -52,7 +52,7 @@ pub const WINDOW_END: u64 = KERNEL_IMAGE_END;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageFacts {
     /// The kernel's page tables (ideally `init_top_pgt`, see
-    /// [`Kernel::pin_init_mm`]; any kernel PGD shares the window).
+    /// [`Kernel::open`]; any kernel PGD shares the window).
     pub tables: PageTables,
     /// `_text` and where the KASLR probe found it physically.
     pub text: u64,

@@ -76,6 +76,8 @@ fn kernel_info(c: &Control, k: &CachedKernel) -> KernelInfo {
         slide: Hex(kern.kaslr.text.wrapping_sub(kaslr::DEFAULT_TEXT)),
         confirmed_by: format!("{:?}", kern.kaslr.evidence),
         page_table_levels: if kern.tables.five_level() { 5 } else { 4 },
+        page_tables: Hex(kern.tables.root()),
+        found_through: kern.origin.to_string(),
         symbols: kern.kallsyms.len(),
         decode_ms: k.decode.as_secs_f64() * 1e3,
         decode_pause_us: us(k.pause),
