@@ -16,4 +16,5 @@ pub mod safepoint;
 pub mod signature;
 pub mod site;
 pub mod stack;
+pub mod transition;
 pub mod write;

@@ -1,6 +1,9 @@
 //! What the control socket does to the VM, independent of HTTP: pausing on
-//! behalf of a user, short pauses of its own for consistent reads, and the
-//! cached view of the guest kernel.
+//! behalf of a user, short pauses of its own for consistent reads, the
+//! cached view of the guest kernel, and the patch engine's transitions, one
+//! at a time. klp's transition lifecycle itself (callbacks, retries,
+//! cancel) is the engine's ([`klpvisor_engine::transition`]); this VM is
+//! its [`Host`].
 //!
 //! Every pause or resume, a user's or an internal one, goes through one
 //! gate, so an internal "pause, read, resume" can never resume a VM that a
@@ -18,14 +21,14 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use klpvisor_api::{
-    CallbackRun, Hex, HistoryEntry, PatchInfo, PatchState, PatchesReply, PendingTransition,
-    RollbackReply, TransitionReply,
+    HistoryEntry, PatchInfo, PatchState, PatchesReply, PendingTransition, RollbackReply,
+    TransitionReply,
 };
-use klpvisor_engine::callback::gate::{Progress, IRQ_WORK_VECTOR};
-use klpvisor_engine::callback::{Call, Calls};
-use klpvisor_engine::engine::{Committed, Engine, EngineError, Prepared};
+use klpvisor_engine::engine::{Engine, EngineError, Prepared};
+use klpvisor_engine::safepoint::Blocker;
 use klpvisor_engine::signature::{Policy, SignatureError};
-use klpvisor_engine::write::Plan;
+use klpvisor_engine::transition::{self as lifecycle, Host, Live, Outcome, TransitionError};
+pub use klpvisor_engine::transition::{Transition, MAX_TRANSITION_TIMEOUT, TRANSITION_TIMEOUT};
 use klpvisor_guest::VcpuRegs;
 use klpvisor_guest::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
 
@@ -52,38 +55,14 @@ pub enum ControlError {
     Tasks(String),
     #[error("internal error: {0}")]
     Internal(&'static str),
-    #[error(
-        "{patch}: {callback} returned {ret}{errno}: klp refuses a patch whose pre_patch fails, \
-         so the transition was abandoned and no function was redirected{cancelled}"
-    )]
-    Refused {
-        patch: String,
-        callback: klpvisor_engine::callback::Kind,
-        ret: i32,
-        errno: String,
-        cancelled: String,
-    },
-    #[error(
-        "{patch}: {callback} did not finish within {ms} ms ({progress}); the transition was \
-         abandoned and no function was redirected{cancelled}"
-    )]
-    CallbackTimeout {
-        patch: String,
-        callback: klpvisor_engine::callback::Kind,
-        ms: u64,
-        progress: String,
-        cancelled: String,
-    },
+    /// A callback refused or did not finish, or the VM is paused.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
     #[error(
         "another transition is in progress ({0}); one runs at a time: retry when it ends \
          (`patcher list` shows it)"
     )]
     Busy(String),
-    #[error(
-        "the VM is paused and this transition runs klp callbacks, which run in the guest; \
-         resume it first (PUT /vm/resume)"
-    )]
-    PausedForCallbacks,
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// Refused by the signature policy, before anything was parsed.
@@ -124,24 +103,6 @@ pub struct CachedKernel {
     pub decode: Duration,
     /// The register-read pause before it.
     pub pause: Duration,
-}
-
-/// How long a transition waits for a safe point before failing cleanly
-/// (`?timeout_ms=` overrides it, up to [`MAX_TRANSITION_TIMEOUT`]).
-pub const TRANSITION_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest wait a request may ask for (the API answers within 30 s).
-pub const MAX_TRANSITION_TIMEOUT: Duration = Duration::from_secs(25);
-/// How long a post callback, or one that cancels a pre callback, may take.
-/// Pre callbacks share the transition's timeout with the safe-point wait.
-pub const CALLBACK_GRACE: Duration = Duration::from_secs(2);
-
-/// How a transition is to be made.
-#[derive(Debug, Clone, Copy)]
-pub struct Transition {
-    /// Skip the safe-point check; the patch is marked forced.
-    pub force: bool,
-    /// How long to retry while tasks block it.
-    pub timeout: Duration,
 }
 
 /// Builds of the kernel view one request makes before it gives up.
@@ -211,41 +172,70 @@ pub struct Control {
 /// Clears the pending transition however the transition ends.
 struct PendingGuard<'a>(&'a Mutex<Option<PendingTransition>>);
 
-/// What a committed transition took, for its reply.
-struct Outcome {
-    committed: Committed,
-    prepare_ms: f64,
-    pause_us: f64,
-    attempts: u32,
-    waited_ms: f64,
-    warnings: Vec<String>,
-    callbacks: Vec<CallbackRun>,
+/// This VM as the transition lifecycle's [`Host`]: pauses through the
+/// control's gate, the call gate's interrupt and doorbell, the real clock,
+/// and the pending transition `GET /patches` shows.
+struct VmHost<'a> {
+    control: &'a Control,
+    action: &'a str,
+    t: Transition,
 }
 
-/// A callback that did not let the transition go on.
-enum Stop {
-    /// `pre_patch` returned non-zero.
-    Refused(CallbackRun),
-    /// It did not finish in time, or could not be sent.
-    Failed(ControlError),
-}
+impl Host for VmHost<'_> {
+    type Guest = Vm;
+    type Error = ControlError;
 
-/// The Linux name of a negative errno, for `pre_patch` refusals.
-fn errno_name(ret: i32) -> String {
-    let name = match -ret {
-        1 => "EPERM",
-        2 => "ENOENT",
-        5 => "EIO",
-        11 => "EAGAIN",
-        12 => "ENOMEM",
-        16 => "EBUSY",
-        17 => "EEXIST",
-        19 => "ENODEV",
-        22 => "EINVAL",
-        95 => "EOPNOTSUPP",
-        _ => return String::new(),
-    };
-    format!(" (-{name})")
+    fn paused<T>(&self, f: impl FnOnce(&Vm) -> T) -> Result<(T, Option<Duration>), ControlError> {
+        let p = self.control.paused(|vm| Ok(f(vm)))?;
+        Ok((p.value, p.pause))
+    }
+
+    fn is_paused(&self) -> bool {
+        self.control.vm.is_paused()
+    }
+
+    fn guest(&self) -> &Vm {
+        &self.control.vm
+    }
+
+    fn raise_vector(&self, vcpu: usize, vector: u8) -> Result<bool, ControlError> {
+        Ok(self.control.vm.raise_vector(vcpu, vector)?)
+    }
+
+    fn doorbell_rings(&self) -> u64 {
+        self.control.vm.doorbell().rings()
+    }
+
+    fn wait_doorbell(&self, seen: u64, deadline: Instant) {
+        self.control.vm.doorbell().wait_past(seen, deadline);
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn sleep(&self, d: Duration) {
+        std::thread::sleep(d);
+    }
+
+    fn begun(&self, patch: &str) {
+        *lock(&self.control.pending) = Some(PendingTransition {
+            patch: patch.to_owned(),
+            action: self.action.to_owned(),
+            forced: self.t.force,
+            waited_ms: 0.0,
+            attempts: 0,
+            blockers: Vec::new(),
+        });
+    }
+
+    fn waiting(&self, attempts: u32, waited: Duration, blockers: &[Blocker]) {
+        if let Some(p) = lock(&self.control.pending).as_mut() {
+            p.attempts = attempts;
+            p.waited_ms = waited.as_secs_f64() * 1e3;
+            p.blockers = blockers.iter().map(|b| b.to_string()).collect();
+        }
+    }
 }
 
 impl Drop for PendingGuard<'_> {
@@ -508,14 +498,10 @@ impl Control {
         };
     }
 
-    /// Prepares a transition while the guest runs (parse, resolve, link,
-    /// plan: reads only), runs its pre callbacks, then commits all of its
-    /// entry writes in one pause and runs its post callbacks. A
-    /// transition blocked by a task inside a changed function is retried,
-    /// the guest running in between, with backoff (1 ms doubling to
-    /// 100 ms) until `timeout`; then the blockers are reported, the pre
-    /// callbacks are cancelled as klp cancels them, and no function is
-    /// redirected. `finish` turns the outcome into the reply.
+    /// Runs one transition through klp's lifecycle
+    /// ([`klpvisor_engine::transition::run`]) on this VM, one change at a
+    /// time, showing it "in transition" while it waits for a safe point.
+    /// `finish` turns the outcome into the reply.
     fn run_transition<R>(
         &self,
         action: &str,
@@ -525,272 +511,21 @@ impl Control {
     ) -> Result<R, ControlError> {
         let k = self.kernel()?;
         let (_changing, mut engine) = self.engine_for_change()?;
-        let start = Instant::now();
-        let mut prepared = prepare(&mut engine, &k.kernel)?;
-        if !prepared.calls().is_empty() {
-            if self.vm.is_paused() {
-                return Err(ControlError::PausedForCallbacks);
-            }
-            if !engine.has_gate() {
-                // The gate takes arena pages: install it, then plan again
-                // on the arena that has it.
-                self.paused(|vm| Ok(engine.install_gate(&k.kernel, vm)?))?;
-                tracing::info!("call gate installed for klp callbacks");
-                prepared = prepare(&mut engine, &k.kernel)?;
-            }
-        }
-        // (Taken only now: a new patch's callbacks moved with it when the
-        // gate made it plan again.)
-        let calls = prepared.calls().clone();
-        let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
-        for w in prepared.warnings() {
-            tracing::warn!(patch = prepared.name(), "{w}");
-        }
-        let first = Instant::now();
-        let deadline = first + t.timeout;
-        *lock(&self.pending) = Some(PendingTransition {
-            patch: prepared.name().to_owned(),
-            action: action.to_owned(),
-            forced: t.force,
-            waited_ms: 0.0,
-            attempts: 0,
-            blockers: Vec::new(),
-        });
         let _pending = PendingGuard(&self.pending);
-
-        // The pre callbacks. A new patch's code must be in the guest
-        // before its pre_patch runs: load it first (no safe point needed,
-        // nothing references it yet).
-        let mut runs = Vec::new();
-        let mut loaded = None;
-        let mut passed = Vec::new();
-        if !calls.is_empty() {
-            if prepared.loads() {
-                let load = prepared.take_load();
-                loaded = Some(
-                    self.paused(|vm| Ok(load.commit(vm).map_err(EngineError::from)?))?
-                        .value,
-                );
-            }
-            for call in calls.pre() {
-                if call.func.is_some() {
-                    let stop = match self.call(&k, &mut engine, &prepared, &call, deadline) {
-                        Ok(run) if run.ret.unwrap_or(0) == 0 => {
-                            runs.push(run);
-                            None
-                        }
-                        Ok(run) => Some(Stop::Refused(run)),
-                        Err(e) => Some(Stop::Failed(e)),
-                    };
-                    if let Some(stop) = stop {
-                        let e = self.abandon(&k, &mut engine, prepared, loaded, &passed, stop);
-                        return Err(e);
-                    }
-                }
-                passed.push(call);
-            }
-        }
-
-        let mut backoff = Duration::from_millis(1);
-        let mut attempts = 0u32;
-        let done = loop {
-            attempts += 1;
-            match self.paused(|vm| Ok(engine.commit(&k.kernel, vm, &prepared)?)) {
-                Err(ControlError::Engine(EngineError::Blocked(b)))
-                    if Instant::now() + backoff < deadline =>
-                {
-                    tracing::debug!(
-                        patch = prepared.name(),
-                        attempts,
-                        blockers = b.len(),
-                        "no safe point yet; retrying"
-                    );
-                    if let Some(p) = lock(&self.pending).as_mut() {
-                        p.attempts = attempts;
-                        p.waited_ms = first.elapsed().as_secs_f64() * 1e3;
-                        p.blockers = b.iter().map(|b| b.to_string()).collect();
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(100));
-                }
-                Ok(done) => break done,
-                Err(e) if calls.is_empty() => return Err(e),
-                Err(e) => {
-                    return Err(self.abandon(
-                        &k,
-                        &mut engine,
-                        prepared,
-                        loaded,
-                        &passed,
-                        Stop::Failed(e),
-                    ))
-                }
-            }
-        };
-        let pause_us = done.pause.unwrap_or_default().as_secs_f64() * 1e6;
-        tracing::info!(
+        let host = VmHost {
+            control: self,
             action,
-            patch = done.value.name,
-            seq = done.value.seq,
-            prepare_ms,
-            pause_us,
-            attempts,
-            bytes = done.value.bytes_written,
-            "transition committed"
-        );
-        let mut warnings = prepared.warnings().to_vec();
-        // The post callbacks: the transition stands whatever they do.
-        for call in calls.post() {
-            match self.call(
-                &k,
-                &mut engine,
-                &prepared,
-                &call,
-                Instant::now() + CALLBACK_GRACE,
-            ) {
-                Ok(run) => runs.push(run),
-                Err(e) => {
-                    tracing::warn!(patch = call.patch, callback = %call.kind, "{e}");
-                    warnings.push(format!("{} {} did not finish: {e}", call.patch, call.kind));
-                }
-            }
-        }
-        let outcome = Outcome {
-            committed: done.value,
-            prepare_ms,
-            pause_us,
-            attempts,
-            waited_ms: if attempts > 1 {
-                first.elapsed().as_secs_f64() * 1e3
-            } else {
-                0.0
-            },
-            warnings,
-            callbacks: runs,
+            t,
         };
-        let reply = finish(&mut engine, outcome);
+        let mut live = Live {
+            engine: &mut engine,
+            kernel: &k.kernel,
+            prepare,
+        };
+        let outcome = lifecycle::run(&host, &mut live, action, t);
+        let reply = outcome.and_then(|o| finish(&mut engine, o));
         self.publish(&engine);
         reply
-    }
-
-    /// Runs one callback in the guest through the call gate and waits for
-    /// its result until `deadline`. The guest runs throughout except for
-    /// the short pause that sends it.
-    fn call(
-        &self,
-        k: &CachedKernel,
-        engine: &mut Engine,
-        prepared: &Prepared,
-        call: &Call,
-        deadline: Instant,
-    ) -> Result<CallbackRun, ControlError> {
-        let start = Instant::now();
-        let armed = self
-            .paused(|vm| {
-                let armed = engine.arm_call(&k.kernel, vm, prepared, call)?;
-                if !vm.raise_vector(armed.vcpu, IRQ_WORK_VECTOR)? {
-                    tracing::warn!("the local APIC did not take the call gate's interrupt now");
-                }
-                Ok(armed)
-            })?
-            .value;
-        let bell = self.vm.doorbell();
-        loop {
-            let seen = bell.rings();
-            let progress = engine.poll_call(&*self.vm, &armed)?;
-            let ms = start.elapsed().as_secs_f64() * 1e3;
-            if let Progress::Done(ret) = progress {
-                // pre_patch returns an int: the low half of rax.
-                let ret = call.kind.returns().then_some(ret as u32 as i32);
-                tracing::info!(patch = call.patch, callback = %call.kind, ?ret, ms, seq = armed.seq, "klp callback ran");
-                return Ok(CallbackRun {
-                    patch: call.patch.clone(),
-                    callback: call.kind,
-                    object: Hex(call.object),
-                    ret,
-                    ms,
-                    done: true,
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(ControlError::CallbackTimeout {
-                    patch: call.patch.clone(),
-                    callback: call.kind,
-                    ms: ms as u64,
-                    progress: progress.describe(armed.cpu),
-                    cancelled: String::new(),
-                });
-            }
-            bell.wait_past(seen, deadline);
-        }
-    }
-
-    /// Abandons a transition whose pre callbacks ran (some of them): runs
-    /// the callbacks that cancel the passed ones, as klp does, then takes
-    /// back a loaded patch: its pages are restored byte for byte if its
-    /// code surely no longer runs and the guest did not change them, else
-    /// retired (kept mapped until no stack references them). Returns the
-    /// error to report.
-    fn abandon(
-        &self,
-        k: &CachedKernel,
-        engine: &mut Engine,
-        prepared: Prepared,
-        loaded: Option<Plan>,
-        passed: &[Call],
-        stop: Stop,
-    ) -> ControlError {
-        let mut clean = !matches!(stop, Stop::Failed(ControlError::CallbackTimeout { .. }));
-        let mut ran = Vec::new();
-        for c in Calls::cancel(passed) {
-            match self.call(k, engine, &prepared, &c, Instant::now() + CALLBACK_GRACE) {
-                Ok(_) => ran.push(format!("{} {}", c.patch, c.kind)),
-                Err(e) => {
-                    clean = false;
-                    tracing::warn!(patch = c.patch, callback = %c.kind, "cancelling: {e}");
-                    ran.push(format!("{} {} (did not finish)", c.patch, c.kind));
-                }
-            }
-        }
-        if let Some(undo) = loaded {
-            let restored = clean
-                && self
-                    .paused(|vm| Ok(undo.commit(vm).map_err(EngineError::from)?))
-                    .map_err(|e| tracing::info!("keeping the abandoned patch's pages: {e}"))
-                    .is_ok();
-            if !restored {
-                engine.retire_load(prepared);
-            }
-        }
-        self.publish(engine);
-        let cancelled = if ran.is_empty() {
-            String::new()
-        } else {
-            format!("; ran {} to cancel", ran.join(", "))
-        };
-        match stop {
-            Stop::Refused(run) => ControlError::Refused {
-                patch: run.patch,
-                callback: run.callback,
-                ret: run.ret.unwrap_or(0),
-                errno: errno_name(run.ret.unwrap_or(0)),
-                cancelled,
-            },
-            Stop::Failed(ControlError::CallbackTimeout {
-                patch,
-                callback,
-                ms,
-                progress,
-                ..
-            }) => ControlError::CallbackTimeout {
-                patch,
-                callback,
-                ms,
-                progress,
-                cancelled,
-            },
-            Stop::Failed(e) => e,
-        }
     }
 
     /// A transition of one patch (apply, disable, enable).

@@ -14,6 +14,7 @@ use axum::Json;
 
 use klpvisor_api::ErrorReply;
 use klpvisor_engine::engine::Fault;
+use klpvisor_engine::transition::TransitionError;
 
 use super::routes::{allowed_methods, route_list};
 use super::{BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_TIMEOUT};
@@ -69,10 +70,12 @@ impl From<ControlError> for HttpError {
         let status = match &e {
             ControlError::AlreadyPaused
             | ControlError::NotPaused
-            | ControlError::PausedForCallbacks
+            | ControlError::Transition(TransitionError::PausedForCallbacks)
             | ControlError::Busy(_)
-            | ControlError::Refused { .. } => StatusCode::CONFLICT,
-            ControlError::CallbackTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ControlError::Transition(TransitionError::Refused { .. }) => StatusCode::CONFLICT,
+            ControlError::Transition(TransitionError::CallbackTimeout { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ControlError::NoSuchVcpu { .. } => StatusCode::NOT_FOUND,
             ControlError::Stopped | ControlError::KernelNotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
