@@ -30,7 +30,7 @@ use klpvisor_engine::signature::{Policy, SignatureError};
 use klpvisor_engine::transition::{self as lifecycle, Host, Live, Outcome, TransitionError};
 pub use klpvisor_engine::transition::{Transition, MAX_TRANSITION_TIMEOUT, TRANSITION_TIMEOUT};
 use klpvisor_guest::VcpuRegs;
-use klpvisor_guest::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
+use klpvisor_guest::{all_vcpu_regs, Kernel, Task, Tasks, TasksError, VirtRead};
 
 use crate::guest::{vcpu_regs, RegsSnapshot, RootPages};
 use crate::vm::{PauseReport, ResumeReport, Vm, VmError};
@@ -52,7 +52,12 @@ pub enum ControlError {
     #[error("the guest kernel cannot be inspected yet (is it still booting?): {0}")]
     KernelNotReady(String),
     #[error("reading the guest's task list failed: {0}")]
-    Tasks(String),
+    Tasks(#[source] TasksError),
+    #[error(
+        "reading the guest's task list failed: this kernel's BTF or kallsyms lack what the \
+         task walk needs (see the VMM log)"
+    )]
+    NoTaskWalk,
     #[error("internal error: {0}")]
     Internal(&'static str),
     /// A callback refused or did not finish, or the VM is paused.
@@ -438,14 +443,12 @@ impl Control {
     /// Every task, walked inside one pause so the lists are consistent.
     pub fn tasks(&self) -> Result<Paused<Vec<Task>>, ControlError> {
         let k = self.kernel()?;
-        let walker = k.walker.ok_or(ControlError::Tasks(
-            "this kernel's BTF or kallsyms lack what the task walk needs (see the VMM log)".into(),
-        ))?;
+        let walker = k.walker.ok_or(ControlError::NoTaskWalk)?;
         self.paused(|vm| {
             let regs = Self::all_regs(vm)?;
             walker
                 .list(&k.kernel.space(vm), &regs)
-                .map_err(|e| ControlError::Tasks(e.to_string()))
+                .map_err(ControlError::Tasks)
         })
     }
 
@@ -540,7 +543,7 @@ impl Control {
                 .record_pause(&o.committed.name, o.pause_us)
                 .or(o.committed.patch)
                 .ok_or_else(|| {
-                    ControlError::Engine(EngineError::Introspect(
+                    ControlError::Engine(EngineError::Internal(
                         "the committed patch vanished".into(),
                     ))
                 })?;

@@ -64,7 +64,7 @@ pub enum ArenaError {
         why: &'static str,
     },
     #[error("kernel symbol needed for the arena mapping is missing: {0}")]
-    Symbol(String),
+    Symbol(#[source] klpvisor_guest::KallsymsError),
     #[error("cannot read guest-physical {gpa:#x}: {source}")]
     Read {
         gpa: u64,

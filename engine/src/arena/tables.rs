@@ -69,11 +69,7 @@ pub struct ImageFacts {
 
 impl ImageFacts {
     pub fn from_kernel(k: &Kernel) -> Result<Self, ArenaError> {
-        let sym = |name: &'static str| {
-            k.kallsyms
-                .addr(name)
-                .map_err(|e| ArenaError::Symbol(e.to_string()))
-        };
+        let sym = |name: &'static str| k.kallsyms.addr(name).map_err(ArenaError::Symbol);
         Ok(Self {
             tables: k.tables,
             text: k.kaslr.text,

@@ -79,6 +79,12 @@ const WORK_PENDING: u64 = 1;
 pub enum GateError {
     #[error("callbacks cannot run in this guest kernel: {0}")]
     Unsupported(String),
+    /// A kernel symbol the gate calls or writes is missing.
+    #[error("callbacks cannot run in this guest kernel: {0}")]
+    Symbol(#[from] klpvisor_guest::KallsymsError),
+    /// The return thunk the gate's code must use could not be read.
+    #[error("callbacks cannot run in this guest kernel: {0}")]
+    Thunk(#[from] crate::link::LinkError),
     #[error("callbacks cannot run: reading {what} failed: {why}")]
     Read { what: &'static str, why: String },
     #[error(
@@ -321,12 +327,7 @@ impl Gate {
         arena: &mut Arena,
     ) -> Result<(Gate, Vec<Write>), GateError> {
         let space = kernel.space(guest);
-        let sym = |name: &str| {
-            kernel
-                .kallsyms
-                .addr(name)
-                .map_err(|e| GateError::Unsupported(e.to_string()))
-        };
+        let sym = |name: &str| kernel.kallsyms.addr(name).map_err(GateError::Symbol);
         // The vector must be the kernel's irq_work interrupt.
         let handler = sym("asm_sysvec_irq_work")?;
         let gate_va = regs
@@ -360,8 +361,7 @@ impl Gate {
             system_wq: sym("system_wq")?,
             raised_list: sym("raised_list")?,
             indirect_thunk: kernel.kallsyms.addr("__x86_indirect_thunk_rax").ok(),
-            return_thunk: crate::link::guest_return_thunk(&space, &kernel.kallsyms)
-                .map_err(|e| GateError::Unsupported(e.to_string()))?,
+            return_thunk: crate::link::guest_return_thunk(&space, &kernel.kallsyms)?,
         };
         let layout = Layout::from_kernel(kernel)?;
         let text = arena.alloc(PAGE, Perm::Text)?;

@@ -19,9 +19,7 @@ impl Engine {
         ko: &[u8],
         force: bool,
     ) -> Result<Prepared, EngineError> {
-        let release = kernel.uts(guest, "release").ok_or_else(|| {
-            EngineError::Introspect("cannot read init_uts_ns.name.release".into())
-        })?;
+        let release = kernel.uts(guest, "release").ok_or(EngineError::NoRelease)?;
         let module = Module::parse(ko, &kernel.btf, &release)?;
         let name = module.patch.name.clone();
         if let Some(e) = self.stack.get(&name) {
@@ -60,11 +58,9 @@ impl Engine {
         };
         let space = kernel.space(guest);
         let options = LinkOptions {
-            return_thunk: guest_return_thunk(&space, &kernel.kallsyms)
-                .map_err(|e| EngineError::Link(e.to_string()))?,
+            return_thunk: guest_return_thunk(&space, &kernel.kallsyms)?,
         };
-        let linked = link(&module, &kernel.kallsyms, bases, &options)
-            .map_err(|e| EngineError::Link(e.to_string()))?;
+        let linked = link(&module, &kernel.kallsyms, bases, &options)?;
 
         // Every old function's entry must be an ftrace site we can take.
         let ftrace = facts.ftrace.clone();
@@ -90,10 +86,9 @@ impl Engine {
             if image.bytes.is_empty() {
                 continue;
             }
-            let region = regions
-                .iter()
-                .find(|r| r.va == image.va)
-                .ok_or_else(|| EngineError::Link(format!("no arena region at {:#x}", image.va)))?;
+            let region = regions.iter().find(|r| r.va == image.va).ok_or_else(|| {
+                EngineError::Internal(format!("no arena region at {:#x}", image.va))
+            })?;
             plan.push(
                 Write::read_expect(
                     guest,

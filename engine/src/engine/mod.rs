@@ -31,7 +31,7 @@ use crate::write::{Plan, Write, WriteError};
 use klpvisor_api::{FuncInfo, Hex, HistoryEntry, LiveFunc, PatchInfo, PatchState, RetiredInfo};
 use klpvisor_guest::orc::Orc;
 use klpvisor_guest::Guest;
-use klpvisor_guest::{all_vcpu_regs, Kernel, Tasks};
+use klpvisor_guest::{all_vcpu_regs, IntrospectError, Kernel, Tasks, TasksError};
 
 /// Who is at fault for an [`EngineError`], so a front end can pick a status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,14 +46,17 @@ pub enum Fault {
     NoSpace,
     /// Reading or writing the guest failed.
     Guest,
+    /// An invariant of the engine broke: a bug in klpvisor, not a problem
+    /// with the guest or the patch.
+    Internal,
 }
 
 #[derive(Debug, Error)]
 pub enum EngineError {
     #[error(transparent)]
     Module(#[from] ModuleError),
-    #[error("{0}")]
-    Link(String),
+    #[error(transparent)]
+    Link(#[from] crate::link::LinkError),
     #[error(transparent)]
     Stack(#[from] StackError),
     #[error("patch arena: {0}")]
@@ -67,8 +70,34 @@ pub enum EngineError {
         "guest memory changed under the transition or the plan is unsafe; nothing was written: {0}"
     )]
     Write(#[from] WriteError),
+    /// The guest's task list or per-CPU areas could not be read.
     #[error("reading the guest kernel failed: {0}")]
-    Introspect(String),
+    Tasks(#[from] TasksError),
+    /// The vCPUs' registers could not be read.
+    #[error("reading the guest kernel failed: {0}")]
+    Registers(#[from] IntrospectError),
+    /// One vCPU's registers could not be read.
+    #[error("reading the guest kernel failed: vCPU {vcpu} registers: {source}")]
+    VcpuRegisters {
+        vcpu: usize,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The kernel's release string could not be read.
+    #[error("reading the guest kernel failed: cannot read init_uts_ns.name.release")]
+    NoRelease,
+    /// A vCPU's GS bases point at no CPU's per-CPU area.
+    #[error(
+        "reading the guest kernel failed: vCPU {0}'s GS bases are no CPU's per-CPU area \
+         (__per_cpu_offset)"
+    )]
+    NoPerCpuArea(usize),
+    /// An invariant of the engine broke. This is klpvisor's fault, not the
+    /// guest's or the patch's; the transition was refused before writing.
+    #[error(
+        "internal error in klpvisor (a bug in klpvisor, not a problem with the guest or the \
+         patch; nothing was written, please report it): {0}"
+    )]
+    Internal(String),
     #[error("safe-point check failed: {0}")]
     Safepoint(#[from] SafepointError),
     #[error(
@@ -105,6 +134,7 @@ impl EngineError {
     pub fn kind(&self) -> Fault {
         match self {
             EngineError::Module(_) | EngineError::Link(_) => Fault::Module,
+            EngineError::Internal(_) => Fault::Internal,
             EngineError::Stack(StackError::Unknown(_)) | EngineError::NoSuchTransition { .. } => {
                 Fault::NotFound
             }
@@ -115,9 +145,13 @@ impl EngineError {
             | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
             EngineError::Gate(GateError::Busy(_)) => Fault::State,
             EngineError::Gate(_) => Fault::Guest,
-            EngineError::Arena(_) | EngineError::Introspect(_) | EngineError::Safepoint(_) => {
-                Fault::Guest
-            }
+            EngineError::Arena(_)
+            | EngineError::Tasks(_)
+            | EngineError::Registers(_)
+            | EngineError::VcpuRegisters { .. }
+            | EngineError::NoRelease
+            | EngineError::NoPerCpuArea(_)
+            | EngineError::Safepoint(_) => Fault::Guest,
             EngineError::Site { source, .. } => match **source {
                 SiteError::NotAFunction { .. }
                 | SiteError::NotInText { .. }
@@ -351,8 +385,7 @@ impl Engine {
                         source: Box::new(source),
                     }
                 })?;
-            let tasks = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)
-                .map_err(|e| EngineError::Introspect(e.to_string()))?;
+            let tasks = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)?;
             let hardirq_stack_ptr = kernel.kallsyms.addr("hardirq_stack_ptr").ok();
             let release = kernel.uts(guest, "release");
             let orc = Orc::load(&space, &kernel.kallsyms, release.as_deref()).ok();
@@ -366,7 +399,7 @@ impl Engine {
         }
         self.facts
             .as_mut()
-            .ok_or(EngineError::Introspect("kernel facts unavailable".into()))
+            .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))
     }
 
     /// The site of the function at `old`: known, or validated now.
@@ -412,7 +445,7 @@ impl Engine {
                 .sites
                 .get(&old)
                 .or_else(|| fresh.iter().find(|s| s.func == old))
-                .ok_or_else(|| EngineError::Introspect(format!("no site for {old:#x}")))?;
+                .ok_or_else(|| EngineError::Internal(format!("no site for {old:#x}")))?;
             let bytes =
                 |t: Option<u64>| -> Result<Vec<u8>, EngineError> {
                     match t {
@@ -622,9 +655,10 @@ impl Engine {
         if self.gate.is_some() {
             return Ok(false);
         }
-        let regs = guest
-            .vcpu_regs(0)
-            .map_err(|e| EngineError::Introspect(format!("vCPU 0 registers: {e}")))?;
+        let regs = guest.vcpu_regs(0).map_err(|e| EngineError::VcpuRegisters {
+            vcpu: 0,
+            source: Box::new(e),
+        })?;
         let facts = self.facts(kernel, guest)?;
         let mut arena = facts.arena.clone();
         let (gate, writes) = Gate::plan_install(kernel, guest, &regs, &mut arena)?;
@@ -662,9 +696,9 @@ impl Engine {
         p: &Prepared,
         call: &Call,
     ) -> Result<Armed, EngineError> {
-        let func = call.func.ok_or_else(|| {
-            EngineError::Introspect(format!("{} has no {}", call.patch, call.kind))
-        })?;
+        let func = call
+            .func
+            .ok_or_else(|| EngineError::Internal(format!("{} has no {}", call.patch, call.kind)))?;
         // The gate calls whatever the mailbox says: it must be the code of
         // the patch the callback belongs to, loaded in the arena now.
         let record = self
@@ -672,36 +706,31 @@ impl Engine {
             .get(&call.patch)
             .or(p.record.as_ref().filter(|_| p.name == call.patch));
         if !record.is_some_and(|r| r.text().any(|t| t.contains(&func))) {
-            return Err(EngineError::Introspect(format!(
+            return Err(EngineError::Internal(format!(
                 "{} {} at {func:#x} is not in that patch's loaded code; not calling it",
                 call.patch, call.kind
             )));
         }
-        let regs = guest
-            .vcpu_regs(0)
-            .map_err(|e| EngineError::Introspect(format!("vCPU 0 registers: {e}")))?;
+        let regs = guest.vcpu_regs(0).map_err(|e| EngineError::VcpuRegisters {
+            vcpu: 0,
+            source: Box::new(e),
+        })?;
         let facts = self
             .facts
             .as_ref()
-            .ok_or(EngineError::Introspect("kernel facts unavailable".into()))?;
-        let bases = facts
-            .tasks
-            .per_cpu_bases(&kernel.space(guest))
-            .map_err(|e| EngineError::Introspect(e.to_string()))?;
+            .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))?;
+        let bases = facts.tasks.per_cpu_bases(&kernel.space(guest))?;
         // The per-CPU base is GS in the kernel, the other GS base in user
         // mode; try both, so a vCPU caught right at an entry still works.
         let (cpu, base) = [Some(regs.gs_base), regs.kernel_gs_base]
             .into_iter()
             .flatten()
             .find_map(|gs| bases.iter().find(|(_, b)| *b == gs).copied())
-            .ok_or_else(|| {
-                EngineError::Introspect(
-                    "vCPU 0's GS bases are no CPU's per-CPU area (__per_cpu_offset)".into(),
-                )
-            })?;
-        let gate = self.gate.as_mut().ok_or(EngineError::Introspect(
-            "the call gate is not installed".into(),
-        ))?;
+            .ok_or(EngineError::NoPerCpuArea(0))?;
+        let gate = self
+            .gate
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
         let seq = self.calls + 1;
         let plan = gate.plan_arm(kernel, guest, (cpu, base), call, func, seq)?;
         plan.commit(guest)?;
@@ -715,9 +744,10 @@ impl Engine {
         guest: &G,
         armed: &Armed,
     ) -> Result<Progress, EngineError> {
-        let gate = self.gate.as_ref().ok_or(EngineError::Introspect(
-            "the call gate is not installed".into(),
-        ))?;
+        let gate = self
+            .gate
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
         Ok(gate.poll(guest, armed.seq)?)
     }
 
@@ -840,19 +870,13 @@ impl Engine {
         let f = self
             .facts
             .as_ref()
-            .ok_or(EngineError::Introspect("kernel facts unavailable".into()))?;
+            .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))?;
         let space = kernel.space(guest);
-        let regs = all_vcpu_regs(guest).map_err(|e| EngineError::Introspect(e.to_string()))?;
-        let tasks = f
-            .tasks
-            .list(&space, &regs)
-            .map_err(|e| EngineError::Introspect(e.to_string()))?;
+        let regs = all_vcpu_regs(guest)?;
+        let tasks = f.tasks.list(&space, &regs)?;
         let irq = match f.hardirq_stack_ptr {
             Some(ptr) => {
-                let bases = f
-                    .tasks
-                    .per_cpu_bases(&space)
-                    .map_err(|e| EngineError::Introspect(e.to_string()))?;
+                let bases = f.tasks.per_cpu_bases(&space)?;
                 irq_stacks(&space, &bases, ptr)
             }
             None => Vec::new(),

@@ -81,9 +81,10 @@ impl From<ControlError> for HttpError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ControlError::Vm(crate::VmError::PauseTimeout(..)) => StatusCode::SERVICE_UNAVAILABLE,
-            ControlError::Vm(_) | ControlError::Tasks(_) | ControlError::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ControlError::Vm(_)
+            | ControlError::Tasks(_)
+            | ControlError::NoTaskWalk
+            | ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // A module whose trailer cannot be read is a bad module (like
             // one the ELF parser rejects); anything else is the policy's no.
             ControlError::Signature(klpvisor_engine::signature::SignatureError::Malformed(_)) => {
@@ -95,7 +96,7 @@ impl From<ControlError> for HttpError {
                 Fault::State => StatusCode::CONFLICT,
                 Fault::NotFound => StatusCode::NOT_FOUND,
                 Fault::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
-                Fault::Guest => StatusCode::INTERNAL_SERVER_ERROR,
+                Fault::Guest | Fault::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },
         };
         Self::new(status, e.to_string())
@@ -250,5 +251,20 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn engine_invariants_are_klpvisors_fault_not_the_guests() {
+        use klpvisor_engine::engine::EngineError;
+        let e = HttpError::from(ControlError::Engine(EngineError::Internal(
+            "no site for 0xffffffff81000000".into(),
+        )));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains("a bug in klpvisor"), "{}", e.message);
+        assert!(!e.message.contains("reading the guest"), "{}", e.message);
+        let refused = HttpError::from(ControlError::Transition(
+            klpvisor_engine::transition::TransitionError::PausedForCallbacks,
+        ));
+        assert_eq!(refused.status, StatusCode::CONFLICT);
     }
 }
