@@ -1,6 +1,7 @@
 //! The control socket under load and abuse: 16 concurrent clients, every
 //! class of bad input, a foreign uid, while the guest runs checked
 //! computations; the VMM keeps serving and the guest is untouched.
+#![forbid(unsafe_code)]
 
 use harness::run_scenario;
 

@@ -1,6 +1,7 @@
 //! Bad arguments end `vmm` with exit code 1 and one line naming the problem:
 //! no panic, no backtrace. These fail before any guest runs, so they run on
 //! this host directly.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::Command;

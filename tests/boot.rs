@@ -1,5 +1,6 @@
 //! The guest boots to its init with the requested vCPUs and the exact command
 //! line, and its own poweroff/reboot end `vmm` with exit code 0.
+#![forbid(unsafe_code)]
 
 use harness::run_scenario;
 

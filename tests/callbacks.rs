@@ -2,6 +2,7 @@
 //! of their callbacks, with whether their function is live at that
 //! moment, and the VMM runs them in the guest kernel through its call
 //! gate around apply, replace, disable, a refused pre_patch and rollbacks.
+#![forbid(unsafe_code)]
 
 use harness::{run_scenario, Run};
 use klpvisor_api::{PatchState, PatchesReply};

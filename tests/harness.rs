@@ -7,6 +7,7 @@
 //! they run inside the nested image: QEMU TCG boots an L1 Linux with KVM,
 //! whose init runs the scenario (`scripts/nested-run`). Either way the test
 //! reads the same lines.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write as _};
@@ -45,6 +46,7 @@ pub fn skip_without_e2e() -> bool {
     true
 }
 
+/// The repository root (scenarios, guest images and build/ live there).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -60,6 +62,8 @@ pub fn bin_dir() -> PathBuf {
     target.join("release")
 }
 
+/// The release `vmm` the scenarios run; a test fails early, saying how to
+/// build it, when it is missing.
 pub fn vmm_bin() -> PathBuf {
     let p = bin_dir().join("vmm");
     assert!(
@@ -70,6 +74,7 @@ pub fn vmm_bin() -> PathBuf {
     p
 }
 
+/// Where the scenarios run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// This host's KVM runs guests at hardware speed.
@@ -117,7 +122,9 @@ fn ensure_images(mode: Mode) {
 /// Everything a scenario printed, with its exit status.
 #[derive(Debug)]
 pub struct Run {
+    /// Every line the scenario and its guest printed, in order.
     pub lines: Vec<String>,
+    /// Whether the scenario exited 0.
     pub success: bool,
 }
 
@@ -153,12 +160,11 @@ impl Run {
             .collect()
     }
 
+    /// Everything printed, for an assertion's message.
     pub fn transcript(&self) -> String {
         self.lines.join("\n")
     }
 
-    /// The JSON a scenario printed on one line after `TAG STEP `
-    /// (e.g. `KLPV-JSON-PATCHES applied {...}`), decoded.
     /// What the guest's klpv-cmdline printed for `cat /proc/cmdline` the
     /// n-th time (`KLPV-CMDLINE <n> <text>`).
     pub fn cmdline(&self, n: u32) -> String {
@@ -169,6 +175,8 @@ impl Run {
             .unwrap_or_else(|| panic!("no cmdline #{n}\n{}", self.transcript()))
     }
 
+    /// The JSON a scenario printed on one line after `TAG STEP `
+    /// (e.g. `KLPV-JSON-PATCHES applied {...}`), decoded.
     pub fn json<T: serde::de::DeserializeOwned>(&self, tag: &str, step: &str) -> T {
         let prefix = format!("{tag} {step} ");
         let json = self

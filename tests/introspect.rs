@@ -1,6 +1,7 @@
 //! Introspection through the control socket equals the guest's own view:
 //! its kallsyms (every vmlinux line, by digest), its kernel release and
 //! build, and its thread list, on two boots with different KASLR slides.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 

@@ -8,6 +8,7 @@
 //! exiting on every vCPU, and makes an apply the first request that needs
 //! the kernel. Before the fix, about one boot in three kept a view through
 //! a freed PGD and refused every patch for the VM's life.
+#![forbid(unsafe_code)]
 
 use harness::run_scenario_within;
 

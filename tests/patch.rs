@@ -1,4 +1,5 @@
 //! Livepatch modules built by kbuild, applied from outside the guest.
+#![forbid(unsafe_code)]
 
 use harness::{run_scenario, Run};
 use klpvisor_api::{PatchState, PatchesReply};

@@ -1,5 +1,6 @@
 //! Pausing and resuming a running guest hundreds of times leaves it working:
 //! its console keeps printing and a computation finishes with the right result.
+#![forbid(unsafe_code)]
 
 use harness::run_scenario;
 

@@ -1,6 +1,7 @@
 //! Cumulative patches: atomic replace, downgrade, the forced-replace
 //! refusal, and 1000 transitions under guest load (klpv-v1/v2, see
 //! guest-images/patches/klpv-v1.c).
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -1,6 +1,7 @@
 //! Shadow variables and system states, end to end: patches built
 //! by kbuild call the guest kernel's own klp_shadow_* functions, and klp's
 //! state-compatibility rule is enforced from outside.
+#![forbid(unsafe_code)]
 
 use harness::{run_scenario, Run};
 use klpvisor_api::{PatchState, PatchesReply};

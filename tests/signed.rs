@@ -1,6 +1,7 @@
 //! Signed patches, end to end: the signature matrix through the
 //! real control socket with `patcher`, with and without `vmm --trusted-keys`
 //! (scenario `patch-signed`, one L1 boot, two guest boots).
+#![forbid(unsafe_code)]
 
 use harness::{run_scenario, Run};
 use klpvisor_api::{PatchState, PatchesReply, VmInfo};

@@ -2,6 +2,7 @@
 //! connection over the Unix socket, replies decoded into the [`crate`]
 //! types. Blocking from the caller's point of view (a CLI and benchmarks
 //! want nothing else); a small current-thread runtime drives hyper inside.
+#![warn(missing_docs)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,28 +24,59 @@ use crate::{
 /// 30 s; this only catches a VMM that stopped answering altogether).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Why a request to the VMM failed, worded for the user of the CLI.
 #[derive(Debug, Error)]
 pub enum ClientError {
+    /// The socket cannot be reached.
     #[error("cannot connect to {path}: {source}{hint}")]
     Connect {
+        /// The socket.
         path: PathBuf,
+        /// The connect error.
         source: std::io::Error,
+        /// What the error usually means (no VMM, wrong user).
         hint: &'static str,
     },
+    /// The HTTP exchange broke off.
     #[error("talking to the VMM at {path}: {message}")]
-    Http { path: PathBuf, message: String },
+    Http {
+        /// The socket.
+        path: PathBuf,
+        /// hyper's error.
+        message: String,
+    },
+    /// No reply within [`CLIENT_TIMEOUT`].
     #[error("no reply from the VMM at {path} within {} s", CLIENT_TIMEOUT.as_secs())]
-    Timeout { path: PathBuf },
+    Timeout {
+        /// The socket.
+        path: PathBuf,
+    },
     /// The VMM answered with an error status; `message` is its explanation.
     #[error("{message} (HTTP {status})")]
-    Api { status: u16, message: String },
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The VMM's `{"error": ...}` text.
+        message: String,
+    },
+    /// The reply is not the JSON this client expects (a VMM of another
+    /// version).
     #[error("the VMM's reply to {what} is not what this patcher expects: {message}")]
-    Decode { what: String, message: String },
+    Decode {
+        /// The request, `METHOD PATH`.
+        what: String,
+        /// serde's error.
+        message: String,
+    },
+    /// A file to upload cannot be read.
     #[error("cannot read {path}: {source}")]
     File {
+        /// The file.
         path: PathBuf,
+        /// The read error.
         source: std::io::Error,
     },
+    /// The client's runtime could not start (out of threads or memory).
     #[error("cannot start the client runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -59,11 +91,14 @@ pub struct Client {
 /// A raw reply: status and body bytes.
 #[derive(Debug, Clone)]
 pub struct Reply {
+    /// The HTTP status.
     pub status: u16,
+    /// The body as sent.
     pub body: Vec<u8>,
 }
 
 impl Client {
+    /// A client of the socket at `path` (nothing is connected yet).
     pub fn new(path: &Path) -> Result<Self, ClientError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -75,6 +110,7 @@ impl Client {
         })
     }
 
+    /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -64,8 +64,11 @@ pub enum TransitionError {
          so the transition was abandoned and no function was redirected{cancelled}"
     )]
     Refused {
+        /// The patch whose callback refused.
         patch: String,
+        /// Which callback (always `pre_patch`: only it returns a value).
         callback: CallbackKind,
+        /// Its return value (a negative errno).
         ret: i32,
         /// ` (-EBUSY)` and the like, or empty.
         errno: String,
@@ -79,8 +82,11 @@ pub enum TransitionError {
          abandoned and no function was redirected{cancelled}"
     )]
     CallbackTimeout {
+        /// The patch whose callback did not finish.
         patch: String,
+        /// Which callback.
         callback: CallbackKind,
+        /// How long it was waited for.
         ms: u64,
         /// How far it got (see [`Progress::describe`]).
         progress: String,

@@ -11,6 +11,7 @@
 //!
 //! Needs QEMU for the first run (guest-images/dump-guest), like
 //! dump_introspect.rs.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;

@@ -3,6 +3,7 @@
 //! a copy-on-write overlay with a synthetic arena. Checks what the guest
 //! would execute: the old entry jumps to linked code whose own calls land
 //! on the guest's functions; disable and replace restore exactly.
+#![forbid(unsafe_code)]
 
 use klpvisor_api::PatchState;
 use klpvisor_engine::engine::{Engine, EngineError, Fault};

@@ -5,6 +5,7 @@
 //! (many{10,100}-{a,b}, cumulative) go through apply, replace and disable
 //! with every entry redirected, then restored byte for byte. Prints how
 //! long each transition's prepare and commit took.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeSet;
 use std::process::Command;

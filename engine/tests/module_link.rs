@@ -7,6 +7,7 @@
 //! Every module is parsed with the dump's BTF and release and linked
 //! against the dump's kallsyms; the results are checked against the
 //! guest's own /proc/kallsyms.
+#![forbid(unsafe_code)]
 
 use std::process::Command;
 use std::sync::OnceLock;

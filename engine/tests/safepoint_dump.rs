@@ -1,6 +1,7 @@
 //! The safe-point check on a real guest, offline: the QEMU dump of the test
 //! guest (see guest/tests/dump_introspect.rs) with every task stopped where
 //! it was, checked as a transition would check it.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -2,6 +2,7 @@
 //!
 //! Usage: cargo run --release -p klpvisor-guest --example kallsyms_bench [VMCORE] [ROUNDS]
 //! (default build/dump/vmcore.elf from guest-images/dump-guest, 10 rounds)
+#![forbid(unsafe_code)]
 
 use std::error::Error;
 use std::time::{Duration, Instant};

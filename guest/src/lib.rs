@@ -7,15 +7,28 @@
 //! KVM and [`dump::DumpGuest`] implements over a QEMU memory dump, so the
 //! same code runs live and in offline tests. The patch engine
 //! (`klpvisor-engine`) builds on it; nothing here writes kernel text.
+#![forbid(unsafe_code)]
 
+// Modules marked `#[allow(missing_docs)]` predate the workspace's
+// `missing_docs` lint and still have undocumented public fields or
+// variants; the lint holds every other (and every new) module to it.
+#[allow(missing_docs)]
 pub mod btf;
+#[allow(missing_docs)]
 pub mod dump;
+#[allow(missing_docs)]
 pub mod kallsyms;
+#[allow(missing_docs)]
 pub mod kaslr;
+#[allow(missing_docs)]
 pub mod kernel;
+#[allow(missing_docs)]
 pub mod orc;
+#[allow(missing_docs)]
 pub mod overlay;
+#[allow(missing_docs)]
 pub mod paging;
+#[allow(missing_docs)]
 pub mod tasks;
 
 pub use btf::{Btf, BtfError, Field};
@@ -28,6 +41,8 @@ pub use tasks::{Running, Task, Tasks, TasksError};
 
 /// The engine's whole view of a guest.
 pub trait Guest {
+    /// Why an access failed (outside guest memory, a vCPU that cannot be
+    /// read); the engine wraps it with what it was reading.
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Reads guest-physical memory; fails if any byte is outside guest memory.
@@ -52,26 +67,47 @@ pub trait Guest {
 /// records no MSRs, so `efer` and `lstar` are unknown there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VcpuRegs {
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub rax: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub rbx: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub rcx: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub rdx: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub rsi: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub rdi: u64,
+    /// The frame pointer (frame-pointer unwinding falls back on it).
     pub rbp: u64,
+    /// The stack pointer: which stack the vCPU is on (task, IRQ) for the safe-point check.
     pub rsp: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub r8: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub r9: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub r10: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub r11: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub r12: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub r13: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub r14: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
     pub r15: u64,
+    /// The instruction pointer: the code the vCPU executes (a safe point must not be inside a changed function).
     pub rip: u64,
+    /// The flags (interrupts enabled or not).
     pub rflags: u64,
+    /// CR0 (PG: paging on).
     pub cr0: u64,
+    /// CR3: the page-table root the vCPU uses (the kernel is found through it).
     pub cr3: u64,
+    /// CR4 (PAE, LA57: the paging mode).
     pub cr4: u64,
     /// IA32_EFER, if the source records MSRs.
     pub efer: Option<u64>,
@@ -85,8 +121,9 @@ pub struct VcpuRegs {
     pub cs_selector: u16,
     /// CS.L: the vCPU executes 64-bit code.
     pub cs_long: bool,
-    /// IDTR base and limit.
+    /// IDTR base: the interrupt table the call gate checks its vector in.
     pub idtr_base: u64,
+    /// IDTR limit (the table's size in bytes, minus one).
     pub idtr_limit: u16,
 }
 

@@ -5,6 +5,7 @@
 //!
 //! Needs QEMU (CI installs it): the first run takes ~30 s, later runs reuse
 //! build/dump until the guest image changes.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

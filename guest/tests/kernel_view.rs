@@ -9,6 +9,7 @@
 //! kernel's own `init_top_pgt` and is verified before it is kept. These
 //! tests give `Kernel::open` every kind of root a vCPU can hold, by
 //! presenting the dump with doctored vCPU registers or memory.
+#![forbid(unsafe_code)]
 
 use klpvisor_guest::paging::{CR4_LA57, PTI_USER_PGD_BIT};
 use klpvisor_guest::{AddressSpace, DumpError, DumpGuest, IntrospectError, Kernel};

@@ -1,6 +1,7 @@
 //! api_bench SOCK [N]: N (default 1000) pause/resume round trips through
 //! the control socket: round-trip time, time out of guest mode and pause
 //! latency (median, p99), and the kallsyms decode time the VMM measured.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 use std::time::Instant;

@@ -2,6 +2,7 @@
 //! PATCH: request time, guest pause, and each klp callback's time in the
 //! guest (median, p99) — what running callbacks through the call gate
 //! costs a transition.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 use std::time::Instant;

@@ -2,6 +2,7 @@
 //! arena but the call gate's data page (its mailbox, which records every
 //! callback sent and so changes by design): what a refused patch must
 //! leave untouched.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

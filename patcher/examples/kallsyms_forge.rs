@@ -3,6 +3,7 @@
 //! kallsyms_token_table in guest RAM (through the vmm process's own
 //! mapping, /proc/PID/mem), which the VMM's kallsyms decoder anchors on,
 //! saving where; `restore` writes the digits back.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

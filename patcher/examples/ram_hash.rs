@@ -2,6 +2,7 @@
 //! (MEM_MIB as given to `vmm --mem`) read through the vmm process PID's
 //! own mapping (/proc/PID/mem), the arena (`--arena`) by physical API
 //! reads — so a scenario can prove a refused patch wrote nothing anywhere.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

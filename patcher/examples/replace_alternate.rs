@@ -2,6 +2,7 @@
 //! enabling loaded replace patches A, B, A, ... (each a full atomic replace
 //! of every function they carry): pause and request time, median and p99,
 //! and the guest's task count (the safe-point check walks every task).
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 use std::time::Instant;

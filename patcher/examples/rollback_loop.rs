@@ -3,6 +3,7 @@
 //! (default 100) roll back (B -> A) and roll the rollback back (A -> B),
 //! comparing every patch site's 5 bytes and every patch's state with A and
 //! B each time: a rollback must restore them exactly.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

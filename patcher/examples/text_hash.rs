@@ -2,6 +2,7 @@
 //! `GET /memory`, with the 5 bytes at each SITE (hex) — or, with none
 //! given, at each live patch site — masked, so "unchanged outside the
 //! sites" can be checked while a patch is on.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

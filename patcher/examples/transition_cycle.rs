@@ -3,6 +3,7 @@
 //! disable klpv_v2 (both loaded, neither enabled): each one's pause and
 //! attempts, and the VMM's heap after the first 30 and at the end (a leak
 //! per transition would show).
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 use std::time::Instant;
