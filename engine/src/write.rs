@@ -19,6 +19,7 @@
 //! Commit with every vCPU paused: VM entry is serializing, so no vCPU runs
 //! a half-written instruction.
 
+use klpvisor_guest::GuestPhys;
 use std::fmt;
 
 use sha2::{Digest as _, Sha256};
@@ -200,11 +201,13 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn read<G: Guest + ?Sized>(guest: &G, gpa: u64, buf: &mut [u8]) -> Result<(), WriteError> {
-    guest.read_phys(gpa, buf).map_err(|e| WriteError::Read {
-        gpa,
-        len: buf.len(),
-        source: Box::new(e),
-    })
+    guest
+        .read_phys(GuestPhys(gpa), buf)
+        .map_err(|e| WriteError::Read {
+            gpa,
+            len: buf.len(),
+            source: Box::new(e),
+        })
 }
 
 impl Plan {
@@ -362,14 +365,14 @@ impl Plan {
     pub fn commit<G: Guest + ?Sized>(&self, guest: &G) -> Result<Plan, WriteError> {
         self.check(guest)?;
         for (i, w) in self.writes.iter().enumerate() {
-            if let Err(e) = guest.write_phys(w.gpa, &w.bytes) {
+            if let Err(e) = guest.write_phys(GuestPhys(w.gpa), &w.bytes) {
                 let undo_failed: Vec<String> = self
                     .writes
                     .get(..i)
                     .unwrap_or_default()
                     .iter()
                     .rev()
-                    .filter(|d| guest.write_phys(d.gpa, &d.expect).is_err())
+                    .filter(|d| guest.write_phys(GuestPhys(d.gpa), &d.expect).is_err())
                     .map(|d| d.label.clone())
                     .collect();
                 let rollback = if undo_failed.is_empty() {
@@ -441,7 +444,7 @@ mod tests {
     fn guest() -> FakePhys {
         let m = FakePhys::new(0x10000);
         let fill: Vec<u8> = (0..0x10000u32).map(|i| (i * 7 % 251) as u8).collect();
-        m.write_phys(0, &fill).unwrap();
+        m.write_phys(GuestPhys(0), &fill).unwrap();
         m
     }
 
@@ -482,7 +485,7 @@ mod tests {
         let h0 = hash_ranges(&m, &[(0, 0x10000)]).unwrap();
         let undo = p.commit(&m).unwrap();
         let mut b = [0u8; 5];
-        m.read_phys(0x1000, &mut b).unwrap();
+        m.read_phys(GuestPhys(0x1000), &mut b).unwrap();
         assert_eq!(b, [0xe9, 1, 2, 3, 4]);
         assert_ne!(hash_ranges(&m, &[(0, 0x10000)]).unwrap(), h0);
         // Committing again fails: the expectations no longer hold.

@@ -13,6 +13,7 @@
 //! dump_introspect.rs.
 #![forbid(unsafe_code)]
 
+use klpvisor_guest::GuestPhys;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -105,7 +106,7 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
     let f = fixture();
     let mut probe = [0u8; 8];
     assert!(
-        f.guest.read_phys(ARENA.0, &mut probe).is_err(),
+        f.guest.read_phys(GuestPhys(ARENA.0), &mut probe).is_err(),
         "the dump has memory at the synthetic arena {:#x}",
         ARENA.0
     );
@@ -153,7 +154,9 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
         .collect();
     let text_hash = hash_ranges(&g, &text_ranges(f, &[])).unwrap();
     let mut pmd_page = vec![0u8; 4096];
-    f.guest.read_phys(arena.pmd_page(), &mut pmd_page).unwrap();
+    f.guest
+        .read_phys(GuestPhys(arena.pmd_page()), &mut pmd_page)
+        .unwrap();
 
     // Code, read-only data, data, and a large text block across slots.
     let code = arena.alloc(3 * PAGE + 10, Perm::Text).unwrap();
@@ -232,7 +235,8 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
     );
     // Only the arena's slots changed in the kernel's PMD page.
     let mut after = vec![0u8; 4096];
-    g.read_phys(arena.pmd_page(), &mut after).unwrap();
+    g.read_phys(GuestPhys(arena.pmd_page()), &mut after)
+        .unwrap();
     // (Slots are installed lazily: only those holding allocated pages.)
     let (first, count) = arena.pmd_slots();
     let used = (big.va + big.len - arena.va_range().0).div_ceil(2 << 20);
@@ -267,8 +271,8 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
             continue; // the synthetic arena has no original to compare with
         }
         let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
-        g.read_phys(gpa, &mut a).unwrap();
-        f.guest.read_phys(gpa, &mut b).unwrap();
+        g.read_phys(GuestPhys(gpa), &mut a).unwrap();
+        f.guest.read_phys(GuestPhys(gpa), &mut b).unwrap();
         assert_eq!(a, b, "{gpa:#x}+{len} restored");
     }
     for (t, before) in pgds.iter().zip(&runs_before) {
@@ -455,7 +459,7 @@ fn real_function_entries_decode_as_sites() {
     let rel = (caller as i64 - (site.at as i64 + 5)) as i32;
     let mut call = vec![0xe8];
     call.extend_from_slice(&rel.to_le_bytes());
-    g.write_phys(site.gpa, &call).unwrap();
+    g.write_phys(GuestPhys(site.gpa), &call).unwrap();
     let e = Site::find(&space, k, &f.records, site.func).unwrap_err();
     let msg = e.to_string();
     assert!(

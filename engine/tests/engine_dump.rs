@@ -9,6 +9,7 @@ use klpvisor_api::PatchState;
 use klpvisor_engine::engine::{Engine, EngineError, Fault};
 use klpvisor_guest::overlay::Overlay;
 use klpvisor_guest::Guest;
+use klpvisor_guest::GuestPhys;
 use klpvisor_guest::VirtRead;
 
 mod common;
@@ -206,14 +207,15 @@ fn retired_code_is_freed_only_when_no_stack_references_it() {
         .expect("a sleeping task");
     let slot = k.space(&g).translate(sleeper.saved_sp + 48).unwrap().phys;
     let mut saved = [0u8; 8];
-    g.read_phys(slot, &mut saved).unwrap();
-    g.write_phys(slot, &(new + 4).to_le_bytes()).unwrap();
+    g.read_phys(GuestPhys(slot), &mut saved).unwrap();
+    g.write_phys(GuestPhys(slot), &(new + 4).to_le_bytes())
+        .unwrap();
 
     e.remove("livepatch_sample").unwrap();
     assert!(e.sweep(k, &g).unwrap().is_empty(), "referenced: kept");
     assert_eq!(e.retired()[0].name, "livepatch_sample");
 
-    g.write_phys(slot, &saved).unwrap();
+    g.write_phys(GuestPhys(slot), &saved).unwrap();
     assert_eq!(e.sweep(k, &g).unwrap(), vec!["livepatch_sample"]);
     assert!(e.retired().is_empty());
 }
@@ -544,8 +546,8 @@ fn signed_module_applies_stripped_and_lists_its_signature() {
     assert_eq!(g.write_log(), plain.write_log());
     for (gpa, len) in g.write_log() {
         let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
-        g.read_phys(gpa, &mut a).unwrap();
-        plain.read_phys(gpa, &mut b).unwrap();
+        g.read_phys(GuestPhys(gpa), &mut a).unwrap();
+        plain.read_phys(GuestPhys(gpa), &mut b).unwrap();
         assert_eq!(a, b, "bytes written at {gpa:#x}");
     }
     assert_eq!(e2.list()[0].signature, "unsigned");

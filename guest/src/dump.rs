@@ -9,6 +9,7 @@
 //! other MSRs, so EFER and LSTAR are unknown. Memory is read with positioned
 //! reads, never loaded whole. The file is untrusted input like guest memory.
 
+use crate::GuestPhys;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -280,7 +281,8 @@ fn qemu_cpu_state(d: &[u8]) -> Option<VcpuRegs> {
 impl Guest for DumpGuest {
     type Error = DumpError;
 
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DumpError> {
+    fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), DumpError> {
+        let gpa = gpa.0;
         let len = buf.len();
         let out_of_range = || DumpError::OutOfRange { gpa, len };
         let mut done = 0usize;
@@ -309,7 +311,8 @@ impl Guest for DumpGuest {
         Ok(())
     }
 
-    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), DumpError> {
+    fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), DumpError> {
+        let gpa = gpa.0;
         Err(DumpError::ReadOnly {
             gpa,
             len: data.len(),
@@ -457,7 +460,7 @@ mod tests {
         );
         assert_eq!((r.efer, r.lstar), (None, None));
         let mut b = [0u8; 4];
-        g.read_phys(0x10_0002, &mut b).unwrap();
+        g.read_phys(GuestPhys(0x10_0002), &mut b).unwrap();
         assert_eq!(
             b,
             [
@@ -468,15 +471,15 @@ mod tests {
             ]
         );
         assert!(matches!(
-            g.read_phys(0xffe, &mut b),
+            g.read_phys(GuestPhys(0xffe), &mut b),
             Err(DumpError::OutOfRange { .. })
         ));
         assert!(matches!(
-            g.read_phys(u64::MAX - 1, &mut b),
+            g.read_phys(GuestPhys(u64::MAX - 1), &mut b),
             Err(DumpError::OutOfRange { .. })
         ));
         assert!(matches!(
-            g.write_phys(0, &b),
+            g.write_phys(GuestPhys(0), &b),
             Err(DumpError::ReadOnly { .. })
         ));
         assert!(matches!(
@@ -505,7 +508,7 @@ mod tests {
             let (_d, p) = write(&b);
             if let Ok(g) = DumpGuest::open(&p) {
                 let mut buf = [0u8; 64];
-                let _ = g.read_phys(0x10_0000, &mut buf);
+                let _ = g.read_phys(GuestPhys(0x10_0000), &mut buf);
             }
         }
     }

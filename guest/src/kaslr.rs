@@ -195,6 +195,7 @@ mod tests {
     use super::*;
     use crate::paging::test_support::FakePhys;
     use crate::paging::PageTables;
+    use crate::GuestPhys;
 
     const P: u64 = 0b11;
 
@@ -208,7 +209,8 @@ mod tests {
         let slot = (text >> 21) & 0x1ff;
         m.put_u64(pd + (slot - 1) * 8, 0x20_0000 | P | 1 << 7 | 1 << 63);
         m.put_u64(pd + slot * 8, 0x40_0000 | P | 1 << 7);
-        m.write_phys(0x40_0000, &[0x48, 0x8d, 0x25]).unwrap();
+        m.write_phys(GuestPhys(0x40_0000), &[0x48, 0x8d, 0x25])
+            .unwrap();
         (m, PageTables::new(pml4, false))
     }
 

@@ -39,6 +39,20 @@ pub use kernel::{all_vcpu_regs, IntrospectError, Kernel};
 pub use paging::{AddressSpace, PageTables, PagingError, VirtRead};
 pub use tasks::{Running, Task, Tasks, TasksError};
 
+/// A guest-physical address, as vm-memory's `GuestAddress`: what the
+/// [`Guest`] trait reads and writes. Kernel-virtual addresses stay bare
+/// `u64`s and reach guest memory only through a page-table walk
+/// ([`paging`]), so the compiler keeps a virtual address from being
+/// written as a physical one at this boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct GuestPhys(pub u64);
+
+impl std::fmt::LowerHex for GuestPhys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
 /// The engine's whole view of a guest.
 pub trait Guest {
     /// Why an access failed (outside guest memory, a vCPU that cannot be
@@ -46,9 +60,9 @@ pub trait Guest {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Reads guest-physical memory; fails if any byte is outside guest memory.
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
+    fn read_phys(&self, gpa: crate::GuestPhys, buf: &mut [u8]) -> Result<(), Self::Error>;
     /// Writes guest-physical memory; fails if any byte is outside guest memory.
-    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), Self::Error>;
+    fn write_phys(&self, gpa: crate::GuestPhys, data: &[u8]) -> Result<(), Self::Error>;
     /// The reserved patch arena: (guest-physical start, size).
     fn arena(&self) -> (u64, u64);
     /// Number of vCPUs.

@@ -8,6 +8,7 @@
 //! (a memory dump has no reserved arena): that range reads as zeros until
 //! written.
 
+use crate::GuestPhys;
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
@@ -111,7 +112,8 @@ impl<'g, G: Guest + ?Sized> Overlay<'g, G> {
 impl<G: Guest + ?Sized> Guest for Overlay<'_, G> {
     type Error = OverlayError;
 
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), OverlayError> {
+    fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), OverlayError> {
+        let gpa = gpa.0;
         let pages = lock(&self.pages);
         for (page, off, at, n) in Self::chunks(gpa, buf.len())? {
             let Some(dst) = buf.get_mut(at..at + n) else {
@@ -125,14 +127,15 @@ impl<G: Guest + ?Sized> Guest for Overlay<'_, G> {
                 dst.fill(0);
             } else {
                 self.inner
-                    .read_phys(page + off as u64, dst)
+                    .read_phys(GuestPhys(page + off as u64), dst)
                     .map_err(|e| OverlayError::Inner(Box::new(e)))?;
             }
         }
         Ok(())
     }
 
-    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), OverlayError> {
+    fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), OverlayError> {
+        let gpa = gpa.0;
         let chunks = Self::chunks(gpa, data.len())?;
         let mut pages = lock(&self.pages);
         for &(page, off, at, n) in &chunks {
@@ -142,7 +145,7 @@ impl<G: Guest + ?Sized> Guest for Overlay<'_, G> {
                     let mut fresh = vec![0u8; PAGE as usize].into_boxed_slice();
                     if !self.in_synthetic(page) {
                         self.inner
-                            .read_phys(page, &mut fresh)
+                            .read_phys(GuestPhys(page), &mut fresh)
                             .map_err(|e| OverlayError::Inner(Box::new(e)))?;
                     }
                     v.insert(fresh)
@@ -179,13 +182,14 @@ mod tests {
     #[test]
     fn writes_stay_in_the_overlay() {
         let m = FakePhys::new(0x3000);
-        m.write_phys(0xff8, &[1; 16]).unwrap();
+        m.write_phys(GuestPhys(0xff8), &[1; 16]).unwrap();
         let o = Overlay::new(&m);
-        o.write_phys(0xffc, &[9, 9, 9, 9, 9, 9, 9, 9]).unwrap();
+        o.write_phys(GuestPhys(0xffc), &[9, 9, 9, 9, 9, 9, 9, 9])
+            .unwrap();
         let mut b = [0u8; 16];
-        o.read_phys(0xff8, &mut b).unwrap();
+        o.read_phys(GuestPhys(0xff8), &mut b).unwrap();
         assert_eq!(b, [1, 1, 1, 1, 9, 9, 9, 9, 9, 9, 9, 9, 1, 1, 1, 1]);
-        m.read_phys(0xff8, &mut b).unwrap();
+        m.read_phys(GuestPhys(0xff8), &mut b).unwrap();
         assert_eq!(b, [1; 16], "the inner guest is untouched");
         assert_eq!(o.dirty_pages(), vec![0, 0x1000]);
         assert_eq!(o.write_log(), vec![(0xffc, 8)]);
@@ -197,14 +201,14 @@ mod tests {
         let o = Overlay::new(&m).with_synthetic_arena(0x10_0000, 0x2000);
         assert_eq!(o.arena(), (0x10_0000, 0x2000));
         let mut b = [7u8; 4];
-        o.read_phys(0x10_1ffc, &mut b).unwrap();
+        o.read_phys(GuestPhys(0x10_1ffc), &mut b).unwrap();
         assert_eq!(b, [0; 4]);
-        o.write_phys(0x10_0ffe, &[5, 6, 7, 8]).unwrap();
-        o.read_phys(0x10_0ffe, &mut b).unwrap();
+        o.write_phys(GuestPhys(0x10_0ffe), &[5, 6, 7, 8]).unwrap();
+        o.read_phys(GuestPhys(0x10_0ffe), &mut b).unwrap();
         assert_eq!(b, [5, 6, 7, 8]);
         // Outside both: the inner guest's error.
-        assert!(o.read_phys(0x20_0000, &mut b).is_err());
-        assert!(o.write_phys(0x20_0000, &b).is_err());
-        assert!(o.read_phys(u64::MAX - 1, &mut b).is_err());
+        assert!(o.read_phys(GuestPhys(0x20_0000), &mut b).is_err());
+        assert!(o.write_phys(GuestPhys(0x20_0000), &b).is_err());
+        assert!(o.read_phys(GuestPhys(u64::MAX - 1), &mut b).is_err());
     }
 }

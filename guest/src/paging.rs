@@ -8,6 +8,7 @@
 //! is masked to the architectural address bits before use, and walks are
 //! bounded by the paging depth.
 
+use crate::GuestPhys;
 use std::fmt;
 
 use crate::{Guest, VcpuRegs};
@@ -193,7 +194,7 @@ impl PageTables {
             let entry_gpa = table | (index * 8);
             let mut raw = [0u8; 8];
             guest
-                .read_phys(entry_gpa, &mut raw)
+                .read_phys(GuestPhys(entry_gpa), &mut raw)
                 .map_err(|e| PagingError::Phys {
                     what: "page-table entry",
                     gpa: entry_gpa,
@@ -254,7 +255,7 @@ impl PageTables {
                 .min(usize::try_from(in_page).unwrap_or(usize::MAX));
             let (head, _) = rest.split_at_mut(chunk);
             guest
-                .read_phys(t.phys, head)
+                .read_phys(GuestPhys(t.phys), head)
                 .map_err(|e| PagingError::Phys {
                     what: "guest memory",
                     gpa: t.phys,
@@ -415,6 +416,7 @@ impl<G: Guest + ?Sized> VirtRead for AddressSpace<'_, G> {
 #[cfg(any(test, feature = "synth"))]
 pub mod test_support {
     //! A flat fake guest-physical memory for unit tests.
+    use crate::GuestPhys;
     use std::cell::RefCell;
 
     use crate::{Guest, VcpuRegs};
@@ -435,14 +437,15 @@ pub mod test_support {
         }
 
         pub fn put_u64(&self, gpa: u64, v: u64) {
-            self.write_phys(gpa, &v.to_le_bytes()).unwrap();
+            self.write_phys(GuestPhys(gpa), &v.to_le_bytes()).unwrap();
         }
     }
 
     impl Guest for FakePhys {
         type Error = OutOfRange;
 
-        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), OutOfRange> {
+        fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), OutOfRange> {
+            let gpa = gpa.0;
             let mem = self.mem.borrow();
             let start = usize::try_from(gpa).map_err(|_| OutOfRange(gpa))?;
             let src = mem.get(start..start + buf.len()).ok_or(OutOfRange(gpa))?;
@@ -450,7 +453,8 @@ pub mod test_support {
             Ok(())
         }
 
-        fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), OutOfRange> {
+        fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), OutOfRange> {
+            let gpa = gpa.0;
             let mut mem = self.mem.borrow_mut();
             let start = usize::try_from(gpa).map_err(|_| OutOfRange(gpa))?;
             mem.get_mut(start..start + data.len())
@@ -528,8 +532,8 @@ mod tests {
     #[test]
     fn reads_across_pages() {
         let (m, pt) = four_level();
-        m.write_phys(0x10ffe, &[1, 2]).unwrap();
-        m.write_phys(0x20000, &[3, 4]).unwrap();
+        m.write_phys(GuestPhys(0x10ffe), &[1, 2]).unwrap();
+        m.write_phys(GuestPhys(0x20000), &[3, 4]).unwrap();
         let mut buf = [0u8; 4];
         pt.read(&m, 0xffff_ffff_8100_0ffe, &mut buf).unwrap();
         assert_eq!(buf, [1, 2, 3, 4]);

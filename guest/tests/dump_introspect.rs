@@ -7,6 +7,7 @@
 //! build/dump until the guest image changes.
 #![forbid(unsafe_code)]
 
+use klpvisor_guest::GuestPhys;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -443,11 +444,13 @@ struct OneVcpu<'a>(&'a DumpGuest, usize);
 
 impl Guest for OneVcpu<'_> {
     type Error = DumpError;
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DumpError> {
-        self.0.read_phys(gpa, buf)
+    fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), DumpError> {
+        let gpa = gpa.0;
+        self.0.read_phys(GuestPhys(gpa), buf)
     }
-    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), DumpError> {
-        self.0.write_phys(gpa, data)
+    fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), DumpError> {
+        let gpa = gpa.0;
+        self.0.write_phys(GuestPhys(gpa), data)
     }
     fn arena(&self) -> (u64, u64) {
         self.0.arena()

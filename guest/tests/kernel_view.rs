@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 use klpvisor_guest::paging::{CR4_LA57, PTI_USER_PGD_BIT};
+use klpvisor_guest::GuestPhys;
 use klpvisor_guest::{AddressSpace, DumpError, DumpGuest, IntrospectError, Kernel};
 use klpvisor_guest::{Guest, VcpuRegs};
 
@@ -42,8 +43,9 @@ impl<'a> Doctored<'a> {
 
 impl Guest for Doctored<'_> {
     type Error = DumpError;
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DumpError> {
-        self.dump.read_phys(gpa, buf)?;
+    fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), DumpError> {
+        let gpa = gpa.0;
+        self.dump.read_phys(GuestPhys(gpa), buf)?;
         let end = gpa + buf.len() as u64;
         for &page in &self.zeroed {
             let (from, to) = (page.max(gpa), (page + 0x1000).min(end));
@@ -53,7 +55,7 @@ impl Guest for Doctored<'_> {
         }
         Ok(())
     }
-    fn write_phys(&self, _gpa: u64, _data: &[u8]) -> Result<(), DumpError> {
+    fn write_phys(&self, _gpa: GuestPhys, _data: &[u8]) -> Result<(), DumpError> {
         panic!("introspection never writes");
     }
     fn arena(&self) -> (u64, u64) {

@@ -20,6 +20,7 @@ use crate::arena::ArenaError;
 use klpvisor_guest::kallsyms::KERNEL_IMAGE_END;
 use klpvisor_guest::kaslr::IMAGE_WINDOW_START;
 use klpvisor_guest::Guest;
+use klpvisor_guest::GuestPhys;
 use klpvisor_guest::{Kernel, PageTables};
 
 pub(crate) const PRESENT: u64 = 1;
@@ -121,17 +122,19 @@ pub fn slot_of(va: u64) -> u64 {
 
 pub(crate) fn read_u64<G: Guest + ?Sized>(guest: &G, gpa: u64) -> Result<u64, ArenaError> {
     let mut b = [0u8; 8];
-    guest.read_phys(gpa, &mut b).map_err(|e| ArenaError::Read {
-        gpa,
-        source: Box::new(e),
-    })?;
+    guest
+        .read_phys(GuestPhys(gpa), &mut b)
+        .map_err(|e| ArenaError::Read {
+            gpa,
+            source: Box::new(e),
+        })?;
     Ok(u64::from_le_bytes(b))
 }
 
 pub(crate) fn read_page<G: Guest + ?Sized>(guest: &G, gpa: u64) -> Result<Vec<u8>, ArenaError> {
     let mut b = vec![0u8; PAGE as usize];
     guest
-        .read_phys(gpa & ADDR_MASK, &mut b)
+        .read_phys(GuestPhys(gpa & ADDR_MASK), &mut b)
         .map_err(|e| ArenaError::Read {
             gpa,
             source: Box::new(e),

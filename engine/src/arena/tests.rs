@@ -6,6 +6,7 @@ use super::*;
 use crate::write::{Plan, WriteError};
 use klpvisor_guest::overlay::Overlay;
 use klpvisor_guest::paging::test_support::FakePhys;
+use klpvisor_guest::GuestPhys;
 use klpvisor_guest::PageTables;
 
 const PML4: u64 = 0x1000;
@@ -73,7 +74,7 @@ fn commit<G: Guest + ?Sized>(g: &G, a: &Arena, writes: Vec<Write>) -> Plan {
 
 fn pmd_entries(m: &FakePhys) -> Vec<u64> {
     let mut b = vec![0u8; PAGE as usize];
-    m.read_phys(PMD, &mut b).unwrap();
+    m.read_phys(GuestPhys(PMD), &mut b).unwrap();
     entries(&b)
 }
 
@@ -174,7 +175,7 @@ fn maps_with_permissions_and_leaves_the_kernel_alone() {
         .collect();
     assert_eq!(kernel_before, kernel_after);
     let mut pmd_after = vec![0u8; PAGE as usize];
-    g.read_phys(PMD, &mut pmd_after).unwrap();
+    g.read_phys(GuestPhys(PMD), &mut pmd_after).unwrap();
     let pmd_after = entries(&pmd_after);
     for (i, (b, a2)) in pmd_before.iter().zip(&pmd_after).enumerate() {
         let ours = (slot_of(TEXT) + 4..slot_of(TEXT) + 6).contains(&(i as u64));
@@ -359,8 +360,11 @@ fn tampering_between_plans_is_detected() {
     let g = overlay(&m);
     let mut a = Arena::new(&g, &facts()).unwrap();
     // Someone takes our slot after layout: never overwritten.
-    g.write_phys(PMD + (slot_of(TEXT) + 4) * 8, &0x1234_5063u64.to_le_bytes())
-        .unwrap();
+    g.write_phys(
+        GuestPhys(PMD + (slot_of(TEXT) + 4) * 8),
+        &0x1234_5063u64.to_le_bytes(),
+    )
+    .unwrap();
     let r = a.alloc(PAGE, Perm::Text).unwrap();
     assert!(matches!(
         a.map_writes(&g, &[r]),
@@ -373,16 +377,19 @@ fn tampering_between_plans_is_detected() {
     let r = a.alloc(PAGE, Perm::Text).unwrap();
     let w = a.map_writes(&g, &[r]).unwrap();
     // The slot is filled between planning and commit: the expectation fails.
-    g.write_phys(PMD + (slot_of(TEXT) + 4) * 8, &0x1234_5063u64.to_le_bytes())
-        .unwrap();
+    g.write_phys(
+        GuestPhys(PMD + (slot_of(TEXT) + 4) * 8),
+        &0x1234_5063u64.to_le_bytes(),
+    )
+    .unwrap();
     let mut p = Plan::new(a.allowed());
     p.extend(w);
     assert!(matches!(p.commit(&g), Err(WriteError::Mismatch { .. })));
-    g.write_phys(PMD + (slot_of(TEXT) + 4) * 8, &[0; 8])
+    g.write_phys(GuestPhys(PMD + (slot_of(TEXT) + 4) * 8), &[0; 8])
         .unwrap();
     commit(&g, &a, a.map_writes(&g, &[r]).unwrap());
     // A PTE we did not write appears next to ours: refused, not overwritten.
-    g.write_phys(ARENA.0 + 8, &0xdead_b063u64.to_le_bytes())
+    g.write_phys(GuestPhys(ARENA.0 + 8), &0xdead_b063u64.to_le_bytes())
         .unwrap();
     let r2 = a.alloc(PAGE, Perm::Data).unwrap();
     assert!(matches!(

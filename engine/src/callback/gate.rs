@@ -36,6 +36,7 @@
 
 use crate::arena::{Arena, ArenaError, Perm, Region};
 use crate::write::{AllowKind, Allowed, Plan, Write, WriteError};
+use klpvisor_guest::GuestPhys;
 use klpvisor_guest::{Guest, VcpuRegs};
 use klpvisor_guest::{Kernel, VirtRead};
 
@@ -411,7 +412,7 @@ impl Gate {
     ) -> Result<Plan, GateError> {
         let mut page = vec![0u8; PAGE as usize];
         guest
-            .read_phys(self.data.gpa, &mut page)
+            .read_phys(GuestPhys(self.data.gpa), &mut page)
             .map_err(|e| GateError::Read {
                 what: "the call gate",
                 why: e.to_string(),
@@ -449,7 +450,7 @@ impl Gate {
             .phys;
         let mut old = [0u8; 8];
         guest
-            .read_phys(head_gpa, &mut old)
+            .read_phys(GuestPhys(head_gpa), &mut old)
             .map_err(|e| GateError::Read {
                 what: "the per-CPU raised_list",
                 why: e.to_string(),
@@ -505,7 +506,7 @@ impl Gate {
     pub fn poll<G: Guest + ?Sized>(&self, guest: &G, seq: u64) -> Result<Progress, GateError> {
         let mut mb = [0u8; MB_LEN];
         guest
-            .read_phys(self.data.gpa + MAILBOX_AT, &mut mb)
+            .read_phys(GuestPhys(self.data.gpa + MAILBOX_AT), &mut mb)
             .map_err(|e| GateError::Read {
                 what: "the call gate mailbox",
                 why: e.to_string(),

@@ -13,6 +13,7 @@
 
 mod load;
 
+use klpvisor_guest::GuestPhys;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -417,7 +418,8 @@ impl Engine {
             // klp), validate afresh for an error that says why.
             let live = self.stack.live().contains_key(&old);
             let mut now = [0u8; 5];
-            let unchanged = guest.read_phys(s.gpa, &mut now).is_ok() && now == s.original;
+            let unchanged =
+                guest.read_phys(GuestPhys(s.gpa), &mut now).is_ok() && now == s.original;
             if live || unchanged {
                 return Ok(s.clone());
             }

@@ -1,6 +1,7 @@
 //! Route handlers: parse and check the request, run the VM operation on a
 //! blocking worker (pausing waits on vCPU threads), shape the reply.
 
+use klpvisor_guest::GuestPhys;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -257,7 +258,7 @@ pub async fn memory(
         let mut buf = vec![0u8; len as usize];
         match target {
             Target::Phys(gpa) => {
-                c.vm().read_phys(gpa, &mut buf).map_err(|_| {
+                c.vm().read_phys(GuestPhys(gpa), &mut buf).map_err(|_| {
                     HttpError::not_found(format!(
                         "guest-physical range {gpa:#x}+{len:#x} is not (entirely) in guest memory; \
                          RAM is {}",
