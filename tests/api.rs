@@ -6,6 +6,9 @@ use harness::run_scenario;
 
 #[test]
 fn socket_survives_concurrency_bad_input_and_foreign_users() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("api", &[]);
     let t = run.transcript();
     assert_eq!(run.result("api-check")["rc"], "0", "{t}");

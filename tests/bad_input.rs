@@ -36,6 +36,9 @@ fn refuses(args: &[&str], needle: &str) {
 
 #[test]
 fn missing_kernel_file() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     refuses(
         &["--kernel", "/nonexistent/bzImage"],
         "cannot open kernel /nonexistent/bzImage",
@@ -44,6 +47,9 @@ fn missing_kernel_file() {
 
 #[test]
 fn kernel_that_is_not_a_bzimage() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let not_kernel = std::env::current_exe().unwrap();
     let path = not_kernel.to_str().unwrap();
     refuses(&["--kernel", path], "is not a bzImage");
@@ -51,6 +57,9 @@ fn kernel_that_is_not_a_bzimage() {
 
 #[test]
 fn zero_vcpus() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let k = guest_kernel();
     refuses(
         &["--kernel", k.to_str().unwrap(), "--cpus", "0"],
@@ -60,6 +69,9 @@ fn zero_vcpus() {
 
 #[test]
 fn absurd_memory_size() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let k = guest_kernel();
     let k = k.to_str().unwrap();
     refuses(
@@ -71,6 +83,9 @@ fn absurd_memory_size() {
 
 #[test]
 fn initrd_larger_than_ram() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let k = guest_kernel();
     let big = std::env::temp_dir().join(format!("klpv-big-initrd-{}", std::process::id()));
     let f = std::fs::File::create(&big).unwrap();
@@ -91,6 +106,9 @@ fn initrd_larger_than_ram() {
 
 #[test]
 fn odd_arena_size() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let k = guest_kernel();
     refuses(
         &["--kernel", k.to_str().unwrap(), "--arena", "3"],

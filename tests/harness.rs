@@ -9,7 +9,7 @@
 //! reads the same lines.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -23,6 +23,27 @@ pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
 /// busiest scenario needs about 2 minutes): an emulator livelock the
 /// harness cannot see costs this, then one retry.
 pub const NESTED_RUN_TIMEOUT_SECS: u32 = 420;
+
+/// Whether the end-to-end tests run: they boot real VMs (on this host's
+/// KVM or inside the nested QEMU image, which takes minutes and needs the
+/// release binaries and guest images), so a plain `cargo test` skips each
+/// with a one-line note. `KLPV_E2E_TESTS=1` runs them; `scripts/test` sets it.
+pub fn skip_without_e2e() -> bool {
+    if std::env::var_os("KLPV_E2E_TESTS").is_some_and(|v| v == "1") {
+        return false;
+    }
+    // Straight to stderr: libtest captures print!/eprint!, not this, so the
+    // note shows in a normal run.
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("e2e test")
+        .to_owned();
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped {name}: boots VMs; run with KLPV_E2E_TESTS=1 (see tests/README.md)"
+    );
+    true
+}
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use harness::{run_scenario, Run};
-use patcher::api::{PatchState, PatchesReply};
+use klpvisor_api::{PatchState, PatchesReply};
 
 fn patches(run: &Run, step: &str) -> PatchesReply {
     run.json("KLPV-JSON-PATCHES", step)
@@ -45,6 +45,9 @@ fn set(items: &[(&str, &str)]) -> BTreeSet<(String, String)> {
 
 #[test]
 fn cumulative_replace_downgrade_and_a_thousand_transitions_under_load() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-replace", &["1000"]);
     let t = run.transcript();
     for step in ["v1", "v2", "remove-v1", "down", "up", "forced", "reset"] {

@@ -6,8 +6,8 @@
 
 use klpvisor_fuzz::{Bytes, PhysGuest};
 use libfuzzer_sys::fuzz_target;
-use patcher::introspect::{AddressSpace, PageTables, VirtRead};
-use patcher::Guest;
+use klpvisor_guest::{AddressSpace, PageTables, VirtRead};
+use klpvisor_guest::Guest;
 
 /// Longest read per input (a page and a bit: crosses a page boundary).
 const MAX_READ: u16 = 5000;

@@ -8,10 +8,10 @@
 use std::fmt;
 use std::sync::OnceLock;
 
-use patcher::introspect::kallsyms::synth::Builder;
-use patcher::introspect::kallsyms::{Image, Layout};
-use patcher::introspect::{Btf, Kallsyms, PagingError, VirtRead};
-use patcher::{Guest, VcpuRegs};
+use klpvisor_guest::kallsyms::synth::Builder;
+use klpvisor_guest::kallsyms::{Image, Layout};
+use klpvisor_guest::{Btf, Kallsyms, PagingError, VirtRead};
+use klpvisor_guest::{Guest, VcpuRegs};
 
 /// Where the tasks target maps its input: a kernel-image address, so the
 /// fixed symbol table below can point into it (kallsyms addresses are

@@ -17,17 +17,17 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use patcher::api::{
+use klpvisor_api::{
     CallbackRun, Hex, HistoryEntry, PatchInfo, PatchState, PatchesReply, PendingTransition,
     RollbackReply, TransitionReply,
 };
-use patcher::callback::gate::{Progress, IRQ_WORK_VECTOR};
-use patcher::callback::{Call, Calls};
-use patcher::engine::{Committed, Engine, EngineError, Prepared};
-use patcher::introspect::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
-use patcher::signature::{Policy, SignatureError};
-use patcher::write::Plan;
-use patcher::VcpuRegs;
+use klpvisor_engine::callback::gate::{Progress, IRQ_WORK_VECTOR};
+use klpvisor_engine::callback::{Call, Calls};
+use klpvisor_engine::engine::{Committed, Engine, EngineError, Prepared};
+use klpvisor_engine::signature::{Policy, SignatureError};
+use klpvisor_engine::write::Plan;
+use klpvisor_guest::VcpuRegs;
+use klpvisor_guest::{all_vcpu_regs, Kernel, Task, Tasks, VirtRead};
 
 use crate::guest::{vcpu_regs, RegsSnapshot, RootPages};
 use crate::vm::{PauseReport, ResumeReport, Vm, VmError};
@@ -58,7 +58,7 @@ pub enum ControlError {
     )]
     Refused {
         patch: String,
-        callback: patcher::callback::Kind,
+        callback: klpvisor_engine::callback::Kind,
         ret: i32,
         errno: String,
         cancelled: String,
@@ -69,7 +69,7 @@ pub enum ControlError {
     )]
     CallbackTimeout {
         patch: String,
-        callback: patcher::callback::Kind,
+        callback: klpvisor_engine::callback::Kind,
         ms: u64,
         progress: String,
         cancelled: String,

@@ -1,4 +1,4 @@
-//! The patch engine's view of this VM: [`patcher::Guest`] over guest memory,
+//! The patch engine's view of this VM: [`klpvisor_guest::Guest`] over guest memory,
 //! the arena from the memory layout and the parked vCPUs' registers.
 //!
 //! The engine never sees a KVM type; everything it needs from a vCPU is
@@ -7,8 +7,8 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
-use patcher::introspect::paging::{PageTables, PTI_USER_PGD_BIT};
-use patcher::{Guest, VcpuRegs};
+use klpvisor_guest::paging::{PageTables, PTI_USER_PGD_BIT};
+use klpvisor_guest::{Guest, VcpuRegs};
 
 use crate::vcpu::VcpuState;
 use crate::vm::{Vm, VmError};

@@ -12,8 +12,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use patcher::api::ErrorReply;
-use patcher::engine::Fault;
+use klpvisor_api::ErrorReply;
+use klpvisor_engine::engine::Fault;
 
 use super::routes::{allowed_methods, route_list};
 use super::{BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_TIMEOUT};
@@ -83,7 +83,7 @@ impl From<ControlError> for HttpError {
             }
             // A module whose trailer cannot be read is a bad module (like
             // one the ELF parser rejects); anything else is the policy's no.
-            ControlError::Signature(patcher::signature::SignatureError::Malformed(_)) => {
+            ControlError::Signature(klpvisor_engine::signature::SignatureError::Malformed(_)) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ControlError::Signature(_) => StatusCode::FORBIDDEN,
@@ -211,7 +211,7 @@ pub fn forbidden(message: &str) -> axum::http::Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use patcher::signature::{KeyId, SignatureError};
+    use klpvisor_engine::signature::{KeyId, SignatureError};
 
     /// A policy refusal is 403 (the request is understood and not
     /// allowed); an unreadable trailer is a bad module like any other.
