@@ -52,6 +52,16 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The selected guest's build directory (guest-images/common.sh):
+/// build/guest for `KLPV_GUEST=6.1` (the default), build/guest-6.12 for
+/// `KLPV_GUEST=6.12`. The scripts the harness runs read the same variable.
+pub fn guest_dir() -> PathBuf {
+    match std::env::var("KLPV_GUEST").as_deref() {
+        Ok("6.12") => repo_root().join("build/guest-6.12"),
+        _ => repo_root().join("build/guest"),
+    }
+}
+
 /// Directory holding the release binaries (`vmm`, `pause_cycles`).
 pub fn bin_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -301,8 +311,8 @@ fn run_once(mode: Mode, name: &str, args: &[&str], nested_timeout_secs: u32) -> 
         Mode::Direct => {
             let mut c = Command::new(root.join("tests/scenarios").join(name));
             c.args(args)
-                .env("KLPV_KERNEL", root.join("build/guest/bzImage"))
-                .env("KLPV_INITRD", root.join("build/guest/initramfs.cpio.gz"))
+                .env("KLPV_KERNEL", guest_dir().join("bzImage"))
+                .env("KLPV_INITRD", guest_dir().join("initramfs.cpio.gz"))
                 .env("PATH", path_with(&[bin_dir(), bin_dir().join("examples")]));
             c
         }

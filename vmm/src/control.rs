@@ -443,7 +443,13 @@ impl Control {
         let decode = start.elapsed();
         let walker = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)
             .map_err(|e| tracing::warn!("the task walk will not work on this kernel: {e}"))
-            .ok();
+            .ok()
+            .map(|mut w| {
+                // THREAD_SIZE from the kernel's per-CPU data (read while
+                // the guest runs: a CPU caught mid-switch is outvoted).
+                w.measure_thread_size(&kernel.space(&*self.vm), &kernel.kallsyms, &kernel.btf);
+                w
+            });
         let cached = Arc::new(CachedKernel {
             kernel,
             walker,
