@@ -12,6 +12,49 @@ KLPV_BUILD=$KLPV_ROOT/build
 log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# --- Which guest kernel: KLPV_GUEST=6.1 (default) or 6.12. ---
+# 6.1 is Debian 12's own cloud kernel (bookworm); 6.12 is Debian's cloud
+# kernel from bookworm-backports. Each has its own build directories, so both
+# can be built side by side (CI tests both): build/guest, build/patches,
+# build/dump, build/nested for 6.1 (the names they always had), the same
+# with a "-6.12" suffix for 6.12. KLPV_GUEST_APT is empty for 6.1 (the
+# host's apt sources) and holds apt options naming a private sources list
+# and package lists under build/ for 6.12: the host's /etc/apt is left alone.
+KLPV_GUEST=${KLPV_GUEST:-6.1}
+case $KLPV_GUEST in
+6.1) KLPV_GUEST_SUFFIX= ;;
+6.12) KLPV_GUEST_SUFFIX=-6.12 ;;
+*) die "KLPV_GUEST=$KLPV_GUEST: expected 6.1 or 6.12" ;;
+esac
+export KLPV_GUEST
+KLPV_GUEST_DIR=$KLPV_BUILD/guest$KLPV_GUEST_SUFFIX
+KLPV_GUEST_APT=()
+if [ "$KLPV_GUEST" = 6.12 ]; then
+	KLPV_APT_DIR=$KLPV_BUILD/apt-bookworm-backports
+	KLPV_GUEST_APT=(
+		-o "Dir::Etc::SourceList=$KLPV_APT_DIR/sources.list"
+		-o Dir::Etc::SourceParts=/nonexistent
+		-o "Dir::State::Lists=$KLPV_APT_DIR/lists"
+		-o "Dir::Cache=$KLPV_APT_DIR/cache"
+	)
+fi
+
+# Writes the private sources list for the selected guest (6.12 only) and
+# refreshes its package lists when they are older than a day or missing.
+guest_apt_setup() {
+	[ ${#KLPV_GUEST_APT[@]} -gt 0 ] || return 0
+	mkdir -p "$KLPV_APT_DIR/lists/partial" "$KLPV_APT_DIR/cache/archives/partial"
+	local list="deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main"
+	[ "$(cat "$KLPV_APT_DIR/sources.list" 2>/dev/null)" = "$list" ] ||
+		echo "$list" >"$KLPV_APT_DIR/sources.list"
+	if [ -z "$(find "$KLPV_APT_DIR/updated" -mmin -1440 2>/dev/null)" ]; then
+		log "refreshing the bookworm-backports package lists (in ${KLPV_APT_DIR#"$KLPV_ROOT"/})"
+		apt-get "${KLPV_GUEST_APT[@]}" update -qq >/dev/null ||
+			die "apt-get update of bookworm-backports failed"
+		touch "$KLPV_APT_DIR/updated"
+	fi
+}
+
 # Install the Debian packages we use, but only those that are missing, quietly:
 # a developer machine already has them, a fresh CI machine gets them here.
 ensure_packages() {

@@ -6,14 +6,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use harness::{repo_root, vmm_bin};
+use harness::{guest_dir, repo_root, vmm_bin};
 
 fn guest_kernel() -> PathBuf {
     let status = Command::new(repo_root().join("guest-images/build-guest"))
         .status()
         .expect("run build-guest");
     assert!(status.success());
-    repo_root().join("build/guest/bzImage")
+    guest_dir().join("bzImage")
 }
 
 /// Runs vmm and returns its stderr, asserting the error contract.

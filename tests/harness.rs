@@ -54,6 +54,16 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The selected guest's build directory (guest-images/common.sh):
+/// build/guest for `KLPV_GUEST=6.1` (the default), build/guest-6.12 for
+/// `KLPV_GUEST=6.12`. The scripts the harness runs read the same variable.
+pub fn guest_dir() -> PathBuf {
+    match std::env::var("KLPV_GUEST").as_deref() {
+        Ok("6.12") => repo_root().join("build/guest-6.12"),
+        _ => repo_root().join("build/guest"),
+    }
+}
+
 /// Directory holding the release binaries (`vmm`, `pause_cycles`).
 pub fn bin_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -264,8 +274,7 @@ pub fn run_scenario(name: &str, args: &[&str]) -> Run {
 }
 
 /// [`run_scenario`] for a scenario that needs longer than
-/// [`NESTED_RUN_TIMEOUT_SECS`] in the nested image (many L2 boots); at most
-/// [`SCENARIO_TIMEOUT`].
+/// [`NESTED_RUN_TIMEOUT_SECS`] in the nested image (many L2 boots).
 pub fn run_scenario_within(name: &str, args: &[&str], nested_timeout_secs: u32) -> Run {
     let mode = mode();
     ensure_images(mode);
@@ -292,6 +301,12 @@ pub fn run_scenario_within(name: &str, args: &[&str], nested_timeout_secs: u32) 
     )
 }
 
+/// The harness's own limit on a scenario: [`SCENARIO_TIMEOUT`], or a
+/// minute past the nested run's limit when that is longer.
+fn scenario_timeout(nested_timeout_secs: u32) -> Duration {
+    SCENARIO_TIMEOUT.max(Duration::from_secs(u64::from(nested_timeout_secs) + 60))
+}
+
 enum Attempt {
     Done(Run),
     /// Ended by the harness because of the emulator: why, and the lines.
@@ -304,8 +319,8 @@ fn run_once(mode: Mode, name: &str, args: &[&str], nested_timeout_secs: u32) -> 
         Mode::Direct => {
             let mut c = Command::new(root.join("tests/scenarios").join(name));
             c.args(args)
-                .env("KLPV_KERNEL", root.join("build/guest/bzImage"))
-                .env("KLPV_INITRD", root.join("build/guest/initramfs.cpio.gz"))
+                .env("KLPV_KERNEL", guest_dir().join("bzImage"))
+                .env("KLPV_INITRD", guest_dir().join("initramfs.cpio.gz"))
                 .env("PATH", path_with(&[bin_dir(), bin_dir().join("examples")]));
             c
         }
@@ -342,7 +357,8 @@ fn run_once(mode: Mode, name: &str, args: &[&str], nested_timeout_secs: u32) -> 
     drop(tx);
     let mut lines: Vec<String> = Vec::new();
     let start = Instant::now();
-    let deadline = start + SCENARIO_TIMEOUT;
+    let timeout = scenario_timeout(nested_timeout_secs);
+    let deadline = start + timeout;
     let nested = mode == Mode::Nested;
     let mut l1_up = !nested;
     // When the L2 kernel now booting printed its banner (nested only).
@@ -394,7 +410,7 @@ fn run_once(mode: Mode, name: &str, args: &[&str], nested_timeout_secs: u32) -> 
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 kill_tree(&mut child);
                 panic!(
-                    "scenario {name} timed out after {SCENARIO_TIMEOUT:?}\n{}",
+                    "scenario {name} timed out after {timeout:?}\n{}",
                     lines.join("\n")
                 );
             }

@@ -19,7 +19,7 @@ fn twenty_boots_in_a_row_each_apply_a_patch_on_the_first_request() {
     if harness::skip_without_e2e() {
         return;
     }
-    let run = run_scenario_within("first-request", &[&BOOTS.to_string()], 840);
+    let run = run_scenario_within("first-request", &[&BOOTS.to_string()], 1500);
     let t = run.transcript();
     let per_boot = run.results("first-request");
     assert_eq!(per_boot.len(), BOOTS, "{t}");

@@ -118,7 +118,7 @@ fn bad_patches_are_refused_and_the_guest_is_untouched() {
         ("not-livepatch", "not a livepatch module"),
         ("unknown-function", "klpv_no_such_function"),
         ("ambiguous", "set .old_sympos"),
-        ("wrong-sympos", ".old_sympos = 3"),
+        ("wrong-sympos", ".old_sympos = 9"),
         ("unresolved", "3 symbol(s) cannot be resolved"),
         ("other-release", "rebuild it against linux-headers-"),
         ("ex-table", "__ex_table"),

@@ -28,7 +28,7 @@ use thiserror::Error;
 
 use klpvisor_guest::orc::Orc;
 use klpvisor_guest::VcpuRegs;
-use klpvisor_guest::{Task, VirtRead};
+use klpvisor_guest::{Btf, Kallsyms, Task, VirtRead};
 
 /// The largest stack scanned (x86-64's THREAD_SIZE is 16 KiB, 32 KiB with
 /// KASAN): a forged stack range cannot make us read megabytes.
@@ -287,6 +287,19 @@ fn blocker(t: &Task, s: &Span, addr: u64, seen: Seen) -> Blocker {
     }
 }
 
+/// The per-CPU offset of the IRQ stack's top pointer: the per-CPU variable
+/// `hardirq_stack_ptr` (up to 6.1), or that member of the per-CPU
+/// `pcpu_hot` (6.2+, which moved it there next to `current_task`), its
+/// offset from BTF. `None` when the kernel has neither: IRQ stacks are then
+/// not scanned.
+pub fn hardirq_stack_ptr(kallsyms: &Kallsyms, btf: &Btf) -> Option<u64> {
+    if let Ok(a) = kallsyms.addr("hardirq_stack_ptr") {
+        return Some(a);
+    }
+    let hot = kallsyms.addr("pcpu_hot").ok()?;
+    hot.checked_add(btf.offset_of("pcpu_hot.hardirq_stack_ptr").ok()?)
+}
+
 /// Each CPU's IRQ stack from its per-CPU `hardirq_stack_ptr` (which points
 /// at the stack's top word). CPUs whose pointer is unreadable or zero (not
 /// set up) are skipped.
@@ -295,13 +308,25 @@ pub fn irq_stacks<M: VirtRead + ?Sized>(
     per_cpu_bases: &[(u32, u64)],
     hardirq_stack_ptr: u64,
 ) -> Vec<Range<u64>> {
+    irq_stacks_sized(mem, per_cpu_bases, hardirq_stack_ptr, IRQ_STACK_SIZE)
+}
+
+/// [`irq_stacks`] of `size` bytes each: on x86_64 IRQ_STACK_SIZE is
+/// THREAD_SIZE (both `PAGE_SIZE << (2 + KASAN_STACK_ORDER)`), so the
+/// kernel's stack size from BTF gives it.
+pub fn irq_stacks_sized<M: VirtRead + ?Sized>(
+    mem: &M,
+    per_cpu_bases: &[(u32, u64)],
+    hardirq_stack_ptr: u64,
+    size: u64,
+) -> Vec<Range<u64>> {
     per_cpu_bases
         .iter()
         .filter_map(|&(_, base)| mem.read_u64(base.wrapping_add(hardirq_stack_ptr)).ok())
         .filter(|&top| top != 0)
         .map(|top| {
             let end = top.wrapping_add(8);
-            end.wrapping_sub(IRQ_STACK_SIZE)..end
+            end.wrapping_sub(size)..end
         })
         .collect()
 }

@@ -174,7 +174,11 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
         sym(f, "cmdline_proc_show"),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((site.at, site.original), (site.func, FTRACE_NOP));
+    // (After an ENDBR64 on IBT kernels: 6.12.)
+    assert_eq!(
+        (site.at, site.original),
+        (site.func + site.endbr.len(), FTRACE_NOP)
+    );
 
     let mut allowed = arena.allowed();
     allowed.push(site.allowed());
@@ -364,8 +368,15 @@ fn real_function_entries_decode_as_sites() {
         {
             continue;
         }
-        let mut head = [0u8; 5];
-        space.read_virt(s.addr, &mut head).unwrap();
+        // The 5 bytes after an ENDBR64 (or the nop a sealed one became)
+        // on IBT kernels (6.12), else the first 5.
+        let mut entry = [0u8; 9];
+        space.read_virt(s.addr, &mut entry).unwrap();
+        let endbr = match entry[..4] {
+            [0xf3, 0x0f, 0x1e, 0xfa] | [0x66, 0x0f, 0x1f, 0x00] => 4,
+            _ => 0,
+        };
+        let head = &entry[endbr..endbr + 5];
         match Site::find(&space, k, &f.records, s.addr) {
             Ok(site) => {
                 assert_eq!(
@@ -375,11 +386,11 @@ fn real_function_entries_decode_as_sites() {
                 );
                 assert_eq!(
                     (site.func, site.at),
-                    (s.addr, s.addr),
-                    "{}: no ENDBR in this kernel",
+                    (s.addr, s.addr + endbr as u64),
+                    "{}: the site is right after the ENDBR, if any",
                     s.name
                 );
-                assert_eq!(site.gpa, space.translate(s.addr).unwrap().phys);
+                assert_eq!(site.gpa, space.translate(site.at).unwrap().phys);
                 let jmp = site.redirect(target).unwrap();
                 let ins = Decoder::with_ip(64, &jmp, site.at, DecoderOptions::NONE).decode();
                 assert_eq!(

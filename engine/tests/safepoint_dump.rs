@@ -48,7 +48,7 @@ fn safepoint_check_finds_sleepers_in_schedule_and_nobody_in_cmdline_proc_show() 
     if common::skip_without_dump() {
         return;
     }
-    use klpvisor_engine::safepoint::{irq_stacks, Check, Seen, Span};
+    use klpvisor_engine::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Check, Seen, Span};
     let f = fixture();
     let k = &f.kernel;
     let space = k.space(&f.guest);
@@ -56,10 +56,11 @@ fn safepoint_check_finds_sleepers_in_schedule_and_nobody_in_cmdline_proc_show() 
     let regs = klpvisor_guest::all_vcpu_regs(&f.guest).unwrap();
     let walker = klpvisor_guest::Tasks::from_kernel(&k.kallsyms, &k.btf).unwrap();
     let bases = walker.per_cpu_bases(&space).unwrap();
-    let irq = irq_stacks(
+    let irq = irq_stacks_sized(
         &space,
         &bases,
-        k.kallsyms.addr("hardirq_stack_ptr").unwrap(),
+        hardirq_stack_ptr(&k.kallsyms, &k.btf).unwrap(),
+        walker.layout.thread_size,
     );
     assert_eq!(irq.len(), bases.len(), "one IRQ stack per CPU");
     let span = |name: &str| {
@@ -110,7 +111,7 @@ fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
     if common::skip_without_dump() {
         return;
     }
-    use klpvisor_engine::safepoint::{irq_stacks, Check, Seen, Span};
+    use klpvisor_engine::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Check, Seen, Span};
     use klpvisor_guest::orc::Orc;
     use klpvisor_guest::overlay::Overlay;
     use klpvisor_guest::DumpGuest;
@@ -119,7 +120,7 @@ fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
     let k = &f.kernel;
     let g: Overlay<'_, DumpGuest> = Overlay::new(&f.guest);
     let space = k.space(&g);
-    let orc = Orc::load(&space, &k.kallsyms, k.uts(&g, "release").as_deref()).unwrap();
+    let orc = Orc::load_btf(&space, &k.kallsyms, &k.btf).unwrap();
     let span = |name: &str| {
         let a = k.kallsyms.resolve(name, 0).unwrap();
         Span {
@@ -130,10 +131,11 @@ fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
     let regs = klpvisor_guest::all_vcpu_regs(&g).unwrap();
     let tasks = k.tasks(&g).unwrap();
     let walker = klpvisor_guest::Tasks::from_kernel(&k.kallsyms, &k.btf).unwrap();
-    let irq = irq_stacks(
+    let irq = irq_stacks_sized(
         &space,
         &walker.per_cpu_bases(&space).unwrap(),
-        k.kallsyms.addr("hardirq_stack_ptr").unwrap(),
+        hardirq_stack_ptr(&k.kallsyms, &k.btf).unwrap(),
+        walker.layout.thread_size,
     );
     let sleeper = tasks
         .iter()

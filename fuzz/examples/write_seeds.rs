@@ -13,7 +13,7 @@ use klpvisor_fuzz::tasks_window::*;
 use klpvisor_fuzz::{kallsyms, kernel_tables, PhysGuest, Window, STEXT, WINDOW};
 use klpvisor_api::{PatchesReply, Regs, RegsReply};
 use klpvisor_guest::kallsyms::{Image, Layout};
-use klpvisor_guest::tasks::{TaskLayout, TaskSymbols, ThreadLinks};
+use klpvisor_guest::tasks::{TaskLayout, TaskSymbols, ThreadLinks, THREAD_SIZE};
 use klpvisor_guest::{AddressSpace, Kallsyms, PageTables, Tasks, VirtRead};
 use klpvisor_guest::orc::Orc;
 
@@ -249,6 +249,7 @@ fn tasks_seeds() -> Result<()> {
             thread_node: 0x60,
         },
         rq_idle: 0x18,
+        thread_size: THREAD_SIZE,
     };
     let symbols = TaskSymbols {
         init_task: WINDOW + INIT_TASK,

@@ -14,7 +14,7 @@ use std::ops::Range;
 use klpvisor_fuzz::tasks_window::*;
 use klpvisor_fuzz::{kallsyms, Bytes, Window, WINDOW};
 use libfuzzer_sys::fuzz_target;
-use klpvisor_guest::tasks::{TaskLayout, TaskSymbols, ThreadLinks};
+use klpvisor_guest::tasks::{TaskLayout, TaskSymbols, ThreadLinks, THREAD_SIZE};
 use klpvisor_guest::Tasks;
 use klpvisor_guest::orc::Orc;
 use klpvisor_engine::safepoint::{irq_stacks, Check, Span};
@@ -39,6 +39,7 @@ pub const LAYOUT: TaskLayout = TaskLayout {
         thread_node: 0x60,
     },
     rq_idle: 0x18,
+    thread_size: THREAD_SIZE,
 };
 /// Per-CPU offsets of `runqueues`, `current_task`, `hardirq_stack_ptr`.
 const RUNQUEUES: u64 = 0x80;

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * bad-sympos.c: old_sympos 3 for version_show, which occurs only twice in
- * the guest kernel's kallsyms: there is no third one.
+ * bad-sympos.c: old_sympos 9 for version_show, which occurs only a few
+ * times in the guest kernel's kallsyms (twice in 6.1, three times in 6.12):
+ * there is no ninth one.
  */
 #include <linux/module.h>
 #include <linux/kernel.h>
@@ -18,7 +19,7 @@ static struct klp_func funcs[] = {
 	{
 		.old_name = "version_show",
 		.new_func = livepatch_show,
-		.old_sympos = 3,
+		.old_sympos = 9,
 	}, { }
 };
 

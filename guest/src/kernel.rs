@@ -319,8 +319,10 @@ impl Kernel {
     /// Every task, with the vCPU running it (reads all vCPUs' registers).
     pub fn tasks<G: Guest + ?Sized>(&self, guest: &G) -> Result<Vec<Task>, IntrospectError> {
         let regs = all_vcpu_regs(guest)?;
-        let walker = Tasks::from_kernel(&self.kallsyms, &self.btf)?;
-        Ok(walker.list(&self.space(guest), &regs)?)
+        let mut walker = Tasks::from_kernel(&self.kallsyms, &self.btf)?;
+        let space = self.space(guest);
+        walker.measure_thread_size(&space, &self.kallsyms, &self.btf);
+        Ok(walker.list(&space, &regs)?)
     }
 }
 

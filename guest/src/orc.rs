@@ -13,16 +13,20 @@
 //! stack — makes the walk unreliable and the scan is used: imprecise, never
 //! unsafe.
 //!
-//! The format is the one of Linux 4.14 to 6.2 (`struct orc_entry`: two s16
-//! offsets, then sp_reg:4 bp_reg:4 type:2 end:1; types CALL, REGS,
-//! REGS_PARTIAL). 6.3 added a `signal` bit and 6.4 renumbered the types;
-//! [`Orc::load`] refuses kernels newer than 6.2 rather than misread them.
+//! The entry format changed twice: Linux 4.14 to 6.2 have two s16 offsets,
+//! then sp_reg:4 bp_reg:4 type:2 end:1 (types CALL, REGS, REGS_PARTIAL);
+//! 6.3 added a `signal` bit; 6.4 dropped `end` and widened `type` to three
+//! bits with new numbers (UNDEFINED, END_OF_STACK, CALL, REGS,
+//! REGS_PARTIAL). [`Orc::load_btf`] takes the bitfield positions, and so
+//! which of those formats the kernel has, from the kernel's own BTF
+//! (`struct orc_entry`); [`Orc::load`] knows only the 4.14..6.2 format by
+//! release and refuses newer kernels rather than misread them.
 
 use std::ops::Range;
 
 use thiserror::Error;
 
-use crate::{Kallsyms, Task, VirtRead};
+use crate::{Btf, Kallsyms, Task, VirtRead};
 
 /// Bounds for tables read from guest memory (6.1 has ~370k entries).
 const MAX_ENTRIES: u64 = 4 << 20;
@@ -40,6 +44,14 @@ const REG_SP_INDIRECT: u8 = 9;
 const TYPE_CALL: u8 = 0;
 const TYPE_REGS: u8 = 1;
 const TYPE_REGS_PARTIAL: u8 = 2;
+/// The 6.4+ type numbers (`ORC_TYPE_*` in orc_types.h since commit
+/// fb799447ae29, "x86,objtool: Split UNWIND_HINT_EMPTY in two"): BTF has
+/// the bitfields but not these #defines, so they are known by format.
+const NEW_TYPE_UNDEFINED: u8 = 0;
+const NEW_TYPE_END_OF_STACK: u8 = 1;
+const NEW_TYPE_CALL: u8 = 2;
+const NEW_TYPE_REGS: u8 = 3;
+const NEW_TYPE_REGS_PARTIAL: u8 = 4;
 
 /// `struct pt_regs` offsets (x86-64).
 const PT_BP: u64 = 4 * 8;
@@ -62,7 +74,139 @@ pub enum OrcError {
     Corrupt(String),
     #[error("cannot read the ORC tables: {0}")]
     Read(String),
+    #[error("the kernel's BTF has no usable struct orc_entry ({0}): its ORC format is unknown")]
+    Format(String),
 }
+
+/// Where the fields of a `struct orc_entry` are, and what its type numbers
+/// mean: the bit positions come from BTF (or are 4.14..6.2's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Format {
+    /// Entry size in bytes (6, packed).
+    size: u64,
+    /// (bit offset, width) of sp_reg, bp_reg and type within the entry.
+    sp_reg: (u32, u32),
+    bp_reg: (u32, u32),
+    kind: (u32, u32),
+    /// Bit of `end` (4.14..6.3); `None` from 6.4, where the end of the
+    /// stack is a type of its own.
+    end: Option<u32>,
+    /// Bit of `signal` (6.3+): the frame's ip is not a return address.
+    signal: Option<u32>,
+}
+
+impl Format {
+    /// Linux 4.14 to 6.2.
+    pub const V4_14: Self = Self {
+        size: ENTRY_SIZE,
+        sp_reg: (32, 4),
+        bp_reg: (36, 4),
+        kind: (40, 2),
+        end: Some(42),
+        signal: None,
+    };
+
+    /// The layout of `struct orc_entry` as the kernel's BTF describes it.
+    pub fn from_btf(btf: &Btf) -> Result<Self, OrcError> {
+        let bad = |e: &dyn std::fmt::Display| OrcError::Format(e.to_string());
+        let size = btf.struct_size("orc_entry").map_err(|e| bad(&e))?;
+        if !(6..=8).contains(&size) {
+            return Err(bad(&format!("{size} bytes")));
+        }
+        let bits = |name: &str| -> Result<(u32, u32), OrcError> {
+            let f = btf
+                .field(&format!("orc_entry.{name}"))
+                .map_err(|e| bad(&e))?;
+            let width = f
+                .bitfield_bits
+                .ok_or_else(|| bad(&format!("{name} is not a bitfield")))?;
+            let at = u32::try_from(f.bit_offset)
+                .ok()
+                .filter(|&b| u64::from(b) + u64::from(width) <= size * 8 && width <= 8)
+                .ok_or_else(|| {
+                    bad(&format!(
+                        "{name} at bit {} is outside the entry",
+                        f.bit_offset
+                    ))
+                })?;
+            Ok((at, width))
+        };
+        let one = |name: &str| -> Result<Option<u32>, OrcError> {
+            if btf.field(&format!("orc_entry.{name}")).is_err() {
+                return Ok(None);
+            }
+            let (at, width) = bits(name)?;
+            (width == 1)
+                .then_some(Some(at))
+                .ok_or_else(|| bad(&format!("{name} is {width} bits wide")))
+        };
+        for (name, at) in [("sp_offset", 0), ("bp_offset", 2)] {
+            let off = btf
+                .offset_of(&format!("orc_entry.{name}"))
+                .map_err(|e| bad(&e))?;
+            if off != at {
+                return Err(bad(&format!("{name} at byte {off}")));
+            }
+        }
+        let f = Self {
+            size,
+            sp_reg: bits("sp_reg")?,
+            bp_reg: bits("bp_reg")?,
+            kind: bits("type")?,
+            end: one("end")?,
+            signal: one("signal")?,
+        };
+        // Either the old format (an `end` bit, 2-bit types) or the 6.4+
+        // one (3-bit types, no `end`); anything else is a third format.
+        match (f.end, f.kind.1) {
+            (Some(_), 2) | (None, 3) => Ok(f),
+            _ => Err(bad(&format!(
+                "type is {} bits {} an end bit",
+                f.kind.1,
+                if f.end.is_some() { "with" } else { "without" }
+            ))),
+        }
+    }
+
+    fn decode(&self, b: &[u8]) -> Option<Entry> {
+        let raw = b.get(..usize::try_from(self.size).ok()?)?;
+        let mut word = [0u8; 8];
+        word.get_mut(..raw.len())?.copy_from_slice(raw);
+        let word = u64::from_le_bytes(word);
+        let get = |(at, width): (u32, u32)| ((word >> at) & ((1u64 << width) - 1)) as u8;
+        let kind = get(self.kind);
+        let (kind, end) = match self.end {
+            Some(bit) => (kind, word & (1 << bit) != 0),
+            // 6.4+: map the new numbers onto the old ones the unwinder
+            // follows; END_OF_STACK is the old "undefined sp, end set" and
+            // UNDEFINED is an entry with no unwind data.
+            None => match kind {
+                NEW_TYPE_CALL => (TYPE_CALL, false),
+                NEW_TYPE_REGS => (TYPE_REGS, false),
+                NEW_TYPE_REGS_PARTIAL => (TYPE_REGS_PARTIAL, false),
+                NEW_TYPE_END_OF_STACK => (TYPE_END, true),
+                NEW_TYPE_UNDEFINED => (TYPE_UNDEFINED, false),
+                _ => (TYPE_UNKNOWN, false),
+            },
+        };
+        Some(Entry {
+            sp_offset: i16::from_le_bytes([raw[0], raw[1]]),
+            bp_offset: i16::from_le_bytes([raw[2], raw[3]]),
+            sp_reg: get(self.sp_reg),
+            bp_reg: get(self.bp_reg),
+            kind,
+            end,
+            signal: self.signal.map(|bit| word & (1 << bit) != 0),
+        })
+    }
+}
+
+/// Kinds only the 6.4+ format has, as [`Entry::kind`] values past the old
+/// numbers: the end of the stack, no unwind data, a number neither format
+/// defines.
+const TYPE_END: u8 = 0x10;
+const TYPE_UNDEFINED: u8 = 0x11;
+const TYPE_UNKNOWN: u8 = 0x12;
 
 /// One `struct orc_entry`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,20 +217,14 @@ pub struct Entry {
     pub bp_reg: u8,
     pub kind: u8,
     pub end: bool,
+    /// The `signal` bit, on kernels that have one (6.3+).
+    pub signal: Option<bool>,
 }
 
 impl Entry {
+    #[cfg(test)]
     fn decode(b: &[u8]) -> Option<Self> {
-        let w = |i: usize| Some(u16::from_le_bytes([*b.get(i)?, *b.get(i + 1)?]));
-        let flags = w(4)?;
-        Some(Self {
-            sp_offset: w(0)? as i16,
-            bp_offset: w(2)? as i16,
-            sp_reg: (flags & 0xf) as u8,
-            bp_reg: ((flags >> 4) & 0xf) as u8,
-            kind: ((flags >> 8) & 0x3) as u8,
-            end: flags & (1 << 10) != 0,
-        })
+        Format::V4_14.decode(b)
     }
 }
 
@@ -107,6 +245,18 @@ pub struct Orc {
     text: Range<u64>,
 }
 
+/// Reads a kernel's tables in the format its BTF describes: any kernel
+/// with ORC and BTF, whatever its release.
+impl Orc {
+    pub fn load_btf<M: VirtRead + ?Sized>(
+        mem: &M,
+        kallsyms: &Kallsyms,
+        btf: &Btf,
+    ) -> Result<Self, OrcError> {
+        Self::load_format(mem, kallsyms, Format::from_btf(btf)?)
+    }
+}
+
 impl Orc {
     /// Reads `__start_orc_unwind_ip..__stop_orc_unwind_ip` (32-bit offsets
     /// relative to each slot) and `__start_orc_unwind..__stop_orc_unwind`.
@@ -122,6 +272,15 @@ impl Orc {
                 )));
             }
         }
+        Self::load_format(mem, kallsyms, Format::V4_14)
+    }
+
+    fn load_format<M: VirtRead + ?Sized>(
+        mem: &M,
+        kallsyms: &Kallsyms,
+        format: Format,
+    ) -> Result<Self, OrcError> {
+        let entry_size = format.size;
         let sym = |n: &'static str| kallsyms.addr(n).map_err(|_| OrcError::Missing(n));
         let (ip0, ip1) = (sym("__start_orc_unwind_ip")?, sym("__stop_orc_unwind_ip")?);
         let (e0, e1) = (sym("__start_orc_unwind")?, sym("__stop_orc_unwind")?);
@@ -131,18 +290,18 @@ impl Orc {
             .filter(|l| l % 4 == 0)
             .map(|l| l / 4)
             .ok_or_else(|| OrcError::Corrupt("bad ip table bounds".into()))?;
-        if n == 0 || n > MAX_ENTRIES || e1.checked_sub(e0) != Some(n * ENTRY_SIZE) {
+        if n == 0 || n > MAX_ENTRIES || e1.checked_sub(e0) != Some(n * entry_size) {
             return Err(OrcError::Corrupt(format!(
                 "{n} ip slots but {:#x} bytes of entries",
                 e1.wrapping_sub(e0)
             )));
         }
         let read = |va, len, what| {
-            mem.read_vec(va, len, MAX_ENTRIES * ENTRY_SIZE, what)
+            mem.read_vec(va, len, MAX_ENTRIES * entry_size, what)
                 .map_err(|e| OrcError::Read(e.to_string()))
         };
         let raw_ips = read(ip0, n * 4, "ORC ip table")?;
-        let raw_entries = read(e0, n * ENTRY_SIZE, "ORC entries")?;
+        let raw_entries = read(e0, n * entry_size, "ORC entries")?;
         let ips: Vec<u64> = raw_ips
             .chunks_exact(4)
             .enumerate()
@@ -156,8 +315,8 @@ impl Orc {
             return Err(OrcError::Corrupt("ip table is not sorted".into()));
         }
         let entries = raw_entries
-            .chunks_exact(ENTRY_SIZE as usize)
-            .filter_map(Entry::decode)
+            .chunks_exact(entry_size as usize)
+            .filter_map(|b| format.decode(b))
             .collect();
         Ok(Self { ips, entries, text })
     }
@@ -230,6 +389,26 @@ impl Orc {
                 ip,
                 why: "no ORC entry",
             })?;
+            match e.kind {
+                // 6.4+: the end of a kernel thread's stack (as below).
+                TYPE_END => {
+                    return if sp.checked_add(PT_REGS_SIZE) == Some(stack.end) {
+                        Ok(frames)
+                    } else {
+                        Err(Unreliable {
+                            ip,
+                            why: "end-of-stack hint not at the top of the stack",
+                        })
+                    };
+                }
+                TYPE_UNDEFINED => {
+                    return Err(Unreliable {
+                        ip,
+                        why: "undefined ORC entry",
+                    })
+                }
+                _ => {}
+            }
             if e.sp_reg == REG_UNDEFINED {
                 // A kernel thread's end of stack, or no unwind data.
                 // ret_from_fork's hint, with the kernel thread's pt_regs
@@ -324,7 +503,10 @@ impl Orc {
             }
             ip = next_ip;
             sp = next_sp;
-            signal = regs.is_some();
+            // 6.3+ says per entry whether the next ip is not a return
+            // address (commit ffb1b4a41016, "x86/unwind/orc: Add 'signal'
+            // field to ORC metadata"); before, every register frame was.
+            signal = e.signal.unwrap_or(regs.is_some());
         }
     }
 }
@@ -358,6 +540,69 @@ mod tests {
         let e = Entry::decode(&[0, 0, 0, 0, 0, 0x04]).unwrap();
         assert!(e.end && e.sp_reg == REG_UNDEFINED);
         assert_eq!(Entry::decode(&[0; 5]), None);
+    }
+
+    /// `struct orc_entry` as pahole writes it to BTF: 6.1's, or 6.4+'s
+    /// (type:3, signal:1 and no end bit).
+    fn orc_btf(new: bool) -> Btf {
+        let mut b = crate::btf::synth::BtfBuilder::new();
+        let s16 = b.int("s16", 2);
+        let uint = b.int("unsigned int", 4);
+        let mut members = vec![
+            ("sp_offset", s16, 0, 0),
+            ("bp_offset", s16, 16, 0),
+            ("sp_reg", uint, 32, 4),
+            ("bp_reg", uint, 36, 4),
+        ];
+        if new {
+            members.extend([("type", uint, 40, 3), ("signal", uint, 43, 1)]);
+        } else {
+            members.extend([("type", uint, 40, 2), ("end", uint, 42, 1)]);
+        }
+        b.composite(false, "orc_entry", 6, &members);
+        Btf::parse(&b.build()).unwrap()
+    }
+
+    #[test]
+    fn the_entry_format_comes_from_btf() {
+        assert_eq!(Format::from_btf(&orc_btf(false)).unwrap(), Format::V4_14);
+        let f = Format::from_btf(&orc_btf(true)).unwrap();
+        let flags = |sp: u16, bp: u16, ty: u16, signal: u16| {
+            let w = sp | bp << 4 | ty << 8 | signal << 11;
+            let mut b = vec![16, 0, 0xf0, 0xff];
+            b.extend_from_slice(&w.to_le_bytes());
+            b
+        };
+        // CALL (2), sp = SP + 16, bp = prev_sp - 16.
+        let e = f
+            .decode(&flags(u16::from(REG_SP), u16::from(REG_PREV_SP), 2, 0))
+            .unwrap();
+        assert_eq!(
+            (e.sp_offset, e.bp_offset, e.sp_reg, e.bp_reg),
+            (16, -16, REG_SP, REG_PREV_SP)
+        );
+        assert_eq!((e.kind, e.end, e.signal), (TYPE_CALL, false, Some(false)));
+        // REGS (3) with signal; REGS_PARTIAL (4); END_OF_STACK (1);
+        // UNDEFINED (0); 5..7 are no type.
+        let kind = |ty: u16, signal: u16| {
+            let e = f.decode(&flags(0, 0, ty, signal)).unwrap();
+            (e.kind, e.end, e.signal)
+        };
+        assert_eq!(kind(3, 1), (TYPE_REGS, false, Some(true)));
+        assert_eq!(kind(4, 1), (TYPE_REGS_PARTIAL, false, Some(true)));
+        assert_eq!(kind(1, 0), (TYPE_END, true, Some(false)));
+        assert_eq!(kind(0, 0), (TYPE_UNDEFINED, false, Some(false)));
+        assert_eq!(kind(7, 0), (TYPE_UNKNOWN, false, Some(false)));
+        // A type field of neither width, or no struct: refused.
+        let mut b = crate::btf::synth::BtfBuilder::new();
+        let uint = b.int("unsigned int", 4);
+        b.composite(false, "orc_entry", 6, &[("type", uint, 40, 5)]);
+        assert!(Format::from_btf(&Btf::parse(&b.build()).unwrap()).is_err());
+        let empty = crate::btf::synth::BtfBuilder::new();
+        assert!(matches!(
+            Format::from_btf(&Btf::parse(&empty.build()).unwrap()),
+            Err(OrcError::Format(_))
+        ));
     }
 
     #[test]

@@ -23,8 +23,13 @@ use crate::kallsyms::Kallsyms;
 use crate::paging::{PagingError, VirtRead};
 use crate::VcpuRegs;
 
-/// x86_64 kernel stack size without KASAN (THREAD_SIZE_ORDER 2).
+/// x86_64 kernel stack size without KASAN (THREAD_SIZE_ORDER 2): used only
+/// until [`Tasks::measure_thread_size`] has read the kernel's own (a KASAN
+/// kernel's stacks are 32 KiB), and when neither BTF nor the per-CPU data
+/// tell (Debian's 6.1 and 6.12 BTF have no `union thread_union`).
 pub const THREAD_SIZE: u64 = 16 << 10;
+/// Kernel stack sizes taken from BTF must be a power of two in this range.
+const THREAD_SIZES: Range<u64> = (4 << 10)..(256 << 10);
 /// The default bound on tasks walked (PID_MAX_DEFAULT is 32768).
 pub const DEFAULT_MAX_TASKS: usize = 1 << 16;
 /// CONFIG_NR_CPUS maximum on x86_64.
@@ -63,6 +68,8 @@ pub enum TasksError {
     TooMany { limit: usize },
     #[error("nr_cpu_ids is {0}, more than the {MAX_CPUS} CPUs x86_64 Linux supports")]
     TooManyCpus(u32),
+    #[error("union thread_union is {0} bytes, not a kernel stack size (a power of two from 4 KiB to 128 KiB): corrupt BTF")]
+    ThreadSize(u64),
     #[error("field `{field}` at offset {offset} lies outside the {size}-byte task_struct")]
     FieldOutside {
         field: &'static str,
@@ -99,6 +106,9 @@ pub struct TaskLayout {
     pub threads: ThreadLinks,
     /// `struct rq` member `idle`.
     pub rq_idle: u64,
+    /// THREAD_SIZE: `sizeof(union thread_union)`, whose `stack` member is
+    /// the whole kernel stack; [`THREAD_SIZE`] if BTF lacks the union.
+    pub thread_size: u64,
 }
 
 impl TaskLayout {
@@ -133,6 +143,11 @@ impl TaskLayout {
             signal: off("task_struct.signal")?,
             threads,
             rq_idle: off("rq.idle")?,
+            thread_size: match btf.struct_size("thread_union") {
+                Ok(n) if n.is_power_of_two() && THREAD_SIZES.contains(&n) => n,
+                Ok(n) => return Err(TasksError::ThreadSize(n)),
+                Err(_) => THREAD_SIZE,
+            },
         })
     }
 }
@@ -199,7 +214,8 @@ pub struct Task {
     pub exit_state: u32,
     pub flags: u32,
     pub on_cpu: bool,
-    /// Its kernel stack `[stack, stack + THREAD_SIZE)`.
+    /// Its kernel stack `[stack, stack + THREAD_SIZE)` (the layout's
+    /// `thread_size`).
     pub stack: Range<u64>,
     /// `thread.sp`: the stack pointer saved when it was switched out (its
     /// `inactive_task_frame`); stale while it runs.
@@ -270,6 +286,62 @@ impl Tasks {
             TaskLayout::from_btf(btf)?,
             TaskSymbols::from_kernel(kallsyms, btf)?,
         ))
+    }
+
+    /// Takes THREAD_SIZE from the running kernel (BTF has no `union
+    /// thread_union` on Debian's kernels):
+    /// `__switch_to` sets each CPU's top of stack (`cpu_current_top_of_stack`
+    /// up to 6.1, `pcpu_hot.top_of_stack` from 6.2, offset from BTF) to
+    /// `task->stack + THREAD_SIZE - TOP_OF_KERNEL_STACK_PADDING` of the task
+    /// it switches to (the padding is 0, or 16 with FRED), so the top minus
+    /// the CPU's current task's `stack`, rounded up to a power of two, is
+    /// THREAD_SIZE. A CPU paused inside `__switch_to` may have one updated
+    /// and not the other, so the size most CPUs agree on is taken; none
+    /// (no symbol, unreadable, nothing plausible) keeps the layout's size.
+    /// Returns the size measured, if any.
+    pub fn measure_thread_size<M: VirtRead + ?Sized>(
+        &mut self,
+        mem: &M,
+        kallsyms: &Kallsyms,
+        btf: &Btf,
+    ) -> Option<u64> {
+        let top = kallsyms.addr("cpu_current_top_of_stack").ok().or_else(|| {
+            let hot = kallsyms.addr("pcpu_hot").ok()?;
+            hot.checked_add(btf.offset_of("pcpu_hot.top_of_stack").ok()?)
+        })?;
+        self.measure_thread_size_at(mem, top)
+    }
+
+    /// [`Tasks::measure_thread_size`] with the per-CPU offset of the top
+    /// of stack given.
+    pub fn measure_thread_size_at<M: VirtRead + ?Sized>(
+        &mut self,
+        mem: &M,
+        top: u64,
+    ) -> Option<u64> {
+        let cpus = self.per_cpu_bases(mem).ok()?;
+        let mut votes: Vec<(u64, usize)> = Vec::new();
+        for (_, base) in cpus.iter().take(MAX_CPUS as usize) {
+            let size = (|| {
+                let end = mem.read_u64(base.wrapping_add(top)).ok()?;
+                let task = self
+                    .read_ptr(mem, base.wrapping_add(self.symbols.current_task), "current")
+                    .ok()?;
+                let stack = mem.read_u64(task.wrapping_add(self.layout.stack)).ok()?;
+                let size = end.checked_sub(stack)?.checked_next_power_of_two()?;
+                // At most a little padding below the rounded size.
+                (THREAD_SIZES.contains(&size) && size - (end - stack) <= 64).then_some(size)
+            })();
+            if let Some(size) = size {
+                match votes.iter_mut().find(|(s, _)| *s == size) {
+                    Some((_, n)) => *n += 1,
+                    None => votes.push((size, 1)),
+                }
+            }
+        }
+        let &(size, _) = votes.iter().max_by_key(|&&(s, n)| (n, s))?;
+        self.layout.thread_size = size;
+        Some(size)
     }
 
     /// Every task: each CPU's idle task (by CPU), then every thread in
@@ -519,7 +591,7 @@ impl Tasks {
             exit_state: u32_at("exit_state", l.exit_state)?,
             flags: u32_at("flags", l.flags)?,
             on_cpu: u32_at("on_cpu", l.on_cpu)? != 0,
-            stack: stack..stack.saturating_add(THREAD_SIZE),
+            stack: stack..stack.saturating_add(l.thread_size),
             saved_sp: u64_at("thread.sp", l.thread_sp)?,
             idle_cpu: None,
             running: None,
@@ -588,6 +660,7 @@ mod tests {
             thread_node: 0x60,
         },
         rq_idle: 0x18,
+        thread_size: THREAD_SIZE,
     };
     const SYMS: TaskSymbols = TaskSymbols {
         init_task: 0xffff_ffff_8200_0000,
@@ -653,6 +726,32 @@ mod tests {
             gs_base: gs,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn thread_size_is_the_top_of_stack_minus_the_current_tasks_stack() {
+        const TOP: u64 = 0x300;
+        let mut m = kernel();
+        // A KASAN-sized (32 KiB) stack on both CPUs: init_task's and B's.
+        for (base, task, stack) in [
+            (PCPU[0], SYMS.init_task, 0xffff_c900_0001_0000u64),
+            (PCPU[1], TASK_B, 0xffff_c900_0002_0000),
+        ] {
+            m.put64(task + L.stack, stack);
+            m.put64(base + TOP, stack + (32 << 10));
+        }
+        let mut t = Tasks::new(L, SYMS);
+        assert_eq!(t.measure_thread_size_at(&m, TOP), Some(32 << 10));
+        assert_eq!(t.layout.thread_size, 32 << 10);
+        // CPU 1 mid-switch (top of the next task, current still the old):
+        // its difference is no stack size, and CPU 0 decides.
+        m.put64(PCPU[1] + TOP, 0xffff_c900_0003_0000 + (32 << 10));
+        assert_eq!(t.measure_thread_size_at(&m, TOP), Some(32 << 10));
+        // Nothing plausible anywhere: the layout keeps its size.
+        m.put64(PCPU[0] + TOP, 0);
+        let mut t = Tasks::new(L, SYMS);
+        assert_eq!(t.measure_thread_size_at(&m, TOP), None);
+        assert_eq!(t.layout.thread_size, THREAD_SIZE);
     }
 
     #[test]

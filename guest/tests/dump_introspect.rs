@@ -325,6 +325,17 @@ fn tasks_equal_the_guests_task_list() {
     }
     let f = fixture();
     let tasks = f.kernel.tasks(&f.guest).unwrap_or_else(|e| panic!("{e}"));
+    // THREAD_SIZE, read from the kernel's per-CPU top of stack (16 KiB on
+    // these non-KASAN kernels), is the size the linker gave init's stack
+    // where kallsyms has its bounds (6.12; 6.1 has no __end_init_stack).
+    let mut walker = klpvisor_guest::Tasks::from_kernel(&f.kernel.kallsyms, &f.kernel.btf).unwrap();
+    let thread_size =
+        walker.measure_thread_size(&f.kernel.space(&f.guest), &f.kernel.kallsyms, &f.kernel.btf);
+    assert_eq!(thread_size, Some(THREAD_SIZE));
+    let ks = &f.kernel.kallsyms;
+    if let (Ok(start), Ok(end)) = (ks.addr("__start_init_stack"), ks.addr("__end_init_stack")) {
+        assert_eq!(end - start, THREAD_SIZE);
+    }
     let want = proc_tasks(f);
     let role = |name: &str| -> i32 {
         let roles = read(f, "roles.txt");
@@ -521,13 +532,23 @@ fn orc_unwinds_sleeping_tasks_as_the_guest_kernel_does() {
     if common::skip_without_dump() {
         return;
     }
-    use klpvisor_guest::orc::Orc;
+    use klpvisor_guest::orc::{Format, Orc};
     let f = fixture();
     let k = &f.kernel;
     let space = k.space(&f.guest);
-    let release = k.uts(&f.guest, "release");
+    let release = k.uts(&f.guest, "release").unwrap_or_default();
     let t = Instant::now();
-    let orc = Orc::load(&space, &k.kallsyms, release.as_deref()).unwrap_or_else(|e| panic!("{e}"));
+    // The format from the guest's BTF, as the engine reads it; on 6.1 it
+    // is the one the release-based reader knows.
+    let orc = Orc::load_btf(&space, &k.kallsyms, &k.btf).unwrap_or_else(|e| panic!("{e}"));
+    if release.starts_with("6.1.") {
+        assert_eq!(
+            Format::from_btf(&k.btf).unwrap(),
+            Format::V4_14,
+            "6.1's BTF describes the 4.14..6.2 ORC format"
+        );
+        Orc::load(&space, &k.kallsyms, Some(&release)).unwrap();
+    }
     eprintln!(
         "ORC tables: {} entries, read in {:?}",
         orc.len(),

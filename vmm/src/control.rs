@@ -110,6 +110,32 @@ pub struct CachedKernel {
     pub pause: Duration,
 }
 
+/// An internal pause that ends on every path out of the code that took it:
+/// [`PauseGuard::resume`] normally, `Drop` when that code returns early or
+/// panics (a panic while reading guest data must not leave the guest
+/// frozen for good).
+struct PauseGuard<'a>(&'a Vm);
+
+impl PauseGuard<'_> {
+    fn resume(self) -> Result<ResumeReport, VmError> {
+        let vm = self.0;
+        std::mem::forget(self);
+        vm.resume()
+    }
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.resume() {
+            tracing::error!("resuming the VM after a failed internal pause: {e}");
+        } else {
+            tracing::warn!(
+                "an internal pause ended early (see the error above); the VM runs again"
+            );
+        }
+    }
+}
+
 /// Builds of the kernel view one request makes before it gives up.
 pub const FILL_ATTEMPTS: u32 = 3;
 /// The pause before a request's second build; doubled for each further one.
@@ -310,8 +336,9 @@ impl Control {
             });
         }
         self.vm.pause()?;
+        let pause = PauseGuard(&self.vm);
         let value = f(&self.vm);
-        let resumed = self.vm.resume();
+        let resumed = pause.resume();
         let value = value?;
         Ok(Paused {
             value,
@@ -411,7 +438,13 @@ impl Control {
         let decode = start.elapsed();
         let walker = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)
             .map_err(|e| tracing::warn!("the task walk will not work on this kernel: {e}"))
-            .ok();
+            .ok()
+            .map(|mut w| {
+                // THREAD_SIZE from the kernel's per-CPU data (read while
+                // the guest runs: a CPU caught mid-switch is outvoted).
+                w.measure_thread_size(&kernel.space(&*self.vm), &kernel.kallsyms, &kernel.btf);
+                w
+            });
         let cached = Arc::new(CachedKernel {
             kernel,
             walker,

@@ -25,7 +25,7 @@ use crate::callback::gate::{Gate, GateError, Progress};
 use crate::callback::{Call, Calls};
 use crate::link::LinkedCallbacks;
 use crate::module::{ModuleError, State};
-use crate::safepoint::{irq_stacks, Blocker, Check, SafepointError, Span};
+use crate::safepoint::{Blocker, Check, SafepointError, Span};
 use crate::site::{FtraceRecords, Site, SiteError};
 use crate::stack::{Change, Entry, Placed, Stack, StackError};
 use crate::write::{Plan, Write, WriteError};
@@ -386,10 +386,16 @@ impl Engine {
                         source: Box::new(source),
                     }
                 })?;
-            let tasks = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)?;
-            let hardirq_stack_ptr = kernel.kallsyms.addr("hardirq_stack_ptr").ok();
+            let mut tasks = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)?;
+            tasks.measure_thread_size(&space, &kernel.kallsyms, &kernel.btf);
+            let hardirq_stack_ptr =
+                crate::safepoint::hardirq_stack_ptr(&kernel.kallsyms, &kernel.btf);
             let release = kernel.uts(guest, "release");
-            let orc = Orc::load(&space, &kernel.kallsyms, release.as_deref()).ok();
+            // The format from BTF; by release (4.14..6.2 only) if BTF has
+            // no struct orc_entry.
+            let orc = Orc::load_btf(&space, &kernel.kallsyms, &kernel.btf)
+                .or_else(|_| Orc::load(&space, &kernel.kallsyms, release.as_deref()))
+                .ok();
             self.facts = Some(Facts {
                 arena,
                 ftrace,
@@ -879,7 +885,7 @@ impl Engine {
         let irq = match f.hardirq_stack_ptr {
             Some(ptr) => {
                 let bases = f.tasks.per_cpu_bases(&space)?;
-                irq_stacks(&space, &bases, ptr)
+                crate::safepoint::irq_stacks_sized(&space, &bases, ptr, f.tasks.layout.thread_size)
             }
             None => Vec::new(),
         };

@@ -64,6 +64,22 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
                  kernel itself patched for its mitigation mode",
             )
         }
+        ".orc_header" => {
+            return Policy::Skip(
+                "a hash of the kernel's ORC entry format (6.4+), for tools that read a \
+                 module's ORC data; the module loader does not read it, and the patch's ORC \
+                 data is not registered anyway",
+            )
+        }
+        ".call_sites" => {
+            return Policy::Skip(
+                "call-depth tracking (6.2+): only with retbleed=stuff does the loader point the \
+                 patch's direct calls at the callees' accounting thunks; left as plain calls, a \
+                 call is not counted and the return-stack refill comes one return earlier, \
+                 more often, never later. Calls into the patch go through the old function, \
+                 whose callers the kernel already points at its thunk",
+            )
+        }
         ".orc_unwind" | ".orc_unwind_ip" => {
             return Policy::Skip(
                 "ORC data cannot be registered from outside: the guest's stack traces through \
@@ -197,6 +213,15 @@ mod tests {
         ));
         assert!(matches!(policy(THIS_MODULE, true, false), Policy::Skip(_)));
         assert_eq!(policy("__mcount_loc", false, false), Policy::Parse);
+        // 6.4+ kbuild adds both to every module.
+        assert!(matches!(
+            policy(".orc_header", false, false),
+            Policy::Skip(_)
+        ));
+        assert!(matches!(
+            policy(".call_sites", false, false),
+            Policy::Skip(_)
+        ));
         assert_eq!(policy(".weird", false, false), Policy::Unknown);
         assert_eq!(policy(".weird", false, true), Policy::Unknown);
         assert_eq!(policy(".rodata", true, false), Policy::Unknown);

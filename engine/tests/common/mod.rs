@@ -41,9 +41,20 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// build/dump, made (or found up to date) by guest-images/dump-guest.
+/// The build directories' suffix for the guest `KLPV_GUEST` selects
+/// (guest-images/common.sh): none for 6.1 (the default), `-6.12` for 6.12.
+/// The scripts these tests run read the same variable.
+pub fn guest_suffix() -> &'static str {
+    match std::env::var("KLPV_GUEST").as_deref() {
+        Ok("6.12") => "-6.12",
+        _ => "",
+    }
+}
+
+/// build/dump (build/dump-6.12), made (or found up to date) by
+/// guest-images/dump-guest.
 pub fn dump_dir() -> PathBuf {
-    let dir = root().join("build/dump");
+    let dir = root().join(format!("build/dump{}", guest_suffix()));
     let status = Command::new(root().join("guest-images/dump-guest"))
         .arg(&dir)
         .status()
@@ -77,7 +88,7 @@ pub fn dump() -> &'static Dump {
 /// Builds (or reuses) the livepatch module from `src` into build/patches
 /// and returns the .ko's bytes.
 pub fn build_ko(src: &Path) -> Vec<u8> {
-    let out = root().join("build/patches");
+    let out = root().join(format!("build/patches{}", guest_suffix()));
     let status = Command::new(root().join("guest-images/build-livepatch"))
         .arg(src)
         .arg(&out)

@@ -43,6 +43,14 @@ const MAX_NAME_LEN: usize = 4096;
 /// million; without a cap, crafted memory (a megabyte of zeros before a fake
 /// digit run) could make the nested backward searches run for minutes.
 pub const WORK_BUDGET: u64 = 1 << 26;
+/// A name may expand to at most this many bytes, its type letter included
+/// (the kernel's KSYM_NAME_LEN is 512). Each compressed byte can stand for
+/// a token of up to [`MAX_TOKEN_LEN`] bytes, so without this bound one
+/// forged 4096-byte entry would expand to 4 MiB of VMM heap.
+const MAX_EXPANDED_NAME: usize = 1024;
+/// All names together may expand to at most this many bytes: a 6.1
+/// allyesconfig kernel needs about 10 MiB; forged tables get no further.
+pub const MAX_EXPANDED_TOTAL: usize = 32 << 20;
 
 /// Errors of locating and decoding the tables.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +72,16 @@ pub enum TablesError {
          work: the memory does not look like a kernel's"
     )]
     BudgetExhausted { base: u64, len: usize },
+    #[error(
+        "kallsyms name {index} at {entry:#x} expands past {MAX_EXPANDED_NAME} bytes: the \
+         table is corrupt or forged"
+    )]
+    NameTooLong { index: usize, entry: u64 },
+    #[error(
+        "kallsyms names expand past {MAX_EXPANDED_TOTAL} bytes in all (at name {index}): the \
+         table is corrupt or forged"
+    )]
+    NamesTooLarge { index: usize },
 }
 
 /// Remaining search work; see [`WORK_BUDGET`].
@@ -308,7 +326,8 @@ fn decode_with(
         })?;
     let mut symbols = Vec::with_capacity(names.entries.len());
     let mut buf = Vec::with_capacity(64);
-    for (&(start, len), (addr, absolute)) in names.entries.iter().zip(addrs) {
+    let mut total = 0usize;
+    for (index, (&(start, len), (addr, absolute))) in names.entries.iter().zip(addrs).enumerate() {
         buf.clear();
         let entry = start
             .checked_add(len)
@@ -319,8 +338,18 @@ fn decode_with(
         for &t in entry {
             // tokens has exactly 256 entries, so a u8 always indexes it.
             if let Some(tok) = tokens.tokens.get(usize::from(t)) {
+                if buf.len() + tok.len() > MAX_EXPANDED_NAME {
+                    return Err(TablesError::NameTooLong {
+                        index,
+                        entry: image.va(start),
+                    });
+                }
                 buf.extend_from_slice(tok);
             }
+        }
+        total += buf.len();
+        if total > MAX_EXPANDED_TOTAL {
+            return Err(TablesError::NamesTooLarge { index });
         }
         let (kind, name) = match buf.split_first() {
             Some((&k, rest)) => (char::from(k), String::from_utf8_lossy(rest).into_owned()),
@@ -744,6 +773,22 @@ pub(crate) mod tests {
             );
         }
         assert_eq!(d.address_mode, AddressMode::AbsolutePercpu);
+    }
+
+    #[test]
+    fn a_name_that_expands_past_the_kernels_limit_is_refused() {
+        let mut syms = sample_symbols(300);
+        syms[3].1 = "x".repeat(1100);
+        let bytes = Builder::new(Layout::OffsetsFirst, syms).build();
+        let e = decode(Image {
+            base: BASE,
+            bytes: &bytes,
+        })
+        .unwrap_err();
+        assert!(
+            matches!(e, TablesError::NameTooLong { index: 3, .. }),
+            "{e}"
+        );
     }
 
     #[test]
