@@ -1,6 +1,7 @@
 //! Bad arguments end `vmm` with exit code 1 and one line naming the problem:
 //! no panic, no backtrace. These fail before any guest runs, so they run on
 //! this host directly.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -36,6 +37,9 @@ fn refuses(args: &[&str], needle: &str) {
 
 #[test]
 fn missing_kernel_file() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     refuses(
         &["--kernel", "/nonexistent/bzImage"],
         "cannot open kernel /nonexistent/bzImage",
@@ -44,6 +48,9 @@ fn missing_kernel_file() {
 
 #[test]
 fn kernel_that_is_not_a_bzimage() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let not_kernel = std::env::current_exe().unwrap();
     let path = not_kernel.to_str().unwrap();
     refuses(&["--kernel", path], "is not a bzImage");
@@ -51,6 +58,9 @@ fn kernel_that_is_not_a_bzimage() {
 
 #[test]
 fn zero_vcpus() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let k = guest_kernel();
     refuses(
         &["--kernel", k.to_str().unwrap(), "--cpus", "0"],
@@ -60,6 +70,9 @@ fn zero_vcpus() {
 
 #[test]
 fn absurd_memory_size() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let k = guest_kernel();
     let k = k.to_str().unwrap();
     refuses(
@@ -71,6 +84,9 @@ fn absurd_memory_size() {
 
 #[test]
 fn initrd_larger_than_ram() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let k = guest_kernel();
     let big = std::env::temp_dir().join(format!("klpv-big-initrd-{}", std::process::id()));
     let f = std::fs::File::create(&big).unwrap();
@@ -91,6 +107,9 @@ fn initrd_larger_than_ram() {
 
 #[test]
 fn odd_arena_size() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let k = guest_kernel();
     refuses(
         &["--kernel", k.to_str().unwrap(), "--arena", "3"],

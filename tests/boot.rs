@@ -1,5 +1,6 @@
 //! The guest boots to its init with the requested vCPUs and the exact command
 //! line, and its own poweroff/reboot end `vmm` with exit code 0.
+#![forbid(unsafe_code)]
 
 use harness::run_scenario;
 
@@ -17,6 +18,9 @@ fn ready_line(run: &harness::Run) -> (String, String) {
 
 #[test]
 fn two_vcpus_poweroff() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let token = format!("t{}", std::process::id());
     let run = run_scenario("boot", &["2", &token, "/bin/true"]);
     let (cpus, cmdline) = ready_line(&run);
@@ -50,6 +54,9 @@ fn two_vcpus_poweroff() {
 
 #[test]
 fn four_vcpus_reboot() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let token = format!("r{}", std::process::id());
     let run = run_scenario("boot", &["4", &token, "/bin/reboot", "-f"]);
     let (cpus, cmdline) = ready_line(&run);
@@ -69,6 +76,9 @@ fn four_vcpus_reboot() {
 
 #[test]
 fn panic_and_sigterm_end_with_distinct_codes() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("lifecycle", &[]);
     assert_eq!(
         run.result("lifecycle-panic")["rc"],

@@ -1,10 +1,11 @@
-//! klp callbacks (issue 6), end to end: patches built by kbuild log each
+//! klp callbacks, end to end: patches built by kbuild log each
 //! of their callbacks, with whether their function is live at that
 //! moment, and the VMM runs them in the guest kernel through its call
 //! gate around apply, replace, disable, a refused pre_patch and rollbacks.
+#![forbid(unsafe_code)]
 
 use harness::{run_scenario, Run};
-use patcher::api::{PatchState, PatchesReply};
+use klpvisor_api::{PatchState, PatchesReply};
 
 /// The callback log lines the guest saw appear during step `n`.
 fn log(run: &Run, n: u32) -> Vec<String> {
@@ -25,6 +26,9 @@ fn name(run: &Run, n: u32) -> String {
 
 #[test]
 fn callbacks_run_in_the_guest_in_klps_order() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-callbacks", &[]);
     let t = run.transcript();
     for step in ["cb-v1", "cb-v2", "cb-disable", "cb-undo", "cb-back"] {

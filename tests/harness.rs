@@ -7,9 +7,10 @@
 //! they run inside the nested image: QEMU TCG boots an L1 Linux with KVM,
 //! whose init runs the scenario (`scripts/nested-run`). Either way the test
 //! reads the same lines.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -24,6 +25,28 @@ pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
 /// harness cannot see costs this, then one retry.
 pub const NESTED_RUN_TIMEOUT_SECS: u32 = 420;
 
+/// Whether the end-to-end tests run: they boot real VMs (on this host's
+/// KVM or inside the nested QEMU image, which takes minutes and needs the
+/// release binaries and guest images), so a plain `cargo test` skips each
+/// with a one-line note. `KLPV_E2E_TESTS=1` runs them; `scripts/test` sets it.
+pub fn skip_without_e2e() -> bool {
+    if std::env::var_os("KLPV_E2E_TESTS").is_some_and(|v| v == "1") {
+        return false;
+    }
+    // Straight to stderr: libtest captures print!/eprint!, not this, so the
+    // note shows in a normal run.
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("e2e test")
+        .to_owned();
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped {name}: boots VMs; run with KLPV_E2E_TESTS=1 (see tests/README.md)"
+    );
+    true
+}
+
+/// The repository root (scenarios, guest images and build/ live there).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -49,6 +72,8 @@ pub fn bin_dir() -> PathBuf {
     target.join("release")
 }
 
+/// The release `vmm` the scenarios run; a test fails early, saying how to
+/// build it, when it is missing.
 pub fn vmm_bin() -> PathBuf {
     let p = bin_dir().join("vmm");
     assert!(
@@ -59,6 +84,7 @@ pub fn vmm_bin() -> PathBuf {
     p
 }
 
+/// Where the scenarios run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// This host's KVM runs guests at hardware speed.
@@ -106,7 +132,9 @@ fn ensure_images(mode: Mode) {
 /// Everything a scenario printed, with its exit status.
 #[derive(Debug)]
 pub struct Run {
+    /// Every line the scenario and its guest printed, in order.
     pub lines: Vec<String>,
+    /// Whether the scenario exited 0.
     pub success: bool,
 }
 
@@ -142,12 +170,11 @@ impl Run {
             .collect()
     }
 
+    /// Everything printed, for an assertion's message.
     pub fn transcript(&self) -> String {
         self.lines.join("\n")
     }
 
-    /// The JSON a scenario printed on one line after `TAG STEP `
-    /// (e.g. `KLPV-JSON-PATCHES applied {...}`), decoded.
     /// What the guest's klpv-cmdline printed for `cat /proc/cmdline` the
     /// n-th time (`KLPV-CMDLINE <n> <text>`).
     pub fn cmdline(&self, n: u32) -> String {
@@ -158,6 +185,8 @@ impl Run {
             .unwrap_or_else(|| panic!("no cmdline #{n}\n{}", self.transcript()))
     }
 
+    /// The JSON a scenario printed on one line after `TAG STEP `
+    /// (e.g. `KLPV-JSON-PATCHES applied {...}`), decoded.
     pub fn json<T: serde::de::DeserializeOwned>(&self, tag: &str, step: &str) -> T {
         let prefix = format!("{tag} {step} ");
         let json = self
@@ -241,12 +270,18 @@ fn l2_boots_unfinished(lines: &[String]) -> usize {
 /// Nested, a run the emulator ended (see [`emulator_failure`]) is retried,
 /// up to [`NESTED_ATTEMPTS`] in all; anything else counts.
 pub fn run_scenario(name: &str, args: &[&str]) -> Run {
+    run_scenario_within(name, args, NESTED_RUN_TIMEOUT_SECS)
+}
+
+/// [`run_scenario`] for a scenario that needs longer than
+/// [`NESTED_RUN_TIMEOUT_SECS`] in the nested image (many L2 boots).
+pub fn run_scenario_within(name: &str, args: &[&str], nested_timeout_secs: u32) -> Run {
     let mode = mode();
     ensure_images(mode);
     let mut failed: Vec<(String, Vec<String>)> = Vec::new();
     for attempt in 1..=NESTED_ATTEMPTS {
         let last = attempt == NESTED_ATTEMPTS;
-        let (why, lines) = match run_once(mode, name, args) {
+        let (why, lines) = match run_once(mode, name, args, nested_timeout_secs) {
             Attempt::Done(run) => match emulator_failure(mode, &run) {
                 Some(why) if !last => (why.to_string(), run.lines),
                 _ => return run,
@@ -266,13 +301,19 @@ pub fn run_scenario(name: &str, args: &[&str]) -> Run {
     )
 }
 
+/// The harness's own limit on a scenario: [`SCENARIO_TIMEOUT`], or a
+/// minute past the nested run's limit when that is longer.
+fn scenario_timeout(nested_timeout_secs: u32) -> Duration {
+    SCENARIO_TIMEOUT.max(Duration::from_secs(u64::from(nested_timeout_secs) + 60))
+}
+
 enum Attempt {
     Done(Run),
     /// Ended by the harness because of the emulator: why, and the lines.
     Emulator(String, Vec<String>),
 }
 
-fn run_once(mode: Mode, name: &str, args: &[&str]) -> Attempt {
+fn run_once(mode: Mode, name: &str, args: &[&str], nested_timeout_secs: u32) -> Attempt {
     let root = repo_root();
     let mut cmd = match mode {
         Mode::Direct => {
@@ -286,7 +327,7 @@ fn run_once(mode: Mode, name: &str, args: &[&str]) -> Attempt {
         Mode::Nested => {
             let mut c = Command::new(root.join("scripts/nested-run"));
             c.arg("--timeout")
-                .arg(NESTED_RUN_TIMEOUT_SECS.to_string())
+                .arg(nested_timeout_secs.to_string())
                 .arg("--")
                 .arg(name)
                 .args(args);
@@ -316,7 +357,8 @@ fn run_once(mode: Mode, name: &str, args: &[&str]) -> Attempt {
     drop(tx);
     let mut lines: Vec<String> = Vec::new();
     let start = Instant::now();
-    let deadline = start + SCENARIO_TIMEOUT;
+    let timeout = scenario_timeout(nested_timeout_secs);
+    let deadline = start + timeout;
     let nested = mode == Mode::Nested;
     let mut l1_up = !nested;
     // When the L2 kernel now booting printed its banner (nested only).
@@ -368,7 +410,7 @@ fn run_once(mode: Mode, name: &str, args: &[&str]) -> Attempt {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 kill_tree(&mut child);
                 panic!(
-                    "scenario {name} timed out after {SCENARIO_TIMEOUT:?}\n{}",
+                    "scenario {name} timed out after {timeout:?}\n{}",
                     lines.join("\n")
                 );
             }

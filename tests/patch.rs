@@ -1,7 +1,8 @@
 //! Livepatch modules built by kbuild, applied from outside the guest.
+#![forbid(unsafe_code)]
 
 use harness::{run_scenario, Run};
-use patcher::api::{PatchState, PatchesReply};
+use klpvisor_api::{PatchState, PatchesReply};
 
 /// The JSON after `KLPV-JSON-PATCHES <step> `.
 fn patches(run: &Run, step: &str) -> PatchesReply {
@@ -10,6 +11,9 @@ fn patches(run: &Run, step: &str) -> PatchesReply {
 
 #[test]
 fn livepatch_sample_applies_and_disables_from_outside() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-sample", &[]);
     let t = run.transcript();
     assert_eq!(run.result("patch-apply")["rc"], "0", "{t}");
@@ -58,6 +62,9 @@ fn livepatch_sample_applies_and_disables_from_outside() {
 
 #[test]
 fn hot_syscall_patched_and_unpatched_under_a_loop_on_every_vcpu() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-hot", &["10"]);
     let t = run.transcript();
     let r = run.result("patch-hot");
@@ -89,6 +96,9 @@ fn hot_syscall_patched_and_unpatched_under_a_loop_on_every_vcpu() {
 /// and the kernel text and the arena unchanged (hashes through the API).
 #[test]
 fn bad_patches_are_refused_and_the_guest_is_untouched() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-bad", &[]);
     let t = run.transcript();
     // A forged kallsyms (the guest's token table overwritten before the
@@ -168,6 +178,9 @@ fn bad_patches_are_refused_and_the_guest_is_untouched() {
 /// and commits once the task has left.
 #[test]
 fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-blocked", &[]);
     let t = run.transcript();
     assert!(run.results("blocked").is_empty(), "{t}");
@@ -219,7 +232,7 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
         "{:?}",
         pending.blockers
     );
-    let reply: patcher::api::TransitionReply = run.json("KLPV-JSON-TRANSITION", "wait");
+    let reply: klpvisor_api::TransitionReply = run.json("KLPV-JSON-TRANSITION", "wait");
     assert!(reply.attempts > 1, "it had to wait: {reply:?}");
     assert!(reply.waited_ms > 500.0, "{reply:?}");
     assert_eq!(reply.patch.state, PatchState::Enabled);

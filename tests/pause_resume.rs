@@ -1,10 +1,14 @@
 //! Pausing and resuming a running guest hundreds of times leaves it working:
 //! its console keeps printing and a computation finishes with the right result.
+#![forbid(unsafe_code)]
 
 use harness::run_scenario;
 
 #[test]
 fn many_pause_resume_cycles_while_guest_computes() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("pause", &["2", "400000"]);
     let r = run.result("pause");
     let cycles: u32 = r["cycles"].parse().unwrap();

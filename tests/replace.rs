@@ -1,11 +1,12 @@
 //! Cumulative patches: atomic replace, downgrade, the forced-replace
 //! refusal, and 1000 transitions under guest load (klpv-v1/v2, see
 //! guest-images/patches/klpv-v1.c).
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeSet, HashMap};
 
 use harness::{run_scenario, Run};
-use patcher::api::{PatchState, PatchesReply};
+use klpvisor_api::{PatchState, PatchesReply};
 
 fn patches(run: &Run, step: &str) -> PatchesReply {
     run.json("KLPV-JSON-PATCHES", step)
@@ -45,6 +46,9 @@ fn set(items: &[(&str, &str)]) -> BTreeSet<(String, String)> {
 
 #[test]
 fn cumulative_replace_downgrade_and_a_thousand_transitions_under_load() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-replace", &["1000"]);
     let t = run.transcript();
     for step in ["v1", "v2", "remove-v1", "down", "up", "forced", "reset"] {

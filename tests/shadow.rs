@@ -1,9 +1,10 @@
-//! Shadow variables and system states (issue 6), end to end: patches built
+//! Shadow variables and system states, end to end: patches built
 //! by kbuild call the guest kernel's own klp_shadow_* functions, and klp's
 //! state-compatibility rule is enforced from outside.
+#![forbid(unsafe_code)]
 
 use harness::{run_scenario, Run};
-use patcher::api::{PatchState, PatchesReply};
+use klpvisor_api::{PatchState, PatchesReply};
 
 /// The line `KLPV-REFUSED <what> rc=... <message>`, after the tag.
 fn refused(run: &Run, what: &str) -> String {
@@ -16,6 +17,9 @@ fn refused(run: &Run, what: &str) -> String {
 
 #[test]
 fn a_shadow_variable_outlives_a_replace_and_states_are_enforced() {
+    if harness::skip_without_e2e() {
+        return;
+    }
     let run = run_scenario("patch-shadow", &[]);
     let t = run.transcript();
     for step in [

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 
 use klpvisor_fuzz::tasks_window::*;
 use klpvisor_fuzz::{kallsyms, kernel_tables, PhysGuest, Window, STEXT, WINDOW};
-use patcher::api::{PatchesReply, Regs, RegsReply};
-use patcher::introspect::kallsyms::{Image, Layout};
-use patcher::introspect::tasks::{TaskLayout, TaskSymbols, ThreadLinks, THREAD_SIZE};
-use patcher::introspect::{AddressSpace, Kallsyms, PageTables, Tasks, VirtRead};
-use patcher::orc::Orc;
+use klpvisor_api::{PatchesReply, Regs, RegsReply};
+use klpvisor_guest::kallsyms::{Image, Layout};
+use klpvisor_guest::tasks::{TaskLayout, TaskSymbols, ThreadLinks, THREAD_SIZE};
+use klpvisor_guest::{AddressSpace, Kallsyms, PageTables, Tasks, VirtRead};
+use klpvisor_guest::orc::Orc;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -37,7 +37,7 @@ fn kallsyms_seeds() -> Result<()> {
         ("tables-6.3", Layout::OffsetsFirst, true),
         ("tables-6.4", Layout::OffsetsAfterTokenIndex, false),
     ] {
-        let mut b = patcher::introspect::kallsyms::synth::Builder::new(
+        let mut b = klpvisor_guest::kallsyms::synth::Builder::new(
             layout,
             klpvisor_fuzz::kernel_symbols(),
         );
@@ -277,7 +277,7 @@ fn api_seeds() -> Result<()> {
         vcpu: 1,
         paused_for_read: true,
         out_of_guest_us: Some(12.5),
-        regs: Regs::from(&patcher::VcpuRegs::default()),
+        regs: Regs::default(),
     })?;
     let patches = serde_json::to_string(&PatchesReply::default())?;
     let seeds: [(&str, u8, &str); 14] = [
@@ -328,19 +328,19 @@ fn api_seeds() -> Result<()> {
 /// links against the fixed kernel: the target starts past both.
 fn check_module_seed() -> Result<()> {
     let ko = std::fs::read(seeds().join("module/livepatch.ko"))?;
-    let m = patcher::module::Module::parse(&ko, klpvisor_fuzz::klp_btf(), klpvisor_fuzz::RELEASE)?;
+    let m = klpvisor_engine::module::Module::parse(&ko, klpvisor_fuzz::klp_btf(), klpvisor_fuzz::RELEASE)?;
     let text = klpvisor_fuzz::END.next_multiple_of(2 << 20);
     let l = m.layout();
-    let bases = patcher::link::Bases {
+    let bases = klpvisor_engine::link::Bases {
         text,
         rodata: text + l.text,
         data: text + l.text + l.rodata,
     };
-    let options = patcher::link::LinkOptions {
+    let options = klpvisor_engine::link::LinkOptions {
         return_thunk: kallsyms().addr("__x86_return_thunk").ok(),
         plain_returns: false,
     };
-    let linked = patcher::link::link(&m, kallsyms(), bases, &options)?;
+    let linked = klpvisor_engine::link::link(&m, kallsyms(), bases, &options)?;
     println!(
         "module/livepatch.ko: {} funcs, {} fentry nops, links",
         linked.funcs.len(),

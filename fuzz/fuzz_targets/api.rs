@@ -1,5 +1,5 @@
 //! The control socket's request decoding: JSON bodies of every type in
-//! patcher::api (the VMM decodes `PATCH /vm`'s, the CLI decodes the
+//! klpvisor_api (the VMM decodes `PATCH /vm`'s, the CLI decodes the
 //! replies), query strings as axum's `Query` extractor decodes them, and
 //! the hex numbers both take. The first byte picks the decoder, the rest
 //! is the text.
@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
-use patcher::api::*;
+use klpvisor_api::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 

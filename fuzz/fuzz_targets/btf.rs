@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use patcher::introspect::Btf;
+use klpvisor_guest::Btf;
 
 /// Paths the engine looks up (tasks, klp structures, uts_namespace) and
 /// the seeds' own, so lookups reach deep into valid inputs.

@@ -4,8 +4,8 @@
 
 use klpvisor_fuzz::WINDOW;
 use libfuzzer_sys::fuzz_target;
-use patcher::introspect::kallsyms::Image;
-use patcher::introspect::Kallsyms;
+use klpvisor_guest::kallsyms::Image;
+use klpvisor_guest::Kallsyms;
 
 /// Lookups per input: enough to reach every path, bounded per run.
 const MAX_LOOKUPS: usize = 64;

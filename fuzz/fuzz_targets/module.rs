@@ -5,8 +5,8 @@
 
 use klpvisor_fuzz::{kallsyms, klp_btf, END, RELEASE};
 use libfuzzer_sys::fuzz_target;
-use patcher::link::{self, Bases, LinkOptions, NOP5};
-use patcher::module::Module;
+use klpvisor_engine::link::{self, Bases, LinkOptions, NOP5};
+use klpvisor_engine::module::Module;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(m) = Module::parse(data, klp_btf(), RELEASE) else {

@@ -4,10 +4,11 @@
 //! is guest-physical memory from address 0.
 #![no_main]
 
+use klpvisor_guest::GuestPhys;
 use klpvisor_fuzz::{Bytes, PhysGuest};
 use libfuzzer_sys::fuzz_target;
-use patcher::introspect::{AddressSpace, PageTables, VirtRead};
-use patcher::Guest;
+use klpvisor_guest::{AddressSpace, PageTables, VirtRead};
+use klpvisor_guest::Guest;
 
 /// Longest read per input (a page and a bit: crosses a page boundary).
 const MAX_READ: u16 = 5000;
@@ -34,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         let mut first = [0u8; 1];
         if space.read_virt(va, &mut first).is_ok() {
             let mut phys = [0u8; 1];
-            assert!(guest.read_phys(t.phys, &mut phys).is_ok());
+            assert!(guest.read_phys(GuestPhys(t.phys), &mut phys).is_ok());
             assert_eq!(first, phys);
         }
     }

@@ -14,11 +14,11 @@ use std::ops::Range;
 use klpvisor_fuzz::tasks_window::*;
 use klpvisor_fuzz::{kallsyms, Bytes, Window, WINDOW};
 use libfuzzer_sys::fuzz_target;
-use patcher::introspect::tasks::{TaskLayout, TaskSymbols, ThreadLinks, THREAD_SIZE};
-use patcher::introspect::Tasks;
-use patcher::orc::Orc;
-use patcher::safepoint::{irq_stacks, Check, Span};
-use patcher::VcpuRegs;
+use klpvisor_guest::tasks::{TaskLayout, TaskSymbols, ThreadLinks, THREAD_SIZE};
+use klpvisor_guest::Tasks;
+use klpvisor_guest::orc::Orc;
+use klpvisor_engine::safepoint::{irq_stacks, Check, Span};
+use klpvisor_guest::VcpuRegs;
 
 /// task_struct offsets, as in tasks.rs's unit tests.
 pub const LAYOUT: TaskLayout = TaskLayout {

@@ -5,13 +5,14 @@
 //! Everything here is deterministic: a crash found by one run reproduces
 //! from the saved input alone.
 
+use klpvisor_guest::GuestPhys;
 use std::fmt;
 use std::sync::OnceLock;
 
-use patcher::introspect::kallsyms::synth::Builder;
-use patcher::introspect::kallsyms::{Image, Layout};
-use patcher::introspect::{Btf, Kallsyms, PagingError, VirtRead};
-use patcher::{Guest, VcpuRegs};
+use klpvisor_guest::kallsyms::synth::Builder;
+use klpvisor_guest::kallsyms::{Image, Layout};
+use klpvisor_guest::{Btf, Kallsyms, PagingError, VirtRead};
+use klpvisor_guest::{Guest, VcpuRegs};
 
 /// Where the tasks target maps its input: a kernel-image address, so the
 /// fixed symbol table below can point into it (kallsyms addresses are
@@ -76,7 +77,8 @@ pub struct PhysGuest<'a>(pub &'a [u8]);
 impl Guest for PhysGuest<'_> {
     type Error = OutOfRange;
 
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), OutOfRange> {
+    fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), OutOfRange> {
+        let gpa = gpa.0;
         let src = usize::try_from(gpa)
             .ok()
             .and_then(|o| self.0.get(o..o.checked_add(buf.len())?))
@@ -85,7 +87,8 @@ impl Guest for PhysGuest<'_> {
         Ok(())
     }
 
-    fn write_phys(&self, gpa: u64, _data: &[u8]) -> Result<(), OutOfRange> {
+    fn write_phys(&self, gpa: GuestPhys, _data: &[u8]) -> Result<(), OutOfRange> {
+        let gpa = gpa.0;
         Err(OutOfRange(gpa))
     }
 

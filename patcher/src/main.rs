@@ -6,15 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hyper::Method;
 
-use patcher::api::{
-    AddrReply, CallbackRun, HistoryEntry, KernelInfo, MemoryReply, PatchInfo, PatchesReply,
-    PauseReply, RegsReply, ResumeReply, RollbackReply, SymbolsReply, TasksReply, TransitionReply,
-    VmInfo, MAX_MEMORY_READ,
+use klpvisor_api::client::{Client, ClientError, Space, TransitionOptions};
+use klpvisor_api::{
+    CallbackRun, HistoryEntry, KernelInfo, MemoryReply, PatchInfo, PatchesReply, RegsReply,
+    RollbackReply, TasksReply, TransitionReply, VmInfo, MAX_MEMORY_READ,
 };
-use patcher::client::{query_escape, Client, ClientError};
-use patcher::signature::{
+use klpvisor_engine::signature::{
     sign, write_key_pair, Policy, Provenance, SecretKey, SignatureError, TrustedKeys,
 };
 
@@ -248,11 +246,11 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
     let json = args.json;
     match &args.command {
         Command::Status => {
-            let v: VmInfo = c.call(Method::GET, "/vm", None)?;
+            let v = c.vm()?;
             show(json, &v, print_status);
         }
         Command::Pause => {
-            let v: PauseReply = c.call(Method::PUT, "/vm/pause", None)?;
+            let v = c.pause()?;
             show(json, &v, |v| {
                 println!(
                     "paused: every vCPU parked {:.0} us after the request",
@@ -261,7 +259,7 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             });
         }
         Command::Resume => {
-            let v: ResumeReply = c.call(Method::PUT, "/vm/resume", None)?;
+            let v = c.resume()?;
             show(json, &v, |v| {
                 println!(
                     "running: vCPUs were out of guest mode for {}",
@@ -270,26 +268,20 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             });
         }
         Command::Regs { vcpu } => {
-            let v: RegsReply = c.call(Method::GET, &format!("/vcpus/{vcpu}/regs"), None)?;
+            let v = c.regs(*vcpu)?;
             show(json, &v, print_regs);
         }
         Command::Mem { addr, phys, len } => {
             let len = (*len).min(MAX_MEMORY_READ);
-            let query = if *phys {
-                format!("gpa={}", query_escape(addr))
+            let v = if *phys {
+                c.memory(Space::Phys, addr, len)?
             } else {
-                format!("va={}", resolve_address(c, addr)?)
+                c.memory(Space::Virt, &resolve_address(c, addr)?, len)?
             };
-            let v: MemoryReply =
-                c.call(Method::GET, &format!("/memory?{query}&len={len}"), None)?;
             show(json, &v, print_memory);
         }
         Command::Sym { name } => {
-            let v: SymbolsReply = c.call(
-                Method::GET,
-                &format!("/symbols?name={}", query_escape(name)),
-                None,
-            )?;
+            let v = c.symbol(name)?;
             show(json, &v, |v| {
                 for s in &v.symbols {
                     let pc = if s.per_cpu { " (per-cpu offset)" } else { "" };
@@ -298,11 +290,7 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             });
         }
         Command::Addr { addr } => {
-            let v: AddrReply = c.call(
-                Method::GET,
-                &format!("/symbols?addr={}", query_escape(addr)),
-                None,
-            )?;
+            let v = c.symbol_at(addr)?;
             show(json, &v, |v| {
                 println!(
                     "{} = {}+{} ({} at {}, sympos={})",
@@ -312,10 +300,10 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
         }
         Command::Symbols => {
             // Already a text format every tool reads; --json does not apply.
-            print!("{}", c.text("/symbols/all")?);
+            print!("{}", c.all_symbols()?);
         }
         Command::Tasks => {
-            let v: TasksReply = c.call(Method::GET, "/tasks", None)?;
+            let v = c.tasks()?;
             show(json, &v, print_tasks);
         }
         Command::Apply {
@@ -327,12 +315,11 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
                 path: file.clone(),
                 source,
             })?;
-            let v: TransitionReply =
-                c.upload(&format!("/patches?{}", params(*force, *timeout)), bytes)?;
+            let v = c.apply(bytes, options(*force, *timeout))?;
             show(json, &v, |v| print_transition("applied", v));
         }
         Command::List => {
-            let v: PatchesReply = c.call(Method::GET, "/patches", None)?;
+            let v = c.patches()?;
             show(json, &v, print_patches);
         }
         Command::Disable {
@@ -340,15 +327,7 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             force,
             timeout,
         } => {
-            let v: TransitionReply = c.call(
-                Method::POST,
-                &format!(
-                    "/patches/{}/disable?{}",
-                    query_escape(name),
-                    params(*force, *timeout)
-                ),
-                None,
-            )?;
+            let v = c.disable(name, options(*force, *timeout))?;
             show(json, &v, |v| print_transition("disabled", v));
         }
         Command::Enable {
@@ -356,37 +335,20 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             force,
             timeout,
         } => {
-            let v: TransitionReply = c.call(
-                Method::POST,
-                &format!(
-                    "/patches/{}/enable?{}",
-                    query_escape(name),
-                    params(*force, *timeout)
-                ),
-                None,
-            )?;
+            let v = c.enable(name, options(*force, *timeout))?;
             show(json, &v, |v| print_transition("enabled", v));
         }
         Command::History => {
-            let v: Vec<HistoryEntry> = c.call(Method::GET, "/history", None)?;
+            let v = c.history()?;
             show(json, &v, |v| print_history(v));
         }
         Command::Rollback { to, force, timeout } => {
-            let to = to.map(|n| format!("to={n}&")).unwrap_or_default();
-            let v: RollbackReply = c.call(
-                Method::POST,
-                &format!("/rollback?{to}{}", params(*force, *timeout)),
-                None,
-            )?;
+            let v = c.rollback(*to, options(*force, *timeout))?;
             show(json, &v, print_rollback);
         }
         Command::Keygen { .. } | Command::Sign { .. } | Command::Verify { .. } => {}
         Command::Remove { name } => {
-            let v: PatchInfo = c.call(
-                Method::DELETE,
-                &format!("/patches/{}", query_escape(name)),
-                None,
-            )?;
+            let v = c.remove(name)?;
             show(json, &v, |v| {
                 println!("removed {} ({} arena bytes freed)", v.name, v.arena_bytes)
             });
@@ -397,24 +359,20 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
 
 /// `0xffff...`, `sym` or `sym+0x10` to a hex address.
 fn resolve_address(c: &Client, spec: &str) -> Result<String, ClientError> {
-    if patcher::api::parse_hex(spec).is_ok() {
-        return Ok(query_escape(spec));
+    if klpvisor_api::parse_hex(spec).is_ok() {
+        return Ok(spec.to_owned());
     }
     let (name, off) = match spec.split_once('+') {
         Some((n, o)) => (
             n,
-            patcher::api::parse_hex(o).map_err(|m| ClientError::Api {
+            klpvisor_api::parse_hex(o).map_err(|m| ClientError::Api {
                 status: 400,
                 message: format!("offset in `{spec}`: {m}"),
             })?,
         ),
         None => (spec, 0),
     };
-    let v: SymbolsReply = c.call(
-        Method::GET,
-        &format!("/symbols?name={}", query_escape(name)),
-        None,
-    )?;
+    let v = c.symbol(name)?;
     match v.symbols.as_slice() {
         [one] => Ok(format!("{:#x}", one.addr.0.wrapping_add(off))),
         many => Err(ClientError::Api {
@@ -483,6 +441,10 @@ fn print_kernel(k: &KernelInfo) {
         "symbols:  {} decoded in {:.1} ms ({}-level page tables)",
         k.symbols, k.decode_ms, k.page_table_levels
     );
+    println!(
+        "paging:   read through init_top_pgt at {} (found through {})",
+        k.page_tables, k.found_through
+    );
 }
 
 fn print_regs(v: &RegsReply) {
@@ -504,7 +466,7 @@ fn print_regs(v: &RegsReply) {
     println!("r8  {}  r9  {}  r10 {}  r11 {}", r.r8, r.r9, r.r10, r.r11);
     println!("r12 {}  r13 {}  r14 {}  r15 {}", r.r12, r.r13, r.r14, r.r15);
     println!("cr0 {}  cr3 {}  cr4 {}", r.cr0, r.cr3, r.cr4);
-    let opt = |h: Option<patcher::api::Hex>| h.map_or("?".to_owned(), |h| h.to_string());
+    let opt = |h: Option<klpvisor_api::Hex>| h.map_or("?".to_owned(), |h| h.to_string());
     println!(
         "efer {}  lstar {}  gs_base {}  kernel_gs_base {}",
         opt(r.efer),
@@ -725,9 +687,6 @@ fn sym_name(name: &str, sympos: u32) -> String {
 }
 
 /// The transition routes' query string.
-fn params(force: bool, timeout: Option<u64>) -> String {
-    match timeout {
-        Some(ms) => format!("force={force}&timeout_ms={ms}"),
-        None => format!("force={force}"),
-    }
+fn options(force: bool, timeout_ms: Option<u64>) -> TransitionOptions {
+    TransitionOptions { force, timeout_ms }
 }

@@ -1,5 +1,6 @@
 //! `patcher keygen`, `sign` and `verify` as a user runs them: offline, no
 //! VMM and no `--api-sock`, one line of output or error each.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use thiserror::Error;
 
-use patcher::signature::{Policy, SignatureError, TrustedKeys};
+use klpvisor_engine::signature::{Policy, SignatureError, TrustedKeys};
 use vmm::arch::x86_64::boot::{inspect_kernel, BootError};
 use vmm::arch::x86_64::layout::MIN_MEM_MIB;
 use vmm::VmConfig;

@@ -1,14 +1,15 @@
-//! The patch engine's view of this VM: [`patcher::Guest`] over guest memory,
+//! The patch engine's view of this VM: [`klpvisor_guest::Guest`] over guest memory,
 //! the arena from the memory layout and the parked vCPUs' registers.
 //!
 //! The engine never sees a KVM type; everything it needs from a vCPU is
 //! copied into [`VcpuRegs`] here.
 
+use klpvisor_guest::GuestPhys;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
-use patcher::introspect::paging::{PageTables, PTI_USER_PGD_BIT};
-use patcher::{Guest, VcpuRegs};
+use klpvisor_guest::paging::{PageTables, PTI_USER_PGD_BIT};
+use klpvisor_guest::{Guest, VcpuRegs};
 
 use crate::vcpu::VcpuState;
 use crate::vm::{Vm, VmError};
@@ -26,7 +27,8 @@ pub enum GuestAccessError {
 impl Guest for Vm {
     type Error = GuestAccessError;
 
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
+    fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), GuestAccessError> {
+        let gpa = gpa.0;
         // read_slice fails unless every byte lies in some memory region, so a
         // read never spills into a hole or past the end.
         self.memory()
@@ -37,7 +39,8 @@ impl Guest for Vm {
             })
     }
 
-    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), GuestAccessError> {
+    fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), GuestAccessError> {
+        let gpa = gpa.0;
         self.memory()
             .write_slice(data, GuestAddress(gpa))
             .map_err(|_| GuestAccessError::OutOfRange {
@@ -137,7 +140,7 @@ impl RootPages {
                 let mut page = Box::new([0u8; PAGE]);
                 // A root outside guest RAM stays uncopied; the walk through
                 // it then fails with the read error, as it would live.
-                if vm.read_phys(gpa, &mut page[..]).is_ok() {
+                if vm.read_phys(GuestPhys(gpa), &mut page[..]).is_ok() {
                     pages.push((gpa, page));
                 }
             }
@@ -165,15 +168,17 @@ impl RootPages {
 impl Guest for RegsSnapshot<'_> {
     type Error = GuestAccessError;
 
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
+    fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), GuestAccessError> {
+        let gpa = gpa.0;
         if self.roots.read(gpa, buf) {
             return Ok(());
         }
-        self.vm.read_phys(gpa, buf)
+        self.vm.read_phys(GuestPhys(gpa), buf)
     }
 
-    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), GuestAccessError> {
-        self.vm.write_phys(gpa, data)
+    fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), GuestAccessError> {
+        let gpa = gpa.0;
+        self.vm.write_phys(GuestPhys(gpa), data)
     }
 
     fn arena(&self) -> (u64, u64) {

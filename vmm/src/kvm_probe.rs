@@ -1,8 +1,9 @@
 //! Does this host's /dev/kvm run guest code at hardware speed?
 //!
 //! Some hosts expose a /dev/kvm that emulates supervisor code instruction by
-//! instruction (see PLATFORM.md: a PVM host took ~1.5 s per million loop
-//! iterations). The probe runs a one-million-iteration `dec; jnz` loop in a
+//! instruction (a pagetable-based `kvm_pvm` host with no SVM/VMX took
+//! ~1.5 s per million `dec; jnz` iterations in real mode, ~1.8 s at CPL0,
+//! and sat in the Debian kernel's decompressor for minutes). The probe runs a one-million-iteration `dec; jnz` loop in a
 //! real-mode vCPU and times it; hardware virtualization finishes in a few
 //! milliseconds. The end-to-end tests use this to choose between running
 //! `vmm` directly and running it inside the nested QEMU image.

@@ -14,7 +14,7 @@ static HEAP: vmm::heap::Counting = vmm::heap::Counting;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -24,6 +24,7 @@ use tracing_subscriber::EnvFilter;
 use vmm::api::ApiServer;
 use vmm::control::Control;
 use vmm::devices::boot_timer::BootTimer;
+use vmm::devices::console_out;
 use vmm::devices::GuestEvent;
 use vmm::{Vm, VmExit};
 
@@ -31,6 +32,8 @@ const EXIT_SETUP: u8 = 1;
 const EXIT_GUEST_PANIC: u8 = 3;
 const EXIT_TRIPLE_FAULT: u8 = 4;
 const EXIT_FATAL: u8 = 5;
+/// How long the exiting VMM waits for stdout to take the console's last output.
+const CONSOLE_FLUSH: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -65,13 +68,19 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
 
-    // The console writes straight to fd 1, unbuffered: a prompt without a
-    // newline must show up at once.
+    // The console goes to fd 1 through a bounded buffer and a thread of
+    // its own (devices::console_out): a slow stdout never stalls a vCPU,
+    // and a prompt without a newline still shows up at once.
     let stdout = match std::io::stdout().as_fd().try_clone_to_owned() {
         Ok(fd) => std::fs::File::from(fd),
         Err(e) => return fail(&e),
     };
-    let vm = match Vm::start(&config, Box::new(stdout), BootTimer::new(started)) {
+    let (console, console_drain) = match console_out::start(Box::new(stdout), console_out::CAPACITY)
+    {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("cannot start the console thread: {e}")),
+    };
+    let vm = match Vm::start(&config, Box::new(console), BootTimer::new(started)) {
         Ok(vm) => Arc::new(vm),
         Err(e) => return fail(&e),
     };
@@ -105,6 +114,18 @@ fn main() -> ExitCode {
     terminal::spawn_stdin_pump(vm.clone());
 
     let exit = vm.wait();
+    // The guest's last lines (a panic message, "Power down") before the
+    // VMM's own report.
+    let dropped = console_drain.dropped();
+    if !console_drain.finish(CONSOLE_FLUSH) {
+        tracing::warn!("stdout did not take the console's last output within {CONSOLE_FLUSH:?}");
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            dropped_bytes = dropped,
+            "console output was dropped while stdout was slow"
+        );
+    }
     drop(tty);
     // Remove the socket file before reporting: the VM is gone.
     drop(api);

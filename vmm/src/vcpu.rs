@@ -102,6 +102,45 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     });
 }
 
+/// Publishes this thread's `kvm_run.immediate_exit` to the kick handler
+/// for as long as it lives.
+struct ImmediateExitPointer;
+
+impl ImmediateExitPointer {
+    fn publish(ptr: *mut u8) -> Self {
+        IMMEDIATE_EXIT.with(|p| p.set(ptr));
+        Self
+    }
+}
+
+impl Drop for ImmediateExitPointer {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+    }
+}
+
+/// Runs a vCPU's loop, turning a panic into a fatal exit. Without this a
+/// panicking vCPU thread would vanish without telling the VM loop, which
+/// would then wait for an exit forever: a zombie VMM. With it the VM stops
+/// with the fatal-error exit code and says which vCPU failed and why.
+fn contain_panic(id: u8, run: impl FnOnce() -> VcpuExitReason) -> VcpuExitReason {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(reason) => reason,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_owned());
+            tracing::error!(vcpu = id, "the vCPU thread panicked: {what}");
+            VcpuExitReason::Fatal(format!(
+                "the vCPU {id} thread panicked (a klpvisor bug; please report it with the \
+                 log): {what}"
+            ))
+        }
+    }
+}
+
 /// Installs the kick handler once per process.
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
@@ -134,9 +173,13 @@ impl VcpuThread {
     /// The thread body: run until the guest or the controller ends it.
     pub fn run(mut self) {
         let ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
-        IMMEDIATE_EXIT.with(|p| p.set(ptr));
-        let reason = self.run_loop();
-        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+        let reason = {
+            // Cleared on every way out of this block, unwinding included,
+            // so a kick never writes through a pointer into a mapping that
+            // is being dropped.
+            let _published = ImmediateExitPointer::publish(ptr);
+            contain_panic(self.id, || self.run_loop())
+        };
         tracing::debug!(vcpu = self.id, ?reason, "vCPU thread exits");
         self.control.exited.store(true, Ordering::Release);
         let exit = match &reason {
@@ -351,5 +394,38 @@ impl VcpuThread {
             gs_base: m[1].data,
             kernel_gs_base: m[2].data,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_vcpu_loop_becomes_a_fatal_exit_naming_the_vcpu() {
+        let r = contain_panic(3, || panic!("slice index 4104 out of range"));
+        match r {
+            VcpuExitReason::Fatal(why) => {
+                assert!(why.contains("vCPU 3 thread panicked"), "{why}");
+                assert!(why.contains("slice index 4104"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            contain_panic(0, || VcpuExitReason::Stopped),
+            VcpuExitReason::Stopped
+        ));
+    }
+
+    #[test]
+    fn the_kick_pointer_is_cleared_when_its_owner_unwinds() {
+        let mut byte = 0u8;
+        let ptr: *mut u8 = &mut byte;
+        let _ = std::panic::catch_unwind(|| {
+            let _published = ImmediateExitPointer::publish(ptr);
+            assert_eq!(IMMEDIATE_EXIT.with(|p| p.get()), ptr);
+            panic!("unwind");
+        });
+        assert!(IMMEDIATE_EXIT.with(|p| p.get()).is_null());
     }
 }

@@ -12,8 +12,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use patcher::api::ErrorReply;
-use patcher::engine::Fault;
+use klpvisor_api::ErrorReply;
+use klpvisor_engine::engine::Fault;
+use klpvisor_engine::transition::TransitionError;
 
 use super::routes::{allowed_methods, route_list};
 use super::{BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_TIMEOUT};
@@ -69,21 +70,24 @@ impl From<ControlError> for HttpError {
         let status = match &e {
             ControlError::AlreadyPaused
             | ControlError::NotPaused
-            | ControlError::PausedForCallbacks
+            | ControlError::Transition(TransitionError::PausedForCallbacks)
             | ControlError::Busy(_)
-            | ControlError::Refused { .. } => StatusCode::CONFLICT,
-            ControlError::CallbackTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ControlError::Transition(TransitionError::Refused { .. }) => StatusCode::CONFLICT,
+            ControlError::Transition(TransitionError::CallbackTimeout { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ControlError::NoSuchVcpu { .. } => StatusCode::NOT_FOUND,
             ControlError::Stopped | ControlError::KernelNotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ControlError::Vm(crate::VmError::PauseTimeout(..)) => StatusCode::SERVICE_UNAVAILABLE,
-            ControlError::Vm(_) | ControlError::Tasks(_) | ControlError::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ControlError::Vm(_)
+            | ControlError::Tasks(_)
+            | ControlError::NoTaskWalk
+            | ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // A module whose trailer cannot be read is a bad module (like
             // one the ELF parser rejects); anything else is the policy's no.
-            ControlError::Signature(patcher::signature::SignatureError::Malformed(_)) => {
+            ControlError::Signature(klpvisor_engine::signature::SignatureError::Malformed(_)) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ControlError::Signature(_) => StatusCode::FORBIDDEN,
@@ -92,7 +96,7 @@ impl From<ControlError> for HttpError {
                 Fault::State => StatusCode::CONFLICT,
                 Fault::NotFound => StatusCode::NOT_FOUND,
                 Fault::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
-                Fault::Guest => StatusCode::INTERNAL_SERVER_ERROR,
+                Fault::Guest | Fault::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },
         };
         Self::new(status, e.to_string())
@@ -211,7 +215,7 @@ pub fn forbidden(message: &str) -> axum::http::Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use patcher::signature::{KeyId, SignatureError};
+    use klpvisor_engine::signature::{KeyId, SignatureError};
 
     /// A policy refusal is 403 (the request is understood and not
     /// allowed); an unreadable trailer is a bad module like any other.
@@ -247,5 +251,20 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn engine_invariants_are_klpvisors_fault_not_the_guests() {
+        use klpvisor_engine::engine::EngineError;
+        let e = HttpError::from(ControlError::Engine(EngineError::Internal(
+            "no site for 0xffffffff81000000".into(),
+        )));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains("a bug in klpvisor"), "{}", e.message);
+        assert!(!e.message.contains("reading the guest"), "{}", e.message);
+        let refused = HttpError::from(ControlError::Transition(
+            klpvisor_engine::transition::TransitionError::PausedForCallbacks,
+        ));
+        assert_eq!(refused.status, StatusCode::CONFLICT);
     }
 }

@@ -1,6 +1,7 @@
 //! Route handlers: parse and check the request, run the VM operation on a
 //! blocking worker (pausing waits on vCPU threads), shape the reply.
 
+use klpvisor_guest::GuestPhys;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -10,14 +11,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use patcher::api::{
+use klpvisor_api::{
     parse_hex, AddrReply, Hex, KernelInfo, MemoryReply, PatchInfo, PatchesReply, PauseReply, Regs,
     RegsReply, ResumeReply, StateChange, SymbolEntry, SymbolsReply, TaskEntry, TasksReply,
     TransitionReply, VmInfo, VmState, MAX_MEMORY_READ,
 };
-use patcher::api::{HistoryEntry, RollbackReply, SignaturePolicyInfo, TrustedKeyInfo};
-use patcher::introspect::{kaslr, PagingError, VirtRead};
-use patcher::Guest;
+use klpvisor_api::{HistoryEntry, RollbackReply, SignaturePolicyInfo, TrustedKeyInfo};
+use klpvisor_guest::{kaslr, PagingError, VirtRead};
+use klpvisor_guest::{Guest, VcpuRegs};
 
 use super::error::{json_rejection, HttpError};
 use super::routes::AppState;
@@ -76,6 +77,8 @@ fn kernel_info(c: &Control, k: &CachedKernel) -> KernelInfo {
         slide: Hex(kern.kaslr.text.wrapping_sub(kaslr::DEFAULT_TEXT)),
         confirmed_by: format!("{:?}", kern.kaslr.evidence),
         page_table_levels: if kern.tables.five_level() { 5 } else { 4 },
+        page_tables: Hex(kern.tables.root()),
+        found_through: kern.origin.to_string(),
         symbols: kern.kallsyms.len(),
         decode_ms: k.decode.as_secs_f64() * 1e3,
         decode_pause_us: us(k.pause),
@@ -175,7 +178,7 @@ pub async fn vcpu_regs(State(c): State<AppState>, Path(id): Path<String>) -> Rep
             vcpu: id,
             paused_for_read: r.pause.is_some(),
             out_of_guest_us: r.pause.map(us),
-            regs: Regs::from(&r.value),
+            regs: regs_reply(&r.value),
         }))
     })
     .await
@@ -255,7 +258,7 @@ pub async fn memory(
         let mut buf = vec![0u8; len as usize];
         match target {
             Target::Phys(gpa) => {
-                c.vm().read_phys(gpa, &mut buf).map_err(|_| {
+                c.vm().read_phys(GuestPhys(gpa), &mut buf).map_err(|_| {
                     HttpError::not_found(format!(
                         "guest-physical range {gpa:#x}+{len:#x} is not (entirely) in guest memory; \
                          RAM is {}",
@@ -480,7 +483,7 @@ pub async fn patch_apply(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
                     "the module is larger than {} bytes; strip its debug info (strip -g) and retry",
-                    patcher::api::MAX_PATCH_BYTES
+                    klpvisor_api::MAX_PATCH_BYTES
                 ),
             )
         } else {
@@ -542,4 +545,41 @@ pub async fn rollback(
         })?),
     };
     blocking(move || Ok(Json(c.rollback(to, t)?))).await
+}
+
+/// A vCPU's registers as the API shows them (hex strings, the CPL spelled
+/// out): the wire type lives in `klpvisor-api`, which knows no guest types.
+fn regs_reply(r: &VcpuRegs) -> Regs {
+    Regs {
+        rax: Hex(r.rax),
+        rbx: Hex(r.rbx),
+        rcx: Hex(r.rcx),
+        rdx: Hex(r.rdx),
+        rsi: Hex(r.rsi),
+        rdi: Hex(r.rdi),
+        rbp: Hex(r.rbp),
+        rsp: Hex(r.rsp),
+        r8: Hex(r.r8),
+        r9: Hex(r.r9),
+        r10: Hex(r.r10),
+        r11: Hex(r.r11),
+        r12: Hex(r.r12),
+        r13: Hex(r.r13),
+        r14: Hex(r.r14),
+        r15: Hex(r.r15),
+        rip: Hex(r.rip),
+        rflags: Hex(r.rflags),
+        cr0: Hex(r.cr0),
+        cr3: Hex(r.cr3),
+        cr4: Hex(r.cr4),
+        efer: r.efer.map(Hex),
+        lstar: r.lstar.map(Hex),
+        gs_base: Hex(r.gs_base),
+        kernel_gs_base: r.kernel_gs_base.map(Hex),
+        cs_selector: Hex(u64::from(r.cs_selector)),
+        cs_long: r.cs_long,
+        cpl: r.cpl(),
+        idtr_base: Hex(r.idtr_base),
+        idtr_limit: Hex(u64::from(r.idtr_limit)),
+    }
 }

@@ -17,7 +17,7 @@ use super::error::{json_errors, HttpError};
 use super::handlers;
 use super::{BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_TIMEOUT};
 use crate::control::Control;
-use patcher::api::MAX_PATCH_BYTES;
+use klpvisor_api::MAX_PATCH_BYTES;
 
 pub type AppState = Arc<Control>;
 

@@ -252,7 +252,7 @@ async fn refuse_busy(stream: UnixStream) {
 
 /// Writes one JSON error response outside hyper and closes the connection.
 async fn refuse(mut stream: UnixStream, status: &str, message: &str) {
-    let body = serde_json::to_string(&patcher::api::ErrorReply {
+    let body = serde_json::to_string(&klpvisor_api::ErrorReply {
         error: message.to_owned(),
     })
     .unwrap_or_default();

@@ -1,4 +1,4 @@
-//! The call gate's doorbell (see `patcher::callback::gate`): the gate's
+//! The call gate's doorbell (see `klpvisor_engine::callback::gate`): the gate's
 //! work function writes the number of the call it finished to this port,
 //! and the control thread waiting for that call wakes at once instead of
 //! polling guest memory.
@@ -9,7 +9,7 @@
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-pub use patcher::callback::gate::DOORBELL_PORT;
+pub use klpvisor_engine::callback::gate::DOORBELL_PORT;
 
 #[derive(Debug, Default)]
 pub struct Doorbell {

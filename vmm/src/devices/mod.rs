@@ -5,6 +5,7 @@
 
 pub mod boot_timer;
 pub mod cmos;
+pub mod console_out;
 pub mod doorbell;
 pub mod power;
 pub mod pvpanic;

@@ -1,5 +1,6 @@
 //! COM1: a vm-superio 16550 whose interrupt is an irqfd on ISA IRQ 4 and
-//! whose output goes, unbuffered, to the VMM's stdout.
+//! whose output goes to the VMM's stdout through a bounded buffer
+//! (`console_out`), so a slow stdout never stalls a vCPU.
 
 use std::io::Write;
 use std::sync::Mutex;

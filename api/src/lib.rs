@@ -1,0 +1,594 @@
+//! The control socket's wire format: the JSON bodies the VMM serves and the
+//! `patcher` CLI reads. One definition for both sides, so they cannot drift;
+//! `vmm/api/openapi.yaml` documents the same shapes for other clients.
+//!
+//! 64-bit addresses and register values travel as hex strings (`"0x..."`,
+//! see [`Hex`]): JSON numbers are doubles to most clients and lose bits
+//! above 2^53, which every kernel address has.
+#![forbid(unsafe_code)]
+// The wire types' fields are documented, field by field, in
+// vmm/api/openapi.yaml, which a unit test keeps equal to the server's
+// routes; their Rust doc comments still lag (the client module is held to
+// the lint).
+#![allow(missing_docs)]
+
+#[cfg(feature = "client")]
+pub mod client;
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Longest memory read one request may ask for, in bytes.
+pub const MAX_MEMORY_READ: u64 = 65536;
+
+/// A 64-bit value shown as `"0x..."` in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Hex(pub u64);
+
+impl fmt::Display for Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+impl Serialize for Hex {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Hex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_hex(&s).map(Hex).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `0x1f`, `0X1F` or `1f` as a 64-bit hex number, with a message
+/// a user can act on.
+pub fn parse_hex(s: &str) -> Result<u64, String> {
+    let digits = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if digits.is_empty() || digits.len() > 16 {
+        return Err(format!(
+            "`{s}` is not a 64-bit hex number (want e.g. 0xffffffff81000000)"
+        ));
+    }
+    u64::from_str_radix(digits, 16)
+        .map_err(|_| format!("`{s}` is not a 64-bit hex number (want e.g. 0xffffffff81000000)"))
+}
+
+/// Whether the guest's vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Paused,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+        })
+    }
+}
+
+/// Every error reply: `{"error": "..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: String,
+}
+
+/// `GET /vm`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub state: VmState,
+    pub vcpus: usize,
+    pub uptime_ms: f64,
+    /// VMM start to the guest init's boot marker; null until it is written.
+    pub boot_ms: Option<f64>,
+    /// Null while the kernel cannot be found yet (early boot); see
+    /// `kernel_error`.
+    pub kernel: Option<KernelInfo>,
+    pub kernel_error: Option<String>,
+    /// The reserved patch arena: guest-physical start and size.
+    pub arena_gpa: Hex,
+    pub arena_size: u64,
+    /// The VMM's live heap in bytes: flat across transitions unless
+    /// something leaks (RSS would mostly show guest RAM).
+    #[serde(default)]
+    pub heap_bytes: u64,
+    /// Which patches this VMM accepts.
+    #[serde(default)]
+    pub signatures: SignaturePolicyInfo,
+}
+
+/// `GET /vm`'s `signatures`: whether patches must be signed, and by whom.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SignaturePolicyInfo {
+    /// `vmm --trusted-keys DIR` was given: unsigned patches are refused.
+    pub enforced: bool,
+    /// The keys whose signatures are accepted (empty when not enforced).
+    pub trusted_keys: Vec<TrustedKeyInfo>,
+}
+
+/// One trusted public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustedKeyInfo {
+    /// The first 8 bytes of the SHA-256 of the key, in hex.
+    pub key_id: String,
+    /// The `.pub` file it was read from.
+    pub file: String,
+}
+
+/// The guest kernel as read from its memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KernelInfo {
+    /// `init_uts_ns.name.release` (what `uname -r` prints).
+    pub release: Option<String>,
+    /// `init_uts_ns.name.version` (`uname -v`: build number and date).
+    pub version: Option<String>,
+    /// `linux_banner` (the first line of /proc/version).
+    pub banner: Option<String>,
+    pub text: Hex,
+    pub text_phys: Hex,
+    /// `_text` minus its link-time address 0xffffffff81000000.
+    pub slide: Hex,
+    /// How `_text` was confirmed (LSTAR or the IDT).
+    pub confirmed_by: String,
+    pub page_table_levels: u8,
+    /// Guest-physical address of the page tables the VMM reads the kernel
+    /// through: the kernel's own `init_top_pgt`.
+    #[serde(default)]
+    pub page_tables: Hex,
+    /// The vCPU root the kernel was first found through (for diagnosis).
+    #[serde(default)]
+    pub found_through: String,
+    pub symbols: usize,
+    /// Time the VMM took to find and decode the kernel (kallsyms, BTF).
+    pub decode_ms: f64,
+    /// The pause for reading vCPU registers before that decode.
+    pub decode_pause_us: f64,
+}
+
+/// `PATCH /vm` body (Firecracker style).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateChange {
+    pub state: VmState,
+}
+
+/// `PUT /vm/pause` (and `PATCH /vm` to paused).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PauseReply {
+    pub state: VmState,
+    /// From the pause request until every vCPU was parked.
+    pub latency_us: f64,
+}
+
+/// `PUT /vm/resume` (and `PATCH /vm` to running).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResumeReply {
+    pub state: VmState,
+    /// From the pause request until the vCPUs were released: an upper
+    /// bound on the time any vCPU spent out of guest mode.
+    pub out_of_guest_us: f64,
+}
+
+/// `GET /vcpus/{id}/regs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegsReply {
+    pub vcpu: usize,
+    /// The VM was running, so the VMM paused it for the read and resumed it.
+    pub paused_for_read: bool,
+    /// How long that pause kept the vCPUs out of guest mode (null when the
+    /// VM was already paused).
+    pub out_of_guest_us: Option<f64>,
+    pub regs: Regs,
+}
+
+/// One vCPU's registers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Regs {
+    pub rax: Hex,
+    pub rbx: Hex,
+    pub rcx: Hex,
+    pub rdx: Hex,
+    pub rsi: Hex,
+    pub rdi: Hex,
+    pub rbp: Hex,
+    pub rsp: Hex,
+    pub r8: Hex,
+    pub r9: Hex,
+    pub r10: Hex,
+    pub r11: Hex,
+    pub r12: Hex,
+    pub r13: Hex,
+    pub r14: Hex,
+    pub r15: Hex,
+    pub rip: Hex,
+    pub rflags: Hex,
+    pub cr0: Hex,
+    pub cr3: Hex,
+    pub cr4: Hex,
+    pub efer: Option<Hex>,
+    pub lstar: Option<Hex>,
+    pub gs_base: Hex,
+    pub kernel_gs_base: Option<Hex>,
+    pub cs_selector: Hex,
+    pub cs_long: bool,
+    pub cpl: u8,
+    pub idtr_base: Hex,
+    pub idtr_limit: Hex,
+}
+
+/// `GET /memory`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryReply {
+    /// The guest-physical start (given, or translated from `va`).
+    pub gpa: Hex,
+    /// The kernel-virtual start, when the read was by `va`.
+    pub va: Option<Hex>,
+    pub len: u64,
+    /// The bytes, two lowercase hex digits each.
+    pub bytes: String,
+}
+
+/// `GET /symbols?name=`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SymbolsReply {
+    pub name: String,
+    pub symbols: Vec<SymbolEntry>,
+}
+
+/// One symbol of that name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SymbolEntry {
+    pub addr: Hex,
+    /// klp's 1-based position among same-named symbols, in kallsyms order.
+    pub sympos: u32,
+    /// nm-style type, as /proc/kallsyms shows it.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A per-CPU variable: `addr` is its offset in each CPU's area.
+    pub per_cpu: bool,
+}
+
+/// `GET /symbols?addr=`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddrReply {
+    pub addr: Hex,
+    pub name: String,
+    pub offset: Hex,
+    pub symbol_addr: Hex,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// klp sympos of that symbol among its name's occurrences.
+    pub sympos: u32,
+}
+
+/// `GET /tasks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TasksReply {
+    pub count: usize,
+    /// How long the VM was paused for the walk (null if it was paused
+    /// already).
+    pub out_of_guest_us: Option<f64>,
+    pub tasks: Vec<TaskEntry>,
+}
+
+/// One task (thread).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskEntry {
+    pub pid: i32,
+    pub tgid: i32,
+    /// `task_struct.comm` (at most 15 bytes; /proc may show more for
+    /// workqueue workers and long kernel-thread names).
+    pub comm: String,
+    /// The /proc state letter (R S D T t X Z P I).
+    pub state: String,
+    pub on_cpu: bool,
+    /// The vCPU running it at the walk, if any, and its guest CPU number.
+    pub vcpu: Option<usize>,
+    pub cpu: Option<u32>,
+    /// Set for each CPU's idle task (pid 0).
+    pub idle_cpu: Option<u32>,
+    pub kthread: bool,
+    pub wq_worker: bool,
+    /// Address of the task_struct.
+    pub task: Hex,
+    pub stack_start: Hex,
+    pub stack_end: Hex,
+    /// `thread.sp`, saved at its last switch-out (stale while it runs).
+    pub saved_sp: Hex,
+}
+
+/// Largest livepatch module `POST /patches` accepts, in bytes (modules
+/// built with debug info are a few hundred KiB; 413 beyond).
+pub const MAX_PATCH_BYTES: usize = 16 << 20;
+
+/// Where a patch stands, in klp's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchState {
+    /// Its functions are redirected (the newest enabled patch per function
+    /// wins).
+    Enabled,
+    /// Disabled by the user; its code stays mapped until removed.
+    Disabled,
+    /// Disabled by a later `.replace = true` patch.
+    Replaced,
+    /// Waiting for a safe point.
+    InTransition,
+}
+
+impl fmt::Display for PatchState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PatchState::Enabled => "enabled",
+            PatchState::Disabled => "disabled",
+            PatchState::Replaced => "replaced",
+            PatchState::InTransition => "in transition",
+        })
+    }
+}
+
+/// One patched function.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FuncInfo {
+    /// `klp_func.old_name`.
+    pub name: String,
+    /// `klp_func.old_sympos` as given (0: the name is unique).
+    pub sympos: u32,
+    pub old_addr: Hex,
+    /// The 5 bytes at the old entry that become `jmp new_addr` (the ftrace
+    /// nop, after ENDBR64 when the kernel has IBT).
+    pub site: Hex,
+    /// The replacement's address in the arena.
+    pub new_addr: Hex,
+    /// Whether the old function's entry jumps to `new_addr` now.
+    pub live: bool,
+}
+
+/// One patch, as `GET /patches` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PatchInfo {
+    /// The module's name (klp's sysfs name).
+    pub name: String,
+    pub state: PatchState,
+    /// `klp_patch.replace`.
+    pub replace: bool,
+    /// Applied with `--force` (no safe-point check).
+    pub forced: bool,
+    /// When it was applied, seconds since the Unix epoch.
+    pub applied_at: u64,
+    /// Guest pause of the transition that applied it.
+    pub pause_us: f64,
+    /// Arena bytes its code and data occupy.
+    pub arena_bytes: u64,
+    /// How its signature was checked when it was applied: `unsigned`,
+    /// `verified: KEYID (FILE.pub)` or `not verified: signed by KEYID, no
+    /// --trusted-keys` (see `klpvisor_engine::signature::Provenance`).
+    #[serde(default = "unsigned")]
+    pub signature: String,
+    pub funcs: Vec<FuncInfo>,
+}
+
+fn unsigned() -> String {
+    "unsigned".to_owned()
+}
+
+/// `GET /patches`: the stack, oldest first, and what runs now.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PatchesReply {
+    pub patches: Vec<PatchInfo>,
+    /// Every redirected function and the code its entry jumps to now.
+    #[serde(default)]
+    pub live: Vec<LiveFunc>,
+    /// The transition waiting for a safe point, if one is.
+    #[serde(default)]
+    pub transition: Option<PendingTransition>,
+    /// Removed patches whose code stays mapped until no task's stack
+    /// references it.
+    #[serde(default)]
+    pub retired: Vec<RetiredInfo>,
+    /// The call gate that runs klp callbacks, once installed.
+    #[serde(default)]
+    pub gate: Option<GateInfo>,
+}
+
+/// The call gate: klpvisor's own code in the guest (see README,
+/// "Callbacks"), shown like any other code klpvisor put there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateInfo {
+    /// Its code page (two functions).
+    pub text: Hex,
+    /// Its data page (irq_work, work_struct, mailbox).
+    pub data: Hex,
+    pub data_gpa: Hex,
+    /// Callbacks sent so far.
+    pub calls: u64,
+}
+
+/// A redirected function: what `cat /sys/kernel/livepatch/*/...` cannot
+/// tell you in one place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveFunc {
+    pub name: String,
+    pub sympos: u32,
+    pub old_addr: Hex,
+    /// Where the entry jumps.
+    pub target: Hex,
+    /// The patch that code belongs to.
+    pub patch: String,
+}
+
+/// A transition retrying for a safe point.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingTransition {
+    pub patch: String,
+    /// `apply`, `disable` or `enable`.
+    pub action: String,
+    pub forced: bool,
+    /// Since the first attempt.
+    pub waited_ms: f64,
+    pub attempts: u32,
+    /// The tasks that blocked the last attempt.
+    pub blockers: Vec<String>,
+}
+
+/// A removed patch whose arena space is not reusable yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetiredInfo {
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub removed_at: u64,
+    pub arena_bytes: u64,
+}
+
+/// `POST /patches`, `POST /patches/{name}/disable`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransitionReply {
+    pub patch: PatchInfo,
+    /// Parsing, resolving and linking, done while the guest ran.
+    pub prepare_ms: f64,
+    /// The pause in which every guest write happened: from the pause
+    /// request until the vCPUs were released.
+    pub pause_us: f64,
+    /// Guest bytes written in that pause.
+    pub bytes_written: u64,
+    /// Pauses it took to find a safe point (1: the first).
+    #[serde(default)]
+    pub attempts: u32,
+    /// From the first pause to the committing one (0 when the first
+    /// found a safe point).
+    #[serde(default)]
+    pub waited_ms: f64,
+    /// What this transition did not do that in-kernel livepatch would,
+    /// or what went wrong after it committed (a post callback that did
+    /// not return in time).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// The klp callbacks run, in order.
+    #[serde(default)]
+    pub callbacks: Vec<CallbackRun>,
+}
+
+/// One klp callback the VMM ran in the guest (see README, "Callbacks").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallbackRun {
+    pub patch: String,
+    /// `pre_patch`, `post_patch`, `pre_unpatch` or `post_unpatch`.
+    pub callback: CallbackKind,
+    /// The `struct klp_object` it got.
+    pub object: Hex,
+    /// `pre_patch`'s return value (0 lets the patch go on); `None` for
+    /// the void callbacks and for a call that did not finish.
+    pub ret: Option<i32>,
+    /// From sending it to its result, guest running throughout.
+    pub ms: f64,
+    /// Whether it finished in time.
+    pub done: bool,
+}
+
+/// One committed transition, as `GET /history` lists it: what it did and
+/// the stack it started from, which `POST /rollback?to=SEQ` returns to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// 1 for the first transition of this VMM, then counting up.
+    pub seq: u64,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// `apply`, `disable`, `enable` or `rollback`.
+    pub action: String,
+    /// The patch it applied, disabled or enabled (`rollback`: `#SEQ`).
+    pub patch: String,
+    pub forced: bool,
+    /// Each loaded patch and its state just before it, oldest first.
+    pub before: Vec<(String, PatchState)>,
+}
+
+/// `POST /rollback`: the stack is back where it was before transition `to`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackReply {
+    /// The transition whose starting point was restored.
+    pub to: u64,
+    /// This rollback's own number in the history (it can be rolled back
+    /// too).
+    pub seq: u64,
+    /// The stack after the rollback, oldest first.
+    pub patches: Vec<PatchInfo>,
+    pub prepare_ms: f64,
+    pub pause_us: f64,
+    pub bytes_written: u64,
+    pub attempts: u32,
+    pub waited_ms: f64,
+    /// The klp callbacks run, in order.
+    #[serde(default)]
+    pub callbacks: Vec<CallbackRun>,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// One of the four `struct klp_callbacks` members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallbackKind {
+    PrePatch,
+    PostPatch,
+    PreUnpatch,
+    PostUnpatch,
+}
+
+impl CallbackKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CallbackKind::PrePatch => "pre_patch",
+            CallbackKind::PostPatch => "post_patch",
+            CallbackKind::PreUnpatch => "pre_unpatch",
+            CallbackKind::PostUnpatch => "post_unpatch",
+        }
+    }
+
+    /// The post callback that undoes a passed pre step.
+    pub fn cancel(self) -> Option<CallbackKind> {
+        match self {
+            CallbackKind::PrePatch => Some(CallbackKind::PostUnpatch),
+            CallbackKind::PreUnpatch => Some(CallbackKind::PostPatch),
+            _ => None,
+        }
+    }
+
+    /// Only `pre_patch` returns a value that matters (int; non-zero refuses).
+    pub fn returns(self) -> bool {
+        self == CallbackKind::PrePatch
+    }
+}
+
+impl std::fmt::Display for CallbackKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_as_strings() {
+        let j = serde_json::to_string(&Hex(0xffff_ffff_8100_0000)).unwrap();
+        assert_eq!(j, "\"0xffffffff81000000\"");
+        let h: Hex = serde_json::from_str(&j).unwrap();
+        assert_eq!(h, Hex(0xffff_ffff_8100_0000));
+        assert_eq!(parse_hex("1F").unwrap(), 0x1f);
+        assert!(parse_hex("0x").is_err());
+        assert!(parse_hex("0x1ffffffffffffffff").is_err());
+        assert!(parse_hex("xyz").is_err());
+    }
+}

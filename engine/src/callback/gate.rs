@@ -1,0 +1,660 @@
+//! The call gate: how the VMM runs a klp callback inside the guest kernel.
+//!
+//! A callback must run where klp runs it: in process context, able to
+//! sleep (callbacks allocate with GFP_KERNEL, take mutexes, call
+//! `klp_shadow_*`), with no lock held by the code it interrupted. The VMM
+//! cannot call into the guest at an arbitrary point of a paused vCPU: that
+//! vCPU may hold spinlocks, run with interrupts off, or sit in the idle
+//! loop where RCU is not watching. So the gate lets the kernel pick the
+//! moment, through its own deferral chain:
+//!
+//! 1. With every vCPU paused, the VMM pushes the gate's `irq_work` onto the
+//!    per-CPU `raised_list` of CPU 0 and raises `IRQ_WORK_VECTOR` on that
+//!    CPU's local APIC (an MSI through KVM): exactly what the kernel's own
+//!    `irq_work_queue()` does. The list is a lock-free llist; a push while
+//!    every vCPU is stopped is as atomic as the kernel's cmpxchg push (a
+//!    vCPU stopped between its read and its cmpxchg just retries).
+//! 2. `sysvec_irq_work` runs the gate's irq_work function in hard-IRQ
+//!    context; all it does is `queue_work_on(cpu, system_wq, &work)`.
+//! 3. A kworker runs the gate's work function in process context: it calls
+//!    the callback with its `struct klp_object`, stores the return value in
+//!    the mailbox and rings the VMM's doorbell port (an `out`, which exits
+//!    to the VMM at once). The VMM reads the result from the mailbox.
+//!
+//! The gate is two arena pages, installed on first use and kept: code
+//! (two small functions, hand-assembled below, checked by a decoder test)
+//! and data (the `irq_work`, the `work_struct`, the mailbox). Struct
+//! layouts come from the guest's BTF; the vector is checked against the
+//! guest's IDT before anything is written.
+//!
+//! Limits, which the README repeats: the callback runs in a kworker, not in
+//! the task that asked (klp runs it in the sysfs writer or insmod), and
+//! without `klp_mutex`; a guest whose CPU 0 never takes the interrupt, or
+//! whose workqueue never runs the item, makes the call time out, and until
+//! the item finishes no other callback can run (the mailbox says how far
+//! it got).
+
+use crate::arena::{Arena, ArenaError, Perm, Region};
+use crate::write::{AllowKind, Allowed, Plan, Write, WriteError};
+use klpvisor_guest::GuestPhys;
+use klpvisor_guest::{Guest, VcpuRegs};
+use klpvisor_guest::{Kernel, VirtRead};
+
+use super::Call;
+
+/// x86's `IRQ_WORK_VECTOR` (arch/x86/include/asm/irq_vectors.h).
+pub const IRQ_WORK_VECTOR: u8 = 0xf6;
+/// The port the gate's work function writes the call's number to.
+pub const DOORBELL_PORT: u16 = 0x0ff0;
+
+const PAGE: u64 = 4096;
+/// Data page: the `irq_work`, the `work_struct` and the mailbox.
+const IRQ_WORK_AT: u64 = 0;
+const WORK_AT: u64 = 128;
+const MAILBOX_AT: u64 = 256;
+/// Mailbox fields (u64 each).
+const MB_SEQ: u64 = 0;
+const MB_STATE: u64 = 8;
+const MB_FUNC: u64 = 16;
+const MB_ARG: u64 = 24;
+const MB_RET: u64 = 32;
+const MB_CPU: u64 = 40;
+const MB_LEN: usize = 48;
+/// Code page: the two functions.
+const IRQ_FN_AT: u64 = 0;
+const WORK_FN_AT: u64 = 64;
+
+/// Mailbox states: written by the VMM (idle, armed) and by the gate code.
+const IDLE: u64 = 0;
+const ARMED: u64 = 1;
+const QUEUED: u64 = 2;
+const RUNNING: u64 = 3;
+const DONE: u64 = 4;
+
+/// `IRQ_WORK_PENDING | IRQ_WORK_BUSY` (irq_work_claim's "claimed").
+const IRQ_WORK_CLAIMED: u32 = 3;
+/// `WORK_STRUCT_PENDING`.
+const WORK_PENDING: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("callbacks cannot run in this guest kernel: {0}")]
+    Unsupported(String),
+    /// A kernel symbol the gate calls or writes is missing.
+    #[error("callbacks cannot run in this guest kernel: {0}")]
+    Symbol(#[from] klpvisor_guest::KallsymsError),
+    /// The return thunk the gate's code must use could not be read.
+    #[error("callbacks cannot run in this guest kernel: {0}")]
+    Thunk(#[from] crate::link::LinkError),
+    #[error("callbacks cannot run: reading {what} failed: {why}")]
+    Read { what: &'static str, why: String },
+    #[error(
+        "an earlier callback is still in the guest ({0}); no other callback can run until it \
+         finishes"
+    )]
+    Busy(String),
+    #[error("the call gate's mailbox holds call #{found}, not #{expected}: the guest changed it")]
+    Tampered { expected: u64, found: u64 },
+    #[error("call gate: {0}")]
+    Arena(#[from] ArenaError),
+    #[error("call gate: {0}")]
+    Write(#[from] WriteError),
+}
+
+/// How far a call got, as the mailbox says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Queued on the CPU's irq_work list; the interrupt has not run it.
+    Armed,
+    /// On the workqueue; no kworker has started it.
+    Queued,
+    /// The callback has started and not returned.
+    Running,
+    /// Returned this (rax; an `int` for `pre_patch`).
+    Done(u64),
+}
+
+impl Progress {
+    /// What a user reads when a call times out.
+    pub fn describe(self, cpu: u32) -> String {
+        match self {
+            Progress::Armed => format!("CPU {cpu} has not taken the irq_work interrupt"),
+            Progress::Queued => "queued on system_wq; no kworker has started it".into(),
+            Progress::Running => "the callback started and has not returned".into(),
+            Progress::Done(_) => "done".into(),
+        }
+    }
+}
+
+/// The guest's struct layouts the gate writes (from BTF).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    irq_next: u64,
+    irq_flags: u64,
+    irq_func: u64,
+    work_data: u64,
+    work_entry: u64,
+    work_func: u64,
+}
+
+impl Layout {
+    fn from_kernel(k: &Kernel) -> Result<Self, GateError> {
+        let off = |path: &str| {
+            k.btf
+                .offset_of(path)
+                .map_err(|e| GateError::Unsupported(format!("BTF: {e}")))
+        };
+        let size = |name: &str| {
+            k.btf
+                .struct_size(name)
+                .map_err(|e| GateError::Unsupported(format!("BTF: {e}")))
+        };
+        if size("irq_work")? > WORK_AT - IRQ_WORK_AT || size("work_struct")? > MAILBOX_AT - WORK_AT
+        {
+            return Err(GateError::Unsupported(
+                "struct irq_work or work_struct is larger than the gate expects (lockdep?)".into(),
+            ));
+        }
+        if off("list_head.next")? != 0 || off("list_head.prev")? != 8 {
+            return Err(GateError::Unsupported("unexpected struct list_head".into()));
+        }
+        Ok(Self {
+            irq_next: off("irq_work.node.llist.next")?,
+            irq_flags: off("irq_work.node.u_flags")?,
+            irq_func: off("irq_work.func")?,
+            work_data: off("work_struct.data")?,
+            work_entry: off("work_struct.entry")?,
+            work_func: off("work_struct.func")?,
+        })
+    }
+}
+
+/// Kernel addresses the gate code uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Symbols {
+    queue_work_on: u64,
+    system_wq: u64,
+    /// Per-CPU offset of `raised_list`.
+    raised_list: u64,
+    /// `__x86_indirect_thunk_rax`, if the kernel has retpolines.
+    indirect_thunk: Option<u64>,
+    /// The return thunk (`x86_return_thunk`), if the kernel has one.
+    return_thunk: Option<u64>,
+}
+
+/// A little x86-64 assembler for the gate's fixed instruction sequences.
+struct Asm {
+    va: u64,
+    bytes: Vec<u8>,
+}
+
+impl Asm {
+    fn here(&self) -> u64 {
+        self.va + self.bytes.len() as u64
+    }
+
+    fn raw(&mut self, b: &[u8]) -> &mut Self {
+        self.bytes.extend_from_slice(b);
+        self
+    }
+
+    /// `b` followed by a rel32 to `target` measured from the end of an
+    /// instruction `tail` bytes longer than that.
+    fn rel(&mut self, b: &[u8], target: u64, tail: u64) -> Result<&mut Self, GateError> {
+        let end = self.here() + b.len() as u64 + 4 + tail;
+        let disp = i32::try_from(target.wrapping_sub(end) as i64).map_err(|_| {
+            GateError::Unsupported(format!(
+                "{target:#x} is out of rel32 reach of the gate at {:#x}",
+                self.va
+            ))
+        })?;
+        self.raw(b).raw(&disp.to_le_bytes());
+        Ok(self)
+    }
+
+    fn pad_to(&mut self, off: u64) -> &mut Self {
+        self.bytes.resize(off as usize, 0xcc);
+        self
+    }
+}
+
+const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+
+/// The gate's code page at `text`, its data page at `data`.
+fn code(text: u64, data: u64, s: &Symbols) -> Result<Vec<u8>, GateError> {
+    let mb = data + MAILBOX_AT;
+    let mut a = Asm {
+        va: text,
+        bytes: Vec::new(),
+    };
+    // irq_fn(struct irq_work *): hard IRQ on the chosen CPU.
+    a.raw(&ENDBR64)
+        // mov dword [rip+state], QUEUED
+        .rel(&[0xc7, 0x05], mb + MB_STATE, 4)?
+        .raw(&(QUEUED as u32).to_le_bytes())
+        // mov edi, [rip+cpu]
+        .rel(&[0x8b, 0x3d], mb + MB_CPU, 0)?
+        // mov rax, &system_wq; mov rsi, [rax]
+        .raw(&[0x48, 0xb8])
+        .raw(&s.system_wq.to_le_bytes())
+        .raw(&[0x48, 0x8b, 0x30])
+        // lea rdx, [rip+work]
+        .rel(&[0x48, 0x8d, 0x15], data + WORK_AT, 0)?
+        // jmp queue_work_on (its bool return is ignored by irq_work)
+        .rel(&[0xe9], s.queue_work_on, 0)?;
+    if a.here() - text > WORK_FN_AT {
+        return Err(GateError::Unsupported("gate irq function too long".into()));
+    }
+    a.pad_to(WORK_FN_AT);
+    // work_fn(struct work_struct *): a kworker, process context. A frame
+    // pointer, so a stack dump through here still unwinds.
+    a.raw(&ENDBR64)
+        .raw(&[0x55]) // push rbp
+        .raw(&[0x48, 0x89, 0xe5]) // mov rbp, rsp
+        .raw(&[0x53]) // push rbx
+        .raw(&[0x48, 0x83, 0xec, 0x08]) // sub rsp, 8 (16-byte aligned call)
+        .rel(&[0x48, 0x8d, 0x1d], mb, 0)? // lea rbx, [rip+mailbox]
+        .raw(&[0xc7, 0x43, MB_STATE as u8])
+        .raw(&(RUNNING as u32).to_le_bytes())
+        .raw(&[0x48, 0x8b, 0x7b, MB_ARG as u8]) // mov rdi, [rbx+arg]
+        .raw(&[0x48, 0x8b, 0x43, MB_FUNC as u8]); // mov rax, [rbx+func]
+    match s.indirect_thunk {
+        Some(t) => a.rel(&[0xe8], t, 0)?, // call __x86_indirect_thunk_rax
+        None => a.raw(&[0xff, 0xd0]),     // call rax
+    };
+    a.raw(&[0x48, 0x89, 0x43, MB_RET as u8]) // mov [rbx+ret], rax
+        .raw(&[0xc7, 0x43, MB_STATE as u8])
+        .raw(&(DONE as u32).to_le_bytes())
+        .raw(&[0x8b, 0x43, MB_SEQ as u8]) // mov eax, [rbx+seq]
+        .raw(&[0xba])
+        .raw(&u32::from(DOORBELL_PORT).to_le_bytes()) // mov edx, port
+        .raw(&[0xef]) // out dx, eax
+        .raw(&[0x48, 0x83, 0xc4, 0x08]) // add rsp, 8
+        .raw(&[0x5b]) // pop rbx
+        .raw(&[0x5d]); // pop rbp
+    match s.return_thunk {
+        Some(t) => a.rel(&[0xe9], t, 0)?,
+        None => a.raw(&[0xc3]),
+    };
+    a.pad_to(PAGE);
+    Ok(a.bytes)
+}
+
+/// The gate's data page as first written.
+fn initial_data(data: u64, text: u64, l: &Layout) -> Vec<u8> {
+    let mut page = vec![0u8; PAGE as usize];
+    let mut put = |at: u64, v: u64| {
+        let at = at as usize;
+        page[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    };
+    put(IRQ_WORK_AT + l.irq_func, text + IRQ_FN_AT);
+    // INIT_WORK: an empty list entry. `data` stays 0: the off-queue "last
+    // pool" it names (pool 0) only makes __queue_work check that pool for
+    // a running instance first, which finds none; after the first run the
+    // kernel keeps `data` itself.
+    let entry = data + WORK_AT + l.work_entry;
+    put(WORK_AT + l.work_entry, entry);
+    put(WORK_AT + l.work_entry + 8, entry);
+    put(WORK_AT + l.work_func, text + WORK_FN_AT);
+    page
+}
+
+/// The installed gate.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    text: Region,
+    data: Region,
+    layout: Layout,
+    raised_list: u64,
+    /// The CPU the last call was sent to.
+    cpu: u32,
+}
+
+fn u64_at(b: &[u8], at: u64) -> u64 {
+    let at = at as usize;
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+impl Gate {
+    /// Plans installing the gate: checks the kernel offers what it needs
+    /// (the vector in the IDT, the symbols, the layouts), allocates its two
+    /// pages on `arena` and returns the writes that map and fill them.
+    pub fn plan_install<G: Guest + ?Sized>(
+        kernel: &Kernel,
+        guest: &G,
+        regs: &VcpuRegs,
+        arena: &mut Arena,
+    ) -> Result<(Gate, Vec<Write>), GateError> {
+        let space = kernel.space(guest);
+        let sym = |name: &str| kernel.kallsyms.addr(name).map_err(GateError::Symbol);
+        // The vector must be the kernel's irq_work interrupt.
+        let handler = sym("asm_sysvec_irq_work")?;
+        let gate_va = regs
+            .idtr_base
+            .checked_add(u64::from(IRQ_WORK_VECTOR) * 16)
+            .ok_or_else(|| GateError::Unsupported("IDTR base overflows".into()))?;
+        if u64::from(regs.idtr_limit) < u64::from(IRQ_WORK_VECTOR) * 16 + 15 {
+            return Err(GateError::Unsupported(format!(
+                "the IDT (limit {:#x}) has no vector {IRQ_WORK_VECTOR:#x}",
+                regs.idtr_limit
+            )));
+        }
+        let mut d = [0u8; 16];
+        space
+            .read_virt(gate_va, &mut d)
+            .map_err(|e| GateError::Read {
+                what: "the IDT",
+                why: e.to_string(),
+            })?;
+        let target = u64::from(u16::from_le_bytes([d[0], d[1]]))
+            | u64::from(u16::from_le_bytes([d[6], d[7]])) << 16
+            | u64::from(u32::from_le_bytes([d[8], d[9], d[10], d[11]])) << 32;
+        if target != handler || d[5] & 0x80 == 0 {
+            return Err(GateError::Unsupported(format!(
+                "IDT vector {IRQ_WORK_VECTOR:#x} goes to {target:#x}, not asm_sysvec_irq_work \
+                 ({handler:#x})"
+            )));
+        }
+        let symbols = Symbols {
+            queue_work_on: sym("queue_work_on")?,
+            system_wq: sym("system_wq")?,
+            raised_list: sym("raised_list")?,
+            indirect_thunk: kernel.kallsyms.addr("__x86_indirect_thunk_rax").ok(),
+            // The gate returns as the kernel's own code does: through the
+            // chosen return thunk, or with a plain `ret` where the default
+            // thunk would warn (see guest_plain_returns).
+            return_thunk: crate::link::guest_return_thunk(&space, &kernel.kallsyms)?
+                .filter(|&t| !crate::link::guest_plain_returns(&space, &kernel.kallsyms, Some(t))),
+        };
+        let layout = Layout::from_kernel(kernel)?;
+        let text = arena.alloc(PAGE, Perm::Text)?;
+        let data = arena.alloc(PAGE, Perm::Data)?;
+        let mut writes = arena.map_writes(guest, &[text, data])?;
+        writes.push(Write::read_expect(
+            guest,
+            text.gpa,
+            code(text.va, data.va, &symbols)?,
+            "call gate code",
+        )?);
+        writes.push(Write::read_expect(
+            guest,
+            data.gpa,
+            initial_data(data.va, text.va, &layout),
+            "call gate data",
+        )?);
+        Ok((
+            Gate {
+                text,
+                data,
+                layout,
+                raised_list: symbols.raised_list,
+                cpu: 0,
+            },
+            writes,
+        ))
+    }
+
+    /// The gate's arena pages.
+    pub fn regions(&self) -> [Region; 2] {
+        [self.text, self.data]
+    }
+
+    /// Plans sending `call` as call number `seq` to the CPU whose number
+    /// and per-CPU base are `cpu`: fill the mailbox, claim the irq_work
+    /// and push it onto that CPU's `raised_list`. Call with every vCPU
+    /// paused; after the commit, raise [`IRQ_WORK_VECTOR`] on that CPU.
+    pub fn plan_arm<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        cpu: (u32, u64),
+        call: &Call,
+        func: u64,
+        seq: u64,
+    ) -> Result<Plan, GateError> {
+        let mut page = vec![0u8; PAGE as usize];
+        guest
+            .read_phys(GuestPhys(self.data.gpa), &mut page)
+            .map_err(|e| GateError::Read {
+                what: "the call gate",
+                why: e.to_string(),
+            })?;
+        let state = u64_at(&page, MAILBOX_AT + MB_STATE);
+        if state != IDLE && state != DONE {
+            let p = progress(state, 0).unwrap_or(Progress::Running);
+            return Err(GateError::Busy(format!(
+                "call #{}: {}",
+                u64_at(&page, MAILBOX_AT + MB_SEQ),
+                p.describe(self.cpu)
+            )));
+        }
+        let flags = u64_at(&page, IRQ_WORK_AT + self.layout.irq_flags) as u32;
+        if flags & IRQ_WORK_CLAIMED != 0 {
+            return Err(GateError::Busy("its irq_work is still claimed".into()));
+        }
+        if u64_at(&page, WORK_AT + self.layout.work_data) & WORK_PENDING != 0 {
+            return Err(GateError::Busy("its work item is still queued".into()));
+        }
+        let (number, base) = cpu;
+        let head_va = base.wrapping_add(self.raised_list);
+        if head_va % 8 != 0 {
+            return Err(GateError::Unsupported(format!(
+                "CPU {number}'s raised_list at {head_va:#x} is not aligned"
+            )));
+        }
+        let head_gpa = kernel
+            .space(guest)
+            .translate(head_va)
+            .map_err(|e| GateError::Read {
+                what: "the per-CPU raised_list",
+                why: e.to_string(),
+            })?
+            .phys;
+        let mut old = [0u8; 8];
+        guest
+            .read_phys(GuestPhys(head_gpa), &mut old)
+            .map_err(|e| GateError::Read {
+                what: "the per-CPU raised_list",
+                why: e.to_string(),
+            })?;
+
+        let mut plan = Plan::new(vec![
+            Allowed {
+                gpa: self.data.gpa,
+                len: PAGE,
+                kind: AllowKind::Arena,
+            },
+            Allowed {
+                gpa: head_gpa,
+                len: 8,
+                kind: AllowKind::IrqWorkList { cpu: number },
+            },
+        ]);
+        let at = |off: u64| self.data.gpa + off;
+        let cut = |off: u64, len: usize| page[off as usize..off as usize + len].to_vec();
+        let mut mailbox = Vec::with_capacity(MB_LEN);
+        for v in [seq, ARMED, func, call.object, 0, u64::from(number)] {
+            mailbox.extend_from_slice(&v.to_le_bytes());
+        }
+        plan.push(Write::new(
+            at(MAILBOX_AT),
+            mailbox,
+            cut(MAILBOX_AT, MB_LEN),
+            format!("call gate mailbox (#{seq} {} of {})", call.kind, call.patch),
+        ));
+        plan.push(Write::new(
+            at(IRQ_WORK_AT + self.layout.irq_next),
+            old.to_vec(),
+            cut(IRQ_WORK_AT + self.layout.irq_next, 8),
+            "call gate irq_work link",
+        ));
+        plan.push(Write::new(
+            at(IRQ_WORK_AT + self.layout.irq_flags),
+            IRQ_WORK_CLAIMED.to_le_bytes().to_vec(),
+            cut(IRQ_WORK_AT + self.layout.irq_flags, 4),
+            "call gate irq_work flags",
+        ));
+        plan.push(Write::new(
+            head_gpa,
+            (self.data.va + IRQ_WORK_AT).to_le_bytes().to_vec(),
+            old.to_vec(),
+            format!("CPU {number}'s raised_list"),
+        ));
+        self.cpu = number;
+        Ok(plan)
+    }
+
+    /// How far call `seq` got.
+    pub fn poll<G: Guest + ?Sized>(&self, guest: &G, seq: u64) -> Result<Progress, GateError> {
+        let mut mb = [0u8; MB_LEN];
+        guest
+            .read_phys(GuestPhys(self.data.gpa + MAILBOX_AT), &mut mb)
+            .map_err(|e| GateError::Read {
+                what: "the call gate mailbox",
+                why: e.to_string(),
+            })?;
+        let found = u64_at(&mb, MB_SEQ);
+        if found != seq {
+            return Err(GateError::Tampered {
+                expected: seq,
+                found,
+            });
+        }
+        progress(u64_at(&mb, MB_STATE), u64_at(&mb, MB_RET)).ok_or(GateError::Tampered {
+            expected: seq,
+            found,
+        })
+    }
+
+    /// The CPU the last call went to.
+    pub fn cpu(&self) -> u32 {
+        self.cpu
+    }
+}
+
+fn progress(state: u64, ret: u64) -> Option<Progress> {
+    match state {
+        ARMED => Some(Progress::Armed),
+        QUEUED => Some(Progress::Queued),
+        RUNNING => Some(Progress::Running),
+        DONE => Some(Progress::Done(ret)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, GasFormatter, Instruction};
+
+    fn listing(bytes: &[u8], va: u64) -> Vec<String> {
+        let mut d = Decoder::with_ip(64, bytes, va, DecoderOptions::NONE);
+        let mut f = GasFormatter::new();
+        f.options_mut().set_uppercase_hex(false);
+        let mut out = Vec::new();
+        let mut insn = Instruction::default();
+        while d.can_decode() {
+            d.decode_out(&mut insn);
+            if insn.code() == iced_x86::Code::Int3 {
+                break;
+            }
+            let mut s = String::new();
+            f.format(&insn, &mut s);
+            out.push(s);
+        }
+        out
+    }
+
+    const TEXT: u64 = 0xffff_ffff_c000_0000;
+    const DATA: u64 = 0xffff_ffff_c000_1000;
+
+    fn symbols(thunks: bool) -> Symbols {
+        Symbols {
+            queue_work_on: 0xffff_ffff_810a_0000,
+            system_wq: 0xffff_ffff_8290_0000,
+            raised_list: 0x2_0440,
+            indirect_thunk: thunks.then_some(0xffff_ffff_81e0_0000),
+            return_thunk: thunks.then_some(0xffff_ffff_81e0_1000),
+        }
+    }
+
+    #[test]
+    fn the_gate_code_is_what_the_doc_says() {
+        let bytes = code(TEXT, DATA, &symbols(true)).unwrap();
+        assert_eq!(bytes.len(), PAGE as usize);
+        let irq = listing(&bytes[..WORK_FN_AT as usize], TEXT);
+        assert_eq!(
+            irq,
+            [
+                "endbr64",
+                // DATA + 0x100 + 8 = state
+                "movl $2,0xffffffffc0001108",
+                "mov 0xffffffffc0001128,%edi",
+                "movabs $0xffffffff82900000,%rax",
+                "mov (%rax),%rsi",
+                "lea 0xffffffffc0001080,%rdx",
+                "jmp 0xffffffff810a0000",
+            ]
+        );
+        let work = listing(&bytes[WORK_FN_AT as usize..], TEXT + WORK_FN_AT);
+        assert_eq!(
+            work,
+            [
+                "endbr64",
+                "push %rbp",
+                "mov %rsp,%rbp",
+                "push %rbx",
+                "sub $8,%rsp",
+                "lea 0xffffffffc0001100,%rbx",
+                "movl $3,8(%rbx)",
+                "mov 0x18(%rbx),%rdi",
+                "mov 0x10(%rbx),%rax",
+                "call 0xffffffff81e00000",
+                "mov %rax,0x20(%rbx)",
+                "movl $4,8(%rbx)",
+                "mov (%rbx),%eax",
+                "mov $0xff0,%edx",
+                "out %eax,%dx",
+                "add $8,%rsp",
+                "pop %rbx",
+                "pop %rbp",
+                "jmp 0xffffffff81e01000",
+            ]
+        );
+        // Without retpolines or return thunks: plain indirect call and ret.
+        let plain = code(TEXT, DATA, &symbols(false)).unwrap();
+        let work = listing(&plain[WORK_FN_AT as usize..], TEXT + WORK_FN_AT);
+        assert!(work.contains(&"call *%rax".to_string()), "{work:?}");
+        assert_eq!(work.last().map(String::as_str), Some("ret"));
+    }
+
+    #[test]
+    fn out_of_reach_targets_are_refused() {
+        let mut s = symbols(false);
+        s.queue_work_on = 0xffff_8000_0000_0000;
+        assert!(matches!(
+            code(TEXT, DATA, &s),
+            Err(GateError::Unsupported(m)) if m.contains("rel32")
+        ));
+    }
+
+    #[test]
+    fn initial_data_links_the_work_entry_to_itself() {
+        let l = Layout {
+            irq_next: 0,
+            irq_flags: 8,
+            irq_func: 24,
+            work_data: 0,
+            work_entry: 8,
+            work_func: 24,
+        };
+        let page = initial_data(DATA, TEXT, &l);
+        assert_eq!(u64_at(&page, 24), TEXT + IRQ_FN_AT);
+        assert_eq!(u64_at(&page, WORK_AT + 8), DATA + WORK_AT + 8);
+        assert_eq!(u64_at(&page, WORK_AT + 16), DATA + WORK_AT + 8);
+        assert_eq!(u64_at(&page, WORK_AT + 24), TEXT + WORK_FN_AT);
+        assert_eq!(u64_at(&page, MAILBOX_AT + MB_STATE), IDLE);
+    }
+}

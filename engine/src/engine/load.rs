@@ -1,0 +1,135 @@
+//! Preparing a new patch: module bytes -> parsed, placed, linked and
+//! planned, with nothing written.
+
+use super::{entry, now_unix, Engine, EngineError, FuncRecord, Prepared, Record};
+use crate::arena::{Perm, Region};
+use crate::link::{guest_plain_returns, guest_return_thunk, link, Bases, LinkOptions};
+use crate::module::{Module, ModuleError};
+use crate::write::{Plan, Write};
+use klpvisor_guest::Guest;
+use klpvisor_guest::Kernel;
+
+impl Engine {
+    /// Plans loading livepatch module `ko` and enabling it on top of the
+    /// stack (replacing every enabled patch if it is a replace patch).
+    pub fn prepare_apply<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        ko: &[u8],
+        force: bool,
+    ) -> Result<Prepared, EngineError> {
+        let release = kernel.uts(guest, "release").ok_or(EngineError::NoRelease)?;
+        let module = Module::parse(ko, &kernel.btf, &release)?;
+        let name = module.patch.name.clone();
+        if let Some(e) = self.stack.get(&name) {
+            return Err(crate::stack::StackError::Duplicate(name, e.state).into());
+        }
+        if let Some(obj) = module.patch.objects.iter().find_map(|o| o.name.clone()) {
+            return Err(ModuleError::ObjectNotSupported(obj).into());
+        }
+        self.check_states(&name, module.patch.replace, &module.patch.states)?;
+
+        // Place the segments on a copy of the arena: the engine's own
+        // state changes only when the commit succeeds.
+        let facts = self.facts(kernel, guest)?;
+        let mut arena = facts.arena.clone();
+        let layout = module.layout();
+        let mut regions = Vec::new();
+        for (size, perm) in [
+            (layout.text, Perm::Text),
+            (layout.rodata, Perm::ReadOnly),
+            (layout.data, Perm::Data),
+        ] {
+            if size > 0 {
+                regions.push(arena.alloc(size, perm)?);
+            }
+        }
+        let base = |perm: Perm| {
+            regions
+                .iter()
+                .find(|r| r.perm == perm)
+                .map_or(0, |r: &Region| r.va)
+        };
+        let bases = Bases {
+            text: base(Perm::Text),
+            rodata: base(Perm::ReadOnly),
+            data: base(Perm::Data),
+        };
+        let space = kernel.space(guest);
+        let return_thunk = guest_return_thunk(&space, &kernel.kallsyms)?;
+        let options = LinkOptions {
+            return_thunk,
+            plain_returns: guest_plain_returns(&space, &kernel.kallsyms, return_thunk),
+        };
+        let linked = link(&module, &kernel.kallsyms, bases, &options)?;
+
+        // Every old function's entry must be an ftrace site we can take.
+        let ftrace = facts.ftrace.clone();
+        let mut fresh = Vec::new();
+        let mut funcs = Vec::new();
+        for f in &linked.funcs {
+            let site = self.site(kernel, guest, &ftrace, &f.old_name, f.old_addr)?;
+            if !self.sites.contains_key(&f.old_addr) {
+                fresh.push(site);
+            }
+            funcs.push(FuncRecord {
+                name: f.old_name.clone(),
+                sympos: u32::try_from(f.old_sympos).unwrap_or(u32::MAX),
+                old: f.old_addr,
+                new: f.new_addr,
+            });
+        }
+
+        // Writes: map the new pages, fill them, then the entries.
+        let mut plan = Plan::new(arena.allowed());
+        plan.extend(arena.map_writes(guest, &regions)?);
+        for image in [&linked.text, &linked.rodata, &linked.data] {
+            if image.bytes.is_empty() {
+                continue;
+            }
+            let region = regions.iter().find(|r| r.va == image.va).ok_or_else(|| {
+                EngineError::Internal(format!("no arena region at {:#x}", image.va))
+            })?;
+            plan.push(
+                Write::read_expect(
+                    guest,
+                    region.gpa,
+                    image.bytes.clone(),
+                    format!("{name} {:?} segment", image.segment),
+                )
+                .map_err(EngineError::Write)?,
+            );
+        }
+        let record = Record {
+            replace: module.patch.replace,
+            states: module.patch.states.clone(),
+            applied_at: now_unix(),
+            pause_us: 0.0,
+            regions,
+            funcs,
+            callbacks: linked.callbacks.clone(),
+            signature: "unsigned".to_owned(),
+        };
+        // On a replace too, only the new patch's callbacks run.
+        let mut calls = crate::callback::Calls::default();
+        calls.enable(&name, &record.callbacks);
+        let change = self
+            .stack
+            .plan_enable(entry(&name, record.replace, &record.funcs), force)?;
+        let check = self.plan_sites(kernel, &change, &fresh, Some(&record), &mut plan)?;
+        Ok(Prepared {
+            name,
+            action: "apply",
+            change,
+            plan,
+            arena: Some(arena),
+            record: Some(record),
+            sites: fresh,
+            check,
+            warnings: Vec::new(),
+            calls,
+            loaded_bytes: 0,
+        })
+    }
+}

@@ -1,0 +1,1060 @@
+//! The engine: one guest's patches, from a module's bytes to the writes of
+//! a transition and back.
+//!
+//! Every transition has two halves. *Prepare* runs while the guest runs and
+//! only reads it: parse and link the module into arena space (on a copy of
+//! the arena's state), compute with [`Stack`] what every affected function's
+//! entry must do, and turn that into one [`Plan`] of writes with the bytes
+//! each write expects to replace. *Commit* runs with every vCPU paused:
+//! check that no task is inside a function the transition changes
+//! ([`safepoint`](crate::safepoint)), check every expected byte, write, and
+//! only then adopt the new stack and arena state. A transition that fails
+//! anywhere leaves the guest and the engine exactly as they were.
+
+mod load;
+
+use klpvisor_guest::GuestPhys;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use crate::arena::{Arena, ArenaError, ImageFacts, Region};
+use crate::callback::gate::{Gate, GateError, Progress};
+use crate::callback::{Call, Calls};
+use crate::link::LinkedCallbacks;
+use crate::module::{ModuleError, State};
+use crate::safepoint::{Blocker, Check, SafepointError, Span};
+use crate::site::{FtraceRecords, Site, SiteError};
+use crate::stack::{Change, Entry, Placed, Stack, StackError};
+use crate::write::{Plan, Write, WriteError};
+use klpvisor_api::{FuncInfo, Hex, HistoryEntry, LiveFunc, PatchInfo, PatchState, RetiredInfo};
+use klpvisor_guest::orc::Orc;
+use klpvisor_guest::Guest;
+use klpvisor_guest::{all_vcpu_regs, IntrospectError, Kernel, Tasks, TasksError};
+
+/// Who is at fault for an [`EngineError`], so a front end can pick a status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The module cannot be applied to this kernel.
+    Module,
+    /// The request conflicts with the patches' or the guest's state.
+    State,
+    /// No such patch.
+    NotFound,
+    /// The arena is full.
+    NoSpace,
+    /// Reading or writing the guest failed.
+    Guest,
+    /// An invariant of the engine broke: a bug in klpvisor, not a problem
+    /// with the guest or the patch.
+    Internal,
+}
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Module(#[from] ModuleError),
+    #[error(transparent)]
+    Link(#[from] crate::link::LinkError),
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error("patch arena: {0}")]
+    Arena(#[from] ArenaError),
+    #[error("cannot patch {name}: {source}")]
+    Site {
+        name: String,
+        source: Box<SiteError>,
+    },
+    #[error(
+        "guest memory changed under the transition or the plan is unsafe; nothing was written: {0}"
+    )]
+    Write(#[from] WriteError),
+    /// The guest's task list or per-CPU areas could not be read.
+    #[error("reading the guest kernel failed: {0}")]
+    Tasks(#[from] TasksError),
+    /// The vCPUs' registers could not be read.
+    #[error("reading the guest kernel failed: {0}")]
+    Registers(#[from] IntrospectError),
+    /// One vCPU's registers could not be read.
+    #[error("reading the guest kernel failed: vCPU {vcpu} registers: {source}")]
+    VcpuRegisters {
+        vcpu: usize,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The kernel's release string could not be read.
+    #[error("reading the guest kernel failed: cannot read init_uts_ns.name.release")]
+    NoRelease,
+    /// A vCPU's GS bases point at no CPU's per-CPU area.
+    #[error(
+        "reading the guest kernel failed: vCPU {0}'s GS bases are no CPU's per-CPU area \
+         (__per_cpu_offset)"
+    )]
+    NoPerCpuArea(usize),
+    /// An invariant of the engine broke. This is klpvisor's fault, not the
+    /// guest's or the patch's; the transition was refused before writing.
+    #[error(
+        "internal error in klpvisor (a bug in klpvisor, not a problem with the guest or the \
+         patch; nothing was written, please report it): {0}"
+    )]
+    Internal(String),
+    #[error("safe-point check failed: {0}")]
+    Safepoint(#[from] SafepointError),
+    #[error(
+        "patch `{patch}` is incompatible with enabled patch `{holder}`: {why} (klp's \
+         klp_is_patch_compatible rule; nothing was written)"
+    )]
+    State {
+        patch: String,
+        holder: String,
+        why: String,
+    },
+    #[error(
+        "no safe point: {} task(s) are inside functions this transition changes; nothing was written \
+         (retry later, or --force to skip the check):\n  {}",
+        .0.len(),
+        .0.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("\n  ")
+    )]
+    Blocked(Vec<Blocker>),
+    #[error(
+        "no transition #{to} to roll back to; `patcher history` lists the last {MAX_HISTORY} \
+         (the newest is #{newest})"
+    )]
+    NoSuchTransition { to: u64, newest: u64 },
+    #[error(transparent)]
+    Gate(#[from] GateError),
+}
+
+/// Committed transitions the engine remembers for rollback; older ones are
+/// forgotten, so a VMM running for months stays flat (an entry costs about
+/// 100 bytes per loaded patch).
+pub const MAX_HISTORY: usize = 256;
+
+impl EngineError {
+    pub fn kind(&self) -> Fault {
+        match self {
+            EngineError::Module(_) | EngineError::Link(_) => Fault::Module,
+            EngineError::Internal(_) => Fault::Internal,
+            EngineError::Stack(StackError::Unknown(_)) | EngineError::NoSuchTransition { .. } => {
+                Fault::NotFound
+            }
+            EngineError::Stack(_) | EngineError::Blocked(_) | EngineError::State { .. } => {
+                Fault::State
+            }
+            EngineError::Arena(ArenaError::Full { .. })
+            | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
+            EngineError::Gate(GateError::Busy(_)) => Fault::State,
+            EngineError::Gate(_) => Fault::Guest,
+            EngineError::Arena(_)
+            | EngineError::Tasks(_)
+            | EngineError::Registers(_)
+            | EngineError::VcpuRegisters { .. }
+            | EngineError::NoRelease
+            | EngineError::NoPerCpuArea(_)
+            | EngineError::Safepoint(_) => Fault::Guest,
+            EngineError::Site { source, .. } => match **source {
+                SiteError::NotAFunction { .. }
+                | SiteError::NotInText { .. }
+                | SiteError::TooShort { .. }
+                | SiteError::NotFtraceSite { .. }
+                | SiteError::OutOfReach { .. } => Fault::Module,
+                SiteError::Records(_) | SiteError::Read { .. } => Fault::Guest,
+                _ => Fault::State,
+            },
+            EngineError::Write(WriteError::Mismatch { .. }) => Fault::State,
+            EngineError::Write(_) => Fault::Guest,
+        }
+    }
+}
+
+/// One patched function of a loaded patch.
+#[derive(Debug, Clone)]
+struct FuncRecord {
+    name: String,
+    sympos: u32,
+    old: u64,
+    new: u64,
+}
+
+/// What the engine keeps of a loaded patch beyond its stack entry.
+#[derive(Debug, Clone)]
+struct Record {
+    replace: bool,
+    /// Its `klp_state`s: the system states it introduced or handles.
+    states: Vec<State>,
+    applied_at: u64,
+    pause_us: f64,
+    regions: Vec<Region>,
+    funcs: Vec<FuncRecord>,
+    /// Each object's linked callbacks, in patch order.
+    callbacks: Vec<LinkedCallbacks>,
+    /// How the module's signature was checked (the engine never sees
+    /// signatures: the caller checks them before `prepare_apply`).
+    signature: String,
+}
+
+impl Record {
+    fn text(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.regions
+            .iter()
+            .filter(|r| r.perm == crate::arena::Perm::Text)
+            .map(|r| r.va..r.va + r.len)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+}
+
+/// Facts read once from the guest kernel for every transition.
+#[derive(Debug)]
+struct Facts {
+    arena: Arena,
+    ftrace: FtraceRecords,
+    tasks: Tasks,
+    hardirq_stack_ptr: Option<u64>,
+    /// The kernel's ORC tables, for precise unwinding of sleeping tasks
+    /// (None: conservative scanning only).
+    orc: Option<Orc>,
+}
+
+/// A transition ready to commit. Dropping it changes nothing.
+#[derive(Debug)]
+pub struct Prepared {
+    name: String,
+    /// `apply`, `disable`, `enable` or `rollback`, for the history.
+    action: &'static str,
+    change: Change,
+    plan: Plan,
+    /// The arena's state after this transition (apply only).
+    arena: Option<Arena>,
+    /// The new patch's record (apply only).
+    record: Option<Record>,
+    /// Sites validated for this transition, not yet known to the engine.
+    sites: Vec<Site>,
+    /// The functions whose stacks must be clean.
+    check: Check,
+    /// What the transition will not do that klp would.
+    warnings: Vec<String>,
+    /// The klp callbacks to run around the commit.
+    calls: Calls,
+    /// Bytes of a load plan split off by [`Prepared::take_load`].
+    loaded_bytes: u64,
+}
+
+impl Prepared {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Records how the applied module's signature was checked, for
+    /// `PatchInfo::signature` (an apply only; "unsigned" if never set).
+    pub fn set_signature(&mut self, signature: String) {
+        if let Some(r) = self.record.as_mut() {
+            r.signature = signature;
+        }
+    }
+
+    /// Guest bytes the transition writes (its load included).
+    pub fn bytes(&self) -> u64 {
+        self.loaded_bytes
+            + self
+                .plan
+                .writes()
+                .iter()
+                .map(|w| w.bytes.len() as u64)
+                .sum::<u64>()
+    }
+
+    /// The klp callbacks to run before and after the commit.
+    pub fn calls(&self) -> &Calls {
+        &self.calls
+    }
+
+    /// Splits off the writes that load a new patch (its arena pages and
+    /// their mapping) so they can be committed before its `pre_patch`
+    /// callbacks run: the callbacks are the patch's own code. What stays
+    /// is the switch, the entry writes. Nothing references the loaded
+    /// pages until then, so the load needs no safe point; undo it with
+    /// the returned plan's [`Plan::inverse`] once committed.
+    pub fn take_load(&mut self) -> Plan {
+        let sites: Vec<_> = self
+            .plan
+            .allowed()
+            .iter()
+            .filter(|a| matches!(a.kind, crate::write::AllowKind::Site { .. }))
+            .copied()
+            .collect();
+        let load = self.plan.split_off(|w| {
+            !sites
+                .iter()
+                .any(|a| a.gpa <= w.gpa && w.gpa < a.gpa + a.len)
+        });
+        self.loaded_bytes = load.writes().iter().map(|w| w.bytes.len() as u64).sum();
+        load
+    }
+
+    /// Whether this transition loads a new patch (apply).
+    pub fn loads(&self) -> bool {
+        self.record.is_some()
+    }
+}
+
+/// A callback sent into the guest, to wait for with [`Engine::poll_call`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Armed {
+    pub seq: u64,
+    /// The vCPU to raise the gate's vector on.
+    pub vcpu: usize,
+    /// That vCPU's Linux CPU number.
+    pub cpu: u32,
+}
+
+/// A committed transition.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub name: String,
+    /// Its number in the history.
+    pub seq: u64,
+    /// The patch it applied, disabled or enabled (None for a rollback).
+    pub patch: Option<PatchInfo>,
+    pub bytes_written: u64,
+}
+
+/// A committed transition and the stack it started from.
+#[derive(Debug, Clone)]
+struct Past {
+    seq: u64,
+    at: u64,
+    action: &'static str,
+    patch: String,
+    forced: bool,
+    before: Vec<Placed>,
+}
+
+/// A removed patch whose arena space is not free yet: a task may still
+/// hold a return address into its code (a forced transition skipped the
+/// check, or the task was preempted there before the check could see it
+/// leave). Freed by [`Engine::sweep`] once no stack references it.
+#[derive(Debug, Clone)]
+struct Retired {
+    name: String,
+    removed_at: u64,
+    record: Record,
+}
+
+/// One guest's patches.
+#[derive(Debug, Default)]
+pub struct Engine {
+    facts: Option<Facts>,
+    stack: Stack,
+    records: BTreeMap<String, Record>,
+    /// Validated sites by old function address, with their original bytes.
+    sites: BTreeMap<u64, Site>,
+    /// Removed patches whose code is still mapped, oldest first.
+    retired: Vec<Retired>,
+    /// The last [`MAX_HISTORY`] committed transitions, oldest first.
+    history: std::collections::VecDeque<Past>,
+    /// The number of the last committed transition.
+    seq: u64,
+    /// The call gate, once a callback needed it.
+    gate: Option<Gate>,
+    /// The number of the last callback sent.
+    calls: u64,
+}
+
+impl Engine {
+    /// Reads what every transition needs from the kernel, once.
+    fn facts<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<&mut Facts, EngineError> {
+        if self.facts.is_none() {
+            let image = ImageFacts::from_kernel(kernel)?;
+            let arena = Arena::new(guest, &image)?;
+            let space = kernel.space(guest);
+            let ftrace =
+                FtraceRecords::load(&space, &kernel.kallsyms, &kernel.btf).map_err(|source| {
+                    EngineError::Site {
+                        name: "ftrace records".into(),
+                        source: Box::new(source),
+                    }
+                })?;
+            let mut tasks = Tasks::from_kernel(&kernel.kallsyms, &kernel.btf)?;
+            tasks.measure_thread_size(&space, &kernel.kallsyms, &kernel.btf);
+            let hardirq_stack_ptr =
+                crate::safepoint::hardirq_stack_ptr(&kernel.kallsyms, &kernel.btf);
+            let release = kernel.uts(guest, "release");
+            // The format from BTF; by release (4.14..6.2 only) if BTF has
+            // no struct orc_entry.
+            let orc = Orc::load_btf(&space, &kernel.kallsyms, &kernel.btf)
+                .or_else(|_| Orc::load(&space, &kernel.kallsyms, release.as_deref()))
+                .ok();
+            self.facts = Some(Facts {
+                arena,
+                ftrace,
+                tasks,
+                hardirq_stack_ptr,
+                orc,
+            });
+        }
+        self.facts
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))
+    }
+
+    /// The site of the function at `old`: known, or validated now.
+    fn site<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        ftrace: &FtraceRecords,
+        name: &str,
+        old: u64,
+    ) -> Result<Site, EngineError> {
+        if let Some(s) = self.sites.get(&old) {
+            // Known, and not redirected now: it must still hold its
+            // original bytes; if the guest changed it (ftrace, in-guest
+            // klp), validate afresh for an error that says why.
+            let live = self.stack.live().contains_key(&old);
+            let mut now = [0u8; 5];
+            let unchanged =
+                guest.read_phys(GuestPhys(s.gpa), &mut now).is_ok() && now == s.original;
+            if live || unchanged {
+                return Ok(s.clone());
+            }
+        }
+        Site::find(&kernel.space(guest), &kernel.kallsyms, ftrace, old).map_err(|source| {
+            EngineError::Site {
+                name: name.to_owned(),
+                source: Box::new(source),
+            }
+        })
+    }
+
+    /// The site writes and safe-point spans of a stack change.
+    fn plan_sites(
+        &self,
+        kernel: &Kernel,
+        change: &Change,
+        fresh: &[Site],
+        fresh_record: Option<&Record>,
+        plan: &mut Plan,
+    ) -> Result<Check, EngineError> {
+        let mut spans = Vec::new();
+        for (&old, &(before, after)) in &change.sites {
+            let site = self
+                .sites
+                .get(&old)
+                .or_else(|| fresh.iter().find(|s| s.func == old))
+                .ok_or_else(|| EngineError::Internal(format!("no site for {old:#x}")))?;
+            let bytes =
+                |t: Option<u64>| -> Result<Vec<u8>, EngineError> {
+                    match t {
+                        Some(t) => site.redirect(t).map(|b| b.to_vec()).map_err(|source| {
+                            EngineError::Site {
+                                name: site.name.clone(),
+                                source: Box::new(source),
+                            }
+                        }),
+                        None => Ok(site.original.to_vec()),
+                    }
+                };
+            plan.allow(site.allowed());
+            plan.push(Write::new(
+                site.gpa,
+                bytes(after)?,
+                bytes(before)?,
+                format!("entry of {}", site.name),
+            ));
+            spans.push(Span {
+                range: kernel.kallsyms.extent(old).unwrap_or(old..old + 1),
+                name: site.name.clone(),
+            });
+            // The code being switched away from, if it is a patch's.
+            if let Some(t) = before {
+                if let Some(r) = self
+                    .records
+                    .values()
+                    .chain(fresh_record)
+                    .find(|r| r.text().any(|x| x.contains(&t)))
+                {
+                    for range in r.text() {
+                        spans.push(Span {
+                            range,
+                            name: format!("patched {}", site.name),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Check::new(spans))
+    }
+
+    /// Plans disabling enabled patch `name`.
+    pub fn prepare_disable<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        name: &str,
+        force: bool,
+    ) -> Result<Prepared, EngineError> {
+        self.facts(kernel, guest)?;
+        let change = self.stack.plan_disable(name, force)?;
+        let mut calls = Calls::default();
+        calls.disable(name, &self.callbacks_of(name));
+        self.prepared_sites(kernel, name, "disable", change, calls)
+    }
+
+    /// klp's system-state rule for enabling `patch` (`replace`, carrying
+    /// `states`) next to the enabled patches: a replace patch must carry
+    /// every state an enabled patch has, and no patch may carry a state at
+    /// a lower version than an enabled patch does.
+    fn check_states(
+        &self,
+        patch: &str,
+        replace: bool,
+        states: &[State],
+    ) -> Result<(), EngineError> {
+        let enabled = self
+            .stack
+            .entries()
+            .iter()
+            .filter(|e| e.state == PatchState::Enabled && e.name != patch);
+        for e in enabled {
+            let Some(r) = self.records.get(&e.name) else {
+                continue;
+            };
+            for old in &r.states {
+                let why = match states.iter().find(|s| s.id == old.id) {
+                    None if replace => format!(
+                        "it replaces every patch but does not carry system state {} (version {}) \
+                         that `{}` introduced",
+                        old.id, old.version, e.name
+                    ),
+                    Some(s) if s.version < old.version => format!(
+                        "it carries system state {} at version {}, older than `{}`'s version {}",
+                        old.id, s.version, e.name, old.version
+                    ),
+                    _ => continue,
+                };
+                return Err(EngineError::State {
+                    patch: patch.to_owned(),
+                    holder: e.name.clone(),
+                    why,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans enabling loaded patch `name` again.
+    pub fn prepare_enable<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        name: &str,
+        force: bool,
+    ) -> Result<Prepared, EngineError> {
+        self.facts(kernel, guest)?;
+        if let Some(r) = self.records.get(name) {
+            self.check_states(name, r.replace, &r.states)?;
+        }
+        let change = self.stack.plan_reenable(name, force)?;
+        // Only the enabled patch's callbacks, also when it replaces others.
+        let mut calls = Calls::default();
+        calls.enable(name, &self.callbacks_of(name));
+        self.prepared_sites(kernel, name, "enable", change, calls)
+    }
+
+    /// Plans returning every patch to the state it had just before
+    /// transition `to` (default: the last one, i.e. undo it), in one
+    /// transition with the same safe-point rule as any other: what no
+    /// in-kernel livepatch can do, since a replace there frees what it
+    /// replaced. Patches loaded since stay loaded, disabled.
+    pub fn prepare_rollback<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        to: Option<u64>,
+        force: bool,
+    ) -> Result<Prepared, EngineError> {
+        self.facts(kernel, guest)?;
+        let to = to.unwrap_or(self.seq);
+        let past =
+            self.history
+                .iter()
+                .find(|p| p.seq == to)
+                .ok_or(EngineError::NoSuchTransition {
+                    to,
+                    newest: self.seq,
+                })?;
+        let change = self.stack.plan_restore(&past.before, force)?;
+        let calls = self.rollback_calls(&change);
+        self.prepared_sites(kernel, &format!("#{to}"), "rollback", change, calls)
+    }
+
+    /// A rollback runs callbacks as the enables and disables it amounts to
+    /// would: if it enables a replace patch, that is a replace and only the
+    /// enabled patches' callbacks run; otherwise the patches it enables
+    /// run their patch callbacks (oldest first) and those it disables
+    /// their unpatch callbacks (newest first).
+    fn rollback_calls(&self, change: &Change) -> Calls {
+        let enabled_now = |n: &str| {
+            self.stack
+                .get(n)
+                .is_some_and(|e| e.state == PatchState::Enabled)
+        };
+        let after = |n: &str| change.states.iter().find(|(x, _)| x == n).map(|(_, s)| *s);
+        let order: Vec<&Entry> = match &change.restore {
+            Some(after) => after.iter().collect(),
+            None => self.stack.entries().iter().collect(),
+        };
+        let enabling: Vec<&str> = order
+            .iter()
+            .map(|e| e.name.as_str())
+            .filter(|n| after(n) == Some(PatchState::Enabled) && !enabled_now(n))
+            .collect();
+        let disabling: Vec<&str> = self
+            .stack
+            .entries()
+            .iter()
+            .rev()
+            .map(|e| e.name.as_str())
+            .filter(|n| enabled_now(n) && after(n).is_some_and(|s| s != PatchState::Enabled))
+            .collect();
+        let replace = enabling
+            .iter()
+            .any(|n| self.records.get(*n).is_some_and(|r| r.replace));
+        let mut calls = Calls::default();
+        for n in enabling {
+            calls.enable(n, &self.callbacks_of(n));
+        }
+        if !replace {
+            for n in disabling {
+                calls.disable(n, &self.callbacks_of(n));
+            }
+        }
+        calls
+    }
+
+    fn callbacks_of(&self, name: &str) -> Vec<LinkedCallbacks> {
+        self.records
+            .get(name)
+            .map(|r| r.callbacks.clone())
+            .unwrap_or_default()
+    }
+
+    /// Installs the call gate (see [`crate::callback::gate`]) unless it is
+    /// there already. Call with every vCPU paused, before preparing the
+    /// transition that needs it: the gate takes arena pages. Returns
+    /// whether it installed now.
+    pub fn install_gate<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<bool, EngineError> {
+        if self.gate.is_some() {
+            return Ok(false);
+        }
+        let regs = guest.vcpu_regs(0).map_err(|e| EngineError::VcpuRegisters {
+            vcpu: 0,
+            source: Box::new(e),
+        })?;
+        let facts = self.facts(kernel, guest)?;
+        let mut arena = facts.arena.clone();
+        let (gate, writes) = Gate::plan_install(kernel, guest, &regs, &mut arena)?;
+        let mut plan = Plan::new(arena.allowed());
+        plan.extend(writes);
+        plan.commit(guest)?;
+        facts.arena = arena;
+        self.gate = Some(gate);
+        Ok(true)
+    }
+
+    /// The call gate, for the API.
+    pub fn gate_info(&self) -> Option<klpvisor_api::GateInfo> {
+        let [text, data] = self.gate.as_ref()?.regions();
+        Some(klpvisor_api::GateInfo {
+            text: Hex(text.va),
+            data: Hex(data.va),
+            data_gpa: Hex(data.gpa),
+            calls: self.calls,
+        })
+    }
+
+    /// Whether the call gate is installed.
+    pub fn has_gate(&self) -> bool {
+        self.gate.is_some()
+    }
+
+    /// Sends `call` into the guest through the gate, to CPU 0 (the boot
+    /// CPU, which x86 Linux does not take offline). Call with every vCPU
+    /// paused; then raise the gate's vector on [`Armed::vcpu`].
+    pub fn arm_call<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &Prepared,
+        call: &Call,
+    ) -> Result<Armed, EngineError> {
+        let func = call
+            .func
+            .ok_or_else(|| EngineError::Internal(format!("{} has no {}", call.patch, call.kind)))?;
+        // The gate calls whatever the mailbox says: it must be the code of
+        // the patch the callback belongs to, loaded in the arena now.
+        let record = self
+            .records
+            .get(&call.patch)
+            .or(p.record.as_ref().filter(|_| p.name == call.patch));
+        if !record.is_some_and(|r| r.text().any(|t| t.contains(&func))) {
+            return Err(EngineError::Internal(format!(
+                "{} {} at {func:#x} is not in that patch's loaded code; not calling it",
+                call.patch, call.kind
+            )));
+        }
+        let regs = guest.vcpu_regs(0).map_err(|e| EngineError::VcpuRegisters {
+            vcpu: 0,
+            source: Box::new(e),
+        })?;
+        let facts = self
+            .facts
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))?;
+        let bases = facts.tasks.per_cpu_bases(&kernel.space(guest))?;
+        // The per-CPU base is GS in the kernel, the other GS base in user
+        // mode; try both, so a vCPU caught right at an entry still works.
+        let (cpu, base) = [Some(regs.gs_base), regs.kernel_gs_base]
+            .into_iter()
+            .flatten()
+            .find_map(|gs| bases.iter().find(|(_, b)| *b == gs).copied())
+            .ok_or(EngineError::NoPerCpuArea(0))?;
+        let gate = self
+            .gate
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
+        let seq = self.calls + 1;
+        let plan = gate.plan_arm(kernel, guest, (cpu, base), call, func, seq)?;
+        plan.commit(guest)?;
+        self.calls = seq;
+        Ok(Armed { seq, vcpu: 0, cpu })
+    }
+
+    /// How far a sent callback got (the guest may run meanwhile).
+    pub fn poll_call<G: Guest + ?Sized>(
+        &self,
+        guest: &G,
+        armed: &Armed,
+    ) -> Result<Progress, EngineError> {
+        let gate = self
+            .gate
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
+        Ok(gate.poll(guest, armed.seq)?)
+    }
+
+    /// Keeps the pages a transition loaded although it was abandoned,
+    /// because the patch's own code may still run in the guest (a callback
+    /// that did not return in time): the patch is retired at once, and
+    /// [`Engine::sweep`] frees its pages once no stack references them.
+    pub fn retire_load(&mut self, p: Prepared) {
+        if let (Some(arena), Some(record), Some(f)) = (p.arena, p.record, self.facts.as_mut()) {
+            f.arena = arena;
+            self.retired.push(Retired {
+                name: p.name,
+                removed_at: now_unix(),
+                record,
+            });
+        }
+    }
+
+    /// The number of the last committed transition (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The transitions a rollback can return to, oldest first.
+    pub fn history(&self) -> Vec<HistoryEntry> {
+        self.history
+            .iter()
+            .map(|p| HistoryEntry {
+                seq: p.seq,
+                at: p.at,
+                action: p.action.to_owned(),
+                patch: p.patch.clone(),
+                forced: p.forced,
+                before: p.before.iter().map(|e| (e.name.clone(), e.state)).collect(),
+            })
+            .collect()
+    }
+
+    fn prepared_sites(
+        &self,
+        kernel: &Kernel,
+        name: &str,
+        action: &'static str,
+        change: Change,
+        calls: Calls,
+    ) -> Result<Prepared, EngineError> {
+        let mut plan = Plan::new(Vec::new());
+        let check = self.plan_sites(kernel, &change, &[], None, &mut plan)?;
+        Ok(Prepared {
+            name: name.to_owned(),
+            action,
+            change,
+            plan,
+            arena: None,
+            record: None,
+            sites: Vec::new(),
+            check,
+            warnings: Vec::new(),
+            calls,
+            loaded_bytes: 0,
+        })
+    }
+
+    /// Commits `p` with every vCPU paused: the safe-point check (unless
+    /// the transition is forced), then every write, then the new state.
+    pub fn commit<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &Prepared,
+    ) -> Result<Committed, EngineError> {
+        if !p.change.forced && !p.check.is_empty() {
+            let blockers = self.blockers(kernel, guest, &p.check)?;
+            if !blockers.is_empty() {
+                return Err(EngineError::Blocked(blockers));
+            }
+        }
+        p.plan.commit(guest)?;
+        if let Some(arena) = &p.arena {
+            if let Some(f) = self.facts.as_mut() {
+                f.arena = arena.clone();
+            }
+        }
+        for s in &p.sites {
+            self.sites.entry(s.func).or_insert_with(|| s.clone());
+        }
+        if let Some(r) = &p.record {
+            self.records.insert(p.name.clone(), r.clone());
+        }
+        self.seq += 1;
+        if self.history.len() == MAX_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(Past {
+            seq: self.seq,
+            at: now_unix(),
+            action: p.action,
+            patch: p.name.clone(),
+            forced: p.change.forced,
+            before: self.stack.placed(),
+        });
+        self.stack.apply(&p.change);
+        // In the same pause, free retired code no stack references any
+        // more. A failure only delays that; the transition has committed.
+        let _ = self.sweep(kernel, guest);
+        Ok(Committed {
+            name: p.name.clone(),
+            seq: self.seq,
+            patch: self.info(&p.name),
+            bytes_written: p.bytes(),
+        })
+    }
+
+    fn blockers<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        check: &Check,
+    ) -> Result<Vec<Blocker>, EngineError> {
+        let f = self
+            .facts
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))?;
+        let space = kernel.space(guest);
+        let regs = all_vcpu_regs(guest)?;
+        let tasks = f.tasks.list(&space, &regs)?;
+        let irq = match f.hardirq_stack_ptr {
+            Some(ptr) => {
+                let bases = f.tasks.per_cpu_bases(&space)?;
+                crate::safepoint::irq_stacks_sized(&space, &bases, ptr, f.tasks.layout.thread_size)
+            }
+            None => Vec::new(),
+        };
+        Ok(check.blockers_with(&space, &tasks, &regs, &irq, f.orc.as_ref())?)
+    }
+
+    /// Notes the pause a committed transition took (measured by the VMM).
+    pub fn record_pause(&mut self, name: &str, pause_us: f64) -> Option<PatchInfo> {
+        if let Some(r) = self.records.get_mut(name) {
+            if r.pause_us == 0.0 {
+                r.pause_us = pause_us;
+            }
+        }
+        self.info(name)
+    }
+
+    /// Forgets a patch that is not enabled. Its code stays mapped, and its
+    /// arena space allocated, until [`Engine::sweep`] finds no task whose
+    /// stack references it (klp frees a module only after its transition
+    /// completed, for the same reason).
+    pub fn remove(&mut self, name: &str) -> Result<PatchInfo, EngineError> {
+        let info = self
+            .info(name)
+            .ok_or_else(|| StackError::Unknown(name.to_owned()))?;
+        self.stack.remove(name)?;
+        if let Some(record) = self.records.remove(name) {
+            self.retired.push(Retired {
+                name: name.to_owned(),
+                removed_at: now_unix(),
+                record,
+            });
+        }
+        Ok(info)
+    }
+
+    /// Frees the arena space of every retired patch no task references:
+    /// no RIP and no return address (conservatively, no stack word) inside
+    /// its code. Call with every vCPU paused. Returns the names freed.
+    pub fn sweep<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<Vec<String>, EngineError> {
+        if self.retired.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut freed = Vec::new();
+        let mut keep = Vec::new();
+        for r in std::mem::take(&mut self.retired) {
+            let check = Check::new(
+                r.record
+                    .text()
+                    .map(|range| Span {
+                        range,
+                        name: format!("retired {}", r.name),
+                    })
+                    .collect(),
+            );
+            let referenced = match self.blockers(kernel, guest, &check) {
+                Ok(b) => !b.is_empty(),
+                // Unknown means referenced: freeing too late costs space,
+                // freeing too early lets new code overwrite a live frame.
+                Err(_) => true,
+            };
+            if referenced {
+                keep.push(r);
+                continue;
+            }
+            if let Some(f) = self.facts.as_mut() {
+                for region in &r.record.regions {
+                    f.arena.free(region)?;
+                }
+            }
+            freed.push(r.name);
+        }
+        self.retired = keep;
+        Ok(freed)
+    }
+
+    /// Removed patches whose code is still mapped.
+    pub fn retired(&self) -> Vec<RetiredInfo> {
+        self.retired
+            .iter()
+            .map(|r| RetiredInfo {
+                name: r.name.clone(),
+                removed_at: r.removed_at,
+                arena_bytes: r.record.bytes(),
+            })
+            .collect()
+    }
+
+    /// Every function whose entry is redirected now, and where to.
+    pub fn live(&self) -> Vec<LiveFunc> {
+        let mut out = Vec::new();
+        for (old, new) in self.stack.live() {
+            let owner = self.records.iter().find_map(|(name, r)| {
+                r.funcs
+                    .iter()
+                    .find(|f| f.old == old && f.new == new)
+                    .map(|f| (name, f))
+            });
+            if let Some((patch, f)) = owner {
+                out.push(LiveFunc {
+                    name: f.name.clone(),
+                    sympos: f.sympos,
+                    old_addr: Hex(old),
+                    target: Hex(new),
+                    patch: patch.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Every loaded patch, oldest first.
+    pub fn list(&self) -> Vec<PatchInfo> {
+        self.stack
+            .entries()
+            .iter()
+            .filter_map(|e| self.info(&e.name))
+            .collect()
+    }
+
+    fn info(&self, name: &str) -> Option<PatchInfo> {
+        let e = self.stack.get(name)?;
+        let r = self.records.get(name)?;
+        let live = self.stack.live();
+        Some(PatchInfo {
+            name: e.name.clone(),
+            state: e.state,
+            replace: r.replace,
+            forced: e.forced,
+            applied_at: r.applied_at,
+            pause_us: r.pause_us,
+            arena_bytes: r.bytes(),
+            signature: r.signature.clone(),
+            funcs: r
+                .funcs
+                .iter()
+                .map(|f| FuncInfo {
+                    name: f.name.clone(),
+                    sympos: f.sympos,
+                    old_addr: Hex(f.old),
+                    site: Hex(self.sites.get(&f.old).map_or(f.old, |s| s.at)),
+                    new_addr: Hex(f.new),
+                    live: e.state == PatchState::Enabled && live.get(&f.old) == Some(&f.new),
+                })
+                .collect(),
+        })
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A new stack entry for `funcs`.
+fn entry(name: &str, replace: bool, funcs: &[FuncRecord]) -> Entry {
+    Entry::new(
+        name,
+        replace,
+        funcs
+            .iter()
+            .map(|f| crate::stack::Redirect {
+                old: f.old,
+                new: f.new,
+            })
+            .collect(),
+    )
+}

@@ -1,0 +1,830 @@
+//! A livepatch module (.ko), parsed and checked for linking from outside
+//! the guest.
+//!
+//! [`Module::parse`] takes the file bytes, the guest's BTF (for the klp
+//! structure layouts) and the guest's kernel release, and either returns a
+//! module ready for [`crate::link`] or an error a user can act on. Every
+//! offset and size from the file is checked: no byte string makes it panic.
+//!
+//! Steps: the ELF file ([`elf`]), `.modinfo` and the release check
+//! ([`modinfo`]), the `struct klp_patch` ([`klp`]), then each allocatable
+//! section by the loader's rules ([`sections`]): code and data are kept
+//! with their relocations; `__mcount_loc` gives the `call __fentry__` sites
+//! the linker turns into nops (the kernel's ftrace does that at load);
+//! `.return_sites` gives the `jmp __x86_return_thunk` sites the linker
+//! points at the guest's return thunk (the kernel's `apply_returns` does).
+
+pub mod elf;
+pub mod klp;
+pub mod modinfo;
+pub mod sections;
+
+use std::collections::HashMap;
+
+use object::elf as E;
+
+pub use klp::{Callbacks, CodeRef, Func, Object, Patch, State};
+pub use modinfo::Modinfo;
+pub use sections::{Policy, Segment};
+
+use elf::{RawElf, RawSymbol, SHN_LIVEPATCH};
+use klpvisor_guest::{Btf, BtfError};
+
+/// A page of the arena.
+pub const PAGE: u64 = 4096;
+/// The most a patch may occupy (all segments); klp patches are kilobytes.
+pub const MAX_MODULE_BYTES: u64 = 64 << 20;
+
+/// Why a module cannot be linked from outside.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("not an ELF file (no \\x7fELF magic): a livepatch module is a .ko built by kbuild")]
+    NotElf,
+    #[error("unsupported ELF file: {0}")]
+    UnsupportedElf(String),
+    #[error("the module is for {name} (ELF machine {machine}), but the guest kernel is x86-64")]
+    WrongMachine { machine: u16, name: &'static str },
+    #[error("corrupt or truncated ELF file: {0}")]
+    Corrupt(String),
+    #[error("the module has no vermagic in .modinfo: was it built by kbuild?")]
+    NoVermagic,
+    #[error(
+        "the module was built for kernel {module}, but the guest runs {guest}: rebuild it \
+         against linux-headers-{guest}"
+    )]
+    ReleaseMismatch { module: String, guest: String },
+    #[error("not a livepatch module: {0}")]
+    NotLivepatch(String),
+    #[error("the module has several struct klp_patch candidates: {0}")]
+    SeveralPatches(String),
+    #[error("malformed klp structures: {0}")]
+    BadPatch(String),
+    #[error("the guest's BTF lacks a klp structure layout: {0}")]
+    KlpLayoutBtf(#[from] BtfError),
+    #[error("unexpected klp structure layout in the guest's BTF: {0}")]
+    KlpLayout(String),
+    #[error(
+        "the patch targets the module `{0}`: patching kernel modules is not supported yet \
+         (only vmlinux objects)"
+    )]
+    ObjectNotSupported(String),
+    #[error(
+        "the module has sections that cannot be honoured from outside the guest:\n{}",
+        .0.iter().map(|(s, why)| format!("  {s}: {why}")).collect::<Vec<_>>().join("\n")
+    )]
+    UnsupportedSections(Vec<(String, String)>),
+    #[error("relocation type {r_type} ({name}) at {section}+{offset:#x} is not supported")]
+    UnsupportedRelocation {
+        r_type: u32,
+        name: &'static str,
+        section: String,
+        offset: u64,
+    },
+    #[error("a relocation at {section}+{offset:#x} lies outside its section ({size} bytes)")]
+    RelocationOutOfBounds {
+        section: String,
+        offset: u64,
+        size: u64,
+    },
+    #[error(
+        "{from} refers to {to} in {section}: init code and data run only at insmod and are \
+         freed after it; klpvisor never runs module_init, so the patch must not use them"
+    )]
+    InitReferenced {
+        from: String,
+        to: String,
+        section: String,
+    },
+    #[error("{from} refers to {to} in {section}, which is not loaded")]
+    NotLoadedReferenced {
+        from: String,
+        to: String,
+        section: String,
+    },
+    #[error("malformed .klp.sym symbol `{0}` (expected .klp.sym.<object>.<name>,<sympos>)")]
+    BadKlpSymbol(String),
+    #[error("{0}")]
+    BadSite(String),
+    #[error("section layout: {0}")]
+    Layout(String),
+}
+
+/// A place in the module: ELF section index and offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Place {
+    pub section: usize,
+    pub offset: u64,
+}
+
+/// A section copied into the arena.
+#[derive(Debug, Clone)]
+pub struct Section {
+    pub name: String,
+    /// ELF section index ([`Place::section`]).
+    pub elf_index: usize,
+    pub segment: Segment,
+    /// Offset within its segment (aligned as the section asks).
+    pub offset: u64,
+    /// The bytes before relocation (zeros for `.bss`).
+    pub data: Vec<u8>,
+}
+
+/// What a module symbol stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SymbolDef {
+    /// In a loaded section.
+    Defined(Place),
+    /// `SHN_ABS`.
+    Absolute(u64),
+    /// Undefined: resolved against the guest's global symbols.
+    Undefined,
+    /// `.klp.sym.<object>.<name>,<sympos>`: resolved with klp's sympos rule.
+    Klp {
+        object: String,
+        name: String,
+        sympos: u32,
+    },
+    /// `__this_module`: NULL (the patch is not a guest module).
+    ThisModule,
+    /// In a section that is not loaded (never referenced by loaded code:
+    /// parsing refuses that).
+    NotLoaded,
+}
+
+/// A module symbol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Symbol {
+    pub name: String,
+    pub weak: bool,
+    /// STT_FUNC or STT_OBJECT (named code or data), for messages.
+    pub named: bool,
+    pub size: u64,
+    pub def: SymbolDef,
+}
+
+/// The relocation types a kernel module may use (arch/x86/kernel/module.c).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelocKind {
+    /// S + A, 64 bits.
+    Abs64,
+    /// S + A - P, 32 bits signed.
+    Pc32,
+    /// Same as PC32 in the kernel (no PLT).
+    Plt32,
+    /// S + A, 32 bits zero-extended.
+    Abs32,
+    /// S + A, 32 bits sign-extended.
+    Abs32S,
+}
+
+impl RelocKind {
+    pub fn from_elf(r_type: u32) -> Option<Self> {
+        match r_type {
+            E::R_X86_64_64 => Some(Self::Abs64),
+            E::R_X86_64_PC32 => Some(Self::Pc32),
+            E::R_X86_64_PLT32 => Some(Self::Plt32),
+            E::R_X86_64_32 => Some(Self::Abs32),
+            E::R_X86_64_32S => Some(Self::Abs32S),
+            _ => None,
+        }
+    }
+
+    /// Bytes written.
+    pub fn width(self) -> u64 {
+        match self {
+            Self::Abs64 => 8,
+            _ => 4,
+        }
+    }
+
+    pub fn pc_relative(self) -> bool {
+        matches!(self, Self::Pc32 | Self::Plt32)
+    }
+}
+
+/// The usual name of an x86-64 relocation type, for messages.
+fn reloc_name(r_type: u32) -> &'static str {
+    match r_type {
+        E::R_X86_64_NONE => "R_X86_64_NONE",
+        E::R_X86_64_64 => "R_X86_64_64",
+        E::R_X86_64_PC32 => "R_X86_64_PC32",
+        E::R_X86_64_GOT32 => "R_X86_64_GOT32",
+        E::R_X86_64_PLT32 => "R_X86_64_PLT32",
+        E::R_X86_64_GOTPCREL => "R_X86_64_GOTPCREL",
+        E::R_X86_64_32 => "R_X86_64_32",
+        E::R_X86_64_32S => "R_X86_64_32S",
+        E::R_X86_64_16 => "R_X86_64_16",
+        E::R_X86_64_PC16 => "R_X86_64_PC16",
+        E::R_X86_64_8 => "R_X86_64_8",
+        E::R_X86_64_PC8 => "R_X86_64_PC8",
+        E::R_X86_64_TPOFF32 => "R_X86_64_TPOFF32",
+        E::R_X86_64_PC64 => "R_X86_64_PC64",
+        E::R_X86_64_GOTPCRELX => "R_X86_64_GOTPCRELX",
+        E::R_X86_64_REX_GOTPCRELX => "R_X86_64_REX_GOTPCRELX",
+        _ => "unknown",
+    }
+}
+
+/// A relocation to apply when linking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloc {
+    pub place: Place,
+    pub kind: RelocKind,
+    /// Index into [`Module::symbols`].
+    pub symbol: usize,
+    pub addend: i64,
+}
+
+/// Segment sizes, page-rounded, known before any address is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub text: u64,
+    pub rodata: u64,
+    pub data: u64,
+}
+
+impl Layout {
+    pub fn size(&self, segment: Segment) -> u64 {
+        match segment {
+            Segment::Text => self.text,
+            Segment::Rodata => self.rodata,
+            Segment::Data => self.data,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.text + self.rodata + self.data
+    }
+}
+
+/// A parsed, checked livepatch module.
+#[derive(Debug, Clone)]
+pub struct Module {
+    pub patch: Patch,
+    /// The kernel release in its vermagic (equal to the guest's).
+    pub release: String,
+    /// Loaded sections, in segment order.
+    pub sections: Vec<Section>,
+    /// The ELF symbol table (same indices).
+    pub symbols: Vec<Symbol>,
+    /// Relocations in loaded sections (without the fentry calls).
+    pub relocs: Vec<Reloc>,
+    /// `call __fentry__` sites (the 0xe8 byte), to become 5-byte nops.
+    pub fentry_sites: Vec<Place>,
+    /// Indices into `relocs` of the rel32 of each `jmp __x86_return_thunk`
+    /// listed in `.return_sites`.
+    pub return_jumps: Vec<usize>,
+    layout: Layout,
+    /// ELF section index -> index into `sections`.
+    by_elf: HashMap<usize, usize>,
+}
+
+impl Module {
+    /// Parses and checks a livepatch module for the guest described by
+    /// `btf` and `guest_release` (`uname -r` of the guest).
+    pub fn parse(bytes: &[u8], btf: &Btf, guest_release: &str) -> Result<Self, ModuleError> {
+        let elf = RawElf::parse(bytes)?;
+        let modinfo = elf
+            .section_by_name(".modinfo")
+            .map(|(_, s)| Modinfo::parse(&s.data))
+            .unwrap_or_default();
+        modinfo.check_release(guest_release)?;
+        let release = guest_release.to_owned();
+        let patch = klp::read_patch(&elf, btf, modinfo.livepatch(), modinfo.get("name"))?;
+        if let Some(name) = patch.objects.iter().find_map(|o| o.name.clone()) {
+            return Err(ModuleError::ObjectNotSupported(name));
+        }
+
+        let policies: Vec<Option<Policy>> = elf
+            .sections
+            .iter()
+            .map(|s| {
+                s.alloc()
+                    .then(|| sections::policy(&s.name, s.write(), s.exec()))
+            })
+            .collect();
+        let policy_of = |i: usize| policies.get(i).copied().flatten();
+        check_sections(&elf, &policies)?;
+
+        let symbols = convert_symbols(&elf, &policies)?;
+        let (sections, by_elf, layout) = lay_out(&elf, &policies)?;
+
+        let mut relocs = Vec::new();
+        let mut klp_object_error = None;
+        for r in &elf.relas {
+            let Some(Policy::Load(_)) = policy_of(r.target) else {
+                continue;
+            };
+            let tsec = &elf.sections[r.target];
+            if r.klp {
+                let object = rela_object(&elf.sections[r.rela_section].name);
+                if object != "vmlinux" {
+                    klp_object_error.get_or_insert(object.to_owned());
+                    continue;
+                }
+            }
+            let kind = RelocKind::from_elf(r.r_type).ok_or(ModuleError::UnsupportedRelocation {
+                r_type: r.r_type,
+                name: reloc_name(r.r_type),
+                section: tsec.name.clone(),
+                offset: r.offset,
+            })?;
+            if r.offset
+                .checked_add(kind.width())
+                .is_none_or(|e| e > tsec.size)
+                || tsec.nobits()
+            {
+                return Err(ModuleError::RelocationOutOfBounds {
+                    section: tsec.name.clone(),
+                    offset: r.offset,
+                    size: tsec.size,
+                });
+            }
+            let place = Place {
+                section: r.target,
+                offset: r.offset,
+            };
+            let sym = &symbols[r.symbol];
+            if sym.def == SymbolDef::NotLoaded && r.symbol != 0 {
+                let raw = &elf.symbols[r.symbol];
+                let sec = elf
+                    .symbol_section(raw)
+                    .map(|i| elf.sections[i].name.clone())
+                    .unwrap_or_default();
+                let from = describe(&elf, place);
+                let to = symbol_target(&elf, raw, r.addend);
+                return Err(
+                    if policy_of_section(&policies, raw, &elf) == Some(Policy::InitExit) {
+                        ModuleError::InitReferenced {
+                            from,
+                            to,
+                            section: sec,
+                        }
+                    } else {
+                        ModuleError::NotLoadedReferenced {
+                            from,
+                            to,
+                            section: sec,
+                        }
+                    },
+                );
+            }
+            if let SymbolDef::Klp { object, .. } = &sym.def {
+                if object != "vmlinux" {
+                    klp_object_error.get_or_insert(object.clone());
+                }
+            }
+            relocs.push(Reloc {
+                place,
+                kind,
+                symbol: r.symbol,
+                addend: r.addend,
+            });
+        }
+        if let Some(object) = klp_object_error {
+            return Err(ModuleError::ObjectNotSupported(object));
+        }
+
+        let mut module = Self {
+            patch,
+            release,
+            sections,
+            symbols,
+            relocs,
+            fentry_sites: Vec::new(),
+            return_jumps: Vec::new(),
+            layout,
+            by_elf,
+        };
+        module.find_fentry_sites(&elf, &policies)?;
+        module.find_return_sites(&elf, &policies)?;
+        Ok(module)
+    }
+
+    /// Segment sizes: allocate this much (page-aligned) before linking.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The loaded section with ELF index `elf_index`.
+    pub fn section(&self, elf_index: usize) -> Option<&Section> {
+        self.sections.get(*self.by_elf.get(&elf_index)?)
+    }
+
+    /// Bytes of a loaded section at `place`, before relocation.
+    pub fn bytes_at(&self, place: Place, len: u64) -> Option<&[u8]> {
+        let s = self.section(place.section)?;
+        let start = usize::try_from(place.offset).ok()?;
+        s.data
+            .get(start..start.checked_add(usize::try_from(len).ok()?)?)
+    }
+
+    /// "function+0xoff" (or "section+0xoff") for a place, for messages.
+    pub fn describe(&self, p: Place) -> String {
+        let containing = self
+            .symbols
+            .iter()
+            .filter(|s| s.named)
+            .filter_map(|s| match s.def {
+                SymbolDef::Defined(d) if d.section == p.section => Some((s, d.offset)),
+                _ => None,
+            })
+            .find(|(s, start)| {
+                *start <= p.offset && p.offset < start.saturating_add(s.size.max(1))
+            });
+        match containing {
+            Some((s, start)) => format!("{}+{:#x}", s.name, p.offset - start),
+            None => format!(
+                "{}+{:#x}",
+                self.section(p.section)
+                    .map(|s| s.name.as_str())
+                    .unwrap_or("?"),
+                p.offset
+            ),
+        }
+    }
+
+    /// Relocation index by place (a module may have many relocations).
+    fn reloc_index(&self) -> HashMap<Place, usize> {
+        self.relocs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.place, i))
+            .collect()
+    }
+
+    /// Reads `__mcount_loc`: one R_X86_64_64 per `call __fentry__` site.
+    /// Each site must be an `e8` call whose rel32 is relocated against
+    /// `__fentry__`; that relocation is dropped and the linker writes the
+    /// 5-byte nop the kernel's ftrace writes at module load.
+    fn find_fentry_sites(
+        &mut self,
+        elf: &RawElf,
+        policies: &[Option<Policy>],
+    ) -> Result<(), ModuleError> {
+        let Some((index, _)) = elf.section_by_name("__mcount_loc") else {
+            return Ok(());
+        };
+        let mut drop = Vec::new();
+        let at = self.reloc_index();
+        for r in elf.relas.iter().filter(|r| r.target == index) {
+            if r.r_type != E::R_X86_64_64 {
+                return Err(ModuleError::BadSite(format!(
+                    "__mcount_loc+{:#x}: relocation type {} instead of R_X86_64_64",
+                    r.offset, r.r_type
+                )));
+            }
+            let Some(site) = site_of(elf, policies, r)? else {
+                continue; // in init code, which is not loaded
+            };
+            let call = self
+                .bytes_at(site, 5)
+                .filter(|b| b.first() == Some(&0xe8))
+                .is_some();
+            let rel = at
+                .get(&Place {
+                    offset: site.offset.saturating_add(1),
+                    ..site
+                })
+                .copied();
+            let fentry = rel.filter(|&i| {
+                let r = &self.relocs[i];
+                r.kind.pc_relative()
+                    && r.addend == -4
+                    && self.symbols[r.symbol].name == "__fentry__"
+            });
+            match (call, fentry) {
+                (true, Some(i)) => {
+                    drop.push(i);
+                    self.fentry_sites.push(site);
+                }
+                _ => {
+                    return Err(ModuleError::BadSite(format!(
+                        "__mcount_loc lists {}, which is not a `call __fentry__`",
+                        describe(elf, site)
+                    )))
+                }
+            }
+        }
+        drop.sort_unstable();
+        for i in drop.into_iter().rev() {
+            self.relocs.remove(i);
+        }
+        self.fentry_sites.sort_unstable();
+        Ok(())
+    }
+
+    /// Reads `.return_sites`: one R_X86_64_PC32 per `jmp __x86_return_thunk`
+    /// (gcc's -mfunction-return=thunk-extern). The kernel's apply_returns
+    /// points each at the return thunk the guest chose (x86_return_thunk);
+    /// the linker does the same when told the guest's thunk.
+    fn find_return_sites(
+        &mut self,
+        elf: &RawElf,
+        policies: &[Option<Policy>],
+    ) -> Result<(), ModuleError> {
+        let Some((index, _)) = elf.section_by_name(".return_sites") else {
+            return Ok(());
+        };
+        let at = self.reloc_index();
+        for r in elf.relas.iter().filter(|r| r.target == index) {
+            if r.r_type != E::R_X86_64_PC32 {
+                return Err(ModuleError::BadSite(format!(
+                    ".return_sites+{:#x}: relocation type {} instead of R_X86_64_PC32",
+                    r.offset, r.r_type
+                )));
+            }
+            let Some(site) = site_of(elf, policies, r)? else {
+                continue;
+            };
+            let jmp = self
+                .bytes_at(site, 5)
+                .filter(|b| b.first() == Some(&0xe9))
+                .is_some();
+            let rel = at
+                .get(&Place {
+                    offset: site.offset.saturating_add(1),
+                    ..site
+                })
+                .copied()
+                .filter(|&i| {
+                    let r = &self.relocs[i];
+                    r.kind.pc_relative()
+                        && r.addend == -4
+                        && self.symbols[r.symbol].name == "__x86_return_thunk"
+                });
+            match (jmp, rel) {
+                (true, Some(i)) => self.return_jumps.push(i),
+                _ => {
+                    return Err(ModuleError::BadSite(format!(
+                        ".return_sites lists {}, which is not a `jmp __x86_return_thunk`",
+                        describe(elf, site)
+                    )))
+                }
+            }
+        }
+        self.return_jumps.sort_unstable();
+        Ok(())
+    }
+}
+
+/// The place a metadata relocation points at: `None` if it is in code
+/// that is not loaded (init/exit), an error if it is anywhere else.
+fn site_of(
+    elf: &RawElf,
+    policies: &[Option<Policy>],
+    r: &elf::RawRela,
+) -> Result<Option<Place>, ModuleError> {
+    let raw = &elf.symbols[r.symbol];
+    let sec = elf.symbol_section(raw);
+    let policy = sec.and_then(|i| policies.get(i).copied().flatten());
+    match policy {
+        Some(Policy::Load(Segment::Text)) => {
+            let offset = raw.value.checked_add_signed(r.addend).ok_or_else(|| {
+                ModuleError::BadSite(format!("{}{:+}: offset overflows", raw.name, r.addend))
+            })?;
+            Ok(sec.map(|section| Place { section, offset }))
+        }
+        Some(Policy::InitExit) => Ok(None),
+        _ => Err(ModuleError::BadSite(format!(
+            "{} lists a site in {}, which is not loaded code",
+            elf.sections
+                .get(r.target)
+                .map(|s| s.name.as_str())
+                .unwrap_or("?"),
+            symbol_target(elf, raw, r.addend)
+        ))),
+    }
+}
+
+fn policy_of_section(policies: &[Option<Policy>], raw: &RawSymbol, elf: &RawElf) -> Option<Policy> {
+    policies.get(elf.symbol_section(raw)?).copied().flatten()
+}
+
+/// Refuses every non-empty section the loader would need to register.
+fn check_sections(elf: &RawElf, policies: &[Option<Policy>]) -> Result<(), ModuleError> {
+    let mut refused = Vec::new();
+    for (s, p) in elf.sections.iter().zip(policies) {
+        match p {
+            Some(Policy::Refuse(why)) if s.size > 0 => {
+                refused.push((s.name.clone(), (*why).to_owned()))
+            }
+            Some(Policy::Unknown) if s.size > 0 => refused.push((
+                s.name.clone(),
+                "unknown allocatable section: klpvisor cannot tell whether the kernel's module \
+                 loader would process it"
+                    .to_owned(),
+            )),
+            _ => {}
+        }
+    }
+    // The most consequential first: __ex_table leads when present.
+    refused.sort_by_key(|(name, _)| name != "__ex_table");
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(ModuleError::UnsupportedSections(refused))
+    }
+}
+
+/// Parses `.klp.sym.<object>.<name>,<sympos>` (klp_resolve_symbols' format:
+/// the object name has no '.', the symbol name no ',').
+pub fn parse_klp_sym(name: &str) -> Option<(&str, &str, u32)> {
+    let rest = name.strip_prefix(".klp.sym.")?;
+    let (object, rest) = rest.split_once('.')?;
+    let (sym, pos) = rest.rsplit_once(',')?;
+    if object.is_empty() || sym.is_empty() {
+        return None;
+    }
+    Some((object, sym, pos.parse().ok()?))
+}
+
+/// The object name of a `.klp.rela.<object>.<section>` section.
+fn rela_object(section: &str) -> &str {
+    section
+        .strip_prefix(".klp.rela.")
+        .and_then(|r| r.split_once('.'))
+        .map(|(o, _)| o)
+        .unwrap_or("")
+}
+
+fn convert_symbols(elf: &RawElf, policies: &[Option<Policy>]) -> Result<Vec<Symbol>, ModuleError> {
+    elf.symbols
+        .iter()
+        .map(|s| {
+            let def = if s.name.starts_with(".klp.sym.") {
+                let (object, name, sympos) = parse_klp_sym(&s.name)
+                    .ok_or_else(|| ModuleError::BadKlpSymbol(s.name.clone()))?;
+                SymbolDef::Klp {
+                    object: object.to_owned(),
+                    name: name.to_owned(),
+                    sympos,
+                }
+            } else if s.shndx == E::SHN_UNDEF {
+                SymbolDef::Undefined
+            } else if s.shndx == E::SHN_ABS {
+                SymbolDef::Absolute(s.value)
+            } else if s.shndx == SHN_LIVEPATCH {
+                return Err(ModuleError::BadKlpSymbol(s.name.clone()));
+            } else if s.shndx == E::SHN_COMMON {
+                return Err(ModuleError::UnsupportedElf(format!(
+                    "common symbol `{}` (kbuild builds with -fno-common)",
+                    s.name
+                )));
+            } else {
+                let i = elf.symbol_section(s).ok_or_else(|| {
+                    ModuleError::Corrupt(format!(
+                        "symbol `{}` is in section {}, which does not exist",
+                        s.name, s.shndx
+                    ))
+                })?;
+                match policies.get(i).copied().flatten() {
+                    Some(Policy::Load(_)) => SymbolDef::Defined(Place {
+                        section: i,
+                        offset: s.value,
+                    }),
+                    _ if elf.sections[i].name == sections::THIS_MODULE => SymbolDef::ThisModule,
+                    _ => SymbolDef::NotLoaded,
+                }
+            };
+            Ok(Symbol {
+                name: s.name.clone(),
+                weak: s.weak(),
+                named: matches!(s.kind, E::STT_FUNC | E::STT_OBJECT),
+                size: s.size,
+                def,
+            })
+        })
+        .collect()
+}
+
+/// Places every loaded section in its segment and copies its bytes.
+#[allow(clippy::type_complexity)]
+fn lay_out(
+    elf: &RawElf,
+    policies: &[Option<Policy>],
+) -> Result<(Vec<Section>, HashMap<usize, usize>, Layout), ModuleError> {
+    let mut sections = Vec::new();
+    let mut by_elf = HashMap::new();
+    let mut layout = Layout::default();
+    let mut total = 0u64;
+    for segment in [Segment::Text, Segment::Rodata, Segment::Data] {
+        let mut cursor = 0u64;
+        for (i, s) in elf.sections.iter().enumerate() {
+            if policies.get(i).copied().flatten() != Some(Policy::Load(segment)) {
+                continue;
+            }
+            if !s.align.is_power_of_two() || s.align > PAGE {
+                return Err(ModuleError::Layout(format!(
+                    "{} asks for alignment {}; at most {PAGE} (a power of two) is supported",
+                    s.name, s.align
+                )));
+            }
+            let offset = cursor.next_multiple_of(s.align);
+            cursor = offset
+                .checked_add(s.size)
+                .filter(|&c| total.saturating_add(c) <= MAX_MODULE_BYTES)
+                .ok_or_else(|| {
+                    ModuleError::Layout(format!(
+                        "{} is {} bytes: the patch would exceed {MAX_MODULE_BYTES} bytes",
+                        s.name, s.size
+                    ))
+                })?;
+            let data = if s.nobits() {
+                vec![0; usize::try_from(s.size).unwrap_or(0)]
+            } else {
+                s.data.clone()
+            };
+            by_elf.insert(i, sections.len());
+            sections.push(Section {
+                name: s.name.clone(),
+                elf_index: i,
+                segment,
+                offset,
+                data,
+            });
+        }
+        let size = cursor.next_multiple_of(PAGE);
+        total += size;
+        match segment {
+            Segment::Text => layout.text = size,
+            Segment::Rodata => layout.rodata = size,
+            Segment::Data => layout.data = size,
+        }
+    }
+    Ok((sections, by_elf, layout))
+}
+
+/// "function+0xoff" (or "section+0xoff") for a place, for messages.
+pub(crate) fn describe(elf: &RawElf, p: Place) -> String {
+    let containing = elf
+        .symbols
+        .iter()
+        .filter(|s| {
+            elf.symbol_section(s) == Some(p.section)
+                && matches!(s.kind, E::STT_FUNC | E::STT_OBJECT)
+                && s.value <= p.offset
+                && p.offset < s.value.saturating_add(s.size.max(1))
+        })
+        .min_by_key(|s| (s.local(), s.name.len()));
+    match containing {
+        Some(s) => format!("{}+{:#x}", s.name, p.offset - s.value),
+        None => format!(
+            "{}+{:#x}",
+            elf.sections
+                .get(p.section)
+                .map(|s| s.name.as_str())
+                .unwrap_or("?"),
+            p.offset
+        ),
+    }
+}
+
+/// What a relocation against `raw` + `addend` points at, for messages.
+fn symbol_target(elf: &RawElf, raw: &RawSymbol, addend: i64) -> String {
+    if raw.kind == E::STT_SECTION {
+        if let (Some(section), Some(offset)) = (
+            elf.symbol_section(raw),
+            raw.value.checked_add_signed(addend),
+        ) {
+            return format!("`{}`", describe(elf, Place { section, offset }));
+        }
+    }
+    format!("`{}`", raw.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn klp_sym_names() {
+        assert_eq!(
+            parse_klp_sym(".klp.sym.vmlinux.version_show,2"),
+            Some(("vmlinux", "version_show", 2))
+        );
+        assert_eq!(
+            parse_klp_sym(".klp.sym.vmlinux.sk_drops_add.isra.0,0"),
+            Some(("vmlinux", "sk_drops_add.isra.0", 0))
+        );
+        assert_eq!(
+            parse_klp_sym(".klp.sym.ext4.a,b,1"),
+            Some(("ext4", "a,b", 1))
+        );
+        assert_eq!(parse_klp_sym(".klp.sym.vmlinux.x"), None);
+        assert_eq!(parse_klp_sym(".klp.sym.vmlinux.x,-1"), None);
+        assert_eq!(parse_klp_sym(".klp.sym..x,1"), None);
+        assert_eq!(rela_object(".klp.rela.vmlinux..text"), "vmlinux");
+        assert_eq!(rela_object(".klp.rela.ext4.text"), "ext4");
+    }
+
+    #[test]
+    fn reloc_kinds() {
+        assert_eq!(RelocKind::from_elf(E::R_X86_64_64), Some(RelocKind::Abs64));
+        assert_eq!(RelocKind::from_elf(E::R_X86_64_GOTPCREL), None);
+        assert_eq!(RelocKind::Abs64.width(), 8);
+        assert_eq!(RelocKind::Abs32S.width(), 4);
+        assert!(RelocKind::Plt32.pc_relative() && !RelocKind::Abs32.pc_relative());
+        assert_eq!(reloc_name(E::R_X86_64_GOTPCRELX), "R_X86_64_GOTPCRELX");
+    }
+}

@@ -1,0 +1,499 @@
+//! Safe points, checked from outside: with every vCPU paused, does any task
+//! (running, sleeping or idle) have its RIP or a return address inside a
+//! function the transition changes?
+//!
+//! This is klp's consistency model collapsed into one instant: klp switches
+//! each task when its own stack is clean; we switch all of them at once, so
+//! all stacks must be clean at once (as Ksplice did under stop_machine).
+//!
+//! A sleeping task whose stack unwinds reliably with the kernel's ORC
+//! tables ([`Orc::unwind_sleeping`]) is judged by its real frames, as klp
+//! judges it. Every other stack is scanned conservatively: every 8-byte
+//! word between a task's
+//! stack pointer and the top of its stack that points into a changed
+//! function counts, whether or not it is really a return address. A stale
+//! word can only delay a transition (it is retried), never let an unsafe
+//! one through. Where a stack pointer is on no stack we know, the task
+//! blocks: unknown means unsafe.
+//!
+//! Stacks: a sleeping task's from `thread.sp`; a task running in kernel
+//! mode from the vCPU's RSP, and when that is on the CPU's IRQ stack, the
+//! IRQ stack and then the task's stack from the pointer x86-64 saves at the
+//! IRQ stack's top (`call_on_irqstack`). A vCPU in user mode has nothing on
+//! its kernel stack.
+
+use std::ops::Range;
+
+use thiserror::Error;
+
+use klpvisor_guest::orc::Orc;
+use klpvisor_guest::VcpuRegs;
+use klpvisor_guest::{Btf, Kallsyms, Task, VirtRead};
+
+/// The largest stack scanned (x86-64's THREAD_SIZE is 16 KiB, 32 KiB with
+/// KASAN): a forged stack range cannot make us read megabytes.
+pub const MAX_STACK: u64 = 64 << 10;
+
+/// x86-64's IRQ stack size (IRQ_STACK_SIZE, without KASAN).
+pub const IRQ_STACK_SIZE: u64 = 16 << 10;
+
+#[derive(Debug, Error)]
+pub enum SafepointError {
+    #[error("vCPU {vcpu} runs task {pid} but has no registers")]
+    NoRegs { vcpu: usize, pid: i32 },
+}
+
+/// A function the transition changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub range: Range<u64>,
+    pub name: String,
+}
+
+/// Where a changed function was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// The vCPU was executing it.
+    Rip { vcpu: usize },
+    /// A stack word at `slot` points into it.
+    Stack { slot: u64 },
+    /// It is frame `depth` (0: innermost) of the task's unwound stack.
+    Frame { depth: usize },
+    /// The vCPU's stack pointer is on no stack we know.
+    UnknownStack { vcpu: usize, rsp: u64 },
+    /// The task's stack could not be read (blocks: unknown means unsafe).
+    Unreadable { addr: u64 },
+}
+
+/// A task that keeps the transition from committing now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocker {
+    pub pid: i32,
+    pub comm: String,
+    /// The changed function (empty for [`Seen::UnknownStack`]).
+    pub func: String,
+    /// The address found (RIP or the stack word's value).
+    pub addr: u64,
+    pub seen: Seen,
+}
+
+impl std::fmt::Display for Blocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.seen {
+            Seen::Rip { vcpu } => write!(
+                f,
+                "pid {} ({}) is executing {} ({:#x}) on vCPU {vcpu}",
+                self.pid, self.comm, self.func, self.addr
+            ),
+            Seen::Stack { slot } => write!(
+                f,
+                "pid {} ({}) has {} ({:#x}) on its stack at {slot:#x}",
+                self.pid, self.comm, self.func, self.addr
+            ),
+            Seen::Frame { depth } => write!(
+                f,
+                "pid {} ({}) is in {} ({:#x}, frame {depth} of its stack)",
+                self.pid, self.comm, self.func, self.addr
+            ),
+            Seen::UnknownStack { vcpu, rsp } => write!(
+                f,
+                "pid {} ({}) runs on vCPU {vcpu} with RSP {rsp:#x} on no known stack",
+                self.pid, self.comm
+            ),
+            Seen::Unreadable { addr } => write!(
+                f,
+                "pid {} ({}): its stack at {addr:#x} cannot be read",
+                self.pid, self.comm
+            ),
+        }
+    }
+}
+
+/// The functions a transition changes, sorted for lookup.
+#[derive(Debug, Clone, Default)]
+pub struct Check {
+    spans: Vec<Span>,
+}
+
+impl Check {
+    pub fn new(mut spans: Vec<Span>) -> Self {
+        spans.retain(|s| s.range.start < s.range.end);
+        spans.sort_by_key(|s| s.range.start);
+        Self { spans }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The changed function containing `addr`.
+    pub fn hit(&self, addr: u64) -> Option<&Span> {
+        let i = self.spans.partition_point(|s| s.range.start <= addr);
+        let s = self.spans.get(i.checked_sub(1)?)?;
+        s.range.contains(&addr).then_some(s)
+    }
+
+    /// Every task that blocks the transition, every stack scanned
+    /// conservatively. `regs[v]` are vCPU v's registers; `irq_stacks` are
+    /// the CPUs' IRQ stacks.
+    pub fn blockers<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        tasks: &[Task],
+        regs: &[VcpuRegs],
+        irq_stacks: &[Range<u64>],
+    ) -> Result<Vec<Blocker>, SafepointError> {
+        self.blockers_with(mem, tasks, regs, irq_stacks, None)
+    }
+
+    /// [`Check::blockers`], sleeping tasks judged by their ORC-unwound
+    /// frames where `orc` unwinds them reliably.
+    pub fn blockers_with<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        tasks: &[Task],
+        regs: &[VcpuRegs],
+        irq_stacks: &[Range<u64>],
+        orc: Option<&Orc>,
+    ) -> Result<Vec<Blocker>, SafepointError> {
+        let mut out = Vec::new();
+        if self.is_empty() {
+            return Ok(out);
+        }
+        for t in tasks {
+            // A zombie or dead task never runs again: nothing on its stack
+            // (often already freed) can be returned into.
+            if t.exit_state != 0 {
+                continue;
+            }
+            let mut ranges: Vec<Range<u64>> = Vec::new();
+            match t.running {
+                Some(run) => {
+                    let r = regs.get(run.vcpu).ok_or(SafepointError::NoRegs {
+                        vcpu: run.vcpu,
+                        pid: t.pid,
+                    })?;
+                    if r.cpl() != 0 {
+                        continue; // user mode: an empty kernel stack
+                    }
+                    if let Some(s) = self.hit(r.rip) {
+                        out.push(blocker(t, s, r.rip, Seen::Rip { vcpu: run.vcpu }));
+                    }
+                    if t.stack.contains(&r.rsp) {
+                        ranges.push(r.rsp..t.stack.end);
+                    } else if let Some(irq) = irq_stacks.iter().find(|s| s.contains(&r.rsp)) {
+                        ranges.push(r.rsp..irq.end);
+                        let prev = mem.read_u64(irq.end.wrapping_sub(8)).ok();
+                        match prev.filter(|p| t.stack.contains(p)) {
+                            Some(p) => ranges.push(p..t.stack.end),
+                            None => ranges.push(t.stack.clone()),
+                        }
+                    } else {
+                        out.push(Blocker {
+                            pid: t.pid,
+                            comm: t.comm.clone(),
+                            func: String::new(),
+                            addr: r.rsp,
+                            seen: Seen::UnknownStack {
+                                vcpu: run.vcpu,
+                                rsp: r.rsp,
+                            },
+                        });
+                        continue;
+                    }
+                }
+                // Off every CPU: its saved frame is complete (a task
+                // still on_cpu may be mid-switch).
+                None if !t.on_cpu
+                    && t.stack.contains(&t.saved_sp)
+                    && orc.is_some_and(|o| self.frames(mem, o, t, &mut out)) => {}
+                None if t.stack.contains(&t.saved_sp) => ranges.push(t.saved_sp..t.stack.end),
+                // A saved SP off its stack: scan all of it (conservative).
+                None => ranges.push(t.stack.clone()),
+            }
+            for range in ranges {
+                self.scan(mem, t, range, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Judges sleeping `t` by its unwound frames; false if its stack does
+    /// not unwind reliably (then it must be scanned).
+    fn frames<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        orc: &Orc,
+        t: &Task,
+        out: &mut Vec<Blocker>,
+    ) -> bool {
+        let Ok(frames) = orc.unwind_sleeping(mem, t) else {
+            return false;
+        };
+        for (depth, &ip) in frames.iter().enumerate() {
+            // A return address may sit just past its function's end (a
+            // call as the last instruction): the call site is ip - 1.
+            if let Some(s) = self.hit(ip).or_else(|| self.hit(ip.wrapping_sub(1))) {
+                out.push(blocker(t, s, ip, Seen::Frame { depth }));
+            }
+        }
+        true
+    }
+
+    fn scan<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        t: &Task,
+        range: Range<u64>,
+        out: &mut Vec<Blocker>,
+    ) -> Result<(), SafepointError> {
+        let start = range.start & !7;
+        let len = range.end.saturating_sub(start).min(MAX_STACK);
+        if len == 0 {
+            return Ok(());
+        }
+        // len <= MAX_STACK, so it fits in usize.
+        let mut buf = vec![0u8; len as usize];
+        if mem.read_virt(start, &mut buf).is_err() {
+            out.push(Blocker {
+                pid: t.pid,
+                comm: t.comm.clone(),
+                func: String::new(),
+                addr: start,
+                seen: Seen::Unreadable { addr: start },
+            });
+            return Ok(());
+        }
+        for (i, w) in buf.chunks_exact(8).enumerate() {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(w);
+            let v = u64::from_le_bytes(word);
+            if let Some(s) = self.hit(v) {
+                let slot = start + 8 * i as u64;
+                out.push(blocker(t, s, v, Seen::Stack { slot }));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn blocker(t: &Task, s: &Span, addr: u64, seen: Seen) -> Blocker {
+    Blocker {
+        pid: t.pid,
+        comm: t.comm.clone(),
+        func: s.name.clone(),
+        addr,
+        seen,
+    }
+}
+
+/// The per-CPU offset of the IRQ stack's top pointer: the per-CPU variable
+/// `hardirq_stack_ptr` (up to 6.1), or that member of the per-CPU
+/// `pcpu_hot` (6.2+, which moved it there next to `current_task`), its
+/// offset from BTF. `None` when the kernel has neither: IRQ stacks are then
+/// not scanned.
+pub fn hardirq_stack_ptr(kallsyms: &Kallsyms, btf: &Btf) -> Option<u64> {
+    if let Ok(a) = kallsyms.addr("hardirq_stack_ptr") {
+        return Some(a);
+    }
+    let hot = kallsyms.addr("pcpu_hot").ok()?;
+    hot.checked_add(btf.offset_of("pcpu_hot.hardirq_stack_ptr").ok()?)
+}
+
+/// Each CPU's IRQ stack from its per-CPU `hardirq_stack_ptr` (which points
+/// at the stack's top word). CPUs whose pointer is unreadable or zero (not
+/// set up) are skipped.
+pub fn irq_stacks<M: VirtRead + ?Sized>(
+    mem: &M,
+    per_cpu_bases: &[(u32, u64)],
+    hardirq_stack_ptr: u64,
+) -> Vec<Range<u64>> {
+    irq_stacks_sized(mem, per_cpu_bases, hardirq_stack_ptr, IRQ_STACK_SIZE)
+}
+
+/// [`irq_stacks`] of `size` bytes each: on x86_64 IRQ_STACK_SIZE is
+/// THREAD_SIZE (both `PAGE_SIZE << (2 + KASAN_STACK_ORDER)`), so the
+/// kernel's stack size from BTF gives it.
+pub fn irq_stacks_sized<M: VirtRead + ?Sized>(
+    mem: &M,
+    per_cpu_bases: &[(u32, u64)],
+    hardirq_stack_ptr: u64,
+    size: u64,
+) -> Vec<Range<u64>> {
+    per_cpu_bases
+        .iter()
+        .filter_map(|&(_, base)| mem.read_u64(base.wrapping_add(hardirq_stack_ptr)).ok())
+        .filter(|&top| top != 0)
+        .map(|top| {
+            let end = top.wrapping_add(8);
+            end.wrapping_sub(size)..end
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use klpvisor_guest::tasks::Running;
+    use klpvisor_guest::PagingError;
+
+    /// Memory of 8-byte words at given addresses.
+    struct Words(Vec<(u64, u64)>);
+
+    impl VirtRead for Words {
+        fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), PagingError> {
+            buf.fill(0);
+            for (i, chunk) in buf.chunks_mut(8).enumerate() {
+                let at = va + 8 * i as u64;
+                if let Some(&(_, v)) = self.0.iter().find(|(a, _)| *a == at) {
+                    chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn task(pid: i32, stack: Range<u64>, sp: u64, running: Option<usize>) -> Task {
+        Task {
+            addr: 0xffff_8880_0000_0000 + pid as u64 * 0x1000,
+            pid,
+            tgid: pid,
+            comm: format!("t{pid}"),
+            state: 1,
+            exit_state: 0,
+            flags: 0,
+            on_cpu: running.is_some(),
+            stack,
+            saved_sp: sp,
+            idle_cpu: None,
+            running: running.map(|vcpu| Running {
+                vcpu,
+                cpu: vcpu as u32,
+            }),
+        }
+    }
+
+    fn check() -> Check {
+        Check::new(vec![
+            Span {
+                range: 0x1000..0x1100,
+                name: "pipe_read".into(),
+            },
+            Span {
+                range: 0x2000..0x2040,
+                name: "f".into(),
+            },
+        ])
+    }
+
+    #[test]
+    fn sleeping_task_with_a_return_address_inside_blocks() {
+        let mem = Words(vec![(0x8ff0, 0x1042), (0x8fe0, 0x1042)]);
+        // sp above 0x8fe0: that stale word below the SP must not count.
+        let t = task(7, 0x8000..0x9000, 0x8fe8, None);
+        let b = check().blockers(&mem, &[t], &[], &[]).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].func, "pipe_read");
+        assert_eq!(b[0].seen, Seen::Stack { slot: 0x8ff0 });
+        assert!(b[0].to_string().contains("pid 7"));
+    }
+
+    #[test]
+    fn running_vcpus_count_by_rip_and_stack_but_not_in_user_mode() {
+        let mem = Words(vec![(0x8ff8, 0x2010)]);
+        let kernel = VcpuRegs {
+            rip: 0x1004,
+            rsp: 0x8f00,
+            ..VcpuRegs::default()
+        };
+        let user = VcpuRegs {
+            rip: 0x1004,
+            rsp: 0x8f00,
+            cs_selector: 0x33,
+            ..VcpuRegs::default()
+        };
+        let t = task(1, 0x8000..0x9000, 0, Some(0));
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&t), &[kernel], &[])
+            .unwrap();
+        let seen: Vec<Seen> = b.iter().map(|b| b.seen).collect();
+        assert_eq!(
+            seen,
+            vec![Seen::Rip { vcpu: 0 }, Seen::Stack { slot: 0x8ff8 }]
+        );
+        assert!(check()
+            .blockers(&mem, &[t], &[user], &[])
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn irq_stack_then_the_interrupted_task_stack() {
+        // On the IRQ stack [0x20000, 0x24000); its top word points back
+        // into the task's stack, where a return address into f waits.
+        let mem = Words(vec![(0x23ff8, 0x8f80), (0x8f80, 0x2001)]);
+        let r = VcpuRegs {
+            rip: 0x5000,
+            rsp: 0x23f00,
+            ..VcpuRegs::default()
+        };
+        let t = task(3, 0x8000..0x9000, 0, Some(0));
+        let irq: Vec<Range<u64>> = std::iter::once(0x20000..0x24000).collect();
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&t), &[r], &irq)
+            .unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].func, "f");
+        // On no known stack: blocks.
+        let lost = VcpuRegs {
+            rsp: 0x7777_0000,
+            ..r
+        };
+        let b = check().blockers(&mem, &[t], &[lost], &[]).unwrap();
+        assert!(matches!(b[0].seen, Seen::UnknownStack { .. }));
+    }
+
+    #[test]
+    fn nothing_to_check_means_no_blockers_and_hits_are_exact() {
+        let c = check();
+        assert!(c.hit(0x0fff).is_none());
+        assert_eq!(c.hit(0x1000).unwrap().name, "pipe_read");
+        assert!(c.hit(0x1100).is_none());
+        let mem = Words(vec![(0x8ff8, 0x1000)]);
+        let t = task(1, 0x8000..0x9000, 0x8ff8, None);
+        assert!(Check::default()
+            .blockers(&mem, &[t], &[], &[])
+            .unwrap()
+            .is_empty());
+    }
+
+    /// Memory that cannot be read at all.
+    struct Nothing;
+
+    impl VirtRead for Nothing {
+        fn read_virt(&self, va: u64, _: &mut [u8]) -> Result<(), PagingError> {
+            Err(PagingError::NonCanonical { va, levels: 4 })
+        }
+    }
+
+    #[test]
+    fn zombies_are_skipped_and_unreadable_stacks_block() {
+        let mut zombie = task(9, 0..0, 0, None);
+        zombie.exit_state = 16; // EXIT_ZOMBIE
+        assert!(check()
+            .blockers(&Nothing, &[zombie], &[], &[])
+            .unwrap()
+            .is_empty());
+        let live = task(10, 0x8000..0x9000, 0x8f00, None);
+        let b = check().blockers(&Nothing, &[live], &[], &[]).unwrap();
+        assert_eq!(b[0].seen, Seen::Unreadable { addr: 0x8f00 });
+    }
+
+    #[test]
+    fn hostile_stack_ranges_are_bounded() {
+        let mem = Words(vec![]);
+        let t = task(1, 0..u64::MAX, 0, None);
+        // Reads at most MAX_STACK bytes; no panic, no huge allocation.
+        assert!(check().blockers(&mem, &[t], &[], &[]).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,619 @@
+//! klp's transition lifecycle, in one place, as the kernel keeps it in
+//! `kernel/livepatch/transition.c`: init (prepare while the guest runs,
+//! installing the call gate on first use), the pre callbacks, the switch
+//! retried with backoff until a safe point or the timeout, the post
+//! callbacks, and cancel/abandon when a `pre_patch` refuses or time runs
+//! out. `force` is the [`Transition::force`] flag the engine's commit
+//! honours (klp_force_transition: no stack check).
+//!
+//! It is generic over two small traits, so the whole lifecycle runs, and is
+//! tested, without KVM:
+//! - [`Host`]: what the hypervisor provides, as Cloud Hypervisor's
+//!   `Pausable` abstracts pausing: every vCPU paused around a step, an
+//!   interrupt raised on a vCPU, the callback doorbell, a clock.
+//! - [`Patcher`]: the engine's steps on one transition (prepare, load,
+//!   arm and poll a callback, commit, undo); [`Live`] implements it over
+//!   [`Engine`] and the guest kernel.
+//!
+//! klp's callback rules (which run, in what order, what cancels what) are
+//! [`callback`](crate::callback)'s; how a callback runs in the guest is
+//! the gate's ([`crate::callback::gate`]).
+
+use std::time::{Duration, Instant};
+
+use klpvisor_api::{CallbackKind, CallbackRun, Hex};
+use klpvisor_guest::{Guest, Kernel};
+use thiserror::Error;
+
+use crate::callback::gate::{Progress, IRQ_WORK_VECTOR};
+use crate::callback::{Call, Calls};
+use crate::engine::{Armed, Committed, Engine, EngineError, Prepared};
+use crate::safepoint::Blocker;
+use crate::write::Plan;
+
+/// How long a transition waits for a safe point before failing cleanly
+/// (`?timeout_ms=` overrides it, up to [`MAX_TRANSITION_TIMEOUT`]).
+pub const TRANSITION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait a request may ask for (the API answers within 30 s).
+pub const MAX_TRANSITION_TIMEOUT: Duration = Duration::from_secs(25);
+/// How long a post callback, or one that cancels a pre callback, may take.
+/// Pre callbacks share the transition's timeout with the safe-point wait.
+pub const CALLBACK_GRACE: Duration = Duration::from_secs(2);
+/// The first wait between two tries for a safe point; it doubles up to
+/// [`BACKOFF_MAX`], so a short blocker costs little and a long one does
+/// not make the guest pause hundreds of times a second.
+pub const BACKOFF_START: Duration = Duration::from_millis(1);
+/// The longest wait between two tries for a safe point.
+pub const BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+/// How one transition may proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    /// Skip the safe-point check; the patch is marked forced.
+    pub force: bool,
+    /// How long to retry while tasks block it (pre callbacks included).
+    pub timeout: Duration,
+}
+
+/// Why a transition stopped in its callbacks; nothing was redirected.
+#[derive(Debug, Error)]
+pub enum TransitionError {
+    /// A `pre_patch` returned non-zero: klp refuses the patch.
+    #[error(
+        "{patch}: {callback} returned {ret}{errno}: klp refuses a patch whose pre_patch fails, \
+         so the transition was abandoned and no function was redirected{cancelled}"
+    )]
+    Refused {
+        /// The patch whose callback refused.
+        patch: String,
+        /// Which callback (always `pre_patch`: only it returns a value).
+        callback: CallbackKind,
+        /// Its return value (a negative errno).
+        ret: i32,
+        /// ` (-EBUSY)` and the like, or empty.
+        errno: String,
+        /// `; ran ... to cancel`, or empty.
+        cancelled: String,
+    },
+    /// A callback did not return in time (the guest's CPU never took the
+    /// interrupt, its workqueue is stuck, or the callback is slow).
+    #[error(
+        "{patch}: {callback} did not finish within {ms} ms ({progress}); the transition was \
+         abandoned and no function was redirected{cancelled}"
+    )]
+    CallbackTimeout {
+        /// The patch whose callback did not finish.
+        patch: String,
+        /// Which callback.
+        callback: CallbackKind,
+        /// How long it was waited for.
+        ms: u64,
+        /// How far it got (see [`Progress::describe`]).
+        progress: String,
+        /// `; ran ... to cancel`, or empty.
+        cancelled: String,
+    },
+    /// Callbacks run in the guest, which a user's pause holds stopped.
+    #[error(
+        "the VM is paused and this transition runs klp callbacks, which run in the guest; \
+         resume it first (PUT /vm/resume)"
+    )]
+    PausedForCallbacks,
+}
+
+/// What the hypervisor provides to a transition. The VMM implements it
+/// over KVM; tests implement it over a fake guest with a fake clock.
+pub trait Host {
+    /// The guest the engine reads and writes.
+    type Guest: Guest + ?Sized;
+    /// The host's own failures (a pause refused, the VM stopped); engine
+    /// and transition errors convert into it, so the caller gets one type.
+    type Error: From<EngineError> + From<TransitionError> + std::fmt::Display;
+
+    /// Runs `f` with every vCPU paused: inside a pause a user holds, else
+    /// one of its own, ended before returning. Returns `f`'s value and the
+    /// time the vCPUs spent out of guest mode (`None`: the VM was paused
+    /// already).
+    fn paused<T>(
+        &self,
+        f: impl FnOnce(&Self::Guest) -> T,
+    ) -> Result<(T, Option<Duration>), Self::Error>;
+    /// Whether a user holds the VM paused (callbacks cannot run then).
+    fn is_paused(&self) -> bool;
+    /// The guest while it runs (a callback's progress is read so).
+    fn guest(&self) -> &Self::Guest;
+    /// Raises interrupt `vector` on vCPU `vcpu`, called while paused;
+    /// `false` if its local APIC did not take it now.
+    fn raise_vector(&self, vcpu: usize, vector: u8) -> Result<bool, Self::Error>;
+    /// How often the call gate's doorbell has rung so far.
+    fn doorbell_rings(&self) -> u64;
+    /// Waits until the doorbell rings past `seen`, or `deadline`.
+    fn wait_doorbell(&self, seen: u64, deadline: Instant);
+    /// The time now.
+    fn now(&self) -> Instant;
+    /// Sleeps `d` (the backoff between tries for a safe point).
+    fn sleep(&self, d: Duration);
+    /// The transition of `patch` is prepared and about to run its
+    /// callbacks and wait for a safe point (the VMM shows it "in
+    /// transition").
+    fn begun(&self, _patch: &str) {}
+    /// No safe point yet after `attempts` tries over `waited`; retrying.
+    fn waiting(&self, _attempts: u32, _waited: Duration, _blockers: &[Blocker]) {}
+}
+
+/// What the lifecycle reads of a prepared transition.
+pub trait Planned {
+    /// The patch the transition is about.
+    fn name(&self) -> &str;
+    /// What the transition will not do that klp would.
+    fn warnings(&self) -> &[String];
+    /// The klp callbacks to run around the switch.
+    fn calls(&self) -> &Calls;
+    /// Whether it loads a new patch (whose code must be in the guest
+    /// before its `pre_patch` runs).
+    fn loads(&self) -> bool;
+}
+
+impl Planned for Prepared {
+    fn name(&self) -> &str {
+        Prepared::name(self)
+    }
+    fn warnings(&self) -> &[String] {
+        Prepared::warnings(self)
+    }
+    fn calls(&self) -> &Calls {
+        Prepared::calls(self)
+    }
+    fn loads(&self) -> bool {
+        Prepared::loads(self)
+    }
+}
+
+/// The engine's steps on one transition, each on guest `G` (paused for
+/// all but [`Patcher::prepare`] and [`Patcher::poll_call`]).
+pub trait Patcher<G: Guest + ?Sized> {
+    /// The prepared transition.
+    type Prepared: Planned;
+    /// What undoes a load.
+    type Undo;
+    /// Prepares the transition while the guest runs (reads only).
+    fn prepare(&mut self) -> Result<Self::Prepared, EngineError>;
+    /// Whether the call gate is installed.
+    fn has_gate(&self) -> bool;
+    /// Installs the call gate (its arena pages).
+    fn install_gate(&mut self, guest: &G) -> Result<(), EngineError>;
+    /// Writes a new patch's pages, before its `pre_patch` runs.
+    fn load(&mut self, p: &mut Self::Prepared, guest: &G) -> Result<Self::Undo, EngineError>;
+    /// Restores the loaded pages byte for byte.
+    fn unload(&mut self, undo: Self::Undo, guest: &G) -> Result<(), EngineError>;
+    /// Keeps an abandoned load's pages mapped until no stack references
+    /// them (its code may still run).
+    fn retire_load(&mut self, p: Self::Prepared);
+    /// Sends one callback into the guest.
+    fn arm_call(
+        &mut self,
+        p: &Self::Prepared,
+        guest: &G,
+        call: &Call,
+    ) -> Result<Armed, EngineError>;
+    /// How far a sent callback got.
+    fn poll_call(&self, guest: &G, armed: &Armed) -> Result<Progress, EngineError>;
+    /// The switch: the safe-point check and every entry write.
+    fn commit(&mut self, p: &Self::Prepared, guest: &G) -> Result<Committed, EngineError>;
+}
+
+/// [`Patcher`] over the engine and the guest kernel; `prepare` makes the
+/// transition (apply, enable, disable or rollback) from them.
+pub struct Live<'a, F> {
+    /// The guest's patches.
+    pub engine: &'a mut Engine,
+    /// The guest kernel the transition resolves against.
+    pub kernel: &'a Kernel,
+    /// Prepares the transition (called again after the gate is installed:
+    /// the plan must use the arena that has it).
+    pub prepare: F,
+}
+
+impl<G, F> Patcher<G> for Live<'_, F>
+where
+    G: Guest + ?Sized,
+    F: FnMut(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
+{
+    type Prepared = Prepared;
+    type Undo = Plan;
+
+    fn prepare(&mut self) -> Result<Prepared, EngineError> {
+        (self.prepare)(self.engine, self.kernel)
+    }
+
+    fn has_gate(&self) -> bool {
+        self.engine.has_gate()
+    }
+
+    fn install_gate(&mut self, guest: &G) -> Result<(), EngineError> {
+        self.engine.install_gate(self.kernel, guest).map(drop)
+    }
+
+    fn load(&mut self, p: &mut Prepared, guest: &G) -> Result<Plan, EngineError> {
+        Ok(p.take_load().commit(guest)?)
+    }
+
+    fn unload(&mut self, undo: Plan, guest: &G) -> Result<(), EngineError> {
+        undo.commit(guest).map(drop).map_err(EngineError::from)
+    }
+
+    fn retire_load(&mut self, p: Prepared) {
+        self.engine.retire_load(p);
+    }
+
+    fn arm_call(&mut self, p: &Prepared, guest: &G, call: &Call) -> Result<Armed, EngineError> {
+        self.engine.arm_call(self.kernel, guest, p, call)
+    }
+
+    fn poll_call(&self, guest: &G, armed: &Armed) -> Result<Progress, EngineError> {
+        self.engine.poll_call(guest, armed)
+    }
+
+    fn commit(&mut self, p: &Prepared, guest: &G) -> Result<Committed, EngineError> {
+        self.engine.commit(self.kernel, guest, p)
+    }
+}
+
+/// What a committed transition took, for its reply.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The switch.
+    pub committed: Committed,
+    /// Preparing it while the guest ran.
+    pub prepare_ms: f64,
+    /// The pause of the switch (0 inside a user's pause).
+    pub pause_us: f64,
+    /// Tries for a safe point.
+    pub attempts: u32,
+    /// Time spent waiting for one (0 if the first try succeeded).
+    pub waited_ms: f64,
+    /// Warnings of the plan and of post callbacks that did not finish.
+    pub warnings: Vec<String>,
+    /// Every callback that ran, in order.
+    pub callbacks: Vec<CallbackRun>,
+}
+
+/// A callback that did not let the transition go on.
+enum Stop<E> {
+    /// `pre_patch` returned non-zero.
+    Refused(CallbackRun),
+    /// It did not finish in time.
+    TimedOut {
+        patch: String,
+        callback: CallbackKind,
+        ms: u64,
+        progress: String,
+    },
+    /// It could not be sent or read, or the switch failed.
+    Failed(E),
+}
+
+impl<E: std::fmt::Display> Stop<E> {
+    /// What a user reads about a callback that did not finish.
+    fn message(&self) -> String {
+        match self {
+            Stop::Refused(run) => format!("{} {} refused", run.patch, run.callback),
+            Stop::TimedOut {
+                patch,
+                callback,
+                ms,
+                progress,
+            } => TransitionError::CallbackTimeout {
+                patch: patch.clone(),
+                callback: *callback,
+                ms: *ms,
+                progress: progress.clone(),
+                cancelled: String::new(),
+            }
+            .to_string(),
+            Stop::Failed(e) => e.to_string(),
+        }
+    }
+}
+
+/// The Linux name of a negative errno, for `pre_patch` refusals.
+pub fn errno_name(ret: i32) -> String {
+    let name = match -ret {
+        1 => "EPERM",
+        2 => "ENOENT",
+        5 => "EIO",
+        11 => "EAGAIN",
+        12 => "ENOMEM",
+        16 => "EBUSY",
+        17 => "EEXIST",
+        19 => "ENODEV",
+        22 => "EINVAL",
+        95 => "EOPNOTSUPP",
+        _ => return String::new(),
+    };
+    format!(" (-{name})")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs one transition through klp's whole lifecycle: prepares it while the
+/// guest runs (parse, resolve, link, plan: reads only), runs its pre
+/// callbacks, then commits all of its entry writes in one pause and runs
+/// its post callbacks. A transition blocked by a task inside a changed
+/// function is retried, the guest running in between, with backoff
+/// ([`BACKOFF_START`] doubling to [`BACKOFF_MAX`]) until `t.timeout`; then
+/// the blockers are reported, the pre callbacks are cancelled as klp
+/// cancels them, and no function is redirected. `action` names it in logs.
+pub fn run<H, P>(
+    host: &H,
+    patcher: &mut P,
+    action: &str,
+    t: Transition,
+) -> Result<Outcome, H::Error>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    let start = host.now();
+    let mut prepared = patcher.prepare()?;
+    if !prepared.calls().is_empty() {
+        if host.is_paused() {
+            return Err(TransitionError::PausedForCallbacks.into());
+        }
+        if !patcher.has_gate() {
+            // The gate takes arena pages: install it, then plan again on
+            // the arena that has it.
+            host.paused(|g| patcher.install_gate(g))?.0?;
+            tracing::info!("call gate installed for klp callbacks");
+            prepared = patcher.prepare()?;
+        }
+    }
+    // (Taken only now: a new patch's callbacks moved with it when the gate
+    // made it plan again.)
+    let calls = prepared.calls().clone();
+    let prepare_ms = ms(host.now() - start);
+    for w in prepared.warnings() {
+        tracing::warn!(patch = prepared.name(), "{w}");
+    }
+    let first = host.now();
+    let deadline = first + t.timeout;
+    host.begun(prepared.name());
+
+    // The pre callbacks. A new patch's code must be in the guest before
+    // its pre_patch runs: load it first (no safe point needed, nothing
+    // references it yet).
+    let mut runs = Vec::new();
+    let mut loaded = None;
+    let mut passed = Vec::new();
+    if !calls.is_empty() {
+        if prepared.loads() {
+            loaded = Some(host.paused(|g| patcher.load(&mut prepared, g))?.0?);
+        }
+        for call in calls.pre() {
+            if call.func.is_some() {
+                let stop = match call_in_guest(host, patcher, &prepared, &call, deadline) {
+                    Ok(run) if run.ret.unwrap_or(0) == 0 => {
+                        runs.push(run);
+                        None
+                    }
+                    Ok(run) => Some(Stop::Refused(run)),
+                    Err(stop) => Some(stop),
+                };
+                if let Some(stop) = stop {
+                    return Err(abandon(host, patcher, prepared, loaded, &passed, stop));
+                }
+            }
+            passed.push(call);
+        }
+    }
+
+    let mut backoff = BACKOFF_START;
+    let mut attempts = 0u32;
+    let (committed, pause) = loop {
+        attempts += 1;
+        let e: H::Error = match host.paused(|g| patcher.commit(&prepared, g)) {
+            Ok((Ok(done), pause)) => break (done, pause),
+            Ok((Err(EngineError::Blocked(b)), _)) if host.now() + backoff < deadline => {
+                tracing::debug!(
+                    patch = prepared.name(),
+                    attempts,
+                    blockers = b.len(),
+                    "no safe point yet; retrying"
+                );
+                host.waiting(attempts, host.now() - first, &b);
+                host.sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            Ok((Err(e), _)) => e.into(),
+            Err(e) => e,
+        };
+        if calls.is_empty() {
+            return Err(e);
+        }
+        return Err(abandon(
+            host,
+            patcher,
+            prepared,
+            loaded,
+            &passed,
+            Stop::Failed(e),
+        ));
+    };
+    let pause_us = pause.unwrap_or_default().as_secs_f64() * 1e6;
+    tracing::info!(
+        action,
+        patch = committed.name,
+        seq = committed.seq,
+        prepare_ms,
+        pause_us,
+        attempts,
+        bytes = committed.bytes_written,
+        "transition committed"
+    );
+    let mut warnings = prepared.warnings().to_vec();
+    // The post callbacks: the transition stands whatever they do.
+    for call in calls.post() {
+        let grace = host.now() + CALLBACK_GRACE;
+        match call_in_guest(host, patcher, &prepared, &call, grace) {
+            Ok(run) => runs.push(run),
+            Err(stop) => {
+                let e = stop.message();
+                tracing::warn!(patch = call.patch, callback = %call.kind, "{e}");
+                warnings.push(format!("{} {} did not finish: {e}", call.patch, call.kind));
+            }
+        }
+    }
+    Ok(Outcome {
+        committed,
+        prepare_ms,
+        pause_us,
+        attempts,
+        waited_ms: if attempts > 1 {
+            ms(host.now() - first)
+        } else {
+            0.0
+        },
+        warnings,
+        callbacks: runs,
+    })
+}
+
+/// Runs one callback in the guest through the call gate and waits for its
+/// result until `deadline`. The guest runs throughout except for the short
+/// pause that sends it.
+fn call_in_guest<H, P>(
+    host: &H,
+    patcher: &mut P,
+    prepared: &P::Prepared,
+    call: &Call,
+    deadline: Instant,
+) -> Result<CallbackRun, Stop<H::Error>>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    let start = host.now();
+    let sent = host.paused(|g| -> Result<Armed, H::Error> {
+        let armed = patcher.arm_call(prepared, g, call)?;
+        if !host.raise_vector(armed.vcpu, IRQ_WORK_VECTOR)? {
+            tracing::warn!("the local APIC did not take the call gate's interrupt now");
+        }
+        Ok(armed)
+    });
+    let armed = sent.map_err(Stop::Failed)?.0.map_err(Stop::Failed)?;
+    loop {
+        let seen = host.doorbell_rings();
+        let progress = patcher
+            .poll_call(host.guest(), &armed)
+            .map_err(|e| Stop::Failed(e.into()))?;
+        let ms = ms(host.now() - start);
+        if let Progress::Done(ret) = progress {
+            // pre_patch returns an int: the low half of rax.
+            let ret = call.kind.returns().then_some(ret as u32 as i32);
+            tracing::info!(patch = call.patch, callback = %call.kind, ?ret, ms, seq = armed.seq, "klp callback ran");
+            return Ok(CallbackRun {
+                patch: call.patch.clone(),
+                callback: call.kind,
+                object: Hex(call.object),
+                ret,
+                ms,
+                done: true,
+            });
+        }
+        if host.now() >= deadline {
+            return Err(Stop::TimedOut {
+                patch: call.patch.clone(),
+                callback: call.kind,
+                ms: ms as u64,
+                progress: progress.describe(armed.cpu),
+            });
+        }
+        host.wait_doorbell(seen, deadline);
+    }
+}
+
+/// Abandons a transition whose pre callbacks ran (some of them): runs the
+/// callbacks that cancel the passed ones, newest first, as klp's
+/// `klp_cancel_transition` does, then takes back a loaded patch: its pages
+/// are restored byte for byte if its code surely no longer runs and the
+/// guest did not change them, else retired (kept mapped until no stack
+/// references them). Returns the error to report.
+fn abandon<H, P>(
+    host: &H,
+    patcher: &mut P,
+    prepared: P::Prepared,
+    loaded: Option<P::Undo>,
+    passed: &[Call],
+    stop: Stop<H::Error>,
+) -> H::Error
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    // A callback that timed out may still be running the patch's code.
+    let mut clean = !matches!(stop, Stop::TimedOut { .. });
+    let mut ran = Vec::new();
+    for c in Calls::cancel(passed) {
+        let grace = host.now() + CALLBACK_GRACE;
+        match call_in_guest(host, patcher, &prepared, &c, grace) {
+            Ok(_) => ran.push(format!("{} {}", c.patch, c.kind)),
+            Err(e) => {
+                clean = false;
+                tracing::warn!(patch = c.patch, callback = %c.kind, "cancelling: {}", e.message());
+                ran.push(format!("{} {} (did not finish)", c.patch, c.kind));
+            }
+        }
+    }
+    if let Some(undo) = loaded {
+        let restored = clean
+            && match host.paused(|g| patcher.unload(undo, g)) {
+                Ok((Ok(()), _)) => true,
+                Ok((Err(e), _)) => {
+                    tracing::info!("keeping the abandoned patch's pages: {e}");
+                    false
+                }
+                Err(e) => {
+                    tracing::info!("keeping the abandoned patch's pages: {e}");
+                    false
+                }
+            };
+        if !restored {
+            patcher.retire_load(prepared);
+        }
+    }
+    let cancelled = if ran.is_empty() {
+        String::new()
+    } else {
+        format!("; ran {} to cancel", ran.join(", "))
+    };
+    match stop {
+        Stop::Refused(run) => TransitionError::Refused {
+            patch: run.patch,
+            callback: run.callback,
+            ret: run.ret.unwrap_or(0),
+            errno: errno_name(run.ret.unwrap_or(0)),
+            cancelled,
+        }
+        .into(),
+        Stop::TimedOut {
+            patch,
+            callback,
+            ms,
+            progress,
+        } => TransitionError::CallbackTimeout {
+            patch,
+            callback,
+            ms,
+            progress,
+            cancelled,
+        }
+        .into(),
+        Stop::Failed(e) => e,
+    }
+}
+
+#[cfg(test)]
+mod tests;

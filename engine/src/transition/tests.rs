@@ -1,0 +1,518 @@
+//! The lifecycle on a fake host (the flat fake guest memory, a clock that
+//! only moves when the lifecycle sleeps or waits) and a scripted patcher:
+//! klp's refusal, timeout and cancel orders, without KVM or a guest kernel.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+use klpvisor_guest::paging::test_support::FakePhys;
+
+use super::*;
+use crate::callback::Kind;
+use crate::link::LinkedCallbacks;
+use crate::safepoint::Seen;
+
+/// The host's error: what the VMM's would carry, in miniature.
+#[derive(Debug)]
+enum TestError {
+    Engine(EngineError),
+    Transition(TransitionError),
+}
+
+impl From<EngineError> for TestError {
+    fn from(e: EngineError) -> Self {
+        Self::Engine(e)
+    }
+}
+
+impl From<TransitionError> for TestError {
+    fn from(e: TransitionError) -> Self {
+        Self::Transition(e)
+    }
+}
+
+impl std::fmt::Display for TestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Engine(e) => e.fmt(f),
+            Self::Transition(e) => e.fmt(f),
+        }
+    }
+}
+
+/// One event, host's or patcher's, in the order it happened.
+type Log = RefCell<Vec<String>>;
+
+struct FakeHost<'l> {
+    guest: FakePhys,
+    base: Instant,
+    clock: Cell<Duration>,
+    user_paused: bool,
+    log: &'l Log,
+    waits: RefCell<Vec<u32>>,
+}
+
+impl<'l> FakeHost<'l> {
+    fn new(log: &'l Log) -> Self {
+        Self {
+            guest: FakePhys::new(0x1000),
+            base: Instant::now(),
+            clock: Cell::new(Duration::ZERO),
+            user_paused: false,
+            log,
+            waits: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.clock.get()
+    }
+}
+
+impl Host for FakeHost<'_> {
+    type Guest = FakePhys;
+    type Error = TestError;
+
+    fn paused<T>(
+        &self,
+        f: impl FnOnce(&FakePhys) -> T,
+    ) -> Result<(T, Option<Duration>), TestError> {
+        let v = f(&self.guest);
+        Ok((v, Some(Duration::from_micros(10))))
+    }
+    fn is_paused(&self) -> bool {
+        self.user_paused
+    }
+    fn guest(&self) -> &FakePhys {
+        &self.guest
+    }
+    fn raise_vector(&self, vcpu: usize, vector: u8) -> Result<bool, TestError> {
+        self.log
+            .borrow_mut()
+            .push(format!("irq {vector:#x} on vcpu {vcpu}"));
+        Ok(true)
+    }
+    fn doorbell_rings(&self) -> u64 {
+        0
+    }
+    fn wait_doorbell(&self, _seen: u64, deadline: Instant) {
+        // Nothing rings: the wait lasts until the deadline.
+        self.clock
+            .set(self.clock.get().max(deadline.duration_since(self.base)));
+    }
+    fn now(&self) -> Instant {
+        self.base + self.clock.get()
+    }
+    fn sleep(&self, d: Duration) {
+        self.log
+            .borrow_mut()
+            .push(format!("sleep {}", d.as_millis()));
+        self.clock.set(self.clock.get() + d);
+    }
+    fn begun(&self, patch: &str) {
+        self.log.borrow_mut().push(format!("begun {patch}"));
+    }
+    fn waiting(&self, attempts: u32, _waited: Duration, blockers: &[Blocker]) {
+        assert_eq!(blockers.len(), 1);
+        self.waits.borrow_mut().push(attempts);
+    }
+}
+
+/// What a scripted callback does.
+#[derive(Clone, Copy)]
+enum Script {
+    Returns(u64),
+    /// Starts and never returns.
+    Hangs,
+}
+
+struct FakePlan {
+    calls: Calls,
+    loads: bool,
+    warnings: Vec<String>,
+}
+
+impl Planned for FakePlan {
+    fn name(&self) -> &str {
+        "new"
+    }
+    fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+    fn calls(&self) -> &Calls {
+        &self.calls
+    }
+    fn loads(&self) -> bool {
+        self.loads
+    }
+}
+
+struct FakePatcher<'l> {
+    calls: Calls,
+    gate: bool,
+    /// Callback address -> what it does (unscripted ones return 0).
+    script: HashMap<u64, Script>,
+    /// Commits refused for want of a safe point before one succeeds
+    /// (`u32::MAX`: never).
+    blocked: Cell<u32>,
+    armed: RefCell<Vec<(u64, Kind)>>,
+    log: &'l Log,
+}
+
+impl<'l> FakePatcher<'l> {
+    fn new(log: &'l Log, calls: Calls) -> Self {
+        Self {
+            calls,
+            gate: false,
+            script: HashMap::new(),
+            blocked: Cell::new(0),
+            armed: RefCell::new(Vec::new()),
+            log,
+        }
+    }
+
+    fn push(&self, s: String) {
+        self.log.borrow_mut().push(s);
+    }
+}
+
+impl Patcher<FakePhys> for FakePatcher<'_> {
+    type Prepared = FakePlan;
+    type Undo = ();
+
+    fn prepare(&mut self) -> Result<FakePlan, EngineError> {
+        self.push("prepare".into());
+        Ok(FakePlan {
+            calls: self.calls.clone(),
+            loads: true,
+            warnings: Vec::new(),
+        })
+    }
+    fn has_gate(&self) -> bool {
+        self.gate
+    }
+    fn install_gate(&mut self, _guest: &FakePhys) -> Result<(), EngineError> {
+        self.push("install gate".into());
+        self.gate = true;
+        Ok(())
+    }
+    fn load(&mut self, _p: &mut FakePlan, _guest: &FakePhys) -> Result<(), EngineError> {
+        self.push("load".into());
+        Ok(())
+    }
+    fn unload(&mut self, _undo: (), _guest: &FakePhys) -> Result<(), EngineError> {
+        self.push("unload".into());
+        Ok(())
+    }
+    fn retire_load(&mut self, _p: FakePlan) {
+        self.push("retire".into());
+    }
+    fn arm_call(
+        &mut self,
+        _p: &FakePlan,
+        _guest: &FakePhys,
+        call: &Call,
+    ) -> Result<Armed, EngineError> {
+        self.push(format!(
+            "call {} {} {:#x}",
+            call.patch, call.kind, call.object
+        ));
+        let func = call.func.unwrap_or_default();
+        let mut armed = self.armed.borrow_mut();
+        armed.push((func, call.kind));
+        Ok(Armed {
+            seq: armed.len() as u64,
+            vcpu: 0,
+            cpu: 0,
+        })
+    }
+    fn poll_call(&self, _guest: &FakePhys, armed: &Armed) -> Result<Progress, EngineError> {
+        let i = usize::try_from(armed.seq - 1).unwrap_or_default();
+        let (func, _) = self.armed.borrow()[i];
+        Ok(
+            match self
+                .script
+                .get(&func)
+                .copied()
+                .unwrap_or(Script::Returns(0))
+            {
+                Script::Returns(v) => Progress::Done(v),
+                Script::Hangs => Progress::Running,
+            },
+        )
+    }
+    fn commit(&mut self, _p: &FakePlan, _guest: &FakePhys) -> Result<Committed, EngineError> {
+        let left = self.blocked.get();
+        if left > 0 {
+            if left != u32::MAX {
+                self.blocked.set(left - 1);
+            }
+            return Err(EngineError::Blocked(vec![Blocker {
+                pid: 42,
+                comm: "sleeper".into(),
+                func: "f".into(),
+                addr: 0xffff_ffff_8100_1000,
+                seen: Seen::Frame { depth: 0 },
+            }]));
+        }
+        self.push("commit".into());
+        Ok(Committed {
+            name: "new".into(),
+            seq: 1,
+            patch: None,
+            bytes_written: 5,
+        })
+    }
+}
+
+/// An object at `object` with the callbacks named by `set` (pre_patch,
+/// post_patch, pre_unpatch, post_unpatch), each at `object + 0x100 * n`.
+fn cbs(object: u64, set: [bool; 4]) -> LinkedCallbacks {
+    let a = |i: usize| set[i].then_some(object + 0x100 * (i as u64 + 1));
+    LinkedCallbacks {
+        object,
+        pre_patch: a(0),
+        post_patch: a(1),
+        pre_unpatch: a(2),
+        post_unpatch: a(3),
+    }
+}
+
+fn timeout(secs: u64) -> Transition {
+    Transition {
+        force: false,
+        timeout: Duration::from_secs(secs),
+    }
+}
+
+/// The log without the interrupts (one per call).
+fn steps(log: &Log) -> Vec<String> {
+    log.borrow()
+        .iter()
+        .filter(|s| !s.starts_with("irq "))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn callbacks_run_in_klps_order_around_a_switch_retried_until_a_safe_point() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [true; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    p.blocked.set(2);
+    let o = run(&host, &mut p, "apply", timeout(10)).unwrap();
+    assert_eq!(
+        steps(&log),
+        [
+            "prepare",
+            "install gate",
+            "prepare",
+            "begun new",
+            "load",
+            "call new pre_patch 0x1000",
+            "sleep 1",
+            "sleep 2",
+            "commit",
+            "call new post_patch 0x1000",
+        ]
+    );
+    assert_eq!(o.attempts, 3);
+    assert_eq!(*host.waits.borrow(), [1, 2]);
+    assert!((o.waited_ms - 3.0).abs() < 1e-6, "{}", o.waited_ms);
+    let ran: Vec<_> = o.callbacks.iter().map(|c| (c.callback, c.ret)).collect();
+    assert_eq!(
+        ran,
+        [(Kind::PrePatch, Some(0)), (Kind::PostPatch, None)],
+        "only pre_patch returns a value"
+    );
+}
+
+#[test]
+fn a_pre_patch_refusal_abandons_the_transition_and_unloads_the_patch() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [true; 4]), cbs(0x2000, [true; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    // -16: -EBUSY, as an int in rax's low half.
+    p.script
+        .insert(0x2100, Script::Returns(u64::from((-16i32) as u32)));
+    let e = run(&host, &mut p, "apply", timeout(10)).unwrap_err();
+    assert!(matches!(
+        e,
+        TestError::Transition(TransitionError::Refused { ret: -16, .. })
+    ));
+    assert_eq!(
+        e.to_string(),
+        "new: pre_patch returned -16 (-EBUSY): klp refuses a patch whose pre_patch fails, so \
+         the transition was abandoned and no function was redirected; ran new post_unpatch to \
+         cancel"
+    );
+    let s = steps(&log);
+    assert_eq!(
+        s[3..],
+        [
+            "begun new",
+            "load",
+            "call new pre_patch 0x1000",
+            "call new pre_patch 0x2000",
+            "call new post_unpatch 0x1000",
+            "unload",
+        ],
+        "the refusing object's own post_unpatch does not run; nothing is committed"
+    );
+}
+
+#[test]
+fn an_abandoned_transition_cancels_every_passed_step_newest_first() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut calls = Calls::default();
+    // As a rollback can: disable "old" and enable "new" in one transition.
+    calls.disable("old", &[cbs(0x1000, [true; 4])]);
+    calls.enable(
+        "new",
+        &[
+            cbs(0x2000, [true; 4]),
+            // No pre_patch: it passes its pre step, and so is cancelled.
+            cbs(0x3000, [false, true, false, true]),
+            cbs(0x4000, [true; 4]),
+        ],
+    );
+    let mut p = FakePatcher::new(&log, calls);
+    p.script
+        .insert(0x4100, Script::Returns(u64::from((-22i32) as u32)));
+    let e = run(&host, &mut p, "rollback", timeout(10)).unwrap_err();
+    assert!(e.to_string().contains("returned -22 (-EINVAL)"));
+    assert!(
+        e.to_string()
+            .ends_with("; ran new post_unpatch, new post_unpatch, old post_patch to cancel"),
+        "{e}"
+    );
+    let cancels: Vec<String> = steps(&log)
+        .into_iter()
+        .skip_while(|s| s != "call new pre_patch 0x4000")
+        .skip(1)
+        .collect();
+    assert_eq!(
+        cancels,
+        [
+            "call new post_unpatch 0x3000",
+            "call new post_unpatch 0x2000",
+            "call old post_patch 0x1000",
+            "unload",
+        ],
+        "klp_cancel_transition's order: the last passed step first"
+    );
+}
+
+#[test]
+fn no_safe_point_within_the_timeout_cancels_the_pre_callbacks_and_reports_the_blockers() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [true; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    p.blocked.set(u32::MAX);
+    let e = run(&host, &mut p, "apply", timeout(1)).unwrap_err();
+    assert!(
+        matches!(&e, TestError::Engine(EngineError::Blocked(b)) if b[0].pid == 42),
+        "{e}"
+    );
+    assert!(e.to_string().contains("sleeper"), "{e}");
+    // Backoff 1, 2, 4 ... 64 ms, then 100 ms steps, and no sleep that
+    // would end past the deadline.
+    let sleeps: Vec<u128> = log
+        .borrow()
+        .iter()
+        .filter_map(|s| s.strip_prefix("sleep ")?.parse().ok())
+        .collect();
+    assert_eq!(sleeps[..8], [1, 2, 4, 8, 16, 32, 64, 100]);
+    assert!(sleeps[8..].iter().all(|&s| s == 100));
+    assert!(host.elapsed() <= Duration::from_secs(1));
+    assert!(host.elapsed() + BACKOFF_MAX >= Duration::from_secs(1));
+    assert_eq!(host.waits.borrow().len(), sleeps.len());
+    assert_eq!(
+        steps(&log)
+            .into_iter()
+            .filter(|s| !s.starts_with("sleep"))
+            .skip(3)
+            .collect::<Vec<_>>(),
+        [
+            "begun new",
+            "load",
+            "call new pre_patch 0x1000",
+            "call new post_unpatch 0x1000",
+            "unload",
+        ]
+    );
+}
+
+#[test]
+fn a_pre_patch_that_outlives_the_timeout_is_abandoned_and_its_pages_kept() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [true; 4]), cbs(0x2000, [true; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    p.script.insert(0x2100, Script::Hangs);
+    let e = run(&host, &mut p, "apply", timeout(1)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "new: pre_patch did not finish within 1000 ms (the callback started and has not \
+         returned); the transition was abandoned and no function was redirected; ran new \
+         post_unpatch to cancel"
+    );
+    let s = steps(&log);
+    assert_eq!(
+        s[s.len() - 2..],
+        ["call new post_unpatch 0x1000", "retire"],
+        "the hung callback may still run the patch's code: its pages stay mapped"
+    );
+}
+
+#[test]
+fn a_post_callback_that_does_not_finish_leaves_the_transition_standing_with_a_warning() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [true; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    p.script.insert(0x1200, Script::Hangs);
+    let o = run(&host, &mut p, "apply", timeout(10)).unwrap();
+    assert_eq!(o.committed.name, "new");
+    assert_eq!(o.warnings.len(), 1);
+    assert!(
+        o.warnings[0].starts_with(
+            "new post_patch did not finish: new: post_patch did not finish within 2000 ms"
+        ),
+        "{}",
+        o.warnings[0]
+    );
+}
+
+#[test]
+fn callbacks_cannot_run_while_a_user_holds_the_vm_paused() {
+    let log = Log::default();
+    let mut host = FakeHost::new(&log);
+    host.user_paused = true;
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [true; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    let e = run(&host, &mut p, "apply", timeout(10)).unwrap_err();
+    assert!(matches!(
+        e,
+        TestError::Transition(TransitionError::PausedForCallbacks)
+    ));
+    assert_eq!(steps(&log), ["prepare"], "nothing sent, nothing written");
+}
+
+#[test]
+fn errno_names_are_linuxs() {
+    assert_eq!(errno_name(-16), " (-EBUSY)");
+    assert_eq!(errno_name(-95), " (-EOPNOTSUPP)");
+    assert_eq!(errno_name(-1000), "");
+    assert_eq!(errno_name(1), "");
+}

@@ -1,0 +1,575 @@
+//! The one path by which the engine writes guest memory.
+//!
+//! Every change to the guest is a [`Plan`]: a list of [`Write`]s, each with
+//! the bytes it expects to replace, checked against an allow-list of
+//! [`Allowed`] ranges (the patch sites being redirected, the arena, the PMD
+//! slots the arena mapping owns). [`Plan::commit`] checks everything first —
+//! every byte inside the allow-list, no two writes overlapping, every
+//! `expect` still equal to guest memory — and writes nothing unless all of
+//! it holds; then it writes in order and returns the undo plan, so disable
+//! and rollback are plans too and go through the same checks.
+//!
+//! Why expectations: the plan is built from what the engine read, usually
+//! before the pause; the guest (ftrace, an in-guest livepatch, a hostile
+//! kernel) may have changed those bytes since. Why an allow-list: guest
+//! memory is untrusted, so a forged page table or symbol must not be able
+//! to steer a write anywhere else; the allow-list is built from facts the
+//! engine checked, independently of how each write's address was computed.
+//!
+//! Commit with every vCPU paused: VM entry is serializing, so no vCPU runs
+//! a half-written instruction.
+
+use klpvisor_guest::GuestPhys;
+use std::fmt;
+
+use sha2::{Digest as _, Sha256};
+
+use klpvisor_guest::Guest;
+
+/// Bytes shown of a mismatching write in errors.
+const SHOW: usize = 16;
+/// Chunk size for hashing guest ranges.
+const HASH_CHUNK: usize = 1 << 20;
+
+/// Errors of checking and committing a plan.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(
+        "refused: write \"{label}\" of {len} bytes at guest-physical {gpa:#x} is outside the \
+         allow-list ({allowed}); nothing was written"
+    )]
+    Outside {
+        label: String,
+        gpa: u64,
+        len: usize,
+        allowed: String,
+    },
+    #[error(
+        "refused: writes \"{first}\" and \"{second}\" overlap at guest-physical {gpa:#x}; \
+         nothing was written"
+    )]
+    Overlap {
+        first: String,
+        second: String,
+        gpa: u64,
+    },
+    #[error("refused: write \"{label}\" at guest-physical {gpa:#x} is malformed: {why}; nothing was written")]
+    Malformed {
+        label: String,
+        gpa: u64,
+        why: &'static str,
+    },
+    #[error(
+        "refused: guest memory changed under write \"{label}\" at guest-physical {gpa:#x}: \
+         expected {expected}, found {found}; nothing was written"
+    )]
+    Mismatch {
+        label: String,
+        gpa: u64,
+        expected: String,
+        found: String,
+    },
+    #[error("cannot read guest-physical {gpa:#x}+{len:#x}: {source}")]
+    Read {
+        gpa: u64,
+        len: usize,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "write \"{label}\" at guest-physical {gpa:#x} failed after {done} of {total} writes \
+         ({source}); {rollback}"
+    )]
+    Partial {
+        label: String,
+        gpa: u64,
+        done: usize,
+        total: usize,
+        rollback: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// One guest write: `bytes` replace `expect` at `gpa`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub gpa: u64,
+    pub bytes: Vec<u8>,
+    /// The bytes there now (what the plan was computed against).
+    pub expect: Vec<u8>,
+    /// What this write is, for errors and logs ("site cmdline_proc_show").
+    pub label: String,
+}
+
+impl Write {
+    pub fn new(gpa: u64, bytes: Vec<u8>, expect: Vec<u8>, label: impl Into<String>) -> Self {
+        Self {
+            gpa,
+            bytes,
+            expect,
+            label: label.into(),
+        }
+    }
+
+    /// A write whose expectation is what `guest` holds now.
+    pub fn read_expect<G: Guest + ?Sized>(
+        guest: &G,
+        gpa: u64,
+        bytes: Vec<u8>,
+        label: impl Into<String>,
+    ) -> Result<Self, WriteError> {
+        let mut expect = vec![0u8; bytes.len()];
+        read(guest, gpa, &mut expect)?;
+        Ok(Self::new(gpa, bytes, expect, label))
+    }
+
+    /// The write that undoes this one.
+    pub fn inverse(&self) -> Self {
+        Self {
+            gpa: self.gpa,
+            bytes: self.expect.clone(),
+            expect: self.bytes.clone(),
+            label: format!("undo {}", self.label),
+        }
+    }
+
+    fn end(&self) -> Option<u64> {
+        self.gpa.checked_add(self.bytes.len() as u64)
+    }
+}
+
+/// Why a range may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllowKind {
+    /// The 5 bytes of an old function's entry that become a jmp (`func` is
+    /// the function's virtual address).
+    Site { func: u64 },
+    /// The reserved arena (patch code and data, the arena's PTE pages).
+    Arena,
+    /// Entries of the kernel's PMD page that the arena mapping owns.
+    PmdSlots,
+    /// The head of one CPU's `raised_list`, where the call gate queues its
+    /// irq_work (see [`crate::callback::gate`]): 8 bytes of per-CPU data.
+    IrqWorkList { cpu: u32 },
+}
+
+/// A guest-physical range writes may touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowed {
+    pub gpa: u64,
+    pub len: u64,
+    pub kind: AllowKind,
+}
+
+impl Allowed {
+    fn end(&self) -> u64 {
+        self.gpa.saturating_add(self.len)
+    }
+}
+
+impl fmt::Display for Allowed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            AllowKind::Site { func } => write!(f, "site of {func:#x}")?,
+            AllowKind::Arena => f.write_str("arena")?,
+            AllowKind::PmdSlots => f.write_str("PMD slots")?,
+            AllowKind::IrqWorkList { cpu } => write!(f, "raised_list of CPU {cpu}")?,
+        }
+        write!(f, " {:#x}..{:#x}", self.gpa, self.end())
+    }
+}
+
+/// Writes and the ranges they may touch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    writes: Vec<Write>,
+    allowed: Vec<Allowed>,
+}
+
+fn hex(b: &[u8]) -> String {
+    let mut s: String = b
+        .iter()
+        .take(SHOW)
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if b.len() > SHOW {
+        s.push_str(&format!(" ... ({} bytes)", b.len()));
+    }
+    s
+}
+
+fn read<G: Guest + ?Sized>(guest: &G, gpa: u64, buf: &mut [u8]) -> Result<(), WriteError> {
+    guest
+        .read_phys(GuestPhys(gpa), buf)
+        .map_err(|e| WriteError::Read {
+            gpa,
+            len: buf.len(),
+            source: Box::new(e),
+        })
+}
+
+impl Plan {
+    pub fn new(allowed: Vec<Allowed>) -> Self {
+        Self {
+            writes: Vec::new(),
+            allowed,
+        }
+    }
+
+    pub fn allow(&mut self, a: Allowed) {
+        self.allowed.push(a);
+    }
+
+    pub fn push(&mut self, w: Write) {
+        self.writes.push(w);
+    }
+
+    pub fn extend(&mut self, ws: impl IntoIterator<Item = Write>) {
+        self.writes.extend(ws);
+    }
+
+    pub fn writes(&self) -> &[Write] {
+        &self.writes
+    }
+
+    pub fn allowed(&self) -> &[Allowed] {
+        &self.allowed
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// Moves the writes for which `take` holds into a plan of their own
+    /// with the same allow-list, keeping the order of both.
+    pub fn split_off(&mut self, mut take: impl FnMut(&Write) -> bool) -> Plan {
+        let (taken, kept) = std::mem::take(&mut self.writes)
+            .into_iter()
+            .partition(|w| take(w));
+        self.writes = kept;
+        Plan {
+            writes: taken,
+            allowed: self.allowed.clone(),
+        }
+    }
+
+    /// The plan that undoes this one: inverse writes in reverse order, same
+    /// allow-list.
+    pub fn inverse(&self) -> Self {
+        Self {
+            writes: self.writes.iter().rev().map(Write::inverse).collect(),
+            allowed: self.allowed.clone(),
+        }
+    }
+
+    fn describe_allowed(&self) -> String {
+        if self.allowed.is_empty() {
+            return "it is empty".into();
+        }
+        let mut parts: Vec<String> = self.allowed.iter().take(8).map(|a| a.to_string()).collect();
+        if self.allowed.len() > 8 {
+            parts.push(format!("{} more", self.allowed.len() - 8));
+        }
+        parts.join(", ")
+    }
+
+    /// Checks shape and allow-list without reading the guest.
+    pub fn check_static(&self) -> Result<(), WriteError> {
+        // The allow-list as sorted, merged intervals.
+        let mut iv: Vec<(u64, u64)> = self
+            .allowed
+            .iter()
+            .filter(|a| a.len > 0)
+            .map(|a| (a.gpa, a.end()))
+            .collect();
+        iv.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in iv {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        for w in &self.writes {
+            let malformed = |why| WriteError::Malformed {
+                label: w.label.clone(),
+                gpa: w.gpa,
+                why,
+            };
+            if w.bytes.is_empty() {
+                return Err(malformed("it writes no bytes"));
+            }
+            if w.bytes.len() != w.expect.len() {
+                return Err(malformed(
+                    "its expected bytes differ in length from its new bytes",
+                ));
+            }
+            let end = w
+                .end()
+                .ok_or_else(|| malformed("it wraps past the end of memory"))?;
+            let k = merged.partition_point(|&(s, _)| s <= w.gpa);
+            let inside = k
+                .checked_sub(1)
+                .and_then(|i| merged.get(i))
+                .is_some_and(|&(_, e)| end <= e);
+            if !inside {
+                return Err(WriteError::Outside {
+                    label: w.label.clone(),
+                    gpa: w.gpa,
+                    len: w.bytes.len(),
+                    allowed: self.describe_allowed(),
+                });
+            }
+        }
+        // No two writes touch the same byte (the undo plan would be wrong).
+        let mut order: Vec<&Write> = self.writes.iter().collect();
+        order.sort_by_key(|w| w.gpa);
+        for pair in order.windows(2) {
+            if let [a, b] = pair {
+                if a.end().is_some_and(|e| e > b.gpa) {
+                    return Err(WriteError::Overlap {
+                        first: a.label.clone(),
+                        second: b.label.clone(),
+                        gpa: b.gpa,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything [`Plan::commit`] checks, without writing.
+    pub fn check<G: Guest + ?Sized>(&self, guest: &G) -> Result<(), WriteError> {
+        self.check_static()?;
+        for w in &self.writes {
+            let mut now = vec![0u8; w.expect.len()];
+            read(guest, w.gpa, &mut now)?;
+            if now != w.expect {
+                return Err(WriteError::Mismatch {
+                    label: w.label.clone(),
+                    gpa: w.gpa,
+                    expected: hex(&w.expect),
+                    found: hex(&now),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the whole plan, then writes it; returns the undo plan. Call
+    /// with every vCPU paused. Nothing is written if any check fails; if a
+    /// write itself fails (the guest's memory vanished under us), the writes
+    /// already made are undone and the error says whether that worked.
+    pub fn commit<G: Guest + ?Sized>(&self, guest: &G) -> Result<Plan, WriteError> {
+        self.check(guest)?;
+        for (i, w) in self.writes.iter().enumerate() {
+            if let Err(e) = guest.write_phys(GuestPhys(w.gpa), &w.bytes) {
+                let undo_failed: Vec<String> = self
+                    .writes
+                    .get(..i)
+                    .unwrap_or_default()
+                    .iter()
+                    .rev()
+                    .filter(|d| guest.write_phys(GuestPhys(d.gpa), &d.expect).is_err())
+                    .map(|d| d.label.clone())
+                    .collect();
+                let rollback = if undo_failed.is_empty() {
+                    format!("the {i} earlier writes were undone")
+                } else {
+                    format!("undoing failed for: {}", undo_failed.join(", "))
+                };
+                return Err(WriteError::Partial {
+                    label: w.label.clone(),
+                    gpa: w.gpa,
+                    done: i,
+                    total: self.writes.len(),
+                    rollback,
+                    source: Box::new(e),
+                });
+            }
+        }
+        Ok(self.inverse())
+    }
+}
+
+/// A SHA-256 digest of guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// SHA-256 over guest-physical `ranges` (gpa, len), each prefixed by its
+/// address and length so different splits of memory hash differently.
+/// For "the guest is untouched" checks: hash kernel text and the arena
+/// before and after a refused request.
+pub fn hash_ranges<G: Guest + ?Sized>(
+    guest: &G,
+    ranges: &[(u64, u64)],
+) -> Result<Digest, WriteError> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    for &(gpa, len) in ranges {
+        h.update(gpa.to_le_bytes());
+        h.update(len.to_le_bytes());
+        let mut done = 0u64;
+        while done < len {
+            let n = usize::try_from(len - done)
+                .unwrap_or(usize::MAX)
+                .min(HASH_CHUNK);
+            let at = gpa.checked_add(done).ok_or(WriteError::Read {
+                gpa,
+                len: n,
+                source: "range wraps past the end of memory".into(),
+            })?;
+            let chunk = buf.get_mut(..n).unwrap_or_default();
+            read(guest, at, chunk)?;
+            h.update(&*chunk);
+            done += n as u64;
+        }
+    }
+    Ok(Digest(h.finalize().into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use klpvisor_guest::paging::test_support::FakePhys;
+
+    fn guest() -> FakePhys {
+        let m = FakePhys::new(0x10000);
+        let fill: Vec<u8> = (0..0x10000u32).map(|i| (i * 7 % 251) as u8).collect();
+        m.write_phys(GuestPhys(0), &fill).unwrap();
+        m
+    }
+
+    fn allowed() -> Vec<Allowed> {
+        vec![
+            Allowed {
+                gpa: 0x1000,
+                len: 5,
+                kind: AllowKind::Site {
+                    func: 0xffff_ffff_8100_1000,
+                },
+            },
+            Allowed {
+                gpa: 0x8000,
+                len: 0x4000,
+                kind: AllowKind::Arena,
+            },
+            Allowed {
+                gpa: 0x3000 + 456 * 8,
+                len: 16,
+                kind: AllowKind::PmdSlots,
+            },
+        ]
+    }
+
+    fn snapshot(m: &FakePhys) -> Vec<u8> {
+        m.mem.borrow().clone()
+    }
+
+    #[test]
+    fn commits_and_undoes() {
+        let m = guest();
+        let before = snapshot(&m);
+        let mut p = Plan::new(allowed());
+        p.push(Write::read_expect(&m, 0x1000, vec![0xe9, 1, 2, 3, 4], "site f").unwrap());
+        p.push(Write::read_expect(&m, 0x8000, vec![0xaa; 0x4000], "arena").unwrap());
+        p.push(Write::read_expect(&m, 0x3000 + 457 * 8, vec![0x63; 8], "pmd 457").unwrap());
+        let h0 = hash_ranges(&m, &[(0, 0x10000)]).unwrap();
+        let undo = p.commit(&m).unwrap();
+        let mut b = [0u8; 5];
+        m.read_phys(GuestPhys(0x1000), &mut b).unwrap();
+        assert_eq!(b, [0xe9, 1, 2, 3, 4]);
+        assert_ne!(hash_ranges(&m, &[(0, 0x10000)]).unwrap(), h0);
+        // Committing again fails: the expectations no longer hold.
+        assert!(matches!(p.commit(&m), Err(WriteError::Mismatch { .. })));
+        undo.commit(&m).unwrap();
+        assert_eq!(snapshot(&m), before);
+        assert_eq!(hash_ranges(&m, &[(0, 0x10000)]).unwrap(), h0);
+    }
+
+    /// The allow-list's own test: a plan that also targets other memory
+    /// (kernel text next to a site, a PMD slot the arena does not own, a
+    /// range straddling the arena's end) is refused whole.
+    #[test]
+    fn crafted_plan_outside_the_allow_list_writes_nothing() {
+        let m = guest();
+        let before = snapshot(&m);
+        let h0 = hash_ranges(&m, &[(0, 0x10000)]).unwrap();
+        let legit = Write::read_expect(&m, 0x8000, vec![1; 64], "arena code").unwrap();
+        for (gpa, len, label) in [
+            (0x1005u64, 1usize, "byte after a site"),
+            (0xffc, 5, "straddles a site's start"),
+            (0x3000 + 455 * 8, 8, "PMD slot not owned"),
+            (0xbffc, 8, "straddles the arena's end"),
+            (0x5000, 4096, "kernel data"),
+        ] {
+            let mut p = Plan::new(allowed());
+            p.push(legit.clone());
+            p.push(Write::read_expect(&m, gpa, vec![0xcc; len], label).unwrap());
+            let e = p.commit(&m).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, WriteError::Outside { .. }), "{label}: {msg}");
+            assert!(
+                msg.contains(&format!("{gpa:#x}")) && msg.contains(label) && msg.contains("arena"),
+                "{msg}"
+            );
+            assert_eq!(snapshot(&m), before, "{label}: nothing written");
+        }
+        assert_eq!(hash_ranges(&m, &[(0, 0x10000)]).unwrap(), h0);
+        // An empty allow-list allows nothing.
+        let mut p = Plan::new(Vec::new());
+        p.push(legit);
+        assert!(p.commit(&m).unwrap_err().to_string().contains("empty"));
+    }
+
+    #[test]
+    fn expectation_mismatch_writes_nothing() {
+        let m = guest();
+        let mut p = Plan::new(allowed());
+        p.push(Write::read_expect(&m, 0x8000, vec![1; 8], "first").unwrap());
+        let mut site = Write::read_expect(&m, 0x1000, vec![0xe9, 0, 0, 0, 0], "site f").unwrap();
+        site.expect = vec![0x0f, 0x1f, 0x44, 0, 0];
+        p.push(site);
+        let before = snapshot(&m);
+        let e = p.commit(&m).unwrap_err();
+        assert!(matches!(e, WriteError::Mismatch { .. }));
+        assert!(e.to_string().contains("0f 1f 44 00 00"), "{e}");
+        assert_eq!(snapshot(&m), before);
+    }
+
+    #[test]
+    fn overlapping_and_malformed_writes_are_refused() {
+        let m = guest();
+        let mut p = Plan::new(allowed());
+        p.push(Write::read_expect(&m, 0x8000, vec![1; 16], "a").unwrap());
+        p.push(Write::read_expect(&m, 0x800f, vec![2; 4], "b").unwrap());
+        assert!(matches!(p.check(&m), Err(WriteError::Overlap { .. })));
+        let mut p = Plan::new(allowed());
+        p.push(Write::new(0x8000, vec![1; 4], vec![0; 3], "short expect"));
+        assert!(matches!(p.check(&m), Err(WriteError::Malformed { .. })));
+        let mut p = Plan::new(allowed());
+        p.push(Write::new(u64::MAX - 1, vec![1; 4], vec![0; 4], "wraps"));
+        assert!(matches!(p.check(&m), Err(WriteError::Malformed { .. })));
+        let mut p = Plan::new(allowed());
+        p.push(Write::new(0x8000, Vec::new(), Vec::new(), "empty"));
+        assert!(matches!(p.check(&m), Err(WriteError::Malformed { .. })));
+    }
+
+    #[test]
+    fn hash_depends_on_content_and_split() {
+        let m = guest();
+        let a = hash_ranges(&m, &[(0, 0x2000)]).unwrap();
+        let b = hash_ranges(&m, &[(0, 0x1000), (0x1000, 0x1000)]).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.to_string().len(), 64);
+        assert!(hash_ranges(&m, &[(0xf000, 0x2000)]).is_err());
+    }
+}

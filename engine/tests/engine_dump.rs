@@ -1,0 +1,561 @@
+//! The engine end to end on a real guest's memory, offline: real livepatch
+//! modules (kbuild, guest-images/patches) applied to the QEMU dump through
+//! a copy-on-write overlay with a synthetic arena. Checks what the guest
+//! would execute: the old entry jumps to linked code whose own calls land
+//! on the guest's functions; disable and replace restore exactly.
+#![forbid(unsafe_code)]
+
+use klpvisor_api::PatchState;
+use klpvisor_engine::engine::{Engine, EngineError, Fault};
+use klpvisor_guest::overlay::Overlay;
+use klpvisor_guest::Guest;
+use klpvisor_guest::GuestPhys;
+use klpvisor_guest::VirtRead;
+
+mod common;
+
+use common::{dump as fixture, ko, ARENA};
+
+fn entry_bytes<M: VirtRead>(mem: &M, va: u64) -> [u8; 5] {
+    let mut b = [0u8; 5];
+    mem.read_virt(va, &mut b).unwrap();
+    b
+}
+
+/// The klpv-v1/v2 functions f, g and h: task_mem, proc_task_name,
+/// cpuset_task_status_allowed.
+fn klpv_funcs(k: &klpvisor_guest::Kernel) -> [u64; 3] {
+    ["task_mem", "proc_task_name", "cpuset_task_status_allowed"]
+        .map(|n| k.kallsyms.resolve(n, 0).unwrap())
+}
+
+fn state(e: &Engine, name: &str) -> PatchState {
+    e.list()
+        .into_iter()
+        .find(|p| p.name == name)
+        .map(|p| p.state)
+        .unwrap_or_else(|| panic!("no patch {name}"))
+}
+
+/// Commits a prepared transition that must succeed.
+fn go<G: Guest + ?Sized>(
+    e: &mut Engine,
+    k: &klpvisor_guest::Kernel,
+    g: &G,
+    p: Result<klpvisor_engine::engine::Prepared, EngineError>,
+) -> klpvisor_engine::engine::Committed {
+    let p = p.unwrap_or_else(|err| panic!("{err}"));
+    e.commit(k, g, &p).unwrap_or_else(|err| panic!("{err}"))
+}
+
+#[test]
+fn sample_applies_disables_and_reapplies_exactly() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let old = k.kallsyms.resolve("cmdline_proc_show", 0).unwrap();
+    let original = entry_bytes(&k.space(&g), old);
+    let mut e = Engine::default();
+
+    let p = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    assert!(g.write_log().is_empty(), "prepare writes nothing");
+    let done = e.commit(k, &g, &p).unwrap();
+    assert_eq!(done.name, "livepatch_sample");
+    let info = done.patch.as_ref().unwrap();
+    assert_eq!(info.state, PatchState::Enabled);
+    let func = &info.funcs[0];
+    assert_eq!(
+        (func.name.as_str(), func.old_addr.0),
+        ("cmdline_proc_show", old)
+    );
+    assert!(func.live);
+
+    // The entry now jumps to the new function, mapped executable in the
+    // arena; the new function's own fentry call is a nop.
+    let space = k.space(&g);
+    let at = func.site.0;
+    let jmp = entry_bytes(&space, at);
+    assert_eq!(jmp[0], 0xe9);
+    let rel = i32::from_le_bytes(jmp[1..5].try_into().unwrap());
+    assert_eq!(
+        at.wrapping_add(5).wrapping_add(rel as i64 as u64),
+        func.new_addr.0
+    );
+    let t = space.translate(func.new_addr.0).unwrap();
+    assert!((ARENA.0..ARENA.0 + ARENA.1).contains(&t.phys));
+    // (After the ENDBR64 kbuild puts first in an IBT kernel's modules.)
+    let new_entry = entry_bytes(&space, func.new_addr.0);
+    let fentry_at = if new_entry[..4] == [0xf3, 0x0f, 0x1e, 0xfa] {
+        func.new_addr.0 + 4
+    } else {
+        func.new_addr.0
+    };
+    assert_eq!(
+        entry_bytes(&space, fentry_at),
+        [0x0f, 0x1f, 0x44, 0x00, 0x00]
+    );
+
+    // Disable: the original bytes, the patch listed as disabled.
+    let p = e.prepare_disable(k, &g, "livepatch_sample", false).unwrap();
+    e.commit(k, &g, &p).unwrap();
+    assert_eq!(entry_bytes(&space, old), original);
+    let l = e.list();
+    assert_eq!(l[0].state, PatchState::Disabled);
+    assert!(!l[0].funcs[0].live);
+
+    // Enable again, then remove is refused while enabled.
+    let p = e.prepare_enable(k, &g, "livepatch_sample", false).unwrap();
+    e.commit(k, &g, &p).unwrap();
+    assert_eq!(entry_bytes(&space, at), jmp);
+    let err = e.remove("livepatch_sample").unwrap_err();
+    assert_eq!(err.kind(), Fault::State);
+
+    // Duplicate name refused, nothing written.
+    let before = g.write_log().len();
+    let err = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap_err();
+    assert_eq!(err.kind(), Fault::State, "{err}");
+    assert_eq!(g.write_log().len(), before);
+}
+
+#[test]
+fn replace_patch_takes_over_and_bad_modules_change_nothing() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let mut e = Engine::default();
+    let sample_old = k.kallsyms.resolve("cmdline_proc_show", 0).unwrap();
+    let original = entry_bytes(&k.space(&g), sample_old);
+    let p = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    e.commit(k, &g, &p).unwrap();
+
+    // hot-getppid is a replace patch: cmdline_proc_show goes back to the
+    // original, getppid is redirected, the sample ends replaced.
+    let p = e.prepare_apply(k, &g, &ko("hot-getppid"), false).unwrap();
+    // Its callbacks are planned (pre_patch before the switch; it has no
+    // post_patch); the replaced sample's would not run, it has none.
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+    let pre: Vec<_> = p.calls().pre().into_iter().map(|c| c.kind).collect();
+    assert_eq!(pre, [klpvisor_engine::callback::Kind::PrePatch]);
+    assert!(p.calls().post().is_empty());
+    e.commit(k, &g, &p).unwrap();
+    assert_eq!(entry_bytes(&k.space(&g), sample_old), original);
+    let l = e.list();
+    assert_eq!(l[0].state, PatchState::Replaced);
+    assert_eq!(l[1].state, PatchState::Enabled);
+    assert!(l[1].replace);
+    assert!(l[1].funcs.iter().all(|f| f.live));
+    // The replaced patch can be removed; no stack references its code, so
+    // the next sweep frees its arena space.
+    e.remove("livepatch_sample").unwrap();
+    assert_eq!(e.retired().len(), 1);
+    assert_eq!(e.sweep(k, &g).unwrap(), vec!["livepatch_sample"]);
+    assert!(e.retired().is_empty());
+
+    // Bad modules: a clear error, no write.
+    let writes = g.write_log().len();
+    for (name, fault) in [
+        ("bad-noold", Fault::Module),
+        ("bad-ambiguous", Fault::Module),
+        ("bad-sympos", Fault::Module),
+        ("bad-extable", Fault::Module),
+        ("bad-module-object", Fault::Module),
+        ("not-livepatch", Fault::Module),
+    ] {
+        let err: EngineError = e.prepare_apply(k, &g, &ko(name), false).unwrap_err();
+        assert_eq!(err.kind(), fault, "{name}: {err}");
+        eprintln!("{name}: {err}");
+    }
+    let err = e.prepare_apply(k, &g, b"not an elf", false).unwrap_err();
+    assert_eq!(err.kind(), Fault::Module);
+    assert_eq!(g.write_log().len(), writes, "refusals wrote nothing");
+}
+
+/// Code of a removed patch stays allocated while a task's stack holds an
+/// address inside it (forced transitions skip the check that would have
+/// waited), and is freed by the first sweep after the stack moved on.
+#[test]
+fn retired_code_is_freed_only_when_no_stack_references_it() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let mut e = Engine::default();
+    let p = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    let new = e.commit(k, &g, &p).unwrap().patch.unwrap().funcs[0]
+        .new_addr
+        .0;
+    let p = e.prepare_disable(k, &g, "livepatch_sample", true).unwrap();
+    e.commit(k, &g, &p).unwrap();
+
+    // A sleeping task "was preempted inside" the new function: the return
+    // address its switch frame resumes at (inactive_task_frame.ret_addr,
+    // 6 words above thread.sp) is in it. No ORC data covers patch code, so
+    // the stack is scanned and the word found.
+    let tasks = k.tasks(&f.guest).unwrap();
+    let sleeper = tasks
+        .iter()
+        .find(|t| t.running.is_none() && !t.on_cpu && t.exit_state == 0 && t.pid > 1)
+        .expect("a sleeping task");
+    let slot = k.space(&g).translate(sleeper.saved_sp + 48).unwrap().phys;
+    let mut saved = [0u8; 8];
+    g.read_phys(GuestPhys(slot), &mut saved).unwrap();
+    g.write_phys(GuestPhys(slot), &(new + 4).to_le_bytes())
+        .unwrap();
+
+    e.remove("livepatch_sample").unwrap();
+    assert!(e.sweep(k, &g).unwrap().is_empty(), "referenced: kept");
+    assert_eq!(e.retired()[0].name, "livepatch_sample");
+
+    g.write_phys(GuestPhys(slot), &saved).unwrap();
+    assert_eq!(e.sweep(k, &g).unwrap(), vec!["livepatch_sample"]);
+    assert!(e.retired().is_empty());
+}
+
+/// The cumulative-replace scenario of klpv-v1/v2 (f = task_mem,
+/// g = proc_task_name, h = cpuset_task_status_allowed), on real memory:
+/// after v2 exactly f and h are redirected and g's entry is byte-identical
+/// to the kernel's; downgrade to v1 (cumulative) and back; a patch a forced
+/// transition replaced cannot come back.
+#[test]
+fn cumulative_replace_downgrade_and_forced_replace() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let space = k.space(&g);
+    let [tf, tg, th] = klpv_funcs(k);
+    let original = |a| entry_bytes(&space, a);
+    let (of, og, oh) = (original(tf), original(tg), original(th));
+    let live = |e: &Engine| -> Vec<(u64, String)> {
+        e.live()
+            .into_iter()
+            .map(|l| (l.old_addr.0, l.patch))
+            .collect()
+    };
+    let mut e = Engine::default();
+
+    let p = e.prepare_apply(k, &g, &ko("klpv-v1"), false);
+    go(&mut e, k, &g, p);
+    let mut want = vec![(tf, "klpv_v1".to_owned()), (tg, "klpv_v1".to_owned())];
+    want.sort();
+    assert_eq!(live(&e), want);
+    assert_eq!(entry_bytes(&space, th), oh);
+
+    let p = e.prepare_apply(k, &g, &ko("klpv-v2"), false);
+    go(&mut e, k, &g, p);
+    let mut want = vec![(tf, "klpv_v2".to_owned()), (th, "klpv_v2".to_owned())];
+    want.sort();
+    assert_eq!(live(&e), want);
+    assert_eq!(entry_bytes(&space, tg), og, "g is the kernel's again");
+    assert_ne!(entry_bytes(&space, tf), of);
+    assert_eq!(state(&e, "klpv_v1"), PatchState::Replaced);
+    e.remove("klpv_v1").unwrap();
+
+    // Downgrade to the cumulative v1 and back to v2.
+    let p = e.prepare_apply(k, &g, &ko("klpv-v1r"), false);
+    go(&mut e, k, &g, p);
+    let mut want = vec![(tf, "klpv_v1r".to_owned()), (tg, "klpv_v1r".to_owned())];
+    want.sort();
+    assert_eq!(live(&e), want);
+    assert_eq!(entry_bytes(&space, th), oh, "h is the kernel's again");
+    assert_eq!(state(&e, "klpv_v2"), PatchState::Replaced);
+    let p = e.prepare_enable(k, &g, "klpv_v2", false);
+    go(&mut e, k, &g, p);
+    assert_eq!(state(&e, "klpv_v1r"), PatchState::Replaced);
+    assert_eq!(entry_bytes(&space, tg), og);
+
+    // v1r brought back by force replaces v2 by force: v2 may still run on
+    // some stack, so enabling it again is refused, as klp refuses it.
+    let p = e.prepare_enable(k, &g, "klpv_v1r", true);
+    go(&mut e, k, &g, p);
+    let err = e.prepare_enable(k, &g, "klpv_v2", false).unwrap_err();
+    assert_eq!(err.kind(), Fault::State);
+    assert!(err.to_string().contains("forced"), "{err}");
+
+    // Disable everything: every entry is the kernel's again.
+    let p = e.prepare_disable(k, &g, "klpv_v1r", false);
+    go(&mut e, k, &g, p);
+    assert!(e.live().is_empty());
+    assert_eq!((original(tf), original(tg), original(th)), (of, og, oh));
+}
+
+/// klp's system-state rule (klp_is_patch_compatible): hot-getppid (replace)
+/// introduces state 1 at version 2. A replace patch without state 1, or
+/// with it at version 1, is refused with nothing written; a non-replace
+/// patch need not carry it; the same state at a higher version upgrades.
+#[test]
+fn system_states_refuse_incompatible_patches_and_accept_upgrades() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let mut e = Engine::default();
+    let p = e.prepare_apply(k, &g, &ko("state-v1"), false).unwrap();
+    e.commit(k, &g, &p).unwrap();
+    // Upgrade: state 1 at version 2, replacing state-v1.
+    let p = e.prepare_apply(k, &g, &ko("hot-getppid"), false).unwrap();
+    e.commit(k, &g, &p).unwrap();
+    let writes = g.write_log().len();
+    // Going back to the replaced state-v1 is a downgrade: refused.
+    let err = e.prepare_enable(k, &g, "state_v1", false).unwrap_err();
+    assert_eq!(err.kind(), Fault::State, "{err}");
+    assert!(err.to_string().contains("older than"), "{err}");
+    // So is loading it afresh once the replaced record is gone.
+    e.remove("state_v1").unwrap();
+    for (module, want) in [
+        ("klpv-v2", "does not carry system state 1 (version 2)"),
+        (
+            "state-v1",
+            "system state 1 at version 1, older than `hot_getppid`'s version 2",
+        ),
+    ] {
+        let err = e.prepare_apply(k, &g, &ko(module), false).unwrap_err();
+        assert_eq!(err.kind(), Fault::State, "{err}");
+        assert!(err.to_string().contains(want), "{module}: {err}");
+    }
+    assert_eq!(g.write_log().len(), writes, "nothing written");
+    // A non-replace patch without the state stacks fine.
+    let p = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    e.commit(k, &g, &p).unwrap();
+}
+
+/// Rollback: back before v2 (v1 enabled again, although a replace
+/// disabled it, v2 kept but disabled), undo that rollback, then back to
+/// before the first transition: every entry byte as it was at each point.
+#[test]
+fn rollback_returns_every_entry_to_an_earlier_point() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let space = k.space(&g);
+    let funcs = klpv_funcs(k);
+    let entries = || funcs.map(|a| entry_bytes(&space, a));
+    let mut e = Engine::default();
+    let original = entries();
+    let p = e.prepare_apply(k, &g, &ko("klpv-v1"), false);
+    go(&mut e, k, &g, p);
+    let with_v1 = entries();
+    let p = e.prepare_apply(k, &g, &ko("klpv-v2"), false);
+    go(&mut e, k, &g, p);
+    let with_v2 = entries();
+    assert_ne!(with_v1, with_v2);
+    assert_eq!(with_v2[1], original[1], "v2 reverted g");
+
+    // Undo the last transition (v2's apply).
+    let p = e.prepare_rollback(k, &g, None, false);
+    let c = go(&mut e, k, &g, p);
+    assert_eq!(c.seq, 3);
+    assert_eq!(entries(), with_v1);
+    assert_eq!(state(&e, "klpv_v1"), PatchState::Enabled);
+    assert_eq!(state(&e, "klpv_v2"), PatchState::Disabled);
+    // Undo the rollback: v2 on top of a replaced v1 again.
+    let p = e.prepare_rollback(k, &g, Some(3), false);
+    go(&mut e, k, &g, p);
+    assert_eq!(entries(), with_v2);
+    assert_eq!(state(&e, "klpv_v1"), PatchState::Replaced);
+    assert_eq!(state(&e, "klpv_v2"), PatchState::Enabled);
+    // Before everything: the kernel's own entries, both patches loaded.
+    let p = e.prepare_rollback(k, &g, Some(1), false);
+    go(&mut e, k, &g, p);
+    assert_eq!(entries(), original);
+    assert!(e.live().is_empty());
+    let h = e.history();
+    assert_eq!(
+        h.iter().map(|h| h.action.as_str()).collect::<Vec<_>>(),
+        ["apply", "apply", "rollback", "rollback", "rollback"]
+    );
+    assert_eq!(h[2].before.len(), 2);
+
+    // Unknown transition; a patch removed since cannot come back.
+    let err = e.prepare_rollback(k, &g, Some(99), false).unwrap_err();
+    assert_eq!(err.kind(), Fault::NotFound, "{err}");
+    e.remove("klpv_v1").unwrap();
+    let writes = g.write_log().len();
+    let err = e.prepare_rollback(k, &g, Some(2), false).unwrap_err();
+    assert!(err.to_string().contains("has since been removed"), "{err}");
+    assert_eq!(g.write_log().len(), writes, "nothing written");
+}
+
+/// klp callbacks on the real kernel's memory: the call gate installs (the
+/// IDT's irq_work vector checked, layouts from BTF), a transition lists
+/// the callbacks in klp's order, and sending one writes exactly the
+/// mailbox, the gate's irq_work and CPU 0's raised_list head — the guest
+/// (which does not run here) would take it from there.
+#[test]
+fn callbacks_are_ordered_and_sent_through_the_gate() {
+    if common::skip_without_dump() {
+        return;
+    }
+    use klpvisor_engine::callback::Kind;
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let mut e = Engine::default();
+    let kinds = |calls: Vec<klpvisor_engine::callback::Call>| -> Vec<(String, Kind)> {
+        calls.into_iter().map(|c| (c.patch, c.kind)).collect()
+    };
+
+    assert!(e.install_gate(k, &g).unwrap(), "installs once");
+    assert!(!e.install_gate(k, &g).unwrap(), "and only once");
+    let after_gate = g.write_log().len();
+
+    let p = e.prepare_apply(k, &g, &ko("callbacks-v1"), false).unwrap();
+    assert_eq!(
+        kinds(p.calls().pre()),
+        [("callbacks_v1".to_string(), Kind::PrePatch)]
+    );
+    assert_eq!(
+        kinds(p.calls().post()),
+        [("callbacks_v1".to_string(), Kind::PostPatch)]
+    );
+    // The load splits off; what stays is the one entry write.
+    let mut p = p;
+    let total = p.bytes();
+    let load = p.take_load();
+    assert!(!load.is_empty());
+    assert_eq!(p.bytes(), total, "the load still counts");
+    load.commit(&g).unwrap();
+    let pre = p.calls().pre();
+    let call = &pre[0];
+    let func = call.func.unwrap();
+    let object = call.object;
+
+    // The gate only calls the patch's own loaded code.
+    let before = g.write_log().len();
+    let mut bad = call.clone();
+    bad.func = Some(k.kallsyms.addr("panic").unwrap());
+    let err = e.arm_call(k, &g, &p, &bad).unwrap_err();
+    assert!(
+        err.to_string().contains("not in that patch's loaded code"),
+        "{err}"
+    );
+    assert_eq!(g.write_log().len(), before);
+
+    // Sending pre_patch: four writes, one of them CPU 0's raised_list.
+    let before = g.write_log().len();
+    let armed = e.arm_call(k, &g, &p, call).unwrap();
+    assert_eq!((armed.vcpu, armed.seq), (0, 1));
+    let log = g.write_log();
+    assert_eq!(log.len() - before, 4, "{:?}", &log[before..]);
+    let space = k.space(&g);
+    let bases = klpvisor_guest::Tasks::from_kernel(&k.kallsyms, &k.btf)
+        .unwrap()
+        .per_cpu_bases(&space)
+        .unwrap();
+    let cpu = bases.iter().find(|(c, _)| *c == armed.cpu).unwrap().1;
+    let head = cpu + k.kallsyms.addr("raised_list").unwrap();
+    let node = space.read_u64(head).unwrap();
+    // The node is the gate's irq_work, claimed, with func = the gate code
+    // and the mailbox naming the callback and its klp_object.
+    let node_func = space
+        .read_u64(node + k.btf.offset_of("irq_work.func").unwrap())
+        .unwrap();
+    let flags = space
+        .read_u32(node + k.btf.offset_of("irq_work.node.u_flags").unwrap())
+        .unwrap();
+    assert_eq!(flags, 3, "PENDING | BUSY");
+    let mut code = [0u8; 4];
+    space.read_virt(node_func, &mut code).unwrap();
+    assert_eq!(code, [0xf3, 0x0f, 0x1e, 0xfa], "the gate's irq function");
+    let mailbox = node + 256;
+    assert_eq!(space.read_u64(mailbox).unwrap(), 1, "seq");
+    assert_eq!(space.read_u64(mailbox + 8).unwrap(), 1, "armed");
+    assert_eq!(space.read_u64(mailbox + 16).unwrap(), func);
+    assert_eq!(space.read_u64(mailbox + 24).unwrap(), object);
+    assert_eq!(
+        e.poll_call(&g, &armed).unwrap(),
+        klpvisor_engine::callback::gate::Progress::Armed
+    );
+    // A second call while this one is in the guest is refused, unwritten.
+    let before = g.write_log().len();
+    let err = e.arm_call(k, &g, &p, call).unwrap_err();
+    assert!(err.to_string().contains("still in the guest"), "{err}");
+    assert_eq!(g.write_log().len(), before);
+    // (The gate's pages came before the patch's: preparing after the gate
+    // kept them.)
+    assert!(after_gate > 0);
+
+    // Disabling runs the unpatch pair; a replace runs only its own.
+    e.commit(k, &g, &p).unwrap();
+    let d = e.prepare_disable(k, &g, "callbacks_v1", false).unwrap();
+    assert_eq!(
+        kinds(d.calls().pre()),
+        [("callbacks_v1".to_string(), Kind::PreUnpatch)]
+    );
+    let r = e.prepare_apply(k, &g, &ko("callbacks-v2"), false).unwrap();
+    assert_eq!(
+        kinds(r.calls().pre()),
+        [("callbacks_v2".to_string(), Kind::PrePatch)],
+        "the replaced patch's callbacks do not run"
+    );
+}
+
+/// A signed module, checked the way the VMM checks it: the engine gets
+/// exactly the module kbuild wrote (every byte the same, so the same
+/// writes land) and the patch records how it was signed.
+#[test]
+fn signed_module_applies_stripped_and_lists_its_signature() {
+    if common::skip_without_dump() {
+        return;
+    }
+    use klpvisor_engine::signature::{sign, Policy, SecretKey, TrustedKeys};
+    let f = fixture();
+    let k = &f.kernel;
+    let key = SecretKey::from_seed([7; 32]);
+    let module = ko("livepatch-sample");
+    let signed = sign(&module, &key).unwrap();
+    let policy = Policy::RequireSigned(TrustedKeys::from_keys([(
+        key.public(),
+        "release.pub".to_owned(),
+    )]));
+    let checked = policy.check(&signed).unwrap();
+    assert_eq!(checked.module, &module[..], "the parser sees the original");
+
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let mut e = Engine::default();
+    let mut p = e.prepare_apply(k, &g, checked.module, false).unwrap();
+    p.set_signature(checked.provenance.to_string());
+    let done = e.commit(k, &g, &p).unwrap();
+    let want = format!("verified: {} (release.pub)", key.id());
+    assert_eq!(done.patch.unwrap().signature, want);
+    assert_eq!(e.list()[0].signature, want);
+
+    // The same writes as the unsigned module's.
+    let plain = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let mut e2 = Engine::default();
+    let p2 = e2.prepare_apply(k, &plain, &module, false);
+    go(&mut e2, k, &plain, p2);
+    assert_eq!(g.write_log(), plain.write_log());
+    for (gpa, len) in g.write_log() {
+        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+        g.read_phys(GuestPhys(gpa), &mut a).unwrap();
+        plain.read_phys(GuestPhys(gpa), &mut b).unwrap();
+        assert_eq!(a, b, "bytes written at {gpa:#x}");
+    }
+    assert_eq!(e2.list()[0].signature, "unsigned");
+}

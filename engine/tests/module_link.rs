@@ -1,0 +1,679 @@
+//! Parsing and linking real livepatch modules against a real guest, offline.
+//!
+//! The modules are built from guest-images/patches/ by
+//! guest-images/build-livepatch (kbuild against the guest kernel's Debian
+//! headers; cached in build/patches), the guest is the memory dump of
+//! guest-images/dump-guest (cached in build/dump), as in dump_introspect.rs.
+//! Every module is parsed with the dump's BTF and release and linked
+//! against the dump's kallsyms; the results are checked against the
+//! guest's own /proc/kallsyms.
+#![forbid(unsafe_code)]
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+use klpvisor_engine::link::{self, Bases, LinkError, LinkOptions, Linked, NOP5};
+use klpvisor_engine::module::{Module, ModuleError, RelocKind, Segment};
+use klpvisor_guest::{DumpGuest, Kernel, VirtRead};
+
+struct Fixture {
+    guest: DumpGuest,
+    kernel: Kernel,
+    release: String,
+    kallsyms_txt: String,
+}
+
+mod common;
+
+use common::{guest_suffix, ko, open_dump, root};
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let (dir, guest, kernel) = open_dump();
+        // The guest's `uname -r`, from its own memory.
+        let space = kernel.space(&guest);
+        let uts = kernel.kallsyms.addr("init_uts_ns").unwrap();
+        let off = kernel.btf.offset_of("uts_namespace.name.release").unwrap();
+        let raw = space.read_vec(uts + off, 65, 65, "release").unwrap();
+        let release =
+            String::from_utf8_lossy(&raw[..raw.iter().position(|&b| b == 0).unwrap()]).into_owned();
+        let kver =
+            std::fs::read_to_string(root().join(format!("build/guest{}/kver", guest_suffix())))
+                .unwrap();
+        assert_eq!(release, kver.trim(), "the dump runs build/guest's kernel");
+        let kallsyms_txt = std::fs::read_to_string(dir.join("kallsyms.txt")).unwrap();
+        Fixture {
+            guest,
+            kernel,
+            release,
+            kallsyms_txt,
+        }
+    })
+}
+
+/// Every address the guest's /proc/kallsyms gives `name`, in order.
+fn proc_addrs(f: &Fixture, name: &str) -> Vec<u64> {
+    f.kallsyms_txt
+        .lines()
+        .filter(|l| !l.contains('[') && l.split(' ').nth(2) == Some(name))
+        .map(|l| u64::from_str_radix(l.split(' ').next().unwrap(), 16).unwrap())
+        .collect()
+}
+
+fn parse(f: &Fixture, name: &str) -> Result<Module, ModuleError> {
+    Module::parse(&ko(name), &f.kernel.btf, &f.release)
+}
+
+/// Addresses like the arena's: just past the kernel image, 2 MiB aligned,
+/// within rel32 reach of all kernel text.
+fn bases(f: &Fixture, m: &Module) -> Bases {
+    let end = f.kernel.kallsyms.addr("_end").unwrap();
+    let text = end.next_multiple_of(2 << 20);
+    let l = m.layout();
+    Bases {
+        text,
+        rodata: text + l.text,
+        data: text + l.text + l.rodata,
+    }
+}
+
+fn options(f: &Fixture) -> LinkOptions {
+    let space = f.kernel.space(&f.guest);
+    let thunk = link::guest_return_thunk(&space, &f.kernel.kallsyms).unwrap();
+    LinkOptions {
+        return_thunk: thunk,
+        plain_returns: link::guest_plain_returns(&space, &f.kernel.kallsyms, thunk),
+    }
+}
+
+fn link_ok(f: &Fixture, m: &Module) -> Linked {
+    link::link(m, &f.kernel.kallsyms, bases(f, m), &options(f)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Decodes every relocated field back and compares it with its target.
+fn check_relocations(f: &Fixture, m: &Module, l: &Linked) {
+    let o = options(f);
+    let thunk = o.return_thunk;
+    for (i, r) in m.relocs.iter().enumerate() {
+        let p = l.va(r.place).unwrap();
+        if o.plain_returns && m.return_jumps.contains(&i) {
+            // A plain `ret` replaced the jmp and its rel32.
+            assert_eq!(l.read(p - 1, 5).unwrap(), [0xc3, 0xcc, 0xcc, 0xcc, 0xcc]);
+            continue;
+        }
+        let s = if m.return_jumps.contains(&i) {
+            thunk.unwrap()
+        } else {
+            l.symbol_value(m, r.symbol).unwrap()
+        };
+        let want = s.wrapping_add_signed(r.addend);
+        let b = l.read(p, r.kind.width()).unwrap();
+        let got = match r.kind {
+            RelocKind::Abs64 => u64::from_le_bytes(b.try_into().unwrap()),
+            RelocKind::Abs32 => u64::from(u32::from_le_bytes(b.try_into().unwrap())),
+            RelocKind::Abs32S => i32::from_le_bytes(b.try_into().unwrap()) as i64 as u64,
+            RelocKind::Pc32 | RelocKind::Plt32 => {
+                p.wrapping_add_signed(i64::from(i32::from_le_bytes(b.try_into().unwrap())))
+            }
+        };
+        assert_eq!(
+            got,
+            want,
+            "{:?} at {} for `{}`",
+            r.kind,
+            m.describe(r.place),
+            m.symbols[r.symbol].name
+        );
+    }
+}
+
+/// The target of the `call rel32` (e8) whose relocation names `symbol`.
+fn call_targets(m: &Module, l: &Linked, symbol: &str) -> Vec<u64> {
+    m.relocs
+        .iter()
+        .filter(|r| m.symbols[r.symbol].name == symbol && r.kind.pc_relative())
+        .map(|r| {
+            let p = l.va(r.place).unwrap();
+            assert_eq!(l.read(p - 1, 1).unwrap(), [0xe8], "a call");
+            let rel = i32::from_le_bytes(l.read(p, 4).unwrap().try_into().unwrap());
+            (p + 4).wrapping_add_signed(i64::from(rel))
+        })
+        .collect()
+}
+
+#[test]
+fn sample_parses_links_and_resolves() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let m = parse(f, "livepatch-sample").unwrap_or_else(|e| panic!("{e}"));
+    let p = &m.patch;
+    assert_eq!(p.name, "livepatch_sample");
+    assert!(!p.replace);
+    assert!(p.states.is_empty());
+    assert_eq!(p.objects.len(), 1);
+    let o = &p.objects[0];
+    assert_eq!(o.name, None, "vmlinux");
+    assert_eq!(o.callbacks, Default::default());
+    assert_eq!(o.funcs.len(), 1);
+    assert_eq!(o.funcs[0].old_name, "cmdline_proc_show");
+    assert_eq!(o.funcs[0].old_sympos, 0);
+    assert_eq!(
+        o.funcs[0].new_func.symbol.as_deref(),
+        Some("livepatch_cmdline_proc_show")
+    );
+    let layout = m.layout();
+    assert!(layout.text > 0 && layout.rodata > 0 && layout.data > 0);
+    assert!([layout.text, layout.rodata, layout.data]
+        .iter()
+        .all(|s| s % 4096 == 0));
+
+    let l = link_ok(f, &m);
+    assert_eq!(l.funcs.len(), 1);
+    assert_eq!(l.funcs[0].old_addr, proc_addrs(f, "cmdline_proc_show")[0]);
+    let b = bases(f, &m);
+    assert!((b.text..b.text + layout.text).contains(&l.funcs[0].new_addr));
+    assert_eq!(l.text.bytes.len() as u64, layout.text);
+    assert_eq!(
+        [l.text.va, l.rodata.va, l.data.va],
+        [b.text, b.rodata, b.data]
+    );
+
+    check_relocations(f, &m, &l);
+    // The call to seq_printf lands on the guest's seq_printf.
+    assert_eq!(
+        call_targets(&m, &l, "seq_printf"),
+        proc_addrs(f, "seq_printf")
+    );
+    // The string the new function prints is in rodata, reachable by 32S.
+    let s = b"this has been live patched";
+    assert!(l.rodata.bytes.windows(s.len()).any(|w| w == s));
+
+    // Every function's `call __fentry__` is now the ftrace nop.
+    assert_eq!(
+        m.fentry_sites.len(),
+        3,
+        "livepatch_init, livepatch_exit and the new function"
+    );
+    assert_eq!(l.fentry_nops.len(), m.fentry_sites.len());
+    // (After the ENDBR64 that starts it in an IBT kernel's modules.)
+    let new = l.funcs[0].new_addr;
+    assert!(l.fentry_nops.contains(&new) || l.fentry_nops.contains(&(new + 4)));
+    for &va in &l.fentry_nops {
+        assert_eq!(l.read(va, 5).unwrap(), NOP5);
+    }
+    // No relocation is left against __fentry__.
+    assert!(!m
+        .relocs
+        .iter()
+        .any(|r| m.symbols[r.symbol].name == "__fentry__"));
+
+    // Return sites jump to the guest's chosen return thunk (6.1), or are
+    // plain `ret`s where the default thunk warns (6.12 on this CPU).
+    let o = options(f);
+    let thunk = o.return_thunk.expect("the guest has x86_return_thunk");
+    eprintln!("{}: plain returns {}", f.release, o.plain_returns);
+    assert!(!m.return_jumps.is_empty());
+    for &i in &m.return_jumps {
+        let p = l.va(m.relocs[i].place).unwrap();
+        if o.plain_returns {
+            assert_eq!(l.read(p - 1, 5).unwrap(), [0xc3, 0xcc, 0xcc, 0xcc, 0xcc]);
+            continue;
+        }
+        assert_eq!(l.read(p - 1, 1).unwrap(), [0xe9]);
+        let rel = i32::from_le_bytes(l.read(p, 4).unwrap().try_into().unwrap());
+        assert_eq!((p + 4).wrapping_add_signed(i64::from(rel)), thunk);
+    }
+    eprintln!(
+        "sample: layout {layout:?}, {} relocations, {} fentry nops, {} return sites, \
+         x86_return_thunk {thunk:#x} (__x86_return_thunk {:#x})",
+        m.relocs.len(),
+        l.fentry_nops.len(),
+        m.return_jumps.len(),
+        proc_addrs(f, "__x86_return_thunk")[0]
+    );
+
+    // Without the guest's thunk the jumps stay on __x86_return_thunk.
+    let plain = link::link(&m, &f.kernel.kallsyms, b, &LinkOptions::default()).unwrap();
+    for &i in &m.return_jumps {
+        let p = plain.va(m.relocs[i].place).unwrap();
+        let rel = i32::from_le_bytes(plain.read(p, 4).unwrap().try_into().unwrap());
+        assert_eq!(
+            (p + 4).wrapping_add_signed(i64::from(rel)),
+            proc_addrs(f, "__x86_return_thunk")[0]
+        );
+    }
+}
+
+#[test]
+fn hot_patch_has_replace_states_callbacks_and_percpu() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let m = parse(f, "hot-getppid").unwrap_or_else(|e| panic!("{e}"));
+    let p = &m.patch;
+    assert_eq!(p.name, "hot_getppid");
+    assert!(p.replace);
+    assert_eq!(p.states.len(), 1);
+    assert_eq!((p.states[0].id, p.states[0].version), (1, 2));
+    let o = &p.objects[0];
+    assert_eq!(o.funcs[0].old_name, "__x64_sys_getppid");
+    let cb = &o.callbacks;
+    assert_eq!(
+        cb.pre_patch.as_ref().and_then(|c| c.symbol.as_deref()),
+        Some("hot_pre_patch")
+    );
+    assert_eq!(
+        cb.post_unpatch.as_ref().and_then(|c| c.symbol.as_deref()),
+        Some("hot_post_unpatch")
+    );
+    assert!(cb.post_patch.is_none() && cb.pre_unpatch.is_none());
+
+    let l = link_ok(f, &m);
+    assert_eq!(l.funcs[0].old_addr, proc_addrs(f, "__x64_sys_getppid")[0]);
+    assert_eq!(l.funcs[0].new_symbol.as_deref(), Some("livepatch_getppid"));
+    let c = &l.callbacks[0];
+    assert!(c.pre_patch.is_some() && c.post_unpatch.is_some());
+    assert!(c.post_patch.is_none() && c.pre_unpatch.is_none());
+    check_relocations(f, &m, &l);
+    // `current` is a %gs-relative per-CPU reference: the absolute per-CPU
+    // offset of current_task (6.1) or of pcpu_hot, which holds it (6.2+;
+    // 6.12 reads it through its alias const_pcpu_hot),
+    // not an address.
+    let percpu = ["current_task", "pcpu_hot", "const_pcpu_hot"];
+    let current = m
+        .relocs
+        .iter()
+        .find(|r| percpu.contains(&m.symbols[r.symbol].name.as_str()))
+        .expect("a reference to current_task or pcpu_hot");
+    let name = m.symbols[current.symbol].name.as_str();
+    assert_eq!(
+        l.symbol_value(&m, current.symbol),
+        Some(proc_addrs(f, name)[0])
+    );
+    assert!(proc_addrs(f, name)[0] < 0x10_0000);
+    // The call counter lives in the data segment (.bss).
+    let counter = m
+        .symbols
+        .iter()
+        .position(|s| s.name == "hot_getppid_calls")
+        .unwrap();
+    let va = l.symbol_value(&m, counter).unwrap();
+    assert!((l.data.va..l.data.va + l.data.bytes.len() as u64).contains(&va));
+    assert!(m
+        .sections
+        .iter()
+        .any(|s| s.name == ".bss" && s.segment == Segment::Data));
+}
+
+#[test]
+fn section_refusals() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    match parse(f, "bad-extable") {
+        Err(ModuleError::UnsupportedSections(list)) => {
+            assert_eq!(list[0].0, "__ex_table", "{list:?}");
+            assert!(list.iter().any(|(s, _)| s == ".altinstructions"));
+            let msg = ModuleError::UnsupportedSections(list).to_string();
+            assert!(msg.contains("-EFAULT"), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match parse(f, "bad-init-ref") {
+        Err(e @ ModuleError::InitReferenced { .. }) => {
+            let ModuleError::InitReferenced { from, to, section } = &e else {
+                unreachable!()
+            };
+            assert!(from.starts_with("livepatch_show+"), "{e}");
+            assert!(to.contains("banner"), "{e}");
+            assert_eq!(section, ".init.data");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn not_livepatch_and_module_objects() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    assert!(matches!(
+        parse(f, "not-livepatch"),
+        Err(ModuleError::NotLivepatch(_))
+    ));
+    match parse(f, "bad-module-object") {
+        Err(ModuleError::ObjectNotSupported(name)) => assert_eq!(name, "dummy"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn old_function_errors() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let link_err = |name: &str| {
+        let m = parse(f, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        link::link(&m, &f.kernel.kallsyms, bases(f, &m), &options(f)).unwrap_err()
+    };
+    match link_err("bad-noold") {
+        LinkError::OldFunctionNotFound { name } => assert_eq!(name, "klpv_no_such_function"),
+        other => panic!("{other}"),
+    }
+    let version_show = proc_addrs(f, "version_show");
+    // Two in 6.1, three in 6.12.
+    assert!(
+        version_show.len() >= 2,
+        "the guest has several version_show"
+    );
+    match link_err("bad-ambiguous") {
+        e @ LinkError::OldFunctionAmbiguous { .. } => {
+            let LinkError::OldFunctionAmbiguous { name, candidates } = &e else {
+                unreachable!()
+            };
+            assert_eq!(name, "version_show");
+            let want: Vec<(u32, u64)> = (1..).zip(version_show.iter().copied()).collect();
+            assert_eq!(candidates, &want);
+            assert!(e.to_string().contains(&format!("{:#x}", version_show[1])));
+        }
+        other => panic!("{other}"),
+    }
+    match link_err("bad-sympos") {
+        LinkError::OldFunctionNoSuchPosition {
+            name,
+            sympos,
+            count,
+        } => assert_eq!(
+            (name.as_str(), sympos, count),
+            ("version_show", 9, version_show.len())
+        ),
+        other => panic!("{other}"),
+    }
+    match link_err("bad-unresolved") {
+        e @ LinkError::Unresolved(_) => {
+            let LinkError::Unresolved(list) = &e else {
+                unreachable!()
+            };
+            let mut names: Vec<&str> = list.iter().map(|u| u.name.as_str()).collect();
+            names.sort_unstable();
+            assert_eq!(
+                names,
+                [
+                    "cmdline_proc_show",
+                    "klpv_missing_function",
+                    "klpv_missing_variable"
+                ]
+            );
+            let msg = e.to_string();
+            assert!(msg.contains("static"), "{msg}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn release_machine_and_garbage() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let sample = ko("livepatch-sample");
+    // Built for another release: the same module with its vermagic edited.
+    // (Its first digit changed: same length, for any release.)
+    let other = format!("9{}", &f.release[1..]);
+    let other = other.as_str();
+    assert_ne!(other, f.release);
+    let edited = replace_bytes(&sample, f.release.as_bytes(), other.as_bytes());
+    match Module::parse(&edited, &f.kernel.btf, &f.release) {
+        Err(ModuleError::ReleaseMismatch { module, guest }) => {
+            assert_eq!(
+                (module.as_str(), guest.as_str()),
+                (other, f.release.as_str())
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // Or, equally, the guest runs another release.
+    assert!(matches!(
+        Module::parse(&sample, &f.kernel.btf, "6.1.0-0-cloud-amd64"),
+        Err(ModuleError::ReleaseMismatch { .. })
+    ));
+    let mut arm = sample.clone();
+    arm[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+    assert!(matches!(
+        Module::parse(&arm, &f.kernel.btf, &f.release),
+        Err(ModuleError::WrongMachine { machine: 183, .. })
+    ));
+    assert!(matches!(
+        Module::parse(b"hello, world", &f.kernel.btf, &f.release),
+        Err(ModuleError::NotElf)
+    ));
+}
+
+fn replace_bytes(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut out = hay.to_vec();
+    let mut i = 0;
+    while i + from.len() <= out.len() {
+        if &out[i..i + from.len()] == from {
+            out[i..i + from.len()].copy_from_slice(to);
+            i += from.len();
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Every prefix of a real module fails cleanly, never panics.
+#[test]
+fn every_truncation_fails_without_panic() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let sample = ko("livepatch-sample");
+    for len in 0..sample.len() {
+        assert!(
+            Module::parse(&sample[..len], &f.kernel.btf, &f.release).is_err(),
+            "a {len}-byte prefix parsed"
+        );
+    }
+}
+
+/// Corrupting the headers and tables of a (debug-stripped) module gives
+/// errors or modules, never a panic; and whatever parses also links or
+/// fails cleanly.
+#[test]
+fn corrupted_modules_never_panic() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let dir = root().join(format!("build/patches{}", guest_suffix()));
+    let stripped = dir.join("livepatch-sample.stripped.ko");
+    let status = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(dir.join("livepatch-sample.ko"))
+        .arg(&stripped)
+        .status()
+        .expect("objcopy");
+    assert!(status.success());
+    // Build the .ko first (the call above needs it).
+    let _ = ko("livepatch-sample");
+    let good = std::fs::read(&stripped).unwrap();
+    let m = Module::parse(&good, &f.kernel.btf, &f.release).unwrap_or_else(|e| panic!("{e}"));
+    let b = bases(f, &m);
+    let mut parsed = 0;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for pos in 0..good.len() {
+        for value in [0u8, 0xff, 0x80, good[pos].wrapping_add(1)] {
+            // Every byte of the first 4 KiB and of the last 4 KiB (headers,
+            // symbols, relocations), a random sample elsewhere.
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            if pos >= 4096 && pos + 4096 < good.len() && rng % 8 != 0 {
+                continue;
+            }
+            let mut bad = good.clone();
+            bad[pos] = value;
+            if let Ok(m) = Module::parse(&bad, &f.kernel.btf, &f.release) {
+                parsed += 1;
+                let _ = link::link(&m, &f.kernel.kallsyms, b, &LinkOptions::default());
+            }
+        }
+    }
+    eprintln!(
+        "{} bytes; {parsed} corrupted variants still parsed",
+        good.len()
+    );
+}
+
+/// A guest whose mitigation picked another return thunk (retbleed/SRSO):
+/// every `jmp __x86_return_thunk` goes to it, as apply_returns would make it.
+#[test]
+fn return_sites_follow_the_guests_thunk() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let m = parse(f, "hot-getppid").unwrap_or_else(|e| panic!("{e}"));
+    let other = proc_addrs(f, "srso_return_thunk")
+        .first()
+        .copied()
+        .unwrap_or(proc_addrs(f, "__x86_return_thunk")[0] + 0x40);
+    let l = link::link(
+        &m,
+        &f.kernel.kallsyms,
+        bases(f, &m),
+        &LinkOptions {
+            return_thunk: Some(other),
+            plain_returns: false,
+        },
+    )
+    .unwrap();
+    assert!(!m.return_jumps.is_empty());
+    for &i in &m.return_jumps {
+        let p = l.va(m.relocs[i].place).unwrap();
+        assert_eq!(l.read(p - 1, 1).unwrap(), [0xe9]);
+        let rel = i32::from_le_bytes(l.read(p, 4).unwrap().try_into().unwrap());
+        assert_eq!((p + 4).wrapping_add_signed(i64::from(rel)), other);
+    }
+}
+
+/// `.klp.sym.<object>.<name>,<sympos>` symbols (what klp-convert or
+/// kpatch-build emit to reach static kernel symbols): made here from
+/// bad-unresolved.ko by renaming its undefined symbols with objcopy.
+#[test]
+fn klp_sym_references_follow_sympos() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let _ = ko("bad-unresolved");
+    let dir = root().join(format!("build/patches{}", guest_suffix()));
+    let convert = |out: &str, renames: &[(&str, &str)]| -> Vec<u8> {
+        let path = dir.join(out);
+        let mut cmd = Command::new("objcopy");
+        for (from, to) in renames {
+            cmd.arg(format!("--redefine-sym={from}={to}"));
+        }
+        let status = cmd
+            .arg(dir.join("bad-unresolved.ko"))
+            .arg(&path)
+            .status()
+            .expect("objcopy");
+        assert!(status.success());
+        std::fs::read(path).unwrap()
+    };
+    let bytes = convert(
+        "klp-sym.ko",
+        &[
+            ("cmdline_proc_show", ".klp.sym.vmlinux.cmdline_proc_show,0"),
+            ("klpv_missing_function", ".klp.sym.vmlinux.version_show,2"),
+            (
+                "klpv_missing_variable",
+                ".klp.sym.vmlinux.saved_command_line,0",
+            ),
+        ],
+    );
+    let m = Module::parse(&bytes, &f.kernel.btf, &f.release).unwrap_or_else(|e| panic!("{e}"));
+    let l = link_ok(f, &m);
+    check_relocations(f, &m, &l);
+    let value = |name: &str| {
+        let i = m.symbols.iter().position(|s| s.name == name).unwrap();
+        l.symbol_value(&m, i).unwrap()
+    };
+    assert_eq!(
+        value(".klp.sym.vmlinux.cmdline_proc_show,0"),
+        proc_addrs(f, "cmdline_proc_show")[0]
+    );
+    assert_eq!(
+        value(".klp.sym.vmlinux.version_show,2"),
+        proc_addrs(f, "version_show")[1]
+    );
+    assert_eq!(
+        value(".klp.sym.vmlinux.saved_command_line,0"),
+        proc_addrs(f, "saved_command_line")[0]
+    );
+
+    // Wrong sympos and an ambiguous name are reported together.
+    let bytes = convert(
+        "klp-sym-bad.ko",
+        &[
+            ("cmdline_proc_show", ".klp.sym.vmlinux.cmdline_proc_show,2"),
+            ("klpv_missing_function", ".klp.sym.vmlinux.version_show,0"),
+        ],
+    );
+    let m = Module::parse(&bytes, &f.kernel.btf, &f.release).unwrap_or_else(|e| panic!("{e}"));
+    match link::link(&m, &f.kernel.kallsyms, bases(f, &m), &options(f)) {
+        Err(LinkError::Unresolved(list)) => {
+            let names: Vec<&str> = list.iter().map(|u| u.name.as_str()).collect();
+            assert_eq!(names.len(), 3, "{list:?}");
+            assert!(names.contains(&".klp.sym.vmlinux.cmdline_proc_show,2"));
+            assert!(names.contains(&".klp.sym.vmlinux.version_show,0"));
+            assert!(names.contains(&"klpv_missing_variable"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A reference into a module object is not supported yet.
+    let bytes = convert(
+        "klp-sym-module.ko",
+        &[("klpv_missing_function", ".klp.sym.dummy.dummy_dev_init,0")],
+    );
+    match Module::parse(&bytes, &f.kernel.btf, &f.release) {
+        Err(ModuleError::ObjectNotSupported(o)) => assert_eq!(o, "dummy"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The old functions the test patches replace start with the 5-byte
+/// ftrace nop in the running guest (what the redirect overwrites).
+#[test]
+fn old_functions_start_with_the_ftrace_nop() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let space = f.kernel.space(&f.guest);
+    for name in ["cmdline_proc_show", "__x64_sys_getppid", "__x64_sys_time"] {
+        let va = proc_addrs(f, name)[0];
+        let mut b = [0u8; 9];
+        space.read_virt(va, &mut b).unwrap();
+        let entry = if b[..4] == [0xf3, 0x0f, 0x1e, 0xfa] {
+            &b[4..9] // ENDBR64 first
+        } else {
+            &b[..5]
+        };
+        assert_eq!(entry, NOP5, "{name} at {va:#x}: {b:02x?}");
+    }
+}

@@ -1,0 +1,149 @@
+//! Guest-kernel introspection: what klpvisor learns about a running Linux
+//! guest from its memory and vCPU registers alone — page tables, the KASLR
+//! slide, kallsyms, BTF, the task list and ORC unwinding — with no
+//! System.map, debug package or agent in the guest.
+//!
+//! It sees the guest only through [`Guest`], which the VMM implements over
+//! KVM and [`dump::DumpGuest`] implements over a QEMU memory dump, so the
+//! same code runs live and in offline tests. The patch engine
+//! (`klpvisor-engine`) builds on it; nothing here writes kernel text.
+#![forbid(unsafe_code)]
+
+// Modules marked `#[allow(missing_docs)]` predate the workspace's
+// `missing_docs` lint and still have undocumented public fields or
+// variants; the lint holds every other (and every new) module to it.
+#[allow(missing_docs)]
+pub mod btf;
+#[allow(missing_docs)]
+pub mod dump;
+#[allow(missing_docs)]
+pub mod kallsyms;
+#[allow(missing_docs)]
+pub mod kaslr;
+#[allow(missing_docs)]
+pub mod kernel;
+#[allow(missing_docs)]
+pub mod orc;
+#[allow(missing_docs)]
+pub mod overlay;
+#[allow(missing_docs)]
+pub mod paging;
+#[allow(missing_docs)]
+pub mod tasks;
+
+pub use btf::{Btf, BtfError, Field};
+pub use dump::{DumpError, DumpGuest};
+pub use kallsyms::{Kallsyms, KallsymsError, Symbol};
+pub use kaslr::{Evidence, Kaslr, KaslrError};
+pub use kernel::{all_vcpu_regs, IntrospectError, Kernel};
+pub use paging::{AddressSpace, PageTables, PagingError, VirtRead};
+pub use tasks::{Running, Task, Tasks, TasksError};
+
+/// A guest-physical address, as vm-memory's `GuestAddress`: what the
+/// [`Guest`] trait reads and writes. Kernel-virtual addresses stay bare
+/// `u64`s and reach guest memory only through a page-table walk
+/// ([`paging`]), so the compiler keeps a virtual address from being
+/// written as a physical one at this boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct GuestPhys(pub u64);
+
+impl std::fmt::LowerHex for GuestPhys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+/// The engine's whole view of a guest.
+pub trait Guest {
+    /// Why an access failed (outside guest memory, a vCPU that cannot be
+    /// read); the engine wraps it with what it was reading.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Reads guest-physical memory; fails if any byte is outside guest memory.
+    fn read_phys(&self, gpa: crate::GuestPhys, buf: &mut [u8]) -> Result<(), Self::Error>;
+    /// Writes guest-physical memory; fails if any byte is outside guest memory.
+    fn write_phys(&self, gpa: crate::GuestPhys, data: &[u8]) -> Result<(), Self::Error>;
+    /// The reserved patch arena: (guest-physical start, size).
+    fn arena(&self) -> (u64, u64);
+    /// Number of vCPUs.
+    fn vcpu_count(&self) -> usize;
+    /// Registers of vCPU `id` (0-based, `< vcpu_count()`), read while it is
+    /// paused: the engine finds the kernel page tables (CR3, CR4.LA57), the
+    /// running task (GS bases) and the code a vCPU is executing (RIP, RSP).
+    fn vcpu_regs(&self, id: usize) -> Result<VcpuRegs, Self::Error>;
+}
+
+/// The registers of one paused vCPU that introspection and the consistency
+/// check need, in the engine's own terms (no hypervisor types), so every
+/// [`Guest`] implementation (KVM, a memory dump, QEMU) can fill it.
+///
+/// Registers a source cannot know are `None`: a QEMU ELF core, for one,
+/// records no MSRs, so `efer` and `lstar` are unknown there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcpuRegs {
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub rax: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub rbx: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub rcx: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub rdx: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub rsi: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub rdi: u64,
+    /// The frame pointer (frame-pointer unwinding falls back on it).
+    pub rbp: u64,
+    /// The stack pointer: which stack the vCPU is on (task, IRQ) for the safe-point check.
+    pub rsp: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub r8: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub r9: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub r10: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub r11: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub r12: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub r13: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub r14: u64,
+    /// A general-purpose register (read for the unwinder and the `patcher regs` view).
+    pub r15: u64,
+    /// The instruction pointer: the code the vCPU executes (a safe point must not be inside a changed function).
+    pub rip: u64,
+    /// The flags (interrupts enabled or not).
+    pub rflags: u64,
+    /// CR0 (PG: paging on).
+    pub cr0: u64,
+    /// CR3: the page-table root the vCPU uses (the kernel is found through it).
+    pub cr3: u64,
+    /// CR4 (PAE, LA57: the paging mode).
+    pub cr4: u64,
+    /// IA32_EFER, if the source records MSRs.
+    pub efer: Option<u64>,
+    /// IA32_LSTAR (the 64-bit `syscall` entry, Linux's `entry_SYSCALL_64`).
+    pub lstar: Option<u64>,
+    /// The GS segment base in effect (the per-CPU area while in the kernel).
+    pub gs_base: u64,
+    /// IA32_KERNEL_GS_BASE (the other GS base, swapped in by `swapgs`).
+    pub kernel_gs_base: Option<u64>,
+    /// Code segment selector; its low two bits are the CPL.
+    pub cs_selector: u16,
+    /// CS.L: the vCPU executes 64-bit code.
+    pub cs_long: bool,
+    /// IDTR base: the interrupt table the call gate checks its vector in.
+    pub idtr_base: u64,
+    /// IDTR limit (the table's size in bytes, minus one).
+    pub idtr_limit: u16,
+}
+
+impl VcpuRegs {
+    /// Current privilege level (0 = kernel, 3 = user).
+    pub fn cpl(&self) -> u8 {
+        (self.cs_selector & 3) as u8
+    }
+}

@@ -1,0 +1,907 @@
+//! Every task of the guest kernel, read from its memory: the input of the
+//! consistency check, which must know each task's stack and whether a vCPU
+//! is running it.
+//!
+//! Thread-group leaders hang off `init_task.tasks`; each leader's threads
+//! off `signal->thread_head` (via `task_struct.thread_node`), or, on
+//! kernels without those, the leader's `thread_group` ring. Idle tasks are on
+//! neither list: each CPU's is `runqueues.idle` in that CPU's per-CPU area
+//! (`__per_cpu_offset[cpu]` + the per-CPU offset of `runqueues`); CPU 0's is
+//! `init_task` itself. The task a vCPU runs is the per-CPU `current_task`
+//! (6.1) or `pcpu_hot.current_task` (6.2+) of the CPU whose per-CPU base is
+//! the vCPU's GS base.
+//!
+//! The lists are guest data that may be corrupt or mid-update: every
+//! pointer is checked to be a kernel address, every walk is bounded and
+//! detects cycles, and every field is read bounds-checked.
+
+use std::collections::HashSet;
+use std::ops::Range;
+
+use crate::btf::{Btf, BtfError};
+use crate::kallsyms::Kallsyms;
+use crate::paging::{PagingError, VirtRead};
+use crate::VcpuRegs;
+
+/// x86_64 kernel stack size without KASAN (THREAD_SIZE_ORDER 2): used only
+/// until [`Tasks::measure_thread_size`] has read the kernel's own (a KASAN
+/// kernel's stacks are 32 KiB), and when neither BTF nor the per-CPU data
+/// tell (Debian's 6.1 and 6.12 BTF have no `union thread_union`).
+pub const THREAD_SIZE: u64 = 16 << 10;
+/// Kernel stack sizes taken from BTF must be a power of two in this range.
+const THREAD_SIZES: Range<u64> = (4 << 10)..(256 << 10);
+/// The default bound on tasks walked (PID_MAX_DEFAULT is 32768).
+pub const DEFAULT_MAX_TASKS: usize = 1 << 16;
+/// CONFIG_NR_CPUS maximum on x86_64.
+pub const MAX_CPUS: u32 = 8192;
+/// We never copy more than this of one task_struct.
+const MAX_TASK_STRUCT: u64 = 64 << 10;
+/// task_struct.comm length (TASK_COMM_LEN).
+const COMM_LEN: usize = 16;
+/// PF_KTHREAD and PF_WQ_WORKER from include/linux/sched.h (6.1).
+pub const PF_WQ_WORKER: u32 = 0x0000_0020;
+pub const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// Errors of the task walk.
+#[derive(Debug, thiserror::Error)]
+pub enum TasksError {
+    #[error("cannot lay out tasks from the guest's BTF: {0}")]
+    Layout(#[from] BtfError),
+    #[error("kallsyms has no `{0}`, which the task walk needs")]
+    MissingSymbol(&'static str),
+    #[error("cannot read {what} at {addr:#x}: {source}")]
+    Read {
+        what: &'static str,
+        addr: u64,
+        #[source]
+        source: PagingError,
+    },
+    #[error("{what} at {at:#x} is {ptr:#x}, not a kernel pointer: corrupt or changing task data")]
+    BadPointer {
+        what: &'static str,
+        ptr: u64,
+        at: u64,
+    },
+    #[error("the {list} list loops without returning to its head ({node:#x} seen twice)")]
+    Cycle { list: &'static str, node: u64 },
+    #[error("more than {limit} tasks: giving up (a corrupt task list?)")]
+    TooMany { limit: usize },
+    #[error("nr_cpu_ids is {0}, more than the {MAX_CPUS} CPUs x86_64 Linux supports")]
+    TooManyCpus(u32),
+    #[error("union thread_union is {0} bytes, not a kernel stack size (a power of two from 4 KiB to 128 KiB): corrupt BTF")]
+    ThreadSize(u64),
+    #[error("field `{field}` at offset {offset} lies outside the {size}-byte task_struct")]
+    FieldOutside {
+        field: &'static str,
+        offset: u64,
+        size: u64,
+    },
+}
+
+/// How a task's threads are linked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadLinks {
+    /// `signal_struct.thread_head` lists `task_struct.thread_node` (3.14+).
+    SignalThreadHead { thread_head: u64, thread_node: u64 },
+    /// The leader's `task_struct.thread_group` ring (older, and 6.7+ drops
+    /// the ring while keeping thread_head).
+    ThreadGroup { thread_group: u64 },
+}
+
+/// Offsets the walk needs, from BTF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLayout {
+    pub size: u64,
+    pub tasks: u64,
+    pub pid: u64,
+    pub tgid: u64,
+    pub comm: u64,
+    pub state: u64,
+    pub exit_state: u64,
+    pub flags: u64,
+    pub on_cpu: u64,
+    pub stack: u64,
+    pub thread_sp: u64,
+    pub signal: u64,
+    pub threads: ThreadLinks,
+    /// `struct rq` member `idle`.
+    pub rq_idle: u64,
+    /// THREAD_SIZE: `sizeof(union thread_union)`, whose `stack` member is
+    /// the whole kernel stack; [`THREAD_SIZE`] if BTF lacks the union.
+    pub thread_size: u64,
+}
+
+impl TaskLayout {
+    pub fn from_btf(btf: &Btf) -> Result<Self, TasksError> {
+        let off = |p: &str| btf.offset_of(p);
+        let threads = match (
+            off("signal_struct.thread_head"),
+            off("task_struct.thread_node"),
+        ) {
+            (Ok(thread_head), Ok(thread_node)) => ThreadLinks::SignalThreadHead {
+                thread_head,
+                thread_node,
+            },
+            _ => ThreadLinks::ThreadGroup {
+                thread_group: off("task_struct.thread_group")?,
+            },
+        };
+        // `__state` since 5.14, `state` before.
+        let state = off("task_struct.__state").or_else(|_| off("task_struct.state"))?;
+        Ok(Self {
+            size: btf.struct_size("task_struct")?,
+            tasks: off("task_struct.tasks")?,
+            pid: off("task_struct.pid")?,
+            tgid: off("task_struct.tgid")?,
+            comm: off("task_struct.comm")?,
+            state,
+            exit_state: off("task_struct.exit_state")?,
+            flags: off("task_struct.flags")?,
+            on_cpu: off("task_struct.on_cpu")?,
+            stack: off("task_struct.stack")?,
+            thread_sp: off("task_struct.thread.sp")?,
+            signal: off("task_struct.signal")?,
+            threads,
+            rq_idle: off("rq.idle")?,
+            thread_size: match btf.struct_size("thread_union") {
+                Ok(n) if n.is_power_of_two() && THREAD_SIZES.contains(&n) => n,
+                Ok(n) => return Err(TasksError::ThreadSize(n)),
+                Err(_) => THREAD_SIZE,
+            },
+        })
+    }
+}
+
+/// Kernel addresses the walk needs, from kallsyms (+ BTF for pcpu_hot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskSymbols {
+    pub init_task: u64,
+    /// `__per_cpu_offset[]`.
+    pub per_cpu_offset: u64,
+    /// `nr_cpu_ids` (unsigned int).
+    pub nr_cpu_ids: u64,
+    /// `__cpu_possible_mask`, if present.
+    pub cpu_possible_mask: Option<u64>,
+    /// Per-CPU offset of `runqueues`.
+    pub runqueues: u64,
+    /// Per-CPU offset of the current-task pointer.
+    pub current_task: u64,
+}
+
+impl TaskSymbols {
+    pub fn from_kernel(kallsyms: &Kallsyms, btf: &Btf) -> Result<Self, TasksError> {
+        let sym = |name: &'static str| {
+            kallsyms
+                .addr(name)
+                .map_err(|_| TasksError::MissingSymbol(name))
+        };
+        // 6.1 has a per-CPU `current_task`; 6.2+ moved it into `pcpu_hot`.
+        let current_task = match kallsyms.addr("pcpu_hot") {
+            Ok(hot) => hot
+                .checked_add(btf.offset_of("pcpu_hot.current_task")?)
+                .ok_or(TasksError::MissingSymbol("pcpu_hot"))?,
+            Err(_) => sym("current_task")?,
+        };
+        Ok(Self {
+            init_task: sym("init_task")?,
+            per_cpu_offset: sym("__per_cpu_offset")?,
+            nr_cpu_ids: sym("nr_cpu_ids")?,
+            cpu_possible_mask: kallsyms.addr("__cpu_possible_mask").ok(),
+            runqueues: sym("runqueues")?,
+            current_task,
+        })
+    }
+}
+
+/// Which vCPU runs a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    pub vcpu: usize,
+    /// The guest's CPU number for that vCPU.
+    pub cpu: u32,
+}
+
+/// One task (thread) of the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    /// Address of its task_struct.
+    pub addr: u64,
+    pub pid: i32,
+    pub tgid: i32,
+    pub comm: String,
+    /// `__state` (6.1 encoding, see [`Task::state_char`]).
+    pub state: u32,
+    pub exit_state: u32,
+    pub flags: u32,
+    pub on_cpu: bool,
+    /// Its kernel stack `[stack, stack + THREAD_SIZE)` (the layout's
+    /// `thread_size`).
+    pub stack: Range<u64>,
+    /// `thread.sp`: the stack pointer saved when it was switched out (its
+    /// `inactive_task_frame`); stale while it runs.
+    pub saved_sp: u64,
+    /// `Some(cpu)` for that CPU's idle task.
+    pub idle_cpu: Option<u32>,
+    /// The vCPU running it, if any.
+    pub running: Option<Running>,
+}
+
+impl Task {
+    /// The state letter `/proc/<pid>/stat` shows, computed like 6.1's
+    /// `task_state_index()`: R S D T t X Z P I.
+    pub fn state_char(&self) -> char {
+        const TASK_REPORT: u32 = 0x7f;
+        const TASK_IDLE: u32 = 0x402; // TASK_UNINTERRUPTIBLE | TASK_NOLOAD
+        const TASK_RTLOCK_WAIT: u32 = 0x1000;
+        const TASK_REPORT_IDLE: u32 = TASK_REPORT + 1;
+        let mut s = (self.state | self.exit_state) & TASK_REPORT;
+        if self.state & TASK_IDLE == TASK_IDLE {
+            s = TASK_REPORT_IDLE;
+        }
+        if self.state == TASK_RTLOCK_WAIT {
+            s = 2; // shown as uninterruptible
+        }
+        let index = (u32::BITS - s.leading_zeros()) as usize;
+        b"RSDTtXZPI".get(index).map_or('?', |&c| char::from(c))
+    }
+
+    pub fn is_kthread(&self) -> bool {
+        self.flags & PF_KTHREAD != 0
+    }
+
+    /// A workqueue worker: /proc shows its comm with "+desc"/"-desc" added.
+    pub fn is_wq_worker(&self) -> bool {
+        self.flags & PF_WQ_WORKER != 0
+    }
+}
+
+/// The task walker for one kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Tasks {
+    pub layout: TaskLayout,
+    pub symbols: TaskSymbols,
+    pub max_tasks: usize,
+}
+
+/// The lowest kernel address: the kernel half starts at 0xff00000000000000
+/// with 5-level paging (0xffff800000000000 with 4 levels; the gap is
+/// non-canonical there and fails to read anyway).
+const KERNEL_HALF: u64 = 0xff00_0000_0000_0000;
+
+fn is_kernel_ptr(p: u64) -> bool {
+    p >= KERNEL_HALF && p % 8 == 0
+}
+
+impl Tasks {
+    pub fn new(layout: TaskLayout, symbols: TaskSymbols) -> Self {
+        Self {
+            layout,
+            symbols,
+            max_tasks: DEFAULT_MAX_TASKS,
+        }
+    }
+
+    pub fn from_kernel(kallsyms: &Kallsyms, btf: &Btf) -> Result<Self, TasksError> {
+        Ok(Self::new(
+            TaskLayout::from_btf(btf)?,
+            TaskSymbols::from_kernel(kallsyms, btf)?,
+        ))
+    }
+
+    /// Takes THREAD_SIZE from the running kernel (BTF has no `union
+    /// thread_union` on Debian's kernels):
+    /// `__switch_to` sets each CPU's top of stack (`cpu_current_top_of_stack`
+    /// up to 6.1, `pcpu_hot.top_of_stack` from 6.2, offset from BTF) to
+    /// `task->stack + THREAD_SIZE - TOP_OF_KERNEL_STACK_PADDING` of the task
+    /// it switches to (the padding is 0, or 16 with FRED), so the top minus
+    /// the CPU's current task's `stack`, rounded up to a power of two, is
+    /// THREAD_SIZE. A CPU paused inside `__switch_to` may have one updated
+    /// and not the other, so the size most CPUs agree on is taken; none
+    /// (no symbol, unreadable, nothing plausible) keeps the layout's size.
+    /// Returns the size measured, if any.
+    pub fn measure_thread_size<M: VirtRead + ?Sized>(
+        &mut self,
+        mem: &M,
+        kallsyms: &Kallsyms,
+        btf: &Btf,
+    ) -> Option<u64> {
+        let top = kallsyms.addr("cpu_current_top_of_stack").ok().or_else(|| {
+            let hot = kallsyms.addr("pcpu_hot").ok()?;
+            hot.checked_add(btf.offset_of("pcpu_hot.top_of_stack").ok()?)
+        })?;
+        self.measure_thread_size_at(mem, top)
+    }
+
+    /// [`Tasks::measure_thread_size`] with the per-CPU offset of the top
+    /// of stack given.
+    pub fn measure_thread_size_at<M: VirtRead + ?Sized>(
+        &mut self,
+        mem: &M,
+        top: u64,
+    ) -> Option<u64> {
+        let cpus = self.per_cpu_bases(mem).ok()?;
+        let mut votes: Vec<(u64, usize)> = Vec::new();
+        for (_, base) in cpus.iter().take(MAX_CPUS as usize) {
+            let size = (|| {
+                let end = mem.read_u64(base.wrapping_add(top)).ok()?;
+                let task = self
+                    .read_ptr(mem, base.wrapping_add(self.symbols.current_task), "current")
+                    .ok()?;
+                let stack = mem.read_u64(task.wrapping_add(self.layout.stack)).ok()?;
+                let size = end.checked_sub(stack)?.checked_next_power_of_two()?;
+                // At most a little padding below the rounded size.
+                (THREAD_SIZES.contains(&size) && size - (end - stack) <= 64).then_some(size)
+            })();
+            if let Some(size) = size {
+                match votes.iter_mut().find(|(s, _)| *s == size) {
+                    Some((_, n)) => *n += 1,
+                    None => votes.push((size, 1)),
+                }
+            }
+        }
+        let &(size, _) = votes.iter().max_by_key(|&&(s, n)| (n, s))?;
+        self.layout.thread_size = size;
+        Some(size)
+    }
+
+    /// Every task: each CPU's idle task (by CPU), then every thread in
+    /// task-list order; each marked with the vCPU running it, per `regs`
+    /// (index = vCPU id). A task a vCPU runs but no list holds (one that
+    /// is exiting) is added at the end.
+    pub fn list<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        regs: &[VcpuRegs],
+    ) -> Result<Vec<Task>, TasksError> {
+        let cpus = self.per_cpu_bases(mem)?;
+        let mut running: Vec<(u64, Running)> = Vec::new();
+        for (vcpu, r) in regs.iter().enumerate() {
+            let gs = [Some(r.gs_base), r.kernel_gs_base];
+            let Some((cpu, base)) = cpus
+                .iter()
+                .find(|(_, base)| gs.contains(&Some(*base)))
+                .copied()
+            else {
+                continue; // not in the kernel's per-CPU setup (early boot)
+            };
+            let at = base.wrapping_add(self.symbols.current_task);
+            let task = self.read_ptr(mem, at, "the per-CPU current task")?;
+            running.push((task, Running { vcpu, cpu }));
+        }
+
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        let mut budget = self.max_tasks;
+        for &(cpu, base) in &cpus {
+            let at = base
+                .wrapping_add(self.symbols.runqueues)
+                .wrapping_add(self.layout.rq_idle);
+            let idle = mem.read_u64(at).map_err(|source| TasksError::Read {
+                what: "runqueues.idle",
+                addr: at,
+                source,
+            })?;
+            if idle == 0 {
+                continue; // a possible CPU never brought up
+            }
+            if !is_kernel_ptr(idle) {
+                return Err(TasksError::BadPointer {
+                    what: "runqueues.idle",
+                    ptr: idle,
+                    at,
+                });
+            }
+            if seen.insert(idle) {
+                let mut t = self.read_task(mem, idle)?;
+                t.idle_cpu = Some(cpu);
+                out.push(t);
+            }
+        }
+
+        // Thread-group leaders.
+        let layout = &self.layout;
+        let head = self.symbols.init_task.wrapping_add(layout.tasks);
+        let mut leaders = Vec::new();
+        self.walk_list(mem, head, "init_task.tasks", &mut budget, |node| {
+            leaders.push(node.wrapping_sub(layout.tasks));
+            Ok(())
+        })?;
+        for leader in leaders {
+            let mut threads = Vec::new();
+            match layout.threads {
+                ThreadLinks::SignalThreadHead {
+                    thread_head,
+                    thread_node,
+                } => {
+                    let at = leader.wrapping_add(layout.signal);
+                    let signal = mem.read_u64(at).map_err(|source| TasksError::Read {
+                        what: "task_struct.signal",
+                        addr: at,
+                        source,
+                    })?;
+                    if signal == 0 {
+                        threads.push(leader); // exiting: signal already gone
+                    } else if !is_kernel_ptr(signal) {
+                        return Err(TasksError::BadPointer {
+                            what: "task_struct.signal",
+                            ptr: signal,
+                            at,
+                        });
+                    } else {
+                        let head = signal.wrapping_add(thread_head);
+                        self.walk_list(mem, head, "signal->thread_head", &mut budget, |node| {
+                            threads.push(node.wrapping_sub(thread_node));
+                            Ok(())
+                        })?;
+                    }
+                }
+                ThreadLinks::ThreadGroup { thread_group } => {
+                    threads.push(leader);
+                    let head = leader.wrapping_add(thread_group);
+                    self.walk_list(mem, head, "task_struct.thread_group", &mut budget, |node| {
+                        threads.push(node.wrapping_sub(thread_group));
+                        Ok(())
+                    })?;
+                }
+            }
+            for t in threads {
+                if seen.insert(t) {
+                    out.push(self.read_task(mem, t)?);
+                }
+            }
+        }
+
+        for (addr, run) in running {
+            match out.iter_mut().find(|t| t.addr == addr) {
+                Some(t) => t.running = Some(run),
+                None => {
+                    let mut t = self.read_task(mem, addr)?;
+                    t.running = Some(run);
+                    out.push(t);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// (cpu, per-CPU base) for every possible CPU.
+    pub fn per_cpu_bases<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+    ) -> Result<Vec<(u32, u64)>, TasksError> {
+        let s = &self.symbols;
+        let n = mem
+            .read_u32(s.nr_cpu_ids)
+            .map_err(|source| TasksError::Read {
+                what: "nr_cpu_ids",
+                addr: s.nr_cpu_ids,
+                source,
+            })?;
+        if n > MAX_CPUS {
+            return Err(TasksError::TooManyCpus(n));
+        }
+        let mut out = Vec::new();
+        for cpu in 0..n {
+            if let Some(mask) = s.cpu_possible_mask {
+                let at = mask.wrapping_add(u64::from(cpu / 64) * 8);
+                let word = mem.read_u64(at).map_err(|source| TasksError::Read {
+                    what: "__cpu_possible_mask",
+                    addr: at,
+                    source,
+                })?;
+                if word & (1 << (cpu % 64)) == 0 {
+                    continue;
+                }
+            }
+            let at = s.per_cpu_offset.wrapping_add(u64::from(cpu) * 8);
+            let base = mem.read_u64(at).map_err(|source| TasksError::Read {
+                what: "__per_cpu_offset[]",
+                addr: at,
+                source,
+            })?;
+            out.push((cpu, base));
+        }
+        Ok(out)
+    }
+
+    fn read_ptr<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        at: u64,
+        what: &'static str,
+    ) -> Result<u64, TasksError> {
+        let p = mem.read_u64(at).map_err(|source| TasksError::Read {
+            what,
+            addr: at,
+            source,
+        })?;
+        if is_kernel_ptr(p) {
+            Ok(p)
+        } else {
+            Err(TasksError::BadPointer { what, ptr: p, at })
+        }
+    }
+
+    /// Calls `visit` with each node of the circular list at `head` (not the
+    /// head itself), stopping at the head, a cycle or the task budget.
+    fn walk_list<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        head: u64,
+        list: &'static str,
+        budget: &mut usize,
+        mut visit: impl FnMut(u64) -> Result<(), TasksError>,
+    ) -> Result<(), TasksError> {
+        let mut seen = HashSet::new();
+        let mut node = self.read_ptr(mem, head, "list_head.next")?;
+        while node != head {
+            *budget = budget.checked_sub(1).ok_or(TasksError::TooMany {
+                limit: self.max_tasks,
+            })?;
+            if !seen.insert(node) {
+                return Err(TasksError::Cycle { list, node });
+            }
+            visit(node)?;
+            node = self.read_ptr(mem, node, "list_head.next")?;
+        }
+        Ok(())
+    }
+
+    /// Reads one task_struct and picks out the fields.
+    pub fn read_task<M: VirtRead + ?Sized>(&self, mem: &M, addr: u64) -> Result<Task, TasksError> {
+        let l = &self.layout;
+        let buf = mem
+            .read_vec(addr, l.size, MAX_TASK_STRUCT, "task_struct")
+            .map_err(|source| TasksError::Read {
+                what: "task_struct",
+                addr,
+                source,
+            })?;
+        let field = |name: &'static str, off: u64, len: usize| -> Result<&[u8], TasksError> {
+            usize::try_from(off)
+                .ok()
+                .and_then(|o| buf.get(o..o.checked_add(len)?))
+                .ok_or(TasksError::FieldOutside {
+                    field: name,
+                    offset: off,
+                    size: l.size,
+                })
+        };
+        let u32_at = |name, off| -> Result<u32, TasksError> {
+            let b = field(name, off, 4)?;
+            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let u64_at = |name, off| -> Result<u64, TasksError> {
+            let b = field(name, off, 8)?;
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            Ok(u64::from_le_bytes(a))
+        };
+        let comm_raw = field("comm", l.comm, COMM_LEN)?;
+        let comm_len = comm_raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        let comm =
+            String::from_utf8_lossy(comm_raw.get(..comm_len).unwrap_or_default()).into_owned();
+        let stack = u64_at("stack", l.stack)?;
+        Ok(Task {
+            addr,
+            pid: u32_at("pid", l.pid)? as i32,
+            tgid: u32_at("tgid", l.tgid)? as i32,
+            comm,
+            state: u32_at("__state", l.state)?,
+            exit_state: u32_at("exit_state", l.exit_state)?,
+            flags: u32_at("flags", l.flags)?,
+            on_cpu: u32_at("on_cpu", l.on_cpu)? != 0,
+            stack: stack..stack.saturating_add(l.thread_size),
+            saved_sp: u64_at("thread.sp", l.thread_sp)?,
+            idle_cpu: None,
+            running: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// Sparse fake kernel memory: regions by start address.
+    #[derive(Default)]
+    struct Mem(BTreeMap<u64, Vec<u8>>);
+
+    impl Mem {
+        fn region(&mut self, va: u64, len: usize) {
+            self.0.insert(va, vec![0; len]);
+        }
+        fn put(&mut self, va: u64, bytes: &[u8]) {
+            let (start, r) = self.0.range_mut(..=va).next_back().unwrap();
+            let o = (va - start) as usize;
+            r[o..o + bytes.len()].copy_from_slice(bytes);
+        }
+        fn put64(&mut self, va: u64, v: u64) {
+            self.put(va, &v.to_le_bytes());
+        }
+        fn put32(&mut self, va: u64, v: u32) {
+            self.put(va, &v.to_le_bytes());
+        }
+    }
+
+    impl VirtRead for Mem {
+        fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), PagingError> {
+            let (start, r) = self
+                .0
+                .range(..=va)
+                .next_back()
+                .ok_or(PagingError::Unmapped { va })?;
+            let o = (va - start) as usize;
+            let src = r
+                .get(o..o + buf.len())
+                .ok_or(PagingError::Unmapped { va })?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+    }
+
+    const L: TaskLayout = TaskLayout {
+        size: 0x200,
+        tasks: 0x10,
+        pid: 0x20,
+        tgid: 0x24,
+        comm: 0x30,
+        state: 0x00,
+        exit_state: 0x28,
+        flags: 0x2c,
+        on_cpu: 0x40,
+        stack: 0x48,
+        thread_sp: 0x1f8,
+        signal: 0x50,
+        threads: ThreadLinks::SignalThreadHead {
+            thread_head: 0x08,
+            thread_node: 0x60,
+        },
+        rq_idle: 0x18,
+        thread_size: THREAD_SIZE,
+    };
+    const SYMS: TaskSymbols = TaskSymbols {
+        init_task: 0xffff_ffff_8200_0000,
+        per_cpu_offset: 0xffff_ffff_8300_0000,
+        nr_cpu_ids: 0xffff_ffff_8300_1000,
+        cpu_possible_mask: None,
+        runqueues: 0x3000,
+        current_task: 0x100,
+    };
+    const PCPU: [u64; 2] = [0xffff_8880_1000_0000, 0xffff_8880_2000_0000];
+    const TASK_A: u64 = 0xffff_8880_3000_0000; // leader, 2 threads
+    const TASK_B: u64 = 0xffff_8880_3000_1000;
+    const IDLE1: u64 = 0xffff_8880_3000_2000;
+    const SIG: u64 = 0xffff_8880_4000_0000;
+
+    fn task(m: &mut Mem, at: u64, pid: i32, tgid: i32, comm: &str) {
+        m.region(at, 0x200);
+        m.put32(at + L.pid, pid as u32);
+        m.put32(at + L.tgid, tgid as u32);
+        m.put(at + L.comm, comm.as_bytes());
+        m.put64(at + L.stack, 0xffff_c900_0000_0000 + (pid as u64) * 0x4000);
+        m.put64(at + L.thread_sp, 0xffff_c900_0000_3f00);
+    }
+
+    /// init_task -> A; A's signal lists A and B; two CPUs; vCPU 1 runs B.
+    fn kernel() -> Mem {
+        let mut m = Mem::default();
+        task(&mut m, SYMS.init_task, 0, 0, "swapper/0");
+        task(&mut m, TASK_A, 100, 100, "leader");
+        task(&mut m, TASK_B, 101, 100, "worker");
+        task(&mut m, IDLE1, 0, 0, "swapper/1");
+        // init_task.tasks <-> A.tasks
+        m.put64(SYMS.init_task + L.tasks, TASK_A + L.tasks);
+        m.put64(TASK_A + L.tasks, SYMS.init_task + L.tasks);
+        // signal->thread_head -> A.thread_node -> B.thread_node -> head
+        m.region(SIG, 0x40);
+        m.put64(TASK_A + L.signal, SIG);
+        m.put64(TASK_B + L.signal, SIG);
+        m.put64(SIG + 8, TASK_A + 0x60);
+        m.put64(TASK_A + 0x60, TASK_B + 0x60);
+        m.put64(TASK_B + 0x60, SIG + 8);
+        m.region(SYMS.per_cpu_offset, 16);
+        m.put64(SYMS.per_cpu_offset, PCPU[0]);
+        m.put64(SYMS.per_cpu_offset + 8, PCPU[1]);
+        m.region(SYMS.nr_cpu_ids, 4);
+        m.put32(SYMS.nr_cpu_ids, 2);
+        for (i, base) in PCPU.iter().enumerate() {
+            m.region(*base, 0x4000);
+            let idle = if i == 0 { SYMS.init_task } else { IDLE1 };
+            m.put64(base + SYMS.runqueues + L.rq_idle, idle);
+            m.put64(
+                base + SYMS.current_task,
+                if i == 0 { SYMS.init_task } else { TASK_B },
+            );
+        }
+        m.put32(TASK_B + L.on_cpu, 1);
+        m.put32(TASK_A + L.state, 1);
+        m
+    }
+
+    fn regs(gs: u64) -> VcpuRegs {
+        VcpuRegs {
+            gs_base: gs,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn thread_size_is_the_top_of_stack_minus_the_current_tasks_stack() {
+        const TOP: u64 = 0x300;
+        let mut m = kernel();
+        // A KASAN-sized (32 KiB) stack on both CPUs: init_task's and B's.
+        for (base, task, stack) in [
+            (PCPU[0], SYMS.init_task, 0xffff_c900_0001_0000u64),
+            (PCPU[1], TASK_B, 0xffff_c900_0002_0000),
+        ] {
+            m.put64(task + L.stack, stack);
+            m.put64(base + TOP, stack + (32 << 10));
+        }
+        let mut t = Tasks::new(L, SYMS);
+        assert_eq!(t.measure_thread_size_at(&m, TOP), Some(32 << 10));
+        assert_eq!(t.layout.thread_size, 32 << 10);
+        // CPU 1 mid-switch (top of the next task, current still the old):
+        // its difference is no stack size, and CPU 0 decides.
+        m.put64(PCPU[1] + TOP, 0xffff_c900_0003_0000 + (32 << 10));
+        assert_eq!(t.measure_thread_size_at(&m, TOP), Some(32 << 10));
+        // Nothing plausible anywhere: the layout keeps its size.
+        m.put64(PCPU[0] + TOP, 0);
+        let mut t = Tasks::new(L, SYMS);
+        assert_eq!(t.measure_thread_size_at(&m, TOP), None);
+        assert_eq!(t.layout.thread_size, THREAD_SIZE);
+    }
+
+    #[test]
+    fn lists_idle_leaders_threads_and_running() {
+        let m = kernel();
+        let tasks = Tasks::new(L, SYMS);
+        // vCPU 0 in user mode: the kernel's GS base is in KERNEL_GS_BASE.
+        let r0 = VcpuRegs {
+            gs_base: 0,
+            kernel_gs_base: Some(PCPU[0]),
+            ..Default::default()
+        };
+        let list = tasks.list(&m, &[r0, regs(PCPU[1])]).unwrap();
+        let summary: Vec<_> = list
+            .iter()
+            .map(|t| {
+                (
+                    t.pid,
+                    t.tgid,
+                    t.comm.as_str(),
+                    t.idle_cpu,
+                    t.running.map(|r| r.vcpu),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (0, 0, "swapper/0", Some(0), Some(0)),
+                (0, 0, "swapper/1", Some(1), None),
+                (100, 100, "leader", None, None),
+                (101, 100, "worker", None, Some(1)),
+            ]
+        );
+        let b = &list[3];
+        assert!(b.on_cpu);
+        assert_eq!(
+            b.stack,
+            0xffff_c900_0000_0000 + 101 * 0x4000..0xffff_c900_0000_0000 + 102 * 0x4000
+        );
+        assert_eq!(b.saved_sp, 0xffff_c900_0000_3f00);
+        assert_eq!(list[2].state_char(), 'S');
+        assert_eq!(b.state_char(), 'R');
+    }
+
+    #[test]
+    fn thread_group_ring() {
+        let mut m = kernel();
+        let layout = TaskLayout {
+            threads: ThreadLinks::ThreadGroup { thread_group: 0x70 },
+            ..L
+        };
+        m.put64(TASK_A + 0x70, TASK_B + 0x70);
+        m.put64(TASK_B + 0x70, TASK_A + 0x70);
+        let list = Tasks::new(layout, SYMS).list(&m, &[]).unwrap();
+        assert_eq!(
+            list.iter().map(|t| t.pid).collect::<Vec<_>>(),
+            vec![0, 0, 100, 101]
+        );
+    }
+
+    #[test]
+    fn cycles_are_detected() {
+        let mut m = kernel();
+        // A.thread_node -> B.thread_node -> A.thread_node, never the head.
+        m.put64(TASK_B + 0x60, TASK_A + 0x60);
+        let e = Tasks::new(L, SYMS).list(&m, &[]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TasksError::Cycle {
+                    list: "signal->thread_head",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn budget_bounds_the_walk() {
+        let m = kernel();
+        let mut t = Tasks::new(L, SYMS);
+        t.max_tasks = 2;
+        assert!(matches!(
+            t.list(&m, &[]),
+            Err(TasksError::TooMany { limit: 2 })
+        ));
+    }
+
+    #[test]
+    fn bad_pointers_and_counts_are_errors() {
+        let mut m = kernel();
+        m.put64(TASK_A + L.tasks, 0x4141_4141);
+        assert!(matches!(
+            Tasks::new(L, SYMS).list(&m, &[]),
+            Err(TasksError::BadPointer { .. })
+        ));
+        let mut m = kernel();
+        m.put64(TASK_A + L.tasks, 0xffff_8880_dead_0000);
+        assert!(matches!(
+            Tasks::new(L, SYMS).list(&m, &[]),
+            Err(TasksError::Read { .. })
+        ));
+        let mut m = kernel();
+        m.put32(SYMS.nr_cpu_ids, u32::MAX);
+        assert!(matches!(
+            Tasks::new(L, SYMS).list(&m, &[]),
+            Err(TasksError::TooManyCpus(_))
+        ));
+        let m = kernel();
+        let layout = TaskLayout { comm: 0x1f8, ..L };
+        assert!(matches!(
+            Tasks::new(layout, SYMS).list(&m, &[]),
+            Err(TasksError::FieldOutside { field: "comm", .. })
+        ));
+    }
+
+    #[test]
+    fn state_letters_follow_6_1() {
+        let mut t = Task {
+            addr: 0,
+            pid: 1,
+            tgid: 1,
+            comm: String::new(),
+            state: 0,
+            exit_state: 0,
+            flags: 0,
+            on_cpu: false,
+            stack: 0..0,
+            saved_sp: 0,
+            idle_cpu: None,
+            running: None,
+        };
+        for (state, exit, c) in [
+            (0, 0, 'R'),
+            (1, 0, 'S'),
+            (2, 0, 'D'),
+            (4, 0, 'T'),
+            (8, 0, 't'),
+            (0, 0x10, 'X'),
+            (0, 0x20, 'Z'),
+            (0x40, 0, 'P'),
+            (0x402, 0, 'I'),
+            (0x1000, 0, 'D'),
+            (0x101, 0, 'S'),
+        ] {
+            t.state = state;
+            t.exit_state = exit;
+            assert_eq!(t.state_char(), c, "state {state:#x} exit {exit:#x}");
+        }
+    }
+}
