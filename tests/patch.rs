@@ -184,7 +184,8 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
     let run = run_scenario("patch-blocked", &[]);
     let t = run.transcript();
     assert!(run.results("blocked").is_empty(), "{t}");
-    // 1 s timeout, 60 s sleeper: refused, the sleeper named, nothing changed.
+    // 1 s timeout, a sleeper that outlives it: refused, the sleeper named,
+    // nothing changed.
     assert_eq!(run.result("blocked-short")["rc"], "1", "{t}");
     let msg = run.lines_with("BLOCKED-SHORT: ");
     assert!(
