@@ -28,15 +28,8 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-/// The pid of the test guest's task playing `name` (roles.txt in the dump).
 fn role_pid(f: &Fixture, name: &str) -> i32 {
-    std::fs::read_to_string(f.dir.join("roles.txt"))
-        .unwrap_or_else(|e| panic!("roles.txt: {e}"))
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in roles.txt"))
+    common::role_pid(&f.dir, name)
 }
 
 /// The safe-point check on a real guest: every sleeping task sleeps in

@@ -516,12 +516,7 @@ fn vcpu_on_user_page_tables_alone_finds_the_kernel_through_pti() {
 }
 
 fn role_pid(f: &Fixture, name: &str) -> i32 {
-    read(f, "roles.txt")
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in roles.txt"))
+    common::role_pid(&f.dir, name)
 }
 
 /// The ORC unwinder from outside walks every sleeping task's stack to the

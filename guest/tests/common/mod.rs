@@ -103,3 +103,15 @@ pub fn build_ko(src: &Path) -> Vec<u8> {
 pub fn ko(name: &str) -> Vec<u8> {
     build_ko(&root().join(format!("guest-images/patches/{name}.c")))
 }
+
+/// The pid of the dumped guest's task playing `name` ("lister", "spinner":
+/// roles.txt in the dump directory).
+pub fn role_pid(dump_dir: &Path, name: &str) -> i32 {
+    std::fs::read_to_string(dump_dir.join("roles.txt"))
+        .unwrap_or_else(|e| panic!("roles.txt: {e}"))
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in roles.txt"))
+}
