@@ -21,6 +21,7 @@ pub mod engine;
 pub mod link;
 #[allow(missing_docs)]
 pub mod module;
+pub mod register;
 #[allow(missing_docs)]
 pub mod safepoint;
 #[allow(missing_docs)]

@@ -220,7 +220,9 @@ where
     F: FnMut(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
 {
     type Prepared = Prepared;
-    type Undo = Plan;
+    /// The plans that undo a load, to commit in order: the module's
+    /// registration, then the pages.
+    type Undo = Vec<Plan>;
 
     fn prepare(&mut self) -> Result<Prepared, EngineError> {
         (self.prepare)(self.engine, self.kernel)
@@ -234,12 +236,15 @@ where
         self.engine.install_gate(self.kernel, guest).map(drop)
     }
 
-    fn load(&mut self, p: &mut Prepared, guest: &G) -> Result<Plan, EngineError> {
-        Ok(p.take_load().commit(guest)?)
+    fn load(&mut self, p: &mut Prepared, guest: &G) -> Result<Vec<Plan>, EngineError> {
+        self.engine.load(self.kernel, guest, p)
     }
 
-    fn unload(&mut self, undo: Plan, guest: &G) -> Result<(), EngineError> {
-        undo.commit(guest).map(drop).map_err(EngineError::from)
+    fn unload(&mut self, undo: Vec<Plan>, guest: &G) -> Result<(), EngineError> {
+        for plan in undo {
+            plan.commit(guest)?;
+        }
+        Ok(())
     }
 
     fn retire_load(&mut self, p: Prepared) {
@@ -381,16 +386,29 @@ where
     let deadline = first + t.timeout;
     host.begun(prepared.name());
 
-    // The pre callbacks. A new patch's code must be in the guest before
-    // its pre_patch runs: load it first (no safe point needed, nothing
-    // references it yet).
+    // A new patch's code, and its struct module, go into the guest first,
+    // in a pause of their own: its pre_patch is its own code, and the
+    // guest kernel must know the module before any of its code runs. No
+    // safe point is needed: nothing references the new pages yet. A
+    // module load or unload in the guest that is mid-way makes it wait.
     let mut runs = Vec::new();
     let mut loaded = None;
     let mut passed = Vec::new();
+    if prepared.loads() {
+        let mut backoff = BACKOFF_START;
+        loaded = Some(loop {
+            match host.paused(|g| patcher.load(&mut prepared, g))?.0 {
+                Ok(undo) => break undo,
+                Err(e) if e.is_busy() && host.now() + backoff < deadline => {
+                    tracing::debug!(patch = prepared.name(), "{e}; retrying the load");
+                    host.sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        });
+    }
     if !calls.is_empty() {
-        if prepared.loads() {
-            loaded = Some(host.paused(|g| patcher.load(&mut prepared, g))?.0?);
-        }
         for call in calls.pre() {
             if call.func.is_some() {
                 let stop = match call_in_guest(host, patcher, &prepared, &call, deadline) {
@@ -430,7 +448,7 @@ where
             Ok((Err(e), _)) => e.into(),
             Err(e) => e,
         };
-        if calls.is_empty() {
+        if calls.is_empty() && loaded.is_none() {
             return Err(e);
         }
         return Err(abandon(

@@ -152,6 +152,11 @@ pub enum AllowKind {
     /// The head of one CPU's `raised_list`, where the call gate queues its
     /// irq_work (see [`crate::callback::gate`]): 8 bytes of per-CPU data.
     IrqWorkList { cpu: u32 },
+    /// An 8-byte word of the guest's module registries (`modules`,
+    /// `module_bug_list`, `mod_tree`, and those entries of each module on
+    /// the list), where a patch's `struct module` is linked in or out
+    /// (see [`crate::register`]).
+    ModuleRegistry,
 }
 
 /// A guest-physical range writes may touch.
@@ -175,6 +180,7 @@ impl fmt::Display for Allowed {
             AllowKind::Arena => f.write_str("arena")?,
             AllowKind::PmdSlots => f.write_str("PMD slots")?,
             AllowKind::IrqWorkList { cpu } => write!(f, "raised_list of CPU {cpu}")?,
+            AllowKind::ModuleRegistry => f.write_str("module registry word")?,
         }
         write!(f, " {:#x}..{:#x}", self.gpa, self.end())
     }

@@ -64,6 +64,24 @@ impl Engine {
         };
         let linked = link(&module, &kernel.kallsyms, bases, &options)?;
 
+        // Its struct module and tables, in a data region of their own
+        // (crate::register). A guest that cannot take one still gets
+        // patches that need none.
+        let mut registration = None;
+        match &facts.registry {
+            Ok(registry) => {
+                let region = arena.alloc(registry.size(&module), Perm::Data)?;
+                let image = registry.image(&name, &module, &linked, region.va)?;
+                registration = Some((region, image));
+            }
+            Err(why) if !module.tables.is_empty() => {
+                return Err(EngineError::Module(ModuleError::NeedsRegistration(
+                    why.clone(),
+                )))
+            }
+            Err(_) => {}
+        }
+
         // Every old function's entry must be an ftrace site we can take.
         let ftrace = facts.ftrace.clone();
         let mut fresh = Vec::new();
@@ -82,8 +100,29 @@ impl Engine {
         }
 
         // Writes: map the new pages, fill them, then the entries.
+        if let Some((region, _)) = &registration {
+            regions.push(*region);
+        }
         let mut plan = Plan::new(arena.allowed());
         plan.extend(arena.map_writes(guest, &regions)?);
+        let mut module_record = None;
+        if let Some((region, image)) = registration {
+            plan.push(
+                Write::read_expect(
+                    guest,
+                    region.gpa,
+                    image.bytes.clone(),
+                    format!("{name} struct module"),
+                )
+                .map_err(EngineError::Write)?,
+            );
+            module_record = Some(crate::register::Registered {
+                module: image.module,
+                text: image.text,
+                bugs: image.bugs,
+                counts: image.counts,
+            });
+        }
         for image in [&linked.text, &linked.rodata, &linked.data] {
             if image.bytes.is_empty() {
                 continue;
@@ -110,6 +149,7 @@ impl Engine {
             funcs,
             callbacks: linked.callbacks.clone(),
             signature: "unsigned".to_owned(),
+            module: module_record,
         };
         // On a replace too, only the new patch's callbacks run.
         let mut calls = crate::callback::Calls::default();
@@ -130,6 +170,7 @@ impl Engine {
             warnings: Vec::new(),
             calls,
             loaded_bytes: 0,
+            loaded: false,
         })
     }
 }

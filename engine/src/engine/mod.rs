@@ -12,6 +12,7 @@
 //! anywhere leaves the guest and the engine exactly as they were.
 
 mod load;
+mod modules;
 
 use klpvisor_guest::GuestPhys;
 use std::collections::BTreeMap;
@@ -124,6 +125,9 @@ pub enum EngineError {
     NoSuchTransition { to: u64, newest: u64 },
     #[error(transparent)]
     Gate(#[from] GateError),
+    /// The patch could not be registered with the guest kernel as a module.
+    #[error("registering the patch with the guest kernel: {0}")]
+    Register(#[from] crate::register::RegisterError),
 }
 
 /// Committed transitions the engine remembers for rollback; older ones are
@@ -132,6 +136,12 @@ pub enum EngineError {
 pub const MAX_HISTORY: usize = 256;
 
 impl EngineError {
+    /// Whether the guest was mid-way through something that makes this
+    /// step wait (a module load or unload): trying again may succeed.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, EngineError::Register(e) if e.is_busy())
+    }
+
     pub fn kind(&self) -> Fault {
         match self {
             EngineError::Module(_) | EngineError::Link(_) => Fault::Module,
@@ -162,6 +172,15 @@ impl EngineError {
                 SiteError::Records(_) | SiteError::Read { .. } => Fault::Guest,
                 _ => Fault::State,
             },
+            EngineError::Register(e) => {
+                use crate::register::RegisterError as R;
+                match e {
+                    R::Busy(_) => Fault::State,
+                    R::Internal(_) => Fault::Internal,
+                    R::Name { .. } | R::Reach(_) => Fault::Module,
+                    _ => Fault::Guest,
+                }
+            }
             EngineError::Write(WriteError::Mismatch { .. }) => Fault::State,
             EngineError::Write(_) => Fault::Guest,
         }
@@ -192,6 +211,9 @@ struct Record {
     /// How the module's signature was checked (the engine never sees
     /// signatures: the caller checks them before `prepare_apply`).
     signature: String,
+    /// Its `struct module` in the guest ([`crate::register`]); `None` when
+    /// the guest's BTF cannot describe one and the patch needs none.
+    module: Option<crate::register::Registered>,
 }
 
 impl Record {
@@ -217,6 +239,9 @@ struct Facts {
     /// The kernel's ORC tables, for precise unwinding of sleeping tasks
     /// (None: conservative scanning only).
     orc: Option<Orc>,
+    /// The guest's module layout and registries, to register each patch
+    /// as a module (Err: why it cannot be done in this guest).
+    registry: Result<crate::register::Registry, String>,
 }
 
 /// A transition ready to commit. Dropping it changes nothing.
@@ -241,6 +266,9 @@ pub struct Prepared {
     calls: Calls,
     /// Bytes of a load plan split off by [`Prepared::take_load`].
     loaded_bytes: u64,
+    /// Its load was committed by [`Engine::load`] (and its module
+    /// registered, if it has one).
+    loaded: bool,
 }
 
 impl Prepared {
@@ -346,6 +374,11 @@ struct Retired {
     name: String,
     removed_at: u64,
     record: Record,
+    /// Its `struct module` was taken out of the guest's registries by an
+    /// earlier sweep; the next one may free its memory (kernel readers
+    /// that were walking past it have finished by then, as after
+    /// `synchronize_rcu` in `free_module`).
+    unlinked: bool,
 }
 
 /// One guest's patches.
@@ -396,12 +429,15 @@ impl Engine {
             let orc = Orc::load_btf(&space, &kernel.kallsyms, &kernel.btf)
                 .or_else(|_| Orc::load(&space, &kernel.kallsyms, release.as_deref()))
                 .ok();
+            let registry = crate::register::Registry::new(&kernel.btf, &kernel.kallsyms)
+                .map_err(|e| e.to_string());
             self.facts = Some(Facts {
                 arena,
                 ftrace,
                 tasks,
                 hardirq_stack_ptr,
                 orc,
+                registry,
             });
         }
         self.facts
@@ -770,6 +806,7 @@ impl Engine {
                 name: p.name,
                 removed_at: now_unix(),
                 record,
+                unlinked: false,
             });
         }
     }
@@ -816,6 +853,7 @@ impl Engine {
             warnings: Vec::new(),
             calls,
             loaded_bytes: 0,
+            loaded: false,
         })
     }
 
@@ -827,6 +865,12 @@ impl Engine {
         guest: &G,
         p: &Prepared,
     ) -> Result<Committed, EngineError> {
+        if p.record.as_ref().is_some_and(|r| r.module.is_some()) && !p.loaded {
+            return Err(EngineError::Internal(
+                "a patch with a guest module must be loaded (Engine::load) before its switch"
+                    .into(),
+            ));
+        }
         if !p.change.forced && !p.check.is_empty() {
             let blockers = self.blockers(kernel, guest, &p.check)?;
             if !blockers.is_empty() {
@@ -916,6 +960,7 @@ impl Engine {
                 name: name.to_owned(),
                 removed_at: now_unix(),
                 record,
+                unlinked: false,
             });
         }
         Ok(info)
@@ -934,7 +979,9 @@ impl Engine {
         }
         let mut freed = Vec::new();
         let mut keep = Vec::new();
-        for r in std::mem::take(&mut self.retired) {
+        // Iterate over a copy: registry plans look at every retired
+        // patch's module, this one's included.
+        for mut r in self.retired.clone() {
             let check = Check::new(
                 r.record
                     .text()
@@ -951,6 +998,21 @@ impl Engine {
                 Err(_) => true,
             };
             if referenced {
+                keep.push(r);
+                continue;
+            }
+            if let (false, Some(m)) = (r.unlinked, r.record.module.as_ref()) {
+                // First take its struct module off the registries; free the
+                // memory at a later sweep, once readers have moved on.
+                match self
+                    .unregister_plan(kernel, guest, m)
+                    .and_then(|plan| match plan {
+                        Some(plan) => Ok(plan.commit(guest).map(drop)?),
+                        None => Ok(()),
+                    }) {
+                    Ok(()) => r.unlinked = true,
+                    Err(e) => tracing::info!(patch = r.name, "module not unregistered yet: {e}"),
+                }
                 keep.push(r);
                 continue;
             }

@@ -18,6 +18,7 @@ pub mod elf;
 pub mod klp;
 pub mod modinfo;
 pub mod sections;
+pub mod tables;
 
 use std::collections::HashMap;
 
@@ -105,6 +106,13 @@ pub enum ModuleError {
     BadKlpSymbol(String),
     #[error("{0}")]
     BadSite(String),
+    #[error(
+        "the patch has exception fixups, BUG/WARN sites or ORC data, which the guest kernel \
+         finds only through a struct module, and klpvisor cannot build one for this guest: {0}"
+    )]
+    NeedsRegistration(String),
+    #[error("malformed module table: {0}")]
+    BadTable(String),
     #[error("section layout: {0}")]
     Layout(String),
 }
@@ -274,6 +282,9 @@ pub struct Module {
     /// Indices into `relocs` of the rel32 of each `jmp __x86_return_thunk`
     /// listed in `.return_sites`.
     pub return_jumps: Vec<usize>,
+    /// Exception fixups, BUG/WARN sites and ORC data, for the guest
+    /// kernel's registration of the patch ([`crate::register`]).
+    pub tables: tables::Tables,
     layout: Layout,
     /// ELF section index -> index into `sections`.
     by_elf: HashMap<usize, usize>,
@@ -393,6 +404,7 @@ impl Module {
             relocs,
             fentry_sites: Vec::new(),
             return_jumps: Vec::new(),
+            tables: tables::parse(&elf, &policies, tables::BugLayout::from_btf(btf))?,
             layout,
             by_elf,
         };
@@ -618,8 +630,6 @@ fn check_sections(elf: &RawElf, policies: &[Option<Policy>]) -> Result<(), Modul
             _ => {}
         }
     }
-    // The most consequential first: __ex_table leads when present.
-    refused.sort_by_key(|(name, _)| name != "__ex_table");
     if refused.is_empty() {
         Ok(())
     } else {

@@ -1,15 +1,18 @@
 //! What to do with each allocatable section of a module, mirroring what the
 //! kernel's module loader (kernel/module/main.c, arch/x86/kernel/module.c
 //! `module_finalize`) does with it, since klpvisor plays the loader's part
-//! from outside the guest and cannot register anything with the kernel.
+//! from outside the guest.
 //!
 //! * Code and data are loaded into one of three segments by permission.
 //! * Metadata the loader only consumes is read (`__mcount_loc`,
 //!   `.return_sites`) or skipped when leaving it unprocessed is still
 //!   correct (see [`policy`] for each reason).
-//! * Sections whose meaning depends on a registration with the running
-//!   kernel are refused: the code would misbehave in ways the user cannot
-//!   see (a fault in a uaccess would oops, a static key would never flip).
+//! * The tables the loader registers through `struct module` (exception
+//!   fixups, BUG/WARN sites, ORC) are parsed and registered the same way,
+//!   from outside ([`crate::register`]).
+//! * Sections whose meaning depends on another registration with the
+//!   running kernel are refused: the code would misbehave in ways the user
+//!   cannot see (a static key would never flip).
 //! * Unknown allocatable sections are refused too: we cannot tell whether
 //!   the loader would have processed them.
 
@@ -67,8 +70,7 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
         ".orc_header" => {
             return Policy::Skip(
                 "a hash of the kernel's ORC entry format (6.4+), for tools that read a \
-                 module's ORC data; the module loader does not read it, and the patch's ORC \
-                 data is not registered anyway",
+                 module's ORC data; the module loader does not read it",
             )
         }
         ".call_sites" => {
@@ -80,12 +82,11 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
                  whose callers the kernel already points at its thunk",
             )
         }
-        ".orc_unwind" | ".orc_unwind_ip" => {
-            return Policy::Skip(
-                "ORC data cannot be registered from outside: the guest's stack traces through \
-                 patch code are not reliable (klpvisor's own stack checks do not use ORC)",
-            )
-        }
+        // Tables the module loader registers with the kernel: parsed into
+        // entries (module::tables) and written, sorted and relocated, next
+        // to the struct module that registers the patch with the guest
+        // kernel (crate::register).
+        "__ex_table" | "__bug_table" | ".orc_unwind" | ".orc_unwind_ip" => return Policy::Parse,
         ".smp_locks" => {
             return Policy::Skip("lock prefixes stay, which is correct on SMP and UP alike")
         }
@@ -104,14 +105,6 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
         "__patchable_function_entries" | "__param" => {
             return Policy::Skip("nothing in the patch code depends on it")
         }
-        "__ex_table" => {
-            return Policy::Refuse(
-                "exception-table fixups (uaccess such as get_user/put_user/copy_*_user inlined \
-                 into the patch) are registered with the module loader, which cannot be done \
-                 from outside: a fault would oops instead of returning -EFAULT. Call \
-                 out-of-line helpers instead",
-            )
-        }
         ".altinstructions" => {
             return Policy::Refuse(
                 "alternatives (ALTERNATIVE(), static_cpu_has, stac/clac in user_access_begin) \
@@ -124,12 +117,6 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
                 "static keys (static_branch_*, tracepoints, dynamic debug) in the patch must be \
                  registered with the kernel to follow key changes, which cannot be done from \
                  outside",
-            )
-        }
-        "__bug_table" => {
-            return Policy::Refuse(
-                "BUG()/WARN() sites must be registered with the kernel; without that a WARN in \
-                 the patch would oops. Remove WARN/BUG from the patch",
             )
         }
         ".static_call.text" | ".static_call_tramp_key" => {
@@ -203,10 +190,9 @@ mod tests {
             Policy::Load(Segment::Data)
         );
         assert_eq!(policy(".bss", true, false), Policy::Load(Segment::Data));
-        assert!(matches!(
-            policy("__ex_table", false, false),
-            Policy::Refuse(_)
-        ));
+        assert_eq!(policy("__ex_table", false, false), Policy::Parse);
+        assert_eq!(policy("__bug_table", true, false), Policy::Parse);
+        assert_eq!(policy(".orc_unwind_ip", false, false), Policy::Parse);
         assert!(matches!(
             policy("__ksymtab_gpl", false, false),
             Policy::Refuse(_)

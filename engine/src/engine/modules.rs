@@ -1,0 +1,171 @@
+//! The engine's side of registering patches as guest modules
+//! ([`crate::register`]): turning the registry's word edits into plans on
+//! the one write path, with an allow-list built from the registries.
+
+use klpvisor_guest::{AddressSpace, Guest, Kernel, VirtRead};
+
+use super::{Engine, EngineError, Prepared};
+use crate::register::{Mem, RegisterError, Registered, Registry, Word};
+use crate::write::{AllowKind, Allowed, Plan, Write};
+
+/// Guest kernel memory for the registry code.
+struct SpaceMem<'a, 'g, G: Guest + ?Sized>(&'a AddressSpace<'g, G>);
+
+impl<G: Guest + ?Sized> Mem for SpaceMem<'_, '_, G> {
+    fn read_u64(&self, va: u64) -> Result<u64, RegisterError> {
+        self.0.read_u64(va).map_err(|e| RegisterError::Read {
+            va,
+            source: Box::new(e),
+        })
+    }
+}
+
+impl Engine {
+    fn registry(&self) -> Result<&Registry, EngineError> {
+        let f = self
+            .facts
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))?;
+        f.registry
+            .as_ref()
+            .map_err(|e| EngineError::Internal(format!("no module registry: {e}")))
+    }
+
+    /// Every patch `struct module` the engine put in the guest: those the
+    /// registries may hold besides the kernel's own modules.
+    fn our_modules(&self) -> Vec<u64> {
+        self.records
+            .values()
+            .chain(self.retired.iter().map(|r| &r.record))
+            .filter_map(|r| r.module.as_ref().map(|m| m.module))
+            .collect()
+    }
+
+    /// A plan of `words`, allowed only where the registries are.
+    fn registry_plan<G: Guest + ?Sized>(
+        &self,
+        space: &AddressSpace<'_, G>,
+        words: Vec<Word>,
+        extra: &[u64],
+        label: &str,
+    ) -> Result<Plan, EngineError> {
+        let registry = self.registry()?;
+        let mem = SpaceMem(space);
+        let mut ours = self.our_modules();
+        ours.extend_from_slice(extra);
+        let arena = self
+            .facts
+            .as_ref()
+            .map(|f| f.arena.allowed())
+            .unwrap_or_default();
+        let mut plan = Plan::new(arena);
+        let phys = |va: u64| {
+            space
+                .translate(va)
+                .map(|t| t.phys)
+                .map_err(|e| RegisterError::Read {
+                    va,
+                    source: Box::new(e),
+                })
+        };
+        for va in registry.allowed(&mem, &ours)? {
+            // A word that does not translate is never written either.
+            if let Ok(gpa) = phys(va) {
+                plan.allow(Allowed {
+                    gpa,
+                    len: 8,
+                    kind: AllowKind::ModuleRegistry,
+                });
+            }
+        }
+        for (va, old, new) in words {
+            plan.push(Write::new(
+                phys(va)?,
+                new.to_le_bytes().to_vec(),
+                old.to_le_bytes().to_vec(),
+                format!("{label} {va:#x}"),
+            ));
+        }
+        Ok(plan)
+    }
+
+    /// The plan that puts `r` (whose `struct module` is in guest memory
+    /// already) on the guest's module registries. vCPUs paused.
+    pub(super) fn register_plan<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        r: &Registered,
+    ) -> Result<Plan, EngineError> {
+        let space = kernel.space(guest);
+        let words = self.registry()?.register(&SpaceMem(&space), r)?;
+        self.registry_plan(&space, words, &[r.module], "register module")
+    }
+
+    /// The plan that takes `r` off the registries; `None` if it is not on
+    /// them (a rolled-back load took it off already). vCPUs paused.
+    pub(super) fn unregister_plan<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        r: &Registered,
+    ) -> Result<Option<Plan>, EngineError> {
+        let space = kernel.space(guest);
+        let mem = SpaceMem(&space);
+        let registry = self.registry()?;
+        // On the `modules` list iff its predecessor points at it.
+        let entry = r.module + registry.layout.list;
+        let prev = mem.read_u64(entry + 8)?;
+        if prev == 0 || mem.read_u64(prev).ok() != Some(entry) {
+            return Ok(None);
+        }
+        let words = registry.unregister(&mem, r)?;
+        self.registry_plan(&space, words, &[r.module], "unregister module")
+            .map(Some)
+    }
+
+    /// Commits `p`'s load (its pages and its `struct module`) and then
+    /// registers the module, both in this pause, undoing the first if the
+    /// second fails. Returns the plans that undo both, to commit in order.
+    pub fn load<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &mut Prepared,
+    ) -> Result<Vec<Plan>, EngineError> {
+        if p.record.as_ref().is_some_and(|r| r.module.is_some()) {
+            // Refuse before writing when the registries are busy: nothing
+            // to undo then.
+            let space = kernel.space(guest);
+            self.registry()?.quiet(&SpaceMem(&space))?;
+        }
+        let load = p.take_load();
+        let undo = load.commit(guest)?;
+        p.loaded = true;
+        let Some(r) = p.record.as_ref().and_then(|r| r.module.clone()) else {
+            return Ok(vec![undo]);
+        };
+        let linked = self
+            .register_plan(kernel, guest, &r)
+            .and_then(|plan| Ok(plan.commit(guest)?));
+        match linked {
+            Ok(unlink) => {
+                tracing::info!(
+                    patch = p.name(),
+                    module = format_args!("{:#x}", r.module),
+                    extable = r.counts.extable,
+                    bugs = r.counts.bugs,
+                    orc = r.counts.orc,
+                    symbols = r.counts.symbols,
+                    "patch registered with the guest kernel as a module"
+                );
+                Ok(vec![unlink, undo])
+            }
+            Err(e) => {
+                undo.commit(guest)?;
+                p.loaded = false;
+                Err(e)
+            }
+        }
+    }
+}

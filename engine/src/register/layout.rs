@@ -1,0 +1,261 @@
+//! Where the fields of the guest's `struct module` and of the kernel's
+//! module registries are, from the guest's BTF: nothing here is a
+//! per-version constant except the two facts BTF cannot give (named where
+//! they are used).
+
+use klpvisor_guest::Btf;
+
+use super::RegisterError;
+
+/// `MODULE_STATE_LIVE`, the first enumerator of `enum module_state` in
+/// every kernel that has one.
+pub const MODULE_STATE_LIVE: u32 = 0;
+/// `TAINT_LIVEPATCH` ('K'), bit 15 of the taint mask since 4.0.
+pub const TAINT_LIVEPATCH: u32 = 15;
+/// `MODULE_REF_BASE`: the reference count of a module nobody uses.
+pub const MODULE_REF_BASE: u32 = 1;
+/// Size of `struct rb_node`: parent-and-colour, right, left.
+pub const RB_NODE: u64 = 24;
+
+/// How the module's memory is described.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    /// Up to 6.3: `struct module_layout core_layout` (one range, text
+    /// first; `text_size`, `ro_size`, `ro_after_init_size` inside it).
+    Layout {
+        at: u64,
+        size: u64,
+        text_size: u64,
+        ro_size: u64,
+        ro_after_init_size: u64,
+        mtn: u64,
+    },
+    /// 6.4+: `struct module_memory mem[MOD_MEM_NUM_TYPES]`, one range per
+    /// kind; the kernel's commit "module: replace module_layout with
+    /// module_memory" made `MOD_TEXT` (0) the first, so its entry is at
+    /// `at`.
+    Mem {
+        at: u64,
+        stride: u64,
+        size: u64,
+        mtn: u64,
+    },
+}
+
+impl Memory {
+    /// Offset of the text range's `base` in `struct module`.
+    pub fn text_base(&self) -> u64 {
+        match *self {
+            Memory::Layout { at, .. } | Memory::Mem { at, .. } => at,
+        }
+    }
+
+    /// Offset of the text range's `struct mod_tree_node` in `struct module`.
+    pub fn text_mtn(&self) -> u64 {
+        match *self {
+            Memory::Layout { at, mtn, .. } | Memory::Mem { at, mtn, .. } => at + mtn,
+        }
+    }
+
+    /// Offset of `mtn` within the range's struct (`module_layout` or
+    /// `module_memory`): the kernel's tree compares `container_of(mtn)
+    /// ->base`, so a node's key is read at `node - index * RB_NODE -
+    /// node_in_mtn - mtn_in_range`.
+    pub fn mtn_in_range(&self) -> u64 {
+        match *self {
+            Memory::Layout { mtn, .. } | Memory::Mem { mtn, .. } => mtn,
+        }
+    }
+
+    /// Offset of the range's 32-bit `size`, relative to its `base`.
+    pub fn size_in_range(&self) -> u64 {
+        match *self {
+            Memory::Layout { size, .. } | Memory::Mem { size, .. } => size,
+        }
+    }
+}
+
+/// Offsets in the guest's `struct module` and in the registries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModuleLayout {
+    pub size: u64,
+    pub state: u64,
+    pub list: u64,
+    pub name: u64,
+    pub name_len: u64,
+    pub num_exentries: u64,
+    pub extable: u64,
+    pub memory: Memory,
+    /// In `struct mod_tree_node`: `mod`, and the `latch_tree_node`.
+    pub mtn_mod: u64,
+    pub mtn_node: u64,
+    pub num_orcs: Option<u64>,
+    pub orc_unwind_ip: Option<u64>,
+    pub orc_unwind: Option<u64>,
+    pub taints: u64,
+    pub num_bugs: u64,
+    pub bug_list: u64,
+    pub bug_table: u64,
+    pub kallsyms: u64,
+    pub core_kallsyms: u64,
+    /// In `struct mod_kallsyms`.
+    pub ks_symtab: u64,
+    pub ks_num_symtab: u64,
+    pub ks_strtab: u64,
+    pub ks_typetab: u64,
+    pub klp: Option<u64>,
+    pub source_list: u64,
+    pub target_list: u64,
+    pub refcnt: u64,
+    /// `param_lock.wait_list`: an empty list must point at itself.
+    pub param_wait_list: Option<u64>,
+    /// In `struct mod_tree_root`: the latch's sequence, its two trees'
+    /// root pointers, and the address bounds.
+    pub root_seq: u64,
+    pub root_tree: [u64; 2],
+    pub addr_min: u64,
+    pub addr_max: u64,
+    /// `struct orc_entry` (6 on every kernel so far).
+    pub orc_entry: u64,
+    /// Offsets of every range struct that has a tree node (core and init
+    /// layout, or each `mem[]` entry), the first `ranges` of them.
+    pub range_at: [u64; MAX_RANGES],
+    pub ranges: usize,
+}
+
+/// More than `MOD_MEM_NUM_TYPES` (7 in 6.4 to 6.12).
+pub const MAX_RANGES: usize = 16;
+
+fn off(btf: &Btf, path: &str) -> Result<u64, RegisterError> {
+    btf.offset_of(path).map_err(|source| RegisterError::Layout {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn opt(btf: &Btf, path: &str) -> Option<u64> {
+    btf.offset_of(path).ok()
+}
+
+fn size(btf: &Btf, name: &str) -> Result<u64, RegisterError> {
+    btf.struct_size(name)
+        .map_err(|source| RegisterError::Layout {
+            path: name.to_owned(),
+            source,
+        })
+}
+
+impl ModuleLayout {
+    pub fn from_btf(btf: &Btf) -> Result<Self, RegisterError> {
+        let memory = if let Ok(at) = btf.offset_of("module.core_layout") {
+            Memory::Layout {
+                at,
+                size: off(btf, "module_layout.size")?,
+                text_size: off(btf, "module_layout.text_size")?,
+                ro_size: off(btf, "module_layout.ro_size")?,
+                ro_after_init_size: off(btf, "module_layout.ro_after_init_size")?,
+                mtn: off(btf, "module_layout.mtn")?,
+            }
+        } else {
+            Memory::Mem {
+                at: off(btf, "module.mem")?,
+                stride: size(btf, "module_memory")?,
+                size: off(btf, "module_memory.size")?,
+                mtn: off(btf, "module_memory.mtn")?,
+            }
+        };
+        if off(btf, "module_layout.base").unwrap_or(0) != 0
+            || opt(btf, "module_memory.base").unwrap_or(0) != 0
+        {
+            return Err(RegisterError::Unexpected(
+                "the module range's `base` is not its first member",
+            ));
+        }
+        let name_len = btf
+            .field("module.name")
+            .map_err(|source| RegisterError::Layout {
+                path: "module.name".into(),
+                source,
+            })?
+            .size
+            .ok_or(RegisterError::Unexpected("module.name has no size"))?;
+        let tree = off(btf, "latch_tree_root.tree")?;
+        let mut range_at = [0u64; MAX_RANGES];
+        let ranges = match memory {
+            Memory::Layout { at, .. } => {
+                range_at[0] = at;
+                range_at[1] = off(btf, "module.init_layout")?;
+                2
+            }
+            Memory::Mem { at, stride, .. } => {
+                let total = btf
+                    .field("module.mem")
+                    .ok()
+                    .and_then(|f| f.size)
+                    .ok_or(RegisterError::Unexpected("module.mem has no size"))?;
+                let n = usize::try_from(total / stride.max(1)).unwrap_or(usize::MAX);
+                if n == 0 || n > MAX_RANGES {
+                    return Err(RegisterError::Unexpected(
+                        "module.mem has an unexpected length",
+                    ));
+                }
+                for (i, r) in range_at.iter_mut().enumerate().take(n) {
+                    *r = at + i as u64 * stride;
+                }
+                n
+            }
+        };
+        let layout = Self {
+            size: size(btf, "module")?,
+            state: off(btf, "module.state")?,
+            list: off(btf, "module.list")?,
+            name: off(btf, "module.name")?,
+            name_len,
+            num_exentries: off(btf, "module.num_exentries")?,
+            extable: off(btf, "module.extable")?,
+            memory,
+            mtn_mod: off(btf, "mod_tree_node.mod")?,
+            mtn_node: off(btf, "mod_tree_node.node")?,
+            num_orcs: opt(btf, "module.arch.num_orcs"),
+            orc_unwind_ip: opt(btf, "module.arch.orc_unwind_ip"),
+            orc_unwind: opt(btf, "module.arch.orc_unwind"),
+            taints: off(btf, "module.taints")?,
+            num_bugs: off(btf, "module.num_bugs")?,
+            bug_list: off(btf, "module.bug_list")?,
+            bug_table: off(btf, "module.bug_table")?,
+            kallsyms: off(btf, "module.kallsyms")?,
+            core_kallsyms: off(btf, "module.core_kallsyms")?,
+            ks_symtab: off(btf, "mod_kallsyms.symtab")?,
+            ks_num_symtab: off(btf, "mod_kallsyms.num_symtab")?,
+            ks_strtab: off(btf, "mod_kallsyms.strtab")?,
+            ks_typetab: off(btf, "mod_kallsyms.typetab")?,
+            klp: opt(btf, "module.klp"),
+            source_list: off(btf, "module.source_list")?,
+            target_list: off(btf, "module.target_list")?,
+            refcnt: off(btf, "module.refcnt")?,
+            param_wait_list: opt(btf, "module.param_lock")
+                .zip(opt(btf, "mutex.wait_list"))
+                .map(|(a, b)| a + b),
+            root_seq: off(btf, "mod_tree_root.root")? + off(btf, "latch_tree_root.seq")?,
+            root_tree: [
+                off(btf, "mod_tree_root.root")? + tree,
+                off(btf, "mod_tree_root.root")? + tree + 8,
+            ],
+            addr_min: off(btf, "mod_tree_root.addr_min")?,
+            addr_max: off(btf, "mod_tree_root.addr_max")?,
+            orc_entry: btf.struct_size("orc_entry").unwrap_or(6),
+            range_at,
+            ranges,
+        };
+        let rb = size(btf, "rb_node")?;
+        if rb != RB_NODE || size(btf, "latch_tree_node")? != 2 * RB_NODE {
+            return Err(RegisterError::Unexpected(
+                "struct rb_node is not 24 bytes or latch_tree_node not two of them",
+            ));
+        }
+        if layout.orc_entry != 6 {
+            return Err(RegisterError::Unexpected("struct orc_entry is not 6 bytes"));
+        }
+        Ok(layout)
+    }
+}

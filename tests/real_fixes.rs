@@ -1,0 +1,119 @@
+//! Real fixes: patches whose code holds what real kernel functions hold
+//! (here a WARN), each copied from a real kernel function, registered with
+//! the guest kernel as a module so that the kernel treats patch code as it
+//! treats a module's.
+#![forbid(unsafe_code)]
+
+use harness::{run_scenario, Run};
+
+/// What the guest printed under `tag` at step `n` (`<tag> <n> <text>`).
+fn step(run: &Run, tag: &str, n: u32) -> String {
+    let prefix = format!("{tag} {n} ");
+    run.lines_with(&prefix)
+        .first()
+        .and_then(|l| l.split_once(&prefix).map(|(_, v)| v.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no {tag} {n}\n{}", run.transcript()))
+}
+
+/// The kernel log lines the guest showed at step `n`.
+fn kmsg(run: &Run, n: u32) -> Vec<String> {
+    let prefix = format!("KLPV-KMSG {n} ");
+    run.lines_with(&prefix)
+        .iter()
+        .filter_map(|l| l.split_once(&prefix))
+        .filter_map(|(_, rest)| rest.split_once(' ').map(|(_, line)| line.to_owned()))
+        .collect()
+}
+
+#[test]
+fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = run_scenario("patch-warn", &[]);
+    let t = run.transcript();
+    assert_eq!(run.result("warn-apply")["rc"], "0", "{t}");
+
+    // Before: the kernel's own function, no module, no livepatch taint.
+    assert_eq!(step(&run, "KLPV-HIDEPID", 1), "ptraceable", "{t}");
+    assert_eq!(step(&run, "KLPV-MODULE", 1), "none", "{t}");
+    let taint_before: u64 = step(&run, "KLPV-TAINTED", 1).parse().expect("taint");
+    assert_eq!(taint_before & (1 << 15), 0, "{t}");
+    assert!(kmsg(&run, 1).is_empty(), "{t}");
+
+    // Applied: the patched function runs (its change shows), its WARN
+    // fires and reports as a module's would, and the guest carries on.
+    assert_eq!(step(&run, "KLPV-HIDEPID", 2), "unknown", "{t}");
+    let module = step(&run, "KLPV-MODULE", 2);
+    assert!(module.starts_with("warn_hidepid "), "{module}");
+    assert!(
+        module.contains("Live") && module.contains("(K)"),
+        "{module}"
+    );
+    let sym = step(&run, "KLPV-KALLSYMS", 2);
+    assert!(
+        sym.contains(" livepatch_proc_show_options") && sym.ends_with("[warn_hidepid]"),
+        "{sym}"
+    );
+    let taint: u64 = step(&run, "KLPV-TAINTED", 2).parse().expect("taint");
+    assert_ne!(taint & (1 << 15), 0, "taint K (TAINT_LIVEPATCH)\n{t}");
+    let log = kmsg(&run, 2);
+    let warning = log.first().cloned().unwrap_or_default();
+    // "WARNING: CPU: 1 PID: 57 at <file>:<line> livepatch_proc_show_options+0x../0x.. [warn_hidepid]"
+    assert!(warning.contains("WARNING: CPU:"), "{log:#?}");
+    assert!(warning.contains("warn-hidepid.c:"), "file:line\n{log:#?}");
+    assert!(
+        warning.contains("livepatch_proc_show_options+0x") && warning.contains("[warn_hidepid]"),
+        "the function, named through the module's kallsyms\n{log:#?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains("bad hide_pid value: 4")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("Modules linked in:") && l.contains("warn_hidepid(K)")),
+        "{log:#?}"
+    );
+    // The guest's ORC unwinder walks out of the patch frame: the caller
+    // of the patched function is a reliable frame (no "? ").
+    let caller = log
+        .iter()
+        .find(|l| l.contains("show_vfsmnt+0x") || l.contains("show_mountinfo+0x"))
+        .unwrap_or_else(|| panic!("no caller in the call trace\n{log:#?}"));
+    assert!(
+        !caller.contains("? "),
+        "unreliable frame: {caller}\n{log:#?}"
+    );
+    assert!(log.iter().any(|l| l.contains("---[ end trace")), "{log:#?}");
+
+    // Again: WARN_ONCE reports once; the function still runs patched.
+    assert_eq!(step(&run, "KLPV-HIDEPID", 3), "unknown", "{t}");
+    assert_eq!(
+        kmsg(&run, 3)
+            .iter()
+            .filter(|l| l.contains("WARNING:"))
+            .count(),
+        1,
+        "{t}"
+    );
+
+    // Disabled and removed: the kernel's function again; the next
+    // transition took the module off the kernel's lists.
+    assert_eq!(run.result("warn-disable")["rc"], "0", "{t}");
+    assert_eq!(run.result("warn-remove")["rc"], "0", "{t}");
+    assert_eq!(run.result("sample-apply")["rc"], "0", "{t}");
+    assert_eq!(run.result("sample-disable")["rc"], "0", "{t}");
+    assert_eq!(step(&run, "KLPV-HIDEPID", 4), "ptraceable", "{t}");
+    assert_eq!(step(&run, "KLPV-MODULE", 4), "none", "{t}");
+    assert_eq!(step(&run, "KLPV-KALLSYMS", 4), "none", "{t}");
+
+    let summary = run.lines_with("KLPV-DMESG warnings=");
+    assert_eq!(summary.len(), 1, "{t}");
+    assert!(
+        summary[0].ends_with("warnings=1 oopses=0"),
+        "exactly the one WARN, no oops: {}",
+        summary[0]
+    );
+    assert_eq!(run.result("patch-warn-exit")["rc"], "0", "{t}");
+}
