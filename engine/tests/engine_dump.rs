@@ -160,6 +160,11 @@ fn replace_patch_takes_over_and_bad_modules_change_nothing() {
     // the next sweep frees its arena space.
     e.remove("livepatch_sample").unwrap();
     assert_eq!(e.retired().len(), 1);
+    // The first sweep takes its struct module off the kernel's lists; the
+    // next frees its memory (readers that were walking past it are done).
+    assert!(guest_modules(k, &g).contains(&"livepatch_sample".to_owned()));
+    assert!(e.sweep(k, &g).unwrap().is_empty());
+    assert!(!guest_modules(k, &g).contains(&"livepatch_sample".to_owned()));
     assert_eq!(e.sweep(k, &g).unwrap(), vec!["livepatch_sample"]);
     assert!(e.retired().is_empty());
 
@@ -223,6 +228,7 @@ fn retired_code_is_freed_only_when_no_stack_references_it() {
     assert_eq!(e.retired()[0].name, "livepatch_sample");
 
     g.write_phys(GuestPhys(slot), &saved).unwrap();
+    assert!(e.sweep(k, &g).unwrap().is_empty(), "unregistered first");
     assert_eq!(e.sweep(k, &g).unwrap(), vec!["livepatch_sample"]);
     assert!(e.retired().is_empty());
 }
@@ -558,4 +564,27 @@ fn signed_module_applies_stripped_and_lists_its_signature() {
         assert_eq!(a, b, "bytes written at {gpa:#x}");
     }
     assert_eq!(e2.list()[0].signature, "unsigned");
+}
+
+/// The names on the guest kernel's `modules` list, as /proc/modules
+/// would show them.
+fn guest_modules<G: klpvisor_guest::Guest + ?Sized>(
+    k: &klpvisor_guest::Kernel,
+    g: &G,
+) -> Vec<String> {
+    use klpvisor_guest::VirtRead;
+    let space = k.space(g);
+    let head = k.kallsyms.addr("modules").unwrap();
+    let list = k.btf.offset_of("module.list").unwrap();
+    let name = k.btf.offset_of("module.name").unwrap();
+    let mut out = Vec::new();
+    let mut cur = space.read_u64(head).unwrap();
+    while cur != head && out.len() < 1000 {
+        let mut b = [0u8; 56];
+        space.read_virt(cur - list + name, &mut b).unwrap();
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        out.push(String::from_utf8_lossy(&b[..end]).into_owned());
+        cur = space.read_u64(cur).unwrap();
+    }
+    out
 }

@@ -316,11 +316,11 @@ fn section_refusals() {
     }
     let f = fixture();
     match parse(f, "bad-extable") {
+        // Its exception table is registered with the guest kernel now;
+        // the alternatives of user_access_begin are what is refused.
         Err(ModuleError::UnsupportedSections(list)) => {
-            assert_eq!(list[0].0, "__ex_table", "{list:?}");
+            assert!(list.iter().all(|(s, _)| s != "__ex_table"), "{list:?}");
             assert!(list.iter().any(|(s, _)| s == ".altinstructions"));
-            let msg = ModuleError::UnsupportedSections(list).to_string();
-            assert!(msg.contains("-EFAULT"), "{msg}");
         }
         other => panic!("{other:?}"),
     }

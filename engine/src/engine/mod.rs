@@ -865,11 +865,16 @@ impl Engine {
         guest: &G,
         p: &Prepared,
     ) -> Result<Committed, EngineError> {
-        if p.record.as_ref().is_some_and(|r| r.module.is_some()) && !p.loaded {
-            return Err(EngineError::Internal(
-                "a patch with a guest module must be loaded (Engine::load) before its switch"
-                    .into(),
-            ));
+        // A patch not loaded by Engine::load yet is loaded, and its module
+        // registered, in this same pause: nothing runs in between.
+        let register = p
+            .record
+            .as_ref()
+            .and_then(|r| r.module.clone())
+            .filter(|_| !p.loaded);
+        if register.is_some() {
+            self.registry()?
+                .quiet(&modules::space_mem(&kernel.space(guest)))?;
         }
         if !p.change.forced && !p.check.is_empty() {
             let blockers = self.blockers(kernel, guest, &p.check)?;
@@ -877,7 +882,16 @@ impl Engine {
                 return Err(EngineError::Blocked(blockers));
             }
         }
-        p.plan.commit(guest)?;
+        let undo = p.plan.commit(guest)?;
+        if let Some(r) = register {
+            if let Err(e) = self
+                .register_plan(kernel, guest, &r)
+                .and_then(|plan| Ok(plan.commit(guest)?))
+            {
+                undo.commit(guest)?;
+                return Err(e);
+            }
+        }
         if let Some(arena) = &p.arena {
             if let Some(f) = self.facts.as_mut() {
                 f.arena = arena.clone();

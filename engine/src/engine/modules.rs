@@ -20,8 +20,15 @@ impl<G: Guest + ?Sized> Mem for SpaceMem<'_, '_, G> {
     }
 }
 
+/// `space` as the registry code reads guest memory.
+pub(super) fn space_mem<'a, 'g, G: Guest + ?Sized>(
+    space: &'a AddressSpace<'g, G>,
+) -> impl Mem + 'a {
+    SpaceMem(space)
+}
+
 impl Engine {
-    fn registry(&self) -> Result<&Registry, EngineError> {
+    pub(super) fn registry(&self) -> Result<&Registry, EngineError> {
         let f = self
             .facts
             .as_ref()

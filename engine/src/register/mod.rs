@@ -39,6 +39,8 @@ pub mod image;
 pub mod layout;
 pub mod links;
 pub mod rbtree;
+#[cfg(test)]
+mod tests;
 
 use klpvisor_guest::{Btf, BtfError, Kallsyms, KallsymsError};
 
