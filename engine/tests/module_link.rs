@@ -84,6 +84,10 @@ fn options(f: &Fixture) -> LinkOptions {
     LinkOptions {
         return_thunk: thunk,
         plain_returns: link::guest_plain_returns(&space, &f.kernel.kallsyms, thunk),
+        alternatives: Some(
+            link::alternatives::guest_cpu(&space, &f.kernel.kallsyms, &f.kernel.btf, &f.release)
+                .unwrap(),
+        ),
     }
 }
 
@@ -557,6 +561,7 @@ fn return_sites_follow_the_guests_thunk() {
         &LinkOptions {
             return_thunk: Some(other),
             plain_returns: false,
+            alternatives: None,
         },
     )
     .unwrap();
