@@ -3,7 +3,9 @@
 
 use super::{entry, now_unix, Engine, EngineError, FuncRecord, Prepared, Record};
 use crate::arena::{Perm, Region};
-use crate::link::{alternatives, guest_plain_returns, guest_return_thunk, link, Bases, LinkOptions};
+use crate::link::{
+    alternatives, guest_plain_returns, guest_return_thunk, link, Bases, LinkOptions,
+};
 use crate::module::{Module, ModuleError};
 use crate::write::{Plan, Write};
 use klpvisor_guest::Guest;

@@ -73,7 +73,9 @@ const NOPS_6_1: [&[u8]; 8] = [
 const NOPS_6_12_EXTRA: [&[u8]; 3] = [
     &[0x2e, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
     &[0x66, 0x2e, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
-    &[0x66, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+    &[
+        0x66, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ],
 ];
 
 /// Which kernel's `apply_alternatives` to reproduce.
@@ -550,9 +552,9 @@ fn apply_table(
         let site = code.range(text, e.instr, instrlen).ok_or_else(|| {
             refuse("the original instruction lies outside the patch's loaded code".into())
         })?;
-        let repl_range = code.range(text, e.repl, repllen).ok_or_else(|| {
-            refuse("the replacement lies outside the patch's loaded code".into())
-        })?;
+        let repl_range = code
+            .range(text, e.repl, repllen)
+            .ok_or_else(|| refuse("the replacement lies outside the patch's loaded code".into()))?;
         let has = cpu.has(e.feature).ok_or_else(|| {
             refuse(format!(
                 "feature word {} lies outside the guest's x86_capability ({} words): a patch \
@@ -651,33 +653,33 @@ fn rel_fields(
         )
     });
     if branch && offsets.has_immediate() {
-        let (offset, size) = (
-            offsets.immediate_offset(),
-            offsets.immediate_size(),
-        );
+        let (offset, size) = (offsets.immediate_offset(), offsets.immediate_size());
         if let Some(value) = read_signed(bytes, offset, size) {
             let handled = matches!(
                 opcode(bytes),
                 (Some(0xe8 | 0xe9 | 0xeb | 0x70..=0x7f), _) | (Some(0x0f), Some(0x80..=0x8f))
             );
-            out.push((RelField {
-                offset,
-                size,
-                value,
-            }, handled));
+            out.push((
+                RelField {
+                    offset,
+                    size,
+                    value,
+                },
+                handled,
+            ));
         }
     }
     if insn.is_ip_rel_memory_operand() && offsets.has_displacement() {
-        let (offset, size) = (
-            offsets.displacement_offset(),
-            offsets.displacement_size(),
-        );
+        let (offset, size) = (offsets.displacement_offset(), offsets.displacement_size());
         if let Some(value) = read_signed(bytes, offset, size) {
-            out.push((RelField {
-                offset,
-                size,
-                value,
-            }, true));
+            out.push((
+                RelField {
+                    offset,
+                    size,
+                    value,
+                },
+                true,
+            ));
         }
     }
     out
@@ -838,7 +840,11 @@ fn split(bytes: &[u8]) -> (Option<u8>, Option<u8>, Option<u8>) {
     if bytes.get(i).is_some_and(|b| (0x40..=0x4f).contains(b)) {
         i += 1;
     }
-    (first_prefix, bytes.get(i).copied(), bytes.get(i + 1).copied())
+    (
+        first_prefix,
+        bytes.get(i).copied(),
+        bytes.get(i + 1).copied(),
+    )
 }
 
 /// The opcode bytes of the instruction starting `bytes`.
@@ -912,20 +918,20 @@ fn replace_6_12(e: &Entry, orig: &[u8], repl: &[u8], cpu: &GuestCpu) -> Result<V
 /// `alt_replace_call`: a paravirt `call *slot(%rip)` whose replacement is
 /// `call BUG_func` becomes `call <what the slot holds>` (nops for
 /// `nop_func`). The slot is read from the guest's `pv_ops`.
-fn direct_call(e: &Entry, orig: &[u8], mut buf: Vec<u8>, cpu: &GuestCpu) -> Result<Vec<u8>, String> {
+fn direct_call(
+    e: &Entry,
+    orig: &[u8],
+    mut buf: Vec<u8>,
+    cpu: &GuestCpu,
+) -> Result<Vec<u8>, String> {
     if buf.len() != 5 || buf[0] != 0xe8 {
         return Err("ALT_FLAG_DIRECT_CALL on a replacement that is not a 5-byte call".into());
     }
     if orig.len() != 6 || orig[0] != 0xff || orig[1] != 0x15 {
-        return Err(
-            "ALT_FLAG_DIRECT_CALL on an original that is not `call *disp32(%rip)`".into(),
-        );
+        return Err("ALT_FLAG_DIRECT_CALL on an original that is not `call *disp32(%rip)`".into());
     }
     let disp = read_signed(orig, 2, 4).unwrap_or(0);
-    let slot = e
-        .instr
-        .wrapping_add(6)
-        .wrapping_add_signed(disp);
+    let slot = e.instr.wrapping_add(6).wrapping_add_signed(disp);
     let (base, bytes) = cpu.pv_ops.as_ref().ok_or(
         "ALT_FLAG_DIRECT_CALL needs the guest's pv_ops, which was not found (no `pv_ops` in \
          kallsyms or no struct paravirt_patch_template in BTF)",
@@ -969,8 +975,8 @@ fn apply_relocation(buf: &mut [u8], e: &Entry) -> Result<(), String> {
     let repl_len = usize::from(e.replacementlen);
     let mut i = 0;
     while i < buf.len() {
-        let (insn, offsets) = decode(&buf[i..])
-            .ok_or_else(|| format!("cannot decode the replacement at +{i:#x}"))?;
+        let (insn, offsets) =
+            decode(&buf[i..]).ok_or_else(|| format!("cannot decode the replacement at +{i:#x}"))?;
         let next = i + insn.len();
         for (f, handled) in rel_fields(&buf[i..], &insn, &offsets) {
             let target = next as i64 + f.value;
@@ -987,9 +993,8 @@ fn apply_relocation(buf: &mut [u8], e: &Entry) -> Result<(), String> {
                 offset: i + f.offset,
                 ..f
             };
-            write_signed(buf, field, f.value.wrapping_add(delta)).map_err(|m| {
-                format!("the replacement's instruction at +{i:#x} ({insn}): {m}")
-            })?;
+            write_signed(buf, field, f.value.wrapping_add(delta))
+                .map_err(|m| format!("the replacement's instruction at +{i:#x} ({insn}): {m}"))?;
             // JMP.d32 -> JMP.d8 where the moved target is in reach. Only
             // for jumps that leave the replacement: the kernel's formula
             // applies the move to internal jumps too, which would break

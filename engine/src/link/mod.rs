@@ -387,10 +387,7 @@ pub fn link(
     // Last, as module_finalize runs after every relocation: each site
     // gets the code the guest kernel would have chosen for its CPU.
     if alternatives::used_by(module) {
-        let cpu = options
-            .alternatives
-            .as_ref()
-            .ok_or(AltError::NoGuestCpu)?;
+        let cpu = options.alternatives.as_ref().ok_or(AltError::NoGuestCpu)?;
         alternatives::apply(module, &mut linked, cpu)?;
     }
 

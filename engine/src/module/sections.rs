@@ -239,7 +239,9 @@ mod tests {
         );
         // Per-CPU data is refused, never loaded as ordinary data.
         for name in [".data..percpu", ".data..percpu..shared_aligned"] {
-            assert!(matches!(policy(name, true, false), Policy::Refuse(r) if r.contains("per-CPU")));
+            assert!(
+                matches!(policy(name, true, false), Policy::Refuse(r) if r.contains("per-CPU"))
+            );
         }
         assert_eq!(policy(".weird", false, false), Policy::Unknown);
         assert_eq!(policy(".weird", false, true), Policy::Unknown);
