@@ -58,9 +58,14 @@ fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues() {
     let taint: u64 = step(&run, "KLPV-TAINTED", 2).parse().expect("taint");
     assert_ne!(taint & (1 << 15), 0, "taint K (TAINT_LIVEPATCH)\n{t}");
     let log = kmsg(&run, 2);
-    let warning = log.first().cloned().unwrap_or_default();
+    let warning = log
+        .iter()
+        .find(|l| l.contains("WARNING:"))
+        .cloned()
+        .unwrap_or_default();
     // "WARNING: CPU: 1 PID: 57 at <file>:<line> livepatch_proc_show_options+0x../0x.. [warn_hidepid]"
     assert!(warning.contains("WARNING: CPU:"), "{log:#?}");
+    // WARN_ONCE's message comes first, as printk'd by __warn_printk.
     assert!(warning.contains("warn-hidepid.c:"), "file:line\n{log:#?}");
     assert!(
         warning.contains("livepatch_proc_show_options+0x") && warning.contains("[warn_hidepid]"),

@@ -84,6 +84,10 @@ fn options(f: &Fixture) -> LinkOptions {
     LinkOptions {
         return_thunk: thunk,
         plain_returns: link::guest_plain_returns(&space, &f.kernel.kallsyms, thunk),
+        alternatives: Some(
+            link::alternatives::guest_cpu(&space, &f.kernel.kallsyms, &f.kernel.btf, &f.release)
+                .unwrap(),
+        ),
     }
 }
 
@@ -557,6 +561,7 @@ fn return_sites_follow_the_guests_thunk() {
         &LinkOptions {
             return_thunk: Some(other),
             plain_returns: false,
+            alternatives: None,
         },
     )
     .unwrap();
@@ -675,5 +680,95 @@ fn old_functions_start_with_the_ftrace_nop() {
             &b[..5]
         };
         assert_eq!(entry, NOP5, "{name} at {va:#x}: {b:02x?}");
+    }
+}
+
+/// The multiset of instructions that show which way each interrupt-flag
+/// alternative went: `pushf`, `popf`, `cli`, `sti` inline, or a paravirt
+/// `call *pv_ops+X(%rip)`.
+fn irq_flag_code(bytes: &[u8]) -> Vec<&'static str> {
+    use iced_x86::{Decoder, DecoderOptions};
+    let mut out = Vec::new();
+    let mut d = Decoder::with_ip(64, bytes, 0, DecoderOptions::NONE);
+    while d.can_decode() {
+        let at = d.position();
+        let insn = d.decode();
+        assert!(!insn.is_invalid(), "undecodable at +{at:#x}: {bytes:02x?}");
+        let b = &bytes[at..at + insn.len()];
+        match b {
+            [0x9c] => out.push("pushf"),
+            [0x9d] => out.push("popf"),
+            [0xfa] => out.push("cli"),
+            [0xfb] => out.push("sti"),
+            [0xff, 0x15, ..] => out.push("call *rip"),
+            _ => {}
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// A copy of a real 6.1 function with alternatives (local_irq_save and
+/// local_irq_restore are paravirt alternatives, static_cpu_has one with
+/// .altinstr_aux) links to the code the guest kernel chooses for a
+/// non-Xen CPU: `pushf; pop %rax`, `cli` and `sti` inline instead of the
+/// paravirt calls, and no jump into .altinstr_aux.
+#[test]
+fn alternatives_follow_the_guests_own_choice() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let m = parse(f, "alt-gsbase").unwrap_or_else(|e| panic!("{e}"));
+    assert!(link::alternatives::used_by(&m));
+    let l = link_ok(f, &m);
+    // (No check_relocations: alternatives rewrite relocated fields.)
+    let func = &l.funcs[0];
+    let size = m
+        .symbols
+        .iter()
+        .find(|s| s.name == "livepatch_x86_gsbase_read_cpu_inactive")
+        .unwrap()
+        .size;
+    let new = l.read(func.new_addr, size).unwrap();
+    // The guest is not a Xen PV guest: its kernel chose the native
+    // inline code for every interrupt-flag alternative (6.1: ALT_NOT
+    // XENPV; 6.12: the same, nested over ALT_CALL_ALWAYS), and so must we.
+    let cpu = options(f).alternatives.unwrap();
+    assert_eq!(cpu.has(8 * 32 + 16), Some(false), "X86_FEATURE_XENPV");
+    let ours = irq_flag_code(new);
+    assert_eq!(
+        ours,
+        ["call *rip", "call *rip", "cli", "pushf", "sti"],
+        "only rdmsrl's two paravirt calls (not alternatives) stay: {new:02x?}"
+    );
+
+    // static_cpu_has(X86_FEATURE_XENPV) was decided: nothing in the patch
+    // jumps into .altinstr_aux (the test-at-runtime slow path).
+    let aux = m
+        .sections
+        .iter()
+        .find(|s| s.name == ".altinstr_aux")
+        .unwrap();
+    let aux_va = l
+        .va(klpvisor_engine::module::Place {
+            section: aux.elf_index,
+            offset: 0,
+        })
+        .unwrap();
+    let helper = m
+        .symbols
+        .iter()
+        .find(|s| s.name == "alt_rdgsbase_inactive")
+        .map(|s| s.size);
+    let mut d = iced_x86::Decoder::with_ip(64, &l.text.bytes, l.text.va, 0);
+    while d.can_decode() {
+        let insn = d.decode();
+        let t = insn.near_branch_target();
+        assert!(
+            t == 0 || !(aux_va..aux_va + aux.data.len() as u64).contains(&t),
+            "{:#x} still jumps to .altinstr_aux ({helper:?})",
+            insn.ip()
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 use klpvisor_fuzz::{kallsyms, klp_btf, END, RELEASE};
 use libfuzzer_sys::fuzz_target;
+use klpvisor_engine::link::alternatives::{Flavor, GuestCpu};
 use klpvisor_engine::link::{self, Bases, LinkOptions, NOP5};
 use klpvisor_engine::module::Module;
 
@@ -25,6 +26,23 @@ fuzz_target!(|data: &[u8]| {
         return_thunk: kallsyms().addr("__x86_return_thunk").ok(),
         // The input decides: a module linked both ways must not panic.
         plain_returns: data.last().is_some_and(|b| b & 1 == 1),
+        // Both kernels' alternative rules, every feature present or none.
+        alternatives: Some(GuestCpu {
+            flavor: if data.last().is_some_and(|b| b & 2 == 2) {
+                Flavor::V6_12
+            } else {
+                Flavor::V6_1
+            },
+            layout: if data.last().is_some_and(|b| b & 2 == 2) {
+                Flavor::V6_12.default_layout()
+            } else {
+                Flavor::V6_1.default_layout()
+            },
+            caps: vec![if data.last().is_some_and(|b| b & 4 == 4) { u32::MAX } else { 0 }; 21],
+            pv_ops: None,
+            bug_func: None,
+            nop_func: None,
+        }),
     };
     let Ok(l) = link::link(&m, kallsyms(), bases, &options) else {
         return;

@@ -3,7 +3,9 @@
 
 use super::{entry, now_unix, Engine, EngineError, FuncRecord, Prepared, Record};
 use crate::arena::{Perm, Region};
-use crate::link::{guest_plain_returns, guest_return_thunk, link, Bases, LinkOptions};
+use crate::link::{
+    alternatives, guest_plain_returns, guest_return_thunk, link, Bases, LinkOptions,
+};
 use crate::module::{Module, ModuleError};
 use crate::write::{Plan, Write};
 use klpvisor_guest::Guest;
@@ -61,6 +63,14 @@ impl Engine {
         let options = LinkOptions {
             return_thunk,
             plain_returns: guest_plain_returns(&space, &kernel.kallsyms, return_thunk),
+            alternatives: if alternatives::used_by(&module) {
+                Some(
+                    alternatives::guest_cpu(&space, &kernel.kallsyms, &kernel.btf, &release)
+                        .map_err(crate::link::LinkError::from)?,
+                )
+            } else {
+                None
+            },
         };
         let linked = link(&module, &kernel.kallsyms, bases, &options)?;
 

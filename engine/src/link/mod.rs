@@ -15,12 +15,14 @@
 //! let linked = link(&module, &kernel.kallsyms, bases, &LinkOptions::default())?;
 //! ```
 
+pub mod alternatives;
 pub mod reloc;
 pub mod resolve;
 
 use std::collections::HashMap;
 
 use crate::module::{CodeRef, Module, Place, RelocKind, Segment, SymbolDef, PAGE};
+use alternatives::{AltError, GuestCpu};
 use klpvisor_guest::{Kallsyms, VirtRead};
 use reloc::RelocProblem;
 
@@ -81,6 +83,8 @@ pub enum LinkError {
     },
     #[error("relocation at {at}: the field is not zero before relocation (corrupt module?)")]
     NotZero { at: String },
+    #[error(transparent)]
+    Alternatives(#[from] AltError),
     #[error("internal link error: {0}")]
     Internal(String),
 }
@@ -104,7 +108,7 @@ impl Bases {
 }
 
 /// Facts about the guest that change what the kernel's loader would write.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LinkOptions {
     /// The guest's `x86_return_thunk` (the thunk its return sites jump to);
     /// `None` leaves `jmp __x86_return_thunk` as compiled. Read it with
@@ -114,6 +118,10 @@ pub struct LinkOptions {
     /// the kernel's apply_returns() does when X86_FEATURE_RETHUNK is off.
     /// Decide it with [`guest_plain_returns`].
     pub plain_returns: bool,
+    /// The guest's CPU features and alternative rules, which a patch with
+    /// `.altinstructions` needs (its link fails without them). Read them
+    /// with [`alternatives::guest_cpu`] when [`alternatives::used_by`].
+    pub alternatives: Option<GuestCpu>,
 }
 
 /// Whether the guest wants plain `ret`s at return sites. The kernel's
@@ -374,6 +382,13 @@ pub fn link(
         }
         slot.copy_from_slice(&NOP5);
         linked.fentry_nops.push(va);
+    }
+
+    // Last, as module_finalize runs after every relocation: each site
+    // gets the code the guest kernel would have chosen for its CPU.
+    if alternatives::used_by(module) {
+        let cpu = options.alternatives.as_ref().ok_or(AltError::NoGuestCpu)?;
+        alternatives::apply(module, &mut linked, cpu)?;
     }
 
     let code = |linked: &Linked, c: &Option<CodeRef>| -> Result<Option<u64>, LinkError> {

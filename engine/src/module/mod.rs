@@ -616,10 +616,28 @@ fn policy_of_section(policies: &[Option<Policy>], raw: &RawSymbol, elf: &RawElf)
 /// Refuses every non-empty section the loader would need to register.
 fn check_sections(elf: &RawElf, policies: &[Option<Policy>]) -> Result<(), ModuleError> {
     let mut refused = Vec::new();
-    for (s, p) in elf.sections.iter().zip(policies) {
+    for (i, (s, p)) in elf.sections.iter().zip(policies).enumerate() {
         match p {
             Some(Policy::Refuse(why)) if s.size > 0 => {
-                refused.push((s.name.clone(), (*why).to_owned()))
+                // Name what the patch defines there (per-CPU variables,
+                // exported symbols), so the user knows what to change.
+                let mut names: Vec<&str> = elf
+                    .symbols
+                    .iter()
+                    .filter(|sym| {
+                        elf.symbol_section(sym) == Some(i)
+                            && matches!(sym.kind, E::STT_FUNC | E::STT_OBJECT)
+                    })
+                    .map(|sym| sym.name.as_str())
+                    .collect();
+                names.sort_unstable();
+                names.dedup();
+                let why = if names.is_empty() {
+                    (*why).to_owned()
+                } else {
+                    format!("{why} (defines {})", names.join(", "))
+                };
+                refused.push((s.name.clone(), why))
             }
             Some(Policy::Unknown) if s.size > 0 => refused.push((
                 s.name.clone(),

@@ -99,18 +99,13 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
                  keeps pointing at the current target",
             )
         }
-        ".altinstr_replacement" | ".altinstr_aux" => {
-            return Policy::Skip("replacement code of .altinstructions, refused on its own")
-        }
+        // Alternatives: the table and the code it points at are loaded
+        // like the kernel loads them, and the linker applies the table for
+        // the guest's CPU (link::alternatives).
+        ".altinstructions" => return Policy::Load(Segment::Rodata),
+        ".altinstr_replacement" | ".altinstr_aux" => return Policy::Load(Segment::Text),
         "__patchable_function_entries" | "__param" => {
             return Policy::Skip("nothing in the patch code depends on it")
-        }
-        ".altinstructions" => {
-            return Policy::Refuse(
-                "alternatives (ALTERNATIVE(), static_cpu_has, stac/clac in user_access_begin) \
-                 are chosen by the kernel at load time from the CPU's features; not supported \
-                 from outside yet",
-            )
         }
         "__jump_table" => {
             return Policy::Refuse(
@@ -127,6 +122,13 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
     let prefixed = |p: &str| name == p || name.starts_with(&format!("{p}."));
     if prefixed(".init") || prefixed(".exit") {
         return Policy::InitExit;
+    }
+    if name.starts_with(".data..percpu") {
+        return Policy::Refuse(
+            "per-CPU variables in patch code are not supported yet: the kernel's loader \
+             allocates a copy per CPU and relocates this_cpu_* accesses to it; loaded as \
+             ordinary data they would address the wrong memory",
+        );
     }
     if name.starts_with("__ksymtab") || name.starts_with("__kcrctab") {
         return Policy::Refuse(
@@ -208,6 +210,25 @@ mod tests {
             policy(".call_sites", false, false),
             Policy::Skip(_)
         ));
+        // Alternatives are loaded and applied by the linker.
+        assert_eq!(
+            policy(".altinstructions", false, false),
+            Policy::Load(Segment::Rodata)
+        );
+        assert_eq!(
+            policy(".altinstr_replacement", false, true),
+            Policy::Load(Segment::Text)
+        );
+        assert_eq!(
+            policy(".altinstr_aux", false, true),
+            Policy::Load(Segment::Text)
+        );
+        // Per-CPU data is refused, never loaded as ordinary data.
+        for name in [".data..percpu", ".data..percpu..shared_aligned"] {
+            assert!(
+                matches!(policy(name, true, false), Policy::Refuse(r) if r.contains("per-CPU"))
+            );
+        }
         assert_eq!(policy(".weird", false, false), Policy::Unknown);
         assert_eq!(policy(".weird", false, true), Policy::Unknown);
         assert_eq!(policy(".rodata", true, false), Policy::Unknown);
