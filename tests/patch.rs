@@ -121,7 +121,7 @@ fn bad_patches_are_refused_and_the_guest_is_untouched() {
         ("wrong-sympos", ".old_sympos = 9"),
         ("unresolved", "3 symbol(s) cannot be resolved"),
         ("other-release", "rebuild it against linux-headers-"),
-        ("ex-table", ".altinstructions"),
+        ("jump-label", "used at livepatch_set_cpu_itimer+0x"),
         ("module-object", "not supported yet"),
         ("init-ref", ".init.data"),
         ("arena-full", "arena full"),

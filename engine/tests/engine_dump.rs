@@ -174,7 +174,7 @@ fn replace_patch_takes_over_and_bad_modules_change_nothing() {
         ("bad-noold", Fault::Module),
         ("bad-ambiguous", Fault::Module),
         ("bad-sympos", Fault::Module),
-        ("bad-extable", Fault::Module),
+        ("bad-jump-label", Fault::Module),
         ("bad-module-object", Fault::Module),
         ("not-livepatch", Fault::Module),
     ] {

@@ -632,11 +632,48 @@ fn check_sections(elf: &RawElf, policies: &[Option<Policy>]) -> Result<(), Modul
                     .collect();
                 names.sort_unstable();
                 names.dedup();
-                let why = if names.is_empty() {
-                    (*why).to_owned()
-                } else {
-                    format!("{why} (defines {})", names.join(", "))
-                };
+                // Name where the patch's code uses it: the code each entry
+                // points at (a static key's branch, a call site), as
+                // function+offset.
+                let mut uses: Vec<String> = elf
+                    .relas
+                    .iter()
+                    .filter(|r| r.target == i)
+                    .filter_map(|r| {
+                        let raw = elf.symbols.get(r.symbol)?;
+                        let sec = elf.symbol_section(raw)?;
+                        if !elf.sections.get(sec)?.exec() {
+                            return None;
+                        }
+                        let offset = raw.value.checked_add_signed(r.addend)?;
+                        Some(describe(
+                            elf,
+                            Place {
+                                section: sec,
+                                offset,
+                            },
+                        ))
+                    })
+                    .collect();
+                uses.sort_unstable();
+                uses.dedup();
+                let mut why = (*why).to_owned();
+                if !names.is_empty() {
+                    why = format!("{why} (defines {})", names.join(", "));
+                }
+                if !uses.is_empty() {
+                    let shown: Vec<&str> = uses.iter().take(4).map(String::as_str).collect();
+                    let more = uses.len().saturating_sub(shown.len());
+                    why = format!(
+                        "{why}; used at {}{}",
+                        shown.join(", "),
+                        if more > 0 {
+                            format!(" and {more} more")
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
                 refused.push((s.name.clone(), why))
             }
             Some(Policy::Unknown) if s.size > 0 => refused.push((
