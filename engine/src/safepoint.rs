@@ -126,6 +126,19 @@ impl Check {
         self.spans.is_empty()
     }
 
+    /// Adds the spans of `more` whose ranges it does not have yet (equal
+    /// ranges twice would be harmless; overlapping unequal ones are not
+    /// expected: functions and patch code do not overlap).
+    pub fn extend(&mut self, more: impl IntoIterator<Item = Span>) {
+        let mut spans = std::mem::take(&mut self.spans);
+        for s in more {
+            if !spans.iter().any(|x| x.range == s.range) {
+                spans.push(s);
+            }
+        }
+        *self = Check::new(spans);
+    }
+
     /// The changed function containing `addr`.
     pub fn hit(&self, addr: u64) -> Option<&Span> {
         let i = self.spans.partition_point(|s| s.range.start <= addr);

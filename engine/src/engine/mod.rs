@@ -501,7 +501,18 @@ impl Engine {
         let change = self.stack.plan_disable(name, force)?;
         let mut calls = Calls::default();
         calls.disable(name, &self.callbacks_of(name));
-        self.prepared_sites(kernel, name, "disable", change, calls)
+        let mut p = self.prepared_sites(kernel, name, "disable", change, calls)?;
+        // klp's unpatching transition waits for every task to leave every
+        // function of the patch (klp_check_stack_func looks for new_func),
+        // also those a newer enabled patch shadows, whose entries do not
+        // change: a task may have entered them before that patch came.
+        if let Some(r) = self.records.get(name) {
+            p.check.extend(r.text().map(|range| Span {
+                range,
+                name: format!("{name} (being disabled)"),
+            }));
+        }
+        Ok(p)
     }
 
     /// klp's system-state rule ([`crate::state::check`]) for enabling
@@ -1016,6 +1027,7 @@ impl Engine {
             state: e.state,
             replace: r.replace,
             forced: e.forced,
+            pinned: e.pin.clone(),
             applied_at: r.applied_at,
             pause_us: r.pause_us,
             arena_bytes: r.bytes(),
