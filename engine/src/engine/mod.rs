@@ -563,10 +563,12 @@ impl Engine {
         force: bool,
     ) -> Result<Prepared, EngineError> {
         self.facts(kernel, guest)?;
+        // The stack's refusals first (unknown, enabled, pinned): they say
+        // more than a state conflict would.
+        let change = self.stack.plan_reenable(name, force)?;
         if let Some(r) = self.records.get(name) {
             self.check_states(name, r.replace, &r.states)?;
         }
-        let change = self.stack.plan_reenable(name, force)?;
         // Only the enabled patch's callbacks, also when it replaces others.
         let mut calls = Calls::default();
         calls.enable(name, &self.callbacks_of(name));
