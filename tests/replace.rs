@@ -1,12 +1,12 @@
-//! Cumulative patches: atomic replace, downgrade, the forced-replace
-//! refusal, and 1000 transitions under guest load (klpv-v1/v2, see
+//! Cumulative patches: atomic replace, downgrade, the pin a forced
+//! replace leaves, and 1000 transitions under guest load (klpv-v1/v2, see
 //! guest-images/patches/klpv-v1.c).
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeSet, HashMap};
 
 use harness::{run_scenario, Run};
-use klpvisor_api::{PatchState, PatchesReply};
+use klpvisor_api::{PatchState, PatchesReply, Pin};
 
 fn patches(run: &Run, step: &str) -> PatchesReply {
     run.json("KLPV-JSON-PATCHES", step)
@@ -129,25 +129,6 @@ fn cumulative_replace_downgrade_and_a_thousand_transitions_under_load() {
         PatchState::Replaced
     );
 
-    // A patch replaced by a forced transition cannot come back.
-    assert_eq!(run.result("step-refused")["rc"], "1", "{t}");
-    let refused = run.lines_with("REFUSED: ");
-    assert!(
-        refused.len() == 1 && refused[0].contains("forced transition"),
-        "{refused:?}"
-    );
-    let forced = patches(&run, "forced");
-    let v1r = forced
-        .patches
-        .iter()
-        .find(|p| p.name == "klpv_v1r")
-        .unwrap();
-    assert!(v1r.forced && v1r.state == PatchState::Enabled);
-    assert_eq!(
-        seen(&run, "forced"),
-        "f=v1 g=g1 h=orig direct-g=g1 direct-h=orig"
-    );
-
     // 1000 transitions v1 -> v2 -> none under the watchers.
     let stress = run.result("stress");
     assert_eq!(stress["ok"], "1000", "{t}");
@@ -183,6 +164,43 @@ fn cumulative_replace_downgrade_and_a_thousand_transitions_under_load() {
             && last[0].ends_with("before it: klpv_v1 replaced, klpv_v2 enabled"),
         "{}",
         last[0]
+    );
+    // A patch replaced by a forced transition stays pinned, as klp keeps
+    // it: it cannot come back or be removed, and the list says why.
+    assert_eq!(run.result("step-refused")["rc"], "1", "{t}");
+    let refused = run.lines_with("REFUSED: ");
+    assert!(
+        refused.len() == 1 && refused[0].contains("forced transition"),
+        "{refused:?}"
+    );
+    assert_eq!(run.result("step-pinned-remove")["rc"], "1", "{t}");
+    let refused = run.lines_with("PINNED-REMOVE: ");
+    assert!(
+        refused.len() == 1 && refused[0].contains("cannot be removed"),
+        "{refused:?}"
+    );
+    let pinned = run.lines_with("KLPV-PINNED ");
+    assert!(
+        pinned.len() == 1 && pinned[0].contains("enabled `klpv_v1r` replaced it"),
+        "{pinned:?}"
+    );
+    let forced = patches(&run, "forced");
+    let v1r = forced
+        .patches
+        .iter()
+        .find(|p| p.name == "klpv_v1r")
+        .unwrap();
+    assert!(v1r.forced && v1r.state == PatchState::Enabled && v1r.pinned.is_none());
+    let v2 = forced.patches.iter().find(|p| p.name == "klpv_v2").unwrap();
+    assert_eq!(
+        v2.pinned,
+        Some(Pin::ForcedReplace {
+            by: Some("klpv_v1r".into())
+        })
+    );
+    assert_eq!(
+        seen(&run, "forced"),
+        "f=v1 g=g1 h=orig direct-g=g1 direct-h=orig"
     );
     assert_eq!(
         seen(&run, "off"),

@@ -327,6 +327,37 @@ pub enum PatchState {
     InTransition,
 }
 
+/// Why a patch is pinned: a forced transition took its code out of use,
+/// so a task may still run it. klp then keeps the patch's module loaded
+/// for good (`klp_force_transition` sets `patch->forced`, and a forced
+/// patch's module reference is never dropped); klpvisor keeps the patch
+/// the same way: it cannot be removed, enabled again, applied again or
+/// brought back by a rollback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Pin {
+    /// A forced disable (or forced rollback) disabled it.
+    ForcedDisable,
+    /// A forced replace replaced it.
+    ForcedReplace {
+        /// The replace patch the forced transition enabled (`None`: a
+        /// forced rollback).
+        by: Option<String>,
+    },
+}
+
+impl fmt::Display for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pin::ForcedDisable => f.write_str("a forced transition disabled it"),
+            Pin::ForcedReplace { by: Some(by) } => {
+                write!(f, "the forced transition that enabled `{by}` replaced it")
+            }
+            Pin::ForcedReplace { by: None } => f.write_str("a forced rollback replaced it"),
+        }
+    }
+}
+
 impl fmt::Display for PatchState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -365,6 +396,10 @@ pub struct PatchInfo {
     pub replace: bool,
     /// Applied with `--force` (no safe-point check).
     pub forced: bool,
+    /// Why it is pinned (kept loaded for good), if a forced transition
+    /// took it out of use.
+    #[serde(default)]
+    pub pinned: Option<Pin>,
     /// When it was applied, seconds since the Unix epoch.
     pub applied_at: u64,
     /// Guest pause of the transition that applied it.
@@ -579,6 +614,29 @@ impl std::fmt::Display for CallbackKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `patcher list` and API clients read why a patch is pinned; a reply
+    /// from a VMM that predates pins reads as not pinned.
+    #[test]
+    fn a_pin_says_why_on_the_wire_and_in_words() {
+        let pin = Pin::ForcedReplace {
+            by: Some("v1r".into()),
+        };
+        let j = serde_json::to_string(&pin).unwrap();
+        assert_eq!(j, r#"{"reason":"forced_replace","by":"v1r"}"#);
+        assert_eq!(serde_json::from_str::<Pin>(&j).unwrap(), pin);
+        assert_eq!(
+            serde_json::to_string(&Pin::ForcedDisable).unwrap(),
+            r#"{"reason":"forced_disable"}"#
+        );
+        assert!(pin
+            .to_string()
+            .contains("forced transition that enabled `v1r`"));
+        let old = r#"{"name":"p","state":"replaced","replace":true,"forced":false,
+            "applied_at":0,"pause_us":0.0,"arena_bytes":0,"funcs":[]}"#;
+        let info: PatchInfo = serde_json::from_str(old).unwrap();
+        assert_eq!(info.pinned, None);
+    }
 
     #[test]
     fn hex_round_trips_as_strings() {

@@ -30,6 +30,7 @@ pub mod signature;
 pub mod site;
 #[allow(missing_docs)]
 pub mod stack;
+pub mod state;
 pub mod transition;
 #[allow(missing_docs)]
 pub mod write;

@@ -126,6 +126,19 @@ impl Check {
         self.spans.is_empty()
     }
 
+    /// Adds the spans of `more` whose ranges it does not have yet (equal
+    /// ranges twice would be harmless; overlapping unequal ones are not
+    /// expected: functions and patch code do not overlap).
+    pub fn extend(&mut self, more: impl IntoIterator<Item = Span>) {
+        let mut spans = std::mem::take(&mut self.spans);
+        for s in more {
+            if !spans.iter().any(|x| x.range == s.range) {
+                spans.push(s);
+            }
+        }
+        *self = Check::new(spans);
+    }
+
     /// The changed function containing `addr`.
     pub fn hit(&self, addr: u64) -> Option<&Span> {
         let i = self.spans.partition_point(|s| s.range.start <= addr);
@@ -336,6 +349,22 @@ mod tests {
     use super::*;
     use klpvisor_guest::tasks::Running;
     use klpvisor_guest::PagingError;
+
+    /// A disable adds the disabled patch's whole code to the check; a
+    /// range already there is not added twice, and lookups still work.
+    #[test]
+    fn extending_a_check_adds_new_ranges_once() {
+        let span = |range: Range<u64>, name: &str| Span {
+            range,
+            name: name.to_owned(),
+        };
+        let mut c = Check::new(vec![span(0x3000..0x3100, "f"), span(0x1000..0x1100, "g")]);
+        c.extend([span(0x3000..0x3100, "again"), span(0x2000..0x2800, "patch")]);
+        assert_eq!(c.spans.len(), 3);
+        assert_eq!(c.hit(0x2400).map(|s| s.name.as_str()), Some("patch"));
+        assert_eq!(c.hit(0x3050).map(|s| s.name.as_str()), Some("f"));
+        assert!(c.hit(0x2800).is_none());
+    }
 
     /// Memory of 8-byte words at given addresses.
     struct Words(Vec<(u64, u64)>);

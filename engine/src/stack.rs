@@ -4,10 +4,20 @@
 //! patch that carries it wins; a function no enabled patch carries runs its
 //! original code. Enabling a `.replace = true` patch disables ("replaces")
 //! every enabled patch in the same transition, so afterwards exactly the
-//! functions it carries are redirected. Disabling follows klp's stacking
-//! rule (kernel/livepatch/core.c, `enabled_store`): only a patch with no
-//! enabled patch above it may be disabled, and its functions go back to the
-//! next enabled patch below or to the original code.
+//! functions it carries are redirected. Any enabled patch may be disabled,
+//! as klp allows since 5.1 (`enabled_store` and `__klp_disable_patch`
+//! refuse only while another transition runs, which the VMM serialises):
+//! what runs per function follows klp's func stack (`klp_ops.func_stack`,
+//! newest enabled patch first), so a disabled patch's functions go back to
+//! the next enabled patch that has them, or to the original code, and a
+//! function a newer enabled patch also carries does not change at all.
+//!
+//! Force as in klp (`klp_force_transition`): a patch a forced transition
+//! takes out of use (disables, or replaces) may still be running on some
+//! task's stack, so klp keeps its module loaded for good. Here such a
+//! patch is *pinned* ([`Pin`]): it cannot be removed, enabled again,
+//! applied again or brought back by a rollback, and `patcher list` says
+//! why.
 //!
 //! A transition is computed here as a [`Change`]: the new per-function
 //! targets, so the caller can plan the guest writes (a jump written or
@@ -19,7 +29,7 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-use klpvisor_api::PatchState;
+use klpvisor_api::{PatchState, Pin};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum StackError {
@@ -33,18 +43,18 @@ pub enum StackError {
     NotEnabled { name: String, state: PatchState },
     #[error("patch `{name}` is enabled; disable it before removing it")]
     StillEnabled { name: String },
-    #[error(
-        "patch `{name}` cannot be disabled while `{above}`, applied after it, is enabled \
-         (klp's stacking rule: disable `{above}` first, or apply a replace patch)"
-    )]
-    NotTopmost { name: String, above: String },
     #[error("patch `{name}` is {state}; only a disabled or replaced patch can be enabled again")]
     NotDisabled { name: String, state: PatchState },
     #[error(
-        "patch `{name}` was replaced by a forced transition ({by}); re-enabling it is refused, \
-         as klp refuses it: its code may still run on some task's stack"
+        "patch `{name}` is pinned: {pin}, and a task may still run its code after a forced \
+         transition, so klp keeps such a patch loaded for good; it cannot be {action}. Reboot \
+         the guest to be rid of it, or apply a new patch under another name"
     )]
-    ReplacedByForce { name: String, by: String },
+    Pinned {
+        name: String,
+        pin: Pin,
+        action: PinnedAction,
+    },
     #[error(
         "patch `{0}` was enabled then but has since been removed; apply its module again \
          (it will be enabled on top), or roll back to a later point"
@@ -55,6 +65,26 @@ pub enum StackError {
          one first (`patcher remove NAME`), or fold them into one replace patch"
     )]
     TooMany,
+}
+
+/// What a pinned patch was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinnedAction {
+    Removed,
+    Enabled,
+    Applied,
+    RolledBack,
+}
+
+impl std::fmt::Display for PinnedAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PinnedAction::Removed => "removed",
+            PinnedAction::Enabled => "enabled again",
+            PinnedAction::Applied => "applied again",
+            PinnedAction::RolledBack => "brought back by a rollback",
+        })
+    }
 }
 
 /// The most patches loaded at once: every transition's plan and safe-point
@@ -77,8 +107,8 @@ pub struct Entry {
     pub state: PatchState,
     /// Enabled by a forced transition.
     pub forced: bool,
-    /// The forced transition that replaced it, if one did.
-    pub replaced_by_force: Option<String>,
+    /// Set once a forced transition took it out of use; never cleared.
+    pub pin: Option<Pin>,
     pub redirects: Vec<Redirect>,
 }
 
@@ -89,20 +119,20 @@ impl Entry {
             replace,
             state: PatchState::Disabled,
             forced: false,
-            replaced_by_force: None,
+            pin: None,
             redirects,
         }
     }
 }
 
 /// A patch's place in the stack at some moment, without its redirects (a
-/// loaded patch's never change): what the history keeps per transition.
+/// loaded patch's never change) or pin (a pin is never undone): what the
+/// history keeps per transition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placed {
     pub name: String,
     pub state: PatchState,
     pub forced: bool,
-    pub replaced_by_force: Option<String>,
 }
 
 /// What one function's entry does: jump to `Some(new)` or run the original.
@@ -150,7 +180,6 @@ impl Stack {
                 name: e.name.clone(),
                 state: e.state,
                 forced: e.forced,
-                replaced_by_force: e.replaced_by_force.clone(),
             })
             .collect()
     }
@@ -162,9 +191,7 @@ impl Stack {
 
     /// Plans enabling a new patch `entry` on top of the stack.
     pub fn plan_enable(&self, entry: Entry, forced: bool) -> Result<Change, StackError> {
-        if let Some(e) = self.get(&entry.name) {
-            return Err(StackError::Duplicate(entry.name, e.state));
-        }
+        self.check_new(&entry.name)?;
         if self.entries.len() >= MAX_PATCHES {
             return Err(StackError::TooMany);
         }
@@ -179,6 +206,16 @@ impl Stack {
         Ok(self.change(after, Some(pushed), None, forced))
     }
 
+    /// Refuses a new patch named like a loaded one (a pinned one with
+    /// why it stays).
+    pub fn check_new(&self, name: &str) -> Result<(), StackError> {
+        match self.get(name) {
+            None => Ok(()),
+            Some(e) => Err(pinned(e, PinnedAction::Applied)
+                .unwrap_or_else(|| StackError::Duplicate(name.to_owned(), e.state))),
+        }
+    }
+
     /// Plans enabling a loaded, disabled (or replaced) patch again: a
     /// downgrade when it is an older replace patch.
     pub fn plan_reenable(&self, name: &str, forced: bool) -> Result<Change, StackError> {
@@ -191,11 +228,8 @@ impl Stack {
                 state: e.state,
             });
         }
-        if let Some(by) = &e.replaced_by_force {
-            return Err(StackError::ReplacedByForce {
-                name: name.to_owned(),
-                by: by.clone(),
-            });
+        if let Some(err) = pinned(e, PinnedAction::Enabled) {
+            return Err(err);
         }
         // klp enables a patch on top of the stack: move it there.
         let mut after: Vec<Entry> = self
@@ -215,7 +249,10 @@ impl Stack {
         Ok(self.change(after, None, Some(name.to_owned()), forced))
     }
 
-    /// Plans disabling enabled patch `name`.
+    /// Plans disabling enabled patch `name`, wherever it is in the stack
+    /// (klp 5.1 and later): its functions go back to the next enabled
+    /// patch below that has them, or to the original code; those a newer
+    /// enabled patch also has do not change.
     pub fn plan_disable(&self, name: &str, forced: bool) -> Result<Change, StackError> {
         let i = self
             .entries
@@ -229,15 +266,6 @@ impl Stack {
                 state: e.state,
             });
         }
-        if let Some(above) = self.entries[i + 1..]
-            .iter()
-            .find(|x| x.state == PatchState::Enabled)
-        {
-            return Err(StackError::NotTopmost {
-                name: name.to_owned(),
-                above: above.name.clone(),
-            });
-        }
         let mut after = self.entries.clone();
         after[i].state = PatchState::Disabled;
         Ok(self.change(after, None, None, forced))
@@ -248,17 +276,24 @@ impl Stack {
     /// replaced again, a disabled one disabled), in its order then, so
     /// the same patch wins each function. Patches loaded since stay
     /// loaded, disabled; a patch enabled then but removed since cannot
-    /// come back (its code is gone).
+    /// come back (its code is gone), nor can one pinned since. Pins stay
+    /// as they are now.
     pub fn plan_restore(&self, earlier: &[Placed], forced: bool) -> Result<Change, StackError> {
         let mut after = Vec::with_capacity(self.entries.len());
         for then in earlier {
             match self.get(&then.name) {
-                Some(now) => after.push(Entry {
-                    state: then.state,
-                    forced: then.forced,
-                    replaced_by_force: then.replaced_by_force.clone(),
-                    ..now.clone()
-                }),
+                Some(now) => {
+                    if then.state == PatchState::Enabled && now.state != PatchState::Enabled {
+                        if let Some(err) = pinned(now, PinnedAction::RolledBack) {
+                            return Err(err);
+                        }
+                    }
+                    after.push(Entry {
+                        state: then.state,
+                        forced: then.forced,
+                        ..now.clone()
+                    })
+                }
                 None if then.state == PatchState::Enabled => {
                     return Err(StackError::RemovedSince(then.name.clone()))
                 }
@@ -290,44 +325,81 @@ impl Stack {
                 name: name.to_owned(),
             });
         }
+        if let Some(err) = pinned(&self.entries[i], PinnedAction::Removed) {
+            return Err(err);
+        }
         Ok(self.entries.remove(i))
     }
 
-    /// Makes a committed change the stack's state.
+    /// Makes a committed change the stack's state. A forced change pins
+    /// every patch it takes out of use (as `klp_force_transition` marks
+    /// the patches being removed `forced`).
     pub fn apply(&mut self, change: &Change) {
+        let pins: Vec<(String, Pin)> = if change.forced {
+            self.taken_out_of_use(change)
+        } else {
+            Vec::new()
+        };
         if let Some(entries) = &change.restore {
-            self.entries = entries.clone();
-            return;
-        }
-        if let Some(name) = &change.reenable {
-            if let Some(i) = self.entries.iter().position(|e| &e.name == name) {
-                let e = self.entries.remove(i);
-                self.entries.push(e);
+            // Pins are never undone: keep today's over the history's.
+            let now = std::mem::replace(&mut self.entries, entries.clone());
+            for e in &mut self.entries {
+                e.pin = now
+                    .iter()
+                    .find(|n| n.name == e.name)
+                    .and_then(|n| n.pin.clone());
+            }
+        } else {
+            if let Some(name) = &change.reenable {
+                if let Some(i) = self.entries.iter().position(|e| &e.name == name) {
+                    let e = self.entries.remove(i);
+                    self.entries.push(e);
+                }
+            }
+            if let Some(e) = &change.push {
+                self.entries.push(e.clone());
+            }
+            for (name, state) in &change.states {
+                if let Some(e) = self.entries.iter_mut().find(|e| &e.name == name) {
+                    // Only the patch this change enables takes its forced
+                    // flag; one that stays enabled keeps its own.
+                    let enabled_now = change.push.as_ref().is_some_and(|p| &p.name == name)
+                        || change.reenable.as_ref() == Some(name);
+                    if *state == PatchState::Enabled && enabled_now {
+                        e.forced = change.forced;
+                    }
+                    e.state = *state;
+                }
             }
         }
-        if let Some(e) = &change.push {
-            self.entries.push(e.clone());
-        }
-        for (name, state) in &change.states {
-            if let Some(e) = self.entries.iter_mut().find(|e| &e.name == name) {
-                if e.state == PatchState::Enabled && *state == PatchState::Replaced && change.forced
-                {
-                    e.replaced_by_force = change
-                        .push
-                        .as_ref()
-                        .map(|p| p.name.clone())
-                        .or_else(|| change.reenable.clone());
-                }
-                // Only the patch this change enables takes its forced flag;
-                // one that stays enabled keeps its own.
-                let enabled_now = change.push.as_ref().is_some_and(|p| &p.name == name)
-                    || change.reenable.as_ref() == Some(name);
-                if *state == PatchState::Enabled && enabled_now {
-                    e.forced = change.forced;
-                }
-                e.state = *state;
+        for (name, pin) in pins {
+            if let Some(e) = self.entries.iter_mut().find(|e| e.name == name) {
+                e.pin.get_or_insert(pin);
             }
         }
+    }
+
+    /// The patches `change` takes out of use (enabled now, not after),
+    /// with the pin a forced change gives each.
+    fn taken_out_of_use(&self, change: &Change) -> Vec<(String, Pin)> {
+        let by = change
+            .push
+            .as_ref()
+            .map(|p| p.name.clone())
+            .or_else(|| change.reenable.clone());
+        self.entries
+            .iter()
+            .filter(|e| e.state == PatchState::Enabled)
+            .filter_map(|e| {
+                let after = change.states.iter().find(|(n, _)| n == &e.name)?.1;
+                match after {
+                    PatchState::Enabled => None,
+                    PatchState::Replaced => Some(Pin::ForcedReplace { by: by.clone() }),
+                    _ => Some(Pin::ForcedDisable),
+                }
+                .map(|pin| (e.name.clone(), pin))
+            })
+            .collect()
     }
 
     fn change(
@@ -355,6 +427,15 @@ impl Stack {
             forced,
         }
     }
+}
+
+/// The refusal of `action` on `e`, if it is pinned.
+fn pinned(e: &Entry, action: PinnedAction) -> Option<StackError> {
+    e.pin.clone().map(|pin| StackError::Pinned {
+        name: e.name.clone(),
+        pin,
+        action,
+    })
 }
 
 /// Marks every enabled patch below the top one as replaced.
@@ -447,14 +528,6 @@ mod tests {
         assert_eq!(c.sites[&F], (None, Some(1)));
         enable(&mut s, entry("b", false, &[(F, 3)]));
         assert_eq!(s.live(), BTreeMap::from([(F, 3), (G, 2)]));
-        // a is under b: klp's stacking rule refuses.
-        assert_eq!(
-            s.plan_disable("a", false),
-            Err(StackError::NotTopmost {
-                name: "a".into(),
-                above: "b".into()
-            })
-        );
         let c = s.plan_disable("b", false).unwrap();
         assert_eq!(c.sites, BTreeMap::from([(F, (Some(3), Some(1)))]));
         s.apply(&c);
@@ -516,20 +589,77 @@ mod tests {
         assert_eq!(state(&s, "r1"), PatchState::Replaced);
     }
 
+    fn is_pinned(r: Result<impl std::fmt::Debug, StackError>, action: PinnedAction) -> Pin {
+        match r {
+            Err(StackError::Pinned { pin, action: a, .. }) if a == action => pin,
+            other => panic!("expected a pinned refusal to be {action}, got {other:?}"),
+        }
+    }
+
+    /// klp_force_transition on a replace marks every patch it replaces
+    /// `forced`, and klp never lets go of a forced patch's module: here it
+    /// is pinned, and cannot be enabled, applied, removed or rolled back
+    /// to. The forced patch itself is not pinned.
     #[test]
-    fn a_patch_replaced_by_force_cannot_come_back() {
+    fn a_patch_replaced_by_force_stays_pinned() {
         let mut s = Stack::default();
         enable(&mut s, entry("r1", true, &[(F, 1)]));
+        let before = s.placed();
         let c = s.plan_enable(entry("r2", true, &[(F, 2)]), true).unwrap();
         s.apply(&c);
         assert!(s.get("r2").unwrap().forced);
+        assert_eq!(s.get("r2").unwrap().pin, None);
+        let pin = Pin::ForcedReplace {
+            by: Some("r2".into()),
+        };
+        assert_eq!(s.get("r1").unwrap().pin, Some(pin.clone()));
         assert_eq!(
-            s.plan_reenable("r1", false),
-            Err(StackError::ReplacedByForce {
-                name: "r1".into(),
-                by: "r2".into()
-            })
+            is_pinned(s.plan_reenable("r1", false), PinnedAction::Enabled),
+            pin
         );
+        let err = s.plan_reenable("r1", true).unwrap_err().to_string();
+        assert!(
+            err.contains("forced transition") && err.contains("r2"),
+            "{err}"
+        );
+        is_pinned(s.remove("r1"), PinnedAction::Removed);
+        is_pinned(
+            s.plan_enable(entry("r1", true, &[(F, 1)]), false),
+            PinnedAction::Applied,
+        );
+        is_pinned(s.plan_restore(&before, false), PinnedAction::RolledBack);
+        // A rollback that leaves r1 replaced keeps its pin (the history's
+        // entries carry none).
+        let c = s.plan_restore(&s.placed(), false).unwrap();
+        s.apply(&c);
+        assert_eq!(s.get("r1").unwrap().pin, Some(pin));
+    }
+
+    /// klp_force_transition on an unpatching transition marks the patch
+    /// `forced`: a forced disable is recorded as a pin; a forced enable of
+    /// a non-replace patch takes nothing out of use and pins nothing.
+    #[test]
+    fn a_forced_disable_is_recorded_and_pins_the_patch() {
+        let mut s = Stack::default();
+        enable(&mut s, entry("a", false, &[(F, 1)]));
+        let c = s.plan_enable(entry("b", false, &[(F, 2)]), true).unwrap();
+        s.apply(&c);
+        assert!(s.entries().iter().all(|e| e.pin.is_none()));
+        let c = s.plan_disable("a", true).unwrap();
+        s.apply(&c);
+        assert_eq!(s.get("a").unwrap().pin, Some(Pin::ForcedDisable));
+        is_pinned(s.remove("a"), PinnedAction::Removed);
+        is_pinned(s.plan_reenable("a", false), PinnedAction::Enabled);
+        // An unforced disable pins nothing: b can go.
+        let c = s.plan_disable("b", false).unwrap();
+        s.apply(&c);
+        assert!(s.remove("b").is_ok());
+        // A forced rollback pins what it takes out of use.
+        enable(&mut s, entry("c", false, &[(G, 3)]));
+        let before_c = s.placed()[..1].to_vec();
+        let c = s.plan_restore(&before_c, true).unwrap();
+        s.apply(&c);
+        assert_eq!(s.get("c").unwrap().pin, Some(Pin::ForcedDisable));
     }
 
     #[test]
@@ -594,13 +724,11 @@ mod tests {
                         name: "v1".into(),
                         state: PatchState::Replaced,
                         forced: false,
-                        replaced_by_force: None,
                     },
                     Placed {
                         name: "v2".into(),
                         state: PatchState::Enabled,
                         forced: false,
-                        replaced_by_force: None,
                     },
                 ],
                 false,
@@ -618,5 +746,171 @@ mod tests {
             s.plan_restore(&then, false),
             Err(StackError::RemovedSince("v2".into()))
         );
+    }
+
+    /// One step of a klp scenario: apply a patch (`+name` non-replace,
+    /// `*name` replace) carrying the functions listed, or disable one
+    /// (`-name`).
+    fn step(s: &mut Stack, op: &str, funcs: &str) -> Change {
+        let (kind, name) = op.split_at(1);
+        let c = match kind {
+            "-" => s.plan_disable(name, false),
+            _ => {
+                let id = u64::from(name.as_bytes()[0]);
+                let r: Vec<(u64, u64)> = funcs
+                    .chars()
+                    .map(|f| (func(f), id << 8 | u64::from(f as u8)))
+                    .collect();
+                s.plan_enable(entry(name, kind == "*", &r), false)
+            }
+        }
+        .unwrap_or_else(|e| panic!("{op}: {e}"));
+        s.apply(&c);
+        c
+    }
+
+    fn func(f: char) -> u64 {
+        0x1000 * u64::from(f as u8)
+    }
+
+    /// What runs per function: `F=b` (patch b's), `F=-` (the original).
+    fn shown(s: &Stack) -> String {
+        let live = s.live();
+        "FGH"
+            .chars()
+            .map(|f| {
+                let who = live
+                    .get(&func(f))
+                    .map_or("-".to_owned(), |t| char::from((t >> 8) as u8).to_string());
+                format!("{f}={who}")
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// klp's behaviour, step by step, for disabling patches anywhere in
+    /// the stack (5.1 and later): each function runs the func at the head
+    /// of its `klp_ops.func_stack` (the newest enabled patch that has it);
+    /// `klp_unpatch_func` takes a patch's func off the stack, so a function
+    /// a newer patch also has does not change; a replace patch leaves only
+    /// its own funcs (`klp_unpatch_replaced_patches`). Each row: the
+    /// operation, the functions an applied patch carries, what runs after,
+    /// and which functions' entries the step rewrites.
+    #[test]
+    fn what_runs_per_function_follows_klps_func_stack() {
+        let table: &[&[(&str, &str, &str, &str)]] = &[
+            // Disabling the lower of two patches: F stays b's, G original.
+            &[
+                ("+a", "FG", "F=a G=a H=-", "FG"),
+                ("+b", "F", "F=b G=a H=-", "F"),
+                ("-a", "", "F=b G=- H=-", "G"),
+                ("-b", "", "F=- G=- H=-", "F"),
+            ],
+            // The middle of three: nothing live changes; then the top hands
+            // F back to the bottom.
+            &[
+                ("+a", "F", "F=a G=- H=-", "F"),
+                ("+b", "F", "F=b G=- H=-", "F"),
+                ("+c", "F", "F=c G=- H=-", "F"),
+                ("-b", "", "F=c G=- H=-", ""),
+                ("-c", "", "F=a G=- H=-", "F"),
+            ],
+            // Overlapping patches, the older disabled first.
+            &[
+                ("+a", "FG", "F=a G=a H=-", "FG"),
+                ("+b", "GH", "F=a G=b H=b", "GH"),
+                ("-a", "", "F=- G=b H=b", "F"),
+                ("-b", "", "F=- G=- H=-", "GH"),
+            ],
+            // A replace leaves only its own functions; a non-replace patch
+            // on top of it, then the replace patch disabled below it.
+            &[
+                ("+a", "FG", "F=a G=a H=-", "FG"),
+                ("*r", "G", "F=- G=r H=-", "FG"),
+                ("+c", "FH", "F=c G=r H=c", "FH"),
+                ("-r", "", "F=c G=- H=c", "G"),
+            ],
+        ];
+        for (n, rows) in table.iter().enumerate() {
+            let mut s = Stack::default();
+            for &(op, funcs, want, sites) in *rows {
+                let c = step(&mut s, op, funcs);
+                assert_eq!(shown(&s), want, "scenario {n}, after {op}");
+                let written: String = c
+                    .sites
+                    .keys()
+                    .map(|&a| char::from((a / 0x1000) as u8))
+                    .collect();
+                assert_eq!(written, sites, "scenario {n}, entries {op} rewrites");
+            }
+        }
+    }
+
+    /// The same rule against a model of klp's func stacks, over every
+    /// sequence of four operations on three patches: the stack here and
+    /// the model agree on what runs after each step.
+    #[test]
+    fn every_short_sequence_agrees_with_a_model_of_klps_func_stacks() {
+        // Each patch's functions and whether it is a replace patch.
+        const PATCHES: [(&str, &str, bool); 3] =
+            [("a", "FG", false), ("b", "GH", false), ("r", "FH", true)];
+        let ops: Vec<(usize, bool)> = (0..3).flat_map(|p| [(p, true), (p, false)]).collect();
+        let n = ops.len();
+        for seq in 0..n.pow(4) {
+            let mut s = Stack::default();
+            // Per function, the patches on its func stack, newest first.
+            let mut model: BTreeMap<char, Vec<usize>> = BTreeMap::new();
+            let mut enabled = [false; 3];
+            let mut loaded = [false; 3];
+            for k in 0..4 {
+                let (p, on) = ops[seq / n.pow(k) % n];
+                let (name, funcs, replace) = PATCHES[p];
+                if on == enabled[p] {
+                    continue;
+                }
+                if on {
+                    let c = if loaded[p] {
+                        s.plan_reenable(name, false).unwrap()
+                    } else {
+                        let id = u64::from(name.as_bytes()[0]);
+                        let r: Vec<(u64, u64)> = funcs
+                            .chars()
+                            .map(|f| (func(f), id << 8 | u64::from(f as u8)))
+                            .collect();
+                        s.plan_enable(entry(name, replace, &r), false).unwrap()
+                    };
+                    s.apply(&c);
+                    loaded[p] = true;
+                    for f in funcs.chars() {
+                        model.entry(f).or_default().insert(0, p);
+                    }
+                    if replace {
+                        for stack in model.values_mut() {
+                            stack.retain(|&q| q == p);
+                        }
+                        enabled = [false; 3];
+                    }
+                } else {
+                    let c = s.plan_disable(name, false).unwrap();
+                    s.apply(&c);
+                    for stack in model.values_mut() {
+                        stack.retain(|&q| q != p);
+                    }
+                }
+                enabled[p] = on;
+                let want = "FGH"
+                    .chars()
+                    .map(|f| {
+                        let who = model
+                            .get(&f)
+                            .and_then(|st| st.first())
+                            .map_or("-", |&q| PATCHES[q].0);
+                        format!("{f}={who}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                assert_eq!(shown(&s), want, "sequence {seq}, step {k}");
+            }
+        }
     }
 }

@@ -554,8 +554,9 @@ where
 }
 
 /// Abandons a transition whose pre callbacks ran (some of them): runs the
-/// callbacks that cancel the passed ones, newest first, as klp's
-/// `klp_cancel_transition` does, then takes back a loaded patch: its pages
+/// callbacks that cancel the passed ones in klp's order (see
+/// [`Calls::cancel`]: each patch's objects in object order, as
+/// `klp_cancel_transition` completes the transition), then takes back a loaded patch: its pages
 /// are restored byte for byte if its code surely no longer runs and the
 /// guest did not change them, else retired (kept mapped until no stack
 /// references them). Returns the error to report.

@@ -188,8 +188,9 @@ fn replace_patch_takes_over_and_bad_modules_change_nothing() {
 }
 
 /// Code of a removed patch stays allocated while a task's stack holds an
-/// address inside it (forced transitions skip the check that would have
-/// waited), and is freed by the first sweep after the stack moved on.
+/// address inside it (here a sleeping task is made to hold one after the
+/// disable, as a task preempted there before the check could see it would),
+/// and is freed by the first sweep after the stack moved on.
 #[test]
 fn retired_code_is_freed_only_when_no_stack_references_it() {
     if common::skip_without_dump() {
@@ -205,7 +206,9 @@ fn retired_code_is_freed_only_when_no_stack_references_it() {
     let new = e.commit(k, &g, &p).unwrap().patch.unwrap().funcs[0]
         .new_addr
         .0;
-    let p = e.prepare_disable(k, &g, "livepatch_sample", true).unwrap();
+    // Not forced: a patch a forced disable took out of use stays pinned
+    // and could not be removed below.
+    let p = e.prepare_disable(k, &g, "livepatch_sample", false).unwrap();
     e.commit(k, &g, &p).unwrap();
 
     // A sleeping task "was preempted inside" the new function: the return
@@ -295,6 +298,10 @@ fn cumulative_replace_downgrade_and_forced_replace() {
     let err = e.prepare_enable(k, &g, "klpv_v2", false).unwrap_err();
     assert_eq!(err.kind(), Fault::State);
     assert!(err.to_string().contains("forced"), "{err}");
+    // It stays pinned: it cannot be removed either, and the list says why.
+    assert_eq!(e.remove("klpv_v2").unwrap_err().kind(), Fault::State);
+    let v2 = e.list().into_iter().find(|p| p.name == "klpv_v2").unwrap();
+    assert!(v2.pinned.is_some(), "{v2:?}");
 
     // Disable everything: every entry is the kernel's again.
     let p = e.prepare_disable(k, &g, "klpv_v1r", false);

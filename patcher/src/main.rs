@@ -615,6 +615,12 @@ fn print_patch(p: &PatchInfo) {
         p.arena_bytes
     );
     println!("  signature: {}", p.signature);
+    if let Some(pin) = &p.pinned {
+        println!(
+            "  pinned: {pin}; kept loaded for good, as klp keeps a patch a forced transition \
+             took out of use (cannot be removed, enabled, applied again or rolled back to)"
+        );
+    }
     for f in &p.funcs {
         let pos = if f.sympos == 0 {
             String::new()

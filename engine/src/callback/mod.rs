@@ -11,10 +11,15 @@
 //!   patches it replaces do not (cumulative-patches.rst).
 //! - A transition abandoned after its pre callbacks ran (a later
 //!   `pre_patch` failed, or no safe point came in time) runs the opposite
-//!   post callback of every object whose pre step passed, newest first:
+//!   post callback of every object whose pre step passed:
 //!   `post_unpatch` after `pre_patch` (klp_cancel_transition), `post_patch`
-//!   after `pre_unpatch` (a reversed disable completes as patched). An
-//!   object without a pre callback passes its pre step, as in klp, where
+//!   after `pre_unpatch` (a reversed disable completes as patched). Within
+//!   a patch the objects go in object order, because klp's cancel is
+//!   `klp_complete_transition`, which walks `klp_for_each_object`; when a
+//!   transition here changes several patches (a rollback), the patch whose
+//!   pre steps ran last is cancelled first, as klp would finish the last
+//!   transition it started before undoing an earlier one. An object
+//!   without a pre callback passes its pre step, as in klp, where
 //!   `post_unpatch_enabled` is set unless `pre_patch` failed.
 //!
 //! How a callback runs inside the guest is [`gate`]'s job.
@@ -126,9 +131,18 @@ impl Calls {
         out
     }
 
-    /// The calls that undo the pre steps in `passed`, newest first.
+    /// The calls that undo the pre steps in `passed`: per patch (a run of
+    /// steps of one patch and kind), the objects in object order, as
+    /// `klp_complete_transition` walks them; the last patch first.
     pub fn cancel(passed: &[Call]) -> Vec<Call> {
-        passed.iter().rev().filter_map(Call::cancel).collect()
+        let mut runs: Vec<&[Call]> = passed
+            .chunk_by(|a, b| a.patch == b.patch && a.kind == b.kind)
+            .collect();
+        runs.reverse();
+        runs.into_iter()
+            .flatten()
+            .filter_map(Call::cancel)
+            .collect()
     }
 }
 
@@ -177,16 +191,29 @@ mod tests {
     }
 
     #[test]
-    fn a_cancel_undoes_passed_steps_newest_first() {
+    fn a_cancel_runs_each_patch_in_object_order_the_last_patch_first() {
         let mut calls = Calls::default();
-        calls.disable("old", &[cbs(0x1000, [true; 4])]);
-        calls.enable("new", &[cbs(0x2000, [true; 4]), cbs(0x3000, [true; 4])]);
+        calls.disable("old", &[cbs(0x1000, [true; 4]), cbs(0x1800, [true; 4])]);
+        calls.enable(
+            "new",
+            &[
+                cbs(0x2000, [true; 4]),
+                cbs(0x3000, [true; 4]),
+                cbs(0x4000, [true; 4]),
+            ],
+        );
         let pre = calls.pre();
-        // The second pre_patch failed: the first passed and is undone,
-        // then the disable is reversed.
+        // The third pre_patch failed: the first two passed and are undone
+        // in object order (klp_complete_transition after
+        // klp_cancel_transition), then the disable is reversed.
         assert_eq!(
-            names(&Calls::cancel(&pre[..2])),
-            ["new post_unpatch 2000", "old post_patch 1000"]
+            names(&Calls::cancel(&pre[..4])),
+            [
+                "new post_unpatch 2000",
+                "new post_unpatch 3000",
+                "old post_patch 1000",
+                "old post_patch 1800"
+            ]
         );
         // A missing post callback is skipped, not called at address 0.
         let mut bare = Calls::default();

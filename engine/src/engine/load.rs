@@ -24,9 +24,7 @@ impl Engine {
         let release = kernel.uts(guest, "release").ok_or(EngineError::NoRelease)?;
         let module = Module::parse(ko, &kernel.btf, &release)?;
         let name = module.patch.name.clone();
-        if let Some(e) = self.stack.get(&name) {
-            return Err(crate::stack::StackError::Duplicate(name, e.state).into());
-        }
+        self.stack.check_new(&name)?;
         if let Some(obj) = module.patch.objects.iter().find_map(|o| o.name.clone()) {
             return Err(ModuleError::ObjectNotSupported(obj).into());
         }

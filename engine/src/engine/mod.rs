@@ -102,15 +102,9 @@ pub enum EngineError {
     Internal(String),
     #[error("safe-point check failed: {0}")]
     Safepoint(#[from] SafepointError),
-    #[error(
-        "patch `{patch}` is incompatible with enabled patch `{holder}`: {why} (klp's \
-         klp_is_patch_compatible rule; nothing was written)"
-    )]
-    State {
-        patch: String,
-        holder: String,
-        why: String,
-    },
+    /// klp's system-state rule refuses the patch.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     #[error(
         "no safe point: {} task(s) are inside functions this transition changes; nothing was written \
          (retry later, or --force to skip the check):\n  {}",
@@ -149,9 +143,7 @@ impl EngineError {
             EngineError::Stack(StackError::Unknown(_)) | EngineError::NoSuchTransition { .. } => {
                 Fault::NotFound
             }
-            EngineError::Stack(_) | EngineError::Blocked(_) | EngineError::State { .. } => {
-                Fault::State
-            }
+            EngineError::Stack(_) | EngineError::Blocked(_) | EngineError::State(_) => Fault::State,
             EngineError::Arena(ArenaError::Full { .. })
             | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
             EngineError::Gate(GateError::Busy(_)) => Fault::State,
@@ -545,49 +537,57 @@ impl Engine {
         let change = self.stack.plan_disable(name, force)?;
         let mut calls = Calls::default();
         calls.disable(name, &self.callbacks_of(name));
-        self.prepared_sites(kernel, name, "disable", change, calls)
+        let mut p = self.prepared_sites(kernel, name, "disable", change, calls)?;
+        // klp's unpatching transition waits for every task to leave every
+        // function of the patch (klp_check_stack_func looks for new_func),
+        // also those a newer enabled patch shadows, whose entries do not
+        // change: a task may have entered them before that patch came.
+        if let Some(r) = self.records.get(name) {
+            p.check.extend(r.text().map(|range| Span {
+                range,
+                name: format!("{name} (being disabled)"),
+            }));
+        }
+        Ok(p)
     }
 
-    /// klp's system-state rule for enabling `patch` (`replace`, carrying
-    /// `states`) next to the enabled patches: a replace patch must carry
-    /// every state an enabled patch has, and no patch may carry a state at
-    /// a lower version than an enabled patch does.
+    /// klp's system-state rule ([`crate::state::check`]) for enabling
+    /// `patch` (`replace`, carrying `states`) next to the enabled patches.
     fn check_states(
         &self,
         patch: &str,
         replace: bool,
         states: &[State],
     ) -> Result<(), EngineError> {
-        let enabled = self
-            .stack
-            .entries()
-            .iter()
-            .filter(|e| e.state == PatchState::Enabled && e.name != patch);
-        for e in enabled {
-            let Some(r) = self.records.get(&e.name) else {
-                continue;
-            };
-            for old in &r.states {
-                let why = match states.iter().find(|s| s.id == old.id) {
-                    None if replace => format!(
-                        "it replaces every patch but does not carry system state {} (version {}) \
-                         that `{}` introduced",
-                        old.id, old.version, e.name
-                    ),
-                    Some(s) if s.version < old.version => format!(
-                        "it carries system state {} at version {}, older than `{}`'s version {}",
-                        old.id, s.version, e.name, old.version
-                    ),
-                    _ => continue,
-                };
-                return Err(EngineError::State {
-                    patch: patch.to_owned(),
-                    holder: e.name.clone(),
-                    why,
-                });
-            }
-        }
-        Ok(())
+        let new = crate::state::Holder {
+            name: patch,
+            replace,
+            states,
+        };
+        let enabled = self.holders(
+            self.stack
+                .entries()
+                .iter()
+                .filter(|e| e.state == PatchState::Enabled),
+        );
+        Ok(crate::state::check(new, enabled)?)
+    }
+
+    /// The state rule's view of `entries`' patches.
+    fn holders<'a>(
+        &'a self,
+        entries: impl Iterator<Item = &'a Entry>,
+    ) -> Vec<crate::state::Holder<'a>> {
+        entries
+            .filter_map(|e| {
+                let r = self.records.get(&e.name)?;
+                Some(crate::state::Holder {
+                    name: &e.name,
+                    replace: r.replace,
+                    states: &r.states,
+                })
+            })
+            .collect()
     }
 
     /// Plans enabling loaded patch `name` again.
@@ -599,10 +599,12 @@ impl Engine {
         force: bool,
     ) -> Result<Prepared, EngineError> {
         self.facts(kernel, guest)?;
+        // The stack's refusals first (unknown, enabled, pinned): they say
+        // more than a state conflict would.
+        let change = self.stack.plan_reenable(name, force)?;
         if let Some(r) = self.records.get(name) {
             self.check_states(name, r.replace, &r.states)?;
         }
-        let change = self.stack.plan_reenable(name, force)?;
         // Only the enabled patch's callbacks, also when it replaces others.
         let mut calls = Calls::default();
         calls.enable(name, &self.callbacks_of(name));
@@ -632,6 +634,15 @@ impl Engine {
                     newest: self.seq,
                 })?;
         let change = self.stack.plan_restore(&past.before, force)?;
+        // The same system-state rule as enable, for what the rollback
+        // enables (it cannot bring back a patch enable would refuse).
+        if let Some(after) = &change.restore {
+            let enabled = |e: &&Entry| e.state == PatchState::Enabled;
+            crate::state::check_restore(
+                &self.holders(self.stack.entries().iter().filter(enabled)),
+                &self.holders(after.iter().filter(enabled)),
+            )?;
+        }
         let calls = self.rollback_calls(&change);
         self.prepared_sites(kernel, &format!("#{to}"), "rollback", change, calls)
     }
@@ -1094,6 +1105,7 @@ impl Engine {
             state: e.state,
             replace: r.replace,
             forced: e.forced,
+            pinned: e.pin.clone(),
             applied_at: r.applied_at,
             pause_us: r.pause_us,
             arena_bytes: r.bytes(),

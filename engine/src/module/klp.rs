@@ -24,8 +24,95 @@ use super::sections::THIS_MODULE;
 use super::{ModuleError, Place};
 use klpvisor_guest::Btf;
 
-/// klp's KSYM_NAME_LEN bound on a function name (6.1: 512).
-const MAX_NAME: usize = 512;
+/// klp's KSYM_NAME_LEN (6.1 and later: 512): `klp_init_func` refuses an
+/// `old_name` of this many bytes or more.
+const KSYM_NAME_LEN: usize = 512;
+/// MODULE_NAME_LEN on 64-bit (64 - sizeof(unsigned long)): `klp_init_object`
+/// refuses a module object name of this many bytes or more.
+const MODULE_NAME_LEN: usize = 56;
+/// The longest string read from the module: longer than either bound, so
+/// a name klp refuses is reported with its length rather than as garbage.
+const MAX_STRING: usize = 4096;
+
+/// What klp refuses in a patch's objects and functions, with the errno it
+/// returns; each is named so the author can fix the patch source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// `klp_enable_patch`: an object whose `funcs` is NULL (-EINVAL).
+    #[error(
+        "its klp_object has funcs == NULL, which klp_enable_patch refuses with -EINVAL; point \
+         .funcs at a klp_func array (an empty one, `{{ }}`, for an object with only callbacks)"
+    )]
+    NoFuncs,
+    /// `klp_init_object`: a module name of MODULE_NAME_LEN bytes or more.
+    #[error(
+        "its name is {len} bytes; klp_init_object refuses names of {MODULE_NAME_LEN} \
+         (MODULE_NAME_LEN) bytes or more with -EINVAL"
+    )]
+    NameTooLong {
+        /// The name's length.
+        len: usize,
+    },
+    /// Two objects of one name: klp's sysfs directory for the second
+    /// cannot be created (-EEXIST).
+    #[error(
+        "the patch has two klp_objects for it, which klp refuses with -EEXIST (each object is \
+         a sysfs directory of the patch); merge their klp_funcs into one object"
+    )]
+    Duplicate,
+    /// `klp_init_func`: a function without `old_name` (-EINVAL).
+    #[error("the klp_func at {at} has no old_name, which klp_init_func refuses with -EINVAL")]
+    NoOldName {
+        /// Where the klp_func is in the module.
+        at: String,
+    },
+    /// `klp_init_func`: a function without `new_func` (-EINVAL).
+    #[error(
+        "klp_func `{func}` has no new_func, which klp_init_func refuses with -EINVAL; set it \
+         to the replacement function"
+    )]
+    NoNewFunc {
+        /// `old_name`.
+        func: String,
+    },
+    /// `klp_init_func`: an `old_name` of KSYM_NAME_LEN bytes or more.
+    #[error(
+        "a klp_func's old_name is {len} bytes (starting `{start}`); klp_init_func refuses \
+         names of {KSYM_NAME_LEN} (KSYM_NAME_LEN) bytes or more with -EINVAL"
+    )]
+    OldNameTooLong {
+        /// The name's length.
+        len: usize,
+        /// Its first 32 bytes.
+        start: String,
+    },
+    /// Two functions of one name and position in one object: klp's sysfs
+    /// entry `name,sympos` for the second cannot be created (-EEXIST;
+    /// sympos 0 is entry 1, as a unique symbol is the first).
+    #[error(
+        "it patches `{func}`,{sympos} twice (old_sympos 0 and 1 are the same function to \
+         klp), which klp refuses with -EEXIST (each function is a sysfs entry of the \
+         object); keep one klp_func for it"
+    )]
+    DuplicateFunc {
+        /// `old_name`.
+        func: String,
+        /// The position klp names it by (0 counts as 1).
+        sympos: u64,
+    },
+}
+
+/// An object's name as klp's sysfs shows it.
+fn object_name(name: Option<&str>) -> &str {
+    name.unwrap_or("vmlinux")
+}
+
+fn refuse(object: Option<&str>, refusal: Refusal) -> ModuleError {
+    ModuleError::KlpRefuses {
+        object: object_name(object).to_owned(),
+        refusal,
+    }
+}
 
 /// What a livepatch module asks for, as klp would see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,11 +372,11 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| bad(format!("{what} points past the end of {}", s.name)))?;
         let end = tail
             .iter()
-            .take(MAX_NAME + 1)
+            .take(MAX_STRING + 1)
             .position(|&b| b == 0)
             .ok_or_else(|| {
                 bad(format!(
-                    "{what} in {} is not a NUL-terminated string of at most {MAX_NAME} bytes",
+                    "{what} in {} is not a NUL-terminated string of at most {MAX_STRING} bytes",
                     s.name
                 ))
             })?;
@@ -348,7 +435,12 @@ impl<'a> Reader<'a> {
             && self
                 .bytes(at, self.l.patch_size)
                 .is_ok_and(|b| b.len() as u64 == self.l.patch_size)
-            && self.objects(objs).is_ok()
+            // A patch klp would refuse is still the patch: read_patch
+            // reports why klp refuses it.
+            && match self.objects(objs) {
+                Ok(_) | Err(ModuleError::KlpRefuses { .. }) => true,
+                Err(_) => false,
+            }
     }
 
     fn find_patch(&self, modinfo_livepatch: bool) -> Result<Place, ModuleError> {
@@ -493,9 +585,13 @@ impl<'a> Reader<'a> {
             if name.is_none() && funcs == Ptr::Null {
                 return Ok(None);
             }
+            let object = name.as_deref();
+            if let Some(n) = object.filter(|n| n.len() >= MODULE_NAME_LEN) {
+                return Err(refuse(object, Refusal::NameTooLong { len: n.len() }));
+            }
             let funcs = match funcs {
-                Ptr::Local(p) => self.funcs(p)?,
-                Ptr::Null => Vec::new(),
+                Ptr::Local(p) => self.funcs(p, object)?,
+                Ptr::Null => return Err(refuse(object, Refusal::NoFuncs)),
                 _ => return Err(bad("klp_object.funcs does not point into the module".into())),
             };
             let cb = |i: usize, what| self.code(f(l.obj_callbacks[i]), what);
@@ -514,9 +610,11 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn funcs(&self, start: Place) -> Result<Vec<Func>, ModuleError> {
+    /// The `klp_func` array of object `object`, refused as klp's
+    /// `klp_init_func` and sysfs would refuse it.
+    fn funcs(&self, start: Place, object: Option<&str>) -> Result<Vec<Func>, ModuleError> {
         let l = self.l;
-        self.array(start, l.func_size, "klp_func", |at| {
+        let funcs = self.array(start, l.func_size, "klp_func", |at| {
             let f = |off: u64| Place {
                 offset: at.offset + off,
                 ..at
@@ -527,22 +625,41 @@ impl<'a> Reader<'a> {
             // klp_for_each_func_static: old_name || new_func || old_sympos.
             match (old_name, new_func) {
                 (None, None) if old_sympos == 0 => Ok(None),
+                (None, _) => Err(refuse(
+                    object,
+                    Refusal::NoOldName {
+                        at: self.describe(at),
+                    },
+                )),
+                (Some(old_name), _) if old_name.len() >= KSYM_NAME_LEN => Err(refuse(
+                    object,
+                    Refusal::OldNameTooLong {
+                        len: old_name.len(),
+                        start: old_name.chars().take(32).collect(),
+                    },
+                )),
+                (Some(func), None) => Err(refuse(object, Refusal::NoNewFunc { func })),
                 (Some(old_name), Some(new_func)) => Ok(Some(Func {
                     old_name,
                     old_sympos,
                     new_func,
                 })),
-                (name, _) => Err(bad(format!(
-                    "a klp_func at {} has {} (klp_enable_patch refuses it)",
-                    self.describe(at),
-                    if name.is_none() {
-                        "no old_name".to_owned()
-                    } else {
-                        format!("no new_func for `{}`", name.unwrap_or_default())
-                    }
-                ))),
             }
-        })
+        })?;
+        let mut seen = std::collections::BTreeSet::new();
+        for f in &funcs {
+            let sympos = f.old_sympos.max(1);
+            if !seen.insert((f.old_name.as_str(), sympos)) {
+                return Err(refuse(
+                    object,
+                    Refusal::DuplicateFunc {
+                        func: f.old_name.clone(),
+                        sympos,
+                    },
+                ));
+            }
+        }
+        Ok(funcs)
     }
 
     fn states(&self, start: Place) -> Result<Vec<State>, ModuleError> {
@@ -612,8 +729,13 @@ pub fn read_patch(
         Ptr::Local(p) => r.objects(p)?,
         _ => return Err(bad("klp_patch.objs does not point into the module".into())),
     };
-    if objects.is_empty() {
-        return Err(bad("klp_patch.objs is empty".into()));
+    // klp accepts an empty object array (a replace patch without objects
+    // takes every older patch out of use); it refuses two objects of one
+    // name.
+    for (i, o) in objects.iter().enumerate() {
+        if objects[..i].iter().any(|p| p.name == o.name) {
+            return Err(refuse(o.name.as_deref(), Refusal::Duplicate));
+        }
     }
     let states = match r.ptr(field(l.patch_states))? {
         Ptr::Null => Vec::new(),
@@ -631,4 +753,279 @@ pub fn read_patch(
         objects,
         states,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::elf::{RawRela, RawSymbol};
+    use super::*;
+    use klpvisor_guest::btf::synth::BtfBuilder;
+
+    /// The klp structures of a 64-bit kernel, in miniature.
+    fn btf() -> Btf {
+        let mut b = BtfBuilder::new();
+        let ulong = b.int("long unsigned int", 8);
+        let uint = b.int("unsigned int", 4);
+        let int = b.int("int", 4);
+        let boolean = b.int("_Bool", 1);
+        let char_ = b.int("char", 1);
+        let ptr = b.ptr(char_);
+        let name = b.array(char_, int, MODULE_NAME_LEN as u32);
+        b.composite(false, "module", 64, &[("name", name, 0, 0)]);
+        let cbs = b.composite(
+            false,
+            "klp_callbacks",
+            32,
+            &[
+                ("pre_patch", ptr, 0, 0),
+                ("post_patch", ptr, 64, 0),
+                ("pre_unpatch", ptr, 128, 0),
+                ("post_unpatch", ptr, 192, 0),
+            ],
+        );
+        b.composite(
+            false,
+            "klp_patch",
+            32,
+            &[
+                ("mod", ptr, 0, 0),
+                ("objs", ptr, 64, 0),
+                ("states", ptr, 128, 0),
+                ("replace", boolean, 192, 0),
+            ],
+        );
+        b.composite(
+            false,
+            "klp_object",
+            48,
+            &[
+                ("name", ptr, 0, 0),
+                ("funcs", ptr, 64, 0),
+                ("callbacks", cbs, 128, 0),
+            ],
+        );
+        b.composite(
+            false,
+            "klp_func",
+            24,
+            &[
+                ("old_name", ptr, 0, 0),
+                ("new_func", ptr, 64, 0),
+                ("old_sympos", ulong, 128, 0),
+            ],
+        );
+        b.composite(
+            false,
+            "klp_state",
+            16,
+            &[("id", ulong, 0, 0), ("version", uint, 64, 0)],
+        );
+        Btf::parse(&b.build()).unwrap()
+    }
+
+    /// Section indices of the synthetic module.
+    const TEXT: usize = 1;
+    const DATA: usize = 2;
+    const STR: usize = 3;
+    const MODULE: usize = 4;
+
+    /// A synthetic livepatch module: a `klp_patch` at `.data`+0 whose
+    /// objects follow at +0x40, each object's funcs at +0x400 + 0x100 * i.
+    /// `objs`: (name, funcs as (old_name, new_func set, sympos), or None
+    /// for funcs == NULL).
+    struct Ko {
+        elf: RawElf,
+        strings: Vec<u8>,
+    }
+
+    impl Ko {
+        fn new() -> Self {
+            let section = |name: &str, flags: u32, size: u64| RawSection {
+                name: name.to_owned(),
+                sh_type: elf::SHT_PROGBITS,
+                flags: u64::from(flags),
+                size,
+                align: 8,
+                data: vec![0; size as usize],
+            };
+            let sym = |name: &str, shndx: u16, kind: u8| RawSymbol {
+                name: name.to_owned(),
+                shndx,
+                value: 0,
+                size: 0,
+                bind: elf::STB_LOCAL,
+                kind,
+            };
+            let mut module = section(THIS_MODULE, elf::SHF_ALLOC | elf::SHF_WRITE, 64);
+            module.data[..5].copy_from_slice(b"lp_t\0");
+            let elf = RawElf {
+                sections: vec![
+                    section("", 0, 0),
+                    section(".text", elf::SHF_ALLOC | elf::SHF_EXECINSTR, 0x100),
+                    section(".data", elf::SHF_ALLOC | elf::SHF_WRITE, 0x1000),
+                    section(".rodata.str", elf::SHF_ALLOC, 0x1000),
+                    module,
+                ],
+                symbols: vec![
+                    sym("", 0, elf::STT_NOTYPE),
+                    sym(".text", TEXT as u16, elf::STT_SECTION),
+                    sym(".data", DATA as u16, elf::STT_SECTION),
+                    sym(".rodata.str", STR as u16, elf::STT_SECTION),
+                    sym("__this_module", MODULE as u16, elf::STT_OBJECT),
+                ],
+                relas: Vec::new(),
+            };
+            let mut ko = Self {
+                elf,
+                strings: vec![0],
+            };
+            ko.ptr(0, MODULE, 0);
+            ko.ptr(8, DATA, 0x40);
+            ko
+        }
+
+        /// A pointer at .data+`at` to `section`+`addend`.
+        fn ptr(&mut self, at: u64, section: usize, addend: i64) {
+            self.elf.relas.push(RawRela {
+                target: DATA,
+                rela_section: 0,
+                offset: at,
+                r_type: elf::R_X86_64_64,
+                symbol: section,
+                addend,
+                klp: false,
+            });
+        }
+
+        fn string(&mut self, at: u64, s: &str) {
+            let off = self.strings.len() as i64;
+            self.strings.extend_from_slice(s.as_bytes());
+            self.strings.push(0);
+            self.ptr(at, STR, off);
+        }
+
+        /// Object `i` named `name`, with `funcs` ((old_name, sympos);
+        /// None: funcs == NULL).
+        fn object(mut self, i: u64, name: Option<&str>, funcs: Option<&[(&str, u64)]>) -> Self {
+            let at = 0x40 + 48 * i;
+            if let Some(n) = name {
+                self.string(at, n);
+            }
+            if let Some(funcs) = funcs {
+                let base = 0x400 + 0x100 * i;
+                self.ptr(at + 8, DATA, base as i64);
+                for (j, (old, sympos)) in funcs.iter().enumerate() {
+                    let f = base + 24 * j as u64;
+                    if !old.is_empty() {
+                        self.string(f, old);
+                    }
+                    self.ptr(f + 8, TEXT, 0x10);
+                    self.elf.sections[DATA].data[f as usize + 16..f as usize + 24]
+                        .copy_from_slice(&sympos.to_le_bytes());
+                }
+            }
+            self
+        }
+
+        fn read(mut self) -> Result<Patch, ModuleError> {
+            let n = self.strings.len();
+            self.elf.sections[STR].data[..n].copy_from_slice(&self.strings);
+            read_patch(&self.elf, &btf(), true, None)
+        }
+    }
+
+    fn refusal(r: Result<Patch, ModuleError>) -> (String, Refusal) {
+        match r {
+            Err(ModuleError::KlpRefuses { object, refusal }) => (object, refusal),
+            other => panic!("expected a klp refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_well_formed_patch_is_read() {
+        let p = Ko::new()
+            .object(0, None, Some(&[("cmdline_proc_show", 0), ("f", 2)]))
+            .read()
+            .unwrap();
+        assert_eq!(p.name, "lp_t");
+        assert_eq!(p.objects.len(), 1);
+        assert_eq!(p.objects[0].funcs[1].old_sympos, 2);
+    }
+
+    /// klp_enable_patch: `if (!obj->funcs) return -EINVAL;` for every
+    /// object (a NULL name and NULL funcs ends the array instead).
+    #[test]
+    fn an_object_without_funcs_is_refused_naming_it() {
+        let r = Ko::new()
+            .object(0, None, Some(&[("f", 0)]))
+            .object(1, Some("ext4"), None)
+            .read();
+        let err = r.as_ref().map(drop).unwrap_err().to_string();
+        assert_eq!(refusal(r), ("ext4".into(), Refusal::NoFuncs));
+        assert!(
+            err.contains("object `ext4`") && err.contains("-EINVAL"),
+            "{err}"
+        );
+        // An empty funcs array is fine: an object with only callbacks.
+        let p = Ko::new()
+            .object(0, None, Some(&[("f", 0)]))
+            .object(1, Some("ext4"), Some(&[]))
+            .read()
+            .unwrap();
+        assert!(p.objects[1].funcs.is_empty());
+    }
+
+    /// klp_init_object and klp_init_func refuse over-long names; sysfs
+    /// refuses a second object or function of one name (sympos 0 is 1).
+    #[test]
+    fn what_klp_init_object_and_klp_init_func_refuse_is_refused() {
+        let long = "m".repeat(MODULE_NAME_LEN);
+        let r = Ko::new().object(0, Some(&long), Some(&[("f", 0)])).read();
+        assert_eq!(refusal(r).1, Refusal::NameTooLong { len: 56 });
+        let ok = "m".repeat(MODULE_NAME_LEN - 1);
+        assert!(Ko::new()
+            .object(0, Some(&ok), Some(&[("f", 0)]))
+            .read()
+            .is_ok());
+
+        let long = "f".repeat(KSYM_NAME_LEN);
+        let r = Ko::new().object(0, None, Some(&[(&long, 0)])).read();
+        assert!(matches!(
+            refusal(r),
+            (o, Refusal::OldNameTooLong { len: 512, .. }) if o == "vmlinux"
+        ));
+
+        let r = Ko::new()
+            .object(0, None, Some(&[("f", 0), ("f", 1)]))
+            .read();
+        assert_eq!(
+            refusal(r).1,
+            Refusal::DuplicateFunc {
+                func: "f".into(),
+                sympos: 1
+            }
+        );
+        assert!(Ko::new()
+            .object(0, None, Some(&[("f", 1), ("f", 2)]))
+            .read()
+            .is_ok());
+
+        let r = Ko::new()
+            .object(0, None, Some(&[("f", 0)]))
+            .object(1, None, Some(&[("g", 0)]))
+            .read();
+        assert_eq!(refusal(r), ("vmlinux".into(), Refusal::Duplicate));
+
+        // A klp_func with a sympos but no old_name.
+        let r = Ko::new().object(0, None, Some(&[("", 3)])).read();
+        assert!(matches!(refusal(r).1, Refusal::NoOldName { .. }));
+    }
+
+    /// klp_enable_patch accepts an empty object array: a replace patch
+    /// without objects takes every older patch out of use.
+    #[test]
+    fn a_patch_without_objects_is_accepted_as_klp_accepts_it() {
+        let p = Ko::new().read().unwrap();
+        assert!(p.objects.is_empty());
+    }
 }

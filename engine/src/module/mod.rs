@@ -60,6 +60,15 @@ pub enum ModuleError {
     SeveralPatches(String),
     #[error("malformed klp structures: {0}")]
     BadPatch(String),
+    /// klp itself would refuse the patch (`klp_enable_patch`,
+    /// `klp_init_object`, `klp_init_func`), for this object.
+    #[error("object `{object}` of the patch: {refusal}")]
+    KlpRefuses {
+        /// The object's name (`vmlinux` for the kernel itself).
+        object: String,
+        /// What klp refuses and how to fix it.
+        refusal: klp::Refusal,
+    },
     #[error("the guest's BTF lacks a klp structure layout: {0}")]
     KlpLayoutBtf(#[from] BtfError),
     #[error("unexpected klp structure layout in the guest's BTF: {0}")]

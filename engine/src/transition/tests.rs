@@ -366,7 +366,7 @@ fn a_pre_patch_refusal_abandons_the_transition_and_unloads_the_patch() {
 }
 
 #[test]
-fn an_abandoned_transition_cancels_every_passed_step_newest_first() {
+fn an_abandoned_transition_cancels_each_patch_in_object_order_the_last_patch_first() {
     let log = Log::default();
     let host = FakeHost::new(&log);
     let mut calls = Calls::default();
@@ -399,12 +399,13 @@ fn an_abandoned_transition_cancels_every_passed_step_newest_first() {
     assert_eq!(
         cancels,
         [
-            "call new post_unpatch 0x3000",
             "call new post_unpatch 0x2000",
+            "call new post_unpatch 0x3000",
             "call old post_patch 0x1000",
             "unload",
         ],
-        "klp_cancel_transition's order: the last passed step first"
+        "klp_cancel_transition's order: klp_complete_transition walks the patch's objects \
+         in order; the patch started last is cancelled first"
     );
 }
 
