@@ -1,10 +1,37 @@
-//! Real fixes: patches whose code holds what real kernel functions hold
-//! (here a WARN), each copied from a real kernel function, registered with
-//! the guest kernel as a module so that the kernel treats patch code as it
-//! treats a module's.
+//! Real fixes: patches whose code holds what real kernel functions hold,
+//! each copied from a real kernel function with one change, registered
+//! with the guest kernel as a module so that the kernel treats patch code
+//! as it treats a module's. One guest runs both patches (scenario
+//! `patch-fixes`); each test checks one construct.
 #![forbid(unsafe_code)]
 
+use std::sync::OnceLock;
+
 use harness::{run_scenario, Run};
+
+/// The one run the tests here share (they run one at a time, in one
+/// process): one nested boot instead of one per construct.
+fn fixes() -> &'static Run {
+    static RUN: OnceLock<Run> = OnceLock::new();
+    RUN.get_or_init(|| run_scenario("patch-fixes", &[]))
+}
+
+/// The guest's closing dmesg summary: exactly the one WARN, no oops.
+fn assert_clean_dmesg(run: &Run) {
+    let summary = run.lines_with("KLPV-DMESG warnings=");
+    assert_eq!(summary.len(), 1, "{}", run.transcript());
+    assert!(
+        summary[0].ends_with("warnings=1 oopses=0"),
+        "exactly the one WARN, no oops: {}",
+        summary[0]
+    );
+    assert_eq!(
+        run.result("patch-fixes-exit")["rc"],
+        "0",
+        "{}",
+        run.transcript()
+    );
+}
 
 /// What the guest printed under `tag` at step `n` (`<tag> <n> <text>`).
 fn step(run: &Run, tag: &str, n: u32) -> String {
@@ -30,34 +57,34 @@ fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues() {
     if harness::skip_without_e2e() {
         return;
     }
-    let run = run_scenario("patch-warn", &[]);
+    let run = fixes();
     let t = run.transcript();
     assert_eq!(run.result("warn-apply")["rc"], "0", "{t}");
 
     // Before: the kernel's own function, no module, no livepatch taint.
-    assert_eq!(step(&run, "KLPV-HIDEPID", 1), "ptraceable", "{t}");
-    assert_eq!(step(&run, "KLPV-MODULE", 1), "none", "{t}");
-    let taint_before: u64 = step(&run, "KLPV-TAINTED", 1).parse().expect("taint");
+    assert_eq!(step(run, "KLPV-HIDEPID", 1), "ptraceable", "{t}");
+    assert_eq!(step(run, "KLPV-MODULE", 1), "none", "{t}");
+    let taint_before: u64 = step(run, "KLPV-TAINTED", 1).parse().expect("taint");
     assert_eq!(taint_before & (1 << 15), 0, "{t}");
-    assert!(kmsg(&run, 1).is_empty(), "{t}");
+    assert!(kmsg(run, 1).is_empty(), "{t}");
 
     // Applied: the patched function runs (its change shows), its WARN
     // fires and reports as a module's would, and the guest carries on.
-    assert_eq!(step(&run, "KLPV-HIDEPID", 2), "unknown", "{t}");
-    let module = step(&run, "KLPV-MODULE", 2);
+    assert_eq!(step(run, "KLPV-HIDEPID", 2), "unknown", "{t}");
+    let module = step(run, "KLPV-MODULE", 2);
     assert!(module.starts_with("warn_hidepid "), "{module}");
     assert!(
         module.contains("Live") && module.contains("(K)"),
         "{module}"
     );
-    let sym = step(&run, "KLPV-KALLSYMS", 2);
+    let sym = step(run, "KLPV-KALLSYMS", 2);
     assert!(
         sym.contains(" livepatch_proc_show_options") && sym.ends_with("[warn_hidepid]"),
         "{sym}"
     );
-    let taint: u64 = step(&run, "KLPV-TAINTED", 2).parse().expect("taint");
+    let taint: u64 = step(run, "KLPV-TAINTED", 2).parse().expect("taint");
     assert_ne!(taint & (1 << 15), 0, "taint K (TAINT_LIVEPATCH)\n{t}");
-    let log = kmsg(&run, 2);
+    let log = kmsg(run, 2);
     let warning = log
         .iter()
         .find(|l| l.contains("WARNING:"))
@@ -93,9 +120,9 @@ fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues() {
     assert!(log.iter().any(|l| l.contains("---[ end trace")), "{log:#?}");
 
     // Again: WARN_ONCE reports once; the function still runs patched.
-    assert_eq!(step(&run, "KLPV-HIDEPID", 3), "unknown", "{t}");
+    assert_eq!(step(run, "KLPV-HIDEPID", 3), "unknown", "{t}");
     assert_eq!(
-        kmsg(&run, 3)
+        kmsg(run, 3)
             .iter()
             .filter(|l| l.contains("WARNING:"))
             .count(),
@@ -105,20 +132,45 @@ fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues() {
 
     // Disabled and removed: the kernel's function again; the next
     // transition took the module off the kernel's lists.
-    assert_eq!(run.result("warn-disable")["rc"], "0", "{t}");
-    assert_eq!(run.result("warn-remove")["rc"], "0", "{t}");
+    assert_eq!(run.result("disable-warn_hidepid")["rc"], "0", "{t}");
+    assert_eq!(run.result("remove-warn_hidepid")["rc"], "0", "{t}");
     assert_eq!(run.result("sample-apply")["rc"], "0", "{t}");
     assert_eq!(run.result("sample-disable")["rc"], "0", "{t}");
-    assert_eq!(step(&run, "KLPV-HIDEPID", 4), "ptraceable", "{t}");
-    assert_eq!(step(&run, "KLPV-MODULE", 4), "none", "{t}");
-    assert_eq!(step(&run, "KLPV-KALLSYMS", 4), "none", "{t}");
+    assert_eq!(step(run, "KLPV-HIDEPID", 4), "ptraceable", "{t}");
+    assert_eq!(step(run, "KLPV-MODULE", 4), "none", "{t}");
+    assert_eq!(step(run, "KLPV-KALLSYMS", 4), "none", "{t}");
 
-    let summary = run.lines_with("KLPV-DMESG warnings=");
-    assert_eq!(summary.len(), 1, "{t}");
-    assert!(
-        summary[0].ends_with("warnings=1 oopses=0"),
-        "exactly the one WARN, no oops: {}",
-        summary[0]
-    );
-    assert_eq!(run.result("patch-warn-exit")["rc"], "0", "{t}");
+    assert_clean_dmesg(run);
+}
+
+#[test]
+fn a_fault_in_a_patchs_user_access_returns_efault() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = fixes();
+    let t = run.transcript();
+    // With SMAP on, a user access works only between stac and clac: the
+    // alternatives must be applied for this CPU, or every read oopses.
+    assert_eq!(run.lines_with("KLPV-SMAP yes").len(), 1, "{t}");
+    assert_eq!(run.result("zero-apply")["rc"], "0", "{t}");
+    // The kernel's read_zero before and after; the patch's (64 KiB at
+    // most per read) while applied.
+    let full = "1+0 records in";
+    let short = "0+1 records in";
+    assert_eq!(step(run, "KLPV-DD", 1), full, "{t}");
+    assert_eq!(step(run, "KLPV-DD", 2), short, "the patch runs\n{t}");
+    assert_eq!(step(run, "KLPV-DD", 3), short, "{t}");
+    assert_eq!(step(run, "KLPV-DD", 4), full, "{t}");
+    // Each outcome of the user access is the kernel's, patched or not: a
+    // fault returns -EFAULT (fixed up through the patch's exception
+    // table), a fault part-way returns the bytes before it, a good buffer
+    // is cleared.
+    let want = "bad=-1/EFAULT partial=4096 good=ok";
+    for n in 1..=4 {
+        assert_eq!(step(run, "KLPV-EFAULT", n), want, "step {n}\n{t}");
+    }
+    assert_eq!(run.result("disable-efault_zero")["rc"], "0", "{t}");
+    assert_eq!(run.result("remove-efault_zero")["rc"], "0", "{t}");
+    assert_clean_dmesg(run);
 }
