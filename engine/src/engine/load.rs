@@ -3,8 +3,11 @@
 
 use super::{entry, now_unix, Engine, EngineError, FuncRecord, Prepared, Record};
 use crate::arena::{Perm, Region};
-use crate::link::{guest_plain_returns, guest_return_thunk, link, Bases, LinkOptions};
-use crate::module::{Module, ModuleError};
+use crate::link::{
+    guest_plain_returns, guest_return_thunk, link_objects, Bases, GuestSymbols, LinkOptions,
+};
+use crate::site::FtraceRecords;
+use crate::module::Module;
 use crate::write::{Plan, Write};
 use klpvisor_guest::Guest;
 use klpvisor_guest::Kernel;
@@ -24,9 +27,6 @@ impl Engine {
         let name = module.patch.name.clone();
         if let Some(e) = self.stack.get(&name) {
             return Err(crate::stack::StackError::Duplicate(name, e.state).into());
-        }
-        if let Some(obj) = module.patch.objects.iter().find_map(|o| o.name.clone()) {
-            return Err(ModuleError::ObjectNotSupported(obj).into());
         }
         self.check_states(&name, module.patch.replace, &module.patch.states)?;
 
@@ -62,18 +62,48 @@ impl Engine {
             return_thunk,
             plain_returns: guest_plain_returns(&space, &kernel.kallsyms, return_thunk),
         };
-        let linked = link(&module, &kernel.kallsyms, bases, &options)?;
+        // The modules are read now, only for a patch that has module
+        // objects: they come and go while the guest runs.
+        let has_modules = module.patch.objects.iter().any(|o| o.name.is_some());
+        let modules = if has_modules {
+            kernel.modules(guest).map_err(EngineError::Modules)?
+        } else {
+            Vec::new()
+        };
+        let symbols = GuestSymbols {
+            kallsyms: &kernel.kallsyms,
+            modules: &modules,
+        };
+        let linked = link_objects(&module, &symbols, bases, &options)?;
 
         // Every old function's entry must be an ftrace site we can take.
-        let ftrace = facts.ftrace.clone();
+        // A module's records are read afresh with its text.
+        let module_text: Vec<_> = linked
+            .objects
+            .iter()
+            .filter(|o| o.loaded)
+            .filter_map(|o| symbols.module(o.name.as_deref()?))
+            .map(|m| m.text.clone())
+            .collect();
+        let ftrace = if module_text.is_empty() {
+            facts.ftrace.clone()
+        } else {
+            FtraceRecords::load_in(&kernel.space(guest), &kernel.kallsyms, &kernel.btf, &module_text)
+                .map_err(|source| EngineError::Site {
+                    name: "ftrace records".into(),
+                    source: Box::new(source),
+                })?
+        };
         let mut fresh = Vec::new();
         let mut funcs = Vec::new();
         for f in &linked.funcs {
-            let site = self.site(kernel, guest, &ftrace, &f.old_name, f.old_addr)?;
+            let in_module = f.object.as_deref().and_then(|o| symbols.module(o));
+            let site = self.site(kernel, guest, &ftrace, in_module, &f.old_name, f.old_addr)?;
             if !self.sites.contains_key(&f.old_addr) {
                 fresh.push(site);
             }
             funcs.push(FuncRecord {
+                object: f.object.clone(),
                 name: f.old_name.clone(),
                 sympos: u32::try_from(f.old_sympos).unwrap_or(u32::MAX),
                 old: f.old_addr,
@@ -109,6 +139,7 @@ impl Engine {
             regions,
             funcs,
             callbacks: linked.callbacks.clone(),
+            objects: linked.objects.clone(),
             signature: "unsigned".to_owned(),
         };
         // On a replace too, only the new patch's callbacks run.
@@ -117,7 +148,7 @@ impl Engine {
         let change = self
             .stack
             .plan_enable(entry(&name, record.replace, &record.funcs), force)?;
-        let check = self.plan_sites(kernel, &change, &fresh, Some(&record), &mut plan)?;
+        let check = self.plan_sites(&change, &fresh, Some(&record), &mut plan)?;
         Ok(Prepared {
             name,
             action: "apply",

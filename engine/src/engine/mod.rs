@@ -23,13 +23,16 @@ use thiserror::Error;
 use crate::arena::{Arena, ArenaError, ImageFacts, Region};
 use crate::callback::gate::{Gate, GateError, Progress};
 use crate::callback::{Call, Calls};
-use crate::link::LinkedCallbacks;
+use crate::link::{LinkedCallbacks, LinkedObject};
 use crate::module::{ModuleError, State};
 use crate::safepoint::{Blocker, Check, SafepointError, Span};
 use crate::site::{FtraceRecords, Site, SiteError};
 use crate::stack::{Change, Entry, Placed, Stack, StackError};
 use crate::write::{Plan, Write, WriteError};
-use klpvisor_api::{FuncInfo, Hex, HistoryEntry, LiveFunc, PatchInfo, PatchState, RetiredInfo};
+use klpvisor_api::{
+    FuncInfo, Hex, HistoryEntry, LiveFunc, ObjectInfo, ObjectState, PatchInfo, PatchState,
+    RetiredInfo,
+};
 use klpvisor_guest::orc::Orc;
 use klpvisor_guest::Guest;
 use klpvisor_guest::{all_vcpu_regs, IntrospectError, Kernel, Tasks, TasksError};
@@ -124,6 +127,10 @@ pub enum EngineError {
     NoSuchTransition { to: u64, newest: u64 },
     #[error(transparent)]
     Gate(#[from] GateError),
+    /// The guest's module list could not be read (a patch with module
+    /// objects needs it).
+    #[error("reading the guest kernel's modules failed: {0}")]
+    Modules(#[source] klpvisor_guest::ModulesError),
 }
 
 /// Committed transitions the engine remembers for rollback; older ones are
@@ -152,10 +159,12 @@ impl EngineError {
             | EngineError::VcpuRegisters { .. }
             | EngineError::NoRelease
             | EngineError::NoPerCpuArea(_)
+            | EngineError::Modules(_)
             | EngineError::Safepoint(_) => Fault::Guest,
             EngineError::Site { source, .. } => match **source {
                 SiteError::NotAFunction { .. }
                 | SiteError::NotInText { .. }
+                | SiteError::NotInModuleText { .. }
                 | SiteError::TooShort { .. }
                 | SiteError::NotFtraceSite { .. }
                 | SiteError::OutOfReach { .. } => Fault::Module,
@@ -171,6 +180,8 @@ impl EngineError {
 /// One patched function of a loaded patch.
 #[derive(Debug, Clone)]
 struct FuncRecord {
+    /// Its module (`None`: vmlinux).
+    object: Option<String>,
     name: String,
     sympos: u32,
     old: u64,
@@ -187,8 +198,11 @@ struct Record {
     pause_us: f64,
     regions: Vec<Region>,
     funcs: Vec<FuncRecord>,
-    /// Each object's linked callbacks, in patch order.
+    /// Each loaded object's linked callbacks, in patch order.
     callbacks: Vec<LinkedCallbacks>,
+    /// Every object and whether it was linked (its module loaded) or
+    /// waits for its module.
+    objects: Vec<LinkedObject>,
     /// How the module's signature was checked (the engine never sees
     /// signatures: the caller checks them before `prepare_apply`).
     signature: String,
@@ -409,12 +423,14 @@ impl Engine {
             .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))
     }
 
-    /// The site of the function at `old`: known, or validated now.
+    /// The site of the function at `old` (in `module`, or vmlinux):
+    /// known, or validated now.
     fn site<G: Guest + ?Sized>(
         &self,
         kernel: &Kernel,
         guest: &G,
         ftrace: &FtraceRecords,
+        module: Option<&klpvisor_guest::LoadedModule>,
         name: &str,
         old: u64,
     ) -> Result<Site, EngineError> {
@@ -430,18 +446,20 @@ impl Engine {
                 return Ok(s.clone());
             }
         }
-        Site::find(&kernel.space(guest), &kernel.kallsyms, ftrace, old).map_err(|source| {
-            EngineError::Site {
-                name: name.to_owned(),
-                source: Box::new(source),
-            }
+        let space = kernel.space(guest);
+        match module {
+            None => Site::find(&space, &kernel.kallsyms, ftrace, old),
+            Some(m) => Site::find_in_module(&space, &kernel.kallsyms, m, ftrace, old),
+        }
+        .map_err(|source| EngineError::Site {
+            name: name.to_owned(),
+            source: Box::new(source),
         })
     }
 
     /// The site writes and safe-point spans of a stack change.
     fn plan_sites(
         &self,
-        kernel: &Kernel,
         change: &Change,
         fresh: &[Site],
         fresh_record: Option<&Record>,
@@ -474,7 +492,11 @@ impl Engine {
                 format!("entry of {}", site.name),
             ));
             spans.push(Span {
-                range: kernel.kallsyms.extent(old).unwrap_or(old..old + 1),
+                range: if site.extent.is_empty() {
+                    old..old + 1
+                } else {
+                    site.extent.clone()
+                },
                 name: site.name.clone(),
             });
             // The code being switched away from, if it is a patch's.
@@ -509,7 +531,7 @@ impl Engine {
         let change = self.stack.plan_disable(name, force)?;
         let mut calls = Calls::default();
         calls.disable(name, &self.callbacks_of(name));
-        self.prepared_sites(kernel, name, "disable", change, calls)
+        self.prepared_sites(name, "disable", change, calls)
     }
 
     /// klp's system-state rule for enabling `patch` (`replace`, carrying
@@ -570,7 +592,7 @@ impl Engine {
         // Only the enabled patch's callbacks, also when it replaces others.
         let mut calls = Calls::default();
         calls.enable(name, &self.callbacks_of(name));
-        self.prepared_sites(kernel, name, "enable", change, calls)
+        self.prepared_sites(name, "enable", change, calls)
     }
 
     /// Plans returning every patch to the state it had just before
@@ -597,7 +619,7 @@ impl Engine {
                 })?;
         let change = self.stack.plan_restore(&past.before, force)?;
         let calls = self.rollback_calls(&change);
-        self.prepared_sites(kernel, &format!("#{to}"), "rollback", change, calls)
+        self.prepared_sites(&format!("#{to}"), "rollback", change, calls)
     }
 
     /// A rollback runs callbacks as the enables and disables it amounts to
@@ -796,14 +818,13 @@ impl Engine {
 
     fn prepared_sites(
         &self,
-        kernel: &Kernel,
         name: &str,
         action: &'static str,
         change: Change,
         calls: Calls,
     ) -> Result<Prepared, EngineError> {
         let mut plan = Plan::new(Vec::new());
-        let check = self.plan_sites(kernel, &change, &[], None, &mut plan)?;
+        let check = self.plan_sites(&change, &[], None, &mut plan)?;
         Ok(Prepared {
             name: name.to_owned(),
             action,
@@ -1022,10 +1043,24 @@ impl Engine {
             pause_us: r.pause_us,
             arena_bytes: r.bytes(),
             signature: r.signature.clone(),
+            objects: r
+                .objects
+                .iter()
+                .map(|o| ObjectInfo {
+                    name: o.name.clone().unwrap_or_else(|| "vmlinux".to_owned()),
+                    state: if o.loaded {
+                        ObjectState::Linked
+                    } else {
+                        ObjectState::Waiting
+                    },
+                    funcs: u32::try_from(o.funcs).unwrap_or(u32::MAX),
+                })
+                .collect(),
             funcs: r
                 .funcs
                 .iter()
                 .map(|f| FuncInfo {
+                    object: f.object.clone().unwrap_or_else(|| "vmlinux".to_owned()),
                     name: f.name.clone(),
                     sympos: f.sympos,
                     old_addr: Hex(f.old),
