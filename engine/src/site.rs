@@ -625,9 +625,9 @@ impl Site {
         func: u64,
     ) -> Result<Site, SiteError> {
         let not_fn = |why: String| SiteError::NotAFunction { func, why };
-        let symbol = module.symbol_at(func).ok_or_else(|| {
-            not_fn(format!("no symbol of module {} starts there", module.name))
-        })?;
+        let symbol = module
+            .symbol_at(func)
+            .ok_or_else(|| not_fn(format!("no symbol of module {} starts there", module.name)))?;
         let name = symbol.name.clone();
         if !is_code_kind(symbol.kind) {
             return Err(not_fn(format!(

@@ -6,8 +6,8 @@ use crate::arena::{Perm, Region};
 use crate::link::{
     guest_plain_returns, guest_return_thunk, link_objects, Bases, GuestSymbols, LinkOptions,
 };
-use crate::site::FtraceRecords;
 use crate::module::Module;
+use crate::site::FtraceRecords;
 use crate::write::{Plan, Write};
 use klpvisor_guest::Guest;
 use klpvisor_guest::Kernel;
@@ -88,11 +88,16 @@ impl Engine {
         let ftrace = if module_text.is_empty() {
             facts.ftrace.clone()
         } else {
-            FtraceRecords::load_in(&kernel.space(guest), &kernel.kallsyms, &kernel.btf, &module_text)
-                .map_err(|source| EngineError::Site {
-                    name: "ftrace records".into(),
-                    source: Box::new(source),
-                })?
+            FtraceRecords::load_in(
+                &kernel.space(guest),
+                &kernel.kallsyms,
+                &kernel.btf,
+                &module_text,
+            )
+            .map_err(|source| EngineError::Site {
+                name: "ftrace records".into(),
+                source: Box::new(source),
+            })?
         };
         let mut fresh = Vec::new();
         let mut funcs = Vec::new();

@@ -365,8 +365,7 @@ pub fn link_objects(
                     None,
                 ),
                 Some(m) => {
-                    let (addr, size) =
-                        resolve::old_module_function(m, &f.old_name, f.old_sympos)?;
+                    let (addr, size) = resolve::old_module_function(m, &f.old_name, f.old_sympos)?;
                     (addr, Some(size))
                 }
             });
@@ -413,7 +412,10 @@ pub fn link_objects(
     let return_jumps: std::collections::HashSet<usize> =
         module.return_jumps.iter().copied().collect();
     for (i, r) in module.relocs.iter().enumerate() {
-        if r.object.as_deref().is_some_and(|o| symbols.module(o).is_none()) {
+        if r.object
+            .as_deref()
+            .is_some_and(|o| symbols.module(o).is_none())
+        {
             continue; // its module is not loaded: klp applies it on load
         }
         let at = || module.describe(r.place);
