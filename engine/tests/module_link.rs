@@ -796,6 +796,63 @@ fn klp_sym_references_follow_sympos() {
     }
 }
 
+/// `bytes` (an ELF64 .ko) with section `from` renamed to `to` and `flags`
+/// ORed into its sh_flags: what klp-convert would have emitted. The new
+/// name is appended to the file and `.shstrtab` stretched to reach it.
+fn with_section(bytes: &[u8], from: &str, to: &str, flags: u64) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap()) as usize;
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let (shoff, shentsize, shnum, shstrndx) = (
+        u64_at(&b, 0x28) as usize,
+        u16_at(&b, 0x3a),
+        u16_at(&b, 0x3c),
+        u16_at(&b, 0x3e),
+    );
+    let strsh = shoff + shstrndx * shentsize;
+    let strtab = u64_at(&b, strsh + 0x18) as usize;
+    let new_name = b.len() - strtab;
+    b.extend_from_slice(to.as_bytes());
+    b.push(0);
+    let size = (b.len() - strtab) as u64;
+    b[strsh + 0x20..strsh + 0x28].copy_from_slice(&size.to_le_bytes());
+    for i in 0..shnum {
+        let sh = shoff + i * shentsize;
+        let name = strtab + u32::from_le_bytes(b[sh..sh + 4].try_into().unwrap()) as usize;
+        if b[name..].starts_with(from.as_bytes()) && b[name + from.len()] == 0 {
+            b[sh..sh + 4].copy_from_slice(&(new_name as u32).to_le_bytes());
+            let f = u64_at(&b, sh + 8) | flags;
+            b[sh + 8..sh + 16].copy_from_slice(&f.to_le_bytes());
+            return b;
+        }
+    }
+    panic!("no section {from}");
+}
+
+/// klp's rules for a module's `.klp.rela.<module>.*` section: only
+/// `.klp.sym` symbols (klp_resolve_symbols refuses anything else). Made
+/// by turning livepatch-sample's `.rela.text` into `.klp.rela.pvpanic.text`
+/// with SHF_RELA_LIVEPATCH: its relocations use plain symbols.
+#[test]
+fn module_klp_rela_sections_need_klp_symbols() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let bytes = with_section(
+        &ko("livepatch-sample"),
+        ".rela.text",
+        ".klp.rela.pvpanic.text",
+        0x0010_0000, // SHF_RELA_LIVEPATCH
+    );
+    match Module::parse(&bytes, &f.kernel.btf, &f.release) {
+        Err(e @ ModuleError::KlpRelaPlainSymbol { .. }) => {
+            assert!(e.to_string().contains(".klp.rela.pvpanic.text"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// The old functions the test patches replace start with the 5-byte
 /// ftrace nop in the running guest (what the redirect overwrites).
 #[test]

@@ -430,11 +430,23 @@ pub fn read_module<M: VirtRead + ?Sized>(
         "module.state",
     )?);
     let (text, init_text, core) = regions(mem, layout, addr)?;
-    let symbols = if state == ModuleState::Unformed {
-        Vec::new()
-    } else {
-        let table = read_ptr(mem, addr.wrapping_add(layout.kallsyms), "module.kallsyms")?;
-        read_symbols(mem, layout, &name, table)?
+    // An unformed module has no table yet; a module without one (NULL:
+    // a kernel built without KALLSYMS for modules, or a `struct module`
+    // written by a tool rather than the loader) has no symbols to find.
+    let table_at = addr.wrapping_add(layout.kallsyms);
+    let symbols = match state {
+        ModuleState::Unformed => Vec::new(),
+        _ => match read_u64(mem, table_at, "module.kallsyms")? {
+            0 => Vec::new(),
+            table if is_kernel_ptr(table) => read_symbols(mem, layout, &name, table)?,
+            ptr => {
+                return Err(ModulesError::BadPointer {
+                    what: "module.kallsyms",
+                    ptr,
+                    at: table_at,
+                })
+            }
+        },
     };
     Ok(LoadedModule {
         name,
@@ -859,6 +871,10 @@ mod tests {
             walk(&m, &l, HEAD),
             Err(ModulesError::BadSymbolName { index: 1, .. })
         ));
+        // No kallsyms table at all: no symbols, not an error.
+        let mut m = two_modules();
+        m.put_u64(MOD_B + l.kallsyms, 0);
+        assert!(walk(&m, &l, HEAD).unwrap()[1].symbols.is_empty());
         // A list longer than any kernel's, with no cycle: bounded.
         let mut m = Mem::default();
         let first = 0xffff_ffff_d000_0000;
