@@ -155,6 +155,7 @@ pub enum MemLayout {
         core_size: u64,
         core_text_size: u64,
         init_base: u64,
+        init_size: u64,
         init_text_size: u64,
     },
     /// 6.4+: `struct module_memory mem[MOD_MEM_NUM_TYPES]`, each with
@@ -202,6 +203,7 @@ impl ModuleLayout {
                 core_size: off("module.core_layout.size")?,
                 core_text_size: off("module.core_layout.text_size")?,
                 init_base: off("module.init_layout.base")?,
+                init_size: off("module.init_layout.size")?,
                 init_text_size: off("module.init_layout.text_size")?,
             }
         } else {
@@ -267,6 +269,8 @@ pub struct LoadedModule {
     pub init_text: Range<u64>,
     /// Its resident memory (text, rodata, data).
     pub core: Range<u64>,
+    /// The bytes of all its memory regions, as /proc/modules counts them.
+    pub size: u64,
     /// Its kallsyms entries in table order, `SHN_UNDEF` ones left out (as
     /// klp's walk skips them); empty while the module is unformed.
     pub symbols: Vec<ModuleSymbol>,
@@ -429,7 +433,12 @@ pub fn read_module<M: VirtRead + ?Sized>(
         addr.wrapping_add(layout.state),
         "module.state",
     )?);
-    let (text, init_text, core) = regions(mem, layout, addr)?;
+    let Regions {
+        text,
+        init_text,
+        core,
+        size,
+    } = regions(mem, layout, addr)?;
     // An unformed module has no table yet; a module without one (NULL:
     // a kernel built without KALLSYMS for modules, or a `struct module`
     // written by a tool rather than the loader) has no symbols to find.
@@ -455,6 +464,7 @@ pub fn read_module<M: VirtRead + ?Sized>(
         text,
         init_text,
         core,
+        size,
         symbols,
     })
 }
@@ -467,13 +477,19 @@ fn range(base: u64, len: u64) -> Range<u64> {
     }
 }
 
-/// (core text, init text, core memory) of the module at `addr`.
-#[allow(clippy::type_complexity)]
+/// Where the module at `addr` lies.
+struct Regions {
+    text: Range<u64>,
+    init_text: Range<u64>,
+    core: Range<u64>,
+    size: u64,
+}
+
 fn regions<M: VirtRead + ?Sized>(
     mem: &M,
     layout: &ModuleLayout,
     addr: u64,
-) -> Result<(Range<u64>, Range<u64>, Range<u64>), ModulesError> {
+) -> Result<Regions, ModulesError> {
     let at = |o: u64| addr.wrapping_add(o);
     match layout.mem {
         MemLayout::Layouts {
@@ -481,18 +497,21 @@ fn regions<M: VirtRead + ?Sized>(
             core_size,
             core_text_size,
             init_base,
+            init_size,
             init_text_size,
         } => {
             let base = read_u64(mem, at(core_base), "module.core_layout.base")?;
             let size = read_u32(mem, at(core_size), "module.core_layout.size")?;
             let text = read_u32(mem, at(core_text_size), "module.core_layout.text_size")?;
             let ibase = read_u64(mem, at(init_base), "module.init_layout.base")?;
+            let isize = read_u32(mem, at(init_size), "module.init_layout.size")?;
             let itext = read_u32(mem, at(init_text_size), "module.init_layout.text_size")?;
-            Ok((
-                range(base, u64::from(text.min(size))),
-                range(ibase, u64::from(itext)),
-                range(base, u64::from(size)),
-            ))
+            Ok(Regions {
+                text: range(base, u64::from(text.min(size))),
+                init_text: range(ibase, u64::from(itext)),
+                core: range(base, u64::from(size)),
+                size: u64::from(size) + u64::from(isize),
+            })
         }
         MemLayout::Mem {
             mem: m,
@@ -500,10 +519,12 @@ fn regions<M: VirtRead + ?Sized>(
             base,
             size,
         } => {
-            let region = |i: u64| -> Result<Range<u64>, ModulesError> {
+            let mut total = 0u64;
+            let mut region = |i: u64| -> Result<Range<u64>, ModulesError> {
                 let r = at(m).wrapping_add(i.wrapping_mul(stride));
                 let b = read_u64(mem, r.wrapping_add(base), "module.mem[].base")?;
                 let s = read_u32(mem, r.wrapping_add(size), "module.mem[].size")?;
+                total += u64::from(s);
                 Ok(range(b, u64::from(s)))
             };
             let text = region(MOD_TEXT)?;
@@ -522,7 +543,15 @@ fn regions<M: VirtRead + ?Sized>(
                     core.start.min(r.start)..core.end.max(r.end)
                 };
             }
-            Ok((text, init_text, core))
+            for i in MOD_INIT_TEXT + 1..MOD_MEM_NUM_TYPES {
+                region(i)?;
+            }
+            Ok(Regions {
+                text,
+                init_text,
+                core,
+                size: total,
+            })
         }
     }
 }
@@ -813,6 +842,7 @@ mod tests {
         assert_eq!(a.state, ModuleState::Live);
         assert_eq!(a.text, 0xffff_ffff_c020_0000..0xffff_ffff_c020_1000);
         assert_eq!(a.core, 0xffff_ffff_c020_0000..0xffff_ffff_c020_2000);
+        assert_eq!(a.size, 0x2000);
         assert!(a.init_text.is_empty());
         assert_eq!(a.symbols.len(), 3, "the null symbol is skipped");
         let shows = a.lookup("show");

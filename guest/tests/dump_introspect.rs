@@ -610,7 +610,8 @@ fn orc_unwinds_sleeping_tasks_as_the_guest_kernel_does() {
     );
 }
 
-/// The modules read from `modules` and each `struct module`'s own kallsyms
+/// The modules read from `modules` are the guest's /proc/modules (name,
+/// size, state, address), and each `struct module`'s own kallsyms
 /// are exactly the guest's /proc/kallsyms module lines ("ADDR t NAME\t[MOD]",
 /// in the same order: the kernel prints them from the same tables), the
 /// init scripts' pvpanic modules are there and live, and every text symbol
@@ -660,6 +661,26 @@ fn modules_and_their_symbols_equal_proc_kallsyms() {
             );
         }
     }
+    // /proc/modules: "name size refcount deps state address", one line per
+    // module in list order; size counts every region, address is the text.
+    let proc_modules: Vec<(String, u64, String, u64)> = read(f, "modules.txt")
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            let addr = w[5].trim_start_matches("0x");
+            (
+                w[0].to_owned(),
+                w[1].parse().unwrap(),
+                w[4].to_owned(),
+                u64::from_str_radix(addr, 16).unwrap(),
+            )
+        })
+        .collect();
+    let ours: Vec<(String, u64, String, u64)> = modules
+        .iter()
+        .map(|m| (m.name.clone(), m.size, m.state.as_str().to_owned(), m.text.start))
+        .collect();
+    assert_eq!(ours, proc_modules, "modules differ from /proc/modules");
     let pvpanic = modules.iter().find(|m| m.name == "pvpanic").unwrap();
     let show = pvpanic.lookup("capability_show");
     assert_eq!(show.len(), 1);
