@@ -246,9 +246,24 @@ pub struct Entry {
     pub original: [u8; 5],
 }
 
+/// The module a site lies in, as it was when the site was validated: a
+/// transition writing the site first checks the module is still that one
+/// (not unloaded, not reloaded elsewhere).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InModule {
+    /// The module's name.
+    pub name: String,
+    /// Its `struct module`.
+    pub addr: u64,
+    /// Its resident text.
+    pub text: std::ops::Range<u64>,
+}
+
 /// A validated patch site.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Site {
+    /// The module it is in (`None`: vmlinux).
+    pub module: Option<InModule>,
     /// Function name (kallsyms).
     pub name: String,
     /// Function address.
@@ -650,7 +665,13 @@ impl Site {
             Some(e) if symbol.size > 0 => e.min(module.text.end),
             _ => module.text.end,
         };
-        Self::at_entry(space, kallsyms, records, name, func, end)
+        let mut site = Self::at_entry(space, kallsyms, records, name, func, end)?;
+        site.module = Some(InModule {
+            name: module.name.clone(),
+            addr: module.addr,
+            text: module.text.clone(),
+        });
+        Ok(site)
     }
 
     /// The checks common to vmlinux and module functions, for the
@@ -701,6 +722,7 @@ impl Site {
             return Err(SiteError::Straddles { name, at: entry.at });
         }
         Ok(Site {
+            module: None,
             name,
             func: entry.func,
             extent: func..end,

@@ -564,7 +564,8 @@ fn signed_module_applies_stripped_and_lists_its_signature() {
 /// absent dummy module, on real memory: one transition redirects
 /// cmdline_proc_show and pvpanic's capability_show (its ftrace nop in
 /// module text), dummy is listed as waiting; disable restores both entries
-/// byte for byte; a function its module lacks is refused, nothing written.
+/// byte for byte (refused, unwritten, while the module looks unloaded); a
+/// function its module lacks is refused, nothing written.
 #[test]
 fn module_object_applies_in_the_same_transition_and_absent_module_waits() {
     if common::skip_without_dump() {
@@ -630,6 +631,25 @@ fn module_object_applies_in_the_same_transition_and_absent_module_waits() {
         );
         assert!(pvpanic.text.contains(&site) || fi.object == "vmlinux");
     }
+
+    // pvpanic "unloaded" (its struct module renamed, as if another module
+    // stood there): a transition writing its text is refused, unwritten.
+    let name_at = pvpanic.addr + k.btf.offset_of("module.name").unwrap();
+    let name_gpa = GuestPhys(space.translate(name_at).unwrap().phys);
+    g.write_phys(name_gpa, b"pvpaniX").unwrap();
+    let writes = g.write_log().len();
+    let p = e
+        .prepare_disable(k, &g, "module_pvpanic", false)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let err = e.commit(k, &g, &p).unwrap_err();
+    assert!(
+        matches!(err, EngineError::ModuleGone(ref m) if m == "pvpanic"),
+        "{err}"
+    );
+    assert_eq!(err.kind(), Fault::State);
+    assert_eq!(g.write_log().len(), writes, "nothing written");
+    assert_eq!(state(&e, "module_pvpanic"), PatchState::Enabled);
+    g.write_phys(name_gpa, b"pvpanic").unwrap();
 
     let p = e.prepare_disable(k, &g, "module_pvpanic", false);
     go(&mut e, k, &g, p);

@@ -385,11 +385,35 @@ pub fn list<M: VirtRead + ?Sized>(
     walk(mem, &layout, head)
 }
 
+/// As [`list`] without reading any symbol table: which modules are
+/// loaded, where, in what state. Cheap enough for a paused guest (a
+/// transition re-checks that the modules it writes into are still there).
+pub fn list_without_symbols<M: VirtRead + ?Sized>(
+    mem: &M,
+    kallsyms: &Kallsyms,
+    btf: &Btf,
+) -> Result<Vec<LoadedModule>, ModulesError> {
+    let layout = ModuleLayout::from_btf(btf)?;
+    let head = kallsyms
+        .addr("modules")
+        .map_err(|_| ModulesError::MissingSymbol("modules"))?;
+    walk_with(mem, &layout, head, false)
+}
+
 /// Walks the list at `head` with `layout` (the testable core of [`list`]).
 pub fn walk<M: VirtRead + ?Sized>(
     mem: &M,
     layout: &ModuleLayout,
     head: u64,
+) -> Result<Vec<LoadedModule>, ModulesError> {
+    walk_with(mem, layout, head, true)
+}
+
+fn walk_with<M: VirtRead + ?Sized>(
+    mem: &M,
+    layout: &ModuleLayout,
+    head: u64,
+    symbols: bool,
 ) -> Result<Vec<LoadedModule>, ModulesError> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
@@ -402,7 +426,7 @@ pub fn walk<M: VirtRead + ?Sized>(
             return Err(ModulesError::TooMany);
         }
         let module = node.wrapping_sub(layout.list);
-        out.push(read_module(mem, layout, module)?);
+        out.push(read_module_with(mem, layout, module, symbols)?);
         node = read_ptr(mem, node, "module.list.next")?;
     }
     Ok(out)
@@ -413,6 +437,15 @@ pub fn read_module<M: VirtRead + ?Sized>(
     mem: &M,
     layout: &ModuleLayout,
     addr: u64,
+) -> Result<LoadedModule, ModulesError> {
+    read_module_with(mem, layout, addr, true)
+}
+
+fn read_module_with<M: VirtRead + ?Sized>(
+    mem: &M,
+    layout: &ModuleLayout,
+    addr: u64,
+    with_symbols: bool,
 ) -> Result<LoadedModule, ModulesError> {
     let mut raw = [0u8; MODULE_NAME_LEN];
     let name_at = addr.wrapping_add(layout.name);
@@ -444,6 +477,7 @@ pub fn read_module<M: VirtRead + ?Sized>(
     // written by a tool rather than the loader) has no symbols to find.
     let table_at = addr.wrapping_add(layout.kallsyms);
     let symbols = match state {
+        _ if !with_symbols => Vec::new(),
         ModuleState::Unformed => Vec::new(),
         _ => match read_u64(mem, table_at, "module.kallsyms")? {
             0 => Vec::new(),

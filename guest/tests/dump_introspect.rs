@@ -678,7 +678,14 @@ fn modules_and_their_symbols_equal_proc_kallsyms() {
         .collect();
     let ours: Vec<(String, u64, String, u64)> = modules
         .iter()
-        .map(|m| (m.name.clone(), m.size, m.state.as_str().to_owned(), m.text.start))
+        .map(|m| {
+            (
+                m.name.clone(),
+                m.size,
+                m.state.as_str().to_owned(),
+                m.text.start,
+            )
+        })
         .collect();
     assert_eq!(ours, proc_modules, "modules differ from /proc/modules");
     let pvpanic = modules.iter().find(|m| m.name == "pvpanic").unwrap();

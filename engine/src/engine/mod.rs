@@ -127,6 +127,13 @@ pub enum EngineError {
     NoSuchTransition { to: u64, newest: u64 },
     #[error(transparent)]
     Gate(#[from] GateError),
+    /// A module the transition writes into is gone or was reloaded.
+    #[error(
+        "module `{0}` was unloaded or reloaded since its functions' sites were checked: its \
+         text is no longer where they were; nothing was written (klpvisor does not yet follow \
+         module unloads: see the README's Limits)"
+    )]
+    ModuleGone(String),
     /// The guest's module list could not be read (a patch with module
     /// objects needs it).
     #[error("reading the guest kernel's modules failed: {0}")]
@@ -146,9 +153,10 @@ impl EngineError {
             EngineError::Stack(StackError::Unknown(_)) | EngineError::NoSuchTransition { .. } => {
                 Fault::NotFound
             }
-            EngineError::Stack(_) | EngineError::Blocked(_) | EngineError::State { .. } => {
-                Fault::State
-            }
+            EngineError::Stack(_)
+            | EngineError::Blocked(_)
+            | EngineError::State { .. }
+            | EngineError::ModuleGone(_) => Fault::State,
             EngineError::Arena(ArenaError::Full { .. })
             | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
             EngineError::Gate(GateError::Busy(_)) => Fault::State,
@@ -848,6 +856,7 @@ impl Engine {
         guest: &G,
         p: &Prepared,
     ) -> Result<Committed, EngineError> {
+        self.check_modules(kernel, guest, p)?;
         if !p.change.forced && !p.check.is_empty() {
             let blockers = self.blockers(kernel, guest, &p.check)?;
             if !blockers.is_empty() {
@@ -888,6 +897,50 @@ impl Engine {
             patch: self.info(&p.name),
             bytes_written: p.bytes(),
         })
+    }
+
+    /// Every module whose text this transition writes is still the
+    /// module its sites were validated in: on the list at the same
+    /// `struct module`, live or coming, with the same text. A module
+    /// unloaded since (its text freed, perhaps reused) or reloaded
+    /// elsewhere refuses the transition before anything is written.
+    fn check_modules<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &Prepared,
+    ) -> Result<(), EngineError> {
+        let mut wanted: Vec<&crate::site::InModule> = Vec::new();
+        for old in p.change.sites.keys() {
+            let site = self
+                .sites
+                .get(old)
+                .or_else(|| p.sites.iter().find(|s| s.func == *old));
+            if let Some(m) = site.and_then(|s| s.module.as_ref()) {
+                if !wanted.contains(&m) {
+                    wanted.push(m);
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let now = kernel.modules_brief(guest).map_err(EngineError::Modules)?;
+        for m in wanted {
+            let same = now.iter().any(|n| {
+                n.name == m.name
+                    && n.addr == m.addr
+                    && n.text == m.text
+                    && matches!(
+                        n.state,
+                        klpvisor_guest::ModuleState::Live | klpvisor_guest::ModuleState::Coming
+                    )
+            });
+            if !same {
+                return Err(EngineError::ModuleGone(m.name.clone()));
+            }
+        }
+        Ok(())
     }
 
     fn blockers<G: Guest + ?Sized>(
