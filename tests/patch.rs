@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use harness::{run_scenario, Run};
-use klpvisor_api::{PatchState, PatchesReply};
+use klpvisor_api::{ObjectState, PatchState, PatchesReply};
 
 /// The JSON after `KLPV-JSON-PATCHES <step> `.
 fn patches(run: &Run, step: &str) -> PatchesReply {
@@ -58,6 +58,89 @@ fn livepatch_sample_applies_and_disables_from_outside() {
         run.lines_with("Call Trace").is_empty(),
         "no oops or warning"
     );
+}
+
+/// A patch for vmlinux and for a module: the pvpanic module the guest's
+/// init loaded has its `capability_show` (drivers/misc/pvpanic) patched in
+/// the same transition as vmlinux's `cmdline_proc_show`; the object for
+/// dummy, which the guest never loads, waits without making the rest of
+/// the patch unusable; disable restores both.
+#[test]
+fn module_object_patches_a_loaded_module_in_the_same_transition() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = run_scenario("patch-module", &[]);
+    let t = run.transcript();
+    let line = |tag: &str, n: u32| -> String {
+        let tag = format!("{tag} {n} ");
+        run.lines
+            .iter()
+            .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no `{tag}` line\n{t}"))
+    };
+    assert_eq!(run.result("patch-apply")["rc"], "0", "{t}");
+    assert_eq!(run.result("patch-disable")["rc"], "0", "{t}");
+
+    // The guest had pvpanic loaded and dummy not.
+    let modules = line("KLPV-MODULES", 1);
+    assert!(modules.split(' ').any(|m| m == "pvpanic"), "{modules}");
+    assert!(!modules.split(' ').any(|m| m == "dummy"), "{modules}");
+    // The module function changed and changed back, with vmlinux's.
+    let before = line("KLPV-CAPABILITY", 1);
+    assert!(
+        !before.is_empty() && before != "none" && !before.contains("patched"),
+        "{before}\n{t}"
+    );
+    assert_eq!(line("KLPV-CAPABILITY", 2), format!("{before} patched"));
+    assert_eq!(line("KLPV-CAPABILITY", 3), before);
+    assert_eq!(line("KLPV-CMDLINE", 2), "this has been live patched");
+    assert_eq!(line("KLPV-CMDLINE", 3), line("KLPV-CMDLINE", 1));
+
+    // As listed: two objects linked, dummy waiting; both functions live.
+    let on = patches(&run, "applied");
+    let p = &on.patches[0];
+    assert_eq!(p.state, PatchState::Enabled);
+    let objects: Vec<_> = p
+        .objects
+        .iter()
+        .map(|o| (o.name.as_str(), o.state, o.funcs))
+        .collect();
+    assert_eq!(
+        objects,
+        [
+            ("vmlinux", ObjectState::Linked, 1),
+            ("pvpanic", ObjectState::Linked, 1),
+            ("dummy", ObjectState::Waiting, 1)
+        ]
+    );
+    let funcs: Vec<_> = p
+        .funcs
+        .iter()
+        .map(|f| (f.object.as_str(), f.name.as_str(), f.live))
+        .collect();
+    assert_eq!(
+        funcs,
+        [
+            ("vmlinux", "cmdline_proc_show", true),
+            ("pvpanic", "capability_show", true)
+        ]
+    );
+    // The module function's entry is in module space.
+    assert!(p.funcs[1].site.0 >= 0xffff_ffff_c000_0000);
+    assert!(
+        run.lines
+            .iter()
+            .any(|l| l.contains("PATCHER-LIST   object dummy: waiting")),
+        "patcher list names the waiting object\n{t}"
+    );
+    let off = patches(&run, "disabled");
+    assert!(off.patches[0].funcs.iter().all(|f| !f.live));
+
+    assert_eq!(run.result("patch-module-exit")["rc"], "0");
+    let dmesg = run.lines_with("KLPV-DMESG warnings=");
+    assert_eq!(dmesg.len(), 1, "{t}");
+    assert!(dmesg[0].ends_with("warnings=0"), "dmesg: {}", dmesg[0]);
 }
 
 #[test]
@@ -122,7 +205,7 @@ fn bad_patches_are_refused_and_the_guest_is_untouched() {
         ("unresolved", "3 symbol(s) cannot be resolved"),
         ("other-release", "rebuild it against linux-headers-"),
         ("jump-label", "used at livepatch_set_cpu_itimer+0x"),
-        ("module-object", "not supported yet"),
+        ("module-object", "not in module `pvpanic`"),
         ("init-ref", ".init.data"),
         ("arena-full", "arena full"),
         ("duplicate", "already loaded"),

@@ -369,9 +369,45 @@ impl fmt::Display for PatchState {
     }
 }
 
+/// Whether a patch's `klp_object` is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectState {
+    /// vmlinux, or a module that was loaded when the patch was applied:
+    /// its functions are in `funcs` and redirected while the patch is
+    /// enabled.
+    Linked,
+    /// A module that was not loaded when the patch was applied: nothing
+    /// of the object is linked or redirected. (Applying it when the module
+    /// loads later is not done yet: the module then runs unpatched.)
+    Waiting,
+}
+
+impl fmt::Display for ObjectState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ObjectState::Linked => "linked",
+            ObjectState::Waiting => "waiting for its module to load",
+        })
+    }
+}
+
+/// One `klp_object` of a patch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ObjectInfo {
+    /// `vmlinux` or the module's name (`klp_object.name`).
+    pub name: String,
+    pub state: ObjectState,
+    /// Its number of `klp_func`s.
+    pub funcs: u32,
+}
+
 /// One patched function.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FuncInfo {
+    /// The object it belongs to: `vmlinux` or a module's name.
+    #[serde(default = "vmlinux")]
+    pub object: String,
     /// `klp_func.old_name`.
     pub name: String,
     /// `klp_func.old_sympos` as given (0: the name is unique).
@@ -411,11 +447,19 @@ pub struct PatchInfo {
     /// --trusted-keys` (see `klpvisor_engine::signature::Provenance`).
     #[serde(default = "unsigned")]
     pub signature: String,
+    /// Every `klp_object`, in patch order, and whether it is linked or
+    /// waits for its module.
+    #[serde(default)]
+    pub objects: Vec<ObjectInfo>,
     pub funcs: Vec<FuncInfo>,
 }
 
 fn unsigned() -> String {
     "unsigned".to_owned()
+}
+
+fn vmlinux() -> String {
+    "vmlinux".to_owned()
 }
 
 /// `GET /patches`: the stack, oldest first, and what runs now.

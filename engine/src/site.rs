@@ -29,7 +29,7 @@ use std::fmt;
 use iced_x86::{Decoder, DecoderOptions, Formatter, GasFormatter, Instruction, Mnemonic};
 
 use klpvisor_guest::Guest;
-use klpvisor_guest::{AddressSpace, Btf, Kallsyms, VirtRead};
+use klpvisor_guest::{AddressSpace, Btf, Kallsyms, LoadedModule, VirtRead};
 
 /// The ideal 5-byte nop the kernel writes over `call __fentry__`.
 pub const FTRACE_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
@@ -57,10 +57,21 @@ pub enum SiteError {
     NotAFunction { func: u64, why: String },
     #[error(
         "{name} at {func:#x} is not in the kernel's resident text [{text_start:#x}, {text_end:#x}) \
-         (init code is freed after boot; module functions are not supported yet)"
+         (init code is freed after boot; a module's function needs a klp_object naming the module)"
     )]
     NotInText {
         name: String,
+        func: u64,
+        text_start: u64,
+        text_end: u64,
+    },
+    #[error(
+        "{name} at {func:#x} is not in module {module}'s resident text [{text_start:#x}, \
+         {text_end:#x}) (its init code is freed once the module is live)"
+    )]
+    NotInModuleText {
+        name: String,
+        module: String,
         func: u64,
         text_start: u64,
         text_end: u64,
@@ -235,13 +246,32 @@ pub struct Entry {
     pub original: [u8; 5],
 }
 
+/// The module a site lies in, as it was when the site was validated: a
+/// transition writing the site first checks the module is still that one
+/// (not unloaded, not reloaded elsewhere).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InModule {
+    /// The module's name.
+    pub name: String,
+    /// Its `struct module`.
+    pub addr: u64,
+    /// Its resident text.
+    pub text: std::ops::Range<u64>,
+}
+
 /// A validated patch site.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Site {
+    /// The module it is in (`None`: vmlinux).
+    pub module: Option<InModule>,
     /// Function name (kallsyms).
     pub name: String,
     /// Function address.
     pub func: u64,
+    /// The function's code, as far as the guest tells: up to the next
+    /// kallsyms symbol (vmlinux) or its `st_size` (a module function).
+    /// No task may be inside it when its entry changes.
+    pub extent: std::ops::Range<u64>,
     pub endbr: Endbr,
     /// Virtual address of the nop.
     pub at: u64,
@@ -452,6 +482,19 @@ impl FtraceRecords {
         kallsyms: &Kallsyms,
         btf: &Btf,
     ) -> Result<Self, SiteError> {
+        Self::load_in(mem, kallsyms, btf, &[])
+    }
+
+    /// As [`FtraceRecords::load`], keeping also the records in `extra`
+    /// (loaded modules' text: the kernel adds a module's records to the
+    /// same list when it loads it, `ftrace_module_init`). Read afresh for
+    /// every module patch: modules come and go.
+    pub fn load_in<M: VirtRead + ?Sized>(
+        mem: &M,
+        kallsyms: &Kallsyms,
+        btf: &Btf,
+        extra: &[std::ops::Range<u64>],
+    ) -> Result<Self, SiteError> {
         let err = |e: &dyn fmt::Display| SiteError::Records(e.to_string());
         let off = |p: &str| btf.offset_of(p).map_err(|e| err(&e));
         let (next, records, index) = (
@@ -500,7 +543,8 @@ impl FtraceRecords {
                         .unwrap_or(0)
                 };
                 let (ip, flags) = (field(ip_off), field(flags_off));
-                if (text..etext).contains(&ip) && flags & FTRACE_FL_DISABLED == 0 {
+                let wanted = (text..etext).contains(&ip) || extra.iter().any(|r| r.contains(&ip));
+                if wanted && flags & FTRACE_FL_DISABLED == 0 {
                     ips.insert(ip);
                 }
             }
@@ -580,7 +624,67 @@ impl Site {
         let next = kallsyms
             .extent(func)
             .map_or(text_end, |r| r.end.min(text_end));
-        let size = next - func;
+        Self::at_entry(space, kallsyms, records, name, func, next)
+    }
+
+    /// Finds and validates the site of the function at `func` in loaded
+    /// module `module`: a code symbol of the module starting there, in its
+    /// resident text (init text is freed after init), with the expected
+    /// nop, one of the kernel's ftrace `records` (loaded with the module's
+    /// text, [`FtraceRecords::load_in`]).
+    pub fn find_in_module<G: Guest + ?Sized>(
+        space: &AddressSpace<'_, G>,
+        kallsyms: &Kallsyms,
+        module: &LoadedModule,
+        records: &FtraceRecords,
+        func: u64,
+    ) -> Result<Site, SiteError> {
+        let not_fn = |why: String| SiteError::NotAFunction { func, why };
+        let symbol = module
+            .symbol_at(func)
+            .ok_or_else(|| not_fn(format!("no symbol of module {} starts there", module.name)))?;
+        let name = symbol.name.clone();
+        if !is_code_kind(symbol.kind) {
+            return Err(not_fn(format!(
+                "{name} has kallsyms type '{}' in module {}, not a text symbol",
+                symbol.kind, module.name
+            )));
+        }
+        if !module.text.contains(&func) {
+            return Err(SiteError::NotInModuleText {
+                name,
+                module: module.name.clone(),
+                func,
+                text_start: module.text.start,
+                text_end: module.text.end,
+            });
+        }
+        // st_size bounds the function; 0 (hand-written asm) means "up to
+        // the end of the module's text".
+        let end = match func.checked_add(symbol.size) {
+            Some(e) if symbol.size > 0 => e.min(module.text.end),
+            _ => module.text.end,
+        };
+        let mut site = Self::at_entry(space, kallsyms, records, name, func, end)?;
+        site.module = Some(InModule {
+            name: module.name.clone(),
+            addr: module.addr,
+            text: module.text.clone(),
+        });
+        Ok(site)
+    }
+
+    /// The checks common to vmlinux and module functions, for the
+    /// function `name` in `[func, end)`.
+    fn at_entry<G: Guest + ?Sized>(
+        space: &AddressSpace<'_, G>,
+        kallsyms: &Kallsyms,
+        records: &FtraceRecords,
+        name: String,
+        func: u64,
+        end: u64,
+    ) -> Result<Site, SiteError> {
+        let size = end - func;
         let mut code = vec![0u8; (size.min(ENTRY_READ as u64)) as usize];
         space
             .read_virt(func, &mut code)
@@ -618,8 +722,10 @@ impl Site {
             return Err(SiteError::Straddles { name, at: entry.at });
         }
         Ok(Site {
+            module: None,
             name,
             func: entry.func,
+            extent: func..end,
             endbr: entry.endbr,
             at: entry.at,
             gpa: first.phys,

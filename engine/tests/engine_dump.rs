@@ -595,3 +595,104 @@ fn guest_modules<G: klpvisor_guest::Guest + ?Sized>(
     }
     out
 }
+
+/// A patch with objects for vmlinux, the loaded pvpanic module and the
+/// absent dummy module, on real memory: one transition redirects
+/// cmdline_proc_show and pvpanic's capability_show (its ftrace nop in
+/// module text), dummy is listed as waiting; disable restores both entries
+/// byte for byte (refused, unwritten, while the module looks unloaded); a
+/// function its module lacks is refused, nothing written.
+#[test]
+fn module_object_applies_in_the_same_transition_and_absent_module_waits() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let space = k.space(&g);
+    let modules = k.modules(&g).unwrap();
+    let pvpanic = modules.iter().find(|m| m.name == "pvpanic").unwrap();
+    let show = pvpanic.lookup("capability_show")[0].symbol.addr;
+    let cmdline = k.kallsyms.resolve("cmdline_proc_show", 0).unwrap();
+    let (orig_show, orig_cmdline) = (entry_bytes(&space, show), entry_bytes(&space, cmdline));
+    let mut e = Engine::default();
+
+    let writes = g.write_log().len();
+    let err = e
+        .prepare_apply(k, &g, &ko("bad-module-object"), false)
+        .unwrap_err();
+    assert_eq!(err.kind(), Fault::Module, "{err}");
+    assert!(err.to_string().contains("pvpanic"), "{err}");
+    assert_eq!(g.write_log().len(), writes);
+
+    let p = e.prepare_apply(k, &g, &ko("module-pvpanic"), false);
+    let c = go(&mut e, k, &g, p);
+    let info = c.patch.unwrap();
+    let objects: Vec<_> = info
+        .objects
+        .iter()
+        .map(|o| (o.name.as_str(), o.state, o.funcs))
+        .collect();
+    use klpvisor_api::ObjectState::{Linked, Waiting};
+    assert_eq!(
+        objects,
+        [
+            ("vmlinux", Linked, 1),
+            ("pvpanic", Linked, 1),
+            ("dummy", Waiting, 1)
+        ]
+    );
+    let funcs: Vec<_> = info
+        .funcs
+        .iter()
+        .map(|f| (f.object.as_str(), f.name.as_str(), f.old_addr.0, f.live))
+        .collect();
+    assert_eq!(
+        funcs,
+        [
+            ("vmlinux", "cmdline_proc_show", cmdline, true),
+            ("pvpanic", "capability_show", show, true)
+        ]
+    );
+    // Both entries jump to their new functions (past an ENDBR on 6.12).
+    for fi in &info.funcs {
+        let site = fi.site.0;
+        let b = entry_bytes(&space, site);
+        assert_eq!(b[0], 0xe9, "{}: {b:02x?}", fi.name);
+        let rel = i32::from_le_bytes(b[1..5].try_into().unwrap());
+        assert_eq!(
+            (site + 5).wrapping_add_signed(i64::from(rel)),
+            fi.new_addr.0
+        );
+        assert!(pvpanic.text.contains(&site) || fi.object == "vmlinux");
+    }
+
+    // pvpanic "unloaded" (its struct module renamed, as if another module
+    // stood there): a transition writing its text is refused, unwritten.
+    let name_at = pvpanic.addr + k.btf.offset_of("module.name").unwrap();
+    let name_gpa = GuestPhys(space.translate(name_at).unwrap().phys);
+    g.write_phys(name_gpa, b"pvpaniX").unwrap();
+    let writes = g.write_log().len();
+    let p = e
+        .prepare_disable(k, &g, "module_pvpanic", false)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let err = e.commit(k, &g, &p).unwrap_err();
+    assert!(
+        matches!(err, EngineError::ModuleGone(ref m) if m == "pvpanic"),
+        "{err}"
+    );
+    assert_eq!(err.kind(), Fault::State);
+    assert_eq!(g.write_log().len(), writes, "nothing written");
+    assert_eq!(state(&e, "module_pvpanic"), PatchState::Enabled);
+    g.write_phys(name_gpa, b"pvpanic").unwrap();
+
+    let p = e.prepare_disable(k, &g, "module_pvpanic", false);
+    go(&mut e, k, &g, p);
+    assert_eq!(entry_bytes(&space, show), orig_show);
+    assert_eq!(entry_bytes(&space, cmdline), orig_cmdline);
+    assert_eq!(state(&e, "module_pvpanic"), PatchState::Disabled);
+    let p = e.prepare_enable(k, &g, "module_pvpanic", false);
+    go(&mut e, k, &g, p);
+    assert!(e.list()[0].funcs.iter().all(|f| f.live));
+}

@@ -12,7 +12,7 @@
 use std::process::Command;
 use std::sync::OnceLock;
 
-use klpvisor_engine::link::{self, Bases, LinkError, LinkOptions, Linked, NOP5};
+use klpvisor_engine::link::{self, Bases, GuestSymbols, LinkError, LinkOptions, Linked, NOP5};
 use klpvisor_engine::module::{Module, ModuleError, RelocKind, Segment};
 use klpvisor_guest::{DumpGuest, Kernel, VirtRead};
 
@@ -353,10 +353,81 @@ fn not_livepatch_and_module_objects() {
         parse(f, "not-livepatch"),
         Err(ModuleError::NotLivepatch(_))
     ));
-    match parse(f, "bad-module-object") {
-        Err(ModuleError::ObjectNotSupported(name)) => assert_eq!(name, "dummy"),
+    // A module object parses; it is resolved against that module alone.
+    let m = parse(f, "bad-module-object").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(m.patch.objects[0].name.as_deref(), Some("pvpanic"));
+    let modules = f.kernel.modules(&f.guest).unwrap();
+    let symbols = GuestSymbols {
+        kallsyms: &f.kernel.kallsyms,
+        modules: &modules,
+    };
+    match link::link_objects(&m, &symbols, bases(f, &m), &options(f)) {
+        Err(e @ LinkError::ModuleFunctionNotFound { .. }) => {
+            let LinkError::ModuleFunctionNotFound { module, name } = &e else {
+                unreachable!()
+            };
+            assert_eq!(
+                (module.as_str(), name.as_str()),
+                ("pvpanic", "klpv_no_such_function")
+            );
+            assert!(e.to_string().contains("module `pvpanic`"), "{e}");
+        }
         other => panic!("{other:?}"),
     }
+    // Without the module loaded, the object waits: nothing to redirect.
+    let l = link_ok(f, &m);
+    assert_eq!(l.objects.len(), 1);
+    assert!(!l.objects[0].loaded);
+    assert!(l.funcs.is_empty() && l.callbacks.is_empty());
+}
+
+/// A patch with a vmlinux object, an object for the loaded pvpanic module
+/// and one for dummy (not loaded): the first two link (the module's old
+/// function at the address its own kallsyms gives, and with its size),
+/// dummy waits.
+#[test]
+fn module_objects_resolve_in_their_module_and_absent_ones_wait() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let m = parse(f, "module-pvpanic").unwrap_or_else(|e| panic!("{e}"));
+    let modules = f.kernel.modules(&f.guest).unwrap();
+    let pvpanic = modules.iter().find(|m| m.name == "pvpanic").unwrap();
+    let symbols = GuestSymbols {
+        kallsyms: &f.kernel.kallsyms,
+        modules: &modules,
+    };
+    let l = link::link_objects(&m, &symbols, bases(f, &m), &options(f))
+        .unwrap_or_else(|e| panic!("{e}"));
+    check_relocations(f, &m, &l);
+    let objects: Vec<_> = l
+        .objects
+        .iter()
+        .map(|o| (o.name.as_deref(), o.loaded, o.funcs))
+        .collect();
+    assert_eq!(
+        objects,
+        [
+            (None, true, 1),
+            (Some("pvpanic"), true, 1),
+            (Some("dummy"), false, 1)
+        ]
+    );
+    assert_eq!(l.funcs.len(), 2);
+    assert_eq!(l.funcs[0].old_addr, proc_addrs(f, "cmdline_proc_show")[0]);
+    let show = pvpanic.lookup("capability_show")[0].symbol;
+    assert_eq!(l.funcs[1].object.as_deref(), Some("pvpanic"));
+    assert_eq!(l.funcs[1].old_addr, show.addr);
+    assert_eq!(l.funcs[1].old_size, Some(show.size));
+    // The guest's /proc/kallsyms says the same.
+    let line = format!("{:016x} t capability_show\t[pvpanic]", show.addr);
+    assert!(f.kallsyms_txt.lines().any(|x| x == line), "{line}");
+    assert_eq!(
+        l.callbacks.len(),
+        2,
+        "the waiting object's callbacks wait too"
+    );
 }
 
 #[test]
@@ -652,13 +723,139 @@ fn klp_sym_references_follow_sympos() {
         other => panic!("{other:?}"),
     }
 
-    // A reference into a module object is not supported yet.
+    // `.klp.sym.<module>` symbols resolve in that module only, sympos
+    // counted there; with the module absent their relocations wait.
     let bytes = convert(
         "klp-sym-module.ko",
-        &[("klpv_missing_function", ".klp.sym.dummy.dummy_dev_init,0")],
+        &[
+            ("cmdline_proc_show", ".klp.sym.vmlinux.cmdline_proc_show,0"),
+            (
+                "klpv_missing_function",
+                ".klp.sym.pvpanic.capability_show,1",
+            ),
+            ("klpv_missing_variable", ".klp.sym.pvpanic.pvpanic_list,0"),
+        ],
+    );
+    let m = Module::parse(&bytes, &f.kernel.btf, &f.release).unwrap_or_else(|e| panic!("{e}"));
+    let waiting: Vec<_> = m
+        .relocs
+        .iter()
+        .filter_map(|r| r.object.as_deref())
+        .collect();
+    assert!(!waiting.is_empty() && waiting.iter().all(|o| *o == "pvpanic"));
+    let modules = f.kernel.modules(&f.guest).unwrap();
+    let pvpanic = modules.iter().find(|m| m.name == "pvpanic").unwrap();
+    let symbols = GuestSymbols {
+        kallsyms: &f.kernel.kallsyms,
+        modules: &modules,
+    };
+    let l = link::link_objects(&m, &symbols, bases(f, &m), &options(f))
+        .unwrap_or_else(|e| panic!("{e}"));
+    check_relocations(f, &m, &l);
+    let value = |l: &Linked, name: &str| {
+        let i = m.symbols.iter().position(|s| s.name == name).unwrap();
+        l.symbol_value(&m, i)
+    };
+    assert_eq!(
+        value(&l, ".klp.sym.pvpanic.capability_show,1"),
+        Some(pvpanic.lookup("capability_show")[0].symbol.addr)
+    );
+    assert_eq!(
+        value(&l, ".klp.sym.pvpanic.pvpanic_list,0"),
+        Some(pvpanic.lookup("pvpanic_list")[0].symbol.addr)
+    );
+    // vmlinux alone: the pvpanic symbols get no value, their relocation
+    // fields stay as compiled (zero) until the module is there.
+    let alone = link_ok(f, &m);
+    assert_eq!(value(&alone, ".klp.sym.pvpanic.capability_show,1"), None);
+    for r in m.relocs.iter().filter(|r| r.object.is_some()) {
+        let p = alone.va(r.place).unwrap();
+        assert!(alone
+            .read(p, r.kind.width())
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
+    }
+    // sympos counts within the module: pvpanic has one capability_show
+    // (vmlinux has none), so position 2 does not exist.
+    let bytes = convert(
+        "klp-sym-module-bad.ko",
+        &[
+            ("cmdline_proc_show", ".klp.sym.vmlinux.cmdline_proc_show,0"),
+            (
+                "klpv_missing_function",
+                ".klp.sym.pvpanic.capability_show,2",
+            ),
+            ("klpv_missing_variable", ".klp.sym.pvpanic.pvpanic_list,0"),
+        ],
+    );
+    let m = Module::parse(&bytes, &f.kernel.btf, &f.release).unwrap_or_else(|e| panic!("{e}"));
+    match link::link_objects(&m, &symbols, bases(f, &m), &options(f)) {
+        Err(LinkError::Unresolved(list)) => {
+            assert_eq!(list.len(), 1, "{list:?}");
+            assert_eq!(list[0].name, ".klp.sym.pvpanic.capability_show,2");
+            assert!(
+                list[0].reason.contains("module `pvpanic` has 1"),
+                "{list:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `bytes` (an ELF64 .ko) with section `from` renamed to `to` and `flags`
+/// ORed into its sh_flags: what klp-convert would have emitted. The new
+/// name is appended to the file and `.shstrtab` stretched to reach it.
+fn with_section(bytes: &[u8], from: &str, to: &str, flags: u64) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap()) as usize;
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let (shoff, shentsize, shnum, shstrndx) = (
+        u64_at(&b, 0x28) as usize,
+        u16_at(&b, 0x3a),
+        u16_at(&b, 0x3c),
+        u16_at(&b, 0x3e),
+    );
+    let strsh = shoff + shstrndx * shentsize;
+    let strtab = u64_at(&b, strsh + 0x18) as usize;
+    let new_name = b.len() - strtab;
+    b.extend_from_slice(to.as_bytes());
+    b.push(0);
+    let size = (b.len() - strtab) as u64;
+    b[strsh + 0x20..strsh + 0x28].copy_from_slice(&size.to_le_bytes());
+    for i in 0..shnum {
+        let sh = shoff + i * shentsize;
+        let name = strtab + u32::from_le_bytes(b[sh..sh + 4].try_into().unwrap()) as usize;
+        if b[name..].starts_with(from.as_bytes()) && b[name + from.len()] == 0 {
+            b[sh..sh + 4].copy_from_slice(&(new_name as u32).to_le_bytes());
+            let f = u64_at(&b, sh + 8) | flags;
+            b[sh + 8..sh + 16].copy_from_slice(&f.to_le_bytes());
+            return b;
+        }
+    }
+    panic!("no section {from}");
+}
+
+/// klp's rules for a module's `.klp.rela.<module>.*` section: only
+/// `.klp.sym` symbols (klp_resolve_symbols refuses anything else). Made
+/// by turning livepatch-sample's `.rela.text` into `.klp.rela.pvpanic.text`
+/// with SHF_RELA_LIVEPATCH: its relocations use plain symbols.
+#[test]
+fn module_klp_rela_sections_need_klp_symbols() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let bytes = with_section(
+        &ko("livepatch-sample"),
+        ".rela.text",
+        ".klp.rela.pvpanic.text",
+        0x0010_0000, // SHF_RELA_LIVEPATCH
     );
     match Module::parse(&bytes, &f.kernel.btf, &f.release) {
-        Err(ModuleError::ObjectNotSupported(o)) => assert_eq!(o, "dummy"),
+        Err(e @ ModuleError::KlpRelaPlainSymbol { .. }) => {
+            assert!(e.to_string().contains(".klp.rela.pvpanic.text"), "{e}")
+        }
         other => panic!("{other:?}"),
     }
 }

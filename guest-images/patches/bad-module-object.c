@@ -1,30 +1,26 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * bad-module-object.c: a patch for a function of a kernel module (object
- * "dummy", drivers/net/dummy.ko) rather than of vmlinux. klp patches it when
- * the module loads; klpvisor supports only vmlinux objects for now and must
- * say so.
+ * bad-module-object.c: a patch for a function the module it names does not
+ * have. Object "pvpanic" (drivers/misc/pvpanic/pvpanic.ko, which the test
+ * guest's init loads) is resolved against that module's own symbols, as
+ * klp's klp_find_object_symbol does, so klpv_no_such_function is not found
+ * there: the patch must be refused with nothing written.
  */
 #include <linux/module.h>
 #include <linux/kernel.h>
 #include <linux/livepatch.h>
-#include <linux/netdevice.h>
 
-/* The same body as drivers/net/dummy.c's dummy_dev_init. */
-static int livepatch_dummy_dev_init(struct net_device *dev)
+static int livepatch_no_such_function(void)
 {
-	dev->lstats = netdev_alloc_pcpu_stats(struct pcpu_lstats);
-	if (!dev->lstats)
-		return -ENOMEM;
 	return 0;
 }
 
 static struct klp_func funcs[] = {
-	{ .old_name = "dummy_dev_init", .new_func = livepatch_dummy_dev_init },
+	{ .old_name = "klpv_no_such_function", .new_func = livepatch_no_such_function },
 	{ }
 };
 
-static struct klp_object objs[] = { { .name = "dummy", .funcs = funcs }, { } };
+static struct klp_object objs[] = { { .name = "pvpanic", .funcs = funcs }, { } };
 
 static struct klp_patch patch = { .mod = THIS_MODULE, .objs = objs };
 

@@ -316,6 +316,24 @@ impl Kernel {
         AddressSpace::new(guest, self.tables)
     }
 
+    /// Every loaded module with its text and kallsyms, read now: modules
+    /// come and go while the guest runs, so this is never cached.
+    pub fn modules<G: Guest + ?Sized>(
+        &self,
+        guest: &G,
+    ) -> Result<Vec<crate::LoadedModule>, crate::ModulesError> {
+        crate::modules::list(&self.space(guest), &self.kallsyms, &self.btf)
+    }
+
+    /// The loaded modules without their symbols (see
+    /// [`crate::modules::list_without_symbols`]).
+    pub fn modules_brief<G: Guest + ?Sized>(
+        &self,
+        guest: &G,
+    ) -> Result<Vec<crate::LoadedModule>, crate::ModulesError> {
+        crate::modules::list_without_symbols(&self.space(guest), &self.kallsyms, &self.btf)
+    }
+
     /// Every task, with the vCPU running it (reads all vCPUs' registers).
     pub fn tasks<G: Guest + ?Sized>(&self, guest: &G) -> Result<Vec<Task>, IntrospectError> {
         let regs = all_vcpu_regs(guest)?;

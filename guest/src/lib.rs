@@ -22,6 +22,7 @@ pub mod kallsyms;
 pub mod kaslr;
 #[allow(missing_docs)]
 pub mod kernel;
+pub mod modules;
 #[allow(missing_docs)]
 pub mod orc;
 #[allow(missing_docs)]
@@ -36,6 +37,7 @@ pub use dump::{DumpError, DumpGuest};
 pub use kallsyms::{Kallsyms, KallsymsError, Symbol};
 pub use kaslr::{Evidence, Kaslr, KaslrError};
 pub use kernel::{all_vcpu_regs, IntrospectError, Kernel};
+pub use modules::{LoadedModule, ModuleState, ModuleSymbol, ModulesError};
 pub use paging::{AddressSpace, PageTables, PagingError, VirtRead};
 pub use tasks::{Running, Task, Tasks, TasksError};
 

@@ -609,3 +609,105 @@ fn orc_unwinds_sleeping_tasks_as_the_guest_kernel_does() {
         "more than a tenth of the stacks are not the kernel's"
     );
 }
+
+/// The modules read from `modules` are the guest's /proc/modules (name,
+/// size, state, address), and each `struct module`'s own kallsyms
+/// are exactly the guest's /proc/kallsyms module lines ("ADDR t NAME\t[MOD]",
+/// in the same order: the kernel prints them from the same tables), the
+/// init scripts' pvpanic modules are there and live, and every text symbol
+/// lies in its module's text.
+#[test]
+fn modules_and_their_symbols_equal_proc_kallsyms() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let t = Instant::now();
+    let modules = f.kernel.modules(&f.guest).unwrap_or_else(|e| panic!("{e}"));
+    let took = t.elapsed();
+    let want: Vec<String> = read(f, "kallsyms.txt")
+        .lines()
+        .filter(|l| l.contains('['))
+        .map(str::to_owned)
+        .collect();
+    let got: Vec<String> = modules
+        .iter()
+        .flat_map(|m| {
+            m.symbols
+                .iter()
+                .map(move |s| format!("{:016x} {} {}\t[{}]", s.addr, s.kind, s.name, m.name))
+        })
+        .collect();
+    assert_eq!(got, want, "module symbols differ from /proc/kallsyms");
+    let names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
+    for name in ["pvpanic", "pvpanic_mmio"] {
+        assert!(names.contains(&name), "no {name} among {names:?}");
+    }
+    for m in &modules {
+        assert_eq!(m.state, klpvisor_guest::ModuleState::Live, "{}", m.name);
+        assert!(!m.text.is_empty() && m.text.start >= 0xffff_ffff_c000_0000);
+        assert!(m.core.start <= m.text.start && m.text.end <= m.core.end);
+        assert!(
+            m.init_text.is_empty(),
+            "{}: init text freed after init",
+            m.name
+        );
+        for s in m.symbols.iter().filter(|s| matches!(s.kind, 't' | 'T')) {
+            assert!(
+                m.text.contains(&s.addr),
+                "{} {} outside text",
+                m.name,
+                s.name
+            );
+        }
+    }
+    // /proc/modules: "name size refcount deps state address", one line per
+    // module in list order; size counts every region, address is the text.
+    let proc_modules: Vec<(String, u64, String, u64)> = read(f, "modules.txt")
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            let addr = w[5].trim_start_matches("0x");
+            (
+                w[0].to_owned(),
+                w[1].parse().unwrap(),
+                w[4].to_owned(),
+                u64::from_str_radix(addr, 16).unwrap(),
+            )
+        })
+        .collect();
+    let ours: Vec<(String, u64, String, u64)> = modules
+        .iter()
+        .map(|m| {
+            (
+                m.name.clone(),
+                m.size,
+                m.state.as_str().to_owned(),
+                m.text.start,
+            )
+        })
+        .collect();
+    assert_eq!(ours, proc_modules, "modules differ from /proc/modules");
+    let pvpanic = modules.iter().find(|m| m.name == "pvpanic").unwrap();
+    let show = pvpanic.lookup("capability_show");
+    assert_eq!(show.len(), 1);
+    assert!(show[0].symbol.size > 5, "functions keep st_size");
+    // The same name in vmlinux does not count in the module's sympos.
+    assert!(!f.kernel.kallsyms.lookup("events_show").is_empty());
+    assert_eq!(pvpanic.lookup("events_show").len(), 1);
+    eprintln!(
+        "{} modules, {} symbols in {took:?}: {}",
+        modules.len(),
+        got.len(),
+        modules
+            .iter()
+            .map(|m| format!(
+                "{} text {:#x}+{:#x}",
+                m.name,
+                m.text.start,
+                m.text.end - m.text.start
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}

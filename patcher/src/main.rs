@@ -621,14 +621,25 @@ fn print_patch(p: &PatchInfo) {
              took out of use (cannot be removed, enabled, applied again or rolled back to)"
         );
     }
+    // vmlinux alone needs no object lines (every patch has it).
+    if p.objects.iter().any(|o| o.name != "vmlinux") {
+        for o in &p.objects {
+            println!("  object {}: {} ({} functions)", o.name, o.state, o.funcs);
+        }
+    }
     for f in &p.funcs {
         let pos = if f.sympos == 0 {
             String::new()
         } else {
             format!(",{}", f.sympos)
         };
+        let object = if f.object == "vmlinux" {
+            String::new()
+        } else {
+            format!("{}:", f.object)
+        };
         println!(
-            "  {}{pos} {} -> {} {}",
+            "  {object}{}{pos} {} -> {} {}",
             f.name,
             f.old_addr,
             f.new_addr,

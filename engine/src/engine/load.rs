@@ -4,9 +4,11 @@
 use super::{entry, now_unix, Engine, EngineError, FuncRecord, Prepared, Record};
 use crate::arena::{Perm, Region};
 use crate::link::{
-    alternatives, guest_plain_returns, guest_return_thunk, link, Bases, LinkOptions,
+    alternatives, guest_plain_returns, guest_return_thunk, link_objects, Bases, GuestSymbols,
+    LinkOptions,
 };
 use crate::module::{Module, ModuleError};
+use crate::site::FtraceRecords;
 use crate::write::{Plan, Write};
 use klpvisor_guest::Guest;
 use klpvisor_guest::Kernel;
@@ -25,9 +27,6 @@ impl Engine {
         let module = Module::parse(ko, &kernel.btf, &release)?;
         let name = module.patch.name.clone();
         self.stack.check_new(&name)?;
-        if let Some(obj) = module.patch.objects.iter().find_map(|o| o.name.clone()) {
-            return Err(ModuleError::ObjectNotSupported(obj).into());
-        }
         self.check_states(&name, module.patch.replace, &module.patch.states)?;
 
         // Place the segments on a copy of the arena: the engine's own
@@ -70,7 +69,19 @@ impl Engine {
                 None
             },
         };
-        let linked = link(&module, &kernel.kallsyms, bases, &options)?;
+        // The modules are read now, only for a patch that has module
+        // objects: they come and go while the guest runs.
+        let has_modules = module.patch.objects.iter().any(|o| o.name.is_some());
+        let modules = if has_modules {
+            kernel.modules(guest).map_err(EngineError::Modules)?
+        } else {
+            Vec::new()
+        };
+        let symbols = GuestSymbols {
+            kallsyms: &kernel.kallsyms,
+            modules: &modules,
+        };
+        let linked = link_objects(&module, &symbols, bases, &options)?;
 
         // Its struct module and tables, in a data region of their own
         // (crate::register). A guest that cannot take one still gets
@@ -91,15 +102,38 @@ impl Engine {
         }
 
         // Every old function's entry must be an ftrace site we can take.
-        let ftrace = facts.ftrace.clone();
+        // A module's records are read afresh with its text.
+        let module_text: Vec<_> = linked
+            .objects
+            .iter()
+            .filter(|o| o.loaded)
+            .filter_map(|o| symbols.module(o.name.as_deref()?))
+            .map(|m| m.text.clone())
+            .collect();
+        let ftrace = if module_text.is_empty() {
+            facts.ftrace.clone()
+        } else {
+            FtraceRecords::load_in(
+                &kernel.space(guest),
+                &kernel.kallsyms,
+                &kernel.btf,
+                &module_text,
+            )
+            .map_err(|source| EngineError::Site {
+                name: "ftrace records".into(),
+                source: Box::new(source),
+            })?
+        };
         let mut fresh = Vec::new();
         let mut funcs = Vec::new();
         for f in &linked.funcs {
-            let site = self.site(kernel, guest, &ftrace, &f.old_name, f.old_addr)?;
+            let in_module = f.object.as_deref().and_then(|o| symbols.module(o));
+            let site = self.site(kernel, guest, &ftrace, in_module, &f.old_name, f.old_addr)?;
             if !self.sites.contains_key(&f.old_addr) {
                 fresh.push(site);
             }
             funcs.push(FuncRecord {
+                object: f.object.clone(),
                 name: f.old_name.clone(),
                 sympos: u32::try_from(f.old_sympos).unwrap_or(u32::MAX),
                 old: f.old_addr,
@@ -156,6 +190,7 @@ impl Engine {
             regions,
             funcs,
             callbacks: linked.callbacks.clone(),
+            objects: linked.objects.clone(),
             signature: "unsigned".to_owned(),
             module: module_record,
         };
@@ -165,7 +200,7 @@ impl Engine {
         let change = self
             .stack
             .plan_enable(entry(&name, record.replace, &record.funcs), force)?;
-        let check = self.plan_sites(kernel, &change, &fresh, Some(&record), &mut plan)?;
+        let check = self.plan_sites(&change, &fresh, Some(&record), &mut plan)?;
         Ok(Prepared {
             name,
             action: "apply",

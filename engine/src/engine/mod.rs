@@ -24,13 +24,16 @@ use thiserror::Error;
 use crate::arena::{Arena, ArenaError, ImageFacts, Region};
 use crate::callback::gate::{Gate, GateError, Progress};
 use crate::callback::{Call, Calls};
-use crate::link::LinkedCallbacks;
+use crate::link::{LinkedCallbacks, LinkedObject};
 use crate::module::{ModuleError, State};
 use crate::safepoint::{Blocker, Check, SafepointError, Span};
 use crate::site::{FtraceRecords, Site, SiteError};
 use crate::stack::{Change, Entry, Placed, Stack, StackError};
 use crate::write::{Plan, Write, WriteError};
-use klpvisor_api::{FuncInfo, Hex, HistoryEntry, LiveFunc, PatchInfo, PatchState, RetiredInfo};
+use klpvisor_api::{
+    FuncInfo, Hex, HistoryEntry, LiveFunc, ObjectInfo, ObjectState, PatchInfo, PatchState,
+    RetiredInfo,
+};
 use klpvisor_guest::orc::Orc;
 use klpvisor_guest::Guest;
 use klpvisor_guest::{all_vcpu_regs, IntrospectError, Kernel, Tasks, TasksError};
@@ -122,6 +125,17 @@ pub enum EngineError {
     /// The patch could not be registered with the guest kernel as a module.
     #[error("registering the patch with the guest kernel: {0}")]
     Register(#[from] crate::register::RegisterError),
+    /// A module the transition writes into is gone or was reloaded.
+    #[error(
+        "module `{0}` was unloaded or reloaded since its functions' sites were checked: its \
+         text is no longer where they were; nothing was written (klpvisor does not yet follow \
+         module unloads: see the README's Limits)"
+    )]
+    ModuleGone(String),
+    /// The guest's module list could not be read (a patch with module
+    /// objects needs it).
+    #[error("reading the guest kernel's modules failed: {0}")]
+    Modules(#[source] klpvisor_guest::ModulesError),
 }
 
 /// Committed transitions the engine remembers for rollback; older ones are
@@ -143,7 +157,10 @@ impl EngineError {
             EngineError::Stack(StackError::Unknown(_)) | EngineError::NoSuchTransition { .. } => {
                 Fault::NotFound
             }
-            EngineError::Stack(_) | EngineError::Blocked(_) | EngineError::State(_) => Fault::State,
+            EngineError::Stack(_)
+            | EngineError::Blocked(_)
+            | EngineError::State(_)
+            | EngineError::ModuleGone(_) => Fault::State,
             EngineError::Arena(ArenaError::Full { .. })
             | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
             EngineError::Gate(GateError::Busy(_)) => Fault::State,
@@ -154,10 +171,12 @@ impl EngineError {
             | EngineError::VcpuRegisters { .. }
             | EngineError::NoRelease
             | EngineError::NoPerCpuArea(_)
+            | EngineError::Modules(_)
             | EngineError::Safepoint(_) => Fault::Guest,
             EngineError::Site { source, .. } => match **source {
                 SiteError::NotAFunction { .. }
                 | SiteError::NotInText { .. }
+                | SiteError::NotInModuleText { .. }
                 | SiteError::TooShort { .. }
                 | SiteError::NotFtraceSite { .. }
                 | SiteError::OutOfReach { .. } => Fault::Module,
@@ -182,6 +201,8 @@ impl EngineError {
 /// One patched function of a loaded patch.
 #[derive(Debug, Clone)]
 struct FuncRecord {
+    /// Its module (`None`: vmlinux).
+    object: Option<String>,
     name: String,
     sympos: u32,
     old: u64,
@@ -198,8 +219,11 @@ struct Record {
     pause_us: f64,
     regions: Vec<Region>,
     funcs: Vec<FuncRecord>,
-    /// Each object's linked callbacks, in patch order.
+    /// Each loaded object's linked callbacks, in patch order.
     callbacks: Vec<LinkedCallbacks>,
+    /// Every object and whether it was linked (its module loaded) or
+    /// waits for its module.
+    objects: Vec<LinkedObject>,
     /// How the module's signature was checked (the engine never sees
     /// signatures: the caller checks them before `prepare_apply`).
     signature: String,
@@ -437,12 +461,14 @@ impl Engine {
             .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))
     }
 
-    /// The site of the function at `old`: known, or validated now.
+    /// The site of the function at `old` (in `module`, or vmlinux):
+    /// known, or validated now.
     fn site<G: Guest + ?Sized>(
         &self,
         kernel: &Kernel,
         guest: &G,
         ftrace: &FtraceRecords,
+        module: Option<&klpvisor_guest::LoadedModule>,
         name: &str,
         old: u64,
     ) -> Result<Site, EngineError> {
@@ -458,18 +484,20 @@ impl Engine {
                 return Ok(s.clone());
             }
         }
-        Site::find(&kernel.space(guest), &kernel.kallsyms, ftrace, old).map_err(|source| {
-            EngineError::Site {
-                name: name.to_owned(),
-                source: Box::new(source),
-            }
+        let space = kernel.space(guest);
+        match module {
+            None => Site::find(&space, &kernel.kallsyms, ftrace, old),
+            Some(m) => Site::find_in_module(&space, &kernel.kallsyms, m, ftrace, old),
+        }
+        .map_err(|source| EngineError::Site {
+            name: name.to_owned(),
+            source: Box::new(source),
         })
     }
 
     /// The site writes and safe-point spans of a stack change.
     fn plan_sites(
         &self,
-        kernel: &Kernel,
         change: &Change,
         fresh: &[Site],
         fresh_record: Option<&Record>,
@@ -502,7 +530,11 @@ impl Engine {
                 format!("entry of {}", site.name),
             ));
             spans.push(Span {
-                range: kernel.kallsyms.extent(old).unwrap_or(old..old + 1),
+                range: if site.extent.is_empty() {
+                    old..old + 1
+                } else {
+                    site.extent.clone()
+                },
                 name: site.name.clone(),
             });
             // The code being switched away from, if it is a patch's.
@@ -537,7 +569,7 @@ impl Engine {
         let change = self.stack.plan_disable(name, force)?;
         let mut calls = Calls::default();
         calls.disable(name, &self.callbacks_of(name));
-        let mut p = self.prepared_sites(kernel, name, "disable", change, calls)?;
+        let mut p = self.prepared_sites(name, "disable", change, calls)?;
         // klp's unpatching transition waits for every task to leave every
         // function of the patch (klp_check_stack_func looks for new_func),
         // also those a newer enabled patch shadows, whose entries do not
@@ -608,7 +640,7 @@ impl Engine {
         // Only the enabled patch's callbacks, also when it replaces others.
         let mut calls = Calls::default();
         calls.enable(name, &self.callbacks_of(name));
-        self.prepared_sites(kernel, name, "enable", change, calls)
+        self.prepared_sites(name, "enable", change, calls)
     }
 
     /// Plans returning every patch to the state it had just before
@@ -644,7 +676,7 @@ impl Engine {
             )?;
         }
         let calls = self.rollback_calls(&change);
-        self.prepared_sites(kernel, &format!("#{to}"), "rollback", change, calls)
+        self.prepared_sites(&format!("#{to}"), "rollback", change, calls)
     }
 
     /// A rollback runs callbacks as the enables and disables it amounts to
@@ -844,14 +876,13 @@ impl Engine {
 
     fn prepared_sites(
         &self,
-        kernel: &Kernel,
         name: &str,
         action: &'static str,
         change: Change,
         calls: Calls,
     ) -> Result<Prepared, EngineError> {
         let mut plan = Plan::new(Vec::new());
-        let check = self.plan_sites(kernel, &change, &[], None, &mut plan)?;
+        let check = self.plan_sites(&change, &[], None, &mut plan)?;
         Ok(Prepared {
             name: name.to_owned(),
             action,
@@ -876,6 +907,7 @@ impl Engine {
         guest: &G,
         p: &Prepared,
     ) -> Result<Committed, EngineError> {
+        self.check_modules(kernel, guest, p)?;
         // A patch not loaded by Engine::load yet is loaded, and its module
         // registered, in this same pause: nothing runs in between.
         let register = p
@@ -936,6 +968,50 @@ impl Engine {
             patch: self.info(&p.name),
             bytes_written: p.bytes(),
         })
+    }
+
+    /// Every module whose text this transition writes is still the
+    /// module its sites were validated in: on the list at the same
+    /// `struct module`, live or coming, with the same text. A module
+    /// unloaded since (its text freed, perhaps reused) or reloaded
+    /// elsewhere refuses the transition before anything is written.
+    fn check_modules<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &Prepared,
+    ) -> Result<(), EngineError> {
+        let mut wanted: Vec<&crate::site::InModule> = Vec::new();
+        for old in p.change.sites.keys() {
+            let site = self
+                .sites
+                .get(old)
+                .or_else(|| p.sites.iter().find(|s| s.func == *old));
+            if let Some(m) = site.and_then(|s| s.module.as_ref()) {
+                if !wanted.contains(&m) {
+                    wanted.push(m);
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let now = kernel.modules_brief(guest).map_err(EngineError::Modules)?;
+        for m in wanted {
+            let same = now.iter().any(|n| {
+                n.name == m.name
+                    && n.addr == m.addr
+                    && n.text == m.text
+                    && matches!(
+                        n.state,
+                        klpvisor_guest::ModuleState::Live | klpvisor_guest::ModuleState::Coming
+                    )
+            });
+            if !same {
+                return Err(EngineError::ModuleGone(m.name.clone()));
+            }
+        }
+        Ok(())
     }
 
     fn blockers<G: Guest + ?Sized>(
@@ -1110,10 +1186,24 @@ impl Engine {
             pause_us: r.pause_us,
             arena_bytes: r.bytes(),
             signature: r.signature.clone(),
+            objects: r
+                .objects
+                .iter()
+                .map(|o| ObjectInfo {
+                    name: o.name.clone().unwrap_or_else(|| "vmlinux".to_owned()),
+                    state: if o.loaded {
+                        ObjectState::Linked
+                    } else {
+                        ObjectState::Waiting
+                    },
+                    funcs: u32::try_from(o.funcs).unwrap_or(u32::MAX),
+                })
+                .collect(),
             funcs: r
                 .funcs
                 .iter()
                 .map(|f| FuncInfo {
+                    object: f.object.clone().unwrap_or_else(|| "vmlinux".to_owned()),
                     name: f.name.clone(),
                     sympos: f.sympos,
                     old_addr: Hex(f.old),

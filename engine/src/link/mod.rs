@@ -19,6 +19,8 @@ pub mod alternatives;
 pub mod reloc;
 pub mod resolve;
 
+pub use resolve::GuestSymbols;
+
 use std::collections::HashMap;
 
 use crate::module::{CodeRef, Module, Place, RelocKind, Segment, SymbolDef, PAGE};
@@ -58,6 +60,30 @@ pub enum LinkError {
          {count} function(s) of that name"
     )]
     OldFunctionNoSuchPosition {
+        name: String,
+        sympos: u64,
+        count: usize,
+    },
+    #[error("the function `{name}` to patch is not in module `{module}`'s kallsyms")]
+    ModuleFunctionNotFound { module: String, name: String },
+    #[error(
+        "the function `{name}` to patch is ambiguous: module `{module}` has {} of that name \
+         ({}); set .old_sympos to pick one",
+        candidates.len(),
+        candidates.iter().map(|(p, a)| format!("sympos {p} at {a:#x}")).collect::<Vec<_>>().join(", ")
+    )]
+    ModuleFunctionAmbiguous {
+        module: String,
+        name: String,
+        /// (sympos, address) of each candidate, in the module's table order.
+        candidates: Vec<(u32, u64)>,
+    },
+    #[error(
+        "the function `{name}` to patch has .old_sympos = {sympos}, but module `{module}` has \
+         {count} symbol(s) of that name"
+    )]
+    ModuleFunctionNoSuchPosition {
+        module: String,
         name: String,
         sympos: u64,
         count: usize,
@@ -174,6 +200,11 @@ pub struct SegmentImage {
 /// One redirected function.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkedFunc {
+    /// The module it belongs to (`None`: vmlinux).
+    pub object: Option<String>,
+    /// The old function's extent when the guest records it (a module
+    /// symbol's `st_size`; vmlinux's kallsyms has no sizes).
+    pub old_size: Option<u64>,
     pub old_name: String,
     /// As the patch declares it (0: unique).
     pub old_sympos: u64,
@@ -194,15 +225,32 @@ pub struct LinkedCallbacks {
     pub post_unpatch: Option<u64>,
 }
 
+/// One `klp_object` of the patch and whether it was linked now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkedObject {
+    /// The module it patches (`None`: vmlinux).
+    pub name: Option<String>,
+    /// Its module is loaded: its functions, relocations and callbacks are
+    /// in this link. `false`: the object waits for its module (nothing of
+    /// it is redirected, its relocations are left unapplied).
+    pub loaded: bool,
+    /// Its number of functions.
+    pub funcs: usize,
+}
+
 /// The linked patch.
 #[derive(Debug, Clone)]
 pub struct Linked {
+    /// Every object, in patch order.
+    pub objects: Vec<LinkedObject>,
     pub text: SegmentImage,
     pub rodata: SegmentImage,
     pub data: SegmentImage,
-    /// Every function, in patch order (objects, then funcs).
+    /// Every function of the loaded objects, in patch order (objects,
+    /// then funcs).
     pub funcs: Vec<LinkedFunc>,
-    /// One per object, in patch order.
+    /// One per loaded object, in patch order: klp runs a waiting object's
+    /// callbacks only when its module loads.
     pub callbacks: Vec<LinkedCallbacks>,
     /// Addresses of the `call __fentry__` sites now holding [`NOP5`].
     pub fentry_nops: Vec<u64>,
@@ -271,23 +319,67 @@ fn check_bases(module: &Module, bases: Bases) -> Result<(), LinkError> {
     Ok(())
 }
 
-/// Links `module` for `bases`. See the module documentation.
+/// Links `module` for `bases` against vmlinux alone (a module object is
+/// left waiting). See the module documentation.
 pub fn link(
     module: &Module,
     kallsyms: &Kallsyms,
     bases: Bases,
     options: &LinkOptions,
 ) -> Result<Linked, LinkError> {
+    link_objects(module, &GuestSymbols::vmlinux(kallsyms), bases, options)
+}
+
+/// Links `module` for `bases` against vmlinux and the modules in
+/// `symbols`: an object whose module is loaded is linked in full; one
+/// whose module is not loaded waits (no function of it, no relocation of
+/// its module, no callback).
+pub fn link_objects(
+    module: &Module,
+    symbols: &GuestSymbols<'_>,
+    bases: Bases,
+    options: &LinkOptions,
+) -> Result<Linked, LinkError> {
     check_bases(module, bases)?;
+    let kallsyms = symbols.kallsyms;
 
     // Old functions first: a wrong target is the likeliest user error.
     let mut olds = Vec::new();
+    let mut objects = Vec::new();
     for object in &module.patch.objects {
+        let target = match &object.name {
+            None => None,
+            Some(name) => match symbols.module(name) {
+                Some(m) => Some(m),
+                None => {
+                    objects.push(LinkedObject {
+                        name: Some(name.clone()),
+                        loaded: false,
+                        funcs: object.funcs.len(),
+                    });
+                    continue;
+                }
+            },
+        };
+        objects.push(LinkedObject {
+            name: object.name.clone(),
+            loaded: true,
+            funcs: object.funcs.len(),
+        });
         for f in &object.funcs {
-            olds.push(resolve::old_function(kallsyms, &f.old_name, f.old_sympos)?);
+            olds.push(match target {
+                None => (
+                    resolve::old_function(kallsyms, &f.old_name, f.old_sympos)?,
+                    None,
+                ),
+                Some(m) => {
+                    let (addr, size) = resolve::old_module_function(m, &f.old_name, f.old_sympos)?;
+                    (addr, Some(size))
+                }
+            });
         }
     }
-    let externals = resolve::externals(module, kallsyms)?;
+    let externals = resolve::externals(module, symbols)?;
 
     let layout = module.layout();
     let mut images = [Segment::Text, Segment::Rodata, Segment::Data].map(|segment| SegmentImage {
@@ -313,6 +405,7 @@ pub fn link(
     }
 
     let mut linked = Linked {
+        objects,
         text: images[0].clone(),
         rodata: images[1].clone(),
         data: images[2].clone(),
@@ -327,6 +420,12 @@ pub fn link(
     let return_jumps: std::collections::HashSet<usize> =
         module.return_jumps.iter().copied().collect();
     for (i, r) in module.relocs.iter().enumerate() {
+        if r.object
+            .as_deref()
+            .is_some_and(|o| symbols.module(o).is_none())
+        {
+            continue; // its module is not loaded: klp applies it on load
+        }
         let at = || module.describe(r.place);
         if options.plain_returns && return_jumps.contains(&i) {
             // `jmp rel32` (e9, its rel32 at the relocation) -> ret; int3 x4.
@@ -397,15 +496,22 @@ pub fn link(
             .transpose()
     };
     let mut olds = olds.into_iter();
-    for object in &module.patch.objects {
+    let loaded: Vec<bool> = linked.objects.iter().map(|o| o.loaded).collect();
+    for (object, loaded) in module.patch.objects.iter().zip(loaded) {
+        if !loaded {
+            continue;
+        }
         for f in &object.funcs {
             let new_addr = linked
                 .va(f.new_func.place)
                 .ok_or_else(|| internal("new function"))?;
+            let (old_addr, old_size) = olds.next().ok_or_else(|| internal("old function count"))?;
             linked.funcs.push(LinkedFunc {
+                object: object.name.clone(),
+                old_size,
                 old_name: f.old_name.clone(),
                 old_sympos: f.old_sympos,
-                old_addr: olds.next().ok_or_else(|| internal("old function count"))?,
+                old_addr,
                 new_addr,
                 new_symbol: f.new_func.symbol.clone(),
             });

@@ -15,12 +15,87 @@
 //!   so the unique global of that name is what the loader would pick.
 //! * An undefined weak symbol that cannot be resolved is 0, as in the
 //!   kernel's simplify_symbols.
+//! * A module object's old functions and `.klp.sym.<module>.*` symbols
+//!   are looked up in that module's own kallsyms only, as klp's
+//!   `klp_find_object_symbol` does through `module_kallsyms_on_each_symbol`:
+//!   sympos counts within the module, in its table order. A symbol of a
+//!   module that is not loaded gets no value; the relocations using it are
+//!   left for when it loads (klp applies them in `klp_module_coming`).
 
 use std::collections::HashMap;
 
 use super::{LinkError, Unresolved};
 use crate::module::{Module, SymbolDef};
-use klpvisor_guest::Kallsyms;
+use klpvisor_guest::{Kallsyms, LoadedModule, ModuleState};
+
+/// The guest's symbols a patch links against: vmlinux's kallsyms and the
+/// modules loaded now.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestSymbols<'a> {
+    /// vmlinux's symbols.
+    pub kallsyms: &'a Kallsyms,
+    /// Every module on the guest's list (loaded or not yet formed).
+    pub modules: &'a [LoadedModule],
+}
+
+impl<'a> GuestSymbols<'a> {
+    /// vmlinux alone (no module is loaded, or none matters).
+    pub fn vmlinux(kallsyms: &'a Kallsyms) -> Self {
+        Self {
+            kallsyms,
+            modules: &[],
+        }
+    }
+
+    /// The module `name` if it is loaded far enough to be patched: live,
+    /// or coming (klp patches a coming module before its init runs). A
+    /// module going away or not formed yet counts as not loaded.
+    pub fn module(&self, name: &str) -> Option<&'a LoadedModule> {
+        self.modules
+            .iter()
+            .find(|m| m.name == name && matches!(m.state, ModuleState::Live | ModuleState::Coming))
+    }
+}
+
+/// The old function `name` of loaded module `module`, by klp's sympos rule
+/// counted within the module. Returns (address, st_size).
+pub fn old_module_function(
+    module: &LoadedModule,
+    name: &str,
+    sympos: u64,
+) -> Result<(u64, u64), LinkError> {
+    let found = module.lookup(name);
+    let err_module = || module.name.clone();
+    match (found.as_slice(), sympos) {
+        ([], _) => Err(LinkError::ModuleFunctionNotFound {
+            module: err_module(),
+            name: name.into(),
+        }),
+        ([one], 0) => Ok((one.symbol.addr, one.symbol.size)),
+        (many, 0) => Err(LinkError::ModuleFunctionAmbiguous {
+            module: err_module(),
+            name: name.into(),
+            candidates: many.iter().map(|f| (f.sympos, f.symbol.addr)).collect(),
+        }),
+        (all, n) => all
+            .iter()
+            .find(|f| u64::from(f.sympos) == n)
+            .map(|f| (f.symbol.addr, f.symbol.size))
+            .ok_or(LinkError::ModuleFunctionNoSuchPosition {
+                module: err_module(),
+                name: name.into(),
+                sympos: n,
+                count: all.len(),
+            }),
+    }
+}
+
+/// klp's sympos rule on one module's symbols, for `.klp.sym` symbols.
+fn module_symbol(module: &LoadedModule, name: &str, sympos: u32) -> Result<u64, String> {
+    old_module_function(module, name, u64::from(sympos))
+        .map(|(addr, _)| addr)
+        .map_err(|e| e.to_string())
+}
 
 /// The address of an old function by klp's sympos rule.
 pub fn old_function(kallsyms: &Kallsyms, name: &str, sympos: u64) -> Result<u64, LinkError> {
@@ -50,7 +125,11 @@ pub fn old_function(kallsyms: &Kallsyms, name: &str, sympos: u64) -> Result<u64,
 
 /// Resolves every symbol the module's relocations use that is not in the
 /// module, reporting all failures at once. Returns symbol index -> value.
-pub fn externals(module: &Module, kallsyms: &Kallsyms) -> Result<HashMap<usize, u64>, LinkError> {
+pub fn externals(
+    module: &Module,
+    symbols: &GuestSymbols<'_>,
+) -> Result<HashMap<usize, u64>, LinkError> {
+    let kallsyms = symbols.kallsyms;
     let mut values = HashMap::new();
     let mut unresolved: Vec<Unresolved> = Vec::new();
     let mut used: Vec<usize> = module.relocs.iter().map(|r| r.symbol).collect();
@@ -63,9 +142,20 @@ pub fn externals(module: &Module, kallsyms: &Kallsyms) -> Result<HashMap<usize, 
         let result = match &sym.def {
             SymbolDef::Undefined if i == 0 => Ok(0),
             SymbolDef::Undefined => global(kallsyms, &sym.name, sym.weak),
-            SymbolDef::Klp { name, sympos, .. } => {
-                kallsyms.resolve(name, *sympos).map_err(|e| e.to_string())
-            }
+            SymbolDef::Klp {
+                object,
+                name,
+                sympos,
+            } if object == "vmlinux" => kallsyms.resolve(name, *sympos).map_err(|e| e.to_string()),
+            SymbolDef::Klp {
+                object,
+                name,
+                sympos,
+            } => match symbols.module(object) {
+                Some(m) => module_symbol(m, name, *sympos),
+                // Not loaded: its relocations wait with the module.
+                None => continue,
+            },
             _ => continue,
         };
         match result {

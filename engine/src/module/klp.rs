@@ -128,7 +128,8 @@ pub struct Patch {
 /// One `struct klp_object`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Object {
-    /// `None` is vmlinux (the only kind supported now).
+    /// `None` is vmlinux; `Some` names a kernel module, resolved against
+    /// that module's own symbols when it is loaded.
     pub name: Option<String>,
     pub funcs: Vec<Func>,
     pub callbacks: Callbacks,

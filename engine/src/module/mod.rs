@@ -74,10 +74,16 @@ pub enum ModuleError {
     #[error("unexpected klp structure layout in the guest's BTF: {0}")]
     KlpLayout(String),
     #[error(
-        "the patch targets the module `{0}`: patching kernel modules is not supported yet \
-         (only vmlinux objects)"
+        "{section} refers to {symbol}: a module's .klp.rela section may only use that kind of \
+         module's .klp.sym symbols, never vmlinux ones (klp_resolve_symbols refuses it too; use \
+         an ordinary relocation for an exported vmlinux symbol)"
     )]
-    ObjectNotSupported(String),
+    KlpRelaVmlinuxSymbol { section: String, symbol: String },
+    #[error(
+        "{section} refers to `{symbol}`, which is not a .klp.sym symbol (SHN_LIVEPATCH): klp \
+         refuses such a relocation section"
+    )]
+    KlpRelaPlainSymbol { section: String, symbol: String },
     #[error(
         "the module has sections that cannot be honoured from outside the guest:\n{}",
         .0.iter().map(|(s, why)| format!("  {s}: {why}")).collect::<Vec<_>>().join("\n")
@@ -243,13 +249,18 @@ fn reloc_name(r_type: u32) -> &'static str {
 }
 
 /// A relocation to apply when linking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reloc {
     pub place: Place,
     pub kind: RelocKind,
     /// Index into [`Module::symbols`].
     pub symbol: usize,
     pub addend: i64,
+    /// The kernel module this relocation belongs to (from a
+    /// `.klp.rela.<module>.*` section, or against a `.klp.sym.<module>.*`
+    /// symbol): applied only while that module is loaded, as klp applies
+    /// it when the module's object is patched. `None`: always applied.
+    pub object: Option<String>,
 }
 
 /// Segment sizes, page-rounded, known before any address is chosen.
@@ -311,9 +322,6 @@ impl Module {
         modinfo.check_release(guest_release)?;
         let release = guest_release.to_owned();
         let patch = klp::read_patch(&elf, btf, modinfo.livepatch(), modinfo.get("name"))?;
-        if let Some(name) = patch.objects.iter().find_map(|o| o.name.clone()) {
-            return Err(ModuleError::ObjectNotSupported(name));
-        }
 
         let policies: Vec<Option<Policy>> = elf
             .sections
@@ -330,17 +338,37 @@ impl Module {
         let (sections, by_elf, layout) = lay_out(&elf, &policies)?;
 
         let mut relocs = Vec::new();
-        let mut klp_object_error = None;
         for r in &elf.relas {
             let Some(Policy::Load(_)) = policy_of(r.target) else {
                 continue;
             };
             let tsec = &elf.sections[r.target];
+            // klp applies a `.klp.rela.<object>.*` section when it patches
+            // <object> (klp_apply_section_relocs), with only `.klp.sym`
+            // symbols, and a module's section never with vmlinux ones.
+            let mut object = None;
             if r.klp {
-                let object = rela_object(&elf.sections[r.rela_section].name);
-                if object != "vmlinux" {
-                    klp_object_error.get_or_insert(object.to_owned());
-                    continue;
+                let rela_section = &elf.sections[r.rela_section].name;
+                let o = rela_object(rela_section);
+                let sym = &symbols[r.symbol];
+                match &sym.def {
+                    SymbolDef::Klp { object: so, .. } if so == "vmlinux" && o != "vmlinux" => {
+                        return Err(ModuleError::KlpRelaVmlinuxSymbol {
+                            section: rela_section.clone(),
+                            symbol: sym.name.clone(),
+                        })
+                    }
+                    SymbolDef::Klp { .. } => {}
+                    _ if o != "vmlinux" => {
+                        return Err(ModuleError::KlpRelaPlainSymbol {
+                            section: rela_section.clone(),
+                            symbol: sym.name.clone(),
+                        })
+                    }
+                    _ => {}
+                }
+                if o != "vmlinux" {
+                    object = Some(o.to_owned());
                 }
             }
             let kind = RelocKind::from_elf(r.r_type).ok_or(ModuleError::UnsupportedRelocation {
@@ -389,9 +417,11 @@ impl Module {
                     },
                 );
             }
-            if let SymbolDef::Klp { object, .. } = &sym.def {
-                if object != "vmlinux" {
-                    klp_object_error.get_or_insert(object.clone());
+            // A `.klp.sym.<module>` symbol has a value only while that
+            // module is loaded: so does any relocation against it.
+            if let SymbolDef::Klp { object: so, .. } = &sym.def {
+                if so != "vmlinux" && object.is_none() {
+                    object = Some(so.clone());
                 }
             }
             relocs.push(Reloc {
@@ -399,10 +429,8 @@ impl Module {
                 kind,
                 symbol: r.symbol,
                 addend: r.addend,
+                object,
             });
-        }
-        if let Some(object) = klp_object_error {
-            return Err(ModuleError::ObjectNotSupported(object));
         }
 
         let mut module = Self {
