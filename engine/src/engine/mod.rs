@@ -390,11 +390,6 @@ struct Retired {
     name: String,
     removed_at: u64,
     record: Record,
-    /// Its `struct module` was taken out of the guest's registries by an
-    /// earlier sweep; the next one may free its memory (kernel readers
-    /// that were walking past it have finished by then, as after
-    /// `synchronize_rcu` in `free_module`).
-    unlinked: bool,
 }
 
 /// One guest's patches.
@@ -849,7 +844,6 @@ impl Engine {
                 name: p.name,
                 removed_at: now_unix(),
                 record,
-                unlinked: false,
             });
         }
     }
@@ -1061,7 +1055,6 @@ impl Engine {
                 name: name.to_owned(),
                 removed_at: now_unix(),
                 record,
-                unlinked: false,
             });
         }
         Ok(info)
@@ -1082,7 +1075,7 @@ impl Engine {
         let mut keep = Vec::new();
         // Iterate over a copy: registry plans look at every retired
         // patch's module, this one's included.
-        for mut r in self.retired.clone() {
+        for r in self.retired.clone() {
             let check = Check::new(
                 r.record
                     .text()
@@ -1102,20 +1095,24 @@ impl Engine {
                 keep.push(r);
                 continue;
             }
-            if let (false, Some(m)) = (r.unlinked, r.record.module.as_ref()) {
-                // First take its struct module off the registries; free the
-                // memory at a later sweep, once readers have moved on.
-                match self
+            if let Some(m) = r.record.module.as_ref() {
+                // Its struct module leaves the kernel's lists before its
+                // memory is freed. A kernel reader walking past it (only
+                // one running on a vCPU right now can be: those walks do
+                // not sleep) has the whole time until the pages are
+                // reused to move on: that is a later transition's load,
+                // after the guest has run again.
+                let unlinked = self
                     .unregister_plan(kernel, guest, m)
                     .and_then(|plan| match plan {
                         Some(plan) => Ok(plan.commit(guest).map(drop)?),
                         None => Ok(()),
-                    }) {
-                    Ok(()) => r.unlinked = true,
-                    Err(e) => tracing::info!(patch = r.name, "module not unregistered yet: {e}"),
+                    });
+                if let Err(e) = unlinked {
+                    tracing::info!(patch = r.name, "module not unregistered yet: {e}");
+                    keep.push(r);
+                    continue;
                 }
-                keep.push(r);
-                continue;
             }
             if let Some(f) = self.facts.as_mut() {
                 for region in &r.record.regions {
