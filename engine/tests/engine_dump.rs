@@ -572,26 +572,12 @@ fn signed_module_applies_stripped_and_lists_its_signature() {
 }
 
 /// The names on the guest kernel's `modules` list, as /proc/modules
-/// would show them.
+/// would show them (read by the guest crate's module reader).
 fn guest_modules<G: klpvisor_guest::Guest + ?Sized>(
     k: &klpvisor_guest::Kernel,
     g: &G,
 ) -> Vec<String> {
-    use klpvisor_guest::VirtRead;
-    let space = k.space(g);
-    let head = k.kallsyms.addr("modules").unwrap();
-    let list = k.btf.offset_of("module.list").unwrap();
-    let name = k.btf.offset_of("module.name").unwrap();
-    let mut out = Vec::new();
-    let mut cur = space.read_u64(head).unwrap();
-    while cur != head && out.len() < 1000 {
-        let mut b = [0u8; 56];
-        space.read_virt(cur - list + name, &mut b).unwrap();
-        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-        out.push(String::from_utf8_lossy(&b[..end]).into_owned());
-        cur = space.read_u64(cur).unwrap();
-    }
-    out
+    k.modules(g).unwrap().into_iter().map(|m| m.name).collect()
 }
 
 /// A patch with objects for vmlinux, the loaded pvpanic module and the

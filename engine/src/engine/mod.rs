@@ -910,8 +910,7 @@ impl Engine {
             .and_then(|r| r.module.clone())
             .filter(|_| !p.loaded);
         if register.is_some() {
-            self.registry()?
-                .quiet(&modules::space_mem(&kernel.space(guest)))?;
+            self.registry_quiet(kernel, guest)?;
         }
         if !p.change.forced && !p.check.is_empty() {
             let blockers = self.blockers(kernel, guest, &p.check)?;
@@ -921,13 +920,7 @@ impl Engine {
         }
         let undo = p.plan.commit(guest)?;
         if let Some(r) = register {
-            if let Err(e) = self
-                .register_plan(kernel, guest, &r)
-                .and_then(|plan| Ok(plan.commit(guest)?))
-            {
-                undo.commit(guest)?;
-                return Err(e);
-            }
+            self.register_or_undo(kernel, guest, &p.name, &r, &undo)?;
         }
         if let Some(arena) = &p.arena {
             if let Some(f) = self.facts.as_mut() {

@@ -20,13 +20,6 @@ impl<G: Guest + ?Sized> Mem for SpaceMem<'_, '_, G> {
     }
 }
 
-/// `space` as the registry code reads guest memory.
-pub(super) fn space_mem<'a, 'g, G: Guest + ?Sized>(
-    space: &'a AddressSpace<'g, G>,
-) -> impl Mem + 'a {
-    SpaceMem(space)
-}
-
 impl Engine {
     pub(super) fn registry(&self) -> Result<&Registry, EngineError> {
         let f = self
@@ -131,6 +124,50 @@ impl Engine {
             .map(Some)
     }
 
+    /// Refuses before anything is written while a module load or unload
+    /// is mid-way in the guest (nothing to undo then).
+    pub(super) fn registry_quiet<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<(), EngineError> {
+        Ok(self.registry()?.quiet(&SpaceMem(&kernel.space(guest)))?)
+    }
+
+    /// Registers `r`, whose pages `undo` takes back: commits the
+    /// registration, or commits `undo` and returns why not. Returns the
+    /// plan that undoes the registration. vCPUs paused.
+    pub(super) fn register_or_undo<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        name: &str,
+        r: &Registered,
+        undo: &Plan,
+    ) -> Result<Plan, EngineError> {
+        match self
+            .register_plan(kernel, guest, r)
+            .and_then(|plan| Ok(plan.commit(guest)?))
+        {
+            Ok(unlink) => {
+                tracing::info!(
+                    patch = name,
+                    module = format_args!("{:#x}", r.module),
+                    extable = r.counts.extable,
+                    bugs = r.counts.bugs,
+                    orc = r.counts.orc,
+                    symbols = r.counts.symbols,
+                    "patch registered with the guest kernel as a module"
+                );
+                Ok(unlink)
+            }
+            Err(e) => {
+                undo.commit(guest)?;
+                Err(e)
+            }
+        }
+    }
+
     /// Commits `p`'s load (its pages and its `struct module`) and then
     /// registers the module, both in this pause, undoing the first if the
     /// second fails. Returns the plans that undo both, to commit in order.
@@ -140,39 +177,17 @@ impl Engine {
         guest: &G,
         p: &mut Prepared,
     ) -> Result<Vec<Plan>, EngineError> {
-        if p.record.as_ref().is_some_and(|r| r.module.is_some()) {
-            // Refuse before writing when the registries are busy: nothing
-            // to undo then.
-            let space = kernel.space(guest);
-            self.registry()?.quiet(&SpaceMem(&space))?;
+        let module = p.record.as_ref().and_then(|r| r.module.clone());
+        if module.is_some() {
+            self.registry_quiet(kernel, guest)?;
         }
-        let load = p.take_load();
-        let undo = load.commit(guest)?;
-        p.loaded = true;
-        let Some(r) = p.record.as_ref().and_then(|r| r.module.clone()) else {
+        let undo = p.take_load().commit(guest)?;
+        let Some(r) = module else {
+            p.loaded = true;
             return Ok(vec![undo]);
         };
-        let linked = self
-            .register_plan(kernel, guest, &r)
-            .and_then(|plan| Ok(plan.commit(guest)?));
-        match linked {
-            Ok(unlink) => {
-                tracing::info!(
-                    patch = p.name(),
-                    module = format_args!("{:#x}", r.module),
-                    extable = r.counts.extable,
-                    bugs = r.counts.bugs,
-                    orc = r.counts.orc,
-                    symbols = r.counts.symbols,
-                    "patch registered with the guest kernel as a module"
-                );
-                Ok(vec![unlink, undo])
-            }
-            Err(e) => {
-                undo.commit(guest)?;
-                p.loaded = false;
-                Err(e)
-            }
-        }
+        let unlink = self.register_or_undo(kernel, guest, p.name(), &r, &undo)?;
+        p.loaded = true;
+        Ok(vec![unlink, undo])
     }
 }
