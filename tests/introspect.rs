@@ -42,10 +42,10 @@ fn boot_lines(run: &Run, boot: u32) -> Vec<&str> {
     out
 }
 
-/// One /proc stat line: tgid, tid, comm.
-fn proc_task(line: &str) -> (i32, i32, String) {
-    // "KLPV-GTASK <tgid>/task/<tid>/stat <tid> (<comm>) <state> ..."
-    let rest = line.split_once("KLPV-GTASK ").expect("tag").1;
+/// One /proc stat line after `tag`: tgid, tid, comm.
+fn proc_task(line: &str, tag: &str) -> (i32, i32, String) {
+    // "<tag> <tgid>/task/<tid>/stat <tid> (<comm>) <state> ..."
+    let rest = line.split_once(&format!("{tag} ")).expect("tag").1;
     let tgid = rest.split('/').next().unwrap().parse().unwrap();
     let open = rest.find('(').unwrap();
     let close = rest.rfind(')').unwrap();
@@ -56,6 +56,19 @@ fn proc_task(line: &str) -> (i32, i32, String) {
         .parse()
         .unwrap();
     (tgid, tid, rest[open + 1..close].to_owned())
+}
+
+/// The guest's listing of its threads under `tag`: tid to (tgid, comm).
+fn listing(lines: &[&str], tag: &str) -> BTreeMap<i32, (i32, String)> {
+    let needle = format!("{tag} ");
+    lines
+        .iter()
+        .filter(|l| l.contains(&needle))
+        .map(|l| {
+            let (tgid, tid, comm) = proc_task(l, tag);
+            (tid, (tgid, comm))
+        })
+        .collect()
 }
 
 /// /proc shows workqueue workers as "kworker/0:1-events" (the comm plus
@@ -118,29 +131,59 @@ fn api_view_equals_the_guests_own_on_two_kaslr_slides() {
         assert_eq!(k.version.as_deref(), Some(version), "boot {boot}");
         assert!(k.banner.as_deref().unwrap_or("").contains(version));
 
-        // Threads: exactly the guest's, with the same tgid and name.
+        // Threads: the guest's, with the same tgid and name. The guest
+        // listed them before the host looked and again after; the kernel
+        // may start or end threads of its own in between (a workqueue pool
+        // adds a worker when its last idle one gets work).
         let t = &tasks[&boot];
-        let want: BTreeMap<i32, (i32, String)> = lines
-            .iter()
-            .filter(|l| l.contains("KLPV-GTASK "))
-            .map(|l| {
-                let (tgid, tid, comm) = proc_task(l);
-                (tid, (tgid, comm))
-            })
-            .collect();
+        let before = listing(&lines, "KLPV-GTASK");
+        let after = listing(&lines, "KLPV-GTASK2");
+        assert!(
+            !before.is_empty() && !after.is_empty(),
+            "boot {boot}: guest's listings"
+        );
         let got: BTreeMap<i32, &TaskEntry> = t
             .tasks
             .iter()
             .filter(|t| t.idle_cpu.is_none())
             .map(|t| (t.pid, t))
             .collect();
-        assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            want.keys().collect::<Vec<_>>(),
-            "boot {boot}: thread ids"
+        // Alive at both listings, so alive while the host looked.
+        let missed: Vec<_> = before
+            .keys()
+            .filter(|tid| after.contains_key(tid) && !got.contains_key(tid))
+            .collect();
+        assert!(
+            missed.is_empty(),
+            "boot {boot}: threads the host missed: {missed:?}"
         );
-        for (tid, (tgid, comm)) in &want {
-            let g = got[tid];
+        // Every thread the host saw was listed, or was born after the first
+        // listing (pids count up) and had ended by the second.
+        let newest = before.keys().max().copied().unwrap_or(0);
+        let unknown: Vec<_> = got
+            .keys()
+            .filter(|tid| !before.contains_key(tid) && !after.contains_key(tid) && **tid <= newest)
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "boot {boot}: threads the guest never had: {unknown:?}"
+        );
+        let changed = before.len() != after.len() || before.keys().any(|t| !after.contains_key(t));
+        eprintln!(
+            "boot {boot}: {} threads seen by the host, {} and {} listed by the guest{}",
+            got.len(),
+            before.len(),
+            after.len(),
+            if changed {
+                " (the set changed in between)"
+            } else {
+                ""
+            }
+        );
+        for (tid, g) in &got {
+            let Some((tgid, comm)) = before.get(tid).or_else(|| after.get(tid)) else {
+                continue;
+            };
             assert_eq!(g.tgid, *tgid, "boot {boot}: tgid of {tid}");
             assert!(
                 comm_matches(g, comm),
