@@ -1,48 +1,81 @@
-# Sourced by scenarios (not one itself): run `vmm` with a control socket in
-# the background and follow its console, with FIFOs, never sleeps.
+# Sourced by scenarios (not one itself): run `vmm` in the background and
+# follow its output, with FIFOs, never sleeps.
 #
+# Three streams, each on its own FIFO and copied to stdout by its own
+# forwarder, one whole line per write, so no stream's line is ever cut by
+# another's:
+#   - COM2 (vmm --serial2-out): everything the guest's programs print, with
+#     every "KLPV-" marker; the guest's init sends it there. The kernel never
+#     prints on it, so no kernel message lands inside a marker.
+#   - COM1, the console: kernel messages.
+#   - vmm's own log (its stderr).
+#
+# vm_spawn [--events] NAME [VMM-ARGS...]
+#   Starts vmm with VMM-ARGS and the three streams under /tmp/klpv-vm-NAME;
+#   its stdin is the FIFO "in" there. Sets VM_PID (the vmm) and vm_dir.
+#   With --events, fd 4 reads COM2's "KLPV-" lines (vm_wait); the caller
+#   must then keep reading them.
 # vm_start NAME GUEST-COMMAND [VMM-ARGS...]
-#   Boots the guest with `-- GUEST-COMMAND` on its command line and the
-#   control socket at $VM_SOCK; the console is copied to stdout. Sets VM_PID
-#   (the vmm) and VM_SOCK; fd 3 writes to the guest's console.
+#   vm_spawn --events with the guest command on the kernel command line
+#   (after " -- ") and the control socket at $VM_SOCK; fd 3 writes to the
+#   guest's console.
 # vm_wait PATTERN
-#   Returns 0 at the next console line starting "KLPV-" that contains
-#   PATTERN (the line is in $VM_LINE), 1 if the console ends first.
+#   Returns 0 at the next COM2 line starting "KLPV-" that contains PATTERN
+#   (the line is in $VM_LINE), 1 if COM2 ends first.
 # vm_send LINE
 #   Writes LINE to the guest's console.
 # vm_finish [LINE]
-#   Sends LINE (default "done"), closes the console and waits for vmm;
-#   returns vmm's exit code.
+#   Sends LINE (default "done"), closes the console and waits for vmm and
+#   the forwarders; returns vmm's exit code.
 # A vmm that has gone away must not kill the scenario with SIGPIPE when it
 # writes to the console FIFO: the write fails and vm_finish reports vmm's
 # exit code.
 trap '' PIPE
 
-vm_start() {
-	vm_dir=/tmp/klpv-vm-$1
-	vm_cmd=$2
-	shift 2
-	rm -rf "$vm_dir"
-	mkdir -p "$vm_dir"
-	mkfifo "$vm_dir/out" "$vm_dir/in" "$vm_dir/events"
-	VM_SOCK=$vm_dir/api.sock
-	vmm --kernel "$KLPV_KERNEL" --initrd "$KLPV_INITRD" --api-sock "$VM_SOCK" "$@" \
-		--cmdline "console=ttyS0 reboot=k panic=-1 -- $vm_cmd" \
-		<"$vm_dir/in" >"$vm_dir/out" 2>&1 &
-	VM_PID=$!
-	# Forwards the console; "KLPV-" lines also go to the events FIFO, which
-	# this shell keeps open (fd 4), so the forwarder never blocks on it
-	# (a blocked console would stall the vCPU writing it, and a pause).
+# forward FIFO [COPY]: copies FIFO's lines to stdout, "KLPV-" lines also to
+# the FIFO COPY. The writer of COPY (fd 5) stays open for the forwarder's
+# life and its reader (fd 4 of the scenario) drains it, so the forwarder
+# never blocks and neither does the vCPU writing the port.
+forward() {
 	(
-		exec 5>"$vm_dir/events"
+		[ -z "${2:-}" ] || exec 5>"$2"
 		while IFS= read -r line; do
 			echo "$line"
+			[ -z "${2:-}" ] && continue
 			case $line in
 			*KLPV-*) echo "$line" >&5 ;;
 			esac
-		done <"$vm_dir/out"
+		done <"$1"
 	) &
-	exec 4<"$vm_dir/events"
+}
+
+vm_spawn() {
+	vm_events=
+	[ "$1" = --events ] && { vm_events=1; shift; }
+	vm_dir=/tmp/klpv-vm-$1
+	shift
+	rm -rf "$vm_dir"
+	mkdir -p "$vm_dir"
+	mkfifo "$vm_dir/console" "$vm_dir/com2" "$vm_dir/log" "$vm_dir/in" "$vm_dir/events"
+	vmm --serial2-out "$vm_dir/com2" "$@" <"$vm_dir/in" >"$vm_dir/console" 2>"$vm_dir/log" &
+	VM_PID=$!
+	forward "$vm_dir/console"
+	forward "$vm_dir/log"
+	if [ -n "$vm_events" ]; then
+		forward "$vm_dir/com2" "$vm_dir/events"
+		exec 4<"$vm_dir/events"
+	else
+		forward "$vm_dir/com2"
+	fi
+}
+
+vm_start() {
+	vm_name=$1
+	vm_cmd=$2
+	shift 2
+	VM_SOCK=/tmp/klpv-vm-$vm_name/api.sock
+	vm_spawn --events "$vm_name" --kernel "$KLPV_KERNEL" --initrd "$KLPV_INITRD" \
+		--api-sock "$VM_SOCK" "$@" --cmdline "console=ttyS0 reboot=k panic=-1 -- $vm_cmd"
 	exec 3>"$vm_dir/in"
 }
 
@@ -63,9 +96,11 @@ vm_finish() {
 	kill -0 "$VM_PID" 2>/dev/null || echo "KLPV-VM vmm exited before the scenario finished"
 	echo "${1:-done}" >&3 2>/dev/null
 	exec 3>&-
+	# Nobody reads the markers any more: a forwarder's copy to the closed
+	# FIFO fails (SIGPIPE is ignored) instead of blocking it.
+	exec 4<&-
 	wait "$VM_PID"
 	vm_rc=$?
 	wait
-	exec 4<&-
 	return $vm_rc
 }

@@ -39,6 +39,7 @@ fn main() {
     let vm = match Vm::start(
         &config,
         Box::new(std::io::stdout()),
+        None,
         BootTimer::new(started),
     ) {
         Ok(vm) => Arc::new(vm),

@@ -46,6 +46,12 @@ pub struct Args {
     /// it, unsigned patches are accepted and `patcher list` says so.
     #[arg(long, value_name = "DIR")]
     pub trusted_keys: Option<PathBuf>,
+    /// Give the guest a second serial port (COM2, its ttyS1), output only,
+    /// written to PATH (a file, created or appended to, or a FIFO). The
+    /// kernel prints to the console (COM1) unless told otherwise, so
+    /// program output sent to ttyS1 never has kernel messages spliced in.
+    #[arg(long, value_name = "PATH")]
+    pub serial2_out: Option<PathBuf>,
     /// Time a loop on /dev/kvm, print whether it runs at hardware speed, and exit.
     #[arg(long)]
     pub kvm_probe: bool,

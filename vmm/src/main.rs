@@ -75,12 +75,30 @@ fn main() -> ExitCode {
         Ok(fd) => std::fs::File::from(fd),
         Err(e) => return fail(&e),
     };
-    let (console, console_drain) = match console_out::start(Box::new(stdout), console_out::CAPACITY)
-    {
+    let (console, console_drain) =
+        match console_out::start("COM1", Box::new(stdout), console_out::CAPACITY) {
+            Ok(c) => c,
+            Err(e) => return fail(&format!("cannot start the console thread: {e}")),
+        };
+    // COM2, when asked for, drains to its file the same way. Opening a FIFO
+    // waits here for its reader, before the guest runs.
+    let com2 = match args.serial2_out.as_deref().map(open_serial2).transpose() {
         Ok(c) => c,
-        Err(e) => return fail(&format!("cannot start the console thread: {e}")),
+        Err(e) => return fail(&e),
     };
-    let vm = match Vm::start(&config, Box::new(console), BootTimer::new(started)) {
+    let (com2_out, com2_drain) = match com2 {
+        Some((out, drain)) => (
+            Some(Box::new(out) as Box<dyn std::io::Write + Send>),
+            Some(drain),
+        ),
+        None => (None, None),
+    };
+    let vm = match Vm::start(
+        &config,
+        Box::new(console),
+        com2_out,
+        BootTimer::new(started),
+    ) {
         Ok(vm) => Arc::new(vm),
         Err(e) => return fail(&e),
     };
@@ -116,6 +134,20 @@ fn main() -> ExitCode {
     let exit = vm.wait();
     // The guest's last lines (a panic message, "Power down") before the
     // VMM's own report.
+    if let Some(drain) = com2_drain {
+        let dropped = drain.dropped();
+        if !drain.finish(CONSOLE_FLUSH) {
+            tracing::warn!(
+                "--serial2-out did not take COM2's last output within {CONSOLE_FLUSH:?}"
+            );
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                dropped_bytes = dropped,
+                "COM2 output was dropped while its file was slow"
+            );
+        }
+    }
     let dropped = console_drain.dropped();
     if !console_drain.finish(CONSOLE_FLUSH) {
         tracing::warn!("stdout did not take the console's last output within {CONSOLE_FLUSH:?}");
@@ -155,6 +187,19 @@ fn main() -> ExitCode {
             ExitCode::from(128u8.saturating_add(sig as u8))
         }
     }
+}
+
+/// Opens `--serial2-out` and starts its drain thread.
+fn open_serial2(
+    path: &std::path::Path,
+) -> Result<(console_out::ConsoleOut, console_out::ConsoleDrain), String> {
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| format!("--serial2-out {}: {e}", path.display()))?;
+    console_out::start("COM2", Box::new(file), console_out::CAPACITY)
+        .map_err(|e| format!("cannot start the COM2 thread: {e}"))
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {

@@ -22,7 +22,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::arch::x86_64::{acpi, boot, cpuid, interrupts, layout, msr, regs};
 use crate::devices::boot_timer::BootTimer;
-use crate::devices::serial::{Console, COM1_IRQ};
+use crate::devices::serial::{Console, COM1_IRQ, COM2_IRQ};
 use crate::devices::{GuestEvent, PioDevices};
 use crate::vcpu::{
     install_kick_handler, kick_signal, VcpuControl, VcpuReport, VcpuRequest, VcpuState, VcpuThread,
@@ -150,11 +150,14 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates and configures the VM and starts its vCPUs. Serial output
-    /// goes to `console_out`; `boot_timer` holds the process start time.
+    /// Creates and configures the VM and starts its vCPUs. The console's
+    /// output goes to `console_out`; with `com2_out` the guest also has a
+    /// second serial port, whose output goes there. `boot_timer` holds the
+    /// process start time.
     pub fn start(
         config: &VmConfig,
         console_out: Box<dyn std::io::Write + Send>,
+        com2_out: Option<Box<dyn std::io::Write + Send>>,
         boot_timer: BootTimer,
     ) -> Result<Self, VmError> {
         let layout = layout::MemoryLayout::new(config.mem_mib << 20, config.arena_mib << 20)?;
@@ -184,7 +187,7 @@ impl Vm {
 
         let memory = create_memory(&vm_fd, &layout, config.mem_mib)?;
         regs::write_boot_tables(&memory)?;
-        let rsdp = acpi::write_tables(&memory, config.cpus)?;
+        let rsdp = acpi::write_tables(&memory, config.cpus, com2_out.is_some())?;
         let kernel = boot::load(
             &memory,
             &layout,
@@ -198,8 +201,19 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("serial irqfd"))?;
+        let com2 = match com2_out {
+            Some(out) => {
+                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+                vm_fd
+                    .register_irqfd(&irq, COM2_IRQ)
+                    .map_err(kvm_err("COM2 irqfd"))?;
+                Some(Console::new(irq, out))
+            }
+            None => None,
+        };
         let devices = Arc::new(PioDevices::new(
             Console::new(serial_irq, console_out),
+            com2,
             boot_timer,
         ));
 

@@ -1,5 +1,5 @@
-//! Where the serial console's output goes: a bounded buffer drained to the
-//! VMM's stdout by a thread of its own.
+//! Where a serial port's output goes: a bounded buffer drained to the
+//! VMM's stdout (COM1, the console) or a file (COM2) by a thread of its own.
 //!
 //! The UART is written by vCPU threads, byte by byte, under the UART lock.
 //! Writing each byte straight to stdout made a slow reader of stdout (a
@@ -54,6 +54,7 @@ pub struct ConsoleDrain(Arc<Shared>);
 /// Starts the drain thread writing to `out`, holding at most `capacity`
 /// bytes that `out` has not taken yet.
 pub fn start(
+    port: &'static str,
     out: Box<dyn Write + Send>,
     capacity: usize,
 ) -> std::io::Result<(ConsoleOut, ConsoleDrain)> {
@@ -65,12 +66,12 @@ pub fn start(
     });
     let for_thread = shared.clone();
     std::thread::Builder::new()
-        .name("console".into())
-        .spawn(move || drain(&for_thread, out))?;
+        .name(port.to_lowercase())
+        .spawn(move || drain(port, &for_thread, out))?;
     Ok((ConsoleOut(shared.clone()), ConsoleDrain(shared)))
 }
 
-fn drain(shared: &Shared, mut out: Box<dyn Write + Send>) {
+fn drain(port: &str, shared: &Shared, mut out: Box<dyn Write + Send>) {
     let mut reported = 0;
     loop {
         let (chunk, dropped) = {
@@ -89,8 +90,8 @@ fn drain(shared: &Shared, mut out: Box<dyn Write + Send>) {
         if dropped > reported {
             tracing::warn!(
                 dropped_bytes = dropped,
-                "the guest console wrote faster than stdout took it; output was dropped \
-                 rather than stall the vCPUs"
+                "the guest wrote to {port} faster than its output took it; output was \
+                 dropped rather than stall the vCPUs"
             );
             reported = dropped;
         }
@@ -188,7 +189,7 @@ mod tests {
             seen: seen.clone(),
             opened: false,
         };
-        let (mut w, drain) = start(Box::new(out), 64).unwrap();
+        let (mut w, drain) = start("COM1", Box::new(out), 64).unwrap();
         // The drain thread may take the first write before it blocks; all
         // later ones fill the 64-byte buffer, then overflow it.
         let started = Instant::now();
@@ -218,7 +219,7 @@ mod tests {
             seen: seen.clone(),
             opened: false,
         };
-        let (mut w, drain) = start(Box::new(out), CAPACITY).unwrap();
+        let (mut w, drain) = start("COM1", Box::new(out), CAPACITY).unwrap();
         let text: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
         for b in &text {
             w.write_all(std::slice::from_ref(b)).unwrap();
@@ -235,7 +236,7 @@ mod tests {
             seen: Arc::new(Mutex::new(Vec::new())),
             opened: false,
         };
-        let (mut w, drain) = start(Box::new(out), 1024).unwrap();
+        let (mut w, drain) = start("COM1", Box::new(out), 1024).unwrap();
         w.write_all(b"stuck").unwrap();
         assert!(!drain.finish(Duration::from_millis(100)));
     }

@@ -1,4 +1,5 @@
-//! Port-I/O devices and their dispatch. The guest sees a 16550 UART on COM1,
+//! Port-I/O devices and their dispatch. The guest sees a 16550 UART on COM1
+//! (and on COM2 when the VMM was given somewhere to write its output),
 //! a CMOS RTC, an i8042 that can only reset, the ACPI sleep/reset register, a pvpanic
 //! port, the boot-timer port and the call gate's doorbell. Unclaimed reads float high (0xff) like an
 //! empty ISA bus, so probes for absent hardware fail fast.
@@ -26,12 +27,17 @@ pub enum GuestEvent {
 
 const COM1_START: u16 = serial::COM1_PORT;
 const COM1_END: u16 = 0x3ff;
+const COM2_START: u16 = serial::COM2_PORT;
+const COM2_END: u16 = 0x2ff;
 const I8042_DATA: u16 = 0x60;
 const I8042_COMMAND: u16 = 0x64;
 
 /// All port-I/O devices of one VM.
 pub struct PioDevices {
     pub console: Console,
+    /// COM2, output only; without it the ports float high and the guest's
+    /// 8250 driver finds no UART there.
+    com2: Option<Console>,
     i8042: Mutex<vm_superio::I8042Device<power::ResetLatch>>,
     cmos: cmos::Cmos,
     pub boot_timer: BootTimer,
@@ -39,9 +45,10 @@ pub struct PioDevices {
 }
 
 impl PioDevices {
-    pub fn new(console: Console, boot_timer: BootTimer) -> Self {
+    pub fn new(console: Console, com2: Option<Console>, boot_timer: BootTimer) -> Self {
         Self {
             console,
+            com2,
             i8042: Mutex::new(vm_superio::I8042Device::new(power::ResetLatch::default())),
             cmos: cmos::Cmos::default(),
             boot_timer,
@@ -56,6 +63,11 @@ impl PioDevices {
             COM1_START..=COM1_END => {
                 if let Some(b) = data.first_mut() {
                     *b = self.console.read((port - COM1_START) as u8);
+                }
+            }
+            COM2_START..=COM2_END => {
+                if let (Some(b), Some(com2)) = (data.first_mut(), &self.com2) {
+                    *b = com2.read((port - COM2_START) as u8);
                 }
             }
             I8042_DATA | I8042_COMMAND => {
@@ -90,6 +102,12 @@ impl PioDevices {
                 self.console.write((port - COM1_START) as u8, value);
                 None
             }
+            COM2_START..=COM2_END => {
+                if let Some(com2) = &self.com2 {
+                    com2.write((port - COM2_START) as u8, value);
+                }
+                None
+            }
             I8042_DATA | I8042_COMMAND => {
                 let mut dev = self.i8042.lock().ok()?;
                 // ResetLatch::trigger is infallible.
@@ -116,7 +134,39 @@ mod tests {
     use super::*;
 
     fn devices() -> PioDevices {
-        PioDevices::new(Console::sink(), BootTimer::default())
+        PioDevices::new(Console::sink(), None, BootTimer::default())
+    }
+
+    #[test]
+    fn com2_is_absent_unless_given_an_output() {
+        let d = devices();
+        let mut b = [0u8];
+        // The 8250 driver's probe reads the scratch and line-status
+        // registers; an empty bus answers 0xff and no UART is found.
+        d.read(COM2_START + 7, &mut b);
+        assert_eq!(b[0], 0xff);
+
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let com2 = Console::new(irq, Box::new(Shared(out.clone())));
+        let d = PioDevices::new(Console::sink(), Some(com2), BootTimer::default());
+        d.write(COM2_START + 7, &[0x5a]);
+        d.read(COM2_START + 7, &mut b);
+        assert_eq!(b[0], 0x5a, "scratch register");
+        for c in b"KLPV-X\n" {
+            d.write(COM2_START, &[*c]);
+        }
+        assert_eq!(&out.lock().unwrap()[..], b"KLPV-X\n");
     }
 
     #[test]

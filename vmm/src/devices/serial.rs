@@ -1,6 +1,13 @@
-//! COM1: a vm-superio 16550 whose interrupt is an irqfd on ISA IRQ 4 and
-//! whose output goes to the VMM's stdout through a bounded buffer
-//! (`console_out`), so a slow stdout never stalls a vCPU.
+//! The serial ports: vm-superio 16550s whose interrupts are irqfds on their
+//! ISA IRQs and whose output goes through a bounded buffer (`console_out`),
+//! so a slow reader never stalls a vCPU.
+//!
+//! COM1 is the console: kernel messages, and input from the VMM's stdin.
+//! COM2 (`vmm --serial2-out`) is output only, to a file or FIFO. The kernel
+//! never prints there unless told to (`console=ttyS1`), so a program in the
+//! guest that writes its lines to ttyS1 never has a kernel message spliced
+//! into one, as can happen on the console, where printk writes straight to
+//! the UART between the chunks of a process's write.
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -13,6 +20,10 @@ use vmm_sys_util::eventfd::EventFd;
 pub const COM1_PORT: u16 = 0x3f8;
 /// ISA IRQ of COM1.
 pub const COM1_IRQ: u32 = 4;
+/// I/O base of COM2.
+pub const COM2_PORT: u16 = 0x2f8;
+/// ISA IRQ of COM2.
+pub const COM2_IRQ: u32 = 3;
 
 /// An eventfd that KVM turns into an interrupt (KVM_IRQFD).
 pub struct IrqLine(pub EventFd);
@@ -27,7 +38,7 @@ impl Trigger for IrqLine {
 
 type Uart = Serial<IrqLine, NoEvents, Box<dyn Write + Send>>;
 
-/// The serial console, shared by the vCPU threads and the stdin reader.
+/// One serial port, shared by the vCPU threads and (COM1) the stdin reader.
 pub struct Console {
     uart: Mutex<Uart>,
 }

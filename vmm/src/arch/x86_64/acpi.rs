@@ -18,7 +18,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{align_up, ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
-use crate::devices::serial::{COM1_IRQ, COM1_PORT};
+use crate::devices::serial::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
 use crate::devices::{cmos, power::POWER_PORT, pvpanic::PVPANIC_PORT};
 
 const OEM_ID: [u8; 6] = *b"KLPVSR";
@@ -42,23 +42,36 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
     v
 }
 
-fn dsdt() -> Vec<u8> {
+/// `dsdt(com2)`: the DSDT, with the COM2 device when the VM has one.
+fn dsdt(com2: bool) -> Vec<u8> {
     // \_S5_: SLP_TYPa = 5, the value the power device recognises.
     let s5 = aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&5u8, &0u8, &0u8, &0u8]),
     );
 
-    // COM1 must be an ACPI device: on a hardware-reduced platform Linux has
-    // no legacy PIC and maps ISA IRQs only through _CRS, so without this the
-    // UART's interrupt never arrives and tty output stalls.
-    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
-    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    // The UARTs must be ACPI devices: on a hardware-reduced platform Linux
+    // has no legacy PIC and maps ISA IRQs only through _CRS, so without this
+    // a UART's interrupt never arrives. (The 8250 driver still finds a
+    // legacy port by probing, but its open then fails to get the IRQ and,
+    // for root, succeeds anyway with every write failing: silence.)
+    let uart = |port: u16, irq: u32| {
+        (
+            aml::IO::new(port, port, 1, 8),
+            aml::Interrupt::new(true, true, false, false, irq),
+        )
+    };
+    let (com1_io, com1_irq) = uart(COM1_PORT, COM1_IRQ);
     let com1_res = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
     let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let com1_uid = aml::Name::new("_UID".into(), &0u8);
     let com1_crs = aml::Name::new("_CRS".into(), &com1_res);
     let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
+    let (com2_io, com2_irq) = uart(COM2_PORT, COM2_IRQ);
+    let com2_res = aml::ResourceTemplate::new(vec![&com2_io, &com2_irq]);
+    let com2_uid = aml::Name::new("_UID".into(), &1u8);
+    let com2_crs = aml::Name::new("_CRS".into(), &com2_res);
+    let com2_dev = aml::Device::new("COM2".into(), vec![&com1_hid, &com2_uid, &com2_crs]);
 
     // The CMOS RTC, without an alarm interrupt.
     let rtc_io = aml::IO::new(cmos::INDEX_PORT, cmos::INDEX_PORT, 1, 2);
@@ -73,7 +86,11 @@ fn dsdt() -> Vec<u8> {
     let pvpanic_crs = aml::Name::new("_CRS".into(), &pvpanic_res);
     let pvpanic = aml::Device::new("PEVT".into(), vec![&pvpanic_hid, &pvpanic_crs]);
 
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &rtc, &pvpanic]);
+    let mut devices: Vec<&dyn Aml> = vec![&com1, &rtc, &pvpanic];
+    if com2 {
+        devices.push(&com2_dev);
+    }
+    let sb = aml::Scope::new("\\_SB_".into(), devices);
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"KLPVDSDT", OEM_REVISION);
     s5.to_aml_bytes(&mut table);
     sb.to_aml_bytes(&mut table);
@@ -118,8 +135,9 @@ fn madt(cpus: u8) -> Vec<u8> {
 }
 
 /// Writes RSDP, XSDT, FADT, DSDT and MADT into the BIOS area and returns
-/// the RSDP address (for `boot_params.acpi_rsdp_addr`).
-pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
+/// the RSDP address (for `boot_params.acpi_rsdp_addr`). `com2`: the VM has
+/// a second UART.
+pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8, com2: bool) -> Result<u64, AcpiError> {
     let rsdp_addr = ACPI_START;
     let mut next = align_up(rsdp_addr + Rsdp::len() as u64, 16);
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
@@ -132,7 +150,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
         next = align_up(end, 16);
         Ok(addr)
     };
-    let dsdt_addr = place(&dsdt())?;
+    let dsdt_addr = place(&dsdt(com2))?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(cpus))?;
     let mut xsdt = XSDT::new(OEM_ID, *b"KLPVXSDT", OEM_REVISION);
@@ -157,7 +175,7 @@ mod tests {
     #[test]
     fn tables_are_well_formed() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let rsdp = write_tables(&mem, 4).unwrap();
+        let rsdp = write_tables(&mem, 4, false).unwrap();
         let mut r = [0u8; 36];
         mem.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
         assert_eq!(&r[..8], b"RSD PTR ");
@@ -189,9 +207,11 @@ mod tests {
 
     #[test]
     fn dsdt_names_s5_and_pvpanic() {
-        let d = dsdt();
+        let d = dsdt(false);
         assert!(d.windows(4).any(|w| w == b"_S5_"));
         assert!(d.windows(8).any(|w| w == b"QEMU0001"));
         assert!(d.windows(4).any(|w| w == b"COM1"));
+        assert!(!d.windows(4).any(|w| w == b"COM2"));
+        assert!(dsdt(true).windows(4).any(|w| w == b"COM2"));
     }
 }
