@@ -73,7 +73,7 @@ fn callbacks_run_in_the_guest_in_klps_order() {
                 .map(|(_, m)| m.to_owned())
         })
         .unwrap_or_else(|| panic!("no refusal\n{t}"));
-    assert!(!refused.starts_with("rc=0"), "{refused}");
+    assert!(refused.starts_with("rc=1 "), "refused: exit 1\n{refused}");
     assert!(
         refused.contains("callbacks_fail: pre_patch returned -16 (-EBUSY)"),
         "{refused}"
@@ -117,14 +117,17 @@ fn callbacks_run_in_the_guest_in_klps_order() {
             .unwrap_or_else(|| panic!("no {what} refusal\n{t}"))
     };
     let slow = refusal("slow");
-    assert!(!slow.starts_with("rc=0"), "{slow}");
+    assert!(
+        slow.starts_with("rc=7 "),
+        "a callback that did not finish: failed: exit 7\n{slow}"
+    );
     assert!(
         slow.contains("callbacks_slow: pre_patch did not finish within")
             && slow.contains("the callback started and has not returned"),
         "{slow}"
     );
     let busy = refusal("gate-busy");
-    assert!(!busy.starts_with("rc=0"), "{busy}");
+    assert!(busy.starts_with("rc=5 "), "busy: exit 5\n{busy}");
     assert!(
         busy.contains("an earlier callback is still in the guest"),
         "{busy}"

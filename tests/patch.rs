@@ -269,7 +269,8 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
     assert!(run.results("blocked").is_empty(), "{t}");
     // 1 s timeout, a sleeper that outlives it: refused, the sleeper named,
     // nothing changed.
-    assert_eq!(run.result("blocked-short")["rc"], "1", "{t}");
+    // patcher's exit code for "no safe point in time".
+    assert_eq!(run.result("blocked-short")["rc"], "4", "{t}");
     let msg = run.lines_with("BLOCKED-SHORT: ");
     assert!(
         msg[0].contains("no safe point")
@@ -292,7 +293,7 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
                 .map(|(_, m)| m.to_owned())
         })
         .unwrap_or_else(|| panic!("no busy refusal\n{t}"));
-    assert!(!busy.starts_with("rc=0"), "{busy}");
+    assert!(busy.starts_with("rc=5 "), "busy: exit 5\n{busy}");
     assert!(
         busy.contains("another transition is in progress (apply of block_nsleep)"),
         "{busy}"

@@ -42,13 +42,16 @@ fn a_shadow_variable_outlives_a_replace_and_states_are_enforced() {
 
     // klp's rule, with reasons a user can act on.
     let no_state = refused(&run, "no-state");
-    assert!(!no_state.starts_with("rc=0"), "{no_state}");
+    assert!(no_state.starts_with("rc=1 "), "refused: exit 1\n{no_state}");
     assert!(
         no_state.contains("does not carry system state 7 (version 1)"),
         "{no_state}"
     );
     let downgrade = refused(&run, "downgrade");
-    assert!(!downgrade.starts_with("rc=0"), "{downgrade}");
+    assert!(
+        downgrade.starts_with("rc=1 "),
+        "refused: exit 1\n{downgrade}"
+    );
     assert!(downgrade.contains("older than"), "{downgrade}");
     // ... and wrote nothing: kernel text and arena hashed around each.
     let hashes = run.results("guest-hash");

@@ -16,8 +16,9 @@ use thiserror::Error;
 use tokio::net::UnixStream;
 
 use crate::{
-    AddrReply, ErrorReply, HistoryEntry, MemoryReply, PatchInfo, PatchesReply, PauseReply,
-    RegsReply, ResumeReply, RollbackReply, SymbolsReply, TasksReply, TransitionReply, VmInfo,
+    AddrReply, ErrorKind, ErrorReply, HistoryEntry, MemoryReply, PatchInfo, PatchesReply,
+    PauseReply, RegsReply, ResumeReply, RollbackReply, SymbolsReply, TasksReply, TransitionReply,
+    VmInfo,
 };
 
 /// How long one request may take end to end (the server's own limit is
@@ -56,6 +57,8 @@ pub enum ClientError {
     Api {
         /// The HTTP status.
         status: u16,
+        /// The reply's `kind`, or the one its status implies.
+        kind: ErrorKind,
         /// The VMM's `{"error": ...}` text.
         message: String,
     },
@@ -409,11 +412,13 @@ pub fn check(reply: &Reply) -> Result<(), ClientError> {
     if status.is_success() {
         return Ok(());
     }
-    let message = serde_json::from_slice::<ErrorReply>(&reply.body)
-        .map(|e| e.error)
-        .unwrap_or_else(|_| String::from_utf8_lossy(&reply.body).into_owned());
+    let (message, kind) = match serde_json::from_slice::<ErrorReply>(&reply.body) {
+        Ok(e) => (e.error, e.kind),
+        Err(_) => (String::from_utf8_lossy(&reply.body).into_owned(), None),
+    };
     Err(ClientError::Api {
         status: reply.status,
+        kind: kind.unwrap_or_else(|| ErrorKind::of_status(reply.status)),
         message,
     })
 }
@@ -450,8 +455,13 @@ mod tests {
             body: br#"{"error":"the VM is already paused"}"#.to_vec(),
         };
         match check(&r) {
-            Err(ClientError::Api { status, message }) => {
+            Err(ClientError::Api {
+                status,
+                kind,
+                message,
+            }) => {
                 assert_eq!(status, 409);
+                assert_eq!(kind, ErrorKind::Busy, "implied by the status");
                 assert_eq!(message, "the VM is already paused");
             }
             other => panic!("{other:?}"),

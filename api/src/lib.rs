@@ -78,10 +78,48 @@ impl fmt::Display for VmState {
     }
 }
 
-/// Every error reply: `{"error": "..."}`.
+/// Every error reply: `{"error": "...", "kind": "..."}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorReply {
     pub error: String,
+    /// What a script should do about it; absent from VMMs that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ErrorKind>,
+}
+
+/// The class of a failed request, so that a script can react without
+/// parsing messages (`patcher` turns it into its exit code). The HTTP
+/// status alone cannot say it: a 409 is a busy VMM, a patch klp refuses
+/// in the current state, or a transition that found no safe point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request, the module, its signature or the patch stack's state
+    /// says no: the same request will fail again until something changes.
+    Refused,
+    /// No safe point within the timeout: guest tasks sat in functions the
+    /// transition changes. Nothing was written; retry later (or force).
+    Blocked,
+    /// Another change runs, or a user's pause is in the way: retry.
+    Busy,
+    /// The VM cannot answer yet or any more (kernel still booting, the
+    /// request outlived its time, the VM stopped): retry, or look at
+    /// `GET /patches` for what happened.
+    Unavailable,
+    /// The VMM or the guest failed: see the message and the VMM's log.
+    Failed,
+}
+
+impl ErrorKind {
+    /// The kind a status implies when the server names none.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            409 => Self::Busy,
+            503 | 504 => Self::Unavailable,
+            400..=499 | 507 => Self::Refused,
+            _ => Self::Failed,
+        }
+    }
 }
 
 /// `GET /vm`.

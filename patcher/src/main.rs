@@ -1,6 +1,14 @@
 //! `patcher`: the command-line client of a running `vmm`'s control socket.
 //! Human-readable output by default; `--json` prints the API's own JSON
-//! reply, unchanged, for scripts.
+//! reply, unchanged, for scripts, and errors as `{"error", "kind", "status"}`.
+//!
+//! Exit codes, so a script can tell what to do next:
+//! 0 done; 1 refused (the module, its signature or the patch stack says no)
+//! or any other error; 2 usage; 3 the VMM cannot be reached; 4 blocked (no
+//! safe point in time: retry later or force); 5 busy (another change or a
+//! pause: retry); 6 unavailable (the guest kernel is not ready, or the
+//! request outlived its time: see `patcher list`); 7 the VMM or the guest
+//! failed.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,8 +17,8 @@ use clap::{Parser, Subcommand};
 
 use klpvisor_api::client::{Client, ClientError, Space, TransitionOptions};
 use klpvisor_api::{
-    CallbackRun, HistoryEntry, KernelInfo, MemoryReply, PatchInfo, PatchesReply, RegsReply,
-    RollbackReply, TasksReply, TransitionReply, VmInfo, MAX_MEMORY_READ,
+    CallbackRun, ErrorKind, HistoryEntry, KernelInfo, MemoryReply, PatchInfo, PatchesReply,
+    RegsReply, RollbackReply, TasksReply, TransitionReply, VmInfo, MAX_MEMORY_READ,
 };
 use klpvisor_engine::signature::{
     sign, write_key_pair, Policy, Provenance, SecretKey, SignatureError, TrustedKeys,
@@ -21,8 +29,8 @@ use klpvisor_engine::signature::{
 #[command(name = "patcher", version)]
 struct Args {
     /// The VMM's control socket (`vmm --api-sock PATH`); every command
-    /// but keygen, sign and verify needs it.
-    #[arg(long, env = "KLPV_API_SOCK", value_name = "PATH")]
+    /// but keygen, sign and verify needs it. Before or after the command.
+    #[arg(long, env = "KLPV_API_SOCK", value_name = "PATH", global = true)]
     api_sock: Option<PathBuf>,
     /// Print the API's JSON reply instead of text.
     #[arg(long, global = true)]
@@ -160,12 +168,64 @@ fn main() -> ExitCode {
     };
     let client = match Client::new(sock) {
         Ok(c) => c,
-        Err(e) => return fail(&e),
+        Err(e) => return fail_request(&e, args.json),
     };
     match run(&client, &args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
+        Err(e) => fail_request(&e, args.json),
     }
+}
+
+/// Exit codes beyond 0 (done), 1 (refused or other) and 2 (usage).
+const EXIT_UNREACHABLE: u8 = 3;
+const EXIT_BLOCKED: u8 = 4;
+const EXIT_BUSY: u8 = 5;
+const EXIT_UNAVAILABLE: u8 = 6;
+const EXIT_FAILED: u8 = 7;
+
+/// The exit code for a failed request (see the crate doc).
+fn exit_code(e: &ClientError) -> u8 {
+    match e {
+        ClientError::Connect { .. } => EXIT_UNREACHABLE,
+        ClientError::Timeout { .. } => EXIT_UNAVAILABLE,
+        ClientError::Api { kind, .. } => match kind {
+            ErrorKind::Refused => 1,
+            ErrorKind::Blocked => EXIT_BLOCKED,
+            ErrorKind::Busy => EXIT_BUSY,
+            ErrorKind::Unavailable => EXIT_UNAVAILABLE,
+            ErrorKind::Failed => EXIT_FAILED,
+        },
+        ClientError::Http { .. }
+        | ClientError::Decode { .. }
+        | ClientError::File { .. }
+        | ClientError::Runtime(_) => 1,
+    }
+}
+
+/// The `--json` form of a failed request: the VMM's kind and status when
+/// it answered, `unreachable` when it could not be reached.
+fn error_json(e: &ClientError) -> serde_json::Value {
+    let (kind, status) = match e {
+        ClientError::Api { kind, status, .. } => (
+            serde_json::to_value(kind).unwrap_or(serde_json::Value::Null),
+            serde_json::Value::from(*status),
+        ),
+        ClientError::Connect { .. } => ("unreachable".into(), serde_json::Value::Null),
+        ClientError::Timeout { .. } => ("unavailable".into(), serde_json::Value::Null),
+        _ => ("client".into(), serde_json::Value::Null),
+    };
+    serde_json::json!({ "error": e.to_string(), "kind": kind, "status": status })
+}
+
+/// Reports a failed request on stderr (as JSON on stdout with `--json`)
+/// and picks the exit code.
+fn fail_request(e: &ClientError, json: bool) -> ExitCode {
+    if json {
+        println!("{}", error_json(e));
+    } else {
+        eprintln!("patcher: error: {e}");
+    }
+    ExitCode::from(exit_code(e))
 }
 
 /// The commands that need no VMM (keys and signatures); None for the rest.
@@ -315,6 +375,21 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
                 path: file.clone(),
                 source,
             })?;
+            // Said here rather than by a VMM that stops reading at the
+            // limit, which leaves the upload to die of a broken pipe.
+            if bytes.len() > klpvisor_api::MAX_PATCH_BYTES {
+                return Err(ClientError::Api {
+                    status: 413,
+                    kind: ErrorKind::Refused,
+                    message: format!(
+                        "{} is {} bytes; the VMM accepts modules up to {} MiB: strip its debug \
+                         info (strip -g) and retry",
+                        file.display(),
+                        bytes.len(),
+                        klpvisor_api::MAX_PATCH_BYTES >> 20
+                    ),
+                });
+            }
             let v = c.apply(bytes, options(*force, *timeout))?;
             show(json, &v, |v| print_transition("applied", v));
         }
@@ -367,6 +442,7 @@ fn resolve_address(c: &Client, spec: &str) -> Result<String, ClientError> {
             n,
             klpvisor_api::parse_hex(o).map_err(|m| ClientError::Api {
                 status: 400,
+                kind: ErrorKind::Refused,
                 message: format!("offset in `{spec}`: {m}"),
             })?,
         ),
@@ -377,6 +453,7 @@ fn resolve_address(c: &Client, spec: &str) -> Result<String, ClientError> {
         [one] => Ok(format!("{:#x}", one.addr.0.wrapping_add(off))),
         many => Err(ClientError::Api {
             status: 400,
+            kind: ErrorKind::Refused,
             message: format!(
                 "`{name}` names {} symbols ({}); give an address",
                 many.len(),

@@ -12,27 +12,36 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use klpvisor_api::ErrorReply;
-use klpvisor_engine::engine::Fault;
+use klpvisor_api::{ErrorKind, ErrorReply};
+use klpvisor_engine::callback::gate::GateError;
+use klpvisor_engine::engine::{EngineError, Fault};
 use klpvisor_engine::transition::TransitionError;
 
 use super::routes::{allowed_methods, route_list};
 use super::{BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_TIMEOUT};
 use crate::control::ControlError;
 
-/// A failed request: status and a message a user can act on.
+/// A failed request: status, kind and a message a user can act on.
 #[derive(Debug)]
 pub struct HttpError {
     pub status: StatusCode,
+    pub kind: ErrorKind,
     pub message: String,
 }
 
 impl HttpError {
+    /// An error of the kind its status implies ([`ErrorKind::of_status`]).
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
+            kind: ErrorKind::of_status(status.as_u16()),
             message: message.into(),
         }
+    }
+
+    fn with_kind(mut self, kind: ErrorKind) -> Self {
+        self.kind = kind;
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -59,6 +68,7 @@ impl IntoResponse for HttpError {
             self.status,
             Json(ErrorReply {
                 error: self.message,
+                kind: Some(self.kind),
             }),
         )
             .into_response()
@@ -99,7 +109,22 @@ impl From<ControlError> for HttpError {
                 Fault::Guest | Fault::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },
         };
-        Self::new(status, e.to_string())
+        // A 409 is busy by default; these are not.
+        let kind = match &e {
+            ControlError::Engine(EngineError::Blocked(_)) => Some(ErrorKind::Blocked),
+            ControlError::Engine(EngineError::Gate(GateError::Busy(_))) => Some(ErrorKind::Busy),
+            ControlError::Transition(TransitionError::Refused { .. }) => Some(ErrorKind::Refused),
+            ControlError::Engine(_) if status == StatusCode::CONFLICT => Some(ErrorKind::Refused),
+            ControlError::Transition(TransitionError::CallbackTimeout { .. }) => {
+                Some(ErrorKind::Failed)
+            }
+            _ => None,
+        };
+        let out = Self::new(status, e.to_string());
+        match kind {
+            Some(k) => out.with_kind(k),
+            None => out,
+        }
     }
 }
 
@@ -201,6 +226,7 @@ pub fn json_rejection(r: JsonRejection) -> HttpError {
 pub fn forbidden(message: &str) -> axum::http::Response<Body> {
     let body = serde_json::to_vec(&ErrorReply {
         error: message.to_owned(),
+        kind: Some(ErrorKind::Refused),
     })
     .unwrap_or_default();
     let mut resp = axum::http::Response::new(Body::from(body));
@@ -266,5 +292,36 @@ mod tests {
             klpvisor_engine::transition::TransitionError::PausedForCallbacks,
         ));
         assert_eq!(refused.status, StatusCode::CONFLICT);
+    }
+
+    #[test]
+    fn a_conflict_says_whether_to_retry_wait_or_give_up() {
+        use klpvisor_engine::engine::EngineError;
+        let kind = |e: ControlError| {
+            let h = HttpError::from(e);
+            (h.status.as_u16(), h.kind)
+        };
+        assert_eq!(kind(ControlError::AlreadyPaused), (409, ErrorKind::Busy));
+        assert_eq!(
+            kind(ControlError::Engine(EngineError::Blocked(Vec::new()))),
+            (409, ErrorKind::Blocked)
+        );
+        assert_eq!(
+            kind(ControlError::Signature(SignatureError::Unsigned)),
+            (403, ErrorKind::Refused)
+        );
+        assert_eq!(
+            kind(ControlError::Engine(EngineError::Internal("x".into()))),
+            (500, ErrorKind::Failed)
+        );
+        assert_eq!(kind(ControlError::Stopped), (503, ErrorKind::Unavailable));
+        // What reaches the client.
+        let resp = HttpError::from(ControlError::Engine(EngineError::Blocked(Vec::new())));
+        let body = serde_json::to_value(ErrorReply {
+            error: resp.message,
+            kind: Some(resp.kind),
+        })
+        .unwrap();
+        assert_eq!(body["kind"], "blocked");
     }
 }

@@ -254,6 +254,13 @@ async fn refuse_busy(stream: UnixStream) {
 async fn refuse(mut stream: UnixStream, status: &str, message: &str) {
     let body = serde_json::to_string(&klpvisor_api::ErrorReply {
         error: message.to_owned(),
+        kind: Some(klpvisor_api::ErrorKind::of_status(
+            status
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(503),
+        )),
     })
     .unwrap_or_default();
     let resp = format!(
