@@ -339,6 +339,8 @@ fn check_module_seed() -> Result<()> {
     let options = klpvisor_engine::link::LinkOptions {
         return_thunk: kallsyms().addr("__x86_return_thunk").ok(),
         plain_returns: false,
+        // The seed module has no .altinstructions.
+        alternatives: None,
     };
     let linked = klpvisor_engine::link::link(&m, kallsyms(), bases, &options)?;
     println!(
