@@ -14,7 +14,10 @@ use crate::Guest;
 /// Synthetic kallsyms tables for tests and the fuzz targets.
 #[cfg(any(test, feature = "synth"))]
 pub use tables::synth;
-pub use tables::{AddressMode, Image, Layout, NameLengths, TableAddrs, TablesError, MAX_SYMBOLS};
+pub use tables::{
+    AddressMode, Image, Layout, NameLengths, TableAddrs, TablesError, MAX_DECODED_BYTES,
+    MAX_SYMBOLS,
+};
 
 /// The end of the kernel image window (modules start here on x86_64).
 pub const KERNEL_IMAGE_END: u64 = 0xffff_ffff_c000_0000;

@@ -67,9 +67,10 @@ const MAX_EXPANDED_NAME: usize = 1024;
 /// 9.9 MB (6.12, 154,334 symbols) by this count, from their
 /// /proc/kallsyms; a 6.1 allyesconfig (~350k symbols) would take about
 /// 25 MB. A forged table gets no further whatever its token table says:
-/// without this bound, names that are one compressed byte each, every
-/// byte a [`MAX_EXPANDED_NAME`] token, cost 1 KiB of heap per 6 bytes of
-/// table.
+/// without this bound, names that are one compressed byte each (a token
+/// may hold the type letter too), every byte a [`MAX_EXPANDED_NAME`]
+/// token, cost 1 KiB of heap per 6 bytes of table (length, token and
+/// 4-byte offset).
 pub const MAX_DECODED_BYTES: usize = 32 << 20;
 
 /// Errors of locating and decoding the tables.
@@ -887,7 +888,7 @@ pub(crate) mod tests {
     #[test]
     fn forged_names_cannot_exceed_the_decoded_total() {
         // Every name one 1000-byte token: each just within the per-name
-        // limit, 6 bytes of table each (length, token, offset).
+        // limit, 7 bytes of table each (length, type, token, offset).
         let per_symbol = std::mem::size_of::<RawSymbol>() + 1000;
         let n = MAX_DECODED_BYTES / per_symbol + 100;
         let bytes = forged(n, 1000, |_| 1);
