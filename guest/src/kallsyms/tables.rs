@@ -45,9 +45,12 @@ const MAX_ENTRY_SEARCH: usize = 512;
 /// [`TablesError::NameTooLong`], which names the problem.
 const MAX_NAME_LEN: usize = 4096;
 /// Units of search work (bytes scanned, candidate positions tried, entries
-/// decoded) one [`decode`] may spend. A real kernel needs well under a
-/// million; without a cap, crafted memory (a megabyte of zeros before a fake
-/// digit run) could make the nested backward searches run for minutes.
+/// decoded, bytes of names expanded) one [`decode`] may spend. A real
+/// kernel needs a few million (the 6.12 test guest's names alone expand to
+/// 3.9 MB); without a cap, crafted memory (a megabyte of zeros before a
+/// fake digit run) could make the nested backward searches run for
+/// minutes, and copies of a forged table each expand up to
+/// [`MAX_DECODED_BYTES`] before they are refused.
 pub const WORK_BUDGET: u64 = 1 << 26;
 /// A name may expand to at most this many bytes, its type letter included.
 ///
@@ -113,10 +116,11 @@ pub enum TablesError {
 struct Budget(u64);
 
 impl Budget {
-    /// Spends `n` units; `None` once the budget is gone.
+    /// Spends `n` units; `None`, and nothing left, once the budget is gone.
     fn spend(&mut self, n: u64) -> Option<()> {
-        self.0 = self.0.checked_sub(n)?;
-        Some(())
+        let left = self.0.checked_sub(n);
+        self.0 = left.unwrap_or(0);
+        left.map(drop)
     }
 }
 
@@ -389,6 +393,12 @@ fn decode_with(
                 buf.extend_from_slice(tok);
             }
         }
+        budget
+            .spend(buf.len() as u64)
+            .ok_or(TablesError::BudgetExhausted {
+                base: image.base,
+                len: image.bytes.len(),
+            })?;
         let (kind, name) = match buf.split_first() {
             Some((&k, rest)) => (char::from(k), String::from_utf8_lossy(rest).into_owned()),
             None => ('?', String::new()),
@@ -903,6 +913,30 @@ pub(crate) mod tests {
                 if symbols == n && index < n),
             "{e}"
         );
+    }
+
+    #[test]
+    fn expanding_names_spends_the_work_budget() {
+        // Three copies of a table just too large to decode: each candidate
+        // would expand 32 MiB before it is refused. The budget pays for
+        // two at most, and the third is not tried.
+        let per_symbol = std::mem::size_of::<RawSymbol>() + 1000;
+        let mut one = forged(MAX_DECODED_BYTES / per_symbol + 100, 1000, |_| 1);
+        one.resize(one.len().next_multiple_of(8), 0);
+        for copy in [0, one.len()] {
+            let e = decode(Image {
+                base: BASE + copy as u64,
+                bytes: &one,
+            });
+            assert!(matches!(e, Err(TablesError::TooLarge { .. })), "{e:?}");
+        }
+        let bytes = [one.as_slice(), &one, &one].concat();
+        let e = decode(Image {
+            base: BASE,
+            bytes: &bytes,
+        })
+        .unwrap_err();
+        assert!(matches!(e, TablesError::BudgetExhausted { .. }), "{e}");
     }
 
     #[test]
