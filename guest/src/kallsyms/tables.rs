@@ -112,10 +112,21 @@ pub enum TablesError {
     },
 }
 
-/// Remaining search work; see [`WORK_BUDGET`].
-struct Budget(u64);
+/// Remaining search work; see [`WORK_BUDGET`]. One budget may be shared
+/// by the searches of several images (see [`decode_spending`]).
+pub(crate) struct Budget(u64);
 
 impl Budget {
+    /// A whole [`WORK_BUDGET`].
+    pub(crate) fn new() -> Self {
+        Self(WORK_BUDGET)
+    }
+
+    /// Whether nothing is left.
+    pub(crate) fn is_spent(&self) -> bool {
+        self.0 == 0
+    }
+
     /// Spends `n` units; `None`, and nothing left, once the budget is gone.
     fn spend(&mut self, n: u64) -> Option<()> {
         let left = self.0.checked_sub(n);
@@ -243,26 +254,38 @@ struct Tokens {
 
 /// Decodes everything, trying every token-table candidate in the image.
 pub fn decode(image: Image<'_>) -> Result<Decoded, TablesError> {
-    decode_within(image, MAX_DECODED_BYTES)
+    decode_spending(image, &mut Budget::new())
 }
 
-/// [`decode`], the decoded table taking at most `limit` bytes (see
-/// [`MAX_DECODED_BYTES`]).
-fn decode_within(image: Image<'_>, limit: usize) -> Result<Decoded, TablesError> {
-    let mut budget = Budget(WORK_BUDGET);
+/// [`decode`], spending `budget`, which the caller may share between
+/// images: a search of many images then costs no more than one.
+pub(crate) fn decode_spending(
+    image: Image<'_>,
+    budget: &mut Budget,
+) -> Result<Decoded, TablesError> {
+    decode_within(image, MAX_DECODED_BYTES, budget)
+}
+
+/// [`decode_spending`], the decoded table taking at most `limit` bytes
+/// (see [`MAX_DECODED_BYTES`]).
+fn decode_within(
+    image: Image<'_>,
+    limit: usize,
+    budget: &mut Budget,
+) -> Result<Decoded, TablesError> {
     let exhausted = TablesError::BudgetExhausted {
         base: image.base,
         len: image.bytes.len(),
     };
     let mut last_err = None;
     for hit in memmem::find_iter(image.bytes, DIGIT_RUN) {
-        let Some(tokens) = token_table_at(image, hit, &mut budget) else {
+        let Some(tokens) = token_table_at(image, hit, budget) else {
             if budget.0 == 0 {
                 return Err(exhausted);
             }
             continue;
         };
-        match decode_with(image, &tokens, &mut budget, limit) {
+        match decode_with(image, &tokens, budget, limit) {
             Ok(d) => return Ok(d),
             Err(_) if budget.0 == 0 => return Err(exhausted),
             Err(e) => last_err = Some(e),
@@ -950,18 +973,25 @@ pub(crate) mod tests {
             bytes: &bytes,
         };
         assert_eq!(
-            decode_within(image, need).unwrap().symbols.len(),
+            decode_within(image, need, &mut Budget::new())
+                .unwrap()
+                .symbols
+                .len(),
             syms.len()
         );
-        let e = decode_within(image, need - 1).unwrap_err();
+        let e = decode_within(image, need - 1, &mut Budget::new()).unwrap_err();
         assert!(
             matches!(e, TablesError::TooLarge { index, .. } if index == syms.len() - 1),
             "{e}"
         );
         // Too many records for the limit: refused before any name is
         // expanded (or the records allocated).
-        let e =
-            decode_within(image, syms.len() * std::mem::size_of::<RawSymbol>() - 1).unwrap_err();
+        let e = decode_within(
+            image,
+            syms.len() * std::mem::size_of::<RawSymbol>() - 1,
+            &mut Budget::new(),
+        )
+        .unwrap_err();
         assert!(matches!(e, TablesError::TooLarge { index: 0, .. }), "{e}");
     }
 
