@@ -140,7 +140,7 @@ impl Kallsyms {
     /// the kernel image from `text` up (read-only, non-executable ranges
     /// first: that is where .rodata is after boot) and decodes the first
     /// one that holds valid tables. The ranges share one search budget
-    /// ([`tables::WORK_BUDGET`]): page tables that split the window into
+    /// (`WORK_BUDGET` of the tables' search): page tables that split the window into
     /// many ranges, each holding a forged table, cost no more than one.
     pub fn load<G: Guest + ?Sized>(
         space: &AddressSpace<'_, G>,

@@ -71,7 +71,7 @@ const MAX_EXPANDED_NAME: usize = 1024;
 /// /proc/kallsyms; a 6.1 allyesconfig (~350k symbols) would take about
 /// 25 MB. A forged table gets no further whatever its token table says:
 /// without this bound, names that are one compressed byte each (a token
-/// may hold the type letter too), every byte a [`MAX_EXPANDED_NAME`]
+/// may hold the type letter too), every byte a `MAX_EXPANDED_NAME`
 /// token, cost 1 KiB of heap per 6 bytes of table (length, token and
 /// 4-byte offset).
 pub const MAX_DECODED_BYTES: usize = 32 << 20;
