@@ -476,7 +476,11 @@ impl Control {
                     Err(e @ (ControlError::Stopped | ControlError::Vm(_))) => return Err(e),
                     Err(e) => {
                         tracing::warn!(attempt = attempt + 1, "the guest kernel view failed: {e}");
-                        last = e.to_string();
+                        // The reply says "cannot be inspected yet" once.
+                        last = match e {
+                            ControlError::KernelNotReady(m) => m,
+                            other => other.to_string(),
+                        };
                     }
                 }
             }
