@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use klpvisor_fuzz::tasks_window::*;
 use klpvisor_fuzz::{kallsyms, kernel_tables, PhysGuest, Window, STEXT, WINDOW};
 use klpvisor_api::{PatchesReply, Regs, RegsReply};
-use klpvisor_guest::kallsyms::{Image, Layout};
+use klpvisor_guest::kallsyms::{Image, Layout, Symbol, MAX_DECODED_BYTES};
 use klpvisor_guest::tasks::{TaskLayout, TaskSymbols, ThreadLinks, THREAD_SIZE};
 use klpvisor_guest::{AddressSpace, Kallsyms, PageTables, Tasks, VirtRead};
 use klpvisor_guest::orc::Orc;
@@ -48,6 +48,62 @@ fn kallsyms_seeds() -> Result<()> {
             bytes: &bytes,
         })?;
         assert_eq!(k.len(), klpvisor_fuzz::kernel_symbols().len());
+        write("kallsyms", name, &bytes)?;
+    }
+    long_token_seeds()
+}
+
+/// Tables whose names expand through a 1000-byte token (`~`), so the
+/// fuzzer starts at the decoder's expansion limits rather than 4 KiB
+/// below them: "long-tokens" has a name of exactly the longest expansion
+/// allowed, "names-at-limit" as many one-token names as the decoded total
+/// allows (about 300 KiB of table for 32 MiB decoded; its size also sets
+/// libFuzzer's input size limit for the target).
+fn long_token_seeds() -> Result<()> {
+    const TOKEN: usize = 1000;
+    let record = std::mem::size_of::<Symbol>();
+    let base = klpvisor_fuzz::kernel_symbols();
+    let top = base.iter().map(|s| s.2).max().unwrap_or(WINDOW);
+    // Distinct names ("~" and three letters), as a kernel's mostly are.
+    let at_limit = MAX_DECODED_BYTES / (record + TOKEN + 3) - base.len();
+    let letters = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let distinct = |i: usize| -> String {
+        let l = |d: usize| char::from(letters[d % letters.len()]);
+        let n = letters.len();
+        format!("~{}{}{}", l(i / (n * n)), l(i / n), l(i))
+    };
+    for (name, extra) in [
+        // Type letter, 1000 bytes and 23 more: 1024, the limit.
+        (
+            "long-tokens",
+            vec!["~".to_string(), format!("~{}", "x".repeat(23))],
+        ),
+        ("names-at-limit", (0..at_limit).map(distinct).collect()),
+    ] {
+        let mut syms = base.clone();
+        syms.extend(
+            extra
+                .into_iter()
+                .zip(1u64..)
+                .map(|(n, i)| ('t', n, top + i * 16)),
+        );
+        let mut b = klpvisor_guest::kallsyms::synth::Builder::new(
+            Layout::OffsetsAfterTokenIndex,
+            syms.clone(),
+        );
+        b.token_overrides = vec![(b'~', vec![b'a'; TOKEN])];
+        let bytes = b.build();
+        let k = Kallsyms::from_image(Image {
+            base: WINDOW,
+            bytes: &bytes,
+        })?;
+        assert_eq!(k.len(), syms.len());
+        let decoded = k.len() * record + k.symbols().iter().map(|s| s.name.len()).sum::<usize>();
+        assert!(decoded <= MAX_DECODED_BYTES);
+        println!(
+            "kallsyms/{name}: {} symbols, {decoded} bytes decoded",
+            k.len()
+        );
         write("kallsyms", name, &bytes)?;
     }
     Ok(())
@@ -339,6 +395,8 @@ fn check_module_seed() -> Result<()> {
     let options = klpvisor_engine::link::LinkOptions {
         return_thunk: kallsyms().addr("__x86_return_thunk").ok(),
         plain_returns: false,
+        // The seed module has no .altinstructions.
+        alternatives: None,
     };
     let linked = klpvisor_engine::link::link(&m, kallsyms(), bases, &options)?;
     println!(

@@ -13,7 +13,9 @@
 //! and kept: `_text`, kallsyms and BTF do not change after boot. Only the
 //! register read that starts it needs the VM paused; the decode reads
 //! static kernel tables while the guest runs. A failure (typically: the
-//! kernel is not up yet) is returned, not cached, so a later request retries.
+//! kernel is not up yet) is remembered for a backoff that grows with each
+//! failed request: until it has passed, requests get that failure at once
+//! and the VMM does not decode again.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -140,33 +142,50 @@ impl Drop for PauseGuard<'_> {
 pub const FILL_ATTEMPTS: u32 = 3;
 /// The pause before a request's second build; doubled for each further one.
 pub const FILL_RETRY_BASE: Duration = Duration::from_millis(100);
-/// The longest a request waits for the backoff of earlier failures.
-pub const FILL_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// The longest a failure is remembered. A failed request costs up to
+/// [`FILL_ATTEMPTS`] builds, each copying up to 256 MiB of every mapped
+/// kernel range it searches, so a guest whose view cannot be built costs
+/// at most that every 10 s, however many requests ask. A guest that only
+/// finishes booting late gets its view at most 10 s late, and only after
+/// 7 failed requests in a row (the backoff doubles from 200 ms).
+pub const FILL_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// A failed build of the kernel view, remembered until `retry_at`.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    at: Instant,
+    retry_at: Instant,
+}
 
 /// Paces kernel-view builds after failures: each failed request doubles
-/// the time before the next may build again (from [`FILL_RETRY_BASE`] up
-/// to [`FILL_BACKOFF_MAX`]); a success resets it. A request that arrives
-/// early waits out the rest rather than failing, so a user's request is
-/// delayed, never refused, by the backoff.
+/// the time before the next may build again (from twice
+/// [`FILL_RETRY_BASE`] up to [`FILL_BACKOFF_MAX`]); a success resets it.
+/// Until then the failure is the answer: a request that arrives early gets
+/// it at once, without a build.
 #[derive(Debug, Default)]
 struct FillBackoff {
     failures: u32,
-    not_before: Option<Instant>,
+    last: Option<Failure>,
 }
 
 impl FillBackoff {
-    fn wait(&self) -> Option<Duration> {
-        self.not_before
-            .and_then(|t| t.checked_duration_since(Instant::now()))
-            .map(|d| d.min(FILL_BACKOFF_MAX))
+    /// The remembered failure, if no build may start at `now`.
+    fn refusal(&self, now: Instant) -> Option<&Failure> {
+        self.last.as_ref().filter(|f| now < f.retry_at)
     }
 
-    fn failed(&mut self) -> Duration {
+    /// Remembers a failure at `now`; returns how long it stands.
+    fn failed(&mut self, now: Instant, message: String) -> Duration {
         self.failures = self.failures.saturating_add(1);
         let delay = FILL_RETRY_BASE
-            .saturating_mul(1 << self.failures.min(5))
+            .saturating_mul(1 << self.failures.min(7))
             .min(FILL_BACKOFF_MAX);
-        self.not_before = Some(Instant::now() + delay);
+        self.last = Some(Failure {
+            message,
+            at: now,
+            retry_at: now + delay,
+        });
         delay
     }
 
@@ -175,15 +194,89 @@ impl FillBackoff {
     }
 }
 
+/// A view built once and then shared, its failed builds remembered by a
+/// [`FillBackoff`]. Generic so its pacing is tested without a VM.
+struct ViewCache<T> {
+    view: Mutex<Option<Arc<T>>>,
+    /// Serializes builds, so concurrent first requests build once and
+    /// requests queued behind a failed build get its failure.
+    fill: Mutex<FillBackoff>,
+}
+
+impl<T> Default for ViewCache<T> {
+    fn default() -> Self {
+        Self {
+            view: Mutex::new(None),
+            fill: Mutex::new(FillBackoff::default()),
+        }
+    }
+}
+
+impl<T> ViewCache<T> {
+    fn get(&self) -> Option<Arc<T>> {
+        lock(&self.view).clone()
+    }
+
+    /// The view, built by `build` if there is none yet and no remembered
+    /// failure stands at `now()`. A failure of `build` is remembered,
+    /// except [`ControlError::Stopped`] and [`ControlError::Vm`] (the VM
+    /// stopped, or a user paused it: no reason to hold back a later
+    /// request). Every failure comes back as
+    /// [`ControlError::KernelNotReady`] saying when a build is tried again.
+    fn get_or_build(
+        &self,
+        now: impl Fn() -> Instant,
+        build: impl FnOnce() -> Result<Arc<T>, ControlError>,
+    ) -> Result<Arc<T>, ControlError> {
+        if let Some(v) = self.get() {
+            return Ok(v);
+        }
+        let mut backoff = lock(&self.fill);
+        if let Some(v) = self.get() {
+            return Ok(v);
+        }
+        let t = now();
+        if let Some(f) = backoff.refusal(t) {
+            return Err(ControlError::KernelNotReady(format!(
+                "{}\n(from an attempt {} ms ago; the VMM tries again no sooner than {} ms from \
+                 now, and answers this until then)",
+                f.message,
+                t.saturating_duration_since(f.at).as_millis(),
+                f.retry_at.saturating_duration_since(t).as_millis()
+            )));
+        }
+        match build() {
+            Ok(v) => {
+                backoff.succeeded();
+                *lock(&self.view) = Some(v.clone());
+                Ok(v)
+            }
+            Err(e @ (ControlError::Stopped | ControlError::Vm(_))) => Err(e),
+            Err(e) => {
+                let message = match e {
+                    ControlError::KernelNotReady(m) => m,
+                    other => other.to_string(),
+                };
+                let retry_in = backoff.failed(now(), message.clone());
+                Err(ControlError::KernelNotReady(format!(
+                    "{message}\n(tried {FILL_ATTEMPTS} times; the VMM tries again no sooner than \
+                     {} ms from now, and answers this until then. If the guest has finished \
+                     booting and this persists, the VMM log has each attempt)",
+                    retry_in.as_millis()
+                )))
+            }
+        }
+    }
+}
+
 /// The VM as the control socket drives it.
 pub struct Control {
     vm: Arc<Vm>,
     /// Serializes every pause/resume (see the module doc).
     gate: Mutex<()>,
-    /// Serializes cache fills, so concurrent first requests decode once,
-    /// and paces the retries after a failed one.
-    fill: Mutex<FillBackoff>,
-    kernel: Mutex<Option<Arc<CachedKernel>>>,
+    /// The kernel view, and the failure of its last build (see
+    /// [`ViewCache`]).
+    kernel: ViewCache<CachedKernel>,
     /// The patch engine: held across prepare and commit, so transitions
     /// never interleave.
     engine: Mutex<Engine>,
@@ -286,8 +379,7 @@ impl Control {
         Self {
             vm,
             gate: Mutex::new(()),
-            fill: Mutex::new(FillBackoff::default()),
-            kernel: Mutex::new(None),
+            kernel: ViewCache::default(),
             engine: Mutex::new(Engine::default()),
             changing: Mutex::new(()),
             published: Mutex::new(PatchesReply::default()),
@@ -367,46 +459,33 @@ impl Control {
     /// that cannot would refuse every patch for the VM's whole life. A
     /// failed build is retried within the request ([`FILL_ATTEMPTS`], the
     /// vCPUs' registers read afresh each time: one may have been in the
-    /// middle of a CR3 switch or in early boot), and later requests retry
-    /// no sooner than [`FillBackoff`] allows, so a guest whose view cannot
-    /// be built does not make the VMM decode it on every request.
+    /// middle of a CR3 switch or in early boot). The failure of all of them
+    /// is remembered ([`FillBackoff`]): until its backoff has passed,
+    /// requests get it at once, so a guest whose view cannot be built does
+    /// not make the VMM decode it again on every request.
     pub fn kernel(&self) -> Result<Arc<CachedKernel>, ControlError> {
-        if let Some(k) = self.cached() {
-            return Ok(k);
-        }
-        let mut backoff = self.fill.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(k) = self.cached() {
-            return Ok(k);
-        }
-        if let Some(wait) = backoff.wait() {
-            std::thread::sleep(wait);
-        }
-        let mut last = String::new();
-        for attempt in 0..FILL_ATTEMPTS {
-            if attempt > 0 {
-                std::thread::sleep(FILL_RETRY_BASE * (1 << (attempt - 1)));
-            }
-            match self.build_kernel() {
-                Ok(cached) => {
-                    backoff.succeeded();
-                    *self.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(cached.clone());
-                    return Ok(cached);
+        self.kernel.get_or_build(Instant::now, || {
+            let mut last = String::new();
+            for attempt in 0..FILL_ATTEMPTS {
+                if attempt > 0 {
+                    std::thread::sleep(FILL_RETRY_BASE * (1 << (attempt - 1)));
                 }
-                // The VM stopped or a user paused it: retrying cannot help.
-                Err(e @ (ControlError::Stopped | ControlError::Vm(_))) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(attempt = attempt + 1, "the guest kernel view failed: {e}");
-                    last = e.to_string();
+                match self.build_kernel() {
+                    Ok(cached) => return Ok(cached),
+                    // The VM stopped or a user paused it: retrying cannot help.
+                    Err(e @ (ControlError::Stopped | ControlError::Vm(_))) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(attempt = attempt + 1, "the guest kernel view failed: {e}");
+                        // The reply says "cannot be inspected yet" once.
+                        last = match e {
+                            ControlError::KernelNotReady(m) => m,
+                            other => other.to_string(),
+                        };
+                    }
                 }
             }
-        }
-        let retry_in = backoff.failed();
-        Err(ControlError::KernelNotReady(format!(
-            "{last}\n(tried {FILL_ATTEMPTS} times; the next request tries again, no sooner than \
-             {} ms from now. If the guest has finished booting and this persists, the VMM log \
-             has each attempt)",
-            retry_in.as_millis()
-        )))
+            Err(ControlError::KernelNotReady(last))
+        })
     }
 
     /// One build of the kernel view: registers and root pages read in a
@@ -467,10 +546,7 @@ impl Control {
     }
 
     fn cached(&self) -> Option<Arc<CachedKernel>> {
-        self.kernel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.kernel.get()
     }
 
     /// Every task, walked inside one pause so the lists are consistent.
@@ -695,21 +771,139 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
 
     #[test]
     fn kernel_view_backoff_doubles_to_a_cap_and_resets_on_success() {
+        let t0 = Instant::now();
         let mut b = FillBackoff::default();
-        assert_eq!(b.wait(), None, "nothing failed yet: build at once");
-        assert_eq!(b.failed(), FILL_RETRY_BASE * 2);
-        assert!(b.wait().is_some_and(|w| w <= FILL_RETRY_BASE * 2));
-        assert_eq!(b.failed(), FILL_RETRY_BASE * 4);
+        assert!(b.refusal(t0).is_none(), "nothing failed yet: build at once");
+        assert_eq!(b.failed(t0, "one".into()), FILL_RETRY_BASE * 2);
+        let f = b.refusal(t0).expect("remembered");
+        assert_eq!(
+            (f.message.as_str(), f.retry_at),
+            ("one", t0 + FILL_RETRY_BASE * 2)
+        );
+        assert!(
+            b.refusal(t0 + FILL_RETRY_BASE * 2).is_none(),
+            "stands until then only"
+        );
+        assert_eq!(b.failed(t0, "two".into()), FILL_RETRY_BASE * 4);
         for _ in 0..10 {
-            b.failed();
+            b.failed(t0, "again".into());
         }
-        assert_eq!(b.failed(), FILL_BACKOFF_MAX);
-        assert!(b.wait().is_some_and(|w| w <= FILL_BACKOFF_MAX));
+        assert_eq!(b.failed(t0, "last".into()), FILL_BACKOFF_MAX);
+        assert!(b
+            .refusal(t0 + FILL_BACKOFF_MAX - Duration::from_millis(1))
+            .is_some());
         b.succeeded();
-        assert_eq!(b.wait(), None);
-        assert_eq!(b.failed(), FILL_RETRY_BASE * 2);
+        assert!(b.refusal(t0).is_none());
+        assert_eq!(b.failed(t0, "new".into()), FILL_RETRY_BASE * 2);
+    }
+
+    /// A clock the test moves by hand.
+    struct Clock {
+        t0: Instant,
+        at: Cell<Duration>,
+    }
+
+    impl Clock {
+        fn new() -> Self {
+            Self {
+                t0: Instant::now(),
+                at: Cell::new(Duration::ZERO),
+            }
+        }
+        fn now(&self) -> Instant {
+            self.t0 + self.at.get()
+        }
+        fn advance(&self, d: Duration) {
+            self.at.set(self.at.get() + d);
+        }
+    }
+
+    #[test]
+    fn a_failed_view_is_remembered_and_not_built_again_until_its_backoff_passes() {
+        let cache = ViewCache::<u32>::default();
+        let clock = Clock::new();
+        let builds = Cell::new(0);
+        let fail = || {
+            builds.set(builds.get() + 1);
+            Err(ControlError::KernelNotReady("no kallsyms".into()))
+        };
+        let e = cache.get_or_build(|| clock.now(), fail).unwrap_err();
+        assert!(e.to_string().contains("no kallsyms"), "{e}");
+        // Requests within the backoff get the failure without a build.
+        for _ in 0..100 {
+            clock.advance(Duration::from_millis(1));
+            let e = cache.get_or_build(|| clock.now(), fail).unwrap_err();
+            assert!(matches!(&e, ControlError::KernelNotReady(m) if m.contains("no kallsyms")));
+            assert!(e.to_string().contains("no sooner than"), "{e}");
+        }
+        assert_eq!(builds.get(), 1);
+        // Past it, one build; its failure stands twice as long.
+        clock.advance(FILL_RETRY_BASE * 2);
+        assert!(cache.get_or_build(|| clock.now(), fail).is_err());
+        assert_eq!(builds.get(), 2);
+        clock.advance(FILL_RETRY_BASE * 2);
+        assert!(cache.get_or_build(|| clock.now(), fail).is_err());
+        assert_eq!(builds.get(), 2, "the second failure stands 400 ms");
+        clock.advance(FILL_RETRY_BASE * 2);
+        let ok = || {
+            builds.set(builds.get() + 1);
+            Ok(Arc::new(7))
+        };
+        assert_eq!(*cache.get_or_build(|| clock.now(), ok).unwrap(), 7);
+        assert_eq!(builds.get(), 3);
+        // Built: kept for good, never built again.
+        assert_eq!(*cache.get_or_build(|| clock.now(), fail).unwrap(), 7);
+        assert_eq!(builds.get(), 3);
+    }
+
+    #[test]
+    fn a_stopped_or_paused_vm_is_not_remembered_as_a_failed_view() {
+        let cache = ViewCache::<u32>::default();
+        let clock = Clock::new();
+        let builds = Cell::new(0);
+        for _ in 0..3 {
+            let e = cache
+                .get_or_build(
+                    || clock.now(),
+                    || {
+                        builds.set(builds.get() + 1);
+                        Err(ControlError::Stopped)
+                    },
+                )
+                .unwrap_err();
+            assert!(matches!(e, ControlError::Stopped));
+        }
+        assert_eq!(builds.get(), 3);
+        let v = cache.get_or_build(|| clock.now(), || Ok(Arc::new(1)));
+        assert_eq!(*v.unwrap(), 1);
+    }
+
+    #[test]
+    fn concurrent_requests_behind_a_failing_build_get_its_failure() {
+        // 16 requests at once, as on the API's blocking threads, with time
+        // standing still: one build, however the threads interleave.
+        let cache = ViewCache::<u32>::default();
+        let t0 = Instant::now();
+        let builds = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..16 {
+                s.spawn(|| {
+                    let r = cache.get_or_build(
+                        || t0,
+                        || {
+                            builds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_millis(20));
+                            Err(ControlError::KernelNotReady("slow failure".into()))
+                        },
+                    );
+                    assert!(r.is_err());
+                });
+            }
+        });
+        assert_eq!(builds.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }

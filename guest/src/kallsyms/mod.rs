@@ -14,7 +14,10 @@ use crate::Guest;
 /// Synthetic kallsyms tables for tests and the fuzz targets.
 #[cfg(any(test, feature = "synth"))]
 pub use tables::synth;
-pub use tables::{AddressMode, Image, Layout, NameLengths, TableAddrs, TablesError, MAX_SYMBOLS};
+pub use tables::{
+    AddressMode, Image, Layout, NameLengths, TableAddrs, TablesError, MAX_DECODED_BYTES,
+    MAX_SYMBOLS,
+};
 
 /// The end of the kernel image window (modules start here on x86_64).
 pub const KERNEL_IMAGE_END: u64 = 0xffff_ffff_c000_0000;
@@ -96,7 +99,10 @@ pub struct Kallsyms {
 impl Kallsyms {
     /// Finds and decodes the tables in a copy of kernel memory.
     pub fn from_image(image: Image<'_>) -> Result<Self, TablesError> {
-        let d = tables::decode(image)?;
+        tables::decode(image).map(Self::from_decoded)
+    }
+
+    fn from_decoded(d: tables::Decoded) -> Self {
         let symbols: Vec<Symbol> = d
             .symbols
             .into_iter()
@@ -118,7 +124,7 @@ impl Kallsyms {
                 .cmp(name_of(&symbols, b))
                 .then(a.cmp(&b))
         });
-        Ok(Self {
+        Self {
             symbols,
             by_name,
             first_relative,
@@ -127,13 +133,15 @@ impl Kallsyms {
             name_lengths: d.name_lengths,
             address_mode: d.address_mode,
             addrs: d.addrs,
-        })
+        }
     }
 
     /// Finds kallsyms in the running kernel: copies each mapped range of
     /// the kernel image from `text` up (read-only, non-executable ranges
     /// first: that is where .rodata is after boot) and decodes the first
-    /// one that holds valid tables.
+    /// one that holds valid tables. The ranges share one search budget
+    /// (`WORK_BUDGET` of the tables' search): page tables that split the window into
+    /// many ranges, each holding a forged table, cost no more than one.
     pub fn load<G: Guest + ?Sized>(
         space: &AddressSpace<'_, G>,
         text: u64,
@@ -141,31 +149,54 @@ impl Kallsyms {
         let mut runs = space.mapped_runs(text, KERNEL_IMAGE_END)?;
         // Stable: rodata-like ranges first, then the rest in address order.
         runs.sort_by_key(|r: &MappedRun| r.writable || r.executable);
-        let mut last = None;
-        for run in &runs {
-            // A range we cannot copy (too large, or backed by nothing) cannot
-            // hold the tables we want; keep looking.
-            let bytes =
-                match space.read_vec(run.start, run.len(), MAX_RUN_BYTES, "a kernel image range") {
-                    Ok(b) => b,
-                    Err(e) => {
-                        last = Some(e.to_string());
-                        continue;
-                    }
-                };
-            match Self::from_image(Image {
-                base: run.start,
-                bytes: &bytes,
-            }) {
-                Ok(k) => return Ok(k),
-                Err(e) => last = Some(e.to_string()),
-            }
-        }
-        Err(KallsymsError::NotFound {
+        // A range we cannot copy (too large, or backed by nothing) cannot
+        // hold the tables we want; the search goes on.
+        let images = runs.iter().map(|run| {
+            space
+                .read_vec(run.start, run.len(), MAX_RUN_BYTES, "a kernel image range")
+                .map(|bytes| (run.start, bytes))
+                .map_err(|e| e.to_string())
+        });
+        Self::search(images).map_err(|(searched, last)| KallsymsError::NotFound {
             start: text,
-            runs: runs.len(),
+            runs: searched,
             last,
         })
+    }
+
+    /// The first of `images` (base, bytes, or why it could not be read)
+    /// that holds valid tables, all searched on one budget; else how many
+    /// were searched and the last problem.
+    fn search(
+        images: impl IntoIterator<Item = Result<(u64, Vec<u8>), String>>,
+    ) -> Result<Self, (usize, Option<String>)> {
+        let mut budget = tables::Budget::new();
+        let mut last = None;
+        let mut searched = 0;
+        for image in images {
+            searched += 1;
+            let (base, bytes) = match image {
+                Ok(i) => i,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            match tables::decode_spending(
+                Image {
+                    base,
+                    bytes: &bytes,
+                },
+                &mut budget,
+            ) {
+                Ok(d) => return Ok(Self::from_decoded(d)),
+                Err(e) => last = Some(e.to_string()),
+            }
+            if budget.is_spent() {
+                break;
+            }
+        }
+        Err((searched, last))
     }
 
     /// Every symbol, in kallsyms order (sorted by address; per-CPU first).
@@ -311,6 +342,40 @@ mod tests {
             bytes: &bytes,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn ranges_searched_share_one_budget() {
+        // Ranges each holding a forged table that fails only at its last
+        // name, after expanding 199 names of 1000 bytes: 400 of them would
+        // expand 80 MB on budgets of their own.
+        let syms = (0..200)
+            .map(|i| {
+                let name = if i == 199 { "~~" } else { "~" };
+                ('T', name.to_string(), 0xffff_ffff_8100_0000 + i as u64 * 16)
+            })
+            .collect();
+        let mut b = Builder::new(Layout::OffsetsAfterTokenIndex, syms);
+        b.token_overrides = vec![(b'~', vec![b'a'; 1000])];
+        let forged = b.build();
+        assert!(matches!(
+            Kallsyms::from_image(Image {
+                base: BASE,
+                bytes: &forged
+            }),
+            Err(TablesError::NameTooLong { index: 199, .. })
+        ));
+        let images = (0..400).map(|_| Ok((BASE, forged.clone())));
+        let (searched, last) = Kallsyms::search(images).unwrap_err();
+        let last = last.unwrap_or_default();
+        assert!(searched < 400, "{searched} ranges searched; last: {last}");
+        assert!(last.contains("units of work"), "{last}");
+        // The real table is still found behind ranges that fail cheaply.
+        let real = Builder::new(Layout::OffsetsFirst, sample_symbols(400)).build();
+        let images = (0..400)
+            .map(|_| Ok((BASE, vec![0u8; 4096])))
+            .chain([Err("unreadable".to_string()), Ok((BASE, real))]);
+        assert_eq!(Kallsyms::search(images).unwrap().len(), 404);
     }
 
     #[test]

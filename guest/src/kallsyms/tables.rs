@@ -29,28 +29,52 @@ use memchr::memmem;
 const DIGIT_RUN: &[u8] = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00";
 /// Longest token we accept; real ones are a few bytes.
 const MAX_TOKEN_LEN: usize = 1024;
-/// More symbols than any kernel has (a 6.1 allyesconfig has ~350k).
-pub const MAX_SYMBOLS: u32 = 4 << 20;
+/// More symbols than any kernel has (a 6.1 allyesconfig has ~350k). It
+/// also bounds what the search allocates per candidate table before the
+/// names are expanded: 16 bytes a symbol for the entries, 16 for the
+/// addresses, 16 MiB each at most.
+pub const MAX_SYMBOLS: u32 = 1 << 20;
 /// How far back from the token table the markers may start.
 const MAX_MARKERS_DISTANCE: usize = 1 << 20;
 /// Bytes one name entry may take when we search for `num_syms`.
 const MAX_ENTRY_SEARCH: usize = 512;
-/// A name may expand to at most this many bytes (the kernel's KSYM_NAME_LEN
-/// is 512); longer means a corrupt table.
+/// Longest compressed name entry the search for `num_syms` accepts, in
+/// bytes. An entry longer than [`MAX_EXPANDED_NAME`] cannot expand within
+/// it (every token is at least one byte), but one up to this long still
+/// pins the table down, and the decode then refuses it as
+/// [`TablesError::NameTooLong`], which names the problem.
 const MAX_NAME_LEN: usize = 4096;
 /// Units of search work (bytes scanned, candidate positions tried, entries
-/// decoded) one [`decode`] may spend. A real kernel needs well under a
-/// million; without a cap, crafted memory (a megabyte of zeros before a fake
-/// digit run) could make the nested backward searches run for minutes.
+/// decoded, bytes of names expanded) one [`decode`] may spend. A real
+/// kernel needs a few million (the 6.12 test guest's names alone expand to
+/// 3.9 MB); without a cap, crafted memory (a megabyte of zeros before a
+/// fake digit run) could make the nested backward searches run for
+/// minutes, and copies of a forged table each expand up to
+/// [`MAX_DECODED_BYTES`] before they are refused.
 pub const WORK_BUDGET: u64 = 1 << 26;
-/// A name may expand to at most this many bytes, its type letter included
-/// (the kernel's KSYM_NAME_LEN is 512). Each compressed byte can stand for
-/// a token of up to [`MAX_TOKEN_LEN`] bytes, so without this bound one
-/// forged 4096-byte entry would expand to 4 MiB of VMM heap.
+/// A name may expand to at most this many bytes, its type letter included.
+///
+/// scripts/kallsyms.c drops symbols whose name is KSYM_NAME_LEN bytes or
+/// longer (KSYM_NAME_LEN counts the NUL: 512 since Linux 6.1, 128 before),
+/// so a real entry expands to at most 1 + 511 = 512 bytes; the longest in
+/// the 6.1 and 6.12 test guests take 79. Twice the kernel's limit leaves
+/// room for it to grow once more, and no more: each compressed byte can
+/// stand for a token of up to [`MAX_TOKEN_LEN`] bytes, so without this
+/// bound one forged entry of 4096 bytes would expand to 4 MiB of VMM heap.
 const MAX_EXPANDED_NAME: usize = 1024;
-/// All names together may expand to at most this many bytes: a 6.1
-/// allyesconfig kernel needs about 10 MiB; forged tables get no further.
-pub const MAX_EXPANDED_TOTAL: usize = 32 << 20;
+/// VMM heap a whole decoded table may take, counted per symbol as its
+/// record (`size_of::<RawSymbol>()`, the type letter included) plus its
+/// name's bytes.
+///
+/// The test guests' tables take 5.4 MB (Linux 6.1, 87,347 symbols) and
+/// 9.9 MB (6.12, 154,334 symbols) by this count, from their
+/// /proc/kallsyms; a 6.1 allyesconfig (~350k symbols) would take about
+/// 25 MB. A forged table gets no further whatever its token table says:
+/// without this bound, names that are one compressed byte each (a token
+/// may hold the type letter too), every byte a `MAX_EXPANDED_NAME`
+/// token, cost 1 KiB of heap per 6 bytes of table (length, token and
+/// 4-byte offset).
+pub const MAX_DECODED_BYTES: usize = 32 << 20;
 
 /// Errors of locating and decoding the tables.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,20 +102,36 @@ pub enum TablesError {
     )]
     NameTooLong { index: usize, entry: u64 },
     #[error(
-        "kallsyms names expand past {MAX_EXPANDED_TOTAL} bytes in all (at name {index}): the \
-         table is corrupt or forged"
+        "kallsyms: {symbols} symbols would take more than {limit} bytes decoded (records plus \
+         expanded names; over at name {index}): the table is corrupt or forged"
     )]
-    NamesTooLarge { index: usize },
+    TooLarge {
+        symbols: usize,
+        index: usize,
+        limit: usize,
+    },
 }
 
-/// Remaining search work; see [`WORK_BUDGET`].
-struct Budget(u64);
+/// Remaining search work; see [`WORK_BUDGET`]. One budget may be shared
+/// by the searches of several images (see [`decode_spending`]).
+pub(crate) struct Budget(u64);
 
 impl Budget {
-    /// Spends `n` units; `None` once the budget is gone.
+    /// A whole [`WORK_BUDGET`].
+    pub(crate) fn new() -> Self {
+        Self(WORK_BUDGET)
+    }
+
+    /// Whether nothing is left.
+    pub(crate) fn is_spent(&self) -> bool {
+        self.0 == 0
+    }
+
+    /// Spends `n` units; `None`, and nothing left, once the budget is gone.
     fn spend(&mut self, n: u64) -> Option<()> {
-        self.0 = self.0.checked_sub(n)?;
-        Some(())
+        let left = self.0.checked_sub(n);
+        self.0 = left.unwrap_or(0);
+        left.map(drop)
     }
 }
 
@@ -214,20 +254,38 @@ struct Tokens {
 
 /// Decodes everything, trying every token-table candidate in the image.
 pub fn decode(image: Image<'_>) -> Result<Decoded, TablesError> {
-    let mut budget = Budget(WORK_BUDGET);
+    decode_spending(image, &mut Budget::new())
+}
+
+/// [`decode`], spending `budget`, which the caller may share between
+/// images: a search of many images then costs no more than one.
+pub(crate) fn decode_spending(
+    image: Image<'_>,
+    budget: &mut Budget,
+) -> Result<Decoded, TablesError> {
+    decode_within(image, MAX_DECODED_BYTES, budget)
+}
+
+/// [`decode_spending`], the decoded table taking at most `limit` bytes
+/// (see [`MAX_DECODED_BYTES`]).
+fn decode_within(
+    image: Image<'_>,
+    limit: usize,
+    budget: &mut Budget,
+) -> Result<Decoded, TablesError> {
     let exhausted = TablesError::BudgetExhausted {
         base: image.base,
         len: image.bytes.len(),
     };
     let mut last_err = None;
     for hit in memmem::find_iter(image.bytes, DIGIT_RUN) {
-        let Some(tokens) = token_table_at(image, hit, &mut budget) else {
+        let Some(tokens) = token_table_at(image, hit, budget) else {
             if budget.0 == 0 {
                 return Err(exhausted);
             }
             continue;
         };
-        match decode_with(image, &tokens, &mut budget) {
+        match decode_with(image, &tokens, budget, limit) {
             Ok(d) => return Ok(d),
             Err(_) if budget.0 == 0 => return Err(exhausted),
             Err(e) => last_err = Some(e),
@@ -316,6 +374,7 @@ fn decode_with(
     image: Image<'_>,
     tokens: &Tokens,
     budget: &mut Budget,
+    limit: usize,
 ) -> Result<Decoded, TablesError> {
     let names = find_names(image, tokens, budget).ok_or(TablesError::NoNames {
         token_table: image.va(tokens.table),
@@ -324,9 +383,19 @@ fn decode_with(
         find_offsets(image, tokens, &names, budget).ok_or(TablesError::NoOffsets {
             names: image.va(names.names),
         })?;
-    let mut symbols = Vec::with_capacity(names.entries.len());
+    let count = names.entries.len();
+    let too_large = |index| TablesError::TooLarge {
+        symbols: count,
+        index,
+        limit,
+    };
+    // The records first: refused before they are allocated.
+    let mut total = count
+        .checked_mul(std::mem::size_of::<RawSymbol>())
+        .filter(|&t| t <= limit)
+        .ok_or_else(|| too_large(0))?;
+    let mut symbols = Vec::with_capacity(count);
     let mut buf = Vec::with_capacity(64);
-    let mut total = 0usize;
     for (index, (&(start, len), (addr, absolute))) in names.entries.iter().zip(addrs).enumerate() {
         buf.clear();
         let entry = start
@@ -347,14 +416,21 @@ fn decode_with(
                 buf.extend_from_slice(tok);
             }
         }
-        total += buf.len();
-        if total > MAX_EXPANDED_TOTAL {
-            return Err(TablesError::NamesTooLarge { index });
-        }
+        budget
+            .spend(buf.len() as u64)
+            .ok_or(TablesError::BudgetExhausted {
+                base: image.base,
+                len: image.bytes.len(),
+            })?;
         let (kind, name) = match buf.split_first() {
             Some((&k, rest)) => (char::from(k), String::from_utf8_lossy(rest).into_owned()),
             None => ('?', String::new()),
         };
+        // The name as stored: invalid UTF-8 takes 3 bytes a byte.
+        total = total
+            .checked_add(name.len())
+            .filter(|&t| t <= limit)
+            .ok_or_else(|| too_large(index))?;
         symbols.push(RawSymbol {
             name,
             kind,
@@ -603,6 +679,11 @@ pub mod synth {
         pub prefix: usize,
         /// seqs_of_names between markers and token table (6.2-6.3).
         pub seqs: bool,
+        /// Tokens put at these indices in place of the builder's own: a
+        /// forged table, whose names (still encoded one byte per token)
+        /// expand to these. The digits' indices must be left alone, and the
+        /// whole token table must stay under 64 KiB (its index is u16).
+        pub token_overrides: Vec<(u8, Vec<u8>)>,
     }
 
     pub const BASE: u64 = 0xffff_ffff_8200_0000;
@@ -620,6 +701,7 @@ pub mod synth {
                 syms,
                 prefix: 24,
                 seqs: false,
+                token_overrides: Vec::new(),
             }
         }
 
@@ -637,7 +719,7 @@ pub mod synth {
                 used[d as usize] = true;
             }
             let mut fill = [b"_x".as_slice(), b"sy", b"ab", b"qq"].into_iter().cycle();
-            (0..256)
+            let mut tokens: Vec<Vec<u8>> = (0..256)
                 .map(|i| {
                     if used[i] {
                         vec![i as u8]
@@ -645,7 +727,11 @@ pub mod synth {
                         fill.next().unwrap_or(b"_x").to_vec()
                     }
                 })
-                .collect()
+                .collect();
+            for (i, t) in &self.token_overrides {
+                tokens[usize::from(*i)] = t.clone();
+            }
+            tokens
         }
 
         pub fn build(&self) -> Vec<u8> {
@@ -789,6 +875,124 @@ pub(crate) mod tests {
             matches!(e, TablesError::NameTooLong { index: 3, .. }),
             "{e}"
         );
+    }
+
+    /// A forged table: token `~` stands for `len` bytes, and symbol `i`
+    /// of `n` is named by `tildes(i)` of them.
+    fn forged(n: usize, len: usize, tildes: impl Fn(usize) -> usize) -> Vec<u8> {
+        let syms = (0..n)
+            .map(|i| {
+                let name = "~".repeat(tildes(i));
+                ('T', name, 0xffff_ffff_8100_0000 + i as u64 * 16)
+            })
+            .collect();
+        let mut b = Builder::new(Layout::OffsetsAfterTokenIndex, syms);
+        b.token_overrides = vec![(b'~', vec![b'a'; len])];
+        b.build()
+    }
+
+    #[test]
+    fn forged_long_tokens_cannot_blow_up_a_name() {
+        // 101 compressed bytes, well within any compressed-length bound,
+        // expanding to 1 + 100 KiB.
+        let bytes = forged(300, MAX_TOKEN_LEN, |i| if i == 5 { 100 } else { 0 });
+        let e = decode(Image {
+            base: BASE,
+            bytes: &bytes,
+        })
+        .unwrap_err();
+        assert!(
+            matches!(e, TablesError::NameTooLong { index: 5, .. }),
+            "{e}"
+        );
+        // One token past the limit is enough.
+        let bytes = forged(300, MAX_TOKEN_LEN, |i| usize::from(i == 7));
+        let e = decode(Image {
+            base: BASE,
+            bytes: &bytes,
+        })
+        .unwrap_err();
+        assert!(
+            matches!(e, TablesError::NameTooLong { index: 7, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn forged_names_cannot_exceed_the_decoded_total() {
+        // Every name one 1000-byte token: each just within the per-name
+        // limit, 7 bytes of table each (length, type, token, offset).
+        let per_symbol = std::mem::size_of::<RawSymbol>() + 1000;
+        let n = MAX_DECODED_BYTES / per_symbol + 100;
+        let bytes = forged(n, 1000, |_| 1);
+        assert!(bytes.len() < 300 << 10, "{} bytes", bytes.len());
+        let e = decode(Image {
+            base: BASE,
+            bytes: &bytes,
+        })
+        .unwrap_err();
+        assert!(
+            matches!(e, TablesError::TooLarge { symbols, index, .. }
+                if symbols == n && index < n),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn expanding_names_spends_the_work_budget() {
+        // Three copies of a table just too large to decode: each candidate
+        // would expand 32 MiB before it is refused. The budget pays for
+        // two at most, and the third is not tried.
+        let per_symbol = std::mem::size_of::<RawSymbol>() + 1000;
+        let mut one = forged(MAX_DECODED_BYTES / per_symbol + 100, 1000, |_| 1);
+        one.resize(one.len().next_multiple_of(8), 0);
+        for copy in [0, one.len()] {
+            let e = decode(Image {
+                base: BASE + copy as u64,
+                bytes: &one,
+            });
+            assert!(matches!(e, Err(TablesError::TooLarge { .. })), "{e:?}");
+        }
+        let bytes = [one.as_slice(), &one, &one].concat();
+        let e = decode(Image {
+            base: BASE,
+            bytes: &bytes,
+        })
+        .unwrap_err();
+        assert!(matches!(e, TablesError::BudgetExhausted { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_decoded_total_counts_records_and_names_exactly() {
+        let syms = sample_symbols(600);
+        let need = syms.len() * std::mem::size_of::<RawSymbol>()
+            + syms.iter().map(|s| s.1.len()).sum::<usize>();
+        let bytes = Builder::new(Layout::OffsetsFirst, syms.clone()).build();
+        let image = Image {
+            base: BASE,
+            bytes: &bytes,
+        };
+        assert_eq!(
+            decode_within(image, need, &mut Budget::new())
+                .unwrap()
+                .symbols
+                .len(),
+            syms.len()
+        );
+        let e = decode_within(image, need - 1, &mut Budget::new()).unwrap_err();
+        assert!(
+            matches!(e, TablesError::TooLarge { index, .. } if index == syms.len() - 1),
+            "{e}"
+        );
+        // Too many records for the limit: refused before any name is
+        // expanded (or the records allocated).
+        let e = decode_within(
+            image,
+            syms.len() * std::mem::size_of::<RawSymbol>() - 1,
+            &mut Budget::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, TablesError::TooLarge { index: 0, .. }), "{e}");
     }
 
     #[test]
