@@ -174,9 +174,11 @@ impl Check {
             return Ok(out);
         }
         for t in tasks {
-            // A zombie or dead task never runs again: nothing on its stack
-            // (often already freed) can be returned into.
-            if t.exit_state != 0 {
+            // A dead task never runs again: nothing on its stack (often
+            // already freed) can be returned into. An exiting task that
+            // is not dead yet is checked like any other (see
+            // `Task::is_dead`).
+            if t.is_dead() {
                 continue;
             }
             let mut ranges: Vec<Range<u64>> = Vec::new();
@@ -505,14 +507,63 @@ mod tests {
         }
     }
 
+    /// `exit_notify` sets `exit_state` (EXIT_DEAD for an autoreaped
+    /// thread, EXIT_ZOMBIE otherwise) long before the task stops running:
+    /// the rest of `do_exit` still runs, may be preempted, and returns
+    /// into whatever its stack holds. Only a task past its last switch
+    /// (TASK_DEAD, off every CPU) is skipped.
     #[test]
-    fn zombies_are_skipped_and_unreadable_stacks_block() {
-        let mut zombie = task(9, 0..0, 0, None);
-        zombie.exit_state = 16; // EXIT_ZOMBIE
-        assert!(check()
-            .blockers(&Nothing, &[zombie], &[], &[])
-            .unwrap()
-            .is_empty());
+    fn exiting_tasks_are_checked_until_they_are_dead() {
+        const EXIT_DEAD: u32 = 0x10;
+        const EXIT_ZOMBIE: u32 = 0x20;
+        const TASK_DEAD: u32 = 0x80;
+        // Released (EXIT_DEAD) and still running on vCPU 0 in f.
+        let mem = Words(vec![(0x8ff0, 0x1042)]);
+        let mut running = task(11, 0x8000..0x9000, 0, Some(0));
+        running.exit_state = EXIT_DEAD;
+        running.state = 0;
+        let r = VcpuRegs {
+            rip: 0x2010,
+            rsp: 0x8f00,
+            ..VcpuRegs::default()
+        };
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&running), &[r], &[])
+            .unwrap();
+        let seen: Vec<Seen> = b.iter().map(|b| b.seen).collect();
+        assert_eq!(
+            seen,
+            vec![Seen::Rip { vcpu: 0 }, Seen::Stack { slot: 0x8ff0 }]
+        );
+        // A zombie preempted after exit_notify, a return into pipe_read
+        // on its stack.
+        let mut preempted = task(12, 0x8000..0x9000, 0x8fe8, None);
+        preempted.exit_state = EXIT_ZOMBIE;
+        preempted.state = 0;
+        let b = check().blockers(&mem, &[preempted], &[], &[]).unwrap();
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(b[0].func, "pipe_read");
+        // TASK_DEAD but still on_cpu: mid-switch away, its stack in use.
+        let mut switching = task(13, 0x8000..0x9000, 0x8fe8, None);
+        switching.exit_state = EXIT_ZOMBIE;
+        switching.state = TASK_DEAD;
+        switching.on_cpu = true;
+        let b = check().blockers(&mem, &[switching], &[], &[]).unwrap();
+        assert_eq!(b.len(), 1, "{b:?}");
+    }
+
+    #[test]
+    fn dead_tasks_are_skipped_and_unreadable_stacks_block() {
+        // Past its last switch: its stack is freed (here: unreadable).
+        for exit_state in [0x10, 0x20] {
+            let mut dead = task(9, 0..0, 0, None);
+            dead.exit_state = exit_state;
+            dead.state = 0x80; // TASK_DEAD
+            assert!(check()
+                .blockers(&Nothing, &[dead], &[], &[])
+                .unwrap()
+                .is_empty());
+        }
         let live = task(10, 0x8000..0x9000, 0x8f00, None);
         let b = check().blockers(&Nothing, &[live], &[], &[]).unwrap();
         assert_eq!(b[0].seen, Seen::Unreadable { addr: 0x8f00 });

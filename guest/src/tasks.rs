@@ -41,6 +41,9 @@ const COMM_LEN: usize = 16;
 /// PF_KTHREAD and PF_WQ_WORKER from include/linux/sched.h (6.1).
 pub const PF_WQ_WORKER: u32 = 0x0000_0020;
 pub const PF_KTHREAD: u32 = 0x0020_0000;
+/// `__state` of a task that has switched away for the last time
+/// (`do_task_dead`), from include/linux/sched.h (6.1 and 6.12 alike).
+pub const TASK_DEAD: u32 = 0x0000_0080;
 
 /// Errors of the task walk.
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +246,20 @@ impl Task {
         }
         let index = (u32::BITS - s.leading_zeros()) as usize;
         b"RSDTtXZPI".get(index).map_or('?', |&c| char::from(c))
+    }
+
+    /// Whether the task will never run again, so nothing on its stack can
+    /// be returned into. `exit_state` alone does not say so: `exit_notify`
+    /// sets it (EXIT_DEAD for an autoreaped thread, which it also
+    /// releases from the task lists, EXIT_ZOMBIE otherwise) and the task
+    /// then runs, and may be preempted in, the rest of `do_exit`. Only
+    /// `do_task_dead` ends that: it sets `__state` to TASK_DEAD and
+    /// schedules away for good (no wakeup matches TASK_DEAD), and the
+    /// next task's `finish_task_switch` clears `on_cpu` before freeing
+    /// the stack. So: exiting, TASK_DEAD, off every CPU, and no vCPU
+    /// found running it.
+    pub fn is_dead(&self) -> bool {
+        self.exit_state != 0 && self.state == TASK_DEAD && !self.on_cpu && self.running.is_none()
     }
 
     pub fn is_kthread(&self) -> bool {
