@@ -27,6 +27,7 @@ use std::ops::Range;
 use thiserror::Error;
 
 use klpvisor_guest::orc::Orc;
+use klpvisor_guest::tasks::percpu_gs_base;
 use klpvisor_guest::VcpuRegs;
 use klpvisor_guest::{Btf, Kallsyms, Task, VirtRead};
 
@@ -63,16 +64,33 @@ pub enum Seen {
     UnknownStack { vcpu: usize, rsp: u64 },
     /// The task's stack could not be read (blocks: unknown means unsafe).
     Unreadable { addr: u64 },
+    /// vCPU `vcpu` executes in long mode, yet the task walk placed no task
+    /// on it: its kernel per-CPU base `gs` (see
+    /// [`klpvisor_guest::tasks::percpu_gs_base`]; `None` in user mode
+    /// without a recorded KERNEL_GS_BASE) is no CPU's, or is also vCPU
+    /// `shared_with`'s. Which task it runs is then unknown, and so is what
+    /// that task's stack holds: the blocker is the vCPU, not a task
+    /// (`pid` -1, `comm` empty).
+    Vcpu {
+        vcpu: usize,
+        gs: Option<u64>,
+        shared_with: Option<usize>,
+    },
 }
 
-/// A task that keeps the transition from committing now.
+/// A task (or, for [`Seen::Vcpu`], a vCPU) that keeps the transition
+/// from committing now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocker {
+    /// The task's pid; -1 for [`Seen::Vcpu`].
     pub pid: i32,
+    /// The task's comm; empty for [`Seen::Vcpu`].
     pub comm: String,
-    /// The changed function (empty for [`Seen::UnknownStack`]).
+    /// The changed function (empty for [`Seen::UnknownStack`],
+    /// [`Seen::Unreadable`] and [`Seen::Vcpu`]).
     pub func: String,
-    /// The address found (RIP or the stack word's value).
+    /// The address found (RIP or the stack word's value; the per-CPU base
+    /// for [`Seen::Vcpu`], 0 if unknown).
     pub addr: u64,
     pub seen: Seen,
 }
@@ -104,6 +122,31 @@ impl std::fmt::Display for Blocker {
                 f,
                 "pid {} ({}): its stack at {addr:#x} cannot be read",
                 self.pid, self.comm
+            ),
+            Seen::Vcpu { vcpu, gs: None, .. } => write!(
+                f,
+                "vCPU {vcpu} is in user mode and its KERNEL_GS_BASE is not known (the register \
+                 source records no MSRs): which CPU it is, and which task it runs, is unknown"
+            ),
+            Seen::Vcpu {
+                vcpu,
+                gs: Some(gs),
+                shared_with: Some(other),
+            } => write!(
+                f,
+                "vCPU {vcpu} and vCPU {other} have the same per-CPU base {gs:#x}: which of them \
+                 is that CPU, and which task each runs, is unknown (a user GS base set to \
+                 another CPU's, seen between a kernel entry and its swapgs; retried)"
+            ),
+            Seen::Vcpu {
+                vcpu,
+                gs: Some(gs),
+                shared_with: None,
+            } => write!(
+                f,
+                "vCPU {vcpu} executes in long mode, but its per-CPU base {gs:#x} is no CPU's: \
+                 the task it runs is unknown (paused between a kernel entry and its swapgs, or \
+                 a CPU still coming up; retried)"
             ),
         }
     }
@@ -173,6 +216,7 @@ impl Check {
         if self.is_empty() {
             return Ok(out);
         }
+        self.unplaced_vcpus(tasks, regs, &mut out);
         for t in tasks {
             // A dead task never runs again: nothing on its stack (often
             // already freed) can be returned into. An exiting task that
@@ -231,6 +275,38 @@ impl Check {
             }
         }
         Ok(out)
+    }
+
+    /// Blocks on every vCPU in long mode that runs no task of `tasks`. Its
+    /// CPU's current task would otherwise be judged as if off-CPU, by a
+    /// stale saved stack pointer and without the vCPU's RIP, and a forged
+    /// or ambiguous GS base would pass silently. A vCPU outside long mode
+    /// executes no kernel code and is left out.
+    fn unplaced_vcpus(&self, tasks: &[Task], regs: &[VcpuRegs], out: &mut Vec<Blocker>) {
+        let placed = |v: usize| tasks.iter().any(|t| t.running.is_some_and(|r| r.vcpu == v));
+        for (vcpu, r) in regs.iter().enumerate() {
+            if !r.in_long_mode() || placed(vcpu) {
+                continue;
+            }
+            let gs = percpu_gs_base(r);
+            let shared_with = gs.and_then(|gs| {
+                regs.iter()
+                    .enumerate()
+                    .find(|&(w, o)| w != vcpu && o.in_long_mode() && percpu_gs_base(o) == Some(gs))
+                    .map(|(w, _)| w)
+            });
+            out.push(Blocker {
+                pid: -1,
+                comm: String::new(),
+                func: String::new(),
+                addr: gs.unwrap_or(0),
+                seen: Seen::Vcpu {
+                    vcpu,
+                    gs,
+                    shared_with,
+                },
+            });
+        }
     }
 
     /// Judges sleeping `t` by its unwound frames; false if its stack does
@@ -454,6 +530,87 @@ mod tests {
         );
         assert!(check()
             .blockers(&mem, &[t], &[user], &[])
+            .unwrap()
+            .is_empty());
+    }
+
+    /// A vCPU executing the kernel with no task placed on it (its per-CPU
+    /// base is no CPU's, or another vCPU's too) blocks, naming the vCPU:
+    /// the task it runs is unknown, so is what that task's stack holds.
+    #[test]
+    fn a_vcpu_running_no_known_task_blocks() {
+        const CR0_PG: u64 = 1 << 31;
+        const CR4_PAE: u64 = 1 << 5;
+        let on = |gs: u64| VcpuRegs {
+            cr0: CR0_PG | 1,
+            cr4: CR4_PAE,
+            gs_base: gs,
+            rsp: 0x8f00,
+            ..VcpuRegs::default()
+        };
+        let mem = Words(vec![]);
+        let t = task(1, 0x8000..0x9000, 0, Some(0));
+        // vCPU 0 runs t; vCPU 1's GS base matched no CPU.
+        let regs = [on(0xffff_8880_1000_0000), on(0x7f00_0000_0000)];
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&t), &regs, &[])
+            .unwrap();
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(
+            b[0].seen,
+            Seen::Vcpu {
+                vcpu: 1,
+                gs: Some(0x7f00_0000_0000),
+                shared_with: None
+            }
+        );
+        assert!(b[0].to_string().contains("vCPU 1"), "{}", b[0]);
+        // vCPUs 1 and 2 claim the same CPU, so the walk placed neither.
+        let regs = [
+            on(0xffff_8880_1000_0000),
+            on(0xffff_8880_2000_0000),
+            on(0xffff_8880_2000_0000),
+        ];
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&t), &regs, &[])
+            .unwrap();
+        let seen: Vec<Seen> = b.iter().map(|b| b.seen).collect();
+        assert_eq!(
+            seen,
+            vec![
+                Seen::Vcpu {
+                    vcpu: 1,
+                    gs: Some(0xffff_8880_2000_0000),
+                    shared_with: Some(2)
+                },
+                Seen::Vcpu {
+                    vcpu: 2,
+                    gs: Some(0xffff_8880_2000_0000),
+                    shared_with: Some(1)
+                },
+            ]
+        );
+        // In user mode without a recorded KERNEL_GS_BASE: unknown, blocks.
+        let user = VcpuRegs {
+            cs_selector: 0x33,
+            kernel_gs_base: None,
+            ..on(0)
+        };
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&t), &[on(1), user], &[])
+            .unwrap();
+        assert_eq!(
+            b.iter().map(|b| b.seen).collect::<Vec<_>>(),
+            vec![Seen::Vcpu {
+                vcpu: 1,
+                gs: None,
+                shared_with: None
+            }]
+        );
+        // Paging off (waiting for its start-up IPI): runs no kernel code.
+        let parked = VcpuRegs::default();
+        assert!(check()
+            .blockers(&mem, &[t], &[on(1), parked], &[])
             .unwrap()
             .is_empty());
     }
