@@ -27,6 +27,7 @@ use std::ops::Range;
 use thiserror::Error;
 
 use klpvisor_guest::orc::Orc;
+use klpvisor_guest::tasks::percpu_gs_base;
 use klpvisor_guest::VcpuRegs;
 use klpvisor_guest::{Btf, Kallsyms, Task, VirtRead};
 
@@ -63,16 +64,33 @@ pub enum Seen {
     UnknownStack { vcpu: usize, rsp: u64 },
     /// The task's stack could not be read (blocks: unknown means unsafe).
     Unreadable { addr: u64 },
+    /// vCPU `vcpu` executes in long mode, yet the task walk placed no task
+    /// on it: its kernel per-CPU base `gs` (see
+    /// [`klpvisor_guest::tasks::percpu_gs_base`]; `None` in user mode
+    /// without a recorded KERNEL_GS_BASE) is no CPU's, or is also vCPU
+    /// `shared_with`'s. Which task it runs is then unknown, and so is what
+    /// that task's stack holds: the blocker is the vCPU, not a task
+    /// (`pid` -1, `comm` empty).
+    Vcpu {
+        vcpu: usize,
+        gs: Option<u64>,
+        shared_with: Option<usize>,
+    },
 }
 
-/// A task that keeps the transition from committing now.
+/// A task (or, for [`Seen::Vcpu`], a vCPU) that keeps the transition
+/// from committing now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocker {
+    /// The task's pid; -1 for [`Seen::Vcpu`].
     pub pid: i32,
+    /// The task's comm; empty for [`Seen::Vcpu`].
     pub comm: String,
-    /// The changed function (empty for [`Seen::UnknownStack`]).
+    /// The changed function (empty for [`Seen::UnknownStack`],
+    /// [`Seen::Unreadable`] and [`Seen::Vcpu`]).
     pub func: String,
-    /// The address found (RIP or the stack word's value).
+    /// The address found (RIP or the stack word's value; the per-CPU base
+    /// for [`Seen::Vcpu`], 0 if unknown).
     pub addr: u64,
     pub seen: Seen,
 }
@@ -104,6 +122,31 @@ impl std::fmt::Display for Blocker {
                 f,
                 "pid {} ({}): its stack at {addr:#x} cannot be read",
                 self.pid, self.comm
+            ),
+            Seen::Vcpu { vcpu, gs: None, .. } => write!(
+                f,
+                "vCPU {vcpu} is in user mode and its KERNEL_GS_BASE is not known (the register \
+                 source records no MSRs): which CPU it is, and which task it runs, is unknown"
+            ),
+            Seen::Vcpu {
+                vcpu,
+                gs: Some(gs),
+                shared_with: Some(other),
+            } => write!(
+                f,
+                "vCPU {vcpu} and vCPU {other} have the same per-CPU base {gs:#x}: which of them \
+                 is that CPU, and which task each runs, is unknown (a user GS base set to \
+                 another CPU's, seen between a kernel entry and its swapgs; retried)"
+            ),
+            Seen::Vcpu {
+                vcpu,
+                gs: Some(gs),
+                shared_with: None,
+            } => write!(
+                f,
+                "vCPU {vcpu} executes in long mode, but its per-CPU base {gs:#x} is no CPU's: \
+                 the task it runs is unknown (paused between a kernel entry and its swapgs, or \
+                 a CPU still coming up; retried)"
             ),
         }
     }
@@ -173,10 +216,13 @@ impl Check {
         if self.is_empty() {
             return Ok(out);
         }
+        self.unplaced_vcpus(tasks, regs, &mut out);
         for t in tasks {
-            // A zombie or dead task never runs again: nothing on its stack
-            // (often already freed) can be returned into.
-            if t.exit_state != 0 {
+            // A dead task never runs again: nothing on its stack (often
+            // already freed) can be returned into. An exiting task that
+            // is not dead yet is checked like any other (see
+            // `Task::is_dead`).
+            if t.is_dead() {
                 continue;
             }
             let mut ranges: Vec<Range<u64>> = Vec::new();
@@ -229,6 +275,38 @@ impl Check {
             }
         }
         Ok(out)
+    }
+
+    /// Blocks on every vCPU in long mode that runs no task of `tasks`. Its
+    /// CPU's current task would otherwise be judged as if off-CPU, by a
+    /// stale saved stack pointer and without the vCPU's RIP, and a forged
+    /// or ambiguous GS base would pass silently. A vCPU outside long mode
+    /// executes no kernel code and is left out.
+    fn unplaced_vcpus(&self, tasks: &[Task], regs: &[VcpuRegs], out: &mut Vec<Blocker>) {
+        let placed = |v: usize| tasks.iter().any(|t| t.running.is_some_and(|r| r.vcpu == v));
+        for (vcpu, r) in regs.iter().enumerate() {
+            if !r.in_long_mode() || placed(vcpu) {
+                continue;
+            }
+            let gs = percpu_gs_base(r);
+            let shared_with = gs.and_then(|gs| {
+                regs.iter()
+                    .enumerate()
+                    .find(|&(w, o)| w != vcpu && o.in_long_mode() && percpu_gs_base(o) == Some(gs))
+                    .map(|(w, _)| w)
+            });
+            out.push(Blocker {
+                pid: -1,
+                comm: String::new(),
+                func: String::new(),
+                addr: gs.unwrap_or(0),
+                seen: Seen::Vcpu {
+                    vcpu,
+                    gs,
+                    shared_with,
+                },
+            });
+        }
     }
 
     /// Judges sleeping `t` by its unwound frames; false if its stack does
@@ -456,6 +534,87 @@ mod tests {
             .is_empty());
     }
 
+    /// A vCPU executing the kernel with no task placed on it (its per-CPU
+    /// base is no CPU's, or another vCPU's too) blocks, naming the vCPU:
+    /// the task it runs is unknown, so is what that task's stack holds.
+    #[test]
+    fn a_vcpu_running_no_known_task_blocks() {
+        const CR0_PG: u64 = 1 << 31;
+        const CR4_PAE: u64 = 1 << 5;
+        let on = |gs: u64| VcpuRegs {
+            cr0: CR0_PG | 1,
+            cr4: CR4_PAE,
+            gs_base: gs,
+            rsp: 0x8f00,
+            ..VcpuRegs::default()
+        };
+        let mem = Words(vec![]);
+        let t = task(1, 0x8000..0x9000, 0, Some(0));
+        // vCPU 0 runs t; vCPU 1's GS base matched no CPU.
+        let regs = [on(0xffff_8880_1000_0000), on(0x7f00_0000_0000)];
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&t), &regs, &[])
+            .unwrap();
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(
+            b[0].seen,
+            Seen::Vcpu {
+                vcpu: 1,
+                gs: Some(0x7f00_0000_0000),
+                shared_with: None
+            }
+        );
+        assert!(b[0].to_string().contains("vCPU 1"), "{}", b[0]);
+        // vCPUs 1 and 2 claim the same CPU, so the walk placed neither.
+        let regs = [
+            on(0xffff_8880_1000_0000),
+            on(0xffff_8880_2000_0000),
+            on(0xffff_8880_2000_0000),
+        ];
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&t), &regs, &[])
+            .unwrap();
+        let seen: Vec<Seen> = b.iter().map(|b| b.seen).collect();
+        assert_eq!(
+            seen,
+            vec![
+                Seen::Vcpu {
+                    vcpu: 1,
+                    gs: Some(0xffff_8880_2000_0000),
+                    shared_with: Some(2)
+                },
+                Seen::Vcpu {
+                    vcpu: 2,
+                    gs: Some(0xffff_8880_2000_0000),
+                    shared_with: Some(1)
+                },
+            ]
+        );
+        // In user mode without a recorded KERNEL_GS_BASE: unknown, blocks.
+        let user = VcpuRegs {
+            cs_selector: 0x33,
+            kernel_gs_base: None,
+            ..on(0)
+        };
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&t), &[on(1), user], &[])
+            .unwrap();
+        assert_eq!(
+            b.iter().map(|b| b.seen).collect::<Vec<_>>(),
+            vec![Seen::Vcpu {
+                vcpu: 1,
+                gs: None,
+                shared_with: None
+            }]
+        );
+        // Paging off (waiting for its start-up IPI): runs no kernel code.
+        let parked = VcpuRegs::default();
+        assert!(check()
+            .blockers(&mem, &[t], &[on(1), parked], &[])
+            .unwrap()
+            .is_empty());
+    }
+
     #[test]
     fn irq_stack_then_the_interrupted_task_stack() {
         // On the IRQ stack [0x20000, 0x24000); its top word points back
@@ -505,14 +664,63 @@ mod tests {
         }
     }
 
+    /// `exit_notify` sets `exit_state` (EXIT_DEAD for an autoreaped
+    /// thread, EXIT_ZOMBIE otherwise) long before the task stops running:
+    /// the rest of `do_exit` still runs, may be preempted, and returns
+    /// into whatever its stack holds. Only a task past its last switch
+    /// (TASK_DEAD, off every CPU) is skipped.
     #[test]
-    fn zombies_are_skipped_and_unreadable_stacks_block() {
-        let mut zombie = task(9, 0..0, 0, None);
-        zombie.exit_state = 16; // EXIT_ZOMBIE
-        assert!(check()
-            .blockers(&Nothing, &[zombie], &[], &[])
-            .unwrap()
-            .is_empty());
+    fn exiting_tasks_are_checked_until_they_are_dead() {
+        const EXIT_DEAD: u32 = 0x10;
+        const EXIT_ZOMBIE: u32 = 0x20;
+        const TASK_DEAD: u32 = 0x80;
+        // Released (EXIT_DEAD) and still running on vCPU 0 in f.
+        let mem = Words(vec![(0x8ff0, 0x1042)]);
+        let mut running = task(11, 0x8000..0x9000, 0, Some(0));
+        running.exit_state = EXIT_DEAD;
+        running.state = 0;
+        let r = VcpuRegs {
+            rip: 0x2010,
+            rsp: 0x8f00,
+            ..VcpuRegs::default()
+        };
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&running), &[r], &[])
+            .unwrap();
+        let seen: Vec<Seen> = b.iter().map(|b| b.seen).collect();
+        assert_eq!(
+            seen,
+            vec![Seen::Rip { vcpu: 0 }, Seen::Stack { slot: 0x8ff0 }]
+        );
+        // A zombie preempted after exit_notify, a return into pipe_read
+        // on its stack.
+        let mut preempted = task(12, 0x8000..0x9000, 0x8fe8, None);
+        preempted.exit_state = EXIT_ZOMBIE;
+        preempted.state = 0;
+        let b = check().blockers(&mem, &[preempted], &[], &[]).unwrap();
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(b[0].func, "pipe_read");
+        // TASK_DEAD but still on_cpu: mid-switch away, its stack in use.
+        let mut switching = task(13, 0x8000..0x9000, 0x8fe8, None);
+        switching.exit_state = EXIT_ZOMBIE;
+        switching.state = TASK_DEAD;
+        switching.on_cpu = true;
+        let b = check().blockers(&mem, &[switching], &[], &[]).unwrap();
+        assert_eq!(b.len(), 1, "{b:?}");
+    }
+
+    #[test]
+    fn dead_tasks_are_skipped_and_unreadable_stacks_block() {
+        // Past its last switch: its stack is freed (here: unreadable).
+        for exit_state in [0x10, 0x20] {
+            let mut dead = task(9, 0..0, 0, None);
+            dead.exit_state = exit_state;
+            dead.state = 0x80; // TASK_DEAD
+            assert!(check()
+                .blockers(&Nothing, &[dead], &[], &[])
+                .unwrap()
+                .is_empty());
+        }
         let live = task(10, 0x8000..0x9000, 0x8f00, None);
         let b = check().blockers(&Nothing, &[live], &[], &[]).unwrap();
         assert_eq!(b[0].seen, Seen::Unreadable { addr: 0x8f00 });

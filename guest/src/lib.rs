@@ -148,4 +148,17 @@ impl VcpuRegs {
     pub fn cpl(&self) -> u8 {
         (self.cs_selector & 3) as u8
     }
+
+    /// Whether the vCPU is in long mode with paging on (CR0.PG, CR4.PAE,
+    /// and EFER.LMA where recorded): the only mode the x86-64 kernel's
+    /// code runs in. A vCPU outside it (waiting for its start-up IPI, in
+    /// the real-mode trampoline) executes no kernel function.
+    pub fn in_long_mode(&self) -> bool {
+        const CR0_PG: u64 = 1 << 31;
+        const CR4_PAE: u64 = 1 << 5;
+        const EFER_LMA: u64 = 1 << 10;
+        self.cr0 & CR0_PG != 0
+            && self.cr4 & CR4_PAE != 0
+            && self.efer.is_none_or(|e| e & EFER_LMA != 0)
+    }
 }

@@ -9,7 +9,7 @@
 //! (`__per_cpu_offset[cpu]` + the per-CPU offset of `runqueues`); CPU 0's is
 //! `init_task` itself. The task a vCPU runs is the per-CPU `current_task`
 //! (6.1) or `pcpu_hot.current_task` (6.2+) of the CPU whose per-CPU base is
-//! the vCPU's GS base.
+//! the vCPU's kernel GS base ([`percpu_gs_base`]).
 //!
 //! The lists are guest data that may be corrupt or mid-update: every
 //! pointer is checked to be a kernel address, every walk is bounded and
@@ -41,6 +41,9 @@ const COMM_LEN: usize = 16;
 /// PF_KTHREAD and PF_WQ_WORKER from include/linux/sched.h (6.1).
 pub const PF_WQ_WORKER: u32 = 0x0000_0020;
 pub const PF_KTHREAD: u32 = 0x0020_0000;
+/// `__state` of a task that has switched away for the last time
+/// (`do_task_dead`), from include/linux/sched.h (6.1 and 6.12 alike).
+pub const TASK_DEAD: u32 = 0x0000_0080;
 
 /// Errors of the task walk.
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +248,20 @@ impl Task {
         b"RSDTtXZPI".get(index).map_or('?', |&c| char::from(c))
     }
 
+    /// Whether the task will never run again, so nothing on its stack can
+    /// be returned into. `exit_state` alone does not say so: `exit_notify`
+    /// sets it (EXIT_DEAD for an autoreaped thread, which it also
+    /// releases from the task lists, EXIT_ZOMBIE otherwise) and the task
+    /// then runs, and may be preempted in, the rest of `do_exit`. Only
+    /// `do_task_dead` ends that: it sets `__state` to TASK_DEAD and
+    /// schedules away for good (no wakeup matches TASK_DEAD), and the
+    /// next task's `finish_task_switch` clears `on_cpu` before freeing
+    /// the stack. So: exiting, TASK_DEAD, off every CPU, and no vCPU
+    /// found running it.
+    pub fn is_dead(&self) -> bool {
+        self.exit_state != 0 && self.state == TASK_DEAD && !self.on_cpu && self.running.is_none()
+    }
+
     pub fn is_kthread(&self) -> bool {
         self.flags & PF_KTHREAD != 0
     }
@@ -252,6 +269,50 @@ impl Task {
     /// A workqueue worker: /proc shows its comm with "+desc"/"-desc" added.
     pub fn is_wq_worker(&self) -> bool {
         self.flags & PF_WQ_WORKER != 0
+    }
+}
+
+/// The kernel's per-CPU base as vCPU `r` holds it: GS_BASE in kernel mode
+/// (CPL 0), KERNEL_GS_BASE in user mode; `None` in user mode when the
+/// register source records no MSRs.
+///
+/// Which CPU a vCPU is decides which task the safe-point check judges
+/// with its registers, so it must not be forgeable from user space. The
+/// kernel keeps its per-CPU base in exactly one of the two registers and
+/// the user's GS base in the other, swapping them (`swapgs`) on every
+/// entry from and exit to user mode. The user's value is arbitrary: with
+/// FSGSBASE, `wrgsbase` sets any canonical address, another CPU's per-CPU
+/// base included. Accepting a match in either register, as the first CPU
+/// that matched, let a process on CPU 1 whose GS base is CPU 0's place
+/// CPU 1's vCPU on CPU 0 while it was in the kernel.
+///
+/// Why not "match only in kernel mode": a vCPU in user mode is the common
+/// case, and its KERNEL_GS_BASE is the kernel's own value, which user mode
+/// cannot write (MSR writes and `swapgs` are privileged). Refusing every
+/// time a vCPU is in user mode would block most transitions.
+///
+/// The rule is wrong only while a vCPU runs in kernel mode with the user's
+/// GS base, interrupts off: between a syscall, interrupt or exception
+/// entry and its `swapgs`, between the `swapgs` and the `sysret`/`iret`
+/// of an exit, at the start of a paranoid (NMI, #MC, #DB) entry, and in
+/// the kernel's own writes of the user's GS base (`__switch_to` and
+/// `arch_prctl` set it between two `swapgs`). There the value taken is
+/// the user's. If it is no CPU's, or a CPU another vCPU claims too, the
+/// walk places the vCPU on no CPU and the safe-point check blocks on it.
+/// If vCPUs in such windows exactly trade CPUs, each is judged with
+/// another CPU's current task, whose stack does not hold its RSP (that is
+/// on its own task's stack or an entry stack, never an IRQ stack with
+/// interrupts off), and the check blocks on a stack pointer on no known
+/// stack. Only a user-chosen RSP (at `syscall` before the entry switches
+/// stacks, or after the exit restored the user's) can land on the judged
+/// task's stack; for no block at all, every trading vCPU must be in such
+/// a syscall window, and then none of their tasks has a frame on its
+/// kernel stack to miss.
+pub fn percpu_gs_base(r: &VcpuRegs) -> Option<u64> {
+    if r.cpl() == 0 {
+        Some(r.gs_base)
+    } else {
+        r.kernel_gs_base
     }
 }
 
@@ -346,24 +407,36 @@ impl Tasks {
 
     /// Every task: each CPU's idle task (by CPU), then every thread in
     /// task-list order; each marked with the vCPU running it, per `regs`
-    /// (index = vCPU id). A task a vCPU runs but no list holds (one that
-    /// is exiting) is added at the end.
+    /// (index = vCPU id) and [`percpu_gs_base`]. A vCPU whose per-CPU
+    /// base is no CPU's, or the same CPU's as another vCPU's, marks no
+    /// task. A task a vCPU runs but no list holds (one that is exiting)
+    /// is added at the end.
     pub fn list<M: VirtRead + ?Sized>(
         &self,
         mem: &M,
         regs: &[VcpuRegs],
     ) -> Result<Vec<Task>, TasksError> {
         let cpus = self.per_cpu_bases(mem)?;
+        // (vCPU, CPU, per-CPU base) for each vCPU whose per-CPU base is a
+        // CPU's. One that is no CPU's (early boot, the instructions
+        // between a kernel entry and its swapgs) is placed on none.
+        let claims: Vec<(usize, u32, u64)> = regs
+            .iter()
+            .enumerate()
+            .filter_map(|(vcpu, r)| {
+                let gs = percpu_gs_base(r)?;
+                let &(cpu, base) = cpus.iter().find(|&&(_, base)| base == gs)?;
+                Some((vcpu, cpu, base))
+            })
+            .collect();
         let mut running: Vec<(u64, Running)> = Vec::new();
-        for (vcpu, r) in regs.iter().enumerate() {
-            let gs = [Some(r.gs_base), r.kernel_gs_base];
-            let Some((cpu, base)) = cpus
-                .iter()
-                .find(|(_, base)| gs.contains(&Some(*base)))
-                .copied()
-            else {
-                continue; // not in the kernel's per-CPU setup (early boot)
-            };
+        for &(vcpu, cpu, base) in &claims {
+            // Two vCPUs on one CPU: at most one is right, and which one
+            // cannot be told, so neither is placed (the safe-point check
+            // blocks on a vCPU that runs no task).
+            if claims.iter().filter(|c| c.1 == cpu).count() > 1 {
+                continue;
+            }
             let at = base.wrapping_add(self.symbols.current_task);
             let task = self.read_ptr(mem, at, "the per-CPU current task")?;
             running.push((task, Running { vcpu, cpu }));
@@ -762,6 +835,7 @@ mod tests {
         let r0 = VcpuRegs {
             gs_base: 0,
             kernel_gs_base: Some(PCPU[0]),
+            cs_selector: 0x33,
             ..Default::default()
         };
         let list = tasks.list(&m, &[r0, regs(PCPU[1])]).unwrap();
@@ -795,6 +869,42 @@ mod tests {
         assert_eq!(b.saved_sp, 0xffff_c900_0000_3f00);
         assert_eq!(list[2].state_char(), 'S');
         assert_eq!(b.state_char(), 'R');
+    }
+
+    /// With FSGSBASE a user process sets its GS base to anything, another
+    /// CPU's per-CPU base included, and that value sits in GS_BASE while
+    /// it runs in user mode and in KERNEL_GS_BASE while it is in the
+    /// kernel. Only the register that holds the kernel's base in the
+    /// vCPU's mode decides which CPU it is.
+    #[test]
+    fn a_forged_user_gs_base_does_not_move_a_vcpu_to_another_cpu() {
+        let m = kernel();
+        let tasks = Tasks::new(L, SYMS);
+        // vCPU 0 in user mode on CPU 0, its user GS set to CPU 1's base.
+        let user = VcpuRegs {
+            gs_base: PCPU[1],
+            kernel_gs_base: Some(PCPU[0]),
+            cs_selector: 0x33,
+            ..Default::default()
+        };
+        // vCPU 1 in the kernel on CPU 1 for a task whose user GS is CPU
+        // 0's base (now in KERNEL_GS_BASE).
+        let kernel = VcpuRegs {
+            gs_base: PCPU[1],
+            kernel_gs_base: Some(PCPU[0]),
+            ..Default::default()
+        };
+        let list = tasks.list(&m, &[user, kernel]).unwrap();
+        let running: Vec<_> = list
+            .iter()
+            .filter_map(|t| Some((t.comm.as_str(), t.running?.vcpu, t.running?.cpu)))
+            .collect();
+        assert_eq!(running, vec![("swapper/0", 0, 0), ("worker", 1, 1)]);
+        // Two vCPUs claiming CPU 1: neither is trusted with it.
+        let list = tasks.list(&m, &[kernel, kernel]).unwrap();
+        assert!(list.iter().all(|t| t.running.is_none()), "{list:?}");
+        assert_eq!(percpu_gs_base(&user), Some(PCPU[0]));
+        assert_eq!(percpu_gs_base(&kernel), Some(PCPU[1]));
     }
 
     #[test]

@@ -109,7 +109,8 @@ pub enum EngineError {
     #[error(transparent)]
     State(#[from] crate::state::StateError),
     #[error(
-        "no safe point: {} task(s) are inside functions this transition changes; nothing was written \
+        "no safe point: {} blocker(s), tasks inside functions this transition changes or vCPUs \
+         whose task cannot be told; nothing was written \
          (retry later, or --force to skip the check):\n  {}",
         .0.len(),
         .0.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("\n  ")
