@@ -147,6 +147,9 @@ pub enum AllowKind {
     Site { func: u64 },
     /// The reserved arena (patch code and data, the arena's PTE pages).
     Arena,
+    /// The arena's PTE pages when they live apart from it, in RAM the
+    /// VMM reserved for them (see [`crate::arena`]).
+    ArenaTables,
     /// Entries of the kernel's PMD page that the arena mapping owns.
     PmdSlots,
     /// The head of one CPU's `raised_list`, where the call gate queues its
@@ -178,6 +181,7 @@ impl fmt::Display for Allowed {
         match self.kind {
             AllowKind::Site { func } => write!(f, "site of {func:#x}")?,
             AllowKind::Arena => f.write_str("arena")?,
+            AllowKind::ArenaTables => f.write_str("arena page tables")?,
             AllowKind::PmdSlots => f.write_str("PMD slots")?,
             AllowKind::IrqWorkList { cpu } => write!(f, "raised_list of CPU {cpu}")?,
             AllowKind::ModuleRegistry => f.write_str("module registry word")?,

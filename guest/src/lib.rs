@@ -67,6 +67,13 @@ pub trait Guest {
     fn write_phys(&self, gpa: crate::GuestPhys, data: &[u8]) -> Result<(), Self::Error>;
     /// The reserved patch arena: (guest-physical start, size).
     fn arena(&self) -> (u64, u64);
+    /// Where the arena's PTE pages go, (guest-physical start, size), when
+    /// the VMM reserved them in RAM the kernel maps directly (a
+    /// `setup_data` blob). `None`: they take the first pages of the arena,
+    /// which the kernel cannot follow (see the engine's arena).
+    fn arena_tables(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Number of vCPUs.
     fn vcpu_count(&self) -> usize;
     /// Registers of vCPU `id` (0-based, `< vcpu_count()`), read while it is

@@ -35,6 +35,8 @@ pub struct Overlay<'g, G: Guest + ?Sized> {
     log: Mutex<Vec<(u64, usize)>>,
     /// Arena reported instead of the inner guest's, if set.
     arena: Option<(u64, u64)>,
+    /// Reported instead of the inner guest's arena tables.
+    tables: Option<(u64, u64)>,
     /// Range served as zero-filled memory, not read from the inner guest.
     synthetic: Option<(u64, u64)>,
 }
@@ -52,6 +54,7 @@ impl<'g, G: Guest + ?Sized> Overlay<'g, G> {
             pages: Mutex::new(BTreeMap::new()),
             log: Mutex::new(Vec::new()),
             arena: None,
+            tables: None,
             synthetic: None,
         }
     }
@@ -59,6 +62,13 @@ impl<'g, G: Guest + ?Sized> Overlay<'g, G> {
     /// Reports `(gpa, size)` as the arena instead of the inner guest's.
     pub fn with_arena(mut self, gpa: u64, size: u64) -> Self {
         self.arena = Some((gpa, size));
+        self
+    }
+
+    /// Reports `(gpa, size)` as the region reserved for the arena's PTE
+    /// pages (see [`Guest::arena_tables`]).
+    pub fn with_arena_tables(mut self, gpa: u64, size: u64) -> Self {
+        self.tables = Some((gpa, size));
         self
     }
 
@@ -161,6 +171,16 @@ impl<G: Guest + ?Sized> Guest for Overlay<'_, G> {
 
     fn arena(&self) -> (u64, u64) {
         self.arena.unwrap_or_else(|| self.inner.arena())
+    }
+
+    /// The inner guest's, unless the arena was moved: the tables belong to
+    /// the arena they were reserved for.
+    fn arena_tables(&self) -> Option<(u64, u64)> {
+        match (self.tables, self.arena) {
+            (Some(t), _) => Some(t),
+            (None, Some(_)) => None,
+            (None, None) => self.inner.arena_tables(),
+        }
     }
 
     fn vcpu_count(&self) -> usize {

@@ -53,6 +53,10 @@ impl Guest for Vm {
         self.layout().arena
     }
 
+    fn arena_tables(&self) -> Option<(u64, u64)> {
+        Some(self.layout().arena_tables())
+    }
+
     fn vcpu_count(&self) -> usize {
         Vm::vcpu_count(self)
     }
@@ -183,6 +187,10 @@ impl Guest for RegsSnapshot<'_> {
 
     fn arena(&self) -> (u64, u64) {
         self.vm.layout().arena
+    }
+
+    fn arena_tables(&self) -> Option<(u64, u64)> {
+        Some(self.vm.layout().arena_tables())
     }
 
     fn vcpu_count(&self) -> usize {

@@ -1,9 +1,15 @@
 //! The patch arena: reserved guest-physical memory mapped into the kernel
 //! image window, and an allocator over it.
 //!
-//! Layout. The first pages of the arena hold the PTE pages of its own
-//! mapping (the guest never allocates reserved memory, so they are safe
-//! from it and need no guest allocator); the rest is mapped linearly from a
+//! Layout. The PTE pages of the arena's own mapping live in RAM the VMM
+//! reserved for them ([`Guest::arena_tables`], a `setup_data` blob the
+//! kernel keeps for good), because the kernel follows page tables through
+//! its direct map, which covers RAM only: `text_poke()` on patch code (a
+//! kprobe, a jump label) walks to the PTE with `__va()` and would fault on
+//! a PTE page in reserved memory. A guest with no such region (a dump)
+//! gets them in the first pages of the arena instead. Either way the
+//! guest never allocates that memory, so no guest allocator is needed.
+//! The arena is mapped linearly from a
 //! 2 MiB-aligned virtual base in the image window, in PMD slots that were
 //! empty — after `_end` rounded up to 2 MiB, or below `_text` when there is
 //! no room above. Only two kinds of guest memory are ever written: those
@@ -25,11 +31,12 @@
 //!
 //! [`Granularity::Large2M`] is the alternative without PTE pages: each slot
 //! is one 2 MiB leaf with one permission, fixed when its first page is
-//! allocated. Why offer it: the PTE pages live in e820-reserved memory,
-//! which the guest's direct map does not cover, so a guest page-table
-//! walker that follows our PMD entries through `__va()` (debugfs
-//! `page_tables`, CONFIG_DEBUG_WX's check when re-run) would fault on
-//! them; a 2 MiB leaf is never followed. The price is coarser permissions
+//! allocated. Why offer it: with PTE pages in the arena (no reserved
+//! tables region), a guest page-table walker that follows our PMD entries
+//! through `__va()` (`text_poke()`, debugfs `page_tables`, CONFIG_DEBUG_WX's
+//! check when re-run) would fault on them; a 2 MiB leaf is never followed,
+//! and `vmalloc_to_page()` computes its page without reading a PTE page.
+//! The price is coarser permissions
 //! (a slot per permission in use) and a 2 MiB-aligned arena.
 
 pub mod tables;
@@ -217,8 +224,11 @@ impl Page {
 pub struct Arena {
     gpa: u64,
     size: u64,
-    /// PTE pages at the start of the arena.
+    /// PTE pages at the start of the arena (0 when they live apart).
     table_pages: u64,
+    /// The reserved region (start, size) of the PTE pages, when they live
+    /// apart from the arena: slot `j`'s PTE page is at `start + j * 4 KiB`.
+    tables: Option<(u64, u64)>,
     /// Virtual address of the first mappable page (a slot boundary).
     base_va: u64,
     first_slot: u64,
@@ -265,32 +275,52 @@ impl Arena {
             return Err(bad("2 MiB mappings need a 2 MiB aligned arena"));
         }
         let total = size / PAGE;
+        let apart = match granularity {
+            Granularity::Pages4K => guest.arena_tables(),
+            Granularity::Large2M => None,
+        };
         // Each PTE page maps 512 pages: t table pages serve (total - t) data
         // pages when 512 * t >= total - t.
-        let table_pages = match granularity {
-            Granularity::Pages4K => total.div_ceil(ENTRIES + 1),
-            Granularity::Large2M => 0,
+        let table_pages = match (granularity, apart) {
+            (Granularity::Pages4K, None) => total.div_ceil(ENTRIES + 1),
+            _ => 0,
         };
         let mappable = total - table_pages;
         if mappable == 0 {
             return Err(bad("too small: no page left after its page table"));
         }
         let slots = mappable.div_ceil(ENTRIES);
+        if let Some((t, len)) = apart {
+            if t % PAGE != 0 || len % PAGE != 0 {
+                return Err(bad("its page-table region is not 4 KiB aligned"));
+            }
+            if t.checked_add(len).is_none_or(|end| end > ADDR_MASK) {
+                return Err(bad(
+                    "its page-table region is beyond the physical address space",
+                ));
+            }
+            if t < gpa + size && gpa < t + len {
+                return Err(bad("its page-table region overlaps it"));
+            }
+            if len / PAGE < slots {
+                return Err(bad("its page-table region has less than a page per 2 MiB"));
+            }
+        }
+        let ours = |to: u64| {
+            to.wrapping_sub(gpa) < size || apart.is_some_and(|(t, len)| to.wrapping_sub(t) < len)
+        };
 
         let window = tables::inspect(guest, facts)?;
-        if window.pmd_page >= gpa && window.pmd_page - gpa < size {
+        if ours(window.pmd_page) {
             return Err(ArenaError::PmdPageInArena {
                 pmd_page: window.pmd_page,
             });
         }
-        // Any window entry (table pointer or 2 MiB leaf) into the arena
-        // means an earlier layout is live.
+        // Any window entry (table pointer or 2 MiB leaf) into the arena or
+        // its tables means an earlier layout is live.
         let mapped: Vec<u64> = (0..ENTRIES)
             .zip(&window.slots)
-            .filter(|&(_, &e)| {
-                let to = e & ADDR_MASK;
-                e & PRESENT != 0 && to.wrapping_sub(gpa) < size
-            })
+            .filter(|&(_, &e)| e & PRESENT != 0 && ours(e & ADDR_MASK))
             .map(|(i, _)| i)
             .collect();
         if !mapped.is_empty() {
@@ -313,6 +343,7 @@ impl Arena {
             gpa,
             size,
             table_pages,
+            tables: apart,
             base_va,
             first_slot,
             slots,
@@ -335,9 +366,16 @@ impl Arena {
         (self.base_va, self.base_va + self.pages.len() as u64 * PAGE)
     }
 
-    /// Pages at the start of the arena that hold its PTE pages.
+    /// Pages at the start of the arena that hold its PTE pages (0 when
+    /// they live apart, see [`Arena::tables`]).
     pub fn table_pages(&self) -> u64 {
         self.table_pages
+    }
+
+    /// The reserved region the PTE pages live in, when apart from the
+    /// arena: (guest-physical start, size).
+    pub fn tables(&self) -> Option<(u64, u64)> {
+        self.tables
     }
 
     /// The PMD slots the arena owns: (first slot index, count).
@@ -393,10 +431,10 @@ impl Arena {
             .collect()
     }
 
-    /// What writes touching the arena may touch: the arena and its PMD
-    /// slots.
+    /// What writes touching the arena may touch: the arena, its PMD
+    /// slots, and its PTE pages when they live apart.
     pub fn allowed(&self) -> Vec<Allowed> {
-        vec![
+        let mut v = vec![
             Allowed {
                 gpa: self.gpa,
                 len: self.size,
@@ -407,7 +445,15 @@ impl Arena {
                 len: self.slots * 8,
                 kind: AllowKind::PmdSlots,
             },
-        ]
+        ];
+        if let Some((t, _)) = self.tables {
+            v.push(Allowed {
+                gpa: t,
+                len: self.slots * PAGE,
+                kind: AllowKind::ArenaTables,
+            });
+        }
+        v
     }
 
     fn region(&self, first: u64, count: u64, perm: Perm) -> Region {
@@ -425,7 +471,10 @@ impl Arena {
 
     /// Guest-physical address of the PTE page for arena slot `j`.
     fn table_gpa(&self, j: u64) -> u64 {
-        self.gpa + j * PAGE
+        match self.tables {
+            Some((t, _)) => t + j * PAGE,
+            None => self.gpa + j * PAGE,
+        }
     }
 
     /// Guest-physical address of the kernel PMD entry for arena slot `j`.

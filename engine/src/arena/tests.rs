@@ -510,3 +510,51 @@ fn laying_out_a_mapped_arena_again_is_refused() {
         );
     }
 }
+
+/// PTE pages in a reserved region apart from the arena (what the VMM
+/// gives: RAM the kernel's direct map covers): the whole arena is
+/// mappable, slot `j`'s PMD entry points at the region's page `j`, and the
+/// region is on the allow-list.
+#[test]
+fn tables_apart_from_the_arena() {
+    const TABLES: (u64, u64) = (0x150_0000, 3 * PAGE);
+    let m = kernel();
+    let g = overlay(&m).with_arena_tables(TABLES.0, TABLES.1);
+    let mut a = Arena::new(&g, &facts()).unwrap();
+    assert_eq!(a.table_pages(), 0);
+    assert_eq!(a.tables(), Some(TABLES));
+    // 1026 mappable pages need 3 slots, one PTE page each.
+    assert_eq!(a.pmd_slots().1, 3);
+    let r = a.alloc(2 * PAGE, Perm::Text).unwrap();
+    assert_eq!(r.gpa, ARENA.0, "the arena's first page is patch memory now");
+    let writes = a.map_writes(&g, &[r]).unwrap();
+    commit(&g, &a, writes);
+    let (first, _) = a.pmd_slots();
+    let mut e = [0u8; 8];
+    g.read_phys(GuestPhys(PMD + first * 8), &mut e).unwrap();
+    assert_eq!(u64::from_le_bytes(e), TABLES.0 | KERNPG_TABLE);
+    let mut pte = [0u8; 8];
+    g.read_phys(GuestPhys(TABLES.0), &mut pte).unwrap();
+    assert_eq!(u64::from_le_bytes(pte) & ADDR_MASK, ARENA.0);
+    assert!(a
+        .allowed()
+        .iter()
+        .any(|w| w.kind == AllowKind::ArenaTables && w.gpa == TABLES.0 && w.len == 3 * PAGE));
+    // Laying it out again over the live mapping is refused.
+    let e = Arena::new(&g, &facts()).unwrap_err();
+    assert!(matches!(e, ArenaError::AlreadyMapped { .. }), "{e}");
+}
+
+#[test]
+fn a_tables_region_that_cannot_serve_is_refused() {
+    let m = kernel();
+    for (t, why) in [
+        ((0x150_0000, 2 * PAGE), "less than a page per 2 MiB"),
+        ((ARENA.0 + PAGE, 3 * PAGE), "overlaps"),
+        ((0x150_0010, 3 * PAGE), "aligned"),
+    ] {
+        let g = overlay(&m).with_arena_tables(t.0, t.1);
+        let e = Arena::new(&g, &facts()).unwrap_err().to_string();
+        assert!(e.contains(why), "{t:x?}: {e}");
+    }
+}

@@ -232,6 +232,17 @@ pub fn unregister(
     bugs: bool,
 ) -> Result<Vec<Word>, RegisterError> {
     quiet(mem, layout, g)?;
+    // Someone in the guest holds the module (a kprobe on patch code takes
+    // a reference while it is armed): its code must stay, as `delete_module`
+    // refuses a module in use.
+    let at = module + layout.refcnt;
+    let word = mem.read_u64(at & !7)?;
+    let refs = (word >> ((at & 7) * 8)) as u32;
+    if refs != super::layout::MODULE_REF_BASE + 1 {
+        return Err(RegisterError::InUse {
+            refs: refs.saturating_sub(super::layout::MODULE_REF_BASE + 1),
+        });
+    }
     let mut o = Overlay {
         mem,
         words: Vec::new(),

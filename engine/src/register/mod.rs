@@ -84,6 +84,16 @@ pub enum RegisterError {
     /// A module load or unload is mid-way in the guest: retry later.
     #[error("the guest's module registry is busy: {0}")]
     Busy(&'static str),
+    /// Code in the guest holds references to the patch's module (a kprobe
+    /// on its code): its memory stays until they are dropped.
+    #[error(
+        "the patch's module is in use inside the guest ({refs} reference(s) beyond klp's own, \
+         e.g. a kprobe on its code); its code stays mapped until they are dropped"
+    )]
+    InUse {
+        /// References beyond the one klpvisor holds.
+        refs: u32,
+    },
     /// A registry is not a consistent list (corrupt or hostile guest).
     #[error("the guest's module registry is inconsistent: {0}")]
     Corrupt(&'static str),

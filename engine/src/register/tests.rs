@@ -145,6 +145,32 @@ const OUR_TEXT: u64 = 0xffff_ffff_9010_0000;
 fn our_module(f: &Fake, layout: &ModuleLayout) {
     f.set(OURS + layout.memory.text_base(), OUR_TEXT);
     f.set(OURS + layout.bug_list, 0);
+    set_refcnt(f, layout, 2);
+}
+
+/// The module's `refcnt` (a u32 that need not be 8-aligned).
+fn set_refcnt(f: &Fake, layout: &ModuleLayout, refs: u32) {
+    let at = OURS + layout.refcnt;
+    let shift = (at & 7) * 8;
+    let word = f.get(at & !7) & !(0xffff_ffffu64 << shift) | (u64::from(refs) << shift);
+    f.set(at & !7, word);
+}
+
+/// A kprobe on patch code holds the module: unregistering waits, and
+/// writes nothing, until the reference is dropped.
+#[test]
+fn a_module_in_use_in_the_guest_is_not_unregistered() {
+    let layout = layout61();
+    let g = globals();
+    let f = guest(&layout, None);
+    our_module(&f, &layout);
+    let words = links::register(&f, &layout, &g, OURS, OUR_TEXT..OUR_TEXT + 0x2000, true).unwrap();
+    f.apply(&words);
+    set_refcnt(&f, &layout, 3);
+    let e = links::unregister(&f, &layout, &g, OURS, true);
+    assert!(matches!(e, Err(RegisterError::InUse { refs: 1 })), "{e:?}");
+    set_refcnt(&f, &layout, 2);
+    links::unregister(&f, &layout, &g, OURS, true).unwrap();
 }
 
 #[test]

@@ -49,6 +49,8 @@ pub enum BootError {
     Load(linux_loader::loader::Error),
     #[error("cannot write boot data into guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("the arena's page-table blob ({size} bytes) does not fit a setup_data length")]
+    TablesTooLarge { size: u64 },
     #[error("reading initrd {path} failed: {source}")]
     InitrdRead {
         path: PathBuf,
@@ -131,6 +133,9 @@ pub fn load(
         hdr.ramdisk_size = size as u32;
     }
 
+    write_tables_header(mem, layout)?;
+    hdr.setup_data = layout.tables.0;
+
     let mut params = boot_params {
         hdr,
         acpi_rsdp_addr: rsdp_addr,
@@ -148,6 +153,23 @@ pub fn load(
     Ok(LoadedKernel {
         entry: loaded.kernel_load.raw_value() + ENTRY_64_OFFSET,
     })
+}
+
+/// `struct setup_data` type 0 (`SETUP_NONE`): data no kernel parses, only
+/// reserves.
+const SETUP_NONE: u32 = 0;
+
+/// Writes the `setup_data` header that makes the kernel reserve the arena
+/// tables (see the layout): `{ next: 0, type: SETUP_NONE, len }`, where
+/// `len` covers the rest of the blob. The rest is zeroed: empty PTE pages.
+fn write_tables_header(mem: &GuestMemoryMmap, layout: &MemoryLayout) -> Result<(), BootError> {
+    let (start, size) = layout.tables;
+    let mut blob = vec![0u8; size as usize];
+    let len = u32::try_from(size - 16).map_err(|_| BootError::TablesTooLarge { size })?;
+    blob[8..12].copy_from_slice(&SETUP_NONE.to_le_bytes());
+    blob[12..16].copy_from_slice(&len.to_le_bytes());
+    mem.write_slice(&blob, GuestAddress(start))?;
+    Ok(())
 }
 
 /// Places the initrd as high as the kernel allows, page aligned.
@@ -169,7 +191,9 @@ fn load_initrd(
             source,
         })?
         .len();
-    let limit = layout.low_ram_end().min(u64::from(hdr.initrd_addr_max) + 1);
+    let limit = layout
+        .low_free_end()
+        .min(u64::from(hdr.initrd_addr_max) + 1);
     let too_large = || BootError::InitrdTooLarge {
         path: path.to_owned(),
         size_mib: size.div_ceil(1 << 20),

@@ -5,6 +5,16 @@
 //! around the 32-bit MMIO hole (IOAPIC, LAPIC). The patch arena is its own
 //! KVM memory slot outside every RAM range and is reported to the guest as
 //! e820 "reserved", so the guest allocator never hands it out.
+//!
+//! The PTE pages that map the arena live apart from it, near the top of low
+//! RAM, in a `setup_data` blob the kernel reserves for good
+//! ([`MemoryLayout::arena_tables`]). Why RAM: the kernel follows page
+//! tables through its direct map (`__va()`), which covers RAM only.
+//! `text_poke()` does exactly that for any address outside the core kernel
+//! text (`vmalloc_to_page()`), so kprobes, jump labels and static calls in
+//! patch code need PTE pages the kernel can reach. Why `setup_data`: both
+//! the decompressor (which avoids it when it places the kernel) and the
+//! kernel (which `memblock_reserve`s it) honour it without a command line.
 
 use thiserror::Error;
 
@@ -52,6 +62,15 @@ pub enum LayoutError {
 
 pub const MIN_MEM_MIB: u64 = 64;
 
+/// Size of one page; the arena tables are counted in pages.
+const PAGE: u64 = 4096;
+
+/// Usable RAM left above the arena tables. 6.1 turns `setup_data` into
+/// e820 "reserved-kern" memory but sizes its memory nodes by the last
+/// plain RAM page (`max_pfn`): a blob at the very top of RAM fell outside
+/// every node and the kernel oopsed in `free_area_init` at boot.
+const TABLES_BELOW_END: u64 = 2 << 20;
+
 /// One e820 entry as handed to the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct E820Entry {
@@ -67,6 +86,9 @@ pub struct MemoryLayout {
     pub ram: Vec<(u64, u64)>,
     /// The patch arena (start, size): its own slot, never RAM.
     pub arena: (u64, u64),
+    /// The `setup_data` blob (start, size) in low RAM, 2 MiB below its
+    /// end: one header page, then one PTE page per 2 MiB of arena.
+    pub tables: (u64, u64),
 }
 
 impl MemoryLayout {
@@ -88,10 +110,25 @@ impl MemoryLayout {
         if arena_start < MMIO_GAP_END && arena_start + arena_bytes > MMIO_GAP_START {
             arena_start = MMIO_GAP_END;
         }
+        let tables_bytes = PAGE + arena_bytes / ARENA_ALIGN * PAGE;
+        let low_end = ram[0].0 + ram[0].1;
         Ok(Self {
             ram,
             arena: (arena_start, arena_bytes),
+            tables: (low_end - TABLES_BELOW_END - tables_bytes, tables_bytes),
         })
+    }
+
+    /// Where the arena's PTE pages go: the page-aligned part of the
+    /// `setup_data` blob after its header page.
+    pub fn arena_tables(&self) -> (u64, u64) {
+        (self.tables.0 + PAGE, self.tables.1 - PAGE)
+    }
+
+    /// End of the low RAM that boot may fill (the initrd): below the
+    /// arena tables.
+    pub fn low_free_end(&self) -> u64 {
+        self.tables.0
     }
 
     /// Total RAM in bytes.
@@ -172,6 +209,24 @@ mod tests {
             for e in e820.iter().filter(|e| e.kind == E820_RAM) {
                 assert!(!overlaps((e.addr, e.size), l.arena));
             }
+        }
+    }
+
+    #[test]
+    fn arena_tables_sit_in_low_ram_after_a_header_page() {
+        for (mem_mib, arena_mib) in [(64u64, 2u64), (512, 16), (8192, 64)] {
+            let l = MemoryLayout::new(mem_mib << 20, arena_mib << 20).unwrap();
+            let (start, size) = l.tables;
+            assert_eq!(start % PAGE, 0);
+            assert_eq!(start + size + TABLES_BELOW_END, l.low_ram_end());
+            assert_eq!(l.arena_tables(), (start + PAGE, arena_mib / 2 * PAGE));
+            assert_eq!(l.low_free_end(), start);
+            assert!(!overlaps(l.tables, l.arena));
+            // Inside an e820 RAM entry: the kernel maps it in its direct map.
+            assert!(l
+                .e820()
+                .iter()
+                .any(|e| e.kind == E820_RAM && e.addr <= start && start + size <= e.addr + e.size));
         }
     }
 
