@@ -204,7 +204,10 @@ fn bad_patches_are_refused_and_the_guest_is_untouched() {
         ("wrong-sympos", ".old_sympos = 9"),
         ("unresolved", "3 symbol(s) cannot be resolved"),
         ("other-release", "rebuild it against linux-headers-"),
-        ("jump-label", "used at livepatch_set_cpu_itimer+0x"),
+        (
+            "own-key",
+            "static key `livepatch_round_expiry` is defined by the patch",
+        ),
         ("module-object", "not in module `pvpanic`"),
         ("init-ref", ".init.data"),
         ("arena-full", "arena full"),

@@ -174,3 +174,44 @@ fn a_fault_in_a_patchs_user_access_returns_efault() {
     assert_eq!(run.result("remove-efault_zero")["rc"], "0", "{t}");
     assert_clean_dmesg(run);
 }
+
+/// A tracepoint in patch code (trace-itimer: set_cpu_itimer with one
+/// change). The guest kernel flips the patch's site itself when the event
+/// is switched, because the patch's entries are on the key's list as a
+/// module's would be: with the event on at apply, the site is live at
+/// once; off, no event; on again, events. After removal the kernel's own
+/// site reports again and switching the event touches nothing of ours.
+#[test]
+fn a_tracepoint_in_patch_code_follows_its_key() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = fixes();
+    let t = run.transcript();
+    assert_eq!(run.result("itimer-apply")["rc"], "0", "{t}");
+    let remaining = |n| -> u64 {
+        step(run, "KLPV-ITIMER", n)
+            .strip_prefix("remaining_us=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("KLPV-ITIMER {n}\n{t}"))
+    };
+    // The kernel's function rounds a new expiry up by a tick; the patch's
+    // does not (the largest of 20 readings right after arming: over one
+    // second unless every round lost a tick of CPU time in between).
+    assert!(remaining(1) > 1_000_000, "{t}");
+    assert!(remaining(2) <= 1_000_000, "the patch runs\n{t}");
+    assert!(remaining(3) <= 1_000_000, "{t}");
+    assert!(remaining(4) > 1_000_000, "the kernel's again\n{t}");
+    // Two events per run (arm, disarm) whenever the event is on, from the
+    // kernel's site (1, 4) or the patch's (2, 3); none when off.
+    for n in 1..=4 {
+        assert_eq!(
+            step(run, "KLPV-TRACE", n),
+            "on=2 off=0 again=2",
+            "step {n}\n{t}"
+        );
+    }
+    assert_eq!(run.result("disable-trace_itimer")["rc"], "0", "{t}");
+    assert_eq!(run.result("remove-trace_itimer")["rc"], "0", "{t}");
+    assert_clean_dmesg(run);
+}

@@ -173,7 +173,7 @@ fn replace_patch_takes_over_and_bad_modules_change_nothing() {
         ("bad-noold", Fault::Module),
         ("bad-ambiguous", Fault::Module),
         ("bad-sympos", Fault::Module),
-        ("bad-jump-label", Fault::Module),
+        ("bad-own-key", Fault::Module),
         ("bad-module-object", Fault::Module),
         ("not-livepatch", Fault::Module),
     ] {
@@ -679,4 +679,56 @@ fn module_object_applies_in_the_same_transition_and_absent_module_waits() {
     let p = e.prepare_enable(k, &g, "module_pvpanic", false);
     go(&mut e, k, &g, p);
     assert!(e.list()[0].funcs.iter().all(|f| f.live));
+}
+
+/// A tracepoint in patch code (trace-itimer): the patch's entries join the
+/// tracepoint's static key's list as a module's would, with a second
+/// member holding the kernel's own entries; the site is left a nop while
+/// the event is off. When the patch's code is freed the list folds back
+/// into the key, word for word as before.
+#[test]
+fn a_tracepoint_in_patch_code_joins_its_keys_list_and_leaves_it() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let space = k.space(&g);
+    let tp = k.kallsyms.resolve("__tracepoint_itimer_state", 0).unwrap();
+    let key = tp + k.btf.offset_of("tracepoint.key").unwrap();
+    let word = |va: u64| space.read_u64(va).unwrap();
+    let (enabled, before) = (word(key) as u32, word(key + 8));
+    assert_eq!(enabled, 0, "the event is off in the dumped guest");
+    assert_eq!(before & 2, 0, "no module uses this key in the dumped guest");
+
+    let mut e = Engine::default();
+    let p = e.prepare_apply(k, &g, &ko("trace-itimer"), false);
+    go(&mut e, k, &g, p);
+    let linked = word(key + 8);
+    assert_eq!(linked & 3, 2 | (before & 1), "LINKED, initial value kept");
+    let ours = linked & !3;
+    let holder = word(ours);
+    assert_ne!(word(ours + 16), 0, "our entry names our struct module");
+    let entries = word(ours + 8);
+    assert_eq!(word(holder), 0, "the holder ends the list");
+    assert_eq!(word(holder + 8), before & !3, "the kernel's own entries");
+    assert_eq!(word(holder + 16), 0, "vmlinux: no module");
+    // Our first entry is for this key, and its site holds one of the
+    // kernel's nops (the key is off): the kernel will flip it when enabled.
+    let rel = |va: u64| va.wrapping_add(word(va) as i32 as i64 as u64);
+    let entry_key = entries + 8;
+    assert_eq!(entry_key.wrapping_add(word(entry_key)) & !3, key);
+    let site = rel(entries);
+    let b = entry_bytes(&space, site);
+    assert!(
+        b[..2] == [0x66, 0x90] || b == [0x0f, 0x1f, 0x44, 0x00, 0x00],
+        "{b:x?}"
+    );
+
+    let p = e.prepare_disable(k, &g, "trace_itimer", false).unwrap();
+    e.commit(k, &g, &p).unwrap();
+    e.remove("trace_itimer").unwrap();
+    assert_eq!(e.sweep(k, &g).unwrap(), vec!["trace_itimer"]);
+    assert_eq!(word(key + 8), before, "folded back into the key");
 }

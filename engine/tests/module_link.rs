@@ -319,17 +319,20 @@ fn section_refusals() {
         return;
     }
     let f = fixture();
-    // A tracepoint's static key: still refused, naming the construct and
-    // where the patch's code uses it.
-    match parse(f, "bad-jump-label") {
-        Err(ModuleError::UnsupportedSections(list)) => {
-            let (section, why) = &list[0];
-            assert_eq!(section, "__jump_table", "{list:?}");
-            assert!(why.contains("static keys"), "{why}");
-            assert!(why.contains("used at livepatch_set_cpu_itimer+0x"), "{why}");
+    // A static key of the patch's own: refused, naming it.
+    match parse(f, "bad-own-key") {
+        Err(e @ ModuleError::BadTable(_)) => {
+            let e = e.to_string();
+            assert!(e.contains("livepatch_round_expiry"), "{e}");
+            assert!(e.contains("defined by the patch"), "{e}");
         }
         other => panic!("{other:?}"),
     }
+    // A tracepoint's key is the kernel's: its sites are parsed for
+    // registration.
+    let m = parse(f, "trace-itimer").unwrap_or_else(|e| panic!("{e}"));
+    assert!(!m.tables.jumps.is_empty());
+    assert!(m.tables.jumps.iter().all(|j| !j.branch));
     match parse(f, "bad-init-ref") {
         Err(e @ ModuleError::InitReferenced { .. }) => {
             let ModuleError::InitReferenced { from, to, section } = &e else {

@@ -163,6 +163,7 @@ impl Engine {
                 text: image.text,
                 bugs: image.bugs,
                 counts: image.counts,
+                jumps: image.jumps,
             });
         }
         for image in [&linked.text, &linked.rodata, &linked.data] {

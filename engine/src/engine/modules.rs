@@ -5,6 +5,7 @@
 use klpvisor_guest::{AddressSpace, Guest, Kernel, VirtRead};
 
 use super::{Engine, EngineError, Prepared};
+use crate::register::jump::Poke;
 use crate::register::{Mem, RegisterError, Registered, Registry, Word};
 use crate::write::{AllowKind, Allowed, Plan, Write};
 
@@ -41,18 +42,20 @@ impl Engine {
             .collect()
     }
 
-    /// A plan of `words`, allowed only where the registries are.
+    /// A plan of `words` and `pokes` (static-key sites of `r`'s code),
+    /// allowed only where the registries and `r`'s keys' lists are, and
+    /// the arena.
     fn registry_plan<G: Guest + ?Sized>(
         &self,
         space: &AddressSpace<'_, G>,
-        words: Vec<Word>,
-        extra: &[u64],
+        (words, pokes): (Vec<Word>, Vec<Poke>),
+        r: &Registered,
         label: &str,
     ) -> Result<Plan, EngineError> {
         let registry = self.registry()?;
         let mem = SpaceMem(space);
         let mut ours = self.our_modules();
-        ours.extend_from_slice(extra);
+        ours.push(r.module);
         let arena = self
             .facts
             .as_ref()
@@ -68,7 +71,7 @@ impl Engine {
                     source: Box::new(e),
                 })
         };
-        for va in registry.allowed(&mem, &ours)? {
+        for va in registry.allowed(&mem, &ours, &r.jumps)? {
             // A word that does not translate is never written either.
             if let Ok(gpa) = phys(va) {
                 plan.allow(Allowed {
@@ -86,6 +89,14 @@ impl Engine {
                 format!("{label} {va:#x}"),
             ));
         }
+        for (va, old, new) in pokes {
+            plan.push(Write::new(
+                phys(va)?,
+                new,
+                old,
+                format!("static-key site {va:#x} of {label}"),
+            ));
+        }
         Ok(plan)
     }
 
@@ -98,8 +109,8 @@ impl Engine {
         r: &Registered,
     ) -> Result<Plan, EngineError> {
         let space = kernel.space(guest);
-        let words = self.registry()?.register(&SpaceMem(&space), r)?;
-        self.registry_plan(&space, words, &[r.module], "register module")
+        let edit = self.registry()?.register(&SpaceMem(&space), r)?;
+        self.registry_plan(&space, edit, r, "register module")
     }
 
     /// The plan that takes `r` off the registries; `None` if it is not on
@@ -120,7 +131,7 @@ impl Engine {
             return Ok(None);
         }
         let words = registry.unregister(&mem, r)?;
-        self.registry_plan(&space, words, &[r.module], "unregister module")
+        self.registry_plan(&space, (words, Vec::new()), r, "unregister module")
             .map(Some)
     }
 
@@ -157,6 +168,7 @@ impl Engine {
                     bugs = r.counts.bugs,
                     orc = r.counts.orc,
                     symbols = r.counts.symbols,
+                    static_key_sites = r.counts.jumps,
                     "patch registered with the guest kernel as a module"
                 );
                 Ok(unlink)

@@ -132,7 +132,14 @@ pub fn externals(
     let kallsyms = symbols.kallsyms;
     let mut values = HashMap::new();
     let mut unresolved: Vec<Unresolved> = Vec::new();
-    let mut used: Vec<usize> = module.relocs.iter().map(|r| r.symbol).collect();
+    // Static keys are named only by `__jump_table`, which is parsed, not
+    // loaded: its relocations are not among the module's.
+    let mut used: Vec<usize> = module
+        .relocs
+        .iter()
+        .map(|r| r.symbol)
+        .chain(module.tables.jumps.iter().map(|j| j.key))
+        .collect();
     used.sort_unstable();
     used.dedup();
     for i in used {

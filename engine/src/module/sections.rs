@@ -86,7 +86,9 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
         // entries (module::tables) and written, sorted and relocated, next
         // to the struct module that registers the patch with the guest
         // kernel (crate::register).
-        "__ex_table" | "__bug_table" | ".orc_unwind" | ".orc_unwind_ip" => return Policy::Parse,
+        "__ex_table" | "__bug_table" | ".orc_unwind" | ".orc_unwind_ip" | "__jump_table" => {
+            return Policy::Parse
+        }
         ".smp_locks" => {
             return Policy::Skip("lock prefixes stay, which is correct on SMP and UP alike")
         }
@@ -106,13 +108,6 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
         ".altinstr_replacement" | ".altinstr_aux" => return Policy::Load(Segment::Text),
         "__patchable_function_entries" | "__param" => {
             return Policy::Skip("nothing in the patch code depends on it")
-        }
-        "__jump_table" => {
-            return Policy::Refuse(
-                "static keys (static_branch_*, tracepoints, dynamic debug) in the patch must be \
-                 registered with the kernel to follow key changes, which cannot be done from \
-                 outside",
-            )
         }
         ".static_call.text" | ".static_call_tramp_key" => {
             return Policy::Refuse("static calls defined by the patch need kernel registration")
@@ -195,6 +190,7 @@ mod tests {
         assert_eq!(policy("__ex_table", false, false), Policy::Parse);
         assert_eq!(policy("__bug_table", true, false), Policy::Parse);
         assert_eq!(policy(".orc_unwind_ip", false, false), Policy::Parse);
+        assert_eq!(policy("__jump_table", true, false), Policy::Parse);
         assert!(matches!(
             policy("__ksymtab_gpl", false, false),
             Policy::Refuse(_)

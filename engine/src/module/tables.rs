@@ -1,6 +1,7 @@
 //! The module's own tables that the kernel's module loader registers with
 //! the kernel: exception fixups (`__ex_table`), BUG/WARN sites
-//! (`__bug_table`) and ORC unwind data (`.orc_unwind_ip`, `.orc_unwind`).
+//! (`__bug_table`), ORC unwind data (`.orc_unwind_ip`, `.orc_unwind`) and
+//! static-key sites (`__jump_table`: static branches, tracepoints).
 //!
 //! They are parsed here, not loaded as they stand: each entry points at
 //! code through a PC-relative field, and the loader's copy is sorted
@@ -43,6 +44,26 @@ pub struct BugEntry {
     pub flags: u16,
 }
 
+/// `struct jump_entry` (relative form): `s32 code, s32 target, long key`.
+pub const JUMP_ENTRY: u64 = 16;
+
+/// One `__jump_table` entry: the 2- or 5-byte site at `code` is a jump to
+/// `target` or a nop, as the static key says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JumpEntry {
+    pub code: Place,
+    pub target: Place,
+    /// Symbol table index of the key's symbol: a kernel (or module)
+    /// symbol, never one of the patch's own.
+    pub key: usize,
+    /// Offset of the key from that symbol (a tracepoint's key is a member
+    /// of `struct tracepoint`), without the flag bits.
+    pub key_addend: i64,
+    /// The site jumps when the key is *off* (`static_branch_likely` on a
+    /// false key and the like): the entry's flag bit 0.
+    pub branch: bool,
+}
+
 /// One ORC entry: the unwind rule from `ip` on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OrcEntry {
@@ -82,11 +103,15 @@ pub struct Tables {
     pub extable: Vec<ExEntry>,
     pub bugs: Vec<BugEntry>,
     pub orc: Vec<OrcEntry>,
+    pub jumps: Vec<JumpEntry>,
 }
 
 impl Tables {
     pub fn is_empty(&self) -> bool {
-        self.extable.is_empty() && self.bugs.is_empty() && self.orc.is_empty()
+        self.extable.is_empty()
+            && self.bugs.is_empty()
+            && self.orc.is_empty()
+            && self.jumps.is_empty()
     }
 }
 
@@ -261,6 +286,9 @@ pub fn parse(
             });
         }
     }
+    if let Some((index, s)) = elf.section_by_name("__jump_table") {
+        t.jumps = jump_table(elf, policies, index, s.size)?;
+    }
     let ip = elf.section_by_name(".orc_unwind_ip");
     let orc = elf.section_by_name(".orc_unwind");
     match (ip, orc) {
@@ -303,4 +331,87 @@ pub fn parse(
         }
     }
     Ok(t)
+}
+
+/// The entries of `__jump_table` (section `index`, `size` bytes). Each has
+/// three relocations: `code` and `target` PC32 into loaded code, `key` a
+/// PC64 against the key's symbol with the flags in the addend's low bits
+/// (bit 0 the branch, bit 1 objtool's "nop by default" mark, which the
+/// kernel reuses for "in init code" and clears at load).
+fn jump_table(
+    elf: &RawElf,
+    policies: &[Option<Policy>],
+    index: usize,
+    size: u64,
+) -> Result<Vec<JumpEntry>, ModuleError> {
+    const S: &str = "__jump_table";
+    if size % JUMP_ENTRY != 0 {
+        return Err(bad(
+            S,
+            0,
+            format!("size {size} is not a multiple of {JUMP_ENTRY}"),
+        ));
+    }
+    let relocs = relocs_by_offset(elf, index, S)?;
+    let mut out = Vec::new();
+    for i in 0..size / JUMP_ENTRY {
+        let at = i * JUMP_ENTRY;
+        let field = |off: u64| {
+            relocs
+                .get(&(at + off))
+                .copied()
+                .ok_or_else(|| bad(S, at + off, "field without a relocation"))
+        };
+        let code = target(elf, policies, S, field(0)?, &[Segment::Text])?;
+        let jump = target(elf, policies, S, field(4)?, &[Segment::Text])?;
+        let k = field(8)?;
+        if k.r_type != E::R_X86_64_PC64 {
+            return Err(bad(
+                S,
+                at + 8,
+                format!("key relocation type {} instead of R_X86_64_PC64", k.r_type),
+            ));
+        }
+        let sym = elf
+            .symbols
+            .get(k.symbol)
+            .ok_or_else(|| bad(S, at + 8, "key relocation against a missing symbol"))?;
+        if k.symbol == 0 || elf.symbol_section(sym).is_some() {
+            // Named after the symbol at the key's place (a static key's
+            // relocation is often against its section).
+            let place = sym.value.wrapping_add_signed(k.addend & !3);
+            let name = elf
+                .symbols
+                .iter()
+                .find(|o| {
+                    !o.name.is_empty() && o.shndx == sym.shndx && o.value == place && o.size > 0
+                })
+                .map_or(sym.name.as_str(), |o| o.name.as_str());
+            return Err(ModuleError::BadTable(format!(
+                "{S}+{:#x}: the static key `{name}` is defined by the patch; only the kernel's \
+                 own keys can be followed (a key of the patch's own would need the kernel's \
+                 module loader to set it up)",
+                at + 8,
+            )));
+        }
+        match (code, jump) {
+            (Some(code), Some(target)) => out.push(JumpEntry {
+                code,
+                target,
+                key: k.symbol,
+                key_addend: k.addend & !3,
+                branch: k.addend & 1 != 0,
+            }),
+            // A site in init/exit code, which is never loaded.
+            (None, _) => {}
+            (Some(_), None) => {
+                return Err(bad(
+                    S,
+                    at,
+                    "a site in loaded code jumping into init/exit code",
+                ))
+            }
+        }
+    }
+    Ok(out)
 }

@@ -4,15 +4,20 @@
 //! Region layout, each part aligned to 8 bytes:
 //! `struct module` | `__ex_table` (sorted by address, as `sort_extable`
 //! leaves it) | `__bug_table` | `.orc_unwind_ip` (sorted) | `.orc_unwind`
-//! (same order) | symtab (`Elf64_Sym`, entry 0 null) | strtab | typetab.
+//! (same order) | `__jump_table` (sorted by key, then site, as
+//! `jump_label_sort_entries` leaves it) | two `struct static_key_mod` per
+//! key ([`super::jump`]) | symtab (`Elf64_Sym`, entry 0 null) | strtab |
+//! typetab.
 //!
 //! The region is data (RW, NX): the kernel writes the BUG table's
-//! `BUGFLAG_DONE` after a `WARN_ONCE`, and nothing here is executed.
+//! `BUGFLAG_DONE` after a `WARN_ONCE` and links keys' lists through our
+//! `static_key_mod`s, and nothing here is executed.
 
 use crate::link::Linked;
-use crate::module::tables::{BugLayout, EXTABLE_ENTRY, ORC_ENTRY, ORC_IP};
+use crate::module::tables::{BugLayout, EXTABLE_ENTRY, JUMP_ENTRY, ORC_ENTRY, ORC_IP};
 use crate::module::{Module, Segment, SymbolDef};
 
+use super::jump::{JumpKey, JumpSite, JLM_SIZE};
 use super::layout::{Memory, ModuleLayout, MODULE_REF_BASE, MODULE_STATE_LIVE, TAINT_LIVEPATCH};
 use super::RegisterError;
 
@@ -37,6 +42,8 @@ pub struct Image {
     pub bugs: bool,
     /// Entries of each table, for logs and the API.
     pub counts: Counts,
+    /// The static keys its code uses, for [`super::jump`].
+    pub jumps: Vec<JumpKey>,
 }
 
 /// How many entries of each kind the guest kernel now knows about.
@@ -50,6 +57,8 @@ pub struct Counts {
     pub orc: usize,
     /// Named functions and data in its kallsyms.
     pub symbols: usize,
+    /// Static-key sites (static branches, tracepoints).
+    pub jumps: usize,
 }
 
 fn align8(x: u64) -> u64 {
@@ -89,6 +98,8 @@ struct Parts {
     bugs: u64,
     orc_ip: u64,
     orc: u64,
+    jumps: u64,
+    jlms: u64,
     symtab: u64,
     strtab: u64,
     typetab: u64,
@@ -108,7 +119,9 @@ fn parts(
     let bug_size = bug.map_or(0, |b| b.size);
     let orc_ip = align8(bugs + t.bugs.len() as u64 * bug_size);
     let orc = align8(orc_ip + t.orc.len() as u64 * ORC_IP);
-    let symtab = align8(orc + t.orc.len() as u64 * ORC_ENTRY);
+    let jumps = align8(orc + t.orc.len() as u64 * ORC_ENTRY);
+    let jlms = jumps + t.jumps.len() as u64 * JUMP_ENTRY;
+    let symtab = jlms + 2 * key_bound(module) * JLM_SIZE;
     let strtab = symtab + (nsyms + 1) * SYM;
     let typetab = strtab + strlen;
     let end = typetab + nsyms + 1;
@@ -117,11 +130,27 @@ fn parts(
         bugs,
         orc_ip,
         orc,
+        jumps,
+        jlms,
         symtab,
         strtab,
         typetab,
         end,
     }
+}
+
+/// Distinct (symbol, offset) keys: at least as many as distinct key
+/// addresses after linking, known before it.
+fn key_bound(module: &Module) -> u64 {
+    let mut k: Vec<(usize, i64)> = module
+        .tables
+        .jumps
+        .iter()
+        .map(|j| (j.key, j.key_addend))
+        .collect();
+    k.sort_unstable();
+    k.dedup();
+    k.len() as u64
 }
 
 fn strtab_len(syms: &[Sym<'_>]) -> u64 {
@@ -250,6 +279,51 @@ pub fn build(
         b.put(p.orc + i as u64 * ORC_ENTRY, entry)?;
     }
 
+    // Static-key sites, sorted by key and then site, each key's slots.
+    let mut jumps: Vec<(u64, u64, u64, bool)> = t
+        .jumps
+        .iter()
+        .map(|j| {
+            let key = linked
+                .symbol_value(module, j.key)
+                .and_then(|v| v.checked_add_signed(j.key_addend))
+                .ok_or(RegisterError::Internal("static key unresolved"))?;
+            Ok((
+                key,
+                place(j.code, "jump site")?,
+                place(j.target, "jump target")?,
+                j.branch,
+            ))
+        })
+        .collect::<Result<_, RegisterError>>()?;
+    jumps.sort_unstable_by_key(|j| (j.0, j.1));
+    let mut keys: Vec<JumpKey> = Vec::new();
+    for (i, &(key, code, target, branch)) in jumps.iter().enumerate() {
+        let e = p.jumps + i as u64 * JUMP_ENTRY;
+        b.i32(e, rel(code, at(e), "__jump_table")?)?;
+        b.i32(e + 4, rel(target, at(e + 4), "__jump_table")?)?;
+        let flags = u64::from(branch);
+        b.u64(e + 8, (key | flags).wrapping_sub(at(e + 8)))?;
+        let site = JumpSite {
+            code,
+            target,
+            branch,
+        };
+        match keys.last_mut() {
+            Some(k) if k.key == key => k.sites.push(site),
+            _ => {
+                let slot = p.jlms + keys.len() as u64 * 2 * JLM_SIZE;
+                keys.push(JumpKey {
+                    key,
+                    entries: at(e),
+                    jlm: at(slot),
+                    holder: at(slot + JLM_SIZE),
+                    sites: vec![site],
+                });
+            }
+        }
+    }
+
     // kallsyms: symtab[0] is the null symbol, as in an ELF symbol table.
     let mut str_at = p.strtab + 1;
     for (i, s) in syms.iter().enumerate() {
@@ -321,6 +395,16 @@ pub fn build(
             b.u64(u, at(p.orc))?;
         }
     }
+    if !jumps.is_empty() {
+        let (Some(e), Some(n)) = (layout.jump_entries, layout.num_jump_entries) else {
+            return Err(RegisterError::Unexpected(
+                "the patch has static-key sites but the guest's struct module has no \
+                 jump_entries (CONFIG_JUMP_LABEL off?)",
+            ));
+        };
+        b.u64(e, at(p.jumps))?;
+        b.u32(n, jumps.len() as u32)?;
+    }
     b.u64(layout.taints, 1 << TAINT_LIVEPATCH)?;
     let bugs = bug.is_some() && !t.bugs.is_empty();
     if bugs {
@@ -361,6 +445,8 @@ pub fn build(
             bugs: if bugs { t.bugs.len() } else { 0 },
             orc: orc.len(),
             symbols: syms.len(),
+            jumps: jumps.len(),
         },
+        jumps: keys,
     })
 }

@@ -107,6 +107,9 @@ pub struct ModuleLayout {
     pub source_list: u64,
     pub target_list: u64,
     pub refcnt: u64,
+    /// `jump_entries` and `num_jump_entries` (CONFIG_JUMP_LABEL).
+    pub jump_entries: Option<u64>,
+    pub num_jump_entries: Option<u64>,
     /// `param_lock.wait_list`: an empty list must point at itself.
     pub param_wait_list: Option<u64>,
     /// In `struct mod_tree_root`: the latch's sequence, its two trees'
@@ -233,6 +236,8 @@ impl ModuleLayout {
             source_list: off(btf, "module.source_list")?,
             target_list: off(btf, "module.target_list")?,
             refcnt: off(btf, "module.refcnt")?,
+            jump_entries: opt(btf, "module.jump_entries"),
+            num_jump_entries: opt(btf, "module.num_jump_entries"),
             param_wait_list: opt(btf, "module.param_lock")
                 .zip(opt(btf, "mutex.wait_list"))
                 .map(|(a, b)| a + b),

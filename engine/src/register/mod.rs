@@ -34,6 +34,7 @@
 //! - a guest whose BTF lacks one of the structures: refused, naming it.
 
 pub mod image;
+pub mod jump;
 // Offsets named after the kernel members they locate, documented there.
 #[allow(missing_docs)]
 pub mod layout;
@@ -94,6 +95,25 @@ pub enum RegisterError {
         /// References beyond the one klpvisor holds.
         refs: u32,
     },
+    /// A static key the patch uses is not the kernel's own.
+    #[error(
+        "the patch uses the static key at {key:#x}, which is outside the kernel image (a \
+         module's key); only the kernel's own static keys and tracepoints can be followed"
+    )]
+    ForeignKey {
+        /// The key's address.
+        key: u64,
+    },
+    /// A guest module joined a key's list after the patch: removing the
+    /// patch's entry would leave klpvisor's memory for the kernel to free.
+    #[error(
+        "the static key at {key:#x} is shared with a module loaded after the patch; its code \
+         stays mapped until that module is unloaded"
+    )]
+    KeyShared {
+        /// The key's address.
+        key: u64,
+    },
     /// A registry is not a consistent list (corrupt or hostile guest).
     #[error("the guest's module registry is inconsistent: {0}")]
     Corrupt(&'static str),
@@ -133,6 +153,8 @@ pub struct Registered {
     pub bugs: bool,
     /// Entries of each table.
     pub counts: Counts,
+    /// The static keys its code uses.
+    pub jumps: Vec<jump::JumpKey>,
 }
 
 /// The guest kernel's module layout and registries.
@@ -144,6 +166,9 @@ pub struct Registry {
     pub bug: Option<BugLayout>,
     /// The registries' addresses.
     pub globals: Globals,
+    /// For patches with static-key sites: `None` if the guest lacks
+    /// `jump_label_mutex` or the image bounds.
+    pub jump: Option<jump::JumpGlobals>,
 }
 
 impl Registry {
@@ -159,6 +184,17 @@ impl Registry {
                 mod_tree: sym("mod_tree")?,
                 module_mutex: sym("module_mutex")?,
                 tainted_mask: kallsyms.addr("tainted_mask").ok(),
+            },
+            jump: match (
+                kallsyms.addr("jump_label_mutex"),
+                kallsyms.addr("_text"),
+                kallsyms.addr("_end"),
+            ) {
+                (Ok(mutex), Ok(text), Ok(end)) => Some(jump::JumpGlobals {
+                    mutex,
+                    image: (text, end),
+                }),
+                _ => None,
             },
         })
     }
@@ -179,16 +215,32 @@ impl Registry {
         image::build(&self.layout, self.bug, name, module, linked, va)
     }
 
-    /// The words that put the module in the registries (vCPUs paused).
-    pub fn register(&self, mem: &dyn Mem, r: &Registered) -> Result<Vec<Word>, RegisterError> {
-        links::register(
+    /// The words that put the module in the registries, and the bytes of
+    /// its static-key sites for the keys' states (vCPUs paused).
+    pub fn register(
+        &self,
+        mem: &dyn Mem,
+        r: &Registered,
+    ) -> Result<(Vec<Word>, Vec<jump::Poke>), RegisterError> {
+        let (mut words, pokes) = match r.jumps.is_empty() {
+            true => (Vec::new(), Vec::new()),
+            false => jump::register(mem, self.jump_globals()?, r.module, &r.jumps)?,
+        };
+        words.extend(links::register(
             mem,
             &self.layout,
             &self.globals,
             r.module,
             r.text.clone(),
             r.bugs,
-        )
+        )?);
+        Ok((words, pokes))
+    }
+
+    fn jump_globals(&self) -> Result<&jump::JumpGlobals, RegisterError> {
+        self.jump.as_ref().ok_or(RegisterError::Unexpected(
+            "the patch has static-key sites but the guest kernel has no jump_label_mutex",
+        ))
     }
 
     /// Refuses while a module load or unload is mid-way in the guest.
@@ -198,11 +250,25 @@ impl Registry {
 
     /// The words that take it out again (vCPUs paused).
     pub fn unregister(&self, mem: &dyn Mem, r: &Registered) -> Result<Vec<Word>, RegisterError> {
-        links::unregister(mem, &self.layout, &self.globals, r.module, r.bugs)
+        let mut words = links::unregister(mem, &self.layout, &self.globals, r.module, r.bugs)?;
+        if !r.jumps.is_empty() {
+            words.extend(jump::unregister(mem, self.jump_globals()?, &r.jumps)?);
+        }
+        Ok(words)
     }
 
-    /// The guest words either may write (see [`links::allowed`]).
-    pub fn allowed(&self, mem: &dyn Mem, ours: &[u64]) -> Result<Vec<u64>, RegisterError> {
-        links::allowed(mem, &self.layout, &self.globals, ours)
+    /// The guest words either may write (see [`links::allowed`] and
+    /// [`jump::allowed`]); `jumps` are the keys of the patches concerned.
+    pub fn allowed(
+        &self,
+        mem: &dyn Mem,
+        ours: &[u64],
+        jumps: &[jump::JumpKey],
+    ) -> Result<Vec<u64>, RegisterError> {
+        let mut v = links::allowed(mem, &self.layout, &self.globals, ours)?;
+        if !jumps.is_empty() {
+            v.extend(jump::allowed(mem, self.jump_globals()?, jumps)?);
+        }
+        Ok(v)
     }
 }

@@ -49,6 +49,8 @@ fn layout61() -> ModuleLayout {
         source_list: 816,
         target_list: 832,
         refcnt: 856,
+        jump_entries: None,
+        num_jump_entries: None,
         param_wait_list: Some(248),
         root_seq: 0,
         root_tree: [8, 16],

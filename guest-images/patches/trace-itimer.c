@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * bad-jump-label.c: a patch whose code holds a tracepoint, so the module
- * has a __jump_table entry (the tracepoint's static key). Keys in patch
- * code are not followed from outside yet: klpvisor must refuse the module,
- * naming the construct and where the patch uses it.
+ * trace-itimer.c: a patch whose code holds a tracepoint, so the module has
+ * a __jump_table entry for the tracepoint's static key (and a static call
+ * through its __SCT__ trampoline). klpvisor links the site into the key's
+ * list as the module loader would, so enabling the trace event in the guest
+ * makes the kernel turn the site in patch code into a jump.
  *
- * set_cpu_itimer is copied from Debian's linux-source-6.1
- * (kernel/time/itimer.c), with one change: the interval is never rounded.
+ * set_cpu_itimer is copied from Debian's linux-source-6.1 (kernel/time/
+ * itimer.c; 6.12's is the same), with one change: a new expiry is no longer
+ * rounded up by a tick.
  * set_process_cpu_timer and the tracepoint are not exported to modules;
  * this test module is built with modpost warnings only.
  * klpv: modpost-warn
