@@ -2,9 +2,12 @@
 //! over while it runs, reading every vCPU's registers in each pause. Used by
 //! the pause/resume end-to-end test and by `scripts/bench`.
 //!
-//! Usage: pause_cycles KERNEL INITRD CPUS CMDLINE
+//! Usage: [KLPV_COM2_OUT=PATH] pause_cycles KERNEL INITRD CPUS CMDLINE
 //! Prints `KLPV-RESULT pause ...` with the number of cycles done after the
-//! guest's boot marker and pause latency figures in microseconds.
+//! guest's boot marker and pause latency figures in microseconds. With
+//! KLPV_COM2_OUT the guest gets COM2 writing to PATH (a FIFO the caller
+//! reads): the test guest's init sends its command's output there, where
+//! no kernel message can land inside one of its lines.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,10 +39,20 @@ fn main() {
         mem_mib: 256,
         arena_mib: 16,
     };
+    let com2: Option<Box<dyn std::io::Write + Send>> = match std::env::var_os("KLPV_COM2_OUT") {
+        Some(path) => match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(f) => Some(Box::new(f)),
+            Err(e) => {
+                eprintln!("pause_cycles: {}: {e}", path.to_string_lossy());
+                std::process::exit(1);
+            }
+        },
+        None => None,
+    };
     let vm = match Vm::start(
         &config,
         Box::new(std::io::stdout()),
-        None,
+        com2,
         BootTimer::new(started),
     ) {
         Ok(vm) => Arc::new(vm),
