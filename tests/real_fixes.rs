@@ -215,3 +215,23 @@ fn a_tracepoint_in_patch_code_follows_its_key() {
     assert_eq!(run.result("remove-trace_itimer")["rc"], "0", "{t}");
     assert_clean_dmesg(run);
 }
+
+/// The guest's own function tracer works with patches applied: ftrace
+/// skips the redirected entries (their records carry FTRACE_FL_DISABLED
+/// while redirected, so a filter naming set_cpu_itimer is refused, and
+/// taken again after removal) instead of finding a jmp where it expects
+/// its nop, warning, and shutting itself down.
+#[test]
+fn the_function_tracer_works_beside_patched_functions() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = fixes();
+    let t = run.transcript();
+    assert_eq!(step(run, "KLPV-FTRACE", 1), "filter=0 tracer=0/0", "{t}");
+    assert_eq!(step(run, "KLPV-FTRACE", 2), "filter=1 tracer=0/0", "{t}");
+    assert_eq!(step(run, "KLPV-FTRACE", 3), "filter=1 tracer=0/0", "{t}");
+    assert_eq!(step(run, "KLPV-FTRACE", 4), "filter=0 tracer=0/0", "{t}");
+    // No ftrace_bug: the one WARN is warn-hidepid's.
+    assert_clean_dmesg(run);
+}

@@ -42,7 +42,9 @@ const JMP_REL32: u8 = 0xe9;
 /// `FTRACE_FL_DISABLED` (bit 25 since Linux 4.x, unchanged through 6.x): a
 /// record ftrace ignores — the code of a weak function that was overridden
 /// at link time keeps its `__mcount_loc` entry but has no symbol.
-const FTRACE_FL_DISABLED: u64 = 1 << 25;
+/// klpvisor sets it too, on the record of every function it redirects,
+/// so the guest's ftrace leaves that entry alone (see [`Site::ftrace_flags`]).
+pub const FTRACE_FL_DISABLED: u64 = 1 << 25;
 /// Bounds on the guest's ftrace page list (a hostile guest may loop it).
 const MAX_FTRACE_PAGES: u64 = 1 << 16;
 const MAX_FTRACE_RECORDS: u64 = 1 << 22;
@@ -279,6 +281,13 @@ pub struct Site {
     pub gpa: u64,
     /// The bytes there (restored on disable).
     pub original: [u8; 5],
+    /// The `flags` word of its `struct dyn_ftrace`. While the function is
+    /// redirected, klpvisor sets `FTRACE_FL_DISABLED` there: ftrace then
+    /// skips the record (the function tracer, a filter naming it, kprobes
+    /// and BPF trampolines on ftrace leave the entry alone) instead of
+    /// finding a `jmp` where it expects its nop, which makes it warn and
+    /// shut itself down (`ftrace_bug`).
+    pub ftrace_flags: Option<u64>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -472,6 +481,9 @@ pub fn classify_target(kallsyms: &Kallsyms, target: u64) -> Target {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FtraceRecords {
     ips: BTreeSet<u64>,
+    /// Every record read (disabled ones too): ip -> address of its
+    /// `flags` word.
+    flags: std::collections::BTreeMap<u64, u64>,
 }
 
 impl FtraceRecords {
@@ -516,6 +528,7 @@ impl FtraceRecords {
             .map_err(|e| err(&e))?;
         let (mut pages, mut total) = (0u64, 0u64);
         let mut ips = BTreeSet::new();
+        let mut flags_at = std::collections::BTreeMap::new();
         while page != 0 {
             pages += 1;
             if pages > MAX_FTRACE_PAGES {
@@ -535,7 +548,7 @@ impl FtraceRecords {
             let bytes = mem
                 .read_vec(recs, n * size, MAX_FTRACE_PAGE_BYTES, "ftrace records")
                 .map_err(|e| err(&e))?;
-            for rec in bytes.chunks_exact(size as usize) {
+            for (i, rec) in bytes.chunks_exact(size as usize).enumerate() {
                 let field = |o: u64| {
                     rec.get(o as usize..o as usize + 8)
                         .and_then(|b| b.try_into().ok())
@@ -544,20 +557,33 @@ impl FtraceRecords {
                 };
                 let (ip, flags) = (field(ip_off), field(flags_off));
                 let wanted = (text..etext).contains(&ip) || extra.iter().any(|r| r.contains(&ip));
-                if wanted && flags & FTRACE_FL_DISABLED == 0 {
+                if !wanted {
+                    continue;
+                }
+                flags_at.insert(ip, recs.wrapping_add(i as u64 * size + flags_off));
+                if flags & FTRACE_FL_DISABLED == 0 {
                     ips.insert(ip);
                 }
             }
             page = mem.read_u64(page.wrapping_add(next)).map_err(|e| err(&e))?;
         }
-        Ok(Self { ips })
+        Ok(Self {
+            ips,
+            flags: flags_at,
+        })
     }
 
     /// A record set given directly (tests, or a source other than memory).
     pub fn from_ips(ips: impl IntoIterator<Item = u64>) -> Self {
         Self {
             ips: ips.into_iter().collect(),
+            flags: Default::default(),
         }
+    }
+
+    /// Address of the `flags` word of the record at `ip`, disabled or not.
+    pub fn flags_word(&self, ip: u64) -> Option<u64> {
+        self.flags.get(&ip).copied()
     }
 
     pub fn contains(&self, ip: u64) -> bool {
@@ -730,6 +756,7 @@ impl Site {
             at: entry.at,
             gpa: first.phys,
             original: entry.original,
+            ftrace_flags: records.flags_word(entry.at),
         })
     }
 

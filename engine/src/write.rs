@@ -152,6 +152,9 @@ pub enum AllowKind {
     ArenaTables,
     /// Entries of the kernel's PMD page that the arena mapping owns.
     PmdSlots,
+    /// The `flags` word of the ftrace record of a function klpvisor
+    /// redirects (see the engine's ftrace step).
+    FtraceFlags,
     /// The head of one CPU's `raised_list`, where the call gate queues its
     /// irq_work (see [`crate::callback::gate`]): 8 bytes of per-CPU data.
     IrqWorkList { cpu: u32 },
@@ -183,6 +186,7 @@ impl fmt::Display for Allowed {
             AllowKind::Arena => f.write_str("arena")?,
             AllowKind::ArenaTables => f.write_str("arena page tables")?,
             AllowKind::PmdSlots => f.write_str("PMD slots")?,
+            AllowKind::FtraceFlags => f.write_str("ftrace record flags")?,
             AllowKind::IrqWorkList { cpu } => write!(f, "raised_list of CPU {cpu}")?,
             AllowKind::ModuleRegistry => f.write_str("module registry word")?,
         }

@@ -100,10 +100,19 @@ fn sample_applies_disables_and_reapplies_exactly() {
         [0x0f, 0x1f, 0x44, 0x00, 0x00]
     );
 
+    // The guest's ftrace skips the redirected entry: its record carries
+    // FTRACE_FL_DISABLED while the jmp is there, and not after.
+    let records = klpvisor_engine::site::FtraceRecords::load(&space, &k.kallsyms, &k.btf).unwrap();
+    let flags = records.flags_word(at).expect("the entry's ftrace record");
+    let disabled = klpvisor_engine::site::FTRACE_FL_DISABLED;
+    assert_ne!(space.read_u64(flags).unwrap() & disabled, 0);
+    assert!(!records.contains(at), "a disabled record is no patch site");
+
     // Disable: the original bytes, the patch listed as disabled.
     let p = e.prepare_disable(k, &g, "livepatch_sample", false).unwrap();
     e.commit(k, &g, &p).unwrap();
     assert_eq!(entry_bytes(&space, old), original);
+    assert_eq!(space.read_u64(flags).unwrap() & disabled, 0);
     let l = e.list();
     assert_eq!(l[0].state, PatchState::Disabled);
     assert!(!l[0].funcs[0].live);

@@ -11,6 +11,7 @@
 //! only then adopt the new stack and arena state. A transition that fails
 //! anywhere leaves the guest and the engine exactly as they were.
 
+mod ftrace;
 mod load;
 mod modules;
 
@@ -133,6 +134,10 @@ pub enum EngineError {
          module unloads: see the README's Limits)"
     )]
     ModuleGone(String),
+    /// The guest is changing its function tracing (`ftrace_lock` held):
+    /// the transition waits, like a busy module registry.
+    #[error("the guest is busy: {0}; retry")]
+    GuestBusy(&'static str),
     /// The guest's module list could not be read (a patch with module
     /// objects needs it).
     #[error("reading the guest kernel's modules failed: {0}")]
@@ -149,6 +154,7 @@ impl EngineError {
     /// step wait (a module load or unload): trying again may succeed.
     pub fn is_busy(&self) -> bool {
         matches!(self, EngineError::Register(e) if e.is_busy())
+            || matches!(self, EngineError::GuestBusy(_))
     }
 
     pub fn kind(&self) -> Fault {
@@ -161,7 +167,8 @@ impl EngineError {
             EngineError::Stack(_)
             | EngineError::Blocked(_)
             | EngineError::State(_)
-            | EngineError::ModuleGone(_) => Fault::State,
+            | EngineError::ModuleGone(_)
+            | EngineError::GuestBusy(_) => Fault::State,
             EngineError::Arena(ArenaError::Full { .. })
             | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
             EngineError::Gate(GateError::Busy(_)) => Fault::State,
@@ -187,9 +194,9 @@ impl EngineError {
             EngineError::Register(e) => {
                 use crate::register::RegisterError as R;
                 match e {
-                    R::Busy(_) => Fault::State,
+                    R::Busy(_) | R::InUse { .. } | R::KeyShared { .. } => Fault::State,
                     R::Internal(_) => Fault::Internal,
-                    R::Name { .. } | R::Reach(_) => Fault::Module,
+                    R::Name { .. } | R::Reach(_) | R::ForeignKey { .. } => Fault::Module,
                     _ => Fault::Guest,
                 }
             }
@@ -411,6 +418,9 @@ pub struct Engine {
     gate: Option<Gate>,
     /// The number of the last callback sent.
     calls: u64,
+    /// `flags` words of ftrace records klpvisor set `FTRACE_FL_DISABLED`
+    /// in (and clears again when the entry is restored).
+    ftrace_disabled: std::collections::BTreeSet<u64>,
 }
 
 impl Engine {
@@ -919,9 +929,25 @@ impl Engine {
                 return Err(EngineError::Blocked(blockers));
             }
         }
+        // Read and checked before anything is written: a busy ftrace waits.
+        let ftrace = self.ftrace_plan(kernel, guest, p)?;
         let undo = p.plan.commit(guest)?;
-        if let Some(r) = register {
-            self.register_or_undo(kernel, guest, &p.name, &r, &undo)?;
+        let unlink = match register {
+            Some(r) => Some(self.register_or_undo(kernel, guest, &p.name, &r, &undo)?),
+            None => None,
+        };
+        if let Some((plan, set, cleared)) = ftrace {
+            if let Err(e) = plan.commit(guest) {
+                if let Some(u) = unlink {
+                    u.commit(guest)?;
+                }
+                undo.commit(guest)?;
+                return Err(e.into());
+            }
+            self.ftrace_disabled.extend(set);
+            for w in cleared {
+                self.ftrace_disabled.remove(&w);
+            }
         }
         if let Some(arena) = &p.arena {
             if let Some(f) = self.facts.as_mut() {
