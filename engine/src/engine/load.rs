@@ -91,6 +91,9 @@ impl Engine {
             Ok(registry) => {
                 let region = arena.alloc(registry.size(&module), Perm::Data)?;
                 let image = registry.image(&name, &module, &linked, region.va)?;
+                // Keys the patch cannot follow are refused now, before the
+                // pause, not when registering.
+                registry.check_keys(&image.jumps)?;
                 registration = Some((region, image));
             }
             Err(why) if !module.tables.is_empty() => {

@@ -95,20 +95,27 @@ pub struct JumpKey {
 /// Bytes to write at a site: (va, old, new).
 pub type Poke = (u64, Vec<u8>, Vec<u8>);
 
-/// Refuses while a key is being switched in the guest.
+/// Refuses keys the patch cannot follow: any outside the kernel image.
+pub fn check(g: &JumpGlobals, keys: &[JumpKey]) -> Result<(), RegisterError> {
+    match keys.iter().find(|k| !(g.image.0..g.image.1).contains(&k.key)) {
+        Some(k) => Err(RegisterError::ForeignKey { key: k.key }),
+        None => Ok(()),
+    }
+}
+
+/// Refuses while a key is being switched in the guest (and keys
+/// [`check`] refuses).
 pub fn quiet(mem: &dyn Mem, g: &JumpGlobals, keys: &[JumpKey]) -> Result<(), RegisterError> {
     if keys.is_empty() {
         return Ok(());
     }
+    check(g, keys)?;
     if mem.read_u64(g.mutex)? != 0 {
         return Err(RegisterError::Busy(
             "jump_label_mutex is held (a static key is being switched)",
         ));
     }
     for k in keys {
-        if !(g.image.0..g.image.1).contains(&k.key) {
-            return Err(RegisterError::ForeignKey { key: k.key });
-        }
         if enabled(mem, k.key)? < 0 {
             return Err(RegisterError::Busy("a static key is mid-switch"));
         }
@@ -437,9 +444,14 @@ mod tests {
         let mut k = key();
         k.key = MODULE + 0x100;
         assert!(matches!(
+            check(&G, std::slice::from_ref(&k)),
+            Err(RegisterError::ForeignKey { .. })
+        ));
+        assert!(matches!(
             register(&f, &G, MODULE, &[k]),
             Err(RegisterError::ForeignKey { .. })
         ));
+        assert!(check(&G, &[key()]).is_ok());
         // Sealed: the site is set, nothing is linked.
         f.set(KEY, 1);
         f.set(KEY + KEY_TYPE, TYPE_LINKED);

@@ -237,6 +237,14 @@ impl Registry {
         Ok((words, pokes))
     }
 
+    /// Refuses static keys the patch cannot follow (see [`jump::check`]).
+    pub fn check_keys(&self, keys: &[jump::JumpKey]) -> Result<(), RegisterError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        jump::check(self.jump_globals()?, keys)
+    }
+
     fn jump_globals(&self) -> Result<&jump::JumpGlobals, RegisterError> {
         self.jump.as_ref().ok_or(RegisterError::Unexpected(
             "the patch has static-key sites but the guest kernel has no jump_label_mutex",
