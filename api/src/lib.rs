@@ -430,6 +430,28 @@ impl fmt::Display for ObjectState {
     }
 }
 
+/// The `struct module` that registers a patch with the guest kernel, and
+/// what the kernel finds through it (README "Patch code as the kernel
+/// sees it").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModuleInfo {
+    /// Its `struct module` in guest memory (`/proc/modules` shows it).
+    pub address: Hex,
+    /// Exception fixups (`__ex_table`).
+    pub extable: u64,
+    /// BUG/WARN sites (`__bug_table`).
+    pub bug_sites: u64,
+    /// ORC unwind entries.
+    pub orc_entries: u64,
+    /// Named functions and data in its kallsyms.
+    pub symbols: u64,
+    /// Static-key sites (static branches, tracepoints) on the kernel's
+    /// keys' lists.
+    pub static_key_sites: u64,
+    /// Distinct static keys those sites follow.
+    pub static_keys: u64,
+}
+
 /// One `klp_object` of a patch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ObjectInfo {
@@ -490,6 +512,10 @@ pub struct PatchInfo {
     #[serde(default)]
     pub objects: Vec<ObjectInfo>,
     pub funcs: Vec<FuncInfo>,
+    /// Its registration as a guest module, if it has one (a guest whose
+    /// BTF cannot describe `struct module` takes patches without tables).
+    #[serde(default)]
+    pub module: Option<ModuleInfo>,
 }
 
 fn unsigned() -> String {

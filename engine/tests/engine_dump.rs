@@ -716,6 +716,15 @@ fn a_tracepoint_in_patch_code_joins_its_keys_list_and_leaves_it() {
     go(&mut e, k, &g, p);
     let linked = word(key + 8);
     assert_eq!(linked & 3, 2 | (before & 1), "LINKED, initial value kept");
+    // GET /patches says what the kernel now follows.
+    let info = e
+        .list()
+        .into_iter()
+        .find(|p| p.name == "trace_itimer")
+        .unwrap();
+    let m = info.module.expect("registered as a guest module");
+    assert_eq!((m.static_keys, m.static_key_sites), (1, 1));
+    assert!(m.orc_entries > 0 && m.symbols > 0);
     let ours = linked & !3;
     let holder = word(ours);
     assert_ne!(word(ours + 16), 0, "our entry names our struct module");

@@ -692,6 +692,19 @@ fn print_patch(p: &PatchInfo) {
         p.arena_bytes
     );
     println!("  signature: {}", p.signature);
+    if let Some(m) = &p.module {
+        println!(
+            "  guest module at {}: {} exception fixups, {} BUG/WARN sites, {} ORC entries, \
+             {} symbols, {} static-key sites on {} keys",
+            m.address,
+            m.extable,
+            m.bug_sites,
+            m.orc_entries,
+            m.symbols,
+            m.static_key_sites,
+            m.static_keys
+        );
+    }
     if let Some(pin) = &p.pinned {
         println!(
             "  pinned: {pin}; kept loaded for good, as klp keeps a patch a forced transition \

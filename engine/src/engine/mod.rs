@@ -1229,6 +1229,15 @@ impl Engine {
                     live: e.state == PatchState::Enabled && live.get(&f.old) == Some(&f.new),
                 })
                 .collect(),
+            module: r.module.as_ref().map(|m| klpvisor_api::ModuleInfo {
+                address: Hex(m.module),
+                extable: m.counts.extable as u64,
+                bug_sites: m.counts.bugs as u64,
+                orc_entries: m.counts.orc as u64,
+                symbols: m.counts.symbols as u64,
+                static_key_sites: m.counts.jumps as u64,
+                static_keys: m.jumps.len() as u64,
+            }),
         })
     }
 }

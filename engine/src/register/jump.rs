@@ -97,7 +97,10 @@ pub type Poke = (u64, Vec<u8>, Vec<u8>);
 
 /// Refuses keys the patch cannot follow: any outside the kernel image.
 pub fn check(g: &JumpGlobals, keys: &[JumpKey]) -> Result<(), RegisterError> {
-    match keys.iter().find(|k| !(g.image.0..g.image.1).contains(&k.key)) {
+    match keys
+        .iter()
+        .find(|k| !(g.image.0..g.image.1).contains(&k.key))
+    {
         Some(k) => Err(RegisterError::ForeignKey { key: k.key }),
         None => Ok(()),
     }
