@@ -61,11 +61,15 @@ pub fn parse_hex(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("`{s}` is not a 64-bit hex number (want e.g. 0xffffffff81000000)"))
 }
 
-/// Whether the guest's vCPUs run.
+/// Whether the guest's vCPUs run. `PATCH /vm` also takes Firecracker's
+/// spellings, `"Paused"` and `"Resumed"`, so a Firecracker client's pause
+/// and resume work unchanged; replies always say `running` or `paused`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
+    #[serde(alias = "Resumed")]
     Running,
+    #[serde(alias = "Paused")]
     Paused,
 }
 
@@ -722,6 +726,21 @@ impl std::fmt::Display for CallbackKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Firecracker's `PATCH /vm` bodies work; ours too; replies stay ours.
+    #[test]
+    fn patch_vm_takes_firecrackers_states() {
+        let state = |b: &str| serde_json::from_str::<StateChange>(b).map(|c| c.state);
+        assert_eq!(state(r#"{"state":"Paused"}"#).unwrap(), VmState::Paused);
+        assert_eq!(state(r#"{"state":"Resumed"}"#).unwrap(), VmState::Running);
+        assert_eq!(state(r#"{"state":"paused"}"#).unwrap(), VmState::Paused);
+        assert_eq!(state(r#"{"state":"running"}"#).unwrap(), VmState::Running);
+        assert!(state(r#"{"state":"Stopped"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&VmState::Running).unwrap(),
+            r#""running""#
+        );
+    }
 
     /// `patcher list` and API clients read why a patch is pinned; a reply
     /// from a VMM that predates pins reads as not pinned.
