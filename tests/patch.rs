@@ -327,6 +327,16 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
     assert!(reply.attempts > 1, "it had to wait: {reply:?}");
     assert!(reply.waited_ms > 500.0, "{reply:?}");
     assert_eq!(reply.patch.state, PatchState::Enabled);
+    // A sleeper inside the patch's code blocks its disable, found as a
+    // frame of its unwound stack: the walk went through the patch's code
+    // with the patch's ORC table, not a conservative scan of the stack.
+    assert_eq!(run.result("blocked-in-patch")["rc"], "4", "{t}");
+    let msg = run.lines_with("BLOCKED-IN-PATCH: ");
+    assert!(
+        msg[0].contains("(sleep) is in ") && msg[0].contains(" of its stack)"),
+        "{}",
+        msg[0]
+    );
     assert_eq!(run.result("blocked-exit")["rc"], "0");
     assert!(
         run.lines_with("Call Trace").is_empty(),

@@ -8,10 +8,12 @@
 //! unwinds *reliably* (every frame in kernel text with an ORC entry, every
 //! read inside the task's stack, ending at the user-mode registers on top
 //! of the stack or at a kernel thread's end-of-stack hint) its real frames
-//! replace the scan. Anything else — code without ORC data (patch code in
-//! the arena, ftrace trampolines), an odd register rule, a frame off the
-//! stack — makes the walk unreliable and the scan is used: imprecise, never
-//! unsafe.
+//! replace the scan. Patch code counts as kernel text once its own ORC
+//! table is added ([`Orc::add_code`], done when the patch is registered
+//! with the guest kernel as a module, whose unwinder reads the same
+//! table). Anything else — code without ORC data (ftrace trampolines), an
+//! odd register rule, a frame off the stack — makes the walk unreliable and
+//! the scan is used: imprecise, never unsafe.
 //!
 //! The entry format changed twice: Linux 4.14 to 6.2 have two s16 offsets,
 //! then sp_reg:4 bp_reg:4 type:2 end:1 (types CALL, REGS, REGS_PARTIAL);
@@ -241,8 +243,20 @@ pub struct Unreliable {
 pub struct Orc {
     ips: Vec<u64>,
     entries: Vec<Entry>,
-    /// `_stext.._etext`: frames anywhere else are not unwound.
+    /// `_stext.._etext`: frames anywhere else are not unwound, but in
+    /// `extra`.
     text: Range<u64>,
+    format: Format,
+    /// Code loaded since (patches), each with its own table.
+    extra: Vec<Extra>,
+}
+
+/// The ORC table of code outside the kernel image: a patch's text.
+#[derive(Debug, Clone)]
+struct Extra {
+    range: Range<u64>,
+    ips: Vec<u64>,
+    entries: Vec<Entry>,
 }
 
 /// Reads a kernel's tables in the format its BTF describes: any kernel
@@ -318,7 +332,66 @@ impl Orc {
             .chunks_exact(entry_size as usize)
             .filter_map(|b| format.decode(b))
             .collect();
-        Ok(Self { ips, entries, text })
+        Ok(Self {
+            ips,
+            entries,
+            text,
+            format,
+            extra: Vec::new(),
+        })
+    }
+
+    /// Adds the ORC table of code at `range` outside the kernel image (a
+    /// patch's text): `(ip, raw entry)` pairs, sorted by ip, every ip in
+    /// `range`, entries in the kernel's format. Replaces a table already
+    /// added for the same range.
+    pub fn add_code(
+        &mut self,
+        range: Range<u64>,
+        table: &[(u64, [u8; 6])],
+    ) -> Result<(), OrcError> {
+        if table.len() as u64 > MAX_ENTRIES {
+            return Err(OrcError::Corrupt(format!("{} entries", table.len())));
+        }
+        if self.format.size != ENTRY_SIZE {
+            return Err(OrcError::Format(format!(
+                "{}-byte entries, a patch's are 6",
+                self.format.size
+            )));
+        }
+        if table.windows(2).any(|w| w[0].0 > w[1].0) || table.iter().any(|e| !range.contains(&e.0))
+        {
+            return Err(OrcError::Corrupt(
+                "a patch's ORC table is unsorted or outside its code".into(),
+            ));
+        }
+        let mut ips = Vec::with_capacity(table.len());
+        let mut entries = Vec::with_capacity(table.len());
+        for (ip, raw) in table {
+            let e = self
+                .format
+                .decode(raw)
+                .ok_or_else(|| OrcError::Corrupt(format!("undecodable entry at {ip:#x}")))?;
+            ips.push(*ip);
+            entries.push(e);
+        }
+        self.remove_code(&range);
+        self.extra.push(Extra {
+            range,
+            ips,
+            entries,
+        });
+        Ok(())
+    }
+
+    /// Forgets the table added for `range` (its code is freed).
+    pub fn remove_code(&mut self, range: &Range<u64>) {
+        self.extra.retain(|x| x.range != *range);
+    }
+
+    /// Whether frames at `ip` can be unwound: kernel text, or added code.
+    fn covers(&self, ip: u64) -> bool {
+        self.text.contains(&ip) || self.extra.iter().any(|x| x.range.contains(&ip))
     }
 
     pub fn len(&self) -> usize {
@@ -331,11 +404,14 @@ impl Orc {
 
     /// The entry covering `ip`: the last one starting at or before it.
     pub fn find(&self, ip: u64) -> Option<Entry> {
-        if !self.text.contains(&ip) {
-            return None;
-        }
-        let i = self.ips.partition_point(|&x| x <= ip).checked_sub(1)?;
-        self.entries.get(i).copied()
+        let (ips, entries) = if self.text.contains(&ip) {
+            (&self.ips, &self.entries)
+        } else {
+            let x = self.extra.iter().find(|x| x.range.contains(&ip))?;
+            (&x.ips, &x.entries)
+        };
+        let i = ips.partition_point(|&x| x <= ip).checked_sub(1)?;
+        entries.get(i).copied()
     }
 
     /// The return addresses of a task that is not running (from its
@@ -377,10 +453,10 @@ impl Orc {
                     why: "too many frames",
                 });
             }
-            if !self.text.contains(&ip) {
+            if !self.covers(ip) {
                 return Err(Unreliable {
                     ip,
-                    why: "a frame outside kernel text (patch or trampoline code)",
+                    why: "a frame outside kernel and patch text (trampoline code)",
                 });
             }
             frames.push(ip);
@@ -542,6 +618,35 @@ mod tests {
         assert_eq!(Entry::decode(&[0; 5]), None);
     }
 
+    /// A patch's table answers for its code only, and goes with it.
+    #[test]
+    fn a_patchs_table_covers_its_code_until_removed() {
+        let mut orc = Orc {
+            ips: vec![0x1000],
+            entries: vec![Entry::decode(&[8, 0, 0, 0, 0x05, 0]).unwrap()],
+            text: 0x1000..0x2000,
+            format: Format::V4_14,
+            extra: Vec::new(),
+        };
+        let call = |sp: u8| [sp, 0, 0, 0, REG_SP, 0];
+        let patch = 0x5000..0x6000;
+        assert!(orc.find(0x5010).is_none() && !orc.covers(0x5010));
+        orc.add_code(patch.clone(), &[(0x5000, call(8)), (0x5100, call(24))])
+            .unwrap();
+        assert!(orc.covers(0x5010));
+        assert_eq!(orc.find(0x5010).map(|e| e.sp_offset), Some(8));
+        assert_eq!(orc.find(0x5100).map(|e| e.sp_offset), Some(24));
+        assert_eq!(orc.find(0x6000), None);
+        // The kernel's own table still answers for kernel text.
+        assert_eq!(orc.find(0x1800).map(|e| e.sp_offset), Some(8));
+        // Unsorted, or outside the code: refused.
+        let bad = [(0x5100, call(8)), (0x5000, call(8))];
+        assert!(orc.add_code(patch.clone(), &bad).is_err());
+        assert!(orc.add_code(patch.clone(), &[(0x7000, call(8))]).is_err());
+        orc.remove_code(&patch);
+        assert!(orc.find(0x5010).is_none() && !orc.covers(0x5010));
+    }
+
     /// `struct orc_entry` as pahole writes it to BTF: 6.1's, or 6.4+'s
     /// (type:3, signal:1 and no end bit).
     fn orc_btf(new: bool) -> Btf {
@@ -618,6 +723,8 @@ mod tests {
             ips: vec![0],
             entries: vec![Entry::decode(&[8, 0, 0, 0, 5, 0]).unwrap()],
             text: 0..u64::MAX,
+            format: Format::V4_14,
+            extra: Vec::new(),
         };
         let task = Task {
             addr: 0,

@@ -167,6 +167,7 @@ impl Engine {
                 bugs: image.bugs,
                 counts: image.counts,
                 jumps: image.jumps,
+                orc: image.orc,
             });
         }
         for image in [&linked.text, &linked.rodata, &linked.data] {

@@ -932,8 +932,8 @@ impl Engine {
         // Read and checked before anything is written: a busy ftrace waits.
         let ftrace = self.ftrace_plan(kernel, guest, p)?;
         let undo = p.plan.commit(guest)?;
-        let unlink = match register {
-            Some(r) => Some(self.register_or_undo(kernel, guest, &p.name, &r, &undo)?),
+        let unlink = match &register {
+            Some(r) => Some(self.register_or_undo(kernel, guest, &p.name, r, &undo)?),
             None => None,
         };
         if let Some((plan, set, cleared)) = ftrace {
@@ -948,6 +948,9 @@ impl Engine {
             for w in cleared {
                 self.ftrace_disabled.remove(&w);
             }
+        }
+        if let Some(m) = p.record.as_ref().and_then(|r| r.module.as_ref()) {
+            self.orc_add(m);
         }
         if let Some(arena) = &p.arena {
             if let Some(f) = self.facts.as_mut() {
@@ -1133,6 +1136,7 @@ impl Engine {
                     keep.push(r);
                     continue;
                 }
+                self.orc_remove(m);
             }
             if let Some(f) = self.facts.as_mut() {
                 for region in &r.record.regions {

@@ -135,6 +135,30 @@ impl Engine {
             .map(Some)
     }
 
+    /// Lets klpvisor's own unwinder walk through `r`'s code, as the guest's
+    /// does once `r` is registered: a sleeping task with patch frames is
+    /// then judged by its real frames, not by every word on its stack.
+    /// Called when the patch's transition commits (a load undone or
+    /// abandoned before that never adds its table).
+    pub(super) fn orc_add(&mut self, r: &Registered) {
+        if let Some(orc) = self.facts.as_mut().and_then(|f| f.orc.as_mut()) {
+            if let Err(e) = orc.add_code(r.text.clone(), &r.orc) {
+                // Its frames stay unreliable: scanned, never missed.
+                tracing::warn!(
+                    module = format_args!("{:#x}", r.module),
+                    "patch ORC not used: {e}"
+                );
+            }
+        }
+    }
+
+    /// Forgets `r`'s ORC table (its code is being freed).
+    pub(super) fn orc_remove(&mut self, r: &Registered) {
+        if let Some(orc) = self.facts.as_mut().and_then(|f| f.orc.as_mut()) {
+            orc.remove_code(&r.text);
+        }
+    }
+
     /// Refuses before anything is written while a module load or unload
     /// is mid-way in the guest (nothing to undo then).
     pub(super) fn registry_quiet<G: Guest + ?Sized>(

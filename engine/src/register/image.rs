@@ -44,6 +44,9 @@ pub struct Image {
     pub counts: Counts,
     /// The static keys its code uses, for [`super::jump`].
     pub jumps: Vec<JumpKey>,
+    /// Its ORC table, `(ip, entry)` sorted by ip, for klpvisor's own
+    /// unwinder.
+    pub orc: Vec<(u64, [u8; 6])>,
 }
 
 /// How many entries of each kind the guest kernel now knows about.
@@ -448,5 +451,6 @@ pub fn build(
             jumps: jumps.len(),
         },
         jumps: keys,
+        orc,
     })
 }

@@ -155,6 +155,8 @@ pub struct Registered {
     pub counts: Counts,
     /// The static keys its code uses.
     pub jumps: Vec<jump::JumpKey>,
+    /// Its ORC table, `(ip, entry)` sorted by ip.
+    pub orc: Vec<(u64, [u8; 6])>,
 }
 
 /// The guest kernel's module layout and registries.
