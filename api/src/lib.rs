@@ -415,13 +415,13 @@ impl fmt::Display for PatchState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ObjectState {
-    /// vmlinux, or a module that was loaded when the patch was applied:
-    /// its functions are in `funcs` and redirected while the patch is
-    /// enabled.
+    /// vmlinux, or a module that is loaded: its functions are in `funcs`
+    /// and redirected while the patch is enabled.
     Linked,
-    /// A module that was not loaded when the patch was applied: nothing
-    /// of the object is linked or redirected. (Applying it when the module
-    /// loads later is not done yet: the module then runs unpatched.)
+    /// A module that is not loaded: nothing of the object is linked or
+    /// redirected. When the module loads, the object is linked and its
+    /// functions redirected before any of the module's code runs (klp's
+    /// `klp_module_coming`); when it unloads, the object waits again.
     Waiting,
 }
 
@@ -464,6 +464,10 @@ pub struct ObjectInfo {
     pub state: ObjectState,
     /// Its number of `klp_func`s.
     pub funcs: u32,
+    /// The last load of its module that this object refused (the module
+    /// then failed to load in the guest), and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// One patched function.

@@ -17,6 +17,7 @@ pub mod arena;
 pub mod callback;
 #[allow(missing_docs)]
 pub mod engine;
+pub mod hook;
 #[allow(missing_docs)]
 pub mod link;
 #[allow(missing_docs)]

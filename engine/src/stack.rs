@@ -312,6 +312,24 @@ impl Stack {
         Ok(c)
     }
 
+    /// Plans the same patches, in the same places and states, with the
+    /// redirects of `entries` (a module's functions joining a patch as the
+    /// module loads, or leaving it as it unloads). `entries` must name the
+    /// stack's patches in its order; only their redirects may differ
+    /// (`None` otherwise: a bug in the caller).
+    pub fn plan_redirects(&self, entries: Vec<Entry>) -> Option<Change> {
+        let same = entries.len() == self.entries.len()
+            && entries.iter().zip(&self.entries).all(|(a, b)| {
+                a.name == b.name && a.state == b.state && a.forced == b.forced && a.pin == b.pin
+            });
+        if !same {
+            return None;
+        }
+        let mut c = self.change(entries.clone(), None, None, false);
+        c.restore = Some(entries);
+        Some(c)
+    }
+
     /// Removes a patch that is not enabled (its code may then be unmapped
     /// and its arena space reused once no stack references it).
     pub fn remove(&mut self, name: &str) -> Result<Entry, StackError> {

@@ -152,6 +152,11 @@ pub trait Planned {
     /// Whether it loads a new patch (whose code must be in the guest
     /// before its `pre_patch` runs).
     fn loads(&self) -> bool;
+    /// Whether it loads a patch with module objects, which needs the
+    /// hooks on the guest's module loads ([`crate::hook`]).
+    fn needs_hooks(&self) -> bool {
+        false
+    }
 }
 
 impl Planned for Prepared {
@@ -166,6 +171,9 @@ impl Planned for Prepared {
     }
     fn loads(&self) -> bool {
         Prepared::loads(self)
+    }
+    fn needs_hooks(&self) -> bool {
+        Prepared::needs_hooks(self)
     }
 }
 
@@ -182,6 +190,15 @@ pub trait Patcher<G: Guest + ?Sized> {
     fn has_gate(&self) -> bool;
     /// Installs the call gate (its arena pages).
     fn install_gate(&mut self, guest: &G) -> Result<(), EngineError>;
+    /// Whether the hooks on the guest's module loads are installed.
+    fn has_hooks(&self) -> bool {
+        true
+    }
+    /// Installs the hooks on the guest's module loads (an arena page and
+    /// two entries).
+    fn install_hooks(&mut self, _guest: &G) -> Result<(), EngineError> {
+        Ok(())
+    }
     /// Writes a new patch's pages, before its `pre_patch` runs.
     fn load(&mut self, p: &mut Self::Prepared, guest: &G) -> Result<Self::Undo, EngineError>;
     /// Restores the loaded pages byte for byte.
@@ -234,6 +251,14 @@ where
 
     fn install_gate(&mut self, guest: &G) -> Result<(), EngineError> {
         self.engine.install_gate(self.kernel, guest).map(drop)
+    }
+
+    fn has_hooks(&self) -> bool {
+        self.engine.has_hooks()
+    }
+
+    fn install_hooks(&mut self, guest: &G) -> Result<(), EngineError> {
+        self.engine.install_hooks(self.kernel, guest).map(drop)
     }
 
     fn load(&mut self, p: &mut Prepared, guest: &G) -> Result<Vec<Plan>, EngineError> {
@@ -374,6 +399,25 @@ where
             tracing::info!("call gate installed for klp callbacks");
             prepared = patcher.prepare()?;
         }
+    }
+    if prepared.needs_hooks() && !patcher.has_hooks() {
+        // A module object is linked when its module loads, and let go when
+        // it unloads: the hooks on both take an arena page, so plan again
+        // on the arena that has it. A busy ftrace makes it wait.
+        let deadline = host.now() + t.timeout;
+        let mut backoff = BACKOFF_START;
+        loop {
+            match host.paused(|g| patcher.install_hooks(g))?.0 {
+                Ok(()) => break,
+                Err(e) if e.is_busy() && host.now() + backoff < deadline => {
+                    host.sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::info!("hooks installed on the guest's module loads and unloads");
+        prepared = patcher.prepare()?;
     }
     // (Taken only now: a new patch's callbacks moved with it when the gate
     // made it plan again.)

@@ -690,6 +690,161 @@ fn module_object_applies_in_the_same_transition_and_absent_module_waits() {
     assert!(e.list()[0].funcs.iter().all(|f| f.live));
 }
 
+/// Modules that unload and load while patches are loaded, on real memory
+/// (klp's klp_module_going and klp_module_coming, which the VMM runs when
+/// the guest stops in klpvisor's hooks): the hooks redirect both
+/// functions' entries; pvpanic "unloading" gives capability_show its
+/// original bytes back and its object waits; "loading" again links it and
+/// redirects it once more, vmlinux's function untouched throughout. A
+/// patch whose object cannot be linked when its module comes refuses the
+/// load with nothing written.
+#[test]
+fn a_module_object_follows_its_module_going_and_coming() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let k = &f.kernel;
+    let space = k.space(&g);
+    let modules = k.modules(&g).unwrap();
+    let pvpanic = modules.iter().find(|m| m.name == "pvpanic").unwrap();
+    let show = pvpanic.lookup("capability_show")[0].symbol.addr;
+    let orig_show = entry_bytes(&space, show);
+    let mut e = Engine::default();
+
+    // The hooks: both functions' entries jump into one arena page.
+    assert!(e.install_hooks(k, &g).unwrap());
+    assert!(!e.install_hooks(k, &g).unwrap(), "installed once");
+    let mut stubs = Vec::new();
+    for name in ["klp_module_coming", "klp_module_going"] {
+        let func = k.kallsyms.resolve(name, 0).unwrap();
+        let at = (0..16u64)
+            .map(|i| func + i)
+            .find(|&a| entry_bytes(&space, a)[0] == 0xe9)
+            .unwrap_or_else(|| panic!("{name} not redirected"));
+        let b = entry_bytes(&space, at);
+        let rel = i32::from_le_bytes(b[1..5].try_into().unwrap());
+        stubs.push((at + 5).wrapping_add_signed(i64::from(rel)));
+    }
+    assert_eq!(stubs[1] - stubs[0], klpvisor_engine::hook::GOING_AT);
+    let t = space.translate(stubs[0]).unwrap();
+    assert!(
+        (ARENA.0..ARENA.0 + ARENA.1).contains(&t.phys),
+        "the stubs are in the arena"
+    );
+
+    let p = e.prepare_apply(k, &g, &ko("module-pvpanic"), false);
+    go(&mut e, k, &g, p);
+    let live = |e: &Engine| -> Vec<(String, bool)> {
+        e.list()[0]
+            .funcs
+            .iter()
+            .map(|f| (f.name.clone(), f.live))
+            .collect()
+    };
+    let objects = |e: &Engine| -> Vec<(String, klpvisor_api::ObjectState)> {
+        e.list()[0]
+            .objects
+            .iter()
+            .map(|o| (o.name.clone(), o.state))
+            .collect()
+    };
+    use klpvisor_api::ObjectState::{Linked, Waiting};
+    // Its site: past the ENDBR on 6.12.
+    let site = e.list()[0]
+        .funcs
+        .iter()
+        .find(|f| f.name == "capability_show")
+        .unwrap()
+        .site
+        .0;
+    let cmdline_site = e.list()[0]
+        .funcs
+        .iter()
+        .find(|f| f.name == "cmdline_proc_show")
+        .unwrap()
+        .site
+        .0;
+    assert_eq!(entry_bytes(&space, site)[0], 0xe9);
+    let redirected = entry_bytes(&space, site);
+
+    // Going: the entry gets its nop back, the object waits.
+    let ev = e.module_going(k, &g, pvpanic.addr).unwrap();
+    assert_eq!(ev.module, "pvpanic");
+    assert_eq!(ev.patches, [("module_pvpanic".to_owned(), 1)]);
+    assert_eq!(ev.sites, 1);
+    assert_eq!(entry_bytes(&space, show), orig_show);
+    assert_eq!(
+        entry_bytes(&space, cmdline_site)[0],
+        0xe9,
+        "vmlinux stays patched"
+    );
+    assert_eq!(live(&e), [("cmdline_proc_show".to_owned(), true)]);
+    assert_eq!(objects(&e)[1], ("pvpanic".to_owned(), Waiting));
+    assert!(e.waits_for("pvpanic") && !e.holds(pvpanic.addr, Some("pvpanic")));
+    // A second going finds nothing to do.
+    let writes = g.write_log().len();
+    assert_eq!(e.module_going(k, &g, pvpanic.addr).unwrap().sites, 0);
+    assert_eq!(g.write_log().len(), writes);
+
+    // Coming: linked against the module again and redirected before any
+    // of its code would run.
+    let ev = e.module_coming(k, &g, pvpanic.addr).unwrap();
+    assert_eq!(ev.patches, [("module_pvpanic".to_owned(), 1)]);
+    assert_eq!(entry_bytes(&space, site), redirected);
+    assert_eq!(objects(&e)[1], ("pvpanic".to_owned(), Linked));
+    assert!(live(&e).iter().all(|(_, l)| *l), "{:?}", live(&e));
+    // Nobody waits for it now: a coming changes nothing.
+    let writes = g.write_log().len();
+    assert!(e
+        .module_coming(k, &g, pvpanic.addr)
+        .unwrap()
+        .patches
+        .is_empty());
+    assert_eq!(g.write_log().len(), writes);
+
+    // Disable and enable still treat the module's function as any other.
+    let p = e.prepare_disable(k, &g, "module_pvpanic", false);
+    go(&mut e, k, &g, p);
+    assert_eq!(entry_bytes(&space, show), orig_show);
+
+    // A patch whose pvpanic object names a function pvpanic lacks, applied
+    // while pvpanic looks absent (its name changed): it waits. When pvpanic
+    // "comes", the load is refused and nothing is written.
+    let name_at = pvpanic.addr + k.btf.offset_of("module.name").unwrap();
+    let name_gpa = GuestPhys(space.translate(name_at).unwrap().phys);
+    g.write_phys(name_gpa, b"pvpaniX").unwrap();
+    let p = e.prepare_apply(k, &g, &ko("bad-module-object"), false);
+    go(&mut e, k, &g, p);
+    g.write_phys(name_gpa, b"pvpanic").unwrap();
+    let writes = g.write_log().len();
+    let err = e.module_coming(k, &g, pvpanic.addr).unwrap_err();
+    assert!(
+        matches!(err, EngineError::ModuleRefused { ref module, .. } if module == "pvpanic"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("bad_module_object") || err.to_string().contains("pvpanic"),
+        "{err}"
+    );
+    assert_eq!(g.write_log().len(), writes, "nothing written");
+    e.note_refused("pvpanic", &err.to_string());
+    let bad = e
+        .list()
+        .into_iter()
+        .find(|p| p.name != "module_pvpanic")
+        .unwrap();
+    let o = bad.objects.iter().find(|o| o.name == "pvpanic").unwrap();
+    assert_eq!(o.state, Waiting);
+    assert!(
+        o.refused
+            .as_deref()
+            .is_some_and(|r| r.contains("cannot be patched")),
+        "{o:?}"
+    );
+}
+
 /// A tracepoint in patch code (trace-itimer): the patch's entries join the
 /// tracepoint's static key's list as a module's would, with a second
 /// member holding the kernel's own entries; the site is left a nop while

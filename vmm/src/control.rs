@@ -34,6 +34,7 @@ pub use klpvisor_engine::transition::{Transition, MAX_TRANSITION_TIMEOUT, TRANSI
 use klpvisor_guest::VcpuRegs;
 use klpvisor_guest::{all_vcpu_regs, Kernel, Task, Tasks, TasksError, VirtRead};
 
+use crate::devices::module_hooks::Event as HookEvent;
 use crate::guest::{vcpu_regs, RegsSnapshot, RootPages};
 use crate::vm::{PauseReport, ResumeReport, Vm, VmError};
 
@@ -543,6 +544,121 @@ impl Control {
             "guest kernel found"
         );
         Ok(cached)
+    }
+
+    /// Serves the module hooks: every vCPU stopped in `klp_module_coming`
+    /// or `klp_module_going` is answered by [`Control::module_event`], one
+    /// at a time, on a thread of its own.
+    pub fn serve_module_hooks(self: &Arc<Self>) -> std::io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel::<crate::devices::module_hooks::HookEvent>();
+        let control = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("module-hooks".into())
+            .spawn(move || {
+                for e in rx {
+                    let answer = control.module_event(e.event, e.module, e.vcpu);
+                    let _ = e.reply.send(answer);
+                }
+            })?;
+        self.vm.module_hooks().set_handler(tx);
+        Ok(())
+    }
+
+    /// klp's `klp_module_coming` / `klp_module_going` for the module at
+    /// `module`, which the guest is loading or unloading on vCPU `vcpu`
+    /// (held in the hook until this returns). Returns 0, or for a load
+    /// the negative errno that fails it (klp fails a load whose objects
+    /// cannot be applied). A change in progress finishes first: the load
+    /// waits for it, as `klp_module_coming` waits for `klp_mutex`.
+    pub fn module_event(&self, event: HookEvent, module: u64, vcpu: u8) -> i32 {
+        const EINVAL: i32 = 22;
+        let Some(k) = self.cached() else {
+            // No kernel view, so no patch: nothing to do.
+            return 0;
+        };
+        let _changing = lock(&self.changing);
+        let mut engine = self.engine();
+        // Without pausing: does any patch care? A read that fails (the
+        // list changing under it) is settled in the pause.
+        let name = k
+            .kernel
+            .modules_brief(self.vm.as_ref())
+            .ok()
+            .and_then(|l| l.into_iter().find(|m| m.addr == module))
+            .map(|m| m.name);
+        let cares = match (event, &name) {
+            (HookEvent::Coming, Some(n)) => engine.waits_for(n),
+            (HookEvent::Going, n) => engine.holds(module, n.as_deref()),
+            (HookEvent::Coming, None) => true,
+        };
+        if !cares {
+            return 0;
+        }
+        let started = Instant::now();
+        let deadline = started + TRANSITION_TIMEOUT;
+        let mut backoff = Duration::from_millis(1);
+        let outcome = loop {
+            let r = self.paused(|vm| {
+                Ok(match event {
+                    HookEvent::Coming => engine.module_coming(&k.kernel, vm, module),
+                    HookEvent::Going => engine.module_going(&k.kernel, vm, module),
+                })
+            });
+            match r {
+                Ok(Paused { value: Err(e), .. })
+                    if e.is_busy() && Instant::now() + backoff < deadline =>
+                {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
+                Ok(p) => break p.value.map(|ev| (ev, p.pause)),
+                Err(e) => {
+                    tracing::warn!(vcpu, "module {event:?} at {module:#x}: {e}");
+                    return 0;
+                }
+            }
+        };
+        let answer = match outcome {
+            Ok((ev, pause)) => {
+                if !ev.patches.is_empty() {
+                    tracing::info!(
+                        vcpu,
+                        module = ev.module,
+                        patches = ?ev.patches,
+                        entries = ev.sites,
+                        pause_us = pause.map_or(0, |d| d.as_micros() as u64),
+                        held_ms = started.elapsed().as_millis() as u64,
+                        "module {}: {}",
+                        match event {
+                            HookEvent::Coming => "loading, its objects applied",
+                            HookEvent::Going => "unloading, its redirects taken away",
+                        },
+                        ev.module
+                    );
+                }
+                0
+            }
+            Err(e) => {
+                let module_name = name.unwrap_or_else(|| format!("at {module:#x}"));
+                match event {
+                    HookEvent::Coming => {
+                        tracing::warn!(vcpu, "refusing to load module {module_name}: {e}");
+                        engine.note_refused(&module_name, &e.to_string());
+                        -EINVAL
+                    }
+                    HookEvent::Going => {
+                        tracing::error!(
+                            vcpu,
+                            "module {module_name} unloads but its redirects could not be \
+                             taken away: {e}"
+                        );
+                        0
+                    }
+                }
+            }
+        };
+        self.publish(&engine);
+        answer
     }
 
     fn cached(&self) -> Option<Arc<CachedKernel>> {

@@ -110,7 +110,11 @@ fn main() -> ExitCode {
     );
 
     if let Some(api) = api.as_mut() {
-        if let Err(e) = api.start(Arc::new(Control::new(vm.clone(), policy))) {
+        let control = Arc::new(Control::new(vm.clone(), policy));
+        if let Err(e) = control.serve_module_hooks() {
+            tracing::warn!("cannot serve module hooks (modules loading later stay unpatched): {e}");
+        }
+        if let Err(e) = api.start(control) {
             return fail(&e);
         }
     }

@@ -146,6 +146,9 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
 }
 
+/// How often a vCPU held in a module hook looks for a pause request.
+const HOOK_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
 const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
@@ -163,6 +166,8 @@ pub struct VcpuThread {
 
 enum Step {
     Continue,
+    /// The guest read a module hook's port (`klpvisor_engine::hook`).
+    Hook(crate::devices::module_hooks::Event),
     /// The last exit was port or MMIO I/O: KVM finishes the instruction
     /// (register write-back, RIP advance) only on the next KVM_RUN.
     ContinueIo,
@@ -220,6 +225,15 @@ impl VcpuThread {
             }
             match self.step() {
                 Step::Continue => io_pending = false,
+                Step::Hook(event) => {
+                    io_pending = false;
+                    if let Some(reason) = self.complete_io() {
+                        return reason;
+                    }
+                    if let Some(reason) = self.hook(event) {
+                        return reason;
+                    }
+                }
                 Step::ContinueIo => io_pending = true,
                 Step::Exit(VcpuExitReason::TripleFault) => {
                     self.log_fault_state();
@@ -243,6 +257,45 @@ impl VcpuThread {
         };
         self.fd.set_kvm_immediate_exit(0);
         result
+    }
+
+    /// This vCPU stopped in a module hook, its `in` completed: hands the
+    /// event to the handler, parks whenever a pause is asked for while
+    /// waiting for the answer, and puts the answer in `rax`.
+    fn hook(&mut self, event: crate::devices::module_hooks::Event) -> Option<VcpuExitReason> {
+        let mut regs = match self.fd.get_regs() {
+            Ok(r) => r,
+            Err(e) => {
+                return Some(VcpuExitReason::Fatal(format!(
+                    "reading registers in a module hook failed: {e}"
+                )))
+            }
+        };
+        let Some(answer) = self.devices.module_hooks.send(self.id, event, regs.rdi) else {
+            // No handler: rax is 0, the call goes on.
+            return None;
+        };
+        let answer = loop {
+            match answer.recv_timeout(HOOK_POLL) {
+                Ok(v) => break v,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if self.control.stop.load(Ordering::Acquire) {
+                        return Some(VcpuExitReason::Stopped);
+                    }
+                    if self.control.pause.load(Ordering::Acquire) && !self.park() {
+                        return Some(VcpuExitReason::Stopped);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break 0,
+            }
+        };
+        regs.rax = i64::from(answer) as u64;
+        match self.fd.set_regs(&regs) {
+            Ok(()) => None,
+            Err(e) => Some(VcpuExitReason::Fatal(format!(
+                "writing registers in a module hook failed: {e}"
+            ))),
+        }
     }
 
     /// Acks the pause and serves requests until resumed. Returns false when
@@ -275,6 +328,11 @@ impl VcpuThread {
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    if let Some(event) = crate::devices::module_hooks::Event::from_port(port) {
+                        // The answer goes into rax once the read is done.
+                        data.fill(0);
+                        return Step::Hook(event);
+                    }
                     self.devices.read(port, data);
                     Step::ContinueIo
                 }

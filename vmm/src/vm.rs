@@ -279,6 +279,11 @@ impl Vm {
         &self.devices.doorbell
     }
 
+    /// Where vCPUs stopped in a module hook send their events.
+    pub fn module_hooks(&self) -> &crate::devices::module_hooks::ModuleHooks {
+        &self.devices.module_hooks
+    }
+
     /// Raises `vector` on the local APIC of vCPU `vcpu` (APIC id = vCPU
     /// index here) with an MSI, fixed delivery, edge: the interrupt an IPI
     /// to that CPU would be. Returns false if the APIC did not accept it.

@@ -15,12 +15,16 @@
 
 use klpvisor_guest::{Guest, Kernel, VirtRead};
 
+use std::collections::BTreeMap;
+
 use super::{Engine, EngineError, Prepared};
+use crate::site::Site;
 use crate::site::FTRACE_FL_DISABLED;
+use crate::stack::Target;
 use crate::write::{AllowKind, Allowed, Plan, Write};
 
 /// The flag writes, and the `flags` words they set and clear.
-type FtracePlan = (Plan, Vec<u64>, Vec<u64>);
+pub(super) type FtracePlan = (Plan, Vec<u64>, Vec<u64>);
 
 impl Engine {
     /// The writes that flag the records of the entries `p` redirects and
@@ -31,12 +35,24 @@ impl Engine {
         guest: &G,
         p: &Prepared,
     ) -> Result<Option<FtracePlan>, EngineError> {
+        let changes = self.ftrace_changes(&p.change.sites, &p.sites);
+        self.ftrace_flags_plan(kernel, guest, changes)
+    }
+
+    /// For each site whose entry `sites` changes (looked up among the
+    /// known sites and `fresh`): its record's `flags` word, its name, and
+    /// whether the flag is to be set (redirected now) or cleared.
+    pub(super) fn ftrace_changes(
+        &self,
+        sites: &BTreeMap<u64, (Target, Target)>,
+        fresh: &[Site],
+    ) -> Vec<(u64, String, bool)> {
         let mut changes = Vec::new();
-        for (old, &(before, after)) in &p.change.sites {
+        for (old, &(before, after)) in sites {
             let site = self
                 .sites
                 .get(old)
-                .or_else(|| p.sites.iter().find(|s| s.func == *old));
+                .or_else(|| fresh.iter().find(|s| s.func == *old));
             let Some((word, name)) = site.and_then(|s| s.ftrace_flags.map(|w| (w, s.name.clone())))
             else {
                 continue;
@@ -49,6 +65,17 @@ impl Engine {
                 _ => {}
             }
         }
+        changes
+    }
+
+    /// The writes for `changes` (see [`Engine::ftrace_changes`]), checked
+    /// against the guest's `ftrace_lock`. vCPUs paused.
+    pub(super) fn ftrace_flags_plan<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        changes: Vec<(u64, String, bool)>,
+    ) -> Result<Option<FtracePlan>, EngineError> {
         if changes.is_empty() {
             return Ok(None);
         }

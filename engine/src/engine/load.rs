@@ -187,6 +187,16 @@ impl Engine {
                 .map_err(EngineError::Write)?,
             );
         }
+        let relink = has_modules.then(|| super::Relink {
+            module: std::sync::Arc::new(module.clone()),
+            bases,
+            options: options.clone(),
+            images: vec![
+                linked.text.clone(),
+                linked.rodata.clone(),
+                linked.data.clone(),
+            ],
+        });
         let record = Record {
             replace: module.patch.replace,
             states: module.patch.states.clone(),
@@ -198,6 +208,8 @@ impl Engine {
             objects: linked.objects.clone(),
             signature: "unsigned".to_owned(),
             module: module_record,
+            relink,
+            refused: std::collections::BTreeMap::new(),
         };
         // On a replace too, only the new patch's callbacks run.
         let mut calls = crate::callback::Calls::default();

@@ -11,9 +11,12 @@
 //! only then adopt the new stack and arena state. A transition that fails
 //! anywhere leaves the guest and the engine exactly as they were.
 
+mod coming;
 mod ftrace;
 mod load;
 mod modules;
+
+pub use coming::{ModuleEvent, Relink};
 
 use klpvisor_guest::GuestPhys;
 use std::collections::BTreeMap;
@@ -142,6 +145,21 @@ pub enum EngineError {
     /// objects needs it).
     #[error("reading the guest kernel's modules failed: {0}")]
     Modules(#[source] klpvisor_guest::ModulesError),
+    /// The hooks on the guest's module loads could not be installed (a
+    /// patch with module objects needs them).
+    #[error(transparent)]
+    Hook(#[from] crate::hook::HookError),
+    /// A loading module's objects cannot be applied: its load fails.
+    #[error("module `{module}` cannot be patched by {patch} as it loads: {source}")]
+    ModuleRefused {
+        module: String,
+        patch: String,
+        #[source]
+        source: Box<EngineError>,
+    },
+    /// The `struct module` a hook reported is not on the guest's list.
+    #[error("the module at {0:#x} that the guest reported loading or unloading is not on its modules list")]
+    NoSuchModule(u64),
 }
 
 /// Committed transitions the engine remembers for rollback; older ones are
@@ -160,6 +178,12 @@ impl EngineError {
     pub fn kind(&self) -> Fault {
         match self {
             EngineError::Module(_) | EngineError::Link(_) => Fault::Module,
+            EngineError::ModuleRefused { source, .. } => source.kind(),
+            EngineError::Hook(crate::hook::HookError::NoFunction(_)) => Fault::Module,
+            EngineError::Hook(crate::hook::HookError::Arena(ArenaError::Full { .. })) => {
+                Fault::NoSpace
+            }
+            EngineError::Hook(_) | EngineError::NoSuchModule(_) => Fault::Guest,
             EngineError::Internal(_) => Fault::Internal,
             EngineError::Stack(StackError::Unknown(_)) | EngineError::NoSuchTransition { .. } => {
                 Fault::NotFound
@@ -238,6 +262,11 @@ struct Record {
     /// Its `struct module` in the guest ([`crate::register`]); `None` when
     /// the guest's BTF cannot describe one and the patch needs none.
     module: Option<crate::register::Registered>,
+    /// What linking an object later needs (a patch with module objects
+    /// only): see [`Relink`].
+    relink: Option<Relink>,
+    /// Per module object, the last load of its module it refused, and why.
+    refused: BTreeMap<String, String>,
 }
 
 impl Record {
@@ -355,6 +384,12 @@ impl Prepared {
     pub fn loads(&self) -> bool {
         self.record.is_some()
     }
+
+    /// Whether it loads a patch with module objects: their modules'
+    /// loads and unloads must be caught ([`crate::hook`]).
+    pub fn needs_hooks(&self) -> bool {
+        self.record.as_ref().is_some_and(|r| r.relink.is_some())
+    }
 }
 
 /// A callback sent into the guest, to wait for with [`Engine::poll_call`].
@@ -421,6 +456,9 @@ pub struct Engine {
     /// `flags` words of ftrace records klpvisor set `FTRACE_FL_DISABLED`
     /// in (and clears again when the entry is restored).
     ftrace_disabled: std::collections::BTreeSet<u64>,
+    /// The hooks on the guest's module loads and unloads, once a patch
+    /// with module objects needed them ([`crate::hook`]).
+    hooks: Option<crate::hook::Hooks>,
 }
 
 impl Engine {
@@ -1218,6 +1256,7 @@ impl Engine {
                         ObjectState::Waiting
                     },
                     funcs: u32::try_from(o.funcs).unwrap_or(u32::MAX),
+                    refused: o.name.as_ref().and_then(|n| r.refused.get(n).cloned()),
                 })
                 .collect(),
             funcs: r

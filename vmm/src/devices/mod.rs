@@ -1,13 +1,15 @@
 //! Port-I/O devices and their dispatch. The guest sees a 16550 UART on COM1
 //! (and on COM2 when the VMM was given somewhere to write its output),
 //! a CMOS RTC, an i8042 that can only reset, the ACPI sleep/reset register, a pvpanic
-//! port, the boot-timer port and the call gate's doorbell. Unclaimed reads float high (0xff) like an
+//! port, the boot-timer port, the call gate's doorbell and the module hooks' ports
+//! (which the vCPU threads handle themselves). Unclaimed reads float high (0xff) like an
 //! empty ISA bus, so probes for absent hardware fail fast.
 
 pub mod boot_timer;
 pub mod cmos;
 pub mod console_out;
 pub mod doorbell;
+pub mod module_hooks;
 pub mod power;
 pub mod pvpanic;
 pub mod serial;
@@ -42,6 +44,8 @@ pub struct PioDevices {
     cmos: cmos::Cmos,
     pub boot_timer: BootTimer,
     pub doorbell: doorbell::Doorbell,
+    /// Where a vCPU stopped in a module hook sends its event.
+    pub module_hooks: module_hooks::ModuleHooks,
 }
 
 impl PioDevices {
@@ -53,6 +57,7 @@ impl PioDevices {
             cmos: cmos::Cmos::default(),
             boot_timer,
             doorbell: doorbell::Doorbell::default(),
+            module_hooks: module_hooks::ModuleHooks::default(),
         }
     }
 
