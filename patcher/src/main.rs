@@ -715,6 +715,9 @@ fn print_patch(p: &PatchInfo) {
     if p.objects.iter().any(|o| o.name != "vmlinux") {
         for o in &p.objects {
             println!("  object {}: {} ({} functions)", o.name, o.state, o.funcs);
+            if let Some(why) = &o.refused {
+                println!("    refused its module's last load: {why}");
+            }
         }
     }
     for f in &p.funcs {

@@ -133,8 +133,8 @@ pub enum EngineError {
     /// A module the transition writes into is gone or was reloaded.
     #[error(
         "module `{0}` was unloaded or reloaded since its functions' sites were checked: its \
-         text is no longer where they were; nothing was written (klpvisor does not yet follow \
-         module unloads: see the README's Limits)"
+         text is no longer where they were; nothing was written (retry: the transition is \
+         planned afresh)"
     )]
     ModuleGone(String),
     /// The guest is changing its function tracing (`ftrace_lock` held):
