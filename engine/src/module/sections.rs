@@ -114,6 +114,13 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
         }
         _ => {}
     }
+    if name.starts_with(".klp.rela.") {
+        // module-elf-format.rst marks klp relocation sections SHF_ALLOC so
+        // the kernel's loader keeps them for klp (kpatch-build and
+        // klp-convert do); klpvisor reads them from the module file and
+        // applies them when their object is patched.
+        return Policy::Skip("klp relocations, applied when their object is patched");
+    }
     let prefixed = |p: &str| name == p || name.starts_with(&format!("{p}."));
     if prefixed(".init") || prefixed(".exit") {
         return Policy::InitExit;
@@ -197,6 +204,11 @@ mod tests {
         ));
         assert!(matches!(policy(THIS_MODULE, true, false), Policy::Skip(_)));
         assert_eq!(policy("__mcount_loc", false, false), Policy::Parse);
+        // Allocated, as the livepatch ELF format has it, but not loaded.
+        assert!(matches!(
+            policy(".klp.rela.vmlinux..text", false, false),
+            Policy::Skip(_)
+        ));
         // 6.4+ kbuild adds both to every module.
         assert!(matches!(
             policy(".orc_header", false, false),
