@@ -517,9 +517,13 @@ pub fn link_objects(
             });
         }
         let cb = &object.callbacks;
+        // An object without callbacks never has its address passed: a
+        // kpatch-build module's objects exist only once its hook ran.
+        let none = *cb == crate::module::Callbacks::default();
         let callbacks = LinkedCallbacks {
             object: linked
                 .va(object.place)
+                .or(none.then_some(0))
                 .ok_or_else(|| internal("klp_object"))?,
             pre_patch: code(&linked, &cb.pre_patch)?,
             post_patch: code(&linked, &cb.post_patch)?,

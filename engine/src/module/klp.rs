@@ -173,12 +173,12 @@ pub struct State {
 
 /// Offsets and sizes from the guest's BTF.
 #[derive(Debug, Clone, Copy)]
-struct Layouts {
+pub(super) struct Layouts {
     patch_size: u64,
     patch_mod: u64,
     patch_objs: u64,
     patch_states: u64,
-    patch_replace: Field,
+    pub(super) patch_replace: Field,
     obj_size: u64,
     obj_name: u64,
     obj_funcs: u64,
@@ -195,9 +195,9 @@ struct Layouts {
 
 /// An integer field: offset and width.
 #[derive(Debug, Clone, Copy)]
-struct Field {
-    offset: u64,
-    size: u64,
+pub(super) struct Field {
+    pub(super) offset: u64,
+    pub(super) size: u64,
 }
 
 impl Layouts {
@@ -245,7 +245,7 @@ impl Layouts {
 
 /// A pointer-sized field, read through its relocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ptr {
+pub(super) enum Ptr {
     Null,
     /// Into one of the module's sections.
     Local(Place),
@@ -256,15 +256,15 @@ enum Ptr {
 }
 
 /// Reads klp structures from the raw ELF.
-struct Reader<'a> {
-    elf: &'a RawElf,
+pub(super) struct Reader<'a> {
+    pub(super) elf: &'a RawElf,
     /// R_X86_64_64 relocations by (section, offset) -> index in elf.relas.
     pointers: std::collections::HashMap<(usize, u64), usize>,
-    l: Layouts,
+    pub(super) l: Layouts,
 }
 
 impl<'a> Reader<'a> {
-    fn new(elf: &'a RawElf, btf: &Btf) -> Result<Self, ModuleError> {
+    pub(super) fn new(elf: &'a RawElf, btf: &Btf) -> Result<Self, ModuleError> {
         let mut pointers = std::collections::HashMap::new();
         for (i, r) in elf.relas.iter().enumerate() {
             if r.r_type == elf::R_X86_64_64 && !r.klp {
@@ -278,14 +278,14 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn section(&self, index: usize) -> Result<&'a RawSection, ModuleError> {
+    pub(super) fn section(&self, index: usize) -> Result<&'a RawSection, ModuleError> {
         self.elf
             .sections
             .get(index)
             .ok_or_else(|| bad(format!("section {index} does not exist")))
     }
 
-    fn bytes(&self, at: Place, len: u64) -> Result<&'a [u8], ModuleError> {
+    pub(super) fn bytes(&self, at: Place, len: u64) -> Result<&'a [u8], ModuleError> {
         let s = self.section(at.section)?;
         let end = at.offset.checked_add(len);
         end.and_then(|end| {
@@ -303,7 +303,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn uint(&self, at: Place, size: u64) -> Result<u64, ModuleError> {
+    pub(super) fn uint(&self, at: Place, size: u64) -> Result<u64, ModuleError> {
         let b = self.bytes(at, size)?;
         let mut v = [0u8; 8];
         v.get_mut(..b.len())
@@ -312,7 +312,7 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(v))
     }
 
-    fn ptr(&self, at: Place) -> Result<Ptr, ModuleError> {
+    pub(super) fn ptr(&self, at: Place) -> Result<Ptr, ModuleError> {
         let raw = self.uint(at, 8)?;
         let Some(&ri) = self.pointers.get(&(at.section, at.offset)) else {
             return if raw == 0 {
@@ -359,7 +359,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A C string pointed to by a field.
-    fn string(&self, field: Place, what: &str) -> Result<Option<String>, ModuleError> {
+    pub(super) fn string(&self, field: Place, what: &str) -> Result<Option<String>, ModuleError> {
         let at = match self.ptr(field)? {
             Ptr::Null => return Ok(None),
             Ptr::Local(p) => p,
@@ -385,7 +385,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A pointer that must be code in the module (or NULL).
-    fn code(&self, field: Place, what: &str) -> Result<Option<CodeRef>, ModuleError> {
+    pub(super) fn code(&self, field: Place, what: &str) -> Result<Option<CodeRef>, ModuleError> {
         match self.ptr(field)? {
             Ptr::Null => Ok(None),
             Ptr::Local(place) => {
@@ -691,7 +691,7 @@ impl<'a> Reader<'a> {
     }
 
     /// `mod->name` from the module's struct module.
-    fn module_name(&self) -> Option<String> {
+    pub(super) fn module_name(&self) -> Option<String> {
         let (index, s) = self.elf.section_by_name(THIS_MODULE)?;
         let b = self
             .bytes(
@@ -707,7 +707,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn bad(msg: String) -> ModuleError {
+pub(super) fn bad(msg: String) -> ModuleError {
     ModuleError::BadPatch(msg)
 }
 
@@ -720,7 +720,17 @@ pub fn read_patch(
     modinfo_name: Option<&str>,
 ) -> Result<Patch, ModuleError> {
     let r = Reader::new(elf, btf)?;
-    let at = r.find_patch(livepatch_marked)?;
+    let at = match r.find_patch(livepatch_marked) {
+        Ok(at) => at,
+        // kpatch-build's modules build their klp_patch at init time.
+        Err(e @ ModuleError::NotLivepatch(_)) => {
+            return match super::kpatch::read(&r, livepatch_marked, modinfo_name)? {
+                Some(p) => Ok(p),
+                None => Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     let l = r.l;
     let field = |off: u64| Place {
         offset: at.offset + off,

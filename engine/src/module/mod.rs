@@ -16,6 +16,7 @@
 
 pub mod elf;
 pub mod klp;
+pub mod kpatch;
 pub mod modinfo;
 pub mod sections;
 pub mod tables;
@@ -60,6 +61,9 @@ pub enum ModuleError {
     SeveralPatches(String),
     #[error("malformed klp structures: {0}")]
     BadPatch(String),
+    /// A kpatch-build module klpvisor cannot read as its patch hook would.
+    #[error("kpatch-build module: {0}")]
+    Kpatch(String),
     /// klp itself would refuse the patch (`klp_enable_patch`,
     /// `klp_init_object`, `klp_init_func`), for this object.
     #[error("object `{object}` of the patch: {refusal}")]

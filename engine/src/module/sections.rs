@@ -109,6 +109,18 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
         "__patchable_function_entries" | "__param" => {
             return Policy::Skip("nothing in the patch code depends on it")
         }
+        // kpatch-build's patch description (crate::module::kpatch): read
+        // from the file as kpatch's hook reads it at init time.
+        ".kpatch.funcs" | ".kpatch.strings" => {
+            return Policy::Skip("kpatch's patch description, read by klpvisor from the file")
+        }
+        // kpatch.lds's callback and force tables: refused by the kpatch
+        // reader when they hold an entry; only the padding otherwise.
+        ".kpatch.callbacks.pre_patch"
+        | ".kpatch.callbacks.post_patch"
+        | ".kpatch.callbacks.pre_unpatch"
+        | ".kpatch.callbacks.post_unpatch"
+        | ".kpatch.force" => return Policy::Skip("kpatch's callback and force tables"),
         ".static_call.text" | ".static_call_tramp_key" => {
             return Policy::Refuse("static calls defined by the patch need kernel registration")
         }
