@@ -1,0 +1,12 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * module-binfmt-v2.c: module-binfmt.c's cumulative patch, the next version:
+ * the same two objects (vmlinux's cmdline_proc_show, binfmt_misc's
+ * bm_status_read), printing "module-binfmt klpv2 cmdline" and
+ * "enabled klpv2". Applied over module-binfmt it replaces it in both
+ * objects at once; a rollback brings module-binfmt back in both.
+ * klpv: modpost-warn
+ * klpv: klp-sym klpv_binfmt_enabled=.klp.sym.binfmt_misc.enabled,0
+ */
+#define KLPV_BINFMT_V2
+#include "module-binfmt.c"
