@@ -86,6 +86,55 @@ ensure_packages() {
 	fi
 }
 
+# kpatch's patch hook (livepatch-patch-hook.c, kpatch.lds.S and their
+# headers), from Debian's kpatch-build package, as kpatch-build links it
+# into every livepatch module it makes. The package is in Debian unstable
+# only: its file name is looked up in unstable's package index, whose
+# checksum comes from the archive's signed InRelease (checked with the
+# Debian archive keyring), and the .deb is checked against the index.
+# Prints the directory holding the files.
+kpatch_hook() {
+	local dir=$KLPV_BUILD/kpatch-hook
+	if [ ! -s "$dir/livepatch-patch-hook.c" ]; then
+		ensure_packages curl gpgv debian-archive-keyring xz-utils >&2
+		local tmp mirror=http://deb.debian.org/debian
+		tmp=$(mktemp -d)
+		curl -fsSL -o "$tmp/InRelease" "$mirror/dists/sid/InRelease" ||
+			die "cannot download Debian unstable's InRelease"
+		gpgv --quiet --keyring /usr/share/keyrings/debian-archive-keyring.gpg \
+			--output "$tmp/Release" "$tmp/InRelease" 2>/dev/null ||
+			die "Debian unstable's InRelease does not verify against debian-archive-keyring"
+		local want
+		want=$(awk '/^SHA256:/{s=1;next} /^[^ ]/{s=0} s && $3=="main/binary-amd64/Packages.xz"{print $1}' "$tmp/Release")
+		[ -n "$want" ] || die "Debian unstable's Release lists no main/binary-amd64/Packages.xz"
+		curl -fsSL -o "$tmp/Packages.xz" "$mirror/dists/sid/main/binary-amd64/Packages.xz" ||
+			die "cannot download Debian unstable's package index"
+		[ "$(sha256sum <"$tmp/Packages.xz" | cut -d' ' -f1)" = "$want" ] ||
+			die "Debian unstable's package index does not match its InRelease"
+		local file sha
+		read -r file sha < <(xzcat "$tmp/Packages.xz" | awk '
+			/^Package: /{p=($2=="kpatch-build")}
+			p && /^Filename: /{f=$2}
+			p && /^SHA256: /{s=$2}
+			p && /^$/{if(f&&s){print f, s; exit}}')
+		[ -n "${file:-}" ] || die "no kpatch-build package in Debian unstable"
+		log "downloading ${file##*/} (kpatch's patch hook)" >&2
+		curl -fsSL -o "$tmp/kpatch-build.deb" "$mirror/$file" || die "cannot download $file"
+		[ "$(sha256sum <"$tmp/kpatch-build.deb" | cut -d' ' -f1)" = "$sha" ] ||
+			die "$file does not match its checksum in the package index"
+		dpkg-deb -x "$tmp/kpatch-build.deb" "$tmp/root"
+		[ -s "$tmp/root/usr/share/kpatch/patch/livepatch-patch-hook.c" ] ||
+			die "$file has no usr/share/kpatch/patch/livepatch-patch-hook.c"
+		rm -rf "$dir.tmp"
+		mkdir -p "$KLPV_BUILD"
+		cp -r "$tmp/root/usr/share/kpatch/patch" "$dir.tmp"
+		echo "${file##*/}" >"$dir.tmp/.package"
+		rm -rf "$dir" "$tmp"
+		mv "$dir.tmp" "$dir"
+	fi
+	echo "$dir"
+}
+
 # Take an exclusive lock for the rest of the script (released at exit).
 take_lock() {
 	mkdir -p "$KLPV_BUILD"

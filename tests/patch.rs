@@ -60,6 +60,67 @@ fn livepatch_sample_applies_and_disables_from_outside() {
     );
 }
 
+/// A module in kpatch-build's layout: kpatch's own patch hook (from
+/// Debian's kpatch-build package) builds its klp_patch only at init time;
+/// klpvisor reads kpatch's description instead and applies the same patch
+/// from outside: cmdline_proc_show, with its klp relocation against the
+/// unexported saved_command_line, as a replace patch named after the
+/// module. A kpatch callback, which klpvisor cannot honour yet, is refused
+/// with the guest untouched.
+#[test]
+fn a_kpatch_build_module_applies_from_outside() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = run_scenario("patch-kpatch", &[]);
+    let t = run.transcript();
+    let line = |tag: &str, n: u32| -> String {
+        let tag = format!("{tag} {n} ");
+        run.lines
+            .iter()
+            .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no `{tag}` line\n{t}"))
+    };
+    assert_eq!(run.result("kpatch-bad")["rc"], "1", "refused\n{t}");
+    assert!(
+        run.lines
+            .iter()
+            .any(|l| l.contains("KPATCH-BAD") && l.contains(".kpatch.callbacks.pre_patch")),
+        "the refusal names kpatch's callback table\n{t}"
+    );
+    assert_eq!(run.result("kpatch-apply")["rc"], "0", "{t}");
+    assert_eq!(run.result("kpatch-disable")["rc"], "0", "{t}");
+
+    // The real cmdline, then the same with " kpatch", then back.
+    let before = line("KLPV-CMDLINE", 1);
+    assert!(
+        !before.is_empty() && !before.ends_with(" kpatch"),
+        "{before}"
+    );
+    assert_eq!(line("KLPV-CMDLINE", 2), format!("{before} kpatch"));
+    assert_eq!(line("KLPV-CMDLINE", 3), before);
+
+    let on = patches(&run, "applied");
+    assert_eq!(on.patches.len(), 1, "the refused module left nothing\n{t}");
+    let p = &on.patches[0];
+    assert_eq!(p.name, "kpatch_cmdline");
+    assert!(p.replace, "kpatch-build's default is a replace patch");
+    assert_eq!(p.state, PatchState::Enabled);
+    let funcs: Vec<_> = p
+        .funcs
+        .iter()
+        .map(|f| (f.object.as_str(), f.name.as_str(), f.live))
+        .collect();
+    assert_eq!(funcs, [("vmlinux", "cmdline_proc_show", true)]);
+    let off = patches(&run, "disabled");
+    assert!(off.patches[0].funcs.iter().all(|f| !f.live));
+
+    assert_eq!(run.result("patch-kpatch-exit")["rc"], "0");
+    let dmesg = run.lines_with("KLPV-DMESG warnings=");
+    assert_eq!(dmesg.len(), 1, "{t}");
+    assert!(dmesg[0].ends_with("warnings=0"), "dmesg: {}", dmesg[0]);
+}
+
 /// A patch for vmlinux and for a module: the pvpanic module the guest's
 /// init loaded has its `capability_show` (drivers/misc/pvpanic) patched in
 /// the same transition as vmlinux's `cmdline_proc_show`; the object for

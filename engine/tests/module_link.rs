@@ -384,6 +384,61 @@ fn not_livepatch_and_module_objects() {
     assert!(l.funcs.is_empty() && l.callbacks.is_empty());
 }
 
+/// A kpatch-build module (kpatch-cmdline: kpatch's own patch hook from
+/// Debian's kpatch-build package, and a .kpatch.funcs entry in kpatch's
+/// layout) has no static klp_patch: the patch is the one kpatch's hook
+/// would build at init time. Its fixed function keeps the original name,
+/// its reference to the unexported saved_command_line is a klp relocation,
+/// and kpatch-build's default makes it a replace patch. With a callback in
+/// kpatch's callback table it is refused, naming the table.
+#[test]
+fn a_kpatch_build_module_is_read_as_its_hook_would_build_it() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let m = parse(f, "kpatch-cmdline").unwrap_or_else(|e| panic!("{e}"));
+    let p = &m.patch;
+    assert_eq!(p.name, "kpatch_cmdline");
+    assert!(p.replace, "KLP_REPLACE_ENABLE defaults to true");
+    assert!(p.states.is_empty());
+    assert_eq!(p.objects.len(), 1);
+    let o = &p.objects[0];
+    assert_eq!(o.name, None, "vmlinux");
+    assert_eq!(o.callbacks, Default::default());
+    assert_eq!(o.funcs.len(), 1);
+    assert_eq!(o.funcs[0].old_name, "cmdline_proc_show");
+    assert_eq!(o.funcs[0].old_sympos, 0);
+    assert_eq!(
+        o.funcs[0].new_func.symbol.as_deref(),
+        Some("cmdline_proc_show")
+    );
+    let l = link_ok(f, &m);
+    assert_eq!(l.funcs.len(), 1);
+    assert_eq!(l.funcs[0].old_addr, proc_addrs(f, "cmdline_proc_show")[0]);
+    check_relocations(f, &m, &l);
+    // The seq_puts calls land on the guest's seq_puts (6.11+ inlines it
+    // into __seq_puts, or seq_write for a constant string).
+    let callee = ["seq_puts", "__seq_puts"]
+        .into_iter()
+        .find(|n| !proc_addrs(f, n).is_empty())
+        .unwrap();
+    let addr = proc_addrs(f, callee)[0];
+    let targets = call_targets(&m, &l, callee);
+    assert!(
+        !targets.is_empty() && targets.iter().all(|&t| t == addr),
+        "{targets:x?}"
+    );
+
+    // A callback in kpatch's callback table is refused, named.
+    match parse(f, "bad-kpatch-callback") {
+        Err(e @ ModuleError::Kpatch(_)) => {
+            assert!(e.to_string().contains(".kpatch.callbacks.pre_patch"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A patch with a vmlinux object, an object for the loaded pvpanic module
 /// and one for dummy (not loaded): the first two link (the module's old
 /// function at the address its own kallsyms gives, and with its size),
