@@ -95,6 +95,10 @@ ensure_packages() {
 # Prints the directory holding the files.
 kpatch_hook() {
 	local dir=$KLPV_BUILD/kpatch-hook
+	mkdir -p "$KLPV_BUILD"
+	# One download at a time (tests build patch modules in parallel).
+	exec 6>"$KLPV_BUILD/.kpatch-hook.lock"
+	flock 6
 	if [ ! -s "$dir/livepatch-patch-hook.c" ]; then
 		ensure_packages curl gpgv debian-archive-keyring xz-utils >&2
 		local tmp mirror=http://deb.debian.org/debian
@@ -132,6 +136,8 @@ kpatch_hook() {
 		rm -rf "$dir" "$tmp"
 		mv "$dir.tmp" "$dir"
 	fi
+	flock -u 6
+	exec 6>&-
 	echo "$dir"
 }
 
