@@ -312,6 +312,43 @@ fn a_module_loaded_after_the_patch_is_patched_before_it_runs() {
         "patcher list says why the module's load was refused\n{t}"
     );
 
+    // The binfmt_misc object's klp callbacks, as klp runs them: around
+    // the module's own loads and unloads in the loading task (pre_patch
+    // before the entry is redirected, post_patch after; pre_unpatch while
+    // it still is, post_unpatch after), around the transitions for the
+    // replace, the rollback (v1 enabled again) and the disable; never for
+    // a disabled patch or a refused load.
+    let cbs = |n: u32| -> Vec<String> {
+        let tag = format!("KLPV-CB {n} ");
+        run.lines
+            .iter()
+            .filter_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
+            .collect()
+    };
+    let on = |m: &str| {
+        vec![
+            format!("klpv-cb {m} pre_patch obj=binfmt_misc live=0"),
+            format!("klpv-cb {m} post_patch obj=binfmt_misc live=1"),
+        ]
+    };
+    let off = |m: &str| {
+        vec![
+            format!("klpv-cb {m} pre_unpatch obj=binfmt_misc live=1"),
+            format!("klpv-cb {m} post_unpatch obj=binfmt_misc live=0"),
+        ]
+    };
+    let none: Vec<String> = Vec::new();
+    assert_eq!(cbs(1), none, "{t}");
+    assert_eq!(cbs(2), on("klpv1"), "load\n{t}");
+    assert_eq!(cbs(3), off("klpv1"), "unload\n{t}");
+    assert_eq!(cbs(4), on("klpv1"), "load again\n{t}");
+    assert_eq!(cbs(5), none, "{t}");
+    assert_eq!(cbs(6), on("klpv2"), "replace: only v2's\n{t}");
+    assert_eq!(cbs(7), on("klpv1"), "rollback\n{t}");
+    assert_eq!(cbs(8), off("klpv1"), "disable\n{t}");
+    assert_eq!(cbs(9), none, "a disabled patch's object\n{t}");
+    assert_eq!(cbs(10), none, "{t}");
+
     assert_eq!(run.result("patch-module-load-exit")["rc"], "0", "{t}");
     let dmesg = run.lines_with("KLPV-DMESG warnings=");
     assert_eq!(dmesg.len(), 1, "{t}");

@@ -20,21 +20,34 @@
 //! fails it. The hooks are installed with the first patch that has a
 //! module object, and stay.
 //!
+//!
+//! A module object's klp callbacks run in the loading (or unloading) task
+//! itself, as klp runs them: the VMM can answer [`CALL`] with a function
+//! and its argument in `r10`/`r11`; the stub calls it and reads the port
+//! again with the result in `rsi`. So the task is held only while the VMM
+//! works, never while a callback runs, and a callback may sleep, take
+//! locks and wait for other CPUs as it could under klp.
+//!
 //! The stubs, at the page's start and at [`GOING_AT`]:
 //!
 //! ```text
-//! coming: push rdx; mov edx, COMING_PORT; in eax, dx; pop rdx
-//!         test eax, eax; jnz 1f; jmp klp_module_coming+nop+5
-//!      1: cdqe; ret (or jmp to the return thunk)
-//! going:  push rdx; mov edx, GOING_PORT; in eax, dx; pop rdx
-//!         jmp klp_module_going+nop+5
+//! coming: push rdi; push rsi; push rdx; xor esi, esi
+//!      1: mov edx, COMING_PORT; in eax, dx
+//!         cmp eax, CALL; jne 2f
+//!         mov rdi, r11; call r10 (through __x86_indirect_thunk_r10)
+//!         mov rsi, rax; mov rdi, [rsp+16]; jmp 1b
+//!      2: pop rdx; pop rsi; pop rdi
+//!         test eax, eax; jnz 3f; jmp klp_module_coming+nop+5
+//!      3: cdqe; ret (or jmp to the return thunk)
+//! going:  the same loop on GOING_PORT, then jmp klp_module_going+nop+5
 //! ```
 //!
-//! `rax` is free at a function's entry (and `klp_module_going` returns
-//! nothing); `rdx` is kept anyway. The stubs make no calls and keep the
-//! stack as the entry found it, so the kernel's unwinder, which knows no
-//! ORC for them, is never asked to walk out of them by anything but a
-//! stack dump of the held task.
+//! `rax`, `r10` and `r11` are free at a function's entry (and
+//! `klp_module_going` returns nothing); the argument registers are kept.
+//! The stubs keep the stack 16-byte aligned for the call. The guest's
+//! unwinder knows no ORC for them: a stack dump of a task in a callback
+//! shows the frames below as unreliable, as klpvisor's own safe-point check
+//! treats them (it scans such a stack conservatively).
 
 use klpvisor_guest::{Guest, Kernel};
 
@@ -47,7 +60,7 @@ pub const COMING_PORT: u16 = 0x0ff1;
 /// The port the going stub reads (the answer is ignored).
 pub const GOING_PORT: u16 = 0x0ff2;
 /// Where the going stub starts in the hooks' page.
-pub const GOING_AT: u64 = 64;
+pub const GOING_AT: u64 = 128;
 const PAGE: u64 = 4096;
 
 /// Why the hooks cannot be installed.
@@ -89,7 +102,7 @@ pub enum HookError {
 }
 
 /// Which hook a vCPU stopped in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Event {
     /// `klp_module_coming(mod)`: patch `mod` before its code runs.
     Coming,
@@ -125,6 +138,59 @@ fn rel32(from_end: u64, target: u64, text: u64) -> Result<[u8; 4], HookError> {
         .map_err(|_| HookError::OutOfReach { text, target })
 }
 
+/// Where a stub's `in` ends, from the stub's start: the `rip` a vCPU
+/// stopped in a hook has (anything else reading the ports is not a hook).
+pub const IN_END: u64 = 11;
+
+/// What the VMM puts in `eax` to make a stub call a function (its
+/// address in `r10`, its argument in `r11`) and come back with the result
+/// in `rsi`: how a module object's klp callbacks run in the loading task,
+/// as klp runs them in `klp_module_coming` / `klp_module_going`.
+pub const CALL: i32 = 1;
+
+/// Emits a stub at `b`'s end (at `text + b.len()`): saves the argument
+/// registers, then loops reading `port` while the answer is [`CALL`],
+/// calling `r10(r11)` (through `indirect_thunk`, a
+/// `__x86_indirect_thunk_r10`, when the kernel has one) and passing its
+/// result back in `rsi`. Any other answer restores the registers and
+/// leaves `eax` holding it.
+fn looping(
+    b: &mut Vec<u8>,
+    text: u64,
+    port: u16,
+    indirect_thunk: Option<u64>,
+) -> Result<(), HookError> {
+    // Entry: rsp = 8 mod 16; three pushes make it 0 mod 16 for the call.
+    b.extend_from_slice(&[0x57, 0x56, 0x52]); // push rdi; push rsi; push rdx
+    b.extend_from_slice(&[0x31, 0xf6]); // xor esi, esi: no result yet
+    let top = b.len();
+    b.push(0xba); // mov edx, imm32
+    b.extend_from_slice(&u32::from(port).to_le_bytes());
+    b.push(0xed); // in eax, dx
+    b.extend_from_slice(&[0x83, 0xf8, CALL as u8]); // cmp eax, CALL
+    let jne = b.len();
+    b.extend_from_slice(&[0x75, 0x00]); // jne done (patched below)
+    b.extend_from_slice(&[0x4c, 0x89, 0xdf]); // mov rdi, r11
+    match indirect_thunk {
+        Some(t) => {
+            b.push(0xe8); // call __x86_indirect_thunk_r10
+            let end = text + b.len() as u64 + 4;
+            b.extend_from_slice(&rel32(end, t, text)?);
+        }
+        None => b.extend_from_slice(&[0x41, 0xff, 0xd2]), // call r10
+    }
+    b.extend_from_slice(&[0x48, 0x89, 0xc6]); // mov rsi, rax: the result
+    b.extend_from_slice(&[0x48, 0x8b, 0x7c, 0x24, 0x10]); // mov rdi, [rsp+16]
+    let back = i8::try_from(top as i64 - (b.len() as i64 + 2))
+        .map_err(|_| HookError::OutOfReach { text, target: text })?;
+    b.extend_from_slice(&[0xeb, back as u8]); // jmp top
+    let fwd = u8::try_from(b.len() - (jne + 2))
+        .map_err(|_| HookError::OutOfReach { text, target: text })?;
+    b[jne + 1] = fwd;
+    b.extend_from_slice(&[0x5a, 0x5e, 0x5f]); // pop rdx; pop rsi; pop rdi
+    Ok(())
+}
+
 /// The stubs' page at `text`: the coming stub resumes at `coming_resume`,
 /// the going stub at `going_resume`; a refusal returns through
 /// `return_thunk` (or a plain `ret`).
@@ -133,16 +199,10 @@ fn code(
     coming_resume: u64,
     going_resume: u64,
     return_thunk: Option<u64>,
+    indirect_thunk: Option<u64>,
 ) -> Result<Vec<u8>, HookError> {
     let mut b = Vec::new();
-    let port = |b: &mut Vec<u8>, port: u16| {
-        b.push(0x52); // push rdx
-        b.push(0xba); // mov edx, imm32
-        b.extend_from_slice(&u32::from(port).to_le_bytes());
-        b.push(0xed); // in eax, dx
-        b.push(0x5a); // pop rdx
-    };
-    port(&mut b, COMING_PORT);
+    looping(&mut b, text, COMING_PORT, indirect_thunk)?;
     b.extend_from_slice(&[0x85, 0xc0]); // test eax, eax
     b.extend_from_slice(&[0x75, 0x05]); // jnz +5 (over the jmp)
     b.push(0xe9); // jmp coming_resume
@@ -157,8 +217,14 @@ fn code(
         }
         None => b.push(0xc3),
     }
+    if b.len() as u64 > GOING_AT {
+        return Err(HookError::OutOfReach {
+            text,
+            target: text + GOING_AT,
+        });
+    }
     b.resize(GOING_AT as usize, 0xcc);
-    port(&mut b, GOING_PORT);
+    looping(&mut b, text, GOING_PORT, indirect_thunk)?;
     b.push(0xe9); // jmp going_resume
     let end = text + b.len() as u64 + 4;
     b.extend_from_slice(&rel32(end, going_resume, text)?);
@@ -167,6 +233,12 @@ fn code(
 }
 
 impl Hooks {
+    /// The `rip` of a vCPU stopped in the coming stub's and the going
+    /// stub's port read.
+    pub fn rips(&self) -> (u64, u64) {
+        (self.text.va + IN_END, self.text.va + GOING_AT + IN_END)
+    }
+
     /// Plans installing the hooks: validates both functions' ftrace sites
     /// in `ftrace`, allocates the stubs' page on `arena` and returns the
     /// writes that map and fill it and redirect both entries. The caller
@@ -197,7 +269,13 @@ impl Hooks {
         writes.push(Write::read_expect(
             guest,
             text.gpa,
-            code(text.va, coming.at + 5, going.at + 5, return_thunk)?,
+            code(
+                text.va,
+                coming.at + 5,
+                going.at + 5,
+                return_thunk,
+                kernel.kallsyms.addr("__x86_indirect_thunk_r10").ok(),
+            )?,
             "module hooks code",
         )?);
         for (s, at) in [(&coming, 0), (&going, GOING_AT)] {
@@ -251,39 +329,53 @@ mod tests {
         let coming = 0xffff_ffff_8120_0009;
         let going = 0xffff_ffff_8120_0109;
         let thunk = 0xffff_ffff_8200_0000;
-        let b = code(text, coming, going, Some(thunk)).expect("code");
+        let r10 = 0xffff_ffff_8210_0000;
+        let b = code(text, coming, going, Some(thunk), Some(r10)).expect("code");
         assert_eq!(b.len(), PAGE as usize);
+        let lines = listing(&b, text);
         assert_eq!(
-            listing(&b, text),
+            lines,
             [
+                "push %rdi",
+                "push %rsi",
                 "push %rdx",
+                "xor %esi,%esi",
                 "mov $0xff1,%edx",
                 "in %dx,%eax",
+                "cmp $1,%eax",
+                "jne 0xffffffffc0000022",
+                "mov %r11,%rdi",
+                "call 0xffffffff82100000",
+                "mov %rax,%rsi",
+                "mov 0x10(%rsp),%rdi",
+                "jmp 0xffffffffc0000005",
                 "pop %rdx",
+                "pop %rsi",
+                "pop %rdi",
                 "test %eax,%eax",
-                "jne 0xffffffffc0000011",
+                "jne 0xffffffffc000002e",
                 "jmp 0xffffffff81200009",
                 "cltq",
                 "jmp 0xffffffff82000000",
             ]
         );
+        // Both `in`s end at IN_END of their stub.
+        assert_eq!(b[IN_END as usize - 1], 0xed);
+        assert_eq!(b[(GOING_AT + IN_END) as usize - 1], 0xed);
+        let going_lines = listing(&b[GOING_AT as usize..], text + GOING_AT);
+        assert_eq!(going_lines[4], "mov $0xff2,%edx");
         assert_eq!(
-            listing(&b[GOING_AT as usize..], text + GOING_AT),
-            [
-                "push %rdx",
-                "mov $0xff2,%edx",
-                "in %dx,%eax",
-                "pop %rdx",
-                "jmp 0xffffffff81200109",
-            ]
+            going_lines.last().map(String::as_str),
+            Some("jmp 0xffffffff81200109")
         );
-        let plain = code(text, coming, going, None).expect("code");
-        assert_eq!(
-            listing(&plain, text).last().map(String::as_str),
-            Some("ret")
+        // Without thunks: a plain indirect call and a plain ret.
+        let plain = code(text, coming, going, None, None).expect("code");
+        let plain_lines = listing(&plain, text);
+        assert!(
+            plain_lines.contains(&"call *%r10".to_owned()),
+            "{plain_lines:?}"
         );
-        // The refusal path skips exactly the resuming jmp.
-        assert_eq!(b[10..12], [0x75, 0x05]);
+        assert_eq!(plain_lines.last().map(String::as_str), Some("ret"));
     }
 
     #[test]
@@ -293,6 +385,7 @@ mod tests {
                 0xffff_ffff_c000_0000,
                 0xffff_8880_0000_1000,
                 0xffff_8880_0000_2000,
+                None,
                 None
             ),
             Err(HookError::OutOfReach { .. })

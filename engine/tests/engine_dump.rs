@@ -769,7 +769,23 @@ fn a_module_object_follows_its_module_going_and_coming() {
     assert_eq!(entry_bytes(&space, site)[0], 0xe9);
     let redirected = entry_bytes(&space, site);
 
+    // The hooks run for a module that is GOING (klp_module_going) or
+    // COMING (klp_module_coming); pvpanic's state is set as the loader
+    // would have it. A live module is neither: nothing happens.
+    let state_at = pvpanic.addr + k.btf.offset_of("module.state").unwrap();
+    let state_gpa = GuestPhys(space.translate(state_at).unwrap().phys);
+    let set_state = |v: u32| g.write_phys(state_gpa, &v.to_le_bytes()).unwrap();
+    let writes = g.write_log().len();
+    assert_eq!(e.module_going(k, &g, pvpanic.addr).unwrap().sites, 0);
+    assert!(e
+        .module_coming(k, &g, pvpanic.addr)
+        .unwrap()
+        .patches
+        .is_empty());
+    assert_eq!(g.write_log().len(), writes, "a live module is left alone");
+
     // Going: the entry gets its nop back, the object waits.
+    set_state(2);
     let ev = e.module_going(k, &g, pvpanic.addr).unwrap();
     assert_eq!(ev.module, "pvpanic");
     assert_eq!(ev.patches, [("module_pvpanic".to_owned(), 1)]);
@@ -790,20 +806,29 @@ fn a_module_object_follows_its_module_going_and_coming() {
 
     // Coming: linked against the module again and redirected before any
     // of its code would run.
+    set_state(1);
     let ev = e.module_coming(k, &g, pvpanic.addr).unwrap();
     assert_eq!(ev.patches, [("module_pvpanic".to_owned(), 1)]);
     assert_eq!(entry_bytes(&space, site), redirected);
     assert_eq!(objects(&e)[1], ("pvpanic".to_owned(), Linked));
     assert!(live(&e).iter().all(|(_, l)| *l), "{:?}", live(&e));
-    // Nobody waits for it now: a coming changes nothing.
+    // A module no patch waits for (pvpanic-mmio, "coming"): nothing
+    // changes.
+    let other = modules.iter().find(|m| m.name != "pvpanic").unwrap();
+    let other_state = GuestPhys(
+        space
+            .translate(other.addr + k.btf.offset_of("module.state").unwrap())
+            .unwrap()
+            .phys,
+    );
+    g.write_phys(other_state, &1u32.to_le_bytes()).unwrap();
     let writes = g.write_log().len();
-    assert!(e
-        .module_coming(k, &g, pvpanic.addr)
-        .unwrap()
-        .patches
-        .is_empty());
-    assert_eq!(g.write_log().len(), writes);
+    let ev = e.module_coming(k, &g, other.addr).unwrap();
+    assert!(ev.patches.is_empty(), "{ev:?}");
+    assert_eq!(g.write_log().len(), writes, "nothing written");
+    g.write_phys(other_state, &0u32.to_le_bytes()).unwrap();
 
+    set_state(0);
     // Disable and enable still treat the module's function as any other.
     let p = e.prepare_disable(k, &g, "module_pvpanic", false);
     go(&mut e, k, &g, p);
@@ -818,6 +843,7 @@ fn a_module_object_follows_its_module_going_and_coming() {
     let p = e.prepare_apply(k, &g, &ko("bad-module-object"), false);
     go(&mut e, k, &g, p);
     g.write_phys(name_gpa, b"pvpanic").unwrap();
+    set_state(1);
     let writes = g.write_log().len();
     let err = e.module_coming(k, &g, pvpanic.addr).unwrap_err();
     assert!(

@@ -7,6 +7,7 @@
  * objects at once; a rollback brings module-binfmt back in both.
  * klpv: modpost-warn
  * klpv: klp-sym klpv_binfmt_enabled=.klp.sym.binfmt_misc.enabled,0
+ * klpv: klp-sym klpv_bm_status_read=.klp.sym.binfmt_misc.bm_status_read,0
  */
 #define KLPV_BINFMT_V2
 #include "module-binfmt.c"

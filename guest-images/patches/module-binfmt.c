@@ -22,11 +22,20 @@
  *    compiler inlined into bm_status_read, copied here as one line), so
  *    the function needs no symbol of the module.
  *
+ * The binfmt_misc object has all four klp callbacks. Each logs
+ * "klpv-cb <mark> <callback> obj=<object> live=<0|1>", live saying whether
+ * binfmt_misc's own bm_status_read jumps to the copy at that moment (its
+ * address is the klp symbol .klp.sym.binfmt_misc.bm_status_read,0, so it
+ * is known only once the module is loaded): klp runs pre_patch before the
+ * object is patched and post_patch after, when the module loads later
+ * (klp_module_coming), and pre_unpatch/post_unpatch around its unload.
+ *
  * module-binfmt-v2.c is this file with KLPV_BINFMT_V2 ("klpv2"), for a
  * replace and a rollback across both objects.
  *
  * klpv: modpost-warn
  * klpv: klp-sym klpv_binfmt_enabled=.klp.sym.binfmt_misc.enabled,0
+ * klpv: klp-sym klpv_bm_status_read=.klp.sym.binfmt_misc.bm_status_read,0
  */
 #include <linux/module.h>
 #include <linux/kernel.h>
@@ -79,6 +88,51 @@ livepatch_bm_status_read(struct file *file, char __user *buf, size_t nbytes, lof
 }
 #endif
 
+/* binfmt_misc's own bm_status_read (klp symbol, see above). */
+extern unsigned char klpv_bm_status_read[];
+
+/* Whether bm_status_read's entry jumps to the copy (past an ENDBR). */
+static int live(void)
+{
+	const unsigned char *p = klpv_bm_status_read;
+	static const unsigned char endbr64[] = { 0xf3, 0x0f, 0x1e, 0xfa };
+	long target;
+
+	if (!memcmp(p, endbr64, 4))
+		p += 4;
+	if (p[0] != 0xe9)
+		return 0;
+	target = (long)(p + 5) + *(const int *)(p + 1);
+	return target == (long)livepatch_bm_status_read;
+}
+
+static void log_callback(const char *what, struct klp_object *obj)
+{
+	pr_info("klpv-cb %s %s obj=%s live=%d\n", KLPV_MARK, what,
+		obj->name ? obj->name : "vmlinux", live());
+}
+
+static int pre_patch(struct klp_object *obj)
+{
+	log_callback("pre_patch", obj);
+	return 0;
+}
+
+static void post_patch(struct klp_object *obj)
+{
+	log_callback("post_patch", obj);
+}
+
+static void pre_unpatch(struct klp_object *obj)
+{
+	log_callback("pre_unpatch", obj);
+}
+
+static void post_unpatch(struct klp_object *obj)
+{
+	log_callback("post_unpatch", obj);
+}
+
 static struct klp_func vmlinux_funcs[] = {
 	{ .old_name = "cmdline_proc_show", .new_func = livepatch_cmdline_proc_show },
 	{ }
@@ -91,7 +145,16 @@ static struct klp_func binfmt_misc_funcs[] = {
 
 static struct klp_object objs[] = {
 	{ .funcs = vmlinux_funcs },
-	{ .name = "binfmt_misc", .funcs = binfmt_misc_funcs },
+	{
+		.name = "binfmt_misc",
+		.funcs = binfmt_misc_funcs,
+		.callbacks = {
+			.pre_patch = pre_patch,
+			.post_patch = post_patch,
+			.pre_unpatch = pre_unpatch,
+			.post_unpatch = post_unpatch,
+		},
+	},
 	{ }
 };
 

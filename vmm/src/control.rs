@@ -34,9 +34,11 @@ pub use klpvisor_engine::transition::{Transition, MAX_TRANSITION_TIMEOUT, TRANSI
 use klpvisor_guest::VcpuRegs;
 use klpvisor_guest::{all_vcpu_regs, Kernel, Task, Tasks, TasksError, VirtRead};
 
-use crate::devices::module_hooks::Event as HookEvent;
+use crate::devices::module_hooks::{Answer as HookAnswer, Event as HookEvent};
 use crate::guest::{vcpu_regs, RegsSnapshot, RootPages};
 use crate::vm::{PauseReport, ResumeReport, Vm, VmError};
+use klpvisor_engine::callback::module::{ModuleSteps, Step};
+use klpvisor_engine::engine::{Coming, Going, ModuleEvent};
 
 #[derive(Debug, Error)]
 pub enum ControlError {
@@ -270,6 +272,51 @@ impl<T> ViewCache<T> {
     }
 }
 
+/// A module's coming or going that the engine has begun.
+enum ModuleWork {
+    Coming(Coming),
+    Going(Going),
+}
+
+/// One module load or unload in progress (see [`Control::module_step`]).
+struct ModuleTalk {
+    /// `None` until the engine has begun (the task may be made to wait).
+    steps: Option<ModuleSteps>,
+    /// Until the switch.
+    work: Option<ModuleWork>,
+    /// The switch found the guest busy: try it again first.
+    retry_switch: bool,
+    name: String,
+    started: Instant,
+    pause: Duration,
+    event: Option<ModuleEvent>,
+}
+
+impl ModuleTalk {
+    fn new() -> Self {
+        Self {
+            steps: None,
+            work: None,
+            retry_switch: false,
+            name: String::new(),
+            started: Instant::now(),
+            pause: Duration::ZERO,
+            event: None,
+        }
+    }
+}
+
+/// The loads and unloads in progress, by hook and `struct module`: a
+/// task that ran a callback may come back on another vCPU.
+#[derive(Default)]
+struct ModuleTalks(std::collections::HashMap<(HookEvent, u64), ModuleTalk>);
+
+impl ModuleTalks {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The VM as the control socket drives it.
 pub struct Control {
     vm: Arc<Vm>,
@@ -292,6 +339,8 @@ pub struct Control {
     pending: Mutex<Option<PendingTransition>>,
     /// Which patches `apply` accepts (`vmm --trusted-keys`).
     policy: Policy,
+    /// The module hooks' stub `rip`s, set when the engine installs them.
+    hook_rips: Arc<std::sync::OnceLock<(u64, u64)>>,
 }
 
 /// Clears the pending transition however the transition ends.
@@ -377,15 +426,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Control {
     pub fn new(vm: Arc<Vm>, policy: Policy) -> Self {
+        let engine = Engine::default();
+        let hook_rips = engine.hook_rips();
         Self {
             vm,
             gate: Mutex::new(()),
             kernel: ViewCache::default(),
-            engine: Mutex::new(Engine::default()),
+            engine: Mutex::new(engine),
             changing: Mutex::new(()),
             published: Mutex::new(PatchesReply::default()),
             pending: Mutex::new(None),
             policy,
+            hook_rips,
         }
     }
 
@@ -547,16 +599,40 @@ impl Control {
     }
 
     /// Serves the module hooks: every vCPU stopped in `klp_module_coming`
-    /// or `klp_module_going` is answered by [`Control::module_event`], one
-    /// at a time, on a thread of its own.
+    /// or `klp_module_going` is answered by [`Control::module_step`], one
+    /// event at a time, on a thread of its own.
     pub fn serve_module_hooks(self: &Arc<Self>) -> std::io::Result<()> {
         let (tx, rx) = std::sync::mpsc::channel::<crate::devices::module_hooks::HookEvent>();
         let control = Arc::clone(self);
         std::thread::Builder::new()
             .name("module-hooks".into())
             .spawn(move || {
+                let mut talks = ModuleTalks::default();
+                // One change at a time: a module's load or unload in
+                // progress holds it across the callbacks the loading task
+                // runs, as klp_module_coming holds klp_mutex.
+                let mut changing: Option<MutexGuard<'_, ()>> = None;
                 for e in rx {
-                    let answer = control.module_event(e.event, e.module, e.vcpu);
+                    let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        control.module_step(&mut talks, &mut changing, &e)
+                    }));
+                    let answer = step.unwrap_or_else(|_| {
+                        // A klpvisor bug: refuse the load rather than let
+                        // a module run unpatched that a patch waits for.
+                        tracing::error!(
+                            "the module hook handler panicked (a klpvisor bug; please report \
+                             it with the log); the module's {:?} is answered as refused",
+                            e.event
+                        );
+                        talks = ModuleTalks::default();
+                        match e.event {
+                            HookEvent::Coming => HookAnswer::Return(-22),
+                            HookEvent::Going => HookAnswer::Return(0),
+                        }
+                    });
+                    if talks.is_empty() {
+                        changing = None;
+                    }
                     let _ = e.reply.send(answer);
                 }
             })?;
@@ -564,101 +640,287 @@ impl Control {
         Ok(())
     }
 
-    /// klp's `klp_module_coming` / `klp_module_going` for the module at
-    /// `module`, which the guest is loading or unloading on vCPU `vcpu`
-    /// (held in the hook until this returns). Returns 0, or for a load
-    /// the negative errno that fails it (klp fails a load whose objects
-    /// cannot be applied). A change in progress finishes first: the load
-    /// waits for it, as `klp_module_coming` waits for `klp_mutex`.
-    pub fn module_event(&self, event: HookEvent, module: u64, vcpu: u8) -> i32 {
+    /// One step of klp's `klp_module_coming` / `klp_module_going` for the
+    /// module at `e.module`, which a guest task is loading or unloading
+    /// (the task is held in the hook until the answer). The first port
+    /// read of a load links the waiting objects; the answers then have the
+    /// task run the objects' `pre_patch` callbacks, the VMM redirects, and
+    /// the task runs the `post_patch` ones (unloading: `pre_unpatch`, the
+    /// redirects taken away, `post_unpatch`); the last answer lets the
+    /// task go on, or fails the load with an errno as klp fails it. While
+    /// a transition is in progress, or the guest is busy (its ftrace lock
+    /// held), the task is made to sleep (`msleep`) and come back, so no
+    /// CPU is held while the guest must make progress.
+    fn module_step<'c>(
+        &'c self,
+        talks: &mut ModuleTalks,
+        changing: &mut Option<MutexGuard<'c, ()>>,
+        e: &crate::devices::module_hooks::HookEvent,
+    ) -> HookAnswer {
         const EINVAL: i32 = 22;
+        /// How long a load or unload waits for a transition or a busy guest.
+        const PATIENCE: Duration = Duration::from_secs(30);
+        /// Each sleep of the waiting task.
+        const NAP_MS: u64 = 20;
+        let (event, module) = (e.event, e.module);
         let Some(k) = self.cached() else {
             // No kernel view, so no patch: nothing to do.
-            return 0;
+            return HookAnswer::Return(0);
         };
-        let _changing = lock(&self.changing);
+        if !klpvisor_engine::engine::in_hook(self.hook_rips.get().copied(), event, e.rip, e.cpl) {
+            tracing::debug!(
+                rip = e.rip,
+                cpl = e.cpl,
+                "a port read that is not a module hook"
+            );
+            return HookAnswer::Return(0);
+        }
+        let msleep = k.kernel.kallsyms.addr("msleep").ok();
+        let nap = |talks: &mut ModuleTalks, talk: ModuleTalk| -> Option<HookAnswer> {
+            let func = msleep?;
+            if talk.started.elapsed() > PATIENCE {
+                return None;
+            }
+            talks.0.insert((event, module), talk);
+            Some(HookAnswer::Call { func, arg: NAP_MS })
+        };
+        let key = (event, module);
+        let mut talk = talks
+            .0
+            .remove(&key)
+            .unwrap_or_else(|| ModuleTalk::new());
+        let mut result = e.result;
+
+        if talk.steps.is_none() {
+            // Begin: one change at a time.
+            if changing.is_none() {
+                match self.changing.try_lock() {
+                    Ok(g) => *changing = Some(g),
+                    Err(std::sync::TryLockError::Poisoned(p)) => *changing = Some(p.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        if let Some(a) = nap(talks, talk) {
+                            return a;
+                        }
+                        *changing = Some(lock(&self.changing));
+                        talk = ModuleTalk::new();
+                    }
+                }
+            }
+            let mut engine = self.engine();
+            // Without pausing: does any patch care?
+            let name = k
+                .kernel
+                .modules_brief(self.vm.as_ref())
+                .ok()
+                .and_then(|l| l.into_iter().find(|m| m.addr == module))
+                .map(|m| m.name);
+            let cares = match (event, &name) {
+                (HookEvent::Coming, Some(n)) => engine.waits_for(n),
+                (HookEvent::Going, n) => engine.holds(module, n.as_deref()),
+                (HookEvent::Coming, None) => true,
+            };
+            if !cares {
+                return HookAnswer::Return(0);
+            }
+            talk.name = name.unwrap_or_else(|| format!("at {module:#x}"));
+            let first = self.paused(|vm| {
+                Ok(match event {
+                    HookEvent::Coming => engine
+                        .coming_link(&k.kernel, vm, module)
+                        .map(|c| c.map(ModuleWork::Coming)),
+                    HookEvent::Going => engine
+                        .going_plan(&k.kernel, vm, module)
+                        .map(|g| g.map(ModuleWork::Going)),
+                })
+            });
+            // Released before anything below takes it again.
+            drop(engine);
+            match first.map(|p| p.value) {
+                Ok(Ok(None)) => return HookAnswer::Return(0),
+                Ok(Ok(Some(work))) => {
+                    let callbacks = match &work {
+                        ModuleWork::Coming(c) => c.callbacks.clone(),
+                        ModuleWork::Going(g) => g.callbacks.clone(),
+                    };
+                    talk.steps = Some(ModuleSteps::new(event, callbacks));
+                    talk.work = Some(work);
+                    result = 0;
+                }
+                Ok(Err(err)) if err.is_busy() => {
+                    if let Some(a) = nap(talks, talk) {
+                        return a;
+                    }
+                    return self.module_gave_up(event, module, &k, "the guest stayed busy");
+                }
+                Ok(Err(err)) => {
+                    return self.module_gave_up(event, module, &k, &err.to_string());
+                }
+                Err(err) => {
+                    return self.module_gave_up(event, module, &k, &err.to_string());
+                }
+            }
+        }
+
+        loop {
+            let step = if talk.retry_switch {
+                talk.retry_switch = false;
+                Step::Switch
+            } else {
+                match talk.steps.as_mut() {
+                    Some(s) => s.next(result),
+                    None => Step::Return(0),
+                }
+            };
+            result = 0;
+            match step {
+                Step::Call {
+                    patch,
+                    kind,
+                    func,
+                    arg,
+                } => {
+                    tracing::info!(
+                        module = talk.name,
+                        patch,
+                        "{kind:?} runs in the {event:?} task"
+                    );
+                    talks.0.insert(key, talk);
+                    return HookAnswer::Call { func, arg };
+                }
+                Step::Switch => {
+                    let Some(work) = talk.work.take() else {
+                        continue;
+                    };
+                    let mut engine = self.engine();
+                    let switched = self.paused(|vm| {
+                        Ok(match &work {
+                            ModuleWork::Coming(c) => engine.coming_switch(&k.kernel, vm, c),
+                            ModuleWork::Going(g) => engine.going_switch(&k.kernel, vm, g),
+                        })
+                    });
+                    match switched {
+                        Ok(Paused {
+                            value: Ok(ev),
+                            pause,
+                        }) => {
+                            talk.pause += pause.unwrap_or_default();
+                            talk.event = Some(ev);
+                            self.publish(&engine);
+                            continue;
+                        }
+                        Ok(Paused {
+                            value: Err(err), ..
+                        }) if err.is_busy() => {
+                            drop(engine);
+                            talk.work = Some(work);
+                            talk.retry_switch = true;
+                            if let Some(a) = nap(talks, talk) {
+                                return a;
+                            }
+                            return self.module_gave_up(event, module, &k, "the guest stayed busy");
+                        }
+                        Ok(Paused {
+                            value: Err(err), ..
+                        }) => {
+                            drop(engine);
+                            self.module_switch_failed(event, module, &talk.name, &err.to_string());
+                            if let Some(s) = talk.steps.as_mut() {
+                                s.fail(-EINVAL);
+                            }
+                        }
+                        Err(err) => {
+                            drop(engine);
+                            self.module_switch_failed(event, module, &talk.name, &err.to_string());
+                            if let Some(s) = talk.steps.as_mut() {
+                                s.fail(-EINVAL);
+                            }
+                        }
+                    }
+                    let engine = self.engine();
+                    self.publish(&engine);
+                }
+                Step::Return(v) => {
+                    if v != 0 {
+                        tracing::warn!(
+                            "module {}: its load fails with {v} (a callback refused it, or it \
+                             could not be patched)",
+                            talk.name
+                        );
+                    }
+                    if let Some(ev) = talk.event.filter(|ev| !ev.patches.is_empty()) {
+                        tracing::info!(
+                            module = ev.module,
+                            patches = ?ev.patches,
+                            entries = ev.sites,
+                            pause_us = talk.pause.as_micros() as u64,
+                            held_ms = talk.started.elapsed().as_millis() as u64,
+                            "module {}: {}",
+                            match event {
+                                HookEvent::Coming => "loading, its objects applied",
+                                HookEvent::Going => "unloading, its redirects taken away",
+                            },
+                            ev.module
+                        );
+                    }
+                    return HookAnswer::Return(v);
+                }
+            }
+        }
+    }
+
+    /// A module's coming or going could not begin (or waited too long):
+    /// a load is refused, as klp refuses one it cannot patch; an unload
+    /// goes on, and the engine forgets the module (its memory is freed).
+    fn module_gave_up(
+        &self,
+        event: HookEvent,
+        module: u64,
+        k: &CachedKernel,
+        why: &str,
+    ) -> HookAnswer {
         let mut engine = self.engine();
-        // Without pausing: does any patch care? A read that fails (the
-        // list changing under it) is settled in the pause.
         let name = k
             .kernel
             .modules_brief(self.vm.as_ref())
             .ok()
             .and_then(|l| l.into_iter().find(|m| m.addr == module))
-            .map(|m| m.name);
-        let cares = match (event, &name) {
-            (HookEvent::Coming, Some(n)) => engine.waits_for(n),
-            (HookEvent::Going, n) => engine.holds(module, n.as_deref()),
-            (HookEvent::Coming, None) => true,
-        };
-        if !cares {
-            return 0;
-        }
-        let started = Instant::now();
-        let deadline = started + TRANSITION_TIMEOUT;
-        let mut backoff = Duration::from_millis(1);
-        let outcome = loop {
-            let r = self.paused(|vm| {
-                Ok(match event {
-                    HookEvent::Coming => engine.module_coming(&k.kernel, vm, module),
-                    HookEvent::Going => engine.module_going(&k.kernel, vm, module),
-                })
-            });
-            match r {
-                Ok(Paused { value: Err(e), .. })
-                    if e.is_busy() && Instant::now() + backoff < deadline =>
-                {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(100));
-                }
-                Ok(p) => break p.value.map(|ev| (ev, p.pause)),
-                Err(e) => {
-                    tracing::warn!(vcpu, "module {event:?} at {module:#x}: {e}");
-                    return 0;
-                }
+            .map_or_else(|| format!("at {module:#x}"), |m| m.name);
+        let answer = match event {
+            HookEvent::Coming => {
+                tracing::warn!("refusing to load module {name}: {why}");
+                engine.note_refused(&name, why);
+                HookAnswer::Return(-22)
             }
-        };
-        let answer = match outcome {
-            Ok((ev, pause)) => {
-                if !ev.patches.is_empty() {
-                    tracing::info!(
-                        vcpu,
-                        module = ev.module,
-                        patches = ?ev.patches,
-                        entries = ev.sites,
-                        pause_us = pause.map_or(0, |d| d.as_micros() as u64),
-                        held_ms = started.elapsed().as_millis() as u64,
-                        "module {}: {}",
-                        match event {
-                            HookEvent::Coming => "loading, its objects applied",
-                            HookEvent::Going => "unloading, its redirects taken away",
-                        },
-                        ev.module
-                    );
-                }
-                0
-            }
-            Err(e) => {
-                let module_name = name.unwrap_or_else(|| format!("at {module:#x}"));
-                match event {
-                    HookEvent::Coming => {
-                        tracing::warn!(vcpu, "refusing to load module {module_name}: {e}");
-                        engine.note_refused(&module_name, &e.to_string());
-                        -EINVAL
-                    }
-                    HookEvent::Going => {
-                        tracing::error!(
-                            vcpu,
-                            "module {module_name} unloads but its redirects could not be \
-                             taken away: {e}"
-                        );
-                        0
-                    }
-                }
+            HookEvent::Going => {
+                tracing::error!(
+                    "module {name} unloads but its redirects could not be taken away ({why}); \
+                     forgetting them, its memory is freed"
+                );
+                engine.forget_module(|m| m.addr == module);
+                HookAnswer::Return(0)
             }
         };
         self.publish(&engine);
         answer
+    }
+
+    /// A coming's or going's switch failed: a load is then refused (its
+    /// callbacks cancelled by the steps), an unload's state forgotten.
+    fn module_switch_failed(&self, event: HookEvent, module: u64, name: &str, why: &str) {
+        let mut engine = self.engine();
+        match event {
+            HookEvent::Coming => {
+                tracing::warn!("refusing to load module {name}: {why}");
+                engine.note_refused(name, why);
+            }
+            HookEvent::Going => {
+                tracing::error!(
+                    "module {name} unloads but its redirects could not be taken away ({why}); \
+                     forgetting them, its memory is freed"
+                );
+                engine.forget_module(|m| m.addr == module);
+            }
+        }
     }
 
     fn cached(&self) -> Option<Arc<CachedKernel>> {

@@ -261,7 +261,8 @@ impl VcpuThread {
 
     /// This vCPU stopped in a module hook, its `in` completed: hands the
     /// event to the handler, parks whenever a pause is asked for while
-    /// waiting for the answer, and puts the answer in `rax`.
+    /// waiting for the answer, and puts the answer in `rax` (with a call's
+    /// function and argument in `r10` and `r11`).
     fn hook(&mut self, event: crate::devices::module_hooks::Event) -> Option<VcpuExitReason> {
         let mut regs = match self.fd.get_regs() {
             Ok(r) => r,
@@ -271,7 +272,16 @@ impl VcpuThread {
                 )))
             }
         };
-        let Some(answer) = self.devices.module_hooks.send(self.id, event, regs.rdi) else {
+        // The privilege level, from CS's selector (its low two bits).
+        let cpl = match self.fd.get_sregs() {
+            Ok(s) => (s.cs.selector & 3) as u8,
+            Err(e) => {
+                return Some(VcpuExitReason::Fatal(format!(
+                    "reading special registers in a module hook failed: {e}"
+                )))
+            }
+        };
+        let Some(answer) = self.devices.module_hooks.send(self.id, event, &regs, cpl) else {
             // No handler: rax is 0, the call goes on.
             return None;
         };
@@ -286,10 +296,19 @@ impl VcpuThread {
                         return Some(VcpuExitReason::Stopped);
                     }
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break 0,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    break crate::devices::module_hooks::Answer::Return(0)
+                }
             }
         };
-        regs.rax = i64::from(answer) as u64;
+        match answer {
+            crate::devices::module_hooks::Answer::Return(v) => regs.rax = i64::from(v) as u64,
+            crate::devices::module_hooks::Answer::Call { func, arg } => {
+                regs.rax = klpvisor_engine::hook::CALL as u64;
+                regs.r10 = func;
+                regs.r11 = arg;
+            }
+        }
         match self.fd.set_regs(&regs) {
             Ok(()) => None,
             Err(e) => Some(VcpuExitReason::Fatal(format!(

@@ -25,6 +25,7 @@
 //! How a callback runs inside the guest is [`gate`]'s job.
 
 pub mod gate;
+pub mod module;
 
 use crate::link::LinkedCallbacks;
 

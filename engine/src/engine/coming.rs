@@ -27,7 +27,9 @@ use klpvisor_guest::{Guest, Kernel, LoadedModule};
 
 use super::{Engine, EngineError, FuncRecord};
 use crate::hook::Hooks;
-use crate::link::{link_objects, Bases, GuestSymbols, LinkOptions, SegmentImage};
+use crate::link::{
+    link_objects, Bases, GuestSymbols, LinkOptions, Linked, LinkedCallbacks, SegmentImage,
+};
 use crate::module::Module;
 use crate::site::{FtraceRecords, Site};
 use crate::stack::{Change, Redirect};
@@ -57,6 +59,43 @@ pub struct ModuleEvent {
     pub patches: Vec<(String, usize)>,
     /// Entries written: redirected (coming) or restored (going).
     pub sites: usize,
+}
+
+/// Whether a vCPU that read `event`'s port, stopped at `rip` (after the
+/// read) in privilege level `cpl`, is in klpvisor's stub (`rips` from
+/// [`Engine::hook_rips`]): only then is it a module load or unload; the
+/// guest can read any port itself.
+pub fn in_hook(rips: Option<(u64, u64)>, event: crate::hook::Event, rip: u64, cpl: u8) -> bool {
+    let Some((coming, going)) = rips else {
+        return false;
+    };
+    cpl == 0
+        && rip
+            == match event {
+                crate::hook::Event::Coming => coming,
+                crate::hook::Event::Going => going,
+            }
+}
+
+/// Whether an object has any callback (kpatch-build objects, which
+/// exist only at init time, have none and no address).
+pub(super) fn has_callbacks(cb: &LinkedCallbacks) -> bool {
+    cb.pre_patch.is_some()
+        || cb.post_patch.is_some()
+        || cb.pre_unpatch.is_some()
+        || cb.post_unpatch.is_some()
+}
+
+/// Each linked object's name with its callbacks: `linked.callbacks` has
+/// one entry per linked object, in the patch's order.
+pub(super) fn object_callbacks(linked: &Linked) -> Vec<(Option<String>, LinkedCallbacks)> {
+    linked
+        .objects
+        .iter()
+        .filter(|o| o.loaded)
+        .map(|o| o.name.clone())
+        .zip(linked.callbacks.iter().copied())
+        .collect()
 }
 
 /// The writes that turn `old` into `new` (the same segment, linked twice),
@@ -96,10 +135,47 @@ fn relocation_writes(
 }
 
 /// One patch's part of a module's coming.
+#[derive(Debug)]
 struct Joining {
     patch: String,
     funcs: Vec<FuncRecord>,
+    /// The segments as linked now (moved into the patch's [`Relink`] once
+    /// written).
     images: Vec<SegmentImage>,
+    /// Every linked object's callbacks, the module's included.
+    callbacks: Vec<LinkedCallbacks>,
+    /// The module's object's callbacks.
+    object_callbacks: Option<LinkedCallbacks>,
+}
+
+/// A module coming, between its link and its switch: the `pre_patch`
+/// callbacks run in between, the `post_patch` ones after the switch.
+#[derive(Debug)]
+pub struct Coming {
+    /// The module's `struct module`.
+    pub addr: u64,
+    /// Its name.
+    pub module: String,
+    joining: Vec<Joining>,
+    fresh: Vec<Site>,
+    /// Per enabled patch with an object for the module, in the stack's
+    /// order, that object's callbacks.
+    pub callbacks: Vec<(String, LinkedCallbacks)>,
+}
+
+/// A module going: the `pre_unpatch` callbacks run before
+/// [`Engine::going_switch`], the `post_unpatch` ones after.
+#[derive(Debug)]
+pub struct Going {
+    /// The module's `struct module`.
+    pub addr: u64,
+    /// Its name.
+    pub module: String,
+    /// Its functions' entries that patches redirect or know.
+    gone: Vec<u64>,
+    /// Per enabled patch with a linked object for the module, in the
+    /// stack's order, that object's callbacks.
+    pub callbacks: Vec<(String, LinkedCallbacks)>,
 }
 
 impl Engine {
@@ -139,6 +215,7 @@ impl Engine {
         if let Some(f) = self.facts.as_mut() {
             f.arena = arena;
         }
+        let _ = self.hook_rips.set(hooks.rips());
         self.hooks = Some(hooks);
         Ok(true)
     }
@@ -146,6 +223,12 @@ impl Engine {
     /// Whether the hooks are installed.
     pub fn has_hooks(&self) -> bool {
         self.hooks.is_some()
+    }
+
+    /// The hooks' stub `rip`s once installed, readable without the
+    /// engine: see [`in_hook`].
+    pub fn hook_rips(&self) -> std::sync::Arc<std::sync::OnceLock<(u64, u64)>> {
+        self.hook_rips.clone()
     }
 
     /// Whether a loaded patch has an object for module `name` that is not
@@ -186,37 +269,85 @@ impl Engine {
     }
 
     /// klp's `klp_module_coming` for the module whose `struct module` is
-    /// at `addr`: see the module documentation. vCPUs paused, the loading
-    /// one held in the hook.
+    /// at `addr`, in one go: [`Engine::coming_link`] then
+    /// [`Engine::coming_switch`] (no callback runs in between). vCPUs
+    /// paused, the loading one held in the hook.
     pub fn module_coming<G: Guest + ?Sized>(
         &mut self,
         kernel: &Kernel,
         guest: &G,
         addr: u64,
     ) -> Result<ModuleEvent, EngineError> {
-        let modules = kernel.modules(guest).map_err(EngineError::Modules)?;
-        let m = modules
-            .iter()
+        match self.coming_link(kernel, guest, addr)? {
+            Some(c) => self.coming_switch(kernel, guest, &c),
+            None => Ok(ModuleEvent {
+                module: self.module_name(kernel, guest, addr).unwrap_or_default(),
+                ..ModuleEvent::default()
+            }),
+        }
+    }
+
+    fn module_name<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        addr: u64,
+    ) -> Option<String> {
+        kernel
+            .modules_brief(guest)
+            .ok()?
+            .into_iter()
             .find(|m| m.addr == addr)
-            .ok_or(EngineError::NoSuchModule(addr))?
-            .clone();
-        let mut event = ModuleEvent {
-            module: m.name.clone(),
-            ..ModuleEvent::default()
+            .map(|m| m.name)
+    }
+
+    /// The first step of a module's coming: every loaded patch's object
+    /// for it is linked against it and its relocations are written into
+    /// the patch's code (klp's `klp_init_object_loaded`); nothing is
+    /// redirected yet. `None` when no patch waits for the module. The
+    /// returned [`Coming`] lists the `pre_patch` and `post_patch`
+    /// callbacks to run around [`Engine::coming_switch`]. vCPUs paused,
+    /// the loading one held in the hook.
+    pub fn coming_link<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        addr: u64,
+    ) -> Result<Option<Coming>, EngineError> {
+        // Cheap first: the module's name and state, without symbols.
+        let brief = kernel.modules_brief(guest).map_err(EngineError::Modules)?;
+        let Some(b) = brief.iter().find(|m| m.addr == addr) else {
+            return Err(EngineError::NoSuchModule(addr));
         };
+        if b.state != klpvisor_guest::ModuleState::Coming {
+            // klp_module_coming runs only for a COMING module.
+            return Ok(None);
+        }
+        // A module that is coming is new: whatever the engine holds of a
+        // module of that name, or at that address, is of one that went
+        // without klp_module_going (its load failed after the coming step,
+        // e.g. in the kernel's own klp_module_coming).
+        let stale = b.name.clone();
+        self.forget_module(|m| m.addr == addr || m.name == stale);
         let waiting: Vec<String> = self
             .records
             .iter()
             .filter(|(_, r)| {
                 r.objects
                     .iter()
-                    .any(|o| !o.loaded && o.name.as_deref() == Some(m.name.as_str()))
+                    .any(|o| !o.loaded && o.name.as_deref() == Some(stale.as_str()))
             })
             .map(|(n, _)| n.clone())
             .collect();
         if waiting.is_empty() {
-            return Ok(event);
+            return Ok(None);
         }
+        let modules = kernel.modules(guest).map_err(EngineError::Modules)?;
+        let m = modules
+            .iter()
+            .find(|m| m.addr == addr)
+            .ok_or(EngineError::NoSuchModule(addr))?
+            .clone();
         self.facts(kernel, guest)?;
         let arena = self
             .facts
@@ -249,8 +380,55 @@ impl Engine {
                 })?;
             joining.push(j);
         }
+        // The relocations go in now: the callbacks are the patch's code
+        // and may use the module's symbols. The engine's copy of each
+        // patch's link follows what is in the guest.
+        plan.commit(guest)?;
+        let mut callbacks = Vec::new();
+        for j in &mut joining {
+            if let Some(l) = self
+                .records
+                .get_mut(&j.patch)
+                .and_then(|r| r.relink.as_mut())
+            {
+                l.images = std::mem::take(&mut j.images);
+            }
+            // klp runs them for the patches on klp_patches: enabled ones.
+            let enabled = self
+                .stack
+                .get(&j.patch)
+                .is_some_and(|e| e.state == klpvisor_api::PatchState::Enabled);
+            if enabled {
+                if let Some(cb) = j.object_callbacks {
+                    callbacks.push((j.patch.clone(), cb));
+                }
+            }
+        }
+        Ok(Some(Coming {
+            addr,
+            module: m.name.clone(),
+            joining,
+            fresh,
+            callbacks,
+        }))
+    }
+
+    /// The second step of a module's coming, once the `pre_patch`
+    /// callbacks passed: the module's functions join their patches and
+    /// the entries the stack now gives a target are written. vCPUs
+    /// paused, the loading one held in the hook.
+    pub fn coming_switch<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        c: &Coming,
+    ) -> Result<ModuleEvent, EngineError> {
+        let mut event = ModuleEvent {
+            module: c.module.clone(),
+            ..ModuleEvent::default()
+        };
         let mut entries = self.stack.entries().to_vec();
-        for j in &joining {
+        for j in &c.joining {
             if let Some(e) = entries.iter_mut().find(|e| e.name == j.patch) {
                 e.redirects.extend(j.funcs.iter().map(|f| Redirect {
                     old: f.old,
@@ -259,9 +437,10 @@ impl Engine {
             }
         }
         let change = self.module_change(entries)?;
-        self.plan_sites(&change, &fresh, None, &mut plan)?;
+        let mut plan = Plan::new(Vec::new());
+        self.plan_sites(&change, &c.fresh, None, &mut plan)?;
         let flags =
-            self.ftrace_flags_plan(kernel, guest, self.ftrace_changes(&change.sites, &fresh))?;
+            self.ftrace_flags_plan(kernel, guest, self.ftrace_changes(&change.sites, &c.fresh))?;
         let undo = plan.commit(guest)?;
         if let Some((fplan, set, _)) = flags {
             if let Err(e) = fplan.commit(guest) {
@@ -270,24 +449,25 @@ impl Engine {
             }
             self.ftrace_disabled.extend(set);
         }
-        for s in fresh {
-            self.sites.insert(s.func, s);
+        for s in &c.fresh {
+            self.sites.insert(s.func, s.clone());
         }
-        for j in joining {
+        for j in &c.joining {
             let Some(r) = self.records.get_mut(&j.patch) else {
                 continue;
             };
             event.patches.push((j.patch.clone(), j.funcs.len()));
-            r.funcs.extend(j.funcs);
+            r.funcs.extend(j.funcs.iter().cloned());
             for o in &mut r.objects {
-                if o.name.as_deref() == Some(m.name.as_str()) {
+                if o.name.as_deref() == Some(c.module.as_str()) {
                     o.loaded = true;
                 }
             }
-            if let Some(l) = r.relink.as_mut() {
-                l.images = j.images;
+            r.callbacks = j.callbacks.clone();
+            if let Some(cb) = j.object_callbacks.filter(has_callbacks) {
+                r.object_at.insert(c.module.clone(), cb.object);
             }
-            r.refused.remove(&m.name);
+            r.refused.remove(&c.module);
         }
         event.sites = change.sites.len();
         self.stack.apply(&change);
@@ -342,11 +522,20 @@ impl Engine {
             .iter()
             .filter(|f| f.object.as_deref() == Some(m.name.as_str()))
         {
-            let site = Site::find_in_module(&space, &kernel.kallsyms, m, ftrace, f.old_addr)
-                .map_err(|source| EngineError::Site {
-                    name: f.old_name.clone(),
-                    source: Box::new(source),
-                })?;
+            // A site another patch took while the module was coming (a
+            // transition links a COMING module) is known, and redirected.
+            let known = self
+                .sites
+                .get(&f.old_addr)
+                .filter(|s| s.module.as_ref().is_some_and(|x| x.addr == m.addr));
+            let site = match known {
+                Some(s) => s.clone(),
+                None => Site::find_in_module(&space, &kernel.kallsyms, m, ftrace, f.old_addr)
+                    .map_err(|source| EngineError::Site {
+                        name: f.old_name.clone(),
+                        source: Box::new(source),
+                    })?,
+            };
             if !fresh.iter().any(|s| s.func == site.func) {
                 fresh.push(site);
             }
@@ -358,6 +547,11 @@ impl Engine {
                 new: f.new_addr,
             });
         }
+        let callbacks = linked.callbacks.clone();
+        let object_callbacks = object_callbacks(&linked)
+            .into_iter()
+            .find(|(n, _)| n.as_deref() == Some(m.name.as_str()))
+            .map(|(_, cb)| cb);
         let images = vec![linked.text, linked.rodata, linked.data];
         for (old, new) in relink.images.iter().zip(&images) {
             if old.bytes.is_empty() {
@@ -374,7 +568,59 @@ impl Engine {
             patch: name.to_owned(),
             funcs,
             images,
+            callbacks,
+            object_callbacks,
         })
+    }
+
+    /// Drops, without writing anything, what the engine holds of modules
+    /// matching `gone`: their sites, the redirects to them, their
+    /// functions in every patch; their objects wait again. For a module
+    /// that went without klp_module_going, or whose going could not write
+    /// (its memory is freed right after: nothing runs the entries again).
+    pub fn forget_module(&mut self, gone: impl Fn(&crate::site::InModule) -> bool) {
+        let olds: Vec<u64> = self
+            .sites
+            .iter()
+            .filter(|(_, s)| s.module.as_ref().is_some_and(&gone))
+            .map(|(&f, _)| f)
+            .collect();
+        let names: std::collections::BTreeSet<String> = self
+            .sites
+            .values()
+            .filter_map(|s| s.module.as_ref().filter(|m| gone(m)))
+            .map(|m| m.name.clone())
+            .collect();
+        if olds.is_empty() {
+            return;
+        }
+        let mut entries = self.stack.entries().to_vec();
+        for e in &mut entries {
+            e.redirects.retain(|r| !olds.contains(&r.old));
+        }
+        if let Some(change) = self.stack.plan_redirects(entries) {
+            self.stack.apply(&change);
+        }
+        for r in self.records.values_mut() {
+            r.funcs.retain(|f| !olds.contains(&f.old));
+            for o in &mut r.objects {
+                if o.name.as_ref().is_some_and(|n| names.contains(n)) {
+                    o.loaded = false;
+                }
+            }
+            for n in &names {
+                if let Some(at) = r.object_at.remove(n) {
+                    r.callbacks.retain(|c| c.object != at);
+                }
+            }
+        }
+        for f in &olds {
+            if let Some(s) = self.sites.remove(f) {
+                if let Some(w) = s.ftrace_flags {
+                    self.ftrace_disabled.remove(&w);
+                }
+            }
+        }
     }
 
     /// The stack change of a module's functions joining or leaving.
@@ -385,14 +631,30 @@ impl Engine {
     }
 
     /// klp's `klp_module_going` for the module whose `struct module` is at
-    /// `addr`: see the module documentation. vCPUs paused, the unloading
-    /// one held in the hook.
+    /// `addr`, in one go: [`Engine::going_plan`] then
+    /// [`Engine::going_switch`]. vCPUs paused, the unloading one held in
+    /// the hook.
     pub fn module_going<G: Guest + ?Sized>(
         &mut self,
         kernel: &Kernel,
         guest: &G,
         addr: u64,
     ) -> Result<ModuleEvent, EngineError> {
+        match self.going_plan(kernel, guest, addr)? {
+            Some(g) => self.going_switch(kernel, guest, &g),
+            None => Ok(ModuleEvent::default()),
+        }
+    }
+
+    /// What a module's going takes away, and the `pre_unpatch` and
+    /// `post_unpatch` callbacks to run around [`Engine::going_switch`];
+    /// `None` when no patch holds the module. Reads only.
+    pub fn going_plan<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        addr: u64,
+    ) -> Result<Option<Going>, EngineError> {
         let gone: Vec<u64> = self
             .sites
             .iter()
@@ -409,10 +671,60 @@ impl Engine {
                 let brief = kernel.modules_brief(guest).map_err(EngineError::Modules)?;
                 match brief.into_iter().find(|m| m.addr == addr) {
                     Some(m) => m.name,
-                    None => return Ok(ModuleEvent::default()),
+                    None => return Ok(None),
                 }
             }
         };
+        // klp_module_going runs for a GOING module (its exit ran, or its
+        // load failed after the coming step).
+        let going = kernel
+            .modules_brief(guest)
+            .map_err(EngineError::Modules)?
+            .into_iter()
+            .any(|m| m.addr == addr && m.state == klpvisor_guest::ModuleState::Going);
+        if !going {
+            return Ok(None);
+        }
+        let linked = |r: &super::Record| {
+            r.objects
+                .iter()
+                .any(|o| o.loaded && o.name.as_deref() == Some(name.as_str()))
+        };
+        if gone.is_empty() && !self.records.values().any(linked) {
+            return Ok(None);
+        }
+        let mut callbacks = Vec::new();
+        for e in self.stack.entries() {
+            if e.state != klpvisor_api::PatchState::Enabled {
+                continue;
+            }
+            let Some(r) = self.records.get(&e.name).filter(|r| linked(r)) else {
+                continue;
+            };
+            if let Some(&at) = r.object_at.get(&name) {
+                if let Some(cb) = r.callbacks.iter().find(|c| c.object == at) {
+                    callbacks.push((e.name.clone(), *cb));
+                }
+            }
+        }
+        Ok(Some(Going {
+            addr,
+            module: name,
+            gone,
+            callbacks,
+        }))
+    }
+
+    /// Takes a going module's functions out of every patch and gives their
+    /// entries their original bytes back. vCPUs paused, the unloading one
+    /// held in the hook.
+    pub fn going_switch<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        g: &Going,
+    ) -> Result<ModuleEvent, EngineError> {
+        let (name, gone) = (g.module.clone(), &g.gone);
         let mut event = ModuleEvent {
             module: name.clone(),
             ..ModuleEvent::default()
@@ -447,11 +759,14 @@ impl Engine {
                     had = true;
                 }
             }
+            if let Some(at) = r.object_at.remove(&name) {
+                r.callbacks.retain(|c| c.object != at);
+            }
             if left > 0 || had {
                 event.patches.push((patch.clone(), left));
             }
         }
-        for f in &gone {
+        for f in gone {
             if let Some(s) = self.sites.remove(f) {
                 // Its record goes with the module: forget the flag too.
                 if let Some(w) = s.ftrace_flags {
@@ -468,6 +783,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hook::Event;
     use crate::module::Segment;
 
     fn image(bytes: &[u8]) -> SegmentImage {
@@ -493,6 +809,17 @@ mod tests {
             ]
         );
         assert!(w.iter().all(|w| w.expect.iter().all(|&b| b == 0)));
+    }
+
+    #[test]
+    fn only_the_stubs_own_reads_in_the_kernel_are_hooks() {
+        let rips = Some((0xffff_ffff_c000_000b, 0xffff_ffff_c000_008b));
+        assert!(in_hook(rips, Event::Coming, 0xffff_ffff_c000_000b, 0));
+        assert!(in_hook(rips, Event::Going, 0xffff_ffff_c000_008b, 0));
+        assert!(!in_hook(rips, Event::Going, 0xffff_ffff_c000_000b, 0));
+        assert!(!in_hook(rips, Event::Coming, 0xffff_ffff_c000_000b, 3));
+        assert!(!in_hook(rips, Event::Coming, 0x40_1000, 3));
+        assert!(!in_hook(None, Event::Coming, 0xffff_ffff_c000_000b, 0));
     }
 
     #[test]

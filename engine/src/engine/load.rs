@@ -210,6 +210,11 @@ impl Engine {
             module: module_record,
             relink,
             refused: std::collections::BTreeMap::new(),
+            object_at: super::coming::object_callbacks(&linked)
+                .into_iter()
+                .filter(|(_, cb)| super::coming::has_callbacks(cb))
+                .filter_map(|(name, cb)| Some((name?, cb.object)))
+                .collect(),
         };
         // On a replace too, only the new patch's callbacks run.
         let mut calls = crate::callback::Calls::default();

@@ -16,7 +16,7 @@ mod ftrace;
 mod load;
 mod modules;
 
-pub use coming::{ModuleEvent, Relink};
+pub use coming::{in_hook, Coming, Going, ModuleEvent, Relink};
 
 use klpvisor_guest::GuestPhys;
 use std::collections::BTreeMap;
@@ -157,6 +157,14 @@ pub enum EngineError {
         #[source]
         source: Box<EngineError>,
     },
+    /// A disabled patch's object could not be linked when its module
+    /// loaded, so the patch cannot be enabled while it is loaded.
+    #[error(
+        "patch `{patch}` cannot be enabled: its object for module `{module}` could not be linked \
+         when the module loaded (see its `refused` reason in `patcher list`); unload the module \
+         or apply a patch that fits it"
+    )]
+    Unlinked { patch: String, module: String },
     /// The `struct module` a hook reported is not on the guest's list.
     #[error("the module at {0:#x} that the guest reported loading or unloading is not on its modules list")]
     NoSuchModule(u64),
@@ -192,6 +200,7 @@ impl EngineError {
             | EngineError::Blocked(_)
             | EngineError::State(_)
             | EngineError::ModuleGone(_)
+            | EngineError::Unlinked { .. }
             | EngineError::GuestBusy(_) => Fault::State,
             EngineError::Arena(ArenaError::Full { .. })
             | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
@@ -267,6 +276,9 @@ struct Record {
     relink: Option<Relink>,
     /// Per module object, the last load of its module it refused, and why.
     refused: BTreeMap<String, String>,
+    /// Per linked module object, its `struct klp_object`'s address (what
+    /// its callbacks are found by in `callbacks`).
+    object_at: BTreeMap<String, u64>,
 }
 
 impl Record {
@@ -459,6 +471,9 @@ pub struct Engine {
     /// The hooks on the guest's module loads and unloads, once a patch
     /// with module objects needed them ([`crate::hook`]).
     hooks: Option<crate::hook::Hooks>,
+    /// Their stubs' `rip`s (see [`crate::hook::Hooks::rips`]), shared with
+    /// whoever answers the hooks without taking the engine.
+    hook_rips: std::sync::Arc<std::sync::OnceLock<(u64, u64)>>,
 }
 
 impl Engine {
@@ -627,6 +642,43 @@ impl Engine {
         Ok(p)
     }
 
+    /// A patch whose object waits for a module that is loaded (its link
+    /// failed when the module came, while the patch was disabled) cannot
+    /// be enabled: klp would refuse to enable it for the same reason.
+    fn check_unlinked<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        name: &str,
+        r: &Record,
+    ) -> Result<(), EngineError> {
+        let waiting: Vec<&str> = r
+            .objects
+            .iter()
+            .filter(|o| !o.loaded)
+            .filter_map(|o| o.name.as_deref())
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let loaded = kernel.modules_brief(guest).map_err(EngineError::Modules)?;
+        for w in waiting {
+            if loaded.iter().any(|m| {
+                m.name == w
+                    && matches!(
+                        m.state,
+                        klpvisor_guest::ModuleState::Live | klpvisor_guest::ModuleState::Coming
+                    )
+            }) {
+                return Err(EngineError::Unlinked {
+                    patch: name.to_owned(),
+                    module: w.to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// klp's system-state rule ([`crate::state::check`]) for enabling
     /// `patch` (`replace`, carrying `states`) next to the enabled patches.
     fn check_states(
@@ -680,6 +732,7 @@ impl Engine {
         let change = self.stack.plan_reenable(name, force)?;
         if let Some(r) = self.records.get(name) {
             self.check_states(name, r.replace, &r.states)?;
+            self.check_unlinked(kernel, guest, name, r)?;
         }
         // Only the enabled patch's callbacks, also when it replaces others.
         let mut calls = Calls::default();

@@ -19,8 +19,25 @@ pub struct HookEvent {
     pub event: Event,
     /// The `struct module *` it was called with (`rdi`).
     pub module: u64,
-    /// Where the answer goes: 0, or the negative errno that fails the load.
-    pub reply: Sender<i32>,
+    /// What the function the VMM last had the stub call returned (`rsi`).
+    pub result: u64,
+    /// Where the vCPU stopped (after its port read) and its privilege
+    /// level: only klpvisor's stub, in the kernel, is a hook.
+    pub rip: u64,
+    pub cpl: u8,
+    /// Where the answer goes.
+    pub reply: Sender<Answer>,
+}
+
+/// What a stub does after its port read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Go on into the kernel's function (0), or return this errno from
+    /// `klp_module_coming`, which fails the load.
+    Return(i32),
+    /// Call `func(arg)` in the held task and read the port again with
+    /// the result (a klp callback of the module's object).
+    Call { func: u64, arg: u64 },
 }
 
 /// Where hook events go.
@@ -37,7 +54,13 @@ impl ModuleHooks {
 
     /// Hands an event to the handler; `None` when there is none (then the
     /// call goes on as if klpvisor were not there).
-    pub fn send(&self, vcpu: u8, event: Event, module: u64) -> Option<Receiver<i32>> {
+    pub fn send(
+        &self,
+        vcpu: u8,
+        event: Event,
+        regs: &kvm_bindings::kvm_regs,
+        cpl: u8,
+    ) -> Option<Receiver<Answer>> {
         let (reply, answer) = channel();
         let handler = self.handler.lock().unwrap_or_else(|p| p.into_inner());
         handler
@@ -45,7 +68,10 @@ impl ModuleHooks {
             .send(HookEvent {
                 vcpu,
                 event,
-                module,
+                module: regs.rdi,
+                result: regs.rsi,
+                rip: regs.rip,
+                cpl,
                 reply,
             })
             .ok()?;
@@ -60,15 +86,29 @@ mod tests {
     #[test]
     fn without_a_handler_the_call_goes_on_and_with_one_it_is_answered() {
         let hooks = ModuleHooks::default();
-        assert!(hooks.send(0, Event::Coming, 0x1000).is_none());
+        let regs = |rdi, rsi| kvm_bindings::kvm_regs {
+            rdi,
+            rsi,
+            rip: 0xffff_ffff_c000_004b,
+            ..Default::default()
+        };
+        assert!(hooks.send(0, Event::Coming, &regs(0x1000, 0), 0).is_none());
         let (tx, rx) = channel();
         hooks.set_handler(tx);
-        let answer = hooks.send(1, Event::Going, 0x2000).expect("sent");
+        let answer = hooks
+            .send(1, Event::Going, &regs(0x2000, 7), 0)
+            .expect("sent");
         let e = rx.recv().expect("event");
-        assert_eq!((e.vcpu, e.event, e.module), (1, Event::Going, 0x2000));
-        e.reply.send(-22).expect("reply");
-        assert_eq!(answer.recv(), Ok(-22));
+        assert_eq!(
+            (e.vcpu, e.event, e.module, e.result, e.rip, e.cpl),
+            (1, Event::Going, 0x2000, 7, 0xffff_ffff_c000_004b, 0)
+        );
+        e.reply.send(Answer::Return(-22)).expect("reply");
+        assert_eq!(answer.recv(), Ok(Answer::Return(-22)));
         drop(rx);
-        assert!(hooks.send(0, Event::Coming, 0).is_none(), "handler gone");
+        assert!(
+            hooks.send(0, Event::Coming, &regs(0, 0), 0).is_none(),
+            "handler gone"
+        );
     }
 }
