@@ -26,10 +26,10 @@ use klpvisor_guest::Btf;
 
 /// klp's KSYM_NAME_LEN (6.1 and later: 512): `klp_init_func` refuses an
 /// `old_name` of this many bytes or more.
-const KSYM_NAME_LEN: usize = 512;
+pub(super) const KSYM_NAME_LEN: usize = 512;
 /// MODULE_NAME_LEN on 64-bit (64 - sizeof(unsigned long)): `klp_init_object`
 /// refuses a module object name of this many bytes or more.
-const MODULE_NAME_LEN: usize = 56;
+pub(super) const MODULE_NAME_LEN: usize = 56;
 /// The longest string read from the module: longer than either bound, so
 /// a name klp refuses is reported with its length rather than as garbage.
 const MAX_STRING: usize = 4096;
@@ -107,7 +107,7 @@ fn object_name(name: Option<&str>) -> &str {
     name.unwrap_or("vmlinux")
 }
 
-fn refuse(object: Option<&str>, refusal: Refusal) -> ModuleError {
+pub(super) fn refuse(object: Option<&str>, refusal: Refusal) -> ModuleError {
     ModuleError::KlpRefuses {
         object: object_name(object).to_owned(),
         refusal,

@@ -32,7 +32,9 @@
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
 use object::elf;
 
-use super::klp::{Callbacks, Func, Object, Patch, Reader};
+use super::klp::{
+    refuse, Callbacks, Func, Object, Patch, Reader, Refusal, KSYM_NAME_LEN, MODULE_NAME_LEN,
+};
 use super::{ModuleError, Place};
 
 /// `sizeof(struct kpatch_patch_func)` on x86-64: seven 8-byte fields.
@@ -143,6 +145,36 @@ pub(super) fn read(
             }
         })
         .collect();
+    // What klp_init_object / klp_init_func and klp's sysfs refuse, as for
+    // a static klp_patch (the hook builds one from this).
+    for o in &objects {
+        let name = o.name.as_deref();
+        if let Some(n) = name.filter(|n| n.len() >= MODULE_NAME_LEN) {
+            return Err(refuse(name, Refusal::NameTooLong { len: n.len() }));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for f in &o.funcs {
+            if f.old_name.len() >= KSYM_NAME_LEN {
+                return Err(refuse(
+                    name,
+                    Refusal::OldNameTooLong {
+                        len: f.old_name.len(),
+                        start: f.old_name.chars().take(32).collect(),
+                    },
+                ));
+            }
+            let sympos = f.old_sympos.max(1);
+            if !seen.insert((f.old_name.as_str(), sympos)) {
+                return Err(refuse(
+                    name,
+                    Refusal::DuplicateFunc {
+                        func: f.old_name.clone(),
+                        sympos,
+                    },
+                ));
+            }
+        }
+    }
     let replace = replace_from_init(r)?;
     let name = r
         .module_name()
