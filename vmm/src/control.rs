@@ -685,10 +685,7 @@ impl Control {
             Some(HookAnswer::Call { func, arg: NAP_MS })
         };
         let key = (event, module);
-        let mut talk = talks
-            .0
-            .remove(&key)
-            .unwrap_or_else(|| ModuleTalk::new());
+        let mut talk = talks.0.remove(&key).unwrap_or_else(ModuleTalk::new);
         let mut result = e.result;
 
         if talk.steps.is_none() {
