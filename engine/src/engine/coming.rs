@@ -204,14 +204,7 @@ impl Engine {
             .collect();
         // Checked before anything is written: a busy ftrace waits.
         let flags = self.ftrace_flags_plan(kernel, guest, changes)?;
-        let undo = plan.commit(guest)?;
-        if let Some((fplan, set, _)) = flags {
-            if let Err(e) = fplan.commit(guest) {
-                undo.commit(guest)?;
-                return Err(e.into());
-            }
-            self.ftrace_disabled.extend(set);
-        }
+        self.write_with_flags(guest, &plan, flags)?;
         if let Some(f) = self.facts.as_mut() {
             f.arena = arena;
         }
@@ -441,14 +434,7 @@ impl Engine {
         self.plan_sites(&change, &c.fresh, None, &mut plan)?;
         let flags =
             self.ftrace_flags_plan(kernel, guest, self.ftrace_changes(&change.sites, &c.fresh))?;
-        let undo = plan.commit(guest)?;
-        if let Some((fplan, set, _)) = flags {
-            if let Err(e) = fplan.commit(guest) {
-                undo.commit(guest)?;
-                return Err(e.into());
-            }
-            self.ftrace_disabled.extend(set);
-        }
+        self.write_with_flags(guest, &plan, flags)?;
         for s in &c.fresh {
             self.sites.insert(s.func, s.clone());
         }
@@ -623,6 +609,28 @@ impl Engine {
         }
     }
 
+    /// Commits `plan`, then the ftrace flag writes `flags` (undoing `plan`
+    /// if they fail), and notes which flags are now klpvisor's.
+    fn write_with_flags<G: Guest + ?Sized>(
+        &mut self,
+        guest: &G,
+        plan: &Plan,
+        flags: Option<super::ftrace::FtracePlan>,
+    ) -> Result<(), EngineError> {
+        let undo = plan.commit(guest)?;
+        if let Some((fplan, set, cleared)) = flags {
+            if let Err(e) = fplan.commit(guest) {
+                undo.commit(guest)?;
+                return Err(e.into());
+            }
+            self.ftrace_disabled.extend(set);
+            for w in cleared {
+                self.ftrace_disabled.remove(&w);
+            }
+        }
+        Ok(())
+    }
+
     /// The stack change of a module's functions joining or leaving.
     fn module_change(&self, entries: Vec<crate::stack::Entry>) -> Result<Change, EngineError> {
         self.stack.plan_redirects(entries).ok_or_else(|| {
@@ -738,16 +746,7 @@ impl Engine {
         self.plan_sites(&change, &[], None, &mut plan)?;
         let flags =
             self.ftrace_flags_plan(kernel, guest, self.ftrace_changes(&change.sites, &[]))?;
-        let undo = plan.commit(guest)?;
-        if let Some((fplan, _, cleared)) = flags {
-            if let Err(e) = fplan.commit(guest) {
-                undo.commit(guest)?;
-                return Err(e.into());
-            }
-            for w in cleared {
-                self.ftrace_disabled.remove(&w);
-            }
-        }
+        self.write_with_flags(guest, &plan, flags)?;
         for (patch, r) in &mut self.records {
             let before = r.funcs.len();
             r.funcs.retain(|f| !gone.contains(&f.old));
