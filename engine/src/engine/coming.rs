@@ -669,30 +669,17 @@ impl Engine {
             .filter(|(_, s)| s.module.as_ref().is_some_and(|m| m.addr == addr))
             .map(|(&f, _)| f)
             .collect();
-        let name = match self
-            .sites
-            .values()
-            .find_map(|s| s.module.as_ref().filter(|m| m.addr == addr))
-        {
-            Some(m) => m.name.clone(),
-            None => {
-                let brief = kernel.modules_brief(guest).map_err(EngineError::Modules)?;
-                match brief.into_iter().find(|m| m.addr == addr) {
-                    Some(m) => m.name,
-                    None => return Ok(None),
-                }
-            }
-        };
         // klp_module_going runs for a GOING module (its exit ran, or its
-        // load failed after the coming step).
-        let going = kernel
-            .modules_brief(guest)
-            .map_err(EngineError::Modules)?
+        // load failed after the coming step): one read of the list says
+        // whether it is one, and its name.
+        let brief = kernel.modules_brief(guest).map_err(EngineError::Modules)?;
+        let Some(name) = brief
             .into_iter()
-            .any(|m| m.addr == addr && m.state == klpvisor_guest::ModuleState::Going);
-        if !going {
+            .find(|m| m.addr == addr && m.state == klpvisor_guest::ModuleState::Going)
+            .map(|m| m.name)
+        else {
             return Ok(None);
-        }
+        };
         let linked = |r: &super::Record| {
             r.objects
                 .iter()
