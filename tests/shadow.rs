@@ -76,3 +76,143 @@ fn a_shadow_variable_outlives_a_replace_and_states_are_enforced() {
         "{t}"
     );
 }
+
+/// The lines step `n` of patch-state shows under `tag` (`KLPV-<tag> <n> ...`).
+fn shown(run: &Run, tag: &str, n: u32) -> Vec<String> {
+    let tag = format!("KLPV-{tag} {n} ");
+    run.lines
+        .iter()
+        .filter_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn klp_get_prev_state_answers_in_callbacks_as_in_klp() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = run_scenario("patch-state", &[]);
+    let t = run.transcript();
+    for step in [
+        "state-v1",
+        "state-v2",
+        "state-v3",
+        "state-disable",
+        "patch-state-exit",
+    ] {
+        assert_eq!(run.result(step)["rc"], "0", "{step}\n{t}");
+    }
+    // The console loglevel: the first of /proc/sys/kernel/printk's fields.
+    let level = |n: u32| {
+        let fields = shown(&run, "LOGLEVEL", n).concat();
+        fields.split(' ').next().unwrap_or_default().to_owned()
+    };
+    let log = |n: u32| shown(&run, "STATE", n);
+    let original = level(1);
+    assert!(
+        original.parse::<u32>().is_ok_and(|l| l < 15),
+        "{original}\n{t}"
+    );
+    let cmdline = run.cmdline(1);
+    assert_eq!(log(1), Vec::<String>::new(), "{t}");
+    let keeps = |v: u32, version: u32| {
+        format!("klpv_state_v{v}: state 1 version {version} keeps console_loglevel {original}")
+    };
+    let lines = |v: u32, l: &[&str]| -> Vec<String> {
+        l.iter().map(|s| format!("klpv_state_v{v}: {s}")).collect()
+    };
+
+    // v1 allocates the state's data, keeps the original level in it and
+    // raises the level (CONSOLE_LOGLEVEL_MOTORMOUTH); its patched
+    // cmdline_proc_show reads the state with klp_get_state().
+    assert_eq!(
+        log(2),
+        lines(
+            1,
+            &[
+                "pre_patch_callback: vmlinux",
+                "allocate_loglevel_state: allocating space to store console_loglevel",
+                "post_patch_callback: vmlinux",
+                "fix_console_loglevel: fixing console_loglevel",
+            ]
+        ),
+        "{t}"
+    );
+    assert_eq!(level(2), "15", "{t}");
+    assert_eq!(run.cmdline(2), keeps(1, 1), "{t}");
+    // v2 and v3 find the state of the patch before them with
+    // klp_get_prev_state() and take its data over: nothing is allocated,
+    // and the original level is still known.
+    for (n, v) in [(3, 2), (4, 3)] {
+        assert_eq!(
+            log(n),
+            lines(
+                v,
+                &[
+                    "pre_patch_callback: vmlinux",
+                    "allocate_loglevel_state: space to store console_loglevel already allocated",
+                    "post_patch_callback: vmlinux",
+                    "fix_console_loglevel: taking over the console_loglevel change",
+                ]
+            ),
+            "step {n}\n{t}"
+        );
+        assert_eq!(level(n), "15", "{t}");
+        assert_eq!(run.cmdline(n), keeps(v, 2), "{t}");
+    }
+    // v1 back over v3 would downgrade the state: refused, nothing written.
+    let downgrade = refused(&run, "downgrade");
+    assert!(downgrade.starts_with("rc=1 "), "{downgrade}");
+    assert!(downgrade.contains("older than"), "{downgrade}");
+    let hashes = run.results("guest-hash");
+    assert_eq!(hashes.len(), 2, "{t}");
+    assert_eq!(hashes[0], hashes[1], "the refused enable wrote nothing");
+    assert_eq!(log(5), Vec::<String>::new(), "{t}");
+    assert_eq!(run.cmdline(5), keeps(3, 2), "{t}");
+    // Disabling v3: no patch before it has the state (v1 and v2 were
+    // replaced), so it restores the original level and frees the data.
+    assert_eq!(
+        log(6),
+        lines(
+            3,
+            &[
+                "pre_unpatch_callback: vmlinux",
+                "restore_console_loglevel: restoring console_loglevel",
+                "post_unpatch_callback: vmlinux",
+                "free_loglevel_state: freeing space for the stored console_loglevel",
+            ]
+        ),
+        "{t}"
+    );
+    assert_eq!(level(6), original, "{t}");
+    assert_eq!(run.cmdline(6), cmdline, "{t}");
+    // klp_get_prev_state() warns when it is called outside a transition.
+    assert!(
+        run.lines
+            .iter()
+            .any(|l| l.contains("KLPV-DMESG warnings=0")),
+        "{t}"
+    );
+    let list: PatchesReply = run.json("KLPV-JSON-PATCHES", "end");
+    let state = |name: &str| {
+        list.patches
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.state)
+    };
+    assert_eq!(
+        state("klpv_state_v1"),
+        Some(PatchState::Replaced),
+        "{list:?}"
+    );
+    assert_eq!(
+        state("klpv_state_v2"),
+        Some(PatchState::Replaced),
+        "{list:?}"
+    );
+    assert_eq!(
+        state("klpv_state_v3"),
+        Some(PatchState::Disabled),
+        "{list:?}"
+    );
+}

@@ -215,6 +215,15 @@ pub trait Patcher<G: Guest + ?Sized> {
     ) -> Result<Armed, EngineError>;
     /// How far a sent callback got.
     fn poll_call(&self, guest: &G, armed: &Armed) -> Result<Progress, EngineError>;
+    /// After the transition's last callback: takes back what the guest's
+    /// klp was shown while they ran (see `register::livepatch`).
+    fn end_calls(&mut self, _guest: &G) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// Whether [`Patcher::end_calls`] has anything to take back.
+    fn klp_shown(&self) -> bool {
+        false
+    }
     /// The switch: the safe-point check and every entry write.
     fn commit(&mut self, p: &Self::Prepared, guest: &G) -> Result<Committed, EngineError>;
 }
@@ -266,6 +275,13 @@ where
     }
 
     fn unload(&mut self, undo: Vec<Plan>, guest: &G) -> Result<(), EngineError> {
+        if self.engine.klp_shown() {
+            // Its struct klp_patch may be on the guest's klp_patches.
+            return Err(crate::register::RegisterError::KlpBusy(
+                "klpvisor's patches are still on the guest's klp_patches",
+            )
+            .into());
+        }
         for plan in undo {
             plan.commit(guest)?;
         }
@@ -282,6 +298,14 @@ where
 
     fn poll_call(&self, guest: &G, armed: &Armed) -> Result<Progress, EngineError> {
         self.engine.poll_call(guest, armed)
+    }
+
+    fn end_calls(&mut self, guest: &G) -> Result<(), EngineError> {
+        self.engine.hide_klp(self.kernel, guest)
+    }
+
+    fn klp_shown(&self) -> bool {
+        self.engine.klp_shown()
     }
 
     fn commit(&mut self, p: &Prepared, guest: &G) -> Result<Committed, EngineError> {
@@ -387,6 +411,11 @@ where
     P: Patcher<H::Guest>,
 {
     let start = host.now();
+    // An earlier transition that could not take its patches off the
+    // guest's klp_patches left them there: before anything else.
+    if let Err(e) = end_calls(host, patcher) {
+        tracing::warn!("the guest's klp still lists an earlier patch: {e}");
+    }
     let mut prepared = patcher.prepare()?;
     if !prepared.calls().is_empty() {
         if host.is_paused() {
@@ -528,6 +557,9 @@ where
             }
         }
     }
+    if let Err(e) = end_calls(host, patcher) {
+        warnings.push(format!("the guest's klp still lists the patch: {e}"));
+    }
     Ok(Outcome {
         committed,
         prepare_ms,
@@ -558,14 +590,29 @@ where
     P: Patcher<H::Guest>,
 {
     let start = host.now();
-    let sent = host.paused(|g| -> Result<Armed, H::Error> {
-        let armed = patcher.arm_call(prepared, g, call)?;
-        if !host.raise_vector(armed.vcpu, IRQ_WORK_VECTOR)? {
-            tracing::warn!("the local APIC did not take the call gate's interrupt now");
+    let mut backoff = BACKOFF_START;
+    let armed = loop {
+        let sent = host.paused(|g| -> Result<Result<Armed, EngineError>, H::Error> {
+            let armed = match patcher.arm_call(prepared, g, call) {
+                Ok(armed) => armed,
+                Err(e) => return Ok(Err(e)),
+            };
+            if !host.raise_vector(armed.vcpu, IRQ_WORK_VECTOR)? {
+                tracing::warn!("the local APIC did not take the call gate's interrupt now");
+            }
+            Ok(Ok(armed))
+        });
+        match sent.map_err(Stop::Failed)?.0.map_err(Stop::Failed)? {
+            Ok(armed) => break armed,
+            // The guest's klp is changing its list: a moment later.
+            Err(e) if e.is_busy() && host.now() + backoff < deadline => {
+                tracing::debug!(patch = call.patch, callback = %call.kind, "{e}; retrying");
+                host.sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => return Err(Stop::Failed(e.into())),
         }
-        Ok(armed)
-    });
-    let armed = sent.map_err(Stop::Failed)?.0.map_err(Stop::Failed)?;
+    };
     loop {
         let seen = host.doorbell_rings();
         let progress = patcher
@@ -594,6 +641,32 @@ where
             });
         }
         host.wait_doorbell(seen, deadline);
+    }
+}
+
+/// Takes back what the guest's klp was shown while the transition's
+/// callbacks ran, retried for [`CALLBACK_GRACE`] while the guest's klp is
+/// busy. On failure the engine keeps it, and tries again before it frees
+/// any patch's pages.
+fn end_calls<H, P>(host: &H, patcher: &mut P) -> Result<(), H::Error>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    if !patcher.klp_shown() {
+        return Ok(());
+    }
+    let deadline = host.now() + CALLBACK_GRACE;
+    let mut backoff = BACKOFF_START;
+    loop {
+        match host.paused(|g| patcher.end_calls(g))?.0 {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_busy() && host.now() + backoff < deadline => {
+                host.sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -629,6 +702,9 @@ where
                 ran.push(format!("{} {} (did not finish)", c.patch, c.kind));
             }
         }
+    }
+    if let Err(e) = end_calls(host, patcher) {
+        tracing::warn!("the guest's klp still lists the patch: {e}");
     }
     if let Some(undo) = loaded {
         let restored = clean

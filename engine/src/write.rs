@@ -163,6 +163,11 @@ pub enum AllowKind {
     /// the list), where a patch's `struct module` is linked in or out
     /// (see [`crate::register`]).
     ModuleRegistry,
+    /// An 8-byte word of the guest's klp: `klp_transition_patch`, the
+    /// `klp_patches` head, and the `next` of each entry on that list,
+    /// where patches are shown to klp while their callbacks run (see
+    /// [`crate::register::livepatch`]).
+    KlpPatches,
 }
 
 /// A guest-physical range writes may touch.
@@ -189,6 +194,7 @@ impl fmt::Display for Allowed {
             AllowKind::FtraceFlags => f.write_str("ftrace record flags")?,
             AllowKind::IrqWorkList { cpu } => write!(f, "raised_list of CPU {cpu}")?,
             AllowKind::ModuleRegistry => f.write_str("module registry word")?,
+            AllowKind::KlpPatches => f.write_str("klp_patches word")?,
         }
         write!(f, " {:#x}..{:#x}", self.gpa, self.end())
     }

@@ -476,13 +476,43 @@ fn callbacks_are_ordered_and_sent_through_the_gate() {
     );
     assert_eq!(g.write_log().len(), before);
 
-    // Sending pre_patch: four writes, one of them CPU 0's raised_list.
+    // The guest's klp before any callback ran: no patch, no transition.
+    let space = k.space(&g);
+    let klp_patches = k.kallsyms.addr("klp_patches").unwrap();
+    let klp_transition_patch = k.kallsyms.addr("klp_transition_patch").unwrap();
+    let klp_words = || {
+        [klp_patches, klp_patches + 8, klp_transition_patch].map(|va| space.read_u64(va).unwrap())
+    };
+    let klp_before = klp_words();
+    assert_eq!(klp_before, [klp_patches, klp_patches, 0]);
+
+    // Sending pre_patch: four writes, one of them CPU 0's raised_list,
+    // and seven that show the patch to the guest's klp while it runs.
     let before = g.write_log().len();
     let armed = e.arm_call(k, &g, &p, call).unwrap();
     assert_eq!((armed.vcpu, armed.seq), (0, 1));
     let log = g.write_log();
-    assert_eq!(log.len() - before, 4, "{:?}", &log[before..]);
-    let space = k.space(&g);
+    assert_eq!(log.len() - before, 4 + 7, "{:?}", &log[before..]);
+    // klp_patches holds the patch's own struct klp_patch (its objs is the
+    // object the callback gets), alone, and it is klp_transition_patch:
+    // klp_get_prev_state() walks the list up to it.
+    let list_off = k.btf.offset_of("klp_patch.list").unwrap();
+    let [next, prev, transition] = klp_words();
+    assert_eq!(next, prev, "one entry");
+    assert_eq!(transition, next - list_off);
+    assert_eq!(
+        space
+            .read_u64(transition + k.btf.offset_of("klp_patch.objs").unwrap())
+            .unwrap(),
+        object
+    );
+    let obj_list = transition + k.btf.offset_of("klp_patch.obj_list").unwrap();
+    assert_eq!(
+        space.read_u64(obj_list).unwrap(),
+        obj_list,
+        "no objects for klp"
+    );
+    assert!(e.klp_shown());
     let bases = klpvisor_guest::Tasks::from_kernel(&k.kallsyms, &k.btf)
         .unwrap()
         .per_cpu_bases(&space)
@@ -519,6 +549,11 @@ fn callbacks_are_ordered_and_sent_through_the_gate() {
     // (The gate's pages came before the patch's: preparing after the gate
     // kept them.)
     assert!(after_gate > 0);
+
+    // When the transition's callbacks are over, every klp word goes back.
+    e.hide_klp(k, &g).unwrap();
+    assert_eq!(klp_words(), klp_before);
+    assert!(!e.klp_shown());
 
     // Disabling runs the unpatch pair; a replace runs only its own.
     e.commit(k, &g, &p).unwrap();

@@ -215,6 +215,7 @@ impl Engine {
                 .filter(|(_, cb)| super::coming::has_callbacks(cb))
                 .filter_map(|(name, cb)| Some((name?, cb.object)))
                 .collect(),
+            klp_patch: module.patch.place.and_then(|p| linked.va(p)),
         };
         // On a replace too, only the new patch's callbacks run.
         let mut calls = crate::callback::Calls::default();
@@ -236,6 +237,7 @@ impl Engine {
             calls,
             loaded_bytes: 0,
             loaded: false,
+            klp_before: self.klp_enabled(),
         })
     }
 }

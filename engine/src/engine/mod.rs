@@ -13,6 +13,7 @@
 
 mod coming;
 mod ftrace;
+mod livepatch;
 mod load;
 mod modules;
 
@@ -227,7 +228,9 @@ impl EngineError {
             EngineError::Register(e) => {
                 use crate::register::RegisterError as R;
                 match e {
-                    R::Busy(_) | R::InUse { .. } | R::KeyShared { .. } => Fault::State,
+                    R::Busy(_) | R::KlpBusy(_) | R::InUse { .. } | R::KeyShared { .. } => {
+                        Fault::State
+                    }
                     R::Internal(_) => Fault::Internal,
                     R::Name { .. } | R::Reach(_) | R::ForeignKey { .. } => Fault::Module,
                     _ => Fault::Guest,
@@ -279,6 +282,9 @@ struct Record {
     /// Per linked module object, its `struct klp_object`'s address (what
     /// its callbacks are found by in `callbacks`).
     object_at: BTreeMap<String, u64>,
+    /// Its `struct klp_patch` in the arena, if the module file has one:
+    /// what the guest's klp is shown while its callbacks run.
+    klp_patch: Option<u64>,
 }
 
 impl Record {
@@ -334,6 +340,9 @@ pub struct Prepared {
     /// Its load was committed by [`Engine::load`] (and its module
     /// registered, if it has one).
     loaded: bool,
+    /// The `struct klp_patch` of each patch enabled before it, in klp's
+    /// order: the world its callbacks are shown (see [`livepatch`]).
+    klp_before: Vec<u64>,
 }
 
 impl Prepared {
@@ -474,6 +483,9 @@ pub struct Engine {
     /// Their stubs' `rip`s (see [`crate::hook::Hooks::rips`]), shared with
     /// whoever answers the hooks without taking the engine.
     hook_rips: std::sync::Arc<std::sync::OnceLock<(u64, u64)>>,
+    /// What the guest's klp is shown while callbacks run, until the
+    /// transition ends (see [`livepatch`]).
+    klp_shown: Option<crate::register::livepatch::Shown>,
 }
 
 impl Engine {
@@ -917,6 +929,7 @@ impl Engine {
             .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
         let seq = self.calls + 1;
         let plan = gate.plan_arm(kernel, guest, (cpu, base), call, func, seq)?;
+        self.show_klp(kernel, guest, p, call)?;
         plan.commit(guest)?;
         self.calls = seq;
         Ok(Armed { seq, vcpu: 0, cpu })
@@ -992,6 +1005,7 @@ impl Engine {
             calls,
             loaded_bytes: 0,
             loaded: false,
+            klp_before: self.klp_enabled(),
         })
     }
 
@@ -1205,7 +1219,9 @@ impl Engine {
                 // freeing too early lets new code overwrite a live frame.
                 Err(_) => true,
             };
-            if referenced {
+            // A transition that could not take its patches off the guest's
+            // klp_patches left them there (the next one tries again).
+            if referenced || self.klp_shows(r.record.klp_patch) {
                 keep.push(r);
                 continue;
             }

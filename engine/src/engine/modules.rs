@@ -10,7 +10,7 @@ use crate::register::{Mem, RegisterError, Registered, Registry, Word};
 use crate::write::{AllowKind, Allowed, Plan, Write};
 
 /// Guest kernel memory for the registry code.
-struct SpaceMem<'a, 'g, G: Guest + ?Sized>(&'a AddressSpace<'g, G>);
+pub(super) struct SpaceMem<'a, 'g, G: Guest + ?Sized>(pub(super) &'a AddressSpace<'g, G>);
 
 impl<G: Guest + ?Sized> Mem for SpaceMem<'_, '_, G> {
     fn read_u64(&self, va: u64) -> Result<u64, RegisterError> {

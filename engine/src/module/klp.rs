@@ -123,6 +123,11 @@ pub struct Patch {
     pub replace: bool,
     pub objects: Vec<Object>,
     pub states: Vec<State>,
+    /// Where the `struct klp_patch` itself is, when the module file holds
+    /// one (kpatch-build's modules build theirs at init): what the guest's
+    /// klp finds on `klp_patches` while one of the patch's callbacks runs
+    /// (see [`crate::register::livepatch`]).
+    pub place: Option<Place>,
 }
 
 /// One `struct klp_object`.
@@ -763,6 +768,7 @@ pub fn read_patch(
         replace,
         objects,
         states,
+        place: Some(at),
     })
 }
 

@@ -187,6 +187,7 @@ pub(super) fn read(
         replace,
         objects,
         states: Vec::new(),
+        place: None,
     }))
 }
 

@@ -39,6 +39,7 @@ pub mod jump;
 #[allow(missing_docs)]
 pub mod layout;
 pub mod links;
+pub mod livepatch;
 pub mod rbtree;
 #[cfg(test)]
 mod tests;
@@ -114,6 +115,13 @@ pub enum RegisterError {
         /// The key's address.
         key: u64,
     },
+    /// The guest's own klp is changing `klp_patches`, or runs a transition
+    /// of its own: retry later.
+    #[error("the guest's klp is busy: {0}")]
+    KlpBusy(&'static str),
+    /// `klp_patches` is not a consistent list (corrupt or hostile guest).
+    #[error("the guest's klp_patches list is inconsistent: {0}")]
+    KlpCorrupt(&'static str),
     /// A registry is not a consistent list (corrupt or hostile guest).
     #[error("the guest's module registry is inconsistent: {0}")]
     Corrupt(&'static str),
@@ -138,7 +146,7 @@ impl RegisterError {
     /// Whether trying again later may succeed (the guest was mid-way
     /// through changing its registries).
     pub fn is_busy(&self) -> bool {
-        matches!(self, RegisterError::Busy(_))
+        matches!(self, RegisterError::Busy(_) | RegisterError::KlpBusy(_))
     }
 }
 
@@ -171,6 +179,9 @@ pub struct Registry {
     /// For patches with static-key sites: `None` if the guest lacks
     /// `jump_label_mutex` or the image bounds.
     pub jump: Option<jump::JumpGlobals>,
+    /// For callbacks that ask the guest's klp about earlier patches
+    /// ([`livepatch`]): `None` if the guest's klp lacks what that needs.
+    pub klp: Option<livepatch::KlpGlobals>,
 }
 
 impl Registry {
@@ -198,6 +209,7 @@ impl Registry {
                 }),
                 _ => None,
             },
+            klp: livepatch::KlpGlobals::new(btf, kallsyms),
         })
     }
 

@@ -156,6 +156,12 @@ struct FakePatcher<'l> {
     /// (`u32::MAX`: never).
     blocked: Cell<u32>,
     armed: RefCell<Vec<(u64, Kind)>>,
+    /// Arms refused as busy (the guest's klp holds its mutex) before one
+    /// succeeds.
+    busy_arms: Cell<u32>,
+    /// The guest's klp is shown a patch (set by a call, cleared by
+    /// `end_calls`).
+    shown: Cell<bool>,
     log: &'l Log,
 }
 
@@ -167,6 +173,8 @@ impl<'l> FakePatcher<'l> {
             script: HashMap::new(),
             blocked: Cell::new(0),
             armed: RefCell::new(Vec::new()),
+            busy_arms: Cell::new(0),
+            shown: Cell::new(false),
             log,
         }
     }
@@ -213,6 +221,11 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
         _guest: &FakePhys,
         call: &Call,
     ) -> Result<Armed, EngineError> {
+        if self.busy_arms.get() > 0 {
+            self.busy_arms.set(self.busy_arms.get() - 1);
+            return Err(crate::register::RegisterError::KlpBusy("klp_mutex is held").into());
+        }
+        self.shown.set(true);
         self.push(format!(
             "call {} {} {:#x}",
             call.patch, call.kind, call.object
@@ -240,6 +253,14 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
                 Script::Hangs => Progress::Running,
             },
         )
+    }
+    fn end_calls(&mut self, _guest: &FakePhys) -> Result<(), EngineError> {
+        self.push("end calls".into());
+        self.shown.set(false);
+        Ok(())
+    }
+    fn klp_shown(&self) -> bool {
+        self.shown.get()
     }
     fn commit(&mut self, _p: &FakePlan, _guest: &FakePhys) -> Result<Committed, EngineError> {
         let left = self.blocked.get();
@@ -302,6 +323,8 @@ fn callbacks_run_in_klps_order_around_a_switch_retried_until_a_safe_point() {
     calls.enable("new", &[cbs(0x1000, [true; 4])]);
     let mut p = FakePatcher::new(&log, calls);
     p.blocked.set(2);
+    // The guest's klp is busy at the first call: it is sent a moment later.
+    p.busy_arms.set(1);
     let o = run(&host, &mut p, "apply", timeout(10)).unwrap();
     assert_eq!(
         steps(&log),
@@ -311,16 +334,20 @@ fn callbacks_run_in_klps_order_around_a_switch_retried_until_a_safe_point() {
             "prepare",
             "begun new",
             "load",
+            "sleep 1",
             "call new pre_patch 0x1000",
             "sleep 1",
             "sleep 2",
             "commit",
             "call new post_patch 0x1000",
+            // What the guest's klp was shown goes once the last callback ran.
+            "end calls",
         ]
     );
     assert_eq!(o.attempts, 3);
     assert_eq!(*host.waits.borrow(), [1, 2]);
-    assert!((o.waited_ms - 3.0).abs() < 1e-6, "{}", o.waited_ms);
+    // The busy call's millisecond counts too: the whole wait since begun.
+    assert!((o.waited_ms - 4.0).abs() < 1e-6, "{}", o.waited_ms);
     let ran: Vec<_> = o.callbacks.iter().map(|c| (c.callback, c.ret)).collect();
     assert_eq!(
         ran,
@@ -359,9 +386,11 @@ fn a_pre_patch_refusal_abandons_the_transition_and_unloads_the_patch() {
             "call new pre_patch 0x1000",
             "call new pre_patch 0x2000",
             "call new post_unpatch 0x1000",
+            "end calls",
             "unload",
         ],
-        "the refusing object's own post_unpatch does not run; nothing is committed"
+        "the refusing object's own post_unpatch does not run; nothing is committed; the \
+         guest's klp no longer lists the patch when its pages go"
     );
 }
 
@@ -402,6 +431,7 @@ fn an_abandoned_transition_cancels_each_patch_in_object_order_the_last_patch_fir
             "call new post_unpatch 0x2000",
             "call new post_unpatch 0x3000",
             "call old post_patch 0x1000",
+            "end calls",
             "unload",
         ],
         "klp_cancel_transition's order: klp_complete_transition walks the patch's objects \
@@ -446,6 +476,7 @@ fn no_safe_point_within_the_timeout_cancels_the_pre_callbacks_and_reports_the_bl
             "load",
             "call new pre_patch 0x1000",
             "call new post_unpatch 0x1000",
+            "end calls",
             "unload",
         ]
     );
@@ -468,8 +499,8 @@ fn a_pre_patch_that_outlives_the_timeout_is_abandoned_and_its_pages_kept() {
     );
     let s = steps(&log);
     assert_eq!(
-        s[s.len() - 2..],
-        ["call new post_unpatch 0x1000", "retire"],
+        s[s.len() - 3..],
+        ["call new post_unpatch 0x1000", "end calls", "retire"],
         "the hung callback may still run the patch's code: its pages stay mapped"
     );
 }
