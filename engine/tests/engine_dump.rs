@@ -966,3 +966,30 @@ fn a_tracepoint_in_patch_code_joins_its_keys_list_and_leaves_it() {
     assert_eq!(e.sweep(k, &g).unwrap(), vec!["trace_itimer"]);
     assert_eq!(word(key + 8), before, "folded back into the key");
 }
+
+/// A patch whose module_exit does more than klp's modules should (the
+/// kernel's shadow-variable sample frees its variables there) is applied
+/// with a warning saying that work never happens: klpvisor runs neither
+/// module_init nor module_exit.
+#[test]
+fn a_patch_whose_exit_does_work_is_applied_with_a_warning() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let mut e = Engine::default();
+    let p = e
+        .prepare_apply(&f.kernel, &g, &ko("shadow-fix1"), false)
+        .unwrap();
+    assert_eq!(p.warnings().len(), 1, "{:?}", p.warnings());
+    let w = &p.warnings()[0];
+    assert!(
+        w.starts_with("its module_exit also calls `klp_shadow_free_all`: klpvisor never runs"),
+        "{w}"
+    );
+    let p = e
+        .prepare_apply(&f.kernel, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    assert_eq!(p.warnings(), [] as [String; 0]);
+}

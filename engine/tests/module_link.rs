@@ -251,6 +251,27 @@ fn sample_parses_links_and_resolves() {
     }
 }
 
+/// klpvisor never runs a patch module's init or exit code: what they do
+/// besides `klp_enable_patch` is found, to be reported.
+#[test]
+fn what_module_init_and_exit_do_besides_klp_enable_patch_is_found() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    // The kernel's shadow-variable sample frees its variables on exit.
+    let m = parse(f, "shadow-fix1").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        m.init_exit_calls,
+        [("module_exit", "`klp_shadow_free_all`".to_owned())]
+    );
+    // The usual patch: init only enables, exit does nothing.
+    for name in ["livepatch-sample", "klpv-state-v2", "callbacks-v1"] {
+        let m = parse(f, name).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.init_exit_calls, [], "{name}");
+    }
+}
+
 #[test]
 fn hot_patch_has_replace_states_callbacks_and_percpu() {
     if common::skip_without_dump() {

@@ -225,6 +225,7 @@ impl Engine {
             .plan_enable(entry(&name, record.replace, &record.funcs), force)?;
         let check = self.plan_sites(&change, &fresh, Some(&record), &mut plan)?;
         Ok(Prepared {
+            warnings: init_exit_warnings(&module),
             name,
             action: "apply",
             change,
@@ -233,11 +234,39 @@ impl Engine {
             record: Some(record),
             sites: fresh,
             check,
-            warnings: Vec::new(),
             calls,
             loaded_bytes: 0,
             loaded: false,
             klp_before: self.klp_enabled(),
         })
     }
+}
+
+/// What the module's `module_init` or `module_exit` would do besides
+/// `klp_enable_patch`, which never happens here: klpvisor reads the patch
+/// from the file and runs neither. (kpatch-build's init is read as what
+/// it builds, so it is not reported.)
+fn init_exit_warnings(module: &crate::module::Module) -> Vec<String> {
+    if module.patch.place.is_none() {
+        return Vec::new();
+    }
+    ["module_init", "module_exit"]
+        .into_iter()
+        .filter_map(|what| {
+            let calls: Vec<&str> = module
+                .init_exit_calls
+                .iter()
+                .filter(|(w, _)| *w == what)
+                .map(|(_, c)| c.as_str())
+                .collect();
+            (!calls.is_empty()).then(|| {
+                format!(
+                    "its {what} also calls {}: klpvisor never runs a patch module's init or \
+                     exit code (it reads struct klp_patch from the file), so that does not \
+                     happen in the guest; do such work in a pre_patch or post_unpatch callback",
+                    calls.join(", ")
+                )
+            })
+        })
+        .collect()
 }

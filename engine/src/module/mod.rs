@@ -309,6 +309,11 @@ pub struct Module {
     /// Exception fixups, BUG/WARN sites and ORC data, for the guest
     /// kernel's registration of the patch ([`crate::register`]).
     pub tables: tables::Tables,
+    /// What the module's init and exit code calls besides
+    /// `klp_enable_patch` and the compiler's helpers: `("module_init",
+    /// "`name`")`. klpvisor never runs either, so that work never happens
+    /// in the guest (see `init_exit_calls`).
+    pub init_exit_calls: Vec<(&'static str, String)>,
     layout: Layout,
     /// ELF section index -> index into `sections`.
     by_elf: HashMap<usize, usize>,
@@ -446,6 +451,7 @@ impl Module {
             fentry_sites: Vec::new(),
             return_jumps: Vec::new(),
             tables: tables::parse(&elf, &policies, tables::BugLayout::from_btf(btf))?,
+            init_exit_calls: init_exit_calls(&elf),
             layout,
             by_elf,
         };
@@ -887,6 +893,102 @@ pub(crate) fn describe(elf: &RawElf, p: Place) -> String {
 }
 
 /// What a relocation against `raw` + `addend` points at, for messages.
+/// Calls a module's `module_init` and `module_exit` functions make (the
+/// `init_module` and `cleanup_module` aliases `module_init()` and
+/// `module_exit()` define), following calls into the module's own
+/// functions: each `call` or `jmp` whose target is a relocation, other than
+/// `klp_enable_patch`, ftrace's `__fentry__` and the compiler's thunks and
+/// checks. A livepatch's init should do nothing but `klp_enable_patch`
+/// (cumulative-patches.rst: a downgrade is safe only if `module_init()` and
+/// `module_exit()` make no extra modifications): here neither ever runs,
+/// so whatever else they would do never happens. A call the assembler
+/// resolved within one section has no relocation and is not seen.
+fn init_exit_calls(elf: &RawElf) -> Vec<(&'static str, String)> {
+    const PLUMBING: [&str; 4] = [
+        "klp_enable_patch",
+        "__fentry__",
+        "__x86_return_thunk",
+        "__stack_chk_fail",
+    ];
+    /// How deep calls into the module's own functions are followed.
+    const DEPTH: usize = 4;
+    let defined = |name: &str| {
+        elf.symbols.iter().find_map(|sym| {
+            let section = elf.symbol_section(sym)?;
+            (sym.name == name && sym.kind == E::STT_FUNC)
+                .then_some((section, sym.value..sym.value.saturating_add(sym.size)))
+        })
+    };
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    for (what, alias) in [
+        ("module_init", "init_module"),
+        ("module_exit", "cleanup_module"),
+    ] {
+        let Some(start) = defined(alias) else {
+            continue;
+        };
+        let mut todo = vec![(start, 0usize)];
+        let mut seen = vec![todo[0].0.clone()];
+        while let Some(((section, range), depth)) = todo.pop() {
+            let Some(data) = elf.sections.get(section).map(|s| &s.data) else {
+                continue;
+            };
+            for r in &elf.relas {
+                if r.target != section
+                    || !range.contains(&r.offset)
+                    || r.klp
+                    || !matches!(r.r_type, E::R_X86_64_PLT32 | E::R_X86_64_PC32)
+                {
+                    continue;
+                }
+                // A rel32 right after a call (e8) or jmp (e9) opcode.
+                let opcode = usize::try_from(r.offset)
+                    .ok()
+                    .and_then(|o| o.checked_sub(1))
+                    .and_then(|o| data.get(o));
+                if !matches!(opcode, Some(0xe8 | 0xe9)) {
+                    continue;
+                }
+                let Some(raw) = elf.symbols.get(r.symbol) else {
+                    continue;
+                };
+                if PLUMBING.contains(&raw.name.as_str())
+                    || raw.name.starts_with("__x86_indirect_thunk_")
+                    || raw.name.starts_with("__sanitizer_cov_")
+                {
+                    continue;
+                }
+                // The module's own function: what it calls counts.
+                let own = elf.symbol_section(raw).and_then(|s| {
+                    let at = raw.value.checked_add_signed(r.addend.saturating_add(4))?;
+                    let f = elf.symbols.iter().find(|f| {
+                        f.kind == E::STT_FUNC
+                            && elf.symbol_section(f) == Some(s)
+                            && (f.value..f.value.saturating_add(f.size)).contains(&at)
+                    })?;
+                    Some((s, f.value..f.value.saturating_add(f.size)))
+                });
+                match own {
+                    Some(f) if depth < DEPTH => {
+                        if !seen.contains(&f) {
+                            seen.push(f.clone());
+                            todo.push((f, depth + 1));
+                        }
+                    }
+                    _ => {
+                        // A call's rel32 is relative to the instruction's end.
+                        let callee = symbol_target(elf, raw, r.addend.saturating_add(4));
+                        if !out.iter().any(|(w, c)| *w == what && *c == callee) {
+                            out.push((what, callee));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 fn symbol_target(elf: &RawElf, raw: &RawSymbol, addend: i64) -> String {
     if raw.kind == E::STT_SECTION {
         if let (Some(section), Some(offset)) = (
