@@ -118,8 +118,12 @@ fn klp_get_prev_state_answers_in_callbacks_as_in_klp() {
     let keeps = |v: u32, version: u32| {
         format!("klpv_state_v{v}: state 1 version {version} keeps console_loglevel {original}")
     };
-    let lines = |v: u32, l: &[&str]| -> Vec<String> {
-        l.iter().map(|s| format!("klpv_state_v{v}: {s}")).collect()
+    // The patch's own lines, then klp's notice in the guest's kernel log.
+    let lines = |v: u32, l: &[&str], done: &str| -> Vec<String> {
+        l.iter()
+            .map(|s| format!("klpv_state_v{v}: {s}"))
+            .chain([format!("livepatch: 'klpv_state_v{v}': {done} complete")])
+            .collect()
     };
 
     // v1 allocates the state's data, keeps the original level in it and
@@ -134,7 +138,8 @@ fn klp_get_prev_state_answers_in_callbacks_as_in_klp() {
                 "allocate_loglevel_state: allocating space to store console_loglevel",
                 "post_patch_callback: vmlinux",
                 "fix_console_loglevel: fixing console_loglevel",
-            ]
+            ],
+            "patching"
         ),
         "{t}"
     );
@@ -153,7 +158,8 @@ fn klp_get_prev_state_answers_in_callbacks_as_in_klp() {
                     "allocate_loglevel_state: space to store console_loglevel already allocated",
                     "post_patch_callback: vmlinux",
                     "fix_console_loglevel: taking over the console_loglevel change",
-                ]
+                ],
+                "patching"
             ),
             "step {n}\n{t}"
         );
@@ -180,7 +186,8 @@ fn klp_get_prev_state_answers_in_callbacks_as_in_klp() {
                 "restore_console_loglevel: restoring console_loglevel",
                 "post_unpatch_callback: vmlinux",
                 "free_loglevel_state: freeing space for the stored console_loglevel",
-            ]
+            ],
+            "unpatching"
         ),
         "{t}"
     );

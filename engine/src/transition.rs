@@ -224,6 +224,15 @@ pub trait Patcher<G: Guest + ?Sized> {
     fn klp_shown(&self) -> bool {
         false
     }
+    /// Whether a transition's outcome goes to the guest's kernel log
+    /// ([`Patcher::arm_log`]), which needs the call gate.
+    fn logs(&self) -> bool {
+        false
+    }
+    /// Sends a line to the guest's kernel log; `None` if it sends nothing.
+    fn arm_log(&mut self, _guest: &G, _line: &str) -> Result<Option<Armed>, EngineError> {
+        Ok(None)
+    }
     /// The switch: the safe-point check and every entry write.
     fn commit(&mut self, p: &Self::Prepared, guest: &G) -> Result<Committed, EngineError>;
 }
@@ -306,6 +315,14 @@ where
 
     fn klp_shown(&self) -> bool {
         self.engine.klp_shown()
+    }
+
+    fn logs(&self) -> bool {
+        true
+    }
+
+    fn arm_log(&mut self, guest: &G, line: &str) -> Result<Option<Armed>, EngineError> {
+        self.engine.arm_log(self.kernel, guest, line).map(Some)
     }
 
     fn commit(&mut self, p: &Prepared, guest: &G) -> Result<Committed, EngineError> {
@@ -427,6 +444,17 @@ where
             host.paused(|g| patcher.install_gate(g))?.0?;
             tracing::info!("call gate installed for klp callbacks");
             prepared = patcher.prepare()?;
+        }
+    }
+    if prepared.calls().is_empty() && patcher.logs() && !patcher.has_gate() && !host.is_paused() {
+        // The outcome goes to the guest's kernel log through the gate: a
+        // guest without one still gets its patch, without the line.
+        match host.paused(|g| patcher.install_gate(g))?.0 {
+            Ok(()) => {
+                tracing::info!("call gate installed for the guest's kernel log");
+                prepared = patcher.prepare()?;
+            }
+            Err(e) => tracing::warn!("the guest's kernel log will not show transitions: {e}"),
         }
     }
     if prepared.needs_hooks() && !patcher.has_hooks() {
@@ -560,6 +588,16 @@ where
     if let Err(e) = end_calls(host, patcher) {
         warnings.push(format!("the guest's klp still lists the patch: {e}"));
     }
+    // klp's notice for each patch the transition completed, in the
+    // guest's own kernel log (not while a user holds the VM paused).
+    if patcher.logs() && patcher.has_gate() && !host.is_paused() {
+        for line in calls.log_lines() {
+            if let Err(e) = log_in_guest(host, patcher, &line) {
+                tracing::warn!("the guest's kernel log line `{line}` was not printed: {e}");
+                warnings.push(format!("the guest's kernel log line was not printed: {e}"));
+            }
+        }
+    }
     Ok(Outcome {
         committed,
         prepare_ms,
@@ -590,55 +628,103 @@ where
     P: Patcher<H::Guest>,
 {
     let start = host.now();
-    let mut backoff = BACKOFF_START;
-    let armed = loop {
-        let sent = host.paused(|g| -> Result<Result<Armed, EngineError>, H::Error> {
-            let armed = match patcher.arm_call(prepared, g, call) {
-                Ok(armed) => armed,
-                Err(e) => return Ok(Err(e)),
-            };
-            if !host.raise_vector(armed.vcpu, IRQ_WORK_VECTOR)? {
-                tracing::warn!("the local APIC did not take the call gate's interrupt now");
-            }
-            Ok(Ok(armed))
-        });
-        match sent.map_err(Stop::Failed)?.0.map_err(Stop::Failed)? {
-            Ok(armed) => break armed,
-            // The guest's klp is changing its list: a moment later.
-            Err(e) if e.is_busy() && host.now() + backoff < deadline => {
-                tracing::debug!(patch = call.patch, callback = %call.kind, "{e}; retrying");
-                host.sleep(backoff);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
-            Err(e) => return Err(Stop::Failed(e.into())),
-        }
-    };
-    loop {
-        let seen = host.doorbell_rings();
-        let progress = patcher
-            .poll_call(host.guest(), &armed)
-            .map_err(|e| Stop::Failed(e.into()))?;
-        let ms = ms(host.now() - start);
-        if let Progress::Done(ret) = progress {
+    let (armed, done) = send(host, patcher, deadline, |p, g| {
+        p.arm_call(prepared, g, call).map(Some)
+    })
+    .map_err(Stop::Failed)?
+    .ok_or_else(|| {
+        Stop::Failed(EngineError::Internal("the callback was not sent".into()).into())
+    })?;
+    let ms = ms(host.now() - start);
+    match done {
+        Ok(ret) => {
             // pre_patch returns an int: the low half of rax.
             let ret = call.kind.returns().then_some(ret as u32 as i32);
             tracing::info!(patch = call.patch, callback = %call.kind, ?ret, ms, seq = armed.seq, "klp callback ran");
-            return Ok(CallbackRun {
+            Ok(CallbackRun {
                 patch: call.patch.clone(),
                 callback: call.kind,
                 object: Hex(call.object),
                 ret,
                 ms,
                 done: true,
-            });
+            })
+        }
+        Err(progress) => Err(Stop::TimedOut {
+            patch: call.patch.clone(),
+            callback: call.kind,
+            ms: ms as u64,
+            progress: progress.describe(armed.cpu),
+        }),
+    }
+}
+
+/// Prints `line` in the guest's kernel log through the call gate, as
+/// klp's own notice would (see [`Engine::arm_log`](crate::Engine::arm_log)),
+/// and waits for it for [`CALLBACK_GRACE`]. Nothing happens if the patcher
+/// does not log.
+fn log_in_guest<H, P>(host: &H, patcher: &mut P, line: &str) -> Result<(), String>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    let deadline = host.now() + CALLBACK_GRACE;
+    match send(host, patcher, deadline, |p, g| p.arm_log(g, line)) {
+        Ok(Some((_, Ok(_)))) | Ok(None) => Ok(()),
+        Ok(Some((armed, Err(progress)))) => Err(progress.describe(armed.cpu)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Sends one call through the gate with `arm`, in a short pause, retried
+/// with backoff while the guest is busy, and waits for it until
+/// `deadline`: its return value, or how far it got. `None` if `arm` sent
+/// nothing.
+#[allow(clippy::type_complexity)]
+fn send<H, P>(
+    host: &H,
+    patcher: &mut P,
+    deadline: Instant,
+    mut arm: impl FnMut(&mut P, &H::Guest) -> Result<Option<Armed>, EngineError>,
+) -> Result<Option<(Armed, Result<u64, Progress>)>, H::Error>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    let mut backoff = BACKOFF_START;
+    let armed = loop {
+        let sent = host.paused(
+            |g| -> Result<Result<Option<Armed>, EngineError>, H::Error> {
+                let armed = match arm(patcher, g) {
+                    Ok(Some(armed)) => armed,
+                    other => return Ok(other),
+                };
+                if !host.raise_vector(armed.vcpu, IRQ_WORK_VECTOR)? {
+                    tracing::warn!("the local APIC did not take the call gate's interrupt now");
+                }
+                Ok(Ok(Some(armed)))
+            },
+        );
+        match sent?.0? {
+            Ok(Some(armed)) => break armed,
+            Ok(None) => return Ok(None),
+            // The guest's klp is changing its list: a moment later.
+            Err(e) if e.is_busy() && host.now() + backoff < deadline => {
+                tracing::debug!("{e}; sending the call again in a moment");
+                host.sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    loop {
+        let seen = host.doorbell_rings();
+        let progress = patcher.poll_call(host.guest(), &armed)?;
+        if let Progress::Done(ret) = progress {
+            return Ok(Some((armed, Ok(ret))));
         }
         if host.now() >= deadline {
-            return Err(Stop::TimedOut {
-                patch: call.patch.clone(),
-                callback: call.kind,
-                ms: ms as u64,
-                progress: progress.describe(armed.cpu),
-            });
+            return Ok(Some((armed, Err(progress))));
         }
         host.wait_doorbell(seen, deadline);
     }

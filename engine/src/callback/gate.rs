@@ -60,6 +60,10 @@ const MB_ARG: u64 = 24;
 const MB_RET: u64 = 32;
 const MB_CPU: u64 = 40;
 const MB_LEN: usize = 48;
+/// A kernel log line's text, for a `printk` sent through the gate.
+const LOG_AT: u64 = 512;
+/// The longest such text, its NUL included.
+pub const LOG_MAX: usize = 1024;
 /// Code page: the two functions.
 const IRQ_FN_AT: u64 = 0;
 const WORK_FN_AT: u64 = 64;
@@ -414,6 +418,53 @@ impl Gate {
         func: u64,
         seq: u64,
     ) -> Result<Plan, GateError> {
+        let label = format!("#{seq} {} of {}", call.kind, call.patch);
+        self.plan_send(kernel, guest, cpu, (func, call.object), None, seq, &label)
+    }
+
+    /// Plans sending `printk(text)` as call number `seq`, as
+    /// [`Gate::plan_arm`] does a callback: `text` (a printk format without
+    /// conversions, NUL-terminated, at most [`LOG_MAX`] bytes) goes into
+    /// the gate's data page, `printk` is the kernel's `_printk`.
+    pub fn plan_log<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        cpu: (u32, u64),
+        printk: u64,
+        text: &[u8],
+        seq: u64,
+    ) -> Result<Plan, GateError> {
+        if text.len() > LOG_MAX || text.last() != Some(&0) || text.contains(&b'%') {
+            return Err(GateError::Unsupported(
+                "a kernel log line must be NUL-terminated, without %, and at most 1024 bytes"
+                    .into(),
+            ));
+        }
+        let arg = self.data.va + LOG_AT;
+        self.plan_send(
+            kernel,
+            guest,
+            cpu,
+            (printk, arg),
+            Some(text),
+            seq,
+            "kernel log line",
+        )
+    }
+
+    /// Plans one call of `func(arg)` (with `text` put at [`LOG_AT`] first).
+    #[allow(clippy::too_many_arguments)]
+    fn plan_send<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        cpu: (u32, u64),
+        (func, arg): (u64, u64),
+        text: Option<&[u8]>,
+        seq: u64,
+        label: &str,
+    ) -> Result<Plan, GateError> {
         let mut page = vec![0u8; PAGE as usize];
         guest
             .read_phys(GuestPhys(self.data.gpa), &mut page)
@@ -475,14 +526,22 @@ impl Gate {
         let at = |off: u64| self.data.gpa + off;
         let cut = |off: u64, len: usize| page[off as usize..off as usize + len].to_vec();
         let mut mailbox = Vec::with_capacity(MB_LEN);
-        for v in [seq, ARMED, func, call.object, 0, u64::from(number)] {
+        for v in [seq, ARMED, func, arg, 0, u64::from(number)] {
             mailbox.extend_from_slice(&v.to_le_bytes());
+        }
+        if let Some(text) = text {
+            plan.push(Write::new(
+                at(LOG_AT),
+                text.to_vec(),
+                cut(LOG_AT, text.len()),
+                format!("call gate text ({label})"),
+            ));
         }
         plan.push(Write::new(
             at(MAILBOX_AT),
             mailbox,
             cut(MAILBOX_AT, MB_LEN),
-            format!("call gate mailbox (#{seq} {} of {})", call.kind, call.patch),
+            format!("call gate mailbox ({label})"),
         ));
         plan.push(Write::new(
             at(IRQ_WORK_AT + self.layout.irq_next),

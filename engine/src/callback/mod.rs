@@ -132,6 +132,22 @@ impl Calls {
         out
     }
 
+    /// The notices klp prints in the kernel log once a transition is
+    /// complete (`'<patch>': patching complete`, `unpatching complete`),
+    /// one per patch the transition enabled or disabled, without klp's
+    /// `livepatch: ` prefix.
+    pub fn log_lines(&self) -> Vec<String> {
+        let enabled = self
+            .enabling
+            .iter()
+            .map(|(p, _)| format!("'{p}': patching complete"));
+        let disabled = self
+            .disabling
+            .iter()
+            .map(|(p, _)| format!("'{p}': unpatching complete"));
+        enabled.chain(disabled).collect()
+    }
+
     /// The calls that undo the pre steps in `passed`: per patch (a run of
     /// steps of one patch and kind), the objects in object order, as
     /// `klp_complete_transition` walks them; the last patch first.
@@ -220,6 +236,17 @@ mod tests {
         let mut bare = Calls::default();
         bare.enable("p", &[cbs(0x4000, [true, true, false, false])]);
         assert!(Calls::cancel(&bare.pre()).is_empty());
+    }
+
+    #[test]
+    fn klps_completion_notices_one_per_patch() {
+        let mut calls = Calls::default();
+        calls.disable("old", &[cbs(0x1000, [false; 4])]);
+        calls.enable("new", &[cbs(0x2000, [false; 4])]);
+        assert_eq!(
+            calls.log_lines(),
+            ["'new': patching complete", "'old': unpatching complete"]
+        );
     }
 
     #[test]

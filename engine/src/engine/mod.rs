@@ -907,6 +907,26 @@ impl Engine {
                 call.patch, call.kind
             )));
         }
+        let (cpu, base) = self.gate_cpu(kernel, guest)?;
+        let gate = self
+            .gate
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
+        let seq = self.calls + 1;
+        let plan = gate.plan_arm(kernel, guest, (cpu, base), call, func, seq)?;
+        self.show_klp(kernel, guest, p, call)?;
+        plan.commit(guest)?;
+        self.calls = seq;
+        Ok(Armed { seq, vcpu: 0, cpu })
+    }
+
+    /// The CPU vCPU 0 runs (its number and per-CPU base), where the gate
+    /// sends its calls.
+    fn gate_cpu<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<(u32, u64), EngineError> {
         let regs = guest.vcpu_regs(0).map_err(|e| EngineError::VcpuRegisters {
             vcpu: 0,
             source: Box::new(e),
@@ -918,18 +938,37 @@ impl Engine {
         let bases = facts.tasks.per_cpu_bases(&kernel.space(guest))?;
         // The per-CPU base is GS in the kernel, the other GS base in user
         // mode; try both, so a vCPU caught right at an entry still works.
-        let (cpu, base) = [Some(regs.gs_base), regs.kernel_gs_base]
+        [Some(regs.gs_base), regs.kernel_gs_base]
             .into_iter()
             .flatten()
             .find_map(|gs| bases.iter().find(|(_, b)| *b == gs).copied())
-            .ok_or(EngineError::NoPerCpuArea(0))?;
+            .ok_or(EngineError::NoPerCpuArea(0))
+    }
+
+    /// Sends a line to the guest's kernel log through the gate, as klp's
+    /// own `pr_notice("livepatch: ...")` would print it: `line` after the
+    /// `livepatch: ` prefix, at KERN_NOTICE. Anything but printable ASCII
+    /// becomes `?`, and `%` (a printk conversion) `?` too. Call with
+    /// every vCPU paused; then raise the gate's vector on [`Armed::vcpu`].
+    pub fn arm_log<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        line: &str,
+    ) -> Result<Armed, EngineError> {
+        let printk = kernel
+            .kallsyms
+            .addr("_printk")
+            .or_else(|_| kernel.kallsyms.addr("printk"))
+            .map_err(GateError::Symbol)?;
+        let text = log_text(line);
+        let (cpu, base) = self.gate_cpu(kernel, guest)?;
         let gate = self
             .gate
             .as_mut()
             .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
         let seq = self.calls + 1;
-        let plan = gate.plan_arm(kernel, guest, (cpu, base), call, func, seq)?;
-        self.show_klp(kernel, guest, p, call)?;
+        let plan = gate.plan_log(kernel, guest, (cpu, base), printk, &text, seq)?;
         plan.commit(guest)?;
         self.calls = seq;
         Ok(Armed { seq, vcpu: 0, cpu })
@@ -1373,4 +1412,40 @@ fn entry(name: &str, replace: bool, funcs: &[FuncRecord]) -> Entry {
             })
             .collect(),
     )
+}
+
+/// `line` as a printk format at KERN_NOTICE with klp's `livepatch: `
+/// prefix, NUL-terminated and at most [`crate::callback::gate::LOG_MAX`]
+/// bytes: printable ASCII only, and no `%` (the gate passes no arguments).
+fn log_text(line: &str) -> Vec<u8> {
+    let mut text = b"\x015livepatch: ".to_vec();
+    let room = crate::callback::gate::LOG_MAX - text.len() - 2;
+    text.extend(line.bytes().take(room).map(|b| match b {
+        b'%' => b'?',
+        0x20..=0x7e => b,
+        _ => b'?',
+    }));
+    text.extend_from_slice(b"\n\0");
+    text
+}
+
+#[cfg(test)]
+mod log_text_tests {
+    use super::log_text;
+
+    #[test]
+    fn a_log_line_is_klps_notice_and_never_a_printk_conversion() {
+        assert_eq!(
+            log_text("'p': patching complete"),
+            b"\x015livepatch: 'p': patching complete\n\0"
+        );
+        // A name can carry anything: no conversion, no control byte.
+        let t = log_text("'a%sb\x1b\n': patching complete");
+        assert!(!t.contains(&b'%'));
+        assert_eq!(t.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert!(t.starts_with(b"\x015livepatch: 'a?sb??'"));
+        let long = log_text(&"x".repeat(5000));
+        assert_eq!(long.len(), crate::callback::gate::LOG_MAX);
+        assert!(long.ends_with(b"x\n\0"));
+    }
 }

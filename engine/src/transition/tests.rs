@@ -162,6 +162,8 @@ struct FakePatcher<'l> {
     /// The guest's klp is shown a patch (set by a call, cleared by
     /// `end_calls`).
     shown: Cell<bool>,
+    /// Sends klp's notices to the guest's kernel log.
+    logs: bool,
     log: &'l Log,
 }
 
@@ -175,6 +177,7 @@ impl<'l> FakePatcher<'l> {
             armed: RefCell::new(Vec::new()),
             busy_arms: Cell::new(0),
             shown: Cell::new(false),
+            logs: false,
             log,
         }
     }
@@ -261,6 +264,19 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
     }
     fn klp_shown(&self) -> bool {
         self.shown.get()
+    }
+    fn logs(&self) -> bool {
+        self.logs
+    }
+    fn arm_log(&mut self, _guest: &FakePhys, line: &str) -> Result<Option<Armed>, EngineError> {
+        self.push(format!("log {line}"));
+        let mut armed = self.armed.borrow_mut();
+        armed.push((0, Kind::PostPatch));
+        Ok(Some(Armed {
+            seq: armed.len() as u64,
+            vcpu: 0,
+            cpu: 0,
+        }))
     }
     fn commit(&mut self, _p: &FakePlan, _guest: &FakePhys) -> Result<Committed, EngineError> {
         let left = self.blocked.get();
@@ -547,4 +563,40 @@ fn errno_names_are_linuxs() {
     assert_eq!(errno_name(-95), " (-EOPNOTSUPP)");
     assert_eq!(errno_name(-1000), "");
     assert_eq!(errno_name(1), "");
+}
+
+#[test]
+fn klps_notice_goes_to_the_guest_log_once_the_transition_is_complete() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [false; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    p.logs = true;
+    run(&host, &mut p, "apply", timeout(10)).unwrap();
+    // No callbacks: the gate is installed for the log alone.
+    assert_eq!(
+        steps(&log),
+        [
+            "prepare",
+            "install gate",
+            "prepare",
+            "begun new",
+            "load",
+            "commit",
+            "log 'new': patching complete",
+        ]
+    );
+    // Nothing while a user holds the VM paused.
+    let log = Log::default();
+    let mut host = FakeHost::new(&log);
+    host.user_paused = true;
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [false; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    p.logs = true;
+    run(&host, &mut p, "apply", timeout(10)).unwrap();
+    assert!(!steps(&log)
+        .iter()
+        .any(|s| s.starts_with("log ") || s == "install gate"));
 }
