@@ -71,7 +71,7 @@ fn only_validly_signed_patches_apply_with_trusted_keys() {
         }
     }
     let hashes = run.results("guest-hash");
-    assert_eq!(hashes.len(), 2, "{t}");
+    assert_eq!(hashes.len(), 4, "{t}");
     assert_eq!(hashes[0], hashes[1], "kernel text and arena untouched");
     assert!(
         patches(&run, "refused").patches.is_empty(),
@@ -85,11 +85,32 @@ fn only_validly_signed_patches_apply_with_trusted_keys() {
     assert_eq!(on.patches[0].state, PatchState::Enabled);
     assert_eq!(
         on.patches[0].signature,
-        format!("verified: {ops} (ops.pub)")
+        format!("verified: {ops} (ops.pub), level 2")
     );
     let listed = run.lines_with("KLPV-LIST verified ");
     assert!(listed[0].contains(&format!("signature: verified: {ops}")));
     assert_eq!(run.cmdline(2), "this has been live patched");
+
+    // Anti-rollback: a patch signed by the same trusted key at a lower
+    // level than one applied is refused, naming both levels, and nothing
+    // is written.
+    let r = results
+        .iter()
+        .find(|r| r["class"] == "downgrade")
+        .unwrap_or_else(|| panic!("no downgrade result\n{t}"));
+    assert_eq!(r["rc"], "1", "downgrade refused\n{t}");
+    let msg = message(&run, "SIGNED", "downgrade");
+    for n in [
+        "hot_getppid` is signed at level 1, lower than level 2 already applied",
+        "livepatch_sample",
+        "--allow-downgrade",
+        "HTTP 409",
+    ] {
+        assert!(msg.contains(n), "downgrade: `{n}` not in: {msg}");
+    }
+    assert_eq!(hashes[2], hashes[3], "the refused downgrade wrote nothing");
+    let vm: VmInfo = run.json("KLPV-JSON-VM", "levels");
+    assert_eq!(vm.signatures.highest_level, Some(2), "{vm:?}");
     assert_eq!(run.result("signed-enforced-exit")["rc"], "0", "{t}");
 
     // 2. Start-up errors, before any guest.
@@ -115,7 +136,7 @@ fn only_validly_signed_patches_apply_with_trusted_keys() {
         ("unsigned", "unsigned".to_owned()),
         (
             "untrusted-key",
-            format!("not verified: signed by {rogue}, no --trusted-keys"),
+            format!("not verified: signed by {rogue} at level 0, no --trusted-keys"),
         ),
         (
             "kernel-signed",

@@ -157,6 +157,11 @@ pub struct SignaturePolicyInfo {
     pub enforced: bool,
     /// The keys whose signatures are accepted (empty when not enforced).
     pub trusted_keys: Vec<TrustedKeyInfo>,
+    /// Anti-rollback (enforced, without `vmm --allow-downgrade`): the
+    /// highest signed patch level applied so far; a patch below it is
+    /// refused. `None`: not enforced.
+    #[serde(default)]
+    pub highest_level: Option<u16>,
 }
 
 /// One trusted public key.
@@ -511,8 +516,9 @@ pub struct PatchInfo {
     /// Arena bytes its code and data occupy.
     pub arena_bytes: u64,
     /// How its signature was checked when it was applied: `unsigned`,
-    /// `verified: KEYID (FILE.pub)` or `not verified: signed by KEYID, no
-    /// --trusted-keys` (see `klpvisor_engine::signature::Provenance`).
+    /// `verified: KEYID (FILE.pub), level N` or `not verified: signed by
+    /// KEYID at level N, no --trusted-keys` (see
+    /// `klpvisor_engine::signature::Provenance`).
     #[serde(default = "unsigned")]
     pub signature: String,
     /// Every `klp_object`, in patch order, and whether it is linked or

@@ -7,15 +7,23 @@
 //! format is mistaken for the other:
 //!
 //! ```text
-//! [ module bytes ... ][ version=1 | algorithm=1 (Ed25519) | 0 | 0 ]   4 bytes
+//! [ module bytes ... ][ version=2 | algorithm=1 (Ed25519) | level ]   4 bytes
 //!                     [ key id: SHA-256(public key)[..8]          ]   8 bytes
 //!                     [ Ed25519 signature                         ]  64 bytes
 //!                     [ "~klpvisor signature~\n"                  ]  21 bytes
 //! ```
 //!
 //! The signature covers [`DOMAIN`], the 12 header bytes (version,
-//! algorithm, key id) and the module bytes, so a signature made for
-//! anything else (or with its key id swapped) never verifies here.
+//! algorithm, patch level, key id) and the module bytes, so a signature
+//! made for anything else (or with its key id or level changed) never
+//! verifies here.
+//!
+//! The *patch level* (a little-endian u16; `patcher sign --level N`) is
+//! the signer's statement of how new the fix is. Under `--trusted-keys` the
+//! VMM refuses to bring back a lower level than the highest it has applied
+//! (anti-rollback: an old signed patch replayed would revert a security
+//! fix), unless it was started with `--allow-downgrade`. Version 1
+//! trailers, written before levels existed, have zeros there: level 0.
 //!
 //! The kernel's own signature ("~Module signature appended~", PKCS#7 over
 //! X.509 keys) cannot be verified here with a maintained pure-Rust crate,
@@ -40,12 +48,13 @@ use thiserror::Error;
 pub const MAGIC: &[u8] = b"~klpvisor signature~\n";
 /// The last bytes of a module signed by the kernel's `scripts/sign-file`.
 pub const KERNEL_MAGIC: &[u8] = b"~Module signature appended~\n";
-/// The trailer format this code writes and reads.
-pub const VERSION: u8 = 1;
+/// The trailer format this code writes; it reads it and version 1 (the
+/// same layout, without a level).
+pub const VERSION: u8 = 2;
 /// Ed25519 (RFC 8032), the only algorithm of version 1.
 pub const ALGORITHM_ED25519: u8 = 1;
 const HEADER_LEN: usize = 4 + KeyId::LEN;
-/// Every trailer of version 1 is this long.
+/// Every trailer of version 1 or 2 is this long.
 pub const TRAILER_LEN: usize = HEADER_LEN + Signature::BYTE_SIZE + MAGIC.len();
 /// Prefixed to what is signed, so a klpvisor signature is good for
 /// nothing else and nothing else's signature is good here.
@@ -114,6 +123,48 @@ pub enum SignatureError {
     NoTrustedKeys { dir: PathBuf },
     #[error("cannot read the system's random source: {0}")]
     Random(std::io::Error),
+    #[error(
+        "{path} {why}: whoever can change a trusted key can sign patches for this VMM; make \
+         it owned by root or by the VMM's user and writable by the owner only (chmod go-w)"
+    )]
+    KeyPermissions { path: PathBuf, why: String },
+}
+
+/// Refuses a trusted-key file or directory that someone other than root
+/// or this process's user could change.
+fn check_owner_and_mode(path: &Path) -> Result<(), SignatureError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|source| SignatureError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    // This process's effective uid: the owner of its /proc/self.
+    let me = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .map_err(|source| SignatureError::Read {
+            path: "/proc/self".into(),
+            source,
+        })?;
+    let why = if m.mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by its group or others (mode {:o})",
+            m.mode() & 0o7777
+        ))
+    } else if m.uid() != 0 && m.uid() != me {
+        Some(format!(
+            "belongs to uid {}, neither root nor uid {me}",
+            m.uid()
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(SignatureError::KeyPermissions {
+            path: path.to_owned(),
+            why,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The first 8 bytes of the SHA-256 of a public key: short enough for an
@@ -295,24 +346,31 @@ fn signed_message(header: &[u8; HEADER_LEN], module: &[u8]) -> Vec<u8> {
     m
 }
 
-fn header(key_id: KeyId) -> [u8; HEADER_LEN] {
+fn header(key_id: KeyId, level: u16) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0] = VERSION;
     h[1] = ALGORITHM_ED25519;
+    h[2..4].copy_from_slice(&level.to_le_bytes());
     h[4..].copy_from_slice(&key_id.0);
     h
 }
 
-/// `module` with a klpvisor signature by `key` appended. The module may
-/// carry the kernel's signature (ours then covers it too), not ours.
+/// `module` with a klpvisor signature by `key` appended, at patch level 0.
+/// The module may carry the kernel's signature (ours then covers it too),
+/// not ours.
 pub fn sign(module: &[u8], key: &SecretKey) -> Result<Vec<u8>, SignatureError> {
+    sign_level(module, key, 0)
+}
+
+/// [`sign`] at patch `level` (see the module docs: anti-rollback).
+pub fn sign_level(module: &[u8], key: &SecretKey, level: u16) -> Result<Vec<u8>, SignatureError> {
     if !module.starts_with(b"\x7fELF") {
         return Err(SignatureError::NotElf);
     }
     if let Some(t) = Trailer::find(module)? {
         return Err(SignatureError::AlreadySigned(t.key_id));
     }
-    let header = header(key.id());
+    let header = header(key.id(), level);
     let signature = key.0.sign(&signed_message(&header, module));
     let mut out = Vec::with_capacity(module.len() + TRAILER_LEN);
     out.extend_from_slice(module);
@@ -325,6 +383,7 @@ pub fn sign(module: &[u8], key: &SecretKey) -> Result<Vec<u8>, SignatureError> {
 /// A klpvisor signature found at the end of a module.
 struct Trailer<'a> {
     key_id: KeyId,
+    level: u16,
     header: [u8; HEADER_LEN],
     signature: Signature,
     /// What it signs: everything before it.
@@ -347,19 +406,22 @@ impl<'a> Trailer<'a> {
         let (signed, trailer) = ko.split_at(start);
         let mut header = [0u8; HEADER_LEN];
         header.copy_from_slice(&trailer[..HEADER_LEN]);
-        if header[0] != VERSION || header[1] != ALGORITHM_ED25519 || header[2..4] != [0, 0] {
+        let v1 = header[0] == 1 && header[2..4] == [0, 0];
+        if !(v1 || header[0] == VERSION) || header[1] != ALGORITHM_ED25519 {
             return Err(SignatureError::Malformed(format!(
-                "version {} algorithm {} (this VMM reads version {VERSION}, algorithm \
+                "version {} algorithm {} (this VMM reads versions 1 and {VERSION}, algorithm \
                  {ALGORITHM_ED25519} = Ed25519; truncated or from a newer patcher?)",
                 header[0], header[1]
             )));
         }
+        let level = u16::from_le_bytes([header[2], header[3]]);
         let mut id = [0u8; KeyId::LEN];
         id.copy_from_slice(&header[4..]);
         let mut sig = [0u8; Signature::BYTE_SIZE];
         sig.copy_from_slice(&trailer[HEADER_LEN..HEADER_LEN + Signature::BYTE_SIZE]);
         Ok(Some(Self {
             key_id: KeyId(id),
+            level,
             header,
             signature: Signature::from_bytes(&sig),
             signed,
@@ -410,6 +472,7 @@ impl TrustedKeys {
             path: dir.to_owned(),
             source,
         };
+        check_owner_and_mode(dir)?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(read_err)?
             .map(|e| e.map(|e| e.path()))
@@ -420,6 +483,7 @@ impl TrustedKeys {
         let keys = files
             .iter()
             .map(|p| {
+                check_owner_and_mode(p)?;
                 let key = PublicKey::load(p)?;
                 Ok(TrustedKey {
                     id: key.id(),
@@ -484,10 +548,27 @@ pub enum Provenance {
     Verified {
         key_id: KeyId,
         key_file: String,
+        /// The patch level the signature covers.
+        level: u16,
         kernel_signed: bool,
     },
     /// Signed, but this VMM has no trusted keys to check it with.
-    NotVerified { key_id: KeyId, kernel_signed: bool },
+    NotVerified {
+        key_id: KeyId,
+        level: u16,
+        kernel_signed: bool,
+    },
+}
+
+impl Provenance {
+    /// The verified patch level: what anti-rollback compares (an
+    /// unverified level is only what the file claims).
+    pub fn verified_level(&self) -> Option<u16> {
+        match self {
+            Self::Verified { level, .. } => Some(*level),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Provenance {
@@ -504,18 +585,20 @@ impl fmt::Display for Provenance {
             Self::Verified {
                 key_id,
                 key_file,
+                level,
                 kernel_signed,
             } => write!(
                 f,
-                "verified: {key_id} ({key_file}){}",
+                "verified: {key_id} ({key_file}), level {level}{}",
                 kernel(*kernel_signed)
             ),
             Self::NotVerified {
                 key_id,
+                level,
                 kernel_signed,
             } => write!(
                 f,
-                "not verified: signed by {key_id}, no --trusted-keys{}",
+                "not verified: signed by {key_id} at level {level}, no --trusted-keys{}",
                 kernel(*kernel_signed)
             ),
         }
@@ -541,6 +624,7 @@ impl Policy {
             (Self::AcceptUnsigned, None) => Provenance::Unsigned { kernel_signed },
             (Self::AcceptUnsigned, Some(t)) => Provenance::NotVerified {
                 key_id: t.key_id,
+                level: t.level,
                 kernel_signed,
             },
             (Self::RequireSigned(_), None) if kernel_signed => {
@@ -567,6 +651,7 @@ impl Policy {
                 Provenance::Verified {
                     key_id: good.id,
                     key_file: good.file.clone(),
+                    level: t.level,
                     kernel_signed,
                 }
             }
@@ -649,12 +734,13 @@ mod tests {
             Provenance::Verified {
                 key_id: k.id(),
                 key_file: "k1.pub".into(),
+                level: 0,
                 kernel_signed: false
             }
         );
         assert_eq!(
             c.provenance.to_string(),
-            format!("verified: {} (k1.pub)", k.id())
+            format!("verified: {} (k1.pub), level 0", k.id())
         );
     }
 
@@ -667,7 +753,10 @@ mod tests {
         assert_eq!(c.module, &m[..]);
         assert_eq!(
             c.provenance.to_string(),
-            format!("not verified: signed by {}, no --trusted-keys", k.id())
+            format!(
+                "not verified: signed by {} at level 0, no --trusted-keys",
+                k.id()
+            )
         );
         // Even a tampered one: nothing is checked, and the status says so.
         let mut bad = signed.clone();
@@ -827,7 +916,7 @@ mod tests {
         let k = key(1);
         let plain = k.0.sign(&m);
         let mut forged = m.clone();
-        forged.extend_from_slice(&header(k.id()));
+        forged.extend_from_slice(&header(k.id(), 0));
         forged.extend_from_slice(&plain.to_bytes());
         forged.extend_from_slice(MAGIC);
         assert!(matches!(
@@ -916,8 +1005,72 @@ mod tests {
         let c = policy.check(&signed).unwrap();
         assert_eq!(
             c.provenance.to_string(),
-            format!("verified: {id} (release.pub)")
+            format!("verified: {id} (release.pub), level 0")
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_patch_level_is_signed_and_version_1_reads_as_level_0() {
+        let m = module();
+        let k = key(1);
+        let signed = sign_level(&m, &k, 7).unwrap();
+        let c = trusting(&[&k]).check(&signed).unwrap();
+        assert_eq!(c.provenance.verified_level(), Some(7));
+        assert!(c.provenance.to_string().ends_with("level 7"));
+        // Raising the level in the file breaks the signature.
+        let at = m.len() + 2;
+        let mut raised = signed.clone();
+        raised[at] = 9;
+        assert!(matches!(
+            trusting(&[&k]).check(&raised).unwrap_err(),
+            SignatureError::BadSignature { .. }
+        ));
+        // Without trusted keys the level is only a claim.
+        let c = Policy::AcceptUnsigned.check(&signed).unwrap();
+        assert_eq!(c.provenance.verified_level(), None);
+        // A version 1 trailer (written before levels) verifies, at 0.
+        let mut h = header(k.id(), 0);
+        h[0] = 1;
+        let mut v1 = m.clone();
+        v1.extend_from_slice(&h);
+        v1.extend_from_slice(&k.0.sign(&signed_message(&h, &m)).to_bytes());
+        v1.extend_from_slice(MAGIC);
+        let c = trusting(&[&k]).check(&v1).unwrap();
+        assert_eq!(c.provenance.verified_level(), Some(0));
+        // ... but version 1 never had a level there.
+        let mut bad = v1.clone();
+        bad[at] = 1;
+        assert!(matches!(
+            trusting(&[&k]).check(&bad).unwrap_err(),
+            SignatureError::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn trusted_keys_that_others_can_change_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tmpdir("modes");
+        let (_, pk, _) = write_key_pair(&d.join("a")).unwrap();
+        let set = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        set(&d, 0o755);
+        set(&pk, 0o644);
+        TrustedKeys::load_dir(&d).unwrap();
+        set(&pk, 0o664);
+        let e = TrustedKeys::load_dir(&d).unwrap_err();
+        assert!(matches!(e, SignatureError::KeyPermissions { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("a.pub is writable by its group or others"),
+            "{e}"
+        );
+        set(&pk, 0o644);
+        set(&d, 0o777);
+        let e = TrustedKeys::load_dir(&d).unwrap_err();
+        assert!(matches!(e, SignatureError::KeyPermissions { .. }), "{e}");
+        set(&d, 0o755);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

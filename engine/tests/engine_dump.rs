@@ -594,9 +594,12 @@ fn signed_module_applies_stripped_and_lists_its_signature() {
     let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
     let mut e = Engine::default();
     let mut p = e.prepare_apply(k, &g, checked.module, false).unwrap();
-    p.set_signature(checked.provenance.to_string());
+    p.set_signature(
+        checked.provenance.to_string(),
+        checked.provenance.verified_level(),
+    );
     let done = e.commit(k, &g, &p).unwrap();
-    let want = format!("verified: {} (release.pub)", key.id());
+    let want = format!("verified: {} (release.pub), level 0", key.id());
     assert_eq!(done.patch.unwrap().signature, want);
     assert_eq!(e.list()[0].signature, want);
 
@@ -992,4 +995,75 @@ fn a_patch_whose_exit_does_work_is_applied_with_a_warning() {
         .prepare_apply(&f.kernel, &g, &ko("livepatch-sample"), false)
         .unwrap();
     assert_eq!(p.warnings(), [] as [String; 0]);
+}
+
+/// Anti-rollback: with levels enforced, nothing signed below the highest
+/// level applied comes back, by apply, enable or rollback; without, it
+/// does.
+#[test]
+fn a_lower_signed_level_cannot_come_back_when_levels_are_enforced() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let k = &f.kernel;
+    for enforced in [true, false] {
+        let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+        let mut e = Engine::default();
+        if enforced {
+            e.enforce_levels();
+            assert_eq!(e.level_floor(), Some(0));
+        }
+        let apply = |e: &mut Engine, name: &str, level: u16| {
+            let mut p = e.prepare_apply(k, &g, &ko(name), false).unwrap();
+            p.set_signature(format!("verified: test, level {level}"), Some(level));
+            e.check_levels(&p).map(|()| p)
+        };
+        // The sample at level 1, disabled, then hot-getppid at level 2.
+        let p = apply(&mut e, "livepatch-sample", 1);
+        go(&mut e, k, &g, p);
+        let p = e.prepare_disable(k, &g, "livepatch_sample", false);
+        go(&mut e, k, &g, p);
+        let p = apply(&mut e, "hot-getppid", 2);
+        go(&mut e, k, &g, p);
+        let refused = |r: Result<klpvisor_engine::engine::Prepared, EngineError>| match r {
+            Err(EngineError::Downgrade {
+                level: 1,
+                highest: 2,
+                ..
+            }) => true,
+            Err(other) => panic!("{other}"),
+            Ok(_) => false,
+        };
+        // Enabling the sample again, or a rollback to before its disable
+        // (which enables it), is refused for its level before anything
+        // else.
+        let r = e
+            .prepare_enable(k, &g, "livepatch_sample", false)
+            .and_then(|p| e.check_levels(&p).map(|()| p));
+        assert_eq!(refused(r), enforced);
+        let r = e
+            .prepare_rollback(k, &g, Some(2), false)
+            .and_then(|p| e.check_levels(&p).map(|()| p));
+        assert_eq!(refused(r), enforced);
+        if enforced {
+            assert_eq!(e.level_floor(), Some(2));
+            let r = apply(&mut e, "klpv-v1", 1);
+            let msg = r
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(
+                msg.contains(
+                    "signed at level 1, lower than level 2 already applied (by `hot_getppid`)"
+                ),
+                "{msg}"
+            );
+            // A patch at the highest level, or above, still applies.
+            let p = apply(&mut e, "klpv-v1", 3);
+            go(&mut e, k, &g, p);
+            assert_eq!(e.level_floor(), Some(3));
+        }
+    }
 }

@@ -21,7 +21,7 @@ use klpvisor_api::{
     RegsReply, RollbackReply, TasksReply, TransitionReply, VmInfo, MAX_MEMORY_READ,
 };
 use klpvisor_engine::signature::{
-    sign, write_key_pair, Policy, Provenance, SecretKey, SignatureError, TrustedKeys,
+    sign_level, write_key_pair, Policy, Provenance, SecretKey, SignatureError, TrustedKeys,
 };
 
 /// Live-patch a Linux guest from the hypervisor: the client of `vmm --api-sock`.
@@ -123,6 +123,11 @@ enum Command {
         /// Where to write the signed module (default: FILE, in place).
         #[arg(short, long, value_name = "OUT.ko")]
         out: Option<PathBuf>,
+        /// The patch level the signature covers (0 to 65535). A VMM with
+        /// --trusted-keys refuses a lower level than the highest it has
+        /// applied: raise it with every release of a fix.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        level: u16,
     },
     /// Check a module's signature offline, as `vmm --trusted-keys DIR` would.
     Verify {
@@ -239,7 +244,12 @@ fn offline(command: &Command) -> Option<Result<(), SignatureError>> {
                 public.display()
             );
         }),
-        Command::Sign { key, file, out } => sign_file(key, file, out.as_deref().unwrap_or(file)),
+        Command::Sign {
+            key,
+            file,
+            out,
+            level,
+        } => sign_file(key, file, out.as_deref().unwrap_or(file), *level),
         Command::Verify { trusted_keys, file } => {
             verify_file(trusted_keys, file).map(|p| println!("{}: {p}", file.display()))
         }
@@ -256,9 +266,9 @@ fn read(path: &Path) -> Result<Vec<u8>, SignatureError> {
 
 /// Signs `file` into `out`, through a temporary file renamed over it, so
 /// an interrupted in-place sign never leaves half a module.
-fn sign_file(key: &Path, file: &Path, out: &Path) -> Result<(), SignatureError> {
+fn sign_file(key: &Path, file: &Path, out: &Path, level: u16) -> Result<(), SignatureError> {
     let key = SecretKey::load(key)?;
-    let signed = sign(&read(file)?, &key)?;
+    let signed = sign_level(&read(file)?, &key, level)?;
     let mut tmp = out.as_os_str().to_owned();
     tmp.push(".signing");
     let tmp = PathBuf::from(tmp);
@@ -272,7 +282,7 @@ fn sign_file(key: &Path, file: &Path, out: &Path) -> Result<(), SignatureError> 
         return Err(write_err(e));
     }
     println!(
-        "signed {} with key {} -> {}",
+        "signed {} with key {} at level {level} -> {}",
         file.display(),
         key.id(),
         out.display()

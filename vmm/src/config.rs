@@ -46,6 +46,12 @@ pub struct Args {
     /// it, unsigned patches are accepted and `patcher list` says so.
     #[arg(long, value_name = "DIR")]
     pub trusted_keys: Option<PathBuf>,
+    /// With --trusted-keys: also accept a patch signed at a lower level
+    /// (`patcher sign --level N`) than the highest already applied. Without
+    /// it, such a downgrade is refused, so an old signed fix cannot be
+    /// replayed over a newer one.
+    #[arg(long, requires = "trusted_keys")]
+    pub allow_downgrade: bool,
     /// Give the guest a second serial port (COM2, its ttyS1), output only,
     /// written to PATH (a file, created or appended to, or a FIFO). The
     /// kernel prints to the console (COM1) unless told otherwise, so

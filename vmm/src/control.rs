@@ -425,8 +425,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Control {
-    pub fn new(vm: Arc<Vm>, policy: Policy) -> Self {
-        let engine = Engine::default();
+    /// `allow_downgrade` (`vmm --allow-downgrade`) lifts anti-rollback,
+    /// which trusted keys otherwise enforce.
+    pub fn new(vm: Arc<Vm>, policy: Policy, allow_downgrade: bool) -> Self {
+        let mut engine = Engine::default();
+        if policy.enforced() && !allow_downgrade {
+            engine.enforce_levels();
+        }
         let hook_rips = engine.hook_rips();
         Self {
             vm,
@@ -443,6 +448,11 @@ impl Control {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// The highest signed level applied, when anti-rollback is enforced.
+    pub fn level_floor(&self) -> Option<u16> {
+        self.engine().level_floor()
     }
 
     pub fn vm(&self) -> &Vm {
@@ -1054,7 +1064,9 @@ impl Control {
             t,
             |e, k| {
                 target.set(to.unwrap_or(e.last_seq()));
-                e.prepare_rollback(k, &*self.vm, Some(target.get()), t.force)
+                let p = e.prepare_rollback(k, &*self.vm, Some(target.get()), t.force)?;
+                e.check_levels(&p)?;
+                Ok(p)
             },
             |engine, o| {
                 Ok(RollbackReply {
@@ -1089,10 +1101,12 @@ impl Control {
             tracing::warn!(bytes = ko.len(), "patch refused, guest untouched: {e}");
         })?;
         let signature = checked.provenance.to_string();
+        let level = checked.provenance.verified_level();
         tracing::info!(signature, "patch signature checked");
         self.transition("apply", t, |e, k| {
             let mut p = e.prepare_apply(k, &*self.vm, checked.module, t.force)?;
-            p.set_signature(signature.clone());
+            p.set_signature(signature.clone(), level);
+            e.check_levels(&p)?;
             Ok(p)
         })
     }
@@ -1108,7 +1122,9 @@ impl Control {
     /// replace patch).
     pub fn enable(&self, name: &str, t: Transition) -> Result<TransitionReply, ControlError> {
         self.transition("enable", t, |e, k| {
-            e.prepare_enable(k, &*self.vm, name, t.force)
+            let p = e.prepare_enable(k, &*self.vm, name, t.force)?;
+            e.check_levels(&p)?;
+            Ok(p)
         })
     }
 

@@ -110,7 +110,7 @@ fn main() -> ExitCode {
     );
 
     if let Some(api) = api.as_mut() {
-        let control = Arc::new(Control::new(vm.clone(), policy));
+        let control = Arc::new(Control::new(vm.clone(), policy, args.allow_downgrade));
         if let Err(e) = control.serve_module_hooks() {
             tracing::warn!("cannot serve module hooks (modules loading later stay unpatched): {e}");
         }

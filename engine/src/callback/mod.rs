@@ -92,6 +92,11 @@ impl Calls {
         self.enabling.push((patch.to_owned(), objects.to_vec()));
     }
 
+    /// The patches the transition enables, in order.
+    pub fn enabling(&self) -> impl Iterator<Item = &str> {
+        self.enabling.iter().map(|(p, _)| p.as_str())
+    }
+
     /// Adds a patch the transition disables.
     pub fn disable(&mut self, patch: &str, objects: &[LinkedCallbacks]) {
         self.disabling.push((patch.to_owned(), objects.to_vec()));

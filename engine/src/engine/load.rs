@@ -216,6 +216,7 @@ impl Engine {
                 .filter_map(|(name, cb)| Some((name?, cb.object)))
                 .collect(),
             klp_patch: module.patch.place.and_then(|p| linked.va(p)),
+            level: None,
         };
         // On a replace too, only the new patch's callbacks run.
         let mut calls = crate::callback::Calls::default();

@@ -13,6 +13,7 @@
 
 mod coming;
 mod ftrace;
+mod levels;
 mod livepatch;
 mod load;
 mod modules;
@@ -166,6 +167,19 @@ pub enum EngineError {
          or apply a patch that fits it"
     )]
     Unlinked { patch: String, module: String },
+    /// Anti-rollback: the patch's signed level is below one applied.
+    #[error(
+        "patch `{patch}` is signed at level {level}, lower than level {highest} already applied \
+         (by `{by}`); under --trusted-keys an older level is refused so an old fix cannot be \
+         replayed over a newer one. Apply a patch signed at level {highest} or higher, or start \
+         the VMM with --allow-downgrade"
+    )]
+    Downgrade {
+        patch: String,
+        level: u16,
+        highest: u16,
+        by: String,
+    },
     /// The `struct module` a hook reported is not on the guest's list.
     #[error("the module at {0:#x} that the guest reported loading or unloading is not on its modules list")]
     NoSuchModule(u64),
@@ -202,6 +216,7 @@ impl EngineError {
             | EngineError::State(_)
             | EngineError::ModuleGone(_)
             | EngineError::Unlinked { .. }
+            | EngineError::Downgrade { .. }
             | EngineError::GuestBusy(_) => Fault::State,
             EngineError::Arena(ArenaError::Full { .. })
             | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
@@ -285,6 +300,8 @@ struct Record {
     /// Its `struct klp_patch` in the arena, if the module file has one:
     /// what the guest's klp is shown while its callbacks run.
     klp_patch: Option<u64>,
+    /// The patch level its verified signature covers (see [`levels`]).
+    level: Option<u16>,
 }
 
 impl Record {
@@ -356,9 +373,10 @@ impl Prepared {
 
     /// Records how the applied module's signature was checked, for
     /// `PatchInfo::signature` (an apply only; "unsigned" if never set).
-    pub fn set_signature(&mut self, signature: String) {
+    pub fn set_signature(&mut self, signature: String, level: Option<u16>) {
         if let Some(r) = self.record.as_mut() {
             r.signature = signature;
+            r.level = level;
         }
     }
 
@@ -486,6 +504,8 @@ pub struct Engine {
     /// What the guest's klp is shown while callbacks run, until the
     /// transition ends (see [`livepatch`]).
     klp_shown: Option<crate::register::livepatch::Shown>,
+    /// Anti-rollback, when enforced: the highest signed level applied.
+    floor: Option<levels::Floor>,
 }
 
 impl Engine {
@@ -1107,6 +1127,7 @@ impl Engine {
         if let Some(r) = &p.record {
             self.records.insert(p.name.clone(), r.clone());
         }
+        self.raise_floor(p);
         self.seq += 1;
         if self.history.len() == MAX_HISTORY {
             self.history.pop_front();

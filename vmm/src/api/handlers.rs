@@ -114,6 +114,7 @@ pub async fn vm_info(State(c): State<AppState>) -> Reply<VmInfo> {
                         file: k.file.clone(),
                     })
                     .collect(),
+                highest_level: c.level_floor(),
             },
         }))
     })
