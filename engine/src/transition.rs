@@ -446,17 +446,6 @@ where
             prepared = patcher.prepare()?;
         }
     }
-    if prepared.calls().is_empty() && patcher.logs() && !patcher.has_gate() && !host.is_paused() {
-        // The outcome goes to the guest's kernel log through the gate: a
-        // guest without one still gets its patch, without the line.
-        match host.paused(|g| patcher.install_gate(g))?.0 {
-            Ok(()) => {
-                tracing::info!("call gate installed for the guest's kernel log");
-                prepared = patcher.prepare()?;
-            }
-            Err(e) => tracing::warn!("the guest's kernel log will not show transitions: {e}"),
-        }
-    }
     if prepared.needs_hooks() && !patcher.has_hooks() {
         // A module object is linked when its module loads, and let go when
         // it unloads: the hooks on both take an arena page, so plan again
@@ -589,7 +578,19 @@ where
         warnings.push(format!("the guest's klp still lists the patch: {e}"));
     }
     // klp's notice for each patch the transition completed, in the
-    // guest's own kernel log (not while a user holds the VM paused).
+    // guest's own kernel log (not while a user holds the VM paused). The
+    // gate it goes through is installed now if no callback needed it yet:
+    // a transition that fails writes nothing, and a guest where the gate
+    // cannot go still gets its patch, without the line.
+    if patcher.logs() && !host.is_paused() && !patcher.has_gate() {
+        match host.paused(|g| patcher.install_gate(g)) {
+            Ok((Ok(()), _)) => tracing::info!("call gate installed for the guest's kernel log"),
+            Ok((Err(e), _)) => {
+                tracing::warn!("the guest's kernel log will not show transitions: {e}")
+            }
+            Err(e) => tracing::warn!("the guest's kernel log will not show transitions: {e}"),
+        }
+    }
     if patcher.logs() && patcher.has_gate() && !host.is_paused() {
         for line in calls.log_lines() {
             if let Err(e) = log_in_guest(host, patcher, &line) {

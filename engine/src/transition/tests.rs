@@ -574,16 +574,16 @@ fn klps_notice_goes_to_the_guest_log_once_the_transition_is_complete() {
     let mut p = FakePatcher::new(&log, calls);
     p.logs = true;
     run(&host, &mut p, "apply", timeout(10)).unwrap();
-    // No callbacks: the gate is installed for the log alone.
+    // No callbacks: the gate is installed for the log alone, once the
+    // transition committed (one that fails writes nothing).
     assert_eq!(
         steps(&log),
         [
             "prepare",
-            "install gate",
-            "prepare",
             "begun new",
             "load",
             "commit",
+            "install gate",
             "log 'new': patching complete",
         ]
     );
