@@ -58,16 +58,20 @@ fn four_vcpus_reboot() {
         return;
     }
     let token = format!("r{}", std::process::id());
-    let run = run_scenario("boot", &["4", &token, "/bin/reboot", "-f"]);
+    // With its log in a file of its own: nothing of it on stderr.
+    let run = run_scenario("boot", &["4", &token, "--log-file", "/bin/reboot", "-f"]);
     let (cpus, cmdline) = ready_line(&run);
     assert_eq!(cpus, "4", "{}", run.transcript());
     assert!(cmdline.contains(&format!("klpv.token={token}")));
     assert_eq!(run.result("boot")["rc"], "0", "reboot ends vmm with 0");
+    let rebooted = run.lines_with("guest rebooted");
+    assert!(!rebooted.is_empty(), "{}", run.transcript());
     assert!(
-        !run.lines_with("guest rebooted").is_empty(),
-        "{}",
+        rebooted.iter().all(|l| l.contains("KLPV-LOGFILE ")),
+        "the log went to its file only\n{}",
         run.transcript()
     );
+    assert_eq!(run.result("log-file")["mode"], "600");
     assert!(
         run.lines_with("Call Trace").is_empty(),
         "no oops or warning"

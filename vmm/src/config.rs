@@ -58,6 +58,11 @@ pub struct Args {
     /// program output sent to ttyS1 never has kernel messages spliced in.
     #[arg(long, value_name = "PATH")]
     pub serial2_out: Option<PathBuf>,
+    /// Write the VMM's own log to PATH (appended to, created mode 0600)
+    /// instead of stderr. The guest's console stays on stdout either way;
+    /// start-up errors still go to stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
     /// Time a loop on /dev/kvm, print whether it runs at hardware speed, and exit.
     #[arg(long)]
     pub kvm_probe: bool,

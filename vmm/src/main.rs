@@ -37,15 +37,25 @@ const CONSOLE_FLUSH: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = config::Args::parse();
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The VMM's own log: stderr, or a file of its own (--log-file), never
+    // the guest's console (stdout).
+    match args.log_file.as_deref().map(open_log) {
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        Some(Ok(file)) => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::sync::Mutex::new(file))
+            .with_target(false)
+            .with_ansi(false)
+            .init(),
+        Some(Err(e)) => return fail(&e),
+    }
     if args.kvm_probe {
         return probe();
     }
@@ -204,6 +214,18 @@ fn open_serial2(
         .map_err(|e| format!("--serial2-out {}: {e}", path.display()))?;
     console_out::start("COM2", Box::new(file), console_out::CAPACITY)
         .map_err(|e| format!("cannot start the COM2 thread: {e}"))
+}
+
+/// Opens `--log-file`: appended to, created mode 0600 (the log names
+/// patches, keys and guest addresses).
+fn open_log(path: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("--log-file {}: {e}", path.display()))
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
