@@ -9,8 +9,8 @@ use super::modules::SpaceMem;
 use super::{Engine, EngineError, Prepared};
 use crate::callback::Call;
 use crate::register::livepatch::{self, KlpGlobals, World};
-use crate::register::{RegisterError, Word};
-use crate::write::{AllowKind, Allowed, Plan, Write};
+use crate::register::Word;
+use crate::write::{AllowKind, Plan};
 
 impl Engine {
     /// The `struct klp_patch` of every enabled patch, in the order klp
@@ -103,38 +103,7 @@ impl Engine {
         words: &[Word],
     ) -> Result<Plan, EngineError> {
         let space = kernel.space(guest);
-        let arena = self
-            .facts
-            .as_ref()
-            .map(|f| f.arena.allowed())
-            .unwrap_or_default();
-        let mut plan = Plan::new(arena);
-        let phys = |va: u64| -> Result<u64, RegisterError> {
-            space
-                .translate(va)
-                .map(|t| t.phys)
-                .map_err(|e| RegisterError::Read {
-                    va,
-                    source: Box::new(e),
-                })
-        };
-        for va in livepatch::allowed(&SpaceMem(&space), g)? {
-            if let Ok(gpa) = phys(va) {
-                plan.allow(Allowed {
-                    gpa,
-                    len: 8,
-                    kind: AllowKind::KlpPatches,
-                });
-            }
-        }
-        for &(va, old, new) in words {
-            plan.push(Write::new(
-                phys(va)?,
-                new.to_le_bytes().to_vec(),
-                old.to_le_bytes().to_vec(),
-                format!("klp_patches {va:#x}"),
-            ));
-        }
-        Ok(plan)
+        let allowed = livepatch::allowed(&SpaceMem(&space), g)?;
+        self.word_plan(&space, allowed, AllowKind::KlpPatches, words, "klp_patches")
     }
 }

@@ -56,45 +56,47 @@ impl Engine {
         let mem = SpaceMem(space);
         let mut ours = self.our_modules();
         ours.push(r.module);
+        let allowed = registry.allowed(&mem, &ours, &r.jumps)?;
+        let mut plan = self.word_plan(space, allowed, AllowKind::ModuleRegistry, &words, label)?;
+        for (va, old, new) in pokes {
+            plan.push(Write::new(
+                phys(space, va)?,
+                new,
+                old,
+                format!("static-key site {va:#x} of {label}"),
+            ));
+        }
+        Ok(plan)
+    }
+
+    /// A plan writing 8-byte `words`, allowed in the arena and at the
+    /// guest words `allowed` (as `kind`; one that does not translate is
+    /// never written either).
+    pub(super) fn word_plan<G: Guest + ?Sized>(
+        &self,
+        space: &AddressSpace<'_, G>,
+        allowed: Vec<u64>,
+        kind: AllowKind,
+        words: &[Word],
+        label: &str,
+    ) -> Result<Plan, EngineError> {
         let arena = self
             .facts
             .as_ref()
             .map(|f| f.arena.allowed())
             .unwrap_or_default();
         let mut plan = Plan::new(arena);
-        let phys = |va: u64| {
-            space
-                .translate(va)
-                .map(|t| t.phys)
-                .map_err(|e| RegisterError::Read {
-                    va,
-                    source: Box::new(e),
-                })
-        };
-        for va in registry.allowed(&mem, &ours, &r.jumps)? {
-            // A word that does not translate is never written either.
-            if let Ok(gpa) = phys(va) {
-                plan.allow(Allowed {
-                    gpa,
-                    len: 8,
-                    kind: AllowKind::ModuleRegistry,
-                });
+        for va in allowed {
+            if let Ok(gpa) = phys(space, va) {
+                plan.allow(Allowed { gpa, len: 8, kind });
             }
         }
-        for (va, old, new) in words {
+        for &(va, old, new) in words {
             plan.push(Write::new(
-                phys(va)?,
+                phys(space, va)?,
                 new.to_le_bytes().to_vec(),
                 old.to_le_bytes().to_vec(),
                 format!("{label} {va:#x}"),
-            ));
-        }
-        for (va, old, new) in pokes {
-            plan.push(Write::new(
-                phys(va)?,
-                new,
-                old,
-                format!("static-key site {va:#x} of {label}"),
             ));
         }
         Ok(plan)
@@ -226,4 +228,15 @@ impl Engine {
         p.loaded = true;
         Ok(vec![unlink, undo])
     }
+}
+
+/// The guest-physical address of kernel virtual `va`.
+fn phys<G: Guest + ?Sized>(space: &AddressSpace<'_, G>, va: u64) -> Result<u64, RegisterError> {
+    space
+        .translate(va)
+        .map(|t| t.phys)
+        .map_err(|e| RegisterError::Read {
+            va,
+            source: Box::new(e),
+        })
 }
