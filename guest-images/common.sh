@@ -12,19 +12,24 @@ KLPV_BUILD=$KLPV_ROOT/build
 log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# --- Which guest kernel: KLPV_GUEST=6.1 (default) or 6.12. ---
-# 6.1 is Debian 12's own cloud kernel (bookworm); 6.12 is Debian's cloud
-# kernel from bookworm-backports. Each has its own build directories, so both
-# can be built side by side (CI tests both): build/guest, build/patches,
-# build/dump, build/nested for 6.1 (the names they always had), the same
-# with a "-6.12" suffix for 6.12. KLPV_GUEST_APT is empty for 6.1 (the
-# host's apt sources) and holds apt options naming a private sources list
-# and package lists under build/ for 6.12: the host's /etc/apt is left alone.
+# --- Which guest kernel: KLPV_GUEST=6.1 (default), 6.1-amd64 or 6.12. ---
+# 6.1 is Debian 12's own cloud kernel (bookworm); 6.1-amd64 is Debian 12's
+# generic kernel (the amd64 flavour: another config, most drivers as
+# modules); 6.12 is Debian's cloud kernel from bookworm-backports. Each has
+# its own build directories, so all can be built side by side (CI tests
+# them): build/guest, build/patches, build/dump, build/nested for 6.1 (the
+# names they always had), the same with a "-6.1-amd64" or "-6.12" suffix for
+# the others. KLPV_GUEST_META is the meta package that names the kernel
+# (resolved by build-guest, never a hard-coded ABI). KLPV_GUEST_APT is empty
+# for the bookworm kernels (the host's apt sources) and holds apt options
+# naming a private sources list and package lists under build/ for 6.12: the
+# host's /etc/apt is left alone.
 KLPV_GUEST=${KLPV_GUEST:-6.1}
 case $KLPV_GUEST in
-6.1) KLPV_GUEST_SUFFIX= ;;
-6.12) KLPV_GUEST_SUFFIX=-6.12 ;;
-*) die "KLPV_GUEST=$KLPV_GUEST: expected 6.1 or 6.12" ;;
+6.1) KLPV_GUEST_SUFFIX= KLPV_GUEST_META=linux-image-cloud-amd64 ;;
+6.1-amd64) KLPV_GUEST_SUFFIX=-6.1-amd64 KLPV_GUEST_META=linux-image-amd64 ;;
+6.12) KLPV_GUEST_SUFFIX=-6.12 KLPV_GUEST_META=linux-image-cloud-amd64 ;;
+*) die "KLPV_GUEST=$KLPV_GUEST: expected 6.1, 6.1-amd64 or 6.12" ;;
 esac
 export KLPV_GUEST
 KLPV_GUEST_DIR=$KLPV_BUILD/guest$KLPV_GUEST_SUFFIX
@@ -37,7 +42,7 @@ KLPV_GUEST_DIR=$KLPV_BUILD/guest$KLPV_GUEST_SUFFIX
 # own this_cpu_cmpxchg16b_emu instead. An emulator workaround for the test
 # rigs only: the VMM offers the guest whatever CPU it has.
 KLPV_GUEST_CPU_FLAGS=
-[ "$KLPV_GUEST" = 6.1 ] || KLPV_GUEST_CPU_FLAGS=,-cx16
+[ "$KLPV_GUEST" != 6.12 ] || KLPV_GUEST_CPU_FLAGS=,-cx16
 KLPV_GUEST_APT=()
 if [ "$KLPV_GUEST" = 6.12 ]; then
 	KLPV_APT_DIR=$KLPV_BUILD/apt-bookworm-backports

@@ -54,14 +54,23 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The selected guest's build directory (guest-images/common.sh):
-/// build/guest for `KLPV_GUEST=6.1` (the default), build/guest-6.12 for
-/// `KLPV_GUEST=6.12`. The scripts the harness runs read the same variable.
-pub fn guest_dir() -> PathBuf {
+/// The build directories' suffix for the guest `KLPV_GUEST` selects
+/// (guest-images/common.sh): none for 6.1 (Debian 12's cloud kernel, the
+/// default), `-6.1-amd64` for Debian 12's generic kernel, `-6.12` for the
+/// 6.12 cloud kernel. The scripts the harness runs read the same variable
+/// (and refuse any other value).
+pub fn guest_suffix() -> &'static str {
     match std::env::var("KLPV_GUEST").as_deref() {
-        Ok("6.12") => repo_root().join("build/guest-6.12"),
-        _ => repo_root().join("build/guest"),
+        Ok("6.12") => "-6.12",
+        Ok("6.1-amd64") => "-6.1-amd64",
+        _ => "",
     }
+}
+
+/// The selected guest's build directory: build/guest, build/guest-6.1-amd64
+/// or build/guest-6.12.
+pub fn guest_dir() -> PathBuf {
+    repo_root().join(format!("build/guest{}", guest_suffix()))
 }
 
 /// Directory holding the release binaries (`vmm`, `pause_cycles`).

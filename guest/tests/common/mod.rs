@@ -42,16 +42,18 @@ pub fn root() -> PathBuf {
 }
 
 /// The build directories' suffix for the guest `KLPV_GUEST` selects
-/// (guest-images/common.sh): none for 6.1 (the default), `-6.12` for 6.12.
+/// (guest-images/common.sh): none for 6.1 (Debian 12's cloud kernel, the
+/// default), `-6.1-amd64` for Debian 12's generic kernel, `-6.12` for 6.12.
 /// The scripts these tests run read the same variable.
 pub fn guest_suffix() -> &'static str {
     match std::env::var("KLPV_GUEST").as_deref() {
         Ok("6.12") => "-6.12",
+        Ok("6.1-amd64") => "-6.1-amd64",
         _ => "",
     }
 }
 
-/// build/dump (build/dump-6.12), made (or found up to date) by
+/// build/dump (build/dump-6.1-amd64, build/dump-6.12), made (or found up to date) by
 /// guest-images/dump-guest.
 pub fn dump_dir() -> PathBuf {
     let dir = root().join(format!("build/dump{}", guest_suffix()));
@@ -86,7 +88,7 @@ pub fn dump() -> &'static Dump {
 }
 
 /// Builds (or reuses) the livepatch module from `src` into build/patches
-/// (build/patches-6.12) and returns the .ko's bytes.
+/// (build/patches-6.1-amd64, build/patches-6.12) and returns the .ko's bytes.
 pub fn build_ko(src: &Path) -> Vec<u8> {
     let out = root().join(format!("build/patches{}", guest_suffix()));
     let status = Command::new(root().join("guest-images/build-livepatch"))
