@@ -178,8 +178,9 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
             BODY_TIMEOUT.as_secs()
         ),
         StatusCode::SERVICE_UNAVAILABLE if text.is_empty() => format!(
-            "the request took longer than {} s and was abandoned; the VM is unchanged unless \
-             GET /vm says otherwise",
+            "no reply within {} s; the request may still be running, and a transition it \
+             started may commit or be abandoned after this: GET /patches (patcher list) shows \
+             the patches, any transition in progress and the history of committed ones",
             REQUEST_TIMEOUT.as_secs()
         ),
         _ if text.is_empty() => status
