@@ -236,7 +236,7 @@ impl Hooks {
     /// The `rip` of a vCPU stopped in the coming stub's and the going
     /// stub's port read.
     pub fn rips(&self) -> (u64, u64) {
-        (self.text.va + IN_END, self.text.va + GOING_AT + IN_END)
+        (self.text.va.0 + IN_END, self.text.va.0 + GOING_AT + IN_END)
     }
 
     /// Plans installing the hooks: validates both functions' ftrace sites
@@ -270,7 +270,7 @@ impl Hooks {
             guest,
             text.gpa,
             code(
-                text.va,
+                text.va.0,
                 coming.at + 5,
                 going.at + 5,
                 return_thunk,
@@ -280,7 +280,7 @@ impl Hooks {
         )?);
         for (s, at) in [(&coming, 0), (&going, GOING_AT)] {
             writes.push(
-                s.redirect_write(text.va + at)
+                s.redirect_write(text.va.0 + at)
                     .map_err(|e| HookError::Site {
                         name: if at == 0 {
                             "klp_module_coming"

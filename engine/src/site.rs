@@ -28,8 +28,8 @@ use std::fmt;
 
 use iced_x86::{Decoder, DecoderOptions, Formatter, GasFormatter, Instruction, Mnemonic};
 
-use klpvisor_guest::Guest;
 use klpvisor_guest::{AddressSpace, Btf, Kallsyms, LoadedModule, VirtRead};
+use klpvisor_guest::{Guest, GuestPhys};
 
 /// The ideal 5-byte nop the kernel writes over `call __fentry__`.
 pub const FTRACE_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
@@ -278,7 +278,7 @@ pub struct Site {
     /// Virtual address of the nop.
     pub at: u64,
     /// Guest-physical address of the nop.
-    pub gpa: u64,
+    pub gpa: GuestPhys,
     /// The bytes there (restored on disable).
     pub original: [u8; 5],
     /// The `flags` word of its `struct dyn_ftrace`. While the function is

@@ -94,7 +94,8 @@ pub enum WriteError {
 /// One guest write: `bytes` replace `expect` at `gpa`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
-    pub gpa: u64,
+    /// Where the bytes go.
+    pub gpa: GuestPhys,
     pub bytes: Vec<u8>,
     /// The bytes there now (what the plan was computed against).
     pub expect: Vec<u8>,
@@ -103,7 +104,7 @@ pub struct Write {
 }
 
 impl Write {
-    pub fn new(gpa: u64, bytes: Vec<u8>, expect: Vec<u8>, label: impl Into<String>) -> Self {
+    pub fn new(gpa: GuestPhys, bytes: Vec<u8>, expect: Vec<u8>, label: impl Into<String>) -> Self {
         Self {
             gpa,
             bytes,
@@ -115,7 +116,7 @@ impl Write {
     /// A write whose expectation is what `guest` holds now.
     pub fn read_expect<G: Guest + ?Sized>(
         guest: &G,
-        gpa: u64,
+        gpa: GuestPhys,
         bytes: Vec<u8>,
         label: impl Into<String>,
     ) -> Result<Self, WriteError> {
@@ -135,7 +136,7 @@ impl Write {
     }
 
     fn end(&self) -> Option<u64> {
-        self.gpa.checked_add(self.bytes.len() as u64)
+        self.gpa.0.checked_add(self.bytes.len() as u64)
     }
 }
 
@@ -173,14 +174,15 @@ pub enum AllowKind {
 /// A guest-physical range writes may touch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allowed {
-    pub gpa: u64,
+    /// Where the range starts.
+    pub gpa: GuestPhys,
     pub len: u64,
     pub kind: AllowKind,
 }
 
 impl Allowed {
     fn end(&self) -> u64 {
-        self.gpa.saturating_add(self.len)
+        self.gpa.0.saturating_add(self.len)
     }
 }
 
@@ -220,14 +222,12 @@ fn hex(b: &[u8]) -> String {
     s
 }
 
-fn read<G: Guest + ?Sized>(guest: &G, gpa: u64, buf: &mut [u8]) -> Result<(), WriteError> {
-    guest
-        .read_phys(GuestPhys(gpa), buf)
-        .map_err(|e| WriteError::Read {
-            gpa,
-            len: buf.len(),
-            source: Box::new(e),
-        })
+fn read<G: Guest + ?Sized>(guest: &G, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), WriteError> {
+    guest.read_phys(gpa, buf).map_err(|e| WriteError::Read {
+        gpa: gpa.0,
+        len: buf.len(),
+        source: Box::new(e),
+    })
 }
 
 impl Plan {
@@ -302,7 +302,7 @@ impl Plan {
             .allowed
             .iter()
             .filter(|a| a.len > 0)
-            .map(|a| (a.gpa, a.end()))
+            .map(|a| (a.gpa.0, a.end()))
             .collect();
         iv.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::new();
@@ -315,7 +315,7 @@ impl Plan {
         for w in &self.writes {
             let malformed = |why| WriteError::Malformed {
                 label: w.label.clone(),
-                gpa: w.gpa,
+                gpa: w.gpa.0,
                 why,
             };
             if w.bytes.is_empty() {
@@ -329,7 +329,7 @@ impl Plan {
             let end = w
                 .end()
                 .ok_or_else(|| malformed("it wraps past the end of memory"))?;
-            let k = merged.partition_point(|&(s, _)| s <= w.gpa);
+            let k = merged.partition_point(|&(s, _)| s <= w.gpa.0);
             let inside = k
                 .checked_sub(1)
                 .and_then(|i| merged.get(i))
@@ -337,7 +337,7 @@ impl Plan {
             if !inside {
                 return Err(WriteError::Outside {
                     label: w.label.clone(),
-                    gpa: w.gpa,
+                    gpa: w.gpa.0,
                     len: w.bytes.len(),
                     allowed: self.describe_allowed(),
                 });
@@ -348,11 +348,11 @@ impl Plan {
         order.sort_by_key(|w| w.gpa);
         for pair in order.windows(2) {
             if let [a, b] = pair {
-                if a.end().is_some_and(|e| e > b.gpa) {
+                if a.end().is_some_and(|e| e > b.gpa.0) {
                     return Err(WriteError::Overlap {
                         first: a.label.clone(),
                         second: b.label.clone(),
-                        gpa: b.gpa,
+                        gpa: b.gpa.0,
                     });
                 }
             }
@@ -369,7 +369,7 @@ impl Plan {
             if now != w.expect {
                 return Err(WriteError::Mismatch {
                     label: w.label.clone(),
-                    gpa: w.gpa,
+                    gpa: w.gpa.0,
                     expected: hex(&w.expect),
                     found: hex(&now),
                 });
@@ -385,14 +385,14 @@ impl Plan {
     pub fn commit<G: Guest + ?Sized>(&self, guest: &G) -> Result<Plan, WriteError> {
         self.check(guest)?;
         for (i, w) in self.writes.iter().enumerate() {
-            if let Err(e) = guest.write_phys(GuestPhys(w.gpa), &w.bytes) {
+            if let Err(e) = guest.write_phys(w.gpa, &w.bytes) {
                 let undo_failed: Vec<String> = self
                     .writes
                     .get(..i)
                     .unwrap_or_default()
                     .iter()
                     .rev()
-                    .filter(|d| guest.write_phys(GuestPhys(d.gpa), &d.expect).is_err())
+                    .filter(|d| guest.write_phys(d.gpa, &d.expect).is_err())
                     .map(|d| d.label.clone())
                     .collect();
                 let rollback = if undo_failed.is_empty() {
@@ -402,7 +402,7 @@ impl Plan {
                 };
                 return Err(WriteError::Partial {
                     label: w.label.clone(),
-                    gpa: w.gpa,
+                    gpa: w.gpa.0,
                     done: i,
                     total: self.writes.len(),
                     rollback,
@@ -430,25 +430,25 @@ impl fmt::Display for Digest {
 /// before and after a refused request.
 pub fn hash_ranges<G: Guest + ?Sized>(
     guest: &G,
-    ranges: &[(u64, u64)],
+    ranges: &[(GuestPhys, u64)],
 ) -> Result<Digest, WriteError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; HASH_CHUNK];
     for &(gpa, len) in ranges {
-        h.update(gpa.to_le_bytes());
+        h.update(gpa.0.to_le_bytes());
         h.update(len.to_le_bytes());
         let mut done = 0u64;
         while done < len {
             let n = usize::try_from(len - done)
                 .unwrap_or(usize::MAX)
                 .min(HASH_CHUNK);
-            let at = gpa.checked_add(done).ok_or(WriteError::Read {
-                gpa,
+            let at = gpa.0.checked_add(done).ok_or(WriteError::Read {
+                gpa: gpa.0,
                 len: n,
                 source: "range wraps past the end of memory".into(),
             })?;
             let chunk = buf.get_mut(..n).unwrap_or_default();
-            read(guest, at, chunk)?;
+            read(guest, GuestPhys(at), chunk)?;
             h.update(&*chunk);
             done += n as u64;
         }
@@ -471,19 +471,19 @@ mod tests {
     fn allowed() -> Vec<Allowed> {
         vec![
             Allowed {
-                gpa: 0x1000,
+                gpa: GuestPhys(0x1000),
                 len: 5,
                 kind: AllowKind::Site {
                     func: 0xffff_ffff_8100_1000,
                 },
             },
             Allowed {
-                gpa: 0x8000,
+                gpa: GuestPhys(0x8000),
                 len: 0x4000,
                 kind: AllowKind::Arena,
             },
             Allowed {
-                gpa: 0x3000 + 456 * 8,
+                gpa: GuestPhys(0x3000 + 456 * 8),
                 len: 16,
                 kind: AllowKind::PmdSlots,
             },
@@ -499,20 +499,24 @@ mod tests {
         let m = guest();
         let before = snapshot(&m);
         let mut p = Plan::new(allowed());
-        p.push(Write::read_expect(&m, 0x1000, vec![0xe9, 1, 2, 3, 4], "site f").unwrap());
-        p.push(Write::read_expect(&m, 0x8000, vec![0xaa; 0x4000], "arena").unwrap());
-        p.push(Write::read_expect(&m, 0x3000 + 457 * 8, vec![0x63; 8], "pmd 457").unwrap());
-        let h0 = hash_ranges(&m, &[(0, 0x10000)]).unwrap();
+        p.push(
+            Write::read_expect(&m, GuestPhys(0x1000), vec![0xe9, 1, 2, 3, 4], "site f").unwrap(),
+        );
+        p.push(Write::read_expect(&m, GuestPhys(0x8000), vec![0xaa; 0x4000], "arena").unwrap());
+        p.push(
+            Write::read_expect(&m, GuestPhys(0x3000 + 457 * 8), vec![0x63; 8], "pmd 457").unwrap(),
+        );
+        let h0 = hash_ranges(&m, &[(GuestPhys(0), 0x10000)]).unwrap();
         let undo = p.commit(&m).unwrap();
         let mut b = [0u8; 5];
         m.read_phys(GuestPhys(0x1000), &mut b).unwrap();
         assert_eq!(b, [0xe9, 1, 2, 3, 4]);
-        assert_ne!(hash_ranges(&m, &[(0, 0x10000)]).unwrap(), h0);
+        assert_ne!(hash_ranges(&m, &[(GuestPhys(0), 0x10000)]).unwrap(), h0);
         // Committing again fails: the expectations no longer hold.
         assert!(matches!(p.commit(&m), Err(WriteError::Mismatch { .. })));
         undo.commit(&m).unwrap();
         assert_eq!(snapshot(&m), before);
-        assert_eq!(hash_ranges(&m, &[(0, 0x10000)]).unwrap(), h0);
+        assert_eq!(hash_ranges(&m, &[(GuestPhys(0), 0x10000)]).unwrap(), h0);
     }
 
     /// The allow-list's own test: a plan that also targets other memory
@@ -522,8 +526,8 @@ mod tests {
     fn crafted_plan_outside_the_allow_list_writes_nothing() {
         let m = guest();
         let before = snapshot(&m);
-        let h0 = hash_ranges(&m, &[(0, 0x10000)]).unwrap();
-        let legit = Write::read_expect(&m, 0x8000, vec![1; 64], "arena code").unwrap();
+        let h0 = hash_ranges(&m, &[(GuestPhys(0), 0x10000)]).unwrap();
+        let legit = Write::read_expect(&m, GuestPhys(0x8000), vec![1; 64], "arena code").unwrap();
         for (gpa, len, label) in [
             (0x1005u64, 1usize, "byte after a site"),
             (0xffc, 5, "straddles a site's start"),
@@ -533,7 +537,7 @@ mod tests {
         ] {
             let mut p = Plan::new(allowed());
             p.push(legit.clone());
-            p.push(Write::read_expect(&m, gpa, vec![0xcc; len], label).unwrap());
+            p.push(Write::read_expect(&m, GuestPhys(gpa), vec![0xcc; len], label).unwrap());
             let e = p.commit(&m).unwrap_err();
             let msg = e.to_string();
             assert!(matches!(e, WriteError::Outside { .. }), "{label}: {msg}");
@@ -543,7 +547,7 @@ mod tests {
             );
             assert_eq!(snapshot(&m), before, "{label}: nothing written");
         }
-        assert_eq!(hash_ranges(&m, &[(0, 0x10000)]).unwrap(), h0);
+        assert_eq!(hash_ranges(&m, &[(GuestPhys(0), 0x10000)]).unwrap(), h0);
         // An empty allow-list allows nothing.
         let mut p = Plan::new(Vec::new());
         p.push(legit);
@@ -554,8 +558,9 @@ mod tests {
     fn expectation_mismatch_writes_nothing() {
         let m = guest();
         let mut p = Plan::new(allowed());
-        p.push(Write::read_expect(&m, 0x8000, vec![1; 8], "first").unwrap());
-        let mut site = Write::read_expect(&m, 0x1000, vec![0xe9, 0, 0, 0, 0], "site f").unwrap();
+        p.push(Write::read_expect(&m, GuestPhys(0x8000), vec![1; 8], "first").unwrap());
+        let mut site =
+            Write::read_expect(&m, GuestPhys(0x1000), vec![0xe9, 0, 0, 0, 0], "site f").unwrap();
         site.expect = vec![0x0f, 0x1f, 0x44, 0, 0];
         p.push(site);
         let before = snapshot(&m);
@@ -569,27 +574,42 @@ mod tests {
     fn overlapping_and_malformed_writes_are_refused() {
         let m = guest();
         let mut p = Plan::new(allowed());
-        p.push(Write::read_expect(&m, 0x8000, vec![1; 16], "a").unwrap());
-        p.push(Write::read_expect(&m, 0x800f, vec![2; 4], "b").unwrap());
+        p.push(Write::read_expect(&m, GuestPhys(0x8000), vec![1; 16], "a").unwrap());
+        p.push(Write::read_expect(&m, GuestPhys(0x800f), vec![2; 4], "b").unwrap());
         assert!(matches!(p.check(&m), Err(WriteError::Overlap { .. })));
         let mut p = Plan::new(allowed());
-        p.push(Write::new(0x8000, vec![1; 4], vec![0; 3], "short expect"));
+        p.push(Write::new(
+            GuestPhys(0x8000),
+            vec![1; 4],
+            vec![0; 3],
+            "short expect",
+        ));
         assert!(matches!(p.check(&m), Err(WriteError::Malformed { .. })));
         let mut p = Plan::new(allowed());
-        p.push(Write::new(u64::MAX - 1, vec![1; 4], vec![0; 4], "wraps"));
+        p.push(Write::new(
+            GuestPhys(u64::MAX - 1),
+            vec![1; 4],
+            vec![0; 4],
+            "wraps",
+        ));
         assert!(matches!(p.check(&m), Err(WriteError::Malformed { .. })));
         let mut p = Plan::new(allowed());
-        p.push(Write::new(0x8000, Vec::new(), Vec::new(), "empty"));
+        p.push(Write::new(
+            GuestPhys(0x8000),
+            Vec::new(),
+            Vec::new(),
+            "empty",
+        ));
         assert!(matches!(p.check(&m), Err(WriteError::Malformed { .. })));
     }
 
     #[test]
     fn hash_depends_on_content_and_split() {
         let m = guest();
-        let a = hash_ranges(&m, &[(0, 0x2000)]).unwrap();
-        let b = hash_ranges(&m, &[(0, 0x1000), (0x1000, 0x1000)]).unwrap();
+        let a = hash_ranges(&m, &[(GuestPhys(0), 0x2000)]).unwrap();
+        let b = hash_ranges(&m, &[(GuestPhys(0), 0x1000), (GuestPhys(0x1000), 0x1000)]).unwrap();
         assert_ne!(a, b);
         assert_eq!(a.to_string().len(), 64);
-        assert!(hash_ranges(&m, &[(0xf000, 0x2000)]).is_err());
+        assert!(hash_ranges(&m, &[(GuestPhys(0xf000), 0x2000)]).is_err());
     }
 }

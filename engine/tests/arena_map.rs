@@ -76,18 +76,18 @@ fn kernel_pgds(f: &Fixture) -> Vec<PageTables> {
 }
 
 /// Kernel text as guest-physical ranges, minus the `holes` (gpa, len).
-fn text_ranges(f: &Fixture, holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let start = f.kernel.kaslr.text_phys;
+fn text_ranges(f: &Fixture, holes: &[(GuestPhys, u64)]) -> Vec<(GuestPhys, u64)> {
+    let start = GuestPhys(f.kernel.kaslr.text_phys);
     let end = start + (sym(f, "_etext") - f.kernel.kaslr.text);
     let mut out = Vec::new();
     let mut cur = start;
     let mut holes = holes.to_vec();
     holes.sort_unstable();
     for (g, l) in holes {
-        out.push((cur, g - cur));
+        out.push((cur, g.0 - cur.0));
         cur = g + l;
     }
-    out.push((cur, end - cur));
+    out.push((cur, end.0 - cur.0));
     out
 }
 
@@ -110,7 +110,7 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
         "the dump has memory at the synthetic arena {:#x}",
         ARENA.0
     );
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let facts = ImageFacts::from_kernel(&f.kernel).unwrap();
     let t0 = Instant::now();
     let mut arena = Arena::new(&g, &facts).unwrap_or_else(|e| panic!("{e}"));
@@ -140,7 +140,7 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
         .translate(sym(f, "level2_kernel_pgt"))
         .unwrap()
         .phys;
-    assert_eq!(arena.pmd_page(), pmd_page_phys);
+    assert_eq!(GuestPhys(arena.pmd_page()), pmd_page_phys);
     let attrs = arena.attrs();
     // The dump boots with pti=on: the kernel image is not global.
     assert!(!attrs.global, "{attrs:?}");
@@ -193,7 +193,7 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
         )
         .unwrap(),
     );
-    plan.push(site.redirect_write(code.va).unwrap());
+    plan.push(site.redirect_write(code.va.0).unwrap());
     let t0 = Instant::now();
     let undo = plan.commit(&g).unwrap_or_else(|e| panic!("{e}"));
     let commit_time = t0.elapsed();
@@ -207,7 +207,7 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
                 Perm::Data => (true, false),
             };
             for off in (0..r.len).step_by(PAGE as usize) {
-                let tr = t.translate(&g, r.va + off + 7).unwrap();
+                let tr = t.translate(&g, r.va.0 + off + 7).unwrap();
                 assert_eq!(tr.phys, r.gpa + off + 7);
                 assert_eq!(
                     (tr.page_size, tr.writable, tr.executable, tr.user),
@@ -217,7 +217,7 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
             }
         }
         assert!(
-            t.translate(&g, big.va + big.len).is_err(),
+            t.translate(&g, big.va.0 + big.len).is_err(),
             "nothing past the last allocation"
         );
     }
@@ -243,7 +243,7 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
         .unwrap();
     // (Slots are installed lazily: only those holding allocated pages.)
     let (first, count) = arena.pmd_slots();
-    let used = (big.va + big.len - arena.va_range().0).div_ceil(2 << 20);
+    let used = (big.va.0 + big.len - arena.va_range().0).div_ceil(2 << 20);
     assert!(used < count);
     for s in 0..512u64 {
         let i = (s * 8) as usize;
@@ -257,14 +257,14 @@ fn arena_maps_next_to_the_kernel_and_nothing_else_changes() {
     let ins = Decoder::with_ip(64, &entry, site.at, DecoderOptions::NONE).decode();
     assert_eq!(
         (ins.mnemonic(), ins.near_branch_target()),
-        (Mnemonic::Jmp, code.va)
+        (Mnemonic::Jmp, code.va.0)
     );
     let mut new = [0u8; 3];
-    space.read_virt(code.va, &mut new).unwrap();
+    space.read_virt(code.va.0, &mut new).unwrap();
     assert_eq!(new, [0x31, 0xc0, 0xc3]);
     // Re-finding the site now says it is redirected, to the arena.
     match Site::find(&space, &f.kernel.kallsyms, &f.records, site.func) {
-        Err(SiteError::Jmp { target, .. }) => assert_eq!(target, code.va),
+        Err(SiteError::Jmp { target, .. }) => assert_eq!(target, code.va.0),
         other => panic!("{other:?}"),
     }
 
@@ -302,7 +302,7 @@ fn refused_plans_leave_the_guest_untouched() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let facts = ImageFacts::from_kernel(&f.kernel).unwrap();
     let mut arena = Arena::new(&g, &facts).unwrap();
     let space = f.kernel.space(&g);
@@ -316,8 +316,8 @@ fn refused_plans_leave_the_guest_untouched() {
     let r = arena.alloc(PAGE, Perm::Text).unwrap();
     let guarded = {
         let mut v = text_ranges(f, &[]);
-        v.push((arena.pmd_page(), 4096));
-        v.push(ARENA);
+        v.push((GuestPhys(arena.pmd_page()), 4096));
+        v.push((GuestPhys(ARENA.0), ARENA.1));
         v
     };
     let before = hash_ranges(&g, &guarded).unwrap();
@@ -327,14 +327,14 @@ fn refused_plans_leave_the_guest_untouched() {
     // A crafted write into kernel text right after the site.
     let mut plan = Plan::new(allowed.clone());
     plan.extend(arena.map_writes(&g, &[r]).unwrap());
-    plan.push(site.redirect_write(r.va).unwrap());
+    plan.push(site.redirect_write(r.va.0).unwrap());
     plan.push(Write::read_expect(&g, site.gpa + 5, vec![0xcc], "one byte too far").unwrap());
     let e = plan.commit(&g).unwrap_err();
     assert!(matches!(e, WriteError::Outside { .. }), "{e}");
     // The site changed under us (ftrace started tracing it).
     let mut plan = Plan::new(allowed);
     plan.extend(arena.map_writes(&g, &[r]).unwrap());
-    let mut w = site.redirect_write(r.va).unwrap();
+    let mut w = site.redirect_write(r.va.0).unwrap();
     w.expect = vec![0xe8, 0, 0, 0, 0];
     plan.push(w);
     let e = plan.commit(&g).unwrap_err();
@@ -470,7 +470,7 @@ fn real_function_entries_decode_as_sites() {
     let rel = (caller as i64 - (site.at as i64 + 5)) as i32;
     let mut call = vec![0xe8];
     call.extend_from_slice(&rel.to_le_bytes());
-    g.write_phys(GuestPhys(site.gpa), &call).unwrap();
+    g.write_phys(site.gpa, &call).unwrap();
     let e = Site::find(&space, k, &f.records, site.func).unwrap_err();
     let msg = e.to_string();
     assert!(
@@ -604,7 +604,7 @@ fn large_page_arena_on_the_real_kernel() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let facts = ImageFacts::from_kernel(&f.kernel).unwrap();
     let mut arena = Arena::with_granularity(&g, &facts, Granularity::Large2M).unwrap();
     assert_eq!((arena.table_pages(), arena.pmd_slots().1), (0, 8));
@@ -628,7 +628,7 @@ fn large_page_arena_on_the_real_kernel() {
             (regions[1], false, false),
             (regions[2], true, false),
         ] {
-            let tr = t.translate(&g, r.va + 1).unwrap();
+            let tr = t.translate(&g, r.va.0 + 1).unwrap();
             assert_eq!(
                 (tr.phys, tr.page_size, tr.writable, tr.executable),
                 (r.gpa + 1, 2 << 20, w, x)

@@ -54,7 +54,7 @@ fn sample_applies_disables_and_reapplies_exactly() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let k = &f.kernel;
     let old = k.kallsyms.resolve("cmdline_proc_show", 0).unwrap();
     let original = entry_bytes(&k.space(&g), old);
@@ -87,7 +87,7 @@ fn sample_applies_disables_and_reapplies_exactly() {
         func.new_addr.0
     );
     let t = space.translate(func.new_addr.0).unwrap();
-    assert!((ARENA.0..ARENA.0 + ARENA.1).contains(&t.phys));
+    assert!((ARENA.0..ARENA.0 + ARENA.1).contains(&t.phys.0));
     // (After the ENDBR64 kbuild puts first in an IBT kernel's modules.)
     let new_entry = entry_bytes(&space, func.new_addr.0);
     let fentry_at = if new_entry[..4] == [0xf3, 0x0f, 0x1e, 0xfa] {
@@ -139,7 +139,7 @@ fn replace_patch_takes_over_and_bad_modules_change_nothing() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let k = &f.kernel;
     let mut e = Engine::default();
     let sample_old = k.kallsyms.resolve("cmdline_proc_show", 0).unwrap();
@@ -205,7 +205,7 @@ fn retired_code_is_freed_only_when_no_stack_references_it() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let k = &f.kernel;
     let mut e = Engine::default();
     let p = e
@@ -230,15 +230,14 @@ fn retired_code_is_freed_only_when_no_stack_references_it() {
         .expect("a sleeping task");
     let slot = k.space(&g).translate(sleeper.saved_sp + 48).unwrap().phys;
     let mut saved = [0u8; 8];
-    g.read_phys(GuestPhys(slot), &mut saved).unwrap();
-    g.write_phys(GuestPhys(slot), &(new + 4).to_le_bytes())
-        .unwrap();
+    g.read_phys(slot, &mut saved).unwrap();
+    g.write_phys(slot, &(new + 4).to_le_bytes()).unwrap();
 
     e.remove("livepatch_sample").unwrap();
     assert!(e.sweep(k, &g).unwrap().is_empty(), "referenced: kept");
     assert_eq!(e.retired()[0].name, "livepatch_sample");
 
-    g.write_phys(GuestPhys(slot), &saved).unwrap();
+    g.write_phys(slot, &saved).unwrap();
     assert_eq!(e.sweep(k, &g).unwrap(), vec!["livepatch_sample"]);
     assert!(e.retired().is_empty());
 }
@@ -254,7 +253,7 @@ fn cumulative_replace_downgrade_and_forced_replace() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let k = &f.kernel;
     let space = k.space(&g);
     let [tf, tg, th] = klpv_funcs(k);
@@ -327,7 +326,7 @@ fn system_states_refuse_incompatible_patches_and_accept_upgrades() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let k = &f.kernel;
     let mut e = Engine::default();
     let p = e.prepare_apply(k, &g, &ko("state-v1"), false).unwrap();
@@ -370,7 +369,7 @@ fn rollback_returns_every_entry_to_an_earlier_point() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let k = &f.kernel;
     let space = k.space(&g);
     let funcs = klpv_funcs(k);
@@ -433,7 +432,7 @@ fn callbacks_are_ordered_and_sent_through_the_gate() {
     }
     use klpvisor_engine::callback::Kind;
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let k = &f.kernel;
     let mut e = Engine::default();
     let kinds = |calls: Vec<klpvisor_engine::callback::Call>| -> Vec<(String, Kind)> {
@@ -591,7 +590,7 @@ fn signed_module_applies_stripped_and_lists_its_signature() {
     let checked = policy.check(&signed).unwrap();
     assert_eq!(checked.module, &module[..], "the parser sees the original");
 
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let mut e = Engine::default();
     let mut p = e.prepare_apply(k, &g, checked.module, false).unwrap();
     p.set_signature(
@@ -604,7 +603,7 @@ fn signed_module_applies_stripped_and_lists_its_signature() {
     assert_eq!(e.list()[0].signature, want);
 
     // The same writes as the unsigned module's.
-    let plain = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let plain = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let mut e2 = Engine::default();
     let p2 = e2.prepare_apply(k, &plain, &module, false);
     go(&mut e2, k, &plain, p2);
@@ -639,7 +638,7 @@ fn module_object_applies_in_the_same_transition_and_absent_module_waits() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let k = &f.kernel;
     let space = k.space(&g);
     let modules = k.modules(&g).unwrap();
@@ -702,7 +701,7 @@ fn module_object_applies_in_the_same_transition_and_absent_module_waits() {
     // pvpanic "unloaded" (its struct module renamed, as if another module
     // stood there): a transition writing its text is refused, unwritten.
     let name_at = pvpanic.addr + k.btf.offset_of("module.name").unwrap();
-    let name_gpa = GuestPhys(space.translate(name_at).unwrap().phys);
+    let name_gpa = space.translate(name_at).unwrap().phys;
     g.write_phys(name_gpa, b"pvpaniX").unwrap();
     let writes = g.write_log().len();
     let p = e
@@ -742,7 +741,7 @@ fn a_module_object_follows_its_module_going_and_coming() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let k = &f.kernel;
     let space = k.space(&g);
     let modules = k.modules(&g).unwrap();
@@ -768,7 +767,7 @@ fn a_module_object_follows_its_module_going_and_coming() {
     assert_eq!(stubs[1] - stubs[0], klpvisor_engine::hook::GOING_AT);
     let t = space.translate(stubs[0]).unwrap();
     assert!(
-        (ARENA.0..ARENA.0 + ARENA.1).contains(&t.phys),
+        (ARENA.0..ARENA.0 + ARENA.1).contains(&t.phys.0),
         "the stubs are in the arena"
     );
 
@@ -811,7 +810,7 @@ fn a_module_object_follows_its_module_going_and_coming() {
     // COMING (klp_module_coming); pvpanic's state is set as the loader
     // would have it. A live module is neither: nothing happens.
     let state_at = pvpanic.addr + k.btf.offset_of("module.state").unwrap();
-    let state_gpa = GuestPhys(space.translate(state_at).unwrap().phys);
+    let state_gpa = space.translate(state_at).unwrap().phys;
     let set_state = |v: u32| g.write_phys(state_gpa, &v.to_le_bytes()).unwrap();
     let writes = g.write_log().len();
     assert_eq!(e.module_going(k, &g, pvpanic.addr).unwrap().sites, 0);
@@ -853,12 +852,10 @@ fn a_module_object_follows_its_module_going_and_coming() {
     // A module no patch waits for (pvpanic-mmio, "coming"): nothing
     // changes.
     let other = modules.iter().find(|m| m.name != "pvpanic").unwrap();
-    let other_state = GuestPhys(
-        space
-            .translate(other.addr + k.btf.offset_of("module.state").unwrap())
-            .unwrap()
-            .phys,
-    );
+    let other_state = space
+        .translate(other.addr + k.btf.offset_of("module.state").unwrap())
+        .unwrap()
+        .phys;
     g.write_phys(other_state, &1u32.to_le_bytes()).unwrap();
     let writes = g.write_log().len();
     let ev = e.module_coming(k, &g, other.addr).unwrap();
@@ -876,7 +873,7 @@ fn a_module_object_follows_its_module_going_and_coming() {
     // while pvpanic looks absent (its name changed): it waits. When pvpanic
     // "comes", the load is refused and nothing is written.
     let name_at = pvpanic.addr + k.btf.offset_of("module.name").unwrap();
-    let name_gpa = GuestPhys(space.translate(name_at).unwrap().phys);
+    let name_gpa = space.translate(name_at).unwrap().phys;
     g.write_phys(name_gpa, b"pvpaniX").unwrap();
     let p = e.prepare_apply(k, &g, &ko("bad-module-object"), false);
     go(&mut e, k, &g, p);
@@ -920,7 +917,7 @@ fn a_tracepoint_in_patch_code_joins_its_keys_list_and_leaves_it() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let k = &f.kernel;
     let space = k.space(&g);
     let tp = k.kallsyms.resolve("__tracepoint_itimer_state", 0).unwrap();
@@ -980,7 +977,7 @@ fn a_patch_whose_exit_does_work_is_applied_with_a_warning() {
         return;
     }
     let f = fixture();
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let mut e = Engine::default();
     let p = e
         .prepare_apply(&f.kernel, &g, &ko("shadow-fix1"), false)
@@ -1008,7 +1005,7 @@ fn a_lower_signed_level_cannot_come_back_when_levels_are_enforced() {
     let f = fixture();
     let k = &f.kernel;
     for enforced in [true, false] {
-        let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+        let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
         let mut e = Engine::default();
         if enforced {
             e.enforce_levels();

@@ -17,7 +17,7 @@ use klpvisor_engine::engine::Engine;
 use klpvisor_engine::site::{is_code_kind, FtraceRecords, Site};
 use klpvisor_guest::overlay::Overlay;
 use klpvisor_guest::Guest;
-use klpvisor_guest::{Kernel, VirtRead};
+use klpvisor_guest::{GuestPhys, Kernel, VirtRead};
 
 mod common;
 
@@ -108,7 +108,7 @@ fn check_redirected<G: Guest + ?Sized>(g: &G, k: &Kernel, p: &PatchInfo, names: 
         let to = func.site.0.wrapping_add(5).wrapping_add(rel as i64 as u64);
         assert_eq!(to, func.new_addr.0, "{}: {}", p.name, func.name);
         let phys = space.translate(to).unwrap().phys;
-        assert!((ARENA.0..ARENA.0 + ARENA.1).contains(&phys));
+        assert!((ARENA.0..ARENA.0 + ARENA.1).contains(&phys.0));
         targets.insert(to);
     }
     assert_eq!(targets.len(), names.len(), "one new function each");
@@ -123,7 +123,7 @@ fn ms(t: Instant) -> f64 {
 fn apply_replace_disable(n: usize) {
     let f = fixture();
     let k = &f.kernel;
-    let g = Overlay::new(&f.guest).with_synthetic_arena(ARENA.0, ARENA.1);
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
     let names = &list()[..n];
     let (a, b) = (ko(&format!("many{n}-a")), ko(&format!("many{n}-b")));
     let (a_name, b_name) = (format!("many{n}_a"), format!("many{n}_b"));

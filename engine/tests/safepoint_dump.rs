@@ -3,7 +3,6 @@
 //! it was, checked as a transition would check it.
 #![forbid(unsafe_code)]
 
-use klpvisor_guest::GuestPhys;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -145,7 +144,7 @@ fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
 
     let cmdline = span("cmdline_proc_show");
     let slot = space.translate(sleeper.saved_sp).unwrap().phys;
-    g.write_phys(GuestPhys(slot), &(cmdline.range.start + 9).to_le_bytes())
+    g.write_phys(slot, &(cmdline.range.start + 9).to_le_bytes())
         .unwrap();
     let check = Check::new(vec![cmdline]);
     let scanned = check.blockers(&space, &tasks, &regs, &irq).unwrap();

@@ -4,7 +4,6 @@
 //! is guest-physical memory from address 0.
 #![no_main]
 
-use klpvisor_guest::GuestPhys;
 use klpvisor_fuzz::{Bytes, PhysGuest};
 use libfuzzer_sys::fuzz_target;
 use klpvisor_guest::{AddressSpace, PageTables, VirtRead};
@@ -30,12 +29,12 @@ fuzz_target!(|data: &[u8]| {
 
     if let Ok(t) = space.translate(va) {
         assert!([4096, 2 << 20, 1 << 30].contains(&t.page_size));
-        assert_eq!(t.phys & (t.page_size - 1), va & (t.page_size - 1));
+        assert_eq!(t.phys.0 & (t.page_size - 1), va & (t.page_size - 1));
         // A successful read starts with the byte the translation names.
         let mut first = [0u8; 1];
         if space.read_virt(va, &mut first).is_ok() {
             let mut phys = [0u8; 1];
-            assert!(guest.read_phys(GuestPhys(t.phys), &mut phys).is_ok());
+            assert!(guest.read_phys(t.phys, &mut phys).is_ok());
             assert_eq!(first, phys);
         }
     }

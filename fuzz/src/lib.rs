@@ -92,8 +92,8 @@ impl Guest for PhysGuest<'_> {
         Err(OutOfRange(gpa))
     }
 
-    fn arena(&self) -> (u64, u64) {
-        (0, 0)
+    fn arena(&self) -> (GuestPhys, u64) {
+        (GuestPhys(0), 0)
     }
 
     fn vcpu_count(&self) -> usize {

@@ -320,8 +320,8 @@ impl Guest for DumpGuest {
     }
 
     /// A dump has no patch arena.
-    fn arena(&self) -> (u64, u64) {
-        (0, 0)
+    fn arena(&self) -> (GuestPhys, u64) {
+        (GuestPhys(0), 0)
     }
 
     fn vcpu_count(&self) -> usize {

@@ -98,7 +98,7 @@ pub fn probe<G: Guest + ?Sized>(space: &AddressSpace<'_, G>) -> Result<TextProbe
                 if space.read_virt(va, &mut head).is_ok() && head.iter().any(|&b| b != 0) {
                     return Ok(TextProbe {
                         text: va,
-                        phys: t.phys,
+                        phys: t.phys.0,
                     });
                 }
             }

@@ -355,11 +355,11 @@ fn check_image<G: Guest + ?Sized>(
     let root = space.tables().root();
     let unreadable = |what| move |source| ViewError::Unreadable { what, root, source };
     let text = space.translate(kaslr.text).map_err(unreadable("_text"))?;
-    if text.phys != kaslr.text_phys {
+    if text.phys.0 != kaslr.text_phys {
         return Err(ViewError::Mismatch {
             what: "_text's guest-physical address",
             root,
-            found: text.phys,
+            found: text.phys.0,
             expected: kaslr.text_phys,
         });
     }
@@ -417,10 +417,10 @@ fn init_mm_tables<G: Guest + ?Sized>(
     }
     let expected = kaslr.text_phys.wrapping_add(va - kaslr.text);
     if let Ok(t) = space.translate(va) {
-        if t.phys != expected {
+        if t.phys.0 != expected {
             return Err(ViewError::PgdMisplaced {
                 va,
-                found: t.phys,
+                found: t.phys.0,
                 expected,
             });
         }

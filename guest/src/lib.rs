@@ -42,14 +42,49 @@ pub use paging::{AddressSpace, PageTables, PagingError, VirtRead};
 pub use tasks::{Running, Task, Tasks, TasksError};
 
 /// A guest-physical address, as vm-memory's `GuestAddress`: what the
-/// [`Guest`] trait reads and writes. Kernel-virtual addresses stay bare
-/// `u64`s and reach guest memory only through a page-table walk
-/// ([`paging`]), so the compiler keeps a virtual address from being
-/// written as a physical one at this boundary.
+/// [`Guest`] trait reads and writes, what the patch arena is carved from
+/// and what every planned write targets. It reaches guest memory directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct GuestPhys(pub u64);
 
+/// A kernel-virtual address: where the guest kernel sees a byte (kernel
+/// text, the direct map, an arena page). It reaches guest memory only
+/// through a page-table walk ([`paging`]). Where both kinds meet (an arena
+/// region, a PTE) each keeps its own type, so the compiler keeps a virtual
+/// address from being written as a physical one.
+///
+/// Addresses read out of the kernel's own data (kallsyms, list pointers,
+/// stack words) are still bare `u64`s inside the introspection code; this
+/// type marks the engine's own addresses at the boundaries where a mix-up
+/// would write the wrong memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct KernelVirt(pub u64);
+
+/// An offset into a region the engine laid out (an arena allocation, a
+/// page), which cannot leave the address space: offsets from guest data
+/// are checked before they get here.
+impl std::ops::Add<u64> for GuestPhys {
+    type Output = Self;
+    fn add(self, bytes: u64) -> Self {
+        Self(self.0 + bytes)
+    }
+}
+
+/// As for [`GuestPhys`]: an offset into a region the engine laid out.
+impl std::ops::Add<u64> for KernelVirt {
+    type Output = Self;
+    fn add(self, bytes: u64) -> Self {
+        Self(self.0 + bytes)
+    }
+}
+
 impl std::fmt::LowerHex for GuestPhys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::LowerHex for KernelVirt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::LowerHex::fmt(&self.0, f)
     }
@@ -65,13 +100,13 @@ pub trait Guest {
     fn read_phys(&self, gpa: crate::GuestPhys, buf: &mut [u8]) -> Result<(), Self::Error>;
     /// Writes guest-physical memory; fails if any byte is outside guest memory.
     fn write_phys(&self, gpa: crate::GuestPhys, data: &[u8]) -> Result<(), Self::Error>;
-    /// The reserved patch arena: (guest-physical start, size).
-    fn arena(&self) -> (u64, u64);
+    /// The reserved patch arena: (start, size in bytes).
+    fn arena(&self) -> (crate::GuestPhys, u64);
     /// Where the arena's PTE pages go, (guest-physical start, size), when
     /// the VMM reserved them in RAM the kernel maps directly (a
     /// `setup_data` blob). `None`: they take the first pages of the arena,
     /// which the kernel cannot follow (see the engine's arena).
-    fn arena_tables(&self) -> Option<(u64, u64)> {
+    fn arena_tables(&self) -> Option<(crate::GuestPhys, u64)> {
         None
     }
     /// Number of vCPUs.

@@ -75,7 +75,7 @@ pub enum OrcError {
     #[error("the ORC tables are inconsistent: {0}")]
     Corrupt(String),
     #[error("cannot read the ORC tables: {0}")]
-    Read(String),
+    Read(#[source] crate::paging::PagingError),
     #[error("the kernel's BTF has no usable struct orc_entry ({0}): its ORC format is unknown")]
     Format(String),
 }
@@ -312,7 +312,7 @@ impl Orc {
         }
         let read = |va, len, what| {
             mem.read_vec(va, len, MAX_ENTRIES * entry_size, what)
-                .map_err(|e| OrcError::Read(e.to_string()))
+                .map_err(OrcError::Read)
         };
         let raw_ips = read(ip0, n * 4, "ORC ip table")?;
         let raw_entries = read(e0, n * entry_size, "ORC entries")?;

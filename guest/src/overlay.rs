@@ -34,9 +34,9 @@ pub struct Overlay<'g, G: Guest + ?Sized> {
     /// Every write, in order: (gpa, len).
     log: Mutex<Vec<(u64, usize)>>,
     /// Arena reported instead of the inner guest's, if set.
-    arena: Option<(u64, u64)>,
+    arena: Option<(GuestPhys, u64)>,
     /// Reported instead of the inner guest's arena tables.
-    tables: Option<(u64, u64)>,
+    tables: Option<(GuestPhys, u64)>,
     /// Range served as zero-filled memory, not read from the inner guest.
     synthetic: Option<(u64, u64)>,
 }
@@ -60,14 +60,14 @@ impl<'g, G: Guest + ?Sized> Overlay<'g, G> {
     }
 
     /// Reports `(gpa, size)` as the arena instead of the inner guest's.
-    pub fn with_arena(mut self, gpa: u64, size: u64) -> Self {
+    pub fn with_arena(mut self, gpa: GuestPhys, size: u64) -> Self {
         self.arena = Some((gpa, size));
         self
     }
 
     /// Reports `(gpa, size)` as the region reserved for the arena's PTE
     /// pages (see [`Guest::arena_tables`]).
-    pub fn with_arena_tables(mut self, gpa: u64, size: u64) -> Self {
+    pub fn with_arena_tables(mut self, gpa: GuestPhys, size: u64) -> Self {
         self.tables = Some((gpa, size));
         self
     }
@@ -75,9 +75,9 @@ impl<'g, G: Guest + ?Sized> Overlay<'g, G> {
     /// Reports `(gpa, size)` as the arena and serves it as zero-filled
     /// memory of the overlay's own (for guests without an arena, e.g. a
     /// dump: the range should lie outside the inner guest's RAM).
-    pub fn with_synthetic_arena(mut self, gpa: u64, size: u64) -> Self {
+    pub fn with_synthetic_arena(mut self, gpa: GuestPhys, size: u64) -> Self {
         self.arena = Some((gpa, size));
-        self.synthetic = Some((gpa, size));
+        self.synthetic = Some((gpa.0, size));
         self
     }
 
@@ -169,13 +169,13 @@ impl<G: Guest + ?Sized> Guest for Overlay<'_, G> {
         Ok(())
     }
 
-    fn arena(&self) -> (u64, u64) {
+    fn arena(&self) -> (GuestPhys, u64) {
         self.arena.unwrap_or_else(|| self.inner.arena())
     }
 
     /// The inner guest's, unless the arena was moved: the tables belong to
     /// the arena they were reserved for.
-    fn arena_tables(&self) -> Option<(u64, u64)> {
+    fn arena_tables(&self) -> Option<(GuestPhys, u64)> {
         match (self.tables, self.arena) {
             (Some(t), _) => Some(t),
             (None, Some(_)) => None,
@@ -218,8 +218,8 @@ mod tests {
     #[test]
     fn synthetic_arena_beyond_ram() {
         let m = FakePhys::new(0x1000);
-        let o = Overlay::new(&m).with_synthetic_arena(0x10_0000, 0x2000);
-        assert_eq!(o.arena(), (0x10_0000, 0x2000));
+        let o = Overlay::new(&m).with_synthetic_arena(GuestPhys(0x10_0000), 0x2000);
+        assert_eq!(o.arena(), (GuestPhys(0x10_0000), 0x2000));
         let mut b = [7u8; 4];
         o.read_phys(GuestPhys(0x10_1ffc), &mut b).unwrap();
         assert_eq!(b, [0; 4]);

@@ -117,7 +117,8 @@ const FIVE_LEVELS: [Level; 5] = [Level::Pml5, Level::Pml4, Level::Pdpt, Level::P
 /// levels, as the MMU computes them for a supervisor access).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
-    pub phys: u64,
+    /// Where `va` is in guest memory.
+    pub phys: GuestPhys,
     /// 4 KiB, 2 MiB or 1 GiB.
     pub page_size: u64,
     pub writable: bool,
@@ -221,7 +222,7 @@ impl PageTables {
             if let Some(page_size) = page_size {
                 let offset_mask = page_size - 1;
                 return Ok(Translation {
-                    phys: (entry & ADDR_MASK & !offset_mask) | (va & offset_mask),
+                    phys: GuestPhys((entry & ADDR_MASK & !offset_mask) | (va & offset_mask)),
                     page_size,
                     writable,
                     executable,
@@ -255,10 +256,10 @@ impl PageTables {
                 .min(usize::try_from(in_page).unwrap_or(usize::MAX));
             let (head, _) = rest.split_at_mut(chunk);
             guest
-                .read_phys(GuestPhys(t.phys), head)
+                .read_phys(t.phys, head)
                 .map_err(|e| PagingError::Phys {
                     what: "guest memory",
-                    gpa: t.phys,
+                    gpa: t.phys.0,
                     source: Box::new(e),
                 })?;
             done += chunk;
@@ -463,8 +464,8 @@ pub mod test_support {
             Ok(())
         }
 
-        fn arena(&self) -> (u64, u64) {
-            (0, 0)
+        fn arena(&self) -> (crate::GuestPhys, u64) {
+            (crate::GuestPhys(0), 0)
         }
 
         fn vcpu_count(&self) -> usize {
@@ -519,14 +520,14 @@ mod tests {
     fn translates_all_page_sizes() {
         let (m, pt) = four_level();
         let t = pt.translate(&m, 0xffff_ffff_8100_0123).unwrap();
-        assert_eq!(t.phys, 0x10123);
+        assert_eq!(t.phys, GuestPhys(0x10123));
         assert_eq!(t.page_size, 4096);
         assert!(!t.writable && !t.executable);
         let t = pt.translate(&m, 0xffff_ffff_8120_0042).unwrap();
-        assert_eq!((t.phys, t.page_size), (0x20_0042, 2 << 20));
+        assert_eq!((t.phys, t.page_size), (GuestPhys(0x20_0042), 2 << 20));
         assert!(t.writable && t.executable);
         let t = pt.translate(&m, 0xffff_ffff_c012_3456).unwrap();
-        assert_eq!((t.phys, t.page_size), (0x12_3456, 1 << 30));
+        assert_eq!((t.phys, t.page_size), (GuestPhys(0x12_3456), 1 << 30));
     }
 
     #[test]
@@ -591,7 +592,7 @@ mod tests {
         m.put_u64(pd + idx(va, Level::Pd) * 8, pt | P);
         m.put_u64(pt + idx(va, Level::Pt) * 8, 0x9000 | P);
         let t = PageTables::new(pml5, true).translate(&m, va + 5).unwrap();
-        assert_eq!(t.phys, 0x9005);
+        assert_eq!(t.phys, GuestPhys(0x9005));
     }
 
     #[test]
@@ -611,7 +612,7 @@ mod tests {
             m.put_u64(0x1000 + i * 8, 0x1000 | P);
         }
         let t = pt.translate(&m, 0xffff_ffff_8100_0000).unwrap();
-        assert_eq!(t.phys, 0x1000);
+        assert_eq!(t.phys, GuestPhys(0x1000));
         let mut buf = [0u8; 16];
         assert!(pt.read(&m, u64::MAX - 3, &mut buf).is_err());
     }

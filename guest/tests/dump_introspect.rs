@@ -163,7 +163,7 @@ fn kaslr_slide_found_and_consistent() {
     // A QEMU core has IDTR but no LSTAR: the IDT gate must have confirmed it.
     assert_eq!(k.evidence, Evidence::Idt);
     let space = f.kernel.space(&f.guest);
-    assert_eq!(space.translate(text).unwrap().phys, k.text_phys);
+    assert_eq!(space.translate(text).unwrap().phys.0, k.text_phys);
     assert_eq!(kaslr::probe(&space).unwrap().text, text);
     eprintln!(
         "_text {:#x} (phys {:#x}), slide {:#x}, {}-level paging",
@@ -187,7 +187,7 @@ fn the_view_reads_through_init_top_pgt_and_keeps_every_kernel_translation() {
     let pgd = proc_addr(f, "init_top_pgt");
     assert_eq!(
         k.tables.root(),
-        found.translate(&f.guest, pgd).unwrap().phys,
+        found.translate(&f.guest, pgd).unwrap().phys.0,
         "root is init_top_pgt's physical address"
     );
     assert_eq!(k.tables.five_level(), found.five_level());
@@ -463,7 +463,7 @@ impl Guest for OneVcpu<'_> {
         let gpa = gpa.0;
         self.0.write_phys(GuestPhys(gpa), data)
     }
-    fn arena(&self) -> (u64, u64) {
+    fn arena(&self) -> (klpvisor_guest::GuestPhys, u64) {
         self.0.arena()
     }
     fn vcpu_count(&self) -> usize {

@@ -58,7 +58,7 @@ impl Guest for Doctored<'_> {
     fn write_phys(&self, _gpa: GuestPhys, _data: &[u8]) -> Result<(), DumpError> {
         panic!("introspection never writes");
     }
-    fn arena(&self) -> (u64, u64) {
+    fn arena(&self) -> (klpvisor_guest::GuestPhys, u64) {
         self.dump.arena()
     }
     fn vcpu_count(&self) -> usize {

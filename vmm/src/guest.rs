@@ -49,12 +49,14 @@ impl Guest for Vm {
             })
     }
 
-    fn arena(&self) -> (u64, u64) {
-        self.layout().arena
+    fn arena(&self) -> (GuestPhys, u64) {
+        let (gpa, size) = self.layout().arena;
+        (GuestPhys(gpa), size)
     }
 
-    fn arena_tables(&self) -> Option<(u64, u64)> {
-        Some(self.layout().arena_tables())
+    fn arena_tables(&self) -> Option<(GuestPhys, u64)> {
+        let (gpa, size) = self.layout().arena_tables();
+        Some((GuestPhys(gpa), size))
     }
 
     fn vcpu_count(&self) -> usize {
@@ -185,12 +187,14 @@ impl Guest for RegsSnapshot<'_> {
         self.vm.write_phys(GuestPhys(gpa), data)
     }
 
-    fn arena(&self) -> (u64, u64) {
-        self.vm.layout().arena
+    fn arena(&self) -> (GuestPhys, u64) {
+        let (gpa, size) = self.vm.layout().arena;
+        (GuestPhys(gpa), size)
     }
 
-    fn arena_tables(&self) -> Option<(u64, u64)> {
-        Some(self.vm.layout().arena_tables())
+    fn arena_tables(&self) -> Option<(GuestPhys, u64)> {
+        let (gpa, size) = self.vm.layout().arena_tables();
+        Some((GuestPhys(gpa), size))
     }
 
     fn vcpu_count(&self) -> usize {

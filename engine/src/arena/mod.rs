@@ -52,7 +52,7 @@ pub use tables::{slot_of, Attrs, ImageFacts, NxSource, Window, WINDOW_END, WINDO
 
 use crate::write::{AllowKind, Allowed, Write};
 use klpvisor_guest::kaslr::DEFAULT_TEXT;
-use klpvisor_guest::Guest;
+use klpvisor_guest::{Guest, GuestPhys, KernelVirt};
 
 /// rel32 reach: every arena byte must be this close to every kernel byte.
 const REACH: u64 = 1 << 31;
@@ -193,8 +193,10 @@ pub enum Granularity {
 /// An allocation: virtually and physically contiguous.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
-    pub va: u64,
-    pub gpa: u64,
+    /// Where the kernel sees it.
+    pub va: KernelVirt,
+    /// Where it is in guest memory.
+    pub gpa: GuestPhys,
     /// Bytes, a multiple of 4 KiB.
     pub len: u64,
     pub perm: Perm,
@@ -259,7 +261,9 @@ impl Arena {
         facts: &ImageFacts,
         granularity: Granularity,
     ) -> Result<Self, ArenaError> {
-        let (gpa, size) = guest.arena();
+        // The layout below works in plain numbers; the types come back on
+        // the regions and writes it hands out.
+        let (GuestPhys(gpa), size) = guest.arena();
         if size == 0 {
             return Err(ArenaError::NoArena);
         }
@@ -276,7 +280,7 @@ impl Arena {
         }
         let total = size / PAGE;
         let apart = match granularity {
-            Granularity::Pages4K => guest.arena_tables(),
+            Granularity::Pages4K => guest.arena_tables().map(|(t, len)| (t.0, len)),
             Granularity::Large2M => None,
         };
         // Each PTE page maps 512 pages: t table pages serve (total - t) data
@@ -436,19 +440,19 @@ impl Arena {
     pub fn allowed(&self) -> Vec<Allowed> {
         let mut v = vec![
             Allowed {
-                gpa: self.gpa,
+                gpa: GuestPhys(self.gpa),
                 len: self.size,
                 kind: AllowKind::Arena,
             },
             Allowed {
-                gpa: self.slot_gpa(0),
+                gpa: GuestPhys(self.slot_gpa(0)),
                 len: self.slots * 8,
                 kind: AllowKind::PmdSlots,
             },
         ];
         if let Some((t, _)) = self.tables {
             v.push(Allowed {
-                gpa: t,
+                gpa: GuestPhys(t),
                 len: self.slots * PAGE,
                 kind: AllowKind::ArenaTables,
             });
@@ -458,8 +462,8 @@ impl Arena {
 
     fn region(&self, first: u64, count: u64, perm: Perm) -> Region {
         Region {
-            va: self.base_va + first * PAGE,
-            gpa: self.page_gpa(first),
+            va: KernelVirt(self.base_va + first * PAGE),
+            gpa: GuestPhys(self.page_gpa(first)),
             len: count * PAGE,
             perm,
         }
@@ -568,18 +572,18 @@ impl Arena {
     /// The live allocation `r` is, as (first page, count).
     fn lookup(&self, r: &Region) -> Result<(u64, u64), ArenaError> {
         let unknown = || ArenaError::UnknownRegion {
-            va: r.va,
+            va: r.va.0,
             len: r.len,
             perm: r.perm,
         };
-        let off = r.va.checked_sub(self.base_va).ok_or_else(unknown)?;
+        let off = r.va.0.checked_sub(self.base_va).ok_or_else(unknown)?;
         let first = off / PAGE;
         match self.allocs.get(&first) {
             Some(&count)
                 if off % PAGE == 0
                     && count * PAGE == r.len
                     && self.pages.get(first as usize) == Some(&Page::Used(r.perm))
-                    && self.page_gpa(first) == r.gpa =>
+                    && self.page_gpa(first) == r.gpa.0 =>
             {
                 Ok((first, count))
             }
@@ -644,13 +648,13 @@ impl Arena {
                     }
                 }
                 writes.push(Write::new(
-                    table,
+                    GuestPhys(table),
                     fresh,
                     page,
                     format!("arena PTE page {j} (maps {slot_va:#x})"),
                 ));
                 writes.push(Write::new(
-                    slot_gpa,
+                    GuestPhys(slot_gpa),
                     ours.to_le_bytes().to_vec(),
                     current.to_le_bytes().to_vec(),
                     format!("PMD slot {} ({slot_va:#x})", self.first_slot + j),
@@ -672,7 +676,7 @@ impl Arena {
                 if let Some((start, bytes)) = run.take() {
                     let len = bytes.len();
                     writes.push(Write::new(
-                        table + start * 8,
+                        GuestPhys(table + start * 8),
                         bytes,
                         vec![0u8; len],
                         format!(
@@ -737,7 +741,7 @@ impl Arena {
                 });
             }
             writes.push(Write::new(
-                self.slot_gpa(j),
+                GuestPhys(self.slot_gpa(j)),
                 want.to_le_bytes().to_vec(),
                 current.to_le_bytes().to_vec(),
                 format!(

@@ -227,7 +227,8 @@ pub fn inspect<G: Guest + ?Sized>(guest: &G, facts: &ImageFacts) -> Result<Windo
                 va,
                 why: e.to_string(),
             })?
-            .phys;
+            .phys
+            .0;
         if expected != pmd_page {
             return Err(ArenaError::PmdPageMismatch {
                 found: pmd_page,

@@ -63,7 +63,7 @@ fn facts_at(text: u64) -> ImageFacts {
 }
 
 fn overlay(m: &FakePhys) -> Overlay<'_, FakePhys> {
-    Overlay::new(m).with_arena(ARENA.0, ARENA.1)
+    Overlay::new(m).with_arena(GuestPhys(ARENA.0), ARENA.1)
 }
 
 fn commit<G: Guest + ?Sized>(g: &G, a: &Arena, writes: Vec<Write>) -> Plan {
@@ -141,24 +141,24 @@ fn maps_with_permissions_and_leaves_the_kernel_alone() {
     let data = a.alloc(1, Perm::Data).unwrap();
     // Crosses from slot 0 into slot 1.
     let ro = a.alloc(600 * PAGE, Perm::ReadOnly).unwrap();
-    assert_eq!((text.va, text.len), (a.va_range().0, 3 * PAGE));
-    assert_eq!(text.gpa, ARENA.0 + 2 * PAGE);
+    assert_eq!((text.va, text.len), (KernelVirt(a.va_range().0), 3 * PAGE));
+    assert_eq!(text.gpa, GuestPhys(ARENA.0 + 2 * PAGE));
     assert_eq!(data.va, text.va + 3 * PAGE);
     assert_eq!(ro.va, data.va + PAGE);
 
     let writes = a.map_writes(&g, &[text, data, ro]).unwrap();
     // Two slots installed: PTE page then PMD entry, each.
     assert_eq!(writes.len(), 4);
-    assert_eq!(writes[0].gpa, ARENA.0);
+    assert_eq!(writes[0].gpa, GuestPhys(ARENA.0));
     assert_eq!(writes[0].bytes.len(), 4096);
-    assert_eq!(writes[1].gpa, PMD + (slot_of(TEXT) + 4) * 8);
-    assert_eq!(writes[3].gpa, PMD + (slot_of(TEXT) + 5) * 8);
+    assert_eq!(writes[1].gpa, GuestPhys(PMD + (slot_of(TEXT) + 4) * 8));
+    assert_eq!(writes[3].gpa, GuestPhys(PMD + (slot_of(TEXT) + 5) * 8));
     commit(&g, &a, writes);
 
     for (r, writable, executable) in [(text, false, true), (data, true, false), (ro, false, false)]
     {
         for off in (0..r.len).step_by(PAGE as usize) {
-            let t = pt.translate(&g, r.va + off + 12).unwrap();
+            let t = pt.translate(&g, r.va.0 + off + 12).unwrap();
             assert_eq!(t.phys, r.gpa + off + 12, "{r:?}+{off:#x}");
             assert_eq!(t.page_size, PAGE);
             assert_eq!(
@@ -168,7 +168,7 @@ fn maps_with_permissions_and_leaves_the_kernel_alone() {
         }
     }
     // Pages after the last allocation are not mapped.
-    assert!(pt.translate(&g, ro.va + ro.len).is_err());
+    assert!(pt.translate(&g, ro.va.0 + ro.len).is_err());
     // The kernel's mappings are unchanged; only our slots changed in its PMD page.
     let kernel_after: Vec<_> = (0..0x40u64)
         .map(|i| pt.translate(&g, TEXT + i * 0x20_0000 / 16).ok())
@@ -196,9 +196,9 @@ fn maps_with_permissions_and_leaves_the_kernel_alone() {
     let w = a.map_writes(&g, &[more]).unwrap();
     assert_eq!(w.len(), 1);
     assert_eq!(w[0].bytes.len(), 5 * 8);
-    assert_eq!(w[0].gpa, ARENA.0 + PAGE + ((604 - 512) * 8));
+    assert_eq!(w[0].gpa, GuestPhys(ARENA.0 + PAGE + ((604 - 512) * 8)));
     commit(&g, &a, w);
-    assert!(pt.translate(&g, more.va + 4 * PAGE).unwrap().executable);
+    assert!(pt.translate(&g, more.va.0 + 4 * PAGE).unwrap().executable);
 }
 
 #[test]
@@ -330,7 +330,7 @@ fn forged_tables_are_refused() {
     for i in 0..512u64 {
         m.put_u64(0x1000 + i * 8, u64::MAX);
     }
-    let g = Overlay::new(&m).with_arena(0x1000, 0x1000);
+    let g = Overlay::new(&m).with_arena(GuestPhys(0x1000), 0x1000);
     let mut f = facts();
     f.tables = PageTables::new(0x1000, true);
     assert!(Arena::new(&g, &f).is_err());
@@ -343,13 +343,16 @@ fn forged_tables_are_refused() {
     ));
     assert!(matches!(
         Arena::new(
-            &Overlay::new(&m).with_arena(0x100_0800, 0x10_0000),
+            &Overlay::new(&m).with_arena(GuestPhys(0x100_0800), 0x10_0000),
             &facts()
         ),
         Err(ArenaError::BadArena { .. })
     ));
     assert!(matches!(
-        Arena::new(&Overlay::new(&m).with_arena(0x100_0000, PAGE), &facts()),
+        Arena::new(
+            &Overlay::new(&m).with_arena(GuestPhys(0x100_0000), PAGE),
+            &facts()
+        ),
         Err(ArenaError::BadArena { .. })
     ));
 }
@@ -407,7 +410,15 @@ fn plan_mixing_arena_writes_with_a_kernel_slot_is_refused() {
     let mut p = Plan::new(a.allowed());
     p.extend(a.map_writes(&g, &[r]).unwrap());
     // The slot just below ours is the kernel's (_end's 4 KiB table).
-    p.push(Write::read_expect(&g, PMD + (slot_of(TEXT) + 3) * 8, vec![0; 8], "forged").unwrap());
+    p.push(
+        Write::read_expect(
+            &g,
+            GuestPhys(PMD + (slot_of(TEXT) + 3) * 8),
+            vec![0; 8],
+            "forged",
+        )
+        .unwrap(),
+    );
     let e = p.commit(&g).unwrap_err();
     assert!(matches!(e, WriteError::Outside { .. }), "{e}");
     assert!(g.write_log().is_empty());
@@ -451,7 +462,7 @@ fn kernel_without_kaslr_keeps_out_of_the_module_area() {
 fn large_pages_one_permission_per_slot() {
     let m = kernel();
     let arena = (0x100_0000, 3 * PMD_SIZE);
-    let g = Overlay::new(&m).with_arena(arena.0, arena.1);
+    let g = Overlay::new(&m).with_arena(GuestPhys(arena.0), arena.1);
     let mut a = Arena::with_granularity(&g, &facts(), Granularity::Large2M).unwrap();
     assert_eq!(a.granularity(), Granularity::Large2M);
     assert_eq!(a.table_pages(), 0);
@@ -459,8 +470,12 @@ fn large_pages_one_permission_per_slot() {
     let text = a.alloc(PAGE, Perm::Text).unwrap();
     let data = a.alloc(PAGE, Perm::Data).unwrap();
     let text2 = a.alloc(2 * PAGE, Perm::Text).unwrap();
-    assert_eq!(text.gpa, arena.0, "no PTE pages");
-    assert_eq!(data.va, a.va_range().0 + PMD_SIZE, "data gets its own slot");
+    assert_eq!(text.gpa, GuestPhys(arena.0), "no PTE pages");
+    assert_eq!(
+        data.va,
+        KernelVirt(a.va_range().0 + PMD_SIZE),
+        "data gets its own slot"
+    );
     assert_eq!(text2.va, text.va + PAGE, "text shares the text slot");
     let w = a.map_writes(&g, &[text, data, text2]).unwrap();
     assert_eq!(w.len(), 2, "one PMD leaf per slot");
@@ -471,7 +486,7 @@ fn large_pages_one_permission_per_slot() {
         (data, true, false),
         (text2, false, true),
     ] {
-        let t = pt.translate(&g, r.va + 5).unwrap();
+        let t = pt.translate(&g, r.va.0 + 5).unwrap();
         assert_eq!((t.phys, t.page_size), (r.gpa + 5, PMD_SIZE));
         assert_eq!((t.writable, t.executable), (writable, executable));
     }
@@ -486,7 +501,7 @@ fn large_pages_one_permission_per_slot() {
     a.free(&text).unwrap();
     assert_eq!(a.alloc(PAGE, Perm::Text).unwrap().va, text.va);
     // Unaligned arenas cannot be mapped with 2 MiB leaves.
-    let g = Overlay::new(&m).with_arena(0x100_0000 + PAGE, 2 * PMD_SIZE);
+    let g = Overlay::new(&m).with_arena(GuestPhys(0x100_0000 + PAGE), 2 * PMD_SIZE);
     assert!(matches!(
         Arena::with_granularity(&g, &facts(), Granularity::Large2M),
         Err(ArenaError::BadArena { .. })
@@ -498,7 +513,7 @@ fn laying_out_a_mapped_arena_again_is_refused() {
     for granularity in [Granularity::Pages4K, Granularity::Large2M] {
         let m = kernel();
         let arena = (0x100_0000, 2 * PMD_SIZE);
-        let g = Overlay::new(&m).with_arena(arena.0, arena.1);
+        let g = Overlay::new(&m).with_arena(GuestPhys(arena.0), arena.1);
         let mut a = Arena::with_granularity(&g, &facts(), granularity).unwrap();
         let r = a.alloc(PAGE, Perm::Text).unwrap();
         commit(&g, &a, a.map_writes(&g, &[r]).unwrap());
@@ -519,14 +534,18 @@ fn laying_out_a_mapped_arena_again_is_refused() {
 fn tables_apart_from_the_arena() {
     const TABLES: (u64, u64) = (0x150_0000, 3 * PAGE);
     let m = kernel();
-    let g = overlay(&m).with_arena_tables(TABLES.0, TABLES.1);
+    let g = overlay(&m).with_arena_tables(GuestPhys(TABLES.0), TABLES.1);
     let mut a = Arena::new(&g, &facts()).unwrap();
     assert_eq!(a.table_pages(), 0);
     assert_eq!(a.tables(), Some(TABLES));
     // 1026 mappable pages need 3 slots, one PTE page each.
     assert_eq!(a.pmd_slots().1, 3);
     let r = a.alloc(2 * PAGE, Perm::Text).unwrap();
-    assert_eq!(r.gpa, ARENA.0, "the arena's first page is patch memory now");
+    assert_eq!(
+        r.gpa,
+        GuestPhys(ARENA.0),
+        "the arena's first page is patch memory now"
+    );
     let writes = a.map_writes(&g, &[r]).unwrap();
     commit(&g, &a, writes);
     let (first, _) = a.pmd_slots();
@@ -536,10 +555,9 @@ fn tables_apart_from_the_arena() {
     let mut pte = [0u8; 8];
     g.read_phys(GuestPhys(TABLES.0), &mut pte).unwrap();
     assert_eq!(u64::from_le_bytes(pte) & ADDR_MASK, ARENA.0);
-    assert!(a
-        .allowed()
-        .iter()
-        .any(|w| w.kind == AllowKind::ArenaTables && w.gpa == TABLES.0 && w.len == 3 * PAGE));
+    assert!(a.allowed().iter().any(|w| w.kind == AllowKind::ArenaTables
+        && w.gpa == GuestPhys(TABLES.0)
+        && w.len == 3 * PAGE));
     // Laying it out again over the live mapping is refused.
     let e = Arena::new(&g, &facts()).unwrap_err();
     assert!(matches!(e, ArenaError::AlreadyMapped { .. }), "{e}");
@@ -553,7 +571,7 @@ fn a_tables_region_that_cannot_serve_is_refused() {
         ((ARENA.0 + PAGE, 3 * PAGE), "overlaps"),
         ((0x150_0010, 3 * PAGE), "aligned"),
     ] {
-        let g = overlay(&m).with_arena_tables(t.0, t.1);
+        let g = overlay(&m).with_arena_tables(GuestPhys(t.0), t.1);
         let e = Arena::new(&g, &facts()).unwrap_err().to_string();
         assert!(e.contains(why), "{t:x?}: {e}");
     }

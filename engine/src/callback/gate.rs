@@ -36,7 +36,6 @@
 
 use crate::arena::{Arena, ArenaError, Perm, Region};
 use crate::write::{AllowKind, Allowed, Plan, Write, WriteError};
-use klpvisor_guest::GuestPhys;
 use klpvisor_guest::{Guest, VcpuRegs};
 use klpvisor_guest::{Kernel, VirtRead};
 
@@ -90,8 +89,12 @@ pub enum GateError {
     /// The return thunk the gate's code must use could not be read.
     #[error("callbacks cannot run in this guest kernel: {0}")]
     Thunk(#[from] crate::link::LinkError),
-    #[error("callbacks cannot run: reading {what} failed: {why}")]
-    Read { what: &'static str, why: String },
+    #[error("callbacks cannot run: reading {what} failed: {source}")]
+    Read {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(
         "an earlier callback is still in the guest ({0}); no other callback can run until it \
          finishes"
@@ -350,7 +353,7 @@ impl Gate {
             .read_virt(gate_va, &mut d)
             .map_err(|e| GateError::Read {
                 what: "the IDT",
-                why: e.to_string(),
+                source: Box::new(e),
             })?;
         let target = u64::from(u16::from_le_bytes([d[0], d[1]]))
             | u64::from(u16::from_le_bytes([d[6], d[7]])) << 16
@@ -379,13 +382,13 @@ impl Gate {
         writes.push(Write::read_expect(
             guest,
             text.gpa,
-            code(text.va, data.va, &symbols)?,
+            code(text.va.0, data.va.0, &symbols)?,
             "call gate code",
         )?);
         writes.push(Write::read_expect(
             guest,
             data.gpa,
-            initial_data(data.va, text.va, &layout),
+            initial_data(data.va.0, text.va.0, &layout),
             "call gate data",
         )?);
         Ok((
@@ -441,7 +444,7 @@ impl Gate {
                     .into(),
             ));
         }
-        let arg = self.data.va + LOG_AT;
+        let arg = self.data.va.0 + LOG_AT;
         self.plan_send(
             kernel,
             guest,
@@ -467,10 +470,10 @@ impl Gate {
     ) -> Result<Plan, GateError> {
         let mut page = vec![0u8; PAGE as usize];
         guest
-            .read_phys(GuestPhys(self.data.gpa), &mut page)
+            .read_phys(self.data.gpa, &mut page)
             .map_err(|e| GateError::Read {
                 what: "the call gate",
-                why: e.to_string(),
+                source: Box::new(e),
             })?;
         let state = u64_at(&page, MAILBOX_AT + MB_STATE);
         if state != IDLE && state != DONE {
@@ -500,15 +503,15 @@ impl Gate {
             .translate(head_va)
             .map_err(|e| GateError::Read {
                 what: "the per-CPU raised_list",
-                why: e.to_string(),
+                source: Box::new(e),
             })?
             .phys;
         let mut old = [0u8; 8];
         guest
-            .read_phys(GuestPhys(head_gpa), &mut old)
+            .read_phys(head_gpa, &mut old)
             .map_err(|e| GateError::Read {
                 what: "the per-CPU raised_list",
-                why: e.to_string(),
+                source: Box::new(e),
             })?;
 
         let mut plan = Plan::new(vec![
@@ -557,7 +560,7 @@ impl Gate {
         ));
         plan.push(Write::new(
             head_gpa,
-            (self.data.va + IRQ_WORK_AT).to_le_bytes().to_vec(),
+            (self.data.va + IRQ_WORK_AT).0.to_le_bytes().to_vec(),
             old.to_vec(),
             format!("CPU {number}'s raised_list"),
         ));
@@ -569,10 +572,10 @@ impl Gate {
     pub fn poll<G: Guest + ?Sized>(&self, guest: &G, seq: u64) -> Result<Progress, GateError> {
         let mut mb = [0u8; MB_LEN];
         guest
-            .read_phys(GuestPhys(self.data.gpa + MAILBOX_AT), &mut mb)
+            .read_phys(self.data.gpa + MAILBOX_AT, &mut mb)
             .map_err(|e| GateError::Read {
                 what: "the call gate mailbox",
-                why: e.to_string(),
+                source: Box::new(e),
             })?;
         let found = u64_at(&mb, MB_SEQ);
         if found != seq {

@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use klpvisor_guest::{Guest, Kernel, LoadedModule};
+use klpvisor_guest::{Guest, GuestPhys, Kernel, LoadedModule};
 
 use super::{Engine, EngineError, FuncRecord};
 use crate::hook::Hooks;
@@ -103,7 +103,7 @@ pub(super) fn object_callbacks(linked: &Linked) -> Vec<(Option<String>, LinkedCa
 fn relocation_writes(
     old: &SegmentImage,
     new: &SegmentImage,
-    gpa: u64,
+    gpa: GuestPhys,
     patch: &str,
 ) -> Result<Vec<Write>, EngineError> {
     if old.va != new.va || old.bytes.len() != new.bytes.len() {
@@ -543,7 +543,7 @@ impl Engine {
             if old.bytes.is_empty() {
                 continue;
             }
-            let region = r.regions.iter().find(|x| x.va == old.va).ok_or_else(|| {
+            let region = r.regions.iter().find(|x| x.va.0 == old.va).ok_or_else(|| {
                 EngineError::Internal(format!("{name}: no arena region at {:#x}", old.va))
             })?;
             for w in relocation_writes(old, new, region.gpa, name)? {
@@ -784,8 +784,8 @@ mod tests {
     fn relinking_writes_only_the_bytes_that_changed_expecting_the_old_ones() {
         let old = image(&[1, 2, 0, 0, 0, 0, 7, 8, 0, 0]);
         let new = image(&[1, 2, 0xaa, 0xbb, 0, 0xcc, 7, 8, 0, 0xdd]);
-        let w = relocation_writes(&old, &new, 0x10_0000, "p").expect("writes");
-        let got: Vec<(u64, Vec<u8>)> = w.iter().map(|w| (w.gpa, w.bytes.clone())).collect();
+        let w = relocation_writes(&old, &new, GuestPhys(0x10_0000), "p").expect("writes");
+        let got: Vec<(u64, Vec<u8>)> = w.iter().map(|w| (w.gpa.0, w.bytes.clone())).collect();
         assert_eq!(
             got,
             [
@@ -813,13 +813,13 @@ mod tests {
         let old = image(&[0; 4]);
         let mut new = image(&[0; 5]);
         assert!(matches!(
-            relocation_writes(&old, &new, 0, "p"),
+            relocation_writes(&old, &new, GuestPhys(0), "p"),
             Err(EngineError::Internal(_))
         ));
         new.bytes.truncate(4);
         new.va += 4096;
         assert!(matches!(
-            relocation_writes(&old, &new, 0, "p"),
+            relocation_writes(&old, &new, GuestPhys(0), "p"),
             Err(EngineError::Internal(_))
         ));
     }

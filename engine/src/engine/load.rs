@@ -48,7 +48,7 @@ impl Engine {
             regions
                 .iter()
                 .find(|r| r.perm == perm)
-                .map_or(0, |r: &Region| r.va)
+                .map_or(0, |r: &Region| r.va.0)
         };
         let bases = Bases {
             text: base(Perm::Text),
@@ -90,7 +90,7 @@ impl Engine {
         match &facts.registry {
             Ok(registry) => {
                 let region = arena.alloc(registry.size(&module), Perm::Data)?;
-                let image = registry.image(&name, &module, &linked, region.va)?;
+                let image = registry.image(&name, &module, &linked, region.va.0)?;
                 // Keys the patch cannot follow are refused now, before the
                 // pause, not when registering.
                 registry.check_keys(&image.jumps)?;
@@ -174,7 +174,7 @@ impl Engine {
             if image.bytes.is_empty() {
                 continue;
             }
-            let region = regions.iter().find(|r| r.va == image.va).ok_or_else(|| {
+            let region = regions.iter().find(|r| r.va.0 == image.va).ok_or_else(|| {
                 EngineError::Internal(format!("no arena region at {:#x}", image.va))
             })?;
             plan.push(

@@ -20,7 +20,6 @@ mod modules;
 
 pub use coming::{in_hook, Coming, Going, ModuleEvent, Relink};
 
-use klpvisor_guest::GuestPhys;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -309,7 +308,7 @@ impl Record {
         self.regions
             .iter()
             .filter(|r| r.perm == crate::arena::Perm::Text)
-            .map(|r| r.va..r.va + r.len)
+            .map(|r| r.va.0..r.va.0 + r.len)
     }
 
     fn bytes(&self) -> u64 {
@@ -569,8 +568,7 @@ impl Engine {
             // klp), validate afresh for an error that says why.
             let live = self.stack.live().contains_key(&old);
             let mut now = [0u8; 5];
-            let unchanged =
-                guest.read_phys(GuestPhys(s.gpa), &mut now).is_ok() && now == s.original;
+            let unchanged = guest.read_phys(s.gpa, &mut now).is_ok() && now == s.original;
             if live || unchanged {
                 return Ok(s.clone());
             }
@@ -890,9 +888,9 @@ impl Engine {
     pub fn gate_info(&self) -> Option<klpvisor_api::GateInfo> {
         let [text, data] = self.gate.as_ref()?.regions();
         Some(klpvisor_api::GateInfo {
-            text: Hex(text.va),
-            data: Hex(data.va),
-            data_gpa: Hex(data.gpa),
+            text: Hex(text.va.0),
+            data: Hex(data.va.0),
+            data_gpa: Hex(data.gpa.0),
             calls: self.calls,
         })
     }

@@ -2,7 +2,7 @@
 //! ([`crate::register`]): turning the registry's word edits into plans on
 //! the one write path, with an allow-list built from the registries.
 
-use klpvisor_guest::{AddressSpace, Guest, Kernel, VirtRead};
+use klpvisor_guest::{AddressSpace, Guest, GuestPhys, Kernel, VirtRead};
 
 use super::{Engine, EngineError, Prepared};
 use crate::register::jump::Poke;
@@ -231,7 +231,10 @@ impl Engine {
 }
 
 /// The guest-physical address of kernel virtual `va`.
-fn phys<G: Guest + ?Sized>(space: &AddressSpace<'_, G>, va: u64) -> Result<u64, RegisterError> {
+fn phys<G: Guest + ?Sized>(
+    space: &AddressSpace<'_, G>,
+    va: u64,
+) -> Result<GuestPhys, RegisterError> {
     space
         .translate(va)
         .map(|t| t.phys)

@@ -281,7 +281,7 @@ pub async fn memory(
                     .read_virt(va, &mut buf)
                     .map_err(|e| paging_error(va, len, e))?;
                 Ok(Json(MemoryReply {
-                    gpa: Hex(start.phys),
+                    gpa: Hex(start.phys.0),
                     va: Some(Hex(va)),
                     len,
                     bytes: hex_bytes(&buf),
