@@ -1,0 +1,201 @@
+//! Commit: with every vCPU paused, check the safe points and every
+//! expected byte, write, and adopt the new stack.
+
+use crate::callback::Calls;
+use crate::safepoint::{Blocker, Check};
+use crate::stack::Change;
+use crate::write::Plan;
+use klpvisor_api::PatchInfo;
+use klpvisor_guest::Guest;
+use klpvisor_guest::{all_vcpu_regs, Kernel};
+
+use super::*;
+
+impl Engine {
+    pub(super) fn prepared_sites(
+        &self,
+        name: &str,
+        action: &'static str,
+        change: Change,
+        calls: Calls,
+    ) -> Result<Prepared, EngineError> {
+        let mut plan = Plan::new(Vec::new());
+        let check = self.plan_sites(&change, &[], None, &mut plan)?;
+        Ok(Prepared {
+            name: name.to_owned(),
+            action,
+            change,
+            plan,
+            arena: None,
+            record: None,
+            sites: Vec::new(),
+            check,
+            warnings: Vec::new(),
+            calls,
+            loaded_bytes: 0,
+            loaded: false,
+            klp_before: self.klp_enabled(),
+        })
+    }
+
+    /// Commits `p` with every vCPU paused: the safe-point check (unless
+    /// the transition is forced), then every write, then the new state.
+    pub fn commit<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &Prepared,
+    ) -> Result<Committed, EngineError> {
+        self.check_modules(kernel, guest, p)?;
+        // A patch not loaded by Engine::load yet is loaded, and its module
+        // registered, in this same pause: nothing runs in between.
+        let register = p
+            .record
+            .as_ref()
+            .and_then(|r| r.module.clone())
+            .filter(|_| !p.loaded);
+        if register.is_some() {
+            self.registry_quiet(kernel, guest)?;
+        }
+        if !p.change.forced && !p.check.is_empty() {
+            let blockers = self.blockers(kernel, guest, &p.check)?;
+            if !blockers.is_empty() {
+                return Err(EngineError::Blocked(blockers));
+            }
+        }
+        // Read and checked before anything is written: a busy ftrace waits.
+        let ftrace = self.ftrace_plan(kernel, guest, p)?;
+        let undo = p.plan.commit(guest)?;
+        let unlink = match &register {
+            Some(r) => Some(self.register_or_undo(kernel, guest, &p.name, r, &undo)?),
+            None => None,
+        };
+        if let Some((plan, set, cleared)) = ftrace {
+            if let Err(e) = plan.commit(guest) {
+                if let Some(u) = unlink {
+                    u.commit(guest)?;
+                }
+                undo.commit(guest)?;
+                return Err(e.into());
+            }
+            self.ftrace_disabled.extend(set);
+            for w in cleared {
+                self.ftrace_disabled.remove(&w);
+            }
+        }
+        if let Some(m) = p.record.as_ref().and_then(|r| r.module.as_ref()) {
+            self.orc_add(m);
+        }
+        if let Some(arena) = &p.arena {
+            if let Some(f) = self.facts.as_mut() {
+                f.arena = arena.clone();
+            }
+        }
+        for s in &p.sites {
+            self.sites.entry(s.func).or_insert_with(|| s.clone());
+        }
+        if let Some(r) = &p.record {
+            self.records.insert(p.name.clone(), r.clone());
+        }
+        self.raise_floor(p);
+        self.seq += 1;
+        if self.history.len() == MAX_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(Past {
+            seq: self.seq,
+            at: now_unix(),
+            action: p.action,
+            patch: p.name.clone(),
+            forced: p.change.forced,
+            before: self.stack.placed(),
+        });
+        self.stack.apply(&p.change);
+        // In the same pause, free retired code no stack references any
+        // more. A failure only delays that; the transition has committed.
+        let _ = self.sweep(kernel, guest);
+        Ok(Committed {
+            name: p.name.clone(),
+            seq: self.seq,
+            patch: self.info(&p.name),
+            bytes_written: p.bytes(),
+        })
+    }
+
+    /// Every module whose text this transition writes is still the
+    /// module its sites were validated in: on the list at the same
+    /// `struct module`, live or coming, with the same text. A module
+    /// unloaded since (its text freed, perhaps reused) or reloaded
+    /// elsewhere refuses the transition before anything is written.
+    pub(super) fn check_modules<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &Prepared,
+    ) -> Result<(), EngineError> {
+        let mut wanted: Vec<&crate::site::InModule> = Vec::new();
+        for old in p.change.sites.keys() {
+            let site = self
+                .sites
+                .get(old)
+                .or_else(|| p.sites.iter().find(|s| s.func == *old));
+            if let Some(m) = site.and_then(|s| s.module.as_ref()) {
+                if !wanted.contains(&m) {
+                    wanted.push(m);
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let now = kernel.modules_brief(guest).map_err(EngineError::Modules)?;
+        for m in wanted {
+            let same = now.iter().any(|n| {
+                n.name == m.name
+                    && n.addr == m.addr
+                    && n.text == m.text
+                    && matches!(
+                        n.state,
+                        klpvisor_guest::ModuleState::Live | klpvisor_guest::ModuleState::Coming
+                    )
+            });
+            if !same {
+                return Err(EngineError::ModuleGone(m.name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn blockers<G: Guest + ?Sized>(
+        &self,
+        kernel: &Kernel,
+        guest: &G,
+        check: &Check,
+    ) -> Result<Vec<Blocker>, EngineError> {
+        let f = self
+            .facts
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))?;
+        let space = kernel.space(guest);
+        let regs = all_vcpu_regs(guest)?;
+        let tasks = f.tasks.list(&space, &regs)?;
+        let irq = match f.hardirq_stack_ptr {
+            Some(ptr) => {
+                let bases = f.tasks.per_cpu_bases(&space)?;
+                crate::safepoint::irq_stacks_sized(&space, &bases, ptr, f.tasks.layout.thread_size)
+            }
+            None => Vec::new(),
+        };
+        Ok(check.blockers_with(&space, &tasks, &regs, &irq, f.orc.as_ref())?)
+    }
+
+    /// Notes the pause a committed transition took (measured by the VMM).
+    pub fn record_pause(&mut self, name: &str, pause_us: f64) -> Option<PatchInfo> {
+        if let Some(r) = self.records.get_mut(name) {
+            if r.pause_us == 0.0 {
+                r.pause_us = pause_us;
+            }
+        }
+        self.info(name)
+    }
+}

@@ -1,0 +1,92 @@
+//! What is live, for the API: patches, their functions and module objects.
+
+use klpvisor_api::{FuncInfo, Hex, LiveFunc, ObjectInfo, ObjectState, PatchInfo, PatchState};
+
+use super::*;
+
+impl Engine {
+    /// Every function whose entry is redirected now, and where to.
+    pub fn live(&self) -> Vec<LiveFunc> {
+        let mut out = Vec::new();
+        for (old, new) in self.stack.live() {
+            let owner = self.records.iter().find_map(|(name, r)| {
+                r.funcs
+                    .iter()
+                    .find(|f| f.old == old && f.new == new)
+                    .map(|f| (name, f))
+            });
+            if let Some((patch, f)) = owner {
+                out.push(LiveFunc {
+                    name: f.name.clone(),
+                    sympos: f.sympos,
+                    old_addr: Hex(old),
+                    target: Hex(new),
+                    patch: patch.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Every loaded patch, oldest first.
+    pub fn list(&self) -> Vec<PatchInfo> {
+        self.stack
+            .entries()
+            .iter()
+            .filter_map(|e| self.info(&e.name))
+            .collect()
+    }
+
+    pub(super) fn info(&self, name: &str) -> Option<PatchInfo> {
+        let e = self.stack.get(name)?;
+        let r = self.records.get(name)?;
+        let live = self.stack.live();
+        Some(PatchInfo {
+            name: e.name.clone(),
+            state: e.state,
+            replace: r.replace,
+            forced: e.forced,
+            pinned: e.pin.clone(),
+            applied_at: r.applied_at,
+            pause_us: r.pause_us,
+            arena_bytes: r.bytes(),
+            signature: r.signature.clone(),
+            objects: r
+                .objects
+                .iter()
+                .map(|o| ObjectInfo {
+                    name: o.name.clone().unwrap_or_else(|| "vmlinux".to_owned()),
+                    state: if o.loaded {
+                        ObjectState::Linked
+                    } else {
+                        ObjectState::Waiting
+                    },
+                    funcs: u32::try_from(o.funcs).unwrap_or(u32::MAX),
+                    refused: o.name.as_ref().and_then(|n| r.refused.get(n).cloned()),
+                })
+                .collect(),
+            funcs: r
+                .funcs
+                .iter()
+                .map(|f| FuncInfo {
+                    object: f.object.clone().unwrap_or_else(|| "vmlinux".to_owned()),
+                    name: f.name.clone(),
+                    sympos: f.sympos,
+                    old_addr: Hex(f.old),
+                    site: Hex(self.sites.get(&f.old).map_or(f.old, |s| s.at)),
+                    new_addr: Hex(f.new),
+                    live: e.state == PatchState::Enabled && live.get(&f.old) == Some(&f.new),
+                })
+                .collect(),
+            module: r.module.as_ref().map(|m| klpvisor_api::ModuleInfo {
+                address: Hex(m.module),
+                extable: m.counts.extable as u64,
+                bug_sites: m.counts.bugs as u64,
+                orc_entries: m.counts.orc as u64,
+                symbols: m.counts.symbols as u64,
+                static_key_sites: m.counts.jumps as u64,
+                static_keys: m.jumps.len() as u64,
+            }),
+        })
+    }
+}

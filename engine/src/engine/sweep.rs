@@ -1,0 +1,111 @@
+//! Removal and the sweep: patches that left the stack are retired, and
+//! their pages freed once no task's stack refers to them.
+
+use crate::safepoint::{Check, Span};
+use crate::stack::StackError;
+use klpvisor_api::{PatchInfo, RetiredInfo};
+use klpvisor_guest::Guest;
+use klpvisor_guest::Kernel;
+
+use super::*;
+
+impl Engine {
+    /// Forgets a patch that is not enabled. Its code stays mapped, and its
+    /// arena space allocated, until [`Engine::sweep`] finds no task whose
+    /// stack references it (klp frees a module only after its transition
+    /// completed, for the same reason).
+    pub fn remove(&mut self, name: &str) -> Result<PatchInfo, EngineError> {
+        let info = self
+            .info(name)
+            .ok_or_else(|| StackError::Unknown(name.to_owned()))?;
+        self.stack.remove(name)?;
+        if let Some(record) = self.records.remove(name) {
+            self.retired.push(Retired {
+                name: name.to_owned(),
+                removed_at: now_unix(),
+                record,
+            });
+        }
+        Ok(info)
+    }
+
+    /// Frees the arena space of every retired patch no task references:
+    /// no RIP and no return address (conservatively, no stack word) inside
+    /// its code. Call with every vCPU paused. Returns the names freed.
+    pub fn sweep<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<Vec<String>, EngineError> {
+        if self.retired.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut freed = Vec::new();
+        let mut keep = Vec::new();
+        // Iterate over a copy: registry plans look at every retired
+        // patch's module, this one's included.
+        for r in self.retired.clone() {
+            let check = Check::new(
+                r.record
+                    .text()
+                    .map(|range| Span {
+                        range,
+                        name: format!("retired {}", r.name),
+                    })
+                    .collect(),
+            );
+            let referenced = match self.blockers(kernel, guest, &check) {
+                Ok(b) => !b.is_empty(),
+                // Unknown means referenced: freeing too late costs space,
+                // freeing too early lets new code overwrite a live frame.
+                Err(_) => true,
+            };
+            // A transition that could not take its patches off the guest's
+            // klp_patches left them there (the next one tries again).
+            if referenced || self.klp_shows(r.record.klp_patch) {
+                keep.push(r);
+                continue;
+            }
+            if let Some(m) = r.record.module.as_ref() {
+                // Its struct module leaves the kernel's lists before its
+                // memory is freed. A kernel reader walking past it (only
+                // one running on a vCPU right now can be: those walks do
+                // not sleep) has the whole time until the pages are
+                // reused to move on: that is a later transition's load,
+                // after the guest has run again.
+                let unlinked = self
+                    .unregister_plan(kernel, guest, m)
+                    .and_then(|plan| match plan {
+                        Some(plan) => Ok(plan.commit(guest).map(drop)?),
+                        None => Ok(()),
+                    });
+                if let Err(e) = unlinked {
+                    tracing::info!(patch = r.name, "module not unregistered yet: {e}");
+                    keep.push(r);
+                    continue;
+                }
+                self.orc_remove(m);
+            }
+            if let Some(f) = self.facts.as_mut() {
+                for region in &r.record.regions {
+                    f.arena.free(region)?;
+                }
+            }
+            freed.push(r.name);
+        }
+        self.retired = keep;
+        Ok(freed)
+    }
+
+    /// Removed patches whose code is still mapped.
+    pub fn retired(&self) -> Vec<RetiredInfo> {
+        self.retired
+            .iter()
+            .map(|r| RetiredInfo {
+                name: r.name.clone(),
+                removed_at: r.removed_at,
+                arena_bytes: r.record.bytes(),
+            })
+            .collect()
+    }
+}
