@@ -349,7 +349,26 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
     let hashes = run.results("guest-hash");
     assert_eq!(hashes.len(), 2, "{t}");
     assert_eq!(hashes[0], hashes[1], "kernel text and arena unchanged");
-    assert!(patches(&run, "short").patches.is_empty(), "no patch loaded");
+    let short = patches(&run, "short");
+    assert!(short.patches.is_empty(), "no patch loaded");
+    // How it ended is kept for a client that did not see the reply.
+    let ended = short
+        .ended
+        .last()
+        .expect("the refused apply is listed as ended");
+    assert_eq!(
+        (ended.patch.as_str(), ended.action.as_str(), ended.seq),
+        ("block_nsleep", "apply", None),
+        "{ended:?}"
+    );
+    assert!(
+        ended.attempts > 0
+            && ended
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("no safe point")),
+        "{ended:?}"
+    );
     // One change at a time: a second apply while one waits is refused at
     // once, naming the one in progress; the waiting one then commits.
     let busy = run
@@ -371,6 +390,14 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
     // it waited, the list showed it in transition, blocked by the sleeper.
     assert_eq!(run.result("blocked-wait")["rc"], "0", "{t}");
     let waiting = patches(&run, "waiting");
+    // The held apply committed, then the reset's disable: both ended
+    // with a history number and no error.
+    let held = waiting
+        .ended
+        .iter()
+        .find(|e| e.action == "apply" && e.seq.is_some())
+        .unwrap_or_else(|| panic!("the held apply ended committed: {:?}", waiting.ended));
+    assert!(held.error.is_none() && held.attempts > 1, "{held:?}");
     let pending = waiting.transition.expect("a transition in progress");
     assert_eq!(
         (pending.patch.as_str(), pending.action.as_str()),

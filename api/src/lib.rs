@@ -557,7 +557,36 @@ pub struct PatchesReply {
     /// The call gate that runs klp callbacks, once installed.
     #[serde(default)]
     pub gate: Option<GateInfo>,
+    /// The last transitions that ended, committed or not, oldest first:
+    /// how a transition finished whose request timed out or whose client
+    /// went away.
+    #[serde(default)]
+    pub ended: Vec<EndedTransition>,
 }
+
+/// A transition that has ended, as `GET /patches` keeps the last
+/// [`ENDED_KEPT`] of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndedTransition {
+    pub patch: String,
+    /// `apply`, `disable`, `enable` or `rollback`.
+    pub action: String,
+    pub forced: bool,
+    /// Seconds since the Unix epoch.
+    pub ended_at: u64,
+    /// Pauses it took, committing or not.
+    pub attempts: u32,
+    /// From the first attempt to the end.
+    pub waited_ms: f64,
+    /// Its number in the history when it committed (`None`: nothing of it
+    /// stands; `error` says why).
+    pub seq: Option<u64>,
+    /// Why it did not commit, or what went wrong after it did.
+    pub error: Option<String>,
+}
+
+/// How many ended transitions `GET /patches` keeps.
+pub const ENDED_KEPT: usize = 16;
 
 /// The call gate: klpvisor's own code in the guest (see README,
 /// "Callbacks"), shown like any other code klpvisor put there.

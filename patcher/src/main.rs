@@ -795,6 +795,29 @@ fn print_patches(v: &PatchesReply) {
             r.name, r.arena_bytes
         );
     }
+    // The last one only: what a client whose request timed out wants to know.
+    if let Some(e) = v.ended.last() {
+        let what = format!(
+            "{} {}{}",
+            e.action,
+            e.patch,
+            if e.forced { " (forced)" } else { "" }
+        );
+        match (e.seq, &e.error) {
+            (Some(seq), None) => println!(
+                "last transition: {what} committed as #{seq} ({} attempt(s), {:.0} ms)",
+                e.attempts, e.waited_ms
+            ),
+            (Some(seq), Some(err)) => {
+                println!("last transition: {what} committed as #{seq}, then: {err}")
+            }
+            (None, err) => println!(
+                "last transition: {what} did not commit after {} attempt(s): {}",
+                e.attempts,
+                err.as_deref().unwrap_or("no reason recorded")
+            ),
+        }
+    }
 }
 
 /// `name` or `name,sympos` as klp's sysfs spells it.

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use klpvisor_api::{
-    HistoryEntry, PatchInfo, PatchState, PatchesReply, PendingTransition, RollbackReply,
-    TransitionReply,
+    EndedTransition, HistoryEntry, PatchInfo, PatchState, PatchesReply, PendingTransition,
+    RollbackReply, TransitionReply, ENDED_KEPT,
 };
 use klpvisor_engine::engine::{Engine, EngineError, Prepared};
 use klpvisor_engine::safepoint::Blocker;
@@ -337,6 +337,9 @@ pub struct Control {
     published: Mutex<PatchesReply>,
     /// The transition retrying for a safe point, if one is.
     pending: Mutex<Option<PendingTransition>>,
+    /// The last transitions that ended, oldest first (at most
+    /// [`ENDED_KEPT`]): what became of one whose request timed out.
+    ended: Mutex<std::collections::VecDeque<EndedTransition>>,
     /// Which patches `apply` accepts (`vmm --trusted-keys`).
     policy: Policy,
     /// The module hooks' stub `rip`s, set when the engine installs them.
@@ -441,6 +444,7 @@ impl Control {
             changing: Mutex::new(()),
             published: Mutex::new(PatchesReply::default()),
             pending: Mutex::new(None),
+            ended: Mutex::new(std::collections::VecDeque::new()),
             policy,
             hook_rips,
         }
@@ -976,6 +980,7 @@ impl Control {
     pub fn patches(&self) -> PatchesReply {
         let mut reply = lock(&self.published).clone();
         reply.transition = lock(&self.pending).clone();
+        reply.ended = lock(&self.ended).iter().cloned().collect();
         if let Some(t) = &reply.transition {
             for p in reply.patches.iter_mut().filter(|p| p.name == t.patch) {
                 p.state = PatchState::InTransition;
@@ -992,7 +997,39 @@ impl Control {
             transition: None,
             retired: engine.retired(),
             gate: engine.gate_info(),
+            ended: Vec::new(),
         };
+    }
+
+    /// Remembers how the transition now ending finished. Only transitions
+    /// that began (the lifecycle named their patch) are kept: a request
+    /// refused before that got its answer at once.
+    /// `committed`: its history number, attempts and wait, when it did.
+    fn record_end(&self, committed: Option<(u64, u32, f64)>, error: Option<String>) {
+        let Some(mut p) = lock(&self.pending).clone() else {
+            return;
+        };
+        if let Some((_, attempts, waited_ms)) = committed {
+            p.attempts = attempts;
+            p.waited_ms = waited_ms;
+        }
+        let ended_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut ended = lock(&self.ended);
+        if ended.len() >= ENDED_KEPT {
+            ended.pop_front();
+        }
+        ended.push_back(EndedTransition {
+            patch: p.patch,
+            action: p.action,
+            forced: p.forced,
+            ended_at,
+            attempts: p.attempts,
+            waited_ms: p.waited_ms,
+            seq: committed.map(|(seq, _, _)| seq),
+            error,
+        });
     }
 
     /// Runs one transition through klp's lifecycle
@@ -1020,7 +1057,12 @@ impl Control {
             prepare,
         };
         let outcome = lifecycle::run(&host, &mut live, action, t);
+        let committed = outcome
+            .as_ref()
+            .ok()
+            .map(|o| (engine.last_seq(), o.attempts, o.waited_ms));
         let reply = outcome.and_then(|o| finish(&mut engine, o));
+        self.record_end(committed, reply.as_ref().err().map(ToString::to_string));
         self.publish(&engine);
         reply
     }

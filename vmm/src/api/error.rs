@@ -180,7 +180,8 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         StatusCode::SERVICE_UNAVAILABLE if text.is_empty() => format!(
             "no reply within {} s; the request may still be running, and a transition it \
              started may commit or be abandoned after this: GET /patches (patcher list) shows \
-             the patches, any transition in progress and the history of committed ones",
+             the patches, any transition in progress, and under \"ended\" how the last ones \
+             finished",
             REQUEST_TIMEOUT.as_secs()
         ),
         _ if text.is_empty() => status
