@@ -425,6 +425,24 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
         "{}",
         msg[0]
     );
+    // The client of a waiting disable was killed: the transition went on
+    // and committed once the sleeper left, and the list says how it ended.
+    assert_eq!(run.result("blocked-client-gone")["rc"], "137", "{t}");
+    let gone = patches(&run, "client-gone");
+    let last = gone.ended.last().expect("the disable ended");
+    assert_eq!(
+        (last.patch.as_str(), last.action.as_str()),
+        ("block_nsleep", "disable"),
+        "{last:?}"
+    );
+    assert!(
+        last.seq.is_some() && last.error.is_none() && last.attempts > 1,
+        "{last:?}"
+    );
+    assert!(gone
+        .patches
+        .iter()
+        .any(|p| p.name == "block_nsleep" && p.state == PatchState::Disabled));
     assert_eq!(run.result("blocked-exit")["rc"], "0");
     assert!(
         run.lines_with("Call Trace").is_empty(),
