@@ -655,6 +655,10 @@ pub struct TransitionReply {
     /// found a safe point).
     #[serde(default)]
     pub waited_ms: f64,
+    /// Tasks that got klp's fake signal because they slept in a function
+    /// the transition changes (see README, "Consistency model").
+    #[serde(default)]
+    pub nudged: u32,
     /// What this transition did not do that in-kernel livepatch would,
     /// or what went wrong after it committed (a post callback that did
     /// not return in time).
@@ -714,6 +718,9 @@ pub struct RollbackReply {
     pub bytes_written: u64,
     pub attempts: u32,
     pub waited_ms: f64,
+    /// Tasks that got klp's fake signal (as in [`TransitionReply`]).
+    #[serde(default)]
+    pub nudged: u32,
     /// The klp callbacks run, in order.
     #[serde(default)]
     pub callbacks: Vec<CallbackRun>,

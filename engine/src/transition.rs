@@ -36,6 +36,11 @@ use crate::write::Plan;
 pub const TRANSITION_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest wait a request may ask for (the API answers within 30 s).
 pub const MAX_TRANSITION_TIMEOUT: Duration = Duration::from_secs(25);
+/// How long a transition waits for a safe point before it sends klp's fake
+/// signal to the tasks that block it. klp waits 15 s (`SIGNALS_TIMEOUT`),
+/// but klp's transitions never time out; klpvisor's do (10 s by default),
+/// so it nudges after half of the default, before the timeout can refuse.
+pub const NUDGE_AFTER: Duration = Duration::from_secs(5);
 /// How long a post callback, or one that cancels a pre callback, may take.
 /// Pre callbacks share the transition's timeout with the safe-point wait.
 pub const CALLBACK_GRACE: Duration = Duration::from_secs(2);
@@ -233,6 +238,12 @@ pub trait Patcher<G: Guest + ?Sized> {
     fn arm_log(&mut self, _guest: &G, _line: &str) -> Result<Option<Armed>, EngineError> {
         Ok(None)
     }
+    /// Sends klp's fake signal to the blocking task `pid` through the gate
+    /// (see [`Engine::arm_nudge`]); `None` if there is nothing to send.
+    /// The default sends nothing.
+    fn arm_nudge(&mut self, _guest: &G, _pid: i32) -> Result<Option<Armed>, EngineError> {
+        Ok(None)
+    }
     /// The switch: the safe-point check and every entry write.
     fn commit(&mut self, p: &Self::Prepared, guest: &G) -> Result<Committed, EngineError>;
 }
@@ -325,6 +336,10 @@ where
         self.engine.arm_log(self.kernel, guest, line).map(Some)
     }
 
+    fn arm_nudge(&mut self, guest: &G, pid: i32) -> Result<Option<Armed>, EngineError> {
+        self.engine.arm_nudge(self.kernel, guest, pid)
+    }
+
     fn commit(&mut self, p: &Prepared, guest: &G) -> Result<Committed, EngineError> {
         self.engine.commit(self.kernel, guest, p)
     }
@@ -343,6 +358,8 @@ pub struct Outcome {
     pub attempts: u32,
     /// Time spent waiting for one (0 if the first try succeeded).
     pub waited_ms: f64,
+    /// Tasks that got klp's fake signal because they blocked it.
+    pub nudged: u32,
     /// Warnings of the plan and of post callbacks that did not finish.
     pub warnings: Vec<String>,
     /// Every callback that ran, in order.
@@ -519,6 +536,7 @@ where
 
     let mut backoff = BACKOFF_START;
     let mut attempts = 0u32;
+    let mut nudged = None;
     let (committed, pause) = loop {
         attempts += 1;
         let e: H::Error = match host.paused(|g| patcher.commit(&prepared, g)) {
@@ -531,6 +549,11 @@ where
                     "no safe point yet; retrying"
                 );
                 host.waiting(attempts, host.now() - first, &b);
+                if nudged.is_none() && host.now() - first >= NUDGE_AFTER {
+                    nudged = Some(nudge(host, patcher, &b, deadline));
+                    backoff = BACKOFF_START;
+                    continue;
+                }
                 host.sleep(backoff);
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
@@ -609,9 +632,51 @@ where
         } else {
             0.0
         },
+        nudged: nudged.unwrap_or(0),
         warnings,
         callbacks: runs,
     })
+}
+
+/// klp's fake signal, once, to every task that blocked the last attempt
+/// (`klp_send_signals`, which klp sends after its own grace period): a
+/// task asleep in a changed function is woken and leaves it, and its
+/// syscall is restarted outside it, so the transition can complete as
+/// klp's would. Returns how many tasks it reached. Needs the call gate
+/// (installed by an earlier transition's callbacks or kernel log line)
+/// and a running VM; a failure is logged and the transition keeps
+/// waiting, as it would have without the nudge.
+fn nudge<H, P>(host: &H, patcher: &mut P, blockers: &[Blocker], deadline: Instant) -> u32
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    if host.is_paused() || !patcher.has_gate() {
+        tracing::debug!("no fake signal: the VM is paused by the user or has no call gate");
+        return 0;
+    }
+    let mut pids: Vec<i32> = blockers.iter().map(|b| b.pid).filter(|&p| p > 0).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let mut sent = 0;
+    for pid in pids {
+        let until = deadline.min(host.now() + CALLBACK_GRACE);
+        match send(host, patcher, until, |p, g| p.arm_nudge(g, pid)) {
+            Ok(Some((_, Ok(_)))) => sent += 1,
+            Ok(None) => {}
+            Ok(Some((armed, Err(progress)))) => tracing::warn!(
+                pid,
+                "the fake signal did not finish: {}",
+                progress.describe(armed.cpu)
+            ),
+            Err(e) => tracing::warn!(pid, "no fake signal: {e}"),
+        }
+    }
+    tracing::info!(
+        tasks = sent,
+        "sent klp's fake signal to the tasks blocking the transition"
+    );
+    sent
 }
 
 /// Runs one callback in the guest through the call gate and waits for its

@@ -169,6 +169,10 @@ pub enum AllowKind {
     /// where patches are shown to klp while their callbacks run (see
     /// [`crate::register::livepatch`]).
     KlpPatches,
+    /// The `thread_info.flags` word of one task that blocks a transition,
+    /// where klp's fake signal sets `TIF_NOTIFY_SIGNAL` (see
+    /// [`crate::engine::Engine::arm_nudge`]).
+    TaskFlags,
 }
 
 /// A guest-physical range writes may touch.
@@ -197,6 +201,7 @@ impl fmt::Display for Allowed {
             AllowKind::IrqWorkList { cpu } => write!(f, "raised_list of CPU {cpu}")?,
             AllowKind::ModuleRegistry => f.write_str("module registry word")?,
             AllowKind::KlpPatches => f.write_str("klp_patches word")?,
+            AllowKind::TaskFlags => f.write_str("a task's thread flags")?,
         }
         write!(f, " {:#x}..{:#x}", self.gpa, self.end())
     }

@@ -626,7 +626,7 @@ fn print_transition(what: &str, v: &TransitionReply) {
         v.bytes_written,
         duration_us(v.pause_us)
     );
-    print_waited(v.attempts, v.waited_ms);
+    print_waited(v.attempts, v.waited_ms, v.nudged);
     print_callbacks(&v.callbacks, &v.warnings);
     print_patch(&v.patch);
 }
@@ -677,16 +677,22 @@ fn print_rollback(v: &RollbackReply) {
         v.bytes_written,
         duration_us(v.pause_us)
     );
-    print_waited(v.attempts, v.waited_ms);
+    print_waited(v.attempts, v.waited_ms, v.nudged);
     print_callbacks(&v.callbacks, &v.warnings);
     for p in &v.patches {
         print_patch(p);
     }
 }
 
-fn print_waited(attempts: u32, waited_ms: f64) {
+fn print_waited(attempts: u32, waited_ms: f64, nudged: u32) {
     if attempts > 1 {
         println!("waited {waited_ms:.0} ms for a safe point ({attempts} pauses)");
+    }
+    if nudged > 0 {
+        println!(
+            "sent klp's fake signal to {nudged} task(s) asleep in changed functions; their \
+             syscalls restart outside them"
+        );
     }
 }
 

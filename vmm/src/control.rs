@@ -1091,6 +1091,7 @@ impl Control {
                 warnings: o.warnings,
                 attempts: o.attempts,
                 waited_ms: o.waited_ms,
+                nudged: o.nudged,
                 callbacks: o.callbacks,
             })
         })
@@ -1120,6 +1121,7 @@ impl Control {
                     bytes_written: o.committed.bytes_written,
                     attempts: o.attempts,
                     waited_ms: o.waited_ms,
+                    nudged: o.nudged,
                     callbacks: o.callbacks,
                     warnings: o.warnings,
                 })

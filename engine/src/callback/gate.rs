@@ -58,7 +58,9 @@ const MB_FUNC: u64 = 16;
 const MB_ARG: u64 = 24;
 const MB_RET: u64 = 32;
 const MB_CPU: u64 = 40;
-const MB_LEN: usize = 48;
+/// The second argument (`rsi`), for calls that take two.
+const MB_ARG2: u64 = 48;
+const MB_LEN: usize = 56;
 /// A kernel log line's text, for a `printk` sent through the gate.
 const LOG_AT: u64 = 512;
 /// The longest such text, its NUL included.
@@ -264,6 +266,7 @@ fn code(text: u64, data: u64, s: &Symbols) -> Result<Vec<u8>, GateError> {
         .raw(&[0xc7, 0x43, MB_STATE as u8])
         .raw(&(RUNNING as u32).to_le_bytes())
         .raw(&[0x48, 0x8b, 0x7b, MB_ARG as u8]) // mov rdi, [rbx+arg]
+        .raw(&[0x48, 0x8b, 0x73, MB_ARG2 as u8]) // mov rsi, [rbx+arg2]
         .raw(&[0x48, 0x8b, 0x43, MB_FUNC as u8]); // mov rax, [rbx+func]
     match s.indirect_thunk {
         Some(t) => a.rel(&[0xe8], t, 0)?, // call __x86_indirect_thunk_rax
@@ -422,7 +425,33 @@ impl Gate {
         seq: u64,
     ) -> Result<Plan, GateError> {
         let label = format!("#{seq} {} of {}", call.kind, call.patch);
-        self.plan_send(kernel, guest, cpu, (func, call.object), None, seq, &label)
+        self.plan_send(
+            kernel,
+            guest,
+            cpu,
+            (func, call.object, 0),
+            None,
+            seq,
+            &label,
+        )
+    }
+
+    /// Plans one call of the kernel function `func(args.0, args.1)` as
+    /// call number `seq`, as [`Gate::plan_arm`] does a callback. The
+    /// caller vouches for `func`: a kernel function that is safe to call
+    /// from a kworker with these arguments.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_call<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        cpu: (u32, u64),
+        func: u64,
+        args: (u64, u64),
+        seq: u64,
+        label: &str,
+    ) -> Result<Plan, GateError> {
+        self.plan_send(kernel, guest, cpu, (func, args.0, args.1), None, seq, label)
     }
 
     /// Plans sending `printk(text)` as call number `seq`, as
@@ -449,21 +478,22 @@ impl Gate {
             kernel,
             guest,
             cpu,
-            (printk, arg),
+            (printk, arg, 0),
             Some(text),
             seq,
             "kernel log line",
         )
     }
 
-    /// Plans one call of `func(arg)` (with `text` put at [`LOG_AT`] first).
+    /// Plans one call of `func(arg, arg2)` (with `text` put at [`LOG_AT`]
+    /// first).
     #[allow(clippy::too_many_arguments)]
     fn plan_send<G: Guest + ?Sized>(
         &mut self,
         kernel: &Kernel,
         guest: &G,
         cpu: (u32, u64),
-        (func, arg): (u64, u64),
+        (func, arg, arg2): (u64, u64, u64),
         text: Option<&[u8]>,
         seq: u64,
         label: &str,
@@ -529,7 +559,7 @@ impl Gate {
         let at = |off: u64| self.data.gpa + off;
         let cut = |off: u64, len: usize| page[off as usize..off as usize + len].to_vec();
         let mut mailbox = Vec::with_capacity(MB_LEN);
-        for v in [seq, ARMED, func, arg, 0, u64::from(number)] {
+        for v in [seq, ARMED, func, arg, 0, u64::from(number), arg2] {
             mailbox.extend_from_slice(&v.to_le_bytes());
         }
         if let Some(text) = text {
@@ -672,6 +702,7 @@ mod tests {
                 "lea 0xffffffffc0001100,%rbx",
                 "movl $3,8(%rbx)",
                 "mov 0x18(%rbx),%rdi",
+                "mov 0x30(%rbx),%rsi",
                 "mov 0x10(%rbx),%rax",
                 "call 0xffffffff81e00000",
                 "mov %rax,0x20(%rbx)",

@@ -164,6 +164,8 @@ struct FakePatcher<'l> {
     shown: Cell<bool>,
     /// Sends klp's notices to the guest's kernel log.
     logs: bool,
+    /// A fake signal makes the sleeper leave: the next commit succeeds.
+    nudge_unblocks: bool,
     log: &'l Log,
 }
 
@@ -178,6 +180,7 @@ impl<'l> FakePatcher<'l> {
             busy_arms: Cell::new(0),
             shown: Cell::new(false),
             logs: false,
+            nudge_unblocks: false,
             log,
         }
     }
@@ -270,6 +273,19 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
     }
     fn arm_log(&mut self, _guest: &FakePhys, line: &str) -> Result<Option<Armed>, EngineError> {
         self.push(format!("log {line}"));
+        let mut armed = self.armed.borrow_mut();
+        armed.push((0, Kind::PostPatch));
+        Ok(Some(Armed {
+            seq: armed.len() as u64,
+            vcpu: 0,
+            cpu: 0,
+        }))
+    }
+    fn arm_nudge(&mut self, _guest: &FakePhys, pid: i32) -> Result<Option<Armed>, EngineError> {
+        self.push(format!("nudge {pid}"));
+        if self.nudge_unblocks {
+            self.blocked.set(0);
+        }
         let mut armed = self.armed.borrow_mut();
         armed.push((0, Kind::PostPatch));
         Ok(Some(Armed {
@@ -599,4 +615,75 @@ fn klps_notice_goes_to_the_guest_log_once_the_transition_is_complete() {
     assert!(!steps(&log)
         .iter()
         .any(|s| s.starts_with("log ") || s == "install gate"));
+}
+
+#[test]
+fn a_sleeper_that_blocks_past_the_grace_period_gets_klps_fake_signal_once() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.gate = true;
+    p.nudge_unblocks = true;
+    p.blocked.set(u32::MAX);
+    let o = run(&host, &mut p, "apply", timeout(10)).unwrap();
+    assert_eq!(o.nudged, 1);
+    assert!(o.attempts > 1);
+    assert!(host.elapsed() >= NUDGE_AFTER, "{:?}", host.elapsed());
+    assert!(host.elapsed() < NUDGE_AFTER + BACKOFF_MAX * 2 + CALLBACK_GRACE);
+    let nudges: Vec<String> = steps(&log)
+        .into_iter()
+        .filter(|s| s.starts_with("nudge"))
+        .collect();
+    assert_eq!(nudges, ["nudge 42"]);
+    // The commit came right after the fake signal.
+    let s = steps(&log);
+    let at = s.iter().position(|s| s == "nudge 42").unwrap();
+    assert_eq!(
+        s[at + 1..]
+            .iter()
+            .find(|s| !s.starts_with("irq"))
+            .map(String::as_str),
+        Some("commit")
+    );
+}
+
+#[test]
+fn a_sleeper_that_stays_is_signalled_once_and_the_transition_still_times_out() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.gate = true;
+    p.blocked.set(u32::MAX);
+    let e = run(&host, &mut p, "apply", timeout(10)).unwrap_err();
+    assert!(
+        matches!(&e, TestError::Engine(EngineError::Blocked(_))),
+        "{e}"
+    );
+    let nudges = steps(&log)
+        .iter()
+        .filter(|s| s.starts_with("nudge"))
+        .count();
+    assert_eq!(
+        nudges, 1,
+        "klp signals a blocking task once per grace period"
+    );
+}
+
+#[test]
+fn no_fake_signal_before_the_grace_period_or_without_a_gate() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.gate = true;
+    p.blocked.set(u32::MAX);
+    // A timeout shorter than the grace period: refused, never signalled.
+    assert!(run(&host, &mut p, "apply", timeout(2)).is_err());
+    assert!(!steps(&log).iter().any(|s| s.starts_with("nudge")));
+    // No gate: nothing can carry the signal.
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.blocked.set(u32::MAX);
+    assert!(run(&host, &mut p, "apply", timeout(10)).is_err());
+    assert!(!steps(&log).iter().any(|s| s.starts_with("nudge")));
 }
