@@ -45,7 +45,8 @@ pub struct VcpuState {
     pub regs: kvm_regs,
     /// Segment and control registers (CR0/CR3/CR4, EFER, IDT, CS).
     pub sregs: kvm_sregs,
-    /// IA32_LSTAR: the kernel's `syscall` entry, a kernel-virtual address that locates `_text`.
+    /// IA32_LSTAR: the kernel's `syscall` entry (kernel-virtual), which
+    /// confirms where `_text` is.
     pub lstar: u64,
     /// IA32_GS_BASE: the per-CPU area while the vCPU is in the kernel.
     pub gs_base: u64,
