@@ -374,7 +374,8 @@ impl Layout {
 /// A parsed, checked livepatch module.
 #[derive(Debug, Clone)]
 pub struct Module {
-    /// The `struct klp_patch` read from the module's data.
+    /// What the module patches: its `struct klp_patch`, or what
+    /// kpatch-build's `.kpatch.funcs` describe.
     pub patch: Patch,
     /// The kernel release in its vermagic (equal to the guest's).
     pub release: String,
