@@ -6,11 +6,6 @@
 //! see [`Hex`]): JSON numbers are doubles to most clients and lose bits
 //! above 2^53, which every kernel address has.
 #![forbid(unsafe_code)]
-// The wire types' fields are documented, field by field, in
-// vmm/api/openapi.yaml, which a unit test keeps equal to the server's
-// routes; their Rust doc comments still lag (the client module is held to
-// the lint).
-#![allow(missing_docs)]
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -67,8 +62,10 @@ pub fn parse_hex(s: &str) -> Result<u64, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
+    /// The vCPUs run the guest (Firecracker: `"Resumed"`).
     #[serde(alias = "Resumed")]
     Running,
+    /// Every vCPU is parked outside guest mode (Firecracker: `"Paused"`).
     #[serde(alias = "Paused")]
     Paused,
 }
@@ -85,6 +82,7 @@ impl fmt::Display for VmState {
 /// Every error reply: `{"error": "...", "kind": "..."}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorReply {
+    /// The message, for a person: what failed and, where known, why.
     pub error: String,
     /// What a script should do about it; absent from VMMs that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,17 +127,22 @@ impl ErrorKind {
 /// `GET /vm`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmInfo {
+    /// Whether the vCPUs run or are parked.
     pub state: VmState,
+    /// Number of vCPUs the guest was booted with.
     pub vcpus: usize,
+    /// Milliseconds since the VMM started.
     pub uptime_ms: f64,
     /// VMM start to the guest init's boot marker; null until it is written.
     pub boot_ms: Option<f64>,
     /// Null while the kernel cannot be found yet (early boot); see
     /// `kernel_error`.
     pub kernel: Option<KernelInfo>,
+    /// Why `kernel` is null (e.g. kallsyms not found yet during early boot).
     pub kernel_error: Option<String>,
     /// The reserved patch arena: guest-physical start and size.
     pub arena_gpa: Hex,
+    /// Size of the patch arena in bytes.
     pub arena_size: u64,
     /// The VMM's live heap in bytes: flat across transitions unless
     /// something leaks (RSS would mostly show guest RAM).
@@ -182,12 +185,15 @@ pub struct KernelInfo {
     pub version: Option<String>,
     /// `linux_banner` (the first line of /proc/version).
     pub banner: Option<String>,
+    /// Kernel-virtual address of `_text` after KASLR.
     pub text: Hex,
+    /// Guest-physical address `_text` is loaded at.
     pub text_phys: Hex,
     /// `_text` minus its link-time address 0xffffffff81000000.
     pub slide: Hex,
     /// How `_text` was confirmed (LSTAR or the IDT).
     pub confirmed_by: String,
+    /// 4, or 5 when the kernel runs with LA57 paging.
     pub page_table_levels: u8,
     /// Guest-physical address of the page tables the VMM reads the kernel
     /// through: the kernel's own `init_top_pgt`.
@@ -196,6 +202,7 @@ pub struct KernelInfo {
     /// The vCPU root the kernel was first found through (for diagnosis).
     #[serde(default)]
     pub found_through: String,
+    /// Number of kallsyms entries decoded from guest memory.
     pub symbols: usize,
     /// Time the VMM took to find and decode the kernel (kallsyms, BTF).
     pub decode_ms: f64,
@@ -207,12 +214,14 @@ pub struct KernelInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateChange {
+    /// The state to move to: `running` or `paused` (or Firecracker's spellings).
     pub state: VmState,
 }
 
 /// `PUT /vm/pause` (and `PATCH /vm` to paused).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PauseReply {
+    /// Always `paused`.
     pub state: VmState,
     /// From the pause request until every vCPU was parked.
     pub latency_us: f64,
@@ -221,6 +230,7 @@ pub struct PauseReply {
 /// `PUT /vm/resume` (and `PATCH /vm` to running).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResumeReply {
+    /// Always `running`.
     pub state: VmState,
     /// From the pause request until the vCPUs were released: an upper
     /// bound on the time any vCPU spent out of guest mode.
@@ -230,47 +240,79 @@ pub struct ResumeReply {
 /// `GET /vcpus/{id}/regs`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegsReply {
+    /// The vCPU index the registers belong to.
     pub vcpu: usize,
     /// The VM was running, so the VMM paused it for the read and resumed it.
     pub paused_for_read: bool,
     /// How long that pause kept the vCPUs out of guest mode (null when the
     /// VM was already paused).
     pub out_of_guest_us: Option<f64>,
+    /// The registers as read from KVM.
     pub regs: Regs,
 }
 
 /// One vCPU's registers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Regs {
+    /// General-purpose register.
     pub rax: Hex,
+    /// General-purpose register.
     pub rbx: Hex,
+    /// General-purpose register.
     pub rcx: Hex,
+    /// General-purpose register.
     pub rdx: Hex,
+    /// General-purpose register.
     pub rsi: Hex,
+    /// General-purpose register.
     pub rdi: Hex,
+    /// General-purpose register (frame pointer in kernel code built with one).
     pub rbp: Hex,
+    /// Stack pointer.
     pub rsp: Hex,
+    /// General-purpose register.
     pub r8: Hex,
+    /// General-purpose register.
     pub r9: Hex,
+    /// General-purpose register.
     pub r10: Hex,
+    /// General-purpose register.
     pub r11: Hex,
+    /// General-purpose register.
     pub r12: Hex,
+    /// General-purpose register.
     pub r13: Hex,
+    /// General-purpose register.
     pub r14: Hex,
+    /// General-purpose register.
     pub r15: Hex,
+    /// Instruction pointer (kernel-virtual while the vCPU is in the kernel).
     pub rip: Hex,
+    /// Flags register (IF: interrupts enabled).
     pub rflags: Hex,
+    /// CR0 (PG: paging on).
     pub cr0: Hex,
+    /// CR3: guest-physical root of the page tables in use.
     pub cr3: Hex,
+    /// CR4 (PAE, LA57: the paging mode).
     pub cr4: Hex,
+    /// IA32_EFER; null when the register source records no MSRs.
     pub efer: Option<Hex>,
+    /// IA32_LSTAR (the kernel's `entry_SYSCALL_64`); null without MSRs.
     pub lstar: Option<Hex>,
+    /// GS base in effect (the per-CPU area while in the kernel).
     pub gs_base: Hex,
+    /// IA32_KERNEL_GS_BASE (swapped in by `swapgs`); null without MSRs.
     pub kernel_gs_base: Option<Hex>,
+    /// Code segment selector; its low two bits are the CPL.
     pub cs_selector: Hex,
+    /// CS.L: the vCPU executes 64-bit code.
     pub cs_long: bool,
+    /// Current privilege level (0 = kernel, 3 = user).
     pub cpl: u8,
+    /// Kernel-virtual base of the interrupt descriptor table.
     pub idtr_base: Hex,
+    /// IDT limit: its size in bytes, minus one.
     pub idtr_limit: Hex,
 }
 
@@ -281,6 +323,7 @@ pub struct MemoryReply {
     pub gpa: Hex,
     /// The kernel-virtual start, when the read was by `va`.
     pub va: Option<Hex>,
+    /// Number of bytes read.
     pub len: u64,
     /// The bytes, two lowercase hex digits each.
     pub bytes: String,
@@ -289,13 +332,16 @@ pub struct MemoryReply {
 /// `GET /symbols?name=`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SymbolsReply {
+    /// The name that was looked up.
     pub name: String,
+    /// Every kallsyms entry of that name, in kallsyms order.
     pub symbols: Vec<SymbolEntry>,
 }
 
 /// One symbol of that name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SymbolEntry {
+    /// Kernel-virtual address (a per-CPU offset when `per_cpu`).
     pub addr: Hex,
     /// klp's 1-based position among same-named symbols, in kallsyms order.
     pub sympos: u32,
@@ -309,10 +355,15 @@ pub struct SymbolEntry {
 /// `GET /symbols?addr=`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddrReply {
+    /// The address that was looked up.
     pub addr: Hex,
+    /// Name of the symbol at or below `addr`.
     pub name: String,
+    /// `addr` minus the symbol's address.
     pub offset: Hex,
+    /// The symbol's kernel-virtual address.
     pub symbol_addr: Hex,
+    /// nm-style type, as /proc/kallsyms shows it.
     #[serde(rename = "type")]
     pub kind: String,
     /// klp sympos of that symbol among its name's occurrences.
@@ -322,34 +373,44 @@ pub struct AddrReply {
 /// `GET /tasks`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TasksReply {
+    /// Number of tasks in `tasks`.
     pub count: usize,
     /// How long the VM was paused for the walk (null if it was paused
     /// already).
     pub out_of_guest_us: Option<f64>,
+    /// Every task found on the guest's task list.
     pub tasks: Vec<TaskEntry>,
 }
 
 /// One task (thread).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskEntry {
+    /// Thread id (`task_struct.pid`).
     pub pid: i32,
+    /// Thread-group id: the process's pid (`task_struct.tgid`).
     pub tgid: i32,
     /// `task_struct.comm` (at most 15 bytes; /proc may show more for
     /// workqueue workers and long kernel-thread names).
     pub comm: String,
     /// The /proc state letter (R S D T t X Z P I).
     pub state: String,
+    /// `task_struct.on_cpu`: the guest scheduler has it on a CPU.
     pub on_cpu: bool,
     /// The vCPU running it at the walk, if any, and its guest CPU number.
     pub vcpu: Option<usize>,
+    /// Guest CPU number of that vCPU.
     pub cpu: Option<u32>,
     /// Set for each CPU's idle task (pid 0).
     pub idle_cpu: Option<u32>,
+    /// A kernel thread (`PF_KTHREAD`).
     pub kthread: bool,
+    /// A workqueue worker (`PF_WQ_WORKER`).
     pub wq_worker: bool,
     /// Address of the task_struct.
     pub task: Hex,
+    /// Kernel-virtual start of its kernel stack.
     pub stack_start: Hex,
+    /// Kernel-virtual end of its kernel stack.
     pub stack_end: Hex,
     /// `thread.sp`, saved at its last switch-out (stale while it runs).
     pub saved_sp: Hex,
@@ -466,6 +527,7 @@ pub struct ModuleInfo {
 pub struct ObjectInfo {
     /// `vmlinux` or the module's name (`klp_object.name`).
     pub name: String,
+    /// Whether it is linked or waits for its module to load.
     pub state: ObjectState,
     /// Its number of `klp_func`s.
     pub funcs: u32,
@@ -485,6 +547,7 @@ pub struct FuncInfo {
     pub name: String,
     /// `klp_func.old_sympos` as given (0: the name is unique).
     pub sympos: u32,
+    /// Kernel-virtual address of the function being replaced.
     pub old_addr: Hex,
     /// The 5 bytes at the old entry that become `jmp new_addr` (the ftrace
     /// nop, after ENDBR64 when the kernel has IBT).
@@ -500,6 +563,7 @@ pub struct FuncInfo {
 pub struct PatchInfo {
     /// The module's name (klp's sysfs name).
     pub name: String,
+    /// Enabled, disabled, replaced or in transition.
     pub state: PatchState,
     /// `klp_patch.replace`.
     pub replace: bool,
@@ -525,6 +589,7 @@ pub struct PatchInfo {
     /// waits for its module.
     #[serde(default)]
     pub objects: Vec<ObjectInfo>,
+    /// Its `klp_func`s, in patch order.
     pub funcs: Vec<FuncInfo>,
     /// Its registration as a guest module, if it has one (a guest whose
     /// BTF cannot describe `struct module` takes patches without tables).
@@ -543,6 +608,7 @@ fn vmlinux() -> String {
 /// `GET /patches`: the stack, oldest first, and what runs now.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PatchesReply {
+    /// The loaded patches, oldest first.
     pub patches: Vec<PatchInfo>,
     /// Every redirected function and the code its entry jumps to now.
     #[serde(default)]
@@ -568,9 +634,11 @@ pub struct PatchesReply {
 /// [`ENDED_KEPT`] of them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EndedTransition {
+    /// The patch it was for, as [`PendingTransition::patch`] showed it.
     pub patch: String,
     /// `apply`, `disable`, `enable` or `rollback`.
     pub action: String,
+    /// Run with `--force` (no safe-point check).
     pub forced: bool,
     /// Seconds since the Unix epoch.
     pub ended_at: u64,
@@ -596,6 +664,7 @@ pub struct GateInfo {
     pub text: Hex,
     /// Its data page (irq_work, work_struct, mailbox).
     pub data: Hex,
+    /// Guest-physical address of the data page.
     pub data_gpa: Hex,
     /// Callbacks sent so far.
     pub calls: u64,
@@ -605,8 +674,11 @@ pub struct GateInfo {
 /// tell you in one place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LiveFunc {
+    /// `klp_func.old_name` of the redirected function.
     pub name: String,
+    /// Its klp sympos (0: the name is unique).
     pub sympos: u32,
+    /// Kernel-virtual entry of the original function.
     pub old_addr: Hex,
     /// Where the entry jumps.
     pub target: Hex,
@@ -617,12 +689,15 @@ pub struct LiveFunc {
 /// A transition retrying for a safe point.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PendingTransition {
+    /// The patch the transition is for.
     pub patch: String,
     /// `apply`, `disable` or `enable`.
     pub action: String,
+    /// Started with `--force` (no safe-point check).
     pub forced: bool,
     /// Since the first attempt.
     pub waited_ms: f64,
+    /// Pauses tried so far.
     pub attempts: u32,
     /// The tasks that blocked the last attempt.
     pub blockers: Vec<String>,
@@ -631,15 +706,18 @@ pub struct PendingTransition {
 /// A removed patch whose arena space is not reusable yet.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RetiredInfo {
+    /// The patch's module name.
     pub name: String,
     /// Seconds since the Unix epoch.
     pub removed_at: u64,
+    /// Arena bytes it still holds.
     pub arena_bytes: u64,
 }
 
 /// `POST /patches`, `POST /patches/{name}/disable`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TransitionReply {
+    /// The patch as it stands after the transition.
     pub patch: PatchInfo,
     /// Parsing, resolving and linking, done while the guest ran.
     pub prepare_ms: f64,
@@ -672,6 +750,7 @@ pub struct TransitionReply {
 /// One klp callback the VMM ran in the guest (see README, "Callbacks").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallbackRun {
+    /// The patch whose callback it is.
     pub patch: String,
     /// `pre_patch`, `post_patch`, `pre_unpatch` or `post_unpatch`.
     pub callback: CallbackKind,
@@ -698,6 +777,7 @@ pub struct HistoryEntry {
     pub action: String,
     /// The patch it applied, disabled or enabled (`rollback`: `#SEQ`).
     pub patch: String,
+    /// Run with `--force` (no safe-point check).
     pub forced: bool,
     /// Each loaded patch and its state just before it, oldest first.
     pub before: Vec<(String, PatchState)>,
@@ -713,10 +793,15 @@ pub struct RollbackReply {
     pub seq: u64,
     /// The stack after the rollback, oldest first.
     pub patches: Vec<PatchInfo>,
+    /// Parsing, resolving and linking, done while the guest ran.
     pub prepare_ms: f64,
+    /// The pause in which every guest write happened.
     pub pause_us: f64,
+    /// Guest bytes written in that pause.
     pub bytes_written: u64,
+    /// Pauses it took to find a safe point (1: the first).
     pub attempts: u32,
+    /// From the first pause to the committing one.
     pub waited_ms: f64,
     /// Tasks that got klp's fake signal (as in [`TransitionReply`]).
     #[serde(default)]
@@ -724,6 +809,7 @@ pub struct RollbackReply {
     /// The klp callbacks run, in order.
     #[serde(default)]
     pub callbacks: Vec<CallbackRun>,
+    /// What the rollback did not do that in-kernel livepatch would, or what went wrong after it committed.
     #[serde(default)]
     pub warnings: Vec<String>,
 }
@@ -732,13 +818,18 @@ pub struct RollbackReply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CallbackKind {
+    /// `klp_callbacks.pre_patch`: runs before the patch is enabled; may refuse it.
     PrePatch,
+    /// `klp_callbacks.post_patch`: runs after the patch is enabled.
     PostPatch,
+    /// `klp_callbacks.pre_unpatch`: runs before the patch is disabled.
     PreUnpatch,
+    /// `klp_callbacks.post_unpatch`: runs after the patch is disabled.
     PostUnpatch,
 }
 
 impl CallbackKind {
+    /// klp's name of the member (`pre_patch`, ...), as the API spells it.
     pub fn name(self) -> &'static str {
         match self {
             CallbackKind::PrePatch => "pre_patch",

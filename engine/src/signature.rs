@@ -66,68 +66,113 @@ const KERNEL_SIG_STRUCT_LEN: usize = 12;
 const SECRET_TAG: &str = "klpvisor-ed25519-secret";
 const PUBLIC_TAG: &str = "klpvisor-ed25519-public";
 
+/// Why a patch's signature was refused, or a key or file could not be used.
 #[derive(Debug, Error)]
 pub enum SignatureError {
+    /// No klpvisor signature, and this VMM requires one.
     #[error(
         "patch is not signed; this VMM only accepts patches signed by a trusted key \
          (--trusted-keys); sign it with `patcher sign --key KEY.key FILE.ko`"
     )]
     Unsigned,
+    /// Only the kernel's PKCS#7 signature, and this VMM requires klpvisor's.
     #[error(
         "patch carries only the kernel's module signature (PKCS#7), which klpvisor cannot \
          verify; this VMM only accepts patches signed by a trusted key (--trusted-keys); \
          sign it with `patcher sign --key KEY.key FILE.ko`"
     )]
     KernelSignatureOnly,
+    /// Signed by a key that is not trusted.
     #[error(
         "patch is signed by key {key_id}, which is not among the trusted keys ({trusted}); \
          sign it with one of those keys or add {key_id}'s .pub file to --trusted-keys"
     )]
-    UnknownKey { key_id: KeyId, trusted: String },
+    UnknownKey {
+        /// The signer's key id, from the trailer.
+        key_id: KeyId,
+        /// The trusted keys, listed for the message.
+        trusted: String,
+    },
+    /// The signature does not verify with the trusted key of that id.
     #[error(
         "patch signature does not verify with trusted key {key_id} ({key_file}): the module or \
          its signature changed after signing; sign the original module again"
     )]
-    BadSignature { key_id: KeyId, key_file: String },
+    BadSignature {
+        /// The signer's key id.
+        key_id: KeyId,
+        /// The trusted `.pub` file of that id.
+        key_file: String,
+    },
+    /// A klpvisor trailer or the kernel's appended signature is truncated
+    /// or of an unknown version or algorithm.
     #[error("patch signature trailer is malformed: {0}")]
     Malformed(String),
+    /// `patcher sign` was given an already signed module.
     #[error("the module is already signed by key {0}; sign the unsigned module instead")]
     AlreadySigned(KeyId),
+    /// `patcher sign` was given something other than an ELF file.
     #[error("the input is not an ELF object; sign the livepatch module (.ko) itself")]
     NotElf,
+    /// A key file, the trusted-keys directory or `/proc/self` could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The path.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// A new key file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The path.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// `patcher keygen` would overwrite a key file.
     #[error("{path} already exists; choose another --out NAME or remove it first")]
-    Exists { path: PathBuf },
+    Exists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// A key file is not a klpvisor key of the expected kind.
     #[error(
         "{path} is not a klpvisor {expected} key: {why}; make a key pair with \
          `patcher keygen --out NAME`"
     )]
     KeyFormat {
+        /// The key file.
         path: PathBuf,
+        /// `secret` or `public`.
         expected: &'static str,
+        /// What is wrong with it.
         why: String,
     },
+    /// The trusted-keys directory has no `*.pub` file.
     #[error(
         "{dir} holds no *.pub file; copy there the NAME.pub of each key \
          (`patcher keygen --out NAME`) whose patches this VMM may apply"
     )]
-    NoTrustedKeys { dir: PathBuf },
+    NoTrustedKeys {
+        /// The `--trusted-keys` directory.
+        dir: PathBuf,
+    },
+    /// `/dev/urandom` could not be read for a new key.
     #[error("cannot read the system's random source: {0}")]
     Random(std::io::Error),
+    /// A trusted key or its directory is writable by others, or owned by
+    /// neither root nor this process's user.
     #[error(
         "{path} {why}: whoever can change a trusted key can sign patches for this VMM; make \
          it owned by root or by the VMM's user and writable by the owner only (chmod go-w)"
     )]
-    KeyPermissions { path: PathBuf, why: String },
+    KeyPermissions {
+        /// The file or directory.
+        path: PathBuf,
+        /// Which rule it breaks.
+        why: String,
+    },
 }
 
 /// Refuses a trusted-key file or directory that someone other than root
@@ -173,6 +218,7 @@ fn check_owner_and_mode(path: &Path) -> Result<(), SignatureError> {
 pub struct KeyId(pub [u8; KeyId::LEN]);
 
 impl KeyId {
+    /// Bytes of a key id.
     pub const LEN: usize = 8;
 
     fn of(key: &VerifyingKey) -> Self {
@@ -210,14 +256,17 @@ impl SecretKey {
         Ok(Self(key))
     }
 
+    /// The key whose Ed25519 seed is `seed` (what a `NAME.key` file holds).
     pub fn from_seed(seed: [u8; 32]) -> Self {
         Self(SigningKey::from_bytes(&seed))
     }
 
+    /// Its verifying key, for `NAME.pub`.
     pub fn public(&self) -> PublicKey {
         PublicKey(self.0.verifying_key())
     }
 
+    /// Its public key's id.
     pub fn id(&self) -> KeyId {
         self.public().id()
     }
@@ -239,6 +288,7 @@ impl SecretKey {
 pub struct PublicKey(VerifyingKey);
 
 impl PublicKey {
+    /// The first 8 bytes of its SHA-256.
     pub fn id(&self) -> KeyId {
         KeyId::of(&self.0)
     }
@@ -455,8 +505,10 @@ pub struct TrustedKeys {
     keys: Vec<TrustedKey>,
 }
 
+/// One trusted public key and where it came from.
 #[derive(Debug, Clone)]
 pub struct TrustedKey {
+    /// Its key id.
     pub id: KeyId,
     /// The file it came from, for status and error messages.
     pub file: String,
@@ -517,6 +569,7 @@ impl TrustedKeys {
         }
     }
 
+    /// The keys, in file-name order.
     pub fn keys(&self) -> &[TrustedKey] {
         &self.keys
     }
@@ -543,19 +596,28 @@ pub enum Policy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Provenance {
     /// No klpvisor signature (accepted only without trusted keys).
-    Unsigned { kernel_signed: bool },
+    Unsigned {
+        /// It carried the kernel's module signature, stripped unverified.
+        kernel_signed: bool,
+    },
     /// Signed by a trusted key, and the signature verified.
     Verified {
+        /// The signer's key id.
         key_id: KeyId,
+        /// The trusted `.pub` file that verified it.
         key_file: String,
         /// The patch level the signature covers.
         level: u16,
+        /// It also carried the kernel's module signature, stripped unverified.
         kernel_signed: bool,
     },
     /// Signed, but this VMM has no trusted keys to check it with.
     NotVerified {
+        /// The key id the trailer names.
         key_id: KeyId,
+        /// The patch level the trailer claims.
         level: u16,
+        /// It also carried the kernel's module signature, stripped unverified.
         kernel_signed: bool,
     },
 }
@@ -610,6 +672,7 @@ impl fmt::Display for Provenance {
 pub struct Checked<'a> {
     /// Exactly the module as built, every signature stripped.
     pub module: &'a [u8],
+    /// How it was signed and checked.
     pub provenance: Provenance,
 }
 
@@ -659,6 +722,7 @@ impl Policy {
         Ok(Checked { module, provenance })
     }
 
+    /// Whether signatures are required (`--trusted-keys` was given).
     pub fn enforced(&self) -> bool {
         matches!(self, Self::RequireSigned(_))
     }

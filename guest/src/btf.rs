@@ -47,34 +47,64 @@ const KIND_ENUM64: u32 = 19;
 /// Errors of BTF loading and lookups.
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
+    /// `__start_BTF` or `__stop_BTF` is not in kallsyms.
     #[error("kallsyms has no `{0}`: the guest kernel was built without CONFIG_DEBUG_INFO_BTF?")]
     MissingSymbol(&'static str),
+    /// The kallsyms bounds of `.BTF` are reversed, shorter than a BTF
+    /// header or longer than [`MAX_BTF_BYTES`].
     #[error("__start_BTF {start:#x} .. __stop_BTF {stop:#x} is not a plausible BTF range")]
-    BadRange { start: u64, stop: u64 },
+    BadRange {
+        /// `__start_BTF` (kernel-virtual).
+        start: u64,
+        /// `__stop_BTF` (kernel-virtual).
+        stop: u64,
+    },
+    /// The `.BTF` bytes could not be read through the page tables.
     #[error("cannot read the guest's BTF: {0}")]
     Memory(#[from] PagingError),
+    /// The header's magic is not little-endian BTF's.
     #[error("not BTF: magic {0:#06x}, expected 0xeb9f (little-endian BTF)")]
     BadMagic(u16),
+    /// A header, type record or string runs out of bounds or is inconsistent.
     #[error("malformed BTF: {0}")]
     Malformed(String),
+    /// No struct or union has this name.
     #[error("BTF has no struct or union named `{0}`")]
     NoType(String),
+    /// A component of a dotted path names no member of its type.
     #[error("`{path}`: `{ty}` has no member `{member}`")]
     NoMember {
+        /// The dotted path looked up.
         path: String,
+        /// The struct or union searched.
         ty: String,
+        /// The member not found.
         member: String,
     },
+    /// A dotted path goes through a member that is not a struct or union.
     #[error("`{path}`: `{component}` is not a struct or union, so it has no members")]
-    NotComposite { path: String, component: String },
+    NotComposite {
+        /// The dotted path looked up.
+        path: String,
+        /// The component whose type has no members.
+        component: String,
+    },
+    /// The path ends at a bitfield, which has no byte offset.
     #[error("`{path}` is a {bits}-bit bitfield at bit {bit_offset}: it has no byte offset")]
     Bitfield {
+        /// The dotted path looked up.
         path: String,
+        /// Its width in bits.
         bits: u32,
+        /// Its offset in bits from the start of the outermost struct.
         bit_offset: u64,
     },
+    /// A typedef/qualifier chain or anonymous nesting deeper than real
+    /// kernels have: a loop in corrupt data.
     #[error("`{0}`: type chain too deep or looping")]
     TooDeep(String),
+    /// The type (by BTF id) has no size: missing, a function, or a forward
+    /// declaration.
     #[error("type id {0} has no size")]
     NoSize(u32),
 }
@@ -592,6 +622,7 @@ pub mod synth {
     }
 
     impl BtfBuilder {
+        /// An empty BTF with only the empty string.
         pub fn new() -> Self {
             Self {
                 types: Vec::new(),
@@ -600,6 +631,7 @@ pub mod synth {
             }
         }
 
+        /// Adds `s` to the string section; returns its offset (0 for "").
         pub fn name(&mut self, s: &str) -> u32 {
             if s.is_empty() {
                 return 0;
@@ -618,19 +650,23 @@ pub mod synth {
             self.next_id - 1
         }
 
+        /// Adds an integer type of `size` bytes; returns its type id.
         pub fn int(&mut self, name: &str, size: u32) -> u32 {
             let n = self.name(name);
             self.push(&[n, KIND_INT << 24, size, size * 8])
         }
 
+        /// Adds a pointer to type `to`; returns its type id.
         pub fn ptr(&mut self, to: u32) -> u32 {
             self.push(&[0, KIND_PTR << 24, to])
         }
 
+        /// Adds an array of `n` `elem`s indexed by type `idx`; returns its type id.
         pub fn array(&mut self, elem: u32, idx: u32, n: u32) -> u32 {
             self.push(&[0, KIND_ARRAY << 24, 0, elem, idx, n])
         }
 
+        /// Adds a typedef `name` of type `to`; returns its type id.
         pub fn typedef(&mut self, name: &str, to: u32) -> u32 {
             let n = self.name(name);
             self.push(&[n, KIND_TYPEDEF << 24, to])
@@ -656,6 +692,7 @@ pub mod synth {
             self.push(&words)
         }
 
+        /// The raw BTF: header, type section, string section.
         pub fn build(&self) -> Vec<u8> {
             let mut out = Vec::new();
             out.extend_from_slice(&MAGIC.to_le_bytes());

@@ -29,22 +29,54 @@ const QEMU_STATE_MIN: usize = 432;
 /// Errors of opening and reading a dump.
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
+    /// Opening or reading the file failed.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The dump file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The ELF header, program headers or notes are not those of an
+    /// x86-64 core.
     #[error("{path} is not a 64-bit little-endian x86-64 ELF core: {why}")]
-    NotACore { path: PathBuf, why: String },
+    NotACore {
+        /// The dump file.
+        path: PathBuf,
+        /// What did not fit.
+        why: String,
+    },
+    /// The core has no QEMU CPU-state note, so no vCPU registers.
     #[error("{path} has no QEMU CPU-state notes: take the dump with QEMU's dump-guest-memory (ELF format)")]
-    NoCpuState { path: PathBuf },
+    NoCpuState {
+        /// The dump file.
+        path: PathBuf,
+    },
+    /// A guest-physical read outside every PT_LOAD segment.
     #[error("guest-physical range {gpa:#x}+{len:#x} is not in the dump")]
-    OutOfRange { gpa: u64, len: usize },
+    OutOfRange {
+        /// Guest-physical start of the read.
+        gpa: u64,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A write: a dump is never changed.
     #[error("a memory dump is read-only (write of {len} bytes at {gpa:#x} refused)")]
-    ReadOnly { gpa: u64, len: usize },
+    ReadOnly {
+        /// Guest-physical start of the refused write.
+        gpa: u64,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A vCPU index at or above the dump's vCPU count.
     #[error("the dump has {count} vCPUs; there is no vCPU {id}")]
-    NoVcpu { id: usize, count: usize },
+    NoVcpu {
+        /// The index asked for.
+        id: usize,
+        /// The number of CPU-state notes in the dump.
+        count: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +115,8 @@ fn u64_at(b: &[u8], o: usize) -> Option<u64> {
 }
 
 impl DumpGuest {
+    /// Opens a QEMU `dump-guest-memory` ELF core: its RAM segments and one
+    /// vCPU's registers per CPU-state note.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, DumpError> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|source| DumpError::Io {
@@ -180,6 +214,7 @@ impl DumpGuest {
         })
     }
 
+    /// The dump file.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -23,32 +23,67 @@ const STEP: u64 = 2 << 20;
 /// Errors of the KASLR probe and its confirmation.
 #[derive(Debug, thiserror::Error)]
 pub enum KaslrError {
+    /// No executable, supervisor-only, non-zero 2 MiB slot in the image
+    /// window: these page tables do not map the kernel.
     #[error(
         "no executable kernel text mapped in [{from:#x}, {to:#x}) in 2 MiB steps: these page \
          tables (CR3) do not map the kernel image"
     )]
-    NoText { from: u64, to: u64 },
+    NoText {
+        /// Kernel-virtual start of the window searched.
+        from: u64,
+        /// Its end (exclusive).
+        to: u64,
+    },
+    /// A page-table walk in the image window failed (other than "not mapped").
     #[error("probing the kernel image window failed at {va:#x}: {source}")]
     Probe {
+        /// The kernel-virtual address being translated.
         va: u64,
+        /// The walk's error.
         #[source]
         source: PagingError,
     },
+    /// A symbol the confirmation needs is not in kallsyms.
     #[error("kallsyms has no `{0}`: cannot confirm the kernel's location")]
     MissingSymbol(&'static str),
+    /// kallsyms' `_text` and the page-table probe disagree.
     #[error("kallsyms says _text is at {kallsyms:#x} but the page tables put it at {probed:#x}")]
-    TextMismatch { kallsyms: u64, probed: u64 },
+    TextMismatch {
+        /// `_text` as kallsyms has it.
+        kallsyms: u64,
+        /// `_text` as the probe found it.
+        probed: u64,
+    },
+    /// A vCPU's `syscall` entry is not kallsyms' `entry_SYSCALL_64`.
     #[error("vCPU {vcpu}: LSTAR is {lstar:#x} but kallsyms has entry_SYSCALL_64 at {entry:#x}")]
-    LstarMismatch { vcpu: usize, lstar: u64, entry: u64 },
+    LstarMismatch {
+        /// The vCPU's index.
+        vcpu: usize,
+        /// Its IA32_LSTAR.
+        lstar: u64,
+        /// kallsyms' `entry_SYSCALL_64`.
+        entry: u64,
+    },
+    /// A vCPU's IDT vector 0 gate does not point at the start of a text symbol.
     #[error(
         "vCPU {vcpu}: the IDT divide-error gate points at {handler:#x}, which is not the start \
          of a kernel text symbol"
     )]
-    IdtMismatch { vcpu: usize, handler: u64 },
+    IdtMismatch {
+        /// The vCPU's index.
+        vcpu: usize,
+        /// Kernel-virtual address the gate points at.
+        handler: u64,
+    },
+    /// A vCPU's IDT could not be read.
     #[error("vCPU {vcpu}: cannot read the IDT at {base:#x}: {source}")]
     Idt {
+        /// The vCPU's index.
         vcpu: usize,
+        /// IDTR base: the IDT's kernel-virtual address.
         base: u64,
+        /// The read's error.
         #[source]
         source: PagingError,
     },
@@ -84,6 +119,7 @@ pub struct Kaslr {
     pub slide: u64,
     /// Guest-physical address of `_text`.
     pub text_phys: u64,
+    /// What confirmed it.
     pub evidence: Evidence,
 }
 

@@ -18,22 +18,33 @@ use crate::{Guest, VcpuRegs};
 /// Errors of opening the kernel view.
 #[derive(Debug, thiserror::Error)]
 pub enum IntrospectError {
+    /// There is no vCPU to take page tables from.
     #[error("the guest reports no vCPUs")]
     NoVcpus,
+    /// The guest could not give a vCPU's registers.
     #[error("cannot read the registers of vCPU {vcpu}: {source}")]
     Vcpu {
+        /// The vCPU's index.
         vcpu: usize,
+        /// The [`Guest`]'s error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// No vCPU's page tables led to a kernel whose kallsyms, KASLR probe
+    /// and own page tables agree.
     #[error(
         "no vCPU's page tables lead to a readable, consistent kernel image (is the guest past \
          early boot?):\n{}",
         attempts.join("\n")
     )]
-    NoKernel { attempts: Vec<String> },
+    NoKernel {
+        /// Why each vCPU root was rejected, one line each.
+        attempts: Vec<String>,
+    },
+    /// The kernel's BTF could not be loaded.
     #[error(transparent)]
     Btf(#[from] BtfError),
+    /// The task walk failed.
     #[error(transparent)]
     Tasks(#[from] TasksError),
 }
@@ -43,39 +54,70 @@ pub enum IntrospectError {
 /// view already knows. Each names the read that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
+    /// kallsyms lacks a symbol the check reads (`init_top_pgt`, `init_uts_ns`, ...).
     #[error("the kernel's symbol table has no `{0}`")]
     MissingSymbol(&'static str),
+    /// `init_top_pgt` is below `_text` or past the kernel image window.
     #[error(
         "init_top_pgt at {va:#x} lies outside the kernel image that starts at _text {text:#x}"
     )]
-    PgdOutsideImage { va: u64, text: u64 },
+    PgdOutsideImage {
+        /// Kernel-virtual address of `init_top_pgt` (kallsyms).
+        va: u64,
+        /// Kernel-virtual `_text`.
+        text: u64,
+    },
+    /// `init_top_pgt` does not sit where the image's physical placement says.
     #[error(
         "init_top_pgt at {va:#x} is at guest-physical {found:#x} through the vCPU's page \
          tables, but the kernel image puts it at {expected:#x}"
     )]
-    PgdMisplaced { va: u64, found: u64, expected: u64 },
+    PgdMisplaced {
+        /// Kernel-virtual address of `init_top_pgt`.
+        va: u64,
+        /// Guest-physical address the vCPU's page tables translate it to.
+        found: u64,
+        /// `_text`'s guest-physical address plus its offset from `_text`.
+        expected: u64,
+    },
+    /// A read through `init_top_pgt` failed.
     #[error("cannot read {what} through init_top_pgt at guest-physical {root:#x}: {source}")]
     Unreadable {
+        /// What was being read.
         what: &'static str,
+        /// Guest-physical address of `init_top_pgt`.
         root: u64,
+        /// The read's error.
         #[source]
         source: PagingError,
     },
+    /// A value read through `init_top_pgt` differs from what the view knows.
     #[error(
         "{what} reads {found:#x} through init_top_pgt at guest-physical {root:#x}, expected \
          {expected:#x}"
     )]
     Mismatch {
+        /// What was read.
         what: &'static str,
+        /// Guest-physical address of `init_top_pgt`.
         root: u64,
+        /// The value read.
         found: u64,
+        /// The value the view holds.
         expected: u64,
     },
+    /// `init_uts_ns.name.release` does not look like a kernel release.
     #[error(
         "init_uts_ns.name.release through init_top_pgt at guest-physical {root:#x} is \
          {release:?}, not a kernel release"
     )]
-    BadRelease { root: u64, release: String },
+    BadRelease {
+        /// Guest-physical address of `init_top_pgt`.
+        root: u64,
+        /// The string read.
+        release: String,
+    },
+    /// BTF cannot place `uts_namespace.name`.
     #[error(transparent)]
     Btf(#[from] BtfError),
 }
@@ -86,7 +128,9 @@ pub enum ViewError {
 /// the search started, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Origin {
+    /// The vCPU whose CR3 it was.
     pub vcpu: usize,
+    /// The root (and paging mode) the search started from.
     pub tables: PageTables,
     /// The root is the kernel twin of a PTI user CR3 (bit 12 cleared).
     pub pti_twin: bool,
@@ -118,8 +162,11 @@ pub struct Kernel {
     pub tables: PageTables,
     /// The vCPU root the kernel was found through.
     pub origin: Origin,
+    /// Where `_text` is, virtual and guest-physical, and what confirmed it.
     pub kaslr: Kaslr,
+    /// The core kernel's symbols, decoded from its own tables.
     pub kallsyms: Kallsyms,
+    /// The kernel's type information, for struct layouts.
     pub btf: Btf,
 }
 

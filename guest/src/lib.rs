@@ -9,27 +9,15 @@
 //! (`klpvisor-engine`) builds on it; nothing here writes kernel text.
 #![forbid(unsafe_code)]
 
-// Modules marked `#[allow(missing_docs)]` predate the workspace's
-// `missing_docs` lint and still have undocumented public fields or
-// variants; the lint holds every other (and every new) module to it.
-#[allow(missing_docs)]
 pub mod btf;
-#[allow(missing_docs)]
 pub mod dump;
-#[allow(missing_docs)]
 pub mod kallsyms;
-#[allow(missing_docs)]
 pub mod kaslr;
-#[allow(missing_docs)]
 pub mod kernel;
 pub mod modules;
-#[allow(missing_docs)]
 pub mod orc;
-#[allow(missing_docs)]
 pub mod overlay;
-#[allow(missing_docs)]
 pub mod paging;
-#[allow(missing_docs)]
 pub mod tasks;
 
 pub use btf::{Btf, BtfError, Field};

@@ -55,51 +55,77 @@ const MOD_MEM_NUM_TYPES: u64 = 7;
 
 /// Errors of reading the module list. Each message says what was being
 /// read; the fields are what the message shows.
-#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum ModulesError {
+    /// A member the walk needs is missing from the guest's BTF.
     #[error("cannot lay out struct module from the guest's BTF: {0}")]
     Layout(#[from] BtfError),
+    /// `struct module` has neither known memory layout.
     #[error(
         "struct module in the guest's BTF is neither the 6.1 layout (core_layout) nor the \
          6.4+ one (mem[{MOD_MEM_NUM_TYPES}]): {0}"
     )]
     UnknownLayout(String),
+    /// A symbol the walk starts from (`modules`, ...) is not in kallsyms.
     #[error("kallsyms has no `{0}`: the guest kernel was built without modules or KALLSYMS_ALL?")]
     MissingSymbol(&'static str),
+    /// A read of module data failed.
     #[error("cannot read {what} at {addr:#x}: {source}")]
     Read {
+        /// What was being read.
         what: &'static str,
+        /// Its kernel-virtual address.
         addr: u64,
+        /// The read's error.
         #[source]
         source: PagingError,
     },
+    /// A pointer in module data is not a kernel address.
     #[error(
         "{what} at {at:#x} is {ptr:#x}, not a kernel pointer: corrupt or changing module data"
     )]
     BadPointer {
+        /// The member holding it.
         what: &'static str,
+        /// The value read.
         ptr: u64,
+        /// Kernel-virtual address it was read from.
         at: u64,
     },
+    /// The list revisits this node before reaching its head.
     #[error("the modules list loops without returning to its head ({0:#x} seen twice)")]
     Cycle(u64),
+    /// More than `MAX_MODULES` entries: a corrupt list.
     #[error("more than {MAX_MODULES} modules on the modules list: giving up (a corrupt list?)")]
     TooMany,
+    /// A module's `name` is not a NUL-terminated printable string.
     #[error("the module at {addr:#x} has no NUL-terminated printable name: corrupt module data")]
-    BadName { addr: u64 },
+    BadName {
+        /// Kernel-virtual address of the `struct module`.
+        addr: u64,
+    },
+    /// A module's kallsyms count is above `MAX_MODULE_SYMBOLS`.
     #[error(
         "module `{module}` claims {count} symbols, more than the {MAX_MODULE_SYMBOLS} klpvisor \
          reads: corrupt module data"
     )]
-    TooManySymbols { module: String, count: u32 },
+    TooManySymbols {
+        /// The module's name.
+        module: String,
+        /// Its `num_symtab`.
+        count: u32,
+    },
+    /// A symbol's name is not a NUL-terminated string within `KSYM_NAME_LEN`.
     #[error(
         "module `{module}`: symbol {index}'s name at strtab+{offset:#x} is not a NUL-terminated \
          name of at most {KSYM_NAME_LEN} bytes"
     )]
     BadSymbolName {
+        /// The module's name.
         module: String,
+        /// The symbol's index in its symtab.
         index: usize,
+        /// `st_name`: the name's offset in the module's strtab.
         offset: u32,
     },
 }
@@ -144,27 +170,36 @@ impl ModuleState {
 
 /// Where a module's memory regions are described in `struct module`
 /// (every field is a byte offset named after the kernel's member).
-#[allow(missing_docs)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemLayout {
     /// 6.1 to 6.3: `core_layout` and `init_layout`, each `struct
     /// module_layout { void *base; unsigned int size, text_size, ... }`.
     /// Offsets are from the start of `struct module`.
     Layouts {
+        /// `core_layout.base`.
         core_base: u64,
+        /// `core_layout.size`.
         core_size: u64,
+        /// `core_layout.text_size`.
         core_text_size: u64,
+        /// `init_layout.base`.
         init_base: u64,
+        /// `init_layout.size`.
         init_size: u64,
+        /// `init_layout.text_size`.
         init_text_size: u64,
     },
     /// 6.4+: `struct module_memory mem[MOD_MEM_NUM_TYPES]`, each with
     /// `base` and `size`; text is `mem[MOD_TEXT]`, init text
     /// `mem[MOD_INIT_TEXT]`.
     Mem {
+        /// `mem`, from the start of `struct module`.
         mem: u64,
+        /// `sizeof(struct module_memory)`.
         stride: u64,
+        /// `module_memory.base`, from the start of each element.
         base: u64,
+        /// `module_memory.size`, from the start of each element.
         size: u64,
     },
 }

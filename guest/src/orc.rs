@@ -66,16 +66,22 @@ const FRAME_BP: u64 = 5 * 8;
 const FRAME_RET: u64 = 6 * 8;
 const FRAME_SIZE: u64 = 7 * 8;
 
+/// Why the ORC tables could not be used.
 #[derive(Debug, Error)]
 pub enum OrcError {
+    /// A table bound is not in kallsyms: the kernel has no ORC.
     #[error(
         "the kernel has no ORC tables ({0} not in kallsyms): built without CONFIG_UNWINDER_ORC"
     )]
     Missing(&'static str),
+    /// The tables' bounds or contents do not fit together (or the format
+    /// is one this code does not know).
     #[error("the ORC tables are inconsistent: {0}")]
     Corrupt(String),
+    /// The tables could not be read from guest memory.
     #[error("cannot read the ORC tables: {0}")]
     Read(#[source] crate::paging::PagingError),
+    /// BTF's `struct orc_entry` is missing or matches no known format.
     #[error("the kernel's BTF has no usable struct orc_entry ({0}): its ORC format is unknown")]
     Format(String),
 }
@@ -213,11 +219,18 @@ const TYPE_UNKNOWN: u8 = 0x12;
 /// One `struct orc_entry`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
+    /// Added to `sp_reg`'s value to get the caller's stack pointer.
     pub sp_offset: i16,
+    /// Where the caller's frame pointer was saved, relative to `bp_reg`.
     pub bp_offset: i16,
+    /// The register the stack pointer is computed from (`ORC_REG_*`).
     pub sp_reg: u8,
+    /// The register the saved frame pointer is found through (`ORC_REG_*`).
     pub bp_reg: u8,
+    /// The entry's type, in the 4.14..6.2 numbering (6.4+ types mapped
+    /// onto it, or past it when the old format has no equivalent).
     pub kind: u8,
+    /// The end of the stack: nothing to unwind past this frame.
     pub end: bool,
     /// The `signal` bit, on kernels that have one (6.3+).
     pub signal: Option<bool>,
@@ -234,7 +247,10 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("unreliable stack at {ip:#x}: {why}")]
 pub struct Unreliable {
+    /// Kernel-virtual address of the frame the walk stopped at (0 when
+    /// the first return address could not be read).
     pub ip: u64,
+    /// What made the walk stop.
     pub why: &'static str,
 }
 
@@ -262,6 +278,8 @@ struct Extra {
 /// Reads a kernel's tables in the format its BTF describes: any kernel
 /// with ORC and BTF, whatever its release.
 impl Orc {
+    /// Reads the tables, taking the entry format from BTF's
+    /// `struct orc_entry`.
     pub fn load_btf<M: VirtRead + ?Sized>(
         mem: &M,
         kallsyms: &Kallsyms,
@@ -394,10 +412,12 @@ impl Orc {
         self.text.contains(&ip) || self.extra.iter().any(|x| x.range.contains(&ip))
     }
 
+    /// Number of entries in the kernel's own table.
     pub fn len(&self) -> usize {
         self.ips.len()
     }
 
+    /// Whether the kernel's own table is empty.
     pub fn is_empty(&self) -> bool {
         self.ips.is_empty()
     }

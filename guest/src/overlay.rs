@@ -20,10 +20,17 @@ const PAGE: u64 = 4096;
 /// Errors of the overlay (the inner guest's errors, boxed).
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
+    /// A read of the inner guest failed.
     #[error("{0}")]
     Inner(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An access whose end overflows 64 bits.
     #[error("guest-physical range {gpa:#x}+{len:#x} wraps past the end of the address space")]
-    Wraps { gpa: u64, len: usize },
+    Wraps {
+        /// Guest-physical start of the access.
+        gpa: u64,
+        /// Its length in bytes.
+        len: usize,
+    },
 }
 
 /// Copy-on-write overlay over `inner`.
@@ -48,6 +55,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<'g, G: Guest + ?Sized> Overlay<'g, G> {
+    /// An overlay with no writes yet, reporting the inner guest's arena.
     pub fn new(inner: &'g G) -> Self {
         Self {
             inner,
@@ -81,6 +89,7 @@ impl<'g, G: Guest + ?Sized> Overlay<'g, G> {
         self
     }
 
+    /// The guest underneath, which never sees the overlay's writes.
     pub fn inner(&self) -> &'g G {
         self.inner
     }

@@ -30,37 +30,69 @@ pub const PTI_USER_PGD_BIT: u64 = 1 << 12;
 /// Errors of the page-table walk.
 #[derive(Debug, thiserror::Error)]
 pub enum PagingError {
+    /// The address's upper bits are not a sign extension for this depth.
     #[error("virtual address {va:#x} is not canonical for {levels}-level paging")]
-    NonCanonical { va: u64, levels: u8 },
+    NonCanonical {
+        /// The virtual address.
+        va: u64,
+        /// 4 or 5.
+        levels: u8,
+    },
+    /// An entry on the walk has its present bit clear.
     #[error(
         "virtual address {va:#x} is not mapped: the {level} entry {index} at guest-physical \
          {entry_gpa:#x} is not present (value {entry:#x})"
     )]
     NotPresent {
+        /// The virtual address.
         va: u64,
+        /// The level whose entry is not present.
         level: Level,
+        /// The entry's index in its table.
         index: u64,
+        /// Guest-physical address of the entry.
         entry_gpa: u64,
+        /// The entry's value.
         entry: u64,
     },
+    /// The walk ended without a leaf (not expected from a well-formed walk).
     #[error("virtual address {va:#x} is not mapped")]
-    Unmapped { va: u64 },
+    Unmapped {
+        /// The virtual address.
+        va: u64,
+    },
+    /// A page-table entry or the data itself could not be read from guest
+    /// memory (outside RAM, for one).
     #[error("cannot read the {what} at guest-physical {gpa:#x}: {source}")]
     Phys {
+        /// `page-table entry` or `guest memory`.
         what: &'static str,
+        /// The guest-physical address read.
         gpa: u64,
+        /// The [`Guest`]'s error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The read's end overflows the 64-bit address space.
     #[error("a read of {len} bytes at {va:#x} runs past the end of the address space")]
-    Wraps { va: u64, len: usize },
+    Wraps {
+        /// Virtual start of the read.
+        va: u64,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A read longer than its caller's limit (the length came from guest data).
     #[error(
         "refusing to read {len} bytes at {va:#x}: more than the {limit}-byte limit for {what}"
     )]
     TooLarge {
+        /// Virtual start of the read.
         va: u64,
+        /// The length asked for.
         len: u64,
+        /// The caller's limit.
         limit: u64,
+        /// What was to be read.
         what: &'static str,
     },
 }
@@ -68,10 +100,15 @@ pub enum PagingError {
 /// A level of the page-table hierarchy, named as in the Intel SDM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    /// The top level with LA57 (bits 48..56).
     Pml5,
+    /// The top level with 4-level paging (bits 39..47).
     Pml4,
+    /// Bits 30..38; a leaf here maps 1 GiB.
     Pdpt,
+    /// Bits 21..29; a leaf here maps 2 MiB.
     Pd,
+    /// Bits 12..20: 4 KiB pages.
     Pt,
 }
 
@@ -121,8 +158,11 @@ pub struct Translation {
     pub phys: GuestPhys,
     /// 4 KiB, 2 MiB or 1 GiB.
     pub page_size: u64,
+    /// Every level allows writes.
     pub writable: bool,
+    /// No level sets NX.
     pub executable: bool,
+    /// Every level allows user-mode access.
     pub user: bool,
 }
 
@@ -148,10 +188,12 @@ impl PageTables {
         }
     }
 
+    /// Guest-physical address of the top-level table.
     pub fn root(&self) -> u64 {
         self.root
     }
 
+    /// Whether the walk has five levels (CR4.LA57).
     pub fn five_level(&self) -> bool {
         self.five_level
     }
@@ -317,17 +359,23 @@ impl PageTables {
 /// A stretch of mapped virtual memory with uniform rights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MappedRun {
+    /// First virtual address.
     pub start: u64,
+    /// End virtual address (exclusive).
     pub end: u64,
+    /// The run is writable.
     pub writable: bool,
+    /// The run is executable.
     pub executable: bool,
 }
 
 impl MappedRun {
+    /// Length in bytes.
     pub fn len(&self) -> u64 {
         self.end.saturating_sub(self.start)
     }
 
+    /// Whether the run has no bytes.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -337,14 +385,17 @@ impl MappedRun {
 /// (kallsyms, BTF, tasks) use only this, so unit tests can hand them a
 /// synthetic memory instead of a guest.
 pub trait VirtRead {
+    /// Fills `buf` from kernel-virtual address `va`.
     fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), PagingError>;
 
+    /// A little-endian u64 at `va`.
     fn read_u64(&self, va: u64) -> Result<u64, PagingError> {
         let mut b = [0u8; 8];
         self.read_virt(va, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
 
+    /// A little-endian u32 at `va`.
     fn read_u32(&self, va: u64) -> Result<u32, PagingError> {
         let mut b = [0u8; 4];
         self.read_virt(va, &mut b)?;
@@ -387,22 +438,27 @@ pub struct AddressSpace<'g, G: Guest + ?Sized> {
 }
 
 impl<'g, G: Guest + ?Sized> AddressSpace<'g, G> {
+    /// `guest`'s memory as `tables` map it.
     pub fn new(guest: &'g G, tables: PageTables) -> Self {
         Self { guest, tables }
     }
 
+    /// The guest read through the tables.
     pub fn guest(&self) -> &'g G {
         self.guest
     }
 
+    /// The page tables this space walks.
     pub fn tables(&self) -> PageTables {
         self.tables
     }
 
+    /// Where `va` is in guest-physical memory, and its rights.
     pub fn translate(&self, va: u64) -> Result<Translation, PagingError> {
         self.tables.translate(self.guest, va)
     }
 
+    /// The mapped parts of `[start, end)`, as [`PageTables::mapped_runs`].
     pub fn mapped_runs(&self, start: u64, end: u64) -> Result<Vec<MappedRun>, PagingError> {
         self.tables.mapped_runs(self.guest, start, end)
     }
@@ -422,21 +478,26 @@ pub mod test_support {
 
     use crate::{Guest, VcpuRegs};
 
+    /// An access past the fake memory's end, at this guest-physical address.
     #[derive(Debug, thiserror::Error)]
     #[error("guest-physical {0:#x} is outside the fake memory")]
     pub struct OutOfRange(pub u64);
 
+    /// Flat guest-physical memory from address 0, with no arena.
     pub struct FakePhys {
+        /// The bytes, guest-physical address = index.
         pub mem: RefCell<Vec<u8>>,
     }
 
     impl FakePhys {
+        /// `size` zeroed bytes.
         pub fn new(size: usize) -> Self {
             Self {
                 mem: RefCell::new(vec![0; size]),
             }
         }
 
+        /// Writes a little-endian u64 at `gpa`; panics outside the memory.
         pub fn put_u64(&self, gpa: u64, v: u64) {
             self.write_phys(GuestPhys(gpa), &v.to_le_bytes()).unwrap();
         }

@@ -40,6 +40,7 @@ const MAX_TASK_STRUCT: u64 = 64 << 10;
 const COMM_LEN: usize = 16;
 /// PF_KTHREAD and PF_WQ_WORKER from include/linux/sched.h (6.1).
 pub const PF_WQ_WORKER: u32 = 0x0000_0020;
+/// `task_struct.flags` bit of a kernel thread.
 pub const PF_KTHREAD: u32 = 0x0020_0000;
 /// `__state` of a task that has switched away for the last time
 /// (`do_task_dead`), from include/linux/sched.h (6.1 and 6.12 alike).
@@ -48,35 +49,61 @@ pub const TASK_DEAD: u32 = 0x0000_0080;
 /// Errors of the task walk.
 #[derive(Debug, thiserror::Error)]
 pub enum TasksError {
+    /// A member the walk needs is missing from the guest's BTF.
     #[error("cannot lay out tasks from the guest's BTF: {0}")]
     Layout(#[from] BtfError),
+    /// A symbol the walk needs (`init_task`, `runqueues`, ...) is not in kallsyms.
     #[error("kallsyms has no `{0}`, which the task walk needs")]
     MissingSymbol(&'static str),
+    /// A read of task or per-CPU data failed.
     #[error("cannot read {what} at {addr:#x}: {source}")]
     Read {
+        /// What was being read.
         what: &'static str,
+        /// Its kernel-virtual address.
         addr: u64,
+        /// The read's error.
         #[source]
         source: PagingError,
     },
+    /// A list or task pointer is not a kernel address.
     #[error("{what} at {at:#x} is {ptr:#x}, not a kernel pointer: corrupt or changing task data")]
     BadPointer {
+        /// The member holding it.
         what: &'static str,
+        /// The value read.
         ptr: u64,
+        /// Kernel-virtual address it was read from.
         at: u64,
     },
+    /// A list revisits a node before reaching its head.
     #[error("the {list} list loops without returning to its head ({node:#x} seen twice)")]
-    Cycle { list: &'static str, node: u64 },
+    Cycle {
+        /// Which list (`init_task.tasks` or a thread list).
+        list: &'static str,
+        /// Kernel-virtual address of the node seen twice.
+        node: u64,
+    },
+    /// More tasks than [`Tasks::max_tasks`].
     #[error("more than {limit} tasks: giving up (a corrupt task list?)")]
-    TooMany { limit: usize },
+    TooMany {
+        /// The bound that was passed.
+        limit: usize,
+    },
+    /// `nr_cpu_ids` is above [`MAX_CPUS`].
     #[error("nr_cpu_ids is {0}, more than the {MAX_CPUS} CPUs x86_64 Linux supports")]
     TooManyCpus(u32),
+    /// BTF's `union thread_union` has an impossible size.
     #[error("union thread_union is {0} bytes, not a kernel stack size (a power of two from 4 KiB to 128 KiB): corrupt BTF")]
     ThreadSize(u64),
+    /// A BTF offset lies past the end of `task_struct`.
     #[error("field `{field}` at offset {offset} lies outside the {size}-byte task_struct")]
     FieldOutside {
+        /// The member.
         field: &'static str,
+        /// Its byte offset.
         offset: u64,
+        /// `sizeof(struct task_struct)`.
         size: u64,
     },
 }
@@ -85,27 +112,48 @@ pub enum TasksError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadLinks {
     /// `signal_struct.thread_head` lists `task_struct.thread_node` (3.14+).
-    SignalThreadHead { thread_head: u64, thread_node: u64 },
+    SignalThreadHead {
+        /// Offset of `signal_struct.thread_head`.
+        thread_head: u64,
+        /// Offset of `task_struct.thread_node`.
+        thread_node: u64,
+    },
     /// The leader's `task_struct.thread_group` ring (older, and 6.7+ drops
     /// the ring while keeping thread_head).
-    ThreadGroup { thread_group: u64 },
+    ThreadGroup {
+        /// Offset of `task_struct.thread_group`.
+        thread_group: u64,
+    },
 }
 
 /// Offsets the walk needs, from BTF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskLayout {
+    /// `sizeof(struct task_struct)`.
     pub size: u64,
+    /// `task_struct.tasks` (the list of thread-group leaders).
     pub tasks: u64,
+    /// `task_struct.pid`.
     pub pid: u64,
+    /// `task_struct.tgid`.
     pub tgid: u64,
+    /// `task_struct.comm`.
     pub comm: u64,
+    /// `task_struct.__state` (`state` before 5.14).
     pub state: u64,
+    /// `task_struct.exit_state`.
     pub exit_state: u64,
+    /// `task_struct.flags`.
     pub flags: u64,
+    /// `task_struct.on_cpu`.
     pub on_cpu: u64,
+    /// `task_struct.stack`.
     pub stack: u64,
+    /// `task_struct.thread.sp`.
     pub thread_sp: u64,
+    /// `task_struct.signal`.
     pub signal: u64,
+    /// How to reach a leader's other threads.
     pub threads: ThreadLinks,
     /// `struct rq` member `idle`.
     pub rq_idle: u64,
@@ -115,6 +163,8 @@ pub struct TaskLayout {
 }
 
 impl TaskLayout {
+    /// The offsets in the guest's BTF; THREAD_SIZE defaults when BTF has
+    /// no `thread_union`.
     pub fn from_btf(btf: &Btf) -> Result<Self, TasksError> {
         let off = |p: &str| btf.offset_of(p);
         let threads = match (
@@ -158,6 +208,7 @@ impl TaskLayout {
 /// Kernel addresses the walk needs, from kallsyms (+ BTF for pcpu_hot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskSymbols {
+    /// `init_task`: the head of the task list (and CPU 0's idle task).
     pub init_task: u64,
     /// `__per_cpu_offset[]`.
     pub per_cpu_offset: u64,
@@ -172,6 +223,8 @@ pub struct TaskSymbols {
 }
 
 impl TaskSymbols {
+    /// The addresses from kallsyms; the current-task pointer is
+    /// `pcpu_hot.current_task` (6.2+, offset from BTF) or `current_task`.
     pub fn from_kernel(kallsyms: &Kallsyms, btf: &Btf) -> Result<Self, TasksError> {
         let sym = |name: &'static str| {
             kallsyms
@@ -199,6 +252,7 @@ impl TaskSymbols {
 /// Which vCPU runs a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Running {
+    /// The vCPU's index.
     pub vcpu: usize,
     /// The guest's CPU number for that vCPU.
     pub cpu: u32,
@@ -209,13 +263,19 @@ pub struct Running {
 pub struct Task {
     /// Address of its task_struct.
     pub addr: u64,
+    /// `pid`: the thread id.
     pub pid: i32,
+    /// `tgid`: the process id.
     pub tgid: i32,
+    /// `comm`, at most 15 bytes, lossily decoded.
     pub comm: String,
     /// `__state` (6.1 encoding, see [`Task::state_char`]).
     pub state: u32,
+    /// `exit_state` (EXIT_ZOMBIE, EXIT_DEAD; 0 while alive).
     pub exit_state: u32,
+    /// `flags` (`PF_*`).
     pub flags: u32,
+    /// `on_cpu`: set while a CPU runs it, until its switch-out completes.
     pub on_cpu: bool,
     /// Its kernel stack `[stack, stack + THREAD_SIZE)` (the layout's
     /// `thread_size`).
@@ -262,6 +322,7 @@ impl Task {
         self.exit_state != 0 && self.state == TASK_DEAD && !self.on_cpu && self.running.is_none()
     }
 
+    /// A kernel thread ([`PF_KTHREAD`]).
     pub fn is_kthread(&self) -> bool {
         self.flags & PF_KTHREAD != 0
     }
@@ -319,8 +380,11 @@ pub fn percpu_gs_base(r: &VcpuRegs) -> Option<u64> {
 /// The task walker for one kernel.
 #[derive(Debug, Clone, Copy)]
 pub struct Tasks {
+    /// `task_struct` and friends' offsets, from BTF.
     pub layout: TaskLayout,
+    /// The kernel addresses the walk starts from.
     pub symbols: TaskSymbols,
+    /// Bound on tasks walked before the list is called corrupt.
     pub max_tasks: usize,
 }
 
@@ -334,6 +398,7 @@ fn is_kernel_ptr(p: u64) -> bool {
 }
 
 impl Tasks {
+    /// A walker bounded at [`DEFAULT_MAX_TASKS`].
     pub fn new(layout: TaskLayout, symbols: TaskSymbols) -> Self {
         Self {
             layout,
@@ -342,6 +407,7 @@ impl Tasks {
         }
     }
 
+    /// A walker for the kernel these kallsyms and BTF describe.
     pub fn from_kernel(kallsyms: &Kallsyms, btf: &Btf) -> Result<Self, TasksError> {
         Ok(Self::new(
             TaskLayout::from_btf(btf)?,

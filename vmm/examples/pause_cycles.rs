@@ -8,6 +8,7 @@
 //! KLPV_COM2_OUT the guest gets COM2 writing to PATH (a FIFO the caller
 //! reads): the test guest's init sends its command's output there, where
 //! no kernel message can land inside one of its lines.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -40,39 +40,58 @@ use crate::vm::{PauseReport, ResumeReport, Vm, VmError};
 use klpvisor_engine::callback::module::{ModuleSteps, Step};
 use klpvisor_engine::engine::{Coming, Going, ModuleEvent};
 
+/// Why a control request failed; the API maps each to a status and kind.
 #[derive(Debug, Error)]
 pub enum ControlError {
+    /// A user pause while the VM is paused.
     #[error("the VM is already paused; resume it first (PUT /vm/resume)")]
     AlreadyPaused,
+    /// A user resume while the VM runs.
     #[error("the VM is not paused; pause it first (PUT /vm/pause)")]
     NotPaused,
+    /// A vCPU thread has exited: the guest is going away.
     #[error(
         "the guest has stopped (it powered off, rebooted or crashed); the VMM is shutting down"
     )]
     Stopped,
+    /// A vCPU index at or above the VM's vCPU count.
     #[error("no vCPU {id}: this VM has vCPUs 0 to {}", count.saturating_sub(1))]
-    NoSuchVcpu { id: usize, count: usize },
+    NoSuchVcpu {
+        /// The index asked for.
+        id: usize,
+        /// The VM's vCPU count (0 when not known where the error arose).
+        count: usize,
+    },
+    /// Any other failure of the VM itself.
     #[error("{0}")]
     Vm(VmError),
+    /// Finding `_text`, kallsyms or BTF in guest memory failed (typically
+    /// early boot); retried after a backoff.
     #[error("the guest kernel cannot be inspected yet (is it still booting?): {0}")]
     KernelNotReady(String),
+    /// Walking the guest's task list failed.
     #[error("reading the guest's task list failed: {0}")]
     Tasks(#[source] TasksError),
+    /// The kernel view has no task walker: this kernel's BTF or kallsyms
+    /// lack what it needs.
     #[error(
         "reading the guest's task list failed: this kernel's BTF or kallsyms lack what the \
          task walk needs (see the VMM log)"
     )]
     NoTaskWalk,
+    /// A VMM bug.
     #[error("internal error: {0}")]
     Internal(&'static str),
     /// A callback refused or did not finish, or the VM is paused.
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    /// Another transition holds the engine; the text names it.
     #[error(
         "another transition is in progress ({0}); one runs at a time: retry when it ends \
          (`patcher list` shows it)"
     )]
     Busy(String),
+    /// The engine refused or failed the patch.
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// Refused by the signature policy, before anything was parsed.
@@ -98,6 +117,7 @@ impl From<VmError> for ControlError {
 /// A result produced while every vCPU was parked.
 #[derive(Debug)]
 pub struct Paused<T> {
+    /// What was read.
     pub value: T,
     /// Out-of-guest time of the pause taken for this read; `None` when the
     /// VM was paused already (by a user) and stays so.
@@ -107,7 +127,10 @@ pub struct Paused<T> {
 /// The guest kernel view with what it cost to build.
 #[derive(Debug)]
 pub struct CachedKernel {
+    /// `_text`, page tables, kallsyms and BTF as decoded from guest memory.
     pub kernel: Kernel,
+    /// The task-list walker, with the guest's THREAD_SIZE measured; `None`
+    /// when this kernel's BTF or kallsyms cannot support it.
     pub walker: Option<Tasks>,
     /// `Kernel::open` on the running guest.
     pub decode: Duration,
@@ -450,6 +473,7 @@ impl Control {
         }
     }
 
+    /// Which patch signatures this VMM accepts (`--trusted-keys`).
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
@@ -459,6 +483,7 @@ impl Control {
         self.engine().level_floor()
     }
 
+    /// The VM this controls.
     pub fn vm(&self) -> &Vm {
         &self.vm
     }

@@ -14,12 +14,22 @@ use klpvisor_guest::{Guest, VcpuRegs};
 use crate::vcpu::VcpuState;
 use crate::vm::{Vm, VmError};
 
+/// Why the engine's access to this VM failed.
 #[derive(Debug, Error)]
 pub enum GuestAccessError {
+    /// A guest-physical read or write touched a hole or the end of memory.
     #[error("guest-physical range {gpa:#x}+{len:#x} is not entirely in guest memory")]
-    OutOfRange { gpa: u64, len: usize },
+    OutOfRange {
+        /// Guest-physical start of the access.
+        gpa: u64,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The vCPU index asked for (first) is not below the VM's vCPU count (second).
     #[error("no vCPU {0}: this VM has {1}")]
     NoSuchVcpu(usize, usize),
+    /// The VM could not hand over the vCPU's registers (not paused, not
+    /// running, or KVM failed).
     #[error(transparent)]
     Vm(#[from] VmError),
 }
@@ -121,8 +131,11 @@ pub fn vcpu_regs(s: &VcpuState) -> VcpuRegs {
 /// their kernel half points at lower tables every address space shares and
 /// the kernel never frees, so the copy stays a valid kernel view.
 pub struct RegsSnapshot<'a> {
+    /// The VM whose memory is read live.
     pub vm: &'a Vm,
+    /// Every vCPU's registers, by vCPU index, as read in the pause.
     pub regs: Vec<VcpuRegs>,
+    /// The vCPUs' page-table root pages, copied in the same pause.
     pub roots: RootPages,
 }
 

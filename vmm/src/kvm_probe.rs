@@ -23,14 +23,19 @@ pub const NATIVE_THRESHOLD: Duration = Duration::from_millis(200);
 const CODE_ADDR: u64 = 0x1000;
 const MEM_SIZE: usize = 0x10000;
 
+/// Why the probe could not run.
 #[derive(Debug, Error)]
 pub enum ProbeError {
+    /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm: {0}")]
     Open(kvm_ioctls::Error),
+    /// A KVM ioctl (named) failed.
     #[error("KVM {0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
+    /// The probe's guest memory could not be mapped.
     #[error("cannot map probe memory: {0}")]
     Mmap(String),
+    /// The loop did not end in HLT (exit named).
     #[error("probe vCPU stopped with {0} instead of HLT")]
     UnexpectedExit(String),
 }
@@ -38,10 +43,12 @@ pub enum ProbeError {
 /// Result of one probe run.
 #[derive(Debug, Clone, Copy)]
 pub struct Probe {
+    /// Wall-clock time of the `KVM_RUN` that ran the loop.
     pub elapsed: Duration,
 }
 
 impl Probe {
+    /// Whether the loop ran in under [`NATIVE_THRESHOLD`]: hardware virtualization.
     pub fn is_native(&self) -> bool {
         self.elapsed < NATIVE_THRESHOLD
     }

@@ -20,12 +20,17 @@ use thiserror::Error;
 use crate::devices::{GuestEvent, PioDevices};
 use crate::vm::VmExit;
 
+/// A failure to read a parked vCPU's state from KVM.
 #[derive(Debug, Error)]
 pub enum VcpuError {
+    /// A KVM get ioctl failed.
     #[error("reading vCPU {id} {what} failed: {source}")]
     Read {
+        /// The vCPU's index.
         id: u8,
+        /// What was being read (registers, special registers or MSRs).
         what: &'static str,
+        /// The ioctl's error.
         source: kvm_ioctls::Error,
     },
 }
@@ -34,17 +39,25 @@ pub enum VcpuError {
 /// the kernel from outside.
 #[derive(Debug, Clone)]
 pub struct VcpuState {
+    /// The vCPU's index.
     pub id: u8,
+    /// General-purpose registers, RIP and RFLAGS.
     pub regs: kvm_regs,
+    /// Segment and control registers (CR0/CR3/CR4, EFER, IDT, CS).
     pub sregs: kvm_sregs,
+    /// IA32_LSTAR: the kernel's `syscall` entry (kernel-virtual), which
+    /// confirms where `_text` is.
     pub lstar: u64,
+    /// IA32_GS_BASE: the per-CPU area while the vCPU is in the kernel.
     pub gs_base: u64,
+    /// IA32_KERNEL_GS_BASE: the other GS base, swapped in by `swapgs`.
     pub kernel_gs_base: u64,
 }
 
 /// Why a vCPU thread stopped running the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuExitReason {
+    /// The guest powered off, reset or panicked through a device port.
     Guest(GuestEvent),
     /// KVM_EXIT_SHUTDOWN: a triple fault.
     TripleFault,
@@ -58,21 +71,35 @@ pub enum VcpuExitReason {
 #[derive(Debug)]
 pub enum VcpuReport {
     /// Parked for the pause request of this generation.
-    Paused { id: u8, generation: u64 },
+    Paused {
+        /// The vCPU's index.
+        id: u8,
+        /// The `VcpuControl::generation` it parked for.
+        generation: u64,
+    },
     /// The thread has left its run loop for good.
-    Exited { id: u8, reason: VcpuExitReason },
+    Exited {
+        /// The vCPU's index.
+        id: u8,
+        /// Why it stopped running the guest.
+        reason: VcpuExitReason,
+    },
 }
 
 /// Requests to a parked vCPU thread.
 pub enum VcpuRequest {
+    /// Read the parked vCPU's registers and send them back on the channel.
     Snapshot(Sender<Result<VcpuState, VcpuError>>),
+    /// Leave the pause and run the guest again.
     Resume,
 }
 
 /// Flags the controller flips and the vCPU thread polls.
 #[derive(Debug, Default)]
 pub struct VcpuControl {
+    /// Set to ask the thread to park at its next exit.
     pub pause: AtomicBool,
+    /// Set to ask the thread to leave its run loop for good.
     pub stop: AtomicBool,
     /// Set by the thread once it has left its run loop.
     pub exited: AtomicBool,
@@ -155,12 +182,19 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 /// Everything a vCPU thread owns.
 pub struct VcpuThread {
+    /// The vCPU's index (KVM's vCPU id).
     pub id: u8,
+    /// The KVM vCPU this thread runs.
     pub fd: VcpuFd,
+    /// The flags shared with the controller.
     pub control: Arc<VcpuControl>,
+    /// The VM's port-I/O devices, shared by every vCPU thread.
     pub devices: Arc<PioDevices>,
+    /// Requests served while parked.
     pub requests: Receiver<VcpuRequest>,
+    /// Pause acks and the final exit go here.
     pub reports: Sender<VcpuReport>,
+    /// Exits that end the VM's run (guest events, triple faults, fatal errors).
     pub exits: Sender<VmExit>,
 }
 

@@ -36,53 +36,85 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What to boot and how big.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
+    /// The bzImage to boot.
     pub kernel: PathBuf,
+    /// An initramfs to load beside it.
     pub initrd: Option<PathBuf>,
+    /// The guest kernel's command line.
     pub cmdline: String,
+    /// Number of vCPUs.
     pub cpus: u8,
+    /// Guest RAM in MiB.
     pub mem_mib: u64,
+    /// Size of the patch arena in MiB (a multiple of 2), outside guest RAM.
     pub arena_mib: u64,
 }
 
+/// Why the VM could not be built, or a pause, resume or register read failed.
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm: {0} (is the kvm module loaded and do you have access?)")]
     KvmOpen(kvm_ioctls::Error),
+    /// The host's KVM lacks a capability the VMM needs (named).
     #[error("host KVM lacks {0}")]
     MissingCap(&'static str),
+    /// A KVM ioctl failed.
     #[error("KVM {what} failed: {source}")]
     Kvm {
+        /// The operation (e.g. `memory slot`, `MSI`).
         what: &'static str,
+        /// The ioctl's error.
         source: kvm_ioctls::Error,
     },
+    /// Guest RAM could not be mapped.
     #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
-    Memory { mib: u64, reason: String },
+    Memory {
+        /// The size asked for, in MiB.
+        mib: u64,
+        /// vm-memory's error.
+        reason: String,
+    },
+    /// The RAM or arena size is not usable.
     #[error(transparent)]
     Layout(#[from] layout::LayoutError),
+    /// The kernel, initrd or command line could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// The boot CPU's initial state could not be set.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    /// A KVM variable-length structure (the boot MSR list) could not be built.
     #[error("cannot create vCPU configuration: {0}")]
     Fam(String),
+    /// A vCPU thread could not be spawned.
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    /// An eventfd (serial IRQ line) could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The kick signal's handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    /// A vCPU thread is gone, so the VM cannot be paused or read.
     #[error("the VM is not running (a vCPU has exited)")]
     NotRunning,
+    /// A pause was asked for while paused.
     #[error("the VM is already paused")]
     AlreadyPaused,
+    /// A resume or register read was asked for while running.
     #[error("the VM is not paused")]
     NotPaused,
+    /// These vCPUs did not park within this time; the VM runs again.
     #[error("vCPUs {0:?} did not pause within {1:?}; the VM was resumed")]
     PauseTimeout(Vec<u8>, Duration),
+    /// No vCPU has this index.
     #[error("no vCPU {0}")]
     NoSuchVcpu(u8),
+    /// A parked vCPU's registers could not be read.
     #[error(transparent)]
     Vcpu(#[from] crate::vcpu::VcpuError),
 }
@@ -94,12 +126,19 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
+    /// The guest powered off, reset or panicked.
     Guest(GuestEvent),
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
     TripleFault {
+        /// The vCPU's index.
         vcpu: u8,
     },
+    /// A vCPU hit something it cannot continue from (a KVM error, an
+    /// unhandled exit, a panicked vCPU thread).
     Fatal {
+        /// The vCPU's index.
         vcpu: u8,
+        /// What happened, for the log.
         reason: String,
     },
     /// The host asked us to stop (a signal number).
@@ -307,14 +346,17 @@ impl Vm {
         &self.memory
     }
 
+    /// Where RAM, the patch arena and its page tables sit in guest-physical space.
     pub fn layout(&self) -> &layout::MemoryLayout {
         &self.layout
     }
 
+    /// Number of vCPUs the VM was built with.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.lock().map(|v| v.len()).unwrap_or(0)
     }
 
+    /// Time since the VM was built and its vCPU threads started.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
@@ -329,6 +371,7 @@ impl Vm {
         self.devices.console.enqueue(bytes)
     }
 
+    /// Whether every vCPU is parked by a pause that has not been resumed.
     pub fn is_paused(&self) -> bool {
         self.pause
             .lock()

@@ -188,6 +188,8 @@ impl GuestCpu {
 /// Why an alternative cannot be applied, or the guest's facts not read.
 #[derive(Debug, thiserror::Error)]
 pub enum AltError {
+    /// The guest's kernel release is not one whose alternative rules
+    /// klpvisor reproduces.
     #[error(
         "the patch has alternatives (.altinstructions), but klpvisor applies them only for \
          Debian's 6.1 and 6.12 kernels, whose rules it reproduces; the guest runs {0}. Build \
@@ -195,32 +197,52 @@ pub enum AltError {
          kernel's rules"
     )]
     UnsupportedKernel(String),
+    /// The caller did not pass the guest's CPU features.
     #[error(
         "the patch has alternatives (.altinstructions), but the link was not given the guest's \
          CPU features (LinkOptions::alternatives; read them with guest_cpu)"
     )]
     NoGuestCpu,
+    /// The guest's BTF cannot place what the CPU-feature read needs.
     #[error("cannot read the guest's CPU features for alternatives: {what}: {source}")]
     Btf {
+        /// The structure or member looked up.
         what: &'static str,
+        /// BTF's error.
         #[source]
         source: klpvisor_guest::BtfError,
     },
+    /// The guest's CPU features could not be read (from its memory, or
+    /// through an unusable BTF member).
     #[error("cannot read the guest's CPU features for alternatives: {0}")]
     Guest(String),
+    /// `.altinstructions` is not a whole number of this guest's `struct alt_instr`.
     #[error(
         "{TABLE} is {size} bytes, not a multiple of struct alt_instr ({entry} bytes in this \
          guest): corrupt module, or built for another kernel"
     )]
-    TableSize { size: usize, entry: usize },
+    TableSize {
+        /// The section's size in bytes.
+        size: usize,
+        /// `sizeof(struct alt_instr)` in the guest's BTF.
+        entry: usize,
+    },
+    /// An entry is truncated or its offsets overflow.
     #[error("alternative #{index} in {TABLE}: {reason}")]
-    BadEntry { index: usize, reason: String },
+    BadEntry {
+        /// The entry's index in the table.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An alternative whose replacement klpvisor will not write.
     #[error("alternative at {at} (feature {feature}): {reason}")]
     Refused {
         /// `function+0xoff` of the original instruction.
         at: String,
         /// `word*32+bit`, with `!` for an inverted test.
         feature: String,
+        /// Why it is refused.
         reason: String,
     },
 }

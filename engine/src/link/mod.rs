@@ -35,15 +35,22 @@ pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 /// One symbol that could not be resolved, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unresolved {
+    /// The module's symbol name.
     pub name: String,
+    /// Why kallsyms (or the module's symbols) gave no single address.
     pub reason: String,
 }
 
 /// Why a module cannot be linked into this guest.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
+    /// A vmlinux `klp_func.old_name` is not in kallsyms.
     #[error("the function `{name}` to patch is not in the guest kernel's kallsyms")]
-    OldFunctionNotFound { name: String },
+    OldFunctionNotFound {
+        /// `klp_func.old_name`.
+        name: String,
+    },
+    /// A vmlinux `old_name` occurs several times and `old_sympos` is 0.
     #[error(
         "the function `{name}` to patch is ambiguous: the guest kernel has {} of that name ({}); \
          set .old_sympos to pick one",
@@ -51,21 +58,33 @@ pub enum LinkError {
         candidates.iter().map(|(p, a)| format!("sympos {p} at {a:#x}")).collect::<Vec<_>>().join(", ")
     )]
     OldFunctionAmbiguous {
+        /// `klp_func.old_name`.
         name: String,
         /// (sympos, address) of each candidate, in kallsyms order.
         candidates: Vec<(u32, u64)>,
     },
+    /// A vmlinux `old_sympos` past the symbols of that name.
     #[error(
         "the function `{name}` to patch has .old_sympos = {sympos}, but the guest kernel has \
          {count} function(s) of that name"
     )]
     OldFunctionNoSuchPosition {
+        /// `klp_func.old_name`.
         name: String,
+        /// `klp_func.old_sympos`.
         sympos: u64,
+        /// How many symbols have the name.
         count: usize,
     },
+    /// A module object's `old_name` is not in that loaded module's symbols.
     #[error("the function `{name}` to patch is not in module `{module}`'s kallsyms")]
-    ModuleFunctionNotFound { module: String, name: String },
+    ModuleFunctionNotFound {
+        /// The guest module.
+        module: String,
+        /// `klp_func.old_name`.
+        name: String,
+    },
+    /// A module object's `old_name` occurs several times and `old_sympos` is 0.
     #[error(
         "the function `{name}` to patch is ambiguous: module `{module}` has {} of that name \
          ({}); set .old_sympos to pick one",
@@ -73,44 +92,66 @@ pub enum LinkError {
         candidates.iter().map(|(p, a)| format!("sympos {p} at {a:#x}")).collect::<Vec<_>>().join(", ")
     )]
     ModuleFunctionAmbiguous {
+        /// The guest module.
         module: String,
+        /// `klp_func.old_name`.
         name: String,
         /// (sympos, address) of each candidate, in the module's table order.
         candidates: Vec<(u32, u64)>,
     },
+    /// A module object's `old_sympos` past the symbols of that name.
     #[error(
         "the function `{name}` to patch has .old_sympos = {sympos}, but module `{module}` has \
          {count} symbol(s) of that name"
     )]
     ModuleFunctionNoSuchPosition {
+        /// The guest module.
         module: String,
+        /// `klp_func.old_name`.
         name: String,
+        /// `klp_func.old_sympos`.
         sympos: u64,
+        /// How many symbols have the name.
         count: usize,
     },
+    /// External symbols the guest cannot resolve, each with the reason.
     #[error(
         "{} symbol(s) cannot be resolved in the guest kernel:\n{}",
         .0.len(),
         .0.iter().map(|u| format!("  {}: {}", u.name, u.reason)).collect::<Vec<_>>().join("\n")
     )]
     Unresolved(Vec<Unresolved>),
+    /// The chosen segment addresses are unaligned, wrap or overlap.
     #[error("segment addresses: {0}")]
     BadBases(String),
+    /// A relocated value does not fit its field (a 32-bit field needs the
+    /// target within 2 GiB).
     #[error(
         "relocation {kind:?} at {at} (address {place:#x}) to {target:#x} does not fit: value \
          {value:#x} (is the arena within 2 GiB of the kernel image?)"
     )]
     Overflow {
+        /// The place in the module (section+offset), for the message.
         at: String,
+        /// The relocation type.
         kind: RelocKind,
+        /// Kernel-virtual address of the field.
         place: u64,
+        /// Kernel-virtual address of the symbol (S).
         target: u64,
+        /// The value that did not fit.
         value: u64,
     },
+    /// The field to relocate already holds non-zero bytes.
     #[error("relocation at {at}: the field is not zero before relocation (corrupt module?)")]
-    NotZero { at: String },
+    NotZero {
+        /// The place in the module (section+offset).
+        at: String,
+    },
+    /// `.altinstructions` cannot be applied for this guest's CPU.
     #[error(transparent)]
     Alternatives(#[from] AltError),
+    /// A klpvisor bug, or a guest read the link needed failed.
     #[error("internal link error: {0}")]
     Internal(String),
 }
@@ -118,12 +159,16 @@ pub enum LinkError {
 /// Where the caller put each segment (guest virtual, page-aligned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bases {
+    /// Kernel-virtual start of the text segment.
     pub text: u64,
+    /// Kernel-virtual start of the rodata segment.
     pub rodata: u64,
+    /// Kernel-virtual start of the data segment.
     pub data: u64,
 }
 
 impl Bases {
+    /// The start of `segment`.
     pub fn of(&self, segment: Segment) -> u64 {
         match segment {
             Segment::Text => self.text,
@@ -191,7 +236,9 @@ pub fn guest_return_thunk<M: VirtRead + ?Sized>(
 /// One segment's bytes, ready to copy to `va`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentImage {
+    /// Which segment.
     pub segment: Segment,
+    /// Its kernel-virtual start (in the arena).
     pub va: u64,
     /// Page-rounded, as [`Module::layout`] said.
     pub bytes: Vec<u8>,
@@ -205,10 +252,14 @@ pub struct LinkedFunc {
     /// The old function's extent when the guest records it (a module
     /// symbol's `st_size`; vmlinux's kallsyms has no sizes).
     pub old_size: Option<u64>,
+    /// `klp_func.old_name`.
     pub old_name: String,
     /// As the patch declares it (0: unique).
     pub old_sympos: u64,
+    /// Kernel-virtual entry of the function being replaced, resolved in
+    /// kallsyms (or its module's symbols).
     pub old_addr: u64,
+    /// Kernel-virtual entry of the replacement, in the arena.
     pub new_addr: u64,
     /// The module's name for the new function.
     pub new_symbol: Option<String>,
@@ -219,9 +270,13 @@ pub struct LinkedFunc {
 pub struct LinkedCallbacks {
     /// The linked `struct klp_object`, the callbacks' argument.
     pub object: u64,
+    /// Linked address of `pre_patch`, if set.
     pub pre_patch: Option<u64>,
+    /// Linked address of `post_patch`, if set.
     pub post_patch: Option<u64>,
+    /// Linked address of `pre_unpatch`, if set.
     pub pre_unpatch: Option<u64>,
+    /// Linked address of `post_unpatch`, if set.
     pub post_unpatch: Option<u64>,
 }
 
@@ -243,8 +298,11 @@ pub struct LinkedObject {
 pub struct Linked {
     /// Every object, in patch order.
     pub objects: Vec<LinkedObject>,
+    /// The linked text segment.
     pub text: SegmentImage,
+    /// The linked rodata segment.
     pub rodata: SegmentImage,
+    /// The linked data segment.
     pub data: SegmentImage,
     /// Every function of the loaded objects, in patch order (objects,
     /// then funcs).
@@ -285,6 +343,7 @@ impl Linked {
         })
     }
 
+    /// Text, rodata and data, in that order.
     pub fn segments(&self) -> [&SegmentImage; 3] {
         [&self.text, &self.rodata, &self.data]
     }

@@ -8,7 +8,10 @@ use crate::module::RelocKind;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelocProblem {
     /// The value does not fit the field.
-    Overflow { value: u64 },
+    Overflow {
+        /// The computed value (S + A or S + A - P), before truncation.
+        value: u64,
+    },
     /// The field already holds something (a relocation applied twice, or
     /// a corrupt module); the kernel refuses this too.
     NotZero,

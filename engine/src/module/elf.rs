@@ -19,10 +19,15 @@ pub const SHN_LIVEPATCH: u16 = 0xff20;
 /// One section header, with the bytes of allocatable sections.
 #[derive(Debug, Clone)]
 pub struct RawSection {
+    /// The name from `.shstrtab`.
     pub name: String,
+    /// `sh_type` (`SHT_PROGBITS`, `SHT_NOBITS`, ...).
     pub sh_type: u32,
+    /// `sh_flags` (`SHF_ALLOC`, `SHF_WRITE`, `SHF_EXECINSTR`, ...).
     pub flags: u64,
+    /// `sh_size` in bytes.
     pub size: u64,
+    /// `sh_addralign` in bytes.
     pub align: u64,
     /// File bytes of SHF_ALLOC PROGBITS sections (length `size`); empty
     /// for NOBITS and for sections nobody loads (debug info).
@@ -30,15 +35,19 @@ pub struct RawSection {
 }
 
 impl RawSection {
+    /// SHF_ALLOC: the loader would copy it into module memory.
     pub fn alloc(&self) -> bool {
         self.flags & u64::from(elf::SHF_ALLOC) != 0
     }
+    /// SHF_WRITE: writable once loaded.
     pub fn write(&self) -> bool {
         self.flags & u64::from(elf::SHF_WRITE) != 0
     }
+    /// SHF_EXECINSTR: code.
     pub fn exec(&self) -> bool {
         self.flags & u64::from(elf::SHF_EXECINSTR) != 0
     }
+    /// SHT_NOBITS: no file bytes, zero-filled when loaded (`.bss`).
     pub fn nobits(&self) -> bool {
         self.sh_type == elf::SHT_NOBITS
     }
@@ -47,19 +56,26 @@ impl RawSection {
 /// One symbol table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawSymbol {
+    /// The name from the symbol's string table.
     pub name: String,
     /// Raw `st_shndx`: 0 undefined, `SHN_ABS`, `SHN_LIVEPATCH`, or a section.
     pub shndx: u16,
+    /// `st_value`: the offset in its section (a relocatable file).
     pub value: u64,
+    /// `st_size` in bytes.
     pub size: u64,
+    /// `ELF64_ST_BIND` (`STB_LOCAL`, `STB_GLOBAL`, `STB_WEAK`).
     pub bind: u8,
+    /// `ELF64_ST_TYPE` (`STT_FUNC`, `STT_OBJECT`, ...).
     pub kind: u8,
 }
 
 impl RawSymbol {
+    /// STB_WEAK.
     pub fn weak(&self) -> bool {
         self.bind == elf::STB_WEAK
     }
+    /// STB_LOCAL.
     pub fn local(&self) -> bool {
         self.bind == elf::STB_LOCAL
     }
@@ -72,10 +88,13 @@ pub struct RawRela {
     pub target: usize,
     /// Index of the relocation section itself (for messages).
     pub rela_section: usize,
+    /// `r_offset`: where in the target section the value goes.
     pub offset: u64,
+    /// `ELF64_R_TYPE` (`R_X86_64_*`).
     pub r_type: u32,
     /// Symbol table index (0: no symbol).
     pub symbol: usize,
+    /// `r_addend`.
     pub addend: i64,
     /// From a `.klp.rela.*` section (SHF_RELA_LIVEPATCH).
     pub klp: bool,
@@ -84,7 +103,9 @@ pub struct RawRela {
 /// The parsed file.
 #[derive(Debug, Clone)]
 pub struct RawElf {
+    /// Every section header, by ELF section index.
     pub sections: Vec<RawSection>,
+    /// The symbol table, by symbol index (0 is the null symbol).
     pub symbols: Vec<RawSymbol>,
     /// RELA entries for allocatable sections, in file order.
     pub relas: Vec<RawRela>,

@@ -121,7 +121,10 @@ pub struct Patch {
     pub name: String,
     /// `.replace`: a cumulative patch that replaces all older ones.
     pub replace: bool,
+    /// `.objs`: vmlinux and the modules it patches, in array order.
     pub objects: Vec<Object>,
+    /// `.states`: the system states it declares (`klp_state`), for
+    /// klp's compatibility check against the patches already applied.
     pub states: Vec<State>,
     /// Where the `struct klp_patch` itself is, when the module file holds
     /// one (kpatch-build's modules build theirs at init): what the guest's
@@ -136,7 +139,9 @@ pub struct Object {
     /// `None` is vmlinux; `Some` names a kernel module, resolved against
     /// that module's own symbols when it is loaded.
     pub name: Option<String>,
+    /// `.funcs`, in array order.
     pub funcs: Vec<Func>,
+    /// `.callbacks`.
     pub callbacks: Callbacks,
     /// Where the `struct klp_object` itself is: its linked address is the
     /// argument every callback gets.
@@ -146,15 +151,19 @@ pub struct Object {
 /// One `struct klp_func`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Func {
+    /// `.old_name`: the function to replace, looked up in its object's
+    /// symbols (kallsyms for vmlinux).
     pub old_name: String,
     /// klp's rule: 0 = the name must be unique, n = the n-th of that name.
     pub old_sympos: u64,
+    /// `.new_func`: the replacement, in the module's text.
     pub new_func: CodeRef,
 }
 
 /// Code in the module that klp data points at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CodeRef {
+    /// Where the code is in the module.
     pub place: Place,
     /// The module's symbol at that place, if it has one.
     pub symbol: Option<String>,
@@ -163,16 +172,22 @@ pub struct CodeRef {
 /// `klp_object.callbacks`: which are set, and to what.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Callbacks {
+    /// Runs before the object is patched; a non-zero return refuses it.
     pub pre_patch: Option<CodeRef>,
+    /// Runs after the object is patched.
     pub post_patch: Option<CodeRef>,
+    /// Runs before the object is unpatched.
     pub pre_unpatch: Option<CodeRef>,
+    /// Runs after the object is unpatched.
     pub post_unpatch: Option<CodeRef>,
 }
 
 /// One `struct klp_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct State {
+    /// `.id`: which system state (chosen by the patch authors).
     pub id: u64,
+    /// `.version`: a later patch must declare at least this version.
     pub version: u32,
 }
 

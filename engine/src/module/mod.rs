@@ -40,25 +40,45 @@ pub const MAX_MODULE_BYTES: u64 = 64 << 20;
 /// Why a module cannot be linked from outside.
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
+    /// The file does not start with the ELF magic.
     #[error("not an ELF file (no \\x7fELF magic): a livepatch module is a .ko built by kbuild")]
     NotElf,
+    /// An ELF file this parser cannot take as a module: 32-bit,
+    /// big-endian, not relocatable, or with extended section indices.
     #[error("unsupported ELF file: {0}")]
     UnsupportedElf(String),
+    /// Built for another architecture.
     #[error("the module is for {name} (ELF machine {machine}), but the guest kernel is x86-64")]
-    WrongMachine { machine: u16, name: &'static str },
+    WrongMachine {
+        /// `e_machine`.
+        machine: u16,
+        /// Its usual name.
+        name: &'static str,
+    },
+    /// A header, section or symbol runs out of the file or contradicts another.
     #[error("corrupt or truncated ELF file: {0}")]
     Corrupt(String),
+    /// `.modinfo` has no `vermagic=`.
     #[error("the module has no vermagic in .modinfo: was it built by kbuild?")]
     NoVermagic,
+    /// The vermagic's release is not the guest kernel's.
     #[error(
         "the module was built for kernel {module}, but the guest runs {guest}: rebuild it \
          against linux-headers-{guest}"
     )]
-    ReleaseMismatch { module: String, guest: String },
+    ReleaseMismatch {
+        /// The release in the module's vermagic.
+        module: String,
+        /// The guest kernel's release (`init_uts_ns`).
+        guest: String,
+    },
+    /// Not a livepatch module; the message says what is missing.
     #[error("not a livepatch module: {0}")]
     NotLivepatch(String),
+    /// More than one data object could be the `struct klp_patch`.
     #[error("the module has several struct klp_patch candidates: {0}")]
     SeveralPatches(String),
+    /// The klp_patch, klp_object or klp_func data is inconsistent.
     #[error("malformed klp structures: {0}")]
     BadPatch(String),
     /// A kpatch-build module klpvisor cannot read as its patch hook would.
@@ -73,65 +93,105 @@ pub enum ModuleError {
         /// What klp refuses and how to fix it.
         refusal: klp::Refusal,
     },
+    /// The guest's BTF lacks a klp structure or member the parser reads.
     #[error("the guest's BTF lacks a klp structure layout: {0}")]
     KlpLayoutBtf(#[from] BtfError),
+    /// The guest's BTF describes a klp member of an unexpected size.
     #[error("unexpected klp structure layout in the guest's BTF: {0}")]
     KlpLayout(String),
+    /// A `.klp.rela.<module>` section uses a vmlinux `.klp.sym` symbol.
     #[error(
         "{section} refers to {symbol}: a module's .klp.rela section may only use that kind of \
          module's .klp.sym symbols, never vmlinux ones (klp_resolve_symbols refuses it too; use \
          an ordinary relocation for an exported vmlinux symbol)"
     )]
-    KlpRelaVmlinuxSymbol { section: String, symbol: String },
+    KlpRelaVmlinuxSymbol {
+        /// The `.klp.rela` section.
+        section: String,
+        /// The symbol it refers to.
+        symbol: String,
+    },
+    /// A `.klp.rela` section uses a symbol that is not SHN_LIVEPATCH.
     #[error(
         "{section} refers to `{symbol}`, which is not a .klp.sym symbol (SHN_LIVEPATCH): klp \
          refuses such a relocation section"
     )]
-    KlpRelaPlainSymbol { section: String, symbol: String },
+    KlpRelaPlainSymbol {
+        /// The `.klp.rela` section.
+        section: String,
+        /// The symbol it refers to.
+        symbol: String,
+    },
+    /// Sections whose loader semantics klpvisor cannot reproduce, each
+    /// with the reason.
     #[error(
         "the module has sections that cannot be honoured from outside the guest:\n{}",
         .0.iter().map(|(s, why)| format!("  {s}: {why}")).collect::<Vec<_>>().join("\n")
     )]
     UnsupportedSections(Vec<(String, String)>),
+    /// A relocation type the kernel's module loader does not apply either.
     #[error("relocation type {r_type} ({name}) at {section}+{offset:#x} is not supported")]
     UnsupportedRelocation {
+        /// `ELF64_R_TYPE`.
         r_type: u32,
+        /// Its usual name.
         name: &'static str,
+        /// The section patched.
         section: String,
+        /// Offset in that section.
         offset: u64,
     },
+    /// A relocation whose bytes lie past its section's end.
     #[error("a relocation at {section}+{offset:#x} lies outside its section ({size} bytes)")]
     RelocationOutOfBounds {
+        /// The section patched.
         section: String,
+        /// Offset in that section.
         offset: u64,
+        /// The section's size.
         size: u64,
     },
+    /// Loaded code or data refers to init or exit code or data.
     #[error(
         "{from} refers to {to} in {section}: init code and data run only at insmod and are \
          freed after it; klpvisor never runs module_init, so the patch must not use them"
     )]
     InitReferenced {
+        /// Where the reference is (section+offset).
         from: String,
+        /// The symbol or place referred to.
         to: String,
+        /// The init or exit section it lies in.
         section: String,
     },
+    /// Loaded code or data refers to a section that is not loaded.
     #[error("{from} refers to {to} in {section}, which is not loaded")]
     NotLoadedReferenced {
+        /// Where the reference is (section+offset).
         from: String,
+        /// The symbol or place referred to.
         to: String,
+        /// The section it lies in.
         section: String,
     },
+    /// A `.klp.sym` name that does not parse.
     #[error("malformed .klp.sym symbol `{0}` (expected .klp.sym.<object>.<name>,<sympos>)")]
     BadKlpSymbol(String),
+    /// An `__mcount_loc` or `.return_sites` entry that does not point at
+    /// the expected instruction.
     #[error("{0}")]
     BadSite(String),
+    /// The patch has tables the guest finds only through a `struct module`,
+    /// and the guest's BTF cannot describe one.
     #[error(
         "the patch has exception fixups, BUG/WARN sites or ORC data, which the guest kernel \
          finds only through a struct module, and klpvisor cannot build one for this guest: {0}"
     )]
     NeedsRegistration(String),
+    /// An `__ex_table`, `__bug_table` or ORC entry is malformed.
     #[error("malformed module table: {0}")]
     BadTable(String),
+    /// A section's alignment or size cannot be laid out in the arena.
     #[error("section layout: {0}")]
     Layout(String),
 }
@@ -139,16 +199,20 @@ pub enum ModuleError {
 /// A place in the module: ELF section index and offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Place {
+    /// ELF section index.
     pub section: usize,
+    /// Byte offset in that section.
     pub offset: u64,
 }
 
 /// A section copied into the arena.
 #[derive(Debug, Clone)]
 pub struct Section {
+    /// The ELF section name.
     pub name: String,
     /// ELF section index ([`Place::section`]).
     pub elf_index: usize,
+    /// The arena segment it goes to (text, rodata or data).
     pub segment: Segment,
     /// Offset within its segment (aligned as the section asks).
     pub offset: u64,
@@ -167,8 +231,11 @@ pub enum SymbolDef {
     Undefined,
     /// `.klp.sym.<object>.<name>,<sympos>`: resolved with klp's sympos rule.
     Klp {
+        /// `vmlinux` or the module the symbol is in.
         object: String,
+        /// The symbol's name there.
         name: String,
+        /// klp's sympos (0: the name is unique).
         sympos: u32,
     },
     /// `__this_module`: NULL (the patch is not a guest module).
@@ -181,11 +248,15 @@ pub enum SymbolDef {
 /// A module symbol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Symbol {
+    /// The ELF symbol name.
     pub name: String,
+    /// STB_WEAK: an undefined weak symbol may resolve to 0.
     pub weak: bool,
     /// STT_FUNC or STT_OBJECT (named code or data), for messages.
     pub named: bool,
+    /// `st_size` in bytes.
     pub size: u64,
+    /// Where its value comes from.
     pub def: SymbolDef,
 }
 
@@ -205,6 +276,8 @@ pub enum RelocKind {
 }
 
 impl RelocKind {
+    /// The kind of an ELF `R_X86_64_*` type; `None` for types the kernel's
+    /// module loader does not handle either.
     pub fn from_elf(r_type: u32) -> Option<Self> {
         match r_type {
             E::R_X86_64_64 => Some(Self::Abs64),
@@ -224,6 +297,7 @@ impl RelocKind {
         }
     }
 
+    /// Whether the value is relative to the place patched (S + A - P).
     pub fn pc_relative(self) -> bool {
         matches!(self, Self::Pc32 | Self::Plt32)
     }
@@ -255,10 +329,13 @@ fn reloc_name(r_type: u32) -> &'static str {
 /// A relocation to apply when linking.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reloc {
+    /// Where the value is written.
     pub place: Place,
+    /// How it is computed and how wide it is.
     pub kind: RelocKind,
     /// Index into [`Module::symbols`].
     pub symbol: usize,
+    /// `r_addend`.
     pub addend: i64,
     /// The kernel module this relocation belongs to (from a
     /// `.klp.rela.<module>.*` section, or against a `.klp.sym.<module>.*`
@@ -270,12 +347,16 @@ pub struct Reloc {
 /// Segment sizes, page-rounded, known before any address is chosen.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Layout {
+    /// Bytes of the text segment (executable, read-only once linked).
     pub text: u64,
+    /// Bytes of the read-only data segment.
     pub rodata: u64,
+    /// Bytes of the writable data segment (`.data`, `.bss`, ...).
     pub data: u64,
 }
 
 impl Layout {
+    /// The size of `segment`.
     pub fn size(&self, segment: Segment) -> u64 {
         match segment {
             Segment::Text => self.text,
@@ -284,6 +365,7 @@ impl Layout {
         }
     }
 
+    /// Bytes of all three segments.
     pub fn total(&self) -> u64 {
         self.text + self.rodata + self.data
     }
@@ -292,6 +374,8 @@ impl Layout {
 /// A parsed, checked livepatch module.
 #[derive(Debug, Clone)]
 pub struct Module {
+    /// What the module patches: its `struct klp_patch`, or what
+    /// kpatch-build's `.kpatch.funcs` describe.
     pub patch: Patch,
     /// The kernel release in its vermagic (equal to the guest's).
     pub release: String,

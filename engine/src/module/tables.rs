@@ -27,7 +27,9 @@ pub const ORC_IP: u64 = 4;
 /// (the handler type and register), at `fixup`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExEntry {
+    /// The instruction that may fault.
     pub insn: Place,
+    /// Where execution continues after the fault.
     pub fixup: Place,
     /// Not relocated: the handler type and its operands.
     pub data: i32,
@@ -37,10 +39,13 @@ pub struct ExEntry {
 /// where it is in the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BugEntry {
+    /// The `ud2`.
     pub addr: Place,
     /// The file name string (CONFIG_DEBUG_BUGVERBOSE), if the entry has one.
     pub file: Option<Place>,
+    /// The source line (0 when the layout has none).
     pub line: u16,
+    /// `BUGFLAG_*` (WARNING, ONCE, DONE, ...).
     pub flags: u16,
 }
 
@@ -51,7 +56,9 @@ pub const JUMP_ENTRY: u64 = 16;
 /// `target` or a nop, as the static key says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JumpEntry {
+    /// The site patched between jump and nop.
     pub code: Place,
+    /// Where the jump goes.
     pub target: Place,
     /// Symbol table index of the key's symbol: a kernel (or module)
     /// symbol, never one of the patch's own.
@@ -67,7 +74,9 @@ pub struct JumpEntry {
 /// One ORC entry: the unwind rule from `ip` on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OrcEntry {
+    /// The first instruction the rule covers.
     pub ip: Place,
+    /// The raw `struct orc_entry`, in the guest's format.
     pub entry: [u8; ORC_ENTRY as usize],
 }
 
@@ -75,9 +84,13 @@ pub struct OrcEntry {
 /// guest's BTF gives them (the verbose layout has the file and line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BugLayout {
+    /// `sizeof(struct bug_entry)`.
     pub size: u64,
+    /// Offset of `file_disp`, if the kernel has it.
     pub file: Option<u64>,
+    /// Offset of `line`, if the kernel has it.
     pub line: Option<u64>,
+    /// Offset of `flags`.
     pub flags: u64,
 }
 
@@ -100,13 +113,18 @@ impl BugLayout {
 /// The parsed tables.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tables {
+    /// `__ex_table`.
     pub extable: Vec<ExEntry>,
+    /// `__bug_table`.
     pub bugs: Vec<BugEntry>,
+    /// `.orc_unwind_ip` with `.orc_unwind`.
     pub orc: Vec<OrcEntry>,
+    /// `__jump_table`.
     pub jumps: Vec<JumpEntry>,
 }
 
 impl Tables {
+    /// Whether the module has none of these tables' entries.
     pub fn is_empty(&self) -> bool {
         self.extable.is_empty()
             && self.bugs.is_empty()

@@ -27,29 +27,48 @@ const MAX_RUN_BYTES: u64 = 256 << 20;
 /// Errors of loading and querying kallsyms.
 #[derive(Debug, thiserror::Error)]
 pub enum KallsymsError {
+    /// The kernel image could not be read through the page tables.
     #[error("cannot read kernel memory while looking for kallsyms: {0}")]
     Memory(#[from] PagingError),
+    /// No mapped range of the kernel image holds tables that decode.
     #[error(
         "no usable kallsyms tables in the kernel image ({runs} mapped ranges from {start:#x} \
          searched){}",
         last.as_ref().map(|e| format!("; last problem: {e}")).unwrap_or_default()
     )]
     NotFound {
+        /// `_text`: where the search of the kernel image window began.
         start: u64,
+        /// How many mapped ranges were searched.
         runs: usize,
+        /// Why the last candidate table was refused, if one was found.
         last: Option<String>,
     },
+    /// No kallsyms entry has this name.
     #[error("the symbol `{name}` is not in the guest kernel's kallsyms")]
-    NoSymbol { name: String },
+    NoSymbol {
+        /// The name looked up.
+        name: String,
+    },
+    /// The name occurs more than once and no sympos was given.
     #[error(
         "the symbol `{name}` is ambiguous: the guest kernel has {count} of that name; \
          pick one with a sympos from 1 to {count}"
     )]
-    Ambiguous { name: String, count: usize },
+    Ambiguous {
+        /// The name looked up.
+        name: String,
+        /// How many symbols have it.
+        count: usize,
+    },
+    /// The sympos is past the symbols of that name.
     #[error("the symbol `{name}` occurs {count} time(s) in the guest kernel: there is no sympos {sympos}")]
     NoSuchPosition {
+        /// The name looked up.
         name: String,
+        /// The 1-based position asked for.
         sympos: u32,
+        /// How many symbols have the name.
         count: usize,
     },
 }
@@ -57,9 +76,12 @@ pub enum KallsymsError {
 /// One kernel symbol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Symbol {
+    /// The name as /proc/kallsyms shows it.
     pub name: String,
     /// `nm`-style type, as /proc/kallsyms shows it ('T', 't', 'D', 'A', ...).
     pub kind: char,
+    /// Kernel-virtual address (KASLR applied), or a per-CPU offset when
+    /// `absolute`.
     pub addr: u64,
     /// A per-CPU symbol: `addr` is an offset into each CPU's per-CPU area.
     pub absolute: bool,
@@ -69,14 +91,18 @@ pub struct Symbol {
 /// the symbols of that name, in kallsyms order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Found<'a> {
+    /// 1-based position among the symbols of its name.
     pub sympos: u32,
+    /// The symbol.
     pub symbol: &'a Symbol,
 }
 
 /// An address explained as symbol + offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Located<'a> {
+    /// The symbol at or below the address.
     pub symbol: &'a Symbol,
+    /// The address minus the symbol's.
     pub offset: u64,
 }
 
@@ -204,10 +230,12 @@ impl Kallsyms {
         &self.symbols
     }
 
+    /// Number of symbols.
     pub fn len(&self) -> usize {
         self.symbols.len()
     }
 
+    /// Whether there are no symbols.
     pub fn is_empty(&self) -> bool {
         self.symbols.is_empty()
     }
@@ -217,14 +245,17 @@ impl Kallsyms {
         self.relative_base
     }
 
+    /// Where the offsets table was found (which kernel generation's layout).
     pub fn layout(&self) -> Layout {
         self.layout
     }
 
+    /// How the name entries' lengths were encoded.
     pub fn name_lengths(&self) -> NameLengths {
         self.name_lengths
     }
 
+    /// How the 32-bit offsets became addresses.
     pub fn address_mode(&self) -> AddressMode {
         self.address_mode
     }

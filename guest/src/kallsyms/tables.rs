@@ -79,35 +79,66 @@ pub const MAX_DECODED_BYTES: usize = 32 << 20;
 /// Errors of locating and decoding the tables.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TablesError {
+    /// The image has no run of the digit tokens, so no token table.
     #[error("no kallsyms token table (the \"0\"..\"9\" token run) in {len} bytes at {base:#x}")]
-    NoTokenTable { base: u64, len: usize },
+    NoTokenTable {
+        /// Kernel-virtual start of the image searched.
+        base: u64,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A token table, but no markers, names and symbol count before it
+    /// that agree.
     #[error(
         "found a kallsyms token table at {token_table:#x} but no markers/names/num_syms \
          before it that decode consistently"
     )]
-    NoNames { token_table: u64 },
+    NoNames {
+        /// Kernel-virtual address of the token table.
+        token_table: u64,
+    },
+    /// The names decode, but neither offsets placement gives sorted addresses.
     #[error(
         "kallsyms names at {names:#x} decode, but no kallsyms_offsets/kallsyms_relative_base \
          gives sorted kernel addresses (tried both the 6.1 and the 6.4+ placement)"
     )]
-    NoOffsets { names: u64 },
+    NoOffsets {
+        /// Kernel-virtual address of `kallsyms_names`.
+        names: u64,
+    },
+    /// The search spent [`WORK_BUDGET`] without finding a table.
     #[error(
         "gave up looking for kallsyms in {len} bytes at {base:#x} after {WORK_BUDGET} units of \
          work: the memory does not look like a kernel's"
     )]
-    BudgetExhausted { base: u64, len: usize },
+    BudgetExhausted {
+        /// Kernel-virtual start of the image searched.
+        base: u64,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A name expands past [`MAX_EXPANDED_NAME`] bytes.
     #[error(
         "kallsyms name {index} at {entry:#x} expands past {MAX_EXPANDED_NAME} bytes: the \
          table is corrupt or forged"
     )]
-    NameTooLong { index: usize, entry: u64 },
+    NameTooLong {
+        /// The symbol's index in kallsyms order.
+        index: usize,
+        /// Kernel-virtual address of its name entry.
+        entry: u64,
+    },
+    /// The decoded table would exceed [`MAX_DECODED_BYTES`] of VMM heap.
     #[error(
         "kallsyms: {symbols} symbols would take more than {limit} bytes decoded (records plus \
          expanded names; over at name {index}): the table is corrupt or forged"
     )]
     TooLarge {
+        /// The table's symbol count.
         symbols: usize,
+        /// The name at which the limit was passed.
         index: usize,
+        /// The limit in bytes.
         limit: usize,
     },
 }
@@ -139,7 +170,9 @@ impl Budget {
 /// bytes (ULEB128), before that one byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NameLengths {
+    /// ULEB128, one or two bytes (Linux 6.1+).
     Uleb128,
+    /// One byte (before 6.1).
     OneByte,
 }
 
@@ -166,21 +199,30 @@ pub enum AddressMode {
 /// Virtual addresses of the tables, for diagnostics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableAddrs {
+    /// `kallsyms_num_syms`.
     pub num_syms: u64,
+    /// `kallsyms_names`.
     pub names: u64,
+    /// `kallsyms_markers`.
     pub markers: u64,
+    /// `kallsyms_token_table`.
     pub token_table: u64,
+    /// `kallsyms_token_index`.
     pub token_index: u64,
+    /// `kallsyms_offsets`.
     pub offsets: u64,
+    /// `kallsyms_relative_base`.
     pub relative_base: u64,
 }
 
 /// One decoded symbol, in kallsyms order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawSymbol {
+    /// The expanded name.
     pub name: String,
     /// The `nm`-style type character ('T', 't', 'D', ...).
     pub kind: char,
+    /// Kernel-virtual address, or a per-CPU offset when `absolute`.
     pub addr: u64,
     /// True for per-CPU symbols stored as absolute values: their "address"
     /// is an offset into each CPU's per-CPU area.
@@ -190,18 +232,26 @@ pub struct RawSymbol {
 /// The decoded tables.
 #[derive(Debug, Clone)]
 pub struct Decoded {
+    /// Every symbol, in kallsyms order.
     pub symbols: Vec<RawSymbol>,
+    /// The value of `kallsyms_relative_base`.
     pub relative_base: u64,
+    /// Where the offsets were found.
     pub layout: Layout,
+    /// How name lengths were encoded.
     pub name_lengths: NameLengths,
+    /// How offsets became addresses.
     pub address_mode: AddressMode,
+    /// Where each table is.
     pub addrs: TableAddrs,
 }
 
 /// A copy of kernel memory starting at virtual address `base`.
 #[derive(Debug, Clone, Copy)]
 pub struct Image<'a> {
+    /// Kernel-virtual address of `bytes[0]`.
     pub base: u64,
+    /// The copied memory.
     pub bytes: &'a [u8],
 }
 
@@ -672,6 +722,7 @@ pub mod synth {
 
     /// Builds kallsyms tables like scripts/kallsyms.c.
     pub struct Builder {
+        /// Which kernel generation's table order to emit.
         pub layout: Layout,
         /// (type char, name, address); absolute if address < 0x1_0000_0000.
         pub syms: Vec<(char, String, u64)>,
@@ -686,6 +737,8 @@ pub mod synth {
         pub token_overrides: Vec<(u8, Vec<u8>)>,
     }
 
+    /// Kernel-virtual address the tests place the built tables at; also the
+    /// relative base when no symbol is above 4 GiB.
     pub const BASE: u64 = 0xffff_ffff_8200_0000;
 
     fn pad8(v: &mut Vec<u8>) {
@@ -695,6 +748,8 @@ pub mod synth {
     }
 
     impl Builder {
+        /// Tables for `syms` in `layout`: 24 bytes of prefix, no
+        /// `seqs_of_names`, no forged tokens.
         pub fn new(layout: Layout, syms: Vec<(char, String, u64)>) -> Self {
             Self {
                 layout,
@@ -734,6 +789,7 @@ pub mod synth {
             tokens
         }
 
+        /// The image: prefix, then the tables in `layout`'s order.
         pub fn build(&self) -> Vec<u8> {
             let tokens = self.tokens();
             let n = self.syms.len();
@@ -817,6 +873,8 @@ pub mod synth {
         }
     }
 
+    /// A plausible symbol list: two per-CPU symbols, `_text`, and `n`
+    /// functions with a few duplicate names.
     pub fn sample_symbols(n: usize) -> Vec<(char, String, u64)> {
         let mut v = vec![
             ('A', "fixed_percpu_data".to_string(), 0),

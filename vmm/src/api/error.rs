@@ -24,8 +24,11 @@ use crate::control::ControlError;
 /// A failed request: status, kind and a message a user can act on.
 #[derive(Debug)]
 pub struct HttpError {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// The class a script reacts to (the reply's `kind`).
     pub kind: ErrorKind,
+    /// The reply's `error` text.
     pub message: String,
 }
 
@@ -44,14 +47,17 @@ impl HttpError {
         self
     }
 
+    /// A 400: the request itself is wrong.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 
+    /// A 404: no such patch, vCPU or symbol.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, message)
     }
 
+    /// A 500: the VMM failed.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }

@@ -19,6 +19,7 @@ use super::{BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_TIMEOUT};
 use crate::control::Control;
 use klpvisor_api::MAX_PATCH_BYTES;
 
+/// What every handler gets: the VMM's control state.
 pub type AppState = Arc<Control>;
 
 /// Every route the server exposes. Paths use OpenAPI's `{param}` syntax,

@@ -24,18 +24,26 @@ use super::routes::router;
 use super::{HEADER_TIMEOUT, MAX_CONNECTIONS, WRITE_STALL_TIMEOUT};
 use crate::control::Control;
 
+/// Why the control socket could not be set up or served.
 #[derive(Debug, Error)]
 pub enum ApiError {
+    /// A live process answers on the socket path.
     #[error("--api-sock {0}: another process is listening on it (another vmm?); pick another path or stop that process")]
     InUse(PathBuf),
+    /// Something other than a socket is at the path.
     #[error("--api-sock {0}: exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    /// A file-system step on the socket path failed.
     #[error("--api-sock {path}: {what}: {source}")]
     Io {
+        /// The `--api-sock` path.
         path: PathBuf,
+        /// The step that failed.
         what: &'static str,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The API thread could not be spawned.
     #[error("cannot start the API thread: {0}")]
     Thread(std::io::Error),
 }
@@ -89,6 +97,7 @@ impl ApiServer {
         Ok(server)
     }
 
+    /// The socket's path (`--api-sock`).
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -4,7 +4,9 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The port the guest's init writes the boot marker to.
 pub const BOOT_TIMER_PORT: u16 = 0x3f0;
+/// The byte that marks userspace as up (any other value is ignored).
 pub const BOOT_MARKER: u8 = 123;
 
 /// When the VMM process began and when the guest first reported readiness.
@@ -21,6 +23,7 @@ impl Default for BootTimer {
 }
 
 impl BootTimer {
+    /// A timer counting from `start`, the VMM's start.
     pub fn new(start: Instant) -> Self {
         Self {
             start,
@@ -28,6 +31,7 @@ impl BootTimer {
         }
     }
 
+    /// Handles a guest write to the port: the first boot marker fixes the boot time and is logged.
     pub fn record(&self, value: u8) {
         if value != BOOT_MARKER {
             return;

@@ -6,7 +6,9 @@
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The index port: selects a CMOS register (bit 7 is the NMI mask).
 pub const INDEX_PORT: u16 = 0x70;
+/// The data port: reads or writes the selected register.
 pub const DATA_PORT: u16 = 0x71;
 
 const REG_SECONDS: u8 = 0x00;
@@ -84,6 +86,7 @@ impl Default for Cmos {
 }
 
 impl Cmos {
+    /// A guest `in`: the index, or the selected register (the time registers from the host's UTC clock, in BCD).
     pub fn read(&self, port: u16) -> u8 {
         let Ok(state) = self.state.lock() else {
             return 0xff;
@@ -114,6 +117,8 @@ impl Cmos {
         }
     }
 
+    /// A guest `out`: selects a register, or writes CMOS RAM (writes to the
+    /// clock and status registers are dropped: they follow the host clock).
     pub fn write(&self, port: u16, value: u8) {
         let Ok(mut state) = self.state.lock() else {
             return;

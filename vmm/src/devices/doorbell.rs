@@ -11,6 +11,7 @@ use std::time::Instant;
 
 pub use klpvisor_engine::callback::gate::DOORBELL_PORT;
 
+/// Counts the gate's rings and wakes whoever waits for one.
 #[derive(Debug, Default)]
 pub struct Doorbell {
     /// Rings so far.

@@ -22,8 +22,11 @@ use serial::Console;
 /// A guest action that ends the VM's run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestEvent {
+    /// The guest wrote S5 (soft-off) to the ACPI sleep register.
     PowerOff,
+    /// The guest asked for a reboot (ACPI reset register or i8042 reset line).
     Reset,
+    /// The guest's pvpanic driver reported a kernel panic.
     Panic,
 }
 
@@ -36,19 +39,23 @@ const I8042_COMMAND: u16 = 0x64;
 
 /// All port-I/O devices of one VM.
 pub struct PioDevices {
+    /// COM1: the guest's console, fed from the VMM's stdin.
     pub console: Console,
     /// COM2, output only; without it the ports float high and the guest's
     /// 8250 driver finds no UART there.
     com2: Option<Console>,
     i8042: Mutex<vm_superio::I8042Device<power::ResetLatch>>,
     cmos: cmos::Cmos,
+    /// Logs when the guest's init reports it is up.
     pub boot_timer: BootTimer,
+    /// Wakes the control thread when the call gate finishes a call.
     pub doorbell: doorbell::Doorbell,
     /// Where a vCPU stopped in a module hook sends its event.
     pub module_hooks: module_hooks::ModuleHooks,
 }
 
 impl PioDevices {
+    /// The devices of one VM; COM2 only when the VMM writes its output somewhere.
     pub fn new(console: Console, com2: Option<Console>, boot_timer: BootTimer) -> Self {
         Self {
             console,

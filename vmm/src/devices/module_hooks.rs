@@ -24,6 +24,7 @@ pub struct HookEvent {
     /// Where the vCPU stopped (after its port read) and its privilege
     /// level: only klpvisor's stub, in the kernel, is a hook.
     pub rip: u64,
+    /// The vCPU's privilege level at the stop (0: kernel).
     pub cpl: u8,
     /// Where the answer goes.
     pub reply: Sender<Answer>,
@@ -37,7 +38,12 @@ pub enum Answer {
     Return(i32),
     /// Call `func(arg)` in the held task and read the port again with
     /// the result (a klp callback of the module's object).
-    Call { func: u64, arg: u64 },
+    Call {
+        /// Kernel-virtual address of the function to call.
+        func: u64,
+        /// Its one argument (for a klp callback, the `struct klp_object *`).
+        arg: u64,
+    },
 }
 
 /// Where hook events go.

@@ -15,15 +15,18 @@ const SLP_TYP_MASK: u8 = 0x7 << SLP_TYP_SHIFT;
 /// SLP_TYPa of `\_S5_` in our DSDT.
 const S5: u8 = 5;
 
+/// Whether `port` is one of the sleep control/status ports.
 pub fn claims(port: u16) -> bool {
     port == POWER_PORT || port == POWER_PORT + 1
 }
 
+/// A guest `in`: always zero (never woken, nothing to report).
 pub fn read(_port: u16, data: &mut [u8]) {
     // Sleep status: never "woken"; nothing else to report.
     data.fill(0);
 }
 
+/// A guest `out`: S5 with SLP_EN powers off, RESET_VALUE on the control port reboots.
 pub fn write(port: u16, value: u8) -> Option<GuestEvent> {
     if port != POWER_PORT {
         return None;
@@ -39,6 +42,7 @@ pub fn write(port: u16, value: u8) -> Option<GuestEvent> {
 pub struct ResetLatch(AtomicBool);
 
 impl ResetLatch {
+    /// Whether the i8042 asked for a reset since the last call; clears the latch.
     pub fn take(&self) -> bool {
         self.0.swap(false, Ordering::SeqCst)
     }

@@ -44,6 +44,7 @@ pub struct Console {
 }
 
 impl Console {
+    /// A 16550 that raises its interrupt through `irq` (an irqfd) and writes its output to `out`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: Mutex::new(Serial::new(IrqLine(irq), out)),
@@ -58,6 +59,7 @@ impl Console {
         Self::new(irq, Box::new(std::io::sink()))
     }
 
+    /// A guest `in` from the UART register at `offset` from the port base (0xff if the UART is poisoned).
     pub fn read(&self, offset: u8) -> u8 {
         match self.uart.lock() {
             Ok(mut u) => u.read(offset),
@@ -65,6 +67,7 @@ impl Console {
         }
     }
 
+    /// A guest `out` to the UART register at `offset` from the port base.
     pub fn write(&self, offset: u8, value: u8) {
         if let Ok(mut u) = self.uart.lock() {
             if let Err(e) = u.write(offset, value) {

@@ -28,10 +28,13 @@ pub const RESET_VALUE: u8 = 1;
 /// ISA IRQ the SCI would use; unused on a hardware-reduced platform but must be valid.
 const SCI_IRQ: u16 = 9;
 
+/// Why the ACPI tables could not be placed.
 #[derive(Debug, Error)]
 pub enum AcpiError {
+    /// The tables (needed bytes) outgrew the legacy BIOS area (available bytes).
     #[error("ACPI tables need {0} bytes but the BIOS area holds {1}")]
     TooLarge(u64, u64),
+    /// Writing them into guest memory failed.
     #[error("cannot write ACPI tables into guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }

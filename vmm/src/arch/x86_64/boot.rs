@@ -23,37 +23,64 @@ const ENTRY_64_OFFSET: u64 = 0x200;
 const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 const PAGE_SIZE: u64 = 4096;
 
+/// Why the kernel, initrd or command line could not be loaded.
 #[derive(Debug, Error)]
 pub enum BootError {
+    /// The kernel file could not be opened.
     #[error("cannot open kernel {path}: {source}")]
     KernelOpen {
+        /// The `--kernel` path.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The file's setup header is missing or too old for a 64-bit boot.
     #[error("{path} is not a bzImage: {reason}")]
-    NotBzImage { path: PathBuf, reason: String },
+    NotBzImage {
+        /// The `--kernel` path.
+        path: PathBuf,
+        /// What the header check found.
+        reason: String,
+    },
+    /// The initrd file could not be opened or its size read.
     #[error("cannot open initrd {path}: {source}")]
     InitrdOpen {
+        /// The `--initrd` path.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The initrd does not fit in low RAM beside the kernel.
     #[error("initrd {path} ({size_mib} MiB) does not fit in guest RAM below {limit_mib} MiB next to the kernel; raise --mem")]
     InitrdTooLarge {
+        /// The `--initrd` path.
         path: PathBuf,
+        /// Its size in MiB, rounded up.
         size_mib: u64,
+        /// The guest-physical address, in MiB, it must end below.
         limit_mib: u64,
     },
+    /// linux-loader refused the command line.
     #[error("kernel command line is invalid: {0}")]
     Cmdline(linux_loader::cmdline::Error),
+    /// linux-loader could not load the bzImage.
     #[error("loading the kernel into guest memory failed: {0}")]
     Load(linux_loader::loader::Error),
+    /// Writing the zero page, command line or setup_data failed.
     #[error("cannot write boot data into guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+    /// The arena's PTE pages need more than a `setup_data` length (u32) holds.
     #[error("the arena's page-table blob ({size} bytes) does not fit a setup_data length")]
-    TablesTooLarge { size: u64 },
+    TablesTooLarge {
+        /// The blob's size in bytes.
+        size: u64,
+    },
+    /// Copying the initrd into guest memory failed.
     #[error("reading initrd {path} failed: {source}")]
     InitrdRead {
+        /// The `--initrd` path.
         path: PathBuf,
+        /// The guest-memory error.
         source: vm_memory::GuestMemoryError,
     },
 }
@@ -61,6 +88,7 @@ pub enum BootError {
 /// What the kernel's setup header says about how to boot it.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelInfo {
+    /// The bzImage's `setup_header`, as read from offset 0x1f1.
     pub header: setup_header,
 }
 
@@ -96,6 +124,7 @@ pub fn inspect_kernel(path: &Path) -> Result<KernelInfo, BootError> {
 
 /// Where the boot CPU starts.
 pub struct LoadedKernel {
+    /// Guest-physical address of the kernel's 64-bit entry point.
     pub entry: u64,
 }
 

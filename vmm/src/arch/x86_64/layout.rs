@@ -28,7 +28,9 @@ pub const ZERO_PAGE_START: u64 = 0x7000;
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// Identity-mapped page tables: PML4, PDPT, PD (1 GiB of 2 MiB pages).
 pub const PML4_START: u64 = 0x9000;
+/// Guest-physical page of the boot PDPT.
 pub const PDPTE_START: u64 = 0xa000;
+/// Guest-physical page of the boot PD (2 MiB pages).
 pub const PDE_START: u64 = 0xb000;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
@@ -36,30 +38,39 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables live in the legacy BIOS area, where Linux also scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
+/// End (exclusive) of the ACPI tables' area.
 pub const ACPI_END: u64 = 0x100000;
 /// The protected-mode kernel is loaded here.
 pub const HIMEM_START: u64 = 0x100000;
 /// Start of the 32-bit MMIO hole; RAM resumes at 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End (exclusive) of the 32-bit MMIO hole: 4 GiB.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// In-kernel IOAPIC and local APIC (KVM defaults).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// The in-kernel local APIC's MMIO base (KVM default).
 pub const APIC_START: u64 = 0xfee0_0000;
 
 /// The arena is mapped into the kernel image window with 2 MiB pages later.
 pub const ARENA_ALIGN: u64 = 2 << 20;
 
+/// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
+/// e820 type of memory the guest must not use (the BIOS area, the patch arena).
 pub const E820_RESERVED: u32 = 2;
 
+/// Why a memory layout cannot be built from the given sizes.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LayoutError {
+    /// Guest RAM in MiB is below [`MIN_MEM_MIB`].
     #[error("guest memory of {0} MiB is too small: at least {MIN_MEM_MIB} MiB are needed")]
     TooSmall(u64),
+    /// The arena size in MiB is zero or not a multiple of 2 MiB.
     #[error("patch arena size {0} MiB must be a non-zero multiple of 2 MiB")]
     ArenaSize(u64),
 }
 
+/// Smallest guest RAM the VMM boots, in MiB.
 pub const MIN_MEM_MIB: u64 = 64;
 
 /// Size of one page; the arena tables are counted in pages.
@@ -74,8 +85,11 @@ const TABLES_BELOW_END: u64 = 2 << 20;
 /// One e820 entry as handed to the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct E820Entry {
+    /// Guest-physical start.
     pub addr: u64,
+    /// Size in bytes.
     pub size: u64,
+    /// e820 type: [`E820_RAM`] or [`E820_RESERVED`].
     pub kind: u32,
 }
 
@@ -177,6 +191,7 @@ impl MemoryLayout {
     }
 }
 
+/// Rounds `v` up to a multiple of `align`.
 pub fn align_up(v: u64, align: u64) -> u64 {
     v.div_ceil(align) * align
 }

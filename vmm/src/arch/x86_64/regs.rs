@@ -19,13 +19,18 @@ const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
+/// Why the boot CPU's state could not be set.
 #[derive(Debug, Error)]
 pub enum RegsError {
+    /// The boot page tables or GDT did not fit in guest memory.
     #[error("cannot write boot page tables or GDT into guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+    /// A KVM ioctl reading or setting the boot CPU's state failed.
     #[error("KVM rejected the boot CPU's {what} state: {source}")]
     Kvm {
+        /// Which state (sregs, general registers or FPU).
         what: &'static str,
+        /// The ioctl's error.
         source: kvm_ioctls::Error,
     },
 }
