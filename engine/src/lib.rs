@@ -11,7 +11,6 @@
 // Modules marked `#[allow(missing_docs)]` predate the workspace's
 // `missing_docs` lint and still have undocumented public fields or
 // variants; the lint holds every other (and every new) module to it.
-#[allow(missing_docs)]
 pub mod arena;
 #[allow(missing_docs)]
 pub mod callback;
@@ -27,11 +26,9 @@ pub mod register;
 pub mod safepoint;
 #[allow(missing_docs)]
 pub mod signature;
-#[allow(missing_docs)]
 pub mod site;
 #[allow(missing_docs)]
 pub mod stack;
 pub mod state;
 pub mod transition;
-#[allow(missing_docs)]
 pub mod write;
