@@ -8,13 +8,12 @@
 //! parse -> resolve -> link -> plan -> (pause) check, commit (resume).
 #![forbid(unsafe_code)]
 
-// Modules marked `#[allow(missing_docs)]` predate the workspace's
-// `missing_docs` lint and still have undocumented public fields or
-// variants; the lint holds every other (and every new) module to it.
+// Modules marked `#[allow(missing_docs)]` (link, module, safepoint,
+// signature, stack) predate the workspace's `missing_docs` lint and still
+// have undocumented public fields or variants; the lint holds every other
+// (and every new) module to it.
 pub mod arena;
-#[allow(missing_docs)]
 pub mod callback;
-#[allow(missing_docs)]
 pub mod engine;
 pub mod hook;
 #[allow(missing_docs)]
