@@ -107,7 +107,7 @@ pub enum SiteError {
         func: u64,
         /// Bytes of it there were to decode.
         size: u64,
-        /// Bytes the site needs: ENDBR plus 5.
+        /// Bytes the site needs: the ENDBR, if any, plus 5.
         need: u64,
     },
     /// The entry holds a `call` where the nop should be; `hint` says what that

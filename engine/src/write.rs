@@ -89,7 +89,7 @@ pub enum WriteError {
         /// The bytes guest memory holds now, in the same form.
         found: String,
     },
-    /// Guest memory could not be read (while checking expectations or hashing).
+    /// Guest memory could not be read (to build or check a plan, or to hash).
     #[error("cannot read guest-physical {gpa:#x}+{len:#x}: {source}")]
     Read {
         /// Start of the read (guest-physical).

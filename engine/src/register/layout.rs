@@ -27,8 +27,8 @@ pub enum Memory {
         at: u64,
         /// Offset of `size` in `struct module_layout`.
         size: u64,
-        /// Offset of `text_size` (all four sizes are written the text's length:
-        /// the patch's module is one text range).
+        /// Offset of `text_size` (registration writes all four sizes as the
+        /// text's length).
         text_size: u64,
         /// Offset of `ro_size`.
         ro_size: u64,
