@@ -75,7 +75,7 @@ pub enum EngineError {
     VcpuRegisters {
         /// Which vCPU.
         vcpu: usize,
-        /// The VMM's error.
+        /// Why they could not be read.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The kernel's release string could not be read.
