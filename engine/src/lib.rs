@@ -8,16 +8,12 @@
 //! parse -> resolve -> link -> plan -> (pause) check, commit (resume).
 #![forbid(unsafe_code)]
 
-// Modules marked `#[allow(missing_docs)]` (arena, callback, engine,
-// safepoint, site, stack, write, and register::layout) predate the
+// Modules marked `#[allow(missing_docs)]` (safepoint, stack) predate the
 // workspace's `missing_docs` lint and still have undocumented public
 // fields or variants; the lint holds every other (and every new) module
 // to it.
-#[allow(missing_docs)]
 pub mod arena;
-#[allow(missing_docs)]
 pub mod callback;
-#[allow(missing_docs)]
 pub mod engine;
 pub mod hook;
 pub mod link;
@@ -26,11 +22,9 @@ pub mod register;
 #[allow(missing_docs)]
 pub mod safepoint;
 pub mod signature;
-#[allow(missing_docs)]
 pub mod site;
 #[allow(missing_docs)]
 pub mod stack;
 pub mod state;
 pub mod transition;
-#[allow(missing_docs)]
 pub mod write;

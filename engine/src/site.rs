@@ -55,111 +55,197 @@ const MODULES_START: u64 = 0xffff_ffff_c000_0000;
 /// Errors of finding and decoding a patch site.
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
+    /// `func` is not the first byte of a code symbol (kallsyms for vmlinux, the
+    /// module's own symbols for a module).
     #[error("{func:#x} is not the start of a kernel function ({why})")]
-    NotAFunction { func: u64, why: String },
+    NotAFunction {
+        /// The address asked for (kernel-virtual).
+        func: u64,
+        /// What is there instead.
+        why: String,
+    },
+    /// The function lies outside vmlinux's resident text (e.g. in init code,
+    /// freed after boot).
     #[error(
         "{name} at {func:#x} is not in the kernel's resident text [{text_start:#x}, {text_end:#x}) \
          (init code is freed after boot; a module's function needs a klp_object naming the module)"
     )]
     NotInText {
+        /// Function name (kallsyms).
         name: String,
+        /// Its kernel-virtual address.
         func: u64,
+        /// `_text` (kallsyms).
         text_start: u64,
+        /// `_etext` (kallsyms).
         text_end: u64,
     },
+    /// The function lies outside its module's resident text (e.g. in the
+    /// module's init code, freed once it is live).
     #[error(
         "{name} at {func:#x} is not in module {module}'s resident text [{text_start:#x}, \
          {text_end:#x}) (its init code is freed once the module is live)"
     )]
     NotInModuleText {
+        /// Function name (the module's symbols).
         name: String,
+        /// The module's name.
         module: String,
+        /// Its kernel-virtual address.
         func: u64,
+        /// Start of the module's resident text.
         text_start: u64,
+        /// End of it (exclusive).
         text_end: u64,
     },
+    /// The function is shorter than its ENDBR (if any) plus the 5-byte site.
     #[error("{name} at {func:#x} is {size} bytes long: too short for a {need}-byte entry site")]
     TooShort {
+        /// Function name.
         name: String,
+        /// Its kernel-virtual address.
         func: u64,
+        /// Bytes of it there were to decode.
         size: u64,
+        /// Bytes the site needs: the ENDBR, if any, plus 5.
         need: u64,
     },
+    /// The entry holds a `call` where the nop should be; `hint` says what that
+    /// usually means, by where it goes.
     #[error(
         "the entry of {name} at {at:#x} is a call to {target_desc} ({code}): {hint}; refusing \
          to redirect it"
     )]
     Call {
+        /// Function name.
         name: String,
+        /// Kernel-virtual address of the site (after any ENDBR).
         at: u64,
+        /// Where the call goes (kernel-virtual).
         target: u64,
+        /// `target` named with kallsyms ([`classify_target`]).
         target_desc: String,
         /// Bytes and disassembly.
         code: String,
+        /// What such a call usually means.
         hint: &'static str,
     },
+    /// The entry already holds a `jmp rel32`: something redirected the
+    /// function, or it is a jump stub with no ftrace site.
     #[error("the entry of {name} at {at:#x} jumps to {target_desc} ({bytes}): {hint}")]
     Jmp {
+        /// Function name.
         name: String,
+        /// Kernel-virtual address of the site (after any ENDBR).
         at: u64,
+        /// Where the jmp goes (kernel-virtual).
         target: u64,
+        /// `target` named with kallsyms ([`classify_target`]).
         target_desc: String,
+        /// The 5 bytes, as hex.
         bytes: String,
+        /// What such a jmp usually means.
         hint: &'static str,
     },
+    /// The entry starts with `int3`: a kprobe, a text_poke in progress, or
+    /// padding.
     #[error("the entry of {name} at {at:#x} is an int3 ({bytes}): {hint}")]
     Int3 {
+        /// Function name.
         name: String,
+        /// Kernel-virtual address of the site (after any ENDBR).
         at: u64,
+        /// Up to 5 bytes at the site, as hex.
         bytes: String,
+        /// Which of those it most likely is (a retry may help).
         hint: &'static str,
     },
+    /// The entry holds neither the nop nor a recognised diversion; the function
+    /// is probably notrace.
     #[error(
         "the entry of {name} at {at:#x} is not the 5-byte ftrace nop: {bytes} ({disasm}); the \
          function may be notrace"
     )]
     Unexpected {
+        /// Function name.
         name: String,
+        /// Kernel-virtual address of the site (after any ENDBR).
         at: u64,
+        /// Up to 5 bytes at the site, as hex.
         bytes: String,
+        /// Up to 3 instructions from the site, disassembled.
         disasm: String,
     },
+    /// A 5-byte nop at the entry that is not one of the kernel's ftrace records
+    /// ([`FtraceRecords`]): a jump label or alternative the kernel may rewrite.
     #[error(
         "the entry of {name} at {at:#x} is a 5-byte nop ({bytes}) but not one of the kernel's \
          ftrace sites: it is a jump label or alternative the kernel may rewrite; refusing to \
          redirect it"
     )]
     NotFtraceSite {
+        /// Function name.
         name: String,
+        /// Kernel-virtual address of the nop.
         at: u64,
+        /// The nop, as hex.
         bytes: String,
     },
+    /// The ftrace record list could not be read: a BTF layout or kallsyms
+    /// symbol is missing, guest memory is unreadable, or the list exceeds
+    /// klpvisor's bounds.
     #[error("cannot read the kernel's ftrace records: {0}")]
     Records(String),
+    /// The function's entry could not be read or translated through the
+    /// kernel's page tables.
     #[error("cannot read the entry of {name} at {func:#x}: {source}")]
     Read {
+        /// Function name.
         name: String,
+        /// Its kernel-virtual address.
         func: u64,
+        /// The page-table walk's error.
         #[source]
         source: klpvisor_guest::PagingError,
     },
+    /// The 5-byte site crosses into a page that is not physically adjacent, so
+    /// one write cannot cover it.
     #[error(
         "the site of {name} at {at:#x} is not physically contiguous across a page boundary; \
          refusing to split a 5-byte write"
     )]
-    Straddles { name: String, at: u64 },
+    Straddles {
+        /// Function name.
+        name: String,
+        /// Kernel-virtual address of the site (after any ENDBR).
+        at: u64,
+    },
+    /// The site's page is not executable kernel text in the kernel's page
+    /// tables (not executable, or user-accessible).
     #[error(
         "the site of {name} at {at:#x} is not executable in the kernel's page tables: not kernel \
          text"
     )]
-    NotExecutable { name: String, at: u64 },
+    NotExecutable {
+        /// Function name.
+        name: String,
+        /// Kernel-virtual address of the site (after any ENDBR).
+        at: u64,
+    },
+    /// A `jmp rel32` reaches at most ±2 GiB.
     #[error("a jmp from {at:#x} cannot reach {target:#x}: more than ±2 GiB away")]
-    OutOfReach { at: u64, target: u64 },
+    OutOfReach {
+        /// Kernel-virtual address of the jmp.
+        at: u64,
+        /// Where it would go (kernel-virtual).
+        target: u64,
+    },
 }
 
 /// What precedes the nop at a function's entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endbr {
+    /// No ENDBR: the nop is the first instruction.
     None,
     /// `endbr64`.
     Endbr64,
@@ -168,6 +254,7 @@ pub enum Endbr {
 }
 
 impl Endbr {
+    /// Bytes before the nop: 0 or 4.
     pub fn len(self) -> u64 {
         match self {
             Endbr::None => 0,
@@ -175,6 +262,7 @@ impl Endbr {
         }
     }
 
+    /// Whether nothing precedes the nop.
     pub fn is_empty(self) -> bool {
         self.len() == 0
     }
@@ -185,6 +273,7 @@ impl Endbr {
 pub struct Target {
     /// "symbol+off (address)" or the address and what is there.
     pub desc: String,
+    /// Which kind of code it is; picks the hint in the error.
     pub kind: TargetKind,
 }
 
@@ -241,10 +330,13 @@ const FTRACE_ENTRIES: [&str; 3] = ["ftrace_caller", "ftrace_regs_caller", "__fen
 /// The decoded entry of a function (virtual addresses only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
+    /// The function's kernel-virtual address.
     pub func: u64,
+    /// What precedes the nop.
     pub endbr: Endbr,
     /// Address of the nop.
     pub at: u64,
+    /// The nop's 5 bytes.
     pub original: [u8; 5],
 }
 
@@ -274,6 +366,7 @@ pub struct Site {
     /// kallsyms symbol (vmlinux) or its `st_size` (a module function).
     /// No task may be inside it when its entry changes.
     pub extent: std::ops::Range<u64>,
+    /// What precedes the nop at the entry.
     pub endbr: Endbr,
     /// Virtual address of the nop.
     pub at: u64,
@@ -586,18 +679,23 @@ impl FtraceRecords {
         self.flags.get(&ip).copied()
     }
 
+    /// Whether `ip` (the kernel-virtual address of a nop) is an enabled ftrace
+    /// site.
     pub fn contains(&self, ip: u64) -> bool {
         self.ips.contains(&ip)
     }
 
+    /// Enabled records kept.
     pub fn len(&self) -> usize {
         self.ips.len()
     }
 
+    /// Whether no enabled record was kept.
     pub fn is_empty(&self) -> bool {
         self.ips.is_empty()
     }
 
+    /// The enabled sites' addresses, ascending.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         self.ips.iter().copied()
     }

@@ -34,58 +34,91 @@ const HASH_CHUNK: usize = 1 << 20;
 /// Errors of checking and committing a plan.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
+    /// A write reaches outside every allowed range.
     #[error(
         "refused: write \"{label}\" of {len} bytes at guest-physical {gpa:#x} is outside the \
          allow-list ({allowed}); nothing was written"
     )]
     Outside {
+        /// The refused write's [`Write::label`].
         label: String,
+        /// Where the write starts (guest-physical).
         gpa: u64,
+        /// Its length in bytes.
         len: usize,
+        /// The allow-list, summarised for the message.
         allowed: String,
     },
+    /// Two writes touch the same byte, so the undo plan would be wrong.
     #[error(
         "refused: writes \"{first}\" and \"{second}\" overlap at guest-physical {gpa:#x}; \
          nothing was written"
     )]
     Overlap {
+        /// Label of the write at the lower address.
         first: String,
+        /// Label of the write that starts inside `first`.
         second: String,
+        /// Where `second` starts (guest-physical).
         gpa: u64,
     },
+    /// A write is empty, wraps past the end of memory, or its `expect` differs
+    /// in length from its `bytes`.
     #[error("refused: write \"{label}\" at guest-physical {gpa:#x} is malformed: {why}; nothing was written")]
     Malformed {
+        /// The refused write's [`Write::label`].
         label: String,
+        /// Where the write starts (guest-physical).
         gpa: u64,
+        /// What is wrong with it.
         why: &'static str,
     },
+    /// Guest memory no longer holds a write's `expect`: something in the guest
+    /// changed those bytes after the plan was built.
     #[error(
         "refused: guest memory changed under write \"{label}\" at guest-physical {gpa:#x}: \
          expected {expected}, found {found}; nothing was written"
     )]
     Mismatch {
+        /// The refused write's [`Write::label`].
         label: String,
+        /// Where the write starts (guest-physical).
         gpa: u64,
+        /// The bytes the plan expected, as hex (at most the first 16 shown).
         expected: String,
+        /// The bytes guest memory holds now, in the same form.
         found: String,
     },
+    /// Guest memory could not be read (to build or check a plan, or to hash).
     #[error("cannot read guest-physical {gpa:#x}+{len:#x}: {source}")]
     Read {
+        /// Start of the read (guest-physical).
         gpa: u64,
+        /// Its length in bytes.
         len: usize,
+        /// The guest's error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A write failed part-way through a commit, after all checks passed; the
+    /// earlier writes were undone as far as that worked.
     #[error(
         "write \"{label}\" at guest-physical {gpa:#x} failed after {done} of {total} writes \
          ({source}); {rollback}"
     )]
     Partial {
+        /// Label of the write that failed.
         label: String,
+        /// Where it starts (guest-physical).
         gpa: u64,
+        /// How many writes had been made before it.
         done: usize,
+        /// Writes in the plan.
         total: usize,
+        /// Whether undoing the `done` earlier writes worked, and if not, which
+        /// failed.
         rollback: String,
+        /// Why the guest refused the write.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
@@ -96,6 +129,7 @@ pub enum WriteError {
 pub struct Write {
     /// Where the bytes go.
     pub gpa: GuestPhys,
+    /// The new bytes; as long as `expect`.
     pub bytes: Vec<u8>,
     /// The bytes there now (what the plan was computed against).
     pub expect: Vec<u8>,
@@ -104,6 +138,8 @@ pub struct Write {
 }
 
 impl Write {
+    /// A write of `bytes` over `expect` at `gpa`. Lengths are checked when the
+    /// plan is ([`Plan::check_static`]), not here.
     pub fn new(gpa: GuestPhys, bytes: Vec<u8>, expect: Vec<u8>, label: impl Into<String>) -> Self {
         Self {
             gpa,
@@ -145,7 +181,10 @@ impl Write {
 pub enum AllowKind {
     /// The 5 bytes of an old function's entry that become a jmp (`func` is
     /// the function's virtual address).
-    Site { func: u64 },
+    Site {
+        /// Kernel-virtual address of the old function.
+        func: u64,
+    },
     /// The reserved arena (patch code and data, the arena's PTE pages).
     Arena,
     /// The arena's PTE pages when they live apart from it, in RAM the
@@ -158,7 +197,10 @@ pub enum AllowKind {
     FtraceFlags,
     /// The head of one CPU's `raised_list`, where the call gate queues its
     /// irq_work (see [`crate::callback::gate`]): 8 bytes of per-CPU data.
-    IrqWorkList { cpu: u32 },
+    IrqWorkList {
+        /// The CPU whose list it is.
+        cpu: u32,
+    },
     /// An 8-byte word of the guest's module registries (`modules`,
     /// `module_bug_list`, `mod_tree`, and those entries of each module on
     /// the list), where a patch's `struct module` is linked in or out
@@ -180,7 +222,9 @@ pub enum AllowKind {
 pub struct Allowed {
     /// Where the range starts.
     pub gpa: GuestPhys,
+    /// Length in bytes.
     pub len: u64,
+    /// Why it may be written (named in refusals).
     pub kind: AllowKind,
 }
 
@@ -236,6 +280,7 @@ fn read<G: Guest + ?Sized>(guest: &G, gpa: GuestPhys, buf: &mut [u8]) -> Result<
 }
 
 impl Plan {
+    /// An empty plan that may write only inside `allowed`.
     pub fn new(allowed: Vec<Allowed>) -> Self {
         Self {
             writes: Vec::new(),
@@ -243,26 +288,32 @@ impl Plan {
         }
     }
 
+    /// Adds a range to the allow-list.
     pub fn allow(&mut self, a: Allowed) {
         self.allowed.push(a);
     }
 
+    /// Appends a write; writes are committed in the order pushed.
     pub fn push(&mut self, w: Write) {
         self.writes.push(w);
     }
 
+    /// Appends writes, in order.
     pub fn extend(&mut self, ws: impl IntoIterator<Item = Write>) {
         self.writes.extend(ws);
     }
 
+    /// The writes, in commit order.
     pub fn writes(&self) -> &[Write] {
         &self.writes
     }
 
+    /// The allow-list.
     pub fn allowed(&self) -> &[Allowed] {
         &self.allowed
     }
 
+    /// Whether the plan writes nothing (its allow-list may still hold ranges).
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }

@@ -62,101 +62,184 @@ const NO_KASLR_SLOTS: u64 = 256;
 /// Errors of setting up, allocating from and mapping the arena.
 #[derive(Debug, thiserror::Error)]
 pub enum ArenaError {
+    /// The VMM reserved no arena, so there is nowhere to put patch code.
     #[error("the VMM reserved no patch arena (size 0)")]
     NoArena,
+    /// The reserved region (or its page-table region) cannot hold the arena.
     #[error("the arena {gpa:#x}+{size:#x} is unusable: {why}")]
     BadArena {
+        /// Where the VMM reserved the arena (guest-physical).
         gpa: u64,
+        /// Its size in bytes.
         size: u64,
+        /// What is wrong with it.
         why: &'static str,
     },
+    /// A kallsyms symbol the mapping checks against (`_end`, `__start_rodata`)
+    /// is missing.
     #[error("kernel symbol needed for the arena mapping is missing: {0}")]
     Symbol(#[source] klpvisor_guest::KallsymsError),
+    /// A page-table entry or page could not be read from guest memory.
     #[error("cannot read guest-physical {gpa:#x}: {source}")]
     Read {
+        /// What was being read (guest-physical).
         gpa: u64,
+        /// The guest's error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The walk from the kernel's root page table to the image window's PMD
+    /// page met an entry it cannot follow.
     #[error(
         "walking to the kernel image window: the {level} entry at guest-physical {entry_gpa:#x} \
          ({entry:#x}) {why}"
     )]
     Walk {
+        /// The table the entry is in: "PML5", "PML4" or "PDPT".
         level: &'static str,
+        /// Where the entry is (guest-physical).
         entry_gpa: u64,
+        /// The entry's value.
         entry: u64,
+        /// Why it cannot be followed.
         why: &'static str,
     },
+    /// The walk reached a PMD page other than `level2_kernel_pgt`: the page
+    /// tables are not the kernel's own (or are forged).
     #[error(
         "the image window's PMD page is at {found:#x} but level2_kernel_pgt is at {expected:#x}: \
          refusing to write page tables that are not the kernel's own"
     )]
-    PmdPageMismatch { found: u64, expected: u64 },
+    PmdPageMismatch {
+        /// The PMD page the walk reached (guest-physical).
+        found: u64,
+        /// Where `level2_kernel_pgt` (kallsyms) is (guest-physical).
+        expected: u64,
+    },
+    /// The window does not map a kernel symbol the way the arena relies on:
+    /// unmapped, outside the window, or `_text` not where the KASLR probe found
+    /// it.
     #[error("the kernel image window does not map {what} ({va:#x}) as expected: {why}")]
     KernelNotMapped {
+        /// Which symbol (`_text`, `_end - 1`, `level2_kernel_pgt`).
         what: &'static str,
+        /// Its kernel-virtual address.
         va: u64,
+        /// What the mapping shows instead.
         why: String,
     },
+    /// PMD slots already point into the arena or its page-table region: an
+    /// earlier layout is live.
     #[error(
         "the arena is already mapped (PMD slots {slots:?} point into it): keep the Arena that \
          mapped it instead of laying it out again, which would reuse its live PTE pages"
     )]
-    AlreadyMapped { slots: Vec<u64> },
+    AlreadyMapped {
+        /// Indices of those slots in the window's PMD page.
+        slots: Vec<u64>,
+    },
+    /// The kernel's PMD page for the window lies in memory the arena would
+    /// write.
     #[error("the kernel's PMD page {pmd_page:#x} lies inside the arena: refusing to map over it")]
-    PmdPageInArena { pmd_page: u64 },
+    PmdPageInArena {
+        /// Guest-physical address of the PMD page.
+        pmd_page: u64,
+    },
+    /// No run of empty PMD slots next to the kernel image is long enough for
+    /// the arena.
     #[error(
         "no {needed} consecutive empty PMD slots (2 MiB each) in the kernel image window next to \
          the kernel (after _end {end:#x} or before _text {text:#x}); largest empty run: {largest} \
          slots"
     )]
     NoRoom {
+        /// Slots (2 MiB each) the arena needs.
         needed: u64,
+        /// The longest run of empty slots in the window.
         largest: u64,
+        /// `_text` (kernel-virtual).
         text: u64,
+        /// `_end` (kernel-virtual).
         end: u64,
     },
+    /// Some arena byte would be 2 GiB or more from kernel text, out of reach of
+    /// the `jmp rel32` at a site.
     #[error(
         "arena VA {va:#x}..{va_end:#x} is out of rel32 reach of kernel text {text:#x}..{end:#x}"
     )]
     OutOfReach {
+        /// Start of the arena's mappable part (kernel-virtual).
         va: u64,
+        /// Its end (exclusive).
         va_end: u64,
+        /// `_text` (kernel-virtual).
         text: u64,
+        /// `_end` (kernel-virtual).
         end: u64,
     },
+    /// An allocation of 0 bytes was asked for.
     #[error("cannot allocate 0 bytes")]
     ZeroSize,
+    /// No free run of pages is long enough for the allocation.
     #[error(
         "arena full: {requested} bytes of {perm} requested, largest free run for it is \
          {largest_free} bytes ({free_total} bytes free for {perm} in all, arena {arena_bytes} \
          bytes)"
     )]
     Full {
+        /// Bytes asked for.
         requested: u64,
+        /// Rights asked for.
         perm: Perm,
+        /// Bytes in the longest run usable for `perm` (never-used pages and
+        /// pages retired with `perm`).
         largest_free: u64,
+        /// Bytes usable for `perm` in all runs.
         free_total: u64,
+        /// Size of the whole arena in bytes (PTE pages included).
         arena_bytes: u64,
     },
+    /// A region to free or map is not a live allocation of this arena: freed
+    /// already, or not handed out by it.
     #[error("{va:#x}+{len:#x} ({perm}) is not a live allocation of this arena")]
-    UnknownRegion { va: u64, len: u64, perm: Perm },
+    UnknownRegion {
+        /// The region's start (kernel-virtual).
+        va: u64,
+        /// Its length in bytes.
+        len: u64,
+        /// Its rights.
+        perm: Perm,
+    },
+    /// A PMD slot the arena owns holds an entry that is neither empty nor the
+    /// arena's: something in the guest mapped it.
     #[error(
         "PMD slot {slot} ({va:#x}) holds {found:#x}, neither empty nor the arena's entry \
          {expected:#x}: something else mapped it"
     )]
     SlotTaken {
+        /// Index of the slot in the window's PMD page.
         slot: u64,
+        /// First address it maps (kernel-virtual).
         va: u64,
+        /// The entry there now.
         found: u64,
+        /// The entry the arena writes there.
         expected: u64,
     },
+    /// A PTE in one of the arena's PTE pages is neither empty nor what the
+    /// arena wants there: the arena's page tables were modified.
     #[error(
         "the arena PTE for {va:#x} holds {found:#x}, neither empty nor the expected {wanted:#x}: \
          the arena's page tables were modified"
     )]
-    PteConflict { va: u64, found: u64, wanted: u64 },
+    PteConflict {
+        /// The page the PTE maps (kernel-virtual).
+        va: u64,
+        /// The PTE there now.
+        found: u64,
+        /// The PTE the arena wants there.
+        wanted: u64,
+    },
 }
 
 /// Rights of arena pages: W^X.
@@ -199,6 +282,7 @@ pub struct Region {
     pub gpa: GuestPhys,
     /// Bytes, a multiple of 4 KiB.
     pub len: u64,
+    /// The rights of its pages, fixed while it is live.
     pub perm: Perm,
 }
 
@@ -392,10 +476,13 @@ impl Arena {
         self.pmd_page
     }
 
+    /// The leaf attributes copied from the kernel's text mapping, used in every
+    /// arena entry.
     pub fn attrs(&self) -> Attrs {
         self.attrs
     }
 
+    /// Whether the arena maps 4 KiB pages or 2 MiB leaves.
     pub fn granularity(&self) -> Granularity {
         self.granularity
     }

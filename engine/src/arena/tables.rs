@@ -45,6 +45,8 @@ pub(crate) const KERNPG_TABLE: u64 = PRESENT | RW | ACCESSED | DIRTY;
 pub(crate) const PAGE: u64 = 4096;
 pub(crate) const PMD_SIZE: u64 = 2 << 20;
 pub(crate) const ENTRIES: u64 = 512;
+/// Start of the kernel image window (the 1 GiB `level2_kernel_pgt` maps),
+/// where the arena is mapped too.
 pub const WINDOW_START: u64 = IMAGE_WINDOW_START;
 /// End (exclusive) of the kernel image window.
 pub const WINDOW_END: u64 = KERNEL_IMAGE_END;
@@ -57,6 +59,7 @@ pub struct ImageFacts {
     pub tables: PageTables,
     /// `_text` and where the KASLR probe found it physically.
     pub text: u64,
+    /// `_text`'s guest-physical address, from the KASLR probe.
     pub text_phys: u64,
     /// `_end`.
     pub end: u64,
@@ -69,6 +72,8 @@ pub struct ImageFacts {
 }
 
 impl ImageFacts {
+    /// The facts of a kernel already opened (`_end` and `__start_rodata` from
+    /// kallsyms).
     pub fn from_kernel(k: &Kernel) -> Result<Self, ArenaError> {
         let sym = |name: &'static str| k.kallsyms.addr(name).map_err(ArenaError::Symbol);
         Ok(Self {
@@ -100,6 +105,8 @@ pub struct Attrs {
     /// The NX bit may be set (EFER.NXE); without it rodata and data stay
     /// executable, since bit 63 would be a reserved-bit fault.
     pub nx: bool,
+    /// How `nx` was decided: EFER, or the kernel's `.rodata` mapping when
+    /// EFER is unknown.
     pub nx_source: NxSource,
     /// PWT/PCD/PAT bits of the text mapping, in 4 KiB PTE positions (0 = WB).
     pub cache: u64,
@@ -112,6 +119,8 @@ pub struct Window {
     pub pmd_page: u64,
     /// Its 512 entries; slot `i` maps `WINDOW_START + i * 2 MiB`.
     pub slots: Vec<u64>,
+    /// The attributes of the kernel's own text mapping, copied into arena
+    /// entries.
     pub attrs: Attrs,
 }
 

@@ -81,8 +81,13 @@ const IRQ_WORK_CLAIMED: u32 = 3;
 /// `WORK_STRUCT_PENDING`.
 const WORK_PENDING: u64 = 1;
 
+/// Errors of installing the gate and running a callback through it.
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
+    /// The guest kernel lacks something the gate relies on (a BTF layout,
+    /// [`IRQ_WORK_VECTOR`] in its IDT, rel32 reach to the functions it
+    /// calls), or a log line is one the gate cannot carry; the message says
+    /// which.
     #[error("callbacks cannot run in this guest kernel: {0}")]
     Unsupported(String),
     /// A kernel symbol the gate calls or writes is missing.
@@ -91,21 +96,36 @@ pub enum GateError {
     /// The return thunk the gate's code must use could not be read.
     #[error("callbacks cannot run in this guest kernel: {0}")]
     Thunk(#[from] crate::link::LinkError),
+    /// Guest memory the gate checks (the IDT, its own pages, the mailbox) could
+    /// not be read.
     #[error("callbacks cannot run: reading {what} failed: {source}")]
     Read {
+        /// Which of those.
         what: &'static str,
+        /// The guest's error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The previous call has not finished in the guest (the mailbox's state, or
+    /// the irq_work or work item still pending); it says how far it got.
     #[error(
         "an earlier callback is still in the guest ({0}); no other callback can run until it \
          finishes"
     )]
     Busy(String),
+    /// The mailbox no longer holds this call's number, or holds a state the
+    /// gate never writes: something in the guest changed it.
     #[error("the call gate's mailbox holds call #{found}, not #{expected}: the guest changed it")]
-    Tampered { expected: u64, found: u64 },
+    Tampered {
+        /// The number of the call the VMM made.
+        expected: u64,
+        /// The number the mailbox holds.
+        found: u64,
+    },
+    /// Allocating or mapping the gate's two arena pages failed.
     #[error("call gate: {0}")]
     Arena(#[from] ArenaError),
+    /// Reading the guest memory the gate's writes replace failed.
     #[error("call gate: {0}")]
     Write(#[from] WriteError),
 }

@@ -47,7 +47,9 @@ pub fn address(cbs: &LinkedCallbacks, kind: Kind) -> Option<u64> {
 /// `None`) a pre step that passes without running anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
+    /// The patch the object belongs to, by name.
     pub patch: String,
+    /// Which of the four callbacks this step is.
     pub kind: Kind,
     /// The callback's address in the arena.
     pub func: Option<u64>,

@@ -25,9 +25,13 @@ pub enum Step {
     /// Have the held task call `func(arg)` (patch `patch`'s callback
     /// `kind`) and come back with its result.
     Call {
+        /// The patch whose callback it is, by name.
         patch: String,
+        /// Which callback.
         kind: Kind,
+        /// The callback's address in the arena (kernel-virtual).
         func: u64,
+        /// Its argument: the linked `struct klp_object` (kernel-virtual).
         arg: u64,
     },
     /// Write the entries (the engine's coming or going switch).

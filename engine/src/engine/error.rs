@@ -31,21 +31,35 @@ pub enum Fault {
     Internal,
 }
 
+/// Errors of every engine request; [`EngineError::kind`] says whose fault each
+/// is.
 #[derive(Debug, Error)]
 pub enum EngineError {
+    /// The patch module (.ko) could not be parsed or does not fit this kernel.
     #[error(transparent)]
     Module(#[from] ModuleError),
+    /// Linking the module at its arena addresses failed (a symbol, a
+    /// relocation, an alternative).
     #[error(transparent)]
     Link(#[from] crate::link::LinkError),
+    /// The request breaks klp's rules for the patch stack (unknown patch,
+    /// duplicate name, wrong state).
     #[error(transparent)]
     Stack(#[from] StackError),
+    /// Laying out, allocating from or mapping the arena failed.
     #[error("patch arena: {0}")]
     Arena(#[from] ArenaError),
+    /// An old function's patch site was refused, or the ftrace records could
+    /// not be read.
     #[error("cannot patch {name}: {source}")]
     Site {
+        /// The function, or which ftrace records were being read.
         name: String,
+        /// Why.
         source: Box<SiteError>,
     },
+    /// The write path refused or failed a plan; a `Mismatch` means the guest
+    /// changed the bytes after they were read.
     #[error(
         "guest memory changed under the transition or the plan is unsafe; nothing was written: {0}"
     )]
@@ -59,7 +73,9 @@ pub enum EngineError {
     /// One vCPU's registers could not be read.
     #[error("reading the guest kernel failed: vCPU {vcpu} registers: {source}")]
     VcpuRegisters {
+        /// Which vCPU.
         vcpu: usize,
+        /// Why they could not be read.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The kernel's release string could not be read.
@@ -78,11 +94,15 @@ pub enum EngineError {
          patch; nothing was written, please report it): {0}"
     )]
     Internal(String),
+    /// The safe-point check itself failed (a vCPU's registers are missing),
+    /// so no safe point can be claimed.
     #[error("safe-point check failed: {0}")]
     Safepoint(#[from] SafepointError),
     /// klp's system-state rule refuses the patch.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// No safe point: tasks inside functions the transition changes, or vCPUs
+    /// whose task cannot be told; nothing was written, and a retry may pass.
     #[error(
         "no safe point: {} blocker(s), tasks inside functions this transition changes or vCPUs \
          whose task cannot be told; nothing was written \
@@ -91,11 +111,19 @@ pub enum EngineError {
         .0.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("\n  ")
     )]
     Blocked(Vec<Blocker>),
+    /// A rollback names a transition the history does not hold (it keeps the
+    /// last [`MAX_HISTORY`]).
     #[error(
         "no transition #{to} to roll back to; `patcher history` lists the last {MAX_HISTORY} \
          (the newest is #{newest})"
     )]
-    NoSuchTransition { to: u64, newest: u64 },
+    NoSuchTransition {
+        /// The transition number asked for.
+        to: u64,
+        /// The newest transition's number.
+        newest: u64,
+    },
+    /// A callback could not run through the call gate.
     #[error(transparent)]
     Gate(#[from] GateError),
     /// The patch could not be registered with the guest kernel as a module.
@@ -123,8 +151,11 @@ pub enum EngineError {
     /// A loading module's objects cannot be applied: its load fails.
     #[error("module `{module}` cannot be patched by {patch} as it loads: {source}")]
     ModuleRefused {
+        /// The loading module's name.
         module: String,
+        /// The patch whose object for it was refused.
         patch: String,
+        /// Why.
         #[source]
         source: Box<EngineError>,
     },
@@ -135,7 +166,12 @@ pub enum EngineError {
          when the module loaded (see its `refused` reason in `patcher list`); unload the module \
          or apply a patch that fits it"
     )]
-    Unlinked { patch: String, module: String },
+    Unlinked {
+        /// The patch asked to be enabled.
+        patch: String,
+        /// The loaded module its object could not be linked for.
+        module: String,
+    },
     /// Anti-rollback: the patch's signed level is below one applied.
     #[error(
         "patch `{patch}` is signed at level {level}, lower than level {highest} already applied \
@@ -144,9 +180,13 @@ pub enum EngineError {
          the VMM with --allow-downgrade"
     )]
     Downgrade {
+        /// The patch being brought back.
         patch: String,
+        /// Its signed level (0 for a patch without one).
         level: u16,
+        /// The highest level applied so far.
         highest: u16,
+        /// The patch that applied it.
         by: String,
     },
     /// The `struct module` a hook reported is not on the guest's list.
@@ -162,6 +202,7 @@ impl EngineError {
             || matches!(self, EngineError::GuestBusy(_))
     }
 
+    /// Whose fault this is, for a front end's status (see [`Fault`]).
     pub fn kind(&self) -> Fault {
         match self {
             EngineError::Module(_) | EngineError::Link(_) => Fault::Module,

@@ -167,10 +167,13 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The patch this transition applies, disables or enables; `#N` for a
+    /// rollback to transition N.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// What this transition will not do that klp would, to show the user.
     pub fn warnings(&self) -> &[String] {
         &self.warnings
     }
@@ -238,6 +241,7 @@ impl Prepared {
 /// A callback sent into the guest, to wait for with [`Engine::poll_call`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Armed {
+    /// The call's number, which the mailbox and the doorbell carry.
     pub seq: u64,
     /// The vCPU to raise the gate's vector on.
     pub vcpu: usize,
@@ -248,11 +252,13 @@ pub struct Armed {
 /// A committed transition.
 #[derive(Debug, Clone)]
 pub struct Committed {
+    /// The patch it concerned; `#N` for a rollback to transition N.
     pub name: String,
     /// Its number in the history.
     pub seq: u64,
     /// The patch it applied, disabled or enabled (None for a rollback).
     pub patch: Option<PatchInfo>,
+    /// Guest bytes it wrote, its load included.
     pub bytes_written: u64,
 }
 

@@ -23,11 +23,18 @@ pub enum Memory {
     /// Up to 6.3: `struct module_layout core_layout` (one range, text
     /// first; `text_size`, `ro_size`, `ro_after_init_size` inside it).
     Layout {
+        /// Offset of `core_layout` in `struct module`.
         at: u64,
+        /// Offset of `size` in `struct module_layout`.
         size: u64,
+        /// Offset of `text_size` (registration writes all four sizes as the
+        /// text's length).
         text_size: u64,
+        /// Offset of `ro_size`.
         ro_size: u64,
+        /// Offset of `ro_after_init_size`.
         ro_after_init_size: u64,
+        /// Offset of `mtn`, the range's `struct mod_tree_node`.
         mtn: u64,
     },
     /// 6.4+: `struct module_memory mem[MOD_MEM_NUM_TYPES]`, one range per
@@ -35,9 +42,13 @@ pub enum Memory {
     /// module_memory" made `MOD_TEXT` (0) the first, so its entry is at
     /// `at`.
     Mem {
+        /// Offset of `mem` in `struct module`.
         at: u64,
+        /// Size of `struct module_memory`: the distance between entries.
         stride: u64,
+        /// Offset of `size` in `struct module_memory`.
         size: u64,
+        /// Offset of `mtn`, the range's `struct mod_tree_node`.
         mtn: u64,
     },
 }
@@ -78,51 +89,88 @@ impl Memory {
 /// Offsets in the guest's `struct module` and in the registries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModuleLayout {
+    /// Size of `struct module`; the image's tables follow it.
     pub size: u64,
+    /// `module.state`, written [`MODULE_STATE_LIVE`].
     pub state: u64,
+    /// `module.list`: the node on the kernel's `modules` list.
     pub list: u64,
+    /// `module.name`, the NUL-terminated name.
     pub name: u64,
+    /// Bytes of `module.name`, NUL included; longer names are refused.
     pub name_len: u64,
+    /// `module.num_exentries`: entries in the patch's exception table.
     pub num_exentries: u64,
+    /// `module.extable`: that table, as `search_module_extables` finds it.
     pub extable: u64,
+    /// Where the module's text range is described (the layout changed in 6.4).
     pub memory: Memory,
     /// In `struct mod_tree_node`: `mod`, and the `latch_tree_node`.
     pub mtn_mod: u64,
+    /// `mod_tree_node.node`: one `rb_node` per copy of the latch tree.
     pub mtn_node: u64,
+    /// `module.arch.num_orcs`; `None` on a kernel without the ORC unwinder.
     pub num_orcs: Option<u64>,
+    /// `module.arch.orc_unwind_ip`; `None` without ORC.
     pub orc_unwind_ip: Option<u64>,
+    /// `module.arch.orc_unwind`; `None` without ORC.
     pub orc_unwind: Option<u64>,
+    /// `module.taints`, written with [`TAINT_LIVEPATCH`] set.
     pub taints: u64,
+    /// `module.num_bugs`: entries in the patch's bug table.
     pub num_bugs: u64,
+    /// `module.bug_list`: the node on `module_bug_list`; an empty list when the
+    /// patch has no bug table.
     pub bug_list: u64,
+    /// `module.bug_table`: the patch's `struct bug_entry`s, for
+    /// `module_find_bug`.
     pub bug_table: u64,
+    /// `module.kallsyms`: the pointer `%pS` and `/proc/kallsyms` follow, aimed
+    /// at `core_kallsyms`.
     pub kallsyms: u64,
+    /// `module.core_kallsyms`: the `struct mod_kallsyms` inside the module.
     pub core_kallsyms: u64,
     /// In `struct mod_kallsyms`.
     pub ks_symtab: u64,
+    /// `num_symtab`: symbols, the leading null symbol included.
     pub ks_num_symtab: u64,
+    /// `strtab`: the symbols' names.
     pub ks_strtab: u64,
+    /// `typetab`: one kallsyms type letter per symbol.
     pub ks_typetab: u64,
+    /// `module.klp`, set to mark a livepatch module; `None` without
+    /// CONFIG_LIVEPATCH.
     pub klp: Option<u64>,
+    /// `module.source_list` (modules using this one), written empty.
     pub source_list: u64,
+    /// `module.target_list` (modules this one uses), written empty.
     pub target_list: u64,
+    /// `module.refcnt`: held once, as klp holds an enabled patch's module, so
+    /// `rmmod` in the guest answers "in use"; removal refuses if anyone else
+    /// holds it.
     pub refcnt: u64,
     /// `jump_entries` and `num_jump_entries` (CONFIG_JUMP_LABEL).
     pub jump_entries: Option<u64>,
+    /// Their count (the patch's static-key sites).
     pub num_jump_entries: Option<u64>,
     /// `param_lock.wait_list`: an empty list must point at itself.
     pub param_wait_list: Option<u64>,
     /// In `struct mod_tree_root`: the latch's sequence, its two trees'
     /// root pointers, and the address bounds.
     pub root_seq: u64,
+    /// The two copies' root pointers, at `latch_tree_root.tree[0]` and `[1]`.
     pub root_tree: [u64; 2],
+    /// `mod_tree_root.addr_min`: the lowest module address, which the kernel
+    /// checks before it searches the tree.
     pub addr_min: u64,
+    /// `mod_tree_root.addr_max`: the highest.
     pub addr_max: u64,
     /// `struct orc_entry` (6 on every kernel so far).
     pub orc_entry: u64,
     /// Offsets of every range struct that has a tree node (core and init
     /// layout, or each `mem[]` entry), the first `ranges` of them.
     pub range_at: [u64; MAX_RANGES],
+    /// How many entries of `range_at` are in use.
     pub ranges: usize,
 }
 
@@ -149,6 +197,9 @@ fn size(btf: &Btf, name: &str) -> Result<u64, RegisterError> {
 }
 
 impl ModuleLayout {
+    /// Reads every offset from the guest's BTF; refuses a kernel whose
+    /// structures differ from what registration writes (naming the member or
+    /// the fact).
     pub fn from_btf(btf: &Btf) -> Result<Self, RegisterError> {
         let memory = if let Ok(at) = btf.offset_of("module.core_layout") {
             Memory::Layout {

@@ -35,8 +35,6 @@
 
 pub mod image;
 pub mod jump;
-// Offsets named after the kernel members they locate, documented there.
-#[allow(missing_docs)]
 pub mod layout;
 pub mod links;
 pub mod livepatch;
