@@ -443,6 +443,19 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
         .patches
         .iter()
         .any(|p| p.name == "block_nsleep" && p.state == PatchState::Disabled));
+    // A sleeper that outlived the grace period got klp's fake signal: its
+    // sleep restarted outside the patch, the disable committed, and the
+    // sleeper is still there, asleep.
+    assert_eq!(run.result("blocked-reenable")["rc"], "0", "{t}");
+    assert_eq!(run.result("blocked-nudged")["rc"], "0", "{t}");
+    let nudged: klpvisor_api::TransitionReply = run.json("KLPV-JSON-TRANSITION", "nudged");
+    assert_eq!(nudged.nudged, 1, "{nudged:?}");
+    assert!(
+        nudged.waited_ms >= 4_000.0 && nudged.waited_ms < 20_000.0,
+        "committed after the grace period, well before the timeout: {nudged:?}"
+    );
+    assert_eq!(nudged.patch.state, PatchState::Disabled);
+    assert_eq!(run.result("blocked-sleeper-lives")["rc"], "0", "{t}");
     assert_eq!(run.result("blocked-exit")["rc"], "0");
     assert!(
         run.lines_with("Call Trace").is_empty(),
