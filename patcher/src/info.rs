@@ -452,7 +452,7 @@ fn render_into(o: &mut String, r: &Report) -> std::fmt::Result {
     for s in &r.sections {
         let what = match (s.verdict, s.segment, &s.reason) {
             ("load", Some(seg), _) => format!("load ({seg})"),
-            ("parse", ..) => "read by klpvisor, not loaded".to_owned(),
+            ("parse", ..) => "parsed: klpvisor does the module loader's work with it".to_owned(),
             ("skip", _, Some(why)) => format!("skip: {why}"),
             ("init-exit", ..) => "not loaded: init/exit code, never run".to_owned(),
             ("empty", ..) => "empty: ignored".to_owned(),
@@ -613,7 +613,7 @@ mod tests {
             "  callback pre_patch: pre",
             "  callback post_unpatch: post",
             "  .text               96  load (text)",
-            "  __mcount_loc        16  read by klpvisor, not loaded",
+            "  __mcount_loc        16  parsed: klpvisor does the module loader's work with it",
             "  .data..percpu        8  REFUSED: per-CPU variables",
             "warning: its module_init also calls `register_foo`: klpvisor never runs a patch \
              module's init or exit code",

@@ -32,7 +32,8 @@ use klpvisor_engine::signature::{
 #[command(name = "patcher", version)]
 struct Args {
     /// The VMM's control socket (`vmm --api-sock PATH`); every command
-    /// but keygen, sign and verify needs it. Before or after the command.
+    /// but keygen, sign, verify, info, completions and man needs it.
+    /// Before or after the command.
     #[arg(long, env = "KLPV_API_SOCK", value_name = "PATH", global = true)]
     api_sock: Option<PathBuf>,
     /// Print the API's JSON reply instead of text.
@@ -139,13 +140,15 @@ enum Command {
         trusted_keys: PathBuf,
         file: PathBuf,
     },
-    /// Describe a livepatch module offline, as `kpatch info` does: its
-    /// patch, objects, functions, callbacks, states, sections (and whether
-    /// klpvisor can honour each) and signature. Needs no VMM. Exits 1 when
+    /// Describe a livepatch module offline (no VMM), as `kpatch info` does.
+    ///
+    /// Its patch, objects, functions, callbacks, states, sections (and
+    /// whether klpvisor can honour each) and signature. Exits 1 when
     /// klpvisor would refuse the module for what can be told without the
-    /// guest (a section it cannot honour, a signature that does not verify
-    /// against --trusted-keys); the guest's release and symbols are checked
-    /// only at apply time.
+    /// guest (a section it cannot honour, a static key of its own, a
+    /// reference to init data, a signature that does not verify against
+    /// --trusted-keys); the guest's release and symbols are checked only
+    /// at apply time.
     Info {
         /// The livepatch module (.ko), signed or not.
         file: PathBuf,
