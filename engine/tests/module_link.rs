@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use klpvisor_engine::link::{self, Bases, GuestSymbols, LinkError, LinkOptions, Linked, NOP5};
-use klpvisor_engine::module::{Module, ModuleError, RelocKind, Segment};
+use klpvisor_engine::module::{inspect, KlpLayouts, Module, ModuleError, RelocKind, Segment};
 use klpvisor_guest::{DumpGuest, Kernel, VirtRead};
 
 struct Fixture {
@@ -1053,5 +1053,40 @@ fn alternatives_follow_the_guests_own_choice() {
             "{:#x} still jumps to .altinstr_aux ({helper:?})",
             insn.ip()
         );
+    }
+}
+
+/// `patcher info` reads modules with klpvisor's built-in klp layouts (no
+/// guest at hand): they must be the real guest's, and reading with them
+/// must give the patch that parsing against the guest gives, for a plain
+/// livepatch module, one with module objects, callbacks and states, and a
+/// kpatch-build module.
+#[test]
+fn offline_inspection_reads_the_patch_the_guest_would_get() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    assert_eq!(
+        KlpLayouts::from_btf(&f.kernel.btf).unwrap_or_else(|e| panic!("{e}")),
+        KlpLayouts::builtin(),
+        "the guest's klp layouts differ from the built-in ones"
+    );
+    for name in [
+        "livepatch-sample",
+        "module-pvpanic",
+        "callbacks-v1",
+        "klpv-state-v2",
+        "kpatch-cmdline",
+    ] {
+        let bytes = ko(name);
+        let parsed = Module::parse(&bytes, &f.kernel.btf, &f.release)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let seen =
+            inspect(&bytes, &KlpLayouts::builtin()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(seen.patch, parsed.patch, "{name}");
+        assert_eq!(seen.kpatch_build, name == "kpatch-cmdline", "{name}");
+        assert_eq!(seen.modinfo.release(), Some(f.release.as_str()), "{name}");
+        assert_eq!(seen.refused_sections().count(), 0, "{name}");
     }
 }

@@ -1,15 +1,18 @@
 //! A livepatch module (.ko) of arbitrary bytes, parsed against the klp
 //! layouts of fixtures/klp.btf and, if it parses, linked against the fixed
-//! kernel's kallsyms just past `_end`, as the engine places the arena.
+//! kernel's kallsyms just past `_end`, as the engine places the arena; and
+//! read offline with the built-in layouts, as `patcher info` reads it.
 #![no_main]
 
 use klpvisor_fuzz::{kallsyms, klp_btf, END, RELEASE};
 use libfuzzer_sys::fuzz_target;
 use klpvisor_engine::link::alternatives::{Flavor, GuestCpu};
 use klpvisor_engine::link::{self, Bases, LinkOptions, NOP5};
-use klpvisor_engine::module::Module;
+use klpvisor_engine::module::{inspect, KlpLayouts, Module};
 
 fuzz_target!(|data: &[u8]| {
+    // `patcher info`'s offline reading of the same bytes must not panic either.
+    let _ = inspect(data, &KlpLayouts::builtin());
     let Ok(m) = Module::parse(data, klp_btf(), RELEASE) else {
         return;
     };

@@ -10,16 +10,19 @@
 //! request outlived its time: see `patcher list`); 7 the VMM or the guest
 //! failed.
 
+mod info;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use klpvisor_api::client::{Client, ClientError, Space, TransitionOptions};
 use klpvisor_api::{
     CallbackRun, ErrorKind, HistoryEntry, KernelInfo, MemoryReply, PatchInfo, PatchesReply,
     RegsReply, RollbackReply, TasksReply, TransitionReply, VmInfo, MAX_MEMORY_READ,
 };
+use klpvisor_engine::module::ModuleError;
 use klpvisor_engine::signature::{
     sign_level, write_key_pair, Policy, Provenance, SecretKey, SignatureError, TrustedKeys,
 };
@@ -29,7 +32,8 @@ use klpvisor_engine::signature::{
 #[command(name = "patcher", version)]
 struct Args {
     /// The VMM's control socket (`vmm --api-sock PATH`); every command
-    /// but keygen, sign and verify needs it. Before or after the command.
+    /// but keygen, sign, verify, info, completions and man needs it.
+    /// Before or after the command.
     #[arg(long, env = "KLPV_API_SOCK", value_name = "PATH", global = true)]
     api_sock: Option<PathBuf>,
     /// Print the API's JSON reply instead of text.
@@ -136,6 +140,41 @@ enum Command {
         trusted_keys: PathBuf,
         file: PathBuf,
     },
+    /// Describe a livepatch module offline (no VMM), as `kpatch info` does.
+    ///
+    /// Its patch, objects, functions, callbacks, states, sections (and
+    /// whether klpvisor can honour each) and signature. Exits 1 when
+    /// klpvisor would refuse the module for what can be told without the
+    /// guest (a section it cannot honour, a static key of its own, a
+    /// reference to init data, a signature that does not verify against
+    /// --trusted-keys); the guest's release and symbols are checked only
+    /// at apply time.
+    Info {
+        /// The livepatch module (.ko), signed or not.
+        file: PathBuf,
+        /// Also check its signature as `vmm --trusted-keys DIR` would.
+        #[arg(long, value_name = "DIR")]
+        trusted_keys: Option<PathBuf>,
+        /// Read the klp structure layouts from this BTF file (e.g. the
+        /// guest kernel's /sys/kernel/btf/vmlinux) instead of the built-in
+        /// ones (x86-64 Linux 6.1 to 6.12).
+        #[arg(long, value_name = "FILE")]
+        btf: Option<PathBuf>,
+    },
+    /// Print a shell completion script (e.g. `patcher completions bash >
+    /// /etc/bash_completion.d/patcher`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff); with --dir, write patcher.1 and one page
+    /// per subcommand (patcher-apply.1, ...) there.
+    Man {
+        /// Write the pages into this directory instead of stdout.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Return every patch, in one safe-point transition, to its state just
     /// before transition N (default: undo the last transition), including
     /// patches a replace had disabled. Patches loaded since stay, disabled.
@@ -159,9 +198,19 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let args = Args::parse();
-    if let Some(done) = offline(&args.command) {
+    if let Some(done) = offline(&args.command, args.json) {
         return match done {
             Ok(()) => ExitCode::SUCCESS,
+            // The report, already printed, says why it would be refused.
+            Err(OfflineError::Refused { .. }) if args.json => ExitCode::FAILURE,
+            Err(e) if args.json && matches!(args.command, Command::Info { .. }) => {
+                // Info's reply is JSON with --json; so is its error.
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": e.to_string(), "kind": "refused", "status": null })
+                );
+                ExitCode::FAILURE
+            }
             Err(e) => fail(&e),
         };
     }
@@ -233,8 +282,89 @@ fn fail_request(e: &ClientError, json: bool) -> ExitCode {
     ExitCode::from(exit_code(e))
 }
 
-/// The commands that need no VMM (keys and signatures); None for the rest.
-fn offline(command: &Command) -> Option<Result<(), SignatureError>> {
+/// Why a command that needs no VMM failed.
+#[derive(Debug)]
+enum OfflineError {
+    /// Keys, signatures, or a file read for them.
+    Signature(SignatureError),
+    /// `patcher info`: the module cannot be read as a livepatch module.
+    Module { path: PathBuf, source: ModuleError },
+    /// `patcher info`: it was read, and klpvisor would refuse it.
+    Refused { path: PathBuf, why: String },
+    /// Writing output (man pages).
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for OfflineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Signature(e) => write!(f, "{e}"),
+            Self::Module { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::Refused { path, why } => {
+                write!(f, "{}: klpvisor would refuse it: {why}", path.display())
+            }
+            Self::Write { path, source } => write!(f, "cannot write {}: {source}", path.display()),
+        }
+    }
+}
+
+impl From<SignatureError> for OfflineError {
+    fn from(e: SignatureError) -> Self {
+        Self::Signature(e)
+    }
+}
+
+/// The commands that need no VMM (keys, signatures, module info,
+/// completions, man pages); None for the rest.
+fn offline(command: &Command, json: bool) -> Option<Result<(), OfflineError>> {
+    Some(match command {
+        Command::Info {
+            file,
+            trusted_keys,
+            btf,
+        } => info::command(file, trusted_keys.as_deref(), btf.as_deref(), json),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Args::command(),
+                "patcher",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { dir } => man(dir.as_deref()),
+        _ => return offline_keys(command).map(|r| r.map_err(OfflineError::from)),
+    })
+}
+
+/// `patcher man`: the page on stdout, or every page into `dir`.
+fn man(dir: Option<&Path>) -> Result<(), OfflineError> {
+    let cmd = Args::command();
+    match dir {
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .map_err(|source| OfflineError::Write {
+                path: "stdout".into(),
+                source,
+            }),
+        Some(dir) => {
+            let write_err = |source| OfflineError::Write {
+                path: dir.to_owned(),
+                source,
+            };
+            std::fs::create_dir_all(dir).map_err(write_err)?;
+            clap_mangen::generate_to(cmd, dir).map_err(write_err)?;
+            println!("man pages written to {}", dir.display());
+            Ok(())
+        }
+    }
+}
+
+/// The key and signature commands; None for the rest.
+fn offline_keys(command: &Command) -> Option<Result<(), SignatureError>> {
     Some(match command {
         Command::Keygen { out } => write_key_pair(out).map(|(secret, public, id)| {
             println!("key {id}");
@@ -257,7 +387,7 @@ fn offline(command: &Command) -> Option<Result<(), SignatureError>> {
     })
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, SignatureError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, SignatureError> {
     std::fs::read(path).map_err(|source| SignatureError::Read {
         path: path.to_owned(),
         source,
@@ -431,7 +561,12 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             let v = c.rollback(*to, options(*force, *timeout))?;
             show(json, &v, print_rollback);
         }
-        Command::Keygen { .. } | Command::Sign { .. } | Command::Verify { .. } => {}
+        Command::Keygen { .. }
+        | Command::Sign { .. }
+        | Command::Verify { .. }
+        | Command::Info { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => {}
         Command::Remove { name } => {
             let v = c.remove(name)?;
             show(json, &v, |v| {

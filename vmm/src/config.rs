@@ -21,7 +21,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 #[command(name = "vmm", version)]
 pub struct Args {
     /// The guest kernel (a bzImage).
-    #[arg(long, required_unless_present = "kvm_probe")]
+    #[arg(long, required_unless_present_any = ["kvm_probe", "completions", "man"])]
     pub kernel: Option<PathBuf>,
     /// An initramfs for the guest.
     #[arg(long)]
@@ -66,6 +66,13 @@ pub struct Args {
     /// Time a loop on /dev/kvm, print whether it runs at hardware speed, and exit.
     #[arg(long)]
     pub kvm_probe: bool,
+    /// Print a completion script for SHELL and exit (e.g. `vmm
+    /// --completions bash > /etc/bash_completion.d/vmm`).
+    #[arg(long, value_name = "SHELL", value_enum, exclusive = true)]
+    pub completions: Option<clap_complete::Shell>,
+    /// Print this manual page (roff) and exit (`vmm --man > vmm.1`).
+    #[arg(long, exclusive = true)]
+    pub man: bool,
 }
 
 #[derive(Debug, Error)]

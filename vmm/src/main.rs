@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing_subscriber::EnvFilter;
@@ -38,6 +38,18 @@ const CONSOLE_FLUSH: Duration = Duration::from_secs(2);
 fn main() -> ExitCode {
     let started = Instant::now();
     let args = config::Args::parse();
+    // Generated from the argument definitions, so they never drift from them.
+    if let Some(shell) = args.completions {
+        let mut cmd = config::Args::command();
+        clap_complete::generate(shell, &mut cmd, "vmm", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    if args.man {
+        return match clap_mangen::Man::new(config::Args::command()).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&format!("cannot write the man page: {e}")),
+        };
+    }
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The VMM's own log: stderr, or a file of its own (--log-file), never
     // the guest's console (stdout).

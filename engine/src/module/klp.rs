@@ -21,6 +21,7 @@ use object::elf;
 
 use super::elf::{RawElf, RawSection};
 use super::sections::THIS_MODULE;
+use super::tables::BugLayout;
 use super::{ModuleError, Place};
 use klpvisor_guest::Btf;
 
@@ -192,7 +193,7 @@ pub struct State {
 }
 
 /// Offsets and sizes from the guest's BTF.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Layouts {
     patch_size: u64,
     patch_mod: u64,
@@ -213,8 +214,93 @@ pub(super) struct Layouts {
     module_name: Field,
 }
 
+/// The klp structure layouts a module is read with: from a guest's BTF
+/// (what the VMM uses: exact for the guest it patches), or klpvisor's
+/// built-in x86-64 layouts, for reading a module with no guest at hand
+/// (`patcher info`).
+///
+/// `struct bug_entry`'s layout comes along: the module's `__bug_table` is
+/// read with it (see [`super::tables`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KlpLayouts {
+    pub(super) klp: Layouts,
+    /// `None`: the kernel has no x86-64 relative-pointer `bug_entry`, and
+    /// a module with BUG/WARN sites is refused.
+    pub(super) bug: Option<BugLayout>,
+}
+
+impl KlpLayouts {
+    /// The layouts in `btf` (a guest kernel's, or any kernel's
+    /// `/sys/kernel/btf/vmlinux`); an error names what it lacks.
+    pub fn from_btf(btf: &Btf) -> Result<Self, ModuleError> {
+        Ok(Self {
+            klp: Layouts::from_btf(btf)?,
+            bug: BugLayout::from_btf(btf),
+        })
+    }
+
+    /// The layouts in a raw BTF file (`/sys/kernel/btf/vmlinux` of a
+    /// machine running the guest's kernel), for reading a module offline
+    /// for a kernel the built-in layouts do not fit.
+    pub fn from_btf_bytes(bytes: &[u8]) -> Result<Self, ModuleError> {
+        let btf = Btf::parse(bytes).map_err(ModuleError::BadBtf)?;
+        Self::from_btf(&btf)
+    }
+
+    /// x86-64 Linux 6.1 to 6.12 without `CONFIG_DEBUG_KOBJECT_RELEASE`
+    /// (Debian's cloud and generic kernels among them): include/linux/livepatch.h
+    /// did not change the members or the sizes the reader depends on in
+    /// that range. Offline inspection has no guest BTF, and a struct
+    /// klp_patch cannot be found in a module without these; a kernel
+    /// configured otherwise is read with [`Self::from_btf`].
+    pub fn builtin() -> Self {
+        // A kobject is 64 bytes, a list_head 16, a work_struct and a
+        // completion 32 each, on x86-64 without lockdep or kobject debug.
+        let klp = Layouts {
+            patch_size: 200,
+            patch_mod: 0,
+            patch_objs: 8,
+            patch_states: 16,
+            patch_replace: Field {
+                offset: 24,
+                size: 1,
+            },
+            obj_size: 168,
+            obj_name: 0,
+            obj_funcs: 8,
+            obj_callbacks: [16, 24, 32, 40],
+            func_size: 152,
+            func_old_name: 0,
+            func_new_func: 8,
+            func_old_sympos: Field {
+                offset: 16,
+                size: 8,
+            },
+            state_size: 24,
+            state_id: Field { offset: 0, size: 8 },
+            state_version: Field { offset: 8, size: 4 },
+            module_name: Field {
+                offset: 24,
+                size: MODULE_NAME_LEN as u64,
+            },
+        };
+        // CONFIG_DEBUG_BUGVERBOSE (Debian's): bug_addr_disp, file_disp,
+        // line, flags.
+        let bug = BugLayout {
+            size: 12,
+            file: Some(4),
+            line: Some(8),
+            flags: 10,
+        };
+        Self {
+            klp,
+            bug: Some(bug),
+        }
+    }
+}
+
 /// An integer field: offset and width.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Field {
     pub(super) offset: u64,
     pub(super) size: u64,
@@ -284,18 +370,18 @@ pub(super) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    pub(super) fn new(elf: &'a RawElf, btf: &Btf) -> Result<Self, ModuleError> {
+    pub(super) fn new(elf: &'a RawElf, layouts: &KlpLayouts) -> Self {
         let mut pointers = std::collections::HashMap::new();
         for (i, r) in elf.relas.iter().enumerate() {
             if r.r_type == elf::R_X86_64_64 && !r.klp {
                 pointers.insert((r.target, r.offset), i);
             }
         }
-        Ok(Self {
+        Self {
             elf,
             pointers,
-            l: Layouts::from_btf(btf)?,
-        })
+            l: layouts.klp,
+        }
     }
 
     pub(super) fn section(&self, index: usize) -> Result<&'a RawSection, ModuleError> {
@@ -739,7 +825,23 @@ pub fn read_patch(
     livepatch_marked: bool,
     modinfo_name: Option<&str>,
 ) -> Result<Patch, ModuleError> {
-    let r = Reader::new(elf, btf)?;
+    read_patch_with(
+        elf,
+        &KlpLayouts::from_btf(btf)?,
+        livepatch_marked,
+        modinfo_name,
+    )
+}
+
+/// [`read_patch`] with layouts given rather than read from a BTF (see
+/// [`KlpLayouts::builtin`]).
+pub fn read_patch_with(
+    elf: &RawElf,
+    layouts: &KlpLayouts,
+    livepatch_marked: bool,
+    modinfo_name: Option<&str>,
+) -> Result<Patch, ModuleError> {
+    let r = Reader::new(elf, layouts);
     let at = match r.find_patch(livepatch_marked) {
         Ok(at) => at,
         // kpatch-build's modules build their klp_patch at init time.
@@ -792,6 +894,22 @@ mod tests {
     use super::super::elf::{RawRela, RawSymbol};
     use super::*;
     use klpvisor_guest::btf::synth::BtfBuilder;
+
+    /// The built-in layouts are those of Linux 6.1's livepatch.h as gcc
+    /// lays them out (the fuzz fixture, compiled from a copy of it).
+    #[test]
+    fn builtin_layouts_are_linux_6_1s() {
+        let btf = Btf::parse(include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/fixtures/klp.btf"
+        )))
+        .unwrap();
+        // (The fixture has no struct bug_entry.)
+        assert_eq!(
+            KlpLayouts::from_btf(&btf).unwrap().klp,
+            KlpLayouts::builtin().klp
+        );
+    }
 
     /// The klp structures of a 64-bit kernel, in miniature.
     fn btf() -> Btf {

@@ -15,6 +15,7 @@
 //! points at the guest's return thunk (the kernel's `apply_returns` does).
 
 pub mod elf;
+pub mod inspect;
 pub mod klp;
 pub mod kpatch;
 pub mod modinfo;
@@ -25,7 +26,8 @@ use std::collections::HashMap;
 
 use object::elf as E;
 
-pub use klp::{Callbacks, CodeRef, Func, Object, Patch, State};
+pub use inspect::{inspect, Inspection, SectionReport, Verdict};
+pub use klp::{Callbacks, CodeRef, Func, KlpLayouts, Object, Patch, State};
 pub use modinfo::Modinfo;
 pub use sections::{Policy, Segment};
 
@@ -96,6 +98,10 @@ pub enum ModuleError {
     /// The guest's BTF lacks a klp structure or member the parser reads.
     #[error("the guest's BTF lacks a klp structure layout: {0}")]
     KlpLayoutBtf(#[from] BtfError),
+    /// A BTF file given for the klp layouts (`patcher info --btf`) does
+    /// not parse.
+    #[error("not a usable BTF file: {0}")]
+    BadBtf(BtfError),
     /// The guest's BTF describes a klp member of an unexpected size.
     #[error("unexpected klp structure layout in the guest's BTF: {0}")]
     KlpLayout(String),
@@ -377,7 +383,8 @@ pub struct Module {
     /// What the module patches: its `struct klp_patch`, or what
     /// kpatch-build's `.kpatch.funcs` describe.
     pub patch: Patch,
-    /// The kernel release in its vermagic (equal to the guest's).
+    /// The kernel release in its vermagic (equal to the guest's; empty
+    /// when parsed offline from a module without one).
     pub release: String,
     /// Loaded sections, in segment order.
     pub sections: Vec<Section>,
@@ -407,23 +414,35 @@ impl Module {
     /// Parses and checks a livepatch module for the guest described by
     /// `btf` and `guest_release` (`uname -r` of the guest).
     pub fn parse(bytes: &[u8], btf: &Btf, guest_release: &str) -> Result<Self, ModuleError> {
+        Self::parse_with(bytes, || KlpLayouts::from_btf(btf), Some(guest_release))
+    }
+
+    /// [`Self::parse`] with the structure layouts from `layouts` (called
+    /// once the release is checked, so a module for another kernel is
+    /// named as such first), and the release checked only when
+    /// `guest_release` is given: offline inspection ([`inspect`]) runs
+    /// every check that needs no guest.
+    pub fn parse_with(
+        bytes: &[u8],
+        layouts: impl FnOnce() -> Result<KlpLayouts, ModuleError>,
+        guest_release: Option<&str>,
+    ) -> Result<Self, ModuleError> {
         let elf = RawElf::parse(bytes)?;
         let modinfo = elf
             .section_by_name(".modinfo")
             .map(|(_, s)| Modinfo::parse(&s.data))
             .unwrap_or_default();
-        modinfo.check_release(guest_release)?;
-        let release = guest_release.to_owned();
-        let patch = klp::read_patch(&elf, btf, modinfo.livepatch(), modinfo.get("name"))?;
+        let release = match guest_release {
+            Some(guest) => {
+                modinfo.check_release(guest)?;
+                guest.to_owned()
+            }
+            None => modinfo.release().unwrap_or_default().to_owned(),
+        };
+        let layouts = layouts()?;
+        let patch = klp::read_patch_with(&elf, &layouts, modinfo.livepatch(), modinfo.get("name"))?;
 
-        let policies: Vec<Option<Policy>> = elf
-            .sections
-            .iter()
-            .map(|s| {
-                s.alloc()
-                    .then(|| sections::policy(&s.name, s.write(), s.exec()))
-            })
-            .collect();
+        let policies = section_policies(&elf);
         let policy_of = |i: usize| policies.get(i).copied().flatten();
         check_sections(&elf, &policies)?;
 
@@ -534,7 +553,7 @@ impl Module {
             relocs,
             fentry_sites: Vec::new(),
             return_jumps: Vec::new(),
-            tables: tables::parse(&elf, &policies, tables::BugLayout::from_btf(btf))?,
+            tables: tables::parse(&elf, &policies, layouts.bug)?,
             init_exit_calls: init_exit_calls(&elf),
             layout,
             by_elf,
@@ -740,12 +759,40 @@ fn site_of(
     }
 }
 
+/// Each section's policy ([`sections::policy`]); `None` for sections that
+/// are not allocatable (symbols, relocations, debug info: never loaded).
+fn section_policies(elf: &RawElf) -> Vec<Option<Policy>> {
+    elf.sections
+        .iter()
+        .map(|s| {
+            s.alloc()
+                .then(|| sections::policy(&s.name, s.write(), s.exec()))
+        })
+        .collect()
+}
+
 fn policy_of_section(policies: &[Option<Policy>], raw: &RawSymbol, elf: &RawElf) -> Option<Policy> {
     policies.get(elf.symbol_section(raw)?).copied().flatten()
 }
 
 /// Refuses every non-empty section the loader would need to register.
 fn check_sections(elf: &RawElf, policies: &[Option<Policy>]) -> Result<(), ModuleError> {
+    let refused: Vec<(String, String)> = section_refusals(elf, policies)
+        .into_iter()
+        .map(|(i, why)| (elf.sections[i].name.clone(), why))
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(ModuleError::UnsupportedSections(refused))
+    }
+}
+
+/// Each section that cannot be honoured from outside (by ELF index), with
+/// the reason, what the patch defines there and where its code uses it:
+/// shared by parsing (which refuses the module) and inspection (which
+/// shows every section's verdict).
+fn section_refusals(elf: &RawElf, policies: &[Option<Policy>]) -> Vec<(usize, String)> {
     let mut refused = Vec::new();
     for (i, (s, p)) in elf.sections.iter().zip(policies).enumerate() {
         match p {
@@ -805,10 +852,10 @@ fn check_sections(elf: &RawElf, policies: &[Option<Policy>]) -> Result<(), Modul
                         }
                     );
                 }
-                refused.push((s.name.clone(), why))
+                refused.push((i, why))
             }
             Some(Policy::Unknown) if s.size > 0 => refused.push((
-                s.name.clone(),
+                i,
                 "unknown allocatable section: klpvisor cannot tell whether the kernel's module \
                  loader would process it"
                     .to_owned(),
@@ -816,11 +863,7 @@ fn check_sections(elf: &RawElf, policies: &[Option<Policy>]) -> Result<(), Modul
             _ => {}
         }
     }
-    if refused.is_empty() {
-        Ok(())
-    } else {
-        Err(ModuleError::UnsupportedSections(refused))
-    }
+    refused
 }
 
 /// Parses `.klp.sym.<object>.<name>,<sympos>` (klp_resolve_symbols' format:
