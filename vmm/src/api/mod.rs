@@ -19,6 +19,7 @@
 
 mod error;
 mod handlers;
+pub mod head;
 mod io;
 mod peer;
 pub mod routes;
