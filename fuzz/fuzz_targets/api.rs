@@ -10,8 +10,8 @@
 
 use std::collections::HashMap;
 
-use libfuzzer_sys::fuzz_target;
 use klpvisor_api::*;
+use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 

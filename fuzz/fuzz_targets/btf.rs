@@ -2,8 +2,8 @@
 //! (struct sizes, member offsets through nested and anonymous members).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
 use klpvisor_guest::Btf;
+use libfuzzer_sys::fuzz_target;
 
 /// Paths the engine looks up (tasks, klp structures, uts_namespace) and
 /// the seeds' own, so lookups reach deep into valid inputs.

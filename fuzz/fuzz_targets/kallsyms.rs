@@ -3,9 +3,9 @@
 #![no_main]
 
 use klpvisor_fuzz::WINDOW;
-use libfuzzer_sys::fuzz_target;
 use klpvisor_guest::kallsyms::{Image, Symbol, MAX_DECODED_BYTES};
 use klpvisor_guest::Kallsyms;
+use libfuzzer_sys::fuzz_target;
 
 /// Lookups per input: enough to reach every path, bounded per run.
 const MAX_LOOKUPS: usize = 64;

@@ -4,11 +4,11 @@
 //! read offline with the built-in layouts, as `patcher info` reads it.
 #![no_main]
 
-use klpvisor_fuzz::{kallsyms, klp_btf, END, RELEASE};
-use libfuzzer_sys::fuzz_target;
 use klpvisor_engine::link::alternatives::{Flavor, GuestCpu};
 use klpvisor_engine::link::{self, Bases, LinkOptions, NOP5};
 use klpvisor_engine::module::{inspect, KlpLayouts, Module};
+use klpvisor_fuzz::{kallsyms, klp_btf, END, RELEASE};
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     // `patcher info`'s offline reading of the same bytes must not panic either.
@@ -41,7 +41,14 @@ fuzz_target!(|data: &[u8]| {
             } else {
                 Flavor::V6_1.default_layout()
             },
-            caps: vec![if data.last().is_some_and(|b| b & 4 == 4) { u32::MAX } else { 0 }; 21],
+            caps: vec![
+                if data.last().is_some_and(|b| b & 4 == 4) {
+                    u32::MAX
+                } else {
+                    0
+                };
+                21
+            ],
             pv_ops: None,
             bug_func: None,
             nop_func: None,

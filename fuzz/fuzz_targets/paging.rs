@@ -5,9 +5,9 @@
 #![no_main]
 
 use klpvisor_fuzz::{Bytes, PhysGuest};
-use libfuzzer_sys::fuzz_target;
-use klpvisor_guest::{AddressSpace, PageTables, VirtRead};
 use klpvisor_guest::Guest;
+use klpvisor_guest::{AddressSpace, PageTables, VirtRead};
+use libfuzzer_sys::fuzz_target;
 
 /// Longest read per input (a page and a bit: crosses a page boundary).
 const MAX_READ: u16 = 5000;

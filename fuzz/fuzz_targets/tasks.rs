@@ -11,14 +11,14 @@
 
 use std::ops::Range;
 
+use klpvisor_engine::safepoint::{irq_stacks, Check, Span};
 use klpvisor_fuzz::tasks_window::*;
 use klpvisor_fuzz::{kallsyms, Bytes, Window, WINDOW};
-use libfuzzer_sys::fuzz_target;
+use klpvisor_guest::orc::Orc;
 use klpvisor_guest::tasks::{TaskLayout, TaskSymbols, ThreadLinks, THREAD_SIZE};
 use klpvisor_guest::Tasks;
-use klpvisor_guest::orc::Orc;
-use klpvisor_engine::safepoint::{irq_stacks, Check, Span};
 use klpvisor_guest::VcpuRegs;
+use libfuzzer_sys::fuzz_target;
 
 /// task_struct offsets, as in tasks.rs's unit tests.
 pub const LAYOUT: TaskLayout = TaskLayout {

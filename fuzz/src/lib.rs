@@ -105,6 +105,44 @@ impl Guest for PhysGuest<'_> {
     }
 }
 
+/// A guest whose physical memory is the fuzz bytes from address 0, with
+/// vCPUs and an arena of the input's choosing (the `kernel` and `arena`
+/// targets). Refuses writes, as [`PhysGuest`] does.
+pub struct FuzzGuest<'a> {
+    pub mem: &'a [u8],
+    pub regs: Vec<VcpuRegs>,
+    pub arena: (u64, u64),
+    pub arena_tables: Option<(u64, u64)>,
+}
+
+impl Guest for FuzzGuest<'_> {
+    type Error = OutOfRange;
+
+    fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), OutOfRange> {
+        PhysGuest(self.mem).read_phys(gpa, buf)
+    }
+
+    fn write_phys(&self, gpa: GuestPhys, _data: &[u8]) -> Result<(), OutOfRange> {
+        Err(OutOfRange(gpa.0))
+    }
+
+    fn arena(&self) -> (GuestPhys, u64) {
+        (GuestPhys(self.arena.0), self.arena.1)
+    }
+
+    fn arena_tables(&self) -> Option<(GuestPhys, u64)> {
+        self.arena_tables.map(|(gpa, len)| (GuestPhys(gpa), len))
+    }
+
+    fn vcpu_count(&self) -> usize {
+        self.regs.len()
+    }
+
+    fn vcpu_regs(&self, id: usize) -> Result<VcpuRegs, OutOfRange> {
+        self.regs.get(id).copied().ok_or(OutOfRange(id as u64))
+    }
+}
+
 /// Reads little-endian integers off the front of a fuzz input; past its
 /// end every value is 0, so any input has a meaning.
 pub struct Bytes<'a>(pub &'a [u8]);
@@ -121,6 +159,13 @@ impl<'a> Bytes<'a> {
         let h = self.take(8);
         b[..h.len()].copy_from_slice(h);
         u64::from_le_bytes(b)
+    }
+
+    pub fn u32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        let h = self.take(4);
+        b[..h.len()].copy_from_slice(h);
+        u32::from_le_bytes(b)
     }
 
     pub fn u16(&mut self) -> u16 {
@@ -167,6 +212,34 @@ pub fn kernel_symbols() -> Vec<(char, String, u64)> {
     v
 }
 
+/// Where the ftrace target's `ftrace_pages_start` is: just past its
+/// header in the input, which is mapped at [`WINDOW`].
+pub const FTRACE_PAGES_START: u64 = WINDOW + 0x40;
+
+/// The fixed kernel's symbol table with `ftrace_pages_start` added (the
+/// ftrace target's list head).
+pub fn ftrace_kallsyms() -> &'static Kallsyms {
+    static K: OnceLock<Kallsyms> = OnceLock::new();
+    K.get_or_init(|| {
+        let mut syms = kernel_symbols();
+        syms.push(('b', "ftrace_pages_start".into(), FTRACE_PAGES_START));
+        syms.sort_by_key(|s| (s.2 >= 1 << 32, s.2));
+        let bytes = Builder::new(Layout::OffsetsFirst, syms).build();
+        match Kallsyms::from_image(Image {
+            base: WINDOW,
+            bytes: &bytes,
+        }) {
+            Ok(k) => k,
+            Err(e) => panic!("the ftrace kallsyms tables do not decode: {e}"),
+        }
+    })
+}
+
+/// The key the signature target trusts (and its seeds are signed with).
+pub fn signing_key() -> klpvisor_engine::signature::SecretKey {
+    klpvisor_engine::signature::SecretKey::from_seed([0x5a; 32])
+}
+
 /// kallsyms tables of [`kernel_symbols`] in 6.1's layout.
 pub fn kernel_tables(layout: Layout) -> Vec<u8> {
     Builder::new(layout, kernel_symbols()).build()
@@ -199,3 +272,62 @@ pub fn klp_btf() -> &'static Btf {
 
 /// The kernel release the seed module's vermagic names.
 pub const RELEASE: &str = "6.1.0-fuzz";
+
+/// Byte offsets of `struct ftrace_page` and `struct dyn_ftrace` members,
+/// as the ftrace target's header gives them.
+#[derive(Debug, Clone, Copy)]
+pub struct FtraceLayout {
+    pub page_size: u32,
+    pub next: u32,
+    pub records: u32,
+    pub index: u32,
+    pub rec_size: u32,
+    pub ip: u32,
+    pub flags: u32,
+}
+
+impl FtraceLayout {
+    /// 6.1's: `ftrace_page { next; records; int index; int order; }`,
+    /// `dyn_ftrace { unsigned long ip, flags; }`.
+    pub const V6_1: Self = Self {
+        page_size: 24,
+        next: 0,
+        records: 8,
+        index: 16,
+        rec_size: 16,
+        ip: 0,
+        flags: 8,
+    };
+
+    /// BTF describing this layout (members may overlap or lie past the
+    /// struct's end: the reader must cope).
+    pub fn btf(&self) -> Option<Btf> {
+        use klpvisor_guest::btf::synth::BtfBuilder;
+        let bits = |bytes: u32| bytes.checked_mul(8);
+        let mut b = BtfBuilder::new();
+        let ulong = b.int("long unsigned int", 8);
+        let int = b.int("int", 4);
+        let rec = b.composite(
+            false,
+            "dyn_ftrace",
+            self.rec_size,
+            &[
+                ("ip", ulong, bits(self.ip)?, 0),
+                ("flags", ulong, bits(self.flags)?, 0),
+            ],
+        );
+        let rec_p = b.ptr(rec);
+        let page_p = b.ptr(0);
+        b.composite(
+            false,
+            "ftrace_page",
+            self.page_size,
+            &[
+                ("next", page_p, bits(self.next)?, 0),
+                ("records", rec_p, bits(self.records)?, 0),
+                ("index", int, bits(self.index)?, 0),
+            ],
+        );
+        Btf::parse(&b.build()).ok()
+    }
+}

@@ -264,18 +264,39 @@ impl Kernel {
     /// physically contiguous, so its guest-physical address follows from
     /// `_text`'s), and the view is kept only if [`Kernel::verify`] reads
     /// the kernel back through `init_top_pgt`.
+    ///
+    /// All the roots share one kallsyms search budget: each vCPU offers up
+    /// to two roots, and each search may spend a whole budget on crafted
+    /// memory (the `kernel` fuzz target has inputs that do), so with a
+    /// budget per root the work grew with the vCPU count. A real kernel's
+    /// tables are found on a fraction of one budget, through the first
+    /// root that maps the kernel.
     pub fn open<G: Guest + ?Sized>(guest: &G) -> Result<Self, IntrospectError> {
+        Self::open_spending(guest, &mut kallsyms::tables::Budget::new())
+    }
+
+    fn open_spending<G: Guest + ?Sized>(
+        guest: &G,
+        budget: &mut kallsyms::tables::Budget,
+    ) -> Result<Self, IntrospectError> {
         let regs = all_vcpu_regs(guest)?;
         if regs.is_empty() {
             return Err(IntrospectError::NoVcpus);
         }
         let mut attempts = Vec::new();
         for origin in candidate_tables(&regs, &mut attempts) {
+            if budget.is_spent() {
+                attempts.push(format!(
+                    "  {origin}: not tried, the kallsyms search budget is spent"
+                ));
+                continue;
+            }
             let space = AddressSpace::new(guest, origin.tables);
             let found = kaslr::probe(&space)
                 .map_err(|e| e.to_string())
                 .and_then(|probe| {
-                    let kallsyms = Kallsyms::load(&space, probe.text).map_err(|e| e.to_string())?;
+                    let kallsyms = Kallsyms::load_spending(&space, probe.text, budget)
+                        .map_err(|e| e.to_string())?;
                     let kaslr = Kaslr::confirm(probe, &kallsyms, &space, &regs)
                         .map_err(|e| e.to_string())?;
                     Ok((kaslr, kallsyms))
@@ -516,6 +537,91 @@ mod tests {
             ]
         );
         assert!(skipped.is_empty());
+    }
+
+    /// A kernel image (text page, then kallsyms tables that put `_text`
+    /// 2 MiB off, so every root fails confirmation after a full decode)
+    /// behind a vCPU whose CR3 has bit 12 set: its root and its PTI twin
+    /// (a copy of the PML4 at 0) both map it.
+    struct TwoRoots {
+        mem: crate::paging::test_support::FakePhys,
+        regs: VcpuRegs,
+    }
+
+    impl Guest for TwoRoots {
+        type Error = crate::paging::test_support::OutOfRange;
+        fn read_phys(&self, gpa: crate::GuestPhys, buf: &mut [u8]) -> Result<(), Self::Error> {
+            self.mem.read_phys(gpa, buf)
+        }
+        fn write_phys(&self, gpa: crate::GuestPhys, data: &[u8]) -> Result<(), Self::Error> {
+            self.mem.write_phys(gpa, data)
+        }
+        fn arena(&self) -> (crate::GuestPhys, u64) {
+            (crate::GuestPhys(0), 0)
+        }
+        fn vcpu_count(&self) -> usize {
+            1
+        }
+        fn vcpu_regs(&self, _id: usize) -> Result<VcpuRegs, Self::Error> {
+            Ok(self.regs)
+        }
+    }
+
+    fn two_roots() -> (TwoRoots, Vec<u8>) {
+        use crate::kallsyms::synth::{sample_symbols, Builder};
+        use crate::kallsyms::Layout;
+        const P: u64 = 0b11;
+        const NX: u64 = 1 << 63;
+        let syms = sample_symbols(300)
+            .into_iter()
+            .map(|(k, n, a)| (k, n, if a >= 1 << 32 { a + (2 << 20) } else { a }))
+            .collect();
+        let tables = Builder::new(Layout::OffsetsFirst, syms).build();
+        let mem = crate::paging::test_support::FakePhys::new(0x10_0000);
+        for pml4 in [0, 0x1000] {
+            mem.put_u64(pml4 + 511 * 8, 0x2000 | P);
+        }
+        mem.put_u64(0x2000 + 510 * 8, 0x3000 | P);
+        mem.put_u64(0x3000 + 8 * 8, 0x4000 | P);
+        let pages = 1 + tables.len().div_ceil(4096) as u64;
+        for page in 0..pages {
+            let nx = if page == 0 { 0 } else { NX };
+            mem.put_u64(0x4000 + page * 8, (0x1_0000 + page * 0x1000) | P | nx);
+        }
+        mem.write_phys(crate::GuestPhys(0x1_0000), &[0x48, 0x8d, 0x25])
+            .unwrap();
+        mem.write_phys(crate::GuestPhys(0x1_1000), &tables).unwrap();
+        let regs = long_mode(0x10, 0x1000, 0);
+        (TwoRoots { mem, regs }, tables)
+    }
+
+    /// Two roots each decode the whole table before failing; on one
+    /// budget that covers a decode and a half, the second search runs
+    /// out. With a budget per root (before), both decoded in full.
+    #[test]
+    fn page_table_roots_share_one_kallsyms_budget() {
+        let (guest, tables) = two_roots();
+        let mut probe = kallsyms::tables::Budget::new();
+        kallsyms::tables::decode_spending(
+            kallsyms::Image {
+                base: 0,
+                bytes: &tables,
+            },
+            &mut probe,
+        )
+        .unwrap();
+        let cost = kallsyms::tables::WORK_BUDGET - probe.left();
+        let mut budget = kallsyms::tables::Budget::with(cost + cost / 2);
+        let e = Kernel::open_spending(&guest, &mut budget).unwrap_err();
+        let IntrospectError::NoKernel { attempts } = &e else {
+            panic!("{e}");
+        };
+        assert_eq!(attempts.len(), 2, "{e}");
+        assert!(attempts[0].contains("kallsyms says _text"), "{e}");
+        assert!(attempts[1].contains("units of work"), "{e}");
+        // A whole budget: both roots decode, both fail to confirm.
+        let e = Kernel::open(&guest).unwrap_err().to_string();
+        assert_eq!(e.matches("kallsyms says _text").count(), 2, "{e}");
     }
 
     #[test]

@@ -36,8 +36,8 @@
 
 use crate::arena::{Arena, ArenaError, Perm, Region};
 use crate::write::{AllowKind, Allowed, Plan, Write, WriteError};
+use klpvisor_guest::{Btf, Kernel, VirtRead};
 use klpvisor_guest::{Guest, VcpuRegs};
-use klpvisor_guest::{Kernel, VirtRead};
 
 use super::Call;
 
@@ -155,9 +155,12 @@ impl Progress {
     }
 }
 
-/// The guest's struct layouts the gate writes (from BTF).
+/// The guest's struct layouts the gate writes (from BTF): where in its
+/// data page the `irq_work` and `work_struct` fields are. Public so the
+/// fuzz target can check that no BTF makes the gate touch a byte outside
+/// the structs it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Layout {
+pub struct Layout {
     irq_next: u64,
     irq_flags: u64,
     irq_func: u64,
@@ -167,19 +170,22 @@ struct Layout {
 }
 
 impl Layout {
-    fn from_kernel(k: &Kernel) -> Result<Self, GateError> {
+    /// Reads the layouts from the guest's BTF. The BTF is guest memory, so
+    /// untrusted: every field the gate reads or writes must lie inside its
+    /// struct, and each struct inside its slot of the data page, or the
+    /// gate would write past its page (a panic in the VMM) or over the
+    /// mailbox.
+    pub fn from_btf(btf: &Btf) -> Result<Self, GateError> {
         let off = |path: &str| {
-            k.btf
-                .offset_of(path)
+            btf.offset_of(path)
                 .map_err(|e| GateError::Unsupported(format!("BTF: {e}")))
         };
         let size = |name: &str| {
-            k.btf
-                .struct_size(name)
+            btf.struct_size(name)
                 .map_err(|e| GateError::Unsupported(format!("BTF: {e}")))
         };
-        if size("irq_work")? > WORK_AT - IRQ_WORK_AT || size("work_struct")? > MAILBOX_AT - WORK_AT
-        {
+        let (irq_size, work_size) = (size("irq_work")?, size("work_struct")?);
+        if irq_size > WORK_AT - IRQ_WORK_AT || work_size > MAILBOX_AT - WORK_AT {
             return Err(GateError::Unsupported(
                 "struct irq_work or work_struct is larger than the gate expects (lockdep?)".into(),
             ));
@@ -187,16 +193,61 @@ impl Layout {
         if off("list_head.next")? != 0 || off("list_head.prev")? != 8 {
             return Err(GateError::Unsupported("unexpected struct list_head".into()));
         }
-        Ok(Self {
+        let layout = Self {
             irq_next: off("irq_work.node.llist.next")?,
             irq_flags: off("irq_work.node.u_flags")?,
             irq_func: off("irq_work.func")?,
             work_data: off("work_struct.data")?,
             work_entry: off("work_struct.entry")?,
             work_func: off("work_struct.func")?,
-        })
+        };
+        for (what, at, len) in layout.accesses() {
+            let (start, size) = if what.starts_with("irq_work.") {
+                (IRQ_WORK_AT, irq_size)
+            } else {
+                (WORK_AT, work_size)
+            };
+            let inside = at
+                .checked_sub(start)
+                .and_then(|o| o.checked_add(len))
+                .is_some_and(|end| end <= size);
+            if !inside {
+                return Err(GateError::Unsupported(format!(
+                    "BTF puts {what} ({len} bytes at offset {:#x}) outside its struct ({size} \
+                     bytes)",
+                    at.wrapping_sub(start)
+                )));
+            }
+        }
+        Ok(layout)
+    }
+
+    /// Every field the gate reads or writes through this layout: its BTF
+    /// path, its offset in the data page, and its length. BTF offsets are
+    /// sums of a bounded number of u32 bit offsets, far from overflowing
+    /// when added to a page offset.
+    pub fn accesses(&self) -> [(&'static str, u64, u64); 6] {
+        [
+            ("irq_work.node.llist.next", IRQ_WORK_AT + self.irq_next, 8),
+            ("irq_work.node.u_flags", IRQ_WORK_AT + self.irq_flags, 4),
+            ("irq_work.func", IRQ_WORK_AT + self.irq_func, 8),
+            ("work_struct.data", WORK_AT + self.work_data, 8),
+            ("work_struct.entry", WORK_AT + self.work_entry, 16),
+            ("work_struct.func", WORK_AT + self.work_func, 8),
+        ]
+    }
+
+    /// The gate's data page at `data` as first written, for code at
+    /// `text` (see [`Gate::plan_install`]).
+    pub fn data_page(&self, data: u64, text: u64) -> Vec<u8> {
+        initial_data(data, text, self)
     }
 }
+
+/// Where the `irq_work` ends and the `work_struct` starts in the data page.
+pub const DATA_PAGE_WORK_AT: u64 = WORK_AT;
+/// Where the `work_struct` ends and the mailbox starts in the data page.
+pub const DATA_PAGE_MAILBOX_AT: u64 = MAILBOX_AT;
 
 /// Kernel addresses the gate code uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -398,7 +449,7 @@ impl Gate {
             return_thunk: crate::link::guest_return_thunk(&space, &kernel.kallsyms)?
                 .filter(|&t| !crate::link::guest_plain_returns(&space, &kernel.kallsyms, Some(t))),
         };
-        let layout = Layout::from_kernel(kernel)?;
+        let layout = Layout::from_btf(&kernel.btf)?;
         let text = arena.alloc(PAGE, Perm::Text)?;
         let data = arena.alloc(PAGE, Perm::Data)?;
         let mut writes = arena.map_writes(guest, &[text, data])?;
@@ -751,6 +802,78 @@ mod tests {
             code(TEXT, DATA, &s),
             Err(GateError::Unsupported(m)) if m.contains("rel32")
         ));
+    }
+
+    /// BTF with 6.1's irq_work and work_struct, `func` of work_struct at
+    /// byte `work_func` of a `work_size`-byte struct.
+    fn gate_btf(work_func: u32, work_size: u32) -> Btf {
+        use klpvisor_guest::btf::synth::BtfBuilder;
+        let mut b = BtfBuilder::new();
+        let ulong = b.int("long unsigned int", 8);
+        let uint = b.int("unsigned int", 4);
+        let list = b.composite(
+            false,
+            "list_head",
+            16,
+            &[("next", ulong, 0, 0), ("prev", ulong, 64, 0)],
+        );
+        let llist = b.composite(false, "llist_node", 8, &[("next", ulong, 0, 0)]);
+        let node = b.composite(
+            false,
+            "__call_single_node",
+            16,
+            &[("llist", llist, 0, 0), ("u_flags", uint, 64, 0)],
+        );
+        b.composite(
+            false,
+            "irq_work",
+            32,
+            &[("node", node, 0, 0), ("func", ulong, 128, 0)],
+        );
+        b.composite(
+            false,
+            "work_struct",
+            work_size,
+            &[
+                ("data", ulong, 0, 0),
+                ("entry", list, 64, 0),
+                ("func", ulong, work_func * 8, 0),
+            ],
+        );
+        Btf::parse(&b.build()).unwrap()
+    }
+
+    #[test]
+    fn layouts_come_from_btf() {
+        let l = Layout::from_btf(&gate_btf(24, 32)).unwrap();
+        assert_eq!(
+            l,
+            Layout {
+                irq_next: 0,
+                irq_flags: 8,
+                irq_func: 16,
+                work_data: 0,
+                work_entry: 8,
+                work_func: 24,
+            }
+        );
+    }
+
+    /// A struct that fits its slot with a member far beyond its end: the
+    /// gate wrote the member where BTF said, past its 4 KiB data page
+    /// (an index panic in the VMM), before members were bounded by their
+    /// struct's size.
+    #[test]
+    fn members_beyond_their_struct_are_refused() {
+        let e = Layout::from_btf(&gate_btf(0x10_0000, 32)).unwrap_err();
+        assert!(
+            matches!(&e, GateError::Unsupported(m) if m.contains("work_struct.func")),
+            "{e}"
+        );
+        // Inside the slot, but past the struct: over the mailbox's bytes
+        // or another field's.
+        assert!(Layout::from_btf(&gate_btf(32, 32)).is_err());
+        assert!(Layout::from_btf(&gate_btf(28, 32)).is_err());
     }
 
     #[test]

@@ -172,6 +172,17 @@ impl Kallsyms {
         space: &AddressSpace<'_, G>,
         text: u64,
     ) -> Result<Self, KallsymsError> {
+        Self::load_spending(space, text, &mut tables::Budget::new())
+    }
+
+    /// [`Kallsyms::load`] on a budget the caller may share between
+    /// searches ([`crate::Kernel::open`] shares one between all the page
+    /// tables it tries).
+    pub(crate) fn load_spending<G: Guest + ?Sized>(
+        space: &AddressSpace<'_, G>,
+        text: u64,
+        budget: &mut tables::Budget,
+    ) -> Result<Self, KallsymsError> {
         let mut runs = space.mapped_runs(text, KERNEL_IMAGE_END)?;
         // Stable: rodata-like ranges first, then the rest in address order.
         runs.sort_by_key(|r: &MappedRun| r.writable || r.executable);
@@ -183,7 +194,7 @@ impl Kallsyms {
                 .map(|bytes| (run.start, bytes))
                 .map_err(|e| e.to_string())
         });
-        Self::search(images).map_err(|(searched, last)| KallsymsError::NotFound {
+        Self::search(images, budget).map_err(|(searched, last)| KallsymsError::NotFound {
             start: text,
             runs: searched,
             last,
@@ -195,8 +206,8 @@ impl Kallsyms {
     /// were searched and the last problem.
     fn search(
         images: impl IntoIterator<Item = Result<(u64, Vec<u8>), String>>,
+        budget: &mut tables::Budget,
     ) -> Result<Self, (usize, Option<String>)> {
-        let mut budget = tables::Budget::new();
         let mut last = None;
         let mut searched = 0;
         for image in images {
@@ -213,7 +224,7 @@ impl Kallsyms {
                     base,
                     bytes: &bytes,
                 },
-                &mut budget,
+                budget,
             ) {
                 Ok(d) => return Ok(Self::from_decoded(d)),
                 Err(e) => last = Some(e.to_string()),
@@ -397,7 +408,7 @@ mod tests {
             Err(TablesError::NameTooLong { index: 199, .. })
         ));
         let images = (0..400).map(|_| Ok((BASE, forged.clone())));
-        let (searched, last) = Kallsyms::search(images).unwrap_err();
+        let (searched, last) = Kallsyms::search(images, &mut tables::Budget::new()).unwrap_err();
         let last = last.unwrap_or_default();
         assert!(searched < 400, "{searched} ranges searched; last: {last}");
         assert!(last.contains("units of work"), "{last}");
@@ -406,7 +417,12 @@ mod tests {
         let images = (0..400)
             .map(|_| Ok((BASE, vec![0u8; 4096])))
             .chain([Err("unreadable".to_string()), Ok((BASE, real))]);
-        assert_eq!(Kallsyms::search(images).unwrap().len(), 404);
+        assert_eq!(
+            Kallsyms::search(images, &mut tables::Budget::new())
+                .unwrap()
+                .len(),
+            404
+        );
     }
 
     #[test]

@@ -153,6 +153,18 @@ impl Budget {
         Self(WORK_BUDGET)
     }
 
+    /// A budget of `units` (tests: a budget that runs out sooner).
+    #[cfg(test)]
+    pub(crate) fn with(units: u64) -> Self {
+        Self(units)
+    }
+
+    /// Units left.
+    #[cfg(test)]
+    pub(crate) fn left(&self) -> u64 {
+        self.0
+    }
+
     /// Whether nothing is left.
     pub(crate) fn is_spent(&self) -> bool {
         self.0 == 0

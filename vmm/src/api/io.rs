@@ -12,6 +12,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use klpvisor_api::head::{HeadScan, HeadState};
+
 /// `inner` whose writes fail with `TimedOut` after `limit` without progress.
 pub struct StallGuard<S> {
     inner: S,
@@ -112,30 +114,22 @@ pub async fn first_head<S: AsyncRead + Unpin>(
     limit: Duration,
 ) -> io::Result<Option<Vec<u8>>> {
     use tokio::io::AsyncReadExt;
-    let mut buf = Vec::with_capacity(1024);
+    let mut scan = HeadScan::new();
     let read = async {
         let mut chunk = [0u8; 1024];
         loop {
             let n = stream.read(&mut chunk).await?;
-            buf.extend_from_slice(&chunk[..n]);
             // EOF, a complete head, or more than any valid head: hyper
             // takes it from here (and answers oversized heads itself).
-            if n == 0 || memchr_head_end(&buf) || buf.len() > MAX_HEAD_BYTES {
+            if scan.push(chunk.get(..n).unwrap_or_default()) != HeadState::Partial {
                 return Ok::<_, io::Error>(());
             }
         }
     };
     match tokio::time::timeout(limit, read).await {
-        Ok(r) => r.map(|()| Some(buf)),
+        Ok(r) => r.map(|()| Some(scan.into_bytes())),
         Err(_) => Ok(None),
     }
-}
-
-/// Largest request head read ahead of hyper.
-const MAX_HEAD_BYTES: usize = 64 << 10;
-
-fn memchr_head_end(buf: &[u8]) -> bool {
-    buf.windows(4).any(|w| w == b"\r\n\r\n")
 }
 
 /// `inner` with `prefix` (bytes already read from it) served first.

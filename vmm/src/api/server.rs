@@ -23,6 +23,7 @@ use super::peer::{self, Verdict};
 use super::routes::router;
 use super::{HEADER_TIMEOUT, MAX_CONNECTIONS, WRITE_STALL_TIMEOUT};
 use crate::control::Control;
+use klpvisor_api::head::looks_like_http1;
 
 /// Why the control socket could not be set up or served.
 #[derive(Debug, Error)]
@@ -233,19 +234,6 @@ async fn serve(mut stream: UnixStream, verdict: Verdict, app: Router) {
     }
 }
 
-/// Whether a request head starts with `METHOD SP TARGET SP HTTP/1.x`.
-fn looks_like_http1(head: &[u8]) -> bool {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let method = parts.next().unwrap_or_default();
-    let target = parts.next().unwrap_or_default();
-    let version = parts.next().unwrap_or_default();
-    !method.is_empty()
-        && method.iter().all(u8::is_ascii_uppercase)
-        && target.first() == Some(&b'/')
-        && version.starts_with(b"HTTP/1.")
-}
-
 /// Answers a connection beyond the cap with 503 and closes it.
 async fn refuse_busy(stream: UnixStream) {
     tracing::warn!("API: more than {MAX_CONNECTIONS} connections; refusing one");
@@ -282,18 +270,4 @@ async fn refuse(mut stream: UnixStream, status: &str, message: &str) {
         let _ = stream.shutdown().await;
     })
     .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recognises_http1_request_lines() {
-        assert!(looks_like_http1(b"GET /vm HTTP/1.1\r\nHost: x\r\n\r\n"));
-        assert!(looks_like_http1(b"PATCH /vm HTTP/1.0\r\n\r\n"));
-        assert!(!looks_like_http1(b"\x00\x01 not http\r\n\r\n"));
-        assert!(!looks_like_http1(b"GET vm HTTP/1.1\r\n\r\n"));
-        assert!(!looks_like_http1(b"PRI * HTTP/2.0\r\n\r\n"));
-    }
 }
