@@ -29,6 +29,7 @@ pub mod orc;
 pub mod overlay;
 #[allow(missing_docs)]
 pub mod paging;
+pub mod retaddr;
 #[allow(missing_docs)]
 pub mod tasks;
 

@@ -41,6 +41,7 @@ use klpvisor_api::{
     RetiredInfo,
 };
 use klpvisor_guest::orc::Orc;
+use klpvisor_guest::retaddr::ReturnHooks;
 use klpvisor_guest::Guest;
 use klpvisor_guest::{all_vcpu_regs, IntrospectError, Kernel, Tasks, TasksError};
 
@@ -327,6 +328,9 @@ struct Facts {
     /// The kernel's ORC tables, for precise unwinding of sleeping tasks
     /// (None: conservative scanning only).
     orc: Option<Orc>,
+    /// The kernel's return hooks (rethook, kretprobes, function graph),
+    /// whose hidden return addresses every stack check also judges.
+    hooks: ReturnHooks,
     /// The guest's module layout and registries, to register each patch
     /// as a module (Err: why it cannot be done in this guest).
     registry: Result<crate::register::Registry, String>,
@@ -538,12 +542,14 @@ impl Engine {
                 .ok();
             let registry = crate::register::Registry::new(&kernel.btf, &kernel.kallsyms)
                 .map_err(|e| e.to_string());
+            let hooks = ReturnHooks::from_kernel(&kernel.kallsyms, &kernel.btf);
             self.facts = Some(Facts {
                 arena,
                 ftrace,
                 tasks,
                 hardirq_stack_ptr,
                 orc,
+                hooks,
                 registry,
             });
         }
@@ -1216,7 +1222,7 @@ impl Engine {
             }
             None => Vec::new(),
         };
-        Ok(check.blockers_with(&space, &tasks, &regs, &irq, f.orc.as_ref())?)
+        Ok(check.blockers_hooked(&space, &tasks, &regs, &irq, f.orc.as_ref(), &f.hooks)?)
     }
 
     /// Notes the pause a committed transition took (measured by the VMM).
