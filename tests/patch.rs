@@ -462,3 +462,64 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
         "no oops or warning"
     );
 }
+
+/// A return address a kretprobe hid is judged like any other: the guest's
+/// kretprobe on hrtimer_nanosleep leaves its trampoline's address where a
+/// sleeper's return into the patched common_nsleep was, and disabling
+/// the patch is still refused, naming the sleeper, the trampoline and
+/// common_nsleep; once the sleeper is woken the disable and the remove
+/// commit, and the guest runs on. The same with the function-graph
+/// tracer in the kretprobe's place.
+#[test]
+fn a_return_hidden_by_a_kretprobe_blocks_the_disable() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = run_scenario("patch-hooked", &[]);
+    let t = run.transcript();
+    assert!(run.results("hooked").is_empty(), "{t}");
+    assert!(run.lines_with("KLPV-KRET failed").is_empty(), "{t}");
+    assert_eq!(run.result("hooked-apply")["rc"], "0", "{t}");
+    assert_eq!(run.result("hooked-disable")["rc"], "4", "{t}");
+    let msg = run.lines_with("HOOKED-DISABLE: ");
+    assert!(
+        msg[0].contains("no safe point")
+            && msg[0].contains("(sleep) will return into ")
+            && msg[0].contains("common_nsleep")
+            && msg[0].contains("trampoline"),
+        "{}",
+        msg[0]
+    );
+    let hashes = run.results("guest-hash");
+    assert_eq!(hashes.len(), 2, "{t}");
+    assert_eq!(hashes[0], hashes[1], "kernel text and arena unchanged");
+    assert_eq!(run.result("hooked-woken")["rc"], "0", "{t}");
+    assert_eq!(run.result("hooked-remove")["rc"], "0", "{t}");
+    // The function-graph tracer: 6.1's ret_stack array is read and the
+    // real address judged; 6.12's encoded shadow stack is not read, so
+    // the sleeper blocks as unrecoverable, naming return_to_handler.
+    assert_eq!(run.result("graph-apply")["rc"], "0", "{t}");
+    assert_eq!(run.result("graph-disable")["rc"], "4", "{t}");
+    let msg = run.lines_with("GRAPH-DISABLE: ");
+    let why = if harness::guest_suffix() == "-6.12" {
+        "(sleep) has returns through return_to_handler whose real addresses cannot be recovered"
+    } else {
+        "(sleep) will return into "
+    };
+    assert!(
+        msg[0].contains(why) && msg[0].contains("return_to_handler"),
+        "{}",
+        msg[0]
+    );
+    assert_eq!(run.result("graph-woken")["rc"], "0", "{t}");
+    assert_eq!(run.result("hooked-exit")["rc"], "0", "{t}");
+    let dmesg = run.lines_with("KLPV-DMESG");
+    assert!(
+        dmesg.len() == 1 && dmesg[0].ends_with("warnings=0"),
+        "{dmesg:?}"
+    );
+    assert!(
+        run.lines_with("Call Trace").is_empty(),
+        "no oops or warning"
+    );
+}

@@ -21,12 +21,22 @@
 //! IRQ stack and then the task's stack from the pointer x86-64 saves at the
 //! IRQ stack's top (`call_on_irqstack`). A vCPU in user mode has nothing on
 //! its kernel stack.
+//!
+//! Return addresses hidden behind a trampoline (rethook, kretprobes, the
+//! function-graph tracer: see [`klpvisor_guest::retaddr`]) are on no
+//! stack: every task's are read from its lists and judged as return
+//! addresses ([`Seen::Hooked`]), whether or not a walk or scan meets the
+//! trampoline, and the ORC walk continues from the real address. A task
+//! whose lists cannot be read, or whose stack holds a trampoline whose
+//! lists this kernel's BTF does not describe, blocks
+//! ([`Seen::Unrecoverable`]).
 
 use std::ops::Range;
 
 use thiserror::Error;
 
 use klpvisor_guest::orc::Orc;
+use klpvisor_guest::retaddr::{ReturnHooks, TaskHooks, Why};
 use klpvisor_guest::tasks::percpu_gs_base;
 use klpvisor_guest::VcpuRegs;
 use klpvisor_guest::{Btf, Kallsyms, Task, VirtRead};
@@ -76,6 +86,17 @@ pub enum Seen {
         gs: Option<u64>,
         shared_with: Option<usize>,
     },
+    /// A return address hidden by `trampoline`: stack slot `slot` holds
+    /// the trampoline's address, the task's list the real one (`addr`).
+    Hooked { trampoline: &'static str, slot: u64 },
+    /// The task has returns through `trampoline` whose real addresses
+    /// cannot be read (`slot`: where its stack holds the trampoline, when
+    /// that is how it was found). Blocks: unknown means unsafe.
+    Unrecoverable {
+        trampoline: &'static str,
+        why: Why,
+        slot: Option<u64>,
+    },
 }
 
 /// A task (or, for [`Seen::Vcpu`], a vCPU) that keeps the transition
@@ -123,6 +144,28 @@ impl std::fmt::Display for Blocker {
                 "pid {} ({}): its stack at {addr:#x} cannot be read",
                 self.pid, self.comm
             ),
+            Seen::Hooked { trampoline, slot } => write!(
+                f,
+                "pid {} ({}) will return into {} ({:#x}) through {trampoline}, whose address \
+                 stands for it at {slot:#x} on its stack",
+                self.pid, self.comm, self.func, self.addr
+            ),
+            Seen::Unrecoverable {
+                trampoline,
+                why,
+                slot,
+            } => {
+                write!(
+                    f,
+                    "pid {} ({}) has returns through {trampoline} whose real addresses cannot \
+                     be recovered: {why}",
+                    self.pid, self.comm
+                )?;
+                match slot {
+                    Some(slot) => write!(f, " ({trampoline} at {slot:#x} on its stack)"),
+                    None => Ok(()),
+                }
+            }
             Seen::Vcpu { vcpu, gs: None, .. } => write!(
                 f,
                 "vCPU {vcpu} is in user mode and its KERNEL_GS_BASE is not known (the register \
@@ -212,6 +255,24 @@ impl Check {
         irq_stacks: &[Range<u64>],
         orc: Option<&Orc>,
     ) -> Result<Vec<Blocker>, SafepointError> {
+        let none = ReturnHooks::default();
+        self.blockers_hooked(mem, tasks, regs, irq_stacks, orc, &none)
+    }
+
+    /// [`Check::blockers_with`], with the return addresses the kernel's
+    /// return hooks (`hooks`) took off every task's stack judged as its
+    /// other return addresses. The engine always checks this way: without
+    /// `hooks`, a kretprobe or the function-graph tracer hides the return
+    /// into a changed function.
+    pub fn blockers_hooked<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        tasks: &[Task],
+        regs: &[VcpuRegs],
+        irq_stacks: &[Range<u64>],
+        orc: Option<&Orc>,
+        hooks: &ReturnHooks,
+    ) -> Result<Vec<Blocker>, SafepointError> {
         let mut out = Vec::new();
         if self.is_empty() {
             return Ok(out);
@@ -225,6 +286,12 @@ impl Check {
             if t.is_dead() {
                 continue;
             }
+            let th = if hooks.is_empty() {
+                TaskHooks::default()
+            } else {
+                hooks.of_task(mem, t.addr)
+            };
+            self.hooked(t, &th, &mut out);
             let mut ranges: Vec<Range<u64>> = Vec::new();
             match t.running {
                 Some(run) => {
@@ -265,13 +332,14 @@ impl Check {
                 // still on_cpu may be mid-switch).
                 None if !t.on_cpu
                     && t.stack.contains(&t.saved_sp)
-                    && orc.is_some_and(|o| self.frames(mem, o, t, &mut out)) => {}
+                    && orc.is_some_and(|o| self.frames(mem, o, t, (hooks, &th), &mut out)) => {}
                 None if t.stack.contains(&t.saved_sp) => ranges.push(t.saved_sp..t.stack.end),
                 // A saved SP off its stack: scan all of it (conservative).
                 None => ranges.push(t.stack.clone()),
             }
+            let mut unknown = false;
             for range in ranges {
-                self.scan(mem, t, range, &mut out)?;
+                self.scan(mem, t, range, hooks, &mut unknown, &mut out)?;
             }
         }
         Ok(out)
@@ -309,33 +377,70 @@ impl Check {
         }
     }
 
+    /// Judges every return `t`'s hooks took off its stack, and blocks for
+    /// each mechanism whose lists could not be read.
+    fn hooked(&self, t: &Task, th: &TaskHooks, out: &mut Vec<Blocker>) {
+        for h in &th.hooked {
+            if let Some(s) = self.return_hit(h.ret) {
+                out.push(blocker(
+                    t,
+                    s,
+                    h.ret,
+                    Seen::Hooked {
+                        trampoline: h.trampoline,
+                        slot: h.slot,
+                    },
+                ));
+            }
+        }
+        for u in &th.unrecoverable {
+            out.push(unrecoverable(t, u.trampoline, u.why, None));
+        }
+    }
+
+    /// The changed function a return address `ip` returns into. A return
+    /// address may sit just past its function's end (a call as the last
+    /// instruction): the call site is ip - 1.
+    fn return_hit(&self, ip: u64) -> Option<&Span> {
+        self.hit(ip).or_else(|| self.hit(ip.wrapping_sub(1)))
+    }
+
     /// Judges sleeping `t` by its unwound frames; false if its stack does
-    /// not unwind reliably (then it must be scanned).
+    /// not unwind reliably (then it must be scanned). Frames recovered
+    /// from behind a trampoline were judged with the task's hooks
+    /// ([`Check::hooked`]).
     fn frames<M: VirtRead + ?Sized>(
         &self,
         mem: &M,
         orc: &Orc,
         t: &Task,
+        hooks: (&ReturnHooks, &TaskHooks),
         out: &mut Vec<Blocker>,
     ) -> bool {
-        let Ok(frames) = orc.unwind_sleeping(mem, t) else {
+        let Ok(frames) = orc.unwind_sleeping_hooked(mem, t, hooks) else {
             return false;
         };
-        for (depth, &ip) in frames.iter().enumerate() {
-            // A return address may sit just past its function's end (a
-            // call as the last instruction): the call site is ip - 1.
-            if let Some(s) = self.hit(ip).or_else(|| self.hit(ip.wrapping_sub(1))) {
-                out.push(blocker(t, s, ip, Seen::Frame { depth }));
+        for (depth, f) in frames.iter().enumerate() {
+            if f.hooked.is_some() {
+                continue;
+            }
+            if let Some(s) = self.return_hit(f.ip) {
+                out.push(blocker(t, s, f.ip, Seen::Frame { depth }));
             }
         }
         true
     }
 
+    /// Scans `range` of `t`'s stacks. A word that is the trampoline of a
+    /// mechanism whose lists this kernel's BTF does not describe blocks
+    /// once per task (`unknown` records that it did).
     fn scan<M: VirtRead + ?Sized>(
         &self,
         mem: &M,
         t: &Task,
         range: Range<u64>,
+        hooks: &ReturnHooks,
+        unknown: &mut bool,
         out: &mut Vec<Blocker>,
     ) -> Result<(), SafepointError> {
         let start = range.start & !7;
@@ -359,12 +464,31 @@ impl Check {
             let mut word = [0u8; 8];
             word.copy_from_slice(w);
             let v = u64::from_le_bytes(word);
+            let slot = start + 8 * i as u64;
             if let Some(s) = self.hit(v) {
-                let slot = start + 8 * i as u64;
                 out.push(blocker(t, s, v, Seen::Stack { slot }));
+            } else if !*unknown && hooks.layout_unknown(v) {
+                if let Some((_, name)) = hooks.trampoline_at(v) {
+                    *unknown = true;
+                    out.push(unrecoverable(t, name, Why::UnknownLayout, Some(slot)));
+                }
             }
         }
         Ok(())
+    }
+}
+
+fn unrecoverable(t: &Task, trampoline: &'static str, why: Why, slot: Option<u64>) -> Blocker {
+    Blocker {
+        pid: t.pid,
+        comm: t.comm.clone(),
+        func: String::new(),
+        addr: slot.unwrap_or(0),
+        seen: Seen::Unrecoverable {
+            trampoline,
+            why,
+            slot,
+        },
     }
 }
 
@@ -724,6 +848,205 @@ mod tests {
         let live = task(10, 0x8000..0x9000, 0x8f00, None);
         let b = check().blockers(&Nothing, &[live], &[], &[]).unwrap();
         assert_eq!(b[0].seen, Seen::Unreadable { addr: 0x8f00 });
+    }
+
+    /// Where the synthetic kernel's trampolines are.
+    const RETHOOK_TRAMP: u64 = 0xffff_ffff_8100_3000;
+    const FGRAPH_TRAMP: u64 = 0xffff_ffff_8100_4000;
+
+    /// A kernel with rethook's and the function graph's trampolines, and
+    /// BTF for rethook's lists only (6.1's layout: `task_struct.rethooks`,
+    /// `struct rethook_node { union {freelist, rcu}; llist; rethook;
+    /// ret_addr; frame; }`); the function graph's layout is unknown.
+    fn hooks() -> ReturnHooks {
+        use klpvisor_guest::btf::synth::BtfBuilder;
+        use klpvisor_guest::kallsyms::synth::{Builder, BASE};
+        use klpvisor_guest::kallsyms::{Image, Layout};
+        let syms = vec![
+            ('T', "_text".to_string(), 0xffff_ffff_8100_0000),
+            ('T', "arch_rethook_trampoline".to_string(), RETHOOK_TRAMP),
+            ('T', "return_to_handler".to_string(), FGRAPH_TRAMP),
+            ('T', "_etext".to_string(), 0xffff_ffff_8120_0000),
+        ];
+        let bytes = Builder::new(Layout::OffsetsFirst, syms).build();
+        let kallsyms = Kallsyms::from_image(Image {
+            base: BASE,
+            bytes: &bytes,
+        })
+        .unwrap();
+        let mut b = BtfBuilder::new();
+        let ulong = b.int("long unsigned int", 8);
+        let node = b.composite(false, "llist_node", 8, &[("next", ulong, 0, 0)]);
+        let head = b.composite(false, "llist_head", 8, &[("first", ulong, 0, 0)]);
+        b.composite(
+            false,
+            "rethook_node",
+            48,
+            &[
+                ("llist", node, 128, 0),
+                ("rethook", ulong, 192, 0),
+                ("ret_addr", ulong, 256, 0),
+                ("frame", ulong, 320, 0),
+            ],
+        );
+        b.composite(
+            false,
+            "task_struct",
+            0x400,
+            &[("rethooks", head, 0x100 * 8, 0)],
+        );
+        let btf = Btf::parse(&b.build()).unwrap();
+        ReturnHooks::from_kernel(&kallsyms, &btf)
+    }
+
+    /// Words of `t`'s rethook list: one node at `node` per (real return
+    /// address, slot), linked in order from `task_struct.rethooks`.
+    fn rethooks(t: &Task, nodes: &[(u64, u64, u64)]) -> Vec<(u64, u64)> {
+        let mut w = Vec::new();
+        let mut link = t.addr + 0x100;
+        for &(node, ret, slot) in nodes {
+            w.push((link, node + 16));
+            w.extend([(node + 32, ret), (node + 40, slot)]);
+            link = node + 16;
+        }
+        w
+    }
+
+    /// A kretprobe (on rethook) on the function a task sleeps in replaced
+    /// its return into pipe_read by the trampoline's address: no stack
+    /// word points into pipe_read, yet the task will return there. The
+    /// check without the task's hooks misses it (the bug); with them the
+    /// real address is judged and blocks, naming the trampoline.
+    #[test]
+    fn a_return_hidden_behind_a_kretprobe_trampoline_blocks() {
+        let t = task(7, 0x8000..0x9000, 0x8fe8, None);
+        let node = 0xffff_8880_0100_0000;
+        let mut words = vec![(0x8ff0, RETHOOK_TRAMP)];
+        words.extend(rethooks(&t, &[(node, 0x1042, 0x8ff0)]));
+        let mem = Words(words);
+        let t = [t];
+        assert!(check().blockers(&mem, &t, &[], &[]).unwrap().is_empty());
+        let b = check()
+            .blockers_hooked(&mem, &t, &[], &[], None, &hooks())
+            .unwrap();
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(b[0].func, "pipe_read");
+        assert_eq!(b[0].addr, 0x1042);
+        assert_eq!(
+            b[0].seen,
+            Seen::Hooked {
+                trampoline: "arch_rethook_trampoline",
+                slot: 0x8ff0
+            }
+        );
+        let msg = b[0].to_string();
+        assert!(
+            msg.contains("pid 7 (t7) will return into pipe_read")
+                && msg.contains("arch_rethook_trampoline"),
+            "{msg}"
+        );
+        // A hooked return into no changed function passes, and an entry
+        // holding the trampoline itself (a second hook on one slot) is
+        // not a return address.
+        let mut words = vec![(0x8ff0, RETHOOK_TRAMP)];
+        words.extend(rethooks(
+            &t[0],
+            &[
+                (node, RETHOOK_TRAMP, 0x8ff0),
+                (node + 0x100, 0x5000, 0x8ff0),
+            ],
+        ));
+        let b = check()
+            .blockers_hooked(&Words(words), &t, &[], &[], None, &hooks())
+            .unwrap();
+        assert!(b.is_empty(), "{b:?}");
+    }
+
+    /// A running task's hooked returns count too (its RIP may be in the
+    /// trampoline's handler, the slot already popped).
+    #[test]
+    fn a_running_tasks_hooked_returns_count() {
+        let t = task(3, 0x8000..0x9000, 0, Some(0));
+        let r = VcpuRegs {
+            rip: RETHOOK_TRAMP + 0x20,
+            rsp: 0x8f00,
+            ..VcpuRegs::default()
+        };
+        let mem = Words(rethooks(&t, &[(0xffff_8880_0100_0000, 0x2005, 0x8f80)]));
+        let b = check()
+            .blockers_hooked(&mem, &[t], &[r], &[], None, &hooks())
+            .unwrap();
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(b[0].func, "f");
+    }
+
+    /// Where the real addresses cannot be read, the task blocks, naming
+    /// itself, the trampoline and why: a list that loops (or is longer
+    /// than any stack), a pointer that is no kernel address, and a
+    /// trampoline on the stack whose per-task data this kernel's BTF does
+    /// not describe (here the function graph's).
+    #[test]
+    fn unrecoverable_hidden_returns_block() {
+        let t = task(5, 0x8000..0x9000, 0x8fe8, None);
+        let node = 0xffff_8880_0100_0000;
+        // node -> node: a cycle.
+        let mut words = rethooks(&t, &[(node, 0x5000, 0x8ff0)]);
+        words.push((node + 16, node + 16));
+        let b = check()
+            .blockers_hooked(
+                &Words(words),
+                std::slice::from_ref(&t),
+                &[],
+                &[],
+                None,
+                &hooks(),
+            )
+            .unwrap();
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(
+            b[0].seen,
+            Seen::Unrecoverable {
+                trampoline: "arch_rethook_trampoline",
+                why: Why::TooLong,
+                slot: None
+            }
+        );
+        assert!(b[0].to_string().contains("pid 5 (t5)"), "{}", b[0]);
+        let words = vec![(t.addr + 0x100, 0x4141_4141)];
+        let b = check()
+            .blockers_hooked(
+                &Words(words),
+                std::slice::from_ref(&t),
+                &[],
+                &[],
+                None,
+                &hooks(),
+            )
+            .unwrap();
+        assert!(
+            matches!(
+                b[0].seen,
+                Seen::Unrecoverable {
+                    why: Why::BadPointer(0x4141_4141),
+                    ..
+                }
+            ),
+            "{b:?}"
+        );
+        let words = vec![(0x8ff8, FGRAPH_TRAMP)];
+        let b = check()
+            .blockers_hooked(&Words(words), &[t], &[], &[], None, &hooks())
+            .unwrap();
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(
+            b[0].seen,
+            Seen::Unrecoverable {
+                trampoline: "return_to_handler",
+                why: Why::UnknownLayout,
+                slot: Some(0x8ff8)
+            }
+        );
+        assert!(b[0].to_string().contains("return_to_handler"), "{}", b[0]);
     }
 
     #[test]

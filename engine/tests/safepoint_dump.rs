@@ -154,3 +154,114 @@ fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
         .unwrap();
     assert!(unwound.iter().all(|b| b.pid != sleeper.pid), "{unwound:?}");
 }
+
+/// A kretprobe's hidden return on the real guest: a sleeper's return
+/// into its caller (frame 1 of its unwound stack) is replaced, as
+/// `arch_rethook_prepare` does, by `arch_rethook_trampoline`'s address,
+/// the real one kept in a `struct rethook_node` on the task's
+/// `rethooks` list (laid out from the guest's BTF). Without the task's
+/// hooks the caller blocks nothing; with them it blocks, judged by the
+/// recovered address, and the walk goes on past it.
+#[test]
+fn a_return_hidden_by_rethook_blocks_on_the_real_guest() {
+    if common::skip_without_dump() {
+        return;
+    }
+    use klpvisor_engine::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Check, Seen, Span};
+    use klpvisor_guest::orc::Orc;
+    use klpvisor_guest::overlay::Overlay;
+    use klpvisor_guest::retaddr::ReturnHooks;
+    use klpvisor_guest::{DumpGuest, Guest, VirtRead};
+    let f = fixture();
+    let k = &f.kernel;
+    let g: Overlay<'_, DumpGuest> = Overlay::new(&f.guest);
+    let space = k.space(&g);
+    let orc = Orc::load_btf(&space, &k.kallsyms, &k.btf).unwrap();
+    let hooks = ReturnHooks::from_kernel(&k.kallsyms, &k.btf);
+    let regs = klpvisor_guest::all_vcpu_regs(&g).unwrap();
+    let tasks = k.tasks(&g).unwrap();
+    let walker = klpvisor_guest::Tasks::from_kernel(&k.kallsyms, &k.btf).unwrap();
+    let irq = irq_stacks_sized(
+        &space,
+        &walker.per_cpu_bases(&space).unwrap(),
+        hardirq_stack_ptr(&k.kallsyms, &k.btf).unwrap(),
+        walker.layout.thread_size,
+    );
+    // Nothing hooked in the dump: no task blocks on hooks alone.
+    let nobody = Check::new(vec![Span {
+        range: 0x1000..0x1001,
+        name: "none".into(),
+    }]);
+    let b = nobody
+        .blockers_hooked(&space, &tasks, &regs, &irq, Some(&orc), &hooks)
+        .unwrap();
+    assert!(b.is_empty(), "{b:?}");
+    // A sleeper whose stack unwinds, and the slot of its frame 1.
+    let (t, frames) = tasks
+        .iter()
+        .filter(|t| t.running.is_none() && !t.on_cpu && t.exit_state == 0 && t.pid > 1)
+        .find_map(|t| Some((t, orc.unwind_sleeping(&space, t).ok()?)))
+        .unwrap();
+    let caller = frames[1];
+    let slot = (t.saved_sp..t.stack.end)
+        .step_by(8)
+        .find(|&a| space.read_u64(a).ok() == Some(caller))
+        .unwrap();
+    let at = k.kallsyms.locate(caller).unwrap();
+    let func = caller - at.offset;
+    let check = Check::new(vec![Span {
+        range: k.kallsyms.extent(func).unwrap(),
+        name: at.symbol.name.clone(),
+    }]);
+    // Other tasks may sleep in the same caller: only `t` is looked at.
+    let only_t =
+        |b: &[klpvisor_engine::safepoint::Blocker]| b.iter().filter(|b| b.pid == t.pid).count();
+    let before = check
+        .blockers_hooked(&space, &tasks, &regs, &irq, Some(&orc), &hooks)
+        .unwrap();
+    assert_eq!(only_t(&before), 1, "{before:?}");
+    // Hook it: the node at the bottom of the task's own stack (unused).
+    let off = |p: &str| k.btf.offset_of(p).unwrap();
+    let node = t.stack.start + 0x100;
+    let write = |va: u64, v: u64| {
+        let pa = space.translate(va).unwrap().phys;
+        g.write_phys(pa, &v.to_le_bytes()).unwrap();
+    };
+    let tramp = k.kallsyms.addr("arch_rethook_trampoline").unwrap();
+    write(slot, tramp);
+    write(node + off("rethook_node.llist"), 0);
+    write(node + off("rethook_node.ret_addr"), caller);
+    write(node + off("rethook_node.frame"), slot);
+    write(
+        t.addr + off("task_struct.rethooks"),
+        node + off("rethook_node.llist"),
+    );
+    let blind = check
+        .blockers_with(&space, &tasks, &regs, &irq, Some(&orc))
+        .unwrap();
+    assert_eq!(only_t(&blind), 0, "the bug: the hidden return is missed");
+    let b = check
+        .blockers_hooked(&space, &tasks, &regs, &irq, Some(&orc), &hooks)
+        .unwrap();
+    let mine: Vec<_> = b.iter().filter(|b| b.pid == t.pid).collect();
+    assert_eq!(mine.len(), 1, "{b:?}");
+    assert_eq!(
+        mine[0].seen,
+        Seen::Hooked {
+            trampoline: "arch_rethook_trampoline",
+            slot
+        }
+    );
+    assert_eq!(mine[0].addr, caller);
+    // The walk recovers the caller and goes on to the end of the stack.
+    let th = hooks.of_task(&space, t.addr);
+    let walked = orc
+        .unwind_sleeping_hooked(&space, t, (&hooks, &th))
+        .unwrap();
+    assert_eq!(
+        walked.iter().map(|f| f.ip).collect::<Vec<_>>(),
+        frames,
+        "the same frames as before the hook"
+    );
+    assert_eq!(walked[1].hooked, Some(("arch_rethook_trampoline", slot)));
+}

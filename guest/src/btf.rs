@@ -126,7 +126,9 @@ enum Kind {
         bits: u32,
         offset: u32,
     },
-    Ptr,
+    Ptr {
+        to: u32,
+    },
     Array {
         elem: u32,
         nelems: u32,
@@ -297,7 +299,7 @@ impl Btf {
                         offset: (enc >> 16) & 0xff,
                     }
                 }
-                KIND_PTR => Kind::Ptr,
+                KIND_PTR => Kind::Ptr { to: size_or_type },
                 KIND_ARRAY => {
                     let elem = r.u32()?;
                     let _index_type = r.u32()?;
@@ -457,7 +459,7 @@ impl Btf {
                     u64::from(*size)
                 }
                 Kind::Composite { size, .. } => u64::from(*size),
-                Kind::Ptr => 8,
+                Kind::Ptr { .. } => 8,
                 Kind::Array { elem, nelems } => {
                     mult = mult.checked_mul(u64::from(*nelems)).ok_or_else(|| {
                         BtfError::Malformed(format!("array type {id} size overflows"))
@@ -482,6 +484,22 @@ impl Btf {
     pub fn struct_size(&self, name: &str) -> Result<u64, BtfError> {
         let id = self.composite(name)?;
         self.size_of_type(id)
+    }
+
+    /// The name of the type a pointer-typed `field` points to (typedefs
+    /// and qualifiers on either side looked through): what tells two
+    /// kernels apart whose member has one name but another element type
+    /// (6.1's `struct ftrace_ret_stack *ret_stack` against 6.12's
+    /// `unsigned long *ret_stack`). `None` if it is no pointer or the
+    /// target has no name.
+    pub fn pointee_name(&self, field: &Field) -> Option<String> {
+        let id = self.resolve(field.type_id, "pointer").ok()?;
+        let Some(Kind::Ptr { to }) = self.get(id).map(|t| &t.kind) else {
+            return None;
+        };
+        let to = self.resolve(*to, "pointer").ok()?;
+        let name = self.str_at(self.get(to)?.name_off);
+        (!name.is_empty()).then(|| name.to_owned())
     }
 
     /// Whether struct/union `name` exists.

@@ -18,6 +18,7 @@ pub mod modules;
 pub mod orc;
 pub mod overlay;
 pub mod paging;
+pub mod retaddr;
 pub mod tasks;
 
 pub use btf::{Btf, BtfError, Field};

@@ -28,6 +28,7 @@ use std::ops::Range;
 
 use thiserror::Error;
 
+use crate::retaddr::{ReturnHooks, TaskHooks};
 use crate::{Btf, Kallsyms, Task, VirtRead};
 
 /// Bounds for tables read from guest memory (6.1 has ~370k entries).
@@ -243,6 +244,16 @@ impl Entry {
     }
 }
 
+/// One frame of an unwound stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// Its return address (the interrupted ip for an interrupt frame).
+    pub ip: u64,
+    /// `Some((trampoline, slot))` when the stack holds `trampoline`'s
+    /// address at `slot` and `ip` was recovered from the task's lists.
+    pub hooked: Option<(&'static str, u64)>,
+}
+
 /// Why a walk is not reliable (the caller falls back to scanning).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("unreliable stack at {ip:#x}: {why}")]
@@ -442,6 +453,44 @@ impl Orc {
         mem: &M,
         task: &Task,
     ) -> Result<Vec<u64>, Unreliable> {
+        let none = (&ReturnHooks::default(), &TaskHooks::default());
+        Ok(self
+            .unwind_sleeping_hooked(mem, task, none)?
+            .into_iter()
+            .map(|f| f.ip)
+            .collect())
+    }
+
+    /// [`Orc::unwind_sleeping`], each return address a trampoline of
+    /// `hooks` stands for replaced by the real one from the task's
+    /// `hooked` returns, as the kernel's `unwind_recover_ret_addr` does:
+    /// the walk goes on from the real address, whose ORC entry describes
+    /// the caller's frame (the trampoline's does not). A trampoline whose
+    /// real address the task's lists do not give makes the walk
+    /// unreliable (the caller then scans, and blocks where it cannot
+    /// recover).
+    pub fn unwind_sleeping_hooked<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        task: &Task,
+        (hooks, hooked): (&ReturnHooks, &TaskHooks),
+    ) -> Result<Vec<Frame>, Unreliable> {
+        // The real return address for `ip`, read from stack slot `slot`.
+        let recover = |ip: u64, slot: u64| -> Result<Frame, Unreliable> {
+            match hooks.trampoline_at(ip) {
+                None => Ok(Frame { ip, hooked: None }),
+                Some((kind, name)) => match hooked.recover(kind, slot) {
+                    Some(real) => Ok(Frame {
+                        ip: real,
+                        hooked: Some((name, slot)),
+                    }),
+                    None => Err(Unreliable {
+                        ip,
+                        why: "a return through a trampoline the task's lists have no entry for",
+                    }),
+                },
+            }
+        };
         let stack = task.stack.clone();
         let read = |addr: u64, ip: u64| -> Result<u64, Unreliable> {
             let in_stack = addr
@@ -461,7 +510,9 @@ impl Orc {
         // Guest data: addresses wrap instead of overflowing, and `read`
         // refuses anything (a wrapped address included) off the stack.
         let frame = task.saved_sp;
-        let mut ip = read(frame.wrapping_add(FRAME_RET), 0)?;
+        let slot = frame.wrapping_add(FRAME_RET);
+        let mut cur = recover(read(slot, 0)?, slot)?;
+        let mut ip = cur.ip;
         let mut bp = read(frame.wrapping_add(FRAME_BP), ip)?;
         let mut sp = frame.wrapping_add(FRAME_SIZE);
         let mut signal = false;
@@ -479,7 +530,7 @@ impl Orc {
                     why: "a frame outside kernel and patch text (trampoline code)",
                 });
             }
-            frames.push(ip);
+            frames.push(cur);
             let at = if signal { ip } else { ip.wrapping_sub(1) };
             let e = self.find(at).ok_or(Unreliable {
                 ip,
@@ -554,7 +605,10 @@ impl Orc {
                 }
             };
             let (next_ip, next_sp, regs) = match saved {
-                None => (read(prev_sp.wrapping_sub(8), ip)?, prev_sp, None),
+                None => {
+                    let slot = prev_sp.wrapping_sub(8);
+                    (recover(read(slot, ip)?, slot)?, prev_sp, None)
+                }
                 Some((base, full)) => {
                     if read(base.wrapping_add(PT_CS), ip)? & 3 != 0 {
                         // User-mode registers: the stack's end for a user
@@ -568,10 +622,14 @@ impl Orc {
                             })
                         };
                     }
+                    // An interrupted ip, not a return address; were it
+                    // a trampoline's first byte, the slot it was
+                    // returned from is just below the saved sp.
                     let r_ip = read(base.wrapping_add(PT_IP), ip)?;
+                    let r_sp = read(base.wrapping_add(PT_SP), ip)?;
                     (
-                        r_ip,
-                        read(base.wrapping_add(PT_SP), ip)?,
+                        recover(r_ip, r_sp.wrapping_sub(8))?,
+                        r_sp,
                         Some((base, full)),
                     )
                 }
@@ -597,7 +655,8 @@ impl Orc {
                     why: "the stack pointer does not move up",
                 });
             }
-            ip = next_ip;
+            cur = next_ip;
+            ip = cur.ip;
             sp = next_sp;
             // 6.3+ says per entry whether the next ip is not a return
             // address (commit ffb1b4a41016, "x86/unwind/orc: Add 'signal'
@@ -761,6 +820,93 @@ mod tests {
             running: None,
         };
         assert!(orc.unwind_sleeping(&Nothing, &task).is_err());
+    }
+
+    /// The ORC walk meets a trampoline's address in a return slot: it
+    /// must go on from the real return address the task's hooks hold (the
+    /// trampoline's own ORC entry says nothing of the caller's frame).
+    /// Without them, this stack even "unwinds reliably" through the
+    /// trampoline and the real caller (0x1810) never shows.
+    #[test]
+    fn a_trampoline_in_a_return_slot_is_replaced_by_the_real_address() {
+        use crate::retaddr::{Hook, HookKind, Hooked};
+        struct Mem(Vec<(u64, u64)>);
+        impl VirtRead for Mem {
+            fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), crate::PagingError> {
+                let v = self.0.iter().find(|w| w.0 == va).map_or(0, |w| w.1);
+                buf.copy_from_slice(&v.to_le_bytes()[..buf.len()]);
+                Ok(())
+            }
+        }
+        const TRAMP: u64 = 0x2800;
+        // CALL frames of 8 bytes (just the return address) from 0x1000;
+        // the end-of-stack hint from 0x1800.
+        let orc = Orc {
+            ips: vec![0x1000, 0x1800],
+            entries: vec![
+                Entry::decode(&[8, 0, 0, 0, REG_SP, 0]).unwrap(),
+                Entry::decode(&[0, 0, 0, 0, 0, 0x04]).unwrap(),
+            ],
+            text: 0x1000..0x3000,
+            format: Format::V4_14,
+            extra: Vec::new(),
+        };
+        // inactive_task_frame at sp, returning to 0x1010, whose caller's
+        // return slot (sp + 56) holds the trampoline; the kernel thread's
+        // pt_regs fill the rest of the stack.
+        let sp = 0x9000 - PT_REGS_SIZE - 64;
+        let slot = sp + FRAME_SIZE;
+        let task = Task {
+            addr: 0,
+            pid: 9,
+            tgid: 9,
+            comm: String::new(),
+            state: 1,
+            exit_state: 0,
+            flags: 0,
+            on_cpu: false,
+            stack: 0x8000..0x9000,
+            saved_sp: sp,
+            idle_cpu: None,
+            running: None,
+        };
+        let mem = Mem(vec![(sp + FRAME_RET, 0x1010), (slot, TRAMP)]);
+        let blind = orc.unwind_sleeping(&mem, &task).unwrap();
+        assert_eq!(blind, vec![0x1010, TRAMP], "the bug: the caller is hidden");
+        let hooks = ReturnHooks::with(vec![Hook::for_test(
+            HookKind::Rethook,
+            "arch_rethook_trampoline",
+            TRAMP,
+        )]);
+        let mut th = TaskHooks::default();
+        th.hooked.push(Hooked {
+            kind: HookKind::Rethook,
+            trampoline: "arch_rethook_trampoline",
+            ret: 0x1810,
+            slot,
+        });
+        let frames = orc
+            .unwind_sleeping_hooked(&mem, &task, (&hooks, &th))
+            .unwrap();
+        assert_eq!(
+            frames,
+            vec![
+                Frame {
+                    ip: 0x1010,
+                    hooked: None
+                },
+                Frame {
+                    ip: 0x1810,
+                    hooked: Some(("arch_rethook_trampoline", slot))
+                },
+            ]
+        );
+        // No entry for that slot: unreliable (the caller scans), never
+        // a walk that skips the hidden frame.
+        th.hooked[0].slot = slot + 8;
+        assert!(orc
+            .unwind_sleeping_hooked(&mem, &task, (&hooks, &th))
+            .is_err());
     }
 
     #[test]

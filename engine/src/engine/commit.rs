@@ -186,7 +186,7 @@ impl Engine {
             }
             None => Vec::new(),
         };
-        Ok(check.blockers_with(&space, &tasks, &regs, &irq, f.orc.as_ref())?)
+        Ok(check.blockers_hooked(&space, &tasks, &regs, &irq, f.orc.as_ref(), &f.hooks)?)
     }
 
     /// Notes the pause a committed transition took (measured by the VMM).

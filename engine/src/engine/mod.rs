@@ -53,6 +53,7 @@ use crate::stack::{Change, Entry, Placed, Stack};
 use crate::write::Plan;
 use klpvisor_api::{HistoryEntry, PatchInfo};
 use klpvisor_guest::orc::Orc;
+use klpvisor_guest::retaddr::ReturnHooks;
 use klpvisor_guest::Guest;
 use klpvisor_guest::{Kernel, Tasks};
 
@@ -131,6 +132,9 @@ struct Facts {
     /// The kernel's ORC tables, for precise unwinding of sleeping tasks
     /// (None: conservative scanning only).
     orc: Option<Orc>,
+    /// The kernel's return hooks (rethook, kretprobes, function graph),
+    /// whose hidden return addresses every stack check also judges.
+    hooks: ReturnHooks,
     /// The guest's module layout and registries, to register each patch
     /// as a module (Err: why it cannot be done in this guest).
     registry: Result<crate::register::Registry, String>,
@@ -348,12 +352,14 @@ impl Engine {
                 .ok();
             let registry = crate::register::Registry::new(&kernel.btf, &kernel.kallsyms)
                 .map_err(|e| e.to_string());
+            let hooks = ReturnHooks::from_kernel(&kernel.kallsyms, &kernel.btf);
             self.facts = Some(Facts {
                 arena,
                 ftrace,
                 tasks,
                 hardirq_stack_ptr,
                 orc,
+                hooks,
                 registry,
             });
         }
