@@ -8,10 +8,6 @@
 //! parse -> resolve -> link -> plan -> (pause) check, commit (resume).
 #![forbid(unsafe_code)]
 
-// Modules marked `#[allow(missing_docs)]` (safepoint, stack) predate the
-// workspace's `missing_docs` lint and still have undocumented public
-// fields or variants; the lint holds every other (and every new) module
-// to it.
 pub mod arena;
 pub mod callback;
 pub mod engine;
@@ -19,11 +15,9 @@ pub mod hook;
 pub mod link;
 pub mod module;
 pub mod register;
-#[allow(missing_docs)]
 pub mod safepoint;
 pub mod signature;
 pub mod site;
-#[allow(missing_docs)]
 pub mod stack;
 pub mod state;
 pub mod transition;

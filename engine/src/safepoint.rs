@@ -48,16 +48,27 @@ pub const MAX_STACK: u64 = 64 << 10;
 /// x86-64's IRQ stack size (IRQ_STACK_SIZE, without KASAN).
 pub const IRQ_STACK_SIZE: u64 = 16 << 10;
 
+/// Why the stack check itself could not run (as opposed to finding a
+/// blocker): an inconsistency between the task walk and the registers.
 #[derive(Debug, Error)]
 pub enum SafepointError {
+    /// The task walk placed a task on a vCPU whose registers are missing.
     #[error("vCPU {vcpu} runs task {pid} but has no registers")]
-    NoRegs { vcpu: usize, pid: i32 },
+    NoRegs {
+        /// The vCPU the task walk placed the task on.
+        vcpu: usize,
+        /// The task's pid.
+        pid: i32,
+    },
 }
 
 /// A function the transition changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Span {
+    /// Its code, kernel-virtual: an old function's whole body, or a
+    /// patch's new code when that code is being retired.
     pub range: Range<u64>,
+    /// What blockers call it (the function's name, or "retired PATCH").
     pub name: String,
 }
 
@@ -65,15 +76,32 @@ pub struct Span {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
     /// The vCPU was executing it.
-    Rip { vcpu: usize },
+    Rip {
+        /// The vCPU (0-based) whose RIP is inside the function.
+        vcpu: usize,
+    },
     /// A stack word at `slot` points into it.
-    Stack { slot: u64 },
+    Stack {
+        /// The stack word's kernel-virtual address.
+        slot: u64,
+    },
     /// It is frame `depth` (0: innermost) of the task's unwound stack.
-    Frame { depth: usize },
+    Frame {
+        /// 0 for the innermost frame.
+        depth: usize,
+    },
     /// The vCPU's stack pointer is on no stack we know.
-    UnknownStack { vcpu: usize, rsp: u64 },
+    UnknownStack {
+        /// The vCPU whose RSP it is.
+        vcpu: usize,
+        /// The stack pointer, kernel-virtual.
+        rsp: u64,
+    },
     /// The task's stack could not be read (blocks: unknown means unsafe).
-    Unreadable { addr: u64 },
+    Unreadable {
+        /// The address whose read failed.
+        addr: u64,
+    },
     /// vCPU `vcpu` executes in long mode, yet the task walk placed no task
     /// on it: its kernel per-CPU base `gs` (see
     /// [`klpvisor_guest::tasks::percpu_gs_base`]; `None` in user mode
@@ -82,19 +110,30 @@ pub enum Seen {
     /// that task's stack holds: the blocker is the vCPU, not a task
     /// (`pid` -1, `comm` empty).
     Vcpu {
+        /// The vCPU no task was placed on.
         vcpu: usize,
+        /// Its kernel per-CPU base, if one is known.
         gs: Option<u64>,
+        /// Another vCPU with the same base, if one has it.
         shared_with: Option<usize>,
     },
     /// A return address hidden by `trampoline`: stack slot `slot` holds
     /// the trampoline's address, the task's list the real one (`addr`).
-    Hooked { trampoline: &'static str, slot: u64 },
+    Hooked {
+        /// The trampoline's symbol (`arch_rethook_trampoline`, ...).
+        trampoline: &'static str,
+        /// The stack word holding the trampoline's address.
+        slot: u64,
+    },
     /// The task has returns through `trampoline` whose real addresses
     /// cannot be read (`slot`: where its stack holds the trampoline, when
     /// that is how it was found). Blocks: unknown means unsafe.
     Unrecoverable {
+        /// The trampoline's symbol.
         trampoline: &'static str,
+        /// Why the real addresses cannot be read.
         why: Why,
+        /// The stack word holding the trampoline's address, if found there.
         slot: Option<u64>,
     },
 }
@@ -113,6 +152,7 @@ pub struct Blocker {
     /// The address found (RIP or the stack word's value; the per-CPU base
     /// for [`Seen::Vcpu`], 0 if unknown).
     pub addr: u64,
+    /// How it was found, which says how sure the check is.
     pub seen: Seen,
 }
 
@@ -202,12 +242,15 @@ pub struct Check {
 }
 
 impl Check {
+    /// The check for `spans` (empty ones are dropped).
     pub fn new(mut spans: Vec<Span>) -> Self {
         spans.retain(|s| s.range.start < s.range.end);
         spans.sort_by_key(|s| s.range.start);
         Self { spans }
     }
 
+    /// Whether there is nothing to check: a transition that changes no
+    /// function needs no safe point.
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
     }

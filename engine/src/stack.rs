@@ -31,48 +31,79 @@ use thiserror::Error;
 
 use klpvisor_api::{PatchState, Pin};
 
+/// klp's rules on the patch stack, refused before anything is planned:
+/// each is the state's fault, not the guest's or the module's.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum StackError {
+    /// A patch of that name is loaded (klp refuses a second module of a
+    /// name); with its state.
     #[error(
         "a patch named `{0}` is already loaded (state: {1}); remove it first or rename the module"
     )]
     Duplicate(String, PatchState),
+    /// No loaded patch has that name.
     #[error("no patch named `{0}`; `patcher list` shows the loaded ones")]
     Unknown(String),
+    /// A disable of a patch that is not enabled.
     #[error("patch `{name}` is {state}, not enabled")]
-    NotEnabled { name: String, state: PatchState },
+    NotEnabled {
+        /// The patch.
+        name: String,
+        /// Its state now.
+        state: PatchState,
+    },
+    /// A remove of an enabled patch (klp frees only disabled ones).
     #[error("patch `{name}` is enabled; disable it before removing it")]
-    StillEnabled { name: String },
+    StillEnabled {
+        /// The patch.
+        name: String,
+    },
+    /// An enable of a patch that is neither disabled nor replaced.
     #[error("patch `{name}` is {state}; only a disabled or replaced patch can be enabled again")]
-    NotDisabled { name: String, state: PatchState },
+    NotDisabled {
+        /// The patch.
+        name: String,
+        /// Its state now.
+        state: PatchState,
+    },
+    /// A patch a forced transition took out of use, which klp never frees.
     #[error(
         "patch `{name}` is pinned: {pin}, and a task may still run its code after a forced \
          transition, so klp keeps such a patch loaded for good; it cannot be {action}. Reboot \
          the guest to be rid of it, or apply a new patch under another name"
     )]
     Pinned {
+        /// The patch.
         name: String,
+        /// Which forced transition pinned it.
         pin: Pin,
+        /// What was asked of it.
         action: PinnedAction,
     },
     #[error(
         "patch `{0}` was enabled then but has since been removed; apply its module again \
          (it will be enabled on top), or roll back to a later point"
     )]
+    /// A rollback to a point where a patch since removed was loaded.
     RemovedSince(String),
     #[error(
         "{MAX_PATCHES} patches are loaded, the most a VMM keeps; remove a disabled or replaced \
          one first (`patcher remove NAME`), or fold them into one replace patch"
     )]
+    /// [`MAX_PATCHES`] are loaded already.
     TooMany,
 }
 
 /// What a pinned patch was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinnedAction {
+    /// `remove`.
     Removed,
+    /// `enable`.
     Enabled,
+    /// `apply` of its module again.
     Applied,
+    /// A rollback that would make it enabled again.
     RolledBack,
 }
 
@@ -95,24 +126,31 @@ pub const MAX_PATCHES: usize = 64;
 /// One function a patch redirects, by the old function's entry address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Redirect {
+    /// The old function's entry, kernel-virtual (where the `jmp` goes).
     pub old: u64,
+    /// The patch's replacement, kernel-virtual (in the arena).
     pub new: u64,
 }
 
 /// A patch as the stack sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The patch's name (its module's name).
     pub name: String,
+    /// `klp_patch.replace`: a cumulative patch that replaces all others.
     pub replace: bool,
+    /// Enabled, disabled or replaced.
     pub state: PatchState,
     /// Enabled by a forced transition.
     pub forced: bool,
     /// Set once a forced transition took it out of use; never cleared.
     pub pin: Option<Pin>,
+    /// Every function it redirects; fixed for as long as it is loaded.
     pub redirects: Vec<Redirect>,
 }
 
 impl Entry {
+    /// A newly loaded patch: disabled until its first transition.
     pub fn new(name: &str, replace: bool, redirects: Vec<Redirect>) -> Self {
         Self {
             name: name.to_owned(),
@@ -130,8 +168,11 @@ impl Entry {
 /// history keeps per transition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placed {
+    /// The patch.
     pub name: String,
+    /// Its state at that moment.
     pub state: PatchState,
+    /// Whether a forced transition had enabled it.
     pub forced: bool,
 }
 
@@ -154,6 +195,8 @@ pub struct Change {
     pub reenable: Option<String>,
     /// The whole stack after the change (a rollback), replacing it.
     pub restore: Option<Vec<Entry>>,
+    /// `--force`: no safe-point check, and what it takes out of use is
+    /// pinned.
     pub forced: bool,
 }
 
@@ -164,10 +207,12 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// Every loaded patch, oldest first.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
 
+    /// The loaded patch `name`.
     pub fn get(&self, name: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.name == name)
     }
