@@ -99,12 +99,7 @@ impl Engine {
                 call.patch, call.kind
             )));
         }
-        let (cpu, base) = self.gate_cpu(kernel, guest)?;
-        let gate = self
-            .gate
-            .as_mut()
-            .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
-        let seq = self.calls + 1;
+        let (gate, (cpu, base), seq) = self.next_call(kernel, guest)?;
         let plan = gate.plan_arm(kernel, guest, (cpu, base), call, func, seq)?;
         self.show_klp(kernel, guest, p, call)?;
         plan.commit(guest)?;
@@ -160,12 +155,7 @@ impl Engine {
             return Ok(None);
         }
         let (addr, comm) = (task.addr, task.comm.clone());
-        let (cpu, base) = self.gate_cpu(kernel, guest)?;
-        let gate = self
-            .gate
-            .as_mut()
-            .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
-        let seq = self.calls + 1;
+        let (gate, (cpu, base), seq) = self.next_call(kernel, guest)?;
         let label = format!("#{seq} fake signal to pid {pid} ({comm})");
         let mut plan = gate.plan_call(
             kernel,
@@ -206,6 +196,22 @@ impl Engine {
         plan.commit(guest)?;
         self.calls = seq;
         Ok(Some(Armed { seq, vcpu: 0, cpu }))
+    }
+
+    /// What every call through the gate starts from: the gate, the CPU
+    /// it goes to (see [`Engine::gate_cpu`]) and the call's number.
+    fn next_call<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<(&mut Gate, (u32, u64), u64), EngineError> {
+        let cpu = self.gate_cpu(kernel, guest)?;
+        let seq = self.calls + 1;
+        let gate = self
+            .gate
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
+        Ok((gate, cpu, seq))
     }
 
     /// The CPU vCPU 0 runs (its number and per-CPU base), where the gate
@@ -250,12 +256,7 @@ impl Engine {
             .or_else(|_| kernel.kallsyms.addr("printk"))
             .map_err(GateError::Symbol)?;
         let text = log_text(line);
-        let (cpu, base) = self.gate_cpu(kernel, guest)?;
-        let gate = self
-            .gate
-            .as_mut()
-            .ok_or_else(|| EngineError::Internal("the call gate is not installed".into()))?;
-        let seq = self.calls + 1;
+        let (gate, (cpu, base), seq) = self.next_call(kernel, guest)?;
         let plan = gate.plan_log(kernel, guest, (cpu, base), printk, &text, seq)?;
         plan.commit(guest)?;
         self.calls = seq;
