@@ -236,7 +236,7 @@ impl std::fmt::Display for Blocker {
 }
 
 /// The functions a transition changes, sorted for lookup.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Check {
     spans: Vec<Span>,
 }
@@ -316,76 +316,161 @@ impl Check {
         orc: Option<&Orc>,
         hooks: &ReturnHooks,
     ) -> Result<Vec<Blocker>, SafepointError> {
+        self.blockers_prescanned(mem, tasks, regs, irq_stacks, orc, hooks, None)
+    }
+
+    /// [`Check::blockers_hooked`], skipping every task that `prescan` found
+    /// clear and that has not run since ([`Prescan::still_clear`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn blockers_prescanned<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        tasks: &[Task],
+        regs: &[VcpuRegs],
+        irq_stacks: &[Range<u64>],
+        orc: Option<&Orc>,
+        hooks: &ReturnHooks,
+        prescan: Option<&Prescan>,
+    ) -> Result<Vec<Blocker>, SafepointError> {
         let mut out = Vec::new();
         if self.is_empty() {
             return Ok(out);
         }
         self.unplaced_vcpus(tasks, regs, &mut out);
         for t in tasks {
-            // A dead task never runs again: nothing on its stack (often
-            // already freed) can be returned into. An exiting task that
-            // is not dead yet is checked like any other (see
-            // `Task::is_dead`).
-            if t.is_dead() {
+            if prescan.is_some_and(|p| p.still_clear(t)) {
                 continue;
             }
-            let th = if hooks.is_empty() {
-                TaskHooks::default()
-            } else {
-                hooks.of_task(mem, t.addr)
-            };
-            self.hooked(t, &th, &mut out);
-            let mut ranges: Vec<Range<u64>> = Vec::new();
-            match t.running {
-                Some(run) => {
-                    let r = regs.get(run.vcpu).ok_or(SafepointError::NoRegs {
-                        vcpu: run.vcpu,
-                        pid: t.pid,
-                    })?;
-                    if r.cpl() != 0 {
-                        continue; // user mode: an empty kernel stack
-                    }
-                    if let Some(s) = self.hit(r.rip) {
-                        out.push(blocker(t, s, r.rip, Seen::Rip { vcpu: run.vcpu }));
-                    }
-                    if t.stack.contains(&r.rsp) {
-                        ranges.push(r.rsp..t.stack.end);
-                    } else if let Some(irq) = irq_stacks.iter().find(|s| s.contains(&r.rsp)) {
-                        ranges.push(r.rsp..irq.end);
-                        let prev = mem.read_u64(irq.end.wrapping_sub(8)).ok();
-                        match prev.filter(|p| t.stack.contains(p)) {
-                            Some(p) => ranges.push(p..t.stack.end),
-                            None => ranges.push(t.stack.clone()),
-                        }
-                    } else {
-                        out.push(Blocker {
-                            pid: t.pid,
-                            comm: t.comm.clone(),
-                            func: String::new(),
-                            addr: r.rsp,
-                            seen: Seen::UnknownStack {
-                                vcpu: run.vcpu,
-                                rsp: r.rsp,
-                            },
-                        });
-                        continue;
-                    }
-                }
-                // Off every CPU: its saved frame is complete (a task
-                // still on_cpu may be mid-switch).
-                None if !t.on_cpu
-                    && t.stack.contains(&t.saved_sp)
-                    && orc.is_some_and(|o| self.frames(mem, o, t, (hooks, &th), &mut out)) => {}
-                None if t.stack.contains(&t.saved_sp) => ranges.push(t.saved_sp..t.stack.end),
-                // A saved SP off its stack: scan all of it (conservative).
-                None => ranges.push(t.stack.clone()),
-            }
-            let mut unknown = false;
-            for range in ranges {
-                self.scan(mem, t, range, hooks, &mut unknown, &mut out)?;
-            }
+            self.judge(mem, t, regs, irq_stacks, orc, hooks, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// Judges the tasks of `tasks` that are off every CPU, read while the
+    /// guest runs, and keeps those it found clear for the check in the
+    /// pause ([`Check::blockers_prescanned`]): most tasks sleep through a
+    /// transition, and unwinding each of them was most of the pause.
+    ///
+    /// `reread` reads a task again after it was judged. A task is kept only
+    /// if both reads show it off every CPU (`on_cpu` clear), with the same
+    /// stack, saved stack pointer and context-switch count: then it did
+    /// not run while its stack was read (a task switched in sets `on_cpu`
+    /// before it runs and, to stop running, is switched out, which counts),
+    /// so what was judged is a stack at rest, exactly what the pause would
+    /// have seen at that moment. Reads that fail or race only drop tasks
+    /// from the result; the pause judges those in full.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prescan<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        tasks: &[Task],
+        orc: Option<&Orc>,
+        hooks: &ReturnHooks,
+        mut reread: impl FnMut(u64) -> Option<Task>,
+    ) -> Prescan {
+        let mut clear = std::collections::HashMap::new();
+        if self.is_empty() {
+            return Prescan { clear };
+        }
+        for t in tasks {
+            if t.on_cpu || t.running.is_some() {
+                continue;
+            }
+            let mut out = Vec::new();
+            let judged = self.judge(mem, t, &[], &[], orc, hooks, &mut out);
+            if judged.is_err() || !out.is_empty() {
+                continue;
+            }
+            let Some(again) = reread(t.addr) else {
+                continue;
+            };
+            let at_rest = !again.on_cpu
+                && again.switches == t.switches
+                && again.start_time == t.start_time
+                && again.pid == t.pid
+                && again.stack == t.stack
+                && again.saved_sp == t.saved_sp;
+            if at_rest {
+                clear.insert(t.addr, Identity::of(t));
+            }
+        }
+        Prescan { clear }
+    }
+
+    /// Judges one task; what blocks goes to `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn judge<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        t: &Task,
+        regs: &[VcpuRegs],
+        irq_stacks: &[Range<u64>],
+        orc: Option<&Orc>,
+        hooks: &ReturnHooks,
+        out: &mut Vec<Blocker>,
+    ) -> Result<(), SafepointError> {
+        // A dead task never runs again: nothing on its stack (often
+        // already freed) can be returned into. An exiting task that is not
+        // dead yet is checked like any other (see `Task::is_dead`).
+        if t.is_dead() {
+            return Ok(());
+        }
+        let th = if hooks.is_empty() {
+            TaskHooks::default()
+        } else {
+            hooks.of_task(mem, t.addr)
+        };
+        self.hooked(t, &th, out);
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        match t.running {
+            Some(run) => {
+                let r = regs.get(run.vcpu).ok_or(SafepointError::NoRegs {
+                    vcpu: run.vcpu,
+                    pid: t.pid,
+                })?;
+                if r.cpl() != 0 {
+                    return Ok(()); // user mode: an empty kernel stack
+                }
+                if let Some(s) = self.hit(r.rip) {
+                    out.push(blocker(t, s, r.rip, Seen::Rip { vcpu: run.vcpu }));
+                }
+                if t.stack.contains(&r.rsp) {
+                    ranges.push(r.rsp..t.stack.end);
+                } else if let Some(irq) = irq_stacks.iter().find(|s| s.contains(&r.rsp)) {
+                    ranges.push(r.rsp..irq.end);
+                    let prev = mem.read_u64(irq.end.wrapping_sub(8)).ok();
+                    match prev.filter(|p| t.stack.contains(p)) {
+                        Some(p) => ranges.push(p..t.stack.end),
+                        None => ranges.push(t.stack.clone()),
+                    }
+                } else {
+                    out.push(Blocker {
+                        pid: t.pid,
+                        comm: t.comm.clone(),
+                        func: String::new(),
+                        addr: r.rsp,
+                        seen: Seen::UnknownStack {
+                            vcpu: run.vcpu,
+                            rsp: r.rsp,
+                        },
+                    });
+                    return Ok(());
+                }
+            }
+            // Off every CPU: its saved frame is complete (a task still
+            // on_cpu may be mid-switch).
+            None if !t.on_cpu
+                && t.stack.contains(&t.saved_sp)
+                && orc.is_some_and(|o| self.frames(mem, o, t, (hooks, &th), out)) => {}
+            None if t.stack.contains(&t.saved_sp) => ranges.push(t.saved_sp..t.stack.end),
+            // A saved SP off its stack: scan all of it (conservative).
+            None => ranges.push(t.stack.clone()),
+        }
+        let mut unknown = false;
+        for range in ranges {
+            self.scan(mem, t, range, hooks, &mut unknown, out)?;
+        }
+        Ok(())
     }
 
     /// Blocks on every vCPU in long mode that runs no task of `tasks`. Its
@@ -521,6 +606,65 @@ impl Check {
     }
 }
 
+/// Which task a task_struct held: a freed task_struct can be reused by a
+/// new task, whose switch count starts again at zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    pid: i32,
+    start_time: u64,
+    stack: u64,
+    saved_sp: u64,
+    switches: u64,
+}
+
+impl Identity {
+    fn of(t: &Task) -> Self {
+        Self {
+            pid: t.pid,
+            start_time: t.start_time,
+            stack: t.stack.start,
+            saved_sp: t.saved_sp,
+            switches: t.switches,
+        }
+    }
+}
+
+/// The tasks a check found clear while the guest ran ([`Check::prescan`]).
+///
+/// Why skipping them in the pause is sound: a task is skipped only if, in
+/// the pause, it is off every CPU and no vCPU runs it, and it is the same
+/// task (pid, start time, stack) with the same context-switch count and
+/// saved stack pointer as when its stack was judged at rest. A task that
+/// ran since was switched in (setting `on_cpu`) and, unless it still
+/// runs, switched out again, which raised `nvcsw` or `nivcsw`; so its
+/// stack, its return hooks' lists and its saved frame are what was
+/// judged. Nothing else writes a sleeping task's return addresses. A
+/// guest kernel that broke those rules (a forged count) could only make
+/// klpvisor patch itself at an unsafe point: it hurts its own kernel,
+/// never the host.
+#[derive(Debug, Clone, Default)]
+pub struct Prescan {
+    clear: std::collections::HashMap<u64, Identity>,
+}
+
+impl Prescan {
+    /// Tasks found clear.
+    pub fn len(&self) -> usize {
+        self.clear.len()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.clear.is_empty()
+    }
+
+    /// Whether `t`, read in the pause, was found clear and has not run
+    /// since.
+    pub fn still_clear(&self, t: &Task) -> bool {
+        !t.on_cpu && t.running.is_none() && self.clear.get(&t.addr) == Some(&Identity::of(t))
+    }
+}
+
 fn unrecoverable(t: &Task, trampoline: &'static str, why: Why, slot: Option<u64>) -> Blocker {
     Blocker {
         pid: t.pid,
@@ -639,6 +783,8 @@ mod tests {
             on_cpu: running.is_some(),
             stack,
             saved_sp: sp,
+            switches: 0,
+            start_time: 0,
             idle_cpu: None,
             running: running.map(|vcpu| Running {
                 vcpu,
@@ -670,6 +816,82 @@ mod tests {
         assert_eq!(b[0].func, "pipe_read");
         assert_eq!(b[0].seen, Seen::Stack { slot: 0x8ff0 });
         assert!(b[0].to_string().contains("pid 7"));
+    }
+
+    /// The pre-scan keeps only tasks it judged clear at rest, and the
+    /// pause skips exactly those that have not run since: a later return
+    /// address on a skipped task's stack is not looked at (it cannot appear
+    /// without the task running), while a task that switched, changed
+    /// identity or is on a CPU now is judged in full.
+    #[test]
+    fn a_prescan_spares_only_tasks_that_have_not_run_since() {
+        let hooks = ReturnHooks::default();
+        let clean = Words(vec![]);
+        let sleeper = task(7, 0x8000..0x9000, 0x8fe8, None);
+        let blocked = task(8, 0xa000..0xb000, 0xafe8, None);
+        let oncpu = Task {
+            on_cpu: true,
+            ..task(9, 0xc000..0xd000, 0xcfe8, None)
+        };
+        let mem = Words(vec![(0xaff0, 0x1042)]);
+        let all = [sleeper.clone(), blocked.clone(), oncpu.clone()];
+        let scan = check().prescan(&mem, &all, None, &hooks, |addr| {
+            all.iter().find(|t| t.addr == addr).cloned()
+        });
+        assert_eq!(scan.len(), 1, "only the clear task at rest: {scan:?}");
+        assert!(scan.still_clear(&sleeper));
+        assert!(!scan.still_clear(&blocked) && !scan.still_clear(&oncpu));
+
+        // In the pause the sleeper's stack now holds a changed function's
+        // address (it could only get there by running): skipped while its
+        // count is unchanged, found once it has switched.
+        let later = Words(vec![(0x8ff0, 0x2010)]);
+        let judged = |t: &Task| {
+            check()
+                .blockers_prescanned(
+                    &later,
+                    std::slice::from_ref(t),
+                    &[],
+                    &[],
+                    None,
+                    &hooks,
+                    Some(&scan),
+                )
+                .unwrap()
+        };
+        assert!(judged(&sleeper).is_empty());
+        let switched = Task {
+            switches: 1,
+            ..sleeper.clone()
+        };
+        assert_eq!(judged(&switched).len(), 1);
+        let reborn = Task {
+            start_time: 5,
+            ..sleeper.clone()
+        };
+        assert_eq!(
+            judged(&reborn).len(),
+            1,
+            "a new task in the same task_struct"
+        );
+        let running = Task {
+            on_cpu: true,
+            ..sleeper.clone()
+        };
+        assert_eq!(judged(&running).len(), 1);
+
+        // A task that ran between its two reads is not kept.
+        let raced = check().prescan(&clean, std::slice::from_ref(&sleeper), None, &hooks, |_| {
+            Some(Task {
+                switches: 3,
+                ..sleeper.clone()
+            })
+        });
+        assert!(raced.is_empty());
+        let gone = check().prescan(&clean, std::slice::from_ref(&sleeper), None, &hooks, |_| {
+            None
+        });
+        assert!(gone.is_empty());
     }
 
     #[test]

@@ -244,6 +244,9 @@ pub trait Patcher<G: Guest + ?Sized> {
     fn arm_nudge(&mut self, _guest: &G, _pid: i32) -> Result<Option<Armed>, EngineError> {
         Ok(None)
     }
+    /// Judges the tasks while the guest runs, so that the next
+    /// [`Patcher::commit`] of `p` re-judges only those that ran since.
+    fn prescan(&mut self, _p: &Self::Prepared, _guest: &G) {}
     /// The switch: the safe-point check and every entry write.
     fn commit(&mut self, p: &Self::Prepared, guest: &G) -> Result<Committed, EngineError>;
 }
@@ -338,6 +341,10 @@ where
 
     fn arm_nudge(&mut self, guest: &G, pid: i32) -> Result<Option<Armed>, EngineError> {
         self.engine.arm_nudge(self.kernel, guest, pid)
+    }
+
+    fn prescan(&mut self, p: &Prepared, guest: &G) {
+        self.engine.prescan(self.kernel, guest, p)
     }
 
     fn commit(&mut self, p: &Prepared, guest: &G) -> Result<Committed, EngineError> {
@@ -539,6 +546,7 @@ where
     let mut nudged = None;
     let (committed, pause) = loop {
         attempts += 1;
+        patcher.prescan(&prepared, host.guest());
         let e: H::Error = match host.paused(|g| patcher.commit(&prepared, g)) {
             Ok((Ok(done), pause)) => break (done, pause),
             Ok((Err(EngineError::Blocked(b)), _)) if host.now() + backoff < deadline => {

@@ -298,6 +298,9 @@ fn tasks_seeds() -> Result<()> {
         stack: 0x48,
         thread_sp: 0x1f8,
         signal: 0x50,
+        nvcsw: 0x80,
+        nivcsw: 0x88,
+        start_time: 0x90,
         threads: ThreadLinks::SignalThreadHead {
             thread_head: 0x08,
             thread_node: 0x60,

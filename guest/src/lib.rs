@@ -27,7 +27,7 @@ pub use kallsyms::{Kallsyms, KallsymsError, Symbol};
 pub use kaslr::{Evidence, Kaslr, KaslrError};
 pub use kernel::{all_vcpu_regs, IntrospectError, Kernel};
 pub use modules::{LoadedModule, ModuleState, ModuleSymbol, ModulesError};
-pub use paging::{AddressSpace, PageTables, PagingError, VirtRead};
+pub use paging::{AddressSpace, PageCache, PageTables, PagingError, VirtRead};
 pub use tasks::{Running, Task, Tasks, TasksError};
 
 /// A guest-physical address, as vm-memory's `GuestAddress`: what the

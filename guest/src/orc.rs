@@ -816,6 +816,8 @@ mod tests {
             on_cpu: false,
             stack: u64::MAX - 0x4000..u64::MAX,
             saved_sp: u64::MAX - 8,
+            switches: 0,
+            start_time: 0,
             idle_cpu: None,
             running: None,
         };
@@ -867,6 +869,8 @@ mod tests {
             on_cpu: false,
             stack: 0x8000..0x9000,
             saved_sp: sp,
+            switches: 0,
+            start_time: 0,
             idle_cpu: None,
             running: None,
         };

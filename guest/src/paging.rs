@@ -470,6 +470,95 @@ impl<G: Guest + ?Sized> VirtRead for AddressSpace<'_, G> {
     }
 }
 
+/// Kernel virtual memory of a paused guest, each 4 KiB page walked once.
+///
+/// The safe-point check reads thousands of small pieces (task fields, list
+/// pointers, stack words) inside the pause; walking four or five levels of
+/// page tables for each was most of its cost. While every vCPU is stopped
+/// the guest cannot change its page tables, so a translation taken once
+/// stays right until the guest runs again: hold one of these for one
+/// pause and drop it before resuming. Only successful walks are kept (a
+/// failed one is walked again and fails the same way), and the cache is
+/// bounded at [`PageCache::MAX_PAGES`] entries, emptied when full, so a
+/// guest that makes the walk touch many pages costs the VMM at most a few
+/// MiB.
+pub struct PageCache<'g, G: Guest + ?Sized> {
+    space: AddressSpace<'g, G>,
+    pages: std::cell::RefCell<std::collections::HashMap<u64, u64>>,
+}
+
+impl<'g, G: Guest + ?Sized> PageCache<'g, G> {
+    /// At most this many pages are remembered (24 bytes or so each).
+    pub const MAX_PAGES: usize = 1 << 17;
+
+    /// An empty cache over `space`.
+    pub fn new(space: AddressSpace<'g, G>) -> Self {
+        Self {
+            space,
+            pages: std::cell::RefCell::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The uncached space underneath.
+    pub fn space(&self) -> &AddressSpace<'g, G> {
+        &self.space
+    }
+
+    /// Pages remembered now.
+    pub fn len(&self) -> usize {
+        self.pages.borrow().len()
+    }
+
+    /// Whether no page is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Guest-physical start of the 4 KiB page holding `page` (4 KiB
+    /// aligned). A large page is contiguous, so its 4 KiB parts translate
+    /// by the same rule.
+    fn page_gpa(&self, page: u64) -> Result<u64, PagingError> {
+        if let Some(&gpa) = self.pages.borrow().get(&page) {
+            return Ok(gpa);
+        }
+        let gpa = self.space.translate(page)?.phys.0 & !0xfff;
+        let mut pages = self.pages.borrow_mut();
+        if pages.len() >= Self::MAX_PAGES {
+            pages.clear();
+        }
+        pages.insert(page, gpa);
+        Ok(gpa)
+    }
+}
+
+impl<G: Guest + ?Sized> VirtRead for PageCache<'_, G> {
+    fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), PagingError> {
+        let len = buf.len();
+        let mut done = 0usize;
+        while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
+            let cur = va
+                .checked_add(done as u64)
+                .ok_or(PagingError::Wraps { va, len })?;
+            let gpa = self.page_gpa(cur & !0xfff)? | (cur & 0xfff);
+            let in_page = 0x1000 - (cur & 0xfff);
+            let chunk = rest
+                .len()
+                .min(usize::try_from(in_page).unwrap_or(usize::MAX));
+            let (head, _) = rest.split_at_mut(chunk);
+            self.space
+                .guest
+                .read_phys(GuestPhys(gpa), head)
+                .map_err(|e| PagingError::Phys {
+                    what: "guest memory",
+                    gpa,
+                    source: Box::new(e),
+                })?;
+            done += chunk;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(any(test, feature = "synth"))]
 pub mod test_support {
     //! A flat fake guest-physical memory for unit tests.
@@ -599,6 +688,43 @@ mod tests {
         let mut buf = [0u8; 4];
         pt.read(&m, 0xffff_ffff_8100_0ffe, &mut buf).unwrap();
         assert_eq!(buf, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn the_page_cache_reads_what_the_walk_reads_and_walks_each_page_once() {
+        let (m, pt) = four_level();
+        m.write_phys(GuestPhys(0x10ffe), &[1, 2]).unwrap();
+        m.write_phys(GuestPhys(0x20000), &[3, 4]).unwrap();
+        m.write_phys(GuestPhys(0x20_0042), &[9]).unwrap();
+        let cache = PageCache::new(AddressSpace::new(&m, pt));
+        let mut buf = [0u8; 4];
+        cache.read_virt(0xffff_ffff_8100_0ffe, &mut buf).unwrap();
+        assert_eq!(buf, [1, 2, 3, 4]);
+        assert_eq!(cache.len(), 2, "two 4 KiB pages");
+        // Inside a 2 MiB page: one more entry, for its 4 KiB part.
+        let mut one = [0u8; 1];
+        cache.read_virt(0xffff_ffff_8120_0042, &mut one).unwrap();
+        assert_eq!(one, [9]);
+        assert_eq!(cache.len(), 3);
+        // A remembered translation is used without walking: a page-table
+        // change made while "paused" (which the guest cannot make) is
+        // not seen, which is why the cache lives for one pause only.
+        let pte_of_first = 0x4000 + idx(0xffff_ffff_8100_0000, Level::Pt) * 8;
+        let before = {
+            let mut b = [0u8; 8];
+            m.read_phys(GuestPhys(pte_of_first), &mut b).unwrap();
+            b
+        };
+        m.write_phys(GuestPhys(pte_of_first), &[0; 8]).unwrap();
+        cache.read_virt(0xffff_ffff_8100_0ffe, &mut buf).unwrap();
+        assert_eq!(buf, [1, 2, 3, 4]);
+        m.write_phys(GuestPhys(pte_of_first), &before).unwrap();
+        // Failures are not remembered and say what the walk says.
+        let err = cache
+            .read_virt(0xffff_ffff_8100_2000, &mut one)
+            .unwrap_err();
+        assert!(matches!(err, PagingError::NotPresent { .. }), "{err}");
+        assert_eq!(cache.len(), 3);
     }
 
     #[test]

@@ -153,6 +153,12 @@ pub struct TaskLayout {
     pub thread_sp: u64,
     /// `task_struct.signal`.
     pub signal: u64,
+    /// `task_struct.nvcsw` (voluntary context switches).
+    pub nvcsw: u64,
+    /// `task_struct.nivcsw` (involuntary context switches).
+    pub nivcsw: u64,
+    /// `task_struct.start_time` (monotonic ns at fork).
+    pub start_time: u64,
     /// How to reach a leader's other threads.
     pub threads: ThreadLinks,
     /// `struct rq` member `idle`.
@@ -194,6 +200,9 @@ impl TaskLayout {
             stack: off("task_struct.stack")?,
             thread_sp: off("task_struct.thread.sp")?,
             signal: off("task_struct.signal")?,
+            nvcsw: off("task_struct.nvcsw")?,
+            nivcsw: off("task_struct.nivcsw")?,
+            start_time: off("task_struct.start_time")?,
             threads,
             rq_idle: off("rq.idle")?,
             thread_size: match btf.struct_size("thread_union") {
@@ -283,6 +292,13 @@ pub struct Task {
     /// `thread.sp`: the stack pointer saved when it was switched out (its
     /// `inactive_task_frame`); stale while it runs.
     pub saved_sp: u64,
+    /// `nvcsw + nivcsw`: every time the task was switched out, one of
+    /// the two went up (`__schedule`), so an unchanged sum means it has not
+    /// run to a switch since (see the engine's pre-scan).
+    pub switches: u64,
+    /// `start_time`: with the address, which task this is, when a new task
+    /// may reuse a freed task_struct.
+    pub start_time: u64,
     /// `Some(cpu)` for that CPU's idle task.
     pub idle_cpu: Option<u32>,
     /// The vCPU running it, if any.
@@ -686,37 +702,42 @@ impl Tasks {
         Ok(())
     }
 
-    /// Reads one task_struct and picks out the fields.
+    /// Reads the fields of one task_struct the walk needs, each on its
+    /// own: the safe-point check reads every task inside the pause, and a
+    /// task_struct is about 10 KiB of which it wants some 60 bytes.
     pub fn read_task<M: VirtRead + ?Sized>(&self, mem: &M, addr: u64) -> Result<Task, TasksError> {
         let l = &self.layout;
-        let buf = mem
-            .read_vec(addr, l.size, MAX_TASK_STRUCT, "task_struct")
-            .map_err(|source| TasksError::Read {
-                what: "task_struct",
-                addr,
-                source,
-            })?;
-        let field = |name: &'static str, off: u64, len: usize| -> Result<&[u8], TasksError> {
-            usize::try_from(off)
-                .ok()
-                .and_then(|o| buf.get(o..o.checked_add(len)?))
-                .ok_or(TasksError::FieldOutside {
+        let field = |name: &'static str, off: u64, buf: &mut [u8]| -> Result<(), TasksError> {
+            let inside = off
+                .checked_add(buf.len() as u64)
+                .is_some_and(|end| end <= l.size && l.size <= MAX_TASK_STRUCT);
+            if !inside {
+                return Err(TasksError::FieldOutside {
                     field: name,
                     offset: off,
                     size: l.size,
-                })
+                });
+            }
+            let at = addr.wrapping_add(off);
+            mem.read_virt(at, buf).map_err(|source| TasksError::Read {
+                what: "task_struct",
+                addr: at,
+                source,
+            })
         };
         let u32_at = |name, off| -> Result<u32, TasksError> {
-            let b = field(name, off, 4)?;
-            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            let mut b = [0u8; 4];
+            field(name, off, &mut b)?;
+            Ok(u32::from_le_bytes(b))
         };
         let u64_at = |name, off| -> Result<u64, TasksError> {
-            let b = field(name, off, 8)?;
-            let mut a = [0u8; 8];
-            a.copy_from_slice(b);
-            Ok(u64::from_le_bytes(a))
+            let mut b = [0u8; 8];
+            field(name, off, &mut b)?;
+            Ok(u64::from_le_bytes(b))
         };
-        let comm_raw = field("comm", l.comm, COMM_LEN)?;
+        let mut comm_buf = [0u8; COMM_LEN];
+        field("comm", l.comm, &mut comm_buf)?;
+        let comm_raw = &comm_buf[..];
         let comm_len = comm_raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
         let comm =
             String::from_utf8_lossy(comm_raw.get(..comm_len).unwrap_or_default()).into_owned();
@@ -732,6 +753,8 @@ impl Tasks {
             on_cpu: u32_at("on_cpu", l.on_cpu)? != 0,
             stack: stack..stack.saturating_add(l.thread_size),
             saved_sp: u64_at("thread.sp", l.thread_sp)?,
+            switches: u64_at("nvcsw", l.nvcsw)?.wrapping_add(u64_at("nivcsw", l.nivcsw)?),
+            start_time: u64_at("start_time", l.start_time)?,
             idle_cpu: None,
             running: None,
         })
@@ -794,6 +817,9 @@ mod tests {
         stack: 0x48,
         thread_sp: 0x1f8,
         signal: 0x50,
+        nvcsw: 0x80,
+        nivcsw: 0x88,
+        start_time: 0x90,
         threads: ThreadLinks::SignalThreadHead {
             thread_head: 0x08,
             thread_node: 0x60,
@@ -1059,6 +1085,8 @@ mod tests {
             on_cpu: false,
             stack: 0..0,
             saved_sp: 0,
+            switches: 0,
+            start_time: 0,
             idle_cpu: None,
             running: None,
         };

@@ -57,8 +57,13 @@ impl Engine {
         if register.is_some() {
             self.registry_quiet(kernel, guest)?;
         }
+        let prescan = self
+            .prescan
+            .take()
+            .filter(|(check, _)| *check == p.check)
+            .map(|(_, scan)| scan);
         if !p.change.forced && !p.check.is_empty() {
-            let blockers = self.blockers(kernel, guest, &p.check)?;
+            let blockers = self.blockers(kernel, guest, &p.check, prescan.as_ref())?;
             if !blockers.is_empty() {
                 return Err(EngineError::Blocked(blockers));
             }
@@ -166,17 +171,55 @@ impl Engine {
         Ok(())
     }
 
+    /// Judges, while the guest runs, every task that is off every CPU
+    /// against `p`'s check, and keeps those found clear for `p`'s next
+    /// commit ([`Check::prescan`] says why that is sound): the pause then
+    /// unwinds only the tasks that ran since. Nothing is written. A
+    /// failure only means the pause judges every task, as it would have.
+    pub fn prescan<G: Guest + ?Sized>(&mut self, kernel: &Kernel, guest: &G, p: &Prepared) {
+        self.prescan = None;
+        if p.change.forced || p.check.is_empty() {
+            return;
+        }
+        let Some(f) = self.facts.as_ref() else {
+            return;
+        };
+        let space = kernel.space(guest);
+        let tasks = match f.tasks.list(&space, &[]) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(patch = p.name, "no pre-scan: {e}");
+                return;
+            }
+        };
+        let scan = p
+            .check
+            .prescan(&space, &tasks, f.orc.as_ref(), &f.hooks, |addr| {
+                f.tasks.read_task(&space, addr).ok()
+            });
+        tracing::debug!(
+            patch = p.name,
+            clear = scan.len(),
+            tasks = tasks.len(),
+            "pre-scan while the guest runs"
+        );
+        self.prescan = Some((p.check.clone(), scan));
+    }
+
     pub(super) fn blockers<G: Guest + ?Sized>(
         &self,
         kernel: &Kernel,
         guest: &G,
         check: &Check,
+        prescan: Option<&crate::safepoint::Prescan>,
     ) -> Result<Vec<Blocker>, EngineError> {
         let f = self
             .facts
             .as_ref()
             .ok_or_else(|| EngineError::Internal("kernel facts unavailable".into()))?;
-        let space = kernel.space(guest);
+        // Every read of the check goes through one translation cache,
+        // valid because the guest is paused until this returns.
+        let space = klpvisor_guest::PageCache::new(kernel.space(guest));
         let regs = all_vcpu_regs(guest)?;
         let tasks = f.tasks.list(&space, &regs)?;
         let irq = match f.hardirq_stack_ptr {
@@ -186,7 +229,15 @@ impl Engine {
             }
             None => Vec::new(),
         };
-        Ok(check.blockers_hooked(&space, &tasks, &regs, &irq, f.orc.as_ref(), &f.hooks)?)
+        Ok(check.blockers_prescanned(
+            &space,
+            &tasks,
+            &regs,
+            &irq,
+            f.orc.as_ref(),
+            &f.hooks,
+            prescan,
+        )?)
     }
 
     /// Notes the pause a committed transition took (measured by the VMM).

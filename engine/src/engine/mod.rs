@@ -320,6 +320,9 @@ pub struct Engine {
     klp_shown: Option<crate::register::livepatch::Shown>,
     /// Anti-rollback, when enforced: the highest signed level applied.
     floor: Option<levels::Floor>,
+    /// The tasks found clear while the guest ran, for the next commit of
+    /// a transition with this check: see [`Engine::prescan`].
+    prescan: Option<(crate::safepoint::Check, crate::safepoint::Prescan)>,
 }
 
 impl Engine {

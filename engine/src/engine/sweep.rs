@@ -40,26 +40,44 @@ impl Engine {
         if self.retired.is_empty() {
             return Ok(Vec::new());
         }
+        // One walk of every task for all retired patches (the walk, not
+        // the number of spans, is what costs inside the pause).
+        let span_name = |name: &str| format!("retired {name}");
+        let check = Check::new(
+            self.retired
+                .iter()
+                .flat_map(|r| {
+                    r.record.text().map(|range| Span {
+                        range,
+                        name: span_name(&r.name),
+                    })
+                })
+                .collect(),
+        );
+        // Unknown means referenced: freeing too late costs space, freeing
+        // too early lets new code overwrite a live frame. So a failed walk,
+        // or a blocker that names no retired patch (a vCPU on no known
+        // stack, a return the kernel hid where it cannot be read), keeps
+        // every one of them.
+        let referenced: Option<Vec<String>> = match self.blockers(kernel, guest, &check, None) {
+            Ok(b) => {
+                let names: Vec<String> = self.retired.iter().map(|r| span_name(&r.name)).collect();
+                if b.iter().all(|b| names.contains(&b.func)) {
+                    Some(b.into_iter().map(|b| b.func).collect())
+                } else {
+                    None
+                }
+            }
+            Err(_) => None,
+        };
         let mut freed = Vec::new();
         let mut keep = Vec::new();
         // Iterate over a copy: registry plans look at every retired
         // patch's module, this one's included.
         for r in self.retired.clone() {
-            let check = Check::new(
-                r.record
-                    .text()
-                    .map(|range| Span {
-                        range,
-                        name: format!("retired {}", r.name),
-                    })
-                    .collect(),
-            );
-            let referenced = match self.blockers(kernel, guest, &check) {
-                Ok(b) => !b.is_empty(),
-                // Unknown means referenced: freeing too late costs space,
-                // freeing too early lets new code overwrite a live frame.
-                Err(_) => true,
-            };
+            let referenced = referenced
+                .as_ref()
+                .is_none_or(|names| names.contains(&span_name(&r.name)));
             // A transition that could not take its patches off the guest's
             // klp_patches left them there (the next one tries again).
             if referenced || self.klp_shows(r.record.klp_patch) {
