@@ -22,7 +22,7 @@
  *                  -> KLPV-STALL-KLP apply_ms=<ms> apply_max_us=<us>
  *                     disable_ms=<ms> disable_max_us=<us> ok=<0|1>
  *   quit           exit
- * On start: KLPV-STALL ready cpus=<n>.
+ * On start (after raising kernel.threads-max to 30000): KLPV-STALL ready cpus=<n>.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -214,6 +214,17 @@ int main(void)
 	if (cpus < 1 || cpus > MAX_CPUS) {
 		fprintf(stderr, "klpv-stall: %d CPUs\n", cpus);
 		return 1;
+	}
+	/* The kernel sizes threads-max from RAM (about 8000 in 1 GiB);
+	 * a row of 10000 sleeping threads needs more. */
+	{
+		int fd = open("/proc/sys/kernel/threads-max", O_WRONLY);
+
+		if (fd >= 0) {
+			if (write(fd, "30000", 5) != 5)
+				perror("klpv-stall: threads-max");
+			close(fd);
+		}
 	}
 	if (pipe(sleep_pipe) != 0) {
 		perror("klpv-stall: pipe");
