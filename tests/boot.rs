@@ -52,6 +52,27 @@ fn two_vcpus_poweroff() {
     );
 }
 
+/// A guest with more RAM than the boot page tables once mapped (1 GiB)
+/// boots: the arena tables' `setup_data` blob then sits above 1 GiB, and
+/// the kernel's decompressor reads every blob through the loader's
+/// identity map before it builds its own. It never printed a line.
+#[test]
+fn a_guest_with_more_than_a_gib_boots() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let token = format!("m{}", std::process::id());
+    let run = run_scenario("boot", &["2", &token, "--mem", "2048", "/bin/true"]);
+    let (cpus, _) = ready_line(&run);
+    assert_eq!(cpus, "2", "{}", run.transcript());
+    assert_eq!(run.result("boot")["rc"], "0", "{}", run.transcript());
+    assert!(
+        run.lines_with("Call Trace").is_empty(),
+        "no oops or warning\n{}",
+        run.transcript()
+    );
+}
+
 #[test]
 fn four_vcpus_reboot() {
     if harness::skip_without_e2e() {

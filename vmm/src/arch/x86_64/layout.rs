@@ -26,12 +26,21 @@ pub const BOOT_IDT_START: u64 = 0x520;
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer of the boot CPU.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
-/// Identity-mapped page tables: PML4, PDPT, PD (1 GiB of 2 MiB pages).
+/// Identity-mapped page tables: PML4, PDPT, four PDs (the first 4 GiB in
+/// 2 MiB pages).
 pub const PML4_START: u64 = 0x9000;
 /// Guest-physical page of the boot PDPT.
 pub const PDPTE_START: u64 = 0xa000;
-/// Guest-physical page of the boot PD (2 MiB pages).
+/// Guest-physical page of the first boot PD (2 MiB pages); the other
+/// [`BOOT_PDS`]` - 1` follow it.
 pub const PDE_START: u64 = 0xb000;
+/// Boot PDs: the identity map covers this many GiB. Everything the boot
+/// protocol hands the kernel must be mapped when it starts: boot_params,
+/// the command line and every `setup_data` blob, which the decompressor
+/// reads before it builds its own tables. The arena tables' blob sits near
+/// the top of low RAM (below the 3 GiB MMIO hole), so one GiB was not
+/// enough: a guest with more than about 1 GiB of RAM never printed a line.
+pub const BOOT_PDS: u64 = 4;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
 /// Start of the Extended BIOS Data Area: RAM below it is usable.

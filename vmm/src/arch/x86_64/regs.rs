@@ -9,8 +9,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::gdt::{segment_from_gdt, BOOT_GDT};
 use super::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
-    ZERO_PAGE_START,
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_PDS, BOOT_STACK_POINTER, PDE_START, PDPTE_START,
+    PML4_START, ZERO_PAGE_START,
 };
 
 const X86_CR0_PE: u64 = 1 << 0;
@@ -45,11 +45,15 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64))?;
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))?;
-    // PML4[0] -> PDPT, PDPT[0] -> PD, PD maps 1 GiB with 2 MiB pages.
+    // PML4[0] -> PDPT, PDPT[g] -> PD g, each PD maps 1 GiB with 2 MiB pages.
     mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))?;
-    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))?;
-    for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))?;
+    for g in 0..BOOT_PDS {
+        let pd = PDE_START + g * 0x1000;
+        mem.write_obj(pd | 0x03, GuestAddress(PDPTE_START + g * 8))?;
+        for i in 0..512u64 {
+            let phys = (g << 30) | (i << 21);
+            mem.write_obj(phys | 0x83, GuestAddress(pd + i * 8))?;
+        }
     }
     Ok(())
 }
@@ -103,14 +107,39 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
 mod tests {
     use super::*;
 
+    /// The boot page tables map the first 4 GiB one to one, so the
+    /// arena tables' `setup_data` blob near the top of low RAM is mapped
+    /// for any RAM size.
     #[test]
-    fn page_tables_identity_map_first_gib() {
+    fn page_tables_identity_map_the_first_four_gib() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         write_boot_tables(&mem).unwrap();
-        let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
-        assert_eq!(pml4 & !0xfff, PDPTE_START);
-        let pd_last: u64 = mem.read_obj(GuestAddress(PDE_START + 511 * 8)).unwrap();
-        assert_eq!(pd_last & !0xfff, 511 << 21);
-        assert_eq!(pd_last & 0x80, 0x80, "2 MiB page bit");
+        let read = |gpa: u64| -> u64 { mem.read_obj(GuestAddress(gpa)).unwrap() };
+        let translate = |va: u64| -> u64 {
+            let pdpt = read(PML4_START + ((va >> 39) & 511) * 8);
+            assert_eq!(pdpt & 1, 1, "{va:#x}: PML4 entry present");
+            let pd = read((pdpt & !0xfff) + ((va >> 30) & 511) * 8);
+            assert_eq!(pd & 1, 1, "{va:#x}: PDPT entry present");
+            let pde = read((pd & !0xfff) + ((va >> 21) & 511) * 8);
+            assert_eq!(pde & 0x81, 0x81, "{va:#x}: a present 2 MiB page");
+            (pde & !0x1f_ffff & 0x000f_ffff_ffff_f000) | (va & 0x1f_ffff)
+        };
+        for va in [
+            0u64,
+            0x10_0000,
+            0x3fff_ffff,
+            0x4000_0000,
+            0x5fc0_1234,
+            0xbfff_fff8,
+            0xffff_fff8,
+        ] {
+            assert_eq!(translate(va), va);
+        }
+        let (tables, _) = crate::arch::x86_64::layout::MemoryLayout::new(3 << 30, 16 << 20)
+            .unwrap()
+            .tables;
+        assert_eq!(translate(tables), tables);
+        // The PDs fit between the PDPT and the command line.
+        const { assert!(PDE_START + BOOT_PDS * 0x1000 <= crate::arch::x86_64::layout::CMDLINE_START) };
     }
 }
