@@ -367,6 +367,46 @@ fn section_refusals() {
     }
 }
 
+/// Static calls in patch code follow `static_call_update`: each
+/// `.static_call_sites` entry of trace-itimer (the tracepoint's
+/// `tp_func_itimer_state`, whose target the kernel switches when a probe
+/// registers, and on 6.1 `preempt_schedule_notrace`, which `preempt=`
+/// switches) stays a call to
+/// the kernel's own `__SCT__` trampoline, which `static_call_update`
+/// rewrites, so the patch's call reaches whatever target the kernel chose
+/// last. (The kernel would also rewrite a module's call sites in place;
+/// going through the trampoline costs one jump and needs no registration.)
+#[test]
+fn static_calls_go_through_the_kernels_trampolines() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let m = parse(f, "trace-itimer").unwrap_or_else(|e| panic!("{e}"));
+    let l = link_ok(f, &m);
+    let mut tramps: Vec<&str> = m
+        .relocs
+        .iter()
+        .map(|r| m.symbols[r.symbol].name.as_str())
+        .filter(|n| n.starts_with("__SCT__"))
+        .collect();
+    tramps.sort_unstable();
+    tramps.dedup();
+    assert!(
+        tramps.contains(&"__SCT__tp_func_itimer_state"),
+        "the tracepoint's static call: {tramps:?}"
+    );
+    for tramp in tramps {
+        let want = f.kernel.kallsyms.addr(tramp).unwrap();
+        let targets = call_targets(&m, &l, tramp);
+        assert!(!targets.is_empty(), "trace-itimer calls {tramp}");
+        assert!(
+            targets.iter().all(|&t| t == want),
+            "{tramp}: {targets:x?} != {want:#x}"
+        );
+    }
+}
+
 #[test]
 fn not_livepatch_and_module_objects() {
     if common::skip_without_dump() {
