@@ -411,6 +411,16 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
         "{:?}",
         pending.blockers
     );
+    // Meanwhile patcher said on stderr what it waited for.
+    assert!(
+        run.lines.iter().any(
+            |l| l.contains("patcher: waiting for a safe point: attempt ")
+                && l.contains("; blocked by: pid ")
+                && l.contains("(sleep)")
+                && l.contains("common_nsleep")
+        ),
+        "no progress line naming the sleeper\n{t}"
+    );
     let reply: klpvisor_api::TransitionReply = run.json("KLPV-JSON-TRANSITION", "wait");
     assert!(reply.attempts > 1, "it had to wait: {reply:?}");
     assert!(reply.waited_ms > 500.0, "{reply:?}");

@@ -610,8 +610,11 @@ fn watched<T>(
     let mut progress = progress::Progress::new(action, patch);
     c.watch(PROGRESS_INTERVAL, request, move |t| {
         if let Some(line) = progress.line(t) {
-            // Not eprintln!, which panics when stderr is gone.
-            let _ = writeln!(std::io::stderr(), "patcher: {line}");
+            // One write, so the line cannot be split by another writer of
+            // the same terminal (stderr is unbuffered: writeln! writes
+            // each piece); and not eprintln!, which panics when stderr is
+            // gone.
+            let _ = std::io::stderr().write_all(format!("patcher: {line}\n").as_bytes());
         }
     })
 }
