@@ -60,6 +60,52 @@ fn livepatch_sample_applies_and_disables_from_outside() {
     );
 }
 
+/// `vmm --patch FILE.ko`: the VMM applies the sample by itself once the
+/// guest kernel has booted, with no request on the socket; the patch is
+/// then listed and managed like any other, and the guest sees it.
+#[test]
+fn livepatch_sample_applies_at_boot_with_vmm_patch() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = run_scenario("patch-at-boot", &[]);
+    let t = run.transcript();
+    assert_eq!(run.result("boot-patch-listed")["rc"], "0", "{t}");
+    let on = patches(&run, "booted");
+    assert_eq!(on.patches.len(), 1, "{t}");
+    let p = &on.patches[0];
+    assert_eq!(p.name, "livepatch_sample");
+    assert_eq!(p.state, PatchState::Enabled);
+    assert!(p.funcs.iter().all(|f| f.live), "{p:?}");
+    // In the history as the first transition, an apply like patcher's.
+    let history = run.lines_with("KLPV-HISTORY ");
+    assert!(
+        history.len() == 1
+            && history[0].contains("#1 at ")
+            && history[0].contains("apply livepatch_sample"),
+        "{t}"
+    );
+    // The guest: its first look may come before or after the patch (the
+    // VMM applies it as init starts); the one asked for after the list
+    // showed it enabled is patched.
+    assert_eq!(run.cmdline(2), "this has been live patched", "{t}");
+    // The VMM logged why it waited and what it applied.
+    assert_eq!(
+        run.lines_with("--patch: the guest kernel is up").len(),
+        1,
+        "{t}"
+    );
+    let applied = run.lines_with("--patch: applied");
+    assert!(
+        applied.len() == 1 && applied[0].contains("patch=\"livepatch_sample\""),
+        "{t}"
+    );
+    assert!(run.lines_with("--patch: not applied").is_empty(), "{t}");
+    assert_eq!(run.result("boot-patch-exit")["rc"], "0", "{t}");
+    let dmesg = run.lines_with("KLPV-DMESG warnings=");
+    assert!(dmesg.len() == 1 && dmesg[0].ends_with("warnings=0"), "{t}");
+}
+
 /// A module in kpatch-build's layout: kpatch's own patch hook (from
 /// Debian's kpatch-build package) builds its klp_patch only at init time;
 /// klpvisor reads kpatch's description instead and applies the same patch
@@ -410,6 +456,16 @@ fn a_sleeping_task_blocks_the_transition_until_it_leaves() {
             .any(|b| b.contains("(sleep)") && b.contains("common_nsleep")),
         "{:?}",
         pending.blockers
+    );
+    // Meanwhile patcher said on stderr what it waited for.
+    assert!(
+        run.lines.iter().any(
+            |l| l.contains("patcher: waiting for a safe point: attempt ")
+                && l.contains("; blocked by: pid ")
+                && l.contains("(sleep)")
+                && l.contains("common_nsleep")
+        ),
+        "no progress line naming the sleeper\n{t}"
     );
     let reply: klpvisor_api::TransitionReply = run.json("KLPV-JSON-TRANSITION", "wait");
     assert!(reply.attempts > 1, "it had to wait: {reply:?}");

@@ -17,13 +17,26 @@ use tokio::net::UnixStream;
 
 use crate::{
     AddrReply, ErrorKind, ErrorReply, HistoryEntry, MemoryReply, PatchInfo, PatchesReply,
-    PauseReply, RegsReply, ResumeReply, RollbackReply, SymbolsReply, TasksReply, TransitionReply,
-    VmInfo,
+    PauseReply, PendingTransition, RegsReply, ResumeReply, RollbackReply, SymbolsReply, TasksReply,
+    TransitionReply, VmInfo,
 };
 
 /// How long one request may take end to end (the server's own limit is
 /// 30 s; this only catches a VMM that stopped answering altogether).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often [`Client::watch`] asks for the pending transition: often
+/// enough to show each retry of a transition waiting for a safe point (its
+/// backoff grows past this within a second), rarely enough to cost the VMM
+/// nothing (`GET /patches` copies a published list, it takes no lock a
+/// transition holds).
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long one progress poll may take. Short, because the request being
+/// watched waits for the poll in flight before it returns its reply (so no
+/// progress line is printed after the result); a VMM too busy to answer
+/// `GET /patches` in this time just costs one missed line.
+const PROGRESS_POLL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a request to the VMM failed, worded for the user of the CLI.
 #[derive(Debug, Error)]
@@ -140,9 +153,21 @@ impl Client {
         path_and_query: &str,
         body: Option<(Vec<u8>, &'static str)>,
     ) -> Result<Reply, ClientError> {
+        self.send_within(CLIENT_TIMEOUT, method, path_and_query, body)
+    }
+
+    /// [`Client::send_typed`] with a limit of its own instead of
+    /// [`CLIENT_TIMEOUT`].
+    fn send_within(
+        &self,
+        limit: Duration,
+        method: Method,
+        path_and_query: &str,
+        body: Option<(Vec<u8>, &'static str)>,
+    ) -> Result<Reply, ClientError> {
         let fut = self.send_async(method, path_and_query, body);
         self.runtime
-            .block_on(async { tokio::time::timeout(CLIENT_TIMEOUT, fut).await })
+            .block_on(async { tokio::time::timeout(limit, fut).await })
             .map_err(|_| ClientError::Timeout {
                 path: self.path.clone(),
             })?
@@ -252,6 +277,78 @@ impl Client {
             what: format!("GET {path_and_query}"),
             message: e.to_string(),
         })
+    }
+}
+
+/// Watching a transition while it waits for a safe point.
+impl Client {
+    /// Runs `request` (a transition: apply, enable, disable, rollback) and,
+    /// while it is outstanding, polls `GET /patches` on a connection of its
+    /// own every `interval`, handing each pending transition it sees to
+    /// `progress` (on another thread). The VMM answers a transition only
+    /// when it has committed or given up, up to its timeout later; the
+    /// pending transition is the only way to show meanwhile what it waits
+    /// for.
+    ///
+    /// `request`'s result is returned unchanged: a poll that fails (no
+    /// runtime, no answer in time, a VMM that does not list transitions)
+    /// is skipped silently. `progress` is never called once `request` has
+    /// returned, and this returns only after the last call has finished,
+    /// so whatever it prints comes before the caller prints the reply. The
+    /// pending transition may be another client's (one runs at a time: ours
+    /// is then refused as busy); `progress` tells by its action and patch.
+    pub fn watch<T>(
+        &self,
+        interval: Duration,
+        request: impl FnOnce(&Client) -> Result<T, ClientError>,
+        mut progress: impl FnMut(&PendingTransition) + Send,
+    ) -> Result<T, ClientError> {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let path = self.path.clone();
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                // Its own runtime: the request's blocks the caller's thread.
+                let Ok(poller) = Client::new(&path) else {
+                    return;
+                };
+                let ended = || {
+                    matches!(
+                        finished.try_recv(),
+                        Err(std::sync::mpsc::TryRecvError::Disconnected)
+                    )
+                };
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    finished.recv_timeout(interval)
+                {
+                    let Ok(reply) = poller.pending_within(PROGRESS_POLL_TIMEOUT) else {
+                        continue;
+                    };
+                    if ended() {
+                        return;
+                    }
+                    if let Some(t) = &reply {
+                        progress(t);
+                    }
+                }
+            });
+            let result = request(self);
+            // Ends the poller's wait at once (it also ends if `request`
+            // panics: the sender is dropped while unwinding).
+            drop(done);
+            result
+        })
+    }
+
+    /// The pending transition of `GET /patches`, with a short limit.
+    fn pending_within(&self, limit: Duration) -> Result<Option<PendingTransition>, ClientError> {
+        let reply = self.send_within(limit, Method::GET, "/patches", None)?;
+        check(&reply)?;
+        serde_json::from_slice::<PatchesReply>(&reply.body)
+            .map(|r| r.transition)
+            .map_err(|e| ClientError::Decode {
+                what: "GET /patches".into(),
+                message: e.to_string(),
+            })
     }
 }
 
@@ -440,6 +537,96 @@ pub fn query_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh socket path of this test process (short: sun_path holds 108
+    /// bytes).
+    fn socket_path(name: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("klpv-api-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    /// A VMM stand-in on a Unix socket: answers every request (one per
+    /// connection, as the client sends them) with `GET /patches`'s reply
+    /// showing a transition whose attempts count up.
+    fn fake_vmm(name: &str) -> PathBuf {
+        use std::io::{Read as _, Write as _};
+        let path = socket_path(name);
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            for (attempts, conn) in listener.incoming().enumerate() {
+                let Ok(mut conn) = conn else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let body = serde_json::json!({
+                    "patches": [],
+                    "transition": {
+                        "patch": "block_nsleep", "action": "apply", "forced": false,
+                        "waited_ms": 100.0 * attempts as f64, "attempts": attempts,
+                        "blockers": ["pid 7 (sleep) is in common_nsleep"],
+                    },
+                })
+                .to_string();
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        path
+    }
+
+    #[test]
+    fn watch_reports_the_pending_transition_while_the_request_is_outstanding() {
+        let client = Client::new(&fake_vmm("watch")).expect("client");
+        let seen = std::sync::Mutex::new(Vec::new());
+        let returned = std::sync::atomic::AtomicBool::new(false);
+        let result = client.watch(
+            Duration::from_millis(50),
+            |_| {
+                std::thread::sleep(Duration::from_millis(600));
+                Ok::<_, ClientError>(42)
+            },
+            |t| {
+                assert!(
+                    !returned.load(std::sync::atomic::Ordering::SeqCst),
+                    "no progress after the request returned"
+                );
+                seen.lock().expect("lock").push(t.attempts);
+            },
+        );
+        returned.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(result.expect("the request's own result"), 42);
+        let seen = seen.into_inner().expect("lock");
+        assert!(seen.len() >= 3, "polled while the request ran: {seen:?}");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+
+    #[test]
+    fn watch_keeps_failed_polls_silent_and_returns_the_requests_error() {
+        // No VMM: every poll fails to connect.
+        let client = Client::new(&socket_path("none")).expect("client");
+        let mut calls = 0;
+        let result: Result<(), _> = client.watch(
+            Duration::from_millis(20),
+            |c| {
+                std::thread::sleep(Duration::from_millis(150));
+                c.vm().map(|_| ())
+            },
+            |_| calls += 1,
+        );
+        assert!(
+            matches!(result, Err(ClientError::Connect { .. })),
+            "{result:?}"
+        );
+        assert_eq!(calls, 0);
+    }
 
     #[test]
     fn escapes_reserved_bytes() {

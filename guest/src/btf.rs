@@ -188,6 +188,9 @@ pub struct Btf {
     composites: HashMap<String, Vec<u32>>,
     /// Named typedefs, to accept `typedef struct {...} name_t`.
     typedefs: HashMap<String, u32>,
+    /// Every enumerator's value by name (C gives them one namespace; the
+    /// first of a name wins).
+    enumerators: HashMap<String, i64>,
 }
 
 struct Reader<'a> {
@@ -284,6 +287,7 @@ impl Btf {
         };
         // Each type takes at least 12 bytes: a bound on the count.
         let mut types = Vec::with_capacity(type_len / 12);
+        let mut enum_values = Vec::new();
         while r.pos < type_bytes.len() {
             let name_off = r.u32()?;
             let info = r.u32()?;
@@ -330,11 +334,26 @@ impl Btf {
                     }
                 }
                 KIND_ENUM => {
-                    r.skip(vlen * 8)?;
+                    for _ in 0..vlen {
+                        let name_off = r.u32()?;
+                        let raw = r.u32()?;
+                        // kind_flag: a signed enum.
+                        let val = if kind_flag {
+                            i64::from(raw as i32)
+                        } else {
+                            i64::from(raw)
+                        };
+                        enum_values.push((name_off, val));
+                    }
                     Kind::Enum { size: size_or_type }
                 }
                 KIND_ENUM64 => {
-                    r.skip(vlen * 12)?;
+                    for _ in 0..vlen {
+                        let name_off = r.u32()?;
+                        let lo = u64::from(r.u32()?);
+                        let hi = u64::from(r.u32()?);
+                        enum_values.push((name_off, (hi << 32 | lo) as i64));
+                    }
                     Kind::Enum { size: size_or_type }
                 }
                 KIND_FWD | KIND_FUNC => Kind::Other,
@@ -374,6 +393,7 @@ impl Btf {
             strings,
             composites: HashMap::new(),
             typedefs: HashMap::new(),
+            enumerators: HashMap::new(),
         };
         let mut composites: HashMap<String, Vec<u32>> = HashMap::new();
         let mut typedefs = HashMap::new();
@@ -391,8 +411,16 @@ impl Btf {
                 _ => {}
             }
         }
+        let mut enumerators = HashMap::new();
+        for (name_off, val) in enum_values {
+            let name = btf.str_at(name_off);
+            if !name.is_empty() {
+                enumerators.entry(name.to_owned()).or_insert(val);
+            }
+        }
         btf.composites = composites;
         btf.typedefs = typedefs;
+        btf.enumerators = enumerators;
         Ok(btf)
     }
 
@@ -500,6 +528,13 @@ impl Btf {
         let to = self.resolve(*to, "pointer").ok()?;
         let name = self.str_at(self.get(to)?.name_off);
         (!name.is_empty()).then(|| name.to_owned())
+    }
+
+    /// The value of enumerator `name` (e.g. `SYSTEM_RUNNING`), as this
+    /// kernel numbers it: enums gain members between releases, so a value
+    /// is read from the guest's own types, never assumed.
+    pub fn enumerator(&self, name: &str) -> Option<i64> {
+        self.enumerators.get(name).copied()
     }
 
     /// Whether struct/union `name` exists.
@@ -690,6 +725,31 @@ pub mod synth {
             self.push(&[n, KIND_TYPEDEF << 24, to])
         }
 
+        /// Adds an enum of `size` bytes with `values` (signed: kind_flag
+        /// set); returns its type id.
+        pub fn enumeration(&mut self, name: &str, size: u32, values: &[(&str, i32)]) -> u32 {
+            let n = self.name(name);
+            let info = (KIND_ENUM << 24) | values.len() as u32 | 1 << 31;
+            let mut words = vec![n, info, size];
+            for &(vname, val) in values {
+                let vn = self.name(vname);
+                words.extend_from_slice(&[vn, val as u32]);
+            }
+            self.push(&words)
+        }
+
+        /// Adds a 64-bit enum of `values`; returns its type id.
+        pub fn enumeration64(&mut self, name: &str, values: &[(&str, u64)]) -> u32 {
+            let n = self.name(name);
+            let info = (KIND_ENUM64 << 24) | values.len() as u32;
+            let mut words = vec![n, info, 8];
+            for &(vname, val) in values {
+                let vn = self.name(vname);
+                words.extend_from_slice(&[vn, val as u32, (val >> 32) as u32]);
+            }
+            self.push(&words)
+        }
+
         /// members: (name, type, bit offset, bitfield bits or 0).
         pub fn composite(
             &mut self,
@@ -794,6 +854,32 @@ mod tests {
         // Anonymous struct and union members.
         assert_eq!(btf.offset_of("task_struct.state_a").unwrap(), 24);
         assert_eq!(btf.offset_of("task_struct.u_b").unwrap(), 32);
+    }
+
+    #[test]
+    fn enumerators_are_read_by_name_signed_and_64_bit() {
+        let mut b = BtfBuilder::new();
+        b.enumeration(
+            "system_states",
+            4,
+            &[
+                ("SYSTEM_BOOTING", 0),
+                ("SYSTEM_SCHEDULING", 1),
+                ("SYSTEM_FREEING_INITMEM", 2),
+                ("SYSTEM_RUNNING", 3),
+            ],
+        );
+        b.enumeration("", 4, &[("NEGATIVE", -22), ("SYSTEM_RUNNING", 9)]);
+        b.enumeration64("big", &[("HUGE", 1 << 40)]);
+        b.int("int", 4);
+        let btf = Btf::parse(&b.build()).unwrap();
+        assert_eq!(btf.enumerator("SYSTEM_RUNNING"), Some(3), "the first wins");
+        assert_eq!(btf.enumerator("SYSTEM_BOOTING"), Some(0));
+        assert_eq!(btf.enumerator("NEGATIVE"), Some(-22));
+        assert_eq!(btf.enumerator("HUGE"), Some(1 << 40));
+        assert_eq!(btf.enumerator("SYSTEM_HALT"), None);
+        // Types after the enums still parse where they should.
+        assert_eq!(btf.type_count(), 4);
     }
 
     #[test]

@@ -11,13 +11,15 @@
 //! failed.
 
 mod info;
+mod progress;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use klpvisor_api::client::{Client, ClientError, Space, TransitionOptions};
+use klpvisor_api::client::{Client, ClientError, Space, TransitionOptions, PROGRESS_INTERVAL};
 use klpvisor_api::{
     CallbackRun, ErrorKind, HistoryEntry, KernelInfo, MemoryReply, PatchInfo, PatchesReply,
     RegsReply, RollbackReply, TasksReply, TransitionReply, VmInfo, MAX_MEMORY_READ,
@@ -39,6 +41,12 @@ struct Args {
     /// Print the API's JSON reply instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Say nothing on stderr while a transition (apply, enable, disable,
+    /// rollback) waits for a safe point. Without it, each new attempt is
+    /// reported there with the tasks that block it; stdout and the exit
+    /// code are the same either way.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -530,7 +538,9 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
                     ),
                 });
             }
-            let v = c.apply(bytes, options(*force, *timeout))?;
+            let v = watched(c, args.quiet, "apply", None, |c| {
+                c.apply(bytes, options(*force, *timeout))
+            })?;
             show(json, &v, |v| print_transition("applied", v));
         }
         Command::List => {
@@ -542,7 +552,9 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             force,
             timeout,
         } => {
-            let v = c.disable(name, options(*force, *timeout))?;
+            let v = watched(c, args.quiet, "disable", Some(name), |c| {
+                c.disable(name, options(*force, *timeout))
+            })?;
             show(json, &v, |v| print_transition("disabled", v));
         }
         Command::Enable {
@@ -550,7 +562,9 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             force,
             timeout,
         } => {
-            let v = c.enable(name, options(*force, *timeout))?;
+            let v = watched(c, args.quiet, "enable", Some(name), |c| {
+                c.enable(name, options(*force, *timeout))
+            })?;
             show(json, &v, |v| print_transition("enabled", v));
         }
         Command::History => {
@@ -558,7 +572,9 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
             show(json, &v, |v| print_history(v));
         }
         Command::Rollback { to, force, timeout } => {
-            let v = c.rollback(*to, options(*force, *timeout))?;
+            let v = watched(c, args.quiet, "rollback", None, |c| {
+                c.rollback(*to, options(*force, *timeout))
+            })?;
             show(json, &v, print_rollback);
         }
         Command::Keygen { .. }
@@ -575,6 +591,32 @@ fn run(c: &Client, args: &Args) -> Result<(), ClientError> {
         }
     }
     Ok(())
+}
+
+/// Runs a transition request; unless `quiet`, reports on stderr each new
+/// attempt of the transition while it waits for a safe point (see
+/// [`progress`]). A failed poll or write is never an error: the request's
+/// own result is what the command returns.
+fn watched<T>(
+    c: &Client,
+    quiet: bool,
+    action: &'static str,
+    patch: Option<&str>,
+    request: impl FnOnce(&Client) -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    if quiet {
+        return request(c);
+    }
+    let mut progress = progress::Progress::new(action, patch);
+    c.watch(PROGRESS_INTERVAL, request, move |t| {
+        if let Some(line) = progress.line(t) {
+            // One write, so the line cannot be split by another writer of
+            // the same terminal (stderr is unbuffered: writeln! writes
+            // each piece); and not eprintln!, which panics when stderr is
+            // gone.
+            let _ = std::io::stderr().write_all(format!("patcher: {line}\n").as_bytes());
+        }
+    })
 }
 
 /// `0xffff...`, `sym` or `sym+0x10` to a hex address.

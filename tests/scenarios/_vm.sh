@@ -10,6 +10,9 @@
 #   - COM1, the console: kernel messages.
 #   - vmm's own log (its stderr).
 #
+# VM_HIDE_MARKERS=1 (set before vm_spawn): COM2's "KLPV-" lines go only
+# to the events FIFO, not to stdout (the demo, which a person reads).
+#
 # vm_spawn [--events] NAME [VMM-ARGS...]
 #   Starts vmm with VMM-ARGS and the three streams under /tmp/klpv-vm-NAME;
 #   its stdin is the FIFO "in" there. Sets VM_PID (the vmm) and vm_dir.
@@ -40,10 +43,17 @@ forward() {
 	(
 		[ -z "${2:-}" ] || exec 5>"$2"
 		while IFS= read -r line; do
-			echo "$line"
-			[ -z "${2:-}" ] && continue
+			if [ -z "${2:-}" ]; then
+				echo "$line"
+				continue
+			fi
 			case $line in
-			*KLPV-*) echo "$line" >&5 ;;
+			*KLPV-*)
+				[ -n "${VM_HIDE_MARKERS:-}" ] || echo "$line"
+				# (Fails once vm_finish has closed the reader.)
+				echo "$line" >&5 2>/dev/null
+				;;
+			*) echo "$line" ;;
 			esac
 		done <"$1"
 	) &

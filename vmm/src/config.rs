@@ -9,6 +9,7 @@ use thiserror::Error;
 use klpvisor_engine::signature::{Policy, SignatureError, TrustedKeys};
 use vmm::arch::x86_64::boot::{inspect_kernel, BootError};
 use vmm::arch::x86_64::layout::MIN_MEM_MIB;
+use vmm::boot_patch::{BootPatch, BootPatchError};
 use vmm::VmConfig;
 
 /// APIC ids are one byte in the MADT, and 0xff is the broadcast id.
@@ -63,6 +64,14 @@ pub struct Args {
     /// start-up errors still go to stderr.
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
+    /// Apply this livepatch module (.ko) once the guest kernel has booted,
+    /// as `kpatch install` has modules loaded at every boot. Repeatable:
+    /// applied in the order given, each as `patcher apply` would (same
+    /// signature policy, listed and managed by `patcher` afterwards); one
+    /// that fails is logged with its error and the VM runs on. The files
+    /// are read at start-up: one that cannot be read stops the VMM (exit 1).
+    #[arg(long = "patch", value_name = "FILE.ko")]
+    pub patches: Vec<PathBuf>,
     /// Time a loop on /dev/kvm, print whether it runs at hardware speed, and exit.
     #[arg(long)]
     pub kvm_probe: bool,
@@ -113,6 +122,11 @@ fn host_mem_mib() -> Option<u64> {
 }
 
 impl Args {
+    /// The `--patch` modules, read now (see [`BootPatch::read`]).
+    pub fn boot_patches(&self) -> Result<Vec<BootPatch>, BootPatchError> {
+        self.patches.iter().map(|p| BootPatch::read(p)).collect()
+    }
+
     /// Which patches the control socket accepts: read once at start-up,
     /// so a bad key file stops the VMM before the guest boots.
     pub fn signature_policy(&self) -> Result<Policy, ConfigError> {
@@ -180,5 +194,52 @@ impl Args {
             mem_mib: self.mem,
             arena_mib: self.arena,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn patch_is_repeatable_and_keeps_its_order() {
+        let a = parse(&[
+            "--kernel", "bzImage", "--patch", "b.ko", "--patch", "a.ko", "--patch", "b.ko",
+        ])
+        .expect("parses");
+        assert_eq!(
+            a.patches,
+            [
+                PathBuf::from("b.ko"),
+                PathBuf::from("a.ko"),
+                PathBuf::from("b.ko")
+            ]
+        );
+        assert!(parse(&["--kernel", "bzImage"])
+            .expect("parses")
+            .patches
+            .is_empty());
+    }
+
+    #[test]
+    fn patch_wants_a_file_and_is_no_generator_option() {
+        let e = parse(&["--kernel", "bzImage", "--patch"]).expect_err("no value");
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+        let e = parse(&["--man", "--patch", "a.ko"]).expect_err("--man stands alone");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn an_unreadable_patch_is_named_at_start_up() {
+        let a = parse(&["--kernel", "bzImage", "--patch", "/nonexistent/fix.ko"]).expect("parses");
+        let e = a.boot_patches().expect_err("missing file").to_string();
+        assert!(
+            e.contains("--patch /nonexistent/fix.ko: cannot read it"),
+            "{e}"
+        );
     }
 }

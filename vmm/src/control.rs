@@ -99,6 +99,20 @@ pub enum ControlError {
     Signature(#[from] SignatureError),
 }
 
+impl ControlError {
+    /// Whether the change was refused only because another holds the
+    /// engine or the call gate: the same request may pass a moment later.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            Self::Busy(_)
+                | Self::Engine(EngineError::Gate(
+                    klpvisor_engine::callback::gate::GateError::Busy(_)
+                ))
+        )
+    }
+}
+
 impl From<VmError> for ControlError {
     fn from(e: VmError) -> Self {
         match e {
@@ -556,6 +570,13 @@ impl Control {
     /// requests get it at once, so a guest whose view cannot be built does
     /// not make the VMM decode it again on every request.
     pub fn kernel(&self) -> Result<Arc<CachedKernel>, ControlError> {
+        self.kernel_view(true)
+    }
+
+    /// [`Control::kernel`]; `warn`: log each failed build as a warning
+    /// (else at debug level, for a caller that expects failures while the
+    /// guest boots and says itself when it gives up).
+    fn kernel_view(&self, warn: bool) -> Result<Arc<CachedKernel>, ControlError> {
         self.kernel.get_or_build(Instant::now, || {
             let mut last = String::new();
             for attempt in 0..FILL_ATTEMPTS {
@@ -567,7 +588,17 @@ impl Control {
                     // The VM stopped or a user paused it: retrying cannot help.
                     Err(e @ (ControlError::Stopped | ControlError::Vm(_))) => return Err(e),
                     Err(e) => {
-                        tracing::warn!(attempt = attempt + 1, "the guest kernel view failed: {e}");
+                        if warn {
+                            tracing::warn!(
+                                attempt = attempt + 1,
+                                "the guest kernel view failed: {e}"
+                            );
+                        } else {
+                            tracing::debug!(
+                                attempt = attempt + 1,
+                                "the guest kernel view failed: {e}"
+                            );
+                        }
                         // The reply says "cannot be inspected yet" once.
                         last = match e {
                             ControlError::KernelNotReady(m) => m,
@@ -578,6 +609,44 @@ impl Control {
             }
             Err(ControlError::KernelNotReady(last))
         })
+    }
+
+    /// `Ok` once the guest kernel has finished booting: its view is built
+    /// ([`Control::kernel`]) and its `system_state` is `SYSTEM_RUNNING`
+    /// (set just before init runs; the value from the guest's own BTF).
+    /// Until then the error says what is missing. A kernel whose symbols
+    /// or types lack either is taken as booted once its view is built
+    /// (that is all an API request waits for), with a warning. Failed
+    /// builds of the view are logged at debug level only: while the guest
+    /// boots they are expected.
+    pub fn booted(&self) -> Result<(), ControlError> {
+        let k = self.kernel_view(false)?;
+        let kernel = &k.kernel;
+        let (Ok(addr), Some(running)) = (
+            kernel.kallsyms.addr("system_state"),
+            kernel.btf.enumerator("SYSTEM_RUNNING"),
+        ) else {
+            tracing::warn!(
+                "this kernel's symbols or BTF lack system_state or SYSTEM_RUNNING: its view is \
+                 taken as the sign it has booted"
+            );
+            return Ok(());
+        };
+        let mut word = [0u8; 4];
+        kernel
+            .space(&*self.vm)
+            .read_virt(addr, &mut word)
+            .map_err(|e| {
+                ControlError::KernelNotReady(format!("cannot read system_state at {addr:#x}: {e}"))
+            })?;
+        let state = i64::from(i32::from_le_bytes(word));
+        if state == running {
+            Ok(())
+        } else {
+            Err(ControlError::KernelNotReady(format!(
+                "the kernel is still booting (system_state {state}; SYSTEM_RUNNING is {running})"
+            )))
+        }
     }
 
     /// One build of the kernel view: registers and root pages read in a

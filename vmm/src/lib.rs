@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod boot_patch;
 pub mod control;
 pub mod devices;
 pub mod guest;

@@ -71,6 +71,12 @@ fn main() -> ExitCode {
     if args.kvm_probe {
         return probe();
     }
+    // Before the kernel is even looked at: a missing module is the
+    // likelier typo, and it is cheap to name.
+    let boot_patches = match args.boot_patches() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
     let config = match args.validate() {
         Ok(c) => c,
         Err(e) => return fail(&e),
@@ -131,13 +137,20 @@ fn main() -> ExitCode {
         "guest started"
     );
 
-    if let Some(api) = api.as_mut() {
+    // The patch engine, for the control socket and the --patch modules
+    // alike: they share one patch stack.
+    if api.is_some() || !boot_patches.is_empty() {
         let control = Arc::new(Control::new(vm.clone(), policy, args.allow_downgrade));
         if let Err(e) = control.serve_module_hooks() {
             tracing::warn!("cannot serve module hooks (modules loading later stay unpatched): {e}");
         }
-        if let Err(e) = api.start(control) {
-            return fail(&e);
+        if let Some(api) = api.as_mut() {
+            if let Err(e) = api.start(control.clone()) {
+                return fail(&e);
+            }
+        }
+        if let Err(e) = vmm::boot_patch::spawn(control, boot_patches) {
+            return fail(&format!("cannot start the --patch thread: {e}"));
         }
     }
 

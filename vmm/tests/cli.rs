@@ -61,3 +61,24 @@ fn generators_are_not_mixed_with_a_vm() {
     // Without them, --kernel is still required.
     assert_eq!(vmm(&[]).status.code(), Some(2));
 }
+
+#[test]
+fn a_patch_that_cannot_be_read_stops_the_vmm_at_start_up() {
+    // Checked before the kernel, the socket or KVM: no VM is needed.
+    let o = vmm(&[
+        "--kernel",
+        "/nonexistent/bzImage",
+        "--patch",
+        "/nonexistent/fix.ko",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "a bad argument: {o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        ["vmm: error: --patch /nonexistent/fix.ko: cannot read it: No such file or directory (os error 2)"],
+        "one line naming the file"
+    );
+    // --patch is listed with the VM's options.
+    let o = vmm(&["--man"]);
+    assert!(stdout(&o).contains("\\-\\-patch"), "man page lacks --patch");
+}
