@@ -285,28 +285,10 @@ impl PageTables {
         va: u64,
         buf: &mut [u8],
     ) -> Result<(), PagingError> {
-        let len = buf.len();
-        let mut done = 0usize;
-        while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
-            let cur = va
-                .checked_add(done as u64)
-                .ok_or(PagingError::Wraps { va, len })?;
+        read_pieces(guest, va, buf, |cur| {
             let t = self.translate(guest, cur)?;
-            let in_page = t.page_size - (cur & (t.page_size - 1));
-            let chunk = rest
-                .len()
-                .min(usize::try_from(in_page).unwrap_or(usize::MAX));
-            let (head, _) = rest.split_at_mut(chunk);
-            guest
-                .read_phys(t.phys, head)
-                .map_err(|e| PagingError::Phys {
-                    what: "guest memory",
-                    gpa: t.phys.0,
-                    source: Box::new(e),
-                })?;
-            done += chunk;
-        }
-        Ok(())
+            Ok((t.phys, t.page_size - (cur & (t.page_size - 1))))
+        })
     }
 
     /// The mapped parts of `[start, end)`, merged into runs of contiguous
@@ -533,30 +515,40 @@ impl<'g, G: Guest + ?Sized> PageCache<'g, G> {
 
 impl<G: Guest + ?Sized> VirtRead for PageCache<'_, G> {
     fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), PagingError> {
-        let len = buf.len();
-        let mut done = 0usize;
-        while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
-            let cur = va
-                .checked_add(done as u64)
-                .ok_or(PagingError::Wraps { va, len })?;
+        read_pieces(self.space.guest, va, buf, |cur| {
             let gpa = self.page_gpa(cur & !0xfff)? | (cur & 0xfff);
-            let in_page = 0x1000 - (cur & 0xfff);
-            let chunk = rest
-                .len()
-                .min(usize::try_from(in_page).unwrap_or(usize::MAX));
-            let (head, _) = rest.split_at_mut(chunk);
-            self.space
-                .guest
-                .read_phys(GuestPhys(gpa), head)
-                .map_err(|e| PagingError::Phys {
-                    what: "guest memory",
-                    gpa,
-                    source: Box::new(e),
-                })?;
-            done += chunk;
-        }
-        Ok(())
+            Ok((GuestPhys(gpa), 0x1000 - (cur & 0xfff)))
+        })
     }
+}
+
+/// Reads `buf` from virtual `va` one mapped piece at a time: `locate`
+/// gives each piece's guest-physical start and the bytes left in its page.
+fn read_pieces<G: Guest + ?Sized>(
+    guest: &G,
+    va: u64,
+    buf: &mut [u8],
+    mut locate: impl FnMut(u64) -> Result<(GuestPhys, u64), PagingError>,
+) -> Result<(), PagingError> {
+    let len = buf.len();
+    let mut done = 0usize;
+    while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
+        let cur = va
+            .checked_add(done as u64)
+            .ok_or(PagingError::Wraps { va, len })?;
+        let (gpa, in_page) = locate(cur)?;
+        let chunk = rest
+            .len()
+            .min(usize::try_from(in_page).unwrap_or(usize::MAX));
+        let (head, _) = rest.split_at_mut(chunk);
+        guest.read_phys(gpa, head).map_err(|e| PagingError::Phys {
+            what: "guest memory",
+            gpa: gpa.0,
+            source: Box::new(e),
+        })?;
+        done += chunk;
+    }
+    Ok(())
 }
 
 #[cfg(any(test, feature = "synth"))]
