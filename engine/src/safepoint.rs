@@ -384,14 +384,9 @@ impl Check {
             let Some(again) = reread(t.addr) else {
                 continue;
             };
-            let at_rest = !again.on_cpu
-                && again.switches == t.switches
-                && again.start_time == t.start_time
-                && again.pid == t.pid
-                && again.stack == t.stack
-                && again.saved_sp == t.saved_sp;
-            if at_rest {
-                clear.insert(t.addr, Identity::of(t));
+            let id = Identity::of(t);
+            if !again.on_cpu && Identity::of(&again) == id {
+                clear.insert(t.addr, id);
             }
         }
         Prescan { clear }
