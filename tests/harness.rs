@@ -287,17 +287,27 @@ pub fn run_scenario(name: &str, args: &[&str]) -> Run {
 pub fn run_scenario_within(name: &str, args: &[&str], nested_timeout_secs: u32) -> Run {
     let mode = mode();
     ensure_images(mode);
+    let start = Instant::now();
     let mut failed: Vec<(String, Vec<String>)> = Vec::new();
     for attempt in 1..=NESTED_ATTEMPTS {
         let last = attempt == NESTED_ATTEMPTS;
         let (why, lines) = match run_once(mode, name, args, nested_timeout_secs) {
             Attempt::Done(run) => match emulator_failure(mode, &run) {
                 Some(why) if !last => (why.to_string(), run.lines),
-                _ => return run,
+                _ => {
+                    note(&format!(
+                        "scenario {name} took {} s ({attempt} attempt(s))",
+                        start.elapsed().as_secs()
+                    ));
+                    return run;
+                }
             },
             Attempt::Emulator(why, lines) => (why, lines),
         };
-        eprintln!("harness: attempt {attempt} at {name}: {why} (emulator); retrying");
+        note(&format!(
+            "attempt {attempt} at {name}: {why} (emulator) after {} s; retrying",
+            start.elapsed().as_secs()
+        ));
         failed.push((why, lines));
     }
     panic!(
@@ -308,6 +318,13 @@ pub fn run_scenario_within(name: &str, args: &[&str], nested_timeout_secs: u32) 
             .collect::<Vec<_>>()
             .join("\n")
     )
+}
+
+/// A line straight to stderr, past libtest's capture: where a CI run's
+/// time went (each scenario's duration, and every emulator retry) shows in
+/// its log even when every test passes.
+fn note(line: &str) {
+    let _ = writeln!(std::io::stderr(), "harness: {line}");
 }
 
 /// The harness's own limit on a scenario: [`SCENARIO_TIMEOUT`], or a
