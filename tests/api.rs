@@ -27,6 +27,13 @@ fn socket_survives_concurrency_bad_input_and_foreign_users() {
         "SO_PEERCRED refuses uid 65534\n{t}"
     );
 
+    let sc = run.result("api-seccomp");
+    assert_eq!(sc["unfiltered"], "0", "every VMM thread is filtered\n{t}");
+    assert!(
+        sc["threads"].parse::<u32>().expect("threads") >= 5,
+        "main, console, vCPUs, API: {sc:?}"
+    );
+
     let c = run.result("api-concurrency");
     assert_eq!(c["failed"], "0", "{t}");
     assert_eq!(c["ok"], "320");

@@ -33,7 +33,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <signal.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -159,20 +162,131 @@ static int transition_done(const char *name)
 	return n > 0 && buf[0] == '0';
 }
 
-/* Waits up to 60 s for NAME's transition to end; returns ms waited, or -1. */
-static long settle(const char *name, unsigned long long t0)
+/* The first line of file PATH into BUF (empty if unreadable). */
+static void first_line(const char *path, char *buf, size_t len)
+{
+	FILE *f = fopen(path, "r");
+
+	buf[0] = 0;
+	if (!f)
+		return;
+	if (!fgets(buf, (int)len, f))
+		buf[0] = 0;
+	fclose(f);
+	buf[strcspn(buf, "\n")] = 0;
+}
+
+/*
+ * Why a transition does not end, in the kernel's own words: every task
+ * whose /proc/PID/task/TID/patch_state is not TARGET (at most 20), with its
+ * comm and the top of its kernel stack, as
+ *   KLPV-STALL-STUCK tid=<tid> comm=<comm> state=<patch_state> stack=<f1,f2,..>
+ * and then KLPV-STALL-STUCK end count=<tasks not at TARGET>.
+ */
+static void dump_stuck(int target)
+{
+	DIR *procs = opendir("/proc");
+	struct dirent *p, *t;
+	int count = 0;
+
+	while (procs && (p = readdir(procs))) {
+		char path[300];
+		DIR *tasks;
+
+		if (p->d_name[0] < '1' || p->d_name[0] > '9')
+			continue;
+		snprintf(path, sizeof(path), "/proc/%s/task", p->d_name);
+		tasks = opendir(path);
+		while (tasks && (t = readdir(tasks))) {
+			char base[600], file[640], state[32], comm[64], stack[512] = "", line[128];
+			FILE *f;
+
+			if (t->d_name[0] < '1' || t->d_name[0] > '9')
+				continue;
+			snprintf(base, sizeof(base), "/proc/%s/task/%s", p->d_name, t->d_name);
+			snprintf(file, sizeof(file), "%s/patch_state", base);
+			first_line(file, state, sizeof(state));
+			if (!state[0] || atoi(state) == target)
+				continue;
+			if (++count > 20)
+				continue;
+			snprintf(file, sizeof(file), "%s/comm", base);
+			first_line(file, comm, sizeof(comm));
+			snprintf(file, sizeof(file), "%s/stack", base);
+			f = fopen(file, "r");
+			for (int i = 0; f && i < 6 && fgets(line, sizeof(line), f); i++) {
+				char *fn = strchr(line, ' ');
+
+				line[strcspn(line, "\n")] = 0;
+				strncat(stack, i ? "," : "", sizeof(stack) - strlen(stack) - 1);
+				strncat(stack, fn ? fn + 1 : line, sizeof(stack) - strlen(stack) - 1);
+			}
+			if (f)
+				fclose(f);
+			printf("KLPV-STALL-STUCK tid=%s comm=%s state=%s stack=%s\n",
+			       t->d_name, comm, state, stack);
+		}
+		if (tasks)
+			closedir(tasks);
+	}
+	if (procs)
+		closedir(procs);
+	printf("KLPV-STALL-STUCK end count=%d\n", count);
+}
+
+/* Waits up to 60 s for NAME's transition to TARGET (1 patched, 0
+ * unpatched) to end; returns ms waited, or -1 after saying which tasks
+ * hold it up. */
+static long settle(const char *name, int target, unsigned long long t0)
 {
 	while (!transition_done(name)) {
-		if (now_ns() - t0 > 60000000000ull)
+		if (now_ns() - t0 > 60000000000ull) {
+			dump_stuck(target);
 			return -1;
+		}
 		usleep(1000);
 	}
 	return (long)((now_ns() - t0) / 1000000);
 }
 
+/* Runs `insmod KO` or `rmmod KO`; if it has not returned after 60 s, says
+ * where it waits (its kernel stack, and the tasks a transition to TARGET
+ * still waits for), then waits for it. Returns its exit status. */
+static int run_mod(const char *tool, const char *arg, int target)
+{
+	unsigned long long t0 = now_ns();
+	int status, said = 0;
+	pid_t pid = fork();
+
+	if (pid < 0)
+		return -1;
+	if (pid == 0) {
+		execlp(tool, tool, arg, (char *)NULL);
+		_exit(127);
+	}
+	for (;;) {
+		pid_t r = waitpid(pid, &status, WNOHANG);
+
+		if (r == pid)
+			return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+		if (r < 0)
+			return -1;
+		if (!said && now_ns() - t0 > 60000000000ull) {
+			char path[64], stack[128];
+
+			snprintf(path, sizeof(path), "/proc/%d/stack", (int)pid);
+			first_line(path, stack, sizeof(stack));
+			printf("KLPV-STALL-KLP %s-slow pid=%d stack-top=%s\n", tool, (int)pid, stack);
+			dump_stuck(target);
+			said = 1;
+		}
+		usleep(10000);
+	}
+}
+
 static void klp(const char *ko, const char *name)
 {
-	char cmd[512], path[256];
+	char path[256];
 	unsigned long long t0;
 	long apply_ms, disable_ms = -1;
 	unsigned long long apply_max, disable_max = 0;
@@ -180,25 +294,23 @@ static void klp(const char *ko, const char *name)
 
 	mark(&which);
 	t0 = now_ns();
-	snprintf(cmd, sizeof(cmd), "insmod %s", ko);
-	if (system(cmd) != 0) {
+	if (run_mod("insmod", ko, 1) != 0) {
 		printf("KLPV-STALL-KLP insmod-failed ko=%s\n", ko);
 		return;
 	}
-	apply_ms = settle(name, t0);
+	apply_ms = settle(name, 1, t0);
 	apply_max = mark(&which);
 	snprintf(path, sizeof(path), "/sys/kernel/livepatch/%s/enabled", name);
 	t0 = now_ns();
 	fd = open(path, O_WRONLY);
 	if (fd >= 0 && write(fd, "0", 1) == 1) {
-		disable_ms = settle(name, t0);
+		disable_ms = settle(name, 0, t0);
 		disable_max = mark(&which);
 		ok = apply_ms >= 0 && disable_ms >= 0;
 	}
 	if (fd >= 0)
 		close(fd);
-	snprintf(cmd, sizeof(cmd), "rmmod %s", name);
-	if (system(cmd) != 0)
+	if (run_mod("rmmod", name, 0) != 0)
 		ok = 0;
 	printf("KLPV-STALL-KLP apply_ms=%ld apply_max_us=%llu disable_ms=%ld disable_max_us=%llu ok=%d\n",
 	       apply_ms, apply_max / 1000, disable_ms, disable_max / 1000, ok);

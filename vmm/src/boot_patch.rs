@@ -158,6 +158,7 @@ pub fn spawn(control: Arc<Control>, patches: Vec<BootPatch>) -> std::io::Result<
     std::thread::Builder::new()
         .name("boot-patches".into())
         .spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::Kind::Api);
             run(&*control, &patches, KERNEL_UP_TIMEOUT);
         })
         .map(drop)

@@ -72,6 +72,11 @@ pub struct Args {
     /// are read at start-up: one that cannot be read stops the VMM (exit 1).
     #[arg(long = "patch", value_name = "FILE.ko")]
     pub patches: Vec<PathBuf>,
+    /// Run without the seccomp filters (README "Threat model"): every VMM
+    /// thread then may make any system call. For debugging a VMM stopped
+    /// with exit code 6 (a forbidden system call) only.
+    #[arg(long)]
+    pub no_seccomp: bool,
     /// Time a loop on /dev/kvm, print whether it runs at hardware speed, and exit.
     #[arg(long)]
     pub kvm_probe: bool,

@@ -715,6 +715,7 @@ impl Control {
         std::thread::Builder::new()
             .name("module-hooks".into())
             .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::Kind::Api);
                 let mut talks = ModuleTalks::default();
                 // One change at a time: a module's load or unload in
                 // progress holds it across the callbacks the loading task

@@ -10,6 +10,7 @@ pub mod devices;
 pub mod guest;
 pub mod heap;
 pub mod kvm_probe;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 

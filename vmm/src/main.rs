@@ -2,7 +2,8 @@
 //!
 //! Exit codes: 0 guest powered off or rebooted; 1 bad arguments or set-up
 //! failure; 2 usage error (clap); 3 guest panic (pvpanic); 4 triple fault;
-//! 5 fatal KVM/vCPU error; 128+N stopped by signal N.
+//! 5 fatal KVM/vCPU error; 6 a forbidden system call (seccomp); 128+N
+//! stopped by signal N.
 
 mod config;
 mod terminal;
@@ -70,6 +71,11 @@ fn main() -> ExitCode {
     }
     if args.kvm_probe {
         return probe();
+    }
+    // Before any thread starts: each confines itself as it starts
+    // (vmm::seccomp), so the filters and the SIGSYS report must be ready.
+    if let Err(e) = vmm::seccomp::prepare(!args.no_seccomp) {
+        return fail(&e);
     }
     // Before the kernel is even looked at: a missing module is the
     // likelier typo, and it is cheap to name.
@@ -160,6 +166,7 @@ fn main() -> ExitCode {
             let _ = std::thread::Builder::new()
                 .name("signals".into())
                 .spawn(move || {
+                    vmm::seccomp::enter_or_exit(vmm::seccomp::Kind::Vmm);
                     if let Some(sig) = signals.forever().next() {
                         let _ = requester.send(VmExit::Signal(sig));
                     }
@@ -170,6 +177,11 @@ fn main() -> ExitCode {
     let tty = terminal::RawStdin::enable();
     terminal::spawn_stdin_pump(vm.clone());
 
+    // Set up is over: from here the main thread only waits, reports and
+    // restores the terminal.
+    if let Err(e) = vmm::seccomp::enter(vmm::seccomp::Kind::Vmm) {
+        return fail(&e);
+    }
     let exit = vm.wait();
     // The guest's last lines (a panic message, "Power down") before the
     // VMM's own report.

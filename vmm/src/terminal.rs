@@ -49,6 +49,7 @@ pub fn spawn_stdin_pump(vm: Arc<Vm>) {
     let _ = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
+            vmm::seccomp::enter_or_exit(vmm::seccomp::Kind::Vmm);
             let mut stdin = std::io::stdin().lock();
             let mut buf = [0u8; 64];
             while let Ok(n) = stdin.read(&mut buf) {

@@ -211,6 +211,7 @@ enum Step {
 impl VcpuThread {
     /// The thread body: run until the guest or the controller ends it.
     pub fn run(mut self) {
+        crate::seccomp::enter_or_exit(crate::seccomp::Kind::Vcpu);
         let ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         let reason = {
             // Cleared on every way out of this block, unwinding included,

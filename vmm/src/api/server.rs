@@ -120,12 +120,14 @@ impl ApiServer {
             .worker_threads(2)
             .max_blocking_threads(16)
             .thread_name("api")
+            .on_thread_start(|| crate::seccomp::enter_or_exit(crate::seccomp::Kind::Api))
             .enable_all()
             .build()
             .map_err(ApiError::Thread)?;
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::Kind::Api);
                 runtime.block_on(async move {
                     match UnixListener::from_std(listener) {
                         Ok(l) => accept_loop(l, router(control)).await,

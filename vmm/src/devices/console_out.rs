@@ -67,7 +67,10 @@ pub fn start(
     let for_thread = shared.clone();
     std::thread::Builder::new()
         .name(port.to_lowercase())
-        .spawn(move || drain(port, &for_thread, out))?;
+        .spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::Kind::Vmm);
+            drain(port, &for_thread, out)
+        })?;
     Ok((ConsoleOut(shared.clone()), ConsoleDrain(shared)))
 }
 
