@@ -59,6 +59,18 @@ pub enum ClientError {
         /// hyper's error.
         message: String,
     },
+    /// The connection broke off before the reply and nothing listens on
+    /// the socket any more: the VMM exited (or was killed) while it
+    /// handled the request.
+    #[error(
+        "the VMM at {path} went away before answering (nothing listens there any more: \
+         it exited or was killed, and its guest with it); whatever this request started \
+         did not finish"
+    )]
+    Gone {
+        /// The socket.
+        path: PathBuf,
+    },
     /// No reply within [`CLIENT_TIMEOUT`].
     #[error("no reply from the VMM at {path} within {} s", CLIENT_TIMEOUT.as_secs())]
     Timeout {
@@ -198,9 +210,25 @@ impl Client {
                 hint,
             }
         })?;
-        let http = |e: &dyn std::fmt::Display| ClientError::Http {
-            path: self.path.clone(),
-            message: e.to_string(),
+        let http = |e: &dyn std::fmt::Display| {
+            // A broken exchange with nobody listening any more is a VMM
+            // that is gone, not an HTTP problem.
+            match std::os::unix::net::UnixStream::connect(&self.path) {
+                Err(e2)
+                    if matches!(
+                        e2.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) =>
+                {
+                    ClientError::Gone {
+                        path: self.path.clone(),
+                    }
+                }
+                _ => ClientError::Http {
+                    path: self.path.clone(),
+                    message: e.to_string(),
+                },
+            }
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

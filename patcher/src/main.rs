@@ -4,9 +4,9 @@
 //!
 //! Exit codes, so a script can tell what to do next:
 //! 0 done; 1 refused (the module, its signature or the patch stack says no)
-//! or any other error; 2 usage; 3 the VMM cannot be reached; 4 blocked (no
-//! safe point in time: retry later or force); 5 busy (another change or a
-//! pause: retry); 6 unavailable (the guest kernel is not ready, or the
+//! or any other error; 2 usage; 3 the VMM cannot be reached (or went away
+//! mid-request); 4 blocked (no safe point in time: retry later or force);
+//! 5 busy (another change or a pause: retry); 6 unavailable (the guest kernel is not ready, or the
 //! request outlived its time: see `patcher list`); 7 the VMM or the guest
 //! failed.
 
@@ -248,7 +248,7 @@ const EXIT_FAILED: u8 = 7;
 /// The exit code for a failed request (see the crate doc).
 fn exit_code(e: &ClientError) -> u8 {
     match e {
-        ClientError::Connect { .. } => EXIT_UNREACHABLE,
+        ClientError::Connect { .. } | ClientError::Gone { .. } => EXIT_UNREACHABLE,
         ClientError::Timeout { .. } => EXIT_UNAVAILABLE,
         ClientError::Api { kind, .. } => match kind {
             ErrorKind::Refused => 1,
@@ -272,7 +272,9 @@ fn error_json(e: &ClientError) -> serde_json::Value {
             serde_json::to_value(kind).unwrap_or(serde_json::Value::Null),
             serde_json::Value::from(*status),
         ),
-        ClientError::Connect { .. } => ("unreachable".into(), serde_json::Value::Null),
+        ClientError::Connect { .. } | ClientError::Gone { .. } => {
+            ("unreachable".into(), serde_json::Value::Null)
+        }
         ClientError::Timeout { .. } => ("unavailable".into(), serde_json::Value::Null),
         _ => ("client".into(), serde_json::Value::Null),
     };

@@ -15,7 +15,8 @@
 #
 # vm_spawn [--events] NAME [VMM-ARGS...]
 #   Starts vmm with VMM-ARGS and the three streams under /tmp/klpv-vm-NAME;
-#   its stdin is the FIFO "in" there. Sets VM_PID (the vmm) and vm_dir.
+#   its stdin is the FIFO "in" there. Sets VM_PID (the vmm), vm_dir and
+#   VM_CONSOLE_FWD (the process copying the console to stdout).
 #   With --events, fd 4 reads COM2's "KLPV-" lines (vm_wait); the caller
 #   must then keep reading them.
 # vm_start NAME GUEST-COMMAND [VMM-ARGS...]
@@ -70,6 +71,9 @@ vm_spawn() {
 	vmm --serial2-out "$vm_dir/com2" "$@" <"$vm_dir/in" >"$vm_dir/console" 2>"$vm_dir/log" &
 	VM_PID=$!
 	forward "$vm_dir/console"
+	# The console's forwarder: a scenario may stop it (SIGSTOP) to play a
+	# reader of the VMM's stdout that has stalled.
+	VM_CONSOLE_FWD=$!
 	forward "$vm_dir/log"
 	if [ -n "$vm_events" ]; then
 		forward "$vm_dir/com2" "$vm_dir/events"
