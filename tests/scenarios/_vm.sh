@@ -31,6 +31,17 @@
 # vm_finish [LINE]
 #   Sends LINE (default "done"), closes the console and waits for vmm and
 #   the forwarders; returns vmm's exit code.
+# vm_sleeper_asleep
+#   Returns 0 once a guest task named `sleep` is asleep (state S) in the
+#   VMM's task list (GET /tasks on $VM_SOCK), 1 after 2000 polls: bounded
+#   polling of the guest's state, no timed sleep.
+# vm_blocked_by_sleeper
+#   Returns 0 once the pending transition names a `sleep` task among its
+#   blockers, 1 after 500 polls; the last `patcher --json list` is in $l.
+#   Only the pending transition's "blockers" array counts: a patch's name
+#   (block_nsleep) and the errors of ended transitions may say "sleep"
+#   too, and matching those once let a poll stop before the first attempt
+#   had run.
 # A vmm that has gone away must not kill the scenario with SIGPIPE when it
 # writes to the console FIFO: the write fails and vm_finish reports vmm's
 # exit code.
@@ -117,4 +128,23 @@ vm_finish() {
 	vm_rc=$?
 	wait
 	return $vm_rc
+}
+
+vm_sleeper_asleep() {
+	i=0
+	while [ $i -lt 2000 ]; do
+		patcher --api-sock "$VM_SOCK" tasks | grep -q " sleep  *S " && return 0
+		i=$((i + 1))
+	done
+	return 1
+}
+
+vm_blocked_by_sleeper() {
+	i=0
+	while [ $i -lt 500 ]; do
+		l=$(patcher --api-sock "$VM_SOCK" --json list | tr -d '\n')
+		printf '%s' "$l" | grep -q '"blockers": \[[^]]*(sleep)' && return 0
+		i=$((i + 1))
+	done
+	return 1
 }
