@@ -22,10 +22,14 @@
 //!   `struct kretprobe_instance` (`ret_addr`, `fp` = the slot), on kernels
 //!   whose kretprobes do not use rethook;
 //! - `task_struct.ret_stack[0..=curr_ret_stack]`: up to 6.8 an array of
-//!   `struct ftrace_ret_stack` (`ret`, `retp` = the slot). Later kernels
-//!   keep a shadow stack of encoded words there instead, whose encoding is
-//!   in no BTF: its layout is "unknown" and a task showing
-//!   `return_to_handler` blocks (see [`Hook::layout`]).
+//!   `struct ftrace_ret_stack` (`ret`, `retp` = the slot). From 6.9 the
+//!   same structs sit on a one-page shadow stack of words, each frame
+//!   topped by a word whose low 10 bits give the distance down to it
+//!   (`FGRAPH_FRAME_OFFSET_MASK`); `curr_ret_stack` is the index of the
+//!   first free word. That encoding is in no BTF; it is read as the
+//!   kernel's own `get_ret_stack` walks it, with the struct's layout from
+//!   BTF, and any word that does not fit it makes the task's hidden
+//!   returns unrecoverable.
 //!
 //! Every layout comes from the guest's BTF, and every read is bounded:
 //! lists longer than [`MAX_HOOKED`] nodes, pointers that are no kernel
@@ -80,6 +84,9 @@ pub enum Why {
     Unreadable(u64),
     /// The function-graph index is outside the array.
     BadIndex(i64),
+    /// A function-graph shadow-stack word at this index does not lead to
+    /// a frame below it.
+    BadFrame(i64),
 }
 
 impl std::fmt::Display for Why {
@@ -94,6 +101,10 @@ impl std::fmt::Display for Why {
             Why::BadPointer(p) => write!(f, "its list holds {p:#x}, not a kernel address"),
             Why::Unreadable(a) => write!(f, "its list at {a:#x} cannot be read"),
             Why::BadIndex(i) => write!(f, "its return-stack index is {i}"),
+            Why::BadFrame(i) => write!(
+                f,
+                "its shadow stack's word {i} does not lead to a frame below it (corrupt?)"
+            ),
         }
     }
 }
@@ -131,7 +142,27 @@ enum Layout {
         ret: u64,
         slot: u64,
     },
+    /// 6.9+'s function-graph shadow stack: `task_struct.ret_stack` (at
+    /// `array`) points to a page of words, `curr_ret_stack` (`int`, at
+    /// `top`) is the first free one, and each `frame_words`-word
+    /// `ftrace_ret_stack` (real address at `ret`, slot at `slot`, both
+    /// byte offsets) lies under the word whose low bits give its distance.
+    Shadow {
+        array: u64,
+        top: u64,
+        frame_words: u64,
+        ret: u64,
+        slot: u64,
+    },
 }
+
+/// The words of a function-graph shadow stack (`SHADOW_STACK_SIZE`, one
+/// 4 KiB page, in `unsigned long`s): no index can be beyond it.
+pub const SHADOW_STACK_WORDS: usize = 512;
+
+/// `FGRAPH_FRAME_OFFSET_MASK`: the low bits of a shadow-stack word that
+/// give the distance, in words, down to its frame.
+const FGRAPH_FRAME_OFFSET_MASK: u64 = (1 << 10) - 1;
 
 /// One mechanism the kernel has: its trampoline and, if known, its layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +315,13 @@ impl ReturnHooks {
                     ret,
                     slot,
                 } => read_array(mem, task, array, top, size, ret, slot),
+                Layout::Shadow {
+                    array,
+                    top,
+                    frame_words,
+                    ret,
+                    slot,
+                } => read_shadow(mem, task, array, top, frame_words, ret, slot),
             };
             match got {
                 Ok(pairs) => out.hooked.extend(
@@ -324,13 +362,33 @@ impl TaskHooks {
     }
 }
 
-/// The function-graph layout up to 6.8: `task_struct.ret_stack` points to
-/// `struct ftrace_ret_stack` entries (`ret`, `retp`). From 6.9 it points
-/// to `unsigned long` words whose encoding BTF does not give: `None`.
+/// The function-graph layout: up to 6.8 `task_struct.ret_stack` points
+/// to `struct ftrace_ret_stack` entries (`ret`, `retp`); from 6.9 to
+/// `unsigned long` words of a shadow stack holding those structs. `None`
+/// for anything else.
 fn fgraph_array(btf: &Btf) -> Option<Layout> {
     let field = btf.field("task_struct.ret_stack").ok()?;
-    if btf.pointee_name(&field).as_deref() != Some("ftrace_ret_stack") {
-        return None;
+    match btf.pointee_name(&field).as_deref() {
+        Some("ftrace_ret_stack") => {}
+        Some("long unsigned int") => {
+            let size = btf.struct_size("ftrace_ret_stack").ok()?;
+            let ret = btf.offset_of("ftrace_ret_stack.ret").ok()?;
+            let slot = btf.offset_of("ftrace_ret_stack.retp").ok()?;
+            // Whole words, as the kernel's BUILD_BUG_ON requires, and both
+            // fields inside.
+            let word = |o: u64| o % 8 == 0 && o + 8 <= size;
+            if size == 0 || size % 8 != 0 || size > 256 || !word(ret) || !word(slot) {
+                return None;
+            }
+            return Some(Layout::Shadow {
+                array: field.byte_offset()?,
+                top: btf.offset_of("task_struct.curr_ret_stack").ok()?,
+                frame_words: size / 8,
+                ret,
+                slot,
+            });
+        }
+        _ => return None,
     }
     Some(Layout::Array {
         array: field.byte_offset()?,
@@ -415,6 +473,70 @@ fn read_array<M: VirtRead + ?Sized>(
     Ok(out)
 }
 
+/// (real address, slot) of each frame on a 6.9+ function-graph shadow
+/// stack, innermost first, walked as the kernel's `get_ret_stack` walks
+/// it: from `curr_ret_stack` down, each word below the current index
+/// gives the distance to its frame, and the walk goes on from that frame.
+/// The words are read in one piece (at most a page), every distance must
+/// lead strictly down and leave the whole frame below the top, so the
+/// walk ends within [`SHADOW_STACK_WORDS`] steps.
+fn read_shadow<M: VirtRead + ?Sized>(
+    mem: &M,
+    task: u64,
+    array: u64,
+    top: u64,
+    frame_words: u64,
+    ret: u64,
+    slot: u64,
+) -> Result<Vec<(u64, u64)>, Why> {
+    let at = task.wrapping_add(top);
+    let mut b = [0u8; 4];
+    mem.read_virt(at, &mut b).map_err(|_| Why::Unreadable(at))?;
+    let top = i32::from_le_bytes(b);
+    // 0 (and, before a task's first call, -1): nothing hooked.
+    if top <= 0 {
+        return Ok(Vec::new());
+    }
+    let n = usize::try_from(top).map_err(|_| Why::BadIndex(top.into()))?;
+    if n > SHADOW_STACK_WORDS {
+        return Err(Why::BadIndex(top.into()));
+    }
+    let p = task.wrapping_add(array);
+    let base = mem.read_u64(p).map_err(|_| Why::Unreadable(p))?;
+    if base == 0 {
+        return Ok(Vec::new());
+    }
+    if !is_kernel_ptr(base) {
+        return Err(Why::BadPointer(base));
+    }
+    let mut bytes = vec![0u8; n * 8];
+    mem.read_virt(base, &mut bytes)
+        .map_err(|_| Why::Unreadable(base))?;
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    };
+    let fw = usize::try_from(frame_words).map_err(|_| Why::BadIndex(top.into()))?;
+    let (ret_w, slot_w) = (ret as usize / 8, slot as usize / 8);
+    let mut out = Vec::new();
+    let mut i = n;
+    while i > 0 {
+        let below = i - 1;
+        let offs = usize::try_from(word(below) & FGRAPH_FRAME_OFFSET_MASK).unwrap_or(0);
+        if offs == 0 || offs > below {
+            return Err(Why::BadFrame(below as i64));
+        }
+        let frame = below - offs;
+        if frame + fw > below {
+            return Err(Why::BadFrame(below as i64));
+        }
+        out.push((word(frame + ret_w), word(frame + slot_w)));
+        i = frame;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,8 +594,17 @@ mod tests {
                 slot: 40
             })
         );
-        // 6.9+'s shadow stack of encoded words: unknown.
-        assert_eq!(fgraph_array(&fgraph_btf(false)), None);
+        // 6.9+'s shadow stack of words holding the same structs.
+        assert_eq!(
+            fgraph_array(&fgraph_btf(false)),
+            Some(Layout::Shadow {
+                array: 0x40,
+                top: 0x48,
+                frame_words: 6,
+                ret: 0,
+                slot: 40
+            })
+        );
         let hooks = ReturnHooks::with(vec![Hook {
             kind: HookKind::Fgraph,
             trampoline: "return_to_handler",
@@ -505,6 +636,65 @@ mod tests {
         assert_eq!(
             hooks.of_task(&huge, task).unrecoverable[0].why,
             Why::BadIndex(100_000)
+        );
+    }
+
+    /// 6.12's shadow stack, as `function_graph_enter` leaves it: frame A
+    /// (6 words) at 0, its bitmap word at 6; frame B at 7, its bitmap word
+    /// at 13, one word of data an fgraph_ops reserved at 14 and the data's
+    /// word on top at 15, whose distance (8) spans the data and the
+    /// bitmap; curr_ret_stack 16. The walk finds B then A; forged
+    /// distances block.
+    #[test]
+    fn the_function_graph_shadow_stack_is_walked_as_the_kernel_walks_it() {
+        let layout = fgraph_array(&fgraph_btf(false));
+        let hooks = ReturnHooks::with(vec![Hook {
+            kind: HookKind::Fgraph,
+            trampoline: "return_to_handler",
+            addr: 0x2000,
+            layout,
+        }]);
+        let task = 0xffff_8880_0000_1000;
+        let stack = 0xffff_8880_0003_0000;
+        let bitmap = |offs: u64| (1 << 12) | (1 << 10) | offs;
+        let mut words = vec![
+            (task + 0x40, stack),
+            (task + 0x48, 16),
+            // Frame A: ret, ..., retp.
+            (stack, 0xa1),
+            (stack + 40, 0x8ff0),
+            (stack + 6 * 8, bitmap(6)),
+            // Frame B.
+            (stack + 7 * 8, 0xb1),
+            (stack + 7 * 8 + 40, 0x8f00),
+            (stack + 13 * 8, bitmap(6)),
+            (stack + 14 * 8, 0xdada),
+            (stack + 15 * 8, (2 << 10) | 8),
+        ];
+        let th = hooks.of_task(&Words(words.clone()), task);
+        assert!(th.unrecoverable.is_empty(), "{th:?}");
+        let got: Vec<(u64, u64)> = th.hooked.iter().map(|h| (h.ret, h.slot)).collect();
+        assert_eq!(got, vec![(0xb1, 0x8f00), (0xa1, 0x8ff0)]);
+        assert_eq!(th.recover(HookKind::Fgraph, 0x8ff0), Some(0xa1));
+        // Empty: curr_ret_stack 0 or -1.
+        let empty = Words(vec![(task + 0x40, stack), (task + 0x48, 0)]);
+        assert_eq!(hooks.of_task(&empty, task), TaskHooks::default());
+        // A distance of 0 would loop; one past the bottom, or one that
+        // leaves no room for a frame under the word, is forged.
+        for (top_word, why) in [(0u64, 15i64), (16, 15), (4, 15)] {
+            words.retain(|w| w.0 != stack + 15 * 8);
+            words.push((stack + 15 * 8, (2 << 10) | top_word));
+            assert_eq!(
+                hooks.of_task(&Words(words.clone()), task).unrecoverable[0].why,
+                Why::BadFrame(why),
+                "distance {top_word}"
+            );
+        }
+        // More words than a shadow stack has.
+        let huge = Words(vec![(task + 0x40, stack), (task + 0x48, 513)]);
+        assert_eq!(
+            hooks.of_task(&huge, task).unrecoverable[0].why,
+            Why::BadIndex(513)
         );
     }
 
