@@ -59,6 +59,13 @@ pub struct Args {
     /// program output sent to ttyS1 never has kernel messages spliced in.
     #[arg(long, value_name = "PATH")]
     pub serial2_out: Option<PathBuf>,
+    /// How much console output (per serial port) the VMM holds for a slow
+    /// reader of stdout (or of --serial2-out), in KiB, 1 to 65536. Past
+    /// it, output is dropped and counted (logged at exit): a vCPU never
+    /// waits for the reader.
+    #[arg(long, value_name = "KIB", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub console_buffer: u32,
     /// Write the VMM's own log to PATH (appended to, created mode 0600)
     /// instead of stderr. The guest's console stays on stdout either way;
     /// start-up errors still go to stderr.

@@ -105,18 +105,24 @@ fn main() -> ExitCode {
     // The console goes to fd 1 through a bounded buffer and a thread of
     // its own (devices::console_out): a slow stdout never stalls a vCPU,
     // and a prompt without a newline still shows up at once.
+    let console_bytes = args.console_buffer as usize * 1024;
     let stdout = match std::io::stdout().as_fd().try_clone_to_owned() {
         Ok(fd) => std::fs::File::from(fd),
         Err(e) => return fail(&e),
     };
-    let (console, console_drain) =
-        match console_out::start("COM1", Box::new(stdout), console_out::CAPACITY) {
-            Ok(c) => c,
-            Err(e) => return fail(&format!("cannot start the console thread: {e}")),
-        };
+    let (console, console_drain) = match console_out::start("COM1", Box::new(stdout), console_bytes)
+    {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("cannot start the console thread: {e}")),
+    };
     // COM2, when asked for, drains to its file the same way. Opening a FIFO
     // waits here for its reader, before the guest runs.
-    let com2 = match args.serial2_out.as_deref().map(open_serial2).transpose() {
+    let com2 = match args
+        .serial2_out
+        .as_deref()
+        .map(|p| open_serial2(p, console_bytes))
+        .transpose()
+    {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
@@ -243,13 +249,14 @@ fn main() -> ExitCode {
 /// Opens `--serial2-out` and starts its drain thread.
 fn open_serial2(
     path: &std::path::Path,
+    capacity: usize,
 ) -> Result<(console_out::ConsoleOut, console_out::ConsoleDrain), String> {
     let file = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
         .open(path)
         .map_err(|e| format!("--serial2-out {}: {e}", path.display()))?;
-    console_out::start("COM2", Box::new(file), console_out::CAPACITY)
+    console_out::start("COM2", Box::new(file), capacity)
         .map_err(|e| format!("cannot start the COM2 thread: {e}"))
 }
 

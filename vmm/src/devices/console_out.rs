@@ -15,7 +15,8 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Console bytes held while stdout is slow: about 1 MiB, minutes of a
+/// Console bytes held while stdout is slow, by default (`vmm
+/// --console-buffer`): about 1 MiB, minutes of a
 /// busy 115200-baud console, and bounded whatever the guest does.
 pub const CAPACITY: usize = 1 << 20;
 
