@@ -211,23 +211,15 @@ impl Client {
             }
         })?;
         let http = |e: &dyn std::fmt::Display| {
-            // A broken exchange with nobody listening any more is a VMM
-            // that is gone, not an HTTP problem.
-            match std::os::unix::net::UnixStream::connect(&self.path) {
-                Err(e2)
-                    if matches!(
-                        e2.kind(),
-                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-                    ) =>
-                {
-                    ClientError::Gone {
-                        path: self.path.clone(),
-                    }
+            if listener_gone(&self.path) {
+                ClientError::Gone {
+                    path: self.path.clone(),
                 }
-                _ => ClientError::Http {
+            } else {
+                ClientError::Http {
                     path: self.path.clone(),
                     message: e.to_string(),
-                },
+                }
             }
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -378,6 +370,27 @@ impl Client {
                 message: e.to_string(),
             })
     }
+}
+
+/// Whether nothing listens on `path` any more, after an exchange broke
+/// off: a broken exchange with no listener is a VMM that is gone, not an
+/// HTTP problem. A process being killed closes its descriptors one by one,
+/// so its listening socket can still take a connection just after the
+/// request's connection closed: a connect that succeeds is tried again,
+/// up to 5 times in about half a second, before the VMM counts as alive.
+fn listener_gone(path: &std::path::Path) -> bool {
+    for _ in 0..5 {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Err(e) => {
+                return matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                )
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    false
 }
 
 /// How a transition may proceed: the query parameters every change
