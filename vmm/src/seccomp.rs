@@ -234,6 +234,7 @@ pub fn filter(kind: Kind) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BASE
         .iter()
         .chain(extra)
+        .chain(OPEN)
         .map(|&nr| (nr, Vec::new()))
         .collect();
     let ioctl = ioctls(kind)
@@ -255,11 +256,45 @@ pub fn filter(kind: Kind) -> Result<BpfProgram, SeccompError> {
     f.try_into().map_err(build)
 }
 
+/// Calls that open a file. No VMM thread opens one once set up, but glibc's
+/// allocator may try, inside `malloc` or `free`: it reads
+/// `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread
+/// arena's heap, and the CPU count from `/sys` when it needs a ninth arena
+/// (found in patch-bad: a `free` on a new tokio thread). Both cope with a
+/// failed open. So these calls pass the kind's filter but a second filter
+/// makes them fail with EACCES: nothing is opened, and an allocation is
+/// never a reason to stop the VMM.
+const OPEN: &[i64] = &[
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_creat,
+];
+
+/// The filter stacked on every kind's: [`OPEN`] fails with EACCES, all
+/// else is left to the kind's filter.
+fn refuse_open() -> Result<BpfProgram, SeccompError> {
+    let build = |source| SeccompError::Build {
+        kind: "open-refusing",
+        source,
+    };
+    let rules = OPEN.iter().map(|&nr| (nr, Vec::new())).collect();
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(build)?;
+    f.try_into().map_err(build)
+}
+
 /// The compiled filters, once [`prepare`] has run with filtering on.
 struct Filters {
     vcpu: BpfProgram,
     api: BpfProgram,
     vmm: BpfProgram,
+    refuse_open: BpfProgram,
 }
 
 static FILTERS: OnceLock<Option<Filters>> = OnceLock::new();
@@ -280,6 +315,7 @@ pub fn prepare(enabled: bool) -> Result<(), SeccompError> {
             vcpu: filter(Kind::Vcpu)?,
             api: filter(Kind::Api)?,
             vmm: filter(Kind::Vmm)?,
+            refuse_open: refuse_open()?,
         })
     } else {
         None
@@ -307,10 +343,16 @@ pub fn enter(kind: Kind) -> Result<(), SeccompError> {
     if unsafe { libc::prctl(libc::PR_GET_SECCOMP) } == 2 {
         return Ok(());
     }
-    seccompiler::apply_filter(prog).map_err(|source| SeccompError::Apply {
-        kind: kind.name(),
-        source,
-    })
+    let apply = |prog| {
+        seccompiler::apply_filter(prog).map_err(|source| SeccompError::Apply {
+            kind: kind.name(),
+            source,
+        })
+    };
+    // The open-refusing filter first: the kind's filter then forbids
+    // `seccomp(2)` itself.
+    apply(&f.refuse_open)?;
+    apply(prog)
 }
 
 /// [`enter`] for a thread that cannot return an error: a thread that
@@ -405,7 +447,20 @@ const NAMES: &[(i64, &str)] = &[
 /// `si_call_addr`, on x86_64).
 const SI_SYSCALL_OFFSET: usize = 24;
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" {
+    /// The linker's symbols at the start of the VMM's image and the end of
+    /// its code: a stack word between them is a return address into the
+    /// VMM (an offset from the start is what `addr2line -e vmm` takes for
+    /// a position-independent binary).
+    static __executable_start: u8;
+    static etext: u8;
+}
+
+/// How many words above the interrupted stack pointer the report scans
+/// for return addresses into the VMM's code.
+const SCAN_WORDS: usize = 256;
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers;
     // si_syscall is an int at SI_SYSCALL_OFFSET for SIGSYS.
     let nr = unsafe {
@@ -434,6 +489,28 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         ", which its filter does not allow; a klpvisor bug unless the VMM was \
          compromised: report it with the log (vmm --no-seccomp runs unfiltered)\n",
     );
+    // Where it came from, for the report: return addresses into the VMM's
+    // code found just above the stack pointer, as offsets into the binary.
+    // SAFETY: the kernel passes the interrupted context; the words read
+    // are the thread's own stack just above its stack pointer (a system
+    // call is made deep in a call chain, far below the stack's top).
+    unsafe {
+        let start = std::ptr::addr_of!(__executable_start) as u64;
+        let end = std::ptr::addr_of!(etext) as u64;
+        let uc = ctx as *const libc::ucontext_t;
+        let sp = (*uc).uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
+        buf.push("vmm: code addresses on that stack (addr2line -f -C -e vmm ADDR...):");
+        let mut shown = 0;
+        for i in 0..SCAN_WORDS {
+            let w = (sp as *const u64).add(i).read_volatile();
+            if w > start && w < end && shown < 24 {
+                buf.push(" 0x");
+                buf.push_hex(w - start);
+                shown += 1;
+            }
+        }
+        buf.push("\n");
+    }
     // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is ours.
     unsafe {
         libc::write(2, buf.bytes.as_ptr().cast(), buf.len);
@@ -443,14 +520,14 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 
 /// A fixed buffer a signal handler can format into without allocating.
 struct Line {
-    bytes: [u8; 512],
+    bytes: [u8; 1024],
     len: usize,
 }
 
 impl Default for Line {
     fn default() -> Self {
         Self {
-            bytes: [0; 512],
+            bytes: [0; 1024],
             len: 0,
         }
     }
@@ -462,6 +539,21 @@ impl Line {
             if self.len < self.bytes.len() {
                 self.bytes[self.len] = b;
                 self.len += 1;
+            }
+        }
+    }
+
+    fn push_hex(&mut self, n: u64) {
+        let mut started = false;
+        for shift in (0..16).rev() {
+            let d = ((n >> (shift * 4)) & 0xf) as u8;
+            if d != 0 || started || shift == 0 {
+                started = true;
+                let c = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+                if self.len < self.bytes.len() {
+                    self.bytes[self.len] = c;
+                    self.len += 1;
+                }
             }
         }
     }
@@ -513,6 +605,12 @@ mod tests {
                 println!("sum={sum}");
                 std::process::exit(0);
             }
+            // An open fails (EACCES); the thread goes on.
+            "open" => {
+                let r = std::fs::File::open("/proc/self/status");
+                println!("open={:?}", r.map(drop).map_err(|e| e.raw_os_error()));
+                std::process::exit(0);
+            }
             // Not allowed on a vCPU thread: a new socket.
             "socket" => {
                 // SAFETY: a plain socket(2) call; the filter stops it.
@@ -555,6 +653,14 @@ mod tests {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(0), "{out:?}");
         assert!(stdout.contains("sum=7340032"), "{stdout}");
+    }
+
+    #[test]
+    fn opening_a_file_fails_without_stopping_the_vmm() {
+        let out = child("open");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert!(stdout.contains("open=Err(Some(13))"), "{stdout}");
     }
 
     #[test]
@@ -610,6 +716,10 @@ mod tests {
         l.push_num(0);
         l.push(",");
         l.push_num(-12345);
-        assert_eq!(&l.bytes[..l.len], b"n=0,-12345");
+        l.push(",");
+        l.push_hex(0x1f0a);
+        l.push(",");
+        l.push_hex(0);
+        assert_eq!(&l.bytes[..l.len], b"n=0,-12345,1f0a,0");
     }
 }
