@@ -428,6 +428,14 @@ fn read_list<M: VirtRead + ?Sized>(
     Ok(out)
 }
 
+/// `task_struct.curr_ret_stack` (an `int` at `top`) of the task at `task`.
+fn read_curr_ret_stack<M: VirtRead + ?Sized>(mem: &M, task: u64, top: u64) -> Result<i32, Why> {
+    let at = task.wrapping_add(top);
+    let mut b = [0u8; 4];
+    mem.read_virt(at, &mut b).map_err(|_| Why::Unreadable(at))?;
+    Ok(i32::from_le_bytes(b))
+}
+
 /// (real address, slot) of entries `0..=top` of the function-graph array.
 fn read_array<M: VirtRead + ?Sized>(
     mem: &M,
@@ -438,10 +446,7 @@ fn read_array<M: VirtRead + ?Sized>(
     ret: u64,
     slot: u64,
 ) -> Result<Vec<(u64, u64)>, Why> {
-    let at = task.wrapping_add(top);
-    let mut b = [0u8; 4];
-    mem.read_virt(at, &mut b).map_err(|_| Why::Unreadable(at))?;
-    let top = i32::from_le_bytes(b);
+    let top = read_curr_ret_stack(mem, task, top)?;
     if top < 0 {
         return Ok(Vec::new());
     }
@@ -489,10 +494,7 @@ fn read_shadow<M: VirtRead + ?Sized>(
     ret: u64,
     slot: u64,
 ) -> Result<Vec<(u64, u64)>, Why> {
-    let at = task.wrapping_add(top);
-    let mut b = [0u8; 4];
-    mem.read_virt(at, &mut b).map_err(|_| Why::Unreadable(at))?;
-    let top = i32::from_le_bytes(b);
+    let top = read_curr_ret_stack(mem, task, top)?;
     // 0 (and, before a task's first call, -1): nothing hooked.
     if top <= 0 {
         return Ok(Vec::new());
