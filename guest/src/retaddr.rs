@@ -436,6 +436,26 @@ fn read_curr_ret_stack<M: VirtRead + ?Sized>(mem: &M, task: u64, top: u64) -> Re
     Ok(i32::from_le_bytes(b))
 }
 
+/// `task_struct.ret_stack` (a pointer at `array`) of the task at `task`:
+/// `None` when the task has none, which means nothing is hooked (the
+/// tracer hooks a return only once the task has one; `function_graph_enter`
+/// refuses otherwise).
+fn read_ret_stack<M: VirtRead + ?Sized>(
+    mem: &M,
+    task: u64,
+    array: u64,
+) -> Result<Option<u64>, Why> {
+    let p = task.wrapping_add(array);
+    let base = mem.read_u64(p).map_err(|_| Why::Unreadable(p))?;
+    if base == 0 {
+        return Ok(None);
+    }
+    if !is_kernel_ptr(base) {
+        return Err(Why::BadPointer(base));
+    }
+    Ok(Some(base))
+}
+
 /// (real address, slot) of entries `0..=top` of the function-graph array.
 fn read_array<M: VirtRead + ?Sized>(
     mem: &M,
@@ -454,16 +474,9 @@ fn read_array<M: VirtRead + ?Sized>(
     if n > MAX_HOOKED || size == 0 || size > 256 {
         return Err(Why::BadIndex(top.into()));
     }
-    let p = task.wrapping_add(array);
-    let base = mem.read_u64(p).map_err(|_| Why::Unreadable(p))?;
-    // No array, nothing hooked: the tracer hooks a return only once the
-    // task has its array (`function_graph_enter` refuses otherwise).
-    if base == 0 {
+    let Some(base) = read_ret_stack(mem, task, array)? else {
         return Ok(Vec::new());
-    }
-    if !is_kernel_ptr(base) {
-        return Err(Why::BadPointer(base));
-    }
+    };
     let mut out = Vec::with_capacity(n);
     for i in 0..n as u64 {
         let e = base.wrapping_add(i * size);
@@ -503,14 +516,9 @@ fn read_shadow<M: VirtRead + ?Sized>(
     if n > SHADOW_STACK_WORDS {
         return Err(Why::BadIndex(top.into()));
     }
-    let p = task.wrapping_add(array);
-    let base = mem.read_u64(p).map_err(|_| Why::Unreadable(p))?;
-    if base == 0 {
+    let Some(base) = read_ret_stack(mem, task, array)? else {
         return Ok(Vec::new());
-    }
-    if !is_kernel_ptr(base) {
-        return Err(Why::BadPointer(base));
-    }
+    };
     let mut bytes = vec![0u8; n * 8];
     mem.read_virt(base, &mut bytes)
         .map_err(|_| Why::Unreadable(base))?;

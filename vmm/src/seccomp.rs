@@ -639,10 +639,13 @@ mod tests {
         }
     }
 
+    /// Runs `seccomp_child` doing `what`, with RUST_BACKTRACE=1: under it
+    /// std's own panic hook would open the binary.
     fn child(what: &str) -> std::process::Output {
         Command::new(std::env::current_exe().expect("test binary"))
             .args(["--exact", "seccomp::tests::seccomp_child", "--nocapture"])
             .env("KLPV_SECCOMP_CHILD", what)
+            .env("RUST_BACKTRACE", "1")
             .output()
             .expect("run the child")
     }
@@ -665,13 +668,7 @@ mod tests {
 
     #[test]
     fn a_contained_panic_stays_inside_the_filter() {
-        // With RUST_BACKTRACE=1, std's own hook would open the binary.
-        let out = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "seccomp::tests::seccomp_child", "--nocapture"])
-            .env("KLPV_SECCOMP_CHILD", "panic")
-            .env("RUST_BACKTRACE", "1")
-            .output()
-            .expect("run the child");
+        let out = child("panic");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{out:?}");
