@@ -2,18 +2,50 @@
 //! each copied from a real kernel function with one change, registered
 //! with the guest kernel as a module so that the kernel treats patch code
 //! as it treats a module's. One guest runs both patches (scenario
-//! `patch-fixes`); each test checks one construct.
+//! `patch-fixes`); one test checks each construct in turn.
 #![forbid(unsafe_code)]
 
-use std::sync::OnceLock;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use harness::{run_scenario, Run};
 
-/// The one run the tests here share (they run one at a time, in one
-/// process): one nested boot instead of one per construct.
-fn fixes() -> &'static Run {
-    static RUN: OnceLock<Run> = OnceLock::new();
-    RUN.get_or_init(|| run_scenario("patch-fixes", &[]))
+/// A check of one construct on the shared run.
+type Check = fn(&Run);
+
+/// One nested boot for every construct (test runners such as nextest run
+/// each test in its own process, so a shared run cannot span tests). Each
+/// construct is still checked on its own: a failure names every construct
+/// that failed, with its message, not only the first.
+#[test]
+fn real_fix_constructs_work_in_patch_code() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = run_scenario("patch-fixes", &[]);
+    let checks: [(&str, Check); 4] = [
+        (
+            "WARN",
+            a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues,
+        ),
+        (
+            "exception fixup",
+            a_fault_in_a_patchs_user_access_returns_efault,
+        ),
+        ("tracepoint", a_tracepoint_in_patch_code_follows_its_key),
+        (
+            "function tracer",
+            the_function_tracer_works_beside_patched_functions,
+        ),
+    ];
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|(_, check)| catch_unwind(AssertUnwindSafe(|| check(&run))).is_err())
+        .map(|(name, _)| *name)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "constructs that failed: {failed:?} (each one's panic is above)"
+    );
 }
 
 /// The guest's closing dmesg summary: exactly the one WARN, no oops.
@@ -52,12 +84,7 @@ fn kmsg(run: &Run, n: u32) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues() {
-    if harness::skip_without_e2e() {
-        return;
-    }
-    let run = fixes();
+fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues(run: &Run) {
     let t = run.transcript();
     assert_eq!(run.result("warn-apply")["rc"], "0", "{t}");
 
@@ -143,12 +170,7 @@ fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues() {
     assert_clean_dmesg(run);
 }
 
-#[test]
-fn a_fault_in_a_patchs_user_access_returns_efault() {
-    if harness::skip_without_e2e() {
-        return;
-    }
-    let run = fixes();
+fn a_fault_in_a_patchs_user_access_returns_efault(run: &Run) {
     let t = run.transcript();
     // With SMAP on, a user access works only between stac and clac: the
     // alternatives must be applied for this CPU, or every read oopses.
@@ -181,12 +203,7 @@ fn a_fault_in_a_patchs_user_access_returns_efault() {
 /// module's would be: with the event on at apply, the site is live at
 /// once; off, no event; on again, events. After removal the kernel's own
 /// site reports again and switching the event touches nothing of ours.
-#[test]
-fn a_tracepoint_in_patch_code_follows_its_key() {
-    if harness::skip_without_e2e() {
-        return;
-    }
-    let run = fixes();
+fn a_tracepoint_in_patch_code_follows_its_key(run: &Run) {
     let t = run.transcript();
     assert_eq!(run.result("itimer-apply")["rc"], "0", "{t}");
     let remaining = |n| -> u64 {
@@ -221,12 +238,7 @@ fn a_tracepoint_in_patch_code_follows_its_key() {
 /// while redirected, so a filter naming set_cpu_itimer is refused, and
 /// taken again after removal) instead of finding a jmp where it expects
 /// its nop, warning, and shutting itself down.
-#[test]
-fn the_function_tracer_works_beside_patched_functions() {
-    if harness::skip_without_e2e() {
-        return;
-    }
-    let run = fixes();
+fn the_function_tracer_works_beside_patched_functions(run: &Run) {
     let t = run.transcript();
     assert_eq!(step(run, "KLPV-FTRACE", 1), "filter=0 tracer=0/0", "{t}");
     assert_eq!(step(run, "KLPV-FTRACE", 2), "filter=1 tracer=0/0", "{t}");
