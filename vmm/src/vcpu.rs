@@ -21,7 +21,7 @@ use crate::devices::{GuestEvent, PioDevices};
 use crate::vm::VmExit;
 
 /// A failure to read a parked vCPU's state from KVM.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum VcpuError {
     /// A KVM get ioctl failed.
     #[error("reading vCPU {id} {what} failed: {source}")]
@@ -76,6 +76,10 @@ pub enum VcpuReport {
         id: u8,
         /// The `VcpuControl::generation` it parked for.
         generation: u64,
+        /// Its registers as it parked: every thread reads its own, at
+        /// once, instead of the controller asking each in turn inside the
+        /// pause. They cannot change until the thread resumes.
+        state: Box<Result<VcpuState, VcpuError>>,
     },
     /// The thread has left its run loop for good.
     Exited {
@@ -88,8 +92,6 @@ pub enum VcpuReport {
 
 /// Requests to a parked vCPU thread.
 pub enum VcpuRequest {
-    /// Read the parked vCPU's registers and send them back on the channel.
-    Snapshot(Sender<Result<VcpuState, VcpuError>>),
     /// Leave the pause and run the guest again.
     Resume,
 }
@@ -352,8 +354,8 @@ impl VcpuThread {
         }
     }
 
-    /// Acks the pause and serves requests until resumed. Returns false when
-    /// the controller has gone away.
+    /// Reads its registers, acks the pause with them, and waits until
+    /// resumed. Returns false when the controller has gone away.
     fn park(&mut self) -> bool {
         let generation = self.control.generation.load(Ordering::Acquire);
         if self
@@ -361,19 +363,15 @@ impl VcpuThread {
             .send(VcpuReport::Paused {
                 id: self.id,
                 generation,
+                state: Box::new(self.snapshot()),
             })
             .is_err()
         {
             return false;
         }
-        loop {
-            match self.requests.recv() {
-                Ok(VcpuRequest::Snapshot(reply)) => {
-                    let _ = reply.send(self.snapshot());
-                }
-                Ok(VcpuRequest::Resume) => return true,
-                Err(_) => return false,
-            }
+        match self.requests.recv() {
+            Ok(VcpuRequest::Resume) => true,
+            Err(_) => false,
         }
     }
 

@@ -25,7 +25,8 @@ use crate::devices::boot_timer::BootTimer;
 use crate::devices::serial::{Console, COM1_IRQ, COM2_IRQ};
 use crate::devices::{GuestEvent, PioDevices};
 use crate::vcpu::{
-    install_kick_handler, kick_signal, VcpuControl, VcpuReport, VcpuRequest, VcpuState, VcpuThread,
+    install_kick_handler, kick_signal, VcpuControl, VcpuError, VcpuReport, VcpuRequest, VcpuState,
+    VcpuThread,
 };
 
 /// KVM's conventional TSS location, just below the BIOS, in the MMIO hole.
@@ -170,6 +171,8 @@ struct VcpuHandle {
 struct PauseState {
     generation: u64,
     paused_since: Option<Instant>,
+    /// Each vCPU's registers as it parked for the current pause.
+    states: Vec<Result<VcpuState, VcpuError>>,
 }
 
 /// A VM with its vCPU threads.
@@ -404,14 +407,18 @@ impl Vm {
             v.control.pause.store(true, Ordering::Release);
             kick(v);
         }
-        let mut parked = vec![false; vcpus.len()];
+        let mut parked: Vec<Option<Result<VcpuState, VcpuError>>> = vec![None; vcpus.len()];
         let mut failure = None;
-        while parked.iter().any(|p| !p) {
+        while parked.iter().any(Option::is_none) {
             let left = PAUSE_TIMEOUT.saturating_sub(start.elapsed());
             match acks.recv_timeout(left) {
-                Ok(VcpuReport::Paused { id, generation: g }) if g == generation => {
+                Ok(VcpuReport::Paused {
+                    id,
+                    generation: g,
+                    state,
+                }) if g == generation => {
                     if let Some(p) = parked.get_mut(usize::from(id)) {
-                        *p = true;
+                        *p = Some(*state);
                     }
                 }
                 Ok(VcpuReport::Paused { .. }) => {}
@@ -421,7 +428,7 @@ impl Vm {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     let missing = (0..parked.len() as u8)
-                        .filter(|i| !parked[usize::from(*i)])
+                        .filter(|i| parked[usize::from(*i)].is_none())
                         .collect();
                     failure = Some(VmError::PauseTimeout(missing, PAUSE_TIMEOUT));
                     break;
@@ -432,6 +439,7 @@ impl Vm {
             release(&vcpus);
             return Err(err);
         }
+        state.states = parked.into_iter().flatten().collect();
         state.paused_since = Some(start);
         Ok(PauseReport {
             latency: start.elapsed(),
@@ -442,6 +450,7 @@ impl Vm {
     pub fn resume(&self) -> Result<ResumeReport, VmError> {
         let mut state = self.pause.lock().map_err(|_| VmError::NotRunning)?;
         let since = state.paused_since.take().ok_or(VmError::NotPaused)?;
+        state.states.clear();
         let vcpus = self.vcpus.lock().map_err(|_| VmError::NotRunning)?;
         release(&vcpus);
         Ok(ResumeReport {
@@ -455,15 +464,13 @@ impl Vm {
         if state.paused_since.is_none() {
             return Err(VmError::NotPaused);
         }
-        let vcpus = self.vcpus.lock().map_err(|_| VmError::NotRunning)?;
-        let v = vcpus.get(usize::from(id)).ok_or(VmError::NoSuchVcpu(id))?;
-        let (tx, rx) = mpsc::channel();
-        v.requests
-            .send(VcpuRequest::Snapshot(tx))
-            .map_err(|_| VmError::NotRunning)?;
-        Ok(rx
-            .recv_timeout(PAUSE_TIMEOUT)
-            .map_err(|_| VmError::NotRunning)??)
+        // Read by the vCPU's own thread as it parked; a parked vCPU runs
+        // nothing, so they are still its registers.
+        Ok(state
+            .states
+            .get(usize::from(id))
+            .ok_or(VmError::NoSuchVcpu(id))?
+            .clone()?)
     }
 
     /// A handle that makes [`Vm::wait`] return, e.g. from a signal thread.
