@@ -108,7 +108,8 @@ pub enum SeccompError {
     Handler(#[source] std::io::Error),
 }
 
-/// Calls every thread makes: memory, threads, futexes, clocks and sleeps,
+/// Calls every thread makes: memory, threads (`clone`, see [`filter`]),
+/// futexes, clocks and sleeps,
 /// signal delivery and masks (the vCPU kick, signal-hook's handler writing
 /// to its socket), reads and writes on descriptors already open (eventfds,
 /// the log), `getrandom` for hash seeds, and exit.
@@ -145,8 +146,6 @@ const BASE: &[i64] = &[
     libc::SYS_rt_sigreturn,
     libc::SYS_sigaltstack,
     libc::SYS_restart_syscall,
-    libc::SYS_clone,
-    libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
     libc::SYS_prctl,
@@ -246,6 +245,20 @@ pub fn filter(kind: Kind) -> Result<BpfProgram, SeccompError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(build)?;
     rules.insert(libc::SYS_ioctl, ioctl);
+    // Threads, never processes: `clone` only with CLONE_THREAD, so a
+    // thread that went wrong cannot fork. `clone3` passes its flags in
+    // memory, which a filter cannot read; it passes here and the stacked
+    // filter makes it fail with ENOSYS, so glibc falls back to `clone`.
+    let thread = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+        libc::CLONE_THREAD as u64,
+    )
+    .and_then(|on| SeccompRule::new(vec![on]))
+    .map_err(build)?;
+    rules.insert(libc::SYS_clone, vec![thread]);
+    rules.insert(libc::SYS_clone3, Vec::new());
     let f = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -271,22 +284,30 @@ const OPEN: &[i64] = &[
     libc::SYS_creat,
 ];
 
-/// The filter stacked on every kind's: [`OPEN`] fails with EACCES, all
-/// else is left to the kind's filter.
-fn refuse_open() -> Result<BpfProgram, SeccompError> {
+/// The filters stacked on every kind's: [`OPEN`] fails with EACCES, and
+/// `clone3` with ENOSYS (glibc then uses `clone`, whose flags the kind's
+/// filter checks); all else is left to the kind's filter.
+fn soft_failures() -> Result<[BpfProgram; 2], SeccompError> {
     let build = |source| SeccompError::Build {
-        kind: "open-refusing",
+        kind: "soft-failure",
         source,
     };
-    let rules = OPEN.iter().map(|&nr| (nr, Vec::new())).collect();
-    let f = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(build)?;
-    f.try_into().map_err(build)
+    let fail = |calls: &[i64], errno: i32| -> Result<BpfProgram, SeccompError> {
+        let rules = calls.iter().map(|&nr| (nr, Vec::new())).collect();
+        SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno as u32),
+            TargetArch::x86_64,
+        )
+        .map_err(build)?
+        .try_into()
+        .map_err(build)
+    };
+    Ok([
+        fail(OPEN, libc::EACCES)?,
+        fail(&[libc::SYS_clone3], libc::ENOSYS)?,
+    ])
 }
 
 /// The compiled filters, once [`prepare`] has run with filtering on.
@@ -294,7 +315,7 @@ struct Filters {
     vcpu: BpfProgram,
     api: BpfProgram,
     vmm: BpfProgram,
-    refuse_open: BpfProgram,
+    soft_failures: [BpfProgram; 2],
 }
 
 static FILTERS: OnceLock<Option<Filters>> = OnceLock::new();
@@ -315,7 +336,7 @@ pub fn prepare(enabled: bool) -> Result<(), SeccompError> {
             vcpu: filter(Kind::Vcpu)?,
             api: filter(Kind::Api)?,
             vmm: filter(Kind::Vmm)?,
-            refuse_open: refuse_open()?,
+            soft_failures: soft_failures()?,
         })
     } else {
         None
@@ -349,9 +370,11 @@ pub fn enter(kind: Kind) -> Result<(), SeccompError> {
             source,
         })
     };
-    // The open-refusing filter first: the kind's filter then forbids
+    // The soft-failure filters first: the kind's filter then forbids
     // `seccomp(2)` itself.
-    apply(&f.refuse_open)?;
+    for soft in &f.soft_failures {
+        apply(soft)?;
+    }
     apply(prog)
 }
 
@@ -415,6 +438,7 @@ const NAMES: &[(i64, &str)] = &[
     (libc::SYS_execve, "execve"),
     (libc::SYS_execveat, "execveat"),
     (libc::SYS_fork, "fork"),
+    (libc::SYS_clone, "clone (a new process, not a thread)"),
     (libc::SYS_vfork, "vfork"),
     (libc::SYS_open, "open"),
     (libc::SYS_openat, "openat"),
@@ -617,6 +641,24 @@ mod tests {
                 unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
                 std::process::exit(0);
             }
+            // A new process: glibc's fork() is a clone(2) without
+            // CLONE_THREAD.
+            "fork" => {
+                // SAFETY: fork in a single-purpose child; the filter stops it.
+                let pid = unsafe { libc::fork() };
+                println!("forked={pid}");
+                std::process::exit(0);
+            }
+            // clone3 fails softly (its flags are out of a filter's reach),
+            // so glibc falls back to clone for threads.
+            "clone3" => {
+                // SAFETY: clone3 with a null argument; the filter answers
+                // before the kernel would read it.
+                let r = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                println!("clone3={r} errno={errno:?}");
+                std::process::exit(0);
+            }
             // An ioctl the vCPU filter does not list (TIOCSTI would push
             // bytes into a terminal's input).
             "tiocsti" => {
@@ -688,6 +730,21 @@ mod tests {
             stderr.contains("a vcpu thread made system call 41 (socket)"),
             "{stderr}"
         );
+    }
+
+    #[test]
+    fn a_thread_cannot_start_a_process() {
+        let out = child("fork");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(EXIT_FORBIDDEN_SYSCALL), "{out:?}");
+        assert!(
+            stderr.contains("system call 56 (clone (a new process, not a thread))"),
+            "{stderr}"
+        );
+        let out = child("clone3");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert!(stdout.contains("clone3=-1 errno=Some(38)"), "{stdout}");
     }
 
     #[test]
