@@ -79,16 +79,32 @@ ensure_packages() {
 			missing+=("$p")
 	done
 	[ ${#missing[@]} -eq 0 ] && return 0
-	log "installing ${missing[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	local out
-	if ! out=$(apt-get install -y -qq "${missing[@]}" 2>&1); then
-		apt-get update -qq >/dev/null 2>&1 || true
-		out=$(apt-get install -y -qq "${missing[@]}" 2>&1) || {
-			printf '%s\n' "$out" >&2
-			die "apt-get install ${missing[*]} failed"
-		}
+	# One install at a time (scripts/test runs two kernels' tiers at once,
+	# and cargo test builds patch modules in parallel): dpkg's own lock
+	# makes a second apt-get fail at once, not wait. The lock is on fd 5,
+	# released with this function.
+	mkdir -p "$KLPV_BUILD"
+	exec 5>"$KLPV_BUILD/.apt.lock"
+	flock 5
+	missing=()
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' ||
+			missing+=("$p")
+	done
+	if [ ${#missing[@]} -gt 0 ]; then
+		log "installing ${missing[*]}"
+		export DEBIAN_FRONTEND=noninteractive
+		local out apt=(apt-get -o DPkg::Lock::Timeout=600 install -y -qq)
+		if ! out=$("${apt[@]}" "${missing[@]}" 2>&1); then
+			apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null 2>&1 || true
+			out=$("${apt[@]}" "${missing[@]}" 2>&1) || {
+				printf '%s\n' "$out" >&2
+				exec 5>&-
+				die "apt-get install ${missing[*]} failed"
+			}
+		fi
 	fi
+	exec 5>&-
 }
 
 # kpatch's patch hook (livepatch-patch-hook.c, kpatch.lds.S and their
