@@ -75,6 +75,9 @@ fn bases(f: &Fixture, m: &Module) -> Bases {
         text,
         rodata: text + l.text,
         data: text + l.text + l.rodata,
+        // A per-CPU address from the reserved chunk, as the guest's
+        // allocator hands out to modules.
+        percpu: 0x3_1000,
     }
 }
 

@@ -11,7 +11,7 @@
 //!
 //! ```ignore
 //! let layout = module.layout();
-//! let bases = Bases { text, rodata, data }; // caller allocates
+//! let bases = Bases { text, rodata, data, percpu }; // caller allocates
 //! let linked = link(&module, &kernel.kallsyms, bases, &LinkOptions::default())?;
 //! ```
 
@@ -165,6 +165,12 @@ pub struct Bases {
     pub rodata: u64,
     /// Kernel-virtual start of the data segment.
     pub data: u64,
+    /// The per-CPU address of the patch's per-CPU block (what the guest's
+    /// `__alloc_reserved_percpu` returned): the base of every symbol in
+    /// `.data..percpu`, as `simplify_symbols` adds `mod->percpu`. 0 when
+    /// the module has no per-CPU data, or before the block is allocated
+    /// (a link that is only planned, never written).
+    pub percpu: u64,
 }
 
 impl Bases {
@@ -314,6 +320,8 @@ pub struct Linked {
     pub fentry_nops: Vec<u64>,
     section_vas: HashMap<usize, u64>,
     externals: HashMap<usize, u64>,
+    /// [`Bases::percpu`].
+    percpu: u64,
 }
 
 impl Linked {
@@ -330,6 +338,7 @@ impl Linked {
             SymbolDef::Defined(p) => self.va(p),
             SymbolDef::Absolute(v) => Some(v),
             SymbolDef::ThisModule => Some(0),
+            SymbolDef::PerCpu(offset) => self.percpu.checked_add(offset),
             _ => self.externals.get(&index).copied(),
         }
     }
@@ -341,6 +350,12 @@ impl Linked {
             s.bytes
                 .get(off..off.checked_add(usize::try_from(len).ok()?)?)
         })
+    }
+
+    /// The per-CPU address its `.data..percpu` symbols are based on
+    /// ([`Bases::percpu`]).
+    pub fn percpu(&self) -> u64 {
+        self.percpu
     }
 
     /// Text, rodata and data, in that order.
@@ -473,6 +488,7 @@ pub fn link_objects(
         fentry_nops: Vec::new(),
         section_vas,
         externals,
+        percpu: bases.percpu,
     };
     drop(images);
 

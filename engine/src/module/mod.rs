@@ -38,6 +38,12 @@ use klpvisor_guest::{Btf, BtfError};
 pub const PAGE: u64 = 4096;
 /// The most a patch may occupy (all segments); klp patches are kilobytes.
 pub const MAX_MODULE_BYTES: u64 = 64 << 20;
+/// The largest `.data..percpu` taken. The kernel allocates a module's
+/// per-CPU block from the first chunk's reserved area
+/// (`PERCPU_MODULE_RESERVE`, 8 KiB on x86-64 Linux 6.1 to 6.12), so it
+/// refuses anything near this with -ENOMEM anyway; the bound keeps the
+/// copy to every CPU small.
+pub const MAX_PERCPU_BYTES: u64 = 64 << 10;
 
 /// Why a module cannot be linked from outside.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +206,48 @@ pub enum ModuleError {
     /// A section's alignment or size cannot be laid out in the arena.
     #[error("section layout: {0}")]
     Layout(String),
+    /// A PC-relative relocation against a per-CPU variable.
+    #[error(
+        "{from} refers to the per-CPU variable {to} PC-relatively ({kind}): on x86-64 a \
+         per-CPU address is an offset from the CPU's %gs base, not an address near the code, \
+         so only absolute relocations (this_cpu_* accesses, per_cpu_ptr) can reach it; \
+         rebuild the patch with the kernel's own per-CPU accessors"
+    )]
+    PerCpuPcRelative {
+        /// Where the reference is (function+offset).
+        from: String,
+        /// The per-CPU variable.
+        to: String,
+        /// The relocation type.
+        kind: &'static str,
+    },
+    /// A relocation inside `.data..percpu` (an initialiser that takes an
+    /// address).
+    #[error(
+        "{at} is relocated (an initial value that takes an address): the kernel's module \
+         loader copies .data..percpu to every CPU without applying its relocations, so the \
+         variable would start with the wrong value; initialise it at run time instead"
+    )]
+    PerCpuRelocated {
+        /// The place in `.data..percpu`.
+        at: String,
+    },
+}
+
+/// A module's per-CPU data (`.data..percpu`), as the kernel's loader
+/// takes it: a block of `size` bytes aligned to `align` is allocated in
+/// the guest, and `data` copied into every possible CPU's copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerCpu {
+    /// ELF section index.
+    pub elf_index: usize,
+    /// `sh_size`.
+    pub size: u64,
+    /// `sh_addralign`, at most a page (`percpu_modalloc` lowers a larger
+    /// one to `PAGE_SIZE`, with a warning; so does klpvisor).
+    pub align: u64,
+    /// The initial bytes, unrelocated.
+    pub data: Vec<u8>,
 }
 
 /// A place in the module: ELF section index and offset.
@@ -246,6 +294,9 @@ pub enum SymbolDef {
     },
     /// `__this_module`: NULL (the patch is not a guest module).
     ThisModule,
+    /// In `.data..percpu`, at this offset: its value is the per-CPU
+    /// block's address plus the offset (`simplify_symbols`).
+    PerCpu(u64),
     /// In a section that is not loaded (never referenced by loaded code:
     /// parsing refuses that).
     NotLoaded,
@@ -405,6 +456,8 @@ pub struct Module {
     /// "`name`")`. klpvisor never runs either, so that work never happens
     /// in the guest (see `init_exit_calls`).
     pub init_exit_calls: Vec<(&'static str, String)>,
+    /// Its per-CPU data, if `.data..percpu` is not empty.
+    pub percpu: Option<PerCpu>,
     layout: Layout,
     /// ELF section index -> index into `sections`.
     by_elf: HashMap<usize, usize>,
@@ -448,9 +501,21 @@ impl Module {
 
         let symbols = convert_symbols(&elf, &policies)?;
         let (sections, by_elf, layout) = lay_out(&elf, &policies)?;
+        let percpu = per_cpu_section(&elf, &policies)?;
 
         let mut relocs = Vec::new();
         for r in &elf.relas {
+            if policy_of(r.target) == Some(Policy::PerCpu) {
+                return Err(ModuleError::PerCpuRelocated {
+                    at: describe(
+                        &elf,
+                        Place {
+                            section: r.target,
+                            offset: r.offset,
+                        },
+                    ),
+                });
+            }
             let Some(Policy::Load(_)) = policy_of(r.target) else {
                 continue;
             };
@@ -529,6 +594,15 @@ impl Module {
                     },
                 );
             }
+            // A per-CPU address is an offset from the %gs base, far from
+            // the code: a PC-relative reference would be mislinked.
+            if matches!(sym.def, SymbolDef::PerCpu(_)) && kind.pc_relative() {
+                return Err(ModuleError::PerCpuPcRelative {
+                    from: describe(&elf, place),
+                    to: symbol_target(&elf, &elf.symbols[r.symbol], r.addend),
+                    kind: reloc_name(r.r_type),
+                });
+            }
             // A `.klp.sym.<module>` symbol has a value only while that
             // module is loaded: so does any relocation against it.
             if let SymbolDef::Klp { object: so, .. } = &sym.def {
@@ -555,6 +629,7 @@ impl Module {
             return_jumps: Vec::new(),
             tables: tables::parse(&elf, &policies, layouts.bug)?,
             init_exit_calls: init_exit_calls(&elf),
+            percpu,
             layout,
             by_elf,
         };
@@ -922,6 +997,17 @@ fn convert_symbols(elf: &RawElf, policies: &[Option<Policy>]) -> Result<Vec<Symb
                         section: i,
                         offset: s.value,
                     }),
+                    // A section symbol or a variable: an offset into the
+                    // section (its end included, for a zero-sized one).
+                    Some(Policy::PerCpu) if s.value <= elf.sections[i].size => {
+                        SymbolDef::PerCpu(s.value)
+                    }
+                    Some(Policy::PerCpu) => {
+                        return Err(ModuleError::Corrupt(format!(
+                            "per-CPU symbol `{}` at {:#x} lies past the end of {} ({} bytes)",
+                            s.name, s.value, elf.sections[i].name, elf.sections[i].size
+                        )))
+                    }
                     _ if elf.sections[i].name == sections::THIS_MODULE => SymbolDef::ThisModule,
                     _ => SymbolDef::NotLoaded,
                 }
@@ -935,6 +1021,59 @@ fn convert_symbols(elf: &RawElf, policies: &[Option<Policy>]) -> Result<Vec<Symb
             })
         })
         .collect()
+}
+
+/// The module's `.data..percpu`, as `percpu_modalloc` sizes it: `None`
+/// when it is absent or empty (the loader allocates nothing then).
+fn per_cpu_section(
+    elf: &RawElf,
+    policies: &[Option<Policy>],
+) -> Result<Option<PerCpu>, ModuleError> {
+    let Some((i, s)) = elf
+        .sections
+        .iter()
+        .enumerate()
+        .find(|(i, _)| policies.get(*i).copied().flatten() == Some(Policy::PerCpu))
+    else {
+        return Ok(None);
+    };
+    if s.size == 0 {
+        return Ok(None);
+    }
+    if s.size > MAX_PERCPU_BYTES {
+        return Err(ModuleError::Layout(format!(
+            "{} is {} bytes: more than the {MAX_PERCPU_BYTES} bytes of per-CPU data klpvisor \
+             takes (the kernel reserves 8 KiB for all modules' per-CPU data)",
+            s.name, s.size
+        )));
+    }
+    // sh_addralign 0 means no constraint; not a power of two is corrupt.
+    let align = s.align.max(1);
+    if !align.is_power_of_two() {
+        return Err(ModuleError::Layout(format!(
+            "{} asks for alignment {}, not a power of two",
+            s.name, s.align
+        )));
+    }
+    let data = if s.nobits() {
+        vec![0; usize::try_from(s.size).unwrap_or(0)]
+    } else {
+        s.data.clone()
+    };
+    if data.len() as u64 != s.size {
+        return Err(ModuleError::Corrupt(format!(
+            "{} holds {} bytes, its header says {}",
+            s.name,
+            data.len(),
+            s.size
+        )));
+    }
+    Ok(Some(PerCpu {
+        elf_index: i,
+        size: s.size,
+        align: align.min(PAGE),
+        data,
+    }))
 }
 
 /// Places every loaded section in its segment and copies its bytes.
