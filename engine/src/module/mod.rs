@@ -480,7 +480,15 @@ impl Module {
         layouts: impl FnOnce() -> Result<KlpLayouts, ModuleError>,
         guest_release: Option<&str>,
     ) -> Result<Self, ModuleError> {
-        let elf = RawElf::parse(bytes)?;
+        Self::from_elf(RawElf::parse(bytes)?, layouts, guest_release)
+    }
+
+    /// [`Self::parse_with`] on a parsed ELF file.
+    fn from_elf(
+        elf: RawElf,
+        layouts: impl FnOnce() -> Result<KlpLayouts, ModuleError>,
+        guest_release: Option<&str>,
+    ) -> Result<Self, ModuleError> {
         let modinfo = elf
             .section_by_name(".modinfo")
             .map(|(_, s)| Modinfo::parse(&s.data))
@@ -1290,6 +1298,158 @@ mod tests {
         assert_eq!(parse_klp_sym(".klp.sym..x,1"), None);
         assert_eq!(rela_object(".klp.rela.vmlinux..text"), "vmlinux");
         assert_eq!(rela_object(".klp.rela.ext4.text"), "ext4");
+    }
+
+    /// The fuzz target's seed (see module::inspect's tests).
+    const SEED: &[u8] = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/seeds/module/livepatch.ko"
+    ));
+
+    /// The seed with its `.bss` (4 bytes, which `.text` reaches through
+    /// the section symbol at offsets 7, 0x17 and 0x4b) made the module's
+    /// `.data..percpu`, its references to it of relocation type `r_type`.
+    fn per_cpu_seed(r_type: u32) -> RawElf {
+        let mut elf = RawElf::parse(SEED).unwrap();
+        let (bss, _) = elf.section_by_name(".bss").unwrap();
+        elf.sections[bss].name = sections::PERCPU.to_owned();
+        for r in elf.relas.iter_mut() {
+            if elf.symbols[r.symbol].shndx as usize == bss {
+                r.r_type = r_type;
+            }
+        }
+        elf
+    }
+
+    fn parse_elf(elf: RawElf) -> Result<Module, ModuleError> {
+        Module::from_elf(elf, || Ok(KlpLayouts::builtin()), None)
+    }
+
+    #[test]
+    fn per_cpu_symbols_are_offsets_into_the_block() {
+        let m = parse_elf(per_cpu_seed(E::R_X86_64_32S)).unwrap();
+        let pc = m.percpu.clone().unwrap();
+        assert_eq!((pc.size, pc.align, pc.data), (4, 4, vec![0; 4]));
+        // Not loaded into the arena: no segment holds it.
+        assert!(m.section(pc.elf_index).is_none());
+        let section_sym = m
+            .symbols
+            .iter()
+            .position(|s| s.def == SymbolDef::PerCpu(0))
+            .expect("the section's symbol is per-CPU");
+        // Linked, each reference is the block's address plus its addend,
+        // as simplify_symbols adds mod->percpu to the symbol.
+        let kallsyms = {
+            use klpvisor_guest::kallsyms::synth::{sample_symbols, Builder, BASE};
+            use klpvisor_guest::kallsyms::{Image, Layout};
+            let mut syms = sample_symbols(0);
+            // The seed patches the second of two `dup_fn`s (sympos 2).
+            let names = [
+                ('T', "seq_printf"),
+                ('T', "cmdline_proc_show"),
+                ('t', "dup_fn"),
+                ('t', "dup_fn"),
+                ('T', "__x86_return_thunk"),
+            ];
+            for (i, (k, n)) in names.iter().enumerate() {
+                syms.push((*k, (*n).to_owned(), 0xffff_ffff_8100_2000 + i as u64 * 0x10));
+            }
+            let bytes = Builder::new(Layout::OffsetsFirst, syms).build();
+            klpvisor_guest::Kallsyms::from_image(Image {
+                base: BASE,
+                bytes: &bytes,
+            })
+            .unwrap()
+        };
+        let l = m.layout();
+        let text = 0xffff_ffff_c000_0000;
+        let bases = crate::link::Bases {
+            text,
+            rodata: text + l.text,
+            data: text + l.text + l.rodata,
+            percpu: 0x3_1000,
+        };
+        let linked = crate::link::link(&m, &kallsyms, bases, &Default::default()).unwrap();
+        assert_eq!(linked.symbol_value(&m, section_sym), Some(0x3_1000));
+        assert_eq!(linked.percpu(), 0x3_1000);
+        let text_index = m
+            .sections
+            .iter()
+            .find(|s| s.name == ".text")
+            .unwrap()
+            .elf_index;
+        for (offset, addend) in [(7u64, -4i64), (0x17, -8), (0x4b, -5)] {
+            let va = linked
+                .va(Place {
+                    section: text_index,
+                    offset,
+                })
+                .unwrap();
+            let field = linked.read(va, 4).unwrap();
+            let v = i32::from_le_bytes(field.try_into().unwrap());
+            assert_eq!(i64::from(v), 0x3_1000 + addend, "at .text+{offset:#x}");
+        }
+    }
+
+    #[test]
+    fn a_pc_relative_reference_to_a_per_cpu_variable_is_refused() {
+        // As compiled, the seed reaches its .bss PC-relatively: for a
+        // per-CPU variable that would be mislinked.
+        let e = parse_elf(per_cpu_seed(E::R_X86_64_PC32)).unwrap_err();
+        match &e {
+            ModuleError::PerCpuPcRelative { from, kind, .. } => {
+                assert!(from.contains("+0x7"), "{from}");
+                assert_eq!(*kind, "R_X86_64_PC32");
+            }
+            other => panic!("{other}"),
+        }
+        assert!(e.to_string().contains("%gs"), "{e}");
+    }
+
+    #[test]
+    fn a_relocation_inside_per_cpu_data_is_refused() {
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        let (percpu, _) = elf.section_by_name(sections::PERCPU).unwrap();
+        let mut r = elf.relas[0];
+        r.target = percpu;
+        r.offset = 0;
+        r.r_type = E::R_X86_64_32;
+        elf.relas.push(r);
+        assert!(matches!(
+            parse_elf(elf),
+            Err(ModuleError::PerCpuRelocated { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_per_cpu_sections_are_refused() {
+        // Larger than any kernel would allocate.
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        let (i, _) = elf.section_by_name(sections::PERCPU).unwrap();
+        elf.sections[i].size = MAX_PERCPU_BYTES + 1;
+        assert!(matches!(parse_elf(elf), Err(ModuleError::Layout(m)) if m.contains("per-CPU")));
+        // An alignment that is not a power of two; one over a page is
+        // lowered to a page, as percpu_modalloc lowers it.
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        elf.sections[i].align = 24;
+        assert!(matches!(parse_elf(elf), Err(ModuleError::Layout(_))));
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        elf.sections[i].align = 1 << 20;
+        assert_eq!(parse_elf(elf).unwrap().percpu.unwrap().align, PAGE);
+        // A symbol past the section's end.
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        let sym = elf
+            .symbols
+            .iter()
+            .position(|s| s.shndx as usize == i)
+            .unwrap();
+        elf.symbols[sym].value = 5;
+        assert!(matches!(parse_elf(elf), Err(ModuleError::Corrupt(_))));
+        // Bytes that disagree with the header.
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        elf.sections[i].sh_type = E::SHT_PROGBITS;
+        elf.sections[i].data = vec![0; 2];
+        assert!(matches!(parse_elf(elf), Err(ModuleError::Corrupt(_))));
     }
 
     #[test]
