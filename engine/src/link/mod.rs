@@ -142,6 +142,24 @@ pub enum LinkError {
         /// The value that did not fit.
         value: u64,
     },
+    /// A PC-relative reference to a per-CPU variable that rel32 cannot
+    /// reach from the code: `%gs:var(%rip)` would address another offset.
+    #[error(
+        "{at} reaches the per-CPU variable {symbol} PC-relatively (as this_cpu_* accesses \
+         compile to %gs:var(%rip)), but its per-CPU address {target:#x} is not within 2 GiB of \
+         the code at {place:#x}: the access cannot be linked to it (the kernel's loader \
+         refuses such a relocation too)"
+    )]
+    PerCpuOutOfReach {
+        /// The place in the module (function+offset).
+        at: String,
+        /// The variable (or `.data..percpu+offset`).
+        symbol: String,
+        /// Kernel-virtual address of the field.
+        place: u64,
+        /// The variable's per-CPU address.
+        target: u64,
+    },
     /// The field to relocate already holds non-zero bytes.
     #[error("relocation at {at}: the field is not zero before relocation (corrupt module?)")]
     NotZero {
@@ -169,7 +187,11 @@ pub struct Bases {
     /// `__alloc_reserved_percpu` returned): the base of every symbol in
     /// `.data..percpu`, as `simplify_symbols` adds `mod->percpu`. 0 when
     /// the module has no per-CPU data, or before the block is allocated
-    /// (a link that is only planned, never written).
+    /// (a link that is only planned, never written). References to them
+    /// are relocated as the kernel relocates them: absolute ones get the
+    /// per-CPU address, and PC-relative ones (`%gs:var(%rip)`) reach it
+    /// through the 64-bit wrap of rip + rel32, or are refused
+    /// ([`LinkError::PerCpuOutOfReach`]) where rel32 cannot reach it.
     pub percpu: u64,
 }
 
@@ -527,15 +549,36 @@ pub fn link_objects(
         let place = linked
             .va(r.place)
             .ok_or_else(|| internal("relocation place"))?;
-        let value = reloc::value(r.kind, target, r.addend, place).map_err(|e| match e {
-            RelocProblem::Overflow { value } => LinkError::Overflow {
-                at: at(),
-                kind: r.kind,
-                place,
-                target,
-                value,
-            },
-            _ => internal("overflow"),
+        let value = reloc::value(r.kind, target, r.addend, place).map_err(|e| {
+            let sym = module.symbols.get(r.symbol);
+            match (e, sym.map(|s| (&s.def, s.name.as_str()))) {
+                (RelocProblem::Overflow { .. }, Some((SymbolDef::PerCpu(off), name)))
+                    if r.kind.pc_relative() =>
+                {
+                    LinkError::PerCpuOutOfReach {
+                        at: at(),
+                        symbol: if name.is_empty() {
+                            format!(
+                                "{}{:+#x}",
+                                crate::module::sections::PERCPU,
+                                (*off as i64).wrapping_add(r.addend)
+                            )
+                        } else {
+                            name.to_owned()
+                        },
+                        place,
+                        target,
+                    }
+                }
+                (RelocProblem::Overflow { value }, _) => LinkError::Overflow {
+                    at: at(),
+                    kind: r.kind,
+                    place,
+                    target,
+                    value,
+                },
+                _ => internal("overflow"),
+            }
         })?;
         let (buf, offset) = linked.locate_mut(module, r.place)?;
         reloc::write(buf, offset, r.kind, value).map_err(|e| match e {

@@ -206,21 +206,6 @@ pub enum ModuleError {
     /// A section's alignment or size cannot be laid out in the arena.
     #[error("section layout: {0}")]
     Layout(String),
-    /// A PC-relative relocation against a per-CPU variable.
-    #[error(
-        "{from} refers to the per-CPU variable {to} PC-relatively ({kind}): on x86-64 a \
-         per-CPU address is an offset from the CPU's %gs base, not an address near the code, \
-         so only absolute relocations (this_cpu_* accesses, per_cpu_ptr) can reach it; \
-         rebuild the patch with the kernel's own per-CPU accessors"
-    )]
-    PerCpuPcRelative {
-        /// Where the reference is (function+offset).
-        from: String,
-        /// The per-CPU variable.
-        to: String,
-        /// The relocation type.
-        kind: &'static str,
-    },
     /// A relocation inside `.data..percpu` (an initialiser that takes an
     /// address).
     #[error(
@@ -601,15 +586,6 @@ impl Module {
                         }
                     },
                 );
-            }
-            // A per-CPU address is an offset from the %gs base, far from
-            // the code: a PC-relative reference would be mislinked.
-            if matches!(sym.def, SymbolDef::PerCpu(_)) && kind.pc_relative() {
-                return Err(ModuleError::PerCpuPcRelative {
-                    from: describe(&elf, place),
-                    to: symbol_target(&elf, &elf.symbols[r.symbol], r.addend),
-                    kind: reloc_name(r.r_type),
-                });
             }
             // A `.klp.sym.<module>` symbol has a value only while that
             // module is loaded: so does any relocation against it.
@@ -1339,73 +1315,94 @@ mod tests {
             .expect("the section's symbol is per-CPU");
         // Linked, each reference is the block's address plus its addend,
         // as simplify_symbols adds mod->percpu to the symbol.
-        let kallsyms = {
-            use klpvisor_guest::kallsyms::synth::{sample_symbols, Builder, BASE};
-            use klpvisor_guest::kallsyms::{Image, Layout};
-            let mut syms = sample_symbols(0);
-            // The seed patches the second of two `dup_fn`s (sympos 2).
-            let names = [
-                ('T', "seq_printf"),
-                ('T', "cmdline_proc_show"),
-                ('t', "dup_fn"),
-                ('t', "dup_fn"),
-                ('T', "__x86_return_thunk"),
-            ];
-            for (i, (k, n)) in names.iter().enumerate() {
-                syms.push((*k, (*n).to_owned(), 0xffff_ffff_8100_2000 + i as u64 * 0x10));
-            }
-            let bytes = Builder::new(Layout::OffsetsFirst, syms).build();
-            klpvisor_guest::Kallsyms::from_image(Image {
-                base: BASE,
-                bytes: &bytes,
+        let linked = link_seed(&m, 0x3_1000).unwrap();
+        assert_eq!(linked.symbol_value(&m, section_sym), Some(0x3_1000));
+        assert_eq!(linked.percpu(), 0x3_1000);
+        for (offset, addend) in SEED_PERCPU_REFS {
+            let (_, field) = seed_field(&m, &linked, offset);
+            assert_eq!(i64::from(field), 0x3_1000 + addend, "at .text+{offset:#x}");
+        }
+    }
+
+    /// Where the seed's `.text` reaches its `.bss`, and the addends.
+    const SEED_PERCPU_REFS: [(u64, i64); 3] = [(7, -4), (0x17, -8), (0x4b, -5)];
+
+    /// The address and the linked 32-bit value of the field at `.text+offset`.
+    fn seed_field(m: &Module, linked: &crate::link::Linked, offset: u64) -> (u64, i32) {
+        let text = m.sections.iter().find(|s| s.name == ".text").unwrap();
+        let va = linked
+            .va(Place {
+                section: text.elf_index,
+                offset,
             })
-            .unwrap()
-        };
+            .unwrap();
+        let field = linked.read(va, 4).unwrap();
+        (va, i32::from_le_bytes(field.try_into().unwrap()))
+    }
+
+    /// Links the seed at the arena's usual place, its per-CPU block at
+    /// `percpu`.
+    fn link_seed(m: &Module, percpu: u64) -> Result<crate::link::Linked, crate::link::LinkError> {
+        use klpvisor_guest::kallsyms::synth::{sample_symbols, Builder, BASE};
+        use klpvisor_guest::kallsyms::{Image, Layout};
+        let mut syms = sample_symbols(0);
+        // The seed patches the second of two `dup_fn`s (sympos 2).
+        let names = [
+            ('T', "seq_printf"),
+            ('T', "cmdline_proc_show"),
+            ('t', "dup_fn"),
+            ('t', "dup_fn"),
+            ('T', "__x86_return_thunk"),
+        ];
+        for (i, (k, n)) in names.iter().enumerate() {
+            syms.push((*k, (*n).to_owned(), 0xffff_ffff_8100_2000 + i as u64 * 0x10));
+        }
+        let bytes = Builder::new(Layout::OffsetsFirst, syms).build();
+        let kallsyms = klpvisor_guest::Kallsyms::from_image(Image {
+            base: BASE,
+            bytes: &bytes,
+        })
+        .unwrap();
         let l = m.layout();
         let text = 0xffff_ffff_c000_0000;
         let bases = crate::link::Bases {
             text,
             rodata: text + l.text,
             data: text + l.text + l.rodata,
-            percpu: 0x3_1000,
+            percpu,
         };
-        let linked = crate::link::link(&m, &kallsyms, bases, &Default::default()).unwrap();
-        assert_eq!(linked.symbol_value(&m, section_sym), Some(0x3_1000));
-        assert_eq!(linked.percpu(), 0x3_1000);
-        let text_index = m
-            .sections
-            .iter()
-            .find(|s| s.name == ".text")
-            .unwrap()
-            .elf_index;
-        for (offset, addend) in [(7u64, -4i64), (0x17, -8), (0x4b, -5)] {
-            let va = linked
-                .va(Place {
-                    section: text_index,
-                    offset,
-                })
-                .unwrap();
-            let field = linked.read(va, 4).unwrap();
-            let v = i32::from_le_bytes(field.try_into().unwrap());
-            assert_eq!(i64::from(v), 0x3_1000 + addend, "at .text+{offset:#x}");
-        }
+        crate::link::link(m, &kallsyms, bases, &Default::default())
     }
 
     #[test]
-    fn a_pc_relative_reference_to_a_per_cpu_variable_is_refused() {
-        // As compiled, the seed reaches its .bss PC-relatively: for a
-        // per-CPU variable that would be mislinked.
-        let e = parse_elf(per_cpu_seed(E::R_X86_64_PC32)).unwrap_err();
-        match &e {
-            ModuleError::PerCpuPcRelative { from, kind, .. } => {
-                assert!(from.contains("+0x7"), "{from}");
-                assert_eq!(*kind, "R_X86_64_PC32");
-            }
-            other => panic!("{other}"),
+    fn a_pc_relative_per_cpu_reference_reaches_the_offset_or_is_refused() {
+        // gcc compiles this_cpu_inc(var) to `incq %gs:var(%rip)`, an
+        // R_X86_64_PC32 against the per-CPU symbol. The kernel's loader
+        // applies it as S + A - P: with per-CPU addresses small offsets
+        // and patch code in the top 2 GiB, the 64-bit sum rip + rel32
+        // wraps to exactly the per-CPU offset, which %gs then bases.
+        let m = parse_elf(per_cpu_seed(E::R_X86_64_PC32)).unwrap();
+        let linked = link_seed(&m, 0x3_1000).unwrap();
+        for (offset, addend) in SEED_PERCPU_REFS {
+            let (va, rel) = seed_field(&m, &linked, offset);
+            // rip + rel32, rip being the end of the field: the variable
+            // plus what the addend asks beyond the field's end.
+            let effective = va.wrapping_add(4).wrapping_add(rel as i64 as u64);
+            assert_eq!(
+                effective as i64,
+                0x3_1000 + addend + 4,
+                "at .text+{offset:#x}"
+            );
         }
-        assert!(e.to_string().contains("%gs"), "{e}");
+        // A block out of rel32 reach of the code (per-CPU addresses that
+        // are not small offsets) is refused, never mislinked.
+        let e = link_seed(&m, 0x0000_7000_0000_0000).unwrap_err();
+        assert!(
+            matches!(&e, crate::link::LinkError::PerCpuOutOfReach { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains(".data..percpu"), "{e}");
     }
-
     #[test]
     fn a_relocation_inside_per_cpu_data_is_refused() {
         let mut elf = per_cpu_seed(E::R_X86_64_32S);
