@@ -587,6 +587,16 @@ impl Module {
                     },
                 );
             }
+            // An empty .data..percpu gets no block (percpu_modalloc
+            // allocates nothing): nothing may refer into it.
+            if matches!(sym.def, SymbolDef::PerCpu(_)) && percpu.is_none() {
+                return Err(ModuleError::Corrupt(format!(
+                    "{} refers to {}, in an empty {}",
+                    describe(&elf, place),
+                    symbol_target(&elf, &elf.symbols[r.symbol], r.addend),
+                    sections::PERCPU
+                )));
+            }
             // A `.klp.sym.<module>` symbol has a value only while that
             // module is loaded: so does any relocation against it.
             if let SymbolDef::Klp { object: so, .. } = &sym.def {
@@ -1442,6 +1452,11 @@ mod tests {
             .unwrap();
         elf.symbols[sym].value = 5;
         assert!(matches!(parse_elf(elf), Err(ModuleError::Corrupt(_))));
+        // Empty, yet referred to: no block to base the reference on.
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        elf.sections[i].size = 0;
+        elf.symbols[sym].value = 0;
+        assert!(matches!(parse_elf(elf), Err(ModuleError::Corrupt(m)) if m.contains("empty")));
         // Bytes that disagree with the header.
         let mut elf = per_cpu_seed(E::R_X86_64_32S);
         elf.sections[i].sh_type = E::SHT_PROGBITS;
