@@ -37,9 +37,10 @@ use crate::callback::gate::GateError;
 use crate::module::PerCpu;
 use crate::write::{AllowKind, Allowed, Write};
 
-/// `GFP_KERNEL` (`__GFP_RECLAIM | __GFP_IO | __GFP_FS`), the same bits on
-/// every x86-64 kernel that has `pcpu_alloc_noprof` (6.10 to 6.16). Older
-/// kernels take no flags: their `__alloc_reserved_percpu` passes it.
+/// `GFP_KERNEL` (`__GFP_RECLAIM | __GFP_IO | __GFP_FS`: bits 10, 11, 6
+/// and 7 of 6.12's `gfp_types.h`, unchanged since long before 6.10, where
+/// `pcpu_alloc_noprof` appeared). Older kernels take no flags: their
+/// `__alloc_reserved_percpu` passes it.
 const GFP_KERNEL: u64 = 0xcc0;
 
 /// The lowest kernel-space address on x86-64 (4- and 5-level paging).
@@ -96,9 +97,9 @@ pub enum PercpuError {
     /// The guest's allocator returned NULL.
     #[error(
         "{patch}: the guest could not allocate {size} bytes of per-CPU data (alignment \
-         {align}): __alloc_reserved_percpu returned NULL (-ENOMEM). Modules share 8 KiB of \
-         reserved per-CPU memory; unload a module that uses it, or make the patch's per-CPU \
-         variables smaller"
+         {align}): __alloc_reserved_percpu returned NULL (-ENOMEM). Modules and patches share \
+         the kernel's reserved per-CPU memory (8 KiB on most kernels); unload a module or \
+         remove a patch that uses it, or make this patch's per-CPU variables smaller"
     )]
     NoMemory {
         /// The patch.

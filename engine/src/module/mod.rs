@@ -40,9 +40,9 @@ pub const PAGE: u64 = 4096;
 pub const MAX_MODULE_BYTES: u64 = 64 << 20;
 /// The largest `.data..percpu` taken. The kernel allocates a module's
 /// per-CPU block from the first chunk's reserved area
-/// (`PERCPU_MODULE_RESERVE`, 8 KiB on x86-64 Linux 6.1 to 6.12), so it
-/// refuses anything near this with -ENOMEM anyway; the bound keeps the
-/// copy to every CPU small.
+/// (`PERCPU_MODULE_RESERVE`: 8 KiB, or 64 KiB on 6.10+ with memory
+/// allocation profiling), so it refuses anything larger with -ENOMEM
+/// anyway; the bound keeps the copy to every CPU small.
 pub const MAX_PERCPU_BYTES: u64 = 64 << 10;
 
 /// Why a module cannot be linked from outside.
@@ -1037,7 +1037,7 @@ fn per_cpu_section(
     if s.size > MAX_PERCPU_BYTES {
         return Err(ModuleError::Layout(format!(
             "{} is {} bytes: more than the {MAX_PERCPU_BYTES} bytes of per-CPU data klpvisor \
-             takes (the kernel reserves 8 KiB for all modules' per-CPU data)",
+             takes (the kernel reserves 8 KiB, at most 64 KiB, for all modules' per-CPU data)",
             s.name, s.size
         )));
     }
