@@ -466,7 +466,7 @@ fn render_into(o: &mut String, r: &Report) -> std::fmt::Result {
             ("init-exit", ..) => "not loaded: init/exit code, never run".to_owned(),
             ("empty", ..) => "empty: ignored".to_owned(),
             ("refuse", _, Some(why)) => format!("REFUSED: {why}"),
-            ("per-cpu", _, Some(why)) => format!("per-CPU: {why}"),
+            ("per-cpu", _, Some(why)) => why.clone(),
             (v, ..) => v.to_owned(),
         };
         writeln!(o, "  {:<width$} {:>8}  {what}", s.name, s.size)?;
