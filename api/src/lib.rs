@@ -521,6 +521,13 @@ pub struct ModuleInfo {
     pub static_key_sites: u64,
     /// Distinct static keys those sites follow.
     pub static_keys: u64,
+    /// Its per-CPU variables' block (`mod->percpu`, a per-CPU address the
+    /// guest's allocator returned), if the patch has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percpu: Option<Hex>,
+    /// Bytes of that block (`mod->percpu_size`), 0 without one.
+    #[serde(default)]
+    pub percpu_size: u64,
 }
 
 /// One `klp_object` of a patch.

@@ -27,7 +27,7 @@ use thiserror::Error;
 
 use crate::callback::gate::{Progress, IRQ_WORK_VECTOR};
 use crate::callback::{Call, Calls};
-use crate::engine::{Armed, Committed, Engine, EngineError, Prepared};
+use crate::engine::{Armed, Committed, Engine, EngineError, PercpuError, Prepared};
 use crate::safepoint::Blocker;
 use crate::write::Plan;
 
@@ -104,6 +104,13 @@ pub enum TransitionError {
          resume it first (PUT /vm/resume)"
     )]
     PausedForCallbacks,
+    /// A patch's per-CPU memory is allocated by the guest kernel, which a
+    /// user's pause holds stopped.
+    #[error(
+        "the VM is paused and this patch has per-CPU variables, whose memory the guest kernel \
+         allocates (as it does a module's); resume it first (PUT /vm/resume)"
+    )]
+    PausedForPercpu,
 }
 
 /// What the hypervisor provides to a transition. The VMM implements it
@@ -162,6 +169,11 @@ pub trait Planned {
     fn needs_hooks(&self) -> bool {
         false
     }
+    /// Whether it loads a patch whose per-CPU block is not allocated yet
+    /// (see [`Patcher::arm_percpu_alloc`]); such a plan is never written.
+    fn needs_percpu(&self) -> bool {
+        false
+    }
 }
 
 impl Planned for Prepared {
@@ -179,6 +191,9 @@ impl Planned for Prepared {
     }
     fn needs_hooks(&self) -> bool {
         Prepared::needs_hooks(self)
+    }
+    fn needs_percpu(&self) -> bool {
+        Prepared::needs_percpu(self)
     }
 }
 
@@ -242,6 +257,32 @@ pub trait Patcher<G: Guest + ?Sized> {
     /// (see [`Engine::arm_nudge`]); `None` if there is nothing to send.
     /// The default sends nothing.
     fn arm_nudge(&mut self, _guest: &G, _pid: i32) -> Result<Option<Armed>, EngineError> {
+        Ok(None)
+    }
+    /// Sends the allocation of the per-CPU block `p` needs through the
+    /// gate (see [`Engine::arm_percpu_alloc`]); `None` if it needs none.
+    fn arm_percpu_alloc(
+        &mut self,
+        _p: &Self::Prepared,
+        _guest: &G,
+    ) -> Result<Option<Armed>, EngineError> {
+        Ok(None)
+    }
+    /// Takes what the allocation returned (0 is -ENOMEM, an error); the
+    /// block belongs to `p`'s apply from now on.
+    fn percpu_allocated(&mut self, _p: &Self::Prepared, _ret: u64) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// The apply did not commit: its per-CPU block, unless a retired load
+    /// kept it with its pages, is queued to be freed.
+    fn abandon_percpu(&mut self) {}
+    /// Per-CPU blocks queued to be freed.
+    fn percpu_frees(&self) -> usize {
+        0
+    }
+    /// Sends the free of the oldest queued per-CPU block through the gate
+    /// and forgets it; `None` if none is queued. Returns its patch's name.
+    fn arm_percpu_free(&mut self, _guest: &G) -> Result<Option<(Armed, String)>, EngineError> {
         Ok(None)
     }
     /// Judges the tasks while the guest runs, so that the next
@@ -341,6 +382,26 @@ where
 
     fn arm_nudge(&mut self, guest: &G, pid: i32) -> Result<Option<Armed>, EngineError> {
         self.engine.arm_nudge(self.kernel, guest, pid)
+    }
+
+    fn arm_percpu_alloc(&mut self, p: &Prepared, guest: &G) -> Result<Option<Armed>, EngineError> {
+        self.engine.arm_percpu_alloc(self.kernel, guest, p)
+    }
+
+    fn percpu_allocated(&mut self, p: &Prepared, ret: u64) -> Result<(), EngineError> {
+        self.engine.percpu_allocated(p, ret)
+    }
+
+    fn abandon_percpu(&mut self) {
+        self.engine.abandon_percpu()
+    }
+
+    fn percpu_frees(&self) -> usize {
+        self.engine.percpu_frees()
+    }
+
+    fn arm_percpu_free(&mut self, guest: &G) -> Result<Option<(Armed, String)>, EngineError> {
+        self.engine.arm_percpu_free(self.kernel, guest)
     }
 
     fn prescan(&mut self, p: &Prepared, guest: &G) {
@@ -457,6 +518,96 @@ where
     if let Err(e) = end_calls(host, patcher) {
         tracing::warn!("the guest's klp still lists an earlier patch: {e}");
     }
+    // Per-CPU blocks an earlier step could not give back.
+    free_percpu(host, patcher);
+    let outcome = run_prepared(host, patcher, action, t, start);
+    // An apply that did not commit gives its per-CPU block back (unless
+    // its abandoned pages were kept, which keep the block too), and so
+    // does every patch whose code this transition's pause freed.
+    patcher.abandon_percpu();
+    let freed = free_percpu(host, patcher);
+    outcome.map(|mut o| {
+        o.warnings.extend(freed);
+        o
+    })
+}
+
+/// Gives the guest's allocator back every per-CPU block queued for it
+/// ([`Patcher::arm_percpu_free`]), each through the call gate and waited
+/// for [`CALLBACK_GRACE`]. A block is forgotten once its free is sent; one
+/// that cannot be sent (the VM paused by the user, the gate busy) stays
+/// queued for the next transition or removal. Returns warnings for the
+/// reply.
+pub fn free_percpu<H, P>(host: &H, patcher: &mut P) -> Vec<String>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    let mut warnings = Vec::new();
+    let queued = patcher.percpu_frees();
+    if queued == 0 {
+        return warnings;
+    }
+    if host.is_paused() || !patcher.has_gate() {
+        let w = format!(
+            "{queued} per-CPU block(s) of removed or abandoned patches wait to be freed in the \
+             guest: {}",
+            if host.is_paused() {
+                "the VM is paused; they are freed by a later transition or removal"
+            } else {
+                "the call gate is not installed"
+            }
+        );
+        tracing::warn!("{w}");
+        warnings.push(w);
+        return warnings;
+    }
+    for _ in 0..queued {
+        let mut patch = String::new();
+        let deadline = host.now() + CALLBACK_GRACE;
+        let sent = send(host, patcher, deadline, |p, g| {
+            Ok(p.arm_percpu_free(g)?.map(|(armed, name)| {
+                patch = name;
+                armed
+            }))
+        });
+        match sent {
+            Ok(Some((_, Ok(_)))) => {
+                tracing::info!(patch, "per-CPU block freed in the guest")
+            }
+            Ok(Some((armed, Err(progress)))) => {
+                // Sent: the guest finishes it on its own; never sent again.
+                let w = format!(
+                    "{patch}: free_percpu of its per-CPU block did not finish yet ({})",
+                    progress.describe(armed.cpu)
+                );
+                tracing::warn!("{w}");
+                warnings.push(w);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let w = format!("a per-CPU block stays allocated for now (tried again later): {e}");
+                tracing::warn!("{w}");
+                warnings.push(w);
+                break;
+            }
+        }
+    }
+    warnings
+}
+
+/// [`run`] from preparing to the post callbacks.
+fn run_prepared<H, P>(
+    host: &H,
+    patcher: &mut P,
+    action: &str,
+    t: Transition,
+    start: Instant,
+) -> Result<Outcome, H::Error>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
     let mut prepared = patcher.prepare()?;
     if !prepared.calls().is_empty() {
         if host.is_paused() {
@@ -488,6 +639,46 @@ where
         }
         tracing::info!("hooks installed on the guest's module loads and unloads");
         prepared = patcher.prepare()?;
+    }
+    if prepared.needs_percpu() {
+        // percpu_modalloc: the guest kernel allocates the patch's per-CPU
+        // block, in a kworker through the call gate, and the patch is
+        // linked again with its address (the first plan used 0 and is
+        // never written).
+        if host.is_paused() {
+            return Err(TransitionError::PausedForPercpu.into());
+        }
+        if !patcher.has_gate() {
+            host.paused(|g| patcher.install_gate(g))?.0?;
+            tracing::info!("call gate installed for per-CPU data");
+            prepared = patcher.prepare()?;
+        }
+        let deadline = host.now() + t.timeout;
+        match send(host, patcher, deadline, |p, g| {
+            p.arm_percpu_alloc(&prepared, g)
+        })? {
+            Some((_, Ok(ret))) => patcher.percpu_allocated(&prepared, ret)?,
+            Some((armed, Err(progress))) => {
+                return Err(EngineError::PerCpu(PercpuError::Unfinished {
+                    patch: prepared.name().to_owned(),
+                    progress: progress.describe(armed.cpu),
+                })
+                .into())
+            }
+            None => {
+                return Err(
+                    EngineError::Internal("the per-CPU allocation was not sent".into()).into(),
+                )
+            }
+        }
+        prepared = patcher.prepare()?;
+        if prepared.needs_percpu() {
+            return Err(EngineError::Internal(format!(
+                "{}: the per-CPU block allocated for it does not fit its module",
+                prepared.name()
+            ))
+            .into());
+        }
     }
     // (Taken only now: a new patch's callbacks moved with it when the gate
     // made it plan again.)

@@ -215,6 +215,14 @@ pub enum AllowKind {
     /// where klp's fake signal sets `TIF_NOTIFY_SIGNAL` (see
     /// [`crate::engine::Engine::arm_nudge`]).
     TaskFlags,
+    /// One CPU's copy of a patch's per-CPU block, where its initial
+    /// bytes are copied as the kernel's `percpu_modcopy` copies a
+    /// module's (see the engine's per-CPU step): memory the guest's
+    /// allocator gave that patch.
+    PerCpu {
+        /// The CPU whose copy it is.
+        cpu: u32,
+    },
 }
 
 /// A guest-physical range writes may touch.
@@ -246,6 +254,7 @@ impl fmt::Display for Allowed {
             AllowKind::ModuleRegistry => f.write_str("module registry word")?,
             AllowKind::KlpPatches => f.write_str("klp_patches word")?,
             AllowKind::TaskFlags => f.write_str("a task's thread flags")?,
+            AllowKind::PerCpu { cpu } => write!(f, "a patch's per-CPU copy on CPU {cpu}")?,
         }
         write!(f, " {:#x}..{:#x}", self.gpa, self.end())
     }

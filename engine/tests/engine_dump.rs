@@ -1064,3 +1064,74 @@ fn a_lower_signed_level_cannot_come_back_when_levels_are_enforced() {
         }
     }
 }
+
+/// Per-CPU variables of the patch's own (percpu-uptime: one `unsigned
+/// long`, 1000 on every CPU): the first plan asks for a per-CPU block and
+/// is never written; with one (here the start of the first chunk's
+/// reserved area, `__per_cpu_end`, where the guest's allocator puts
+/// modules' blocks) the load copies the initial value into every possible
+/// CPU's copy, and the patch's `struct module` records the block. Once the
+/// patch's code is freed, its block is queued to be freed in the guest.
+#[test]
+fn per_cpu_variables_get_a_block_copied_to_every_possible_cpu() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
+    let k = &f.kernel;
+    let space = k.space(&g);
+    let mut e = Engine::default();
+    let first = e.prepare_apply(k, &g, &ko("percpu-uptime"), false).unwrap();
+    assert!(first.needs_percpu());
+    let err = e.commit(k, &g, &first).unwrap_err();
+    assert_eq!(err.kind(), Fault::Internal, "{err}");
+
+    let block = k
+        .kallsyms
+        .addr("__per_cpu_end")
+        .unwrap()
+        .next_multiple_of(8);
+    e.percpu_allocated(&first, block).unwrap();
+    let p = e.prepare_apply(k, &g, &ko("percpu-uptime"), false).unwrap();
+    assert!(!p.needs_percpu());
+    go(&mut e, k, &g, Ok(p));
+
+    // Every possible CPU's copy holds the initial value.
+    let n = space
+        .read_u32(k.kallsyms.addr("nr_cpu_ids").unwrap())
+        .unwrap();
+    let mask = k.kallsyms.addr("__cpu_possible_mask").unwrap();
+    let offsets = k.kallsyms.addr("__per_cpu_offset").unwrap();
+    let mut copies = 0;
+    for cpu in 0..u64::from(n) {
+        if space.read_u64(mask + cpu / 64 * 8).unwrap() & (1 << (cpu % 64)) == 0 {
+            continue;
+        }
+        let base = space.read_u64(offsets + cpu * 8).unwrap();
+        assert_eq!(space.read_u64(base + block).unwrap(), 1000, "CPU {cpu}");
+        copies += 1;
+    }
+    assert!(copies >= 1);
+
+    // GET /patches and the guest's struct module show the block.
+    let info = e
+        .list()
+        .into_iter()
+        .find(|p| p.name == "percpu_uptime")
+        .unwrap();
+    let m = info.module.expect("registered as a guest module");
+    assert_eq!(m.percpu.map(|h| h.0), Some(block));
+    assert_eq!(m.percpu_size, 8);
+    let at = |f: &str| m.address.0 + k.btf.offset_of(f).unwrap();
+    assert_eq!(space.read_u64(at("module.percpu")).unwrap(), block);
+    assert_eq!(space.read_u32(at("module.percpu_size")).unwrap(), 8);
+
+    // Removed and swept: the block waits to be freed through the gate.
+    let p = e.prepare_disable(k, &g, "percpu_uptime", false).unwrap();
+    e.commit(k, &g, &p).unwrap();
+    e.remove("percpu_uptime").unwrap();
+    assert_eq!(e.percpu_frees(), 0, "not before its code is freed");
+    assert_eq!(e.sweep(k, &g).unwrap(), vec!["percpu_uptime"]);
+    assert_eq!(e.percpu_frees(), 1);
+}

@@ -13,7 +13,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use klpvisor_engine::link::{self, Bases, GuestSymbols, LinkError, LinkOptions, Linked, NOP5};
-use klpvisor_engine::module::{inspect, KlpLayouts, Module, ModuleError, RelocKind, Segment};
+use klpvisor_engine::module::{
+    inspect, KlpLayouts, Module, ModuleError, RelocKind, Segment, SymbolDef,
+};
 use klpvisor_guest::{DumpGuest, Kernel, VirtRead};
 
 struct Fixture {
@@ -75,6 +77,9 @@ fn bases(f: &Fixture, m: &Module) -> Bases {
         text,
         rodata: text + l.text,
         data: text + l.text + l.rodata,
+        // A per-CPU address from the reserved chunk, as the guest's
+        // allocator hands out to modules.
+        percpu: 0x3_1000,
     }
 }
 
@@ -332,6 +337,43 @@ fn hot_patch_has_replace_states_callbacks_and_percpu() {
         .sections
         .iter()
         .any(|s| s.name == ".bss" && s.segment == Segment::Data));
+}
+
+/// percpu-uptime's own per-CPU variable (`.data..percpu`, 8 bytes, 1000):
+/// `this_cpu_inc` compiles to `incq %gs:var(%rip)` (R_X86_64_PC32) and
+/// `per_cpu` takes `$var` (R_X86_64_32S). Linked for a block, both reach
+/// the block's offset: the absolute one holds it, and rip + rel32 wraps
+/// to it, as with the kernel's loader.
+#[test]
+fn a_patchs_own_per_cpu_variable_is_reached_at_its_block() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let m = parse(f, "percpu-uptime").unwrap_or_else(|e| panic!("{e}"));
+    let pc = m.percpu.as_ref().expect("a .data..percpu section");
+    assert_eq!(pc.size, 8);
+    assert_eq!(pc.data, 1000u64.to_le_bytes());
+    let l = link_ok(f, &m);
+    let block = bases(f, &m).percpu;
+    let mut kinds = Vec::new();
+    for r in &m.relocs {
+        let SymbolDef::PerCpu(offset) = m.symbols[r.symbol].def else {
+            continue;
+        };
+        let va = l.va(r.place).unwrap();
+        let field = i32::from_le_bytes(l.read(va, 4).unwrap().try_into().unwrap());
+        let reached = if r.kind.pc_relative() {
+            va.wrapping_add(field as i64 as u64)
+        } else {
+            field as i64 as u64
+        };
+        let want = (block + offset).wrapping_add_signed(r.addend);
+        assert_eq!(reached, want, "{:?} at {}", r.kind, m.describe(r.place));
+        kinds.push(r.kind);
+    }
+    assert!(kinds.contains(&RelocKind::Pc32), "{kinds:?}");
+    assert!(kinds.contains(&RelocKind::Abs32S), "{kinds:?}");
 }
 
 #[test]

@@ -396,6 +396,7 @@ fn check_module_seed() -> Result<()> {
         text,
         rodata: text + l.text,
         data: text + l.text + l.rodata,
+        percpu: 0x3_1000,
     };
     let options = klpvisor_engine::link::LinkOptions {
         return_thunk: kallsyms().addr("__x86_return_thunk").ok(),

@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
         data: text
             .saturating_add(layout.text)
             .saturating_add(layout.rodata),
+        percpu: 0x3_1000,
     };
     let options = LinkOptions {
         return_thunk: kallsyms().addr("__x86_return_thunk").ok(),

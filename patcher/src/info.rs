@@ -105,11 +105,11 @@ pub struct SectionInfo {
     pub name: String,
     /// Its size in bytes.
     pub size: u64,
-    /// `load`, `parse`, `skip`, `init-exit`, `empty` or `refuse`.
+    /// `load`, `parse`, `skip`, `init-exit`, `empty`, `per-cpu` or `refuse`.
     pub verdict: &'static str,
     /// With `load`: `text`, `rodata` or `data`.
     pub segment: Option<&'static str>,
-    /// With `skip` and `refuse`: why.
+    /// With `skip` and `refuse`: why; with `per-cpu`: what is done.
     pub reason: Option<String>,
 }
 
@@ -346,6 +346,15 @@ fn section_info(s: &SectionReport) -> SectionInfo {
         Verdict::Skip(why) => ("skip", None, Some((*why).to_owned())),
         Verdict::InitExit => ("init-exit", None, None),
         Verdict::Empty => ("empty", None, None),
+        Verdict::PerCpu => (
+            "per-cpu",
+            None,
+            Some(
+                "per-CPU variables: a block allocated in the guest as the kernel's loader does, \
+                 its initial bytes copied to every possible CPU"
+                    .to_owned(),
+            ),
+        ),
         Verdict::Refuse(why) => ("refuse", None, Some(why.clone())),
     };
     SectionInfo {
@@ -457,6 +466,7 @@ fn render_into(o: &mut String, r: &Report) -> std::fmt::Result {
             ("init-exit", ..) => "not loaded: init/exit code, never run".to_owned(),
             ("empty", ..) => "empty: ignored".to_owned(),
             ("refuse", _, Some(why)) => format!("REFUSED: {why}"),
+            ("per-cpu", _, Some(why)) => why.clone(),
             (v, ..) => v.to_owned(),
         };
         writeln!(o, "  {:<width$} {:>8}  {what}", s.name, s.size)?;

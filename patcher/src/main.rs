@@ -899,6 +899,12 @@ fn print_patch(p: &PatchInfo) {
             m.static_key_sites,
             m.static_keys
         );
+        if let Some(at) = m.percpu {
+            println!(
+                "  per-CPU variables: {} bytes at per-CPU address {at} (on every possible CPU)",
+                m.percpu_size
+            );
+        }
     }
     if let Some(pin) = &p.pinned {
         println!(

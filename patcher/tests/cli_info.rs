@@ -285,3 +285,39 @@ fn info_describes_a_kbuild_module() {
     assert_eq!(v["objects"][1]["funcs"][0]["old_name"], "capability_show");
     assert_eq!(v["refused"], serde_json::json!([]));
 }
+
+/// A kbuild module with per-CPU variables of its own (percpu-uptime): its
+/// `.data..percpu` is what the module loader would allocate per CPU, not
+/// refused; only with KLPV_DUMP_TESTS=1, as above.
+#[test]
+fn info_shows_per_cpu_variables_as_the_loader_takes_them() {
+    if std::env::var_os("KLPV_DUMP_TESTS").is_none_or(|v| v != "1") {
+        eprintln!("skipped: needs kbuild and the guest's headers; run with KLPV_DUMP_TESTS=1");
+        return;
+    }
+    let suffix = match std::env::var("KLPV_GUEST").as_deref() {
+        Ok("6.12") => "-6.12",
+        Ok("6.1-amd64") => "-6.1-amd64",
+        _ => "",
+    };
+    let out = root().join(format!("build/patches{suffix}"));
+    let status = Command::new(root().join("guest-images/build-livepatch"))
+        .arg(root().join("guest-images/patches/percpu-uptime.c"))
+        .arg(&out)
+        .status()
+        .expect("run guest-images/build-livepatch");
+    assert!(status.success());
+    let o = patcher(&[p("--json"), p("info"), &out.join("percpu-uptime.ko")]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["name"], "percpu_uptime");
+    let percpu = v["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == ".data..percpu")
+        .expect("a .data..percpu section");
+    assert_eq!(percpu["verdict"], "per-cpu", "{percpu}");
+    assert_eq!(percpu["size"], 8);
+    assert_eq!(v["refused"], serde_json::json!([]));
+}

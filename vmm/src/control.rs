@@ -1284,6 +1284,28 @@ impl Control {
                 ),
                 Err(e) => tracing::warn!(patch = name, "cannot check stacks yet: {e}"),
             }
+            // A freed patch's per-CPU block goes back to the guest's
+            // allocator, through the call gate, now that the pause is over.
+            if engine.percpu_frees() > 0 {
+                let host = VmHost {
+                    control: self,
+                    action: "remove",
+                    t: Transition {
+                        force: false,
+                        timeout: lifecycle::TRANSITION_TIMEOUT,
+                    },
+                };
+                let mut live = Live {
+                    engine: &mut engine,
+                    kernel: &k.kernel,
+                    prepare: |_: &mut Engine, _: &Kernel| -> Result<Prepared, EngineError> {
+                        Err(EngineError::Internal(
+                            "a removal prepares no transition".into(),
+                        ))
+                    },
+                };
+                lifecycle::free_percpu(&host, &mut live);
+            }
         }
         self.publish(&engine);
         Ok(info)

@@ -60,7 +60,13 @@ const MB_RET: u64 = 32;
 const MB_CPU: u64 = 40;
 /// The second argument (`rsi`), for calls that take two.
 const MB_ARG2: u64 = 48;
-const MB_LEN: usize = 56;
+/// The third and fourth (`rdx`, `rcx`): 6.10+'s per-CPU allocator,
+/// `pcpu_alloc_noprof(size, align, reserved, gfp)`, takes four.
+const MB_ARG3: u64 = 56;
+const MB_ARG4: u64 = 64;
+const MB_LEN: usize = 72;
+/// The most arguments a call through the gate takes.
+pub const MAX_ARGS: usize = 4;
 /// A kernel log line's text, for a `printk` sent through the gate.
 const LOG_AT: u64 = 512;
 /// The longest such text, its NUL included.
@@ -338,6 +344,8 @@ fn code(text: u64, data: u64, s: &Symbols) -> Result<Vec<u8>, GateError> {
         .raw(&(RUNNING as u32).to_le_bytes())
         .raw(&[0x48, 0x8b, 0x7b, MB_ARG as u8]) // mov rdi, [rbx+arg]
         .raw(&[0x48, 0x8b, 0x73, MB_ARG2 as u8]) // mov rsi, [rbx+arg2]
+        .raw(&[0x48, 0x8b, 0x53, MB_ARG3 as u8]) // mov rdx, [rbx+arg3]
+        .raw(&[0x48, 0x8b, 0x4b, MB_ARG4 as u8]) // mov rcx, [rbx+arg4]
         .raw(&[0x48, 0x8b, 0x43, MB_FUNC as u8]); // mov rax, [rbx+func]
     match s.indirect_thunk {
         Some(t) => a.rel(&[0xe8], t, 0)?, // call __x86_indirect_thunk_rax
@@ -500,14 +508,15 @@ impl Gate {
             kernel,
             guest,
             cpu,
-            (func, call.object, 0),
+            (func, [call.object, 0, 0, 0]),
             None,
             seq,
             &label,
         )
     }
 
-    /// Plans one call of the kernel function `func(args.0, args.1)` as
+    /// Plans one call of the kernel function `func(args...)` (up to
+    /// [`MAX_ARGS`], in `rdi`, `rsi`, `rdx`, `rcx`; the rest are 0) as
     /// call number `seq`, as [`Gate::plan_arm`] does a callback. The
     /// caller vouches for `func`: a kernel function that is safe to call
     /// from a kworker with these arguments.
@@ -518,11 +527,19 @@ impl Gate {
         guest: &G,
         cpu: (u32, u64),
         func: u64,
-        args: (u64, u64),
+        args: &[u64],
         seq: u64,
         label: &str,
     ) -> Result<Plan, GateError> {
-        self.plan_send(kernel, guest, cpu, (func, args.0, args.1), None, seq, label)
+        if args.len() > MAX_ARGS {
+            return Err(GateError::Unsupported(format!(
+                "{label}: {} arguments, the gate passes at most {MAX_ARGS}",
+                args.len()
+            )));
+        }
+        let mut regs = [0u64; MAX_ARGS];
+        regs[..args.len()].copy_from_slice(args);
+        self.plan_send(kernel, guest, cpu, (func, regs), None, seq, label)
     }
 
     /// Plans sending `printk(text)` as call number `seq`, as
@@ -549,14 +566,14 @@ impl Gate {
             kernel,
             guest,
             cpu,
-            (printk, arg, 0),
+            (printk, [arg, 0, 0, 0]),
             Some(text),
             seq,
             "kernel log line",
         )
     }
 
-    /// Plans one call of `func(arg, arg2)` (with `text` put at [`LOG_AT`]
+    /// Plans one call of `func(args...)` (with `text` put at [`LOG_AT`]
     /// first).
     #[allow(clippy::too_many_arguments)]
     fn plan_send<G: Guest + ?Sized>(
@@ -564,7 +581,7 @@ impl Gate {
         kernel: &Kernel,
         guest: &G,
         cpu: (u32, u64),
-        (func, arg, arg2): (u64, u64, u64),
+        (func, args): (u64, [u64; MAX_ARGS]),
         text: Option<&[u8]>,
         seq: u64,
         label: &str,
@@ -630,7 +647,18 @@ impl Gate {
         let at = |off: u64| self.data.gpa + off;
         let cut = |off: u64, len: usize| page[off as usize..off as usize + len].to_vec();
         let mut mailbox = Vec::with_capacity(MB_LEN);
-        for v in [seq, ARMED, func, arg, 0, u64::from(number), arg2] {
+        let [arg, arg2, arg3, arg4] = args;
+        for v in [
+            seq,
+            ARMED,
+            func,
+            arg,
+            0,
+            u64::from(number),
+            arg2,
+            arg3,
+            arg4,
+        ] {
             mailbox.extend_from_slice(&v.to_le_bytes());
         }
         if let Some(text) = text {
@@ -774,6 +802,8 @@ mod tests {
                 "movl $3,8(%rbx)",
                 "mov 0x18(%rbx),%rdi",
                 "mov 0x30(%rbx),%rsi",
+                "mov 0x38(%rbx),%rdx",
+                "mov 0x40(%rbx),%rcx",
                 "mov 0x10(%rbx),%rax",
                 "call 0xffffffff81e00000",
                 "mov %rax,0x20(%rbx)",

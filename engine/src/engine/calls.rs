@@ -162,7 +162,7 @@ impl Engine {
             guest,
             (cpu, base),
             wake,
-            (addr, TASK_INTERRUPTIBLE),
+            &[addr, TASK_INTERRUPTIBLE],
             seq,
             &label,
         )?;
@@ -200,7 +200,7 @@ impl Engine {
 
     /// What every call through the gate starts from: the gate, the CPU
     /// it goes to (see [`Engine::gate_cpu`]) and the call's number.
-    fn next_call<G: Guest + ?Sized>(
+    pub(super) fn next_call<G: Guest + ?Sized>(
         &mut self,
         kernel: &Kernel,
         guest: &G,

@@ -35,6 +35,7 @@ impl Engine {
             loaded_bytes: 0,
             loaded: false,
             klp_before: self.klp_enabled(),
+            percpu: None,
         })
     }
 
@@ -46,6 +47,12 @@ impl Engine {
         guest: &G,
         p: &Prepared,
     ) -> Result<Committed, EngineError> {
+        if p.needs_percpu() {
+            return Err(EngineError::Internal(format!(
+                "{} was linked before its per-CPU block was allocated; not writing it",
+                p.name
+            )));
+        }
         self.check_modules(kernel, guest, p)?;
         // A patch not loaded by Engine::load yet is loaded, and its module
         // registered, in this same pause: nothing runs in between.
@@ -100,6 +107,7 @@ impl Engine {
             self.sites.entry(s.func).or_insert_with(|| s.clone());
         }
         if let Some(r) = &p.record {
+            self.percpu_adopted(r);
             self.records.insert(p.name.clone(), r.clone());
         }
         self.raise_floor(p);

@@ -189,6 +189,9 @@ pub enum EngineError {
         /// The patch that applied it.
         by: String,
     },
+    /// The patch's per-CPU data could not be set up or given back.
+    #[error(transparent)]
+    PerCpu(#[from] super::percpu::PercpuError),
     /// The `struct module` a hook reported is not on the guest's list.
     #[error("the module at {0:#x} that the guest reported loading or unloading is not on its modules list")]
     NoSuchModule(u64),
@@ -253,6 +256,13 @@ impl EngineError {
                     }
                     R::Internal(_) => Fault::Internal,
                     R::Name { .. } | R::Reach(_) | R::ForeignKey { .. } => Fault::Module,
+                    _ => Fault::Guest,
+                }
+            }
+            EngineError::PerCpu(e) => {
+                use super::percpu::PercpuError as P;
+                match e {
+                    P::NoMemory { .. } => Fault::NoSpace,
                     _ => Fault::Guest,
                 }
             }

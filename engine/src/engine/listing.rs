@@ -86,6 +86,8 @@ impl Engine {
                 symbols: m.counts.symbols as u64,
                 static_key_sites: m.counts.jumps as u64,
                 static_keys: m.jumps.len() as u64,
+                percpu: r.percpu.map(|b| Hex(b.ptr)),
+                percpu_size: r.percpu.map_or(0, |b| b.size),
             }),
         })
     }

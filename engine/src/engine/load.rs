@@ -28,6 +28,14 @@ impl Engine {
         let name = module.patch.name.clone();
         self.stack.check_new(&name)?;
         self.check_states(&name, module.patch.replace, &module.patch.states)?;
+        // Its per-CPU block, if one was allocated for it: until then the
+        // link uses 0 and the plan is only looked at (`needs_percpu`).
+        let percpu = module.percpu.as_ref().map(|pc| super::percpu::PercpuNeed {
+            size: pc.size,
+            align: pc.align,
+            block: self.percpu_block_for(&name, pc),
+        });
+        let block = percpu.and_then(|n| n.block);
 
         // Place the segments on a copy of the arena: the engine's own
         // state changes only when the commit succeeds.
@@ -54,6 +62,7 @@ impl Engine {
             text: base(Perm::Text),
             rodata: base(Perm::ReadOnly),
             data: base(Perm::Data),
+            percpu: block.map_or(0, |b| b.ptr),
         };
         let space = kernel.space(guest);
         let return_thunk = guest_return_thunk(&space, &kernel.kallsyms)?;
@@ -187,6 +196,11 @@ impl Engine {
                 .map_err(EngineError::Write)?,
             );
         }
+        // percpu_modcopy: the initial bytes into every possible CPU's
+        // copy, in the load's own writes, so before any patch code runs.
+        if let (Some(pc), Some(b)) = (&module.percpu, block) {
+            Self::percpu_copy_plan(kernel, guest, &name, b, &pc.data, &mut plan)?;
+        }
         let relink = has_modules.then(|| super::Relink {
             module: std::sync::Arc::new(module.clone()),
             bases,
@@ -217,6 +231,7 @@ impl Engine {
                 .collect(),
             klp_patch: module.patch.place.and_then(|p| linked.va(p)),
             level: None,
+            percpu: block,
         };
         // On a replace too, only the new patch's callbacks run.
         let mut calls = crate::callback::Calls::default();
@@ -239,6 +254,7 @@ impl Engine {
             loaded_bytes: 0,
             loaded: false,
             klp_before: self.klp_enabled(),
+            percpu,
         })
     }
 }

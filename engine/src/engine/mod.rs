@@ -32,11 +32,13 @@ mod listing;
 mod livepatch;
 mod load;
 mod modules;
+mod percpu;
 mod plan;
 mod sweep;
 
 pub use coming::{in_hook, Coming, Going, ModuleEvent, Relink};
 pub use error::{EngineError, Fault};
+pub use percpu::{PercpuBlock, PercpuError};
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -74,7 +76,7 @@ struct FuncRecord {
 }
 
 /// What the engine keeps of a loaded patch beyond its stack entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Record {
     replace: bool,
     /// Its `klp_state`s: the system states it introduced or handles.
@@ -107,6 +109,9 @@ struct Record {
     klp_patch: Option<u64>,
     /// The patch level its verified signature covers (see [`levels`]).
     level: Option<u16>,
+    /// Its per-CPU block in the guest, freed with its code (see
+    /// [`percpu`]).
+    percpu: Option<PercpuBlock>,
 }
 
 impl Record {
@@ -168,6 +173,8 @@ pub struct Prepared {
     /// The `struct klp_patch` of each patch enabled before it, in klp's
     /// order: the world its callbacks are shown (see [`livepatch`]).
     klp_before: Vec<u64>,
+    /// The per-CPU memory a new patch needs (see [`percpu`]).
+    percpu: Option<percpu::PercpuNeed>,
 }
 
 impl Prepared {
@@ -239,6 +246,13 @@ impl Prepared {
     /// loads and unloads must be caught ([`crate::hook`]).
     pub fn needs_hooks(&self) -> bool {
         self.record.as_ref().is_some_and(|r| r.relink.is_some())
+    }
+
+    /// Whether it loads a patch whose per-CPU block is not allocated
+    /// yet: allocate it ([`Engine::arm_percpu_alloc`]) and prepare again,
+    /// so the link uses its address. Such a plan is never written.
+    pub fn needs_percpu(&self) -> bool {
+        self.percpu.is_some_and(|n| n.block.is_none())
     }
 }
 
@@ -323,6 +337,11 @@ pub struct Engine {
     /// The tasks found clear while the guest ran, for the next commit of
     /// a transition with this check: see [`Engine::prescan`].
     prescan: Option<(crate::safepoint::Check, crate::safepoint::Prescan)>,
+    /// The per-CPU block allocated for the apply under way, until its
+    /// record takes it or the apply is abandoned (see [`percpu`]).
+    percpu_pending: Option<percpu::Pending>,
+    /// Per-CPU blocks to free in the guest, with their patch's name.
+    percpu_free: Vec<(String, PercpuBlock)>,
 }
 
 impl Engine {
@@ -409,6 +428,9 @@ impl Engine {
     /// that did not return in time): the patch is retired at once, and
     /// [`Engine::sweep`] frees its pages once no stack references them.
     pub fn retire_load(&mut self, p: Prepared) {
+        if let Some(record) = &p.record {
+            self.percpu_adopted(record);
+        }
         if let (Some(arena), Some(record), Some(f)) = (p.arena, p.record, self.facts.as_mut()) {
             f.arena = arena;
             self.retired.push(Retired {

@@ -215,6 +215,12 @@ impl Engine {
         guest: &G,
         p: &mut Prepared,
     ) -> Result<Vec<Plan>, EngineError> {
+        if p.needs_percpu() {
+            return Err(EngineError::Internal(format!(
+                "{} was linked before its per-CPU block was allocated; not loading it",
+                p.name
+            )));
+        }
         let module = p.record.as_ref().and_then(|r| r.module.clone());
         if module.is_some() {
             self.registry_quiet(kernel, guest)?;

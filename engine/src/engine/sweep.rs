@@ -109,6 +109,12 @@ impl Engine {
                     f.arena.free(region)?;
                 }
             }
+            // Its per-CPU block goes back to the guest's allocator once no
+            // code that addresses it can run; the free is sent through the
+            // call gate after this pause.
+            if let Some(b) = r.record.percpu {
+                self.percpu_free.push((r.name.clone(), b));
+            }
             freed.push(r.name);
         }
         self.retired = keep;

@@ -11,7 +11,7 @@
 //!
 //! ```ignore
 //! let layout = module.layout();
-//! let bases = Bases { text, rodata, data }; // caller allocates
+//! let bases = Bases { text, rodata, data, percpu }; // caller allocates
 //! let linked = link(&module, &kernel.kallsyms, bases, &LinkOptions::default())?;
 //! ```
 
@@ -142,6 +142,24 @@ pub enum LinkError {
         /// The value that did not fit.
         value: u64,
     },
+    /// A PC-relative reference to a per-CPU variable that rel32 cannot
+    /// reach from the code: `%gs:var(%rip)` would address another offset.
+    #[error(
+        "{at} reaches the per-CPU variable {symbol} PC-relatively (as this_cpu_* accesses \
+         compile to %gs:var(%rip)), but its per-CPU address {target:#x} is not within 2 GiB of \
+         the code at {place:#x}: the access cannot be linked to it (the kernel's loader \
+         refuses such a relocation too)"
+    )]
+    PerCpuOutOfReach {
+        /// The place in the module (function+offset).
+        at: String,
+        /// The variable (or `.data..percpu+offset`).
+        symbol: String,
+        /// Kernel-virtual address of the field.
+        place: u64,
+        /// The variable's per-CPU address.
+        target: u64,
+    },
     /// The field to relocate already holds non-zero bytes.
     #[error("relocation at {at}: the field is not zero before relocation (corrupt module?)")]
     NotZero {
@@ -165,6 +183,16 @@ pub struct Bases {
     pub rodata: u64,
     /// Kernel-virtual start of the data segment.
     pub data: u64,
+    /// The per-CPU address of the patch's per-CPU block (what the guest's
+    /// `__alloc_reserved_percpu` returned): the base of every symbol in
+    /// `.data..percpu`, as `simplify_symbols` adds `mod->percpu`. 0 when
+    /// the module has no per-CPU data, or before the block is allocated
+    /// (a link that is only planned, never written). References to them
+    /// are relocated as the kernel relocates them: absolute ones get the
+    /// per-CPU address, and PC-relative ones (`%gs:var(%rip)`) reach it
+    /// through the 64-bit wrap of rip + rel32, or are refused
+    /// ([`LinkError::PerCpuOutOfReach`]) where rel32 cannot reach it.
+    pub percpu: u64,
 }
 
 impl Bases {
@@ -314,6 +342,8 @@ pub struct Linked {
     pub fentry_nops: Vec<u64>,
     section_vas: HashMap<usize, u64>,
     externals: HashMap<usize, u64>,
+    /// [`Bases::percpu`].
+    percpu: u64,
 }
 
 impl Linked {
@@ -330,6 +360,7 @@ impl Linked {
             SymbolDef::Defined(p) => self.va(p),
             SymbolDef::Absolute(v) => Some(v),
             SymbolDef::ThisModule => Some(0),
+            SymbolDef::PerCpu(offset) => self.percpu.checked_add(offset),
             _ => self.externals.get(&index).copied(),
         }
     }
@@ -341,6 +372,12 @@ impl Linked {
             s.bytes
                 .get(off..off.checked_add(usize::try_from(len).ok()?)?)
         })
+    }
+
+    /// The per-CPU address its `.data..percpu` symbols are based on
+    /// ([`Bases::percpu`]).
+    pub fn percpu(&self) -> u64 {
+        self.percpu
     }
 
     /// Text, rodata and data, in that order.
@@ -473,6 +510,7 @@ pub fn link_objects(
         fentry_nops: Vec::new(),
         section_vas,
         externals,
+        percpu: bases.percpu,
     };
     drop(images);
 
@@ -511,15 +549,36 @@ pub fn link_objects(
         let place = linked
             .va(r.place)
             .ok_or_else(|| internal("relocation place"))?;
-        let value = reloc::value(r.kind, target, r.addend, place).map_err(|e| match e {
-            RelocProblem::Overflow { value } => LinkError::Overflow {
-                at: at(),
-                kind: r.kind,
-                place,
-                target,
-                value,
-            },
-            _ => internal("overflow"),
+        let value = reloc::value(r.kind, target, r.addend, place).map_err(|e| {
+            let sym = module.symbols.get(r.symbol);
+            match (e, sym.map(|s| (&s.def, s.name.as_str()))) {
+                (RelocProblem::Overflow { .. }, Some((SymbolDef::PerCpu(off), name)))
+                    if r.kind.pc_relative() =>
+                {
+                    LinkError::PerCpuOutOfReach {
+                        at: at(),
+                        symbol: if name.is_empty() {
+                            format!(
+                                "{}{:+#x}",
+                                crate::module::sections::PERCPU,
+                                (*off as i64).wrapping_add(r.addend)
+                            )
+                        } else {
+                            name.to_owned()
+                        },
+                        place,
+                        target,
+                    }
+                }
+                (RelocProblem::Overflow { value }, _) => LinkError::Overflow {
+                    at: at(),
+                    kind: r.kind,
+                    place,
+                    target,
+                    value,
+                },
+                _ => internal("overflow"),
+            }
         })?;
         let (buf, offset) = linked.locate_mut(module, r.place)?;
         reloc::write(buf, offset, r.kind, value).map_err(|e| match e {

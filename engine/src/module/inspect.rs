@@ -83,6 +83,10 @@ pub enum Verdict {
     InitExit,
     /// A kind klpvisor refuses, but empty, so it does not matter.
     Empty,
+    /// `.data..percpu`: a per-CPU block allocated in the guest, its
+    /// initial bytes copied to every possible CPU, as the kernel's loader
+    /// does.
+    PerCpu,
     /// The module is refused because of this section: why, what the patch
     /// defines there and where its code uses it.
     Refuse(String),
@@ -120,6 +124,7 @@ pub fn inspect(bytes: &[u8], layouts: &KlpLayouts) -> Result<Inspection, ModuleE
             (Policy::Parse, None) => Verdict::Parse,
             (Policy::Skip(why), None) => Verdict::Skip(why),
             (Policy::InitExit, None) => Verdict::InitExit,
+            (Policy::PerCpu, None) => Verdict::PerCpu,
             (Policy::Refuse(_) | Policy::Unknown, None) => Verdict::Empty,
         };
         sections.push(SectionReport {

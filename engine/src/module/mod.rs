@@ -38,6 +38,12 @@ use klpvisor_guest::{Btf, BtfError};
 pub const PAGE: u64 = 4096;
 /// The most a patch may occupy (all segments); klp patches are kilobytes.
 pub const MAX_MODULE_BYTES: u64 = 64 << 20;
+/// The largest `.data..percpu` taken. The kernel allocates a module's
+/// per-CPU block from the first chunk's reserved area
+/// (`PERCPU_MODULE_RESERVE`: 8 KiB, or 64 KiB on 6.10+ with memory
+/// allocation profiling), so it refuses anything larger with -ENOMEM
+/// anyway; the bound keeps the copy to every CPU small.
+pub const MAX_PERCPU_BYTES: u64 = 64 << 10;
 
 /// Why a module cannot be linked from outside.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +206,33 @@ pub enum ModuleError {
     /// A section's alignment or size cannot be laid out in the arena.
     #[error("section layout: {0}")]
     Layout(String),
+    /// A relocation inside `.data..percpu` (an initialiser that takes an
+    /// address).
+    #[error(
+        "{at} is relocated (an initial value that takes an address): the kernel's module \
+         loader copies .data..percpu to every CPU without applying its relocations, so the \
+         variable would start with the wrong value; initialise it at run time instead"
+    )]
+    PerCpuRelocated {
+        /// The place in `.data..percpu`.
+        at: String,
+    },
+}
+
+/// A module's per-CPU data (`.data..percpu`), as the kernel's loader
+/// takes it: a block of `size` bytes aligned to `align` is allocated in
+/// the guest, and `data` copied into every possible CPU's copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerCpu {
+    /// ELF section index.
+    pub elf_index: usize,
+    /// `sh_size`.
+    pub size: u64,
+    /// `sh_addralign`, at most a page (`percpu_modalloc` lowers a larger
+    /// one to `PAGE_SIZE`, with a warning; so does klpvisor).
+    pub align: u64,
+    /// The initial bytes, unrelocated.
+    pub data: Vec<u8>,
 }
 
 /// A place in the module: ELF section index and offset.
@@ -246,6 +279,9 @@ pub enum SymbolDef {
     },
     /// `__this_module`: NULL (the patch is not a guest module).
     ThisModule,
+    /// In `.data..percpu`, at this offset: its value is the per-CPU
+    /// block's address plus the offset (`simplify_symbols`).
+    PerCpu(u64),
     /// In a section that is not loaded (never referenced by loaded code:
     /// parsing refuses that).
     NotLoaded,
@@ -405,6 +441,8 @@ pub struct Module {
     /// "`name`")`. klpvisor never runs either, so that work never happens
     /// in the guest (see `init_exit_calls`).
     pub init_exit_calls: Vec<(&'static str, String)>,
+    /// Its per-CPU data, if `.data..percpu` is not empty.
+    pub percpu: Option<PerCpu>,
     layout: Layout,
     /// ELF section index -> index into `sections`.
     by_elf: HashMap<usize, usize>,
@@ -427,7 +465,15 @@ impl Module {
         layouts: impl FnOnce() -> Result<KlpLayouts, ModuleError>,
         guest_release: Option<&str>,
     ) -> Result<Self, ModuleError> {
-        let elf = RawElf::parse(bytes)?;
+        Self::from_elf(RawElf::parse(bytes)?, layouts, guest_release)
+    }
+
+    /// [`Self::parse_with`] on a parsed ELF file.
+    fn from_elf(
+        elf: RawElf,
+        layouts: impl FnOnce() -> Result<KlpLayouts, ModuleError>,
+        guest_release: Option<&str>,
+    ) -> Result<Self, ModuleError> {
         let modinfo = elf
             .section_by_name(".modinfo")
             .map(|(_, s)| Modinfo::parse(&s.data))
@@ -448,9 +494,21 @@ impl Module {
 
         let symbols = convert_symbols(&elf, &policies)?;
         let (sections, by_elf, layout) = lay_out(&elf, &policies)?;
+        let percpu = per_cpu_section(&elf, &policies)?;
 
         let mut relocs = Vec::new();
         for r in &elf.relas {
+            if policy_of(r.target) == Some(Policy::PerCpu) {
+                return Err(ModuleError::PerCpuRelocated {
+                    at: describe(
+                        &elf,
+                        Place {
+                            section: r.target,
+                            offset: r.offset,
+                        },
+                    ),
+                });
+            }
             let Some(Policy::Load(_)) = policy_of(r.target) else {
                 continue;
             };
@@ -529,6 +587,16 @@ impl Module {
                     },
                 );
             }
+            // An empty .data..percpu gets no block (percpu_modalloc
+            // allocates nothing): nothing may refer into it.
+            if matches!(sym.def, SymbolDef::PerCpu(_)) && percpu.is_none() {
+                return Err(ModuleError::Corrupt(format!(
+                    "{} refers to {}, in an empty {}",
+                    describe(&elf, place),
+                    symbol_target(&elf, &elf.symbols[r.symbol], r.addend),
+                    sections::PERCPU
+                )));
+            }
             // A `.klp.sym.<module>` symbol has a value only while that
             // module is loaded: so does any relocation against it.
             if let SymbolDef::Klp { object: so, .. } = &sym.def {
@@ -555,6 +623,7 @@ impl Module {
             return_jumps: Vec::new(),
             tables: tables::parse(&elf, &policies, layouts.bug)?,
             init_exit_calls: init_exit_calls(&elf),
+            percpu,
             layout,
             by_elf,
         };
@@ -922,6 +991,17 @@ fn convert_symbols(elf: &RawElf, policies: &[Option<Policy>]) -> Result<Vec<Symb
                         section: i,
                         offset: s.value,
                     }),
+                    // A section symbol or a variable: an offset into the
+                    // section (its end included, for a zero-sized one).
+                    Some(Policy::PerCpu) if s.value <= elf.sections[i].size => {
+                        SymbolDef::PerCpu(s.value)
+                    }
+                    Some(Policy::PerCpu) => {
+                        return Err(ModuleError::Corrupt(format!(
+                            "per-CPU symbol `{}` at {:#x} lies past the end of {} ({} bytes)",
+                            s.name, s.value, elf.sections[i].name, elf.sections[i].size
+                        )))
+                    }
                     _ if elf.sections[i].name == sections::THIS_MODULE => SymbolDef::ThisModule,
                     _ => SymbolDef::NotLoaded,
                 }
@@ -935,6 +1015,59 @@ fn convert_symbols(elf: &RawElf, policies: &[Option<Policy>]) -> Result<Vec<Symb
             })
         })
         .collect()
+}
+
+/// The module's `.data..percpu`, as `percpu_modalloc` sizes it: `None`
+/// when it is absent or empty (the loader allocates nothing then).
+fn per_cpu_section(
+    elf: &RawElf,
+    policies: &[Option<Policy>],
+) -> Result<Option<PerCpu>, ModuleError> {
+    let Some((i, s)) = elf
+        .sections
+        .iter()
+        .enumerate()
+        .find(|(i, _)| policies.get(*i).copied().flatten() == Some(Policy::PerCpu))
+    else {
+        return Ok(None);
+    };
+    if s.size == 0 {
+        return Ok(None);
+    }
+    if s.size > MAX_PERCPU_BYTES {
+        return Err(ModuleError::Layout(format!(
+            "{} is {} bytes: more than the {MAX_PERCPU_BYTES} bytes of per-CPU data klpvisor \
+             takes (the kernel reserves 8 KiB, at most 64 KiB, for all modules' per-CPU data)",
+            s.name, s.size
+        )));
+    }
+    // sh_addralign 0 means no constraint; not a power of two is corrupt.
+    let align = s.align.max(1);
+    if !align.is_power_of_two() {
+        return Err(ModuleError::Layout(format!(
+            "{} asks for alignment {}, not a power of two",
+            s.name, s.align
+        )));
+    }
+    let data = if s.nobits() {
+        vec![0; usize::try_from(s.size).unwrap_or(0)]
+    } else {
+        s.data.clone()
+    };
+    if data.len() as u64 != s.size {
+        return Err(ModuleError::Corrupt(format!(
+            "{} holds {} bytes, its header says {}",
+            s.name,
+            data.len(),
+            s.size
+        )));
+    }
+    Ok(Some(PerCpu {
+        elf_index: i,
+        size: s.size,
+        align: align.min(PAGE),
+        data,
+    }))
 }
 
 /// Places every loaded section in its segment and copies its bytes.
@@ -1151,6 +1284,184 @@ mod tests {
         assert_eq!(parse_klp_sym(".klp.sym..x,1"), None);
         assert_eq!(rela_object(".klp.rela.vmlinux..text"), "vmlinux");
         assert_eq!(rela_object(".klp.rela.ext4.text"), "ext4");
+    }
+
+    /// The fuzz target's seed (see module::inspect's tests).
+    const SEED: &[u8] = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/seeds/module/livepatch.ko"
+    ));
+
+    /// The seed with its `.bss` (4 bytes, which `.text` reaches through
+    /// the section symbol at offsets 7, 0x17 and 0x4b) made the module's
+    /// `.data..percpu`, its references to it of relocation type `r_type`.
+    fn per_cpu_seed(r_type: u32) -> RawElf {
+        let mut elf = RawElf::parse(SEED).unwrap();
+        let (bss, _) = elf.section_by_name(".bss").unwrap();
+        elf.sections[bss].name = sections::PERCPU.to_owned();
+        for r in elf.relas.iter_mut() {
+            if elf.symbols[r.symbol].shndx as usize == bss {
+                r.r_type = r_type;
+            }
+        }
+        elf
+    }
+
+    fn parse_elf(elf: RawElf) -> Result<Module, ModuleError> {
+        Module::from_elf(elf, || Ok(KlpLayouts::builtin()), None)
+    }
+
+    #[test]
+    fn per_cpu_symbols_are_offsets_into_the_block() {
+        let m = parse_elf(per_cpu_seed(E::R_X86_64_32S)).unwrap();
+        let pc = m.percpu.clone().unwrap();
+        assert_eq!((pc.size, pc.align, pc.data), (4, 4, vec![0; 4]));
+        // Not loaded into the arena: no segment holds it.
+        assert!(m.section(pc.elf_index).is_none());
+        let section_sym = m
+            .symbols
+            .iter()
+            .position(|s| s.def == SymbolDef::PerCpu(0))
+            .expect("the section's symbol is per-CPU");
+        // Linked, each reference is the block's address plus its addend,
+        // as simplify_symbols adds mod->percpu to the symbol.
+        let linked = link_seed(&m, 0x3_1000).unwrap();
+        assert_eq!(linked.symbol_value(&m, section_sym), Some(0x3_1000));
+        assert_eq!(linked.percpu(), 0x3_1000);
+        for (offset, addend) in SEED_PERCPU_REFS {
+            let (_, field) = seed_field(&m, &linked, offset);
+            assert_eq!(i64::from(field), 0x3_1000 + addend, "at .text+{offset:#x}");
+        }
+    }
+
+    /// Where the seed's `.text` reaches its `.bss`, and the addends.
+    const SEED_PERCPU_REFS: [(u64, i64); 3] = [(7, -4), (0x17, -8), (0x4b, -5)];
+
+    /// The address and the linked 32-bit value of the field at `.text+offset`.
+    fn seed_field(m: &Module, linked: &crate::link::Linked, offset: u64) -> (u64, i32) {
+        let text = m.sections.iter().find(|s| s.name == ".text").unwrap();
+        let va = linked
+            .va(Place {
+                section: text.elf_index,
+                offset,
+            })
+            .unwrap();
+        let field = linked.read(va, 4).unwrap();
+        (va, i32::from_le_bytes(field.try_into().unwrap()))
+    }
+
+    /// Links the seed at the arena's usual place, its per-CPU block at
+    /// `percpu`.
+    fn link_seed(m: &Module, percpu: u64) -> Result<crate::link::Linked, crate::link::LinkError> {
+        use klpvisor_guest::kallsyms::synth::{sample_symbols, Builder, BASE};
+        use klpvisor_guest::kallsyms::{Image, Layout};
+        let mut syms = sample_symbols(0);
+        // The seed patches the second of two `dup_fn`s (sympos 2).
+        let names = [
+            ('T', "seq_printf"),
+            ('T', "cmdline_proc_show"),
+            ('t', "dup_fn"),
+            ('t', "dup_fn"),
+            ('T', "__x86_return_thunk"),
+        ];
+        for (i, (k, n)) in names.iter().enumerate() {
+            syms.push((*k, (*n).to_owned(), 0xffff_ffff_8100_2000 + i as u64 * 0x10));
+        }
+        let bytes = Builder::new(Layout::OffsetsFirst, syms).build();
+        let kallsyms = klpvisor_guest::Kallsyms::from_image(Image {
+            base: BASE,
+            bytes: &bytes,
+        })
+        .unwrap();
+        let l = m.layout();
+        let text = 0xffff_ffff_c000_0000;
+        let bases = crate::link::Bases {
+            text,
+            rodata: text + l.text,
+            data: text + l.text + l.rodata,
+            percpu,
+        };
+        crate::link::link(m, &kallsyms, bases, &Default::default())
+    }
+
+    #[test]
+    fn a_pc_relative_per_cpu_reference_reaches_the_offset_or_is_refused() {
+        // gcc compiles this_cpu_inc(var) to `incq %gs:var(%rip)`, an
+        // R_X86_64_PC32 against the per-CPU symbol. The kernel's loader
+        // applies it as S + A - P: with per-CPU addresses small offsets
+        // and patch code in the top 2 GiB, the 64-bit sum rip + rel32
+        // wraps to exactly the per-CPU offset, which %gs then bases.
+        let m = parse_elf(per_cpu_seed(E::R_X86_64_PC32)).unwrap();
+        let linked = link_seed(&m, 0x3_1000).unwrap();
+        for (offset, addend) in SEED_PERCPU_REFS {
+            let (va, rel) = seed_field(&m, &linked, offset);
+            // rip + rel32, rip being the end of the field: the variable
+            // plus what the addend asks beyond the field's end.
+            let effective = va.wrapping_add(4).wrapping_add(rel as i64 as u64);
+            assert_eq!(
+                effective as i64,
+                0x3_1000 + addend + 4,
+                "at .text+{offset:#x}"
+            );
+        }
+        // A block out of rel32 reach of the code (per-CPU addresses that
+        // are not small offsets) is refused, never mislinked.
+        let e = link_seed(&m, 0x0000_7000_0000_0000).unwrap_err();
+        assert!(
+            matches!(&e, crate::link::LinkError::PerCpuOutOfReach { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains(".data..percpu"), "{e}");
+    }
+    #[test]
+    fn a_relocation_inside_per_cpu_data_is_refused() {
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        let (percpu, _) = elf.section_by_name(sections::PERCPU).unwrap();
+        let mut r = elf.relas[0];
+        r.target = percpu;
+        r.offset = 0;
+        r.r_type = E::R_X86_64_32;
+        elf.relas.push(r);
+        assert!(matches!(
+            parse_elf(elf),
+            Err(ModuleError::PerCpuRelocated { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_per_cpu_sections_are_refused() {
+        // Larger than any kernel would allocate.
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        let (i, _) = elf.section_by_name(sections::PERCPU).unwrap();
+        elf.sections[i].size = MAX_PERCPU_BYTES + 1;
+        assert!(matches!(parse_elf(elf), Err(ModuleError::Layout(m)) if m.contains("per-CPU")));
+        // An alignment that is not a power of two; one over a page is
+        // lowered to a page, as percpu_modalloc lowers it.
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        elf.sections[i].align = 24;
+        assert!(matches!(parse_elf(elf), Err(ModuleError::Layout(_))));
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        elf.sections[i].align = 1 << 20;
+        assert_eq!(parse_elf(elf).unwrap().percpu.unwrap().align, PAGE);
+        // A symbol past the section's end.
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        let sym = elf
+            .symbols
+            .iter()
+            .position(|s| s.shndx as usize == i)
+            .unwrap();
+        elf.symbols[sym].value = 5;
+        assert!(matches!(parse_elf(elf), Err(ModuleError::Corrupt(_))));
+        // Empty, yet referred to: no block to base the reference on.
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        elf.sections[i].size = 0;
+        elf.symbols[sym].value = 0;
+        assert!(matches!(parse_elf(elf), Err(ModuleError::Corrupt(m)) if m.contains("empty")));
+        // Bytes that disagree with the header.
+        let mut elf = per_cpu_seed(E::R_X86_64_32S);
+        elf.sections[i].sh_type = E::SHT_PROGBITS;
+        elf.sections[i].data = vec![0; 2];
+        assert!(matches!(parse_elf(elf), Err(ModuleError::Corrupt(_))));
     }
 
     #[test]

@@ -38,12 +38,22 @@ pub enum Policy {
     Skip(&'static str),
     /// Refused when it is not empty; the reason.
     Refuse(&'static str),
+    /// `.data..percpu`: the module's per-CPU variables. Not loaded into the
+    /// arena: as the kernel's loader does, klpvisor allocates a per-CPU
+    /// block for it in the guest (`percpu_modalloc`), gives its symbols
+    /// the block's per-CPU address (`simplify_symbols`) and copies its
+    /// initial bytes into every possible CPU's copy (`percpu_modcopy`).
+    PerCpu,
     /// `.init.*` / `.exit.*`: never run from outside (klpvisor does not call
     /// module_init); a reference to them from loaded code is an error.
     InitExit,
     /// Not recognised.
     Unknown,
 }
+
+/// The one section the kernel's loader treats as per-CPU data
+/// (`find_pcpusec`).
+pub const PERCPU: &str = ".data..percpu";
 
 /// The section that is the module's `struct module` (THIS_MODULE).
 pub const THIS_MODULE: &str = ".gnu.linkonce.this_module";
@@ -137,11 +147,18 @@ pub fn policy(name: &str, write: bool, exec: bool) -> Policy {
     if prefixed(".init") || prefixed(".exit") {
         return Policy::InitExit;
     }
-    if name.starts_with(".data..percpu") {
+    if name == PERCPU {
+        return Policy::PerCpu;
+    }
+    if name.starts_with(PERCPU) {
+        // DEFINE_PER_CPU_READ_MOSTLY and the like outside of a module's
+        // build: the kernel's loader would load such a section as
+        // ordinary data, and every this_cpu access to it would address
+        // the wrong memory.
         return Policy::Refuse(
-            "per-CPU variables in patch code are not supported yet: the kernel's loader \
-             allocates a copy per CPU and relocates this_cpu_* accesses to it; loaded as \
-             ordinary data they would address the wrong memory",
+            "per-CPU variables outside .data..percpu: the kernel's module loader treats only \
+             .data..percpu as per-CPU data (a module's DEFINE_PER_CPU_* variants all go \
+             there), so this section's variables would be addressed as ordinary data",
         );
     }
     if name.starts_with("__ksymtab") || name.starts_with("__kcrctab") {
@@ -243,10 +260,15 @@ mod tests {
             policy(".altinstr_aux", false, true),
             Policy::Load(Segment::Text)
         );
-        // Per-CPU data is refused, never loaded as ordinary data.
-        for name in [".data..percpu", ".data..percpu..shared_aligned"] {
+        // Per-CPU data is the loader's one section, never loaded as
+        // ordinary data; a variant section is refused.
+        assert_eq!(policy(".data..percpu", true, false), Policy::PerCpu);
+        for name in [
+            ".data..percpu..shared_aligned",
+            ".data..percpu..read_mostly",
+        ] {
             assert!(
-                matches!(policy(name, true, false), Policy::Refuse(r) if r.contains("per-CPU"))
+                matches!(policy(name, true, false), Policy::Refuse(r) if r.contains(".data..percpu"))
             );
         }
         assert_eq!(policy(".weird", false, false), Policy::Unknown);

@@ -408,6 +408,19 @@ pub fn build(
         b.u64(e, at(p.jumps))?;
         b.u32(n, jumps.len() as u32)?;
     }
+    if let Some(pc) = &module.percpu {
+        // is_module_percpu_address() finds the block through these.
+        let Some((ptr, size)) = layout.percpu else {
+            return Err(RegisterError::Unexpected(
+                "the patch has per-CPU variables but the guest's struct module has no percpu \
+                 member (a kernel without CONFIG_SMP?)",
+            ));
+        };
+        let len = u32::try_from(pc.size)
+            .map_err(|_| RegisterError::Internal("per-CPU data over 4 GiB"))?;
+        b.u64(ptr, linked.percpu())?;
+        b.u32(size, len)?;
+    }
     b.u64(layout.taints, 1 << TAINT_LIVEPATCH)?;
     let bugs = bug.is_some() && !t.bugs.is_empty();
     if bugs {

@@ -153,6 +153,9 @@ pub struct ModuleLayout {
     pub jump_entries: Option<u64>,
     /// Their count (the patch's static-key sites).
     pub num_jump_entries: Option<u64>,
+    /// `module.percpu` and `module.percpu_size` (CONFIG_SMP): the
+    /// patch's per-CPU block, as `percpu_modalloc` records it.
+    pub percpu: Option<(u64, u64)>,
     /// `param_lock.wait_list`: an empty list must point at itself.
     pub param_wait_list: Option<u64>,
     /// In `struct mod_tree_root`: the latch's sequence, its two trees'
@@ -289,6 +292,7 @@ impl ModuleLayout {
             refcnt: off(btf, "module.refcnt")?,
             jump_entries: opt(btf, "module.jump_entries"),
             num_jump_entries: opt(btf, "module.num_jump_entries"),
+            percpu: opt(btf, "module.percpu").zip(opt(btf, "module.percpu_size")),
             param_wait_list: opt(btf, "module.param_lock")
                 .zip(opt(btf, "mutex.wait_list"))
                 .map(|(a, b)| a + b),

@@ -51,6 +51,7 @@ fn layout61() -> ModuleLayout {
         refcnt: 856,
         jump_entries: None,
         num_jump_entries: None,
+        percpu: Some((864, 872)),
         param_wait_list: Some(248),
         root_seq: 0,
         root_tree: [8, 16],

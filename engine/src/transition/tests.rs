@@ -130,6 +130,7 @@ struct FakePlan {
     calls: Calls,
     loads: bool,
     warnings: Vec<String>,
+    needs_percpu: bool,
 }
 
 impl Planned for FakePlan {
@@ -145,6 +146,26 @@ impl Planned for FakePlan {
     fn loads(&self) -> bool {
         self.loads
     }
+    fn needs_percpu(&self) -> bool {
+        self.needs_percpu
+    }
+}
+
+/// Where the fake per-CPU allocator and free are "called".
+const ALLOC: u64 = 0xa110c;
+const FREE: u64 = 0xf7ee;
+
+/// The fake patcher's per-CPU blocks, as the engine keeps them.
+#[derive(Default)]
+struct FakePercpu {
+    /// The patch has per-CPU data; the guest's allocator returns this.
+    returns: Option<u64>,
+    /// Allocated for the apply under way.
+    pending: Option<u64>,
+    /// Owned by a committed or retired patch.
+    kept: Option<u64>,
+    /// Queued to be freed.
+    free: Vec<u64>,
 }
 
 struct FakePatcher<'l> {
@@ -166,6 +187,7 @@ struct FakePatcher<'l> {
     logs: bool,
     /// A fake signal makes the sleeper leave: the next commit succeeds.
     nudge_unblocks: bool,
+    percpu: FakePercpu,
     log: &'l Log,
 }
 
@@ -181,6 +203,7 @@ impl<'l> FakePatcher<'l> {
             shown: Cell::new(false),
             logs: false,
             nudge_unblocks: false,
+            percpu: FakePercpu::default(),
             log,
         }
     }
@@ -200,6 +223,9 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
             calls: self.calls.clone(),
             loads: true,
             warnings: Vec::new(),
+            needs_percpu: self.percpu.returns.is_some()
+                && self.percpu.pending.is_none()
+                && self.percpu.kept.is_none(),
         })
     }
     fn has_gate(&self) -> bool {
@@ -220,6 +246,66 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
     }
     fn retire_load(&mut self, _p: FakePlan) {
         self.push("retire".into());
+        self.percpu.kept = self.percpu.pending.take().or(self.percpu.kept);
+    }
+    fn arm_percpu_alloc(
+        &mut self,
+        p: &FakePlan,
+        _guest: &FakePhys,
+    ) -> Result<Option<Armed>, EngineError> {
+        if !p.needs_percpu {
+            return Ok(None);
+        }
+        self.push("alloc percpu".into());
+        self.script.insert(
+            ALLOC,
+            Script::Returns(self.percpu.returns.unwrap_or_default()),
+        );
+        let mut armed = self.armed.borrow_mut();
+        armed.push((ALLOC, Kind::PrePatch));
+        Ok(Some(Armed {
+            seq: armed.len() as u64,
+            vcpu: 0,
+            cpu: 0,
+        }))
+    }
+    fn percpu_allocated(&mut self, _p: &FakePlan, ret: u64) -> Result<(), EngineError> {
+        if ret == 0 {
+            return Err(crate::engine::PercpuError::NoMemory {
+                patch: "new".into(),
+                size: 8,
+                align: 8,
+            }
+            .into());
+        }
+        self.percpu.pending = Some(ret);
+        Ok(())
+    }
+    fn abandon_percpu(&mut self) {
+        self.percpu.free.extend(self.percpu.pending.take());
+    }
+    fn percpu_frees(&self) -> usize {
+        self.percpu.free.len()
+    }
+    fn arm_percpu_free(
+        &mut self,
+        _guest: &FakePhys,
+    ) -> Result<Option<(Armed, String)>, EngineError> {
+        if self.percpu.free.is_empty() {
+            return Ok(None);
+        }
+        let ptr = self.percpu.free.remove(0);
+        self.push(format!("free percpu {ptr:#x}"));
+        let mut armed = self.armed.borrow_mut();
+        armed.push((FREE, Kind::PostUnpatch));
+        Ok(Some((
+            Armed {
+                seq: armed.len() as u64,
+                vcpu: 0,
+                cpu: 0,
+            },
+            "new".into(),
+        )))
     }
     fn arm_call(
         &mut self,
@@ -309,6 +395,7 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
             }]));
         }
         self.push("commit".into());
+        self.percpu.kept = self.percpu.pending.take().or(self.percpu.kept);
         Ok(Committed {
             name: "new".into(),
             seq: 1,
@@ -686,4 +773,112 @@ fn no_fake_signal_before_the_grace_period_or_without_a_gate() {
     p.blocked.set(u32::MAX);
     assert!(run(&host, &mut p, "apply", timeout(10)).is_err());
     assert!(!steps(&log).iter().any(|s| s.starts_with("nudge")));
+}
+
+#[test]
+fn a_per_cpu_block_is_allocated_before_the_link_and_kept_by_the_committed_patch() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.percpu.returns = Some(0x3_1000);
+    run(&host, &mut p, "apply", timeout(10)).unwrap();
+    assert_eq!(
+        steps(&log),
+        [
+            "prepare",
+            // The allocation runs in the guest: the gate first, then the
+            // plan again on the arena that has it.
+            "install gate",
+            "prepare",
+            "alloc percpu",
+            // Linked again with the block's address.
+            "prepare",
+            "begun new",
+            "load",
+            "commit",
+        ]
+    );
+    assert_eq!(p.percpu.kept, Some(0x3_1000));
+    assert!(p.percpu.free.is_empty());
+}
+
+#[test]
+fn a_refused_pre_patch_frees_the_per_cpu_block_once() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [true; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    p.percpu.returns = Some(0x3_1000);
+    p.script
+        .insert(0x1100, Script::Returns(u64::from((-16i32) as u32)));
+    let e = run(&host, &mut p, "apply", timeout(10)).unwrap_err();
+    assert!(matches!(
+        e,
+        TestError::Transition(TransitionError::Refused { .. })
+    ));
+    let s = steps(&log);
+    assert_eq!(
+        s[s.len() - 3..],
+        ["end calls", "unload", "free percpu 0x31000"],
+        "the block goes back once the patch's pages are gone"
+    );
+    assert_eq!(s.iter().filter(|l| l.starts_with("free")).count(), 1);
+    assert!(p.percpu.free.is_empty() && p.percpu.pending.is_none());
+}
+
+#[test]
+fn a_failed_commit_frees_the_per_cpu_block_and_a_kept_load_keeps_it() {
+    // No safe point within the timeout: the load is undone, the block freed.
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.percpu.returns = Some(0x3_1000);
+    p.blocked.set(u32::MAX);
+    run(&host, &mut p, "apply", timeout(1)).unwrap_err();
+    let s = steps(&log);
+    assert_eq!(s[s.len() - 2..], ["unload", "free percpu 0x31000"]);
+
+    // A pre_patch that never returns may still run the patch's code: its
+    // pages are kept, and so is its block, until the sweep frees both.
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [true; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    p.percpu.returns = Some(0x3_1000);
+    p.script.insert(0x1100, Script::Hangs);
+    run(&host, &mut p, "apply", timeout(1)).unwrap_err();
+    assert_eq!(steps(&log).last().map(String::as_str), Some("retire"));
+    assert_eq!(p.percpu.kept, Some(0x3_1000));
+    assert!(p.percpu.free.is_empty());
+}
+
+#[test]
+fn a_null_per_cpu_block_fails_the_apply_before_anything_is_loaded() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.percpu.returns = Some(0);
+    let e = run(&host, &mut p, "apply", timeout(10)).unwrap_err();
+    assert!(e.to_string().contains("-ENOMEM"), "{e}");
+    assert_eq!(
+        steps(&log),
+        ["prepare", "install gate", "prepare", "alloc percpu"]
+    );
+}
+
+#[test]
+fn per_cpu_data_is_not_allocated_while_a_user_holds_the_vm_paused() {
+    let log = Log::default();
+    let mut host = FakeHost::new(&log);
+    host.user_paused = true;
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.percpu.returns = Some(0x3_1000);
+    let e = run(&host, &mut p, "apply", timeout(10)).unwrap_err();
+    assert!(matches!(
+        e,
+        TestError::Transition(TransitionError::PausedForPercpu)
+    ));
+    assert_eq!(steps(&log), ["prepare"]);
 }

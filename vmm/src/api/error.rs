@@ -87,6 +87,7 @@ impl From<ControlError> for HttpError {
             ControlError::AlreadyPaused
             | ControlError::NotPaused
             | ControlError::Transition(TransitionError::PausedForCallbacks)
+            | ControlError::Transition(TransitionError::PausedForPercpu)
             | ControlError::Busy(_)
             | ControlError::Transition(TransitionError::Refused { .. }) => StatusCode::CONFLICT,
             ControlError::Transition(TransitionError::CallbackTimeout { .. }) => {
