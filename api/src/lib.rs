@@ -564,6 +564,12 @@ pub struct FuncInfo {
     pub new_addr: Hex,
     /// Whether the old function's entry jumps to `new_addr` now.
     pub live: bool,
+    /// The `struct ftrace_ops` through which the guest's own ftrace
+    /// redirects the function, as klp's does (its entry then stays
+    /// ftrace's, and the function tracer, kprobes and BPF keep working on
+    /// it); absent when a `jmp` written at the entry redirects it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ftrace_ops: Option<Hex>,
 }
 
 /// One patch, as `GET /patches` lists it.

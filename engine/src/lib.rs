@@ -11,6 +11,7 @@
 pub mod arena;
 pub mod callback;
 pub mod engine;
+pub mod ftrace_ops;
 pub mod hook;
 pub mod link;
 pub mod module;

@@ -174,6 +174,11 @@ pub trait Planned {
     fn needs_percpu(&self) -> bool {
         false
     }
+    /// Whether functions it redirects should be registered with the
+    /// guest's ftrace first (see [`Patcher::arm_ops`]).
+    fn wants_ops(&self) -> bool {
+        false
+    }
 }
 
 impl Planned for Prepared {
@@ -194,6 +199,9 @@ impl Planned for Prepared {
     }
     fn needs_percpu(&self) -> bool {
         Prepared::needs_percpu(self)
+    }
+    fn wants_ops(&self) -> bool {
+        Prepared::wants_ops(self)
     }
 }
 
@@ -283,6 +291,33 @@ pub trait Patcher<G: Guest + ?Sized> {
     /// Sends the free of the oldest queued per-CPU block through the gate
     /// and forgets it; `None` if none is queued. Returns its patch's name.
     fn arm_percpu_free(&mut self, _guest: &G) -> Result<Option<(Armed, String)>, EngineError> {
+        Ok(None)
+    }
+    /// Installs the ftrace redirect handler and slots `p` needs (see
+    /// [`crate::ftrace_ops`]); the caller prepares `p` again after.
+    fn install_ops(&mut self, _p: &Self::Prepared, _guest: &G) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// Sends the next step that registers one of `p`'s functions with the
+    /// guest's ftrace; `None` when all are registered.
+    fn arm_ops(&mut self, _p: &Self::Prepared, _guest: &G) -> Result<Option<Armed>, EngineError> {
+        Ok(None)
+    }
+    /// Takes what the ftrace step sent last returned.
+    fn ops_done(&mut self, _ret: u64) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// The ftrace step sent last: the function and the kernel call.
+    fn ops_armed(&self) -> Option<(String, &'static str)> {
+        None
+    }
+    /// Ftrace redirects no loaded patch needs any more.
+    fn ops_releases(&self) -> usize {
+        0
+    }
+    /// Sends the next step that lets go of such a redirect; `None` if
+    /// none waits. Returns what it is, for the log.
+    fn arm_ops_release(&mut self, _guest: &G) -> Result<Option<(Armed, String)>, EngineError> {
         Ok(None)
     }
     /// Judges the tasks while the guest runs, so that the next
@@ -402,6 +437,30 @@ where
 
     fn arm_percpu_free(&mut self, guest: &G) -> Result<Option<(Armed, String)>, EngineError> {
         self.engine.arm_percpu_free(self.kernel, guest)
+    }
+
+    fn install_ops(&mut self, p: &Prepared, guest: &G) -> Result<(), EngineError> {
+        self.engine.install_ops(self.kernel, guest, p)
+    }
+
+    fn arm_ops(&mut self, p: &Prepared, guest: &G) -> Result<Option<Armed>, EngineError> {
+        self.engine.arm_ops(self.kernel, guest, p)
+    }
+
+    fn ops_done(&mut self, ret: u64) -> Result<(), EngineError> {
+        self.engine.ops_done(ret)
+    }
+
+    fn ops_armed(&self) -> Option<(String, &'static str)> {
+        self.engine.ops_armed()
+    }
+
+    fn ops_releases(&self) -> usize {
+        self.engine.ops_releases()
+    }
+
+    fn arm_ops_release(&mut self, guest: &G) -> Result<Option<(Armed, String)>, EngineError> {
+        self.engine.arm_ops_release(self.kernel, guest)
     }
 
     fn prescan(&mut self, p: &Prepared, guest: &G) {
@@ -525,11 +584,73 @@ where
     // its abandoned pages were kept, which keep the block too), and so
     // does every patch whose code this transition's pause freed.
     patcher.abandon_percpu();
-    let freed = free_percpu(host, patcher);
+    let mut freed = free_percpu(host, patcher);
+    // Ftrace redirects set up for an apply that did not commit.
+    freed.extend(release_ops(host, patcher));
     outcome.map(|mut o| {
         o.warnings.extend(freed);
         o
     })
+}
+
+/// How long letting go of one ftrace redirect may take:
+/// `unregister_ftrace_function` waits for an RCU-tasks grace period.
+pub const RELEASE_GRACE: Duration = Duration::from_secs(10);
+
+/// Lets go of every ftrace redirect no loaded patch names any more
+/// ([`Patcher::arm_ops_release`]): each function's ops unregistered and
+/// its filter freed, through the call gate. One that cannot be let go now
+/// (the VM paused by its user, a step that did not finish) stays for the
+/// next transition or removal; its ops stays registered and inert.
+/// Returns warnings for the reply.
+pub fn release_ops<H, P>(host: &H, patcher: &mut P) -> Vec<String>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    let mut warnings = Vec::new();
+    let waiting = patcher.ops_releases();
+    if waiting == 0 {
+        return warnings;
+    }
+    if host.is_paused() || !patcher.has_gate() {
+        tracing::info!(
+            waiting,
+            "ftrace redirects no patch needs stay registered (inert) until the VM runs"
+        );
+        return warnings;
+    }
+    // Two steps per function, and a bound in case a step keeps failing.
+    for _ in 0..waiting.saturating_mul(2).saturating_add(2) {
+        let mut what = String::new();
+        let deadline = host.now() + RELEASE_GRACE;
+        let sent = send(host, patcher, deadline, |p, g| {
+            Ok(p.arm_ops_release(g)?.map(|(armed, w)| {
+                what = w;
+                armed
+            }))
+        });
+        let failed = match sent {
+            Ok(Some((_, Ok(ret)))) => match patcher.ops_done(ret) {
+                Ok(()) => {
+                    tracing::info!("{what}: done");
+                    continue;
+                }
+                Err(e) => e.to_string(),
+            },
+            Ok(Some((armed, Err(progress)))) => format!(
+                "{what} did not finish yet ({})",
+                progress.describe(armed.cpu)
+            ),
+            Ok(None) => break,
+            Err(e) => e.to_string(),
+        };
+        let w = format!("an unused ftrace redirect stays registered (inert) for now: {failed}");
+        tracing::warn!("{w}");
+        warnings.push(w);
+        break;
+    }
+    warnings
 }
 
 /// Gives the guest's allocator back every per-CPU block queued for it
@@ -678,6 +799,39 @@ where
                 prepared.name()
             ))
             .into());
+        }
+    }
+    if prepared.wants_ops() && !host.is_paused() {
+        // As klp registers an ftrace_ops per function before its
+        // transition starts: each function the patch starts redirecting
+        // gets its ops registered in a kworker, through the call gate,
+        // inert until the switch sets its target. Then plan again: the
+        // switch becomes those ops' target words. (With the VM held paused
+        // by its user, nothing can run in the guest: the plan keeps its
+        // jmps.)
+        if !patcher.has_gate() {
+            host.paused(|g| patcher.install_gate(g))?.0?;
+            tracing::info!("call gate installed for ftrace redirects");
+            prepared = patcher.prepare()?;
+        }
+        if prepared.wants_ops() {
+            host.paused(|g| patcher.install_ops(&prepared, g))?.0?;
+            let deadline = host.now() + t.timeout;
+            while let Some(sent) = send(host, patcher, deadline, |p, g| p.arm_ops(&prepared, g))? {
+                match sent {
+                    (_, Ok(ret)) => patcher.ops_done(ret)?,
+                    (armed, Err(progress)) => {
+                        let (func, step) = patcher.ops_armed().unwrap_or_default();
+                        return Err(EngineError::OpsUnfinished {
+                            func,
+                            step,
+                            progress: progress.describe(armed.cpu),
+                        }
+                        .into());
+                    }
+                }
+            }
+            prepared = patcher.prepare()?;
         }
     }
     // (Taken only now: a new patch's callbacks moved with it when the gate

@@ -195,6 +195,13 @@ pub enum AllowKind {
     /// The `flags` word of the ftrace record of a function klpvisor
     /// redirects (see the engine's ftrace step).
     FtraceFlags,
+    /// The `private` word of the `ftrace_ops` through which the guest's
+    /// ftrace redirects an old function (see [`crate::ftrace_ops`]): the
+    /// switch itself when the function is redirected that way.
+    RedirectWord {
+        /// Kernel-virtual address of the old function.
+        func: u64,
+    },
     /// The head of one CPU's `raised_list`, where the call gate queues its
     /// irq_work (see [`crate::callback::gate`]): 8 bytes of per-CPU data.
     IrqWorkList {
@@ -250,6 +257,7 @@ impl fmt::Display for Allowed {
             AllowKind::ArenaTables => f.write_str("arena page tables")?,
             AllowKind::PmdSlots => f.write_str("PMD slots")?,
             AllowKind::FtraceFlags => f.write_str("ftrace record flags")?,
+            AllowKind::RedirectWord { func } => write!(f, "ftrace redirect of {func:#x}")?,
             AllowKind::IrqWorkList { cpu } => write!(f, "raised_list of CPU {cpu}")?,
             AllowKind::ModuleRegistry => f.write_str("module registry word")?,
             AllowKind::KlpPatches => f.write_str("klp_patches word")?,

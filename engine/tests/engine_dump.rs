@@ -1135,3 +1135,169 @@ fn per_cpu_variables_get_a_block_copied_to_every_possible_cpu() {
     assert_eq!(e.sweep(k, &g).unwrap(), vec!["percpu_uptime"]);
     assert_eq!(e.percpu_frees(), 1);
 }
+
+/// A function redirected through the guest's own ftrace, as klp redirects
+/// it: its `ftrace_ops` written into an arena slot and registered through
+/// the gate before the switch (the test plays the guest's kworker), the
+/// switch the ops' `private` word, the entry never written (ftrace owns
+/// it); disable and enable flip the word; a removal lets the ops go.
+#[test]
+fn a_redirect_through_ftrace_switches_a_word_and_leaves_the_entry_to_ftrace() {
+    if common::skip_without_dump() {
+        return;
+    }
+    let f = fixture();
+    let g = Overlay::new(&f.guest).with_synthetic_arena(GuestPhys(ARENA.0), ARENA.1);
+    let k = &f.kernel;
+    let space = k.space(&g);
+    let old = k.kallsyms.resolve("cmdline_proc_show", 0).unwrap();
+    let original = entry_bytes(&space, old);
+    let sym = |n: &str| k.kallsyms.addr(n).unwrap();
+    let mut e = Engine::default();
+    e.install_gate(k, &g).unwrap();
+    let mailbox = e.gate_info().unwrap().data_gpa.0 + 256;
+    let word = |gpa: u64| {
+        let mut b = [0u8; 8];
+        g.read_phys(GuestPhys(gpa), &mut b).unwrap();
+        u64::from_le_bytes(b)
+    };
+    // What the guest does with a call: run it, store 0, mark it done,
+    // release the irq_work.
+    let irq_flags = k.btf.offset_of("irq_work.node.u_flags").unwrap();
+    let finish = |ret: u64| {
+        g.write_phys(GuestPhys(mailbox + 32), &ret.to_le_bytes())
+            .unwrap();
+        g.write_phys(GuestPhys(mailbox + 8), &4u64.to_le_bytes())
+            .unwrap();
+        g.write_phys(GuestPhys(mailbox - 256 + irq_flags), &[0; 4])
+            .unwrap();
+    };
+
+    let p = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    assert!(p.wants_ops());
+    e.install_ops(k, &g, &p).unwrap();
+    let p = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    let (mut steps, mut sites) = (Vec::new(), Vec::new());
+    while e.arm_ops(k, &g, &p).unwrap().is_some() {
+        let (func, step) = e.ops_armed().unwrap();
+        steps.push((func, step, word(mailbox + 16), word(mailbox + 24)));
+        sites.push(word(mailbox + 48));
+        finish(0);
+        e.ops_done(0).unwrap();
+    }
+    let ops = steps[0].3;
+    let at = old + (k.kallsyms.addr("cmdline_proc_show").unwrap() - old);
+    assert_eq!(
+        steps,
+        [
+            (
+                "cmdline_proc_show".to_string(),
+                "ftrace_set_filter_ip",
+                sym("ftrace_set_filter_ip"),
+                ops
+            ),
+            (
+                "cmdline_proc_show".to_string(),
+                "register_ftrace_function",
+                sym("register_ftrace_function"),
+                ops
+            ),
+        ]
+    );
+    // The filter names the function's ftrace site, which is its entry
+    // (no IBT on this kernel).
+    assert_eq!(sites, [at, 0]);
+    // The ops the guest was given: the handler, klp's flags, no target.
+    let off = |f: &str| k.btf.offset_of(f).unwrap();
+    let handler = space.read_u64(ops + off("ftrace_ops.func")).unwrap();
+    let mut code = [0u8; 4];
+    space.read_virt(handler, &mut code).unwrap();
+    assert_eq!(code, [0xf3, 0x0f, 0x1e, 0xfa]);
+    let flag = |n: &str| k.btf.enumerator(n).unwrap() as u64;
+    assert_eq!(
+        space.read_u64(ops + off("ftrace_ops.flags")).unwrap(),
+        flag("FTRACE_OPS_FL_SAVE_REGS")
+            | flag("FTRACE_OPS_FL_IPMODIFY")
+            | flag("FTRACE_OPS_FL_RECURSION")
+            | flag("FTRACE_OPS_FL_PERMANENT")
+    );
+    let private = ops + off("ftrace_ops.private");
+    assert_eq!(space.read_u64(private).unwrap(), 0, "inert until the switch");
+
+    // The switch: the word, not the entry.
+    let p = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    assert!(!p.wants_ops());
+    let done = go(&mut e, k, &g, Ok(p));
+    let func = &done.patch.as_ref().unwrap().funcs[0];
+    assert_eq!(func.ftrace_ops.map(|h| h.0), Some(ops));
+    assert!(func.live);
+    assert_eq!(space.read_u64(private).unwrap(), func.new_addr.0);
+    assert_eq!(entry_bytes(&space, old), original, "ftrace's entry");
+
+    // Disable and enable flip the word; the ops stays registered while a
+    // loaded patch names the function.
+    let d = e.prepare_disable(k, &g, "livepatch_sample", false);
+    go(&mut e, k, &g, d);
+    assert_eq!(space.read_u64(private).unwrap(), 0);
+    assert_eq!(e.ops_releases(), 0);
+    let again = e.prepare_enable(k, &g, "livepatch_sample", false).unwrap();
+    assert!(!again.wants_ops(), "still registered");
+    go(&mut e, k, &g, Ok(again));
+    assert_eq!(space.read_u64(private).unwrap(), func.new_addr.0);
+    assert_eq!(entry_bytes(&space, old), original);
+
+    // Removed: the ops is unregistered, then its filter freed.
+    let d = e.prepare_disable(k, &g, "livepatch_sample", false);
+    go(&mut e, k, &g, d);
+    e.remove("livepatch_sample").unwrap();
+    assert_eq!(e.ops_releases(), 1);
+    let mut released = Vec::new();
+    while let Some((_, what)) = e.arm_ops_release(k, &g).unwrap() {
+        released.push((what, word(mailbox + 16), word(mailbox + 24)));
+        finish(0);
+        e.ops_done(0).unwrap();
+    }
+    assert_eq!(
+        released,
+        [
+            (
+                "unregister_ftrace_function of cmdline_proc_show".to_string(),
+                sym("unregister_ftrace_function"),
+                ops
+            ),
+            (
+                "ftrace_free_filter of cmdline_proc_show".to_string(),
+                sym("ftrace_free_filter"),
+                ops
+            ),
+        ]
+    );
+    assert_eq!(e.ops_releases(), 0);
+    assert_eq!(entry_bytes(&space, old), original);
+
+    // A guest whose ftrace refuses the registration (in-guest klp owns
+    // the function): the apply fails naming the function and the reason,
+    // and the slot is let go.
+    let p = e
+        .prepare_apply(k, &g, &ko("livepatch-sample"), false)
+        .unwrap();
+    assert!(p.wants_ops());
+    e.install_ops(k, &g, &p).unwrap();
+    e.arm_ops(k, &g, &p).unwrap().unwrap();
+    finish(0);
+    e.ops_done(0).unwrap();
+    e.arm_ops(k, &g, &p).unwrap().unwrap();
+    finish((-16i64) as u64);
+    let err = e.ops_done((-16i64) as u64).unwrap_err().to_string();
+    assert!(
+        err.contains("cmdline_proc_show") && err.contains("-EBUSY"),
+        "{err}"
+    );
+    assert_eq!(e.ops_releases(), 1, "its filter is freed");
+}

@@ -932,8 +932,13 @@ fn print_patch(p: &PatchInfo) {
         } else {
             format!("{}:", f.object)
         };
+        let via = match f.ftrace_ops {
+            Some(ops) => format!(" (through ftrace, ops {ops})"),
+            None if f.live => " (jmp at its entry)".to_owned(),
+            None => String::new(),
+        };
         println!(
-            "  {object}{}{pos} {} -> {} {}",
+            "  {object}{}{pos} {} -> {} {}{via}",
             f.name,
             f.old_addr,
             f.new_addr,

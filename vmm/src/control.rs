@@ -1285,8 +1285,10 @@ impl Control {
                 Err(e) => tracing::warn!(patch = name, "cannot check stacks yet: {e}"),
             }
             // A freed patch's per-CPU block goes back to the guest's
-            // allocator, through the call gate, now that the pause is over.
-            if engine.percpu_frees() > 0 {
+            // allocator, and ftrace redirects of functions no loaded patch
+            // names are let go, through the call gate, now that the pause
+            // is over.
+            if engine.percpu_frees() > 0 || engine.ops_releases() > 0 {
                 let host = VmHost {
                     control: self,
                     action: "remove",
@@ -1305,6 +1307,7 @@ impl Control {
                     },
                 };
                 lifecycle::free_percpu(&host, &mut live);
+                lifecycle::release_ops(&host, &mut live);
             }
         }
         self.publish(&engine);

@@ -21,6 +21,7 @@ impl Engine {
     ) -> Result<Prepared, EngineError> {
         let mut plan = Plan::new(Vec::new());
         let check = self.plan_sites(&change, &[], None, &mut plan)?;
+        let wants_ops = self.wanted_ops(&change, &[]);
         Ok(Prepared {
             name: name.to_owned(),
             action,
@@ -36,6 +37,7 @@ impl Engine {
             loaded: false,
             klp_before: self.klp_enabled(),
             percpu: None,
+            wants_ops,
         })
     }
 

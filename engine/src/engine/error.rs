@@ -192,6 +192,23 @@ pub enum EngineError {
     /// The patch's per-CPU data could not be set up or given back.
     #[error(transparent)]
     PerCpu(#[from] super::percpu::PercpuError),
+    /// A redirect through the guest's ftrace could not be set up or let go
+    /// (see [`crate::ftrace_ops`]).
+    #[error(transparent)]
+    Ops(#[from] crate::ftrace_ops::OpsError),
+    /// A step of setting up a redirect through the guest's ftrace did not
+    /// finish in time.
+    #[error(
+        "{step} for {func} did not finish in the guest within the transition's time ({progress});          nothing was redirected"
+    )]
+    OpsUnfinished {
+        /// The old function.
+        func: String,
+        /// The kernel function called.
+        step: &'static str,
+        /// How far the call got.
+        progress: String,
+    },
     /// The `struct module` a hook reported is not on the guest's list.
     #[error("the module at {0:#x} that the guest reported loading or unloading is not on its modules list")]
     NoSuchModule(u64),
@@ -259,6 +276,15 @@ impl EngineError {
                     _ => Fault::Guest,
                 }
             }
+            EngineError::Ops(e) => {
+                use crate::ftrace_ops::OpsError as O;
+                match e {
+                    O::Arena(ArenaError::Full { .. }) => Fault::NoSpace,
+                    O::Refused { .. } => Fault::State,
+                    _ => Fault::Guest,
+                }
+            }
+            EngineError::OpsUnfinished { .. } => Fault::Guest,
             EngineError::PerCpu(e) => {
                 use super::percpu::PercpuError as P;
                 match e {

@@ -49,6 +49,11 @@ impl Engine {
     ) -> Vec<(u64, String, bool)> {
         let mut changes = Vec::new();
         for (old, &(before, after)) in sites {
+            // ftrace itself carries this redirect: its record must stay
+            // enabled.
+            if self.via_ftrace(*old) {
+                continue;
+            }
             let site = self
                 .sites
                 .get(old)

@@ -76,6 +76,12 @@ impl Engine {
                     site: Hex(self.sites.get(&f.old).map_or(f.old, |s| s.at)),
                     new_addr: Hex(f.new),
                     live: e.state == PatchState::Enabled && live.get(&f.old) == Some(&f.new),
+                    ftrace_ops: self
+                        .ops
+                        .as_ref()
+                        .filter(|o| o.registered(f.old))
+                        .and_then(|o| o.slot(f.old))
+                        .map(|s| Hex(s.va)),
                 })
                 .collect(),
             module: r.module.as_ref().map(|m| klpvisor_api::ModuleInfo {

@@ -240,6 +240,7 @@ impl Engine {
             .stack
             .plan_enable(entry(&name, record.replace, &record.funcs), force)?;
         let check = self.plan_sites(&change, &fresh, Some(&record), &mut plan)?;
+        let wants_ops = self.wanted_ops(&change, &fresh);
         Ok(Prepared {
             warnings: init_exit_warnings(&module),
             name,
@@ -255,6 +256,7 @@ impl Engine {
             loaded: false,
             klp_before: self.klp_enabled(),
             percpu,
+            wants_ops,
         })
     }
 }

@@ -34,6 +34,7 @@ mod load;
 mod modules;
 mod percpu;
 mod plan;
+mod redirect;
 mod sweep;
 
 pub use coming::{in_hook, Coming, Going, ModuleEvent, Relink};
@@ -143,6 +144,9 @@ struct Facts {
     /// The guest's module layout and registries, to register each patch
     /// as a module (Err: why it cannot be done in this guest).
     registry: Result<crate::register::Registry, String>,
+    /// What the guest offers for redirects through its ftrace (Err: why
+    /// not; entries then get a `jmp`).
+    ops: Result<crate::ftrace_ops::Support, String>,
 }
 
 /// A transition ready to commit. Dropping it changes nothing.
@@ -175,6 +179,9 @@ pub struct Prepared {
     klp_before: Vec<u64>,
     /// The per-CPU memory a new patch needs (see [`percpu`]).
     percpu: Option<percpu::PercpuNeed>,
+    /// Functions this transition starts redirecting whose redirect the
+    /// guest's ftrace should carry and does not yet (see [`redirect`]).
+    wants_ops: Vec<u64>,
 }
 
 impl Prepared {
@@ -225,7 +232,13 @@ impl Prepared {
             .plan
             .allowed()
             .iter()
-            .filter(|a| matches!(a.kind, crate::write::AllowKind::Site { .. }))
+            .filter(|a| {
+                matches!(
+                    a.kind,
+                    crate::write::AllowKind::Site { .. }
+                        | crate::write::AllowKind::RedirectWord { .. }
+                )
+            })
             .copied()
             .collect();
         let load = self.plan.split_off(|w| {
@@ -235,6 +248,14 @@ impl Prepared {
         });
         self.loaded_bytes = load.writes().iter().map(|w| w.bytes.len() as u64).sum();
         load
+    }
+
+    /// Whether functions it redirects should first be registered with the
+    /// guest's ftrace ([`Engine::install_ops`], [`Engine::arm_ops`]), and
+    /// the transition prepared again. Without that (the VM paused by its
+    /// user, say) they get a `jmp` at their entry, as this plan has it.
+    pub fn wants_ops(&self) -> bool {
+        !self.wants_ops.is_empty()
     }
 
     /// Whether this transition loads a new patch (apply).
@@ -342,6 +363,12 @@ pub struct Engine {
     percpu_pending: Option<percpu::Pending>,
     /// Per-CPU blocks to free in the guest, with their patch's name.
     percpu_free: Vec<(String, PercpuBlock)>,
+    /// Redirects through the guest's ftrace, once a transition set one up
+    /// (see [`crate::ftrace_ops`]).
+    ops: Option<crate::ftrace_ops::Ops>,
+    /// The ftrace redirect step sent last through the gate, by old
+    /// function.
+    ops_armed: Option<(u64, crate::ftrace_ops::Step)>,
 }
 
 impl Engine {
@@ -375,6 +402,10 @@ impl Engine {
             let registry = crate::register::Registry::new(&kernel.btf, &kernel.kallsyms)
                 .map_err(|e| e.to_string());
             let hooks = ReturnHooks::from_kernel(&kernel.kallsyms, &kernel.btf);
+            let ops = crate::ftrace_ops::Support::probe(kernel).map_err(|e| e.to_string());
+            if let Err(why) = &ops {
+                tracing::warn!("entries will be redirected by a jmp: {why}");
+            }
             self.facts = Some(Facts {
                 arena,
                 ftrace,
@@ -383,6 +414,7 @@ impl Engine {
                 orc,
                 hooks,
                 registry,
+                ops,
             });
         }
         self.facts
@@ -405,7 +437,9 @@ impl Engine {
             // Known, and not redirected now: it must still hold its
             // original bytes; if the guest changed it (ftrace, in-guest
             // klp), validate afresh for an error that says why.
-            let live = self.stack.live().contains_key(&old);
+            // Redirected through ftrace: the entry is ftrace's, whatever
+            // its bytes.
+            let live = self.stack.live().contains_key(&old) || self.via_ftrace(old);
             let mut now = [0u8; 5];
             let unchanged = guest.read_phys(s.gpa, &mut now).is_ok() && now == s.original;
             if live || unchanged {

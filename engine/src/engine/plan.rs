@@ -25,6 +25,7 @@ impl Engine {
         plan: &mut Plan,
     ) -> Result<Check, EngineError> {
         let mut spans = Vec::new();
+        let mut handler = None;
         for (&old, &(before, after)) in &change.sites {
             let site = self
                 .sites
@@ -43,13 +44,31 @@ impl Engine {
                         None => Ok(site.original.to_vec()),
                     }
                 };
-            plan.allow(site.allowed());
-            plan.push(Write::new(
-                site.gpa,
-                bytes(after)?,
-                bytes(before)?,
-                format!("entry of {}", site.name),
-            ));
+            match self
+                .ops
+                .as_ref()
+                .and_then(|o| o.switch_write(old, before, after))
+            {
+                // ftrace carries the redirect: the switch is its ops'
+                // `private` word, and no task may be in the handler, which
+                // holds that word in a register for a few instructions.
+                Some((allowed, write)) => {
+                    plan.allow(allowed);
+                    plan.push(write);
+                    if let Some(o) = &self.ops {
+                        handler = Some(o.handler_range());
+                    }
+                }
+                None => {
+                    plan.allow(site.allowed());
+                    plan.push(Write::new(
+                        site.gpa,
+                        bytes(after)?,
+                        bytes(before)?,
+                        format!("entry of {}", site.name),
+                    ));
+                }
+            }
             spans.push(Span {
                 range: if site.extent.is_empty() {
                     old..old + 1
@@ -74,6 +93,12 @@ impl Engine {
                     }
                 }
             }
+        }
+        if let Some(range) = handler {
+            spans.push(Span {
+                range,
+                name: "klpvisor's ftrace redirect handler".into(),
+            });
         }
         Ok(Check::new(spans))
     }

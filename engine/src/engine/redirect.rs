@@ -1,0 +1,255 @@
+//! Redirects through the guest's ftrace, as the engine drives them: which
+//! functions of a transition get one, their slots installed and registered
+//! through the call gate before the switch, and let go once no loaded patch
+//! names the function (see [`crate::ftrace_ops`]).
+
+use crate::ftrace_ops::{Ops, Step, Support};
+use crate::stack::Change;
+use crate::write::Plan;
+use klpvisor_guest::{Guest, Kernel};
+
+use super::*;
+
+impl Engine {
+    /// What the guest offers for ftrace redirects (`Err`: why not; the
+    /// entries then get a `jmp`). Facts must be loaded.
+    pub(super) fn ops_support(&self) -> Result<Support, String> {
+        self.facts
+            .as_ref()
+            .map_or_else(|| Err("kernel facts unavailable".into()), |f| f.ops.clone())
+    }
+
+    /// The functions `change` starts redirecting that ftrace should
+    /// redirect and does not yet: vmlinux functions (a module's go through
+    /// its load hooks, which keep the `jmp`) without a registered slot.
+    pub(super) fn wanted_ops(&self, change: &Change, fresh: &[Site]) -> Vec<u64> {
+        if self.ops_support().is_err() {
+            return Vec::new();
+        }
+        change
+            .sites
+            .iter()
+            .filter(|(_, (before, after))| before.is_none() && after.is_some())
+            .map(|(&old, _)| old)
+            .filter(|old| !self.ops.as_ref().is_some_and(|o| o.registered(*old)))
+            .filter(|old| {
+                self.sites
+                    .get(old)
+                    .or_else(|| fresh.iter().find(|s| s.func == *old))
+                    .is_some_and(|s| s.module.is_none())
+            })
+            .collect()
+    }
+
+    /// Whether ftrace redirects `old` (its entry is then ftrace's, never
+    /// written by klpvisor).
+    pub(super) fn via_ftrace(&self, old: u64) -> bool {
+        self.ops.as_ref().is_some_and(|o| o.registered(old))
+    }
+
+    /// Installs the handler page if needed and enough slot pages for the
+    /// functions `p` wants redirected through ftrace. Call with every vCPU
+    /// paused, before preparing `p` again (the pages come from the arena).
+    pub fn install_ops<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &Prepared,
+    ) -> Result<(), EngineError> {
+        let support = self.ops_support().map_err(crate::ftrace_ops::OpsError::Unsupported)?;
+        let need = p
+            .wants_ops
+            .iter()
+            .filter(|old| !self.ops.as_ref().is_some_and(|o| o.slot(**old).is_some()))
+            .count();
+        let facts = self.facts(kernel, guest)?;
+        let mut arena = facts.arena.clone();
+        let mut writes = Vec::new();
+        let mut ops = match &self.ops {
+            Some(o) => o.clone(),
+            None => {
+                let (o, w) = Ops::plan_install(kernel, guest, support, &mut arena)?;
+                writes.extend(w);
+                o
+            }
+        };
+        writes.extend(ops.plan_grow(guest, &mut arena, need)?);
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut plan = Plan::new(arena.allowed());
+        plan.extend(writes);
+        plan.commit(guest)?;
+        if let Some(f) = self.facts.as_mut() {
+            f.arena = arena;
+        }
+        self.ops = Some(ops);
+        Ok(())
+    }
+
+    /// Sends the next step that registers a slot `p` wants (writing a
+    /// fresh `ftrace_ops` into a free slot first), or `None` when every
+    /// one is registered. Call with every vCPU paused; then raise the
+    /// gate's vector on [`Armed::vcpu`] and give the result to
+    /// [`Engine::ops_done`].
+    pub fn arm_ops<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        p: &Prepared,
+    ) -> Result<Option<Armed>, EngineError> {
+        for &old in &p.wants_ops {
+            let ops = self
+                .ops
+                .as_mut()
+                .ok_or_else(|| EngineError::Internal("ftrace redirects not installed".into()))?;
+            let mut image = None;
+            if ops.slot(old).is_none() {
+                let site = self
+                    .sites
+                    .get(&old)
+                    .or_else(|| p.sites.iter().find(|s| s.func == old))
+                    .cloned()
+                    .ok_or_else(|| EngineError::Internal(format!("no site for {old:#x}")))?;
+                let write = ops.plan_take(guest, old, site.at, &site.name)?;
+                image = Some((write, site));
+            }
+            let Some(step) = ops.next_up(old) else {
+                continue;
+            };
+            let armed = self.arm_ops_step(kernel, guest, old, step, image.as_ref().map(|i| &i.0));
+            match armed {
+                Ok(a) => {
+                    if let Some((_, site)) = image {
+                        // Known from now on: once ftrace owns the entry,
+                        // its bytes are ftrace's call, and a later prepare
+                        // must not validate it as a nop again.
+                        self.sites.entry(old).or_insert(site);
+                    }
+                    return Ok(Some(a));
+                }
+                Err(e) => {
+                    if let Some(o) = self.ops.as_mut() {
+                        o.forget_written(old);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends `step` on `old`'s slot through the gate, writing `image`
+    /// (its fresh `ftrace_ops`) in the same pause.
+    fn arm_ops_step<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        old: u64,
+        step: Step,
+        image: Option<&crate::write::Write>,
+    ) -> Result<Armed, EngineError> {
+        let ops = self
+            .ops
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("ftrace redirects not installed".into()))?;
+        let (func, args) = ops.call(old, step).ok_or_else(|| {
+            EngineError::Internal(format!("no {} for {old:#x}", step.function()))
+        })?;
+        let name = ops.slot(old).map(|s| s.name.clone()).unwrap_or_default();
+        let mut pre = Plan::new(
+            ops.regions()
+                .iter()
+                .map(|r| crate::write::Allowed {
+                    gpa: r.gpa,
+                    len: r.len,
+                    kind: crate::write::AllowKind::Arena,
+                })
+                .collect(),
+        );
+        if let Some(w) = image {
+            pre.push(w.clone());
+        }
+        let (gate, (cpu, base), seq) = self.next_call(kernel, guest)?;
+        let label = format!("#{seq} {} for {name}", step.function());
+        let plan = gate.plan_call(kernel, guest, (cpu, base), func, &args, seq, &label)?;
+        pre.commit(guest)?;
+        plan.commit(guest)?;
+        self.calls = seq;
+        self.ops_armed = Some((old, step));
+        tracing::debug!(func = name, step = step.function(), seq, "ftrace redirect step sent");
+        Ok(Armed { seq, vcpu: 0, cpu })
+    }
+
+    /// Takes what the step sent last returned.
+    pub fn ops_done(&mut self, ret: u64) -> Result<(), EngineError> {
+        let Some((old, step)) = self.ops_armed.take() else {
+            return Err(EngineError::Internal("no ftrace redirect step was sent".into()));
+        };
+        let ops = self
+            .ops
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal("ftrace redirects not installed".into()))?;
+        ops.done(old, step, ret)?;
+        if let Some(s) = ops.slot(old) {
+            tracing::info!(func = s.name, step = step.function(), "ftrace redirect step done");
+        }
+        Ok(())
+    }
+
+    /// The step sent last, by function name and kernel function.
+    pub fn ops_armed(&self) -> Option<(String, &'static str)> {
+        let (old, step) = self.ops_armed?;
+        let name = self.ops.as_ref()?.slot(old)?.name.clone();
+        Some((name, step.function()))
+    }
+
+    /// Slots no loaded patch names any more (an abandoned apply's, a
+    /// removed patch's), in old-function order.
+    fn unheld_ops(&self) -> Vec<u64> {
+        let Some(ops) = &self.ops else {
+            return Vec::new();
+        };
+        let live = self.stack.live();
+        ops.slots()
+            .map(|(old, _)| old)
+            .filter(|old| !live.contains_key(old))
+            .filter(|old| {
+                !self
+                    .records
+                    .values()
+                    .any(|r| r.funcs.iter().any(|f| f.old == *old))
+            })
+            .collect()
+    }
+
+    /// How many slots wait to be let go.
+    pub fn ops_releases(&self) -> usize {
+        self.unheld_ops().len()
+    }
+
+    /// Sends the next step that lets go of a slot no loaded patch names
+    /// (`unregister_ftrace_function`, then `ftrace_free_filter`); `None`
+    /// if there is none. Returns the function's name with it. Call with
+    /// every vCPU paused; then raise the gate's vector and give the result
+    /// to [`Engine::ops_done`].
+    pub fn arm_ops_release<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<Option<(Armed, String)>, EngineError> {
+        for old in self.unheld_ops() {
+            let Some(ops) = self.ops.as_mut() else {
+                break;
+            };
+            ops.forget_written(old);
+            let Some(step) = ops.next_down(old) else {
+                continue;
+            };
+            let name = ops.slot(old).map(|s| s.name.clone()).unwrap_or_default();
+            let armed = self.arm_ops_step(kernel, guest, old, step, None)?;
+            return Ok(Some((armed, format!("{} of {name}", step.function()))));
+        }
+        Ok(None)
+    }
+}
