@@ -124,15 +124,26 @@ impl Layout {
                 "struct ftrace_ops is {size} bytes; a slot takes 1 to {MAX_OPS_SIZE}"
             )));
         }
+        // x86 keeps a `struct pt_regs regs` in `struct ftrace_regs` (6.1)
+        // or, once ftrace_regs became opaque, in `struct
+        // __arch_ftrace_regs` at the same address (Debian's 6.12).
+        let regs = ["ftrace_regs", "__arch_ftrace_regs"]
+            .into_iter()
+            .find(|s| btf.offset_of(&format!("{s}.regs.ip")).is_ok())
+            .ok_or_else(|| {
+                OpsError::Unsupported(
+                    "BTF has neither ftrace_regs.regs.ip nor __arch_ftrace_regs.regs.ip".into(),
+                )
+            })?;
         let regs_size = btf
-            .struct_size("ftrace_regs")
+            .struct_size(regs)
             .map_err(|e| OpsError::Unsupported(format!("BTF: {e}")))?;
         let layout = Self {
             size,
             func: off("ftrace_ops.func")?,
             flags: off("ftrace_ops.flags")?,
             private: off("ftrace_ops.private")?,
-            regs_ip: off("ftrace_regs.regs.ip")?,
+            regs_ip: off(&format!("{regs}.regs.ip"))?,
             flag_bits: {
                 let mut bits = 0u64;
                 for name in [
@@ -158,7 +169,7 @@ impl Layout {
             ("ftrace_ops.func", layout.func, size),
             ("ftrace_ops.flags", layout.flags, size),
             ("ftrace_ops.private", layout.private, size),
-            ("ftrace_regs.regs.ip", layout.regs_ip, regs_size),
+            ("the saved regs.ip", layout.regs_ip, regs_size),
         ] {
             if at.checked_add(8).is_none_or(|end| end > within) || at % 8 != 0 {
                 return Err(OpsError::Unsupported(format!(
