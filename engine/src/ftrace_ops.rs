@@ -46,7 +46,7 @@ use klpvisor_guest::{Btf, Guest, GuestPhys, Kernel, VirtRead};
 use thiserror::Error;
 
 use crate::arena::{Arena, ArenaError, Perm, Region};
-use crate::write::{Allowed, AllowKind, Write, WriteError};
+use crate::write::{AllowKind, Allowed, Write, WriteError};
 
 const PAGE: u64 = 4096;
 /// A slot's alignment: a cache line.
@@ -429,7 +429,8 @@ impl Ops {
         )?);
         let slot = self.support.layout.slot_size();
         for i in (0..pages * per_page).rev() {
-            self.free.push((region.va.0 + i * slot, region.gpa + i * slot));
+            self.free
+                .push((region.va.0 + i * slot, region.gpa + i * slot));
         }
         self.pages.push(region);
         Ok(writes)
@@ -742,7 +743,10 @@ mod tests {
             .expect_err("EBUSY")
             .to_string();
         assert!(e.contains("cmdline_proc_show"), "{e}");
-        assert!(e.contains("register_ftrace_function returned -16 (-EBUSY)"), "{e}");
+        assert!(
+            e.contains("register_ftrace_function returned -16 (-EBUSY)"),
+            "{e}"
+        );
         assert!(e.contains("livepatch loaded in the guest"), "{e}");
         // Not registered: no switch through it, and letting go frees the
         // filter it has.

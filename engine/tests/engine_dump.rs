@@ -1195,7 +1195,12 @@ fn a_redirect_through_ftrace_switches_a_word_and_leaves_the_entry_to_ftrace() {
     let ops = steps[0].3;
     let mut first = [0u8; 4];
     space.read_virt(old, &mut first).unwrap();
-    let at = old + if first == [0xf3, 0x0f, 0x1e, 0xfa] { 4 } else { 0 };
+    let at = old
+        + if first == [0xf3, 0x0f, 0x1e, 0xfa] {
+            4
+        } else {
+            0
+        };
     assert_eq!(
         steps,
         [
@@ -1231,7 +1236,11 @@ fn a_redirect_through_ftrace_switches_a_word_and_leaves_the_entry_to_ftrace() {
             | flag("FTRACE_OPS_FL_PERMANENT")
     );
     let private = ops + off("ftrace_ops.private");
-    assert_eq!(space.read_u64(private).unwrap(), 0, "inert until the switch");
+    assert_eq!(
+        space.read_u64(private).unwrap(),
+        0,
+        "inert until the switch"
+    );
 
     // The switch: the word, not the entry.
     let p = e

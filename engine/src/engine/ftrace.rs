@@ -1,7 +1,10 @@
-//! Keeping the guest's ftrace off the entries klpvisor redirects.
+//! Keeping the guest's ftrace off the entries klpvisor redirects with a
+//! `jmp` (a module's functions, and any function switched while the guest
+//! cannot run the call gate; the others go through ftrace itself: see
+//! [`crate::ftrace_ops`]).
 //!
-//! klpvisor writes a `jmp` over the `__fentry__` nop of every function it
-//! patches; ftrace believes that nop is its own. Left alone, the first
+//! The `jmp` goes over the function's `__fentry__` nop, which ftrace
+//! believes is its own. Left alone, the first
 //! tracer that touches the function (the function tracer, a filter naming
 //! it, a kprobe or a BPF trampoline on ftrace) finds the `jmp` where it
 //! expects a nop, warns and shuts ftrace down for good (`ftrace_bug`).

@@ -56,11 +56,13 @@ impl Engine {
         guest: &G,
         p: &Prepared,
     ) -> Result<(), EngineError> {
-        let support = self.ops_support().map_err(crate::ftrace_ops::OpsError::Unsupported)?;
+        let support = self
+            .ops_support()
+            .map_err(crate::ftrace_ops::OpsError::Unsupported)?;
         let need = p
             .wants_ops
             .iter()
-            .filter(|old| !self.ops.as_ref().is_some_and(|o| o.slot(**old).is_some()))
+            .filter(|old| self.ops.as_ref().is_none_or(|o| o.slot(**old).is_none()))
             .count();
         let facts = self.facts(kernel, guest)?;
         let mut arena = facts.arena.clone();
@@ -153,9 +155,9 @@ impl Engine {
             .ops
             .as_ref()
             .ok_or_else(|| EngineError::Internal("ftrace redirects not installed".into()))?;
-        let (func, args) = ops.call(old, step).ok_or_else(|| {
-            EngineError::Internal(format!("no {} for {old:#x}", step.function()))
-        })?;
+        let (func, args) = ops
+            .call(old, step)
+            .ok_or_else(|| EngineError::Internal(format!("no {} for {old:#x}", step.function())))?;
         let name = ops.slot(old).map(|s| s.name.clone()).unwrap_or_default();
         let mut pre = Plan::new(
             ops.regions()
@@ -177,14 +179,21 @@ impl Engine {
         plan.commit(guest)?;
         self.calls = seq;
         self.ops_armed = Some((old, step));
-        tracing::debug!(func = name, step = step.function(), seq, "ftrace redirect step sent");
+        tracing::debug!(
+            func = name,
+            step = step.function(),
+            seq,
+            "ftrace redirect step sent"
+        );
         Ok(Armed { seq, vcpu: 0, cpu })
     }
 
     /// Takes what the step sent last returned.
     pub fn ops_done(&mut self, ret: u64) -> Result<(), EngineError> {
         let Some((old, step)) = self.ops_armed.take() else {
-            return Err(EngineError::Internal("no ftrace redirect step was sent".into()));
+            return Err(EngineError::Internal(
+                "no ftrace redirect step was sent".into(),
+            ));
         };
         let ops = self
             .ops
@@ -192,7 +201,11 @@ impl Engine {
             .ok_or_else(|| EngineError::Internal("ftrace redirects not installed".into()))?;
         ops.done(old, step, ret)?;
         if let Some(s) = ops.slot(old) {
-            tracing::info!(func = s.name, step = step.function(), "ftrace redirect step done");
+            tracing::info!(
+                func = s.name,
+                step = step.function(),
+                "ftrace redirect step done"
+            );
         }
         Ok(())
     }
