@@ -23,11 +23,10 @@
 //!   `private` is 0 then, so the ops changes nothing yet.
 //! - **Switch** in the safe-point pause: one 8-byte write of `private` per
 //!   function, so a transition stays one atomic step, checked like any other.
-//! - **Unregister** once no loaded patch names the function:
-//!   `unregister_ftrace_function` (which waits for RCU-tasks, so no CPU is
-//!   left in the handler) and `ftrace_free_filter`, after which the slot is
-//!   free again. A disabled patch keeps its functions' slots registered and
-//!   inert, so disable and enable cost one pause each, not a register.
+//! - **Unregister** once no patch redirects the function, as klp does
+//!   after a transition: `unregister_ftrace_function` (which waits for
+//!   RCU-tasks, so no CPU is left in the handler) and `ftrace_free_filter`,
+//!   after which the slot is free again and the entry is ftrace's nop.
 //!
 //! The flags are klp's: `SAVE_REGS | IPMODIFY | PERMANENT` (so that
 //! `sysctl kernel.ftrace_enabled=0` cannot silently unpatch), and

@@ -311,7 +311,7 @@ pub trait Patcher<G: Guest + ?Sized> {
     fn ops_armed(&self) -> Option<(String, &'static str)> {
         None
     }
-    /// Ftrace redirects no loaded patch needs any more.
+    /// Ftrace redirects of functions no patch redirects any more.
     fn ops_releases(&self) -> usize {
         0
     }
@@ -585,7 +585,8 @@ where
     // does every patch whose code this transition's pause freed.
     patcher.abandon_percpu();
     let mut freed = free_percpu(host, patcher);
-    // Ftrace redirects set up for an apply that did not commit.
+    // Ftrace redirects of functions no patch redirects any more (this
+    // transition's disable or replace, or an apply that did not commit).
     freed.extend(release_ops(host, patcher));
     outcome.map(|mut o| {
         o.warnings.extend(freed);
@@ -597,7 +598,7 @@ where
 /// `unregister_ftrace_function` waits for an RCU-tasks grace period.
 pub const RELEASE_GRACE: Duration = Duration::from_secs(10);
 
-/// Lets go of every ftrace redirect no loaded patch names any more
+/// Lets go of every ftrace redirect of a function no patch redirects
 /// ([`Patcher::arm_ops_release`]): each function's ops unregistered and
 /// its filter freed, through the call gate. One that cannot be let go now
 /// (the VM paused by its user, a step that did not finish) stays for the

@@ -1285,9 +1285,9 @@ impl Control {
                 Err(e) => tracing::warn!(patch = name, "cannot check stacks yet: {e}"),
             }
             // A freed patch's per-CPU block goes back to the guest's
-            // allocator, and ftrace redirects of functions no loaded patch
-            // names are let go, through the call gate, now that the pause
-            // is over.
+            // allocator, and ftrace redirects of functions no patch
+            // redirects are let go, through the call gate, now that the
+            // pause is over.
             if engine.percpu_frees() > 0 || engine.ops_releases() > 0 {
                 let host = VmHost {
                     control: self,

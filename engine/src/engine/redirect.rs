@@ -1,7 +1,7 @@
 //! Redirects through the guest's ftrace, as the engine drives them: which
 //! functions of a transition get one, their slots installed and registered
-//! through the call gate before the switch, and let go once no loaded patch
-//! names the function (see [`crate::ftrace_ops`]).
+//! through the call gate before the switch, and let go once no patch
+//! redirects the function (see [`crate::ftrace_ops`]).
 
 use crate::ftrace_ops::{Ops, Step, Support};
 use crate::stack::Change;
@@ -217,8 +217,10 @@ impl Engine {
         Some((name, step.function()))
     }
 
-    /// Slots no loaded patch names any more (an abandoned apply's, a
-    /// removed patch's), in old-function order.
+    /// Slots of functions no patch redirects now (a disable's, a
+    /// replace's, an abandoned apply's), in old-function order: klp
+    /// unregisters a function's ops as soon as no patch redirects it, so
+    /// an unpatched function is ftrace's alone again.
     fn unheld_ops(&self) -> Vec<u64> {
         let Some(ops) = &self.ops else {
             return Vec::new();
@@ -227,12 +229,6 @@ impl Engine {
         ops.slots()
             .map(|(old, _)| old)
             .filter(|old| !live.contains_key(old))
-            .filter(|old| {
-                !self
-                    .records
-                    .values()
-                    .any(|r| r.funcs.iter().any(|f| f.old == *old))
-            })
             .collect()
     }
 
@@ -241,7 +237,7 @@ impl Engine {
         self.unheld_ops().len()
     }
 
-    /// Sends the next step that lets go of a slot no loaded patch names
+    /// Sends the next step that lets go of a slot no patch redirects
     /// (`unregister_ftrace_function`, then `ftrace_free_filter`); `None`
     /// if there is none. Returns the function's name with it. Call with
     /// every vCPU paused; then raise the gate's vector and give the result
