@@ -324,7 +324,7 @@ fn bad_patches_are_refused_and_the_guest_is_untouched() {
         ("init-ref", ".init.data"),
         ("arena-full", "arena full"),
         ("duplicate", "already loaded"),
-        ("traced", "ftrace"),
+        ("traced", "traced by the guest's ftrace"),
     ];
     let results = run.results("patch-bad");
     for (class, needle) in want {
@@ -357,13 +357,23 @@ fn bad_patches_are_refused_and_the_guest_is_untouched() {
         "a good patch still applies"
     );
     assert_eq!(run.result("patch-good-off")["rc"], "0");
+    // Traced, with the VM running: shared through the guest's ftrace,
+    // the tracer left on, and the guest runs the patch.
+    assert_eq!(run.result("patch-traced")["rc"], "0", "{t}");
+    assert!(run
+        .lines_with("KLPV-CMDLINE 2 ")
+        .iter()
+        .any(|l| l.ends_with("this has been live patched")));
+    let traced = patches(&run, "traced");
+    assert!(traced.patches[0].funcs[0].ftrace_ops.is_some(), "{t}");
+    assert_eq!(run.result("patch-traced-off")["rc"], "0", "{t}");
     assert_eq!(
         run.result("patch-untraced")["rc"],
         "0",
         "applies once untraced"
     );
     assert!(run
-        .lines_with("KLPV-CMDLINE 3 ")
+        .lines_with("KLPV-CMDLINE 4 ")
         .iter()
         .any(|l| l.ends_with("this has been live patched")));
     let dmesg = run.lines_with("KLPV-DMESG warnings=");

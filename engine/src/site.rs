@@ -381,6 +381,11 @@ pub struct Site {
     /// finding a `jmp` where it expects its nop, which makes it warn and
     /// shut itself down (`ftrace_bug`).
     pub ftrace_flags: Option<u64>,
+    /// Whether the entry held ftrace's `call` when validated (the function
+    /// traced in the guest): only a redirect through ftrace itself may
+    /// then be used (see [`crate::ftrace_ops`]); its bytes are never
+    /// written.
+    pub traced: bool,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -425,6 +430,15 @@ pub fn jmp_rel32(at: u64, target: u64) -> Result<[u8; 5], SiteError> {
     Ok([JMP_REL32, r[0], r[1], r[2], r[3]])
 }
 
+/// What precedes the ftrace site at the start of `code`.
+fn endbr_of(code: &[u8]) -> Endbr {
+    match code.get(..4) {
+        Some(b) if b == ENDBR64 => Endbr::Endbr64,
+        Some(b) if b == ENDBR_POISON => Endbr::Sealed,
+        _ => Endbr::None,
+    }
+}
+
 /// Decodes a function entry from its first bytes. `code` starts at `func`
 /// and holds the function (at most to its end, so a short function is
 /// caught); `name` only labels errors; `classify` names call/jmp targets.
@@ -434,11 +448,7 @@ pub fn decode_entry(
     code: &[u8],
     classify: &dyn Fn(u64) -> Target,
 ) -> Result<Entry, SiteError> {
-    let endbr = match code.get(..4) {
-        Some(b) if b == ENDBR64 => Endbr::Endbr64,
-        Some(b) if b == ENDBR_POISON => Endbr::Sealed,
-        _ => Endbr::None,
-    };
+    let endbr = endbr_of(code);
     let skip = endbr.len() as usize;
     let at = func + endbr.len();
     let rest = code.get(skip..).unwrap_or_default();
@@ -712,6 +722,29 @@ impl Site {
         records: &FtraceRecords,
         func: u64,
     ) -> Result<Site, SiteError> {
+        Self::find_with(space, kallsyms, records, func, false)
+    }
+
+    /// [`Site::find`], but a function the guest traces (ftrace's `call`
+    /// at its entry, to ftrace's own code or a trampoline in the module
+    /// area) is taken too, marked [`Site::traced`]: for a redirect through
+    /// ftrace, which shares the entry with the guest's tracers.
+    pub fn find_shared<G: Guest + ?Sized>(
+        space: &AddressSpace<'_, G>,
+        kallsyms: &Kallsyms,
+        records: &FtraceRecords,
+        func: u64,
+    ) -> Result<Site, SiteError> {
+        Self::find_with(space, kallsyms, records, func, true)
+    }
+
+    fn find_with<G: Guest + ?Sized>(
+        space: &AddressSpace<'_, G>,
+        kallsyms: &Kallsyms,
+        records: &FtraceRecords,
+        func: u64,
+        traced_ok: bool,
+    ) -> Result<Site, SiteError> {
         let not_fn = |why: String| SiteError::NotAFunction { func, why };
         let located = kallsyms
             .locate(func)
@@ -748,7 +781,7 @@ impl Site {
         let next = kallsyms
             .extent(func)
             .map_or(text_end, |r| r.end.min(text_end));
-        Self::at_entry(space, kallsyms, records, name, func, next)
+        Self::at_entry(space, kallsyms, records, name, func, next, traced_ok)
     }
 
     /// Finds and validates the site of the function at `func` in loaded
@@ -789,7 +822,7 @@ impl Site {
             Some(e) if symbol.size > 0 => e.min(module.text.end),
             _ => module.text.end,
         };
-        let mut site = Self::at_entry(space, kallsyms, records, name, func, end)?;
+        let mut site = Self::at_entry(space, kallsyms, records, name, func, end, false)?;
         site.module = Some(InModule {
             name: module.name.clone(),
             addr: module.addr,
@@ -807,6 +840,7 @@ impl Site {
         name: String,
         func: u64,
         end: u64,
+        traced_ok: bool,
     ) -> Result<Site, SiteError> {
         let size = end - func;
         let mut code = vec![0u8; (size.min(ENTRY_READ as u64)) as usize];
@@ -817,7 +851,44 @@ impl Site {
                 func,
                 source,
             })?;
-        let entry = decode_entry(&name, func, &code, &|t| classify_target(kallsyms, t))?;
+        let (entry, traced) =
+            match decode_entry(&name, func, &code, &|t| classify_target(kallsyms, t)) {
+                Ok(e) => (e, false),
+                // ftrace's call: the guest traces the function. Its record
+                // (checked below) says the site is ftrace's.
+                Err(SiteError::Call { at, target, .. })
+                    if traced_ok
+                        && matches!(
+                            classify_target(kallsyms, target).kind,
+                            TargetKind::Ftrace | TargetKind::ModuleArea
+                        ) =>
+                {
+                    let off = (at - func) as usize;
+                    let mut original = [0u8; 5];
+                    match code.get(off..off + 5) {
+                        Some(b) => original.copy_from_slice(b),
+                        None => {
+                            return Err(SiteError::TooShort {
+                                name,
+                                func,
+                                size,
+                                need: off as u64 + 5,
+                            })
+                        }
+                    }
+                    let endbr = endbr_of(&code);
+                    (
+                        Entry {
+                            func,
+                            endbr,
+                            at,
+                            original,
+                        },
+                        true,
+                    )
+                }
+                Err(e) => return Err(e),
+            };
         if !records.contains(entry.at) {
             return Err(SiteError::NotFtraceSite {
                 name,
@@ -855,6 +926,7 @@ impl Site {
             gpa: first.phys,
             original: entry.original,
             ftrace_flags: records.flags_word(entry.at),
+            traced,
         })
     }
 

@@ -179,6 +179,11 @@ pub trait Planned {
     fn wants_ops(&self) -> bool {
         false
     }
+    /// Why it cannot be committed as planned, known before anything is
+    /// written (see [`Prepared::usable`]).
+    fn usable(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
 }
 
 impl Planned for Prepared {
@@ -202,6 +207,9 @@ impl Planned for Prepared {
     }
     fn wants_ops(&self) -> bool {
         Prepared::wants_ops(self)
+    }
+    fn usable(&self) -> Result<(), EngineError> {
+        Prepared::usable(self)
     }
 }
 
@@ -835,6 +843,9 @@ where
             prepared = patcher.prepare()?;
         }
     }
+    // A plan that could only be committed by writing over ftrace's call
+    // is refused now, before its load writes anything.
+    prepared.usable()?;
     // (Taken only now: a new patch's callbacks moved with it when the gate
     // made it plan again.)
     let calls = prepared.calls().clone();

@@ -22,6 +22,7 @@ impl Engine {
         let mut plan = Plan::new(Vec::new());
         let check = self.plan_sites(&change, &[], None, &mut plan)?;
         let wants_ops = self.wanted_ops(&change, &[]);
+        let traced_jumps = self.traced_jumps(&change, &[]);
         Ok(Prepared {
             name: name.to_owned(),
             action,
@@ -38,6 +39,7 @@ impl Engine {
             klp_before: self.klp_enabled(),
             percpu: None,
             wants_ops,
+            traced_jumps,
         })
     }
 
@@ -55,6 +57,7 @@ impl Engine {
                 p.name
             )));
         }
+        p.usable()?;
         self.check_modules(kernel, guest, p)?;
         // A patch not loaded by Engine::load yet is loaded, and its module
         // registered, in this same pause: nothing runs in between.

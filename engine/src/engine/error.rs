@@ -209,6 +209,14 @@ pub enum EngineError {
         /// How far the call got.
         progress: String,
     },
+    /// Functions the guest traces could only be redirected by writing a
+    /// `jmp` over ftrace's call, which klpvisor never does.
+    #[error(
+        "{0}: traced by the guest's ftrace (its entry holds ftrace's call); klpvisor shares a \
+         traced entry only through the guest's ftrace, whose registration runs in the guest: \
+         resume the VM (or stop tracing the function) and try again"
+    )]
+    TracedEntry(String),
     /// The `struct module` a hook reported is not on the guest's list.
     #[error("the module at {0:#x} that the guest reported loading or unloading is not on its modules list")]
     NoSuchModule(u64),
@@ -242,7 +250,8 @@ impl EngineError {
             | EngineError::ModuleGone(_)
             | EngineError::Unlinked { .. }
             | EngineError::Downgrade { .. }
-            | EngineError::GuestBusy(_) => Fault::State,
+            | EngineError::GuestBusy(_)
+            | EngineError::TracedEntry(_) => Fault::State,
             EngineError::Arena(ArenaError::Full { .. })
             | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
             EngineError::Gate(GateError::Busy(_)) => Fault::State,

@@ -241,6 +241,7 @@ impl Engine {
             .plan_enable(entry(&name, record.replace, &record.funcs), force)?;
         let check = self.plan_sites(&change, &fresh, Some(&record), &mut plan)?;
         let wants_ops = self.wanted_ops(&change, &fresh);
+        let traced_jumps = self.traced_jumps(&change, &fresh);
         Ok(Prepared {
             warnings: init_exit_warnings(&module),
             name,
@@ -257,6 +258,7 @@ impl Engine {
             klp_before: self.klp_enabled(),
             percpu,
             wants_ops,
+            traced_jumps,
         })
     }
 }

@@ -182,6 +182,10 @@ pub struct Prepared {
     /// Functions this transition starts redirecting whose redirect the
     /// guest's ftrace should carry and does not yet (see [`redirect`]).
     wants_ops: Vec<u64>,
+    /// Functions the guest traces that this plan could only redirect by
+    /// a `jmp` over ftrace's call, which it never writes: committing it is
+    /// refused (see [`Engine::traced_jumps`]).
+    traced_jumps: Vec<String>,
 }
 
 impl Prepared {
@@ -256,6 +260,18 @@ impl Prepared {
     /// user, say) they get a `jmp` at their entry, as this plan has it.
     pub fn wants_ops(&self) -> bool {
         !self.wants_ops.is_empty()
+    }
+
+    /// Why it cannot be committed as planned: functions the guest traces
+    /// that it could only redirect by a `jmp` over ftrace's call (the
+    /// guest could not register their ftrace redirects: the VM is held
+    /// paused).
+    pub fn usable(&self) -> Result<(), EngineError> {
+        if self.traced_jumps.is_empty() {
+            Ok(())
+        } else {
+            Err(EngineError::TracedEntry(self.traced_jumps.join(", ")))
+        }
     }
 
     /// Whether this transition loads a new patch (apply).
@@ -448,6 +464,11 @@ impl Engine {
         }
         let space = kernel.space(guest);
         match module {
+            // A function the guest traces is shared through its ftrace
+            // where that can carry the redirect.
+            None if self.ops_support().is_ok() => {
+                Site::find_shared(&space, &kernel.kallsyms, ftrace, old)
+            }
             None => Site::find(&space, &kernel.kallsyms, ftrace, old),
             Some(m) => Site::find_in_module(&space, &kernel.kallsyms, m, ftrace, old),
         }

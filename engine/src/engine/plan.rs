@@ -59,6 +59,9 @@ impl Engine {
                         handler = Some(o.handler_range());
                     }
                 }
+                // Never a jmp over ftrace's call: the commit refuses such
+                // a plan (Prepared::traced_jumps).
+                None if site.traced => {}
                 None => {
                     plan.allow(site.allowed());
                     plan.push(Write::new(

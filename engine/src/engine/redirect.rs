@@ -41,6 +41,24 @@ impl Engine {
             .collect()
     }
 
+    /// The functions `change` would redirect by a `jmp` although the guest
+    /// traces them (see [`Site::traced`]): [`Engine::plan_sites`] writes
+    /// nothing for them, and a commit with any is refused.
+    pub(super) fn traced_jumps(&self, change: &Change, fresh: &[Site]) -> Vec<String> {
+        change
+            .sites
+            .iter()
+            .filter(|(old, _)| !self.via_ftrace(**old))
+            .filter_map(|(old, _)| {
+                self.sites
+                    .get(old)
+                    .or_else(|| fresh.iter().find(|s| s.func == *old))
+            })
+            .filter(|s| s.traced)
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
     /// Whether ftrace redirects `old` (its entry is then ftrace's, never
     /// written by klpvisor).
     pub(super) fn via_ftrace(&self, old: u64) -> bool {

@@ -131,6 +131,10 @@ struct FakePlan {
     loads: bool,
     warnings: Vec<String>,
     needs_percpu: bool,
+    /// Functions still to register with the guest's ftrace.
+    wants_ops: bool,
+    /// A traced function this plan could only redirect by a jmp.
+    traced_jump: bool,
 }
 
 impl Planned for FakePlan {
@@ -149,6 +153,31 @@ impl Planned for FakePlan {
     fn needs_percpu(&self) -> bool {
         self.needs_percpu
     }
+    fn wants_ops(&self) -> bool {
+        self.wants_ops
+    }
+    fn usable(&self) -> Result<(), EngineError> {
+        if self.traced_jump {
+            Err(EngineError::TracedEntry("f".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The fake patcher's ftrace redirects, as the engine keeps them.
+#[derive(Default)]
+struct FakeOps {
+    /// Functions the plan redirects that have no registered ops.
+    unregistered: u32,
+    /// What `register_ftrace_function` returns.
+    register_ret: u64,
+    /// Steps sent, in order.
+    steps: Vec<&'static str>,
+    /// Registered ops no patch redirects (to let go).
+    unheld: u32,
+    /// The function is traced in the guest.
+    traced: bool,
 }
 
 /// Where the fake per-CPU allocator and free are "called".
@@ -188,6 +217,7 @@ struct FakePatcher<'l> {
     /// A fake signal makes the sleeper leave: the next commit succeeds.
     nudge_unblocks: bool,
     percpu: FakePercpu,
+    ops: FakeOps,
     log: &'l Log,
 }
 
@@ -204,6 +234,7 @@ impl<'l> FakePatcher<'l> {
             logs: false,
             nudge_unblocks: false,
             percpu: FakePercpu::default(),
+            ops: FakeOps::default(),
             log,
         }
     }
@@ -226,6 +257,8 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
             needs_percpu: self.percpu.returns.is_some()
                 && self.percpu.pending.is_none()
                 && self.percpu.kept.is_none(),
+            wants_ops: self.ops.unregistered > 0,
+            traced_jump: self.ops.traced && self.ops.unregistered > 0,
         })
     }
     fn has_gate(&self) -> bool {
@@ -305,6 +338,80 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
                 cpu: 0,
             },
             "new".into(),
+        )))
+    }
+    fn install_ops(&mut self, _p: &FakePlan, _guest: &FakePhys) -> Result<(), EngineError> {
+        self.push("install ops".into());
+        Ok(())
+    }
+    fn arm_ops(&mut self, p: &FakePlan, _guest: &FakePhys) -> Result<Option<Armed>, EngineError> {
+        if !p.wants_ops || self.ops.unregistered == 0 {
+            return Ok(None);
+        }
+        let step = if self.ops.steps.last() == Some(&"filter") {
+            "register"
+        } else {
+            "filter"
+        };
+        self.ops.steps.push(step);
+        self.push(format!("ops {step}"));
+        let ret = if step == "register" {
+            self.ops.register_ret
+        } else {
+            0
+        };
+        self.script.insert(0x0f5, Script::Returns(ret));
+        let mut armed = self.armed.borrow_mut();
+        armed.push((0x0f5, Kind::PrePatch));
+        Ok(Some(Armed {
+            seq: armed.len() as u64,
+            vcpu: 0,
+            cpu: 0,
+        }))
+    }
+    fn ops_done(&mut self, ret: u64) -> Result<(), EngineError> {
+        let step = self.ops.steps.last().copied().unwrap_or_default();
+        if ret != 0 {
+            // Its filter was set: that slot waits to be let go.
+            self.ops.unheld += 1;
+            self.ops.unregistered = 0;
+            return Err(crate::ftrace_ops::OpsError::Refused {
+                func: "f".into(),
+                step: "register_ftrace_function",
+                ret: ret as u32 as i32,
+                errno: errno_name(ret as u32 as i32),
+                why: "",
+            }
+            .into());
+        }
+        match step {
+            "register" => self.ops.unregistered -= 1,
+            "unregister" => self.ops.unheld -= 1,
+            _ => {}
+        }
+        Ok(())
+    }
+    fn ops_releases(&self) -> usize {
+        self.ops.unheld as usize
+    }
+    fn arm_ops_release(
+        &mut self,
+        _guest: &FakePhys,
+    ) -> Result<Option<(Armed, String)>, EngineError> {
+        if self.ops.unheld == 0 {
+            return Ok(None);
+        }
+        self.ops.steps.push("unregister");
+        self.push("ops unregister".into());
+        let mut armed = self.armed.borrow_mut();
+        armed.push((0x0f6, Kind::PostUnpatch));
+        Ok(Some((
+            Armed {
+                seq: armed.len() as u64,
+                vcpu: 0,
+                cpu: 0,
+            },
+            "unregister_ftrace_function of f".into(),
         )))
     }
     fn arm_call(
@@ -880,5 +987,79 @@ fn per_cpu_data_is_not_allocated_while_a_user_holds_the_vm_paused() {
         e,
         TestError::Transition(TransitionError::PausedForPercpu)
     ));
+    assert_eq!(steps(&log), ["prepare"]);
+}
+
+#[test]
+fn ftrace_redirects_are_registered_before_the_load_and_the_plan_made_again() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.ops.unregistered = 1;
+    run(&host, &mut p, "apply", timeout(10)).unwrap();
+    assert_eq!(
+        steps(&log),
+        [
+            "prepare",
+            // Registered in the guest, through the gate: the gate first,
+            // then the handler's and slots' pages, then both steps.
+            "install gate",
+            "prepare",
+            "install ops",
+            "ops filter",
+            "ops register",
+            // The switch is now the ops' word.
+            "prepare",
+            "begun new",
+            "load",
+            "commit",
+        ]
+    );
+}
+
+#[test]
+fn a_registration_the_guest_refuses_fails_the_apply_before_its_load_and_is_let_go() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.gate = true;
+    p.ops.unregistered = 1;
+    p.ops.register_ret = (-16i64) as u64;
+    let err = run(&host, &mut p, "apply", timeout(10))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("register_ftrace_function returned -16 (-EBUSY)"),
+        "{err}"
+    );
+    assert_eq!(
+        steps(&log),
+        [
+            "prepare",
+            "install ops",
+            "ops filter",
+            "ops register",
+            // Nothing loaded; the filter set is let go at once.
+            "ops unregister",
+        ]
+    );
+    assert_eq!(p.ops.unheld, 0);
+}
+
+#[test]
+fn a_traced_function_is_refused_before_anything_is_written_while_the_vm_is_held_paused() {
+    let log = Log::default();
+    let mut host = FakeHost::new(&log);
+    host.user_paused = true;
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.gate = true;
+    p.ops.unregistered = 1;
+    p.ops.traced = true;
+    let err = run(&host, &mut p, "apply", timeout(10))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("traced by the guest's ftrace"), "{err}");
+    assert!(err.contains("resume the VM"), "{err}");
+    // No registration (nothing runs in a paused guest), no load.
     assert_eq!(steps(&log), ["prepare"]);
 }
