@@ -1,7 +1,10 @@
 //! text_hash SOCK [SITE...]: FNV-1a of the guest's kernel text read through
-//! `GET /memory`, with the 5 bytes at each SITE (hex) — or, with none
-//! given, at each live patch site — masked, so "unchanged outside the
-//! sites" can be checked while a patch is on.
+//! `GET /memory`, with the 5 bytes at each SITE masked, so "unchanged
+//! outside the sites" can be checked while a patch is on. A SITE is an
+//! address (hex), a kernel symbol (`ftrace_regs_call`: the call inside
+//! ftrace's own entry code that ftrace points at the only registered
+//! handler), `live`: every live patch site, or `none`: nothing masked.
+//! None given: `live`.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -18,15 +21,26 @@ fn main() -> ExitCode {
 
 fn text_hash(sock: &str, given: &[String]) -> Result<(), String> {
     let c = common::client(sock)?;
-    // Explicit sites (hex) to mask, or else the live ones.
-    let sites = if given.is_empty() {
-        common::live_sites(&c)?
-    } else {
-        given
-            .iter()
-            .map(|s| klpvisor_api::parse_hex(s))
-            .collect::<Result<Vec<u64>, String>>()?
-    };
+    let live = ["live".to_string()];
+    let given = if given.is_empty() { &live[..] } else { given };
+    let mut sites = Vec::new();
+    for s in given {
+        if s == "none" {
+            continue;
+        } else if s == "live" {
+            sites.extend(common::live_sites(&c)?);
+        } else if s.starts_with("0x") {
+            sites.push(klpvisor_api::parse_hex(s)?);
+        } else {
+            let r = c.symbol(s).map_err(|e| e.to_string())?;
+            sites.push(
+                r.symbols
+                    .first()
+                    .map(|x| x.addr.0)
+                    .ok_or(format!("no {s}"))?,
+            );
+        }
+    }
     let h = common::text_hash_masked(&c, &sites)?;
     let list: Vec<String> = sites.iter().map(|s| format!("{s:#x}")).collect();
     println!(
