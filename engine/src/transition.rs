@@ -592,10 +592,7 @@ where
     // its abandoned pages were kept, which keep the block too), and so
     // does every patch whose code this transition's pause freed.
     patcher.abandon_percpu();
-    let mut freed = free_percpu(host, patcher);
-    // Ftrace redirects of functions no patch redirects any more (this
-    // transition's disable or replace, or an apply that did not commit).
-    freed.extend(release_ops(host, patcher));
+    let freed = free_percpu(host, patcher);
     outcome.map(|mut o| {
         o.warnings.extend(freed);
         o
@@ -606,31 +603,26 @@ where
 /// `unregister_ftrace_function` waits for an RCU-tasks grace period.
 pub const RELEASE_GRACE: Duration = Duration::from_secs(10);
 
-/// Lets go of every ftrace redirect of a function no patch redirects
-/// ([`Patcher::arm_ops_release`]): each function's ops unregistered and
-/// its filter freed, through the call gate. One that cannot be let go now
-/// (the VM paused by its user, a step that did not finish) stays for the
-/// next transition or removal; its ops stays registered and inert.
-/// Returns warnings for the reply.
-pub fn release_ops<H, P>(host: &H, patcher: &mut P) -> Vec<String>
+/// Lets go of the ftrace redirects of up to `max` functions no patch
+/// redirects any more ([`Patcher::arm_ops_release`]): each function's ops
+/// unregistered and its filter freed, through the call gate. The VMM calls
+/// it once changes have paused (a transition never waits for it: a
+/// function a burst of transitions takes away and brings back keeps its
+/// registration). One that cannot be let go now (the VM held paused, a
+/// step that did not finish) stays registered and inert, for a later call.
+/// Returns warnings.
+pub fn release_ops<H, P>(host: &H, patcher: &mut P, max: usize) -> Vec<String>
 where
     H: Host,
     P: Patcher<H::Guest>,
 {
     let mut warnings = Vec::new();
-    let waiting = patcher.ops_releases();
-    if waiting == 0 {
+    let waiting = patcher.ops_releases().min(max);
+    if waiting == 0 || host.is_paused() || !patcher.has_gate() {
         return warnings;
     }
-    if host.is_paused() || !patcher.has_gate() {
-        tracing::info!(
-            waiting,
-            "ftrace redirects no patch needs stay registered (inert) until the VM runs"
-        );
-        return warnings;
-    }
-    // Two steps per function, and a bound in case a step keeps failing.
-    for _ in 0..waiting.saturating_mul(2).saturating_add(2) {
+    // Two steps per function.
+    for _ in 0..waiting.saturating_mul(2) {
         let mut what = String::new();
         let deadline = host.now() + RELEASE_GRACE;
         let sent = send(host, patcher, deadline, |p, g| {

@@ -381,7 +381,20 @@ pub struct Control {
     policy: Policy,
     /// The module hooks' stub `rip`s, set when the engine installs them.
     hook_rips: Arc<std::sync::OnceLock<(u64, u64)>>,
+    /// When the last change ended: ftrace redirects no patch needs are let
+    /// go only once changes have paused (see [`Control::housekeeping`]).
+    last_change: Mutex<Instant>,
+    /// Set while [`Control::housekeeping`] holds `changing`: a change
+    /// waits for it instead of being refused as busy.
+    housekeeping: std::sync::atomic::AtomicBool,
 }
+
+/// How long the guest must go without a patch change before the ftrace
+/// redirects of functions no patch redirects are let go: under a burst of
+/// changes (a replace, a rollback loop) a function that leaves and comes
+/// back keeps its registration instead of paying ftrace's RCU-tasks wait
+/// both ways each time.
+pub const RELEASE_IDLE: Duration = Duration::from_secs(2);
 
 /// Clears the pending transition however the transition ends.
 struct PendingGuard<'a>(&'a Mutex<Option<PendingTransition>>);
@@ -482,6 +495,8 @@ impl Control {
             published: Mutex::new(PatchesReply::default()),
             pending: Mutex::new(None),
             ended: Mutex::new(std::collections::VecDeque::new()),
+            last_change: Mutex::new(Instant::now()),
+            housekeeping: std::sync::atomic::AtomicBool::new(false),
             policy,
             hook_rips,
         }
@@ -1061,6 +1076,13 @@ impl Control {
         match self.changing.try_lock() {
             Ok(g) => Ok((g, self.engine())),
             Err(std::sync::TryLockError::Poisoned(p)) => Ok((p.into_inner(), self.engine())),
+            // Housekeeping is short (one function's ops let go): wait.
+            Err(std::sync::TryLockError::WouldBlock)
+                if self.housekeeping.load(std::sync::atomic::Ordering::Acquire) =>
+            {
+                let g = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+                Ok((g, self.engine()))
+            }
             Err(std::sync::TryLockError::WouldBlock) => {
                 Err(ControlError::Busy(match lock(&self.pending).as_ref() {
                     Some(t) => format!("{} of {}", t.action, t.patch),
@@ -1159,7 +1181,53 @@ impl Control {
         let reply = outcome.and_then(|o| finish(&mut engine, o));
         self.record_end(committed, reply.as_ref().err().map(ToString::to_string));
         self.publish(&engine);
+        *lock(&self.last_change) = Instant::now();
         reply
+    }
+
+    /// Lets go of the ftrace redirect of one function no patch redirects
+    /// any more (its ops unregistered, its filter freed, through the call
+    /// gate), once no change has run for [`RELEASE_IDLE`]. Called every
+    /// second by the API's runtime; does nothing while a change runs, the
+    /// VM is held paused, or there is nothing to let go. One function per
+    /// call, so a change that arrives meanwhile waits at most for that.
+    pub fn housekeeping(&self) {
+        if lock(&self.last_change).elapsed() < RELEASE_IDLE {
+            return;
+        }
+        let Some(k) = self.cached() else {
+            return;
+        };
+        let Ok(_changing) = self.changing.try_lock() else {
+            return;
+        };
+        self.housekeeping
+            .store(true, std::sync::atomic::Ordering::Release);
+        let mut engine = self.engine();
+        if engine.ops_releases() > 0 {
+            let host = VmHost {
+                control: self,
+                action: "release",
+                t: Transition {
+                    force: false,
+                    timeout: lifecycle::TRANSITION_TIMEOUT,
+                },
+            };
+            let mut live = Live {
+                engine: &mut engine,
+                kernel: &k.kernel,
+                prepare: |_: &mut Engine, _: &Kernel| -> Result<Prepared, EngineError> {
+                    Err(EngineError::Internal(
+                        "housekeeping prepares no transition".into(),
+                    ))
+                },
+            };
+            lifecycle::release_ops(&host, &mut live, 1);
+            self.publish(&engine);
+        }
+        drop(engine);
+        self.housekeeping
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// A transition of one patch (apply, disable, enable).
@@ -1285,10 +1353,8 @@ impl Control {
                 Err(e) => tracing::warn!(patch = name, "cannot check stacks yet: {e}"),
             }
             // A freed patch's per-CPU block goes back to the guest's
-            // allocator, and ftrace redirects of functions no patch
-            // redirects are let go, through the call gate, now that the
-            // pause is over.
-            if engine.percpu_frees() > 0 || engine.ops_releases() > 0 {
+            // allocator, through the call gate, now that the pause is over.
+            if engine.percpu_frees() > 0 {
                 let host = VmHost {
                     control: self,
                     action: "remove",
@@ -1307,7 +1373,6 @@ impl Control {
                     },
                 };
                 lifecycle::free_percpu(&host, &mut live);
-                lifecycle::release_ops(&host, &mut live);
             }
         }
         self.publish(&engine);

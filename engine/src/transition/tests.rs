@@ -386,7 +386,7 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
         }
         match step {
             "register" => self.ops.unregistered -= 1,
-            "unregister" => self.ops.unheld -= 1,
+            "free filter" => self.ops.unheld -= 1,
             _ => {}
         }
         Ok(())
@@ -401,8 +401,13 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
         if self.ops.unheld == 0 {
             return Ok(None);
         }
-        self.ops.steps.push("unregister");
-        self.push("ops unregister".into());
+        let step = if self.ops.steps.last() == Some(&"unregister") {
+            "free filter"
+        } else {
+            "unregister"
+        };
+        self.ops.steps.push(step);
+        self.push(format!("ops {step}"));
         let mut armed = self.armed.borrow_mut();
         armed.push((0x0f6, Kind::PostUnpatch));
         Ok(Some((
@@ -1034,16 +1039,18 @@ fn a_registration_the_guest_refuses_fails_the_apply_before_its_load_and_is_let_g
     );
     assert_eq!(
         steps(&log),
-        [
-            "prepare",
-            "install ops",
-            "ops filter",
-            "ops register",
-            // Nothing loaded; the filter set is let go at once.
-            "ops unregister",
-        ]
+        ["prepare", "install ops", "ops filter", "ops register",]
     );
-    assert_eq!(p.ops.unheld, 0);
+    // Nothing loaded; the filter set waits to be let go by the VMM once
+    // changes pause (release_ops), one function at a time.
+    assert_eq!(p.ops.unheld, 1);
+    p.ops.unheld = 2;
+    assert!(release_ops(&host, &mut p, 1).is_empty());
+    assert_eq!(p.ops.unheld, 1);
+    let mut paused = FakeHost::new(&log);
+    paused.user_paused = true;
+    release_ops(&paused, &mut p, 1);
+    assert_eq!(p.ops.unheld, 1, "not while the VM is held paused");
 }
 
 #[test]

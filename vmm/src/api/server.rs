@@ -129,6 +129,17 @@ impl ApiServer {
             .spawn(move || {
                 crate::seccomp::enter_or_exit(crate::seccomp::Kind::Api);
                 runtime.block_on(async move {
+                    // Once a second, what the VMM does between requests:
+                    // letting go of ftrace redirects no patch needs.
+                    let hk = control.clone();
+                    tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(Duration::from_secs(1));
+                        loop {
+                            tick.tick().await;
+                            let c = hk.clone();
+                            let _ = tokio::task::spawn_blocking(move || c.housekeeping()).await;
+                        }
+                    });
                     match UnixListener::from_std(listener) {
                         Ok(l) => accept_loop(l, router(control)).await,
                         Err(e) => tracing::error!("API socket {} unusable: {e}", path.display()),

@@ -1,0 +1,50 @@
+//! ops_settled SOCK [SECONDS]: waits until no function that no patch
+//! redirects still has an ftrace redirect registered (the VMM lets those
+//! go once changes have paused for a moment), so that a test reads the
+//! guest after that, never during it. Prints
+//! `KLPV-RESULT ops-settled waited_ms=<ms>`; fails after SECONDS (30).
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+mod common;
+
+fn main() -> ExitCode {
+    let args = match common::args("ops_settled SOCK [SECONDS]", 1) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let limit = Duration::from_secs(common::num_or(&args, 1, 30));
+    common::run(|| settle(&args[0], limit))
+}
+
+fn settle(sock: &str, limit: Duration) -> Result<(), String> {
+    let c = common::client(sock)?;
+    let start = Instant::now();
+    loop {
+        let v = c.patches().map_err(|e| e.to_string())?;
+        let left: Vec<String> = v
+            .patches
+            .iter()
+            .flat_map(|p| p.funcs.iter())
+            .filter(|f| !f.live && f.ftrace_ops.is_some())
+            .map(|f| f.name.clone())
+            .collect();
+        if left.is_empty() {
+            println!(
+                "KLPV-RESULT ops-settled waited_ms={}",
+                start.elapsed().as_millis()
+            );
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            return Err(format!(
+                "still registered after {} s: {}",
+                limit.as_secs(),
+                left.join(", ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
