@@ -22,7 +22,7 @@ fn real_fix_constructs_work_in_patch_code() {
         return;
     }
     let run = run_scenario("patch-fixes", &[]);
-    let checks: [(&str, Check); 4] = [
+    let checks: [(&str, Check); 5] = [
         (
             "WARN",
             a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues,
@@ -36,6 +36,7 @@ fn real_fix_constructs_work_in_patch_code() {
             "function tracer",
             the_function_tracer_works_beside_patched_functions,
         ),
+        ("BPF fentry", a_bpf_fentry_program_fires_on_a_patched_function),
     ];
     let failed: Vec<&str> = checks
         .iter()
@@ -262,4 +263,26 @@ fn the_function_tracer_works_beside_patched_functions(run: &Run) {
     }
     // No ftrace_bug: the one WARN is warn-hidepid's.
     assert_clean_dmesg(run);
+}
+
+/// A BPF fentry program on a patched function (klpv-fentry: the kernel's
+/// BPF trampoline, an ftrace direct call that shares the entry with the
+/// patch's IPMODIFY ftrace_ops, as it does with klp's) counts every call,
+/// before, while and after the patch is applied, and the patch still does
+/// the work while it is attached.
+fn a_bpf_fentry_program_fires_on_a_patched_function(run: &Run) {
+    let t = run.transcript();
+    for n in 1..=4 {
+        let line = step(run, "KLPV-FENTRY", n);
+        let field = |k: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {k} in KLPV-FENTRY {n}: {line}\n{t}"))
+        };
+        // 20 rounds: 40 calls, every one counted.
+        assert_eq!(field("hits"), 40, "step {n}: {line}\n{t}");
+        let patched = field("remaining_us") <= 1_000_000;
+        assert_eq!(patched, n == 2 || n == 3, "step {n}: {line}\n{t}");
+    }
 }

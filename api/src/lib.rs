@@ -642,6 +642,27 @@ pub struct PatchesReply {
     /// went away.
     #[serde(default)]
     pub ended: Vec<EndedTransition>,
+    /// Every `struct ftrace_ops` klpvisor has registered with the guest's
+    /// ftrace, one per function: live ones redirect, the others are inert
+    /// and let go once changes pause.
+    #[serde(default)]
+    pub ftrace: Vec<FtraceRedirect>,
+}
+
+/// One function's `struct ftrace_ops` in the guest's ftrace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FtraceRedirect {
+    /// The function's name.
+    pub name: String,
+    /// Its address.
+    pub old_addr: Hex,
+    /// The `struct ftrace_ops`.
+    pub ops: Hex,
+    /// `filtered` (its filter set, not registered yet or any more),
+    /// `registered` or `unregistered` (its filter not freed yet).
+    pub state: String,
+    /// Whether it redirects the function now (its target is set).
+    pub live: bool,
 }
 
 /// A transition that has ended, as `GET /patches` keeps the last

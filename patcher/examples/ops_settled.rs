@@ -25,11 +25,10 @@ fn settle(sock: &str, limit: Duration) -> Result<(), String> {
     loop {
         let v = c.patches().map_err(|e| e.to_string())?;
         let left: Vec<String> = v
-            .patches
+            .ftrace
             .iter()
-            .flat_map(|p| p.funcs.iter())
-            .filter(|f| !f.live && f.ftrace_ops.is_some())
-            .map(|f| f.name.clone())
+            .filter(|f| !f.live)
+            .map(|f| format!("{} ({})", f.name, f.state))
             .collect();
         if left.is_empty() {
             println!(

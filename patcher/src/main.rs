@@ -954,6 +954,20 @@ fn print_patches(v: &PatchesReply) {
     for p in &v.patches {
         print_patch(p);
     }
+    let inert: Vec<&str> = v
+        .ftrace
+        .iter()
+        .filter(|f| !f.live)
+        .map(|f| f.name.as_str())
+        .collect();
+    if !inert.is_empty() {
+        println!(
+            "ftrace: {} ops registered, {} inert until changes pause: {}",
+            v.ftrace.len(),
+            inert.len(),
+            inert.join(", ")
+        );
+    }
     if let Some(t) = &v.transition {
         println!(
             "in transition: {} {}{} — {} attempt(s), waiting {:.0} ms for a safe point",

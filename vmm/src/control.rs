@@ -1115,6 +1115,7 @@ impl Control {
             retired: engine.retired(),
             gate: engine.gate_info(),
             ended: Vec::new(),
+            ftrace: engine.ftrace_redirects(),
         };
     }
 

@@ -5,6 +5,30 @@ use klpvisor_api::{FuncInfo, Hex, LiveFunc, ObjectInfo, ObjectState, PatchInfo, 
 use super::*;
 
 impl Engine {
+    /// Every ftrace_ops klpvisor has written into the guest for a
+    /// function, and how far its registration is.
+    pub fn ftrace_redirects(&self) -> Vec<klpvisor_api::FtraceRedirect> {
+        let Some(ops) = &self.ops else {
+            return Vec::new();
+        };
+        let live = self.stack.live();
+        ops.slots()
+            .map(|(old, s)| klpvisor_api::FtraceRedirect {
+                name: s.name.clone(),
+                old_addr: Hex(old),
+                ops: Hex(s.va),
+                state: match s.state {
+                    crate::ftrace_ops::SlotState::Written => "written",
+                    crate::ftrace_ops::SlotState::Filtered => "filtered",
+                    crate::ftrace_ops::SlotState::Registered => "registered",
+                    crate::ftrace_ops::SlotState::Unregistered => "unregistered",
+                }
+                .to_owned(),
+                live: live.contains_key(&old) && ops.registered(old),
+            })
+            .collect()
+    }
+
     /// Every function whose entry is redirected now, and where to.
     pub fn live(&self) -> Vec<LiveFunc> {
         let mut out = Vec::new();
