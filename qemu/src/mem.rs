@@ -71,6 +71,13 @@ pub enum RamError {
         #[source]
         source: std::io::Error,
     },
+    /// The process's address space is gone: QEMU exited (reads of an
+    /// exited process's `/proc/PID/mem` return nothing).
+    #[error("QEMU (process {pid}) has exited: its memory is gone")]
+    Gone {
+        /// The process.
+        pid: u32,
+    },
     /// The layout from QEMU is inconsistent (overlaps, overflow).
     #[error("QEMU's memory layout is unusable: {0}")]
     Layout(String),
@@ -254,6 +261,11 @@ impl GuestRam {
         len: usize,
         source: std::io::Error,
     ) -> RamError {
+        if source.kind() == std::io::ErrorKind::UnexpectedEof
+            || source.raw_os_error() == Some(libc::ESRCH)
+        {
+            return RamError::Gone { pid: self.pid };
+        }
         RamError::Access {
             op,
             pid: self.pid,

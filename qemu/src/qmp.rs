@@ -336,9 +336,14 @@ impl Qmp {
             None => self.stream.write_all(&bytes),
             Some(fd) => send_with_fd(&self.stream, &bytes, fd),
         }
-        .map_err(|source| QmpError::Io {
-            what: what.clone(),
-            source,
+        .map_err(|source| match source.kind() {
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => {
+                QmpError::Closed { what: what.clone() }
+            }
+            _ => QmpError::Io {
+                what: what.clone(),
+                source,
+            },
         })?;
         for _ in 0..MAX_SKIPPED {
             let line = self.read_line(deadline, &what)?;

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use klpvisor_guest::{Guest, GuestPhys, Kernel, VirtRead};
+use klpvisor_qemu::mem::RamError;
 use klpvisor_qemu::{AttachOptions, QemuError, QemuGuest, QmpError};
 
 fn skip() -> bool {
@@ -83,7 +84,12 @@ fn boot() -> Vm {
         .arg(g.join("bzImage"))
         .arg("-initrd")
         .arg(g.join("initramfs.cpio.gz"))
-        .args(["-append", "console=ttyS0 panic=-1"])
+        // Two user-mode spinners: a pause then mostly finds the vCPUs in
+        // user mode, where only KERNEL_GS_BASE tells which CPU each is.
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 -- /bin/sh -c \"while :; do :; done & while :; do :; done\"",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", dir.join("console.log").display()))
         .arg("-qmp")
@@ -105,7 +111,7 @@ fn boot() -> Vm {
     let t = Instant::now();
     loop {
         let log = std::fs::read_to_string(vm.dir.join("console.log")).unwrap_or_default();
-        if log.contains("/ # ") || log.contains("built-in shell") {
+        if log.contains("KLPV-READY") {
             break;
         }
         assert!(
@@ -114,8 +120,32 @@ fn boot() -> Vm {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    eprintln!("guest booted to a shell in {:?}", t.elapsed());
+    eprintln!("guest booted to its spinners in {:?}", t.elapsed());
     vm
+}
+
+/// The guest as `info registers` alone shows it: no KERNEL_GS_BASE.
+struct WithoutKernelGs<'a>(&'a QemuGuest);
+
+impl Guest for WithoutKernelGs<'_> {
+    type Error = QemuError;
+    fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), QemuError> {
+        self.0.read_phys(gpa, buf)
+    }
+    fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), QemuError> {
+        self.0.write_phys(gpa, data)
+    }
+    fn arena(&self) -> (GuestPhys, u64) {
+        self.0.arena()
+    }
+    fn vcpu_count(&self) -> usize {
+        self.0.vcpu_count()
+    }
+    fn vcpu_regs(&self, id: usize) -> Result<klpvisor_guest::VcpuRegs, QemuError> {
+        let mut r = self.0.vcpu_regs(id)?;
+        r.kernel_gs_base = None;
+        Ok(r)
+    }
 }
 
 /// FNV-1a over a whole guest-physical range, read in 1 MiB pieces.
@@ -189,8 +219,20 @@ fn attach_pause_read_the_kernel_resume() {
     }
     eprintln!("pause latencies (stop sent to reply): {latencies:?}");
 
-    let p = g.pause().unwrap();
-    eprintln!("pause latency {:?}", p.latency);
+    // Pause until at least one vCPU is in user mode (a timer tick may
+    // catch both in the kernel).
+    let mut tries = 0;
+    loop {
+        let p = g.pause().unwrap();
+        eprintln!("pause latency {:?}", p.latency);
+        if g.all_regs().unwrap().iter().any(|r| r.cpl() == 3) {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 50, "no vCPU in user mode in 50 pauses");
+        g.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (running, status) = g.status().unwrap();
     assert!(!running && status == "paused", "{status}");
 
@@ -231,6 +273,13 @@ fn attach_pause_read_the_kernel_resume() {
     let running: Vec<_> = tasks.iter().filter(|t| t.running.is_some()).collect();
     eprintln!("{} tasks, {} placed on a vCPU", tasks.len(), running.len());
     assert_eq!(running.len(), 2, "each vCPU runs a task");
+    // Without KERNEL_GS_BASE (info registers alone), a vCPU in user mode
+    // cannot be placed on a CPU.
+    let user = regs.iter().filter(|r| r.cpl() == 3).count();
+    let blind = k.tasks(&WithoutKernelGs(&g)).unwrap();
+    let placed = blind.iter().filter(|t| t.running.is_some()).count();
+    eprintln!("{user} vCPU(s) in user mode; without KERNEL_GS_BASE {placed} task(s) placed");
+    assert_eq!(placed, 2 - user);
 
     // Writes that cannot be done whole change nothing.
     let ram = g
@@ -259,5 +308,15 @@ fn attach_pause_read_the_kernel_resume() {
     g.resume().unwrap();
     let (running, status) = g.status().unwrap();
     assert!(running, "{status}");
+
+    // QEMU exits: every access fails with an error, none reaches another process.
     drop(vm);
+    let mut b = [0u8; 8];
+    let e = g.read_phys(GuestPhys(ram.gpa), &mut b).unwrap_err();
+    eprintln!("read after QEMU exited: {e}");
+    assert!(matches!(e, QemuError::Ram(RamError::Gone { .. })), "{e}");
+    let e = g.status().unwrap_err();
+    eprintln!("query-status after QEMU exited: {e}");
+    assert!(matches!(e, QemuError::Qmp(QmpError::Closed { .. })), "{e}");
+    assert!(g.pause().is_err());
 }
