@@ -311,6 +311,29 @@ impl QemuGuest {
         Ok(t.elapsed())
     }
 
+    /// Runs `f` with the VM paused: in the pause someone else holds (the
+    /// operator through QEMU's monitor, or a [`QemuGuest::pause`] of the
+    /// caller's), else in one of its own, resumed before returning even
+    /// if `f` failed. Returns `f`'s value and how long that pause lasted,
+    /// from sending `stop` to `cont`'s reply: an upper bound on the
+    /// vCPUs' time out of guest mode (`None`: it was paused already). A pause someone else takes
+    /// between this one's `stop` and `cont` is undone by the `cont`: QEMU
+    /// has no pause count.
+    pub fn paused<T>(
+        &self,
+        f: impl FnOnce(&Self) -> T,
+    ) -> Result<(T, Option<Duration>), QemuError> {
+        let (running, _) = self.status()?;
+        if !running {
+            return Ok((f(self), None));
+        }
+        let t = Instant::now();
+        self.pause()?;
+        let value = f(self);
+        self.resume()?;
+        Ok((value, Some(t.elapsed())))
+    }
+
     /// Every vCPU's registers, read now (cached until the next pause or
     /// resume while paused by [`QemuGuest::pause`]).
     pub fn all_regs(&self) -> Result<Vec<VcpuRegs>, QemuError> {
