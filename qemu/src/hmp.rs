@@ -476,6 +476,50 @@ mod tests {
         }
     }
 
+    /// Recorded outputs with random bytes changed, cut or duplicated:
+    /// every parser returns, none panics, and what a parser accepts
+    /// stays within its bounds.
+    #[test]
+    fn mutated_outputs_never_panic() {
+        let mut seed = 0x9e37_79b9u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        let alphabet = b"0123456789abcdefx=:-@() \n#CPUSRAXGDTIE";
+        for base in [REGS, REGS_RESET, MTREE] {
+            for _ in 0..400 {
+                let mut b = base.as_bytes().to_vec();
+                for _ in 0..(next() % 8 + 1) {
+                    let i = next() as usize % b.len();
+                    match next() % 3 {
+                        0 => b[i] = alphabet[next() as usize % alphabet.len()],
+                        1 => b.truncate(i),
+                        _ => {
+                            let j = (i + next() as usize % 64).min(b.len());
+                            let dup = b[i..j].to_vec();
+                            b.splice(i..i, dup);
+                        }
+                    }
+                    if b.is_empty() {
+                        break;
+                    }
+                }
+                let t = String::from_utf8_lossy(&b);
+                if let Ok(cpus) = parse_registers(&t) {
+                    assert!(cpus.len() <= MAX_CPUS);
+                }
+                if let Ok(r) = parse_flat_ram(&t) {
+                    assert!(r.len() <= MAX_RANGES && r.iter().all(|r| r.len > 0));
+                }
+                let _ = parse_gpa2hva(0x10_0000, &t);
+                let _ = parse_xp_qwords(0x1000, &t);
+            }
+        }
+    }
+
     #[test]
     fn the_system_flat_view() {
         let r = parse_flat_ram(MTREE).unwrap();
