@@ -506,6 +506,166 @@ impl Guest for QemuGuest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A fake QEMU: a QMP server thread answering each command with
+    /// `answer(command, arguments)` (`Err`: a QMP error), while this test
+    /// process stands in for QEMU's address space.
+    fn fake_qemu(
+        tag: &str,
+        mut answer: impl FnMut(&str, &Value) -> Result<Value, String> + Send + 'static,
+    ) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("klpv-fake-qemu-{tag}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(concat!(r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#, "\n").as_bytes()).unwrap();
+            let r = BufReader::new(s.try_clone().unwrap());
+            for line in r.lines() {
+                let Ok(line) = line else { return };
+                let v: Value = serde_json::from_str(&line).unwrap();
+                let cmd = v["execute"].as_str().unwrap_or_default().to_owned();
+                let reply = match answer(&cmd, &v["arguments"]) {
+                    Ok(r) => json!({"return": r, "id": v["id"]}),
+                    Err(desc) => {
+                        json!({"error": {"class": "GenericError", "desc": desc}, "id": v["id"]})
+                    }
+                };
+                if s.write_all(format!("{reply}\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+        path
+    }
+
+    /// `xp /Ngx 0` output over `mem`.
+    fn xp_text(mem: &[u8], n: usize) -> String {
+        let mut out = String::new();
+        for (i, q) in mem.chunks_exact(8).take(n).enumerate() {
+            let v = u64::from_le_bytes(q.try_into().unwrap());
+            if i % 2 == 0 {
+                out.push_str(&format!("{:016x}:", i * 8));
+            }
+            out.push_str(&format!(" 0x{v:016x}"));
+            if i % 2 == 1 {
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// The answers of a QEMU whose guest RAM is `ram` (in this process)
+    /// at guest-physical 0; `xp_lies` makes its `xp` disagree.
+    fn answers(
+        ram: &'static [u8],
+        xp_lies: bool,
+    ) -> impl FnMut(&str, &Value) -> Result<Value, String> + Send + 'static {
+        let mut running = true;
+        let me = std::process::id();
+        move |cmd, args| {
+            Ok(match cmd {
+                "qmp_capabilities" | "closefd" => json!({}),
+                "query-cpus-fast" => {
+                    json!([{"thread-id": me, "cpu-index": 0}, {"thread-id": me, "cpu-index": 1}])
+                }
+                "query-status" => {
+                    json!({"running": running, "status": if running { "running" } else { "paused" }})
+                }
+                "stop" => {
+                    running = false;
+                    json!({})
+                }
+                "cont" => {
+                    running = true;
+                    json!({})
+                }
+                "getfd" => json!({}),
+                "dump-guest-memory" => return Err("dump refused in this test".into()),
+                "human-monitor-command" => {
+                    let line = args["command-line"].as_str().unwrap_or_default();
+                    let text = if line == "info mtree -f" {
+                        format!("FlatView #0\n AS \"memory\", root: system\n Root memory region: system\n  0000000000000000-{:016x} (prio 0, ram): pc.ram\n", ram.len() - 1)
+                    } else if line == "gpa2hva 0x0" {
+                        format!(
+                            "Host virtual address for 0x0 (pc.ram) is {:#x}\n",
+                            ram.as_ptr() as u64
+                        )
+                    } else if let Some(rest) = line.strip_prefix("xp /") {
+                        let n: usize = rest.split('g').next().unwrap().parse().unwrap();
+                        if xp_lies {
+                            let mut other = ram[..8 * n].to_vec();
+                            other[0] ^= 0xff;
+                            xp_text(&other, n)
+                        } else {
+                            xp_text(ram, n)
+                        }
+                    } else if line == "info registers -a" {
+                        include_str!("../tests/data/info-registers-a.txt").to_owned()
+                    } else {
+                        format!("unknown command: '{line}'\n")
+                    };
+                    Value::String(text.replace('\n', "\r\n"))
+                }
+                other => return Err(format!("The command {other} has not been found")),
+            })
+        }
+    }
+
+    fn fake_ram() -> &'static [u8] {
+        let v: Vec<u8> = (0..0x10000u32).map(|i| (i * 7 % 251) as u8).collect();
+        Box::leak(v.into_boxed_slice())
+    }
+
+    #[test]
+    fn attach_to_a_fake_qemu_pause_and_read() {
+        let ram = fake_ram();
+        let path = fake_qemu("ok", answers(ram, false));
+        let g = QemuGuest::attach(&path, &AttachOptions::default()).unwrap();
+        assert_eq!(g.pid(), std::process::id());
+        assert_eq!(g.vcpu_count(), 2);
+        assert_eq!(g.memory_map().len(), 1);
+        let mut b = [0u8; 4];
+        g.read_phys(GuestPhys(0x100), &mut b).unwrap();
+        assert_eq!(b, [ram[0x100], ram[0x101], ram[0x102], ram[0x103]]);
+        assert!(g.read_phys(GuestPhys(0xfffe), &mut b).is_err());
+        let p = g.pause().unwrap();
+        assert!(p.was_running);
+        // The dump is refused: registers come without KERNEL_GS_BASE.
+        let regs = g.all_regs().unwrap();
+        assert_eq!(regs.len(), 2);
+        assert_eq!(regs[1].gs_base, 0xff17_4433_9f10_0000);
+        assert!(regs.iter().all(|r| r.kernel_gs_base.is_none()));
+        assert_eq!(g.vcpu_regs(1).unwrap(), regs[1]);
+        assert!(matches!(
+            g.vcpu_regs(2),
+            Err(QemuError::NoVcpu { id: 2, count: 2 })
+        ));
+        g.resume().unwrap();
+        // Paused by someone else: `paused` leaves it paused.
+        g.pause().unwrap();
+        let ((), pause) = g.paused(|_| ()).unwrap();
+        assert_eq!(pause, None);
+        assert!(!g.status().unwrap().0);
+        g.resume().unwrap();
+        let ((), pause) = g.paused(|_| ()).unwrap();
+        assert!(pause.is_some());
+        assert!(g.status().unwrap().0);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_process_whose_memory_differs_from_xp_is_refused() {
+        let ram = fake_ram();
+        let path = fake_qemu("lies", answers(ram, true));
+        let e = QemuGuest::attach(&path, &AttachOptions::default()).unwrap_err();
+        assert!(matches!(e, QemuError::NoProcess { .. }), "{e}");
+        assert!(e.to_string().contains("through QEMU's xp"), "{e}");
+        let _ = std::fs::remove_file(path);
+    }
 
     #[test]
     fn kernel_gs_base_only_where_both_sources_agree() {
