@@ -546,6 +546,23 @@ mod tests {
         assert!(parse_flat_ram(inverted).is_err());
     }
 
+    /// After `object-add memory-backend-memfd,id=klpvarena,size=16M` and
+    /// `device_add ivshmem-plain,memdev=klpvarena` on the running guest
+    /// (whose kernel then assigned BAR2 above 4 GiB), the BAR is RAM in
+    /// the flat view, the first view listed this time.
+    #[test]
+    fn a_hot_plugged_ivshmem_bar_is_ram() {
+        let r = parse_flat_ram(include_str!("../tests/data/info-mtree-f-ivshmem.txt")).unwrap();
+        let bar = r.iter().find(|r| r.name == "klpvarena").unwrap();
+        assert_eq!(
+            (bar.start, bar.len, bar.writable),
+            (0x1_0000_0000, 16 << 20, true)
+        );
+        // Its MMIO register BAR is I/O and left out.
+        assert!(r.iter().all(|r| r.name != "ivshmem-mmio"));
+        assert_eq!(r.iter().filter(|r| r.name == "pc.ram").count(), 5);
+    }
+
     #[test]
     fn gpa2hva_and_xp() {
         let ram = include_str!("../tests/data/gpa2hva-ram.txt");
