@@ -28,6 +28,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use clap::Parser;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
 use klpvisor_api::{
     parse_hex, AddrReply, ErrorKind, ErrorReply, Hex, HistoryEntry, KernelInfo, MemoryReply,
@@ -592,6 +595,18 @@ fn router(app: Shared) -> Router {
         .route("/tasks", get(tasks))
         .route("/history", get(history))
         .fallback(refused)
+        // The VMM's limits (vmm/src/api/mod.rs): an answer or 503 within
+        // 30 s (a QMP command has 10 s), a body within 10 s, no body over
+        // the largest module, and a handler's panic answered 500.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(30),
+        ))
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(10)))
+        .layer(RequestBodyLimitLayer::new(MAX_PATCH_BYTES))
+        .layer(CatchPanicLayer::custom(|_| {
+            failed("klpvisor-attach hit a bug serving this request").into_response()
+        }))
         .with_state(app)
 }
 
