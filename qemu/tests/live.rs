@@ -1,0 +1,322 @@
+//! Attaching to a real QEMU: boots the test guest (build/guest, made by
+//! guest-images/build-guest) in plain QEMU TCG with a QMP socket, attaches,
+//! pauses, finds the kernel through kallsyms as the VMM does, reads
+//! `linux_banner` and the registers, shows that refused writes leave the
+//! guest unchanged, resumes, and checks the bad-input cases that need a
+//! real QEMU (its human monitor socket, a second attach).
+//!
+//! Boots a VM (about 7 s to a shell on TCG), so it runs only with
+//! `KLPV_QEMU_TESTS=1`. `KLPV_QEMU_GUEST_DIR` names the directory with
+//! `bzImage` and `initramfs.cpio.gz` (default: build/guest of this checkout).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use klpvisor_guest::{Guest, GuestPhys, Kernel, VirtRead};
+use klpvisor_qemu::mem::RamError;
+use klpvisor_qemu::{AttachOptions, QemuError, QemuGuest, QmpError};
+
+fn skip() -> bool {
+    if std::env::var_os("KLPV_QEMU_TESTS").is_some_and(|v| v == "1") {
+        return false;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped: boots a QEMU guest; run with KLPV_QEMU_TESTS=1"
+    );
+    true
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("KLPV_QEMU_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest"))
+}
+
+/// A QEMU child, killed (by its own pid) when dropped.
+struct Vm {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn boot() -> Vm {
+    let g = guest_dir();
+    assert!(
+        g.join("bzImage").exists(),
+        "{} has no bzImage: run guest-images/build-guest or set KLPV_QEMU_GUEST_DIR",
+        g.display()
+    );
+    let dir = std::env::temp_dir().join(format!("klpv-qemu-live-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = Command::new("nice")
+        .args([
+            "-n",
+            "19",
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+        ])
+        .args([
+            "-smp",
+            "2",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-bios", "/usr/share/seabios/bios-256k.bin"])
+        .arg("-kernel")
+        .arg(g.join("bzImage"))
+        .arg("-initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        // Two user-mode spinners: a pause then mostly finds the vCPUs in
+        // user mode, where only KERNEL_GS_BASE tells which CPU each is.
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 -- /bin/sh -c \"while :; do :; done & while :; do :; done\"",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", dir.join("console.log").display()))
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("qmp.sock").display()
+        ))
+        .arg("-monitor")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("hmp.sock").display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("cannot start qemu-system-x86_64");
+    let vm = Vm { child, dir };
+    let t = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(vm.dir.join("console.log")).unwrap_or_default();
+        if log.contains("KLPV-READY") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "no shell within 180 s:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("guest booted to its spinners in {:?}", t.elapsed());
+    vm
+}
+
+/// The guest as `info registers` alone shows it: no KERNEL_GS_BASE.
+struct WithoutKernelGs<'a>(&'a QemuGuest);
+
+impl Guest for WithoutKernelGs<'_> {
+    type Error = QemuError;
+    fn read_phys(&self, gpa: GuestPhys, buf: &mut [u8]) -> Result<(), QemuError> {
+        self.0.read_phys(gpa, buf)
+    }
+    fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), QemuError> {
+        self.0.write_phys(gpa, data)
+    }
+    fn arena(&self) -> (GuestPhys, u64) {
+        self.0.arena()
+    }
+    fn vcpu_count(&self) -> usize {
+        self.0.vcpu_count()
+    }
+    fn vcpu_regs(&self, id: usize) -> Result<klpvisor_guest::VcpuRegs, QemuError> {
+        let mut r = self.0.vcpu_regs(id)?;
+        r.kernel_gs_base = None;
+        Ok(r)
+    }
+}
+
+/// FNV-1a over a whole guest-physical range, read in 1 MiB pieces.
+fn hash(g: &QemuGuest, start: u64, len: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < start + len {
+        let n = (start + len - at).min(buf.len() as u64) as usize;
+        g.read_phys(GuestPhys(at), &mut buf[..n]).unwrap();
+        for &b in &buf[..n] {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        at += n as u64;
+    }
+    h
+}
+
+#[test]
+fn attach_pause_read_the_kernel_resume() {
+    if skip() {
+        return;
+    }
+    let vm = boot();
+    let sock = vm.dir.join("qmp.sock");
+    let opts = AttachOptions::default();
+    let t = Instant::now();
+    let g = QemuGuest::attach(&sock, &opts).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "attached to QEMU {} (pid {}) in {:?}; memory map:",
+        g.version(),
+        g.pid(),
+        t.elapsed()
+    );
+    for m in g.memory_map() {
+        eprintln!(
+            "  {:#012x}+{:#010x} at host {:#x} {} {}",
+            m.gpa,
+            m.len,
+            m.hva,
+            if m.writable { "ram" } else { "rom" },
+            m.name
+        );
+    }
+    assert_eq!(g.vcpu_count(), 2);
+
+    // A second client while we hold QEMU's one QMP connection.
+    let short = AttachOptions {
+        timeout: Duration::from_secs(1),
+        ..AttachOptions::default()
+    };
+    let e = QemuGuest::attach(&sock, &short).unwrap_err();
+    eprintln!("second attach: {e}");
+    assert!(matches!(e, QemuError::Qmp(QmpError::NotQmp { .. })), "{e}");
+    // QEMU's human monitor is not QMP.
+    let e = QemuGuest::attach(vm.dir.join("hmp.sock"), &short).unwrap_err();
+    eprintln!("human monitor socket: {e}");
+    assert!(matches!(e, QemuError::Qmp(QmpError::NotQmp { .. })), "{e}");
+    // No socket.
+    let e = QemuGuest::attach(vm.dir.join("none.sock"), &short).unwrap_err();
+    eprintln!("missing socket: {e}");
+    assert!(matches!(e, QemuError::Qmp(QmpError::Connect { .. })), "{e}");
+
+    let mut latencies = Vec::new();
+    for _ in 0..5 {
+        let p = g.pause().unwrap();
+        assert!(p.was_running);
+        latencies.push(p.latency);
+        g.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("pause latencies (stop sent to reply): {latencies:?}");
+
+    // Pause until at least one vCPU is in user mode (a timer tick may
+    // catch both in the kernel).
+    let mut tries = 0;
+    loop {
+        let p = g.pause().unwrap();
+        eprintln!("pause latency {:?}", p.latency);
+        if g.all_regs().unwrap().iter().any(|r| r.cpl() == 3) {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 50, "no vCPU in user mode in 50 pauses");
+        g.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (running, status) = g.status().unwrap();
+    assert!(!running && status == "paused", "{status}");
+
+    let regs = g.all_regs().unwrap();
+    for (i, r) in regs.iter().enumerate() {
+        eprintln!(
+            "vCPU {i}: rip {:#x} rsp {:#x} cr3 {:#x} cpl {} gs {:#x} kernel_gs {:x?} efer {:x?}",
+            r.rip,
+            r.rsp,
+            r.cr3,
+            r.cpl(),
+            r.gs_base,
+            r.kernel_gs_base,
+            r.efer
+        );
+        assert!(r.in_long_mode());
+        assert!(
+            r.kernel_gs_base.is_some(),
+            "vCPU {i}: no KERNEL_GS_BASE from the dump"
+        );
+        assert_eq!(r.lstar, None);
+    }
+
+    let t = Instant::now();
+    let k = Kernel::open(&g).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("Kernel::open over QMP + /proc/PID/mem: {:?}", t.elapsed());
+    let banner_va = k.kallsyms.addr("linux_banner").unwrap();
+    let mut b = [0u8; 256];
+    k.space(&g).read_virt(banner_va, &mut b).unwrap();
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    let banner = String::from_utf8_lossy(&b[..end]).into_owned();
+    eprintln!("linux_banner at {banner_va:#x}: {}", banner.trim_end());
+    let kver = std::fs::read_to_string(guest_dir().join("kver")).unwrap_or_default();
+    assert!(banner.starts_with("Linux version "), "{banner}");
+    assert!(banner.contains(kver.trim()), "{banner} vs {kver}");
+    assert_eq!(k.uts(&g, "release").as_deref(), Some(kver.trim()));
+    let tasks = k.tasks(&g).unwrap();
+    let running: Vec<_> = tasks.iter().filter(|t| t.running.is_some()).collect();
+    eprintln!("{} tasks, {} placed on a vCPU", tasks.len(), running.len());
+    assert_eq!(running.len(), 2, "each vCPU runs a task");
+    // Without KERNEL_GS_BASE (info registers alone), a vCPU in user mode
+    // cannot be placed on a CPU.
+    let user = regs.iter().filter(|r| r.cpl() == 3).count();
+    let blind = k.tasks(&WithoutKernelGs(&g)).unwrap();
+    let placed = blind.iter().filter(|t| t.running.is_some()).count();
+    eprintln!("{user} vCPU(s) in user mode; without KERNEL_GS_BASE {placed} task(s) placed");
+    assert_eq!(placed, 2 - user);
+
+    // Writes that cannot be done whole change nothing.
+    let ram = g
+        .memory_map()
+        .iter()
+        .filter(|m| m.writable)
+        .max_by_key(|m| m.len)
+        .unwrap()
+        .clone();
+    let rom = g.memory_map().iter().find(|m| !m.writable).unwrap().clone();
+    let before = (hash(&g, ram.gpa, ram.len), hash(&g, rom.gpa, rom.len));
+    let end = ram.gpa + ram.len;
+    let straddle = g.write_phys(GuestPhys(end - 8), &[0xcc; 16]).unwrap_err();
+    eprintln!("write across the end of RAM: {straddle}");
+    let into_rom = g.write_phys(GuestPhys(rom.gpa), &[0xcc; 16]).unwrap_err();
+    eprintln!("write into ROM: {into_rom}");
+    let after = (hash(&g, ram.gpa, ram.len), hash(&g, rom.gpa, rom.len));
+    eprintln!("RAM/ROM hashes before {before:x?}, after {after:x?}");
+    assert_eq!(before, after);
+    // A write that fits goes through (the same bytes back: no change).
+    let mut same = [0u8; 16];
+    g.read_phys(GuestPhys(ram.gpa + 0x1000), &mut same).unwrap();
+    g.write_phys(GuestPhys(ram.gpa + 0x1000), &same).unwrap();
+    assert_eq!(hash(&g, ram.gpa, ram.len), before.0);
+
+    g.resume().unwrap();
+    let (running, status) = g.status().unwrap();
+    assert!(running, "{status}");
+
+    // QEMU exits: every access fails with an error, none reaches another process.
+    drop(vm);
+    let mut b = [0u8; 8];
+    let e = g.read_phys(GuestPhys(ram.gpa), &mut b).unwrap_err();
+    eprintln!("read after QEMU exited: {e}");
+    assert!(matches!(e, QemuError::Ram(RamError::Gone { .. })), "{e}");
+    let e = g.status().unwrap_err();
+    eprintln!("query-status after QEMU exited: {e}");
+    assert!(matches!(e, QemuError::Qmp(QmpError::Closed { .. })), "{e}");
+    assert!(g.pause().is_err());
+}
