@@ -36,7 +36,10 @@ fn real_fix_constructs_work_in_patch_code() {
             "function tracer",
             the_function_tracer_works_beside_patched_functions,
         ),
-        ("BPF fentry", a_bpf_fentry_program_fires_on_a_patched_function),
+        (
+            "BPF fentry",
+            a_bpf_fentry_program_fires_on_a_patched_function,
+        ),
     ];
     let failed: Vec<&str> = checks
         .iter()
