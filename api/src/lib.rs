@@ -647,6 +647,11 @@ pub struct PatchesReply {
     /// and let go once changes pause.
     #[serde(default)]
     pub ftrace: Vec<FtraceRedirect>,
+    /// Guest-physical address of the page holding the handler of those
+    /// ops, once installed (installed on first use and kept, as the call
+    /// gate's pages are).
+    #[serde(default)]
+    pub ftrace_handler_gpa: Option<Hex>,
 }
 
 /// One function's `struct ftrace_ops` in the guest's ftrace.
@@ -658,8 +663,9 @@ pub struct FtraceRedirect {
     pub old_addr: Hex,
     /// The `struct ftrace_ops`.
     pub ops: Hex,
-    /// `filtered` (its filter set, not registered yet or any more),
-    /// `registered` or `unregistered` (its filter not freed yet).
+    /// `assigned` (a transition will register it), `filtered` (its filter
+    /// set, not registered yet or any more), `registered`, or
+    /// `unregistered` (its filter not freed yet).
     pub state: String,
     /// Whether it redirects the function now (its target is set).
     pub live: bool,
@@ -701,6 +707,9 @@ pub struct GateInfo {
     pub data: Hex,
     /// Guest-physical address of the data page.
     pub data_gpa: Hex,
+    /// Guest-physical address of the code page.
+    #[serde(default)]
+    pub text_gpa: Hex,
     /// Callbacks sent so far.
     pub calls: u64,
 }

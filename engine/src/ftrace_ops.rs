@@ -308,8 +308,9 @@ pub struct Slot {
 /// A slot's registration with the guest's ftrace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotState {
-    /// Written, with no filter yet.
-    Written,
+    /// Taken for the function; nothing written to the guest yet (its
+    /// `ftrace_ops` is written with the first step).
+    Assigned,
     /// `ftrace_set_filter_ip` passed.
     Filtered,
     /// `register_ftrace_function` passed: ftrace calls the handler.
@@ -368,6 +369,8 @@ pub struct Ops {
     slots: BTreeMap<u64, Slot>,
     /// Slots no function holds, to hand out again: (va, gpa).
     free: Vec<(u64, GuestPhys)>,
+    /// Freed slots that still hold an `ftrace_ops` image, to zero.
+    dirty: Vec<GuestPhys>,
 }
 
 impl Ops {
@@ -399,6 +402,7 @@ impl Ops {
                 pages: Vec::new(),
                 slots: BTreeMap::new(),
                 free: Vec::new(),
+                dirty: Vec::new(),
             },
             writes,
         ))
@@ -440,6 +444,30 @@ impl Ops {
         &self.support
     }
 
+    /// The handler page's guest-physical address.
+    pub fn handler_gpa(&self) -> GuestPhys {
+        self.text.gpa
+    }
+
+    /// The writes that zero every freed slot that still holds an
+    /// `ftrace_ops` (ftrace no longer knows it), so the slot pages read
+    /// as before their first use; the list is emptied. Slots handed out
+    /// again since are left alone.
+    pub fn plan_scrub<G: Guest + ?Sized>(&mut self, guest: &G) -> Result<Vec<Write>, OpsError> {
+        let mut writes = Vec::new();
+        for gpa in std::mem::take(&mut self.dirty) {
+            if self.free.iter().any(|&(_, g)| g == gpa) {
+                writes.push(Write::read_expect(
+                    guest,
+                    gpa,
+                    vec![0u8; self.support.layout.size as usize],
+                    "freed ftrace_ops slot",
+                )?);
+            }
+        }
+        Ok(writes)
+    }
+
     /// The handler's page, which no task may be in while a `private` word
     /// changes.
     pub fn handler_range(&self) -> std::ops::Range<u64> {
@@ -476,32 +504,16 @@ impl Ops {
         self.slots.iter().map(|(&k, v)| (k, v))
     }
 
-    /// Takes a free slot for `old` (site `ip`, `name`) and returns the
-    /// write of its fresh `ftrace_ops`, over whatever it holds now.
-    pub fn plan_take<G: Guest + ?Sized>(
-        &mut self,
-        guest: &G,
-        old: u64,
-        ip: u64,
-        name: &str,
-    ) -> Result<Write, OpsError> {
+    /// Takes a free slot for `old` (site `ip`, `name`). Nothing is
+    /// written yet: the first step writes its `ftrace_ops` ([`Ops::image`]).
+    pub fn take(&mut self, old: u64, ip: u64, name: &str) -> Result<(), OpsError> {
+        if self.slots.contains_key(&old) {
+            return Ok(());
+        }
         let (va, gpa) = self
             .free
             .pop()
             .ok_or_else(|| OpsError::Unsupported("no free ftrace_ops slot".into()))?;
-        let write = Write::read_expect(
-            guest,
-            gpa,
-            self.support.layout.image(self.text.va.0),
-            format!("ftrace_ops of {name}"),
-        );
-        let write = match write {
-            Ok(w) => w,
-            Err(e) => {
-                self.free.push((va, gpa));
-                return Err(e.into());
-            }
-        };
         self.slots.insert(
             old,
             Slot {
@@ -509,10 +521,36 @@ impl Ops {
                 gpa,
                 ip,
                 name: name.to_owned(),
-                state: SlotState::Written,
+                state: SlotState::Assigned,
             },
         );
-        Ok(write)
+        Ok(())
+    }
+
+    /// The write of `old`'s fresh `ftrace_ops`, over whatever its slot
+    /// holds now; `None` unless the slot is only assigned.
+    pub fn image<G: Guest + ?Sized>(&self, guest: &G, old: u64) -> Result<Option<Write>, OpsError> {
+        let Some(s) = self
+            .slots
+            .get(&old)
+            .filter(|s| s.state == SlotState::Assigned)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Write::read_expect(
+            guest,
+            s.gpa,
+            self.support.layout.image(self.text.va.0),
+            format!("ftrace_ops of {}", s.name),
+        )?))
+    }
+
+    /// Whether `old`'s redirect is to go through its slot: taken for it,
+    /// and not let go.
+    pub fn assigned(&self, old: u64) -> bool {
+        self.slots
+            .get(&old)
+            .is_some_and(|s| s.state != SlotState::Unregistered)
     }
 
     /// The arguments of `step` on `old`'s slot.
@@ -557,6 +595,7 @@ impl Ops {
             Step::FreeFilter => {
                 if let Some(s) = self.slots.remove(&old) {
                     self.free.push((s.va, s.gpa));
+                    self.dirty.push(s.gpa);
                 }
             }
         }
@@ -566,7 +605,7 @@ impl Ops {
     /// The next step that brings `old`'s slot to registered.
     pub fn next_up(&self, old: u64) -> Option<Step> {
         match self.slots.get(&old)?.state {
-            SlotState::Written => Some(Step::Filter),
+            SlotState::Assigned => Some(Step::Filter),
             SlotState::Filtered => Some(Step::Register),
             SlotState::Registered | SlotState::Unregistered => None,
         }
@@ -580,17 +619,17 @@ impl Ops {
             SlotState::Filtered | SlotState::Unregistered => {
                 self.support.symbols.free_filter.map(|_| Step::FreeFilter)
             }
-            SlotState::Written => None,
+            SlotState::Assigned => None,
         }
     }
 
-    /// Forgets a slot that was written but never reached ftrace, and
+    /// Forgets a slot that was assigned but never reached the guest, and
     /// hands it out again.
-    pub fn forget_written(&mut self, old: u64) {
+    pub fn forget_assigned(&mut self, old: u64) {
         if self
             .slots
             .get(&old)
-            .is_some_and(|s| s.state == SlotState::Written)
+            .is_some_and(|s| s.state == SlotState::Assigned)
         {
             if let Some(s) = self.slots.remove(&old) {
                 self.free.push((s.va, s.gpa));
@@ -599,7 +638,8 @@ impl Ops {
     }
 
     /// The write that switches `old` from `before` to `after` (0: the
-    /// function's own code), and the allow-list entry for it.
+    /// function's own code), and the allow-list entry for it; `None` unless
+    /// its slot is [`Ops::assigned`] (it must be registered by the commit).
     pub fn switch_write(
         &self,
         old: u64,
@@ -609,7 +649,7 @@ impl Ops {
         let s = self
             .slots
             .get(&old)
-            .filter(|s| s.state == SlotState::Registered)?;
+            .filter(|s| s.state != SlotState::Unregistered)?;
         let gpa = s.gpa + self.support.layout.private;
         Some((
             Allowed {
@@ -718,6 +758,7 @@ mod tests {
             pages: Vec::new(),
             slots: BTreeMap::new(),
             free: vec![(0xffff_ffff_c000_1000, GuestPhys(0x100_1000))],
+            dirty: Vec::new(),
         };
         let old = 0xffff_ffff_8120_0000;
         ops.slots.insert(
@@ -727,7 +768,7 @@ mod tests {
                 gpa: GuestPhys(0x100_1000),
                 ip: old + 4,
                 name: "cmdline_proc_show".into(),
-                state: SlotState::Written,
+                state: SlotState::Assigned,
             },
         );
         assert_eq!(ops.next_up(old), Some(Step::Filter));
@@ -747,9 +788,10 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("livepatch loaded in the guest"), "{e}");
-        // Not registered: no switch through it, and letting go frees the
+        // Not registered, but still its redirect; letting go frees the
         // filter it has.
-        assert!(ops.switch_write(old, None, Some(5)).is_none());
+        assert!(ops.switch_write(old, None, Some(5)).is_some());
+        assert!(!ops.registered(old));
         assert_eq!(ops.next_down(old), Some(Step::FreeFilter));
         ops.done(old, Step::FreeFilter, 0).expect("free");
         assert!(ops.slot(old).is_none());
@@ -777,6 +819,7 @@ mod tests {
             pages: Vec::new(),
             slots: BTreeMap::new(),
             free: Vec::new(),
+            dirty: Vec::new(),
         };
         let old = 0x1000;
         ops.slots.insert(
@@ -795,10 +838,11 @@ mod tests {
         assert_eq!(w.expect, [0; 8]);
         assert_eq!(allowed.len, 8);
         // Without ftrace_free_filter an unregistered slot is forgotten, not
-        // reused.
+        // reused; no switch goes through it any more.
         assert_eq!(ops.next_down(old), Some(Step::Unregister));
         ops.done(old, Step::Unregister, 0).expect("unregister");
         assert!(ops.slot(old).is_none());
+        assert!(ops.switch_write(old, Some(0xabcd), None).is_none());
         assert_eq!(ops.free_slots(), 0);
     }
 }

@@ -315,6 +315,9 @@ pub trait Patcher<G: Guest + ?Sized> {
     fn ops_done(&mut self, _ret: u64) -> Result<(), EngineError> {
         Ok(())
     }
+    /// The transition ended: slots assigned to it that never reached the
+    /// guest are handed out again.
+    fn abandon_ops(&mut self) {}
     /// The ftrace step sent last: the function and the kernel call.
     fn ops_armed(&self) -> Option<(String, &'static str)> {
         None
@@ -322,6 +325,10 @@ pub trait Patcher<G: Guest + ?Sized> {
     /// Ftrace redirects of functions no patch redirects any more.
     fn ops_releases(&self) -> usize {
         0
+    }
+    /// Zeroes the slots of ftrace redirects let go (vCPUs paused).
+    fn scrub_ops(&mut self, _guest: &G) -> Result<(), EngineError> {
+        Ok(())
     }
     /// Sends the next step that lets go of such a redirect; `None` if
     /// none waits. Returns what it is, for the log.
@@ -459,12 +466,20 @@ where
         self.engine.ops_done(ret)
     }
 
+    fn abandon_ops(&mut self) {
+        self.engine.abandon_ops()
+    }
+
     fn ops_armed(&self) -> Option<(String, &'static str)> {
         self.engine.ops_armed()
     }
 
     fn ops_releases(&self) -> usize {
         self.engine.ops_releases()
+    }
+
+    fn scrub_ops(&mut self, guest: &G) -> Result<(), EngineError> {
+        self.engine.scrub_ops(guest)
     }
 
     fn arm_ops_release(&mut self, guest: &G) -> Result<Option<(Armed, String)>, EngineError> {
@@ -592,7 +607,17 @@ where
     // its abandoned pages were kept, which keep the block too), and so
     // does every patch whose code this transition's pause freed.
     patcher.abandon_percpu();
+    patcher.abandon_ops();
     let freed = free_percpu(host, patcher);
+    // A transition that did not commit takes back the ftrace redirects it
+    // registered at once, as klp's cancel unregisters them, so the guest's
+    // text is as it was (a committed one leaves that to the VMM's
+    // housekeeping, once changes pause).
+    if outcome.is_err() {
+        for w in release_ops(host, patcher, usize::MAX) {
+            tracing::warn!("{w}");
+        }
+    }
     outcome.map(|mut o| {
         o.warnings.extend(freed);
         o
@@ -650,6 +675,12 @@ where
         tracing::warn!("{w}");
         warnings.push(w);
         break;
+    }
+    // Freed slots read as they did before their first use.
+    match host.paused(|g| patcher.scrub_ops(g)) {
+        Ok((Ok(()), _)) => {}
+        Ok((Err(e), _)) => warnings.push(format!("freed ftrace_ops slots not zeroed: {e}")),
+        Err(e) => warnings.push(format!("freed ftrace_ops slots not zeroed: {e}")),
     }
     warnings
 }
@@ -716,6 +747,35 @@ where
         }
     }
     warnings
+}
+
+/// Registers with the guest's ftrace every slot `prepared` switches
+/// through ([`Patcher::arm_ops`]), each step through the call gate.
+fn register_ops<H, P>(
+    host: &H,
+    patcher: &mut P,
+    prepared: &P::Prepared,
+    deadline: Instant,
+) -> Result<(), H::Error>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    while let Some(sent) = send(host, patcher, deadline, |p, g| p.arm_ops(prepared, g))? {
+        match sent {
+            (_, Ok(ret)) => patcher.ops_done(ret)?,
+            (armed, Err(progress)) => {
+                let (func, step) = patcher.ops_armed().unwrap_or_default();
+                return Err(EngineError::OpsUnfinished {
+                    func,
+                    step,
+                    progress: progress.describe(armed.cpu),
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// [`run`] from preparing to the post callbacks.
@@ -803,13 +863,12 @@ where
         }
     }
     if prepared.wants_ops() && !host.is_paused() {
-        // As klp registers an ftrace_ops per function before its
-        // transition starts: each function the patch starts redirecting
-        // gets its ops registered in a kworker, through the call gate,
-        // inert until the switch sets its target. Then plan again: the
-        // switch becomes those ops' target words. (With the VM held paused
-        // by its user, nothing can run in the guest: the plan keeps its
-        // jmps.)
+        // Each function the patch starts redirecting gets an ftrace_ops of
+        // its own, as under klp: a slot for it (and the handler and slot
+        // pages, from the arena) now, so that the plan, made again, switches
+        // through the slots; its registration after the pre callbacks, as
+        // klp registers after pre_patch. (With the VM held paused by its
+        // user nothing can run in the guest: the plan keeps its jmps.)
         if !patcher.has_gate() {
             host.paused(|g| patcher.install_gate(g))?.0?;
             tracing::info!("call gate installed for ftrace redirects");
@@ -817,21 +876,6 @@ where
         }
         if prepared.wants_ops() {
             host.paused(|g| patcher.install_ops(&prepared, g))?.0?;
-            let deadline = host.now() + t.timeout;
-            while let Some(sent) = send(host, patcher, deadline, |p, g| p.arm_ops(&prepared, g))? {
-                match sent {
-                    (_, Ok(ret)) => patcher.ops_done(ret)?,
-                    (armed, Err(progress)) => {
-                        let (func, step) = patcher.ops_armed().unwrap_or_default();
-                        return Err(EngineError::OpsUnfinished {
-                            func,
-                            step,
-                            progress: progress.describe(armed.cpu),
-                        }
-                        .into());
-                    }
-                }
-            }
             prepared = patcher.prepare()?;
         }
     }
@@ -887,6 +931,22 @@ where
                 }
             }
             passed.push(call);
+        }
+    }
+
+    if prepared.wants_ops() && !host.is_paused() {
+        if let Err(e) = register_ops(host, patcher, &prepared, deadline) {
+            if calls.is_empty() && loaded.is_none() {
+                return Err(e);
+            }
+            return Err(abandon(
+                host,
+                patcher,
+                prepared,
+                loaded,
+                &passed,
+                Stop::Failed(e),
+            ));
         }
     }
 

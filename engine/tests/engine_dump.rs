@@ -1184,6 +1184,11 @@ fn a_redirect_through_ftrace_switches_a_word_and_leaves_the_entry_to_ftrace() {
     let p = e
         .prepare_apply(k, &g, &ko("livepatch-sample"), false)
         .unwrap();
+    // The plan switches through the slot: not before ftrace registered it.
+    let before = g.write_log().len();
+    let err = e.commit(k, &g, &p).unwrap_err().to_string();
+    assert!(err.contains("has not registered"), "{err}");
+    assert_eq!(g.write_log().len(), before, "nothing written");
     let (mut steps, mut sites) = (Vec::new(), Vec::new());
     while e.arm_ops(k, &g, &p).unwrap().is_some() {
         let (func, step) = e.ops_armed().unwrap();

@@ -1,7 +1,9 @@
 //! guest_hash SOCK: FNV-1a hashes of the kernel text and of the whole patch
-//! arena but the call gate's data page (its mailbox, which records every
-//! callback sent and so changes by design): what a refused patch must
-//! leave untouched.
+//! arena but klpvisor's own code and data pages, installed on first use
+//! and kept: the call gate's two (its mailbox records every call sent, and
+//! so changes by design) and the ftrace redirect handler's. What a refused
+//! patch must leave untouched. It first waits for the VMM to let go of
+//! ftrace redirects no patch uses.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -18,13 +20,20 @@ fn main() -> ExitCode {
 
 fn guest_hash(sock: &str) -> Result<(), String> {
     let c = common::client(sock)?;
+    // Not while the VMM lets go of unused ftrace redirects (their entries
+    // are ftrace's until then).
+    common::ops_settled(&c, std::time::Duration::from_secs(30))?;
     let text = common::text_hash(&c)?;
     let vm = c.vm().map_err(|e| e.to_string())?;
     let patches = c.patches().map_err(|e| e.to_string())?;
-    let skip = patches.gate.map(|g| g.data_gpa.0);
+    let mut skip: Vec<u64> = patches
+        .gate
+        .map(|g| vec![g.data_gpa.0, g.text_gpa.0])
+        .unwrap_or_default();
+    skip.extend(patches.ftrace_handler_gpa.map(|h| h.0));
     let mut h = common::FNV_OFFSET;
     let start = vm.arena_gpa.0;
-    common::read_phys_hex(&c, start, start + vm.arena_size, skip, |hex| {
+    common::read_phys_hex(&c, start, start + vm.arena_size, &skip, |hex| {
         for b in hex.bytes() {
             h = common::fnv(h, u64::from(b));
         }

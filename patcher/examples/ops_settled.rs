@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 
@@ -21,29 +21,7 @@ fn main() -> ExitCode {
 
 fn settle(sock: &str, limit: Duration) -> Result<(), String> {
     let c = common::client(sock)?;
-    let start = Instant::now();
-    loop {
-        let v = c.patches().map_err(|e| e.to_string())?;
-        let left: Vec<String> = v
-            .ftrace
-            .iter()
-            .filter(|f| !f.live)
-            .map(|f| format!("{} ({})", f.name, f.state))
-            .collect();
-        if left.is_empty() {
-            println!(
-                "KLPV-RESULT ops-settled waited_ms={}",
-                start.elapsed().as_millis()
-            );
-            return Ok(());
-        }
-        if start.elapsed() > limit {
-            return Err(format!(
-                "still registered after {} s: {}",
-                limit.as_secs(),
-                left.join(", ")
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let waited = common::ops_settled(&c, limit)?;
+    println!("KLPV-RESULT ops-settled waited_ms={}", waited.as_millis());
+    Ok(())
 }

@@ -31,7 +31,7 @@ fn ram_hash(m: &GuestMemory) -> Result<(), String> {
     };
     m.chunks(|_, b| mix(b))?;
     let (gpa, end) = (m.arena.0, m.arena.0 + m.arena.1);
-    common::read_phys_hex(&m.client, gpa, end, None, |hex| mix(hex.as_bytes()))?;
+    common::read_phys_hex(&m.client, gpa, end, &[], |hex| mix(hex.as_bytes()))?;
     println!(
         "KLPV-RESULT ram-hash h={h:016x} bytes={total} regions={}",
         m.regions.len()

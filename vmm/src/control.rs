@@ -1116,6 +1116,7 @@ impl Control {
             gate: engine.gate_info(),
             ended: Vec::new(),
             ftrace: engine.ftrace_redirects(),
+            ftrace_handler_gpa: engine.ftrace_handler_gpa(),
         };
     }
 

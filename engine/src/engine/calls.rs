@@ -65,6 +65,7 @@ impl Engine {
             text: Hex(text.va.0),
             data: Hex(data.va.0),
             data_gpa: Hex(data.gpa.0),
+            text_gpa: Hex(text.gpa.0),
             calls: self.calls,
         })
     }

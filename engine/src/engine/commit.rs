@@ -58,6 +58,14 @@ impl Engine {
             )));
         }
         p.usable()?;
+        let unregistered = self.unregistered_ops(p);
+        if !unregistered.is_empty() {
+            return Err(EngineError::Internal(format!(
+                "{}: the switch goes through ftrace_ops the guest's ftrace has not registered; \
+                 not writing it",
+                unregistered.join(", ")
+            )));
+        }
         self.check_modules(kernel, guest, p)?;
         // A patch not loaded by Engine::load yet is loaded, and its module
         // registered, in this same pause: nothing runs in between.
@@ -109,7 +117,7 @@ impl Engine {
             }
         }
         for s in &p.sites {
-            self.sites.entry(s.func).or_insert_with(|| s.clone());
+            self.sites.insert(s.func, s.clone());
         }
         if let Some(r) = &p.record {
             self.percpu_adopted(r);
@@ -153,10 +161,11 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let mut wanted: Vec<&crate::site::InModule> = Vec::new();
         for old in p.change.sites.keys() {
-            let site = self
+            let site = p
                 .sites
-                .get(old)
-                .or_else(|| p.sites.iter().find(|s| s.func == *old));
+                .iter()
+                .find(|s| s.func == *old)
+                .or_else(|| self.sites.get(old));
             if let Some(m) = site.and_then(|s| s.module.as_ref()) {
                 if !wanted.contains(&m) {
                     wanted.push(m);

@@ -57,10 +57,10 @@ impl Engine {
             if self.via_ftrace(*old) {
                 continue;
             }
-            let site = self
-                .sites
-                .get(old)
-                .or_else(|| fresh.iter().find(|s| s.func == *old));
+            let site = fresh
+                .iter()
+                .find(|s| s.func == *old)
+                .or_else(|| self.sites.get(old));
             let Some((word, name)) = site.and_then(|s| s.ftrace_flags.map(|w| (w, s.name.clone())))
             else {
                 continue;

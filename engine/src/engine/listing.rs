@@ -18,7 +18,7 @@ impl Engine {
                 old_addr: Hex(old),
                 ops: Hex(s.va),
                 state: match s.state {
-                    crate::ftrace_ops::SlotState::Written => "written",
+                    crate::ftrace_ops::SlotState::Assigned => "assigned",
                     crate::ftrace_ops::SlotState::Filtered => "filtered",
                     crate::ftrace_ops::SlotState::Registered => "registered",
                     crate::ftrace_ops::SlotState::Unregistered => "unregistered",
@@ -27,6 +27,11 @@ impl Engine {
                 live: live.contains_key(&old) && ops.registered(old),
             })
             .collect()
+    }
+
+    /// The guest-physical address of the ftrace redirect handler's page.
+    pub fn ftrace_handler_gpa(&self) -> Option<Hex> {
+        self.ops.as_ref().map(|o| Hex(o.handler_gpa().0))
     }
 
     /// Every function whose entry is redirected now, and where to.

@@ -141,7 +141,9 @@ impl Engine {
         for f in &linked.funcs {
             let in_module = f.object.as_deref().and_then(|o| symbols.module(o));
             let site = self.site(kernel, guest, &ftrace, in_module, &f.old_name, f.old_addr)?;
-            if !self.sites.contains_key(&f.old_addr) {
+            // New, or validated again because its entry changed since
+            // (the guest traces it now, say): this plan uses it.
+            if self.sites.get(&f.old_addr) != Some(&site) {
                 fresh.push(site);
             }
             funcs.push(FuncRecord {

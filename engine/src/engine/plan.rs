@@ -27,10 +27,10 @@ impl Engine {
         let mut spans = Vec::new();
         let mut handler = None;
         for (&old, &(before, after)) in &change.sites {
-            let site = self
-                .sites
-                .get(&old)
-                .or_else(|| fresh.iter().find(|s| s.func == old))
+            let site = fresh
+                .iter()
+                .find(|s| s.func == old)
+                .or_else(|| self.sites.get(&old))
                 .ok_or_else(|| EngineError::Internal(format!("no site for {old:#x}")))?;
             let bytes =
                 |t: Option<u64>| -> Result<Vec<u8>, EngineError> {

@@ -33,9 +33,10 @@ impl Engine {
             .map(|(&old, _)| old)
             .filter(|old| !self.ops.as_ref().is_some_and(|o| o.registered(*old)))
             .filter(|old| {
-                self.sites
-                    .get(old)
-                    .or_else(|| fresh.iter().find(|s| s.func == *old))
+                fresh
+                    .iter()
+                    .find(|s| s.func == *old)
+                    .or_else(|| self.sites.get(old))
                     .is_some_and(|s| s.module.is_none())
             })
             .collect()
@@ -50,24 +51,28 @@ impl Engine {
             .iter()
             .filter(|(old, _)| !self.via_ftrace(**old))
             .filter_map(|(old, _)| {
-                self.sites
-                    .get(old)
-                    .or_else(|| fresh.iter().find(|s| s.func == *old))
+                fresh
+                    .iter()
+                    .find(|s| s.func == *old)
+                    .or_else(|| self.sites.get(old))
             })
             .filter(|s| s.traced)
             .map(|s| s.name.clone())
             .collect()
     }
 
-    /// Whether ftrace redirects `old` (its entry is then ftrace's, never
-    /// written by klpvisor).
+    /// Whether ftrace carries `old`'s redirect: its slot is assigned (and
+    /// registered by the time a switch commits). Its entry is then
+    /// ftrace's, never written by klpvisor.
     pub(super) fn via_ftrace(&self, old: u64) -> bool {
-        self.ops.as_ref().is_some_and(|o| o.registered(old))
+        self.ops.as_ref().is_some_and(|o| o.assigned(old))
     }
 
     /// Installs the handler page if needed and enough slot pages for the
-    /// functions `p` wants redirected through ftrace. Call with every vCPU
-    /// paused, before preparing `p` again (the pages come from the arena).
+    /// functions `p` wants redirected through ftrace, and assigns each a
+    /// slot (nothing is written into a slot until its registration). Call
+    /// with every vCPU paused, before preparing `p` again (the pages come
+    /// from the arena; the plan switches through the slots).
     pub fn install_ops<G: Guest + ?Sized>(
         &mut self,
         kernel: &Kernel,
@@ -77,11 +82,20 @@ impl Engine {
         let support = self
             .ops_support()
             .map_err(crate::ftrace_ops::OpsError::Unsupported)?;
-        let need = p
-            .wants_ops
-            .iter()
-            .filter(|old| self.ops.as_ref().is_none_or(|o| o.slot(**old).is_none()))
-            .count();
+        let mut sites = Vec::new();
+        for &old in &p.wants_ops {
+            if self.ops.as_ref().is_some_and(|o| o.slot(old).is_some()) {
+                continue;
+            }
+            let site = p
+                .sites
+                .iter()
+                .find(|s| s.func == old)
+                .or_else(|| self.sites.get(&old))
+                .cloned()
+                .ok_or_else(|| EngineError::Internal(format!("no site for {old:#x}")))?;
+            sites.push(site);
+        }
         let facts = self.facts(kernel, guest)?;
         let mut arena = facts.arena.clone();
         let mut writes = Vec::new();
@@ -93,25 +107,33 @@ impl Engine {
                 o
             }
         };
-        writes.extend(ops.plan_grow(guest, &mut arena, need)?);
-        if writes.is_empty() {
-            return Ok(());
+        writes.extend(ops.plan_grow(guest, &mut arena, sites.len())?);
+        for site in &sites {
+            ops.take(site.func, site.at, &site.name)?;
         }
-        let mut plan = Plan::new(arena.allowed());
-        plan.extend(writes);
-        plan.commit(guest)?;
-        if let Some(f) = self.facts.as_mut() {
-            f.arena = arena;
+        if !writes.is_empty() {
+            let mut plan = Plan::new(arena.allowed());
+            plan.extend(writes);
+            plan.commit(guest)?;
+            if let Some(f) = self.facts.as_mut() {
+                f.arena = arena;
+            }
+        }
+        // Known from now on: once ftrace owns an entry its bytes are
+        // ftrace's call, and a later prepare must not validate it as a nop.
+        for site in sites {
+            self.sites.insert(site.func, site);
         }
         self.ops = Some(ops);
         Ok(())
     }
 
-    /// Sends the next step that registers a slot `p` wants (writing a
-    /// fresh `ftrace_ops` into a free slot first), or `None` when every
-    /// one is registered. Call with every vCPU paused; then raise the
-    /// gate's vector on [`Armed::vcpu`] and give the result to
-    /// [`Engine::ops_done`].
+    /// Sends the next step that registers a slot `p` switches through
+    /// (its fresh `ftrace_ops` written in the same pause as the first), or
+    /// `None` when every one is registered. As klp registers a function's
+    /// ops after its `pre_patch` callbacks ran: call with every vCPU
+    /// paused, after them; then raise the gate's vector on [`Armed::vcpu`]
+    /// and give the result to [`Engine::ops_done`].
     pub fn arm_ops<G: Guest + ?Sized>(
         &mut self,
         kernel: &Kernel,
@@ -121,42 +143,54 @@ impl Engine {
         for &old in &p.wants_ops {
             let ops = self
                 .ops
-                .as_mut()
+                .as_ref()
                 .ok_or_else(|| EngineError::Internal("ftrace redirects not installed".into()))?;
-            let mut image = None;
             if ops.slot(old).is_none() {
-                let site = self
-                    .sites
-                    .get(&old)
-                    .or_else(|| p.sites.iter().find(|s| s.func == old))
-                    .cloned()
-                    .ok_or_else(|| EngineError::Internal(format!("no site for {old:#x}")))?;
-                let write = ops.plan_take(guest, old, site.at, &site.name)?;
-                image = Some((write, site));
+                return Err(EngineError::Internal(format!(
+                    "no ftrace_ops slot was assigned to {old:#x}"
+                )));
             }
             let Some(step) = ops.next_up(old) else {
                 continue;
             };
-            let armed = self.arm_ops_step(kernel, guest, old, step, image.as_ref().map(|i| &i.0));
-            match armed {
-                Ok(a) => {
-                    if let Some((_, site)) = image {
-                        // Known from now on: once ftrace owns the entry,
-                        // its bytes are ftrace's call, and a later prepare
-                        // must not validate it as a nop again.
-                        self.sites.entry(old).or_insert(site);
-                    }
-                    return Ok(Some(a));
-                }
-                Err(e) => {
-                    if let Some(o) = self.ops.as_mut() {
-                        o.forget_written(old);
-                    }
-                    return Err(e);
-                }
-            }
+            let image = ops.image(guest, old)?;
+            return self
+                .arm_ops_step(kernel, guest, old, step, image.as_ref())
+                .map(Some);
         }
         Ok(None)
+    }
+
+    /// Every function whose switch in `p` goes through a slot not
+    /// registered with the guest's ftrace: a commit with any is refused.
+    pub(super) fn unregistered_ops(&self, p: &Prepared) -> Vec<String> {
+        let Some(ops) = &self.ops else {
+            return Vec::new();
+        };
+        p.change
+            .sites
+            .keys()
+            .filter(|old| ops.assigned(**old) && !ops.registered(**old))
+            .filter_map(|old| ops.slot(*old).map(|s| s.name.clone()))
+            .collect()
+    }
+
+    /// Forgets the slots assigned to functions of a transition that
+    /// ended without registering them (nothing of them is in the guest).
+    pub fn abandon_ops(&mut self) {
+        let live = self.stack.live();
+        if let Some(ops) = self.ops.as_mut() {
+            let assigned: Vec<u64> = ops
+                .slots()
+                .filter(|(old, s)| {
+                    s.state == crate::ftrace_ops::SlotState::Assigned && !live.contains_key(old)
+                })
+                .map(|(old, _)| old)
+                .collect();
+            for old in assigned {
+                ops.forget_assigned(old);
+            }
+        }
     }
 
     /// Sends `step` on `old`'s slot through the gate, writing `image`
@@ -250,6 +284,30 @@ impl Engine {
             .collect()
     }
 
+    /// Zeroes the freed slots that still hold an `ftrace_ops`. Call with
+    /// every vCPU paused, after their filters were freed.
+    pub fn scrub_ops<G: Guest + ?Sized>(&mut self, guest: &G) -> Result<(), EngineError> {
+        let Some(ops) = self.ops.as_mut() else {
+            return Ok(());
+        };
+        let allowed = ops
+            .regions()
+            .iter()
+            .map(|r| crate::write::Allowed {
+                gpa: r.gpa,
+                len: r.len,
+                kind: crate::write::AllowKind::Arena,
+            })
+            .collect();
+        let writes = ops.plan_scrub(guest)?;
+        if !writes.is_empty() {
+            let mut plan = Plan::new(allowed);
+            plan.extend(writes);
+            plan.commit(guest)?;
+        }
+        Ok(())
+    }
+
     /// How many slots wait to be let go.
     pub fn ops_releases(&self) -> usize {
         self.unheld_ops().len()
@@ -269,7 +327,7 @@ impl Engine {
             let Some(ops) = self.ops.as_mut() else {
                 break;
             };
-            ops.forget_written(old);
+            ops.forget_assigned(old);
             let Some(step) = ops.next_down(old) else {
                 continue;
             };

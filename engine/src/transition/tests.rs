@@ -996,7 +996,7 @@ fn per_cpu_data_is_not_allocated_while_a_user_holds_the_vm_paused() {
 }
 
 #[test]
-fn ftrace_redirects_are_registered_before_the_load_and_the_plan_made_again() {
+fn ftrace_redirects_are_registered_after_the_pre_callbacks_through_slots_planned_before() {
     let log = Log::default();
     let host = FakeHost::new(&log);
     let mut p = FakePatcher::new(&log, Calls::default());
@@ -1006,24 +1006,26 @@ fn ftrace_redirects_are_registered_before_the_load_and_the_plan_made_again() {
         steps(&log),
         [
             "prepare",
-            // Registered in the guest, through the gate: the gate first,
-            // then the handler's and slots' pages, then both steps.
+            // The gate first, then the handler's and slots' pages and a
+            // slot for the function, and the plan again, switching
+            // through it.
             "install gate",
             "prepare",
             "install ops",
-            "ops filter",
-            "ops register",
-            // The switch is now the ops' word.
             "prepare",
             "begun new",
             "load",
+            // Registered in the guest after the pre callbacks, as klp
+            // registers after pre_patch.
+            "ops filter",
+            "ops register",
             "commit",
         ]
     );
 }
 
 #[test]
-fn a_registration_the_guest_refuses_fails_the_apply_before_its_load_and_is_let_go() {
+fn a_registration_the_guest_refuses_abandons_the_apply_and_is_let_go_later() {
     let log = Log::default();
     let host = FakeHost::new(&log);
     let mut p = FakePatcher::new(&log, Calls::default());
@@ -1039,10 +1041,20 @@ fn a_registration_the_guest_refuses_fails_the_apply_before_its_load_and_is_let_g
     );
     assert_eq!(
         steps(&log),
-        ["prepare", "install ops", "ops filter", "ops register",]
+        [
+            "prepare",
+            "install ops",
+            "prepare",
+            "begun new",
+            "load",
+            "ops filter",
+            "ops register",
+            // Abandoned as any failure after the load.
+            "unload",
+        ]
     );
-    // Nothing loaded; the filter set waits to be let go by the VMM once
-    // changes pause (release_ops), one function at a time.
+    // The filter set waits to be let go by the VMM once changes pause
+    // (release_ops), one function at a time.
     assert_eq!(p.ops.unheld, 1);
     p.ops.unheld = 2;
     assert!(release_ops(&host, &mut p, 1).is_empty());

@@ -114,21 +114,21 @@ pub fn text_hash_masked(c: &Client, sites: &[u64]) -> Result<u64, String> {
 
 /// Guest-physical `[gpa, end)` read through the API (`GET /memory?gpa=`),
 /// at most [`MAX_MEMORY_READ`] bytes a request, stopping short of `skip`
-/// (a page left out) and resuming after it; `f` gets each reply's hex text.
+/// (pages left out) and resuming after each; `f` gets each reply's hex text.
 pub fn read_phys_hex(
     c: &Client,
     mut gpa: u64,
     end: u64,
-    skip: Option<u64>,
+    skip: &[u64],
     mut f: impl FnMut(&str),
 ) -> Result<(), String> {
     while gpa < end {
-        if Some(gpa) == skip {
+        if skip.contains(&gpa) {
             gpa += 4096;
             continue;
         }
         let len = (end - gpa).min(MAX_MEMORY_READ);
-        let len = match skip.filter(|&s| s > gpa && s < gpa + len) {
+        let len = match skip.iter().filter(|&&s| s > gpa && s < gpa + len).min() {
             Some(s) => s - gpa,
             None => len,
         };
@@ -261,5 +261,33 @@ impl GuestMemory {
             }
         }
         Ok(())
+    }
+}
+
+/// Waits until no function that no patch redirects still has an ftrace
+/// redirect registered (the VMM lets those go once changes pause), so a
+/// reading of the guest happens after that, never during it. Returns how
+/// long it waited; fails after `limit`.
+pub fn ops_settled(c: &Client, limit: std::time::Duration) -> Result<std::time::Duration, String> {
+    let start = std::time::Instant::now();
+    loop {
+        let v = c.patches().map_err(|e| e.to_string())?;
+        let left: Vec<String> = v
+            .ftrace
+            .iter()
+            .filter(|f| !f.live)
+            .map(|f| format!("{} ({})", f.name, f.state))
+            .collect();
+        if left.is_empty() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return Err(format!(
+                "ftrace redirects still registered after {} s: {}",
+                limit.as_secs(),
+                left.join(", ")
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
