@@ -1025,7 +1025,7 @@ fn ftrace_redirects_are_registered_after_the_pre_callbacks_through_slots_planned
 }
 
 #[test]
-fn a_registration_the_guest_refuses_abandons_the_apply_and_is_let_go_later() {
+fn a_registration_the_guest_refuses_abandons_the_apply_and_is_let_go_at_once() {
     let log = Log::default();
     let host = FakeHost::new(&log);
     let mut p = FakePatcher::new(&log, Calls::default());
@@ -1049,13 +1049,16 @@ fn a_registration_the_guest_refuses_abandons_the_apply_and_is_let_go_later() {
             "load",
             "ops filter",
             "ops register",
-            // Abandoned as any failure after the load.
+            // Abandoned as any failure after the load, and the filter it
+            // set let go at once, as klp's cancel unregisters.
             "unload",
+            "ops unregister",
+            "ops free filter",
         ]
     );
-    // The filter set waits to be let go by the VMM once changes pause
-    // (release_ops), one function at a time.
-    assert_eq!(p.ops.unheld, 1);
+    assert_eq!(p.ops.unheld, 0);
+    // Otherwise the VMM lets them go once changes pause (release_ops),
+    // one function at a time, never while the VM is held paused.
     p.ops.unheld = 2;
     assert!(release_ops(&host, &mut p, 1).is_empty());
     assert_eq!(p.ops.unheld, 1);
