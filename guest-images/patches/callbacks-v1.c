@@ -3,8 +3,8 @@
  * callbacks-v1.c: a patch with all four klp callbacks, each of which logs
  * one line to the kernel log:
  *   klpv-cb v<N> <callback> obj=<object name> live=<0|1>
- * live says whether proc_task_name's entry jumps to this patch's version
- * right now, read from the kernel's own text: klp's documented order is
+ * live says whether a call of proc_task_name runs this patch's version
+ * right now (the callback calls it): klp's documented order is
  * pre_patch live=0, post_patch live=1, pre_unpatch live=1,
  * post_unpatch live=0. The patched proc_task_name shows "<comm>+cb<N>" in
  * the Name: line of /proc/PID/status.
@@ -49,22 +49,20 @@ static void livepatch_proc_task_name(struct seq_file *m, struct task_struct *p,
 }
 
 /*
- * Whether proc_task_name's entry is a jmp to this patch's function (after
- * the ENDBR64, or the nop IBT sealing leaves of it, on IBT kernels: 6.12).
+ * Whether a call of proc_task_name runs this patch's version now: called
+ * on a seq_file of our own, it prints "<comm>+cb<N>" only if so. (klpvisor
+ * redirects through the kernel's ftrace, as klp does, so the entry's bytes
+ * say nothing: the call is what tells.)
  */
 static int live(void)
 {
-	const unsigned char *p = (const unsigned char *)proc_task_name;
-	static const unsigned char endbr64[] = { 0xf3, 0x0f, 0x1e, 0xfa };
-	static const unsigned char sealed[] = { 0x66, 0x0f, 0x1f, 0x00 };
-	long target;
+	char buf[128], want[16];
+	struct seq_file m = { .buf = buf, .size = sizeof(buf) - 1 };
 
-	if (!memcmp(p, endbr64, 4) || !memcmp(p, sealed, 4))
-		p += 4;
-	if (p[0] != 0xe9)
-		return 0;
-	target = (long)(p + 5) + *(const int *)(p + 1);
-	return target == (long)livepatch_proc_task_name;
+	proc_task_name(&m, current, false);
+	buf[m.count < m.size ? m.count : m.size] = '\0';
+	snprintf(want, sizeof(want), "+cb%d", KLPV_CB_VERSION);
+	return strstr(buf, want) != NULL;
 }
 
 static void log_callback(const char *what, struct klp_object *obj)

@@ -1,7 +1,8 @@
 //! guest_hash SOCK: FNV-1a hashes of the kernel text and of the whole patch
 //! arena but klpvisor's own code and data pages, installed on first use
 //! and kept: the call gate's two (its mailbox records every call sent, and
-//! so changes by design) and the ftrace redirect handler's. What a refused
+//! so changes by design) and the ftrace redirect handler's, which are
+//! hashed as the zero pages they were before. What a refused
 //! patch must leave untouched. It first waits for the VMM to let go of
 //! ftrace redirects no patch uses.
 #![forbid(unsafe_code)]

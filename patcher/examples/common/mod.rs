@@ -114,7 +114,7 @@ pub fn text_hash_masked(c: &Client, sites: &[u64]) -> Result<u64, String> {
 
 /// Guest-physical `[gpa, end)` read through the API (`GET /memory?gpa=`),
 /// at most [`MAX_MEMORY_READ`] bytes a request, stopping short of `skip`
-/// (pages left out) and resuming after each; `f` gets each reply's hex text.
+/// (pages left out: read as zeros) and resuming after each; `f` gets each reply's hex text.
 pub fn read_phys_hex(
     c: &Client,
     mut gpa: u64,
@@ -124,6 +124,9 @@ pub fn read_phys_hex(
 ) -> Result<(), String> {
     while gpa < end {
         if skip.contains(&gpa) {
+            // Read as the zero page it was before klpvisor took it, so
+            // that a hash does not depend on whether it is taken yet.
+            f(&"0".repeat(8192));
             gpa += 4096;
             continue;
         }
