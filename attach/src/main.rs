@@ -3,7 +3,7 @@
 //! guest, so `patcher --api-sock PATH status|regs|tasks|symbols|read`
 //! and curl work as they do against `vmm`.
 //!
-//! Phase 1 of issue 21 serves only what reads: the VM's state and kernel
+//! For now it serves only what reads: the VM's state and kernel
 //! view, registers, memory, symbols, tasks, and pause and resume. The
 //! patch stack is empty (nothing here writes the guest) and every route
 //! that would change the guest is refused with a reason.
@@ -560,7 +560,7 @@ async fn refused(uri: axum::http::Uri, method: axum::http::Method) -> HttpError 
             "{method} {}: klpvisor-attach serves a QEMU guest read-only for now (GET /vm, \
              /vcpus/{{id}}/regs, /memory, /symbols, /symbols/all, /tasks, /patches, /history; \
              PUT /vm/pause, /vm/resume); applying patches to an attached QEMU is not \
-             implemented yet (issue 21)",
+             implemented yet",
             uri.path()
         ),
     )
