@@ -664,8 +664,9 @@ pub struct FtraceRedirect {
     /// The `struct ftrace_ops`.
     pub ops: Hex,
     /// `assigned` (a transition will register it), `filtered` (its filter
-    /// set, not registered yet or any more), `registered`, or
-    /// `unregistered` (its filter not freed yet).
+    /// set, not registered yet or any more), `registered`, `unregistered`
+    /// (its filter not freed yet), or `lost` (a step the guest did not run
+    /// in time: the slot is never used again).
     pub state: String,
     /// Whether it redirects the function now (its target is set).
     pub live: bool,

@@ -19,8 +19,10 @@
 //!
 //! - **Register** while the guest runs, through the call gate, in a kworker:
 //!   `ftrace_set_filter_ip(ops, site, 0, 0)` then
-//!   `register_ftrace_function(ops)`, as klp's `klp_patch_func` does. Its
-//!   `private` is 0 then, so the ops changes nothing yet.
+//!   `register_ftrace_function(ops)`, as klp's `klp_patch_func` does, before
+//!   the patch's code is loaded. Its `private` is 0 then, so the ops
+//!   changes nothing yet. A guest that does not run the registration in
+//!   time gets a `jmp` for those functions instead.
 //! - **Switch** in the safe-point pause: one 8-byte write of `private` per
 //!   function, so a transition stays one atomic step, checked like any other.
 //! - **Unregister** once no patch redirects the function, as klp does
@@ -317,6 +319,9 @@ pub enum SlotState {
     Registered,
     /// `unregister_ftrace_function` passed; its filter is still allocated.
     Unregistered,
+    /// A step was sent and its outcome never seen (the guest did not run
+    /// it in time): the slot is never used, handed out or let go again.
+    Lost,
 }
 
 /// One step through the call gate, and the function it calls.
@@ -550,7 +555,18 @@ impl Ops {
     pub fn assigned(&self, old: u64) -> bool {
         self.slots
             .get(&old)
-            .is_some_and(|s| s.state != SlotState::Unregistered)
+            .is_some_and(|s| !matches!(s.state, SlotState::Unregistered | SlotState::Lost))
+    }
+
+    /// The guest did not run the step sent last for `old` in time: its
+    /// slot is written off ([`SlotState::Lost`]) and kept under a key no
+    /// function has, so `old` can get a fresh slot later.
+    pub fn lose(&mut self, old: u64) {
+        if let Some(mut s) = self.slots.remove(&old) {
+            s.state = SlotState::Lost;
+            // Keyed by its own address: no function starts there.
+            self.slots.insert(s.va, s);
+        }
     }
 
     /// The arguments of `step` on `old`'s slot.
@@ -607,7 +623,7 @@ impl Ops {
         match self.slots.get(&old)?.state {
             SlotState::Assigned => Some(Step::Filter),
             SlotState::Filtered => Some(Step::Register),
-            SlotState::Registered | SlotState::Unregistered => None,
+            SlotState::Registered | SlotState::Unregistered | SlotState::Lost => None,
         }
     }
 
@@ -619,7 +635,7 @@ impl Ops {
             SlotState::Filtered | SlotState::Unregistered => {
                 self.support.symbols.free_filter.map(|_| Step::FreeFilter)
             }
-            SlotState::Assigned => None,
+            SlotState::Assigned | SlotState::Lost => None,
         }
     }
 
@@ -649,7 +665,7 @@ impl Ops {
         let s = self
             .slots
             .get(&old)
-            .filter(|s| s.state != SlotState::Unregistered)?;
+            .filter(|s| !matches!(s.state, SlotState::Unregistered | SlotState::Lost))?;
         let gpa = s.gpa + self.support.layout.private;
         Some((
             Allowed {

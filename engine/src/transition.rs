@@ -318,6 +318,9 @@ pub trait Patcher<G: Guest + ?Sized> {
     /// The transition ended: slots assigned to it that never reached the
     /// guest are handed out again.
     fn abandon_ops(&mut self) {}
+    /// The guest could not run `p`'s registrations in time: its functions
+    /// not registered go by a jmp (see [`Engine::ops_unreachable`]).
+    fn ops_unreachable(&mut self, _p: &Self::Prepared) {}
     /// The ftrace step sent last: the function and the kernel call.
     fn ops_armed(&self) -> Option<(String, &'static str)> {
         None
@@ -468,6 +471,10 @@ where
 
     fn abandon_ops(&mut self) {
         self.engine.abandon_ops()
+    }
+
+    fn ops_unreachable(&mut self, p: &Prepared) {
+        self.engine.ops_unreachable(p)
     }
 
     fn ops_armed(&self) -> Option<(String, &'static str)> {
@@ -749,33 +756,54 @@ where
     warnings
 }
 
+/// How long the registration of a transition's ftrace redirects may take
+/// before its functions fall back to a `jmp`.
+pub const OPS_GRACE: Duration = Duration::from_secs(5);
+
 /// Registers with the guest's ftrace every slot `prepared` switches
-/// through ([`Patcher::arm_ops`]), each step through the call gate.
+/// through ([`Patcher::arm_ops`]), each step through the call gate, until
+/// `deadline`. `Ok(Some(why))`: the guest could not run it in time (a
+/// step did not finish, or the gate is still busy with an earlier call);
+/// an error: the guest's ftrace refused a step, or the host failed.
 fn register_ops<H, P>(
     host: &H,
     patcher: &mut P,
     prepared: &P::Prepared,
     deadline: Instant,
-) -> Result<(), H::Error>
+) -> Result<Option<String>, H::Error>
 where
     H: Host,
     P: Patcher<H::Guest>,
 {
-    while let Some(sent) = send(host, patcher, deadline, |p, g| p.arm_ops(prepared, g))? {
-        match sent {
-            (_, Ok(ret)) => patcher.ops_done(ret)?,
-            (armed, Err(progress)) => {
-                let (func, step) = patcher.ops_armed().unwrap_or_default();
-                return Err(EngineError::OpsUnfinished {
-                    func,
-                    step,
-                    progress: progress.describe(armed.cpu),
+    loop {
+        let mut busy = None;
+        let sent = send(host, patcher, deadline, |p, g| {
+            match p.arm_ops(prepared, g) {
+                Err(EngineError::Gate(crate::callback::gate::GateError::Busy(why))) => {
+                    busy = Some(why);
+                    Ok(None)
                 }
-                .into());
+                other => other,
+            }
+        })?;
+        match sent {
+            None => {
+                return Ok(busy.map(|why| format!("the call gate is busy ({why})")));
+            }
+            Some((_, Ok(ret))) => patcher.ops_done(ret)?,
+            Some((armed, Err(progress))) => {
+                let (func, step) = patcher.ops_armed().unwrap_or_default();
+                return Ok(Some(
+                    EngineError::OpsUnfinished {
+                        func,
+                        step,
+                        progress: progress.describe(armed.cpu),
+                    }
+                    .to_string(),
+                ));
             }
         }
     }
-    Ok(())
 }
 
 /// [`run`] from preparing to the post callbacks.
@@ -862,13 +890,14 @@ where
             .into());
         }
     }
+    let mut ops_warning = None;
     if prepared.wants_ops() && !host.is_paused() {
         // Each function the patch starts redirecting gets an ftrace_ops of
         // its own, as under klp: a slot for it (and the handler and slot
-        // pages, from the arena) now, so that the plan, made again, switches
-        // through the slots; its registration after the pre callbacks, as
-        // klp registers after pre_patch. (With the VM held paused by its
-        // user nothing can run in the guest: the plan keeps its jmps.)
+        // pages, from the arena), registered with the guest's ftrace in a
+        // kworker, inert until the switch sets its target; the plan, made
+        // again, switches through the slots. (With the VM held paused by
+        // its user nothing can run in the guest: the plan keeps its jmps.)
         if !patcher.has_gate() {
             host.paused(|g| patcher.install_gate(g))?.0?;
             tracing::info!("call gate installed for ftrace redirects");
@@ -877,6 +906,21 @@ where
         if prepared.wants_ops() {
             host.paused(|g| patcher.install_ops(&prepared, g))?.0?;
             prepared = patcher.prepare()?;
+            let deadline = host.now() + OPS_GRACE.min(t.timeout);
+            if let Some(why) = register_ops(host, patcher, &prepared, deadline)? {
+                // The guest did not run the registration in time (its
+                // workqueue starved, the gate still busy with an earlier
+                // call): the functions not registered get a jmp instead,
+                // as when the VM is held paused, rather than no patch.
+                let w = format!(
+                    "{why}; the functions not registered with the guest's ftrace are redirected \
+                     by a jmp at their entry instead (ftrace skips them while patched)"
+                );
+                tracing::warn!(patch = prepared.name(), "{w}");
+                ops_warning = Some(w);
+                patcher.ops_unreachable(&prepared);
+                prepared = patcher.prepare()?;
+            }
         }
     }
     // A plan that could only be committed by writing over ftrace's call
@@ -934,22 +978,6 @@ where
         }
     }
 
-    if prepared.wants_ops() && !host.is_paused() {
-        if let Err(e) = register_ops(host, patcher, &prepared, deadline) {
-            if calls.is_empty() && loaded.is_none() {
-                return Err(e);
-            }
-            return Err(abandon(
-                host,
-                patcher,
-                prepared,
-                loaded,
-                &passed,
-                Stop::Failed(e),
-            ));
-        }
-    }
-
     let mut backoff = BACKOFF_START;
     let mut attempts = 0u32;
     let mut nudged = None;
@@ -1002,6 +1030,7 @@ where
         "transition committed"
     );
     let mut warnings = prepared.warnings().to_vec();
+    warnings.extend(ops_warning);
     // The post callbacks: the transition stands whatever they do.
     for call in calls.post() {
         let grace = host.now() + CALLBACK_GRACE;

@@ -22,6 +22,7 @@ impl Engine {
                     crate::ftrace_ops::SlotState::Filtered => "filtered",
                     crate::ftrace_ops::SlotState::Registered => "registered",
                     crate::ftrace_ops::SlotState::Unregistered => "unregistered",
+                    crate::ftrace_ops::SlotState::Lost => "lost",
                 }
                 .to_owned(),
                 live: live.contains_key(&old) && ops.registered(old),

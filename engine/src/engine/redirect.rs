@@ -130,9 +130,8 @@ impl Engine {
 
     /// Sends the next step that registers a slot `p` switches through
     /// (its fresh `ftrace_ops` written in the same pause as the first), or
-    /// `None` when every one is registered. As klp registers a function's
-    /// ops after its `pre_patch` callbacks ran: call with every vCPU
-    /// paused, after them; then raise the gate's vector on [`Armed::vcpu`]
+    /// `None` when every one is registered. Call with every vCPU paused,
+    /// before `p`'s load; then raise the gate's vector on [`Armed::vcpu`]
     /// and give the result to [`Engine::ops_done`].
     pub fn arm_ops<G: Guest + ?Sized>(
         &mut self,
@@ -269,6 +268,25 @@ impl Engine {
         Some((name, step.function()))
     }
 
+    /// The guest did not run `p`'s registrations in time: the slot of the
+    /// step sent last is written off (its call may still run in the guest
+    /// one day, and only then would its outcome be known), and the other
+    /// slots `p` assigned and never wrote are handed out again, so that
+    /// `p`, prepared again, redirects those functions by a jmp. A slot
+    /// whose filter was set is let go later, as any unused one.
+    pub fn ops_unreachable(&mut self, p: &Prepared) {
+        let armed = self.ops_armed.take();
+        let Some(ops) = self.ops.as_mut() else {
+            return;
+        };
+        if let Some((old, _)) = armed {
+            ops.lose(old);
+        }
+        for &old in &p.wants_ops {
+            ops.forget_assigned(old);
+        }
+    }
+
     /// Slots of functions no patch redirects now (a disable's, a
     /// replace's, an abandoned apply's), in old-function order: klp
     /// unregisters a function's ops as soon as no patch redirects it, so
@@ -279,6 +297,7 @@ impl Engine {
         };
         let live = self.stack.live();
         ops.slots()
+            .filter(|(_, s)| s.state != crate::ftrace_ops::SlotState::Lost)
             .map(|(old, _)| old)
             .filter(|old| !live.contains_key(old))
             .collect()

@@ -178,6 +178,8 @@ struct FakeOps {
     unheld: u32,
     /// The function is traced in the guest.
     traced: bool,
+    /// The guest never runs the filter step.
+    filter_hangs: bool,
 }
 
 /// Where the fake per-CPU allocator and free are "called".
@@ -360,7 +362,12 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
         } else {
             0
         };
-        self.script.insert(0x0f5, Script::Returns(ret));
+        let script = if step == "filter" && self.ops.filter_hangs {
+            Script::Hangs
+        } else {
+            Script::Returns(ret)
+        };
+        self.script.insert(0x0f5, script);
         let mut armed = self.armed.borrow_mut();
         armed.push((0x0f5, Kind::PrePatch));
         Ok(Some(Armed {
@@ -393,6 +400,10 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
     }
     fn ops_releases(&self) -> usize {
         self.ops.unheld as usize
+    }
+    fn ops_unreachable(&mut self, _p: &FakePlan) {
+        self.push("ops unreachable".into());
+        self.ops.unregistered = 0;
     }
     fn arm_ops_release(
         &mut self,
@@ -996,7 +1007,7 @@ fn per_cpu_data_is_not_allocated_while_a_user_holds_the_vm_paused() {
 }
 
 #[test]
-fn ftrace_redirects_are_registered_after_the_pre_callbacks_through_slots_planned_before() {
+fn ftrace_redirects_are_registered_before_the_load_through_slots_planned_before() {
     let log = Log::default();
     let host = FakeHost::new(&log);
     let mut p = FakePatcher::new(&log, Calls::default());
@@ -1013,12 +1024,12 @@ fn ftrace_redirects_are_registered_after_the_pre_callbacks_through_slots_planned
             "prepare",
             "install ops",
             "prepare",
-            "begun new",
-            "load",
-            // Registered in the guest after the pre callbacks, as klp
-            // registers after pre_patch.
+            // Registered in the guest, inert until the switch, before the
+            // patch's code is loaded.
             "ops filter",
             "ops register",
+            "begun new",
+            "load",
             "commit",
         ]
     );
@@ -1045,13 +1056,9 @@ fn a_registration_the_guest_refuses_abandons_the_apply_and_is_let_go_at_once() {
             "prepare",
             "install ops",
             "prepare",
-            "begun new",
-            "load",
             "ops filter",
             "ops register",
-            // Abandoned as any failure after the load, and the filter it
-            // set let go at once, as klp's cancel unregisters.
-            "unload",
+            // Nothing loaded; the filter it set let go at once.
             "ops unregister",
             "ops free filter",
         ]
@@ -1084,4 +1091,36 @@ fn a_traced_function_is_refused_before_anything_is_written_while_the_vm_is_held_
     assert!(err.contains("resume the VM"), "{err}");
     // No registration (nothing runs in a paused guest), no load.
     assert_eq!(steps(&log), ["prepare"]);
+}
+
+#[test]
+fn a_registration_the_guest_does_not_run_in_time_falls_back_to_a_jmp() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.gate = true;
+    p.ops.unregistered = 1;
+    p.ops.filter_hangs = true;
+    let o = run(&host, &mut p, "apply", timeout(10)).unwrap();
+    assert_eq!(
+        steps(&log),
+        [
+            "prepare",
+            "install ops",
+            "prepare",
+            "ops filter",
+            // Not run within OPS_GRACE: its functions get a jmp.
+            "ops unreachable",
+            "prepare",
+            "begun new",
+            "load",
+            "commit",
+        ]
+    );
+    assert!(
+        o.warnings.iter().any(|w| w.contains("redirected by a jmp")),
+        "{:?}",
+        o.warnings
+    );
+    assert!(host.elapsed() >= OPS_GRACE && host.elapsed() < timeout(10).timeout);
 }
