@@ -486,6 +486,19 @@ impl Ops {
             .collect()
     }
 
+    /// The allow-list entries of its pages (slot images and scrubs are
+    /// written there).
+    pub fn allowed(&self) -> Vec<Allowed> {
+        self.regions()
+            .iter()
+            .map(|r| Allowed {
+                gpa: r.gpa,
+                len: r.len,
+                kind: AllowKind::Arena,
+            })
+            .collect()
+    }
+
     /// Free slots.
     pub fn free_slots(&self) -> usize {
         self.free.len()
@@ -704,6 +717,32 @@ mod tests {
         }
     }
 
+    /// Ops with the handler at a fixed page, no slot pages, `free` slots
+    /// and the step functions at 1..=4.
+    fn ops(free_filter: Option<u64>, free: Vec<(u64, GuestPhys)>) -> Ops {
+        Ops {
+            support: Support {
+                layout: layout(),
+                symbols: Symbols {
+                    set_filter_ip: 1,
+                    register: 2,
+                    unregister: 3,
+                    free_filter,
+                },
+            },
+            text: Region {
+                va: klpvisor_guest::KernelVirt(0xffff_ffff_c000_0000),
+                gpa: GuestPhys(0x100_0000),
+                len: PAGE,
+                perm: Perm::Text,
+            },
+            pages: Vec::new(),
+            slots: BTreeMap::new(),
+            free,
+            dirty: Vec::new(),
+        }
+    }
+
     #[test]
     fn the_handler_sets_the_saved_ip_only_when_private_is_set() {
         let code = handler_code(0xffff_ffff_c000_0000, &layout(), None).expect("code");
@@ -755,27 +794,10 @@ mod tests {
 
     #[test]
     fn a_failed_registration_names_the_function_the_call_and_the_reason() {
-        let mut ops = Ops {
-            support: Support {
-                layout: layout(),
-                symbols: Symbols {
-                    set_filter_ip: 1,
-                    register: 2,
-                    unregister: 3,
-                    free_filter: Some(4),
-                },
-            },
-            text: Region {
-                va: klpvisor_guest::KernelVirt(0xffff_ffff_c000_0000),
-                gpa: GuestPhys(0x100_0000),
-                len: PAGE,
-                perm: Perm::Text,
-            },
-            pages: Vec::new(),
-            slots: BTreeMap::new(),
-            free: vec![(0xffff_ffff_c000_1000, GuestPhys(0x100_1000))],
-            dirty: Vec::new(),
-        };
+        let mut ops = ops(
+            Some(4),
+            vec![(0xffff_ffff_c000_1000, GuestPhys(0x100_1000))],
+        );
         let old = 0xffff_ffff_8120_0000;
         ops.slots.insert(
             old,
@@ -816,27 +838,7 @@ mod tests {
 
     #[test]
     fn the_switch_is_the_private_word_of_a_registered_slot() {
-        let mut ops = Ops {
-            support: Support {
-                layout: layout(),
-                symbols: Symbols {
-                    set_filter_ip: 1,
-                    register: 2,
-                    unregister: 3,
-                    free_filter: None,
-                },
-            },
-            text: Region {
-                va: klpvisor_guest::KernelVirt(0xffff_ffff_c000_0000),
-                gpa: GuestPhys(0x100_0000),
-                len: PAGE,
-                perm: Perm::Text,
-            },
-            pages: Vec::new(),
-            slots: BTreeMap::new(),
-            free: Vec::new(),
-            dirty: Vec::new(),
-        };
+        let mut ops = ops(None, Vec::new());
         let old = 0x1000;
         ops.slots.insert(
             old,

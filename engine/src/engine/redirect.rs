@@ -210,16 +210,7 @@ impl Engine {
             .call(old, step)
             .ok_or_else(|| EngineError::Internal(format!("no {} for {old:#x}", step.function())))?;
         let name = ops.slot(old).map(|s| s.name.clone()).unwrap_or_default();
-        let mut pre = Plan::new(
-            ops.regions()
-                .iter()
-                .map(|r| crate::write::Allowed {
-                    gpa: r.gpa,
-                    len: r.len,
-                    kind: crate::write::AllowKind::Arena,
-                })
-                .collect(),
-        );
+        let mut pre = Plan::new(ops.allowed());
         if let Some(w) = image {
             pre.push(w.clone());
         }
@@ -309,15 +300,7 @@ impl Engine {
         let Some(ops) = self.ops.as_mut() else {
             return Ok(());
         };
-        let allowed = ops
-            .regions()
-            .iter()
-            .map(|r| crate::write::Allowed {
-                gpa: r.gpa,
-                len: r.len,
-                kind: crate::write::AllowKind::Arena,
-            })
-            .collect();
+        let allowed = ops.allowed();
         let writes = ops.plan_scrub(guest)?;
         if !writes.is_empty() {
             let mut plan = Plan::new(allowed);
