@@ -396,6 +396,9 @@ pub struct Control {
 /// both ways each time.
 pub const RELEASE_IDLE: Duration = Duration::from_secs(2);
 
+/// The `prepare` of a [`Live`] for work outside any transition.
+type NoTransition = fn(&mut Engine, &Kernel) -> Result<Prepared, EngineError>;
+
 /// Clears the pending transition however the transition ends.
 struct PendingGuard<'a>(&'a Mutex<Option<PendingTransition>>);
 
@@ -1187,6 +1190,37 @@ impl Control {
         reply
     }
 
+    /// Runs `f` with the lifecycle's host and patcher for call-gate work
+    /// outside any transition (a removal's per-CPU frees, housekeeping),
+    /// which prepares none.
+    fn outside_transition<R>(
+        &self,
+        action: &str,
+        kernel: &Kernel,
+        engine: &mut Engine,
+        f: impl FnOnce(&VmHost<'_>, &mut Live<'_, NoTransition>) -> R,
+    ) -> R {
+        fn none(_: &mut Engine, _: &Kernel) -> Result<Prepared, EngineError> {
+            Err(EngineError::Internal(
+                "work outside a transition prepares none".into(),
+            ))
+        }
+        let host = VmHost {
+            control: self,
+            action,
+            t: Transition {
+                force: false,
+                timeout: lifecycle::TRANSITION_TIMEOUT,
+            },
+        };
+        let mut live = Live {
+            engine,
+            kernel,
+            prepare: none as NoTransition,
+        };
+        f(&host, &mut live)
+    }
+
     /// Lets go of the ftrace redirect of one function no patch redirects
     /// any more (its ops unregistered, its filter freed, through the call
     /// gate), once no change has run for [`RELEASE_IDLE`]. Called every
@@ -1207,24 +1241,9 @@ impl Control {
             .store(true, std::sync::atomic::Ordering::Release);
         let mut engine = self.engine();
         if engine.ops_releases() > 0 {
-            let host = VmHost {
-                control: self,
-                action: "release",
-                t: Transition {
-                    force: false,
-                    timeout: lifecycle::TRANSITION_TIMEOUT,
-                },
-            };
-            let mut live = Live {
-                engine: &mut engine,
-                kernel: &k.kernel,
-                prepare: |_: &mut Engine, _: &Kernel| -> Result<Prepared, EngineError> {
-                    Err(EngineError::Internal(
-                        "housekeeping prepares no transition".into(),
-                    ))
-                },
-            };
-            lifecycle::release_ops(&host, &mut live, 1);
+            self.outside_transition("release", &k.kernel, &mut engine, |host, live| {
+                lifecycle::release_ops(host, live, 1)
+            });
             self.publish(&engine);
         }
         drop(engine);
@@ -1357,24 +1376,9 @@ impl Control {
             // A freed patch's per-CPU block goes back to the guest's
             // allocator, through the call gate, now that the pause is over.
             if engine.percpu_frees() > 0 {
-                let host = VmHost {
-                    control: self,
-                    action: "remove",
-                    t: Transition {
-                        force: false,
-                        timeout: lifecycle::TRANSITION_TIMEOUT,
-                    },
-                };
-                let mut live = Live {
-                    engine: &mut engine,
-                    kernel: &k.kernel,
-                    prepare: |_: &mut Engine, _: &Kernel| -> Result<Prepared, EngineError> {
-                        Err(EngineError::Internal(
-                            "a removal prepares no transition".into(),
-                        ))
-                    },
-                };
-                lifecycle::free_percpu(&host, &mut live);
+                self.outside_transition("remove", &k.kernel, &mut engine, |host, live| {
+                    lifecycle::free_percpu(host, live)
+                });
             }
         }
         self.publish(&engine);
