@@ -358,3 +358,137 @@ fn a_module_loaded_after_the_patch_is_patched_before_it_runs() {
         "no oops or warning\n{t}"
     );
 }
+
+/// A patch applied while its module is loaded goes through the guest's
+/// ftrace for the module's function too, as klp's does: the function
+/// tracer and a kprobe on the patched bm_status_read see its calls, and the
+/// patched code runs. The module then unloads (its function's ftrace_ops
+/// redirects nothing from then on) and loads again, patched as it loads;
+/// disabled, the function is the kernel's own and still traced.
+#[test]
+fn a_loaded_modules_patched_function_stays_traceable() {
+    if harness::skip_without_e2e() {
+        return;
+    }
+    let run = run_scenario("patch-module-traced", &[]);
+    let t = run.transcript();
+    let line = |tag: &str, n: u32| -> String {
+        let tag = format!("{tag} {n} ");
+        run.lines
+            .iter()
+            .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no `{tag}` line\n{t}"))
+    };
+    // `KLPV-FTRACE n k=v ... status=<text>` as a map.
+    let ftrace = |n: u32| -> std::collections::BTreeMap<String, String> {
+        let l = line("KLPV-FTRACE", n);
+        let (head, status) = l
+            .split_once(" status=")
+            .unwrap_or_else(|| panic!("no status in {l}"));
+        let mut m: std::collections::BTreeMap<String, String> = head
+            .split(' ')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        m.insert("status".into(), status.to_owned());
+        m
+    };
+    let count = |m: &std::collections::BTreeMap<String, String>, k: &str| -> u32 {
+        m.get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {m:?}\n{t}"))
+    };
+    for step in ["apply", "disable"] {
+        assert_eq!(run.result(step)["rc"], "0", "{step}\n{t}");
+    }
+    assert_eq!(line("KLPV-BINFMT", 2), "enabled", "loaded unpatched\n{t}");
+
+    // Applied with the module loaded: both functions go through ftrace.
+    let applied = patches(&run, "applied");
+    let p = patch(&applied, "module_binfmt");
+    let f = p
+        .funcs
+        .iter()
+        .find(|f| f.object == "binfmt_misc" && f.name == "bm_status_read")
+        .unwrap_or_else(|| panic!("bm_status_read not listed: {p:?}"));
+    assert!(f.live, "{f:?}");
+    let ops = f.ftrace_ops.unwrap_or_else(|| panic!("a jmp: {f:?}\n{t}"));
+    assert!(
+        applied
+            .ftrace
+            .iter()
+            .any(|r| r.ops == ops && r.state == "registered" && r.live),
+        "{:?}",
+        applied.ftrace
+    );
+
+    // Traced while patched: every read is seen by the function tracer and
+    // the kprobe, and every read runs the patched code.
+    let traced = ftrace(3);
+    assert_eq!(traced["filter"], "0", "{traced:?}\n{t}");
+    assert_eq!(traced["kprobe"], "0", "{traced:?}\n{t}");
+    assert!(count(&traced, "calls") >= 5, "{traced:?}\n{t}");
+    assert!(count(&traced, "hits") >= 5, "{traced:?}\n{t}");
+    assert_eq!(traced["status"], "enabled klpv1", "{traced:?}\n{t}");
+
+    // Unloaded: the object waits, and the unloading task let go of the
+    // function's ftrace_ops (as klp_module_going does: ftrace would warn
+    // when the next module loads on that site).
+    let off = patches(&run, "unloaded");
+    assert!(
+        !patch(&off, "module_binfmt")
+            .funcs
+            .iter()
+            .any(|f| f.object == "binfmt_misc"),
+        "{off:?}"
+    );
+    assert!(off.ftrace.iter().all(|r| r.ops != ops), "{off:?}");
+    // Loaded again: patched as it loads.
+    assert_eq!(line("KLPV-BINFMT", 5), "enabled klpv1", "{t}");
+    let again = patches(&run, "reloaded");
+    assert!(
+        patch(&again, "module_binfmt")
+            .funcs
+            .iter()
+            .any(|f| f.name == "bm_status_read" && f.live),
+        "{again:?}"
+    );
+
+    // Disabled: the kernel's function, traced as before the patch.
+    let plain = ftrace(6);
+    assert_eq!(plain["filter"], "0", "{plain:?}\n{t}");
+    assert!(count(&plain, "calls") >= 5, "{plain:?}\n{t}");
+    assert!(count(&plain, "hits") >= 5, "{plain:?}\n{t}");
+    assert_eq!(plain["status"], "enabled", "{plain:?}\n{t}");
+    let disabled = patches(&run, "disabled");
+    assert!(disabled.live.is_empty(), "{:?}", disabled.live);
+
+    // The callbacks see the redirect through ftrace as klp's do: not yet
+    // in pre_patch, in place in post_patch and pre_unpatch, gone in
+    // post_unpatch; for the apply and the disable, and around the unload
+    // and the load again.
+    let cbs = |n: u32| -> Vec<String> {
+        let tag = format!("KLPV-CB {n} ");
+        run.lines
+            .iter()
+            .filter_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
+            .collect()
+    };
+    let on = [
+        "klpv-cb klpv1 pre_patch obj=binfmt_misc live=0",
+        "klpv-cb klpv1 post_patch obj=binfmt_misc live=1",
+    ];
+    let off = [
+        "klpv-cb klpv1 pre_unpatch obj=binfmt_misc live=1",
+        "klpv-cb klpv1 post_unpatch obj=binfmt_misc live=0",
+    ];
+    assert_eq!(cbs(3), on, "apply\n{t}");
+    assert_eq!(cbs(4), off, "unload\n{t}");
+    assert_eq!(cbs(5), on, "load again\n{t}");
+    assert_eq!(cbs(6), off, "disable\n{t}");
+
+    assert_eq!(run.result("patch-module-traced-exit")["rc"], "0", "{t}");
+    let dmesg = run.lines_with("KLPV-DMESG warnings=");
+    assert_eq!(dmesg.len(), 1, "{t}");
+    assert!(dmesg[0].ends_with("warnings=0"), "dmesg: {}", dmesg[0]);
+}

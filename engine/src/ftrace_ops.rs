@@ -582,6 +582,38 @@ impl Ops {
         }
     }
 
+    /// `old` went with its module: its slot stays registered until it is
+    /// let go (by the unloading task itself in klp_module_going, as klp
+    /// unregisters there; by the VMM's housekeeping for a module that went
+    /// without it), under a key no function has (its own address, as a
+    /// lost slot), so that it is never a redirect again.
+    pub fn detach(&mut self, old: u64) {
+        if let Some(s) = self.slots.remove(&old) {
+            self.slots.insert(s.va, s);
+        }
+    }
+
+    /// The write that clears `old`'s redirect word, if it is not clear:
+    /// sent with the slot's unregistration, so that an ops whose function
+    /// went while its word was set (a module gone without its going hook)
+    /// redirects nothing even before ftrace forgets it.
+    pub fn plan_quiet<G: Guest + ?Sized>(
+        &self,
+        guest: &G,
+        old: u64,
+    ) -> Result<Option<Write>, OpsError> {
+        let Some(s) = self.slots.get(&old) else {
+            return Ok(None);
+        };
+        let w = Write::read_expect(
+            guest,
+            s.gpa + self.support.layout.private,
+            vec![0; 8],
+            format!("ftrace redirect of {} (cleared)", s.name),
+        )?;
+        Ok(w.expect.iter().any(|&b| b != 0).then_some(w))
+    }
+
     /// The arguments of `step` on `old`'s slot.
     pub fn call(&self, old: u64, step: Step) -> Option<(u64, Vec<u64>)> {
         let s = self.slots.get(&old)?;
@@ -862,5 +894,55 @@ mod tests {
         assert!(ops.slot(old).is_none());
         assert!(ops.switch_write(old, Some(0xabcd), None).is_none());
         assert_eq!(ops.free_slots(), 0);
+    }
+
+    #[test]
+    fn a_gone_modules_slot_is_no_redirect_and_waits_to_be_let_go() {
+        use klpvisor_guest::paging::test_support::FakePhys;
+        let mut ops = ops(Some(4), Vec::new());
+        let (old, va, gpa) = (0xffff_ffff_c100_0000, 0xffff_ffff_c000_1000, 0x1000);
+        ops.slots.insert(
+            old,
+            Slot {
+                va,
+                gpa: GuestPhys(gpa),
+                ip: old,
+                name: "capability_show".into(),
+                state: SlotState::Registered,
+            },
+        );
+        ops.detach(old);
+        // No function's redirect goes through it any more, but it is still
+        // registered and waits to be let go, under its own address.
+        assert!(!ops.assigned(old));
+        assert!(ops.switch_write(old, None, Some(1)).is_none());
+        assert_eq!(ops.next_down(old), None);
+        assert_eq!(ops.next_down(va), Some(Step::Unregister));
+        assert_eq!(ops.call(va, Step::Unregister), Some((3, vec![va])));
+        ops.done(va, Step::Unregister, 0).expect("unregister");
+        assert_eq!(ops.next_down(va), Some(Step::FreeFilter));
+        ops.done(va, Step::FreeFilter, 0).expect("free");
+        assert!(ops.slot(va).is_none());
+        assert_eq!(ops.free_slots(), 1);
+        ops.slots.insert(
+            old,
+            Slot {
+                va,
+                gpa: GuestPhys(gpa),
+                ip: old,
+                name: "capability_show".into(),
+                state: SlotState::Registered,
+            },
+        );
+
+        // Its unregistration clears a redirect word left set, and only then.
+        let m = FakePhys::new(0x4000);
+        assert!(ops.plan_quiet(&m, old).expect("read").is_none());
+        m.write_phys(GuestPhys(gpa + 24), &0xabcdu64.to_le_bytes())
+            .expect("write");
+        let w = ops.plan_quiet(&m, old).expect("read").expect("a write");
+        assert_eq!(w.gpa, GuestPhys(gpa + 24));
+        assert_eq!(w.bytes, [0; 8]);
+        assert_eq!(w.expect, 0xabcdu64.to_le_bytes());
     }
 }

@@ -788,13 +788,15 @@ impl Site {
     /// module `module`: a code symbol of the module starting there, in its
     /// resident text (init text is freed after init), with the expected
     /// nop, one of the kernel's ftrace `records` (loaded with the module's
-    /// text, [`FtraceRecords::load_in`]).
+    /// text, [`FtraceRecords::load_in`]). `traced_ok`: a function the guest
+    /// traces is taken too, as [`Site::find_shared`] takes one.
     pub fn find_in_module<G: Guest + ?Sized>(
         space: &AddressSpace<'_, G>,
         kallsyms: &Kallsyms,
         module: &LoadedModule,
         records: &FtraceRecords,
         func: u64,
+        traced_ok: bool,
     ) -> Result<Site, SiteError> {
         let not_fn = |why: String| SiteError::NotAFunction { func, why };
         let symbol = module
@@ -822,7 +824,7 @@ impl Site {
             Some(e) if symbol.size > 0 => e.min(module.text.end),
             _ => module.text.end,
         };
-        let mut site = Self::at_entry(space, kallsyms, records, name, func, end, false)?;
+        let mut site = Self::at_entry(space, kallsyms, records, name, func, end, traced_ok)?;
         site.module = Some(InModule {
             name: module.name.clone(),
             addr: module.addr,

@@ -24,11 +24,16 @@
  *
  * The binfmt_misc object has all four klp callbacks. Each logs
  * "klpv-cb <mark> <callback> obj=<object> live=<0|1>", live saying whether
- * binfmt_misc's own bm_status_read jumps to the copy at that moment (its
- * address is the klp symbol .klp.sym.binfmt_misc.bm_status_read,0, so it
- * is known only once the module is loaded): klp runs pre_patch before the
- * object is patched and post_patch after, when the module loads later
- * (klp_module_coming), and pre_unpatch/post_unpatch around its unload.
+ * a call of binfmt_misc's own bm_status_read reaches the copy at that
+ * moment (its address is the klp symbol .klp.sym.binfmt_misc.bm_status_read,0,
+ * so it is known only once the module is loaded): either its entry jumps
+ * to the copy (a redirect written as the module loads), or the guest's
+ * ftrace sends it there (an ftrace_ops filtered to that entry whose
+ * private word is the copy: klpvisor's redirect through ftrace; the list
+ * and the hash lookup are vmlinux's, reached through klp symbols too).
+ * klp runs pre_patch before the object is patched and post_patch after,
+ * when the module loads later (klp_module_coming), and
+ * pre_unpatch/post_unpatch around its unload.
  *
  * module-binfmt-v2.c is this file with KLPV_BINFMT_V2 ("klpv2"), for a
  * replace and a rollback across both objects.
@@ -36,8 +41,12 @@
  * klpv: modpost-warn
  * klpv: klp-sym klpv_binfmt_enabled=.klp.sym.binfmt_misc.enabled,0
  * klpv: klp-sym klpv_bm_status_read=.klp.sym.binfmt_misc.bm_status_read,0
+ * klpv: klp-sym klpv_ftrace_ops_list=.klp.sym.vmlinux.ftrace_ops_list,0
+ * klpv: klp-sym klpv_ftrace_list_end=.klp.sym.vmlinux.ftrace_list_end,0
+ * klpv: klp-sym klpv_ftrace_lookup_ip=.klp.sym.vmlinux.ftrace_lookup_ip,0
  */
 #include <linux/module.h>
+#include <linux/ftrace.h>
 #include <linux/kernel.h>
 #include <linux/livepatch.h>
 #include <linux/seq_file.h>
@@ -91,7 +100,31 @@ livepatch_bm_status_read(struct file *file, char __user *buf, size_t nbytes, lof
 /* binfmt_misc's own bm_status_read (klp symbol, see above). */
 extern unsigned char klpv_bm_status_read[];
 
-/* Whether bm_status_read's entry jumps to the copy (past an ENDBR). */
+/* kernel/trace/ftrace.c's list of ftrace_ops and its hash lookup. */
+extern struct ftrace_ops __rcu *klpv_ftrace_ops_list;
+extern struct ftrace_ops klpv_ftrace_list_end;
+extern struct ftrace_func_entry *klpv_ftrace_lookup_ip(struct ftrace_hash *hash, unsigned long ip);
+
+/* Whether an ftrace_ops filtered to site `ip` redirects it to the copy. */
+static int live_through_ftrace(unsigned long ip)
+{
+	struct ftrace_ops *op;
+	int found = 0;
+
+	preempt_disable_notrace();
+	for (op = rcu_dereference_raw(klpv_ftrace_ops_list);
+	     op && op != &klpv_ftrace_list_end; op = rcu_dereference_raw(op->next)) {
+		if (op->private == (void *)livepatch_bm_status_read && op->func_hash &&
+		    klpv_ftrace_lookup_ip(rcu_dereference_raw(op->func_hash->filter_hash), ip)) {
+			found = 1;
+			break;
+		}
+	}
+	preempt_enable_notrace();
+	return found;
+}
+
+/* Whether a call of bm_status_read reaches the copy (see above). */
 static int live(void)
 {
 	const unsigned char *p = klpv_bm_status_read;
@@ -101,7 +134,7 @@ static int live(void)
 	if (!memcmp(p, endbr64, 4))
 		p += 4;
 	if (p[0] != 0xe9)
-		return 0;
+		return live_through_ftrace((unsigned long)p);
 	target = (long)(p + 5) + *(const int *)(p + 1);
 	return target == (long)livepatch_bm_status_read;
 }

@@ -327,6 +327,9 @@ struct ModuleTalk {
     started: Instant,
     pause: Duration,
     event: Option<ModuleEvent>,
+    /// Going: the call the task makes now to let go of a module
+    /// function's ftrace_ops (its slot, which call).
+    releasing: Option<(u64, klpvisor_engine::ftrace_ops::Step)>,
 }
 
 impl ModuleTalk {
@@ -339,6 +342,7 @@ impl ModuleTalk {
             started: Instant::now(),
             pause: Duration::ZERO,
             event: None,
+            releasing: None,
         }
     }
 }
@@ -760,6 +764,9 @@ impl Control {
                     if talks.is_empty() {
                         changing = None;
                     }
+                    // A module's load or unload is a change too: the
+                    // housekeeping waits for quiet after it.
+                    *lock(&control.last_change) = Instant::now();
                     let _ = e.reply.send(answer);
                 }
             })?;
@@ -814,6 +821,7 @@ impl Control {
         let key = (event, module);
         let mut talk = talks.0.remove(&key).unwrap_or_else(ModuleTalk::new);
         let mut result = e.result;
+        let returned = e.result;
 
         if talk.steps.is_none() {
             // Begin: one change at a time.
@@ -964,6 +972,13 @@ impl Control {
                     self.publish(&engine);
                 }
                 Step::Return(v) => {
+                    // Unloading: the task lets go of the module's
+                    // ftrace_ops first, as klp_module_going unregisters
+                    // klp's before ftrace forgets the module's records.
+                    if let Some(call) = self.module_release(&mut talk, returned) {
+                        talks.0.insert(key, talk);
+                        return call;
+                    }
                     if v != 0 {
                         tracing::warn!(
                             "module {}: its load fails with {v} (a callback refused it, or it \
@@ -990,6 +1005,47 @@ impl Control {
                 }
             }
         }
+    }
+
+    /// The next call a going module's task makes to let go of one of its
+    /// functions' ftrace_ops, after taking what the last one returned
+    /// (`returned`); `None` once every one is let go. A call that fails
+    /// leaves that ops registered, inert, with a warning: the
+    /// housekeeping tries again later.
+    fn module_release(&self, talk: &mut ModuleTalk, returned: u64) -> Option<HookAnswer> {
+        let mut engine = self.engine();
+        if let Some((slot, step)) = talk.releasing.take() {
+            if let Err(e) = engine.module_release_done(slot, step, returned) {
+                tracing::warn!(
+                    module = talk.name,
+                    "an unloading module's ftrace redirect stays registered (inert): {e}"
+                );
+                if let Some(ev) = talk.event.as_mut() {
+                    ev.release.retain(|s| *s != slot);
+                }
+            }
+        }
+        let release = talk.event.as_ref().map(|ev| ev.release.clone())?;
+        for slot in release {
+            match engine.module_release_call(slot) {
+                Some((step, func, arg)) => {
+                    tracing::info!(
+                        module = talk.name,
+                        "{} runs in the unloading task",
+                        step.function()
+                    );
+                    talk.releasing = Some((slot, step));
+                    return Some(HookAnswer::Call { func, arg });
+                }
+                None => {
+                    if let Some(ev) = talk.event.as_mut() {
+                        ev.release.retain(|s| *s != slot);
+                    }
+                }
+            }
+        }
+        self.publish(&engine);
+        None
     }
 
     /// A module's coming or going could not begin (or waited too long):
@@ -1020,7 +1076,7 @@ impl Control {
                     "module {name} unloads but its redirects could not be taken away ({why}); \
                      forgetting them, its memory is freed"
                 );
-                engine.forget_module(|m| m.addr == module);
+                engine.forget_module(self.vm.as_ref(), |m| m.addr == module);
                 HookAnswer::Return(0)
             }
         };
@@ -1042,7 +1098,7 @@ impl Control {
                     "module {name} unloads but its redirects could not be taken away ({why}); \
                      forgetting them, its memory is freed"
                 );
-                engine.forget_module(|m| m.addr == module);
+                engine.forget_module(self.vm.as_ref(), |m| m.addr == module);
             }
         }
     }

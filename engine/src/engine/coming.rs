@@ -26,6 +26,7 @@ use std::sync::Arc;
 use klpvisor_guest::{Guest, GuestPhys, Kernel, LoadedModule};
 
 use super::{Engine, EngineError, FuncRecord};
+use crate::ftrace_ops::Step as FtraceStep;
 use crate::hook::Hooks;
 use crate::link::{
     link_objects, Bases, GuestSymbols, LinkOptions, Linked, LinkedCallbacks, SegmentImage,
@@ -59,6 +60,9 @@ pub struct ModuleEvent {
     pub patches: Vec<(String, usize)>,
     /// Entries written: redirected (coming) or restored (going).
     pub sites: usize,
+    /// Going: the ftrace_ops (by slot address) that the unloading task
+    /// must let go of before it goes on ([`Engine::module_release_call`]).
+    pub release: Vec<u64>,
 }
 
 /// Whether a vCPU that read `event`'s port, stopped at `rip` (after the
@@ -321,7 +325,7 @@ impl Engine {
         // without klp_module_going (its load failed after the coming step,
         // e.g. in the kernel's own klp_module_coming).
         let stale = b.name.clone();
-        self.forget_module(|m| m.addr == addr || m.name == stale);
+        self.forget_module(guest, |m| m.addr == addr || m.name == stale);
         let waiting: Vec<String> = self
             .records
             .iter()
@@ -372,6 +376,17 @@ impl Engine {
                     source: Box::new(e),
                 })?;
             joining.push(j);
+        }
+        // ftrace's call at the entry of a function of the coming module:
+        // the guest's own tracing (ftrace_module_enable enabled it before
+        // this hook ran). The jmp this hook writes must not go over it,
+        // and nothing can be registered now: ftrace's text changes wait
+        // for every CPU, and the loading one is held here.
+        if let Some(s) = fresh.iter().find(|s| s.traced) {
+            return Err(EngineError::TracedModuleEntry {
+                module: m.name.clone(),
+                func: s.name.clone(),
+            });
         }
         // The relocations go in now: the callbacks are the patch's code
         // and may use the module's symbols. The engine's copy of each
@@ -516,11 +531,20 @@ impl Engine {
                 .filter(|s| s.module.as_ref().is_some_and(|x| x.addr == m.addr));
             let site = match known {
                 Some(s) => s.clone(),
-                None => Site::find_in_module(&space, &kernel.kallsyms, m, ftrace, f.old_addr)
-                    .map_err(|source| EngineError::Site {
-                        name: f.old_name.clone(),
-                        source: Box::new(source),
-                    })?,
+                // A traced entry is taken here and refused by the caller
+                // with a reason (see Engine::coming_link).
+                None => Site::find_in_module(
+                    &space,
+                    &kernel.kallsyms,
+                    m,
+                    ftrace,
+                    f.old_addr,
+                    self.ops_support().is_ok(),
+                )
+                .map_err(|source| EngineError::Site {
+                    name: f.old_name.clone(),
+                    source: Box::new(source),
+                })?,
             };
             if !fresh.iter().any(|s| s.func == site.func) {
                 fresh.push(site);
@@ -559,12 +583,44 @@ impl Engine {
         })
     }
 
+    /// The next call that lets go of ftrace_ops `slot` (a going module's,
+    /// from [`ModuleEvent::release`]), for the unloading task to make:
+    /// `unregister_ftrace_function`, then `ftrace_free_filter`, each with
+    /// the ops as its one argument; `None` once it is let go.
+    pub fn module_release_call(&self, slot: u64) -> Option<(FtraceStep, u64, u64)> {
+        let ops = self.ops.as_ref()?;
+        let step = ops.next_down(slot)?;
+        let (func, args) = ops.call(slot, step)?;
+        Some((step, func, *args.first()?))
+    }
+
+    /// What the unloading task's call `step` on `slot` returned.
+    pub fn module_release_done(
+        &mut self,
+        slot: u64,
+        step: FtraceStep,
+        ret: u64,
+    ) -> Result<(), EngineError> {
+        match self.ops.as_mut() {
+            Some(ops) => Ok(ops.done(slot, step, ret)?),
+            None => Ok(()),
+        }
+    }
+
     /// Drops, without writing anything, what the engine holds of modules
     /// matching `gone`: their sites, the redirects to them, their
     /// functions in every patch; their objects wait again. For a module
     /// that went without klp_module_going, or whose going could not write
     /// (its memory is freed right after: nothing runs the entries again).
-    pub fn forget_module(&mut self, gone: impl Fn(&crate::site::InModule) -> bool) {
+    /// Only their ftrace_ops are written: each redirect word is cleared
+    /// (as far as the guest lets it be), since ftrace would call that ops
+    /// for a module that loads a function on the same site, and the ops
+    /// waits to be let go.
+    pub fn forget_module<G: Guest + ?Sized>(
+        &mut self,
+        guest: &G,
+        gone: impl Fn(&crate::site::InModule) -> bool,
+    ) {
         let olds: Vec<u64> = self
             .sites
             .iter()
@@ -579,6 +635,20 @@ impl Engine {
             .collect();
         if olds.is_empty() {
             return;
+        }
+        if let Some(ops) = self.ops.as_mut() {
+            let mut plan = Plan::new(ops.allowed());
+            for &f in &olds {
+                match ops.plan_quiet(guest, f) {
+                    Ok(Some(w)) => plan.push(w),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("cannot clear a gone module's ftrace redirect: {e}"),
+                }
+                ops.detach(f);
+            }
+            if let Err(e) = plan.commit(guest) {
+                tracing::warn!("cannot clear a gone module's ftrace redirects: {e}");
+            }
         }
         let mut entries = self.stack.entries().to_vec();
         for e in &mut entries {
@@ -734,6 +804,19 @@ impl Engine {
         let flags =
             self.ftrace_flags_plan(kernel, guest, self.ftrace_changes(&change.sites, &[]))?;
         self.write_with_flags(guest, &plan, flags)?;
+        // Their ops redirect nothing now. They must be unregistered before
+        // the module's text goes (ftrace warns, and takes the record
+        // wrongly, when a module loads on a site an IPMODIFY ops still
+        // filters): the unloading task does it next, as klp_module_going
+        // does ([`Engine::module_release_call`]).
+        if let Some(ops) = self.ops.as_mut() {
+            for &f in gone {
+                if let Some(va) = ops.slot(f).map(|s| s.va) {
+                    ops.detach(f);
+                    event.release.push(va);
+                }
+            }
+        }
         for (patch, r) in &mut self.records {
             let before = r.funcs.len();
             r.funcs.retain(|f| !gone.contains(&f.old));

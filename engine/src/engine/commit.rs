@@ -21,7 +21,7 @@ impl Engine {
     ) -> Result<Prepared, EngineError> {
         let mut plan = Plan::new(Vec::new());
         let check = self.plan_sites(&change, &[], None, &mut plan)?;
-        let wants_ops = self.wanted_ops(&change, &[]);
+        let wants_ops = self.wanted_ops(&change);
         let traced_jumps = self.traced_jumps(&change, &[]);
         Ok(Prepared {
             name: name.to_owned(),

@@ -217,6 +217,22 @@ pub enum EngineError {
          resume the VM (or stop tracing the function) and try again"
     )]
     TracedEntry(String),
+    /// A function of a module that is loading is traced by the guest
+    /// already: the load hook redirects by a `jmp`, never written over
+    /// ftrace's call.
+    #[error(
+        "{func} in module {module}: traced by the guest's ftrace as the module loads (its \
+         entry holds ftrace's call); the functions of a module that loads after the patch are \
+         redirected by a jmp at their entry, which klpvisor never writes over ftrace's call: \
+         stop tracing the module's functions while it loads, or load the module before \
+         applying the patch"
+    )]
+    TracedModuleEntry {
+        /// The module.
+        module: String,
+        /// The function.
+        func: String,
+    },
     /// The `struct module` a hook reported is not on the guest's list.
     #[error("the module at {0:#x} that the guest reported loading or unloading is not on its modules list")]
     NoSuchModule(u64),
@@ -251,7 +267,8 @@ impl EngineError {
             | EngineError::Unlinked { .. }
             | EngineError::Downgrade { .. }
             | EngineError::GuestBusy(_)
-            | EngineError::TracedEntry(_) => Fault::State,
+            | EngineError::TracedEntry(_)
+            | EngineError::TracedModuleEntry { .. } => Fault::State,
             EngineError::Arena(ArenaError::Full { .. })
             | EngineError::Gate(GateError::Arena(ArenaError::Full { .. })) => Fault::NoSpace,
             EngineError::Gate(GateError::Busy(_)) => Fault::State,

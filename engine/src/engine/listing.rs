@@ -15,7 +15,9 @@ impl Engine {
         ops.slots()
             .map(|(old, s)| klpvisor_api::FtraceRedirect {
                 name: s.name.clone(),
-                old_addr: Hex(old),
+                // A detached or lost slot is kept under its own address:
+                // its site names the function it was for.
+                old_addr: Hex(if old == s.va { s.ip } else { old }),
                 ops: Hex(s.va),
                 state: match s.state {
                     crate::ftrace_ops::SlotState::Assigned => "assigned",

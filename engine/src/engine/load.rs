@@ -242,7 +242,7 @@ impl Engine {
             .stack
             .plan_enable(entry(&name, record.replace, &record.funcs), force)?;
         let check = self.plan_sites(&change, &fresh, Some(&record), &mut plan)?;
-        let wants_ops = self.wanted_ops(&change, &fresh);
+        let wants_ops = self.wanted_ops(&change);
         let traced_jumps = self.traced_jumps(&change, &fresh);
         Ok(Prepared {
             warnings: init_exit_warnings(&module),

@@ -470,7 +470,14 @@ impl Engine {
                 Site::find_shared(&space, &kernel.kallsyms, ftrace, old)
             }
             None => Site::find(&space, &kernel.kallsyms, ftrace, old),
-            Some(m) => Site::find_in_module(&space, &kernel.kallsyms, m, ftrace, old),
+            Some(m) => Site::find_in_module(
+                &space,
+                &kernel.kallsyms,
+                m,
+                ftrace,
+                old,
+                self.ops_support().is_ok(),
+            ),
         }
         .map_err(|source| EngineError::Site {
             name: name.to_owned(),

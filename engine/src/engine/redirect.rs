@@ -20,9 +20,11 @@ impl Engine {
     }
 
     /// The functions `change` starts redirecting that ftrace should
-    /// redirect and does not yet: vmlinux functions (a module's go through
-    /// its load hooks, which keep the `jmp`) without a registered slot.
-    pub(super) fn wanted_ops(&self, change: &Change, fresh: &[Site]) -> Vec<u64> {
+    /// redirect and does not yet: those without a registered slot,
+    /// vmlinux's and loaded modules' alike. (A module that loads after the
+    /// patch gets a `jmp` in its load hook instead: ftrace cannot register
+    /// anything while the loading vCPU is held, see [`Engine::coming_link`].)
+    pub(super) fn wanted_ops(&self, change: &Change) -> Vec<u64> {
         if self.ops_support().is_err() {
             return Vec::new();
         }
@@ -32,13 +34,6 @@ impl Engine {
             .filter(|(_, (before, after))| before.is_none() && after.is_some())
             .map(|(&old, _)| old)
             .filter(|old| !self.ops.as_ref().is_some_and(|o| o.registered(*old)))
-            .filter(|old| {
-                fresh
-                    .iter()
-                    .find(|s| s.func == *old)
-                    .or_else(|| self.sites.get(old))
-                    .is_some_and(|s| s.module.is_none())
-            })
             .collect()
     }
 
@@ -334,7 +329,11 @@ impl Engine {
                 continue;
             };
             let name = ops.slot(old).map(|s| s.name.clone()).unwrap_or_default();
-            let armed = self.arm_ops_step(kernel, guest, old, step, None)?;
+            let quiet = match step {
+                Step::Unregister => ops.plan_quiet(guest, old)?,
+                _ => None,
+            };
+            let armed = self.arm_ops_step(kernel, guest, old, step, quiet.as_ref())?;
             return Ok(Some((armed, format!("{} of {name}", step.function()))));
         }
         Ok(None)
