@@ -359,12 +359,13 @@ fn a_module_loaded_after_the_patch_is_patched_before_it_runs() {
     );
 }
 
-/// A patch applied while its module is loaded goes through the guest's
-/// ftrace for the module's function too, as klp's does: the function
-/// tracer and a kprobe on the patched bm_status_read see its calls, and the
-/// patched code runs. The module then unloads (its function's ftrace_ops
-/// redirects nothing from then on) and loads again, patched as it loads;
-/// disabled, the function is the kernel's own and still traced.
+/// A module's functions are redirected through the guest's ftrace, as
+/// klp's are, whether the module was loaded when the patch came or loads
+/// later: the function tracer and a kprobe on the patched bm_status_read
+/// see its calls, and the patched code runs. The unloading task lets the
+/// function's ftrace_ops go and the loading task registers it again,
+/// where klp does both; disabled, the function is the kernel's own and
+/// still traced.
 #[test]
 fn a_loaded_modules_patched_function_stays_traceable() {
     if harness::skip_without_e2e() {
@@ -443,19 +444,25 @@ fn a_loaded_modules_patched_function_stays_traceable() {
         "{off:?}"
     );
     assert!(off.ftrace.iter().all(|r| r.ops != ops), "{off:?}");
-    // Loaded again: patched as it loads.
+    // Loaded again: patched as it loads, through ftrace, and traced.
     assert_eq!(line("KLPV-BINFMT", 5), "enabled klpv1", "{t}");
     let again = patches(&run, "reloaded");
-    assert!(
-        patch(&again, "module_binfmt")
-            .funcs
-            .iter()
-            .any(|f| f.name == "bm_status_read" && f.live),
-        "{again:?}"
-    );
+    let f = patch(&again, "module_binfmt")
+        .funcs
+        .iter()
+        .find(|f| f.name == "bm_status_read")
+        .cloned()
+        .unwrap_or_else(|| panic!("{again:?}"));
+    assert!(f.live, "{f:?}");
+    assert!(f.ftrace_ops.is_some(), "a jmp: {f:?}\n{t}");
+    let traced = ftrace(6);
+    assert_eq!(traced["filter"], "0", "{traced:?}\n{t}");
+    assert!(count(&traced, "calls") >= 5, "{traced:?}\n{t}");
+    assert!(count(&traced, "hits") >= 5, "{traced:?}\n{t}");
+    assert_eq!(traced["status"], "enabled klpv1", "{traced:?}\n{t}");
 
     // Disabled: the kernel's function, traced as before the patch.
-    let plain = ftrace(6);
+    let plain = ftrace(7);
     assert_eq!(plain["filter"], "0", "{plain:?}\n{t}");
     assert!(count(&plain, "calls") >= 5, "{plain:?}\n{t}");
     assert!(count(&plain, "hits") >= 5, "{plain:?}\n{t}");
@@ -485,7 +492,8 @@ fn a_loaded_modules_patched_function_stays_traceable() {
     assert_eq!(cbs(3), on, "apply\n{t}");
     assert_eq!(cbs(4), off, "unload\n{t}");
     assert_eq!(cbs(5), on, "load again\n{t}");
-    assert_eq!(cbs(6), off, "disable\n{t}");
+    assert_eq!(cbs(6), [] as [&str; 0], "{t}");
+    assert_eq!(cbs(7), off, "disable\n{t}");
 
     assert_eq!(run.result("patch-module-traced-exit")["rc"], "0", "{t}");
     let dmesg = run.lines_with("KLPV-DMESG warnings=");

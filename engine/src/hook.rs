@@ -23,8 +23,12 @@
 //!
 //! A module object's klp callbacks run in the loading (or unloading) task
 //! itself, as klp runs them: the VMM can answer [`CALL`] with a function
-//! and its argument in `r10`/`r11`; the stub calls it and reads the port
-//! again with the result in `rsi`. So the task is held only while the VMM
+//! in `r10` and its first argument in `r11` (and the next three, which the
+//! stub leaves alone, in `rsi`, `rdx` and `rcx`); the stub calls it and
+//! reads the port again with the result in `rsi`. ftrace's registration
+//! of a loading module's functions (`ftrace_set_filter_ip`,
+//! `register_ftrace_function`) and its letting go in an unloading one run
+//! the same way, where klp runs them. So the task is held only while the VMM
 //! works, never while a callback runs, and a callback may sleep, take
 //! locks and wait for other CPUs as it could under klp.
 //!

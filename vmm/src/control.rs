@@ -327,9 +327,27 @@ struct ModuleTalk {
     started: Instant,
     pause: Duration,
     event: Option<ModuleEvent>,
-    /// Going: the call the task makes now to let go of a module
-    /// function's ftrace_ops (its slot, which call).
+    /// Coming: the module's functions whose ftrace_ops the task registers
+    /// before the switch.
+    register: Vec<u64>,
+    /// The registration call the task makes now (function, which call).
+    registering: Option<(u64, klpvisor_engine::ftrace_ops::Step)>,
+    /// The ftrace_ops (by slot) the task lets go of before it goes on: a
+    /// going module's, or a failed coming's that reached ftrace.
+    release: Vec<u64>,
+    /// The release call the task makes now (slot, which call).
     releasing: Option<(u64, klpvisor_engine::ftrace_ops::Step)>,
+}
+
+/// Where a coming module's ftrace registrations stand.
+enum Registering {
+    /// The loading task makes this call next.
+    Call(HookAnswer),
+    /// Every one is registered.
+    Done,
+    /// ftrace refused one (its errno, and the reason): the load fails, as
+    /// klp_module_coming fails it.
+    Failed(i32, String),
 }
 
 impl ModuleTalk {
@@ -342,6 +360,9 @@ impl ModuleTalk {
             started: Instant::now(),
             pause: Duration::ZERO,
             event: None,
+            register: Vec::new(),
+            registering: None,
+            release: Vec::new(),
             releasing: None,
         }
     }
@@ -816,7 +837,10 @@ impl Control {
                 return None;
             }
             talks.0.insert((event, module), talk);
-            Some(HookAnswer::Call { func, arg: NAP_MS })
+            Some(HookAnswer::Call {
+                func,
+                args: [NAP_MS, 0, 0, 0],
+            })
         };
         let key = (event, module);
         let mut talk = talks.0.remove(&key).unwrap_or_else(ModuleTalk::new);
@@ -874,6 +898,9 @@ impl Control {
                         ModuleWork::Coming(c) => c.callbacks.clone(),
                         ModuleWork::Going(g) => g.callbacks.clone(),
                     };
+                    if let ModuleWork::Coming(c) = &work {
+                        talk.register = c.ops.clone();
+                    }
                     talk.steps = Some(ModuleSteps::new(event, callbacks));
                     talk.work = Some(work);
                     result = 0;
@@ -917,9 +944,36 @@ impl Control {
                         "{kind:?} runs in the {event:?} task"
                     );
                     talks.0.insert(key, talk);
-                    return HookAnswer::Call { func, arg };
+                    return HookAnswer::Call {
+                        func,
+                        args: [arg, 0, 0, 0],
+                    };
                 }
                 Step::Switch => {
+                    // Coming: the task registers the functions' ftrace_ops
+                    // first, as klp_module_coming does in klp_patch_object.
+                    if talk.work.is_some() && event == HookEvent::Coming {
+                        match self.module_register(&mut talk, returned) {
+                            Registering::Call(call) => {
+                                talk.retry_switch = true;
+                                talks.0.insert(key, talk);
+                                return call;
+                            }
+                            Registering::Done => {}
+                            Registering::Failed(errno, why) => {
+                                tracing::warn!("refusing to load module {}: {why}", talk.name);
+                                talk.work = None;
+                                let mut engine = self.engine();
+                                engine.note_refused(&talk.name, &why);
+                                self.publish(&engine);
+                                drop(engine);
+                                if let Some(s) = talk.steps.as_mut() {
+                                    s.fail(if errno < 0 { errno } else { -EINVAL });
+                                }
+                                continue;
+                            }
+                        }
+                    }
                     let Some(work) = talk.work.take() else {
                         continue;
                     };
@@ -936,6 +990,7 @@ impl Control {
                             pause,
                         }) => {
                             talk.pause += pause.unwrap_or_default();
+                            talk.release.extend(ev.release.iter().copied());
                             talk.event = Some(ev);
                             self.publish(&engine);
                             continue;
@@ -972,8 +1027,16 @@ impl Control {
                     self.publish(&engine);
                 }
                 Step::Return(v) => {
-                    // Unloading: the task lets go of the module's
-                    // ftrace_ops first, as klp_module_going unregisters
+                    // A load that fails: what its task registered goes too.
+                    if v != 0 && !talk.register.is_empty() {
+                        let mut engine = self.engine();
+                        let gone = engine.abandon_coming_ops(&talk.register);
+                        talk.release.extend(gone);
+                        talk.register.clear();
+                        self.publish(&engine);
+                    }
+                    // Unloading (or a load that fails): the task lets go
+                    // of the module's ftrace_ops first, as klp unregisters
                     // klp's before ftrace forgets the module's records.
                     if let Some(call) = self.module_release(&mut talk, returned) {
                         talks.0.insert(key, talk);
@@ -1013,39 +1076,75 @@ impl Control {
     /// leaves that ops registered, inert, with a warning: the
     /// housekeeping tries again later.
     fn module_release(&self, talk: &mut ModuleTalk, returned: u64) -> Option<HookAnswer> {
+        if talk.release.is_empty() && talk.releasing.is_none() {
+            return None;
+        }
         let mut engine = self.engine();
         if let Some((slot, step)) = talk.releasing.take() {
             if let Err(e) = engine.module_release_done(slot, step, returned) {
                 tracing::warn!(
                     module = talk.name,
-                    "an unloading module's ftrace redirect stays registered (inert): {e}"
+                    "a module's ftrace redirect stays registered (inert): {e}"
                 );
-                if let Some(ev) = talk.event.as_mut() {
-                    ev.release.retain(|s| *s != slot);
-                }
+                talk.release.retain(|s| *s != slot);
             }
         }
-        let release = talk.event.as_ref().map(|ev| ev.release.clone())?;
-        for slot in release {
+        while let Some(&slot) = talk.release.first() {
             match engine.module_release_call(slot) {
                 Some((step, func, arg)) => {
                     tracing::info!(
                         module = talk.name,
-                        "{} runs in the unloading task",
+                        "{} runs in the module's task",
                         step.function()
                     );
                     talk.releasing = Some((slot, step));
-                    return Some(HookAnswer::Call { func, arg });
+                    return Some(HookAnswer::Call {
+                        func,
+                        args: [arg, 0, 0, 0],
+                    });
                 }
                 None => {
-                    if let Some(ev) = talk.event.as_mut() {
-                        ev.release.retain(|s| *s != slot);
-                    }
+                    talk.release.remove(0);
                 }
             }
         }
         self.publish(&engine);
         None
+    }
+
+    /// The next call a coming module's task makes to register one of its
+    /// functions' ftrace_ops, after taking what the last one returned
+    /// (`returned`).
+    fn module_register(&self, talk: &mut ModuleTalk, returned: u64) -> Registering {
+        let mut engine = self.engine();
+        if let Some((old, step)) = talk.registering.take() {
+            if let Err(e) = engine.coming_register_done(old, step, returned) {
+                let errno = match &e {
+                    EngineError::Ops(klpvisor_engine::ftrace_ops::OpsError::Refused {
+                        ret,
+                        ..
+                    }) => *ret,
+                    _ => -22,
+                };
+                return Registering::Failed(errno, e.to_string());
+            }
+        }
+        for &old in &talk.register {
+            if let Some((step, func, args)) = engine.coming_register_call(old) {
+                tracing::info!(
+                    module = talk.name,
+                    "{} runs in the loading task",
+                    step.function()
+                );
+                talk.registering = Some((old, step));
+                let mut a = [0u64; 4];
+                for (slot, v) in a.iter_mut().zip(args) {
+                    *slot = v;
+                }
+                return Registering::Call(HookAnswer::Call { func, args: a });
+            }
+        }
+        Registering::Done
     }
 
     /// A module's coming or going could not begin (or waited too long):

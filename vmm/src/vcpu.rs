@@ -299,7 +299,8 @@ impl VcpuThread {
     /// This vCPU stopped in a module hook, its `in` completed: hands the
     /// event to the handler, parks whenever a pause is asked for while
     /// waiting for the answer, and puts the answer in `rax` (with a call's
-    /// function and argument in `r10` and `r11`).
+    /// function in `r10`, its first argument in `r11` and the next three
+    /// in `rsi`, `rdx` and `rcx`).
     fn hook(&mut self, event: crate::devices::module_hooks::Event) -> Option<VcpuExitReason> {
         let mut regs = match self.fd.get_regs() {
             Ok(r) => r,
@@ -340,10 +341,15 @@ impl VcpuThread {
         };
         match answer {
             crate::devices::module_hooks::Answer::Return(v) => regs.rax = i64::from(v) as u64,
-            crate::devices::module_hooks::Answer::Call { func, arg } => {
+            crate::devices::module_hooks::Answer::Call { func, args } => {
+                // The stub moves r11 into rdi; the other argument
+                // registers it leaves alone until the call.
                 regs.rax = klpvisor_engine::hook::CALL as u64;
                 regs.r10 = func;
-                regs.r11 = arg;
+                regs.r11 = args[0];
+                regs.rsi = args[1];
+                regs.rdx = args[2];
+                regs.rcx = args[3];
             }
         }
         match self.fd.set_regs(&regs) {

@@ -165,6 +165,11 @@ pub struct Coming {
     /// Per enabled patch with an object for the module, in the stack's
     /// order, that object's callbacks.
     pub callbacks: Vec<(String, LinkedCallbacks)>,
+    /// The module's functions whose redirect goes through an
+    /// `ftrace_ops` that the loading task registers before the switch
+    /// ([`Engine::coming_register_call`]), as klp_module_coming registers
+    /// klp's.
+    pub ops: Vec<u64>,
 }
 
 /// A module going: the `pre_unpatch` callbacks run before
@@ -379,19 +384,26 @@ impl Engine {
         }
         // ftrace's call at the entry of a function of the coming module:
         // the guest's own tracing (ftrace_module_enable enabled it before
-        // this hook ran). The jmp this hook writes must not go over it,
-        // and nothing can be registered now: ftrace's text changes wait
-        // for every CPU, and the loading one is held here.
-        if let Some(s) = fresh.iter().find(|s| s.traced) {
-            return Err(EngineError::TracedModuleEntry {
-                module: m.name.clone(),
-                func: s.name.clone(),
-            });
+        // this hook ran). Only a redirect through ftrace can share it, never
+        // a jmp over it.
+        if self.ops_support().is_err() {
+            self.refuse_traced_jumps(&m.name, &fresh)?;
         }
         // The relocations go in now: the callbacks are the patch's code
         // and may use the module's symbols. The engine's copy of each
         // patch's link follows what is in the guest.
+        let change = self.coming_change(&joining)?;
         plan.commit(guest)?;
+        // The functions the switch starts redirecting get an ftrace_ops,
+        // for the loading task to register.
+        let starting: Vec<Site> = change
+            .sites
+            .iter()
+            .filter(|(_, (before, after))| before.is_none() && after.is_some())
+            .filter_map(|(old, _)| fresh.iter().find(|s| s.func == *old))
+            .cloned()
+            .collect();
+        let ops = self.coming_ops(kernel, guest, &starting);
         let mut callbacks = Vec::new();
         for j in &mut joining {
             if let Some(l) = self
@@ -418,7 +430,34 @@ impl Engine {
             joining,
             fresh,
             callbacks,
+            ops,
         }))
+    }
+
+    /// Refuses a coming whose function the guest traces (see
+    /// [`Site::traced`]) unless ftrace carries its redirect.
+    fn refuse_traced_jumps(&self, module: &str, fresh: &[Site]) -> Result<(), EngineError> {
+        match fresh.iter().find(|s| s.traced && !self.via_ftrace(s.func)) {
+            Some(s) => Err(EngineError::TracedModuleEntry {
+                module: module.to_owned(),
+                func: s.name.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The stack change of the coming's functions joining their patches.
+    fn coming_change(&self, joining: &[Joining]) -> Result<Change, EngineError> {
+        let mut entries = self.stack.entries().to_vec();
+        for j in joining {
+            if let Some(e) = entries.iter_mut().find(|e| e.name == j.patch) {
+                e.redirects.extend(j.funcs.iter().map(|f| Redirect {
+                    old: f.old,
+                    new: f.new,
+                }));
+            }
+        }
+        self.module_change(entries)
     }
 
     /// The second step of a module's coming, once the `pre_patch`
@@ -435,16 +474,19 @@ impl Engine {
             module: c.module.clone(),
             ..ModuleEvent::default()
         };
-        let mut entries = self.stack.entries().to_vec();
-        for j in &c.joining {
-            if let Some(e) = entries.iter_mut().find(|e| e.name == j.patch) {
-                e.redirects.extend(j.funcs.iter().map(|f| Redirect {
-                    old: f.old,
-                    new: f.new,
-                }));
-            }
+        let change = self.coming_change(&c.joining)?;
+        self.refuse_traced_jumps(&c.module, &c.fresh)?;
+        // Never a switch through an ops ftrace does not call.
+        if let Some(old) = c
+            .ops
+            .iter()
+            .find(|old| !self.ops.as_ref().is_some_and(|o| o.registered(**old)))
+        {
+            return Err(EngineError::Internal(format!(
+                "the loading module's function at {old:#x} was to switch through an ftrace_ops \
+                 not registered"
+            )));
         }
-        let change = self.module_change(entries)?;
         let mut plan = Plan::new(Vec::new());
         self.plan_sites(&change, &c.fresh, None, &mut plan)?;
         let flags =

@@ -218,14 +218,14 @@ pub enum EngineError {
     )]
     TracedEntry(String),
     /// A function of a module that is loading is traced by the guest
-    /// already: the load hook redirects by a `jmp`, never written over
-    /// ftrace's call.
+    /// already, and only a `jmp` could redirect it (the guest's ftrace
+    /// cannot carry klpvisor's redirects), never written over ftrace's
+    /// call.
     #[error(
         "{func} in module {module}: traced by the guest's ftrace as the module loads (its \
-         entry holds ftrace's call); the functions of a module that loads after the patch are \
-         redirected by a jmp at their entry, which klpvisor never writes over ftrace's call: \
-         stop tracing the module's functions while it loads, or load the module before \
-         applying the patch"
+         entry holds ftrace's call), and this guest's functions can only be redirected by a \
+         jmp at their entry, which klpvisor never writes over ftrace's call: stop tracing the \
+         module's functions while it loads"
     )]
     TracedModuleEntry {
         /// The module.

@@ -74,9 +74,6 @@ impl Engine {
         guest: &G,
         p: &Prepared,
     ) -> Result<(), EngineError> {
-        let support = self
-            .ops_support()
-            .map_err(crate::ftrace_ops::OpsError::Unsupported)?;
         let mut sites = Vec::new();
         for &old in &p.wants_ops {
             if self.ops.as_ref().is_some_and(|o| o.slot(old).is_some()) {
@@ -91,6 +88,26 @@ impl Engine {
                 .ok_or_else(|| EngineError::Internal(format!("no site for {old:#x}")))?;
             sites.push(site);
         }
+        self.install_slots(kernel, guest, &sites)?;
+        // Known from now on: once ftrace owns an entry its bytes are
+        // ftrace's call, and a later prepare must not validate it as a nop.
+        for site in sites {
+            self.sites.insert(site.func, site);
+        }
+        Ok(())
+    }
+
+    /// Installs the handler page if needed and enough slot pages for
+    /// `sites`, and assigns each a slot. Call with every vCPU paused.
+    fn install_slots<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        sites: &[Site],
+    ) -> Result<(), EngineError> {
+        let support = self
+            .ops_support()
+            .map_err(crate::ftrace_ops::OpsError::Unsupported)?;
         let facts = self.facts(kernel, guest)?;
         let mut arena = facts.arena.clone();
         let mut writes = Vec::new();
@@ -103,7 +120,7 @@ impl Engine {
             }
         };
         writes.extend(ops.plan_grow(guest, &mut arena, sites.len())?);
-        for site in &sites {
+        for site in sites {
             ops.take(site.func, site.at, &site.name)?;
         }
         if !writes.is_empty() {
@@ -114,13 +131,102 @@ impl Engine {
                 f.arena = arena;
             }
         }
-        // Known from now on: once ftrace owns an entry its bytes are
-        // ftrace's call, and a later prepare must not validate it as a nop.
-        for site in sites {
-            self.sites.insert(site.func, site);
-        }
         self.ops = Some(ops);
         Ok(())
+    }
+
+    /// For a module that is coming, with its loading task held: slots for
+    /// the functions `sites` the coming's switch will start redirecting,
+    /// each with its fresh `ftrace_ops` written, so that the task itself
+    /// can register them next ([`Engine::coming_register_call`]), as
+    /// klp_module_coming registers klp's. Returns the functions that got
+    /// one; none when the guest's ftrace cannot carry redirects or the
+    /// arena has no room (they get a `jmp` then, with a warning). Call
+    /// with every vCPU paused.
+    pub(super) fn coming_ops<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        sites: &[Site],
+    ) -> Vec<u64> {
+        if sites.is_empty() || self.ops_support().is_err() {
+            return Vec::new();
+        }
+        let written = self.install_slots(kernel, guest, sites).and_then(|()| {
+            let ops = self
+                .ops
+                .as_ref()
+                .ok_or_else(|| EngineError::Internal("ftrace redirects not installed".into()))?;
+            let mut plan = Plan::new(ops.allowed());
+            for s in sites {
+                if let Some(w) = ops.image(guest, s.func)? {
+                    plan.push(w);
+                }
+            }
+            plan.commit(guest)?;
+            Ok(())
+        });
+        match written {
+            Ok(()) => sites.iter().map(|s| s.func).collect(),
+            Err(e) => {
+                tracing::warn!(
+                    "a loading module's functions get a jmp, not an ftrace redirect: {e}"
+                );
+                self.abandon_coming_ops(&sites.iter().map(|s| s.func).collect::<Vec<_>>());
+                Vec::new()
+            }
+        }
+    }
+
+    /// The next call the loading task makes to register `old`'s slot
+    /// (`ftrace_set_filter_ip(ops, ip, 0, 0)`, then
+    /// `register_ftrace_function(ops)`): the step, the function and its
+    /// arguments; `None` once it is registered.
+    pub fn coming_register_call(
+        &self,
+        old: u64,
+    ) -> Option<(crate::ftrace_ops::Step, u64, Vec<u64>)> {
+        let ops = self.ops.as_ref()?;
+        let step = ops.next_up(old)?;
+        let (func, args) = ops.call(old, step)?;
+        Some((step, func, args))
+    }
+
+    /// What the loading task's call `step` on `old`'s slot returned.
+    pub fn coming_register_done(
+        &mut self,
+        old: u64,
+        step: crate::ftrace_ops::Step,
+        ret: u64,
+    ) -> Result<(), EngineError> {
+        let ops = self
+            .ops
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal("ftrace redirects not installed".into()))?;
+        Ok(ops.done(old, step, ret)?)
+    }
+
+    /// A coming that will not switch (a callback or a registration
+    /// refused it): its slots that never reached the guest's ftrace are
+    /// handed out again, the others detached. Returns those (by slot
+    /// address), for the loading task to let go of before the load fails
+    /// (ftrace would warn when a module loads on their sites again).
+    pub fn abandon_coming_ops(&mut self, olds: &[u64]) -> Vec<u64> {
+        let Some(ops) = self.ops.as_mut() else {
+            return Vec::new();
+        };
+        let mut release = Vec::new();
+        for &old in olds {
+            match ops.slot(old).map(|s| (s.state, s.va)) {
+                Some((crate::ftrace_ops::SlotState::Assigned, _)) => ops.forget_assigned(old),
+                Some((_, va)) => {
+                    ops.detach(old);
+                    release.push(va);
+                }
+                None => {}
+            }
+        }
+        release
     }
 
     /// Sends the next step that registers a slot `p` switches through

@@ -36,13 +36,15 @@ pub enum Answer {
     /// Go on into the kernel's function (0), or return this errno from
     /// `klp_module_coming`, which fails the load.
     Return(i32),
-    /// Call `func(arg)` in the held task and read the port again with
-    /// the result (a klp callback of the module's object).
+    /// Call `func(args...)` in the held task and read the port again with
+    /// the result (a klp callback of the module's object, or ftrace's
+    /// registration of a module function's `ftrace_ops`).
     Call {
         /// Kernel-virtual address of the function to call.
         func: u64,
-        /// Its one argument (for a klp callback, the `struct klp_object *`).
-        arg: u64,
+        /// Its first four arguments (for a klp callback, the
+        /// `struct klp_object *` and nothing else).
+        args: [u64; 4],
     },
 }
 
