@@ -24,7 +24,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 pub use stats::{nearest_rank, Outcome, Record, Summary};
 
@@ -147,6 +147,10 @@ pub struct Config {
     pub timeout: Duration,
     /// The status a successful response has.
     pub expect_status: u16,
+    /// Summarise the requests that ended in each interval of this length
+    /// as the run goes (a latency spike while a patch goes in shows in its
+    /// window, not only in the run's p99).
+    pub interval: Option<Duration>,
 }
 
 impl Config {
@@ -168,6 +172,9 @@ impl Config {
         if self.timeout.is_zero() {
             return Err(Error::Invalid("--timeout must be more than 0".into()));
         }
+        if self.interval.is_some_and(|i| i < Duration::from_millis(10)) {
+            return Err(Error::Invalid("--interval must be at least 10ms".into()));
+        }
         Ok(())
     }
 }
@@ -183,11 +190,38 @@ pub enum StopReason {
     Signal,
 }
 
+/// The requests that ended in one interval of a run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Window {
+    /// Seconds from the start of the run to the end of the window.
+    pub t_s: f64,
+    /// Its requests, summarised as the whole run is (`duration_s` is the
+    /// window's length).
+    #[serde(flatten)]
+    pub summary: Summary,
+}
+
+impl Window {
+    /// The window as one line of JSON (no newline), optionally after
+    /// `prefix` and a space.
+    pub fn line(&self, prefix: Option<&str>) -> String {
+        // Plain numbers and an Option: serialising cannot fail.
+        let json = serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"));
+        match prefix {
+            Some(p) => format!("{p} {json}"),
+            None => json,
+        }
+    }
+}
+
 /// A finished run: every request, and why it ended.
 #[derive(Debug, Clone)]
 pub struct Report {
     /// Every request, in no particular order across connections.
     pub records: Vec<Record>,
+    /// With [`Config::interval`], every window in order (the last one cut
+    /// short by the end of the run); else empty.
+    pub windows: Vec<Window>,
     /// Wall-clock length of the run.
     pub elapsed: Duration,
     /// Why it ended.
@@ -213,10 +247,32 @@ pub async fn run<S>(config: &Config, signal: S) -> Result<Report, Error>
 where
     S: std::future::Future<Output = ()>,
 {
+    run_with_windows(config, signal, |_| {}).await
+}
+
+/// [`run`], calling `on_window` with each window as it closes when
+/// [`Config::interval`] is set (the binary prints them as they come).
+pub async fn run_with_windows<S, F>(
+    config: &Config,
+    signal: S,
+    mut on_window: F,
+) -> Result<Report, Error>
+where
+    S: std::future::Future<Output = ()>,
+    F: FnMut(&Window),
+{
     config.validate()?;
+    // Each finished request also goes to the window summaries.
+    let (win_tx, mut win_rx) = mpsc::unbounded_channel::<Record>();
+    let win_tx = config.interval.map(|_| win_tx);
     let (stop_tx, stop_rx) = watch::channel(false);
     let start = Instant::now();
-    let target = Arc::new(config.target.clone());
+    let shared = Arc::new(Shared {
+        target: config.target.clone(),
+        timeout: config.timeout,
+        expect_status: config.expect_status,
+        run_start: start,
+    });
     let mut workers = Vec::with_capacity(config.connections);
     for i in 0..config.connections {
         // Under a fixed rate each connection sends every `connections / rate`
@@ -227,17 +283,42 @@ where
             (period, offset)
         });
         workers.push(tokio::spawn(worker(
-            Arc::clone(&target),
+            Arc::clone(&shared),
             i,
             schedule,
-            config.timeout,
-            config.expect_status,
-            start,
             stop_rx.clone(),
+            win_tx.clone(),
         )));
     }
+    // Only the workers hold senders now: the channel ends with them.
+    drop(win_tx);
 
-    let stop = wait_for_stop(config, signal).await;
+    let mut windows = Vec::new();
+    let mut window: Vec<Record> = Vec::new();
+    let mut close_window = |window: &mut Vec<Record>, end: Instant, len: Duration| {
+        let w = Window {
+            t_s: end.saturating_duration_since(start).as_secs_f64(),
+            summary: Summary::new(window, len.as_secs_f64(), config.connections, config.rate),
+        };
+        window.clear();
+        on_window(&w);
+        windows.push(w);
+    };
+    let stop = match config.interval {
+        None => wait_for_stop(config, signal).await,
+        Some(iv) => {
+            let mut ticker = tokio::time::interval_at((start + iv).into(), iv);
+            let stop = wait_for_stop(config, signal);
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    reason = &mut stop => break reason,
+                    Some(r) = win_rx.recv() => window.push(r),
+                    t = ticker.tick() => close_window(&mut window, t.into_std(), iv),
+                }
+            }
+        }
+    };
     // Receivers are held by the workers; a send error means they are all
     // gone already, which is what stopping wants anyway.
     let _ = stop_tx.send(true);
@@ -250,8 +331,20 @@ where
             records.append(&mut r);
         }
     }
+    if let Some(iv) = config.interval {
+        // The requests that were in flight at the stop, in a last, shorter
+        // window.
+        while let Ok(r) = win_rx.try_recv() {
+            window.push(r);
+        }
+        let now = Instant::now();
+        let whole = (now.saturating_duration_since(start).as_secs_f64() / iv.as_secs_f64()).floor();
+        let opened = start + iv.mul_f64(whole);
+        close_window(&mut window, now, now.saturating_duration_since(opened));
+    }
     Ok(Report {
         records,
+        windows,
         elapsed: start.elapsed(),
         stop,
     })
@@ -290,16 +383,29 @@ fn us_between(a: Instant, b: Instant) -> u64 {
     u64::try_from(b.saturating_duration_since(a).as_micros()).unwrap_or(u64::MAX)
 }
 
-/// One connection's loop: (re)connect when needed, send, record.
-async fn worker(
-    target: Arc<Target>,
-    index: usize,
-    schedule: Option<(Duration, Duration)>,
+/// What every connection's loop shares.
+struct Shared {
+    target: Target,
     timeout: Duration,
     expect_status: u16,
     run_start: Instant,
+}
+
+/// One connection's loop: (re)connect when needed, send, record (and pass
+/// each record on to `windows`).
+async fn worker(
+    shared: Arc<Shared>,
+    index: usize,
+    schedule: Option<(Duration, Duration)>,
     stop: watch::Receiver<bool>,
+    windows: Option<mpsc::UnboundedSender<Record>>,
 ) -> Vec<Record> {
+    let Shared {
+        ref target,
+        timeout,
+        expect_status,
+        run_start,
+    } = *shared;
     let mut records = Vec::new();
     let mut sender: Option<SendRequest<Empty<Bytes>>> = None;
     // Each connection starts at another path, so with as many paths as
@@ -331,7 +437,7 @@ async fn worker(
         // a late request is not failed for the backlog before it.
         let outcome = match tokio::time::timeout(
             timeout,
-            one_request(&target, path, &mut sender, expect_status),
+            one_request(target, path, &mut sender, expect_status),
         )
         .await
         {
@@ -343,11 +449,16 @@ async fn worker(
             // fresh one (a timed-out request may still be in flight on it).
             sender = None;
         }
-        records.push(Record {
+        let record = Record {
             start_us: us_between(run_start, due),
             latency_us: us_between(due, Instant::now()),
             outcome,
-        });
+        };
+        records.push(record);
+        if let Some(w) = &windows {
+            // Closed only once the run is over and drained.
+            let _ = w.send(record);
+        }
         if outcome == Outcome::Connect {
             // A refused connection fails at once: do not spin on it.
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -476,6 +587,7 @@ mod tests {
             stop_file: None,
             timeout: Duration::from_secs(1),
             expect_status: 200,
+            interval: None,
         };
         assert!(c.validate().is_ok());
         c.connections = 0;
@@ -492,5 +604,10 @@ mod tests {
         assert!(c.validate().is_ok());
         c.timeout = Duration::ZERO;
         assert!(c.validate().is_err());
+        c.timeout = Duration::from_secs(1);
+        c.interval = Some(Duration::from_millis(1));
+        assert!(c.validate().is_err());
+        c.interval = Some(Duration::from_millis(100));
+        assert!(c.validate().is_ok());
     }
 }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use klpvisor_loadgen::{parse_duration, run, Config, Error, Outcome, Report, Target};
+use klpvisor_loadgen::{parse_duration, run_with_windows, Config, Error, Outcome, Report, Target};
 
 /// HTTP/1.1 load generator: keep-alive connections, every request's latency
 /// and result recorded, one JSON line at the end.
@@ -54,6 +54,11 @@ struct Cli {
     /// scenario's tagged lines).
     #[arg(long)]
     prefix: Option<String>,
+    /// Also print, on stderr as the run goes, one JSON line per interval
+    /// (e.g. 1s) for the requests that ended in it: t_s (its end) and the
+    /// fields of the result line. After --prefix P, the lines start "P-WINDOW ".
+    #[arg(long, value_parser = parse_duration_arg)]
+    interval: Option<Duration>,
     /// Write every request as a line "start_us latency_us result" to this
     /// file (result: the status code, or connect, timeout, io).
     #[arg(long)]
@@ -109,6 +114,7 @@ fn main() -> ExitCode {
         stop_file: cli.stop_file.clone(),
         timeout: cli.timeout,
         expect_status: cli.expect_status,
+        interval: cli.interval,
     }) {
         Ok(c) => c,
         Err(e) => {
@@ -120,7 +126,12 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .map_err(Error::Runtime)
-        .and_then(|rt| rt.block_on(run(&config, stop_signal())));
+        .and_then(|rt| {
+            let prefix = cli.prefix.as_ref().map(|p| format!("{p}-WINDOW"));
+            rt.block_on(run_with_windows(&config, stop_signal(), |w| {
+                eprintln!("{}", w.line(prefix.as_deref()));
+            }))
+        });
     let report = match report {
         Ok(r) => r,
         Err(e) => {

@@ -14,7 +14,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use klpvisor_loadgen::{run, Config, StopReason, Target};
+use klpvisor_loadgen::{run, run_with_windows, Config, StopReason, Target};
 use tokio::net::TcpListener;
 
 /// Connections the server accepted, and its address.
@@ -66,6 +66,7 @@ fn config(addr: SocketAddr, paths: &[&str]) -> Config {
         stop_file: None,
         timeout: Duration::from_secs(2),
         expect_status: 200,
+        interval: None,
     }
 }
 
@@ -84,6 +85,38 @@ async fn closed_loop_keeps_its_connections_and_counts_every_request() {
     // Keep-alive: one connection per worker for the whole run.
     assert_eq!(s.accepted.load(Ordering::SeqCst), 2);
     assert!(report.elapsed >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn windows_cover_every_request_once() {
+    let s = server().await;
+    let mut c = config(s.addr, &["/", "/fail"]);
+    c.interval = Some(Duration::from_millis(100));
+    c.duration = Some(Duration::from_millis(450));
+    let mut seen = Vec::new();
+    let report = run_with_windows(&c, std::future::pending(), |w| seen.push(w.clone()))
+        .await
+        .expect("run");
+    assert_eq!(seen, report.windows);
+    // Four whole windows and the last, shorter one (or five whole ones if
+    // the stop fell just on a tick).
+    assert!(
+        (4..=6).contains(&report.windows.len()),
+        "{:?}",
+        report.windows
+    );
+    let t: Vec<f64> = report.windows.iter().map(|w| w.t_s).collect();
+    assert!(t.windows(2).all(|p| p[0] < p[1]), "{t:?}");
+    let sum = report.summary(&c);
+    let requests: u64 = report.windows.iter().map(|w| w.summary.requests).sum();
+    let failed: u64 = report.windows.iter().map(|w| w.summary.failed).sum();
+    assert_eq!((requests, failed), (sum.requests, sum.failed));
+    let line = report.windows[0].line(Some("KLPV-LOAD-WINDOW"));
+    let v: serde_json::Value =
+        serde_json::from_str(line.strip_prefix("KLPV-LOAD-WINDOW ").expect("prefix"))
+            .expect("json");
+    assert!(v["t_s"].as_f64().is_some_and(|t| t >= 0.1));
+    assert!(v["p99_us"].is_u64() && v["requests"].is_u64());
 }
 
 #[tokio::test]
@@ -221,6 +254,27 @@ fn binary_prints_one_json_line_and_exits_by_outcome() {
     assert!(text
         .lines()
         .all(|l| l.ends_with(" 200") && l.split(' ').count() == 3));
+
+    // Windows on stderr, the result alone on stdout.
+    let out = Command::new(bin)
+        .args([
+            "--duration",
+            "250ms",
+            "--interval",
+            "100ms",
+            "--prefix",
+            "L",
+        ])
+        .arg(format!("http://{}/", s.addr))
+        .output()
+        .expect("run loadgen");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().count() >= 2 && stderr.lines().all(|l| l.starts_with("L-WINDOW {")),
+        "{stderr}"
+    );
 
     let out = Command::new(bin)
         .args(["--duration", "200ms", "--fail-on-error"])
