@@ -292,13 +292,52 @@ pub fn run_scenario(name: &str, args: &[&str]) -> Run {
 /// [`run_scenario`] for a scenario that needs longer than
 /// [`NESTED_RUN_TIMEOUT_SECS`] in the nested image (many L2 boots).
 pub fn run_scenario_within(name: &str, args: &[&str], nested_timeout_secs: u32) -> Run {
+    run_scenario_on(name, args, nested_timeout_secs, None)
+}
+
+/// The Debian root file system image (`guest-images/build-rootfs`), built
+/// or confirmed once per test binary unless `KLPV_IMAGES_READY=1`. Needs
+/// root (mmdebstrap).
+pub fn rootfs_image() -> PathBuf {
+    static DONE: OnceLock<()> = OnceLock::new();
+    let root = repo_root();
+    if std::env::var_os("KLPV_IMAGES_READY").is_none_or(|v| v != "1") {
+        DONE.get_or_init(|| {
+            let status = Command::new(root.join("guest-images/build-rootfs"))
+                .status()
+                .expect("run guest-images/build-rootfs");
+            assert!(
+                status.success(),
+                "building the root file system image failed"
+            );
+        });
+    }
+    root.join("build/rootfs/rootfs.ext4")
+}
+
+/// [`run_scenario_within`] with the Debian root file system for the L2
+/// guest: the scenario finds it in `KLPV_ROOTFS`, a file or device it may
+/// write (in the nested image L1's virtio disk, which QEMU keeps
+/// copy-on-write; directly, a sparse copy of the image for this attempt,
+/// removed after it), so no run changes `build/rootfs/rootfs.ext4`.
+pub fn run_scenario_with_rootfs(name: &str, args: &[&str], nested_timeout_secs: u32) -> Run {
+    let image = rootfs_image();
+    run_scenario_on(name, args, nested_timeout_secs, Some(&image))
+}
+
+fn run_scenario_on(
+    name: &str,
+    args: &[&str],
+    nested_timeout_secs: u32,
+    rootfs: Option<&Path>,
+) -> Run {
     let mode = mode();
     ensure_images(mode);
     let start = Instant::now();
     let mut failed: Vec<(String, Vec<String>)> = Vec::new();
     for attempt in 1..=NESTED_ATTEMPTS {
         let last = attempt == NESTED_ATTEMPTS;
-        let (why, lines) = match run_once(mode, name, args, nested_timeout_secs) {
+        let (why, lines) = match run_once(mode, name, args, nested_timeout_secs, rootfs) {
             Attempt::Done(run) => match emulator_failure(mode, &run) {
                 Some(why) if !last => (why.to_string(), run.lines),
                 _ => {
@@ -346,8 +385,43 @@ enum Attempt {
     Emulator(String, Vec<String>),
 }
 
-fn run_once(mode: Mode, name: &str, args: &[&str], nested_timeout_secs: u32) -> Attempt {
+/// A sparse copy of the root file system image for one direct attempt,
+/// removed with this value.
+struct RootfsCopy(PathBuf);
+
+impl RootfsCopy {
+    fn new(image: &Path) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let copy =
+            std::env::temp_dir().join(format!("klpv-rootfs-{}-{n}.ext4", std::process::id()));
+        let status = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(image)
+            .arg(&copy)
+            .status()
+            .expect("run cp");
+        assert!(status.success(), "copying {} failed", image.display());
+        RootfsCopy(copy)
+    }
+}
+
+impl Drop for RootfsCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn run_once(
+    mode: Mode,
+    name: &str,
+    args: &[&str],
+    nested_timeout_secs: u32,
+    rootfs: Option<&Path>,
+) -> Attempt {
     let root = repo_root();
+    // Lives until the attempt is over.
+    let rootfs_copy = rootfs.filter(|_| mode == Mode::Direct).map(RootfsCopy::new);
     let mut cmd = match mode {
         Mode::Direct => {
             let mut c = Command::new(root.join("tests/scenarios").join(name));
@@ -355,10 +429,16 @@ fn run_once(mode: Mode, name: &str, args: &[&str], nested_timeout_secs: u32) -> 
                 .env("KLPV_KERNEL", guest_dir().join("bzImage"))
                 .env("KLPV_INITRD", guest_dir().join("initramfs.cpio.gz"))
                 .env("PATH", path_with(&[bin_dir(), bin_dir().join("examples")]));
+            if let Some(copy) = &rootfs_copy {
+                c.env("KLPV_ROOTFS", &copy.0);
+            }
             c
         }
         Mode::Nested => {
             let mut c = Command::new(root.join("scripts/nested-run"));
+            if let Some(image) = rootfs {
+                c.arg("--disk").arg(image);
+            }
             c.arg("--timeout")
                 .arg(nested_timeout_secs.to_string())
                 .arg("--")
