@@ -756,20 +756,25 @@ where
     warnings
 }
 
-/// How long the registration of a transition's ftrace redirects may take
-/// before its functions fall back to a `jmp`.
+/// How long one registration step of a transition's ftrace redirects may
+/// wait for a kworker to start it before its functions fall back to a
+/// `jmp` (a starved workqueue). A step that started is waited for up to
+/// the transition's own time: ftrace walks every record of the kernel for
+/// each registration, which under load takes a while, and a step written
+/// off while it runs would register anyway.
 pub const OPS_GRACE: Duration = Duration::from_secs(5);
 
 /// Registers with the guest's ftrace every slot `prepared` switches
-/// through ([`Patcher::arm_ops`]), each step through the call gate, until
-/// `deadline`. `Ok(Some(why))`: the guest could not run it in time (a
-/// step did not finish, or the gate is still busy with an earlier call);
-/// an error: the guest's ftrace refused a step, or the host failed.
+/// through ([`Patcher::arm_ops`]), each step through the call gate: each
+/// must start within [`OPS_GRACE`] and end by `limit`. `Ok(Some(why))`:
+/// the guest could not run it in time (a step did not start or did not
+/// finish, or the gate is still busy with an earlier call); an error: the
+/// guest's ftrace refused a step, or the host failed.
 fn register_ops<H, P>(
     host: &H,
     patcher: &mut P,
     prepared: &P::Prepared,
-    deadline: Instant,
+    limit: Instant,
 ) -> Result<Option<String>, H::Error>
 where
     H: Host,
@@ -777,6 +782,7 @@ where
 {
     loop {
         let mut busy = None;
+        let deadline = (host.now() + OPS_GRACE).min(limit);
         let sent = send(host, patcher, deadline, |p, g| {
             match p.arm_ops(prepared, g) {
                 Err(EngineError::Gate(crate::callback::gate::GateError::Busy(why))) => {
@@ -791,6 +797,22 @@ where
                 return Ok(busy.map(|why| format!("the call gate is busy ({why})")));
             }
             Some((_, Ok(ret))) => patcher.ops_done(ret)?,
+            // Started: the guest runs it; wait for its end.
+            Some((armed, Err(Progress::Running))) => match wait_call(host, patcher, &armed, limit)?
+            {
+                Ok(ret) => patcher.ops_done(ret)?,
+                Err(progress) => {
+                    let (func, step) = patcher.ops_armed().unwrap_or_default();
+                    return Ok(Some(
+                        EngineError::OpsUnfinished {
+                            func,
+                            step,
+                            progress: progress.describe(armed.cpu),
+                        }
+                        .to_string(),
+                    ));
+                }
+            },
             Some((armed, Err(progress))) => {
                 let (func, step) = patcher.ops_armed().unwrap_or_default();
                 return Ok(Some(
@@ -906,8 +928,7 @@ where
         if prepared.wants_ops() {
             host.paused(|g| patcher.install_ops(&prepared, g))?.0?;
             prepared = patcher.prepare()?;
-            let deadline = host.now() + OPS_GRACE.min(t.timeout);
-            if let Some(why) = register_ops(host, patcher, &prepared, deadline)? {
+            if let Some(why) = register_ops(host, patcher, &prepared, start + t.timeout)? {
                 // The guest did not run the registration in time (its
                 // workqueue starved, the gate still busy with an earlier
                 // call): the functions not registered get a jmp instead,
@@ -1229,14 +1250,30 @@ where
             Err(e) => return Err(e.into()),
         }
     };
+    let result = wait_call(host, patcher, &armed, deadline)?;
+    Ok(Some((armed, result)))
+}
+
+/// Waits until the call `armed` returns (its result) or `deadline` passes
+/// (how far it got).
+fn wait_call<H, P>(
+    host: &H,
+    patcher: &mut P,
+    armed: &Armed,
+    deadline: Instant,
+) -> Result<Result<u64, Progress>, H::Error>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
     loop {
         let seen = host.doorbell_rings();
-        let progress = patcher.poll_call(host.guest(), &armed)?;
+        let progress = patcher.poll_call(host.guest(), armed)?;
         if let Progress::Done(ret) = progress {
-            return Ok(Some((armed, Ok(ret))));
+            return Ok(Ok(ret));
         }
         if host.now() >= deadline {
-            return Ok(Some((armed, Err(progress))));
+            return Ok(Err(progress));
         }
         host.wait_doorbell(seen, deadline);
     }

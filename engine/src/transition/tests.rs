@@ -124,6 +124,11 @@ enum Script {
     Returns(u64),
     /// Starts and never returns.
     Hangs,
+    /// Never starts (a starved workqueue).
+    NeverStarts,
+    /// Runs for as many polls as `FakePatcher::slow_polls` says, then
+    /// returns 0.
+    Slow,
 }
 
 struct FakePlan {
@@ -178,8 +183,10 @@ struct FakeOps {
     unheld: u32,
     /// The function is traced in the guest.
     traced: bool,
-    /// The guest never runs the filter step.
-    filter_hangs: bool,
+    /// No kworker ever starts the filter step.
+    filter_starved: bool,
+    /// The register step runs a long while (`FakePatcher::slow_polls`).
+    register_slow: bool,
 }
 
 /// Where the fake per-CPU allocator and free are "called".
@@ -207,6 +214,8 @@ struct FakePatcher<'l> {
     /// Commits refused for want of a safe point before one succeeds
     /// (`u32::MAX`: never).
     blocked: Cell<u32>,
+    /// Polls a `Script::Slow` call still runs for.
+    slow_polls: Cell<u32>,
     armed: RefCell<Vec<(u64, Kind)>>,
     /// Arms refused as busy (the guest's klp holds its mutex) before one
     /// succeeds.
@@ -230,6 +239,7 @@ impl<'l> FakePatcher<'l> {
             gate: false,
             script: HashMap::new(),
             blocked: Cell::new(0),
+            slow_polls: Cell::new(0),
             armed: RefCell::new(Vec::new()),
             busy_arms: Cell::new(0),
             shown: Cell::new(false),
@@ -362,8 +372,10 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
         } else {
             0
         };
-        let script = if step == "filter" && self.ops.filter_hangs {
-            Script::Hangs
+        let script = if step == "filter" && self.ops.filter_starved {
+            Script::NeverStarts
+        } else if step == "register" && self.ops.register_slow {
+            Script::Slow
         } else {
             Script::Returns(ret)
         };
@@ -466,6 +478,12 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
             {
                 Script::Returns(v) => Progress::Done(v),
                 Script::Hangs => Progress::Running,
+                Script::NeverStarts => Progress::Queued,
+                Script::Slow if self.slow_polls.get() > 0 => {
+                    self.slow_polls.set(self.slow_polls.get() - 1);
+                    Progress::Running
+                }
+                Script::Slow => Progress::Done(0),
             },
         )
     }
@@ -1100,7 +1118,7 @@ fn a_registration_the_guest_does_not_run_in_time_falls_back_to_a_jmp() {
     let mut p = FakePatcher::new(&log, Calls::default());
     p.gate = true;
     p.ops.unregistered = 1;
-    p.ops.filter_hangs = true;
+    p.ops.filter_starved = true;
     let o = run(&host, &mut p, "apply", timeout(10)).unwrap();
     assert_eq!(
         steps(&log),
@@ -1109,7 +1127,7 @@ fn a_registration_the_guest_does_not_run_in_time_falls_back_to_a_jmp() {
             "install ops",
             "prepare",
             "ops filter",
-            // Not run within OPS_GRACE: its functions get a jmp.
+            // Not started within OPS_GRACE: its functions get a jmp.
             "ops unreachable",
             "prepare",
             "begun new",
@@ -1123,4 +1141,32 @@ fn a_registration_the_guest_does_not_run_in_time_falls_back_to_a_jmp() {
         o.warnings
     );
     assert!(host.elapsed() >= OPS_GRACE && host.elapsed() < timeout(10).timeout);
+}
+
+#[test]
+fn a_registration_that_runs_past_the_grace_is_waited_for() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.gate = true;
+    p.ops.unregistered = 1;
+    p.ops.register_slow = true;
+    // Still running when OPS_GRACE is over, done before the timeout.
+    p.slow_polls.set(2);
+    let o = run(&host, &mut p, "apply", timeout(30)).unwrap();
+    assert_eq!(
+        steps(&log),
+        [
+            "prepare",
+            "install ops",
+            "prepare",
+            "ops filter",
+            "ops register",
+            "begun new",
+            "load",
+            "commit",
+        ]
+    );
+    assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+    assert!(host.elapsed() >= OPS_GRACE, "it ran past the grace");
 }
