@@ -901,16 +901,14 @@ mod tests {
         use klpvisor_guest::paging::test_support::FakePhys;
         let mut ops = ops(Some(4), Vec::new());
         let (old, va, gpa) = (0xffff_ffff_c100_0000, 0xffff_ffff_c000_1000, 0x1000);
-        ops.slots.insert(
-            old,
-            Slot {
-                va,
-                gpa: GuestPhys(gpa),
-                ip: old,
-                name: "capability_show".into(),
-                state: SlotState::Registered,
-            },
-        );
+        let slot = Slot {
+            va,
+            gpa: GuestPhys(gpa),
+            ip: old,
+            name: "capability_show".into(),
+            state: SlotState::Registered,
+        };
+        ops.slots.insert(old, slot.clone());
         ops.detach(old);
         // No function's redirect goes through it any more, but it is still
         // registered and waits to be let go, under its own address.
@@ -924,16 +922,7 @@ mod tests {
         ops.done(va, Step::FreeFilter, 0).expect("free");
         assert!(ops.slot(va).is_none());
         assert_eq!(ops.free_slots(), 1);
-        ops.slots.insert(
-            old,
-            Slot {
-                va,
-                gpa: GuestPhys(gpa),
-                ip: old,
-                name: "capability_show".into(),
-                state: SlotState::Registered,
-            },
-        );
+        ops.slots.insert(old, slot);
 
         // Its unregistration clears a redirect word left set, and only then.
         let m = FakePhys::new(0x4000);

@@ -792,39 +792,35 @@ where
                 other => other,
             }
         })?;
-        match sent {
+        let (armed, progress) = match sent {
             None => {
                 return Ok(busy.map(|why| format!("the call gate is busy ({why})")));
             }
-            Some((_, Ok(ret))) => patcher.ops_done(ret)?,
-            // Started: the guest runs it; wait for its end.
-            Some((armed, Err(Progress::Running))) => match wait_call(host, patcher, &armed, limit)?
-            {
-                Ok(ret) => patcher.ops_done(ret)?,
-                Err(progress) => {
-                    let (func, step) = patcher.ops_armed().unwrap_or_default();
-                    return Ok(Some(
-                        EngineError::OpsUnfinished {
-                            func,
-                            step,
-                            progress: progress.describe(armed.cpu),
-                        }
-                        .to_string(),
-                    ));
-                }
-            },
-            Some((armed, Err(progress))) => {
-                let (func, step) = patcher.ops_armed().unwrap_or_default();
-                return Ok(Some(
-                    EngineError::OpsUnfinished {
-                        func,
-                        step,
-                        progress: progress.describe(armed.cpu),
-                    }
-                    .to_string(),
-                ));
+            Some((_, Ok(ret))) => {
+                patcher.ops_done(ret)?;
+                continue;
             }
-        }
+            // Started: the guest runs it; wait for its end.
+            Some((armed, Err(Progress::Running))) => {
+                match wait_call(host, patcher, &armed, limit)? {
+                    Ok(ret) => {
+                        patcher.ops_done(ret)?;
+                        continue;
+                    }
+                    Err(progress) => (armed, progress),
+                }
+            }
+            Some((armed, Err(progress))) => (armed, progress),
+        };
+        let (func, step) = patcher.ops_armed().unwrap_or_default();
+        return Ok(Some(
+            EngineError::OpsUnfinished {
+                func,
+                step,
+                progress: progress.describe(armed.cpu),
+            }
+            .to_string(),
+        ));
     }
 }
 
