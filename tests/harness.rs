@@ -194,11 +194,31 @@ impl Run {
     /// What the guest's klpv-cmdline printed for `cat /proc/cmdline` the
     /// n-th time (`KLPV-CMDLINE <n> <text>`).
     pub fn cmdline(&self, n: u32) -> String {
-        let tag = format!("KLPV-CMDLINE {n} ");
+        self.step("KLPV-CMDLINE", n)
+    }
+
+    /// The text of a guest script's `<TAG> <n> <text>` line for step `n`
+    /// (empty when the line ends at the step number).
+    pub fn step(&self, tag: &str, n: u32) -> String {
+        let tag = format!("{tag} {n} ");
         self.lines
             .iter()
-            .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
-            .unwrap_or_else(|| panic!("no cmdline #{n}\n{}", self.transcript()))
+            .find_map(|l| {
+                l.split_once(&tag)
+                    .map(|(_, c)| c.trim().to_owned())
+                    .or_else(|| l.ends_with(tag.trim_end()).then(String::new))
+            })
+            .unwrap_or_else(|| panic!("no `{tag}` line\n{}", self.transcript()))
+    }
+
+    /// The klp callbacks' lines a guest script printed at step `n`
+    /// (`KLPV-CB <n> <line>`), in order.
+    pub fn callbacks(&self, n: u32) -> Vec<String> {
+        let tag = format!("KLPV-CB {n} ");
+        self.lines
+            .iter()
+            .filter_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
+            .collect()
     }
 
     /// The JSON a scenario printed on one line after `TAG STEP `

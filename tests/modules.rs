@@ -71,17 +71,7 @@ fn a_module_loaded_after_the_patch_is_patched_before_it_runs() {
     let run = run_scenario("patch-module-load", &[]);
     let t = run.transcript();
     // `KLPV-<tag> <n> <text>`, klpv-modload's line for step n.
-    let line = |tag: &str, n: u32| -> String {
-        let tag = format!("{tag} {n} ");
-        run.lines
-            .iter()
-            .find_map(|l| {
-                l.split_once(&tag)
-                    .map(|(_, c)| c.trim().to_owned())
-                    .or_else(|| l.ends_with(tag.trim_end()).then(String::new))
-            })
-            .unwrap_or_else(|| panic!("no `{tag}` line\n{t}"))
-    };
+    let line = |tag: &str, n: u32| run.step(tag, n);
     let modules = |n: u32| -> Vec<String> {
         line("KLPV-MODULES", n)
             .split(' ')
@@ -318,13 +308,7 @@ fn a_module_loaded_after_the_patch_is_patched_before_it_runs() {
     // it still is, post_unpatch after), around the transitions for the
     // replace, the rollback (v1 enabled again) and the disable; never for
     // a disabled patch or a refused load.
-    let cbs = |n: u32| -> Vec<String> {
-        let tag = format!("KLPV-CB {n} ");
-        run.lines
-            .iter()
-            .filter_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
-            .collect()
-    };
+    let cbs = |n: u32| run.callbacks(n);
     let on = |m: &str| {
         vec![
             format!("klpv-cb {m} pre_patch obj=binfmt_misc live=0"),
@@ -373,13 +357,7 @@ fn a_loaded_modules_patched_function_stays_traceable() {
     }
     let run = run_scenario("patch-module-traced", &[]);
     let t = run.transcript();
-    let line = |tag: &str, n: u32| -> String {
-        let tag = format!("{tag} {n} ");
-        run.lines
-            .iter()
-            .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
-            .unwrap_or_else(|| panic!("no `{tag}` line\n{t}"))
-    };
+    let line = |tag: &str, n: u32| run.step(tag, n);
     // `KLPV-FTRACE n k=v ... status=<text>` as a map.
     let ftrace = |n: u32| -> std::collections::BTreeMap<String, String> {
         let l = line("KLPV-FTRACE", n);
@@ -474,13 +452,7 @@ fn a_loaded_modules_patched_function_stays_traceable() {
     // in pre_patch, in place in post_patch and pre_unpatch, gone in
     // post_unpatch; for the apply and the disable, and around the unload
     // and the load again.
-    let cbs = |n: u32| -> Vec<String> {
-        let tag = format!("KLPV-CB {n} ");
-        run.lines
-            .iter()
-            .filter_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
-            .collect()
-    };
+    let cbs = |n: u32| run.callbacks(n);
     let on = [
         "klpv-cb klpv1 pre_patch obj=binfmt_misc live=0",
         "klpv-cb klpv1 post_patch obj=binfmt_misc live=1",

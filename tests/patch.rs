@@ -125,13 +125,7 @@ fn a_kpatch_build_module_applies_from_outside() {
     }
     let run = run_scenario("patch-kpatch", &[]);
     let t = run.transcript();
-    let line = |tag: &str, n: u32| -> String {
-        let tag = format!("{tag} {n} ");
-        run.lines
-            .iter()
-            .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
-            .unwrap_or_else(|| panic!("no `{tag}` line\n{t}"))
-    };
+    let line = |tag: &str, n: u32| run.step(tag, n);
     assert_eq!(run.result("kpatch-bad")["rc"], "1", "refused\n{t}");
     assert!(
         run.lines
@@ -184,13 +178,7 @@ fn module_object_patches_a_loaded_module_in_the_same_transition() {
     }
     let run = run_scenario("patch-module", &[]);
     let t = run.transcript();
-    let line = |tag: &str, n: u32| -> String {
-        let tag = format!("{tag} {n} ");
-        run.lines
-            .iter()
-            .find_map(|l| l.split_once(&tag).map(|(_, c)| c.trim().to_owned()))
-            .unwrap_or_else(|| panic!("no `{tag}` line\n{t}"))
-    };
+    let line = |tag: &str, n: u32| run.step(tag, n);
     assert_eq!(run.result("patch-apply")["rc"], "0", "{t}");
     assert_eq!(run.result("patch-disable")["rc"], "0", "{t}");
 

@@ -69,15 +69,6 @@ fn assert_clean_dmesg(run: &Run) {
     );
 }
 
-/// What the guest printed under `tag` at step `n` (`<tag> <n> <text>`).
-fn step(run: &Run, tag: &str, n: u32) -> String {
-    let prefix = format!("{tag} {n} ");
-    run.lines_with(&prefix)
-        .first()
-        .and_then(|l| l.split_once(&prefix).map(|(_, v)| v.trim().to_owned()))
-        .unwrap_or_else(|| panic!("no {tag} {n}\n{}", run.transcript()))
-}
-
 /// The kernel log lines the guest showed at step `n`.
 fn kmsg(run: &Run, n: u32) -> Vec<String> {
     let prefix = format!("KLPV-KMSG {n} ");
@@ -93,27 +84,27 @@ fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues(run: &Run
     assert_eq!(run.result("warn-apply")["rc"], "0", "{t}");
 
     // Before: the kernel's own function, no module, no livepatch taint.
-    assert_eq!(step(run, "KLPV-HIDEPID", 1), "ptraceable", "{t}");
-    assert_eq!(step(run, "KLPV-MODULE", 1), "none", "{t}");
-    let taint_before: u64 = step(run, "KLPV-TAINTED", 1).parse().expect("taint");
+    assert_eq!(run.step("KLPV-HIDEPID", 1), "ptraceable", "{t}");
+    assert_eq!(run.step("KLPV-MODULE", 1), "none", "{t}");
+    let taint_before: u64 = run.step("KLPV-TAINTED", 1).parse().expect("taint");
     assert_eq!(taint_before & (1 << 15), 0, "{t}");
     assert!(kmsg(run, 1).is_empty(), "{t}");
 
     // Applied: the patched function runs (its change shows), its WARN
     // fires and reports as a module's would, and the guest carries on.
-    assert_eq!(step(run, "KLPV-HIDEPID", 2), "unknown", "{t}");
-    let module = step(run, "KLPV-MODULE", 2);
+    assert_eq!(run.step("KLPV-HIDEPID", 2), "unknown", "{t}");
+    let module = run.step("KLPV-MODULE", 2);
     assert!(module.starts_with("warn_hidepid "), "{module}");
     assert!(
         module.contains("Live") && module.contains("(K)"),
         "{module}"
     );
-    let sym = step(run, "KLPV-KALLSYMS", 2);
+    let sym = run.step("KLPV-KALLSYMS", 2);
     assert!(
         sym.contains(" livepatch_proc_show_options") && sym.ends_with("[warn_hidepid]"),
         "{sym}"
     );
-    let taint: u64 = step(run, "KLPV-TAINTED", 2).parse().expect("taint");
+    let taint: u64 = run.step("KLPV-TAINTED", 2).parse().expect("taint");
     assert_ne!(taint & (1 << 15), 0, "taint K (TAINT_LIVEPATCH)\n{t}");
     let log = kmsg(run, 2);
     let warning = log
@@ -151,7 +142,7 @@ fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues(run: &Run
     assert!(log.iter().any(|l| l.contains("---[ end trace")), "{log:#?}");
 
     // Again: WARN_ONCE reports once; the function still runs patched.
-    assert_eq!(step(run, "KLPV-HIDEPID", 3), "unknown", "{t}");
+    assert_eq!(run.step("KLPV-HIDEPID", 3), "unknown", "{t}");
     assert_eq!(
         kmsg(run, 3)
             .iter()
@@ -167,9 +158,9 @@ fn a_warn_in_patch_code_reports_like_a_modules_and_the_guest_continues(run: &Run
     assert_eq!(run.result("remove-warn_hidepid")["rc"], "0", "{t}");
     assert_eq!(run.result("sample-apply")["rc"], "0", "{t}");
     assert_eq!(run.result("sample-disable")["rc"], "0", "{t}");
-    assert_eq!(step(run, "KLPV-HIDEPID", 4), "ptraceable", "{t}");
-    assert_eq!(step(run, "KLPV-MODULE", 4), "none", "{t}");
-    assert_eq!(step(run, "KLPV-KALLSYMS", 4), "none", "{t}");
+    assert_eq!(run.step("KLPV-HIDEPID", 4), "ptraceable", "{t}");
+    assert_eq!(run.step("KLPV-MODULE", 4), "none", "{t}");
+    assert_eq!(run.step("KLPV-KALLSYMS", 4), "none", "{t}");
 
     assert_clean_dmesg(run);
 }
@@ -184,17 +175,17 @@ fn a_fault_in_a_patchs_user_access_returns_efault(run: &Run) {
     // most per read) while applied.
     let full = "1+0 records in";
     let short = "0+1 records in";
-    assert_eq!(step(run, "KLPV-DD", 1), full, "{t}");
-    assert_eq!(step(run, "KLPV-DD", 2), short, "the patch runs\n{t}");
-    assert_eq!(step(run, "KLPV-DD", 3), short, "{t}");
-    assert_eq!(step(run, "KLPV-DD", 4), full, "{t}");
+    assert_eq!(run.step("KLPV-DD", 1), full, "{t}");
+    assert_eq!(run.step("KLPV-DD", 2), short, "the patch runs\n{t}");
+    assert_eq!(run.step("KLPV-DD", 3), short, "{t}");
+    assert_eq!(run.step("KLPV-DD", 4), full, "{t}");
     // Each outcome of the user access is the kernel's, patched or not: a
     // fault returns -EFAULT (fixed up through the patch's exception
     // table), a fault part-way returns the bytes before it, a good buffer
     // is cleared.
     let want = "bad=-1/EFAULT partial=4096 good=ok";
     for n in 1..=4 {
-        assert_eq!(step(run, "KLPV-EFAULT", n), want, "step {n}\n{t}");
+        assert_eq!(run.step("KLPV-EFAULT", n), want, "step {n}\n{t}");
     }
     assert_eq!(run.result("disable-efault_zero")["rc"], "0", "{t}");
     assert_eq!(run.result("remove-efault_zero")["rc"], "0", "{t}");
@@ -211,7 +202,7 @@ fn a_tracepoint_in_patch_code_follows_its_key(run: &Run) {
     let t = run.transcript();
     assert_eq!(run.result("itimer-apply")["rc"], "0", "{t}");
     let remaining = |n| -> u64 {
-        step(run, "KLPV-ITIMER", n)
+        run.step("KLPV-ITIMER", n)
             .strip_prefix("remaining_us=")
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("KLPV-ITIMER {n}\n{t}"))
@@ -227,7 +218,7 @@ fn a_tracepoint_in_patch_code_follows_its_key(run: &Run) {
     // kernel's site (1, 4) or the patch's (2, 3); none when off.
     for n in 1..=4 {
         assert_eq!(
-            step(run, "KLPV-TRACE", n),
+            run.step("KLPV-TRACE", n),
             "on=2 off=0 again=2",
             "step {n}\n{t}"
         );
@@ -246,7 +237,7 @@ fn a_tracepoint_in_patch_code_follows_its_key(run: &Run) {
 fn the_function_tracer_works_beside_patched_functions(run: &Run) {
     let t = run.transcript();
     for n in 1..=4 {
-        let line = step(run, "KLPV-FTRACE", n);
+        let line = run.step("KLPV-FTRACE", n);
         let field = |k: &str| -> u64 {
             line.split_whitespace()
                 .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
@@ -276,7 +267,7 @@ fn the_function_tracer_works_beside_patched_functions(run: &Run) {
 fn a_bpf_fentry_program_fires_on_a_patched_function(run: &Run) {
     let t = run.transcript();
     for n in 1..=4 {
-        let line = step(run, "KLPV-FENTRY", n);
+        let line = run.step("KLPV-FENTRY", n);
         let field = |k: &str| -> u64 {
             line.split_whitespace()
                 .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
