@@ -23,6 +23,9 @@ use vmm_sys_util::signal::Killable;
 use crate::arch::x86_64::{acpi, boot, cpuid, interrupts, layout, msr, regs};
 use crate::devices::boot_timer::BootTimer;
 use crate::devices::serial::{Console, COM1_IRQ, COM2_IRQ};
+use crate::devices::virtio::block::{Block, BlockError, DiskConfig};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{self, Interrupt};
 use crate::devices::{GuestEvent, PioDevices};
 use crate::vcpu::{
     install_kick_handler, kick_signal, VcpuControl, VcpuError, VcpuReport, VcpuRequest, VcpuState,
@@ -49,6 +52,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// Size of the patch arena in MiB (a multiple of 2), outside guest RAM.
     pub arena_mib: u64,
+    /// Raw disk images, each a virtio-blk device (the guest's vda, vdb...).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Why the VM could not be built, or a pause, resume or register read failed.
@@ -97,6 +102,15 @@ pub enum VmError {
     /// An eventfd (serial IRQ line) could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A `--disk` image could not be used.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    /// More virtio devices than the VM has interrupt lines for them.
+    #[error("too many disks: at most {} virtio devices", virtio::MAX_DEVICES)]
+    TooManyDevices,
+    /// A virtio device's queues could not be created (a klpvisor bug).
+    #[error("cannot create a virtio queue: {0}")]
+    VirtioQueue(virtio_queue::Error),
     /// The kick signal's handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
@@ -229,7 +243,24 @@ impl Vm {
 
         let memory = create_memory(&vm_fd, &layout, config.mem_mib)?;
         regs::write_boot_tables(&memory)?;
-        let rsdp = acpi::write_tables(&memory, config.cpus, com2_out.is_some())?;
+        let mut transports = Vec::with_capacity(config.disks.len());
+        for (index, disk) in config.disks.iter().enumerate() {
+            let (base, gsi) = virtio::slot(index).ok_or(VmError::TooManyDevices)?;
+            let block = Block::open(&disk.path, disk.read_only)?;
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            vm_fd
+                .register_irqfd(&irq, gsi)
+                .map_err(kvm_err("virtio irqfd"))?;
+            let transport = MmioTransport::new(
+                Box::new(block),
+                memory.clone(),
+                Arc::new(Interrupt::new(irq)),
+            )
+            .map_err(VmError::VirtioQueue)?;
+            transports.push((base, gsi, transport));
+        }
+        let virtio_slots: Vec<(u64, u32)> = transports.iter().map(|(b, g, _)| (*b, *g)).collect();
+        let rsdp = acpi::write_tables(&memory, config.cpus, com2_out.is_some(), &virtio_slots)?;
         let kernel = boot::load(
             &memory,
             &layout,
@@ -253,11 +284,11 @@ impl Vm {
             }
             None => None,
         };
-        let devices = Arc::new(PioDevices::new(
-            Console::new(serial_irq, console_out),
-            com2,
-            boot_timer,
-        ));
+        let mut devices = PioDevices::new(Console::new(serial_irq, console_out), com2, boot_timer);
+        for (base, _, transport) in transports {
+            devices.add_virtio(base, transport);
+        }
+        let devices = Arc::new(devices);
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

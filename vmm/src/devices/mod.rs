@@ -1,9 +1,10 @@
-//! Port-I/O devices and their dispatch. The guest sees a 16550 UART on COM1
+//! Port-I/O devices, the virtio-mmio devices, and their dispatch. The guest sees a 16550 UART on COM1
 //! (and on COM2 when the VMM was given somewhere to write its output),
 //! a CMOS RTC, an i8042 that can only reset, the ACPI sleep/reset register, a pvpanic
 //! port, the boot-timer port, the call gate's doorbell and the module hooks' ports
 //! (which the vCPU threads handle themselves). Unclaimed reads float high (0xff) like an
-//! empty ISA bus, so probes for absent hardware fail fast.
+//! empty ISA bus, so probes for absent hardware fail fast. The virtio
+//! devices (`--disk`) sit in the MMIO hole, one page each ([`virtio`]).
 
 pub mod boot_timer;
 pub mod cmos;
@@ -13,6 +14,7 @@ pub mod module_hooks;
 pub mod power;
 pub mod pvpanic;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::Mutex;
 
@@ -52,6 +54,9 @@ pub struct PioDevices {
     pub doorbell: doorbell::Doorbell,
     /// Where a vCPU stopped in a module hook sends its event.
     pub module_hooks: module_hooks::ModuleHooks,
+    /// The virtio-mmio devices: each one's window base and transport.
+    /// A device is served under its lock by the vCPU that touched it.
+    virtio: Vec<(u64, Mutex<virtio::mmio::MmioTransport>)>,
 }
 
 impl PioDevices {
@@ -65,7 +70,45 @@ impl PioDevices {
             boot_timer,
             doorbell: doorbell::Doorbell::default(),
             module_hooks: module_hooks::ModuleHooks::default(),
+            virtio: Vec::new(),
         }
+    }
+
+    /// Adds a virtio device whose register window starts at `base`
+    /// ([`virtio::slot`]).
+    pub fn add_virtio(&mut self, base: u64, transport: virtio::mmio::MmioTransport) {
+        self.virtio.push((base, Mutex::new(transport)));
+    }
+
+    /// The virtio device whose window holds `addr`, and the offset in it.
+    fn virtio_at(&self, addr: u64) -> Option<(&Mutex<virtio::mmio::MmioTransport>, u64)> {
+        self.virtio.iter().find_map(|(base, t)| {
+            let offset = addr.checked_sub(*base)?;
+            (offset < virtio::MMIO_SIZE).then_some((t, offset))
+        })
+    }
+
+    /// Handles an MMIO read; false when no device claims `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        let Some((t, offset)) = self.virtio_at(addr) else {
+            return false;
+        };
+        data.fill(0);
+        if let Ok(mut t) = t.lock() {
+            t.read(offset, data);
+        }
+        true
+    }
+
+    /// Handles an MMIO write; false when no device claims `addr`.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        let Some((t, offset)) = self.virtio_at(addr) else {
+            return false;
+        };
+        if let Ok(mut t) = t.lock() {
+            t.write(offset, data);
+        }
+        true
     }
 
     /// Handles an `in` from the guest.
