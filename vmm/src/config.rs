@@ -11,6 +11,7 @@ use vmm::arch::x86_64::boot::{inspect_kernel, BootError};
 use vmm::arch::x86_64::layout::MIN_MEM_MIB;
 use vmm::boot_patch::{BootPatch, BootPatchError};
 use vmm::devices::virtio::block::DiskConfig;
+use vmm::devices::virtio::net::NetConfig;
 use vmm::devices::virtio::MAX_DEVICES;
 use vmm::VmConfig;
 
@@ -64,6 +65,14 @@ pub struct Args {
     /// virtio_blk drivers.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<DiskConfig>,
+    /// Give the guest a virtio-net NIC on the host tap device NAME
+    /// (created if it does not exist, which needs CAP_NET_ADMIN; an
+    /// existing one must be a tap this user may attach to). `mac=` sets
+    /// the guest's address (default: a locally administered one derived
+    /// from NAME). Repeatable; disks and NICs together: at most 5. The
+    /// guest needs the virtio_mmio and virtio_net drivers.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    pub nets: Vec<NetConfig>,
     /// Give the guest a second serial port (COM2, its ttyS1), output only,
     /// written to PATH (a file, created or appended to, or a FIFO). The
     /// kernel prints to the console (COM1) unless told otherwise, so
@@ -132,7 +141,7 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: u32 },
     #[error("--cmdline contains a character the kernel cannot take (only printable ASCII)")]
     CmdlineChars,
-    #[error("--disk given {0} times: at most {MAX_DEVICES} disks")]
+    #[error("{0} --disk and --net devices: at most {MAX_DEVICES} in all")]
     TooManyDisks(usize),
     #[error("--disk {path}: {source}")]
     Disk {
@@ -202,8 +211,9 @@ impl Args {
                 });
             }
         }
-        if self.disks.len() > MAX_DEVICES {
-            return Err(ConfigError::TooManyDisks(self.disks.len()));
+        let devices = self.disks.len() + self.nets.len();
+        if devices > MAX_DEVICES {
+            return Err(ConfigError::TooManyDisks(devices));
         }
         for disk in &self.disks {
             // Opened (and locked) when the VM is built; this catches a
@@ -235,6 +245,7 @@ impl Args {
             mem_mib: self.mem,
             arena_mib: self.arena,
             disks: self.disks.clone(),
+            nets: self.nets.clone(),
         })
     }
 }
@@ -277,6 +288,21 @@ mod tests {
         assert!(!a.disks[0].read_only);
         assert!(a.disks[1].read_only);
         let e = parse(&["--kernel", "bzImage", "--disk", "a.img,bad"]).expect_err("bad option");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn net_takes_a_tap_and_a_mac() {
+        let a = parse(&[
+            "--kernel",
+            "bzImage",
+            "--net",
+            "tap=kt0,mac=52:54:00:00:00:01",
+        ])
+        .expect("parses");
+        assert_eq!(a.nets[0].tap, "kt0");
+        assert_eq!(a.nets[0].mac, [0x52, 0x54, 0, 0, 0, 1]);
+        let e = parse(&["--kernel", "bzImage", "--net", "kt0"]).expect_err("no tap=");
         assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
     }
 

@@ -25,6 +25,7 @@ use crate::devices::boot_timer::BootTimer;
 use crate::devices::serial::{Console, COM1_IRQ, COM2_IRQ};
 use crate::devices::virtio::block::{Block, BlockError, DiskConfig};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{self, Net, NetConfig, NetError};
 use crate::devices::virtio::{self, Interrupt};
 use crate::devices::{GuestEvent, PioDevices};
 use crate::vcpu::{
@@ -54,6 +55,8 @@ pub struct VmConfig {
     pub arena_mib: u64,
     /// Raw disk images, each a virtio-blk device (the guest's vda, vdb...).
     pub disks: Vec<DiskConfig>,
+    /// Host tap devices, each a virtio-net device (after the disks).
+    pub nets: Vec<NetConfig>,
 }
 
 /// Why the VM could not be built, or a pause, resume or register read failed.
@@ -105,8 +108,14 @@ pub enum VmError {
     /// A `--disk` image could not be used.
     #[error(transparent)]
     Disk(#[from] BlockError),
+    /// A `--net` tap could not be used.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// More virtio devices than the VM has interrupt lines for them.
-    #[error("too many disks: at most {} virtio devices", virtio::MAX_DEVICES)]
+    #[error(
+        "too many --disk and --net devices: at most {} in all",
+        virtio::MAX_DEVICES
+    )]
     TooManyDevices,
     /// A virtio device's queues could not be created (a klpvisor bug).
     #[error("cannot create a virtio queue: {0}")]
@@ -243,21 +252,35 @@ impl Vm {
 
         let memory = create_memory(&vm_fd, &layout, config.mem_mib)?;
         regs::write_boot_tables(&memory)?;
-        let mut transports = Vec::with_capacity(config.disks.len());
-        for (index, disk) in config.disks.iter().enumerate() {
+        // Disks first, then NICs, each on the next window and GSI.
+        let mut transports = Vec::new();
+        let mut rx_threads = Vec::new();
+        let devices_wanted = config.disks.len() + config.nets.len();
+        if devices_wanted > virtio::MAX_DEVICES {
+            return Err(VmError::TooManyDevices);
+        }
+        let mut new_transport = |device: Box<dyn virtio::VirtioDevice>| {
+            let index = transports.len();
             let (base, gsi) = virtio::slot(index).ok_or(VmError::TooManyDevices)?;
-            let block = Block::open(&disk.path, disk.read_only)?;
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
             vm_fd
                 .register_irqfd(&irq, gsi)
                 .map_err(kvm_err("virtio irqfd"))?;
-            let transport = MmioTransport::new(
-                Box::new(block),
-                memory.clone(),
-                Arc::new(Interrupt::new(irq)),
-            )
-            .map_err(VmError::VirtioQueue)?;
-            transports.push((base, gsi, transport));
+            let transport =
+                MmioTransport::new(device, memory.clone(), Arc::new(Interrupt::new(irq)))
+                    .map_err(VmError::VirtioQueue)?;
+            let transport = Arc::new(Mutex::new(transport));
+            transports.push((base, gsi, transport.clone()));
+            Ok::<_, VmError>(transport)
+        };
+        for disk in &config.disks {
+            new_transport(Box::new(Block::open(&disk.path, disk.read_only)?))?;
+        }
+        for nic in &config.nets {
+            let tap = Arc::new(net::open_tap(&nic.tap)?);
+            let (device, shared) = Net::new(tap.clone(), nic.mac)?;
+            let transport = new_transport(Box::new(device))?;
+            rx_threads.push((tap, shared, transport));
         }
         let virtio_slots: Vec<(u64, u32)> = transports.iter().map(|(b, g, _)| (*b, *g)).collect();
         let rsdp = acpi::write_tables(&memory, config.cpus, com2_out.is_some(), &virtio_slots)?;
@@ -287,6 +310,9 @@ impl Vm {
         let mut devices = PioDevices::new(Console::new(serial_irq, console_out), com2, boot_timer);
         for (base, _, transport) in transports {
             devices.add_virtio(base, transport);
+        }
+        for (tap, shared, transport) in rx_threads {
+            net::spawn_rx(tap, shared, transport).map_err(VmError::Thread)?;
         }
         let devices = Arc::new(devices);
 

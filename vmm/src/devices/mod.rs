@@ -16,7 +16,7 @@ pub mod pvpanic;
 pub mod serial;
 pub mod virtio;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use boot_timer::BootTimer;
 use serial::Console;
@@ -56,7 +56,8 @@ pub struct PioDevices {
     pub module_hooks: module_hooks::ModuleHooks,
     /// The virtio-mmio devices: each one's window base and transport.
     /// A device is served under its lock by the vCPU that touched it.
-    virtio: Vec<(u64, Mutex<virtio::mmio::MmioTransport>)>,
+    /// Shared with a device's own thread (the net device's RX thread).
+    virtio: Vec<(u64, Arc<Mutex<virtio::mmio::MmioTransport>>)>,
 }
 
 impl PioDevices {
@@ -76,15 +77,15 @@ impl PioDevices {
 
     /// Adds a virtio device whose register window starts at `base`
     /// ([`virtio::slot`]).
-    pub fn add_virtio(&mut self, base: u64, transport: virtio::mmio::MmioTransport) {
-        self.virtio.push((base, Mutex::new(transport)));
+    pub fn add_virtio(&mut self, base: u64, transport: Arc<Mutex<virtio::mmio::MmioTransport>>) {
+        self.virtio.push((base, transport));
     }
 
     /// The virtio device whose window holds `addr`, and the offset in it.
     fn virtio_at(&self, addr: u64) -> Option<(&Mutex<virtio::mmio::MmioTransport>, u64)> {
         self.virtio.iter().find_map(|(base, t)| {
             let offset = addr.checked_sub(*base)?;
-            (offset < virtio::MMIO_SIZE).then_some((t, offset))
+            (offset < virtio::MMIO_SIZE).then_some((&**t, offset))
         })
     }
 

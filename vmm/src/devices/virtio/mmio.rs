@@ -315,22 +315,34 @@ impl MmioTransport {
     }
 
     fn notify(&mut self, v: u32) {
-        if self.status & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET)
-            != VIRTIO_CONFIG_S_DRIVER_OK
-        {
-            tracing::debug!("virtio-mmio: notify before DRIVER_OK or while broken, ignored");
-            return;
-        }
         // Without VIRTIO_F_NOTIFICATION_DATA the value is the queue index.
         let Ok(index) = u16::try_from(v) else {
             return;
         };
+        if !self.run_queue(index) {
+            tracing::debug!(index, "virtio-mmio: notify of a queue not running, ignored");
+        }
+    }
+
+    /// Runs queue `index` for the device's own back end (the net device's
+    /// RX thread, when frames arrive): as a notify from the driver would.
+    /// Returns false when the queue is not running (no DRIVER_OK yet, the
+    /// device needs a reset, or the queue is absent or not ready).
+    pub fn process_from_backend(&mut self, index: u16) -> bool {
+        self.run_queue(index)
+    }
+
+    fn run_queue(&mut self, index: u16) -> bool {
+        if self.status & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET)
+            != VIRTIO_CONFIG_S_DRIVER_OK
+        {
+            return false;
+        }
         let Some(queue) = self.queues.get_mut(usize::from(index)) else {
-            tracing::debug!(index, "virtio-mmio: notify of an absent queue");
-            return;
+            return false;
         };
         if !queue.ready() {
-            return;
+            return false;
         }
         match self.device.process_queue(index, queue, &self.mem) {
             Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
@@ -340,6 +352,7 @@ impl MmioTransport {
                 self.needs_reset();
             }
         }
+        true
     }
 
     /// Stops the device until the driver resets it, and tells the driver

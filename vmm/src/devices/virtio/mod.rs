@@ -11,6 +11,7 @@
 //! - [`mmio`]: the transport, i.e. the register file, the device status
 //!   state machine, feature negotiation and the queues' configuration;
 //! - [`block`]: virtio-blk over a raw image file;
+//! - [`net`]: virtio-net over a host tap device, with its RX thread;
 //! - [`Interrupt`] (here): the interrupt-status register and the irqfd that
 //!   raises the device's line.
 //!
@@ -21,6 +22,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
