@@ -108,6 +108,9 @@ pub enum VmError {
     /// A `--disk` image could not be used.
     #[error(transparent)]
     Disk(#[from] BlockError),
+    /// A NIC's RX thread could not be spawned.
+    #[error("cannot start the virtio-net RX thread: {0}")]
+    NetThread(std::io::Error),
     /// A `--net` tap could not be used.
     #[error(transparent)]
     Net(#[from] NetError),
@@ -312,7 +315,7 @@ impl Vm {
             devices.add_virtio(base, transport);
         }
         for (tap, shared, transport) in rx_threads {
-            net::spawn_rx(tap, shared, transport).map_err(VmError::Thread)?;
+            net::spawn_rx(tap, shared, transport).map_err(VmError::NetThread)?;
         }
         let devices = Arc::new(devices);
 

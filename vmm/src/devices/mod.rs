@@ -262,6 +262,40 @@ mod tests {
     }
 
     #[test]
+    fn a_virtio_window_claims_its_page_only() {
+        use virtio::block::Block;
+        let path = std::env::temp_dir().join(format!("klpv-mmio-{}.img", std::process::id()));
+        std::fs::File::create(&path).unwrap().set_len(4096).unwrap();
+        let block = Block::open(&path, true).unwrap();
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(
+            vm_memory::GuestAddress(0),
+            0x10_0000,
+        )])
+        .unwrap();
+        let irq = Arc::new(virtio::Interrupt::new(
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let t = virtio::mmio::MmioTransport::new(Box::new(block), mem, irq).unwrap();
+        let mut d = devices();
+        let (base, _) = virtio::slot(0).unwrap();
+        d.add_virtio(base, Arc::new(Mutex::new(t)));
+        let mut w = [0u8; 4];
+        assert!(d.mmio_read(base, &mut w));
+        assert_eq!(&w, b"virt", "magic value");
+        assert!(d.mmio_read(base + 8, &mut w));
+        assert_eq!(u32::from_le_bytes(w), 2, "block device ID");
+        assert!(d.mmio_read(base + 0x100, &mut w), "config space");
+        assert_eq!(u32::from_le_bytes(w), 8, "capacity: 8 sectors");
+        assert!(
+            !d.mmio_read(base + virtio::MMIO_SIZE, &mut w),
+            "next page is not ours"
+        );
+        assert!(!d.mmio_read(base - 4, &mut w));
+        assert!(!d.mmio_write(base + virtio::MMIO_SIZE, &[0; 4]));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn pvpanic_reports_panic() {
         let d = devices();
         let mut b = [0u8];
