@@ -606,6 +606,33 @@ mod tests {
     }
 
     #[test]
+    fn a_looping_chain_ends_and_a_runaway_avail_index_needs_reset() {
+        let mem = memory();
+        let (mut blk, _scratch) = disk(false);
+        mem.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HDR))
+            .unwrap();
+        // Descriptor 1 points back at 0: the chain would never end.
+        let mock = MockSplitQueue::new(&mem, 16);
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, F_NEXT, 1)),
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, F_NEXT | F_WRITE, 0)),
+        ];
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = mock.create_queue().unwrap();
+        // Bounded by the queue size, whatever it answers.
+        let _ = blk.process_queue(0, &mut q, &mem);
+
+        // The driver claims 100 new requests in a queue of 16.
+        let mock = MockSplitQueue::new(&mem, 16);
+        mock.avail().idx().store(100);
+        let mut q: Queue = mock.create_queue().unwrap();
+        assert!(matches!(
+            blk.process_queue(0, &mut q, &mem),
+            Err(QueueError::Queue(_))
+        ));
+    }
+
+    #[test]
     fn read_only_refuses_writes_and_says_so() {
         let mem = memory();
         let (mut blk, scratch) = disk(true);
