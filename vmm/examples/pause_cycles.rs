@@ -39,6 +39,8 @@ fn main() {
         cmdline: args[4].clone(),
         mem_mib: 256,
         arena_mib: 16,
+        disks: Vec::new(),
+        nets: Vec::new(),
     };
     let com2: Option<Box<dyn std::io::Write + Send>> = match std::env::var_os("KLPV_COM2_OUT") {
         Some(path) => match std::fs::OpenOptions::new().write(true).open(&path) {

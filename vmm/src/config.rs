@@ -10,6 +10,9 @@ use klpvisor_engine::signature::{Policy, SignatureError, TrustedKeys};
 use vmm::arch::x86_64::boot::{inspect_kernel, BootError};
 use vmm::arch::x86_64::layout::MIN_MEM_MIB;
 use vmm::boot_patch::{BootPatch, BootPatchError};
+use vmm::devices::virtio::block::DiskConfig;
+use vmm::devices::virtio::net::NetConfig;
+use vmm::devices::virtio::MAX_DEVICES;
 use vmm::VmConfig;
 
 /// APIC ids are one byte in the MADT, and 0xff is the broadcast id.
@@ -53,6 +56,23 @@ pub struct Args {
     /// replayed over a newer one.
     #[arg(long, requires = "trusted_keys")]
     pub allow_downgrade: bool,
+    /// Give the guest a virtio-blk disk backed by this raw image file
+    /// (its /dev/vda; a second --disk is vdb, and so on, up to 5). Append
+    /// `,ro` for a read-only disk: the image is opened read-only and the
+    /// guest sees it so. The image is locked while the VMM runs (shared
+    /// when read-only, exclusive otherwise): a second VMM on the same
+    /// writable image is refused. The guest needs the virtio_mmio and
+    /// virtio_blk drivers.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<DiskConfig>,
+    /// Give the guest a virtio-net NIC on the host tap device NAME
+    /// (created if it does not exist, which needs CAP_NET_ADMIN; an
+    /// existing one must be a tap this user may attach to). `mac=` sets
+    /// the guest's address (default: a locally administered one derived
+    /// from NAME). Repeatable; disks and NICs together: at most 5. The
+    /// guest needs the virtio_mmio and virtio_net drivers.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    pub nets: Vec<NetConfig>,
     /// Give the guest a second serial port (COM2, its ttyS1), output only,
     /// written to PATH (a file, created or appended to, or a FIFO). The
     /// kernel prints to the console (COM1) unless told otherwise, so
@@ -121,6 +141,13 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: u32 },
     #[error("--cmdline contains a character the kernel cannot take (only printable ASCII)")]
     CmdlineChars,
+    #[error("{0} --disk and --net devices: at most {MAX_DEVICES} in all")]
+    TooManyDisks(usize),
+    #[error("--disk {path}: {source}")]
+    Disk {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("--trusted-keys: {0}")]
     TrustedKeys(#[from] SignatureError),
 }
@@ -184,6 +211,18 @@ impl Args {
                 });
             }
         }
+        let devices = self.disks.len() + self.nets.len();
+        if devices > MAX_DEVICES {
+            return Err(ConfigError::TooManyDisks(devices));
+        }
+        for disk in &self.disks {
+            // Opened (and locked) when the VM is built; this catches a
+            // missing file before any KVM object exists.
+            std::fs::metadata(&disk.path).map_err(|source| ConfigError::Disk {
+                path: disk.path.clone(),
+                source,
+            })?;
+        }
         let max = info.header.cmdline_size;
         if self.cmdline.len() >= max as usize {
             return Err(ConfigError::CmdlineTooLong {
@@ -205,6 +244,8 @@ impl Args {
             cpus: self.cpus as u8,
             mem_mib: self.mem,
             arena_mib: self.arena,
+            disks: self.disks.clone(),
+            nets: self.nets.clone(),
         })
     }
 }
@@ -235,6 +276,34 @@ mod tests {
             .expect("parses")
             .patches
             .is_empty());
+    }
+
+    #[test]
+    fn disk_is_repeatable_and_takes_ro() {
+        let a = parse(&[
+            "--kernel", "bzImage", "--disk", "a.img", "--disk", "b.img,ro",
+        ])
+        .expect("parses");
+        assert_eq!(a.disks.len(), 2);
+        assert!(!a.disks[0].read_only);
+        assert!(a.disks[1].read_only);
+        let e = parse(&["--kernel", "bzImage", "--disk", "a.img,bad"]).expect_err("bad option");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn net_takes_a_tap_and_a_mac() {
+        let a = parse(&[
+            "--kernel",
+            "bzImage",
+            "--net",
+            "tap=kt0,mac=52:54:00:00:00:01",
+        ])
+        .expect("parses");
+        assert_eq!(a.nets[0].tap, "kt0");
+        assert_eq!(a.nets[0].mac, [0x52, 0x54, 0, 0, 0, 1]);
+        let e = parse(&["--kernel", "bzImage", "--net", "kt0"]).expect_err("no tap=");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
     }
 
     #[test]

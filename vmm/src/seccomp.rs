@@ -10,7 +10,9 @@
 //! The kinds, and what each adds to the [`BASE`] calls every thread makes
 //! (memory, threads and futexes, clocks, signals, `read`/`write` on the
 //! descriptors it already holds, exit):
-//! - [`Kind::Vcpu`]: `KVM_RUN` and the register ioctls on its own vCPU.
+//! - [`Kind::Vcpu`]: `KVM_RUN` and the register ioctls on its own vCPU,
+//!   and the virtio-blk requests it serves: `pread64`, `pwrite64` and
+//!   `fdatasync` on the disk images opened at set-up.
 //! - [`Kind::Api`]: the control socket (accept and serve, epoll), and the
 //!   patch engine's calls: `KVM_SIGNAL_MSI` for the call gate and `tgkill`
 //!   to stop vCPUs for a pause. The API's runtime threads, the `--patch`
@@ -159,6 +161,11 @@ const BASE: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
+/// The virtio-blk requests a vCPU serves when the guest notifies the
+/// queue (`devices::virtio::block`): positioned reads and writes on the
+/// image, and FLUSH.
+const VCPU: &[i64] = &[libc::SYS_pread64, libc::SYS_pwrite64, libc::SYS_fdatasync];
+
 /// The control socket (tokio over epoll, hyper on accepted connections)
 /// and the engine's work.
 const API: &[i64] = &[
@@ -226,7 +233,7 @@ pub fn filter(kind: Kind) -> Result<BpfProgram, SeccompError> {
         source,
     };
     let extra: &[i64] = match kind {
-        Kind::Vcpu => &[],
+        Kind::Vcpu => VCPU,
         Kind::Api => API,
         Kind::Vmm => VMM,
     };

@@ -399,11 +399,17 @@ impl VcpuThread {
                     None => Step::ContinueIo,
                 },
                 VcpuExit::MmioRead(addr, data) => {
+                    if self.devices.mmio_read(addr, data) {
+                        return Step::ContinueIo;
+                    }
                     tracing::trace!(vcpu = id, addr, "unclaimed MMIO read");
                     data.fill(0xff);
                     Step::ContinueIo
                 }
-                VcpuExit::MmioWrite(addr, _) => {
+                VcpuExit::MmioWrite(addr, data) => {
+                    if self.devices.mmio_write(addr, data) {
+                        return Step::ContinueIo;
+                    }
                     tracing::trace!(vcpu = id, addr, "unclaimed MMIO write");
                     Step::ContinueIo
                 }

@@ -23,6 +23,10 @@ use vmm_sys_util::signal::Killable;
 use crate::arch::x86_64::{acpi, boot, cpuid, interrupts, layout, msr, regs};
 use crate::devices::boot_timer::BootTimer;
 use crate::devices::serial::{Console, COM1_IRQ, COM2_IRQ};
+use crate::devices::virtio::block::{Block, BlockError, DiskConfig};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{self, Net, NetConfig, NetError};
+use crate::devices::virtio::{self, Interrupt};
 use crate::devices::{GuestEvent, PioDevices};
 use crate::vcpu::{
     install_kick_handler, kick_signal, VcpuControl, VcpuError, VcpuReport, VcpuRequest, VcpuState,
@@ -49,6 +53,10 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// Size of the patch arena in MiB (a multiple of 2), outside guest RAM.
     pub arena_mib: u64,
+    /// Raw disk images, each a virtio-blk device (the guest's vda, vdb...).
+    pub disks: Vec<DiskConfig>,
+    /// Host tap devices, each a virtio-net device (after the disks).
+    pub nets: Vec<NetConfig>,
 }
 
 /// Why the VM could not be built, or a pause, resume or register read failed.
@@ -97,6 +105,24 @@ pub enum VmError {
     /// An eventfd (serial IRQ line) could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A `--disk` image could not be used.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    /// A NIC's RX thread could not be spawned.
+    #[error("cannot start the virtio-net RX thread: {0}")]
+    NetThread(std::io::Error),
+    /// A `--net` tap could not be used.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// More virtio devices than the VM has interrupt lines for them.
+    #[error(
+        "too many --disk and --net devices: at most {} in all",
+        virtio::MAX_DEVICES
+    )]
+    TooManyDevices,
+    /// A virtio device's queues could not be created (a klpvisor bug).
+    #[error("cannot create a virtio queue: {0}")]
+    VirtioQueue(virtio_queue::Error),
     /// The kick signal's handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
@@ -229,7 +255,38 @@ impl Vm {
 
         let memory = create_memory(&vm_fd, &layout, config.mem_mib)?;
         regs::write_boot_tables(&memory)?;
-        let rsdp = acpi::write_tables(&memory, config.cpus, com2_out.is_some())?;
+        // Disks first, then NICs, each on the next window and GSI.
+        let mut transports = Vec::new();
+        let mut rx_threads = Vec::new();
+        let devices_wanted = config.disks.len() + config.nets.len();
+        if devices_wanted > virtio::MAX_DEVICES {
+            return Err(VmError::TooManyDevices);
+        }
+        let mut new_transport = |device: Box<dyn virtio::VirtioDevice>| {
+            let index = transports.len();
+            let (base, gsi) = virtio::slot(index).ok_or(VmError::TooManyDevices)?;
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            vm_fd
+                .register_irqfd(&irq, gsi)
+                .map_err(kvm_err("virtio irqfd"))?;
+            let transport =
+                MmioTransport::new(device, memory.clone(), Arc::new(Interrupt::new(irq)))
+                    .map_err(VmError::VirtioQueue)?;
+            let transport = Arc::new(Mutex::new(transport));
+            transports.push((base, gsi, transport.clone()));
+            Ok::<_, VmError>(transport)
+        };
+        for disk in &config.disks {
+            new_transport(Box::new(Block::open(&disk.path, disk.read_only)?))?;
+        }
+        for nic in &config.nets {
+            let tap = Arc::new(net::open_tap(&nic.tap)?);
+            let (device, shared) = Net::new(tap.clone(), nic.mac)?;
+            let transport = new_transport(Box::new(device))?;
+            rx_threads.push((tap, shared, transport));
+        }
+        let virtio_slots: Vec<(u64, u32)> = transports.iter().map(|(b, g, _)| (*b, *g)).collect();
+        let rsdp = acpi::write_tables(&memory, config.cpus, com2_out.is_some(), &virtio_slots)?;
         let kernel = boot::load(
             &memory,
             &layout,
@@ -253,11 +310,14 @@ impl Vm {
             }
             None => None,
         };
-        let devices = Arc::new(PioDevices::new(
-            Console::new(serial_irq, console_out),
-            com2,
-            boot_timer,
-        ));
+        let mut devices = PioDevices::new(Console::new(serial_irq, console_out), com2, boot_timer);
+        for (base, _, transport) in transports {
+            devices.add_virtio(base, transport);
+        }
+        for (tap, shared, transport) in rx_threads {
+            net::spawn_rx(tap, shared, transport).map_err(VmError::NetThread)?;
+        }
+        let devices = Arc::new(devices);
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

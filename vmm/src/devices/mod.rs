@@ -1,9 +1,10 @@
-//! Port-I/O devices and their dispatch. The guest sees a 16550 UART on COM1
+//! Port-I/O devices, the virtio-mmio devices, and their dispatch. The guest sees a 16550 UART on COM1
 //! (and on COM2 when the VMM was given somewhere to write its output),
 //! a CMOS RTC, an i8042 that can only reset, the ACPI sleep/reset register, a pvpanic
 //! port, the boot-timer port, the call gate's doorbell and the module hooks' ports
 //! (which the vCPU threads handle themselves). Unclaimed reads float high (0xff) like an
-//! empty ISA bus, so probes for absent hardware fail fast.
+//! empty ISA bus, so probes for absent hardware fail fast. The virtio
+//! devices (`--disk`) sit in the MMIO hole, one page each ([`virtio`]).
 
 pub mod boot_timer;
 pub mod cmos;
@@ -13,8 +14,9 @@ pub mod module_hooks;
 pub mod power;
 pub mod pvpanic;
 pub mod serial;
+pub mod virtio;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use boot_timer::BootTimer;
 use serial::Console;
@@ -52,6 +54,10 @@ pub struct PioDevices {
     pub doorbell: doorbell::Doorbell,
     /// Where a vCPU stopped in a module hook sends its event.
     pub module_hooks: module_hooks::ModuleHooks,
+    /// The virtio-mmio devices: each one's window base and transport.
+    /// A device is served under its lock by the vCPU that touched it.
+    /// Shared with a device's own thread (the net device's RX thread).
+    virtio: Vec<(u64, Arc<Mutex<virtio::mmio::MmioTransport>>)>,
 }
 
 impl PioDevices {
@@ -65,7 +71,45 @@ impl PioDevices {
             boot_timer,
             doorbell: doorbell::Doorbell::default(),
             module_hooks: module_hooks::ModuleHooks::default(),
+            virtio: Vec::new(),
         }
+    }
+
+    /// Adds a virtio device whose register window starts at `base`
+    /// ([`virtio::slot`]).
+    pub fn add_virtio(&mut self, base: u64, transport: Arc<Mutex<virtio::mmio::MmioTransport>>) {
+        self.virtio.push((base, transport));
+    }
+
+    /// The virtio device whose window holds `addr`, and the offset in it.
+    fn virtio_at(&self, addr: u64) -> Option<(&Mutex<virtio::mmio::MmioTransport>, u64)> {
+        self.virtio.iter().find_map(|(base, t)| {
+            let offset = addr.checked_sub(*base)?;
+            (offset < virtio::MMIO_SIZE).then_some((&**t, offset))
+        })
+    }
+
+    /// Handles an MMIO read; false when no device claims `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        let Some((t, offset)) = self.virtio_at(addr) else {
+            return false;
+        };
+        data.fill(0);
+        if let Ok(mut t) = t.lock() {
+            t.read(offset, data);
+        }
+        true
+    }
+
+    /// Handles an MMIO write; false when no device claims `addr`.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        let Some((t, offset)) = self.virtio_at(addr) else {
+            return false;
+        };
+        if let Ok(mut t) = t.lock() {
+            t.write(offset, data);
+        }
+        true
     }
 
     /// Handles an `in` from the guest.
@@ -215,6 +259,40 @@ mod tests {
             None,
             "S3 is not supported"
         );
+    }
+
+    #[test]
+    fn a_virtio_window_claims_its_page_only() {
+        use virtio::block::Block;
+        let path = std::env::temp_dir().join(format!("klpv-mmio-{}.img", std::process::id()));
+        std::fs::File::create(&path).unwrap().set_len(4096).unwrap();
+        let block = Block::open(&path, true).unwrap();
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(
+            vm_memory::GuestAddress(0),
+            0x10_0000,
+        )])
+        .unwrap();
+        let irq = Arc::new(virtio::Interrupt::new(
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let t = virtio::mmio::MmioTransport::new(Box::new(block), mem, irq).unwrap();
+        let mut d = devices();
+        let (base, _) = virtio::slot(0).unwrap();
+        d.add_virtio(base, Arc::new(Mutex::new(t)));
+        let mut w = [0u8; 4];
+        assert!(d.mmio_read(base, &mut w));
+        assert_eq!(&w, b"virt", "magic value");
+        assert!(d.mmio_read(base + 8, &mut w));
+        assert_eq!(u32::from_le_bytes(w), 2, "block device ID");
+        assert!(d.mmio_read(base + 0x100, &mut w), "config space");
+        assert_eq!(u32::from_le_bytes(w), 8, "capacity: 8 sectors");
+        assert!(
+            !d.mmio_read(base + virtio::MMIO_SIZE, &mut w),
+            "next page is not ours"
+        );
+        assert!(!d.mmio_read(base - 4, &mut w));
+        assert!(!d.mmio_write(base + virtio::MMIO_SIZE, &[0; 4]));
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

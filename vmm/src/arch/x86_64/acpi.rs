@@ -1,8 +1,10 @@
 //! ACPI tables: the guest's only way to find secondary CPUs (the Debian cloud
 //! kernel is built without MP-table parsing) and to power off. The platform is
 //! "hardware-reduced": no PM1 blocks or PM timer; sleep and reset go through
-//! one I/O port handled by `devices::power`. The DSDT names `_S5` (soft-off)
-//! and a pvpanic device so a panicking guest can tell us.
+//! one I/O port handled by `devices::power`. The DSDT names `_S5` (soft-off),
+//! a pvpanic device so a panicking guest can tell us, and each virtio-mmio
+//! device (`LNRO0005`: its register window and its interrupt), which is how
+//! the guest's virtio_mmio driver finds them.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -19,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{align_up, ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
+use crate::devices::virtio::MMIO_SIZE;
 use crate::devices::{cmos, power::POWER_PORT, pvpanic::PVPANIC_PORT};
 
 const OEM_ID: [u8; 6] = *b"KLPVSR";
@@ -45,8 +48,9 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// `dsdt(com2)`: the DSDT, with the COM2 device when the VM has one.
-fn dsdt(com2: bool) -> Vec<u8> {
+/// `dsdt(com2, virtio)`: the DSDT, with the COM2 device when the VM has one
+/// and one device per virtio-mmio window (base, GSI) in `virtio`.
+fn dsdt(com2: bool, virtio: &[(u64, u32)]) -> Vec<u8> {
     // \_S5_: SLP_TYPa = 5, the value the power device recognises.
     let s5 = aml::Name::new(
         "_S5_".into(),
@@ -89,9 +93,44 @@ fn dsdt(com2: bool) -> Vec<u8> {
     let pvpanic_crs = aml::Name::new("_CRS".into(), &pvpanic_res);
     let pvpanic = aml::Device::new("PEVT".into(), vec![&pvpanic_hid, &pvpanic_crs]);
 
+    // virtio-mmio: the ID the Linux driver's ACPI match table names, a
+    // 32-bit fixed memory window and an edge-triggered, active-high line
+    // (the irqfd is an edge: one eventfd write, one interrupt).
+    let virtio_parts: Vec<_> = virtio
+        .iter()
+        .enumerate()
+        .map(|(i, &(base, gsi))| {
+            (
+                format!("VR{i:02X}"),
+                aml::Memory32Fixed::new(true, base as u32, MMIO_SIZE as u32),
+                aml::Interrupt::new(true, true, false, false, gsi),
+                aml::Name::new("_UID".into(), &(i as u32)),
+            )
+        })
+        .collect();
+    let virtio_hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let virtio_res: Vec<_> = virtio_parts
+        .iter()
+        .map(|(_, mem, irq, _)| aml::ResourceTemplate::new(vec![mem, irq]))
+        .collect();
+    let virtio_crs: Vec<_> = virtio_res
+        .iter()
+        .map(|r| aml::Name::new("_CRS".into(), r))
+        .collect();
+    let virtio_devs: Vec<_> = virtio_parts
+        .iter()
+        .zip(&virtio_crs)
+        .map(|((name, _, _, uid), crs)| {
+            aml::Device::new(name.as_str().into(), vec![&virtio_hid, uid, crs])
+        })
+        .collect();
+
     let mut devices: Vec<&dyn Aml> = vec![&com1, &rtc, &pvpanic];
     if com2 {
         devices.push(&com2_dev);
+    }
+    for d in &virtio_devs {
+        devices.push(d);
     }
     let sb = aml::Scope::new("\\_SB_".into(), devices);
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"KLPVDSDT", OEM_REVISION);
@@ -139,8 +178,13 @@ fn madt(cpus: u8) -> Vec<u8> {
 
 /// Writes RSDP, XSDT, FADT, DSDT and MADT into the BIOS area and returns
 /// the RSDP address (for `boot_params.acpi_rsdp_addr`). `com2`: the VM has
-/// a second UART.
-pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8, com2: bool) -> Result<u64, AcpiError> {
+/// a second UART; `virtio`: the virtio-mmio windows (base, GSI).
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    com2: bool,
+    virtio: &[(u64, u32)],
+) -> Result<u64, AcpiError> {
     let rsdp_addr = ACPI_START;
     let mut next = align_up(rsdp_addr + Rsdp::len() as u64, 16);
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
@@ -153,7 +197,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8, com2: bool) -> Result<u64, 
         next = align_up(end, 16);
         Ok(addr)
     };
-    let dsdt_addr = place(&dsdt(com2))?;
+    let dsdt_addr = place(&dsdt(com2, virtio))?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(cpus))?;
     let mut xsdt = XSDT::new(OEM_ID, *b"KLPVXSDT", OEM_REVISION);
@@ -178,7 +222,7 @@ mod tests {
     #[test]
     fn tables_are_well_formed() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let rsdp = write_tables(&mem, 4, false).unwrap();
+        let rsdp = write_tables(&mem, 4, false, &[]).unwrap();
         let mut r = [0u8; 36];
         mem.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
         assert_eq!(&r[..8], b"RSD PTR ");
@@ -210,11 +254,32 @@ mod tests {
 
     #[test]
     fn dsdt_names_s5_and_pvpanic() {
-        let d = dsdt(false);
+        let d = dsdt(false, &[]);
         assert!(d.windows(4).any(|w| w == b"_S5_"));
         assert!(d.windows(8).any(|w| w == b"QEMU0001"));
         assert!(d.windows(4).any(|w| w == b"COM1"));
         assert!(!d.windows(4).any(|w| w == b"COM2"));
-        assert!(dsdt(true).windows(4).any(|w| w == b"COM2"));
+        assert!(!d.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(dsdt(true, &[]).windows(4).any(|w| w == b"COM2"));
+    }
+
+    #[test]
+    fn dsdt_describes_each_virtio_window_and_line() {
+        let d = dsdt(false, &[(0xd000_0000, 5), (0xd000_1000, 6)]);
+        assert!(d.windows(4).any(|w| w == b"VR00"));
+        assert!(d.windows(4).any(|w| w == b"VR01"));
+        assert_eq!(d.windows(8).filter(|w| *w == b"LNRO0005").count(), 2);
+        // Memory32Fixed descriptor (0x86, length 9, read-write) with the
+        // base and size little-endian.
+        let mut mem32 = vec![0x86, 9, 0, 1];
+        mem32.extend_from_slice(&0xd000_1000u32.to_le_bytes());
+        mem32.extend_from_slice(&0x1000u32.to_le_bytes());
+        assert!(d.windows(mem32.len()).any(|w| w == mem32.as_slice()));
+        // Extended interrupt descriptor: consumer, edge, active high, one GSI.
+        let irq = [0x89, 6, 0, 0b0_0011, 1, 6, 0, 0, 0];
+        assert!(
+            d.windows(irq.len()).any(|w| w == irq),
+            "GSI 6, edge-triggered"
+        );
     }
 }
