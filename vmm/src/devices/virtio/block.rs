@@ -13,8 +13,8 @@
 //! byte cannot be answered at all: the device then needs a reset.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -60,7 +60,7 @@ pub enum BlockError {
         path: PathBuf,
     },
     /// The image is not a regular file or block device.
-    #[error("--disk {path}: not a regular file; give a raw disk image")]
+    #[error("--disk {path}: not a regular file or a block device; give a raw disk image")]
     NotAFile {
         /// The image's path.
         path: PathBuf,
@@ -154,10 +154,21 @@ impl Block {
             path: path.into(),
             source,
         })?;
-        if !meta.is_file() {
+        // A block device (a host disk or partition, or a nested test VM's
+        // own disk) is a raw image too; its size is where it ends, which
+        // its metadata does not say.
+        let bytes = if meta.is_file() {
+            meta.len()
+        } else if meta.file_type().is_block_device() {
+            (&file)
+                .seek(std::io::SeekFrom::End(0))
+                .map_err(|source| BlockError::Size {
+                    path: path.into(),
+                    source,
+                })?
+        } else {
             return Err(BlockError::NotAFile { path: path.into() });
-        }
-        let bytes = meta.len();
+        };
         if bytes % SECTOR_SIZE != 0 {
             tracing::warn!(
                 path = %path.display(),
