@@ -239,6 +239,8 @@ impl std::fmt::Display for Blocker {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Check {
     spans: Vec<Span>,
+    /// Each CPU's entry stack ([`entry_stacks`]).
+    entry_stacks: Vec<Range<u64>>,
 }
 
 impl Check {
@@ -246,7 +248,19 @@ impl Check {
     pub fn new(mut spans: Vec<Span>) -> Self {
         spans.retain(|s| s.range.start < s.range.end);
         spans.sort_by_key(|s| s.range.start);
-        Self { spans }
+        Self {
+            spans,
+            entry_stacks: Vec::new(),
+        }
+    }
+
+    /// The same check, knowing each CPU's entry stack: a task running
+    /// with its stack pointer there has no kernel frame (see
+    /// [`entry_stacks`]), where otherwise its stack would be unknown and
+    /// block.
+    pub fn with_entry_stacks(mut self, stacks: Vec<Range<u64>>) -> Self {
+        self.entry_stacks = stacks;
+        self
     }
 
     /// Whether there is nothing to check: a transition that changes no
@@ -438,6 +452,13 @@ impl Check {
                         Some(p) => ranges.push(p..t.stack.end),
                         None => ranges.push(t.stack.clone()),
                     }
+                } else if self.entry_stacks.iter().any(|s| s.contains(&r.rsp)) {
+                    // Between user mode and its kernel stack: entering
+                    // (before the entry code moves to the task's stack) or
+                    // leaving (after the last kernel frame returned). No
+                    // kernel frame is live, and the RIP, entry code that is
+                    // never patched, was judged above.
+                    return Ok(());
                 } else {
                     out.push(Blocker {
                         pid: t.pid,
@@ -682,6 +703,36 @@ fn blocker(t: &Task, s: &Span, addr: u64, seen: Seen) -> Blocker {
         addr,
         seen,
     }
+}
+
+/// Where each CPU's entry stack is found: the per-CPU offset of its TSS's
+/// `sp0` (`cpu_tss_rw.x86_tss.sp0`, which on x86_64 points just past the
+/// CPU's entry stack for good) and that stack's size (`struct
+/// entry_stack`), from kallsyms and BTF. `None` when the kernel lacks
+/// either: a task seen there then blocks as on an unknown stack.
+pub fn entry_stack_sp0(kallsyms: &Kallsyms, btf: &Btf) -> Option<(u64, u64)> {
+    let tss = kallsyms.addr("cpu_tss_rw").ok()?;
+    let sp0 = tss.checked_add(btf.offset_of("tss_struct.x86_tss.sp0").ok()?)?;
+    let size = btf.struct_size("entry_stack").ok()?;
+    (size > 0).then_some((sp0, size))
+}
+
+/// Each CPU's entry (trampoline) stack, `size` bytes below its TSS's `sp0`
+/// (per-CPU offset `sp0`): where the CPU lands on an entry from user mode
+/// and from which it returns to user mode (with page-table isolation it
+/// is mapped in both page tables). CPUs whose `sp0` is unreadable or zero
+/// are skipped.
+pub fn entry_stacks<M: VirtRead + ?Sized>(
+    mem: &M,
+    per_cpu_bases: &[(u32, u64)],
+    (sp0, size): (u64, u64),
+) -> Vec<Range<u64>> {
+    per_cpu_bases
+        .iter()
+        .filter_map(|&(_, base)| mem.read_u64(base.wrapping_add(sp0)).ok())
+        .filter(|&top| top > size)
+        .map(|top| top - size..top)
+        .collect()
 }
 
 /// The per-CPU offset of the IRQ stack's top pointer: the per-CPU variable
@@ -1023,6 +1074,36 @@ mod tests {
         };
         let b = check().blockers(&mem, &[t], &[lost], &[]).unwrap();
         assert!(matches!(b[0].seen, Seen::UnknownStack { .. }));
+    }
+
+    #[test]
+    fn a_task_on_its_cpus_entry_stack_has_no_kernel_frame() {
+        // CPU 0's TSS sp0 (per-CPU offset 0x6004, base 0x40000) is 0x33000:
+        // its entry stack is [0x32000, 0x33000).
+        let mem = Words(vec![(0x46004, 0x33000)]);
+        let entry = entry_stacks(&mem, &[(0, 0x40000)], (0x6004, 0x1000));
+        assert_eq!(entry, [0x32000..0x33000]);
+        let t = task(3, 0x8000..0x9000, 0, Some(0));
+        let r = VcpuRegs {
+            rip: 0x5000,
+            rsp: 0x32fc8,
+            ..VcpuRegs::default()
+        };
+        // Unknown without the entry stacks, nothing to judge with them.
+        let b = check()
+            .blockers(&mem, std::slice::from_ref(&t), &[r], &[])
+            .unwrap();
+        assert!(matches!(b[0].seen, Seen::UnknownStack { .. }));
+        let c = check().with_entry_stacks(entry);
+        assert!(c
+            .blockers(&mem, std::slice::from_ref(&t), &[r], &[])
+            .unwrap()
+            .is_empty());
+        // Its RIP is still judged: in a changed function, it blocks.
+        let inside = VcpuRegs { rip: 0x2001, ..r };
+        let b = c.blockers(&mem, &[t], &[inside], &[]).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].func, "f");
     }
 
     #[test]

@@ -19,6 +19,22 @@ struct Fixture {
 }
 
 /// Opens the dump once per test binary.
+/// The check for `spans` as the engine makes it: knowing each CPU's entry
+/// stack (a task dumped there has no kernel frame).
+fn engine_check<M: klpvisor_guest::VirtRead + ?Sized>(
+    k: &klpvisor_guest::Kernel,
+    mem: &M,
+    spans: Vec<klpvisor_engine::safepoint::Span>,
+) -> klpvisor_engine::safepoint::Check {
+    use klpvisor_engine::safepoint::{entry_stack_sp0, entry_stacks, Check};
+    let walker = klpvisor_guest::Tasks::from_kernel(&k.kallsyms, &k.btf).unwrap();
+    let bases = walker.per_cpu_bases(mem).unwrap();
+    let sp0 = entry_stack_sp0(&k.kallsyms, &k.btf).expect("the kernel's entry stacks");
+    let entry = entry_stacks(mem, &bases, sp0);
+    assert_eq!(entry.len(), bases.len(), "one entry stack per CPU");
+    Check::new(spans).with_entry_stacks(entry)
+}
+
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
@@ -40,7 +56,7 @@ fn safepoint_check_finds_sleepers_in_schedule_and_nobody_in_cmdline_proc_show() 
     if common::skip_without_dump() {
         return;
     }
-    use klpvisor_engine::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Check, Seen, Span};
+    use klpvisor_engine::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Seen, Span};
     let f = fixture();
     let k = &f.kernel;
     let space = k.space(&f.guest);
@@ -62,7 +78,7 @@ fn safepoint_check_finds_sleepers_in_schedule_and_nobody_in_cmdline_proc_show() 
             name: name.into(),
         }
     };
-    let sched = Check::new(vec![span("__schedule")]);
+    let sched = engine_check(k, &space, vec![span("__schedule")]);
     let b = sched.blockers(&space, &tasks, &regs, &irq).unwrap();
     let sleeping: Vec<&Task> = tasks
         .iter()
@@ -82,7 +98,7 @@ fn safepoint_check_finds_sleepers_in_schedule_and_nobody_in_cmdline_proc_show() 
         !b.iter().any(|b| b.pid == spinner),
         "the user-mode spinner has an empty kernel stack"
     );
-    let none = Check::new(vec![span("cmdline_proc_show")]);
+    let none = engine_check(k, &space, vec![span("cmdline_proc_show")]);
     assert!(none
         .blockers(&space, &tasks, &regs, &irq)
         .unwrap()
@@ -103,7 +119,7 @@ fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
     if common::skip_without_dump() {
         return;
     }
-    use klpvisor_engine::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Check, Seen, Span};
+    use klpvisor_engine::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Seen, Span};
     use klpvisor_guest::orc::Orc;
     use klpvisor_guest::overlay::Overlay;
     use klpvisor_guest::DumpGuest;
@@ -134,7 +150,7 @@ fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
         .find(|t| t.running.is_none() && !t.on_cpu && t.exit_state == 0 && t.pid > 1)
         .unwrap();
 
-    let sched = Check::new(vec![span("__schedule")]);
+    let sched = engine_check(k, &space, vec![span("__schedule")]);
     let precise = sched
         .blockers_with(&space, &tasks, &regs, &irq, Some(&orc))
         .unwrap();
@@ -146,7 +162,7 @@ fn orc_safe_points_ignore_stale_words_and_keep_real_frames() {
     let slot = space.translate(sleeper.saved_sp).unwrap().phys;
     g.write_phys(slot, &(cmdline.range.start + 9).to_le_bytes())
         .unwrap();
-    let check = Check::new(vec![cmdline]);
+    let check = engine_check(k, &space, vec![cmdline]);
     let scanned = check.blockers(&space, &tasks, &regs, &irq).unwrap();
     assert!(scanned.iter().any(|b| b.pid == sleeper.pid), "{scanned:?}");
     let unwound = check
@@ -167,7 +183,7 @@ fn a_return_hidden_by_rethook_blocks_on_the_real_guest() {
     if common::skip_without_dump() {
         return;
     }
-    use klpvisor_engine::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Check, Seen, Span};
+    use klpvisor_engine::safepoint::{hardirq_stack_ptr, irq_stacks_sized, Seen, Span};
     use klpvisor_guest::orc::Orc;
     use klpvisor_guest::overlay::Overlay;
     use klpvisor_guest::retaddr::ReturnHooks;
@@ -188,10 +204,14 @@ fn a_return_hidden_by_rethook_blocks_on_the_real_guest() {
         walker.layout.thread_size,
     );
     // Nothing hooked in the dump: no task blocks on hooks alone.
-    let nobody = Check::new(vec![Span {
-        range: 0x1000..0x1001,
-        name: "none".into(),
-    }]);
+    let nobody = engine_check(
+        k,
+        &space,
+        vec![Span {
+            range: 0x1000..0x1001,
+            name: "none".into(),
+        }],
+    );
     let b = nobody
         .blockers_hooked(&space, &tasks, &regs, &irq, Some(&orc), &hooks)
         .unwrap();
@@ -209,10 +229,14 @@ fn a_return_hidden_by_rethook_blocks_on_the_real_guest() {
         .unwrap();
     let at = k.kallsyms.locate(caller).unwrap();
     let func = caller - at.offset;
-    let check = Check::new(vec![Span {
-        range: k.kallsyms.extent(func).unwrap(),
-        name: at.symbol.name.clone(),
-    }]);
+    let check = engine_check(
+        k,
+        &space,
+        vec![Span {
+            range: k.kallsyms.extent(func).unwrap(),
+            name: at.symbol.name.clone(),
+        }],
+    );
     // Other tasks may sleep in the same caller: only `t` is looked at.
     let only_t =
         |b: &[klpvisor_engine::safepoint::Blocker]| b.iter().filter(|b| b.pid == t.pid).count();

@@ -882,7 +882,7 @@ impl Control {
             let first = self.paused(|vm| {
                 Ok(match event {
                     HookEvent::Coming => engine
-                        .coming_link(&k.kernel, vm, module)
+                        .coming_link(&k.kernel, vm, module, true)
                         .map(|c| c.map(ModuleWork::Coming)),
                     HookEvent::Going => engine
                         .going_plan(&k.kernel, vm, module)

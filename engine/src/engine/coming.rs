@@ -272,7 +272,8 @@ impl Engine {
 
     /// klp's `klp_module_coming` for the module whose `struct module` is
     /// at `addr`, in one go: [`Engine::coming_link`] then
-    /// [`Engine::coming_switch`] (no callback runs in between). vCPUs
+    /// [`Engine::coming_switch`] (no callback runs in between, and no
+    /// ftrace registration: the module's functions get a `jmp`). vCPUs
     /// paused, the loading one held in the hook.
     pub fn module_coming<G: Guest + ?Sized>(
         &mut self,
@@ -280,7 +281,7 @@ impl Engine {
         guest: &G,
         addr: u64,
     ) -> Result<ModuleEvent, EngineError> {
-        match self.coming_link(kernel, guest, addr)? {
+        match self.coming_link(kernel, guest, addr, false)? {
             Some(c) => self.coming_switch(kernel, guest, &c),
             None => Ok(ModuleEvent {
                 module: self.module_name(kernel, guest, addr).unwrap_or_default(),
@@ -308,13 +309,17 @@ impl Engine {
     /// the patch's code (klp's `klp_init_object_loaded`); nothing is
     /// redirected yet. `None` when no patch waits for the module. The
     /// returned [`Coming`] lists the `pre_patch` and `post_patch`
-    /// callbacks to run around [`Engine::coming_switch`]. vCPUs paused,
-    /// the loading one held in the hook.
+    /// callbacks to run around [`Engine::coming_switch`]. `registers`: the
+    /// loading task will make the ftrace registrations of [`Coming::ops`]
+    /// before the switch (the VMM's hooks); without, the module's
+    /// functions get a `jmp`. vCPUs paused, the loading one held in the
+    /// hook.
     pub fn coming_link<G: Guest + ?Sized>(
         &mut self,
         kernel: &Kernel,
         guest: &G,
         addr: u64,
+        registers: bool,
     ) -> Result<Option<Coming>, EngineError> {
         // Cheap first: the module's name and state, without symbols.
         let brief = kernel.modules_brief(guest).map_err(EngineError::Modules)?;
@@ -403,7 +408,11 @@ impl Engine {
             .filter_map(|(old, _)| fresh.iter().find(|s| s.func == *old))
             .cloned()
             .collect();
-        let ops = self.coming_ops(kernel, guest, &starting);
+        let ops = if registers {
+            self.coming_ops(kernel, guest, &starting)
+        } else {
+            Vec::new()
+        };
         let mut callbacks = Vec::new();
         for j in &mut joining {
             if let Some(l) = self

@@ -244,13 +244,18 @@ impl Engine {
         let space = klpvisor_guest::PageCache::new(kernel.space(guest));
         let regs = all_vcpu_regs(guest)?;
         let tasks = f.tasks.list(&space, &regs)?;
+        let bases = f.tasks.per_cpu_bases(&space)?;
         let irq = match f.hardirq_stack_ptr {
             Some(ptr) => {
-                let bases = f.tasks.per_cpu_bases(&space)?;
                 crate::safepoint::irq_stacks_sized(&space, &bases, ptr, f.tasks.layout.thread_size)
             }
             None => Vec::new(),
         };
+        let entry = f
+            .entry_stack_sp0
+            .map(|e| crate::safepoint::entry_stacks(&space, &bases, e))
+            .unwrap_or_default();
+        let check = check.clone().with_entry_stacks(entry);
         Ok(check.blockers_prescanned(
             &space,
             &tasks,

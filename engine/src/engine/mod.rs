@@ -135,6 +135,8 @@ struct Facts {
     ftrace: FtraceRecords,
     tasks: Tasks,
     hardirq_stack_ptr: Option<u64>,
+    /// Where each CPU's entry stack is (see [`crate::safepoint::entry_stacks`]).
+    entry_stack_sp0: Option<(u64, u64)>,
     /// The kernel's ORC tables, for precise unwinding of sleeping tasks
     /// (None: conservative scanning only).
     orc: Option<Orc>,
@@ -409,6 +411,7 @@ impl Engine {
             tasks.measure_thread_size(&space, &kernel.kallsyms, &kernel.btf);
             let hardirq_stack_ptr =
                 crate::safepoint::hardirq_stack_ptr(&kernel.kallsyms, &kernel.btf);
+            let entry_stack_sp0 = crate::safepoint::entry_stack_sp0(&kernel.kallsyms, &kernel.btf);
             let release = kernel.uts(guest, "release");
             // The format from BTF; by release (4.14..6.2 only) if BTF has
             // no struct orc_entry.
@@ -427,6 +430,7 @@ impl Engine {
                 ftrace,
                 tasks,
                 hardirq_stack_ptr,
+                entry_stack_sp0,
                 orc,
                 hooks,
                 registry,
