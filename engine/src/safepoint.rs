@@ -1082,7 +1082,7 @@ mod tests {
         // its entry stack is [0x32000, 0x33000).
         let mem = Words(vec![(0x46004, 0x33000)]);
         let entry = entry_stacks(&mem, &[(0, 0x40000)], (0x6004, 0x1000));
-        assert_eq!(entry, [0x32000..0x33000]);
+        assert_eq!(entry, vec![(0x32000..0x33000)]);
         let t = task(3, 0x8000..0x9000, 0, Some(0));
         let r = VcpuRegs {
             rip: 0x5000,
