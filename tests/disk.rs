@@ -6,20 +6,6 @@
 
 use harness::run_scenario;
 
-/// The guest's `KLPV-DISK key=value` fields, merged.
-fn disk_fields(run: &harness::Run) -> std::collections::HashMap<String, String> {
-    let mut all = std::collections::HashMap::new();
-    for line in run.lines_with("KLPV-DISK ") {
-        let rest = &line[line.find("KLPV-DISK ").unwrap() + "KLPV-DISK ".len()..];
-        for word in rest.split(' ') {
-            if let Some((k, v)) = word.split_once('=') {
-                all.insert(k.to_string(), v.to_string());
-            }
-        }
-    }
-    all
-}
-
 #[test]
 fn the_guest_reads_and_writes_its_disk() {
     if harness::skip_without_e2e() {
@@ -28,7 +14,7 @@ fn the_guest_reads_and_writes_its_disk() {
     let token = format!("d{}", std::process::id());
     let run = run_scenario("disk", &[&token]);
     let t = run.transcript();
-    let guest = disk_fields(&run);
+    let guest = run.fields("KLPV-DISK");
     assert_eq!(guest.get("vda").map(String::as_str), Some("present"), "{t}");
     // 8 MiB in 512-byte sectors.
     assert_eq!(guest["sectors"], "16384", "{t}");
@@ -51,7 +37,7 @@ fn a_read_only_disk_refuses_the_guests_write() {
     let token = format!("r{}", std::process::id());
     let run = run_scenario("disk", &[&token, "ro"]);
     let t = run.transcript();
-    let guest = disk_fields(&run);
+    let guest = run.fields("KLPV-DISK");
     assert_eq!(guest.get("vda").map(String::as_str), Some("present"), "{t}");
     assert_eq!(guest["ro"], "1", "{t}");
     assert_eq!(guest["read"], format!("KLPV-HOST-{token}"), "{t}");

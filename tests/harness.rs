@@ -211,6 +211,24 @@ impl Run {
             .unwrap_or_else(|| panic!("no `{tag}` line\n{}", self.transcript()))
     }
 
+    /// The `key=value` words of every `<TAG> ...` line, merged (a later
+    /// line's value wins).
+    pub fn fields(&self, tag: &str) -> HashMap<String, String> {
+        let prefix = format!("{tag} ");
+        let mut all = HashMap::new();
+        for line in self.lines_with(&prefix) {
+            let Some((_, rest)) = line.split_once(&prefix) else {
+                continue;
+            };
+            for word in rest.split(' ') {
+                if let Some((k, v)) = word.split_once('=') {
+                    all.insert(k.to_string(), v.to_string());
+                }
+            }
+        }
+        all
+    }
+
     /// The klp callbacks' lines a guest script printed at step `n`
     /// (`KLPV-CB <n> <line>`), in order.
     pub fn callbacks(&self, n: u32) -> Vec<String> {

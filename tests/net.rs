@@ -5,20 +5,6 @@
 
 use harness::run_scenario;
 
-/// The guest's `KLPV-NET key=value` fields, merged.
-fn net_fields(run: &harness::Run) -> std::collections::HashMap<String, String> {
-    let mut all = std::collections::HashMap::new();
-    for line in run.lines_with("KLPV-NET ") {
-        let rest = &line[line.find("KLPV-NET ").unwrap() + "KLPV-NET ".len()..];
-        for word in rest.split(' ') {
-            if let Some((k, v)) = word.split_once('=') {
-                all.insert(k.to_string(), v.to_string());
-            }
-        }
-    }
-    all
-}
-
 #[test]
 fn the_guest_pings_and_talks_tcp_over_the_tap() {
     if harness::skip_without_e2e() {
@@ -27,7 +13,7 @@ fn the_guest_pings_and_talks_tcp_over_the_tap() {
     let token = format!("n{}", std::process::id());
     let run = run_scenario("net", &[&token]);
     let t = run.transcript();
-    let guest = net_fields(&run);
+    let guest = run.fields("KLPV-NET");
     assert_eq!(
         guest.get("mac").map(String::as_str),
         Some("52:54:00:4b:4c:01"),
