@@ -185,6 +185,15 @@ pub async fn vcpu_regs(State(c): State<AppState>, Path(id): Path<String>) -> Rep
     .await
 }
 
+/// GET /memory's query parameters.
+pub const MEMORY_PARAMS: &[&str] = &["gpa", "va", "len"];
+/// GET /symbols's query parameters.
+pub const SYMBOLS_PARAMS: &[&str] = &["name", "addr"];
+/// The transition routes' query parameters (see [`transition_params`]).
+pub const TRANSITION_PARAMS: &[&str] = &["force", "timeout_ms"];
+/// POST /rollback's: the transition's and `to`.
+pub const ROLLBACK_PARAMS: &[&str] = &["to", "force", "timeout_ms"];
+
 /// Rejects query parameters the route does not know, naming them.
 fn check_params(q: &HashMap<String, String>, known: &[&str]) -> Result<(), HttpError> {
     let mut unknown: Vec<&str> = q
@@ -230,7 +239,7 @@ pub async fn memory(
     State(c): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply<MemoryReply> {
-    check_params(&q, &["gpa", "va", "len"])?;
+    check_params(&q, MEMORY_PARAMS)?;
     let len_text = q.get("len").ok_or_else(|| {
         HttpError::bad_request(format!(
             "missing len: give the byte count, 1 to {MAX_MEMORY_READ}"
@@ -317,7 +326,7 @@ pub async fn symbols(
     State(c): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, HttpError> {
-    check_params(&q, &["name", "addr"])?;
+    check_params(&q, SYMBOLS_PARAMS)?;
     let query = match (q.get("name"), q.get("addr")) {
         (Some(n), None) if !n.is_empty() => SymQuery::Name(n.clone()),
         (None, Some(a)) => SymQuery::Addr(hex_param("addr", a)?),
@@ -438,8 +447,8 @@ pub async fn tasks(State(c): State<AppState>) -> Reply<TasksReply> {
 /// The transition routes' parameters: `?force=true|false` (default false)
 /// and `?timeout_ms=N` (how long to wait for a safe point; default
 /// [`TRANSITION_TIMEOUT`], at most [`MAX_TRANSITION_TIMEOUT`]).
-fn transition_params(q: &HashMap<String, String>) -> Result<Transition, HttpError> {
-    check_params(q, &["force", "timeout_ms"])?;
+fn transition_params(q: &HashMap<String, String>, known: &[&str]) -> Result<Transition, HttpError> {
+    check_params(q, known)?;
     let force = match q.get("force").map(String::as_str) {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") | Some("") => true,
@@ -477,7 +486,7 @@ pub async fn patch_apply(
     Query(q): Query<HashMap<String, String>>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Reply<TransitionReply> {
-    let t = transition_params(&q)?;
+    let t = transition_params(&q, TRANSITION_PARAMS)?;
     let ko = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             HttpError::new(
@@ -505,7 +514,7 @@ pub async fn patch_disable(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply<TransitionReply> {
-    let t = transition_params(&q)?;
+    let t = transition_params(&q, TRANSITION_PARAMS)?;
     blocking(move || Ok(Json(c.disable(&name, t)?))).await
 }
 
@@ -515,7 +524,7 @@ pub async fn patch_enable(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply<TransitionReply> {
-    let t = transition_params(&q)?;
+    let t = transition_params(&q, TRANSITION_PARAMS)?;
     blocking(move || Ok(Json(c.enable(&name, t)?))).await
 }
 
@@ -534,9 +543,7 @@ pub async fn rollback(
     State(c): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply<RollbackReply> {
-    let mut rest = q.clone();
-    rest.remove("to");
-    let t = transition_params(&rest)?;
+    let t = transition_params(&q, ROLLBACK_PARAMS)?;
     let to = match q.get("to") {
         None => None,
         Some(v) => Some(v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
