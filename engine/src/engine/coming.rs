@@ -26,7 +26,6 @@ use std::sync::Arc;
 use klpvisor_guest::{Guest, GuestPhys, Kernel, LoadedModule};
 
 use super::{Engine, EngineError, FuncRecord};
-use crate::ftrace_ops::Step as FtraceStep;
 use crate::hook::Hooks;
 use crate::link::{
     link_objects, Bases, GuestSymbols, LinkOptions, Linked, LinkedCallbacks, SegmentImage,
@@ -632,30 +631,6 @@ impl Engine {
             callbacks,
             object_callbacks,
         })
-    }
-
-    /// The next call that lets go of ftrace_ops `slot` (a going module's,
-    /// from [`ModuleEvent::release`]), for the unloading task to make:
-    /// `unregister_ftrace_function`, then `ftrace_free_filter`, each with
-    /// the ops as its one argument; `None` once it is let go.
-    pub fn module_release_call(&self, slot: u64) -> Option<(FtraceStep, u64, u64)> {
-        let ops = self.ops.as_ref()?;
-        let step = ops.next_down(slot)?;
-        let (func, args) = ops.call(slot, step)?;
-        Some((step, func, *args.first()?))
-    }
-
-    /// What the unloading task's call `step` on `slot` returned.
-    pub fn module_release_done(
-        &mut self,
-        slot: u64,
-        step: FtraceStep,
-        ret: u64,
-    ) -> Result<(), EngineError> {
-        match self.ops.as_mut() {
-            Some(ops) => Ok(ops.done(slot, step, ret)?),
-            None => Ok(()),
-        }
     }
 
     /// Drops, without writing anything, what the engine holds of modules

@@ -206,6 +206,30 @@ impl Engine {
         Ok(ops.done(old, step, ret)?)
     }
 
+    /// The next call that lets go of ftrace_ops `slot` (a going module's,
+    /// from [`ModuleEvent::release`]), for the unloading task to make:
+    /// `unregister_ftrace_function`, then `ftrace_free_filter`, each with
+    /// the ops as its one argument; `None` once it is let go.
+    pub fn module_release_call(&self, slot: u64) -> Option<(crate::ftrace_ops::Step, u64, u64)> {
+        let ops = self.ops.as_ref()?;
+        let step = ops.next_down(slot)?;
+        let (func, args) = ops.call(slot, step)?;
+        Some((step, func, *args.first()?))
+    }
+
+    /// What the unloading task's call `step` on `slot` returned.
+    pub fn module_release_done(
+        &mut self,
+        slot: u64,
+        step: crate::ftrace_ops::Step,
+        ret: u64,
+    ) -> Result<(), EngineError> {
+        match self.ops.as_mut() {
+            Some(ops) => Ok(ops.done(slot, step, ret)?),
+            None => Ok(()),
+        }
+    }
+
     /// A coming that will not switch (a callback or a registration
     /// refused it): its slots that never reached the guest's ftrace are
     /// handed out again, the others detached. Returns those (by slot
