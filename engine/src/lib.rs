@@ -21,5 +21,6 @@ pub mod signature;
 pub mod site;
 pub mod stack;
 pub mod state;
+pub mod switches;
 pub mod transition;
 pub mod write;

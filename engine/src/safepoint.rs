@@ -382,28 +382,16 @@ impl Check {
         hooks: &ReturnHooks,
         mut reread: impl FnMut(u64) -> Option<Task>,
     ) -> Prescan {
-        let mut clear = std::collections::HashMap::new();
+        let mut scan = Prescan::default();
         if self.is_empty() {
-            return Prescan { clear };
+            return scan;
         }
         for t in tasks {
-            if t.on_cpu || t.running.is_some() {
-                continue;
-            }
-            let mut out = Vec::new();
-            let judged = self.judge(mem, t, &[], &[], orc, hooks, &mut out);
-            if judged.is_err() || !out.is_empty() {
-                continue;
-            }
-            let Some(again) = reread(t.addr) else {
-                continue;
-            };
-            let id = Identity::of(t);
-            if !again.on_cpu && Identity::of(&again) == id {
-                clear.insert(t.addr, id);
+            if !scan.judge_one(self, mem, t, orc, hooks, &mut reread) {
+                scan.unclear.push(t.addr);
             }
         }
-        Prescan { clear }
+        scan
     }
 
     /// Judges one task; what blocks goes to `out`.
@@ -661,9 +649,52 @@ impl Identity {
 #[derive(Debug, Clone, Default)]
 pub struct Prescan {
     clear: std::collections::HashMap<u64, Identity>,
+    /// Every other task the pre-scan listed (running, blocking, racing,
+    /// unreadable), by `task_struct` address.
+    unclear: Vec<u64>,
+    /// The switch log's head when the pre-scan began, if the log is live
+    /// (see [`crate::switches`]).
+    pub head0: Option<u64>,
 }
 
 impl Prescan {
+    /// Judges `t` at rest and keeps it if it is clear (see
+    /// [`Check::prescan`]); false if it was not kept.
+    fn judge_one<M: VirtRead + ?Sized>(
+        &mut self,
+        check: &Check,
+        mem: &M,
+        t: &Task,
+        orc: Option<&Orc>,
+        hooks: &ReturnHooks,
+        reread: &mut impl FnMut(u64) -> Option<Task>,
+    ) -> bool {
+        if t.on_cpu || t.running.is_some() {
+            return false;
+        }
+        let mut out = Vec::new();
+        let judged = check.judge(mem, t, &[], &[], orc, hooks, &mut out);
+        if judged.is_err() || !out.is_empty() {
+            return false;
+        }
+        let Some(again) = reread(t.addr) else {
+            return false;
+        };
+        let id = Identity::of(t);
+        if !again.on_cpu && Identity::of(&again) == id {
+            self.clear.insert(t.addr, id);
+            return true;
+        }
+        false
+    }
+
+    /// The tasks the pre-scan listed and did not find clear: with the
+    /// tasks that took part in a switch since and those running now,
+    /// every task the pause must judge (see [`crate::switches`]).
+    pub fn unclear(&self) -> &[u64] {
+        &self.unclear
+    }
+
     /// Tasks found clear.
     pub fn len(&self) -> usize {
         self.clear.len()

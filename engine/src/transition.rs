@@ -338,6 +338,18 @@ pub trait Patcher<G: Guest + ?Sized> {
     fn arm_ops_release(&mut self, _guest: &G) -> Result<Option<(Armed, String)>, EngineError> {
         Ok(None)
     }
+    /// Whether the switch log (see [`crate::switches`]) should be
+    /// registered before this transition's safe-point checks.
+    fn switch_log_wanted(&self) -> bool {
+        false
+    }
+    /// Sends the switch log's registration through the gate (installing
+    /// its pages first); `None` if the guest cannot have one.
+    fn arm_switch_log(&mut self, _guest: &G) -> Result<Option<Armed>, EngineError> {
+        Ok(None)
+    }
+    /// What the registration returned (`None`: it did not finish).
+    fn switch_log_done(&mut self, _ret: Option<u64>) {}
     /// Judges the tasks while the guest runs, so that the next
     /// [`Patcher::commit`] of `p` re-judges only those that ran since.
     fn prescan(&mut self, _p: &Self::Prepared, _guest: &G) {}
@@ -491,6 +503,18 @@ where
 
     fn arm_ops_release(&mut self, guest: &G) -> Result<Option<(Armed, String)>, EngineError> {
         self.engine.arm_ops_release(self.kernel, guest)
+    }
+
+    fn switch_log_wanted(&self) -> bool {
+        self.engine.switch_log_wanted()
+    }
+
+    fn arm_switch_log(&mut self, guest: &G) -> Result<Option<Armed>, EngineError> {
+        self.engine.arm_switch_log(self.kernel, guest)
+    }
+
+    fn switch_log_done(&mut self, ret: Option<u64>) {
+        self.engine.switch_log_done(ret)
     }
 
     fn prescan(&mut self, p: &Prepared, guest: &G) {
@@ -824,6 +848,35 @@ where
     }
 }
 
+/// Registers the switch log ([`Patcher::arm_switch_log`]): the call must
+/// start within [`OPS_GRACE`] and end by `limit`. A registration that
+/// fails or does not finish leaves this guest without a log (every pause
+/// reads every task, as before); a gate busy with an earlier call leaves
+/// it for the next transition. Never fails the transition.
+fn register_switch_log<H, P>(host: &H, patcher: &mut P, limit: Instant)
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    let deadline = (host.now() + OPS_GRACE).min(limit);
+    match send(host, patcher, deadline, |p, g| p.arm_switch_log(g)) {
+        Ok(Some((_, Ok(ret)))) => patcher.switch_log_done(Some(ret)),
+        Ok(Some((armed, Err(Progress::Running)))) => {
+            match wait_call(host, patcher, &armed, limit) {
+                Ok(Ok(ret)) => patcher.switch_log_done(Some(ret)),
+                Ok(Err(_)) => patcher.switch_log_done(None),
+                Err(e) => {
+                    tracing::warn!("the switch log's registration: {e}");
+                    patcher.switch_log_done(None);
+                }
+            }
+        }
+        Ok(Some((_, Err(_)))) => patcher.switch_log_done(None),
+        Ok(None) => {}
+        Err(e) => tracing::debug!("the switch log is not registered yet: {e}"),
+    }
+}
+
 /// [`run`] from preparing to the post callbacks.
 fn run_prepared<H, P>(
     host: &H,
@@ -939,6 +992,13 @@ where
                 prepared = patcher.prepare()?;
             }
         }
+    }
+    // The safe-point pauses read only the tasks that may have run since
+    // their pre-scan once the guest logs its switches: registered once,
+    // in a kworker through the gate, before the first check that can
+    // use it (a guest that cannot run it only keeps full pauses).
+    if patcher.switch_log_wanted() && !host.is_paused() {
+        register_switch_log(host, patcher, start + t.timeout);
     }
     // A plan that could only be committed by writing over ftrace's call
     // is refused now, before its load writes anything.

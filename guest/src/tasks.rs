@@ -499,30 +499,7 @@ impl Tasks {
         regs: &[VcpuRegs],
     ) -> Result<Vec<Task>, TasksError> {
         let cpus = self.per_cpu_bases(mem)?;
-        // (vCPU, CPU, per-CPU base) for each vCPU whose per-CPU base is a
-        // CPU's. One that is no CPU's (early boot, the instructions
-        // between a kernel entry and its swapgs) is placed on none.
-        let claims: Vec<(usize, u32, u64)> = regs
-            .iter()
-            .enumerate()
-            .filter_map(|(vcpu, r)| {
-                let gs = percpu_gs_base(r)?;
-                let &(cpu, base) = cpus.iter().find(|&&(_, base)| base == gs)?;
-                Some((vcpu, cpu, base))
-            })
-            .collect();
-        let mut running: Vec<(u64, Running)> = Vec::new();
-        for &(vcpu, cpu, base) in &claims {
-            // Two vCPUs on one CPU: at most one is right, and which one
-            // cannot be told, so neither is placed (the safe-point check
-            // blocks on a vCPU that runs no task).
-            if claims.iter().filter(|c| c.1 == cpu).count() > 1 {
-                continue;
-            }
-            let at = base.wrapping_add(self.symbols.current_task);
-            let task = self.read_ptr(mem, at, "the per-CPU current task")?;
-            running.push((task, Running { vcpu, cpu }));
-        }
+        let running = self.running_on(mem, regs, &cpus)?;
 
         let mut seen = HashSet::new();
         let mut out = Vec::new();
@@ -617,6 +594,51 @@ impl Tasks {
             }
         }
         Ok(out)
+    }
+
+    /// The task each vCPU runs, with where (see [`Tasks::list`]): each
+    /// CPU's current task, for every vCPU whose per-CPU base is that
+    /// CPU's and no other vCPU's.
+    pub fn running<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        regs: &[VcpuRegs],
+    ) -> Result<Vec<(u64, Running)>, TasksError> {
+        let cpus = self.per_cpu_bases(mem)?;
+        self.running_on(mem, regs, &cpus)
+    }
+
+    fn running_on<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        regs: &[VcpuRegs],
+        cpus: &[(u32, u64)],
+    ) -> Result<Vec<(u64, Running)>, TasksError> {
+        // (vCPU, CPU, per-CPU base) for each vCPU whose per-CPU base is a
+        // CPU's. One that is no CPU's (early boot, the instructions
+        // between a kernel entry and its swapgs) is placed on none.
+        let claims: Vec<(usize, u32, u64)> = regs
+            .iter()
+            .enumerate()
+            .filter_map(|(vcpu, r)| {
+                let gs = percpu_gs_base(r)?;
+                let &(cpu, base) = cpus.iter().find(|&&(_, base)| base == gs)?;
+                Some((vcpu, cpu, base))
+            })
+            .collect();
+        let mut running: Vec<(u64, Running)> = Vec::new();
+        for &(vcpu, cpu, base) in &claims {
+            // Two vCPUs on one CPU: at most one is right, and which one
+            // cannot be told, so neither is placed (the safe-point check
+            // blocks on a vCPU that runs no task).
+            if claims.iter().filter(|c| c.1 == cpu).count() > 1 {
+                continue;
+            }
+            let at = base.wrapping_add(self.symbols.current_task);
+            let task = self.read_ptr(mem, at, "the per-CPU current task")?;
+            running.push((task, Running { vcpu, cpu }));
+        }
+        Ok(running)
     }
 
     /// (cpu, per-CPU base) for every possible CPU.

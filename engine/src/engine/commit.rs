@@ -207,6 +207,9 @@ impl Engine {
             return;
         };
         let space = kernel.space(guest);
+        // Before the first task is read: the switches the pause must look
+        // at are those logged from here on.
+        let head0 = self.switches.as_ref().and_then(|l| l.head(guest).ok());
         let tasks = match f.tasks.list(&space, &[]) {
             Ok(t) => t,
             Err(e) => {
@@ -214,11 +217,12 @@ impl Engine {
                 return;
             }
         };
-        let scan = p
+        let mut scan = p
             .check
             .prescan(&space, &tasks, f.orc.as_ref(), &f.hooks, |addr| {
                 f.tasks.read_task(&space, addr).ok()
             });
+        scan.head0 = head0;
         tracing::debug!(
             patch = p.name,
             clear = scan.len(),
@@ -243,7 +247,6 @@ impl Engine {
         // valid because the guest is paused until this returns.
         let space = klpvisor_guest::PageCache::new(kernel.space(guest));
         let regs = all_vcpu_regs(guest)?;
-        let tasks = f.tasks.list(&space, &regs)?;
         let bases = f.tasks.per_cpu_bases(&space)?;
         let irq = match f.hardirq_stack_ptr {
             Some(ptr) => {
@@ -256,15 +259,73 @@ impl Engine {
             .map(|e| crate::safepoint::entry_stacks(&space, &bases, e))
             .unwrap_or_default();
         let check = check.clone().with_entry_stacks(entry);
-        Ok(check.blockers_prescanned(
-            &space,
-            &tasks,
-            &regs,
-            &irq,
-            f.orc.as_ref(),
-            &f.hooks,
-            prescan,
-        )?)
+        let judge = |tasks: &[klpvisor_guest::Task]| {
+            check.blockers_prescanned(
+                &space,
+                tasks,
+                &regs,
+                &irq,
+                f.orc.as_ref(),
+                &f.hooks,
+                prescan,
+            )
+        };
+        // With the switch log, only the tasks that may have run since the
+        // pre-scan are read; a verdict of "blocked" is taken from the
+        // whole task list, so blockers are reported exactly as without it.
+        if let Some(few) = self.tasks_since_prescan(&space, guest, &regs, prescan) {
+            let blockers = judge(&few)?;
+            if blockers.is_empty() {
+                return Ok(blockers);
+            }
+        }
+        let tasks = f.tasks.list(&space, &regs)?;
+        Ok(judge(&tasks)?)
+    }
+
+    /// The tasks the pause must judge when the switch log is live (see
+    /// [`crate::switches`]): those the pre-scan did not clear, those that
+    /// took part in a switch since it began, and those the vCPUs run
+    /// now. `None` when the log cannot say (not live, wrapped, a vCPU in
+    /// its probe, a read failed): then every task is judged.
+    fn tasks_since_prescan<G: Guest + ?Sized, M: klpvisor_guest::VirtRead + ?Sized>(
+        &self,
+        space: &M,
+        guest: &G,
+        regs: &[klpvisor_guest::VcpuRegs],
+        prescan: Option<&crate::safepoint::Prescan>,
+    ) -> Option<Vec<klpvisor_guest::Task>> {
+        let f = self.facts.as_ref()?;
+        let scan = prescan?;
+        let head0 = scan.head0?;
+        let log = self.switches.as_ref()?;
+        let switched = match log.switched_since(guest, space, regs, head0) {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::debug!("the pause reads every task: {why}");
+                return None;
+            }
+        };
+        let running = f.tasks.running(space, regs).ok()?;
+        let mut addrs: Vec<u64> = running.iter().map(|&(a, _)| a).collect();
+        addrs.extend(scan.unclear().iter().copied());
+        addrs.extend(switched.iter().copied());
+        addrs.sort_unstable();
+        addrs.dedup();
+        let mut out = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            // An address the log names that holds no task now (freed
+            // since, or a forged entry) makes the whole list the judge.
+            let mut t = f.tasks.read_task(space, addr).ok()?;
+            t.running = running.iter().find(|&&(a, _)| a == addr).map(|&(_, r)| r);
+            out.push(t);
+        }
+        tracing::debug!(
+            judged = out.len(),
+            switched = switched.len(),
+            "the pause judges the tasks that may have run since the pre-scan"
+        );
+        Some(out)
     }
 
     /// Notes the pause a committed transition took (measured by the VMM).

@@ -36,6 +36,7 @@ mod percpu;
 mod plan;
 mod redirect;
 mod sweep;
+mod switches;
 
 pub use coming::{in_hook, Coming, Going, ModuleEvent, Relink};
 pub use error::{EngineError, Fault};
@@ -387,6 +388,11 @@ pub struct Engine {
     /// The ftrace redirect step sent last through the gate, by old
     /// function.
     ops_armed: Option<(u64, crate::ftrace_ops::Step)>,
+    /// The guest's context switches, logged for the pause (see
+    /// [`crate::switches`]), once a transition registered the log.
+    switches: Option<crate::switches::SwitchLog>,
+    /// Why this guest gets no switch log (its pauses read every task).
+    switches_off: Option<String>,
 }
 
 impl Engine {

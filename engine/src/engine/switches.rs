@@ -1,0 +1,90 @@
+//! The switch log as the engine drives it: installed and registered once,
+//! through the call gate, before a transition's first safe-point check;
+//! read in every pause after (see [`crate::switches`]).
+
+use crate::switches::{LogState, SwitchLog};
+use crate::write::Plan;
+use klpvisor_guest::{Guest, Kernel};
+
+use super::*;
+
+impl Engine {
+    /// Whether a transition should register the switch log first: the
+    /// gate is there to do it, and no earlier try settled the matter.
+    pub fn switch_log_wanted(&self) -> bool {
+        self.gate.is_some()
+            && self.switches_off.is_none()
+            && self
+                .switches
+                .as_ref()
+                .is_none_or(|l| l.state() == LogState::Installed)
+    }
+
+    /// Installs the log's pages if needed and sends its registration
+    /// (`tracepoint_probe_register`) through the gate; `None` when the
+    /// guest cannot have a log (the reason is kept, and logged once).
+    /// Call with every vCPU paused; then raise the gate's vector on
+    /// [`Armed::vcpu`] and give the result to [`Engine::switch_log_done`].
+    pub fn arm_switch_log<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<Option<Armed>, EngineError> {
+        if !self.switch_log_wanted() {
+            return Ok(None);
+        }
+        if self.switches.is_none() {
+            let facts = self.facts(kernel, guest)?;
+            let mut arena = facts.arena.clone();
+            match SwitchLog::plan_install(kernel, guest, &mut arena) {
+                Ok((log, writes)) => {
+                    let mut plan = Plan::new(arena.allowed());
+                    plan.extend(writes);
+                    plan.commit(guest)?;
+                    facts.arena = arena;
+                    self.switches = Some(log);
+                }
+                Err(e) => {
+                    tracing::warn!("every safe-point pause reads every task: {e}");
+                    self.switches_off = Some(e.to_string());
+                    return Ok(None);
+                }
+            }
+        }
+        let (func, args) = match &self.switches {
+            Some(log) => log.register_call(),
+            None => return Ok(None),
+        };
+        let (gate, (cpu, base), seq) = self.next_call(kernel, guest)?;
+        let label = format!("#{seq} tracepoint_probe_register for the switch log");
+        let plan = gate.plan_call(kernel, guest, (cpu, base), func, &args, seq, &label)?;
+        plan.commit(guest)?;
+        self.calls = seq;
+        Ok(Some(Armed { seq, vcpu: 0, cpu }))
+    }
+
+    /// What the registration returned (`None`: it did not finish in
+    /// time). A log that did not register is never trusted, and never
+    /// registered again: its call may still run in the guest one day.
+    pub fn switch_log_done(&mut self, ret: Option<u64>) {
+        let Some(log) = self.switches.as_mut() else {
+            return;
+        };
+        match log.registered(ret) {
+            Ok(()) => tracing::info!("switch log registered on sched_switch"),
+            Err(e) => {
+                tracing::warn!("every safe-point pause reads every task: {e}");
+                self.switches_off = Some(e);
+            }
+        }
+    }
+
+    /// The log's state, for the API: `registered`, or why there is none.
+    pub fn switch_log_state(&self) -> String {
+        match (&self.switches, &self.switches_off) {
+            (Some(l), None) if l.state() == LogState::Registered => "registered".into(),
+            (_, Some(why)) => format!("off: {why}"),
+            _ => "not registered yet".into(),
+        }
+    }
+}
