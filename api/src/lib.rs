@@ -637,6 +637,10 @@ pub struct PatchesReply {
     /// The call gate that runs klp callbacks, once installed.
     #[serde(default)]
     pub gate: Option<GateInfo>,
+    /// The probe on the guest's `sched_switch` that logs context switches
+    /// for the safe-point pause, once a transition installed it.
+    #[serde(default)]
+    pub switch_log: Option<SwitchLogInfo>,
     /// The last transitions that ended, committed or not, oldest first:
     /// how a transition finished whose request timed out or whose client
     /// went away.
@@ -715,6 +719,25 @@ pub struct GateInfo {
     pub calls: u64,
 }
 
+/// The switch log: klpvisor's probe on the guest's `sched_switch`
+/// tracepoint and its ring (see README, "What the pause costs").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchLogInfo {
+    /// `registered`, `installed` (its registration not run yet), or `off:
+    /// REASON` (every pause reads every task).
+    pub state: String,
+    /// The probe's code (what `sched_switch`'s probe list shows).
+    pub probe: Hex,
+    /// The ring, the probe's data argument.
+    pub ring: Hex,
+    /// Guest-physical address of the ring.
+    pub ring_gpa: Hex,
+    /// Entries the ring holds (two per switch).
+    pub entries: u64,
+    /// Entries written so far (the head), as last read.
+    pub head: u64,
+}
+
 /// A redirected function: what `cat /sys/kernel/livepatch/*/...` cannot
 /// tell you in one place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -782,6 +805,12 @@ pub struct TransitionReply {
     /// the transition changes (see README, "Consistency model").
     #[serde(default)]
     pub nudged: u32,
+    /// Tasks whose stacks the committing pause read: once the guest's
+    /// switch log is registered, only those that may have run since they
+    /// were judged with the guest running (see README, "What the pause
+    /// costs"); otherwise every task. 0 when no stack was checked.
+    #[serde(default)]
+    pub pause_tasks: u32,
     /// What this transition did not do that in-kernel livepatch would,
     /// or what went wrong after it committed (a post callback that did
     /// not return in time).
@@ -851,6 +880,10 @@ pub struct RollbackReply {
     /// Tasks that got klp's fake signal (as in [`TransitionReply`]).
     #[serde(default)]
     pub nudged: u32,
+    /// Tasks whose stacks the committing pause read (as in
+    /// [`TransitionReply`]).
+    #[serde(default)]
+    pub pause_tasks: u32,
     /// The klp callbacks run, in order.
     #[serde(default)]
     pub callbacks: Vec<CallbackRun>,

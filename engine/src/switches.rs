@@ -322,6 +322,12 @@ impl SwitchLog {
         }
     }
 
+    /// The probe's and the ring's kernel-virtual addresses, and the
+    /// ring's guest-physical one.
+    pub fn addresses(&self) -> (u64, u64, u64) {
+        (self.text.va.0, self.ring.va.0, self.ring.gpa.0)
+    }
+
     /// The probe's code, kernel-virtual.
     pub fn probe(&self) -> Range<u64> {
         self.text.va.0..self.text.va.0 + self.code_len

@@ -805,6 +805,7 @@ fn print_transition(what: &str, v: &TransitionReply) {
         v.bytes_written,
         duration_us(v.pause_us)
     );
+    print_pause_tasks(v.pause_tasks);
     print_waited(v.attempts, v.waited_ms, v.nudged);
     print_callbacks(&v.callbacks, &v.warnings);
     print_patch(&v.patch);
@@ -856,10 +857,17 @@ fn print_rollback(v: &RollbackReply) {
         v.bytes_written,
         duration_us(v.pause_us)
     );
+    print_pause_tasks(v.pause_tasks);
     print_waited(v.attempts, v.waited_ms, v.nudged);
     print_callbacks(&v.callbacks, &v.warnings);
     for p in &v.patches {
         print_patch(p);
+    }
+}
+
+fn print_pause_tasks(n: u32) {
+    if n > 0 {
+        println!("that pause read the stacks of {n} task(s)");
     }
 }
 
@@ -997,6 +1005,16 @@ fn print_patches(v: &PatchesReply) {
         println!(
             "call gate (klp callbacks): code at {}, data at {}; {} callback(s) sent",
             g.text, g.data, g.calls
+        );
+    }
+    if let Some(l) = &v.switch_log {
+        println!(
+            "switch log (safe-point pauses): probe at {} on sched_switch, ring at {}, {}; {} \
+             switch(es) logged",
+            l.probe,
+            l.ring,
+            l.state,
+            l.head / 2
         );
     }
     for r in &v.retired {

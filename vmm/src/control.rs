@@ -1272,6 +1272,7 @@ impl Control {
             transition: None,
             retired: engine.retired(),
             gate: engine.gate_info(),
+            switch_log: engine.switch_log_info(&*self.vm),
             ended: Vec::new(),
             ftrace: engine.ftrace_redirects(),
             ftrace_handler_gpa: engine.ftrace_handler_gpa(),
@@ -1431,6 +1432,7 @@ impl Control {
                 attempts: o.attempts,
                 waited_ms: o.waited_ms,
                 nudged: o.nudged,
+                pause_tasks: o.committed.pause_tasks,
                 callbacks: o.callbacks,
             })
         })
@@ -1461,6 +1463,7 @@ impl Control {
                     attempts: o.attempts,
                     waited_ms: o.waited_ms,
                     nudged: o.nudged,
+                    pause_tasks: o.committed.pause_tasks,
                     callbacks: o.callbacks,
                     warnings: o.warnings,
                 })

@@ -82,11 +82,13 @@ impl Engine {
             .take()
             .filter(|(check, _)| *check == p.check)
             .map(|(_, scan)| scan);
+        let mut pause_tasks = 0;
         if !p.change.forced && !p.check.is_empty() {
-            let blockers = self.blockers(kernel, guest, &p.check, prescan.as_ref())?;
+            let (blockers, read) = self.blockers(kernel, guest, &p.check, prescan.as_ref())?;
             if !blockers.is_empty() {
                 return Err(EngineError::Blocked(blockers));
             }
+            pause_tasks = read;
         }
         // Read and checked before anything is written: a busy ftrace waits.
         let ftrace = self.ftrace_plan(kernel, guest, p)?;
@@ -145,6 +147,7 @@ impl Engine {
             seq: self.seq,
             patch: self.info(&p.name),
             bytes_written: p.bytes(),
+            pause_tasks: u32::try_from(pause_tasks).unwrap_or(u32::MAX),
         })
     }
 
@@ -238,7 +241,7 @@ impl Engine {
         guest: &G,
         check: &Check,
         prescan: Option<&crate::safepoint::Prescan>,
-    ) -> Result<Vec<Blocker>, EngineError> {
+    ) -> Result<(Vec<Blocker>, usize), EngineError> {
         let f = self
             .facts
             .as_ref()
@@ -276,11 +279,11 @@ impl Engine {
         if let Some(few) = self.tasks_since_prescan(&space, guest, &regs, prescan) {
             let blockers = judge(&few)?;
             if blockers.is_empty() {
-                return Ok(blockers);
+                return Ok((blockers, few.len()));
             }
         }
         let tasks = f.tasks.list(&space, &regs)?;
-        Ok(judge(&tasks)?)
+        Ok((judge(&tasks)?, tasks.len()))
     }
 
     /// The tasks the pause must judge when the switch log is live (see

@@ -318,6 +318,10 @@ pub struct Committed {
     pub patch: Option<PatchInfo>,
     /// Guest bytes it wrote, its load included.
     pub bytes_written: u64,
+    /// Tasks whose stacks the committing pause read: with the switch log
+    /// (see [`crate::switches`]), only those that may have run since the
+    /// pre-scan; otherwise every task; 0 when nothing was checked.
+    pub pause_tasks: u32,
 }
 
 /// A committed transition and the stack it started from.

@@ -59,17 +59,19 @@ impl Engine {
         // or a blocker that names no retired patch (a vCPU on no known
         // stack, a return the kernel hid where it cannot be read), keeps
         // every one of them.
-        let referenced: Option<Vec<String>> = match self.blockers(kernel, guest, &check, None) {
-            Ok(b) => {
-                let names: Vec<String> = self.retired.iter().map(|r| span_name(&r.name)).collect();
-                if b.iter().all(|b| names.contains(&b.func)) {
-                    Some(b.into_iter().map(|b| b.func).collect())
-                } else {
-                    None
+        let referenced: Option<Vec<String>> =
+            match self.blockers(kernel, guest, &check, None).map(|(b, _)| b) {
+                Ok(b) => {
+                    let names: Vec<String> =
+                        self.retired.iter().map(|r| span_name(&r.name)).collect();
+                    if b.iter().all(|b| names.contains(&b.func)) {
+                        Some(b.into_iter().map(|b| b.func).collect())
+                    } else {
+                        None
+                    }
                 }
-            }
-            Err(_) => None,
-        };
+                Err(_) => None,
+            };
         let mut freed = Vec::new();
         let mut keep = Vec::new();
         // Iterate over a copy: registry plans look at every retired

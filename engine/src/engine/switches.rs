@@ -79,12 +79,27 @@ impl Engine {
         }
     }
 
-    /// The log's state, for the API: `registered`, or why there is none.
-    pub fn switch_log_state(&self) -> String {
-        match (&self.switches, &self.switches_off) {
-            (Some(l), None) if l.state() == LogState::Registered => "registered".into(),
+    /// The log as `GET /patches` shows it, once installed; the head is
+    /// read from `guest` now (0 if that fails).
+    pub fn switch_log_info<G: Guest + ?Sized>(
+        &self,
+        guest: &G,
+    ) -> Option<klpvisor_api::SwitchLogInfo> {
+        let log = self.switches.as_ref()?;
+        let state = match (log.state(), &self.switches_off) {
             (_, Some(why)) => format!("off: {why}"),
-            _ => "not registered yet".into(),
-        }
+            (LogState::Registered, None) => "registered".into(),
+            (LogState::Installed, None) => "installed".into(),
+            (LogState::Lost, None) => "off".into(),
+        };
+        let (probe, ring, ring_gpa) = log.addresses();
+        Some(klpvisor_api::SwitchLogInfo {
+            state,
+            probe: klpvisor_api::Hex(probe),
+            ring: klpvisor_api::Hex(ring),
+            ring_gpa: klpvisor_api::Hex(ring_gpa),
+            entries: crate::switches::ENTRIES,
+            head: log.head(guest).unwrap_or(0),
+        })
     }
 }

@@ -542,6 +542,7 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
             seq: 1,
             patch: None,
             bytes_written: 5,
+            pause_tasks: 0,
         })
     }
 }
