@@ -728,10 +728,14 @@ pub struct SwitchLogInfo {
     pub state: String,
     /// The probe's code (what `sched_switch`'s probe list shows).
     pub probe: Hex,
+    /// Guest-physical address of the probe's page.
+    pub probe_gpa: Hex,
     /// The ring, the probe's data argument.
     pub ring: Hex,
     /// Guest-physical address of the ring.
     pub ring_gpa: Hex,
+    /// The ring's bytes (whole pages).
+    pub ring_bytes: u64,
     /// Entries the ring holds (two per switch).
     pub entries: u64,
     /// Entries written so far (the head), as last read.

@@ -41,9 +41,13 @@
 //! guest kernel can do to itself anyway; the host reads a bounded window
 //! of the ring and nothing else.
 //!
-//! The probe costs one locked add and two stores per context switch, for
-//! the VM's life (it is never unregistered: a transition may come at any
-//! time, and its text and ring are never reused).
+//! The probe costs one locked add and two stores per context switch, and
+//! its registration rewrites the tracepoint's static branch and call in
+//! `__schedule`, as any tracer's does. So it is registered only while
+//! changes happen: before a transition's first safe-point check, and
+//! unregistered once changes pause (as the ftrace redirects are let go),
+//! which gives the kernel text back byte for byte. Its text and ring stay
+//! in the arena for the next registration.
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -91,6 +95,8 @@ pub struct Layout {
     pub tracepoint: u64,
     /// `tracepoint_probe_register`.
     pub register: u64,
+    /// `tracepoint_probe_unregister`.
+    pub unregister: u64,
     /// Offset of `tracepoint.key.enabled` (an `atomic_t`).
     pub enabled: u64,
     /// Offset of `tracepoint.funcs`.
@@ -125,6 +131,7 @@ impl Layout {
         let l = Self {
             tracepoint: sym("__tracepoint_sched_switch")?,
             register: sym("tracepoint_probe_register")?,
+            unregister: sym("tracepoint_probe_unregister")?,
             enabled: off("tracepoint.key.enabled")?,
             funcs: off("tracepoint.funcs")?,
             func_size,
@@ -189,6 +196,9 @@ pub enum LogState {
     Installed,
     /// `tracepoint_probe_register` returned 0: the log is live.
     Registered,
+    /// `tracepoint_probe_unregister` returned 0: the tracepoint is as the
+    /// guest had it; the pages stay, for the next registration.
+    Unregistered,
     /// The registration failed or never finished: the log is never
     /// trusted (the pause reads every task, as without it).
     Lost,
@@ -299,6 +309,39 @@ impl SwitchLog {
         )
     }
 
+    /// The unregistration call: `tracepoint_probe_unregister(tp, probe,
+    /// ring)`.
+    pub fn unregister_call(&self) -> (u64, [u64; 3]) {
+        (
+            self.layout.unregister,
+            [self.layout.tracepoint, self.text.va.0, self.ring.va.0],
+        )
+    }
+
+    /// What the unregistration returned (`None`: it did not finish in
+    /// time). One that failed leaves the log's state unknown: it is never
+    /// trusted or registered again.
+    pub fn unregistered(&mut self, ret: Option<u64>) -> Result<(), String> {
+        match ret {
+            Some(0) => {
+                self.state = LogState::Unregistered;
+                Ok(())
+            }
+            Some(r) => {
+                self.state = LogState::Lost;
+                let r = r as u32 as i32;
+                Err(format!(
+                    "tracepoint_probe_unregister returned {r}{}",
+                    crate::transition::errno_name(r)
+                ))
+            }
+            None => {
+                self.state = LogState::Lost;
+                Err("tracepoint_probe_unregister did not finish in time".into())
+            }
+        }
+    }
+
     /// What the registration returned (`None`: it did not finish in time,
     /// and its outcome will never be known).
     pub fn registered(&mut self, ret: Option<u64>) -> Result<(), String> {
@@ -322,10 +365,9 @@ impl SwitchLog {
         }
     }
 
-    /// The probe's and the ring's kernel-virtual addresses, and the
-    /// ring's guest-physical one.
-    pub fn addresses(&self) -> (u64, u64, u64) {
-        (self.text.va.0, self.ring.va.0, self.ring.gpa.0)
+    /// Its two regions: the probe's page and the ring.
+    pub fn regions(&self) -> [Region; 2] {
+        [self.text, self.ring]
     }
 
     /// The probe's code, kernel-virtual.
@@ -552,6 +594,7 @@ mod tests {
         Layout {
             tracepoint: TP,
             register: 0xffff_ffff_8110_0000,
+            unregister: 0xffff_ffff_8110_1000,
             enabled: 8,
             funcs: 0x48,
             func_size: 24,

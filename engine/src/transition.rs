@@ -350,6 +350,17 @@ pub trait Patcher<G: Guest + ?Sized> {
     }
     /// What the registration returned (`None`: it did not finish).
     fn switch_log_done(&mut self, _ret: Option<u64>) {}
+    /// Whether the switch log is registered (let go once changes pause).
+    fn switch_log_registered(&self) -> bool {
+        false
+    }
+    /// Sends the switch log's unregistration through the gate; `None` if
+    /// it is not registered.
+    fn arm_switch_log_release(&mut self, _guest: &G) -> Result<Option<Armed>, EngineError> {
+        Ok(None)
+    }
+    /// What the unregistration returned (`None`: it did not finish).
+    fn switch_log_released(&mut self, _ret: Option<u64>) {}
     /// Judges the tasks while the guest runs, so that the next
     /// [`Patcher::commit`] of `p` re-judges only those that ran since.
     fn prescan(&mut self, _p: &Self::Prepared, _guest: &G) {}
@@ -515,6 +526,18 @@ where
 
     fn switch_log_done(&mut self, ret: Option<u64>) {
         self.engine.switch_log_done(ret)
+    }
+
+    fn switch_log_registered(&self) -> bool {
+        self.engine.switch_log_registered()
+    }
+
+    fn arm_switch_log_release(&mut self, guest: &G) -> Result<Option<Armed>, EngineError> {
+        self.engine.arm_switch_log_release(self.kernel, guest)
+    }
+
+    fn switch_log_released(&mut self, ret: Option<u64>) {
+        self.engine.switch_log_released(ret)
     }
 
     fn prescan(&mut self, p: &Prepared, guest: &G) {
@@ -875,6 +898,33 @@ where
         Ok(None) => {}
         Err(e) => tracing::debug!("the switch log is not registered yet: {e}"),
     }
+}
+
+/// Unregisters the switch log once changes have paused (the VMM's
+/// housekeeping calls it, as [`release_ops`]): the guest's tracepoint, and
+/// its kernel text, are then as the guest had them. Not while a user holds
+/// the VM paused (it stays registered, for later). Returns warnings.
+pub fn release_switch_log<H, P>(host: &H, patcher: &mut P) -> Vec<String>
+where
+    H: Host,
+    P: Patcher<H::Guest>,
+{
+    if !patcher.switch_log_registered() || host.is_paused() || !patcher.has_gate() {
+        return Vec::new();
+    }
+    let deadline = host.now() + RELEASE_GRACE;
+    let ret = match send(host, patcher, deadline, |p, g| p.arm_switch_log_release(g)) {
+        Ok(Some((_, Ok(ret)))) => Some(ret),
+        Ok(Some((_, Err(_)))) => None,
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            let w = format!("the switch log stays registered for now: {e}");
+            tracing::warn!("{w}");
+            return vec![w];
+        }
+    };
+    patcher.switch_log_released(ret);
+    Vec::new()
 }
 
 /// [`run`] from preparing to the post callbacks.

@@ -1,7 +1,7 @@
 //! ops_settled SOCK [SECONDS]: waits until no function that no patch
-//! redirects still has an ftrace redirect registered (the VMM lets those
-//! go once changes have paused for a moment), so that a test reads the
-//! guest after that, never during it. Prints
+//! redirects still has an ftrace redirect registered and the switch log is
+//! not registered (the VMM lets those go once changes have paused for a
+//! moment), so that a test reads the guest after that, never during it. Prints
 //! `KLPV-RESULT ops-settled waited_ms=<ms>`; fails after SECONDS (30).
 #![forbid(unsafe_code)]
 

@@ -1379,10 +1379,12 @@ impl Control {
 
     /// Lets go of the ftrace redirect of one function no patch redirects
     /// any more (its ops unregistered, its filter freed, through the call
-    /// gate), once no change has run for [`RELEASE_IDLE`]. Called every
-    /// second by the API's runtime; does nothing while a change runs, the
-    /// VM is held paused, or there is nothing to let go. One function per
-    /// call, so a change that arrives meanwhile waits at most for that.
+    /// gate), once no change has run for [`RELEASE_IDLE`]; with none left,
+    /// unregisters the switch log (see `klpvisor_engine::switches`).
+    /// Called every second by the API's runtime; does nothing while a
+    /// change runs, the VM is held paused, or there is nothing to let go.
+    /// One step per call, so a change that arrives meanwhile waits at most
+    /// for that.
     pub fn housekeeping(&self) {
         if lock(&self.last_change).elapsed() < RELEASE_IDLE {
             return;
@@ -1399,6 +1401,13 @@ impl Control {
         if engine.ops_releases() > 0 {
             self.outside_transition("release", &k.kernel, &mut engine, |host, live| {
                 lifecycle::release_ops(host, live, 1)
+            });
+            self.publish(&engine);
+        } else if engine.switch_log_registered() {
+            // After the ftrace redirects: the last of klpvisor's own
+            // registrations with the guest's tracing to go.
+            self.outside_transition("release", &k.kernel, &mut engine, |host, live| {
+                lifecycle::release_switch_log(host, live)
             });
             self.publish(&engine);
         }

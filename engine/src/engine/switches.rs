@@ -17,7 +17,7 @@ impl Engine {
             && self
                 .switches
                 .as_ref()
-                .is_none_or(|l| l.state() == LogState::Installed)
+                .is_none_or(|l| matches!(l.state(), LogState::Installed | LogState::Unregistered))
     }
 
     /// Installs the log's pages if needed and sends its registration
@@ -79,6 +79,48 @@ impl Engine {
         }
     }
 
+    /// Whether the log is registered (and so is let go once changes pause).
+    pub fn switch_log_registered(&self) -> bool {
+        self.switches
+            .as_ref()
+            .is_some_and(|l| l.state() == LogState::Registered)
+    }
+
+    /// Sends the log's unregistration (`tracepoint_probe_unregister`)
+    /// through the gate; `None` if it is not registered. Call with every
+    /// vCPU paused; then raise the gate's vector on [`Armed::vcpu`] and
+    /// give the result to [`Engine::switch_log_released`].
+    pub fn arm_switch_log_release<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<Option<Armed>, EngineError> {
+        let (func, args) = match &self.switches {
+            Some(log) if log.state() == LogState::Registered => log.unregister_call(),
+            _ => return Ok(None),
+        };
+        let (gate, (cpu, base), seq) = self.next_call(kernel, guest)?;
+        let label = format!("#{seq} tracepoint_probe_unregister for the switch log");
+        let plan = gate.plan_call(kernel, guest, (cpu, base), func, &args, seq, &label)?;
+        plan.commit(guest)?;
+        self.calls = seq;
+        Ok(Some(Armed { seq, vcpu: 0, cpu }))
+    }
+
+    /// What the unregistration returned (`None`: it did not finish).
+    pub fn switch_log_released(&mut self, ret: Option<u64>) {
+        let Some(log) = self.switches.as_mut() else {
+            return;
+        };
+        match log.unregistered(ret) {
+            Ok(()) => tracing::info!("switch log unregistered from sched_switch"),
+            Err(e) => {
+                tracing::warn!("the switch log is off from now on: {e}");
+                self.switches_off = Some(e);
+            }
+        }
+    }
+
     /// The log as `GET /patches` shows it, once installed; the head is
     /// read from `guest` now (0 if that fails).
     pub fn switch_log_info<G: Guest + ?Sized>(
@@ -90,14 +132,17 @@ impl Engine {
             (_, Some(why)) => format!("off: {why}"),
             (LogState::Registered, None) => "registered".into(),
             (LogState::Installed, None) => "installed".into(),
+            (LogState::Unregistered, None) => "unregistered".into(),
             (LogState::Lost, None) => "off".into(),
         };
-        let (probe, ring, ring_gpa) = log.addresses();
+        let [text, ring] = log.regions();
         Some(klpvisor_api::SwitchLogInfo {
             state,
-            probe: klpvisor_api::Hex(probe),
-            ring: klpvisor_api::Hex(ring),
-            ring_gpa: klpvisor_api::Hex(ring_gpa),
+            probe: klpvisor_api::Hex(text.va.0),
+            probe_gpa: klpvisor_api::Hex(text.gpa.0),
+            ring: klpvisor_api::Hex(ring.va.0),
+            ring_gpa: klpvisor_api::Hex(ring.gpa.0),
+            ring_bytes: ring.len,
             entries: crate::switches::ENTRIES,
             head: log.head(guest).unwrap_or(0),
         })

@@ -268,9 +268,9 @@ impl GuestMemory {
 }
 
 /// Waits until no function that no patch redirects still has an ftrace
-/// redirect registered (the VMM lets those go once changes pause), so a
-/// reading of the guest happens after that, never during it. Returns how
-/// long it waited; fails after `limit`.
+/// redirect registered, and the switch log is not registered (the VMM lets
+/// both go once changes pause), so a reading of the guest happens after
+/// that, never during it. Returns how long it waited; fails after `limit`.
 pub fn ops_settled(c: &Client, limit: std::time::Duration) -> Result<std::time::Duration, String> {
     let start = std::time::Instant::now();
     loop {
@@ -281,6 +281,12 @@ pub fn ops_settled(c: &Client, limit: std::time::Duration) -> Result<std::time::
             // A lost slot is never let go: nothing to wait for.
             .filter(|f| !f.live && f.state != "lost")
             .map(|f| format!("{} ({})", f.name, f.state))
+            .chain(
+                v.switch_log
+                    .iter()
+                    .filter(|l| l.state == "registered")
+                    .map(|_| "the switch log (registered)".to_string()),
+            )
             .collect();
         if left.is_empty() {
             return Ok(start.elapsed());
