@@ -41,6 +41,37 @@ fn livepatch_sample_applies_and_disables_from_outside() {
 
     // Redirected through the guest's ftrace, as klp redirects.
     assert!(p.funcs[0].ftrace_ops.is_some(), "{p:?}");
+
+    // The switch log: registered for the apply, through the gate, and let
+    // go once changes paused (the text hashes below are taken after that).
+    let log = on.switch_log.as_ref().expect("the switch log is installed");
+    assert!(
+        matches!(log.state.as_str(), "registered" | "unregistered"),
+        "{log:?}"
+    );
+    assert!(log.head >= 2, "no switch logged: {log:?}");
+    // With it, each pause read only the tasks that may have run since
+    // they were judged with the guest running, not all of them.
+    let tasks: usize = run.result("tasks")["n"].parse().expect("task count");
+    let read: Vec<usize> = run
+        .lines_with("that pause read the stacks of ")
+        .iter()
+        .filter_map(|l| {
+            l.split("that pause read the stacks of ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(read.len(), 2, "apply and disable: {t}");
+    for n in read {
+        assert!(
+            n >= 1 && n * 2 < tasks,
+            "{n} of {tasks} tasks read in a pause"
+        );
+    }
     assert_eq!(run.result("patch-remove")["rc"], "0", "{t}");
 
     // Kernel text: the switch changes nothing outside the patch site and

@@ -354,6 +354,10 @@ pub trait Patcher<G: Guest + ?Sized> {
     fn switch_log_registered(&self) -> bool {
         false
     }
+    /// Whether the switch log's pages are in the arena.
+    fn switch_log_installed(&self) -> bool {
+        false
+    }
     /// Sends the switch log's unregistration through the gate; `None` if
     /// it is not registered.
     fn arm_switch_log_release(&mut self, _guest: &G) -> Result<Option<Armed>, EngineError> {
@@ -530,6 +534,10 @@ where
 
     fn switch_log_registered(&self) -> bool {
         self.engine.switch_log_registered()
+    }
+
+    fn switch_log_installed(&self) -> bool {
+        self.engine.switch_log_installed()
     }
 
     fn arm_switch_log_release(&mut self, guest: &G) -> Result<Option<Armed>, EngineError> {
@@ -1048,7 +1056,13 @@ where
     // in a kworker through the gate, before the first check that can
     // use it (a guest that cannot run it only keeps full pauses).
     if patcher.switch_log_wanted() && !host.is_paused() {
+        let had_pages = patcher.switch_log_installed();
         register_switch_log(host, patcher, start + t.timeout);
+        if !had_pages && patcher.switch_log_installed() {
+            // Its pages came from the arena: plan again on the arena that
+            // has them.
+            prepared = patcher.prepare()?;
+        }
     }
     // A plan that could only be committed by writing over ftrace's call
     // is refused now, before its load writes anything.

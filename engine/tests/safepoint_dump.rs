@@ -289,3 +289,32 @@ fn a_return_hidden_by_rethook_blocks_on_the_real_guest() {
     );
     assert_eq!(walked[1].hooked, Some(("arch_rethook_trampoline", slot)));
 }
+
+/// The switch log finds what it needs in the real kernel: the
+/// `sched_switch` tracepoint, the register and unregister functions, and
+/// the layouts of `struct tracepoint` and `struct tracepoint_func` (in the
+/// dump no tracer has a probe on it, so it has no probe list).
+#[test]
+fn the_switch_log_finds_sched_switch_in_the_real_kernel() {
+    if common::skip_without_dump() {
+        return;
+    }
+    use klpvisor_engine::switches::Layout;
+    use klpvisor_guest::VirtRead;
+    let f = fixture();
+    let k = &f.kernel;
+    let l = Layout::from_kernel(&k.kallsyms, &k.btf).expect("switch log layout");
+    assert_eq!(
+        k.kallsyms.addr("__tracepoint_sched_switch").unwrap(),
+        l.tracepoint
+    );
+    assert_eq!(l.func_size, 24, "{{func, data, prio}}: {l:?}");
+    let space = k.space(&f.guest);
+    let enabled = space.read_u32(l.tracepoint + l.enabled).unwrap();
+    let funcs = space.read_u64(l.tracepoint + l.funcs).unwrap();
+    assert_eq!(
+        (enabled, funcs),
+        (0, 0),
+        "no probe on sched_switch in the dump"
+    );
+}

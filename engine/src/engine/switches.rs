@@ -79,6 +79,12 @@ impl Engine {
         }
     }
 
+    /// Whether the log's pages are in the arena (a plan made before they
+    /// were must be made again).
+    pub fn switch_log_installed(&self) -> bool {
+        self.switches.is_some()
+    }
+
     /// Whether the log is registered (and so is let go once changes pause).
     pub fn switch_log_registered(&self) -> bool {
         self.switches
