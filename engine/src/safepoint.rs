@@ -918,6 +918,8 @@ mod tests {
         assert_eq!(scan.len(), 1, "only the clear task at rest: {scan:?}");
         assert!(scan.still_clear(&sleeper));
         assert!(!scan.still_clear(&blocked) && !scan.still_clear(&oncpu));
+        // The others are what a pause with the switch log reads again.
+        assert_eq!(scan.unclear(), &[blocked.addr, oncpu.addr]);
 
         // In the pause the sleeper's stack now holds a changed function's
         // address (it could only get there by running): skipped while its
@@ -965,10 +967,12 @@ mod tests {
             })
         });
         assert!(raced.is_empty());
+        assert_eq!(raced.unclear(), &[sleeper.addr]);
         let gone = check().prescan(&clean, std::slice::from_ref(&sleeper), None, &hooks, |_| {
             None
         });
         assert!(gone.is_empty());
+        assert_eq!(gone.unclear(), &[sleeper.addr]);
     }
 
     #[test]

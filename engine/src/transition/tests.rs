@@ -229,7 +229,23 @@ struct FakePatcher<'l> {
     nudge_unblocks: bool,
     percpu: FakePercpu,
     ops: FakeOps,
-    log: &'l Log,
+    log: FakeSwitchLog,
+    steps_log: &'l Log,
+}
+
+/// The fake patcher's switch log.
+#[derive(Default)]
+struct FakeSwitchLog {
+    /// The guest can have one.
+    supported: bool,
+    /// Its pages are in the arena.
+    installed: bool,
+    /// Registered with the guest's tracepoint.
+    registered: bool,
+    /// Given up on (a registration or unregistration failed).
+    off: bool,
+    /// What `tracepoint_probe_register` returns.
+    register_ret: u64,
 }
 
 impl<'l> FakePatcher<'l> {
@@ -247,12 +263,13 @@ impl<'l> FakePatcher<'l> {
             nudge_unblocks: false,
             percpu: FakePercpu::default(),
             ops: FakeOps::default(),
-            log,
+            log: FakeSwitchLog::default(),
+            steps_log: log,
         }
     }
 
     fn push(&self, s: String) {
-        self.log.borrow_mut().push(s);
+        self.steps_log.borrow_mut().push(s);
     }
 }
 
@@ -351,6 +368,56 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
             },
             "new".into(),
         )))
+    }
+    fn switch_log_wanted(&self) -> bool {
+        self.log.supported && self.gate && !self.log.registered && !self.log.off
+    }
+    fn switch_log_installed(&self) -> bool {
+        self.log.installed
+    }
+    fn switch_log_registered(&self) -> bool {
+        self.log.registered
+    }
+    fn arm_switch_log(&mut self, _guest: &FakePhys) -> Result<Option<Armed>, EngineError> {
+        if !self.switch_log_wanted() {
+            return Ok(None);
+        }
+        if !self.log.installed {
+            self.push("install switch log".into());
+            self.log.installed = true;
+        }
+        self.push("switch log register".into());
+        self.script
+            .insert(0x5c4, Script::Returns(self.log.register_ret));
+        let mut armed = self.armed.borrow_mut();
+        armed.push((0x5c4, Kind::PrePatch));
+        Ok(Some(Armed {
+            seq: armed.len() as u64,
+            vcpu: 0,
+            cpu: 0,
+        }))
+    }
+    fn switch_log_done(&mut self, ret: Option<u64>) {
+        self.log.registered = ret == Some(0);
+        self.log.off = !self.log.registered;
+    }
+    fn arm_switch_log_release(&mut self, _guest: &FakePhys) -> Result<Option<Armed>, EngineError> {
+        if !self.log.registered {
+            return Ok(None);
+        }
+        self.push("switch log unregister".into());
+        self.script.insert(0x5c5, Script::Returns(0));
+        let mut armed = self.armed.borrow_mut();
+        armed.push((0x5c5, Kind::PostUnpatch));
+        Ok(Some(Armed {
+            seq: armed.len() as u64,
+            vcpu: 0,
+            cpu: 0,
+        }))
+    }
+    fn switch_log_released(&mut self, ret: Option<u64>) {
+        self.log.registered = false;
+        self.log.off = ret != Some(0);
     }
     fn install_ops(&mut self, _p: &FakePlan, _guest: &FakePhys) -> Result<(), EngineError> {
         self.push("install ops".into());
@@ -1170,4 +1237,75 @@ fn a_registration_that_runs_past_the_grace_is_waited_for() {
     );
     assert!(o.warnings.is_empty(), "{:?}", o.warnings);
     assert!(host.elapsed() >= OPS_GRACE, "it ran past the grace");
+}
+
+/// The switch log is registered through the gate before the transition's
+/// first safe-point check; its first registration takes arena pages, so
+/// the plan is made again; a later transition registers it again without
+/// that; the VMM's housekeeping lets it go.
+#[test]
+fn the_switch_log_is_registered_before_the_first_check_and_let_go_after() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.gate = true;
+    p.log.supported = true;
+    run(&host, &mut p, "apply", timeout(30)).unwrap();
+    assert_eq!(
+        steps(&log),
+        [
+            "prepare",
+            "install switch log",
+            "switch log register",
+            "prepare",
+            "begun new",
+            "load",
+            "commit",
+        ]
+    );
+    assert!(p.log.registered);
+    // The housekeeping, once changes pause.
+    log.borrow_mut().clear();
+    assert!(release_switch_log(&host, &mut p).is_empty());
+    assert_eq!(steps(&log), ["switch log unregister"]);
+    assert!(!p.log.registered && !p.log.off);
+    // The next transition registers it again; its pages are there.
+    log.borrow_mut().clear();
+    run(&host, &mut p, "apply", timeout(30)).unwrap();
+    assert_eq!(
+        steps(&log),
+        [
+            "prepare",
+            "switch log register",
+            "begun new",
+            "load",
+            "commit"
+        ]
+    );
+}
+
+/// A registration the guest refuses costs the transition nothing: it
+/// commits, and the log is never tried again (every pause then reads
+/// every task).
+#[test]
+fn a_refused_switch_log_registration_does_not_fail_the_transition() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.gate = true;
+    p.log.supported = true;
+    p.log.register_ret = (-22i64) as u64;
+    let o = run(&host, &mut p, "apply", timeout(30)).unwrap();
+    assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+    assert!(p.log.off && !p.log.registered);
+    log.borrow_mut().clear();
+    run(&host, &mut p, "apply", timeout(30)).unwrap();
+    assert_eq!(steps(&log), ["prepare", "begun new", "load", "commit"]);
+    // No gate, no log (it needs the gate to register).
+    let log2 = Log::default();
+    let host2 = FakeHost::new(&log2);
+    let mut q = FakePatcher::new(&log2, Calls::default());
+    q.log.supported = true;
+    run(&host2, &mut q, "apply", timeout(30)).unwrap();
+    assert!(!steps(&log2).iter().any(|s| s.contains("switch log")));
 }
