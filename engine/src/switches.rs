@@ -375,13 +375,20 @@ impl SwitchLog {
         self.text.va.0..self.text.va.0 + self.code_len
     }
 
-    /// The ring's head: entries written since registration (two per
-    /// switch). Read before the pre-scan's first task.
+    /// The ring's head: entries written since the ring was installed (two
+    /// per switch). A pre-scan reads it before its first task, and only
+    /// while the log is registered (see [`SwitchLog::live_head`]).
     pub fn head<G: Guest + ?Sized>(&self, guest: &G) -> Result<u64, Unusable> {
+        read_u64(guest, self.ring.gpa)
+    }
+
+    /// [`SwitchLog::head`], if the log is registered: where a pre-scan's
+    /// window of switches starts.
+    pub fn live_head<G: Guest + ?Sized>(&self, guest: &G) -> Result<u64, Unusable> {
         if self.state != LogState::Registered {
             return Err(Unusable::NotLive);
         }
-        read_u64(guest, self.ring.gpa)
+        self.head(guest)
     }
 
     /// Every task that took part in a switch since the head read `head0`
@@ -738,7 +745,7 @@ mod tests {
         assert!(log.switched_since(&g, &g, &regs(), head0).is_ok());
         // A registration that failed: never trusted.
         assert!(log.registered(Some((-17i64) as u64)).is_err());
-        assert_eq!(log.head(&g), Err(Unusable::NotLive));
+        assert_eq!(log.live_head(&g), Err(Unusable::NotLive));
         assert_eq!(
             log.switched_since(&g, &g, &regs(), head0),
             Err(Unusable::NotLive)

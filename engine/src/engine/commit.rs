@@ -212,7 +212,7 @@ impl Engine {
         let space = kernel.space(guest);
         // Before the first task is read: the switches the pause must look
         // at are those logged from here on.
-        let head0 = self.switches.as_ref().and_then(|l| l.head(guest).ok());
+        let head0 = self.switches.as_ref().and_then(|l| l.live_head(guest).ok());
         let tasks = match f.tasks.list(&space, &[]) {
             Ok(t) => t,
             Err(e) => {
