@@ -58,6 +58,8 @@ impl Engine {
             )));
         }
         p.usable()?;
+        // Where the pause's time goes, for the log (each step's end).
+        let t0 = std::time::Instant::now();
         let unregistered = self.unregistered_ops(p);
         if !unregistered.is_empty() {
             return Err(EngineError::Internal(format!(
@@ -82,6 +84,7 @@ impl Engine {
             .take()
             .filter(|(check, _)| *check == p.check)
             .map(|(_, scan)| scan);
+        let t_modules = t0.elapsed();
         let mut pause_tasks = 0;
         if !p.change.forced && !p.check.is_empty() {
             let (blockers, read) = self.blockers(kernel, guest, &p.check, prescan.as_ref())?;
@@ -90,9 +93,12 @@ impl Engine {
             }
             pause_tasks = read;
         }
+        let t_check = t0.elapsed();
         // Read and checked before anything is written: a busy ftrace waits.
         let ftrace = self.ftrace_plan(kernel, guest, p)?;
+        let t_ftrace = t0.elapsed();
         let undo = p.plan.commit(guest)?;
+        let t_write = t0.elapsed();
         let unlink = match &register {
             Some(r) => Some(self.register_or_undo(kernel, guest, &p.name, r, &undo)?),
             None => None,
@@ -142,6 +148,17 @@ impl Engine {
         // In the same pause, free retired code no stack references any
         // more. A failure only delays that; the transition has committed.
         let _ = self.sweep(kernel, guest);
+        let us = |d: std::time::Duration| d.as_micros() as u64;
+        tracing::debug!(
+            patch = p.name,
+            modules_us = us(t_modules),
+            check_us = us(t_check - t_modules),
+            ftrace_us = us(t_ftrace - t_check),
+            write_us = us(t_write - t_ftrace),
+            rest_us = us(t0.elapsed() - t_write),
+            pause_tasks,
+            "commit inside the pause"
+        );
         Ok(Committed {
             name: p.name.clone(),
             seq: self.seq,
