@@ -278,6 +278,9 @@ pub struct SwitchLog {
     ring: Region,
     code_len: u64,
     state: LogState,
+    /// Registrations so far: switches between two of them were not
+    /// logged.
+    epoch: u64,
 }
 
 impl SwitchLog {
@@ -319,6 +322,7 @@ impl SwitchLog {
                 ring,
                 code_len,
                 state: LogState::Installed,
+                epoch: 0,
             },
             writes,
         ))
@@ -327,6 +331,12 @@ impl SwitchLog {
     /// How far it got.
     pub fn state(&self) -> LogState {
         self.state
+    }
+
+    /// Its registrations so far: a summary made under one registration
+    /// is no use under the next, whose log missed the switches between.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The registration call: `tracepoint_probe_register(tp, probe, ring)`.
@@ -376,6 +386,7 @@ impl SwitchLog {
         match ret {
             Some(0) => {
                 self.state = LogState::Registered;
+                self.epoch += 1;
                 Ok(())
             }
             Some(r) => {
@@ -696,6 +707,7 @@ mod tests {
             },
             code_len: 32,
             state: LogState::Registered,
+            epoch: 1,
         };
         (fake, log)
     }

@@ -218,6 +218,11 @@ impl Engine {
     /// commit ([`Check::prescan`] says why that is sound): the pause then
     /// unwinds only the tasks that ran since. Nothing is written. A
     /// failure only means the pause judges every task, as it would have.
+    ///
+    /// While the switch log runs, the stacks read are kept summarised
+    /// ([`crate::safepoint::StackCache`]), and the next pre-scan reads
+    /// only the tasks the log names since: what it costs follows the
+    /// switches, not the tasks.
     pub fn prescan<G: Guest + ?Sized>(&mut self, kernel: &Kernel, guest: &G, p: &Prepared) {
         self.prescan = None;
         if p.change.forced || p.check.is_empty() {
@@ -229,7 +234,46 @@ impl Engine {
         let space = kernel.space(guest);
         // Before the first task is read: the switches the pause must look
         // at are those logged from here on.
-        let head0 = self.switches.as_ref().and_then(|l| l.live_head(guest).ok());
+        let live = self
+            .switches
+            .as_ref()
+            .and_then(|l| Some((l, l.live_head(guest).ok()?)));
+        let head0 = live.map(|(_, h)| h);
+        let cached = live.and_then(|(log, head)| {
+            let cache = self
+                .stack_cache
+                .as_ref()
+                .filter(|c| c.usable(log.epoch()))?;
+            let named = match log.named_between(guest, cache.head, head) {
+                Ok(n) => n,
+                Err(why) => {
+                    tracing::debug!(patch = p.name, "a full pre-scan: {why}");
+                    return None;
+                }
+            };
+            let read = |addr| f.tasks.read_task(&space, addr).ok();
+            Some(p.check.prescan_cached(
+                &space,
+                cache,
+                &named,
+                head,
+                f.orc.as_ref(),
+                &f.hooks,
+                read,
+                read,
+            ))
+        });
+        if let Some((scan, cache)) = cached {
+            tracing::debug!(
+                patch = p.name,
+                clear = scan.len(),
+                summarised = cache.len(),
+                "pre-scan from the stacks summarised before, the switches since read again"
+            );
+            self.stack_cache = Some(cache);
+            self.prescan = Some((p.check.clone(), scan));
+            return;
+        }
         let tasks = match f.tasks.list(&space, &[]) {
             Ok(t) => t,
             Err(e) => {
@@ -249,6 +293,9 @@ impl Engine {
             tasks = tasks.len(),
             "pre-scan while the guest runs"
         );
+        self.stack_cache = live.map(|(log, head)| {
+            crate::safepoint::StackCache::from_full(&scan, log.epoch(), head, tasks.len())
+        });
         self.prescan = Some((p.check.clone(), scan));
     }
 
