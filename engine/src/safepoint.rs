@@ -877,6 +877,12 @@ impl StackCache {
     /// The cache a full pre-scan `scan` of `listed` tasks leaves, for the
     /// log's registration `epoch`, its head `head` read before the walk.
     pub fn from_full(scan: &Prescan, epoch: u64, head: u64, listed: usize) -> Self {
+        Self::of(scan, epoch, head, listed, 0)
+    }
+
+    /// What `scan` leaves: its summaries, and the tasks it listed without
+    /// one.
+    fn of(scan: &Prescan, epoch: u64, head: u64, listed: usize, rounds: u32) -> Self {
         Self {
             epoch,
             head,
@@ -888,7 +894,7 @@ impl StackCache {
                 .filter(|a| !scan.summaries.contains_key(a))
                 .collect(),
             listed,
-            rounds: 0,
+            rounds,
         }
     }
 
@@ -957,19 +963,13 @@ impl Check {
                 scan.unclear.push(addr);
             }
         }
-        let next = StackCache {
-            epoch: cache.epoch,
+        let next = StackCache::of(
+            &scan,
+            cache.epoch,
             head,
-            tasks: scan.summaries.clone(),
-            uncached: scan
-                .unclear
-                .iter()
-                .copied()
-                .filter(|a| !scan.summaries.contains_key(a))
-                .collect(),
-            listed: cache.listed,
-            rounds: cache.rounds.saturating_add(1),
-        };
+            cache.listed,
+            cache.rounds.saturating_add(1),
+        );
         (scan, next)
     }
 }

@@ -360,46 +360,36 @@ impl SwitchLog {
     /// time). One that failed leaves the log's state unknown: it is never
     /// trusted or registered again.
     pub fn unregistered(&mut self, ret: Option<u64>) -> Result<(), String> {
-        match ret {
-            Some(0) => {
-                self.state = LogState::Unregistered;
-                Ok(())
-            }
-            Some(r) => {
-                self.state = LogState::Lost;
-                let r = r as u32 as i32;
-                Err(format!(
-                    "tracepoint_probe_unregister returned {r}{}",
-                    crate::transition::errno_name(r)
-                ))
-            }
-            None => {
-                self.state = LogState::Lost;
-                Err("tracepoint_probe_unregister did not finish in time".into())
-            }
-        }
+        self.settle(ret, LogState::Unregistered, "tracepoint_probe_unregister")
     }
 
     /// What the registration returned (`None`: it did not finish in time,
     /// and its outcome will never be known).
     pub fn registered(&mut self, ret: Option<u64>) -> Result<(), String> {
+        self.settle(ret, LogState::Registered, "tracepoint_probe_register")?;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// The state after `call` returned `ret`: `done` for 0, lost for
+    /// anything else (a failure, or no result in time).
+    fn settle(&mut self, ret: Option<u64>, done: LogState, call: &str) -> Result<(), String> {
         match ret {
             Some(0) => {
-                self.state = LogState::Registered;
-                self.epoch += 1;
+                self.state = done;
                 Ok(())
             }
             Some(r) => {
                 self.state = LogState::Lost;
                 let r = r as u32 as i32;
                 Err(format!(
-                    "tracepoint_probe_register returned {r}{}",
+                    "{call} returned {r}{}",
                     crate::transition::errno_name(r)
                 ))
             }
             None => {
                 self.state = LogState::Lost;
-                Err("tracepoint_probe_register did not finish in time".into())
+                Err(format!("{call} did not finish in time"))
             }
         }
     }
