@@ -56,7 +56,7 @@ pub struct PioDevices {
     pub module_hooks: module_hooks::ModuleHooks,
     /// The virtio-mmio devices: each one's window base and transport.
     /// A device is served under its lock by the vCPU that touched it.
-    /// Shared with a device's own thread (the net device's RX thread).
+    /// Shared with a device's own thread (the net device's thread).
     virtio: Vec<(u64, Arc<Mutex<virtio::mmio::MmioTransport>>)>,
 }
 

@@ -325,7 +325,8 @@ impl MmioTransport {
     }
 
     /// Runs queue `index` for the device's own back end (the net device's
-    /// RX thread, when frames arrive): as a notify from the driver would.
+    /// device thread, on a notify through its ioeventfd or when frames
+    /// arrive): as a notify from the driver would.
     /// Returns false when the queue is not running (no DRIVER_OK yet, the
     /// device needs a reset, or the queue is absent or not ready).
     pub fn process_from_backend(&mut self, index: u16) -> bool {
