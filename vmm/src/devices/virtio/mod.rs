@@ -30,7 +30,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_QUEUE_NOTIFY,
+};
 pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
 /// Guest-physical base of the first device's register window, in the
@@ -46,6 +48,10 @@ pub const GSIS: [u32; 5] = [5, 6, 7, 10, 11];
 /// QueueNotify's offset in a device's window, where the VM's ioeventfds
 /// listen (spec 4.2.2).
 pub const QUEUE_NOTIFY_OFFSET: u32 = VIRTIO_MMIO_QUEUE_NOTIFY;
+/// InterruptStatus's offset: read by the vCPU without the device's lock.
+pub const INTERRUPT_STATUS_OFFSET: u32 = VIRTIO_MMIO_INTERRUPT_STATUS;
+/// InterruptACK's offset: written by the vCPU without the device's lock.
+pub const INTERRUPT_ACK_OFFSET: u32 = VIRTIO_MMIO_INTERRUPT_ACK;
 /// How many virtio devices one VM may have (one GSI each).
 pub const MAX_DEVICES: usize = GSIS.len();
 
