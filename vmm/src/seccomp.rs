@@ -20,6 +20,10 @@
 //! - [`Kind::Vmm`]: the main thread once the VM runs, the console drains,
 //!   the stdin pump and the signal thread: terminal mode, the socket file's
 //!   removal at exit.
+//! - [`Kind::Net`]: a virtio-net device thread, which moves frames between
+//!   the guest and its tap: nothing beyond [`BASE`] (`poll`, `read` and
+//!   `write` on the tap and the eventfds it was handed) and no ioctl at
+//!   all, since it reads guest-controlled descriptors all day.
 //!
 //! Each thread applies its own filter as it starts ([`enter`]); the main
 //! thread applies [`Kind::Vmm`] once every file, socket and KVM object is
@@ -72,6 +76,8 @@ pub enum Kind {
     Api,
     /// The main thread and the VMM's small I/O threads.
     Vmm,
+    /// A virtio-net device thread (its tap and its queues' eventfds).
+    Net,
 }
 
 impl Kind {
@@ -80,6 +86,7 @@ impl Kind {
             Kind::Vcpu => "vcpu",
             Kind::Api => "api",
             Kind::Vmm => "vmm",
+            Kind::Net => "net",
         }
     }
 }
@@ -223,6 +230,8 @@ fn ioctls(kind: Kind) -> Vec<u64> {
             libc::TCSETSF,
             libc::FIONBIO,
         ],
+        // The tap was configured before the thread started.
+        Kind::Net => Vec::new(),
     }
 }
 
@@ -236,6 +245,7 @@ pub fn filter(kind: Kind) -> Result<BpfProgram, SeccompError> {
         Kind::Vcpu => VCPU,
         Kind::Api => API,
         Kind::Vmm => VMM,
+        Kind::Net => &[],
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BASE
         .iter()
@@ -251,7 +261,11 @@ pub fn filter(kind: Kind) -> Result<BpfProgram, SeccompError> {
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(build)?;
-    rules.insert(libc::SYS_ioctl, ioctl);
+    // An empty rule list would allow every request: a kind without
+    // ioctls gets no entry, so any ioctl traps.
+    if !ioctl.is_empty() {
+        rules.insert(libc::SYS_ioctl, ioctl);
+    }
     // Threads, never processes: `clone` only with CLONE_THREAD, so a
     // thread that went wrong cannot fork. `clone3` passes its flags in
     // memory, which a filter cannot read; it passes here and the stacked
@@ -322,6 +336,7 @@ struct Filters {
     vcpu: BpfProgram,
     api: BpfProgram,
     vmm: BpfProgram,
+    net: BpfProgram,
     soft_failures: [BpfProgram; 2],
 }
 
@@ -343,6 +358,7 @@ pub fn prepare(enabled: bool) -> Result<(), SeccompError> {
             vcpu: filter(Kind::Vcpu)?,
             api: filter(Kind::Api)?,
             vmm: filter(Kind::Vmm)?,
+            net: filter(Kind::Net)?,
             soft_failures: soft_failures()?,
         })
     } else {
@@ -362,6 +378,7 @@ pub fn enter(kind: Kind) -> Result<(), SeccompError> {
         Kind::Vcpu => &f.vcpu,
         Kind::Api => &f.api,
         Kind::Vmm => &f.vmm,
+        Kind::Net => &f.net,
     };
     KIND.with(|k| k.set(kind as u8 + 1));
     // A thread started by a filtered thread (tokio's blocking pool grows
@@ -504,6 +521,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         1 => "vcpu",
         2 => "api",
         3 => "vmm",
+        4 => "net",
         _ => "unnamed",
     });
     let mut buf = Line::default();
@@ -626,7 +644,13 @@ mod tests {
             return;
         };
         prepare(true).expect("prepare");
-        enter(Kind::Vcpu).expect("enter");
+        let kind = match std::env::var("KLPV_SECCOMP_KIND").as_deref() {
+            Ok("net") => Kind::Net,
+            _ => Kind::Vcpu,
+        };
+        // What a net thread is handed, made before its filter applies.
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        enter(kind).expect("enter");
         match what.as_str() {
             // Allowed: memory, a thread, a futex, a write.
             "allowed" => {
@@ -674,6 +698,29 @@ mod tests {
                 unsafe { libc::ioctl(0, libc::TIOCSTI, &c) };
                 std::process::exit(0);
             }
+            // A net device thread's job: wait on an eventfd it was
+            // handed, read and write it.
+            "net-io" => {
+                let e = evt;
+                e.write(3).expect("write");
+                let mut fds = [libc::pollfd {
+                    fd: std::os::unix::io::AsRawFd::as_raw_fd(&e),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                // SAFETY: one valid pollfd for the call's duration.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) };
+                println!("polled={n} read={}", e.read().expect("read"));
+                std::process::exit(0);
+            }
+            // Even the non-blocking switch other kinds may flip is not a
+            // net thread's.
+            "fionbio" => {
+                let on: libc::c_int = 1;
+                // SAFETY: FIONBIO on stdin with a valid int pointer.
+                unsafe { libc::ioctl(0, libc::FIONBIO, &on) };
+                std::process::exit(0);
+            }
             // A panic contained by catch_unwind, as the API's handlers
             // contain a bug on hostile input.
             "panic" => {
@@ -691,9 +738,15 @@ mod tests {
     /// Runs `seccomp_child` doing `what`, with RUST_BACKTRACE=1: under it
     /// std's own panic hook would open the binary.
     fn child(what: &str) -> std::process::Output {
+        child_of_kind(what, "vcpu")
+    }
+
+    /// [`child`] on a thread of `kind` ("vcpu" or "net").
+    fn child_of_kind(what: &str, kind: &str) -> std::process::Output {
         Command::new(std::env::current_exe().expect("test binary"))
             .args(["--exact", "seccomp::tests::seccomp_child", "--nocapture"])
             .env("KLPV_SECCOMP_CHILD", what)
+            .env("KLPV_SECCOMP_KIND", kind)
             .env("RUST_BACKTRACE", "1")
             .output()
             .expect("run the child")
@@ -763,8 +816,26 @@ mod tests {
     }
 
     #[test]
+    fn a_net_thread_polls_and_moves_bytes_but_makes_no_ioctl_or_socket() {
+        let out = child_of_kind("net-io", "net");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert!(stdout.contains("polled=1 read=3"), "{stdout}");
+        for (what, call) in [
+            ("fionbio", "(ioctl (this request))"),
+            ("socket", "41 (socket)"),
+        ] {
+            let out = child_of_kind(what, "net");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(EXIT_FORBIDDEN_SYSCALL), "{out:?}");
+            assert!(stderr.contains("a net thread made system call"), "{stderr}");
+            assert!(stderr.contains(call), "{stderr}");
+        }
+    }
+
+    #[test]
     fn every_kind_compiles() {
-        for kind in [Kind::Vcpu, Kind::Api, Kind::Vmm] {
+        for kind in [Kind::Vcpu, Kind::Api, Kind::Vmm, Kind::Net] {
             let prog = filter(kind).expect("filter");
             assert!(!prog.is_empty());
         }

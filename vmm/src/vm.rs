@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -108,8 +108,8 @@ pub enum VmError {
     /// A `--disk` image could not be used.
     #[error(transparent)]
     Disk(#[from] BlockError),
-    /// A NIC's RX thread could not be spawned.
-    #[error("cannot start the virtio-net RX thread: {0}")]
+    /// A NIC's device thread could not be spawned.
+    #[error("cannot start the virtio-net device thread: {0}")]
     NetThread(std::io::Error),
     /// A `--net` tap could not be used.
     #[error(transparent)]
@@ -235,6 +235,7 @@ impl Vm {
             (Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
             (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
             (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
         ] {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCap(name));
@@ -257,7 +258,7 @@ impl Vm {
         regs::write_boot_tables(&memory)?;
         // Disks first, then NICs, each on the next window and GSI.
         let mut transports = Vec::new();
-        let mut rx_threads = Vec::new();
+        let mut net_threads = Vec::new();
         let devices_wanted = config.disks.len() + config.nets.len();
         if devices_wanted > virtio::MAX_DEVICES {
             return Err(VmError::TooManyDevices);
@@ -274,7 +275,7 @@ impl Vm {
                     .map_err(VmError::VirtioQueue)?;
             let transport = Arc::new(Mutex::new(transport));
             transports.push((base, gsi, transport.clone()));
-            Ok::<_, VmError>(transport)
+            Ok::<_, VmError>((base, transport))
         };
         for disk in &config.disks {
             new_transport(Box::new(Block::open(&disk.path, disk.read_only)?))?;
@@ -282,8 +283,12 @@ impl Vm {
         for nic in &config.nets {
             let tap = Arc::new(net::open_tap(&nic.tap)?);
             let (device, shared) = Net::new(tap.clone(), nic.mac)?;
-            let transport = new_transport(Box::new(device))?;
-            rx_threads.push((tap, shared, transport));
+            let (base, transport) = new_transport(Box::new(device))?;
+            let notifiers = net::Notifiers {
+                rx: queue_notifier(&vm_fd, base, net::RX_QUEUE)?,
+                tx: queue_notifier(&vm_fd, base, net::TX_QUEUE)?,
+            };
+            net_threads.push((tap, shared, notifiers, transport));
         }
         let virtio_slots: Vec<(u64, u32)> = transports.iter().map(|(b, g, _)| (*b, *g)).collect();
         let rsdp = acpi::write_tables(&memory, config.cpus, com2_out.is_some(), &virtio_slots)?;
@@ -314,8 +319,8 @@ impl Vm {
         for (base, _, transport) in transports {
             devices.add_virtio(base, transport);
         }
-        for (tap, shared, transport) in rx_threads {
-            net::spawn_rx(tap, shared, transport).map_err(VmError::NetThread)?;
+        for (tap, shared, notifiers, transport) in net_threads {
+            net::spawn_io(tap, shared, notifiers, transport).map_err(VmError::NetThread)?;
         }
         let devices = Arc::new(devices);
 
@@ -601,6 +606,18 @@ fn release(vcpus: &[VcpuHandle]) {
     for v in vcpus {
         let _ = v.requests.send(VcpuRequest::Resume);
     }
+}
+
+/// An eventfd KVM signals, without leaving the guest, when it writes
+/// `queue` (4 bytes) to QueueNotify in the virtio-mmio window at `base`.
+/// Other writes there still exit to the VMM, which serves them the slow way.
+fn queue_notifier(vm_fd: &VmFd, base: u64, queue: u16) -> Result<EventFd, VmError> {
+    let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    let addr = IoEventAddress::Mmio(base + u64::from(virtio::QUEUE_NOTIFY_OFFSET));
+    vm_fd
+        .register_ioevent(&fd, &addr, u32::from(queue))
+        .map_err(kvm_err("virtio ioeventfd"))?;
+    Ok(fd)
 }
 
 fn create_memory(

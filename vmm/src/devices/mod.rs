@@ -56,8 +56,17 @@ pub struct PioDevices {
     pub module_hooks: module_hooks::ModuleHooks,
     /// The virtio-mmio devices: each one's window base and transport.
     /// A device is served under its lock by the vCPU that touched it.
-    /// Shared with a device's own thread (the net device's RX thread).
-    virtio: Vec<(u64, Arc<Mutex<virtio::mmio::MmioTransport>>)>,
+    /// Shared with a device's own thread (the net device's thread).
+    virtio: Vec<VirtioSlot>,
+}
+
+/// One virtio device as the vCPUs reach it.
+struct VirtioSlot {
+    base: u64,
+    transport: Arc<Mutex<virtio::mmio::MmioTransport>>,
+    /// The device's interrupt status, read and acknowledged without the
+    /// transport's lock (see [`virtio::mmio::MmioTransport::interrupt`]).
+    interrupt: Arc<virtio::Interrupt>,
 }
 
 impl PioDevices {
@@ -78,24 +87,39 @@ impl PioDevices {
     /// Adds a virtio device whose register window starts at `base`
     /// ([`virtio::slot`]).
     pub fn add_virtio(&mut self, base: u64, transport: Arc<Mutex<virtio::mmio::MmioTransport>>) {
-        self.virtio.push((base, transport));
+        let interrupt = match transport.lock() {
+            Ok(t) => t.interrupt(),
+            Err(poisoned) => poisoned.into_inner().interrupt(),
+        };
+        self.virtio.push(VirtioSlot {
+            base,
+            transport,
+            interrupt,
+        });
     }
 
     /// The virtio device whose window holds `addr`, and the offset in it.
-    fn virtio_at(&self, addr: u64) -> Option<(&Mutex<virtio::mmio::MmioTransport>, u64)> {
-        self.virtio.iter().find_map(|(base, t)| {
-            let offset = addr.checked_sub(*base)?;
-            (offset < virtio::MMIO_SIZE).then_some((&**t, offset))
+    fn virtio_at(&self, addr: u64) -> Option<(&VirtioSlot, u64)> {
+        self.virtio.iter().find_map(|slot| {
+            let offset = addr.checked_sub(slot.base)?;
+            (offset < virtio::MMIO_SIZE).then_some((slot, offset))
         })
     }
 
     /// Handles an MMIO read; false when no device claims `addr`.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
-        let Some((t, offset)) = self.virtio_at(addr) else {
+        let Some((slot, offset)) = self.virtio_at(addr) else {
             return false;
         };
         data.fill(0);
-        if let Ok(mut t) = t.lock() {
+        if offset == u64::from(virtio::INTERRUPT_STATUS_OFFSET) {
+            // The guest's interrupt handler: no lock (whole 32-bit reads only).
+            if let Ok(word) = <&mut [u8; 4]>::try_from(data) {
+                *word = slot.interrupt.status().to_le_bytes();
+            }
+            return true;
+        }
+        if let Ok(mut t) = slot.transport.lock() {
             t.read(offset, data);
         }
         true
@@ -103,10 +127,16 @@ impl PioDevices {
 
     /// Handles an MMIO write; false when no device claims `addr`.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
-        let Some((t, offset)) = self.virtio_at(addr) else {
+        let Some((slot, offset)) = self.virtio_at(addr) else {
             return false;
         };
-        if let Ok(mut t) = t.lock() {
+        if offset == u64::from(virtio::INTERRUPT_ACK_OFFSET) {
+            if let Ok(word) = <[u8; 4]>::try_from(data) {
+                slot.interrupt.ack(u32::from_le_bytes(word));
+            }
+            return true;
+        }
+        if let Ok(mut t) = slot.transport.lock() {
             t.write(offset, data);
         }
         true
@@ -275,7 +305,7 @@ mod tests {
         let irq = Arc::new(virtio::Interrupt::new(
             vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         ));
-        let t = virtio::mmio::MmioTransport::new(Box::new(block), mem, irq).unwrap();
+        let t = virtio::mmio::MmioTransport::new(Box::new(block), mem, irq.clone()).unwrap();
         let mut d = devices();
         let (base, _) = virtio::slot(0).unwrap();
         d.add_virtio(base, Arc::new(Mutex::new(t)));
@@ -292,6 +322,19 @@ mod tests {
         );
         assert!(!d.mmio_read(base - 4, &mut w));
         assert!(!d.mmio_write(base + virtio::MMIO_SIZE, &[0; 4]));
+
+        // The interrupt registers answer while a device thread holds the
+        // transport (here this thread: a lock taken again would hang).
+        let status = base + u64::from(virtio::INTERRUPT_STATUS_OFFSET);
+        let ack = base + u64::from(virtio::INTERRUPT_ACK_OFFSET);
+        irq.trigger(virtio::VIRTIO_MMIO_INT_VRING);
+        let held = d.virtio[0].transport.lock().unwrap();
+        assert!(d.mmio_read(status, &mut w));
+        assert_eq!(u32::from_le_bytes(w), virtio::VIRTIO_MMIO_INT_VRING);
+        assert!(d.mmio_write(ack, &virtio::VIRTIO_MMIO_INT_VRING.to_le_bytes()));
+        assert!(d.mmio_read(status, &mut w));
+        assert_eq!(u32::from_le_bytes(w), 0);
+        drop(held);
         let _ = std::fs::remove_file(&path);
     }
 

@@ -11,7 +11,8 @@
 //! - [`mmio`]: the transport, i.e. the register file, the device status
 //!   state machine, feature negotiation and the queues' configuration;
 //! - [`block`]: virtio-blk over a raw image file;
-//! - [`net`]: virtio-net over a host tap device, with its RX thread;
+//! - [`net`]: virtio-net over a host tap device, served by its own thread
+//!   (queue notifies reach it through KVM ioeventfds);
 //! - [`Interrupt`] (here): the interrupt-status register and the irqfd that
 //!   raises the device's line.
 //!
@@ -29,6 +30,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_QUEUE_NOTIFY,
+};
 pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
 /// Guest-physical base of the first device's register window, in the
@@ -41,6 +45,13 @@ pub const MMIO_SIZE: u64 = 0x1000;
 /// the ISA lines something else claims: the PIT (0), the i8042 (1, 12),
 /// the UARTs (3, 4), the RTC (8), the ACPI SCI (9).
 pub const GSIS: [u32; 5] = [5, 6, 7, 10, 11];
+/// QueueNotify's offset in a device's window, where the VM's ioeventfds
+/// listen (spec 4.2.2).
+pub const QUEUE_NOTIFY_OFFSET: u32 = VIRTIO_MMIO_QUEUE_NOTIFY;
+/// InterruptStatus's offset: read by the vCPU without the device's lock.
+pub const INTERRUPT_STATUS_OFFSET: u32 = VIRTIO_MMIO_INTERRUPT_STATUS;
+/// InterruptACK's offset: written by the vCPU without the device's lock.
+pub const INTERRUPT_ACK_OFFSET: u32 = VIRTIO_MMIO_INTERRUPT_ACK;
 /// How many virtio devices one VM may have (one GSI each).
 pub const MAX_DEVICES: usize = GSIS.len();
 
@@ -54,7 +65,7 @@ pub fn slot(index: usize) -> Option<(u64, u32)> {
 
 /// A device's interrupt line: the interrupt-status register the driver
 /// reads and acknowledges, and the irqfd that raises the line. Shared with
-/// any thread that completes requests (the net device's RX thread).
+/// any thread that completes requests (the net device's thread).
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
