@@ -61,6 +61,11 @@ struct Cli {
     /// Deadline of each QMP command, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     qmp_timeout_ms: u64,
+    /// Give the guest a patch arena: reuse the one an earlier attach (or
+    /// QEMU's command line) added, else hot-plug a 16 MiB memfd-backed
+    /// `ivshmem-plain` device through QMP.
+    #[arg(long)]
+    arena: bool,
 }
 
 /// The kernel view, built on first need and kept (as the VMM keeps it:
@@ -645,6 +650,7 @@ fn main() -> std::process::ExitCode {
     let opts = AttachOptions {
         timeout: Duration::from_millis(cli.qmp_timeout_ms),
         pid: cli.pid,
+        arena: cli.arena,
         ..AttachOptions::default()
     };
     let guest = match QemuGuest::attach(&cli.qmp, &opts) {
@@ -661,6 +667,17 @@ fn main() -> std::process::ExitCode {
         guest.vcpu_count(),
         guest.memory_map().len()
     );
+    let (GuestPhys(arena), arena_len) = guest.arena();
+    if arena_len > 0 {
+        eprintln!(
+            "klpvisor-attach: patch arena at guest-physical {arena:#x}+{arena_len:#x} ({})",
+            if guest.arena_added() {
+                "hot-plugged now"
+            } else {
+                "found"
+            }
+        );
+    }
     let listener = match bind(&cli.api_sock) {
         Ok(l) => l,
         Err(e) => {
