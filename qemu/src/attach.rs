@@ -129,6 +129,9 @@ pub enum QemuError {
     /// map, or not usable as an arena.
     #[error("the patch arena is not usable: {0}")]
     Arena(String),
+    /// A write through QEMU's gdbstub (see [`crate::gdb`]) failed.
+    #[error(transparent)]
+    Gdb(#[from] crate::gdb::GdbError),
     /// An operation needs the arena, and this attach has none.
     #[error("no patch arena: attach with the arena (klpvisor-attach --arena) to change the guest")]
     NoArena,
@@ -191,6 +194,9 @@ pub struct QemuGuest {
     arena: (u64, u64),
     /// Whether this attach hot-plugged the arena (else it found it).
     arena_added: bool,
+    /// Under TCG with an arena: QEMU's gdbstub, which every write also
+    /// goes through so the vCPUs do not run stale translations of it.
+    gdb: Option<Mutex<crate::gdb::Gdb>>,
 }
 
 /// The thread group of thread `tid`, from `/proc/TID/status`.
@@ -288,6 +294,26 @@ impl QemuGuest {
             socket: socket.display().to_string(),
             why: why.join("; "),
         })?;
+        // Patching under TCG: writes must reach QEMU's memory API too.
+        // Started paused (a gdb connection stops the VM), and the VM
+        // resumed after if it ran.
+        let gdb = if opts.arena && !kvm_enabled(&mut qmp)? {
+            let running = qmp
+                .execute("query-status", None)?
+                .get("running")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if running {
+                qmp.execute("stop", None)?;
+            }
+            let g = crate::gdb::Gdb::start(&mut qmp, opts.timeout);
+            if running {
+                qmp.execute("cont", None)?;
+            }
+            Some(Mutex::new(g?))
+        } else {
+            None
+        };
         Ok(Self {
             qmp: Mutex::new(qmp),
             state: Mutex::new(State::default()),
@@ -297,7 +323,14 @@ impl QemuGuest {
             kernel_gs_base: opts.kernel_gs_base,
             arena,
             arena_added,
+            gdb,
         })
+    }
+
+    /// Whether writes also go through QEMU's gdbstub (TCG; see
+    /// [`crate::gdb`]).
+    pub fn writes_through_gdbstub(&self) -> bool {
+        self.gdb.is_some()
     }
 
     /// Whether this attach hot-plugged the arena (`false`: it found the
@@ -494,6 +527,14 @@ fn cpu_state_dump(q: &mut Qmp, gpa: u64) -> Result<Vec<VcpuRegs>, QemuError> {
         .collect()
 }
 
+/// Whether the VM runs under KVM (`query-kvm`); else TCG.
+fn kvm_enabled(q: &mut Qmp) -> Result<bool, QemuError> {
+    Ok(q.execute("query-kvm", None)?
+        .get("enabled")
+        .and_then(Value::as_bool)
+        .unwrap_or(false))
+}
+
 /// Whether QEMU knows the QOM object at `path`: a `qom-get` of its
 /// `type` succeeds. Any refusal counts as "no" (QEMU names a missing path
 /// "DeviceNotFound" or a GenericError, depending on the version).
@@ -643,6 +684,18 @@ fn check_against_xp(q: &mut Qmp, ram: &GuestRam) -> Result<(), QemuError> {
     Ok(())
 }
 
+impl Drop for QemuGuest {
+    /// Stops the gdbstub this attach started (best effort: QEMU may be
+    /// gone).
+    fn drop(&mut self) {
+        if let (Some(g), Ok(mut q)) = (&self.gdb, self.qmp.lock()) {
+            if let Ok(g) = g.lock() {
+                g.stop(&mut q);
+            }
+        }
+    }
+}
+
 impl Guest for QemuGuest {
     type Error = QemuError;
 
@@ -650,8 +703,15 @@ impl Guest for QemuGuest {
         Ok(self.ram.read(gpa.0, buf)?)
     }
 
+    /// Through `/proc/PID/mem` (checked whole first), then, under TCG,
+    /// the same bytes through QEMU's gdbstub, which drops the stale
+    /// translations of the code written.
     fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), QemuError> {
-        Ok(self.ram.write(gpa.0, data)?)
+        self.ram.write(gpa.0, data)?;
+        if let Some(g) = &self.gdb {
+            lock(g)?.write_phys(gpa.0, data)?;
+        }
+        Ok(())
     }
 
     /// The ivshmem BAR (see [`ensure_arena`]), or (0, 0) when attached
