@@ -705,13 +705,23 @@ impl Guest for QemuGuest {
 
     /// Through `/proc/PID/mem` (checked whole first), then, under TCG,
     /// the same bytes through QEMU's gdbstub, which drops the stale
-    /// translations of the code written.
+    /// translations of the code written. The gdbstub takes packets only
+    /// while the VM is stopped (a byte that reaches it while the VM runs
+    /// stops the VM and is dropped), so a write while the VM runs is made
+    /// in a pause of its own; the engine writes inside its pauses anyway.
     fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), QemuError> {
         self.ram.write(gpa.0, data)?;
-        if let Some(g) = &self.gdb {
+        let Some(g) = &self.gdb else {
+            return Ok(());
+        };
+        let write = |_: &Self| -> Result<(), QemuError> {
             lock(g)?.write_phys(gpa.0, data)?;
+            Ok(())
+        };
+        if lock(&self.state)?.paused_by_us {
+            return write(self);
         }
-        Ok(())
+        self.paused(write)?.0
     }
 
     /// The ivshmem BAR (see [`ensure_arena`]), or (0, 0) when attached
