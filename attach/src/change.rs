@@ -22,6 +22,7 @@ use axum::http::StatusCode;
 use klpvisor_api::{
     ErrorKind, HistoryEntry, PatchInfo, PatchesReply, RollbackReply, TransitionReply,
 };
+use klpvisor_engine::arena::ArenaError;
 use klpvisor_engine::engine::{Engine, EngineError, Fault, Prepared};
 use klpvisor_engine::transition::{self as lifecycle, Host, Live, Transition, TransitionError};
 use klpvisor_guest::{Guest, Kernel};
@@ -48,6 +49,19 @@ pub enum ChangeError {
 
 impl From<ChangeError> for HttpError {
     fn from(e: ChangeError) -> Self {
+        if let ChangeError::Engine(EngineError::Arena(ArenaError::AlreadyMapped { .. })) = &e {
+            // The engine's state lives in the attach process: an earlier
+            // attach patched this VM and its records went with it.
+            return HttpError(
+                StatusCode::CONFLICT,
+                ErrorKind::Refused,
+                format!(
+                    "{e}. An earlier klpvisor-attach patched this VM and its records of what it \
+                     wrote ended with it; the guest stays as it left it, and further patching \
+                     needs the VM restarted"
+                ),
+            );
+        }
         let (status, kind) = match &e {
             ChangeError::Busy => (StatusCode::CONFLICT, ErrorKind::Busy),
             ChangeError::Qemu(QemuError::NoArena) => (StatusCode::CONFLICT, ErrorKind::Refused),

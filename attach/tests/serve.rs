@@ -449,6 +449,41 @@ fn patches_a_qemu_guest_through_the_api() {
     drop(q);
     let again = QemuGuest::attach(&qmp, &AttachOptions::default()).unwrap();
     assert!(again.status().unwrap().0);
+    drop(again);
+
+    // A new attach finds the arena, but not the engine's state: it
+    // refuses to lay the arena out again over the live mapping.
+    let attach = Command::new(bin)
+        .arg("--qmp")
+        .arg(&qmp)
+        .arg("--api-sock")
+        .arg(&api)
+        .arg("--arena")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    procs.children.push(attach);
+    wait_for("the API socket", Duration::from_secs(60), || api.exists());
+    let c = Client::new(&api).unwrap();
+    assert_eq!(c.vm().unwrap().arena_gpa, vm.arena_gpa);
+    let sample = std::fs::read(patches.join("livepatch-sample.ko")).unwrap();
+    let e = c.apply(sample, opts).unwrap_err();
+    eprintln!("apply after a re-attach: {e}");
+    assert!(
+        matches!(
+            e,
+            ClientError::Api {
+                status: 409,
+                kind: ErrorKind::Refused,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("already mapped"), "{e}");
+    assert!(e.to_string().contains("VM restarted"), "{e}");
+    let line = cmdline_now(&console);
+    assert_eq!(line, "CMDLINE this has been live patched");
     assert!(
         procs.children[0].try_wait().unwrap().is_none(),
         "QEMU exited"
