@@ -319,3 +319,40 @@ pub fn remove(app: &App, kernel: &Kernel, name: &str) -> Result<PatchInfo, Chang
 pub fn history(app: &App) -> Vec<HistoryEntry> {
     lock(&app.engine).history()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(e: ChangeError) -> (StatusCode, ErrorKind, String) {
+        let h = HttpError::from(e);
+        (h.0, h.1, h.2)
+    }
+
+    #[test]
+    fn refusals_say_why_with_the_vmms_statuses() {
+        let (s, k, m) = reply(ChangeError::Transition(TransitionError::NoGuestCalls {
+            patch: "p".into(),
+            needs: "it has klp callbacks",
+            why: "no vector".into(),
+        }));
+        assert_eq!(
+            (s, k),
+            (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::Refused)
+        );
+        assert!(
+            m.contains("klp callbacks") && m.contains("no vector"),
+            "{m}"
+        );
+        let (s, k, m) = reply(QemuError::NoArena.into());
+        assert_eq!((s, k), (StatusCode::CONFLICT, ErrorKind::Refused));
+        assert!(m.contains("--arena"), "{m}");
+        let (s, k, _) = reply(ChangeError::Busy);
+        assert_eq!((s, k), (StatusCode::CONFLICT, ErrorKind::Busy));
+        let (s, k, m) = reply(ChangeError::Engine(EngineError::Arena(
+            ArenaError::AlreadyMapped { slots: vec![3] },
+        )));
+        assert_eq!((s, k), (StatusCode::CONFLICT, ErrorKind::Refused));
+        assert!(m.contains("VM restarted"), "{m}");
+    }
+}
