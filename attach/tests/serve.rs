@@ -462,6 +462,7 @@ fn patches_a_qemu_guest_through_the_api() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
+    let reattach_pid = attach.id();
     procs.children.push(attach);
     wait_for("the API socket", Duration::from_secs(60), || api.exists());
     let c = Client::new(&api).unwrap();
@@ -482,6 +483,18 @@ fn patches_a_qemu_guest_through_the_api() {
     );
     assert!(e.to_string().contains("already mapped"), "{e}");
     assert!(e.to_string().contains("VM restarted"), "{e}");
+    let line = cmdline_now(&console);
+    assert_eq!(line, "CMDLINE this has been live patched");
+    // SIGTERM again: this attach stops the gdbstub it started, and the
+    // guest runs on.
+    let status = Command::new("kill")
+        .arg(reattach_pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("the socket's removal", Duration::from_secs(10), || {
+        !api.exists()
+    });
     let line = cmdline_now(&console);
     assert_eq!(line, "CMDLINE this has been live patched");
     assert!(
