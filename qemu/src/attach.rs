@@ -561,7 +561,9 @@ pub fn ensure_arena(q: &mut Qmp) -> Result<(Vec<hmp::RamRange>, bool), QemuError
     if ranges.iter().any(|r| r.name == ARENA_MEMDEV) {
         return Ok((ranges, false));
     }
+    let mut added_memdev = false;
     if !qom_exists(q, &format!("/objects/{ARENA_MEMDEV}"))? {
+        added_memdev = true;
         q.execute(
             "object-add",
             Some(json!({
@@ -585,9 +587,15 @@ pub fn ensure_arena(q: &mut Qmp) -> Result<(Vec<hmp::RamRange>, bool), QemuError
                 "id": ARENA_DEVICE,
             })),
         )
-        .map_err(|source| QemuError::ArenaRefused {
-            step: "device_add ivshmem-plain",
-            source,
+        .map_err(|source| {
+            // Leave QEMU as it was: the backend added for nothing goes.
+            if added_memdev {
+                let _ = q.execute("object-del", Some(json!({ "id": ARENA_MEMDEV })));
+            }
+            QemuError::ArenaRefused {
+                step: "device_add ivshmem-plain",
+                source,
+            }
         })?;
     }
     // The guest assigns the BAR when it handles the hot-plug event; its
@@ -1016,9 +1024,13 @@ mod tests {
 
     #[test]
     fn a_refused_hot_plug_says_what_to_put_on_the_command_line() {
+        use std::sync::{Arc, Mutex};
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let l = log.clone();
         let path = fake_qemu("noplug", move |cmd, _| {
+            l.lock().unwrap().push(cmd.to_owned());
             Ok(match cmd {
-                "qmp_capabilities" | "object-add" => json!({}),
+                "qmp_capabilities" | "object-add" | "object-del" => json!({}),
                 "qom-get" => return Err("not found".into()),
                 "device_add" => return Err("Bus 'pci.0' does not support hotplugging".into()),
                 "human-monitor-command" => Value::String(mtree(false)),
@@ -1040,6 +1052,13 @@ mod tests {
         );
         assert!(m.contains("does not support hotplugging"), "{m}");
         assert!(m.contains(ARENA_COMMAND_LINE), "{m}");
+        // The backend it added is taken away again.
+        let cmds = log.lock().unwrap().clone();
+        assert_eq!(
+            cmds.last().map(String::as_str),
+            Some("object-del"),
+            "{cmds:?}"
+        );
         let _ = std::fs::remove_file(path);
     }
 

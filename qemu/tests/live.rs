@@ -404,3 +404,59 @@ fn hash_zero(len: u64) -> u64 {
     }
     h
 }
+
+/// A machine whose PCI bus takes no hot-plug (q35's root complex): the
+/// arena is refused with QEMU's reason and the command line to use
+/// instead, and the memory backend added before the refusal is gone.
+/// No guest is needed: QEMU is started stopped (`-S`) with no kernel.
+#[test]
+fn an_arena_refused_by_qemu_names_the_command_line_and_leaves_nothing() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_VM.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = std::env::temp_dir().join(format!("klpv-qemu-q35-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("qmp.sock");
+    let child = Command::new("nice")
+        .args([
+            "-n",
+            "19",
+            "qemu-system-x86_64",
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+        ])
+        .args(["-m", "128", "-S", "-nodefaults", "-display", "none"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("cannot start qemu-system-x86_64");
+    let vm = Vm { child, dir };
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no QMP socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let opts = AttachOptions {
+        arena: true,
+        ..AttachOptions::default()
+    };
+    let e = QemuGuest::attach(&sock, &opts).unwrap_err();
+    let m = e.to_string();
+    eprintln!("attach --arena on q35: {m}");
+    assert!(matches!(e, QemuError::ArenaRefused { .. }), "{m}");
+    assert!(m.contains("does not support hotplugging"), "{m}");
+    assert!(m.contains(klpvisor_qemu::attach::ARENA_COMMAND_LINE), "{m}");
+    let g = QemuGuest::attach(&sock, &AttachOptions::default()).unwrap();
+    let memdevs = g.hmp("info memdev").unwrap();
+    assert!(!memdevs.contains("klpvarena"), "{memdevs}");
+    assert!(!g.hmp("info pci").unwrap().contains("1af4:1110"));
+    drop(g);
+    drop(vm);
+}
