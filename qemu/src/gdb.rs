@@ -256,6 +256,93 @@ impl Drop for Gdb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::BufRead;
+
+    /// A fake stub on one end of a socket pair: answers each packet with
+    /// `answer(data)` (several packets, raw bytes), after a stop reply.
+    fn fake_stub(
+        mut answer: impl FnMut(&str) -> Vec<u8> + Send + 'static,
+    ) -> (Gdb, std::thread::JoinHandle<Vec<String>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let h = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut r = std::io::BufReader::new(theirs.try_clone().unwrap());
+            let mut w = theirs;
+            loop {
+                let mut buf = Vec::new();
+                // Packets end with `#xx`: read up to '#', then two digits.
+                match r.read_until(b'#', &mut buf) {
+                    Ok(0) | Err(_) => return seen,
+                    Ok(_) => {}
+                }
+                let mut sum = [0u8; 2];
+                if r.read_exact(&mut sum).is_err() {
+                    return seen;
+                }
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                let data = text
+                    .trim_start_matches('+')
+                    .trim_start_matches('$')
+                    .trim_end_matches('#')
+                    .to_owned();
+                let _ = w.write_all(b"+");
+                let _ = w.write_all(&frame("T02thread:01;"));
+                let _ = w.write_all(&answer(&data));
+                seen.push(data);
+            }
+        });
+        let dir = std::env::temp_dir().join(format!("klpv-gdb-test-{}", std::process::id()));
+        let g = Gdb {
+            stream: ours,
+            dir,
+            timeout: Duration::from_millis(500),
+        };
+        (g, h)
+    }
+
+    #[test]
+    fn writes_are_hex_packets_of_at_most_a_kib_and_stop_replies_are_skipped() {
+        let (mut g, h) = fake_stub(|_| frame("OK"));
+        let data: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
+        g.write_phys(0x1000, &data).unwrap();
+        drop(g);
+        let seen = h.join().unwrap();
+        assert_eq!(seen.len(), 3);
+        assert!(
+            seen[0].starts_with("M1000,400:000102"),
+            "{}",
+            &seen[0][..20]
+        );
+        assert!(seen[1].starts_with("M1400,400:"));
+        assert!(seen[2].starts_with("M1800,1c4:"));
+        assert_eq!(seen[2].len(), "M1800,1c4:".len() + 2 * 0x1c4);
+    }
+
+    #[test]
+    fn an_error_reply_a_flood_and_silence_are_errors() {
+        let (mut g, _h) = fake_stub(|_| frame("E14"));
+        let e = g.write_phys(0x1000, &[1, 2]).unwrap_err();
+        assert!(
+            matches!(e, GdbError::Reply { ref reply, .. } if reply == "E14"),
+            "{e}"
+        );
+
+        let (mut g, _h) = fake_stub(|_| {
+            let mut v = b"$".to_vec();
+            v.extend(std::iter::repeat_n(b'x', MAX_PACKET + 10));
+            v
+        });
+        let e = g.write_phys(0x1000, &[1]).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+
+        let (mut g, _h) = fake_stub(|_| Vec::new());
+        let t = Instant::now();
+        let e = g.write_phys(0x1000, &[1]).unwrap_err();
+        assert!(matches!(e, GdbError::Timeout(_)), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn frames_and_packets() {

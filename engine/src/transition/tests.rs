@@ -145,6 +145,8 @@ struct FakePlan {
     loads: bool,
     warnings: Vec<String>,
     needs_percpu: bool,
+    /// Module objects: needs the hooks on the guest's module loads.
+    needs_hooks: bool,
     /// Functions still to register with the guest's ftrace.
     wants_ops: bool,
     /// A traced function this plan could only redirect by a jmp.
@@ -166,6 +168,9 @@ impl Planned for FakePlan {
     }
     fn needs_percpu(&self) -> bool {
         self.needs_percpu
+    }
+    fn needs_hooks(&self) -> bool {
+        self.needs_hooks
     }
     fn wants_ops(&self) -> bool {
         self.wants_ops
@@ -237,6 +242,8 @@ struct FakePatcher<'l> {
     /// A fake signal makes the sleeper leave: the next commit succeeds.
     nudge_unblocks: bool,
     percpu: FakePercpu,
+    /// The patch has module objects (see `FakePlan::needs_hooks`).
+    module_objects: bool,
     ops: FakeOps,
     log: FakeSwitchLog,
     steps_log: &'l Log,
@@ -271,6 +278,7 @@ impl<'l> FakePatcher<'l> {
             logs: false,
             nudge_unblocks: false,
             percpu: FakePercpu::default(),
+            module_objects: false,
             ops: FakeOps::default(),
             log: FakeSwitchLog::default(),
             steps_log: log,
@@ -295,6 +303,7 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
             needs_percpu: self.percpu.returns.is_some()
                 && self.percpu.pending.is_none()
                 && self.percpu.kept.is_none(),
+            needs_hooks: self.module_objects,
             wants_ops: self.ops.unregistered > 0,
             traced_jump: self.ops.traced && self.ops.unregistered > 0,
         })
@@ -1342,21 +1351,26 @@ fn a_host_without_guest_calls_patches_by_jmp_with_no_gate() {
     assert_eq!(steps(&log), ["prepare", "begun new", "load", "commit"]);
 }
 
-/// Callbacks and per-CPU data need the guest to run klpvisor's code: on
-/// a host that cannot, the patch is refused before anything is written,
-/// saying why.
+/// Callbacks, per-CPU data and module objects need the guest to run
+/// klpvisor's code: on a host that cannot, the patch is refused before
+/// anything is written, saying why.
 #[test]
-fn a_host_without_guest_calls_refuses_callbacks_and_per_cpu_data_before_writing() {
-    for percpu in [false, true] {
+fn a_host_without_guest_calls_refuses_callbacks_per_cpu_data_and_module_objects() {
+    for (what, needs) in [
+        ("callbacks", "klp callbacks"),
+        ("percpu", "per-CPU"),
+        ("modules", "patches modules"),
+    ] {
         let log = Log::default();
         let mut host = FakeHost::new(&log);
         host.no_calls = true;
         let mut calls = Calls::default();
-        calls.enable("new", &[cbs(0x1000, [!percpu; 4])]);
+        calls.enable("new", &[cbs(0x1000, [what == "callbacks"; 4])]);
         let mut p = FakePatcher::new(&log, calls);
-        if percpu {
+        if what == "percpu" {
             p.percpu.returns = Some(0x3_1000);
         }
+        p.module_objects = what == "modules";
         let e = run(&host, &mut p, "apply", timeout(10)).unwrap_err();
         let m = e.to_string();
         assert!(
@@ -1366,10 +1380,7 @@ fn a_host_without_guest_calls_refuses_callbacks_and_per_cpu_data_before_writing(
             ),
             "{m}"
         );
-        assert!(
-            m.contains(if percpu { "per-CPU" } else { "klp callbacks" }),
-            "{m}"
-        );
+        assert!(m.contains(needs), "{m}");
         assert!(m.contains("a test host without interrupts"), "{m}");
         assert!(m.contains("nothing was written"), "{m}");
         assert_eq!(steps(&log), ["prepare"], "nothing sent, nothing written");
