@@ -289,6 +289,27 @@ impl Check {
         s.range.contains(&addr).then_some(s)
     }
 
+    /// Whether every span lies where a [`Summary`] keeps words (at or
+    /// above [`TEXT_FLOOR`]), so that summaries can judge this check.
+    pub fn summarisable(&self) -> bool {
+        self.spans.iter().all(|x| x.range.start >= TEXT_FLOOR)
+    }
+
+    /// Whether a task at rest whose stack `s` summarises blocks this check
+    /// (see [`Summary`]). A check with a span below [`TEXT_FLOOR`], whose
+    /// words a summary would not have kept, blocks on every summary.
+    pub fn summary_blocks(&self, s: &Summary) -> bool {
+        match s {
+            Summary::Dead => false,
+            Summary::Blocks => true,
+            Summary::Words { .. } if !self.summarisable() => true,
+            Summary::Words { returns, exact } => {
+                returns.iter().any(|&ip| self.return_hit(ip).is_some())
+                    || exact.iter().any(|&v| self.hit(v).is_some())
+            }
+        }
+    }
+
     /// Every task that blocks the transition, every stack scanned
     /// conservatively. `regs[v]` are vCPU v's registers; `irq_stacks` are
     /// the CPUs' IRQ stacks.
@@ -610,6 +631,102 @@ impl Check {
     }
 }
 
+/// The lowest address a changed function can have: every span is kernel
+/// text, module text or the arena next to the kernel image, all in the
+/// top 2 GiB. A [`Summary`] keeps only stack words from there.
+pub const TEXT_FLOOR: u64 = 0xffff_ffff_8000_0000;
+
+/// The most words a [`Summary`] keeps; a stack with more is not
+/// summarised (it is read again whenever it is judged).
+pub const MAX_SUMMARY: usize = 1024;
+
+/// What a sleeping task's stack holds that any check could find, read
+/// once: the return addresses of its unwound frames and of its return
+/// hooks, or, where it could not be unwound, every word of it in the top
+/// 2 GiB. While the task does not run, its stack and hooks do not change,
+/// so a later transition judges it from this ([`Check::summary_blocks`])
+/// without reading the guest again: the same verdict [`Check::judge`]
+/// gives that task at rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Summary {
+    /// Dead: it never runs again.
+    Dead,
+    /// The addresses a check compares.
+    Words {
+        /// Return addresses: a call as a function's last instruction
+        /// returns just past its end (judged as ip and ip - 1).
+        returns: Vec<u64>,
+        /// Stack words of a conservative scan (judged exactly).
+        exact: Vec<u64>,
+    },
+    /// It blocks every check: part of its stack could not be read, or a
+    /// return hook's lists are unknown.
+    Blocks,
+}
+
+/// The [`Summary`] of `t`, read now; `None` for a task on a CPU (its
+/// stack moves) or a stack with more than [`MAX_SUMMARY`] words to keep.
+pub fn summarize<M: VirtRead + ?Sized>(
+    mem: &M,
+    t: &Task,
+    orc: Option<&Orc>,
+    hooks: &ReturnHooks,
+) -> Option<Summary> {
+    if t.on_cpu || t.running.is_some() {
+        return None;
+    }
+    if t.is_dead() {
+        return Some(Summary::Dead);
+    }
+    let th = if hooks.is_empty() {
+        TaskHooks::default()
+    } else {
+        hooks.of_task(mem, t.addr)
+    };
+    if !th.unrecoverable.is_empty() {
+        return Some(Summary::Blocks);
+    }
+    let mut returns: Vec<u64> = th.hooked.iter().map(|h| h.ret).collect();
+    let range = if t.stack.contains(&t.saved_sp) {
+        if let Some(frames) = orc.and_then(|o| o.unwind_sleeping_hooked(mem, t, (hooks, &th)).ok())
+        {
+            returns.extend(frames.iter().filter(|f| f.hooked.is_none()).map(|f| f.ip));
+            returns.sort_unstable();
+            returns.dedup();
+            return (returns.len() <= MAX_SUMMARY).then_some(Summary::Words {
+                returns,
+                exact: Vec::new(),
+            });
+        }
+        t.saved_sp..t.stack.end
+    } else {
+        t.stack.clone()
+    };
+    let start = range.start & !7;
+    let len = range.end.saturating_sub(start).min(MAX_STACK);
+    let mut buf = vec![0u8; len as usize];
+    if mem.read_virt(start, &mut buf).is_err() {
+        return Some(Summary::Blocks);
+    }
+    let mut exact = Vec::new();
+    for w in buf.chunks_exact(8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        let v = u64::from_le_bytes(word);
+        if hooks.layout_unknown(v) && hooks.trampoline_at(v).is_some() {
+            return Some(Summary::Blocks);
+        }
+        if v >= TEXT_FLOOR {
+            exact.push(v);
+        }
+    }
+    exact.sort_unstable();
+    exact.dedup();
+    returns.sort_unstable();
+    returns.dedup();
+    (returns.len() + exact.len() <= MAX_SUMMARY).then_some(Summary::Words { returns, exact })
+}
+
 /// Which task a task_struct held: a freed task_struct can be reused by a
 /// new task, whose switch count starts again at zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -655,6 +772,10 @@ pub struct Prescan {
     /// The switch log's head when the pre-scan began, if the log is live
     /// (see [`crate::switches`]).
     pub head0: Option<u64>,
+    /// The summary of every task read at rest, consistently (both reads
+    /// the same task, off every CPU, unswitched), clear or not: what a
+    /// [`StackCache`] keeps for the next pre-scan.
+    summaries: std::collections::HashMap<u64, (Identity, Summary)>,
 }
 
 impl Prescan {
@@ -672,20 +793,32 @@ impl Prescan {
         if t.on_cpu || t.running.is_some() {
             return false;
         }
-        let mut out = Vec::new();
-        let judged = check.judge(mem, t, &[], &[], orc, hooks, &mut out);
-        if judged.is_err() || !out.is_empty() {
-            return false;
-        }
+        // A stack too big to summarise is judged as it is, and not kept
+        // for a later pre-scan.
+        let summary = summarize(mem, t, orc, hooks);
+        let blocks = match &summary {
+            Some(s) if check.summarisable() => check.summary_blocks(s),
+            _ => {
+                let mut out = Vec::new();
+                let judged = check.judge(mem, t, &[], &[], orc, hooks, &mut out);
+                judged.is_err() || !out.is_empty()
+            }
+        };
         let Some(again) = reread(t.addr) else {
             return false;
         };
         let id = Identity::of(t);
-        if !again.on_cpu && Identity::of(&again) == id {
-            self.clear.insert(t.addr, id);
-            return true;
+        if again.on_cpu || Identity::of(&again) != id {
+            return false;
         }
-        false
+        if let Some(s) = summary.filter(|s| *s != Summary::Blocks) {
+            self.summaries.insert(t.addr, (id, s));
+        }
+        if blocks {
+            return false;
+        }
+        self.clear.insert(t.addr, id);
+        true
     }
 
     /// The tasks the pre-scan listed and did not find clear: with the
@@ -709,6 +842,135 @@ impl Prescan {
     /// since.
     pub fn still_clear(&self, t: &Task) -> bool {
         !t.on_cpu && t.running.is_none() && self.clear.get(&t.addr) == Some(&Identity::of(t))
+    }
+}
+
+/// Pre-scans kept at most this many rounds before a full walk lists the
+/// tasks again (tasks that exited and were never named stay in the
+/// cache until then).
+pub const CACHE_ROUNDS: u32 = 64;
+
+/// The summaries of the tasks at rest (see [`Summary`]), kept from one
+/// pre-scan to the next while the switch log runs: a task the log does not
+/// name between two pre-scans has not run, so its summary still holds,
+/// and the next pre-scan reads only the tasks the log names and those it
+/// could not summarise. The pre-scan then costs what the switches cost,
+/// not what the tasks cost.
+#[derive(Debug, Clone, Default)]
+pub struct StackCache {
+    /// The switch log's registration it belongs to: a log unregistered in
+    /// between missed switches.
+    pub epoch: u64,
+    /// The ring's head read before the reads that made it current.
+    pub head: u64,
+    tasks: std::collections::HashMap<u64, (Identity, Summary)>,
+    /// Tasks last seen without a summary (on a CPU, racing, unreadable,
+    /// too big): read again each time.
+    uncached: Vec<u64>,
+    /// Tasks the full walk it started from listed.
+    listed: usize,
+    /// Pre-scans since that walk.
+    rounds: u32,
+}
+
+impl StackCache {
+    /// The cache a full pre-scan `scan` of `listed` tasks leaves, for the
+    /// log's registration `epoch`, its head `head` read before the walk.
+    pub fn from_full(scan: &Prescan, epoch: u64, head: u64, listed: usize) -> Self {
+        Self::of(scan, epoch, head, listed, 0)
+    }
+
+    /// What `scan` leaves: its summaries, and the tasks it listed without
+    /// one.
+    fn of(scan: &Prescan, epoch: u64, head: u64, listed: usize, rounds: u32) -> Self {
+        Self {
+            epoch,
+            head,
+            tasks: scan.summaries.clone(),
+            uncached: scan
+                .unclear
+                .iter()
+                .copied()
+                .filter(|a| !scan.summaries.contains_key(a))
+                .collect(),
+            listed,
+            rounds,
+        }
+    }
+
+    /// Whether a pre-scan under the log's registration `epoch` may start
+    /// from it (else a full walk lists the tasks again).
+    pub fn usable(&self, epoch: u64) -> bool {
+        self.epoch == epoch
+            && self.rounds < CACHE_ROUNDS
+            && self.tasks.len() <= self.listed.saturating_mul(2).saturating_add(256)
+    }
+
+    /// Tasks it holds a summary of.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
+impl Check {
+    /// [`Check::prescan`] from `cache` instead of a walk of every task:
+    /// the tasks the switch log names since the cache's head (`named`,
+    /// read up to `head`) and those the cache has no summary of are read
+    /// (`read`, then `reread` as in a full pre-scan) and judged; every
+    /// other task is judged from its summary, without a read. Returns the
+    /// pre-scan (its `head0` is `head`) and the cache as of `head`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prescan_cached<M: VirtRead + ?Sized>(
+        &self,
+        mem: &M,
+        cache: &StackCache,
+        named: &std::collections::HashSet<u64>,
+        head: u64,
+        orc: Option<&Orc>,
+        hooks: &ReturnHooks,
+        mut read: impl FnMut(u64) -> Option<Task>,
+        mut reread: impl FnMut(u64) -> Option<Task>,
+    ) -> (Prescan, StackCache) {
+        let mut scan = Prescan {
+            head0: Some(head),
+            ..Prescan::default()
+        };
+        for (&addr, (id, s)) in &cache.tasks {
+            if named.contains(&addr) {
+                continue;
+            }
+            scan.summaries.insert(addr, (*id, s.clone()));
+            if self.summary_blocks(s) {
+                scan.unclear.push(addr);
+            } else {
+                scan.clear.insert(addr, *id);
+            }
+        }
+        let mut fresh: Vec<u64> = named.iter().chain(&cache.uncached).copied().collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        for addr in fresh {
+            let kept = match read(addr) {
+                Some(t) => scan.judge_one(self, mem, &t, orc, hooks, &mut reread),
+                None => false,
+            };
+            if !kept {
+                scan.unclear.push(addr);
+            }
+        }
+        let next = StackCache::of(
+            &scan,
+            cache.epoch,
+            head,
+            cache.listed,
+            cache.rounds.saturating_add(1),
+        );
+        (scan, next)
     }
 }
 
@@ -973,6 +1235,94 @@ mod tests {
         });
         assert!(gone.is_empty());
         assert_eq!(gone.unclear(), &[sleeper.addr]);
+    }
+
+    /// A check on kernel-text addresses, where summaries keep words.
+    fn text_check(spans: &[(u64, u64, &str)]) -> Check {
+        Check::new(
+            spans
+                .iter()
+                .map(|&(a, b, n)| Span {
+                    range: a..b,
+                    name: n.into(),
+                })
+                .collect(),
+        )
+    }
+
+    /// A summary judges as the stack it summarises: the same verdict as a
+    /// full judgement, for this check and for another one, and the
+    /// summaries kept from one pre-scan judge the next one's tasks that
+    /// the switch log does not name, without reading them; those it names
+    /// are read again.
+    #[test]
+    fn summaries_judge_as_the_stacks_and_carry_to_the_next_prescan() {
+        let hooks = ReturnHooks::default();
+        let f = 0xffff_ffff_8100_1000u64;
+        let g = 0xffff_ffff_8100_2000u64;
+        let a = task(1, 0x8000..0x9000, 0x8fe0, None);
+        let b = task(2, 0xa000..0xb000, 0xafe0, None);
+        let c = Task {
+            on_cpu: true,
+            ..task(3, 0xc000..0xd000, 0xcfe0, None)
+        };
+        // a sleeps with g on its stack (and a pointer below the floor), b
+        // with f.
+        let mem = Words(vec![(0x8ff0, g + 0x10), (0x8ff8, 0x1005), (0xaff0, f + 4)]);
+        let all = [a.clone(), b.clone(), c.clone()];
+        let find = |addr: u64| all.iter().find(|t| t.addr == addr).cloned();
+        for (t, hit) in [(&a, false), (&b, true)] {
+            let s = summarize(&mem, t, None, &hooks).expect("summarised");
+            let on_f = text_check(&[(f, f + 0x40, "f")]);
+            assert_eq!(on_f.summary_blocks(&s), hit, "{s:?}");
+            assert_eq!(
+                on_f.blockers(&mem, std::slice::from_ref(t), &[], &[])
+                    .unwrap()
+                    .is_empty(),
+                !hit
+            );
+        }
+        assert_eq!(summarize(&mem, &c, None, &hooks), None, "on a CPU");
+
+        let on_f = text_check(&[(f, f + 0x40, "f")]);
+        let scan = on_f.prescan(&mem, &all, None, &hooks, find);
+        assert!(scan.still_clear(&a) && !scan.still_clear(&b));
+        let cache = StackCache::from_full(&scan, 1, 100, all.len());
+        assert_eq!(cache.len(), 2, "a and b at rest; c runs");
+        assert!(cache.usable(1) && !cache.usable(2));
+
+        // The next transition changes g. Nothing named: a blocks from its
+        // summary, b is clear, c (no summary) is read again; a and b are
+        // never read.
+        let on_g = text_check(&[(g, g + 0x40, "g")]);
+        let read = |addr: u64| {
+            assert_eq!(addr, c.addr, "only c is read");
+            Some(c.clone())
+        };
+        let none = std::collections::HashSet::new();
+        let (scan, next) = on_g.prescan_cached(&mem, &cache, &none, 104, None, &hooks, read, read);
+        assert_eq!(scan.head0, Some(104));
+        assert!(scan.still_clear(&b) && !scan.still_clear(&a));
+        let mut unclear = scan.unclear().to_vec();
+        unclear.sort_unstable();
+        assert_eq!(unclear, vec![a.addr, c.addr]);
+        assert_eq!(next.head, 104);
+
+        // b ran since (named): read again, its stack now holds g.
+        let later = Words(vec![(0xaff0, g + 8)]);
+        let b2 = Task {
+            switches: 7,
+            ..b.clone()
+        };
+        let reads = std::cell::Cell::new(0);
+        let read2 = |addr: u64| {
+            reads.set(reads.get() + 1);
+            [&b2, &c].into_iter().find(|t| t.addr == addr).cloned()
+        };
+        let named = std::collections::HashSet::from([b.addr]);
+        let (scan, _) = on_g.prescan_cached(&later, &next, &named, 110, None, &hooks, read2, read2);
+        assert!(!scan.still_clear(&b2), "b's new stack blocks");
+        assert!(reads.get() >= 2, "b and c read");
     }
 
     #[test]

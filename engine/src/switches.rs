@@ -18,9 +18,17 @@
 //!
 //! ```text
 //! probe(ring, preempt, prev, next, prev_state):
-//!     i = atomic_fetch_add(&ring->head, 2) & MASK
-//!     ring->slot[i] = prev; ring->slot[i + 1] = next
+//!     i = atomic_fetch_add(&ring->head, 2)
+//!     ring->entry[i % N]     = { prev, i + 1 }
+//!     ring->entry[i % N + 1] = { next, i + 2 }
 //! ```
+//!
+//! Each entry carries its own sequence number, stored after its task: a
+//! reader that finds entry `i` with a sequence other than `i + 1` knows it
+//! is being written (a vCPU between the add and the stores) or was
+//! overwritten (the ring wrapped), and does not trust the window. x86
+//! makes stores visible in program order, so a reader that sees the
+//! sequence sees the task too, even while the guest runs.
 //!
 //! The tracepoint fires in `__schedule` for every switch between two
 //! different tasks, before the switch: `next` has not run yet, `prev`
@@ -60,10 +68,12 @@ use crate::write::{Write, WriteError};
 
 const PAGE: u64 = 4096;
 /// Entries in the ring: a switch takes two (prev, next). 32768 entries
-/// (256 KiB) hold 16384 switches, which a pre-scan of ten thousand tasks
+/// (512 KiB) hold 16384 switches, which a pre-scan of ten thousand tasks
 /// does not reach on a busy guest.
 pub const ENTRIES: u64 = 1 << 15;
-/// Where the slots start in the ring (the head has a cache line of its
+/// Bytes per entry: the task, then its sequence number.
+const ENTRY: u64 = 16;
+/// Where the entries start in the ring (the head has a cache line of its
 /// own).
 const SLOTS_AT: u64 = 64;
 /// The most `struct tracepoint_func` entries read to find the probe.
@@ -166,13 +176,19 @@ impl Layout {
 pub fn probe_code(va: u64, return_thunk: Option<u64>) -> Result<Vec<u8>, SwitchLogError> {
     let mask = u32::try_from(ENTRIES - 1)
         .map_err(|_| SwitchLogError::Unsupported("ring too large".into()))?;
+    let at = |off: u64| SLOTS_AT as u8 + off as u8;
     let mut b = vec![0xf3, 0x0f, 0x1e, 0xfa]; // endbr64
     b.extend([0xb8, 0x02, 0x00, 0x00, 0x00]); // mov eax, 2
-    b.extend([0xf0, 0x48, 0x0f, 0xc1, 0x07]); // lock xadd [rdi], rax
-    b.push(0x25); // and eax, MASK (zero-extends: an even index)
+    b.extend([0xf0, 0x48, 0x0f, 0xc1, 0x07]); // lock xadd [rdi], rax: i
+    b.extend([0x4c, 0x8d, 0x50, 0x01]); // lea r10, [rax+1]: prev's sequence
+    b.extend([0x4c, 0x8d, 0x58, 0x02]); // lea r11, [rax+2]: next's sequence
+    b.push(0x25); // and eax, MASK (zero-extends: an even entry)
     b.extend(mask.to_le_bytes());
-    b.extend([0x48, 0x89, 0x54, 0xc7, SLOTS_AT as u8]); // mov [rdi+rax*8+64], rdx (prev)
-    b.extend([0x48, 0x89, 0x4c, 0xc7, SLOTS_AT as u8 + 8]); // mov [rdi+rax*8+72], rcx (next)
+    b.extend([0x48, 0xc1, 0xe0, 0x04]); // shl rax, 4: bytes
+    b.extend([0x48, 0x89, 0x54, 0x07, at(0)]); // mov [rdi+rax+64], rdx (prev)
+    b.extend([0x4c, 0x89, 0x54, 0x07, at(8)]); // mov [rdi+rax+72], r10
+    b.extend([0x48, 0x89, 0x4c, 0x07, at(ENTRY)]); // mov [rdi+rax+80], rcx (next)
+    b.extend([0x4c, 0x89, 0x5c, 0x07, at(ENTRY + 8)]); // mov [rdi+rax+88], r11
     match return_thunk {
         Some(t) => {
             let end = va + b.len() as u64 + 5;
@@ -221,6 +237,14 @@ pub enum Unusable {
         /// The head now.
         to: u64,
     },
+    /// Entry `entry` carries another sequence number: being written, or
+    /// overwritten.
+    Torn {
+        /// The entry's number since the ring was installed.
+        entry: u64,
+        /// The sequence number found (`entry + 1` expected).
+        found: u64,
+    },
     /// A read failed.
     Read(String),
 }
@@ -237,6 +261,10 @@ impl std::fmt::Display for Unusable {
                 to.wrapping_sub(*from) / 2,
                 ENTRIES / 2
             ),
+            Self::Torn { entry, found } => write!(
+                f,
+                "the switch log's entry {entry} has sequence {found}: being written or overwritten"
+            ),
             Self::Read(e) => write!(f, "{e}"),
         }
     }
@@ -250,6 +278,9 @@ pub struct SwitchLog {
     ring: Region,
     code_len: u64,
     state: LogState,
+    /// Registrations so far: switches between two of them were not
+    /// logged.
+    epoch: u64,
 }
 
 impl SwitchLog {
@@ -269,7 +300,7 @@ impl SwitchLog {
         let mut code = probe_code(text.va.0, thunk)?;
         let code_len = code.len() as u64;
         code.resize(PAGE as usize, 0xcc);
-        let ring_len = (SLOTS_AT + ENTRIES * 8).div_ceil(PAGE) * PAGE;
+        let ring_len = (SLOTS_AT + ENTRIES * ENTRY).div_ceil(PAGE) * PAGE;
         let ring = arena.alloc(ring_len, Perm::Data)?;
         let mut writes = arena.map_writes(guest, &[text, ring])?;
         writes.push(Write::read_expect(
@@ -291,6 +322,7 @@ impl SwitchLog {
                 ring,
                 code_len,
                 state: LogState::Installed,
+                epoch: 0,
             },
             writes,
         ))
@@ -299,6 +331,12 @@ impl SwitchLog {
     /// How far it got.
     pub fn state(&self) -> LogState {
         self.state
+    }
+
+    /// Its registrations so far: a summary made under one registration
+    /// is no use under the next, whose log missed the switches between.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The registration call: `tracepoint_probe_register(tp, probe, ring)`.
@@ -322,45 +360,36 @@ impl SwitchLog {
     /// time). One that failed leaves the log's state unknown: it is never
     /// trusted or registered again.
     pub fn unregistered(&mut self, ret: Option<u64>) -> Result<(), String> {
-        match ret {
-            Some(0) => {
-                self.state = LogState::Unregistered;
-                Ok(())
-            }
-            Some(r) => {
-                self.state = LogState::Lost;
-                let r = r as u32 as i32;
-                Err(format!(
-                    "tracepoint_probe_unregister returned {r}{}",
-                    crate::transition::errno_name(r)
-                ))
-            }
-            None => {
-                self.state = LogState::Lost;
-                Err("tracepoint_probe_unregister did not finish in time".into())
-            }
-        }
+        self.settle(ret, LogState::Unregistered, "tracepoint_probe_unregister")
     }
 
     /// What the registration returned (`None`: it did not finish in time,
     /// and its outcome will never be known).
     pub fn registered(&mut self, ret: Option<u64>) -> Result<(), String> {
+        self.settle(ret, LogState::Registered, "tracepoint_probe_register")?;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// The state after `call` returned `ret`: `done` for 0, lost for
+    /// anything else (a failure, or no result in time).
+    fn settle(&mut self, ret: Option<u64>, done: LogState, call: &str) -> Result<(), String> {
         match ret {
             Some(0) => {
-                self.state = LogState::Registered;
+                self.state = done;
                 Ok(())
             }
             Some(r) => {
                 self.state = LogState::Lost;
                 let r = r as u32 as i32;
                 Err(format!(
-                    "tracepoint_probe_register returned {r}{}",
+                    "{call} returned {r}{}",
                     crate::transition::errno_name(r)
                 ))
             }
             None => {
                 self.state = LogState::Lost;
-                Err("tracepoint_probe_register did not finish in time".into())
+                Err(format!("{call} did not finish in time"))
             }
         }
     }
@@ -375,13 +404,20 @@ impl SwitchLog {
         self.text.va.0..self.text.va.0 + self.code_len
     }
 
-    /// The ring's head: entries written since registration (two per
-    /// switch). Read before the pre-scan's first task.
+    /// The ring's head: entries written since the ring was installed (two
+    /// per switch). A pre-scan reads it before its first task, and only
+    /// while the log is registered (see [`SwitchLog::live_head`]).
     pub fn head<G: Guest + ?Sized>(&self, guest: &G) -> Result<u64, Unusable> {
+        read_u64(guest, self.ring.gpa)
+    }
+
+    /// [`SwitchLog::head`], if the log is registered: where a pre-scan's
+    /// window of switches starts.
+    pub fn live_head<G: Guest + ?Sized>(&self, guest: &G) -> Result<u64, Unusable> {
         if self.state != LogState::Registered {
             return Err(Unusable::NotLive);
         }
-        read_u64(guest, self.ring.gpa)
+        self.head(guest)
     }
 
     /// Every task that took part in a switch since the head read `head0`
@@ -407,31 +443,53 @@ impl SwitchLog {
             return Err(Unusable::Unhooked);
         }
         let head = read_u64(guest, self.ring.gpa)?;
-        let n = head.wrapping_sub(head0);
-        if head < head0 || n > ENTRIES {
-            return Err(Unusable::Wrapped {
-                from: head0,
-                to: head,
-            });
+        self.named_between(guest, head0, head)
+    }
+
+    /// The tasks of entries `from..to` of the ring, read whole and each
+    /// checked against its sequence number. While the guest runs, this is
+    /// what a pre-scan learns of the switches since an earlier one: an
+    /// entry being written, or one the ring overwrote, makes the window
+    /// [`Unusable`].
+    pub fn named_between<G: Guest + ?Sized>(
+        &self,
+        guest: &G,
+        from: u64,
+        to: u64,
+    ) -> Result<HashSet<u64>, Unusable> {
+        let n = to.wrapping_sub(from);
+        if to < from || n > ENTRIES {
+            return Err(Unusable::Wrapped { from, to });
         }
         let mut out = HashSet::new();
         // At most two reads (the window may wrap the ring's end), at most
-        // ENTRIES words in all.
-        let start = head0 % ENTRIES;
+        // ENTRIES entries in all.
+        let start = from % ENTRIES;
         let first = n.min(ENTRIES - start);
-        for (from, len) in [(start, first), (0, n - first)] {
+        let mut seq = from;
+        for (at, len) in [(start, first), (0, n - first)] {
             if len == 0 {
                 continue;
             }
-            let mut buf = vec![0u8; (len * 8) as usize];
-            let at = self.ring.gpa + SLOTS_AT + from * 8;
+            let mut buf = vec![0u8; (len * ENTRY) as usize];
+            let gpa = self.ring.gpa + SLOTS_AT + at * ENTRY;
             guest
-                .read_phys(at, &mut buf)
+                .read_phys(gpa, &mut buf)
                 .map_err(|e| Unusable::Read(format!("the switch log's ring: {e}")))?;
-            for w in buf.chunks_exact(8) {
-                let mut word = [0u8; 8];
-                word.copy_from_slice(w);
-                out.insert(u64::from_le_bytes(word));
+            for e in buf.chunks_exact(ENTRY as usize) {
+                let word = |k: usize| {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(&e[k..k + 8]);
+                    u64::from_le_bytes(w)
+                };
+                seq += 1;
+                if word(8) != seq {
+                    return Err(Unusable::Torn {
+                        entry: seq - 1,
+                        found: word(8),
+                    });
+                }
+                out.insert(word(0));
             }
         }
         Ok(out)
@@ -501,9 +559,14 @@ mod tests {
             "endbr64",
             "mov $2,%eax",
             "lock xadd %rax,(%rdi)",
+            "lea 1(%rax),%r10",
+            "lea 2(%rax),%r11",
             "and $0x7fff,%eax",
-            "mov %rdx,0x40(%rdi,%rax,8)",
-            "mov %rcx,0x48(%rdi,%rax,8)",
+            "shl $4,%rax",
+            "mov %rdx,0x40(%rdi,%rax)",
+            "mov %r10,0x48(%rdi,%rax)",
+            "mov %rcx,0x50(%rdi,%rax)",
+            "mov %r11,0x58(%rdi,%rax)",
             "ret",
         ] {
             let i = text[at..]
@@ -605,7 +668,7 @@ mod tests {
 
     /// A registered log whose probe is the tracepoint's second probe.
     fn setup() -> (Fake, SwitchLog) {
-        let ring_len = (SLOTS_AT + ENTRIES * 8).div_ceil(PAGE) * PAGE;
+        let ring_len = (SLOTS_AT + ENTRIES * ENTRY).div_ceil(PAGE) * PAGE;
         let mut kmem = BTreeMap::new();
         kmem.insert(TP + 8, 1); // key enabled
         kmem.insert(TP + 0x48, FUNCS);
@@ -634,6 +697,7 @@ mod tests {
             },
             code_len: 32,
             state: LogState::Registered,
+            epoch: 1,
         };
         (fake, log)
     }
@@ -646,10 +710,12 @@ mod tests {
         g.write_phys(GuestPhys(0), &(head + 2).to_le_bytes())
             .unwrap();
         let i = head & (ENTRIES - 1);
-        g.write_phys(GuestPhys(SLOTS_AT + i * 8), &prev.to_le_bytes())
-            .unwrap();
-        g.write_phys(GuestPhys(SLOTS_AT + i * 8 + 8), &next.to_le_bytes())
-            .unwrap();
+        for (k, task) in [prev, next].into_iter().enumerate() {
+            let at = SLOTS_AT + (i + k as u64) * ENTRY;
+            g.write_phys(GuestPhys(at), &task.to_le_bytes()).unwrap();
+            g.write_phys(GuestPhys(at + 8), &(head + k as u64 + 1).to_le_bytes())
+                .unwrap();
+        }
     }
 
     fn regs() -> Vec<VcpuRegs> {
@@ -703,6 +769,12 @@ mod tests {
             log.switched_since(&g, &g, &regs(), head0),
             Err(Unusable::Wrapped { .. })
         ));
+        // Within the ring's size, but over an entry written since: its
+        // sequence number tells.
+        assert!(matches!(
+            log.named_between(&g, head0, head0 + 4),
+            Err(Unusable::Torn { .. })
+        ));
         // A head that went back (the guest wrote it) is not trusted either.
         let later = log.head(&g).unwrap() + 2;
         assert!(matches!(
@@ -738,10 +810,35 @@ mod tests {
         assert!(log.switched_since(&g, &g, &regs(), head0).is_ok());
         // A registration that failed: never trusted.
         assert!(log.registered(Some((-17i64) as u64)).is_err());
-        assert_eq!(log.head(&g), Err(Unusable::NotLive));
+        assert_eq!(log.live_head(&g), Err(Unusable::NotLive));
         assert_eq!(
             log.switched_since(&g, &g, &regs(), head0),
             Err(Unusable::NotLive)
         );
+    }
+
+    /// An entry whose sequence number is not its own (a vCPU between the
+    /// add and the stores, seen while the guest runs) makes the window
+    /// untrusted, wherever it is in it.
+    #[test]
+    fn an_entry_being_written_is_not_trusted() {
+        let (g, log) = setup();
+        let head0 = log.head(&g).unwrap();
+        switch(&g, 0xe0, 0xe1);
+        switch(&g, 0xe1, 0xe2);
+        switch(&g, 0xe2, 0xe3);
+        assert!(log.named_between(&g, head0, head0 + 6).is_ok());
+        // The middle switch's add done, its next not stored yet.
+        let at = SLOTS_AT + (head0 + 3) * ENTRY + 8;
+        g.write_phys(GuestPhys(at), &0u64.to_le_bytes()).unwrap();
+        assert_eq!(
+            log.named_between(&g, head0, head0 + 6),
+            Err(Unusable::Torn {
+                entry: head0 + 3,
+                found: 0
+            })
+        );
+        // Outside the window it does not matter.
+        assert!(log.named_between(&g, head0 + 4, head0 + 6).is_ok());
     }
 }

@@ -850,6 +850,14 @@ where
 /// off while it runs would register anyway.
 pub const OPS_GRACE: Duration = Duration::from_secs(5);
 
+/// The least time the registrations before a transition (its ftrace
+/// redirects, the switch log) may take once started, whatever the
+/// transition's own timeout: that timeout bounds the wait for a safe
+/// point, and a short one (a second, to learn at once whether a sleeper
+/// blocks) must not turn a registration slowed by a busy guest into a
+/// `jmp` fallback.
+pub const REGISTRATION_TIME: Duration = Duration::from_secs(10);
+
 /// Registers with the guest's ftrace every slot `prepared` switches
 /// through ([`Patcher::arm_ops`]), each step through the call gate: each
 /// must start within [`OPS_GRACE`] and end by `limit`. `Ok(Some(why))`:
@@ -1092,7 +1100,8 @@ where
         if prepared.wants_ops() {
             host.paused(|g| patcher.install_ops(&prepared, g))?.0?;
             prepared = patcher.prepare()?;
-            if let Some(why) = register_ops(host, patcher, &prepared, start + t.timeout)? {
+            let limit = start + t.timeout.max(REGISTRATION_TIME);
+            if let Some(why) = register_ops(host, patcher, &prepared, limit)? {
                 // The guest did not run the registration in time (its
                 // workqueue starved, the gate still busy with an earlier
                 // call): the functions not registered get a jmp instead,
@@ -1114,7 +1123,7 @@ where
     // use it (a guest that cannot run it only keeps full pauses).
     if patcher.switch_log_wanted() && !host.is_paused() && calls_guest {
         let had_pages = patcher.switch_log_installed();
-        register_switch_log(host, patcher, start + t.timeout);
+        register_switch_log(host, patcher, start + t.timeout.max(REGISTRATION_TIME));
         if !had_pages && patcher.switch_log_installed() {
             // Its pages came from the arena: plan again on the arena that
             // has them.

@@ -318,3 +318,61 @@ fn the_switch_log_finds_sched_switch_in_the_real_kernel() {
         "no probe on sched_switch in the dump"
     );
 }
+
+/// A summary of each sleeping task's stack, made once, judges as the task
+/// itself does on the real kernel, with ORC unwinding and without: every
+/// sleeper blocks a check on `__schedule`, none a check on
+/// `cmdline_proc_show`, and a check on a frame deeper in one task's stack
+/// blocks that task by its summary exactly when the full judgement does.
+#[test]
+fn stack_summaries_judge_as_the_real_stacks() {
+    if common::skip_without_dump() {
+        return;
+    }
+    use klpvisor_engine::safepoint::{summarize, Span};
+    use klpvisor_guest::orc::Orc;
+    let f = fixture();
+    let k = &f.kernel;
+    let space = k.space(&f.guest);
+    let tasks = k.tasks(&f.guest).unwrap();
+    let hooks = klpvisor_guest::retaddr::ReturnHooks::default();
+    let orc = Orc::load_btf(&space, &k.kallsyms, &k.btf).ok();
+    let span = |name: &str| {
+        let a = k.kallsyms.resolve(name, 0).unwrap();
+        Span {
+            range: k.kallsyms.extent(a).unwrap(),
+            name: name.into(),
+        }
+    };
+    let checks = [
+        span("__schedule"),
+        span("cmdline_proc_show"),
+        span("schedule"),
+        span("do_nanosleep"),
+        span("worker_thread"),
+    ];
+    let mut judged = 0;
+    for orc in [orc.as_ref(), None] {
+        for t in tasks.iter().filter(|t| t.running.is_none() && !t.on_cpu) {
+            let s = summarize(&space, t, orc, &hooks).expect("a sleeping task is summarised");
+            for sp in &checks {
+                let c = engine_check(k, &space, vec![sp.clone()]);
+                assert!(c.summarisable());
+                let full = c
+                    .blockers_with(&space, std::slice::from_ref(t), &[], &[], orc)
+                    .unwrap();
+                assert_eq!(
+                    c.summary_blocks(&s),
+                    !full.is_empty(),
+                    "pid {} ({}) against {} (orc: {}): {full:?}",
+                    t.pid,
+                    t.comm,
+                    sp.name,
+                    orc.is_some()
+                );
+                judged += 1;
+            }
+        }
+    }
+    assert!(judged > 100, "{judged}");
+}

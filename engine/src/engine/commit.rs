@@ -58,6 +58,8 @@ impl Engine {
             )));
         }
         p.usable()?;
+        // Where the pause's time goes, for the log (each step's end).
+        let t0 = std::time::Instant::now();
         let unregistered = self.unregistered_ops(p);
         if !unregistered.is_empty() {
             return Err(EngineError::Internal(format!(
@@ -82,6 +84,7 @@ impl Engine {
             .take()
             .filter(|(check, _)| *check == p.check)
             .map(|(_, scan)| scan);
+        let t_modules = t0.elapsed();
         let mut pause_tasks = 0;
         if !p.change.forced && !p.check.is_empty() {
             let (blockers, read) = self.blockers(kernel, guest, &p.check, prescan.as_ref())?;
@@ -90,9 +93,12 @@ impl Engine {
             }
             pause_tasks = read;
         }
+        let t_check = t0.elapsed();
         // Read and checked before anything is written: a busy ftrace waits.
         let ftrace = self.ftrace_plan(kernel, guest, p)?;
+        let t_ftrace = t0.elapsed();
         let undo = p.plan.commit(guest)?;
+        let t_write = t0.elapsed();
         let unlink = match &register {
             Some(r) => Some(self.register_or_undo(kernel, guest, &p.name, r, &undo)?),
             None => None,
@@ -142,6 +148,17 @@ impl Engine {
         // In the same pause, free retired code no stack references any
         // more. A failure only delays that; the transition has committed.
         let _ = self.sweep(kernel, guest);
+        let us = |d: std::time::Duration| d.as_micros() as u64;
+        tracing::debug!(
+            patch = p.name,
+            modules_us = us(t_modules),
+            check_us = us(t_check - t_modules),
+            ftrace_us = us(t_ftrace - t_check),
+            write_us = us(t_write - t_ftrace),
+            rest_us = us(t0.elapsed() - t_write),
+            pause_tasks,
+            "commit inside the pause"
+        );
         Ok(Committed {
             name: p.name.clone(),
             seq: self.seq,
@@ -201,6 +218,11 @@ impl Engine {
     /// commit ([`Check::prescan`] says why that is sound): the pause then
     /// unwinds only the tasks that ran since. Nothing is written. A
     /// failure only means the pause judges every task, as it would have.
+    ///
+    /// While the switch log runs, the stacks read are kept summarised
+    /// ([`crate::safepoint::StackCache`]), and the next pre-scan reads
+    /// only the tasks the log names since: what it costs follows the
+    /// switches, not the tasks.
     pub fn prescan<G: Guest + ?Sized>(&mut self, kernel: &Kernel, guest: &G, p: &Prepared) {
         self.prescan = None;
         if p.change.forced || p.check.is_empty() {
@@ -212,7 +234,46 @@ impl Engine {
         let space = kernel.space(guest);
         // Before the first task is read: the switches the pause must look
         // at are those logged from here on.
-        let head0 = self.switches.as_ref().and_then(|l| l.head(guest).ok());
+        let live = self
+            .switches
+            .as_ref()
+            .and_then(|l| Some((l, l.live_head(guest).ok()?)));
+        let head0 = live.map(|(_, h)| h);
+        let cached = live.and_then(|(log, head)| {
+            let cache = self
+                .stack_cache
+                .as_ref()
+                .filter(|c| c.usable(log.epoch()))?;
+            let named = match log.named_between(guest, cache.head, head) {
+                Ok(n) => n,
+                Err(why) => {
+                    tracing::debug!(patch = p.name, "a full pre-scan: {why}");
+                    return None;
+                }
+            };
+            let read = |addr| f.tasks.read_task(&space, addr).ok();
+            Some(p.check.prescan_cached(
+                &space,
+                cache,
+                &named,
+                head,
+                f.orc.as_ref(),
+                &f.hooks,
+                read,
+                read,
+            ))
+        });
+        if let Some((scan, cache)) = cached {
+            tracing::debug!(
+                patch = p.name,
+                clear = scan.len(),
+                summarised = cache.len(),
+                "pre-scan from the stacks summarised before, the switches since read again"
+            );
+            self.stack_cache = Some(cache);
+            self.prescan = Some((p.check.clone(), scan));
+            return;
+        }
         let tasks = match f.tasks.list(&space, &[]) {
             Ok(t) => t,
             Err(e) => {
@@ -232,6 +293,9 @@ impl Engine {
             tasks = tasks.len(),
             "pre-scan while the guest runs"
         );
+        self.stack_cache = live.map(|(log, head)| {
+            crate::safepoint::StackCache::from_full(&scan, log.epoch(), head, tasks.len())
+        });
         self.prescan = Some((p.check.clone(), scan));
     }
 

@@ -397,6 +397,9 @@ pub struct Engine {
     switches: Option<crate::switches::SwitchLog>,
     /// Why this guest gets no switch log (its pauses read every task).
     switches_off: Option<String>,
+    /// The stacks of the tasks at rest, summarised while the switch log
+    /// runs (see [`crate::safepoint::StackCache`]).
+    stack_cache: Option<crate::safepoint::StackCache>,
 }
 
 impl Engine {

@@ -51,16 +51,28 @@ impl Engine {
                 }
             }
         }
-        let (func, args) = match &self.switches {
+        let call = match &self.switches {
             Some(log) => log.register_call(),
             None => return Ok(None),
         };
+        self.arm_log_call(kernel, guest, call, "tracepoint_probe_register")
+            .map(Some)
+    }
+
+    /// Sends `call` (a function and its three arguments) through the gate.
+    fn arm_log_call<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        (func, args): (u64, [u64; 3]),
+        what: &str,
+    ) -> Result<Armed, EngineError> {
         let (gate, (cpu, base), seq) = self.next_call(kernel, guest)?;
-        let label = format!("#{seq} tracepoint_probe_register for the switch log");
+        let label = format!("#{seq} {what} for the switch log");
         let plan = gate.plan_call(kernel, guest, (cpu, base), func, &args, seq, &label)?;
         plan.commit(guest)?;
         self.calls = seq;
-        Ok(Some(Armed { seq, vcpu: 0, cpu }))
+        Ok(Armed { seq, vcpu: 0, cpu })
     }
 
     /// What the registration returned (`None`: it did not finish in
@@ -101,16 +113,12 @@ impl Engine {
         kernel: &Kernel,
         guest: &G,
     ) -> Result<Option<Armed>, EngineError> {
-        let (func, args) = match &self.switches {
+        let call = match &self.switches {
             Some(log) if log.state() == LogState::Registered => log.unregister_call(),
             _ => return Ok(None),
         };
-        let (gate, (cpu, base), seq) = self.next_call(kernel, guest)?;
-        let label = format!("#{seq} tracepoint_probe_unregister for the switch log");
-        let plan = gate.plan_call(kernel, guest, (cpu, base), func, &args, seq, &label)?;
-        plan.commit(guest)?;
-        self.calls = seq;
-        Ok(Some(Armed { seq, vcpu: 0, cpu }))
+        self.arm_log_call(kernel, guest, call, "tracepoint_probe_unregister")
+            .map(Some)
     }
 
     /// What the unregistration returned (`None`: it did not finish).

@@ -1387,3 +1387,35 @@ fn a_host_without_guest_calls_refuses_callbacks_per_cpu_data_and_module_objects(
         assert!(!p.gate);
     }
 }
+
+/// A transition with a short timeout (a second: "tell me at once whether
+/// a task blocks") still waits for a registration the guest has started,
+/// up to `REGISTRATION_TIME`: its timeout bounds the wait for a safe
+/// point, not the preparation, and a busy guest's slow registration must
+/// not become a jmp over an entry ftrace then traces.
+#[test]
+fn a_short_timeout_does_not_cut_a_started_registration() {
+    let log = Log::default();
+    let host = FakeHost::new(&log);
+    let mut p = FakePatcher::new(&log, Calls::default());
+    p.gate = true;
+    p.ops.unregistered = 1;
+    p.ops.register_slow = true;
+    p.slow_polls.set(1);
+    let o = run(&host, &mut p, "apply", timeout(1)).unwrap();
+    assert_eq!(
+        steps(&log),
+        [
+            "prepare",
+            "install ops",
+            "prepare",
+            "ops filter",
+            "ops register",
+            "begun new",
+            "load",
+            "commit",
+        ]
+    );
+    assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+    assert!(host.elapsed() > timeout(1).timeout && host.elapsed() <= REGISTRATION_TIME);
+}
