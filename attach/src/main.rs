@@ -3,17 +3,22 @@
 //! guest, so `patcher --api-sock PATH status|regs|tasks|symbols|read`
 //! and curl work as they do against `vmm`.
 //!
-//! For now it serves only what reads: the VM's state and kernel
-//! view, registers, memory, symbols, tasks, and pause and resume. The
-//! patch stack is empty (nothing here writes the guest) and every route
-//! that would change the guest is refused with a reason.
+//! It serves the VM's state and kernel view, registers, memory, symbols,
+//! tasks, pause and resume, and, with `--arena` (a patch arena hot-plugged
+//! into the VM, see `klpvisor_qemu::attach::ensure_arena`), the patch
+//! routes: `POST /patches`, `POST /patches/{name}/disable` and `/enable`,
+//! `DELETE /patches/{name}` and `POST /rollback`, through the engine's
+//! transition lifecycle (see [`change`]). Patches that need code run in
+//! the guest (klp callbacks, per-CPU data, module objects) are refused:
+//! QEMU cannot raise the call gate's interrupt.
 //!
 //! A binary of its own rather than `vmm attach`: the VMM's control state
 //! (`vmm::control::Control`) and its server are built around its own KVM
-//! `Vm` and per-thread seccomp filters; making them generic over the
-//! guest's host is phase 2's work, and until then this keeps the attach
-//! path out of the VMM's code and sandbox.
+//! `Vm` and per-thread seccomp filters; this keeps the attach path out of
+//! the VMM's code and sandbox.
 #![forbid(unsafe_code)]
+
+mod change;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -25,7 +30,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use clap::Parser;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -34,9 +39,11 @@ use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
 use klpvisor_api::{
     parse_hex, AddrReply, ErrorKind, ErrorReply, Hex, HistoryEntry, KernelInfo, MemoryReply,
-    PatchesReply, PauseReply, Regs, RegsReply, ResumeReply, SignaturePolicyInfo, SymbolEntry,
-    SymbolsReply, TaskEntry, TasksReply, VmInfo, VmState, MAX_MEMORY_READ, MAX_PATCH_BYTES,
+    PatchInfo, PatchesReply, PauseReply, Regs, RegsReply, ResumeReply, RollbackReply,
+    SignaturePolicyInfo, SymbolEntry, SymbolsReply, TaskEntry, TasksReply, TransitionReply, VmInfo,
+    VmState, MAX_MEMORY_READ, MAX_PATCH_BYTES,
 };
+use klpvisor_engine::transition as lifecycle;
 use klpvisor_guest::{kaslr, Guest, GuestPhys, Kernel, VcpuRegs, VirtRead};
 use klpvisor_qemu::{AttachOptions, QemuGuest};
 
@@ -45,7 +52,7 @@ use klpvisor_qemu::{AttachOptions, QemuGuest};
 #[command(
     name = "klpvisor-attach",
     version,
-    about = "Attach to a running QEMU over QMP and serve klpvisor's control API (read-only) for its guest"
+    about = "Attach to a running QEMU over QMP and serve klpvisor's control API for its guest (patching with --arena)"
 )]
 struct Cli {
     /// QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`). QEMU
@@ -61,6 +68,11 @@ struct Cli {
     /// Deadline of each QMP command, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     qmp_timeout_ms: u64,
+    /// Give the guest a patch arena: reuse the one an earlier attach (or
+    /// QEMU's command line) added, else hot-plug a 16 MiB memfd-backed
+    /// `ivshmem-plain` device through QMP.
+    #[arg(long)]
+    arena: bool,
 }
 
 /// The kernel view, built on first need and kept (as the VMM keeps it:
@@ -80,6 +92,12 @@ struct App {
     /// Whether the VM is paused through this API (`PUT /vm/pause`).
     user_paused: Mutex<bool>,
     view: Mutex<Option<Arc<View>>>,
+    /// The guest's patches; changed by one request at a time.
+    engine: Mutex<klpvisor_engine::engine::Engine>,
+    /// Held by the change under way (a second one is refused as busy).
+    changing: Mutex<()>,
+    /// What `GET /patches` shows, published after each change.
+    published: Mutex<PatchesReply>,
 }
 
 type Shared = Arc<App>;
@@ -542,13 +560,138 @@ async fn tasks(State(app): State<Shared>) -> Reply<TasksReply> {
 }
 
 /// GET /patches: nothing here has patched this guest.
-async fn patches() -> Json<PatchesReply> {
-    Json(PatchesReply::default())
+async fn patches(State(app): State<Shared>) -> Json<PatchesReply> {
+    Json(lock(&app.published).clone())
 }
 
-/// GET /history: likewise empty.
-async fn history() -> Json<Vec<HistoryEntry>> {
-    Json(Vec::new())
+/// GET /history
+async fn history(State(app): State<Shared>) -> Reply<Vec<HistoryEntry>> {
+    blocking(move || Ok(Json(change::history(&app)))).await
+}
+
+/// `force` and `timeout_ms`, as the VMM takes them.
+fn transition_params(
+    q: &HashMap<String, String>,
+    known: &[&str],
+) -> Result<lifecycle::Transition, HttpError> {
+    check_params(q, known)?;
+    let force = match q.get("force").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(v) => return Err(bad_request(format!("force `{v}` is not true or false"))),
+    };
+    let timeout = match q.get("timeout_ms") {
+        None => lifecycle::TRANSITION_TIMEOUT,
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .map(Duration::from_millis)
+            .filter(|d| *d <= lifecycle::MAX_TRANSITION_TIMEOUT)
+            .ok_or_else(|| {
+                bad_request(format!(
+                    "timeout_ms `{v}` is not a number of milliseconds from 0 to {}",
+                    lifecycle::MAX_TRANSITION_TIMEOUT.as_millis()
+                ))
+            })?,
+    };
+    Ok(lifecycle::Transition { force, timeout })
+}
+
+const TRANSITION_PARAMS: &[&str] = &["force", "timeout_ms"];
+const ROLLBACK_PARAMS: &[&str] = &["force", "timeout_ms", "to"];
+
+/// POST /patches?force=BOOL&timeout_ms=MS, the module's bytes as the body.
+async fn patch_apply(
+    State(app): State<Shared>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Reply<TransitionReply> {
+    let t = transition_params(&q, TRANSITION_PARAMS)?;
+    let ko = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            HttpError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorKind::Refused,
+                format!(
+                    "the module is larger than {MAX_PATCH_BYTES} bytes; strip its debug info \
+                     (strip -g) and retry"
+                ),
+            )
+        } else {
+            HttpError(r.status(), ErrorKind::Refused, r.body_text())
+        }
+    })?;
+    if ko.is_empty() {
+        return Err(bad_request(
+            "empty body: send the livepatch module's bytes (curl --data-binary @FILE.ko)",
+        ));
+    }
+    blocking(move || {
+        let v = app.view()?;
+        Ok(Json(change::apply(&app, &v.kernel, &ko, t)?))
+    })
+    .await
+}
+
+/// POST /patches/{name}/disable?force=BOOL&timeout_ms=MS
+async fn patch_disable(
+    State(app): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<TransitionReply> {
+    let t = transition_params(&q, TRANSITION_PARAMS)?;
+    blocking(move || {
+        let v = app.view()?;
+        Ok(Json(change::disable(&app, &v.kernel, &name, t)?))
+    })
+    .await
+}
+
+/// POST /patches/{name}/enable?force=BOOL&timeout_ms=MS
+async fn patch_enable(
+    State(app): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<TransitionReply> {
+    let t = transition_params(&q, TRANSITION_PARAMS)?;
+    blocking(move || {
+        let v = app.view()?;
+        Ok(Json(change::enable(&app, &v.kernel, &name, t)?))
+    })
+    .await
+}
+
+/// DELETE /patches/{name}
+async fn patch_remove(
+    State(app): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> Reply<PatchInfo> {
+    blocking(move || {
+        let v = app.view()?;
+        Ok(Json(change::remove(&app, &v.kernel, &name)?))
+    })
+    .await
+}
+
+/// POST /rollback?to=SEQ&force=BOOL&timeout_ms=MS
+async fn rollback(
+    State(app): State<Shared>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<RollbackReply> {
+    let t = transition_params(&q, ROLLBACK_PARAMS)?;
+    let to = match q.get("to") {
+        None => None,
+        Some(v) => Some(v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            bad_request(format!(
+                "to `{v}` is not a transition number; `patcher history` lists them"
+            ))
+        })?),
+    };
+    blocking(move || {
+        let v = app.view()?;
+        Ok(Json(change::rollback(&app, &v.kernel, to, t)?))
+    })
+    .await
 }
 
 /// Every route that would change the guest, and unknown ones.
@@ -557,24 +700,13 @@ async fn refused(uri: axum::http::Uri, method: axum::http::Method) -> HttpError 
         StatusCode::NOT_IMPLEMENTED,
         ErrorKind::Refused,
         format!(
-            "{method} {}: klpvisor-attach serves a QEMU guest read-only for now (GET /vm, \
-             /vcpus/{{id}}/regs, /memory, /symbols, /symbols/all, /tasks, /patches, /history; \
-             PUT /vm/pause, /vm/resume); applying patches to an attached QEMU is not \
-             implemented yet",
+            "{method} {}: klpvisor-attach serves GET /vm, /vcpus/{{id}}/regs, /memory, \
+             /symbols, /symbols/all, /tasks, /patches, /history; PUT /vm/pause, /vm/resume; \
+             POST /patches, /patches/{{name}}/disable, /patches/{{name}}/enable, /rollback; \
+             DELETE /patches/{{name}}",
             uri.path()
         ),
     )
-}
-
-/// POST /patches: the module is read (up to [`MAX_PATCH_BYTES`]) before
-/// the refusal, so a client uploading it gets the reason rather than a
-/// broken pipe.
-async fn apply_refused(
-    uri: axum::http::Uri,
-    method: axum::http::Method,
-    _body: axum::body::Bytes,
-) -> HttpError {
-    refused(uri, method).await
 }
 
 fn router(app: Shared) -> Router {
@@ -582,9 +714,13 @@ fn router(app: Shared) -> Router {
         .route(
             "/patches",
             get(patches)
-                .post(apply_refused)
+                .post(patch_apply)
                 .layer(DefaultBodyLimit::max(MAX_PATCH_BYTES)),
         )
+        .route("/patches/{name}", delete(patch_remove))
+        .route("/patches/{name}/disable", post(patch_disable))
+        .route("/patches/{name}/enable", post(patch_enable))
+        .route("/rollback", post(rollback))
         .route("/vm", get(vm_info))
         .route("/vm/pause", put(vm_pause))
         .route("/vm/resume", put(vm_resume))
@@ -645,6 +781,7 @@ fn main() -> std::process::ExitCode {
     let opts = AttachOptions {
         timeout: Duration::from_millis(cli.qmp_timeout_ms),
         pid: cli.pid,
+        arena: cli.arena,
         ..AttachOptions::default()
     };
     let guest = match QemuGuest::attach(&cli.qmp, &opts) {
@@ -661,6 +798,17 @@ fn main() -> std::process::ExitCode {
         guest.vcpu_count(),
         guest.memory_map().len()
     );
+    let (GuestPhys(arena), arena_len) = guest.arena();
+    if arena_len > 0 {
+        eprintln!(
+            "klpvisor-attach: patch arena at guest-physical {arena:#x}+{arena_len:#x} ({})",
+            if guest.arena_added() {
+                "hot-plugged now"
+            } else {
+                "found"
+            }
+        );
+    }
     let listener = match bind(&cli.api_sock) {
         Ok(l) => l,
         Err(e) => {
@@ -674,6 +822,9 @@ fn main() -> std::process::ExitCode {
         gate: Mutex::new(()),
         user_paused: Mutex::new(false),
         view: Mutex::new(None),
+        engine: Mutex::new(klpvisor_engine::engine::Engine::default()),
+        changing: Mutex::new(()),
+        published: Mutex::new(PatchesReply::default()),
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -111,6 +111,21 @@ pub enum TransitionError {
          allocates (as it does a module's); resume it first (PUT /vm/resume)"
     )]
     PausedForPercpu,
+    /// The host cannot run code in the guest (see [`Host::can_call_guest`])
+    /// and the patch needs to.
+    #[error(
+        "{patch}: {needs}, which klpvisor runs in the guest through its call gate, started by an \
+         interrupt the host raises; this host cannot raise it ({why}), so the patch is refused \
+         and nothing was written to the guest"
+    )]
+    NoGuestCalls {
+        /// The patch refused.
+        patch: String,
+        /// What in it needs the guest to run klpvisor's code.
+        needs: &'static str,
+        /// Why the host cannot (see [`Host::no_guest_calls_reason`]).
+        why: String,
+    },
 }
 
 /// What the hypervisor provides to a transition. The VMM implements it
@@ -141,6 +156,22 @@ pub trait Host {
     fn doorbell_rings(&self) -> u64;
     /// Waits until the doorbell rings past `seen`, or `deadline`.
     fn wait_doorbell(&self, seen: u64, deadline: Instant);
+    /// Whether the host can run code in the guest: raise the call gate's
+    /// vector on a vCPU ([`Host::raise_vector`]) and hear the port the
+    /// hooks on the guest's module loads read. `false` (QEMU, which has
+    /// no command that raises a chosen vector and does not pass port
+    /// reads to klpvisor): the lifecycle never installs the gate, so a
+    /// patch's functions are redirected by a `jmp` at their entry (no
+    /// ftrace registration), the switch log and the kernel-log lines are
+    /// skipped, and a patch with klp callbacks, per-CPU data or module
+    /// objects is refused before anything is written.
+    fn can_call_guest(&self) -> bool {
+        true
+    }
+    /// Why [`Host::can_call_guest`] is `false`, for the refusal.
+    fn no_guest_calls_reason(&self) -> String {
+        String::new()
+    }
     /// The time now.
     fn now(&self) -> Instant;
     /// Sleeps `d` (the backoff between tries for a safe point).
@@ -705,7 +736,7 @@ where
 {
     let mut warnings = Vec::new();
     let waiting = patcher.ops_releases().min(max);
-    if waiting == 0 || host.is_paused() || !patcher.has_gate() {
+    if waiting == 0 || host.is_paused() || !patcher.has_gate() || !host.can_call_guest() {
         return warnings;
     }
     // Two steps per function.
@@ -925,7 +956,11 @@ where
     H: Host,
     P: Patcher<H::Guest>,
 {
-    if !patcher.switch_log_registered() || host.is_paused() || !patcher.has_gate() {
+    if !patcher.switch_log_registered()
+        || host.is_paused()
+        || !patcher.has_gate()
+        || !host.can_call_guest()
+    {
         return Vec::new();
     }
     let deadline = host.now() + RELEASE_GRACE;
@@ -956,6 +991,26 @@ where
     P: Patcher<H::Guest>,
 {
     let mut prepared = patcher.prepare()?;
+    let calls_guest = host.can_call_guest();
+    if !calls_guest {
+        let needs = if !prepared.calls().is_empty() {
+            Some("it has klp callbacks (pre/post patch or unpatch)")
+        } else if prepared.needs_percpu() {
+            Some("it has per-CPU variables, whose memory the guest kernel allocates")
+        } else if prepared.needs_hooks() {
+            Some("it patches modules, whose loads and unloads klpvisor hooks")
+        } else {
+            None
+        };
+        if let Some(needs) = needs {
+            return Err(TransitionError::NoGuestCalls {
+                patch: prepared.name().to_owned(),
+                needs,
+                why: host.no_guest_calls_reason(),
+            }
+            .into());
+        }
+    }
     if !prepared.calls().is_empty() {
         if host.is_paused() {
             return Err(TransitionError::PausedForCallbacks.into());
@@ -1028,7 +1083,9 @@ where
         }
     }
     let mut ops_warning = None;
-    if prepared.wants_ops() && !host.is_paused() {
+    // Without calls into the guest nothing registers with its ftrace: the
+    // plan keeps its jmps, as when a user holds the VM paused.
+    if prepared.wants_ops() && !host.is_paused() && calls_guest {
         // Each function the patch starts redirecting gets an ftrace_ops of
         // its own, as under klp: a slot for it (and the handler and slot
         // pages, from the arena), registered with the guest's ftrace in a
@@ -1064,7 +1121,7 @@ where
     // their pre-scan once the guest logs its switches: registered once,
     // in a kworker through the gate, before the first check that can
     // use it (a guest that cannot run it only keeps full pauses).
-    if patcher.switch_log_wanted() && !host.is_paused() {
+    if patcher.switch_log_wanted() && !host.is_paused() && calls_guest {
         let had_pages = patcher.switch_log_installed();
         register_switch_log(host, patcher, start + t.timeout.max(REGISTRATION_TIME));
         if !had_pages && patcher.switch_log_installed() {
@@ -1201,7 +1258,7 @@ where
     // gate it goes through is installed now if no callback needed it yet:
     // a transition that fails writes nothing, and a guest where the gate
     // cannot go still gets its patch, without the line.
-    if patcher.logs() && !host.is_paused() && !patcher.has_gate() {
+    if patcher.logs() && !host.is_paused() && !patcher.has_gate() && calls_guest {
         match host.paused(|g| patcher.install_gate(g)) {
             Ok((Ok(()), _)) => tracing::info!("call gate installed for the guest's kernel log"),
             Ok((Err(e), _)) => {
@@ -1210,7 +1267,7 @@ where
             Err(e) => tracing::warn!("the guest's kernel log will not show transitions: {e}"),
         }
     }
-    if patcher.logs() && patcher.has_gate() && !host.is_paused() {
+    if patcher.logs() && patcher.has_gate() && !host.is_paused() && calls_guest {
         for line in calls.log_lines() {
             if let Err(e) = log_in_guest(host, patcher, &line) {
                 tracing::warn!("the guest's kernel log line `{line}` was not printed: {e}");
@@ -1247,7 +1304,7 @@ where
     H: Host,
     P: Patcher<H::Guest>,
 {
-    if host.is_paused() || !patcher.has_gate() {
+    if host.is_paused() || !patcher.has_gate() || !host.can_call_guest() {
         tracing::debug!("no fake signal: the VM is paused by the user or has no call gate");
         return 0;
     }

@@ -34,6 +34,23 @@ use crate::hmp::{self, HmpCpu, HmpError};
 use crate::mem::{GuestRam, Mapped, RamError};
 use crate::qmp::{QemuVersion, Qmp, QmpError};
 
+/// QEMU id of the memory backend of the arena klpvisor hot-plugs; QEMU
+/// names the BAR's memory region after it in `info mtree -f`, which is how
+/// a re-attach finds the arena an earlier attach added.
+pub const ARENA_MEMDEV: &str = "klpvarena";
+/// QEMU id of the `ivshmem-plain` device that puts the arena in the guest's
+/// physical address space (its BAR 2).
+pub const ARENA_DEVICE: &str = "klpvdev";
+/// Size of the arena klpvisor hot-plugs: the VMM's default arena size.
+/// A power of two, as PCI BARs are, so the guest aligns it to its size
+/// (2 MiB alignment is what the engine's large mappings would need).
+pub const ARENA_SIZE: u64 = 16 << 20;
+/// How long the guest may take to assign the hot-plugged device's BAR
+/// (ACPI hot-plug runs in a guest kworker).
+const ARENA_WAIT: Duration = Duration::from_secs(10);
+/// What to put on QEMU's command line instead of hot-plugging the arena.
+pub const ARENA_COMMAND_LINE: &str = "-object memory-backend-memfd,id=klpvarena,size=16M,share=on -device ivshmem-plain,memdev=klpvarena,id=klpvdev";
+
 /// Most vCPUs accepted from `query-cpus-fast`.
 const MAX_VCPUS: usize = hmp::MAX_CPUS;
 /// Quadwords compared per range between `xp` and `/proc/PID/mem`.
@@ -99,6 +116,25 @@ pub enum QemuError {
     /// A thread panicked while holding the QMP connection.
     #[error("the QMP connection's lock is poisoned")]
     Poisoned,
+    /// QEMU refused to hot-plug the arena's memory backend or device.
+    #[error("cannot hot-plug the patch arena ({step}): {source}; start QEMU with `{ARENA_COMMAND_LINE}` instead (see the README for libvirt)")]
+    ArenaRefused {
+        /// Which step QEMU refused.
+        step: &'static str,
+        /// QEMU's answer.
+        #[source]
+        source: QmpError,
+    },
+    /// The arena device is there but its BAR is not in the guest's memory
+    /// map, or not usable as an arena.
+    #[error("the patch arena is not usable: {0}")]
+    Arena(String),
+    /// A write through QEMU's gdbstub (see [`crate::gdb`]) failed.
+    #[error(transparent)]
+    Gdb(#[from] crate::gdb::GdbError),
+    /// An operation needs the arena, and this attach has none.
+    #[error("no patch arena: attach with the arena (klpvisor-attach --arena) to change the guest")]
+    NoArena,
 }
 
 /// How to attach.
@@ -110,6 +146,10 @@ pub struct AttachOptions {
     pub pid: Option<u32>,
     /// Read KERNEL_GS_BASE from a one-page CPU-state dump while paused.
     pub kernel_gs_base: bool,
+    /// Give the guest a patch arena: find the one an earlier attach added,
+    /// else hot-plug one (see [`ensure_arena`]). Off: [`Guest::arena`] is
+    /// empty and the engine refuses to patch.
+    pub arena: bool,
 }
 
 impl Default for AttachOptions {
@@ -118,6 +158,7 @@ impl Default for AttachOptions {
             timeout: crate::qmp::DEFAULT_TIMEOUT,
             pid: None,
             kernel_gs_base: true,
+            arena: false,
         }
     }
 }
@@ -149,6 +190,13 @@ pub struct QemuGuest {
     vcpus: usize,
     version: QemuVersion,
     kernel_gs_base: bool,
+    /// The arena's guest-physical (start, size); (0, 0) without one.
+    arena: (u64, u64),
+    /// Whether this attach hot-plugged the arena (else it found it).
+    arena_added: bool,
+    /// Under TCG with an arena: QEMU's gdbstub, which every write also
+    /// goes through so the vCPUs do not run stale translations of it.
+    gdb: Option<Mutex<crate::gdb::Gdb>>,
 }
 
 /// The thread group of thread `tid`, from `/proc/TID/status`.
@@ -204,7 +252,19 @@ impl QemuGuest {
                 Err(e) => why.push(e.to_string()),
             }
         }
-        let ranges = hmp::parse_flat_ram(&qmp.hmp("info mtree -f", None)?)?;
+        let mut arena_added = false;
+        let ranges = if opts.arena {
+            let (ranges, added) = ensure_arena(&mut qmp)?;
+            arena_added = added;
+            ranges
+        } else {
+            hmp::parse_flat_ram(&qmp.hmp("info mtree -f", None)?)?
+        };
+        let arena = if opts.arena {
+            arena_range(&ranges)?
+        } else {
+            (0, 0)
+        };
         let mut map = Vec::with_capacity(ranges.len());
         for r in ranges {
             let hva =
@@ -234,6 +294,26 @@ impl QemuGuest {
             socket: socket.display().to_string(),
             why: why.join("; "),
         })?;
+        // Patching under TCG: writes must reach QEMU's memory API too.
+        // Started paused (a gdb connection stops the VM), and the VM
+        // resumed after if it ran.
+        let gdb = if opts.arena && !kvm_enabled(&mut qmp)? {
+            let running = qmp
+                .execute("query-status", None)?
+                .get("running")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if running {
+                qmp.execute("stop", None)?;
+            }
+            let g = crate::gdb::Gdb::start(&mut qmp, opts.timeout);
+            if running {
+                qmp.execute("cont", None)?;
+            }
+            Some(Mutex::new(g?))
+        } else {
+            None
+        };
         Ok(Self {
             qmp: Mutex::new(qmp),
             state: Mutex::new(State::default()),
@@ -241,7 +321,29 @@ impl QemuGuest {
             vcpus,
             version,
             kernel_gs_base: opts.kernel_gs_base,
+            arena,
+            arena_added,
+            gdb,
         })
+    }
+
+    /// Whether writes also go through QEMU's gdbstub (TCG; see
+    /// [`crate::gdb`]).
+    pub fn writes_through_gdbstub(&self) -> bool {
+        self.gdb.is_some()
+    }
+
+    /// Whether this attach hot-plugged the arena (`false`: it found the
+    /// one an earlier attach or QEMU's command line made, or has none).
+    pub fn arena_added(&self) -> bool {
+        self.arena_added
+    }
+
+    /// Runs one human-monitor command and returns its text (bounded as
+    /// every QMP reply is): for checks against QEMU's own view, such as
+    /// `xp` of a range just written.
+    pub fn hmp(&self, command_line: &str) -> Result<String, QemuError> {
+        Ok(lock(&self.qmp)?.hmp(command_line, None)?)
     }
 
     /// QEMU's pid.
@@ -425,6 +527,122 @@ fn cpu_state_dump(q: &mut Qmp, gpa: u64) -> Result<Vec<VcpuRegs>, QemuError> {
         .collect()
 }
 
+/// Whether the VM runs under KVM (`query-kvm`); else TCG.
+fn kvm_enabled(q: &mut Qmp) -> Result<bool, QemuError> {
+    Ok(q.execute("query-kvm", None)?
+        .get("enabled")
+        .and_then(Value::as_bool)
+        .unwrap_or(false))
+}
+
+/// Whether QEMU knows the QOM object at `path`: a `qom-get` of its
+/// `type` succeeds. Any refusal counts as "no" (QEMU names a missing path
+/// "DeviceNotFound" or a GenericError, depending on the version).
+fn qom_exists(q: &mut Qmp, path: &str) -> Result<bool, QemuError> {
+    match q.execute("qom-get", Some(json!({ "path": path, "property": "type" }))) {
+        Ok(_) => Ok(true),
+        Err(QmpError::Command { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Finds the patch arena klpvisor added to this VM, or hot-plugs it: a
+/// `memory-backend-memfd` (`share=on`: the memory is a file klpvisor's
+/// writes through `/proc/PID/mem` reach like any RAM) behind an
+/// `ivshmem-plain` PCI device, whose BAR 2 is that memory in the guest's
+/// physical address space. No guest driver binds ivshmem, so the guest
+/// never touches it; the kernel does not map it either (it is no RAM to
+/// the guest), and the engine maps it itself through the kernel image's
+/// page tables. Each piece is added only if missing, so a re-attach, or a
+/// VM started with [`ARENA_COMMAND_LINE`], reuses what is there. Returns
+/// the memory map once the BAR is in it, and whether anything was added.
+pub fn ensure_arena(q: &mut Qmp) -> Result<(Vec<hmp::RamRange>, bool), QemuError> {
+    let ranges = hmp::parse_flat_ram(&q.hmp("info mtree -f", None)?)?;
+    if ranges.iter().any(|r| r.name == ARENA_MEMDEV) {
+        return Ok((ranges, false));
+    }
+    let mut added_memdev = false;
+    if !qom_exists(q, &format!("/objects/{ARENA_MEMDEV}"))? {
+        added_memdev = true;
+        q.execute(
+            "object-add",
+            Some(json!({
+                "qom-type": "memory-backend-memfd",
+                "id": ARENA_MEMDEV,
+                "size": ARENA_SIZE,
+                "share": true,
+            })),
+        )
+        .map_err(|source| QemuError::ArenaRefused {
+            step: "object-add memory-backend-memfd",
+            source,
+        })?;
+    }
+    if !qom_exists(q, &format!("/machine/peripheral/{ARENA_DEVICE}"))? {
+        q.execute(
+            "device_add",
+            Some(json!({
+                "driver": "ivshmem-plain",
+                "memdev": ARENA_MEMDEV,
+                "id": ARENA_DEVICE,
+            })),
+        )
+        .map_err(|source| {
+            // Leave QEMU as it was: the backend added for nothing goes.
+            if added_memdev {
+                let _ = q.execute("object-del", Some(json!({ "id": ARENA_MEMDEV })));
+            }
+            QemuError::ArenaRefused {
+                step: "device_add ivshmem-plain",
+                source,
+            }
+        })?;
+    }
+    // The guest assigns the BAR when it handles the hot-plug event; its
+    // memory region enters the flat view when the guest enables memory
+    // decoding on the device.
+    let deadline = Instant::now() + ARENA_WAIT;
+    loop {
+        let ranges = hmp::parse_flat_ram(&q.hmp("info mtree -f", None)?)?;
+        if ranges.iter().any(|r| r.name == ARENA_MEMDEV) {
+            return Ok((ranges, true));
+        }
+        if Instant::now() >= deadline {
+            return Err(QemuError::Arena(format!(
+                "QEMU added the ivshmem device `{ARENA_DEVICE}`, but within {ARENA_WAIT:?} the \
+                 guest did not map its BAR (no PCI hot-plug in the guest, or the VM is paused); \
+                 start QEMU with `{ARENA_COMMAND_LINE}` instead"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The arena's guest-physical (start, size) in the memory map: the RAM
+/// range QEMU names after the arena's memory backend.
+pub fn arena_range(ranges: &[hmp::RamRange]) -> Result<(u64, u64), QemuError> {
+    let mut found = ranges.iter().filter(|r| r.name == ARENA_MEMDEV);
+    let r = found
+        .next()
+        .ok_or_else(|| QemuError::Arena(format!("no RAM range named `{ARENA_MEMDEV}`")))?;
+    if found.next().is_some() {
+        return Err(QemuError::Arena(format!(
+            "`{ARENA_MEMDEV}` is mapped more than once (a second ivshmem device on the same \
+             memory backend?)"
+        )));
+    }
+    if !r.writable || r.start % 4096 != 0 || r.len % 4096 != 0 || r.len < 2 * 4096 {
+        return Err(QemuError::Arena(format!(
+            "`{ARENA_MEMDEV}` is at {:#x}+{:#x} ({}): not writable page-aligned RAM of at least \
+             two pages",
+            r.start,
+            r.len,
+            if r.writable { "ram" } else { "rom" }
+        )));
+    }
+    Ok((r.start, r.len))
+}
+
 /// Compares the first quadwords of each range (up to 4 RAM ranges and
 /// every ROM one, largest RAM first) read through `/proc/PID/mem` with
 /// QEMU's `xp`. Running guest memory may change between the two reads,
@@ -474,6 +692,18 @@ fn check_against_xp(q: &mut Qmp, ram: &GuestRam) -> Result<(), QemuError> {
     Ok(())
 }
 
+impl Drop for QemuGuest {
+    /// Stops the gdbstub this attach started (best effort: QEMU may be
+    /// gone).
+    fn drop(&mut self) {
+        if let (Some(g), Ok(mut q)) = (&self.gdb, self.qmp.lock()) {
+            if let Ok(g) = g.lock() {
+                g.stop(&mut q);
+            }
+        }
+    }
+}
+
 impl Guest for QemuGuest {
     type Error = QemuError;
 
@@ -481,14 +711,37 @@ impl Guest for QemuGuest {
         Ok(self.ram.read(gpa.0, buf)?)
     }
 
+    /// Through `/proc/PID/mem` (checked whole first), then, under TCG,
+    /// the same bytes through QEMU's gdbstub, which drops the stale
+    /// translations of the code written. The gdbstub takes packets only
+    /// while the VM is stopped (a byte that reaches it while the VM runs
+    /// stops the VM and is dropped), so a write while the VM runs is made
+    /// in a pause of its own; the engine writes inside its pauses anyway.
     fn write_phys(&self, gpa: GuestPhys, data: &[u8]) -> Result<(), QemuError> {
-        Ok(self.ram.write(gpa.0, data)?)
+        self.ram.write(gpa.0, data)?;
+        let Some(g) = &self.gdb else {
+            return Ok(());
+        };
+        let write = |_: &Self| -> Result<(), QemuError> {
+            lock(g)?.write_phys(gpa.0, data)?;
+            Ok(())
+        };
+        if lock(&self.state)?.paused_by_us {
+            return write(self);
+        }
+        self.paused(write)?.0
     }
 
-    /// No arena yet: phase 1 reads the guest; the arena (an ivshmem BAR or
-    /// a `memmap=` reservation) comes with patching.
+    /// The ivshmem BAR (see [`ensure_arena`]), or (0, 0) when attached
+    /// without one. Its page-table pages take its own first pages
+    /// ([`Guest::arena_tables`] is `None`): QEMU's guest has no RAM
+    /// reserved for them, and the BAR is outside the kernel's direct map,
+    /// so a guest walker that follows the arena's PMD entries through
+    /// `__va()` (`text_poke()` on patch code) would fault on them; the
+    /// engine's redirects, links and safe-point checks never ask the
+    /// guest to walk them.
     fn arena(&self) -> (GuestPhys, u64) {
-        (GuestPhys(0), 0)
+        (GuestPhys(self.arena.0), self.arena.1)
     }
 
     fn vcpu_count(&self) -> usize {
@@ -683,6 +936,130 @@ mod tests {
         let mut regs2: Vec<VcpuRegs> = cpus.iter().map(|c| c.regs).collect();
         merge_kernel_gs_base(&mut regs2, &cpus, &dumped[..1]);
         assert!(regs2.iter().all(|r| r.kernel_gs_base.is_none()));
+    }
+
+    #[test]
+    fn the_arena_is_the_range_named_after_its_memory_backend() {
+        let ranges =
+            hmp::parse_flat_ram(include_str!("../tests/data/info-mtree-f-ivshmem.txt")).unwrap();
+        assert_eq!(arena_range(&ranges).unwrap(), (0x1_0000_0000, 16 << 20));
+        let mut twice = ranges.clone();
+        let mut second = twice.last().unwrap().clone();
+        second.start += 16 << 20;
+        twice.push(second);
+        assert!(arena_range(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("more than once"));
+        let none: Vec<_> = ranges
+            .iter()
+            .filter(|r| r.name != ARENA_MEMDEV)
+            .cloned()
+            .collect();
+        assert!(matches!(arena_range(&none), Err(QemuError::Arena(_))));
+    }
+
+    /// `info mtree -f` of a guest without the arena, and with it.
+    fn mtree(with_arena: bool) -> String {
+        let text = include_str!("../tests/data/info-mtree-f-ivshmem.txt");
+        let text = if with_arena {
+            text.to_owned()
+        } else {
+            text.replace("klpvarena", "other-bar")
+                .replace("(prio 1, ram)", "(prio 1, i/o)")
+        };
+        text.replace('\n', "\r\n")
+    }
+
+    #[test]
+    fn the_arena_is_hot_plugged_once_and_found_again() {
+        use std::sync::{Arc, Mutex};
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let l = log.clone();
+        let mut plugged = (false, false);
+        let path = fake_qemu("arena", move |cmd, args| {
+            l.lock().unwrap().push(cmd.to_owned());
+            Ok(match cmd {
+                "qmp_capabilities" => json!({}),
+                "qom-get" => {
+                    let p = args["path"].as_str().unwrap_or_default();
+                    let there = if p.starts_with("/objects/") {
+                        plugged.0
+                    } else {
+                        plugged.1
+                    };
+                    if !there {
+                        return Err(format!("Device '{p}' not found"));
+                    }
+                    json!("x")
+                }
+                "object-add" => {
+                    assert_eq!(args["qom-type"], "memory-backend-memfd");
+                    assert_eq!(args["share"], true);
+                    plugged.0 = true;
+                    json!({})
+                }
+                "device_add" => {
+                    assert_eq!(args["driver"], "ivshmem-plain");
+                    assert_eq!(args["memdev"], ARENA_MEMDEV);
+                    plugged.1 = true;
+                    json!({})
+                }
+                "human-monitor-command" => Value::String(mtree(plugged.1)),
+                other => return Err(format!("The command {other} has not been found")),
+            })
+        });
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        let (ranges, added) = ensure_arena(&mut q).unwrap();
+        assert!(added);
+        assert_eq!(arena_range(&ranges).unwrap(), (0x1_0000_0000, 16 << 20));
+        // Found again: nothing added a second time.
+        let (_, added) = ensure_arena(&mut q).unwrap();
+        assert!(!added);
+        let cmds = log.lock().unwrap().clone();
+        assert_eq!(cmds.iter().filter(|c| *c == "object-add").count(), 1);
+        assert_eq!(cmds.iter().filter(|c| *c == "device_add").count(), 1);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_refused_hot_plug_says_what_to_put_on_the_command_line() {
+        use std::sync::{Arc, Mutex};
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let l = log.clone();
+        let path = fake_qemu("noplug", move |cmd, _| {
+            l.lock().unwrap().push(cmd.to_owned());
+            Ok(match cmd {
+                "qmp_capabilities" | "object-add" | "object-del" => json!({}),
+                "qom-get" => return Err("not found".into()),
+                "device_add" => return Err("Bus 'pci.0' does not support hotplugging".into()),
+                "human-monitor-command" => Value::String(mtree(false)),
+                other => return Err(format!("The command {other} has not been found")),
+            })
+        });
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        let e = ensure_arena(&mut q).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            matches!(
+                e,
+                QemuError::ArenaRefused {
+                    step: "device_add ivshmem-plain",
+                    ..
+                }
+            ),
+            "{m}"
+        );
+        assert!(m.contains("does not support hotplugging"), "{m}");
+        assert!(m.contains(ARENA_COMMAND_LINE), "{m}");
+        // The backend it added is taken away again.
+        let cmds = log.lock().unwrap().clone();
+        assert_eq!(
+            cmds.last().map(String::as_str),
+            Some("object-del"),
+            "{cmds:?}"
+        );
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

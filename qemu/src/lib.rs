@@ -6,6 +6,8 @@
 //! - [`hmp`]: parsers of the HMP text QMP has no structured command for
 //!   (`info registers`, `info mtree -f`, `gpa2hva`, `xp`);
 //! - [`mem`]: guest RAM through the QEMU process's `/proc/PID/mem`;
+//! - [`gdb`]: writes through QEMU's gdbstub, which drop TCG's cached
+//!   translations of the code written;
 //! - [`attach`]: [`QemuGuest`], all of it as a [`klpvisor_guest::Guest`],
 //!   with pause and resume (`stop`/`cont`).
 //!
@@ -13,6 +15,7 @@
 //! bounded, every parse refuses what it does not recognise.
 
 pub mod attach;
+pub mod gdb;
 pub mod hmp;
 pub mod mem;
 pub mod qmp;

@@ -164,11 +164,15 @@ fn hash(g: &QemuGuest, start: u64, len: u64) -> u64 {
     h
 }
 
+/// One QEMU at a time: the tests of this file run one after the other.
+static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn attach_pause_read_the_kernel_resume() {
     if skip() {
         return;
     }
+    let _one = ONE_VM.lock().unwrap_or_else(|p| p.into_inner());
     let vm = boot();
     let sock = vm.dir.join("qmp.sock");
     let opts = AttachOptions::default();
@@ -319,4 +323,140 @@ fn attach_pause_read_the_kernel_resume() {
     eprintln!("query-status after QEMU exited: {e}");
     assert!(matches!(e, QemuError::Qmp(QmpError::Closed { .. })), "{e}");
     assert!(g.pause().is_err());
+}
+
+/// The arena: hot-plugged on the first attach (a memfd-backed ivshmem
+/// device), its BAR written through `/proc/PID/mem` and read back through
+/// QEMU's own `xp`, found again (not added twice) on a re-attach, and the
+/// rest of guest RAM unchanged by it.
+#[test]
+fn arena_hot_plugged_written_and_found_again() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_VM.lock().unwrap_or_else(|p| p.into_inner());
+    let vm = boot();
+    let sock = vm.dir.join("qmp.sock");
+    let opts = AttachOptions {
+        arena: true,
+        ..AttachOptions::default()
+    };
+    let t = Instant::now();
+    let g = QemuGuest::attach(&sock, &opts).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("attached with a hot-plugged arena in {:?}", t.elapsed());
+    assert!(g.arena_added());
+    let (GuestPhys(start), len) = g.arena();
+    eprintln!("arena at {start:#x}+{len:#x}");
+    assert_eq!(len, klpvisor_qemu::attach::ARENA_SIZE);
+    assert_eq!(start % len, 0, "a BAR is aligned to its size");
+    // No guest driver binds ivshmem: the BAR reads as the zeroed memfd.
+    assert_eq!(hash(&g, start, len), hash_zero(len));
+    let pattern: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+    for at in [start, start + 0x1000, start + len - 32] {
+        g.write_phys(GuestPhys(at), &pattern).unwrap();
+        let text = g.hmp(&format!("xp /4gx {at:#x}")).unwrap();
+        let q = klpvisor_qemu::hmp::parse_xp_qwords(at, &text).unwrap();
+        let want: Vec<u64> = pattern
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(q, want, "xp at {at:#x}: {text}");
+    }
+    eprintln!(
+        "3 writes into the BAR read back through QEMU's xp (through the gdbstub too: {})",
+        g.writes_through_gdbstub()
+    );
+    // Under TCG each write also went through the gdbstub, in a pause of
+    // its own: the VM runs again after.
+    assert!(g.writes_through_gdbstub());
+    let (running, status) = g.status().unwrap();
+    assert!(running, "{status}");
+    // A write across the end of the BAR moves no byte.
+    assert!(g
+        .write_phys(GuestPhys(start + len - 8), &[0xcc; 16])
+        .is_err());
+    // Let the guest run a little: nothing in it touches the BAR.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut back = vec![0u8; 32];
+    g.read_phys(GuestPhys(start + 0x1000), &mut back).unwrap();
+    assert_eq!(back, pattern);
+    drop(g);
+
+    let g = QemuGuest::attach(&sock, &opts).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!g.arena_added(), "a re-attach finds the arena");
+    assert_eq!(g.arena(), (GuestPhys(start), len));
+    g.read_phys(GuestPhys(start + 0x1000), &mut back).unwrap();
+    assert_eq!(back, pattern, "the memfd keeps what was written");
+    let devices = g.hmp("info pci").unwrap();
+    assert_eq!(
+        devices.matches("1af4:1110").count(),
+        1,
+        "one ivshmem device (1af4:1110):\n{devices}"
+    );
+    drop(vm);
+}
+
+/// FNV-1a of `len` zero bytes, as [`hash`] computes it.
+fn hash_zero(len: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for _ in 0..len {
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// A machine whose PCI bus takes no hot-plug (q35's root complex): the
+/// arena is refused with QEMU's reason and the command line to use
+/// instead, and the memory backend added before the refusal is gone.
+/// No guest is needed: QEMU is started stopped (`-S`) with no kernel.
+#[test]
+fn an_arena_refused_by_qemu_names_the_command_line_and_leaves_nothing() {
+    if skip() {
+        return;
+    }
+    let _one = ONE_VM.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = std::env::temp_dir().join(format!("klpv-qemu-q35-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("qmp.sock");
+    let child = Command::new("nice")
+        .args([
+            "-n",
+            "19",
+            "qemu-system-x86_64",
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+        ])
+        .args(["-m", "128", "-S", "-nodefaults", "-display", "none"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("cannot start qemu-system-x86_64");
+    let vm = Vm { child, dir };
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no QMP socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let opts = AttachOptions {
+        arena: true,
+        ..AttachOptions::default()
+    };
+    let e = QemuGuest::attach(&sock, &opts).unwrap_err();
+    let m = e.to_string();
+    eprintln!("attach --arena on q35: {m}");
+    assert!(matches!(e, QemuError::ArenaRefused { .. }), "{m}");
+    assert!(m.contains("does not support hotplugging"), "{m}");
+    assert!(m.contains(klpvisor_qemu::attach::ARENA_COMMAND_LINE), "{m}");
+    let g = QemuGuest::attach(&sock, &AttachOptions::default()).unwrap();
+    let memdevs = g.hmp("info memdev").unwrap();
+    assert!(!memdevs.contains("klpvarena"), "{memdevs}");
+    assert!(!g.hmp("info pci").unwrap().contains("1af4:1110"));
+    drop(g);
+    drop(vm);
 }

@@ -48,6 +48,8 @@ struct FakeHost<'l> {
     base: Instant,
     clock: Cell<Duration>,
     user_paused: bool,
+    /// The host cannot run code in the guest (as QEMU).
+    no_calls: bool,
     log: &'l Log,
     waits: RefCell<Vec<u32>>,
 }
@@ -59,6 +61,7 @@ impl<'l> FakeHost<'l> {
             base: Instant::now(),
             clock: Cell::new(Duration::ZERO),
             user_paused: false,
+            no_calls: false,
             log,
             waits: RefCell::new(Vec::new()),
         }
@@ -94,6 +97,12 @@ impl Host for FakeHost<'_> {
     }
     fn doorbell_rings(&self) -> u64 {
         0
+    }
+    fn can_call_guest(&self) -> bool {
+        !self.no_calls
+    }
+    fn no_guest_calls_reason(&self) -> String {
+        "a test host without interrupts".into()
     }
     fn wait_doorbell(&self, _seen: u64, deadline: Instant) {
         // Nothing rings: the wait lasts until the deadline.
@@ -136,6 +145,8 @@ struct FakePlan {
     loads: bool,
     warnings: Vec<String>,
     needs_percpu: bool,
+    /// Module objects: needs the hooks on the guest's module loads.
+    needs_hooks: bool,
     /// Functions still to register with the guest's ftrace.
     wants_ops: bool,
     /// A traced function this plan could only redirect by a jmp.
@@ -157,6 +168,9 @@ impl Planned for FakePlan {
     }
     fn needs_percpu(&self) -> bool {
         self.needs_percpu
+    }
+    fn needs_hooks(&self) -> bool {
+        self.needs_hooks
     }
     fn wants_ops(&self) -> bool {
         self.wants_ops
@@ -228,6 +242,8 @@ struct FakePatcher<'l> {
     /// A fake signal makes the sleeper leave: the next commit succeeds.
     nudge_unblocks: bool,
     percpu: FakePercpu,
+    /// The patch has module objects (see `FakePlan::needs_hooks`).
+    module_objects: bool,
     ops: FakeOps,
     log: FakeSwitchLog,
     steps_log: &'l Log,
@@ -262,6 +278,7 @@ impl<'l> FakePatcher<'l> {
             logs: false,
             nudge_unblocks: false,
             percpu: FakePercpu::default(),
+            module_objects: false,
             ops: FakeOps::default(),
             log: FakeSwitchLog::default(),
             steps_log: log,
@@ -286,6 +303,7 @@ impl Patcher<FakePhys> for FakePatcher<'_> {
             needs_percpu: self.percpu.returns.is_some()
                 && self.percpu.pending.is_none()
                 && self.percpu.kept.is_none(),
+            needs_hooks: self.module_objects,
             wants_ops: self.ops.unregistered > 0,
             traced_jump: self.ops.traced && self.ops.unregistered > 0,
         })
@@ -1308,6 +1326,66 @@ fn a_refused_switch_log_registration_does_not_fail_the_transition() {
     q.log.supported = true;
     run(&host2, &mut q, "apply", timeout(30)).unwrap();
     assert!(!steps(&log2).iter().any(|s| s.contains("switch log")));
+}
+
+/// A host that cannot run code in the guest (QEMU) gets a patch without
+/// callbacks redirected by jmps: no gate, no ftrace registration, no
+/// switch log, no kernel-log line.
+#[test]
+fn a_host_without_guest_calls_patches_by_jmp_with_no_gate() {
+    let log = Log::default();
+    let mut host = FakeHost::new(&log);
+    host.no_calls = true;
+    let mut calls = Calls::default();
+    calls.enable("new", &[cbs(0x1000, [false; 4])]);
+    let mut p = FakePatcher::new(&log, calls);
+    p.logs = true;
+    p.ops.unregistered = 1;
+    p.log.supported = true;
+    run(&host, &mut p, "apply", timeout(10)).unwrap();
+    assert_eq!(steps(&log), ["prepare", "begun new", "load", "commit"]);
+    assert!(!p.gate);
+    // Nor does the housekeeping call into the guest.
+    assert!(release_switch_log(&host, &mut p).is_empty());
+    assert!(release_ops(&host, &mut p, usize::MAX).is_empty());
+    assert_eq!(steps(&log), ["prepare", "begun new", "load", "commit"]);
+}
+
+/// Callbacks, per-CPU data and module objects need the guest to run
+/// klpvisor's code: on a host that cannot, the patch is refused before
+/// anything is written, saying why.
+#[test]
+fn a_host_without_guest_calls_refuses_callbacks_per_cpu_data_and_module_objects() {
+    for (what, needs) in [
+        ("callbacks", "klp callbacks"),
+        ("percpu", "per-CPU"),
+        ("modules", "patches modules"),
+    ] {
+        let log = Log::default();
+        let mut host = FakeHost::new(&log);
+        host.no_calls = true;
+        let mut calls = Calls::default();
+        calls.enable("new", &[cbs(0x1000, [what == "callbacks"; 4])]);
+        let mut p = FakePatcher::new(&log, calls);
+        if what == "percpu" {
+            p.percpu.returns = Some(0x3_1000);
+        }
+        p.module_objects = what == "modules";
+        let e = run(&host, &mut p, "apply", timeout(10)).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            matches!(
+                e,
+                TestError::Transition(TransitionError::NoGuestCalls { .. })
+            ),
+            "{m}"
+        );
+        assert!(m.contains(needs), "{m}");
+        assert!(m.contains("a test host without interrupts"), "{m}");
+        assert!(m.contains("nothing was written"), "{m}");
+        assert_eq!(steps(&log), ["prepare"], "nothing sent, nothing written");
+        assert!(!p.gate);
+    }
 }
 
 /// A transition with a short timeout (a second: "tell me at once whether

@@ -93,6 +93,10 @@ impl From<ControlError> for HttpError {
             ControlError::Transition(TransitionError::CallbackTimeout { .. }) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            // Not raised by the VMM, which can call into its guest.
+            ControlError::Transition(TransitionError::NoGuestCalls { .. }) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ControlError::NoSuchVcpu { .. } => StatusCode::NOT_FOUND,
             ControlError::Stopped | ControlError::KernelNotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
