@@ -506,6 +506,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Control {
+    /// `vmm --no-switch-log`: the engine never registers the switch log.
+    pub fn no_switch_log(&self) {
+        self.engine()
+            .switch_log_off("turned off (vmm --no-switch-log)".into());
+    }
+
     /// `allow_downgrade` (`vmm --allow-downgrade`) lifts anti-rollback,
     /// which trusted keys otherwise enforce.
     pub fn new(vm: Arc<Vm>, policy: Policy, allow_downgrade: bool) -> Self {

@@ -91,6 +91,12 @@ impl Engine {
         }
     }
 
+    /// Never registers the log in this guest, for `why` (the operator's
+    /// choice): every pause reads every task.
+    pub fn switch_log_off(&mut self, why: String) {
+        self.switches_off = Some(why);
+    }
+
     /// Whether the log's pages are in the arena (a plan made before they
     /// were must be made again).
     pub fn switch_log_installed(&self) -> bool {
