@@ -56,12 +56,13 @@ pub struct Args {
     /// replayed over a newer one.
     #[arg(long, requires = "trusted_keys")]
     pub allow_downgrade: bool,
-    /// Never register the switch log (klpvisor's probe on the guest's
-    /// `sched_switch` tracepoint, README "What the pause costs"): every
-    /// safe-point pause then reads every task, and no probe is ever added
-    /// to the guest's scheduler.
+    /// Register the switch log (klpvisor's probe on the guest's
+    /// `sched_switch` tracepoint, README "What the pause costs") while
+    /// changes happen, so that a safe-point pause reads only the tasks
+    /// that may have run since they were judged. Off by default: two
+    /// nested benchmark runs with it stopped answering (README, Limits).
     #[arg(long)]
-    pub no_switch_log: bool,
+    pub switch_log: bool,
     /// Give the guest a virtio-blk disk backed by this raw image file
     /// (its /dev/vda; a second --disk is vdb, and so on, up to 5). Append
     /// `,ro` for a read-only disk: the image is opened read-only and the

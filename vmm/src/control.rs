@@ -506,10 +506,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Control {
-    /// `vmm --no-switch-log`: the engine never registers the switch log.
+    /// Without `vmm --switch-log`: the engine never registers the switch
+    /// log, and every safe-point pause reads every task.
     pub fn no_switch_log(&self) {
         self.engine()
-            .switch_log_off("turned off (vmm --no-switch-log)".into());
+            .switch_log_off("not asked for (vmm --switch-log turns it on)".into());
     }
 
     /// `allow_downgrade` (`vmm --allow-downgrade`) lifts anti-rollback,
