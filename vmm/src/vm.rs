@@ -108,6 +108,9 @@ pub enum VmError {
     /// A `--disk` image could not be used.
     #[error(transparent)]
     Disk(#[from] BlockError),
+    /// A serial port's transmitter thread could not be spawned.
+    #[error("cannot start a serial port's transmitter thread: {0}")]
+    SerialThread(std::io::Error),
     /// A NIC's device thread could not be spawned.
     #[error("cannot start the virtio-net device thread: {0}")]
     NetThread(std::io::Error),
@@ -311,11 +314,15 @@ impl Vm {
                 vm_fd
                     .register_irqfd(&irq, COM2_IRQ)
                     .map_err(kvm_err("COM2 irqfd"))?;
-                Some(Console::new(irq, out))
+                Some(Console::new("com2", irq, out).map_err(VmError::SerialThread)?)
             }
             None => None,
         };
-        let mut devices = PioDevices::new(Console::new(serial_irq, console_out), com2, boot_timer);
+        let mut devices = PioDevices::new(
+            Console::new("com1", serial_irq, console_out).map_err(VmError::SerialThread)?,
+            com2,
+            boot_timer,
+        );
         for (base, _, transport) in transports {
             devices.add_virtio(base, transport);
         }

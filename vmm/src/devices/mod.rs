@@ -244,7 +244,7 @@ mod tests {
             }
         }
         let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let com2 = Console::new(irq, Box::new(Shared(out.clone())));
+        let com2 = Console::new("com2", irq, Box::new(Shared(out.clone()))).unwrap();
         let d = PioDevices::new(Console::sink(), Some(com2), BootTimer::default());
         d.write(COM2_START + 7, &[0x5a]);
         d.read(COM2_START + 7, &mut b);
