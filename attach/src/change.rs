@@ -199,22 +199,7 @@ fn transition(
     prepare: impl Fn(&mut Engine, &Kernel) -> Result<Prepared, EngineError>,
 ) -> Result<TransitionReply, ChangeError> {
     run_transition(app, kernel, action, t, prepare, |engine, o| {
-        let patch = engine
-            .record_pause(&o.committed.name, o.pause_us)
-            .or(o.committed.patch)
-            .ok_or_else(|| EngineError::Internal("the committed patch vanished".into()))?;
-        Ok(TransitionReply {
-            patch,
-            prepare_ms: o.prepare_ms,
-            pause_us: o.pause_us,
-            bytes_written: o.committed.bytes_written,
-            warnings: o.warnings,
-            attempts: o.attempts,
-            waited_ms: o.waited_ms,
-            nudged: o.nudged,
-            pause_tasks: o.committed.pause_tasks,
-            callbacks: o.callbacks,
-        })
+        Ok(engine.transition_reply(o)?)
     })
 }
 
@@ -283,22 +268,7 @@ pub fn rollback(
             target.set(to.unwrap_or(e.last_seq()));
             e.prepare_rollback(k, guest, Some(target.get()), t.force)
         },
-        |engine, o| {
-            Ok(RollbackReply {
-                to: target.get(),
-                seq: o.committed.seq,
-                patches: engine.list(),
-                prepare_ms: o.prepare_ms,
-                pause_us: o.pause_us,
-                bytes_written: o.committed.bytes_written,
-                attempts: o.attempts,
-                waited_ms: o.waited_ms,
-                nudged: o.nudged,
-                pause_tasks: o.committed.pause_tasks,
-                callbacks: o.callbacks,
-                warnings: o.warnings,
-            })
-        },
+        |engine, o| Ok(engine.rollback_reply(target.get(), o)),
     )
 }
 

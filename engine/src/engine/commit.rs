@@ -404,4 +404,50 @@ impl Engine {
         }
         self.info(name)
     }
+
+    /// The API's reply to a committed transition of one patch (apply,
+    /// disable, enable): the patch as it now is, with the pause noted.
+    pub fn transition_reply(
+        &mut self,
+        o: crate::transition::Outcome,
+    ) -> Result<klpvisor_api::TransitionReply, EngineError> {
+        let patch = self
+            .record_pause(&o.committed.name, o.pause_us)
+            .or(o.committed.patch)
+            .ok_or_else(|| EngineError::Internal("the committed patch vanished".into()))?;
+        Ok(klpvisor_api::TransitionReply {
+            patch,
+            prepare_ms: o.prepare_ms,
+            pause_us: o.pause_us,
+            bytes_written: o.committed.bytes_written,
+            warnings: o.warnings,
+            attempts: o.attempts,
+            waited_ms: o.waited_ms,
+            nudged: o.nudged,
+            pause_tasks: o.committed.pause_tasks,
+            callbacks: o.callbacks,
+        })
+    }
+
+    /// The API's reply to a committed rollback to transition `to`.
+    pub fn rollback_reply(
+        &self,
+        to: u64,
+        o: crate::transition::Outcome,
+    ) -> klpvisor_api::RollbackReply {
+        klpvisor_api::RollbackReply {
+            to,
+            seq: o.committed.seq,
+            patches: self.list(),
+            prepare_ms: o.prepare_ms,
+            pause_us: o.pause_us,
+            bytes_written: o.committed.bytes_written,
+            attempts: o.attempts,
+            waited_ms: o.waited_ms,
+            nudged: o.nudged,
+            pause_tasks: o.committed.pause_tasks,
+            callbacks: o.callbacks,
+            warnings: o.warnings,
+        }
+    }
 }
