@@ -405,9 +405,11 @@ mod tests {
 
     /// The port end to end, answered as Linux's 8250 driver does: on each
     /// interrupt, read IIR until it says "none", writing 16 bytes for each
-    /// THRE. A flood then takes one interrupt per 16 bytes at the line's
-    /// pace, not one handler that never ends; input still interrupts at
-    /// once.
+    /// THRE. However the test thread is scheduled, the port never reports
+    /// THRE before the line has sent every byte written before: a flood
+    /// runs at the line's pace, not as fast as the handler can loop.
+    /// (The backoff for slow bursts is [`Transmitter`]'s, tested above
+    /// with explicit times.) Input still interrupts at once.
     #[test]
     fn a_flood_is_paced_and_input_is_not() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -417,38 +419,42 @@ mod tests {
         assert_eq!(c.read(IER) & 0b11, 0b11);
         assert_eq!(irq.read().unwrap(), 1);
         let start = Instant::now();
-        let mut interrupts = 0;
         let mut bytes = 0u32;
         while bytes < 800 {
             // One interrupt's handler.
-            let mut passes = 0;
             loop {
                 let iir = c.read(IIR);
                 if iir & IIR_NO_INT != 0 {
                     break;
                 }
                 assert_eq!(iir, IIR_THRE_FIFO);
+                // Every byte written before this THRE has left the line.
+                let sent = start.elapsed();
+                assert!(
+                    sent >= BYTE_TIME * bytes,
+                    "THRE after {bytes} bytes at {sent:?}"
+                );
                 for b in 0..16u8 {
                     c.write(DATA, b'a' + b);
                 }
                 bytes += 16;
-                passes += 1;
             }
-            assert_eq!(passes, 1, "the handler's loop ran on");
-            interrupts += 1;
-            // Wait for the next interrupt.
+            // Wait for the next interrupt. (One may find nothing: a burst
+            // this thread was descheduled in the middle of can let the line
+            // empty and interrupt before its last byte takes THRE back, as
+            // on a real UART.)
             let deadline = Instant::now() + Duration::from_secs(10);
             while irq.read().is_err() {
                 assert!(Instant::now() < deadline, "the transmitter never emptied");
                 std::thread::sleep(Duration::from_micros(50));
             }
         }
-        assert_eq!(interrupts, 50);
-        // 800 bytes at 115200 baud spend 69 ms on the line: the last 16
-        // may still be on it.
-        assert!(start.elapsed() >= BYTE_TIME * (800 - 16));
-        // Input: at once, while the transmitter is busy.
-        c.write(DATA, b'x');
+        // Input interrupts at once while the transmitter is busy (with
+        // its interrupt masked, so the line emptying raises nothing).
+        c.write(IER, 0b01);
+        for _ in 0..64 {
+            c.write(DATA, b'x');
+        }
         let _ = irq.read();
         assert_eq!(c.enqueue(b"y"), 1);
         assert_eq!(irq.read().unwrap(), 1, "the input interrupt waited");
