@@ -270,6 +270,13 @@ pub const L1_BOOT_LIMIT: Duration = Duration::from_secs(180);
 /// (L2 soft lockups right after the secondary CPUs come up) never gets there.
 pub const L2_BOOT_LIMIT: Duration = Duration::from_secs(150);
 
+/// How long L1 may go without its heartbeat (`KLPV-L1-ALIVE`, every 20 s
+/// on its console while a scenario runs) before the attempt counts as the
+/// emulator's: an L1 that stopped altogether (seen in long runs, with
+/// nothing in any log) is killed at once and retried, while a scenario
+/// that hangs in a live L1 runs into its own limit and fails.
+pub const L1_SILENCE_LIMIT: Duration = Duration::from_secs(150);
+
 /// Attempts at one nested scenario while the emulator, not the code under
 /// test, ends them (see [`emulator_failure`]). On the 2-core Intel machines
 /// of 2026-11-27, with a 2-vCPU L1, about one L2 boot in three died in early
@@ -521,18 +528,26 @@ fn run_once(
     let mut l1_up = !nested;
     // When the L2 kernel now booting printed its banner (nested only).
     let mut l2_booting: Option<Instant> = None;
+    // L1's last sign of life (nested, once it is up).
+    let mut alive = start;
     loop {
-        let limit = if !l1_up {
+        let mut limit = if !l1_up {
             start + L1_BOOT_LIMIT
         } else if let Some(t) = l2_booting {
             deadline.min(t + L2_BOOT_LIMIT)
         } else {
             deadline
         };
+        if nested && l1_up {
+            limit = limit.min(alive + L1_SILENCE_LIMIT);
+        }
         let left = limit.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
                 eprintln!("  | {line}");
+                if line.contains("KLPV-L1 ") || line.contains("KLPV-L1-ALIVE") {
+                    alive = Instant::now();
+                }
                 l1_up |= line.contains("KLPV-L1 ");
                 if nested && l1_up && line.contains("] Linux version ") {
                     l2_booting = Some(Instant::now());
@@ -555,6 +570,15 @@ fn run_once(
                 kill_tree(&mut child);
                 return Attempt::Emulator(
                     format!("L1 did not boot within {L1_BOOT_LIMIT:?}"),
+                    lines,
+                );
+            }
+            Err(mpsc::RecvTimeoutError::Timeout)
+                if nested && alive.elapsed() >= L1_SILENCE_LIMIT =>
+            {
+                kill_tree(&mut child);
+                return Attempt::Emulator(
+                    format!("L1 stopped: no heartbeat for {L1_SILENCE_LIMIT:?}"),
                     lines,
                 );
             }
