@@ -228,5 +228,9 @@ fn klpvisor_attach_patches_a_qemu_kvm_guest_and_lets_go() {
         "{t}"
     );
     assert_eq!(run.result("detach2")["rc"], "0", "{t}");
-    assert_eq!(run.results("qemu-attach-done").len(), 1, "{t}");
+    assert_eq!(
+        run.lines_with("KLPV-RESULT qemu-attach-done").len(),
+        1,
+        "{t}"
+    );
 }
