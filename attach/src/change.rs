@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use klpvisor_api::{
-    ErrorKind, HistoryEntry, PatchInfo, PatchesReply, RollbackReply, TransitionReply,
+    ErrorKind, HistoryEntry, PatchInfo, PatchesReply, PendingTransition, RollbackReply,
+    TransitionReply,
 };
 use klpvisor_engine::arena::ArenaError;
 use klpvisor_engine::engine::{Engine, EngineError, Fault, Prepared};
+use klpvisor_engine::safepoint::Blocker;
 use klpvisor_engine::transition::{self as lifecycle, Host, Live, Transition, TransitionError};
 use klpvisor_guest::{Guest, Kernel};
 use klpvisor_qemu::{QemuError, QemuGuest};
@@ -42,9 +44,10 @@ pub enum ChangeError {
     /// Talking to QEMU, or its guest's memory, failed.
     #[error(transparent)]
     Qemu(#[from] QemuError),
-    /// Another change holds the engine.
-    #[error("another change is under way; retry when it has ended")]
-    Busy,
+    /// Another change holds the engine: the one `GET /patches` shows
+    /// as its transition, or one still being prepared.
+    #[error("another change is under way ({0}); retry when it has ended")]
+    Busy(String),
 }
 
 impl From<ChangeError> for HttpError {
@@ -63,7 +66,7 @@ impl From<ChangeError> for HttpError {
             );
         }
         let (status, kind) = match &e {
-            ChangeError::Busy => (StatusCode::CONFLICT, ErrorKind::Busy),
+            ChangeError::Busy(_) => (StatusCode::CONFLICT, ErrorKind::Busy),
             ChangeError::Qemu(QemuError::NoArena) => (StatusCode::CONFLICT, ErrorKind::Refused),
             ChangeError::Qemu(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::Failed),
             ChangeError::Transition(TransitionError::NoGuestCalls { .. }) => {
@@ -89,9 +92,13 @@ impl From<ChangeError> for HttpError {
 
 /// The lifecycle's host over QEMU: pauses are QMP `stop`/`cont` (never
 /// across a pause or resume of the API's), writes go through
-/// `/proc/PID/mem`, and nothing can be run in the guest.
+/// `/proc/PID/mem`, nothing can be run in the guest, and the transition
+/// under way is published for `GET /patches`.
 pub struct QemuHost<'a> {
     app: &'a App,
+    /// `apply`, `disable`, `enable`, `rollback` (`remove`: no transition).
+    action: &'a str,
+    forced: bool,
 }
 
 impl Host for QemuHost<'_> {
@@ -148,6 +155,53 @@ impl Host for QemuHost<'_> {
     fn sleep(&self, d: Duration) {
         std::thread::sleep(d);
     }
+
+    /// Shown by `GET /patches` until the transition ends (see
+    /// [`PendingGuard`]), so a client can tell a transition that waits
+    /// for a safe point from a request that hangs.
+    fn begun(&self, patch: &str) {
+        *lock(&self.app.pending) = Some(PendingTransition {
+            patch: patch.to_owned(),
+            action: self.action.to_owned(),
+            forced: self.forced,
+            waited_ms: 0.0,
+            attempts: 0,
+            blockers: Vec::new(),
+        });
+    }
+
+    /// The tasks that blocked the last attempt, for `GET /patches`.
+    fn waiting(&self, attempts: u32, waited: Duration, blockers: &[Blocker]) {
+        if let Some(p) = lock(&self.app.pending).as_mut() {
+            p.attempts = attempts;
+            p.waited_ms = waited.as_secs_f64() * 1e3;
+            p.blockers = blockers.iter().map(ToString::to_string).collect();
+        }
+    }
+}
+
+/// Clears the published transition however it ends (committed, refused,
+/// failed, or its worker unwinding).
+struct PendingGuard<'a>(&'a App);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.pending) = None;
+    }
+}
+
+/// Takes the one change allowed at a time, or says which one holds it.
+fn take_change(app: &App) -> Result<std::sync::MutexGuard<'_, ()>, ChangeError> {
+    match app.changing.try_lock() {
+        Ok(g) => Ok(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            Err(ChangeError::Busy(match lock(&app.pending).as_ref() {
+                Some(t) => format!("{} of {}", t.action, t.patch),
+                None => "being prepared".into(),
+            }))
+        }
+    }
 }
 
 /// Runs one transition on the attached guest, one change at a time
@@ -163,9 +217,14 @@ fn run_transition<R>(
     if app.guest.arena().1 == 0 {
         return Err(QemuError::NoArena.into());
     }
-    let _changing = app.changing.try_lock().map_err(|_| ChangeError::Busy)?;
+    let _changing = take_change(app)?;
+    let _pending = PendingGuard(app);
     let mut engine = lock(&app.engine);
-    let host = QemuHost { app };
+    let host = QemuHost {
+        app,
+        action,
+        forced: t.force,
+    };
     let mut live = Live {
         engine: &mut engine,
         kernel,
@@ -275,10 +334,14 @@ pub fn rollback(
 /// Forgets a disabled or replaced patch; its arena space is freed in a
 /// short pause if no task's stack references its code, else later.
 pub fn remove(app: &App, kernel: &Kernel, name: &str) -> Result<PatchInfo, ChangeError> {
-    let _changing = app.changing.try_lock().map_err(|_| ChangeError::Busy)?;
+    let _changing = take_change(app)?;
     let mut engine = lock(&app.engine);
     let info = engine.remove(name)?;
-    let host = QemuHost { app };
+    let host = QemuHost {
+        app,
+        action: "remove",
+        forced: false,
+    };
     let (swept, _) = host.paused(|g| engine.sweep(kernel, g))?;
     swept?;
     publish(app, &engine);
@@ -317,8 +380,9 @@ mod tests {
         let (s, k, m) = reply(QemuError::NoArena.into());
         assert_eq!((s, k), (StatusCode::CONFLICT, ErrorKind::Refused));
         assert!(m.contains("--arena"), "{m}");
-        let (s, k, _) = reply(ChangeError::Busy);
+        let (s, k, m) = reply(ChangeError::Busy("apply of p".into()));
         assert_eq!((s, k), (StatusCode::CONFLICT, ErrorKind::Busy));
+        assert!(m.contains("apply of p"), "{m}");
         let (s, k, m) = reply(ChangeError::Engine(EngineError::Arena(
             ArenaError::AlreadyMapped { slots: vec![3] },
         )));

@@ -39,9 +39,9 @@ use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
 use klpvisor_api::{
     parse_hex, AddrReply, ErrorKind, ErrorReply, Hex, HistoryEntry, KernelInfo, MemoryReply,
-    PatchInfo, PatchesReply, PauseReply, Regs, RegsReply, ResumeReply, RollbackReply,
-    SignaturePolicyInfo, SymbolEntry, SymbolsReply, TaskEntry, TasksReply, TransitionReply, VmInfo,
-    VmState, MAX_MEMORY_READ, MAX_PATCH_BYTES,
+    PatchInfo, PatchState, PatchesReply, PauseReply, PendingTransition, Regs, RegsReply,
+    ResumeReply, RollbackReply, SignaturePolicyInfo, SymbolEntry, SymbolsReply, TaskEntry,
+    TasksReply, TransitionReply, VmInfo, VmState, MAX_MEMORY_READ, MAX_PATCH_BYTES,
 };
 use klpvisor_engine::transition as lifecycle;
 use klpvisor_guest::{kaslr, Guest, GuestPhys, Kernel, VcpuRegs, VirtRead};
@@ -98,6 +98,10 @@ struct App {
     changing: Mutex<()>,
     /// What `GET /patches` shows, published after each change.
     published: Mutex<PatchesReply>,
+    /// The transition under way, from the moment it is prepared until it
+    /// ends: `GET /patches` shows it (and the tasks blocking its safe
+    /// point) while its request still waits, as the VMM does.
+    pending: Mutex<Option<PendingTransition>>,
 }
 
 type Shared = Arc<App>;
@@ -559,9 +563,17 @@ async fn tasks(State(app): State<Shared>) -> Reply<TasksReply> {
     .await
 }
 
-/// GET /patches: nothing here has patched this guest.
+/// GET /patches: the engine's state as of the last change, with the
+/// transition under way (its patch shown "in transition").
 async fn patches(State(app): State<Shared>) -> Json<PatchesReply> {
-    Json(lock(&app.published).clone())
+    let mut reply = lock(&app.published).clone();
+    reply.transition = lock(&app.pending).clone();
+    if let Some(t) = &reply.transition {
+        for p in reply.patches.iter_mut().filter(|p| p.name == t.patch) {
+            p.state = PatchState::InTransition;
+        }
+    }
+    Json(reply)
 }
 
 /// GET /history
@@ -825,6 +837,7 @@ fn main() -> std::process::ExitCode {
         engine: Mutex::new(klpvisor_engine::engine::Engine::default()),
         changing: Mutex::new(()),
         published: Mutex::new(PatchesReply::default()),
+        pending: Mutex::new(None),
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

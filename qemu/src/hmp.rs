@@ -308,7 +308,14 @@ pub fn parse_flat_ram(text: &str) -> Result<Vec<RamRange>, HmpError> {
         if out.len() >= MAX_RANGES {
             return Err(unexpected(COMMAND, "too many RAM ranges", text));
         }
-        let name = name.split(" @").next().unwrap_or_default();
+        let mut name = name.split(" @").next().unwrap_or_default();
+        // Under KVM each range KVM maps ends with the accelerator's name
+        // ("pc.ram KVM", "pc.bios @0000000000020000 KVM": memory.c's
+        // mtree_print_flatview); it is not part of the region's name, and
+        // left in, the arena (`klpvarena`) would never be found.
+        while let Some(n) = name.strip_suffix(" KVM") {
+            name = n;
+        }
         out.push(RamRange {
             start,
             len,
@@ -561,6 +568,30 @@ mod tests {
         // Its MMIO register BAR is I/O and left out.
         assert!(r.iter().all(|r| r.name != "ivshmem-mmio"));
         assert_eq!(r.iter().filter(|r| r.name == "pc.ram").count(), 5);
+    }
+
+    /// Recorded from QEMU 7.2.22 with `-enable-kvm`, stopped before the
+    /// guest ran (`-S`), the arena on its command line (its BAR not yet
+    /// assigned): each RAM and ROM range carries KVM's mark.
+    #[test]
+    fn kvm_marks_are_not_part_of_the_names() {
+        let text = include_str!("../tests/data/info-mtree-f-kvm.txt");
+        assert!(text.contains("): pc.ram KVM\n"));
+        let r = parse_flat_ram(text).unwrap();
+        let names: Vec<&str> = r.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["pc.ram", "pc.rom", "pc.bios", "pc.ram", "pc.bios"]);
+        assert_eq!(
+            (r[3].start, r[3].len, r[3].writable),
+            (0x10_0000, 0xff0_0000, true)
+        );
+        assert!(!r[1].writable);
+        // The hot-plugged arena's range as the guest's BAR assignment makes
+        // it appear in that format (the TCG line of
+        // info-mtree-f-ivshmem.txt with KVM's mark).
+        let arena = "FlatView #0\n AS \"memory\", root: system\n \
+            0000000100000000-0000000100ffffff (prio 1, ram): klpvarena KVM\n";
+        let r = parse_flat_ram(arena).unwrap();
+        assert_eq!(r[0].name, "klpvarena");
     }
 
     #[test]

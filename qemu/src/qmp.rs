@@ -442,6 +442,11 @@ impl Qmp {
                     .extend_from_slice(chunk.get(..n).unwrap_or_default()),
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // QEMU exiting with our command unread in its socket
+                // resets the connection instead of ending it.
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                    return Err(QmpError::Closed { what: what.into() })
+                }
                 Err(source) => {
                     return Err(QmpError::Io {
                         what: what.into(),
@@ -630,6 +635,37 @@ mod tests {
         // No socket at all.
         let e = Qmp::connect(sock_path("missing"), Duration::from_secs(1)).unwrap_err();
         assert!(matches!(e, QmpError::Connect { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_peer_that_goes_away_with_a_command_unread_is_closed_not_io() {
+        // As QEMU killed while our command sits in its socket: the close
+        // resets the connection (ECONNRESET on our read, not 0).
+        let path = sock_path("reset");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(format!("{GREETING}\n").as_bytes()).unwrap();
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+            s.write_all(b"{\"return\": {}, \"id\": 1}\n").unwrap();
+            // One byte of the next command, the rest left unread.
+            let mut one = [0u8; 1];
+            std::io::Read::read_exact(r.get_mut(), &mut one).unwrap();
+        });
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        let e = q.execute("query-status", None).unwrap_err();
+        assert!(
+            matches!(e, QmpError::Closed { .. }),
+            "{e} (a reset must read as QEMU closing the connection)"
+        );
+        assert_eq!(
+            e.to_string(),
+            "QEMU closed the QMP connection while running `query-status`"
+        );
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

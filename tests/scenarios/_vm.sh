@@ -23,6 +23,22 @@
 #   vm_spawn --events with the guest command on the kernel command line
 #   (after " -- ") and the control socket at $VM_SOCK; fd 3 writes to the
 #   guest's console.
+# qemu_start NAME GUEST-COMMAND [QEMU-ARGS...]
+#   As vm_start, with the same guest under Debian's QEMU on L1's KVM
+#   (qemu-system-x86_64 -enable-kvm -cpu host, 2 vCPUs, 256 MiB; -cpu and
+#   vapic as in qemu-boot), for klpvisor-attach: the console on QEMU's
+#   stdio (the FIFOs "in" and "console"), COM2 to the FIFO "com2" (the
+#   guest's markers, fd 4 as with vm_start), QEMU's own messages to "log".
+#   Sets VM_PID (QEMU), QMP_SOCK (the socket klpvisor-attach takes) and
+#   QMP2_SOCK (a second one: QEMU serves one client per QMP socket, and the
+#   scenario checks QEMU's monitor through it while the attach holds the
+#   first), and VM_SOCK (where attach_start serves the API). vm_wait,
+#   vm_send and vm_finish work as with vm_start.
+# attach_start TAG [ATTACH-ARGS...]
+#   Starts klpvisor-attach --qmp $QMP_SOCK --api-sock $VM_SOCK --arena
+#   ATTACH-ARGS, its messages forwarded to stdout, and waits until it
+#   serves the socket or exits (bounded polling). Sets ATTACH_PID; returns
+#   1 if the socket did not come up.
 # vm_wait PATTERN
 #   Returns 0 at the next COM2 line starting "KLPV-" that contains PATTERN
 #   (the line is in $VM_LINE), 1 if COM2 ends first.
@@ -102,6 +118,53 @@ vm_start() {
 	vm_spawn --events "$vm_name" --kernel "$KLPV_KERNEL" --initrd "$KLPV_INITRD" \
 		--api-sock "$VM_SOCK" "$@" --cmdline "console=ttyS0 reboot=k panic=-1 -- $vm_cmd"
 	exec 3>"$vm_dir/in"
+}
+
+qemu_start() {
+	vm_name=$1
+	vm_cmd=$2
+	shift 2
+	vm_dir=/tmp/klpv-vm-$vm_name
+	rm -rf "$vm_dir"
+	mkdir -p "$vm_dir"
+	mkfifo "$vm_dir/console" "$vm_dir/com2" "$vm_dir/log" "$vm_dir/in" "$vm_dir/events"
+	QMP_SOCK=$vm_dir/qmp.sock
+	QMP2_SOCK=$vm_dir/qmp2.sock
+	VM_SOCK=$vm_dir/api.sock
+	qemu-system-x86_64 -enable-kvm -cpu "${KLPV_QEMU_CPU:-host}" -smp 2 -m 256 \
+		-nodefaults -display none -no-reboot \
+		-device pvpanic -action panic=exit-failure -global kvm-apic.vapic=off \
+		-serial stdio -serial "file:$vm_dir/com2" \
+		-qmp "unix:$QMP_SOCK,server=on,wait=off" -qmp "unix:$QMP2_SOCK,server=on,wait=off" \
+		-kernel "$KLPV_KERNEL" -initrd "$KLPV_INITRD" \
+		-append "console=ttyS0 panic=-1 -- $vm_cmd" "$@" \
+		<"$vm_dir/in" >"$vm_dir/console" 2>"$vm_dir/log" &
+	VM_PID=$!
+	forward "$vm_dir/console"
+	VM_CONSOLE_FWD=$!
+	forward "$vm_dir/log"
+	forward "$vm_dir/com2" "$vm_dir/events"
+	exec 4<"$vm_dir/events"
+	exec 3>"$vm_dir/in"
+}
+
+attach_n=0
+attach_start() {
+	attach_n=$((attach_n + 1))
+	log=$vm_dir/attach-$1-$attach_n.log
+	shift
+	mkfifo "$log"
+	klpvisor-attach --qmp "$QMP_SOCK" --api-sock "$VM_SOCK" --arena "$@" 2>"$log" &
+	ATTACH_PID=$!
+	forward "$log"
+	i=0
+	while [ $i -lt 1200 ]; do
+		[ -S "$VM_SOCK" ] && return 0
+		kill -0 "$ATTACH_PID" 2>/dev/null || return 1
+		usleep 100000
+		i=$((i + 1))
+	done
+	return 1
 }
 
 vm_wait() {
