@@ -775,6 +775,33 @@ pub struct PendingTransition {
     pub blockers: Vec<String>,
 }
 
+impl PendingTransition {
+    /// A transition of `patch` that has just begun, before any attempt.
+    pub fn begun(patch: &str, action: &str, forced: bool) -> Self {
+        Self {
+            patch: patch.to_owned(),
+            action: action.to_owned(),
+            forced,
+            waited_ms: 0.0,
+            attempts: 0,
+            blockers: Vec::new(),
+        }
+    }
+
+    /// Its attempts so far, the time since the first, and what blocked
+    /// the last.
+    pub fn waiting(
+        &mut self,
+        attempts: u32,
+        waited: std::time::Duration,
+        blockers: impl IntoIterator<Item = String>,
+    ) {
+        self.attempts = attempts;
+        self.waited_ms = waited.as_secs_f64() * 1e3;
+        self.blockers = blockers.into_iter().collect();
+    }
+}
+
 /// A removed patch whose arena space is not reusable yet.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RetiredInfo {

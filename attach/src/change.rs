@@ -160,22 +160,13 @@ impl Host for QemuHost<'_> {
     /// [`PendingGuard`]), so a client can tell a transition that waits
     /// for a safe point from a request that hangs.
     fn begun(&self, patch: &str) {
-        *lock(&self.app.pending) = Some(PendingTransition {
-            patch: patch.to_owned(),
-            action: self.action.to_owned(),
-            forced: self.forced,
-            waited_ms: 0.0,
-            attempts: 0,
-            blockers: Vec::new(),
-        });
+        *lock(&self.app.pending) = Some(PendingTransition::begun(patch, self.action, self.forced));
     }
 
     /// The tasks that blocked the last attempt, for `GET /patches`.
     fn waiting(&self, attempts: u32, waited: Duration, blockers: &[Blocker]) {
         if let Some(p) = lock(&self.app.pending).as_mut() {
-            p.attempts = attempts;
-            p.waited_ms = waited.as_secs_f64() * 1e3;
-            p.blockers = blockers.iter().map(ToString::to_string).collect();
+            p.waiting(attempts, waited, blockers.iter().map(ToString::to_string));
         }
     }
 }

@@ -474,21 +474,13 @@ impl Host for VmHost<'_> {
     }
 
     fn begun(&self, patch: &str) {
-        *lock(&self.control.pending) = Some(PendingTransition {
-            patch: patch.to_owned(),
-            action: self.action.to_owned(),
-            forced: self.t.force,
-            waited_ms: 0.0,
-            attempts: 0,
-            blockers: Vec::new(),
-        });
+        *lock(&self.control.pending) =
+            Some(PendingTransition::begun(patch, self.action, self.t.force));
     }
 
     fn waiting(&self, attempts: u32, waited: Duration, blockers: &[Blocker]) {
         if let Some(p) = lock(&self.control.pending).as_mut() {
-            p.attempts = attempts;
-            p.waited_ms = waited.as_secs_f64() * 1e3;
-            p.blockers = blockers.iter().map(|b| b.to_string()).collect();
+            p.waiting(attempts, waited, blockers.iter().map(ToString::to_string));
         }
     }
 }
