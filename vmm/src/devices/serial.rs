@@ -106,10 +106,8 @@ impl Transmitter {
         }
     }
 
-    /// The guest wrote a byte at `now`; whether the transmitter was idle
-    /// (the pacer then needs waking: while busy it looks again by itself).
-    fn byte(&mut self, now: Instant) -> bool {
-        let was_idle = !self.busy;
+    /// The guest wrote a byte at `now`.
+    fn byte(&mut self, now: Instant) {
         self.line_free = self.line_free.max(now) + BYTE_TIME;
         self.burst = Some(match self.burst {
             Some((first, _)) => (first, now),
@@ -117,7 +115,6 @@ impl Transmitter {
         });
         self.busy = true;
         self.pending = false;
-        was_idle
     }
 
     /// When the transmitter is empty again: the line has sent every byte,
@@ -267,10 +264,9 @@ impl Console {
         };
         let mut value = value;
         let mut raise = false;
-        let mut started = false;
         if !p.dlab() {
             match offset {
-                DATA => started = p.tx.byte(Instant::now()),
+                DATA => p.tx.byte(Instant::now()),
                 IER => {
                     raise = p.tx.enable(value & IER_THRI != 0);
                     value &= !IER_THRI;
@@ -284,9 +280,7 @@ impl Console {
         if raise {
             p.raise();
         }
-        // One wake-up per burst, not a futex call per byte: a pacer that
-        // wakes at a deadline the burst has since pushed back waits again.
-        if started {
+        if p.tx.busy {
             self.shared.busy.notify_one();
         }
     }
