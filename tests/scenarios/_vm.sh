@@ -95,7 +95,8 @@ vm_spawn() {
 	rm -rf "$vm_dir"
 	mkdir -p "$vm_dir"
 	mkfifo "$vm_dir/console" "$vm_dir/com2" "$vm_dir/log" "$vm_dir/in" "$vm_dir/events"
-	vmm --serial2-out "$vm_dir/com2" "$@" <"$vm_dir/in" >"$vm_dir/console" 2>"$vm_dir/log" &
+	# shellcheck disable=SC2086 # KLPV_VMM_ARGS: extra vmm flags, split
+	vmm --serial2-out "$vm_dir/com2" ${KLPV_VMM_ARGS:-} "$@" <"$vm_dir/in" >"$vm_dir/console" 2>"$vm_dir/log" &
 	VM_PID=$!
 	forward "$vm_dir/console"
 	# The console's forwarder: a scenario may stop it (SIGSTOP) to play a
