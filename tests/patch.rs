@@ -295,7 +295,18 @@ fn hot_syscall_patched_and_unpatched_under_a_loop_on_every_vcpu() {
         );
         assert!(!w.contains("rounds=0 "), "the loop ran: {w}");
     }
-    assert!(patches(&run, "end").patches.is_empty(), "all removed");
+    let end = patches(&run, "end");
+    assert!(end.patches.is_empty(), "all removed");
+    // Run with `--no-switch-log`: the log was never put in the guest, and
+    // each pause read (nearly) every task, not the few that ran.
+    assert!(end.switch_log.is_none(), "{:?}", end.switch_log);
+    let tasks: usize = run.result("tasks")["n"].parse().expect("task count");
+    let reads = run.results("hot-apply");
+    assert_eq!(reads.len(), 10, "{t}");
+    for r in reads {
+        let n: usize = r["read"].parse().expect("read=N");
+        assert!(n * 2 > tasks, "{n} of {tasks} tasks read in a pause");
+    }
     let dmesg = run.lines_with("KLPV-DMESG warnings=");
     assert_eq!(dmesg.len(), 1, "{t}");
     assert!(dmesg[0].ends_with("warnings=0"), "dmesg: {}", dmesg[0]);

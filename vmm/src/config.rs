@@ -56,13 +56,14 @@ pub struct Args {
     /// replayed over a newer one.
     #[arg(long, requires = "trusted_keys")]
     pub allow_downgrade: bool,
-    /// Register the switch log (klpvisor's probe on the guest's
-    /// `sched_switch` tracepoint, README "What the pause costs") while
-    /// changes happen, so that a safe-point pause reads only the tasks
-    /// that may have run since they were judged. Off by default: two
-    /// nested benchmark runs with it stopped answering (README, Limits).
+    /// Never register the switch log (klpvisor's probe on the guest's
+    /// `sched_switch` tracepoint, README "What the pause costs"), which
+    /// otherwise runs while changes happen so that a safe-point pause
+    /// reads only the tasks that may have run since they were judged.
+    /// Without it every pause reads every task: for a guest whose kernel
+    /// text must not change even for a moment outside the patches.
     #[arg(long)]
-    pub switch_log: bool,
+    pub no_switch_log: bool,
     /// Give the guest a virtio-blk disk backed by this raw image file
     /// (its /dev/vda; a second --disk is vdb, and so on, up to 5). Append
     /// `,ro` for a read-only disk: the image is opened read-only and the
@@ -263,6 +264,20 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_switch_log_is_on_unless_turned_off() {
+        assert!(
+            !parse(&["--kernel", "bzImage"])
+                .expect("parses")
+                .no_switch_log
+        );
+        assert!(
+            parse(&["--kernel", "bzImage", "--no-switch-log"])
+                .expect("parses")
+                .no_switch_log
+        );
     }
 
     #[test]

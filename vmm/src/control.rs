@@ -498,11 +498,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Control {
-    /// Without `vmm --switch-log`: the engine never registers the switch
+    /// With `vmm --no-switch-log`: the engine never registers the switch
     /// log, and every safe-point pause reads every task.
     pub fn no_switch_log(&self) {
         self.engine()
-            .switch_log_off("not asked for (vmm --switch-log turns it on)".into());
+            .switch_log_off("turned off (vmm --no-switch-log)".into());
     }
 
     /// `allow_downgrade` (`vmm --allow-downgrade`) lifts anti-rollback,
@@ -575,14 +575,19 @@ impl Control {
                 pause: None,
             });
         }
-        self.vm.pause()?;
+        let parked = self.vm.pause()?.latency;
         let pause = PauseGuard(&self.vm);
         let value = f(&self.vm);
-        let resumed = pause.resume();
+        let resumed = pause.resume()?.paused_for;
+        tracing::debug!(
+            park_us = parked.as_micros() as u64,
+            paused_us = resumed.as_micros() as u64,
+            "pause: every vCPU parked, then resumed"
+        );
         let value = value?;
         Ok(Paused {
             value,
-            pause: Some(resumed?.paused_for),
+            pause: Some(resumed),
         })
     }
 

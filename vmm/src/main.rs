@@ -153,7 +153,7 @@ fn main() -> ExitCode {
     // alike: they share one patch stack.
     if api.is_some() || !boot_patches.is_empty() {
         let control = Arc::new(Control::new(vm.clone(), policy, args.allow_downgrade));
-        if !args.switch_log {
+        if args.no_switch_log {
             control.no_switch_log();
         }
         if let Err(e) = control.serve_module_hooks() {

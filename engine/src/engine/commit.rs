@@ -79,15 +79,17 @@ impl Engine {
         if register.is_some() {
             self.registry_quiet(kernel, guest)?;
         }
+        // Used once; dropped after the pause (see `spent_prescan`).
+        self.spent_prescan = self.prescan.take();
         let prescan = self
-            .prescan
-            .take()
+            .spent_prescan
+            .as_ref()
             .filter(|(check, _)| *check == p.check)
             .map(|(_, scan)| scan);
         let t_modules = t0.elapsed();
         let mut pause_tasks = 0;
         if !p.change.forced && !p.check.is_empty() {
-            let (blockers, read) = self.blockers(kernel, guest, &p.check, prescan.as_ref())?;
+            let (blockers, read) = self.blockers(kernel, guest, &p.check, prescan)?;
             if !blockers.is_empty() {
                 return Err(EngineError::Blocked(blockers));
             }
@@ -225,6 +227,7 @@ impl Engine {
     /// switches, not the tasks.
     pub fn prescan<G: Guest + ?Sized>(&mut self, kernel: &Kernel, guest: &G, p: &Prepared) {
         self.prescan = None;
+        self.spent_prescan = None;
         if p.change.forced || p.check.is_empty() {
             return;
         }

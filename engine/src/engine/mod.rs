@@ -381,6 +381,11 @@ pub struct Engine {
     /// The tasks found clear while the guest ran, for the next commit of
     /// a transition with this check: see [`Engine::prescan`].
     prescan: Option<(crate::safepoint::Check, crate::safepoint::Prescan)>,
+    /// The pre-scan a commit used, kept until the next pre-scan drops it
+    /// while the guest runs: it holds a summary of every task, and
+    /// freeing ten thousand of them took longer than the rest of the
+    /// pause (nested).
+    spent_prescan: Option<(crate::safepoint::Check, crate::safepoint::Prescan)>,
     /// The per-CPU block allocated for the apply under way, until its
     /// record takes it or the apply is abandoned (see [`percpu`]).
     percpu_pending: Option<percpu::Pending>,
