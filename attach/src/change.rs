@@ -333,6 +333,9 @@ pub fn remove(app: &App, kernel: &Kernel, name: &str) -> Result<PatchInfo, Chang
         action: "remove",
         forced: false,
     };
+    // Read the stacks while the guest runs; the pause re-reads only the
+    // tasks that may have run since.
+    engine.prescan_retired(kernel, host.guest());
     let (swept, _) = host.paused(|g| engine.sweep(kernel, g))?;
     swept?;
     publish(app, &engine);

@@ -236,10 +236,18 @@ fn retired_code_is_freed_only_when_no_stack_references_it() {
     e.remove("livepatch_sample").unwrap();
     assert!(e.sweep(k, &g).unwrap().is_empty(), "referenced: kept");
     assert_eq!(e.retired()[0].name, "livepatch_sample");
+    // The same with the stacks read before the pause (as the VMM's remove
+    // does): the sleeper is not clear, so the pause judges it again.
+    e.prescan_retired(k, &g);
+    assert!(e.sweep(k, &g).unwrap().is_empty(), "pre-scanned: kept");
 
     g.write_phys(slot, &saved).unwrap();
+    e.prescan_retired(k, &g);
     assert_eq!(e.sweep(k, &g).unwrap(), vec!["livepatch_sample"]);
     assert!(e.retired().is_empty());
+    // Nothing retired: no pre-scan is made, the sweep frees nothing.
+    e.prescan_retired(k, &g);
+    assert!(e.sweep(k, &g).unwrap().is_empty());
 }
 
 /// The cumulative-replace scenario of klpv-v1/v2 (f = task_mem,

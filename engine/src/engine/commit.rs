@@ -226,9 +226,26 @@ impl Engine {
     /// only the tasks the log names since: what it costs follows the
     /// switches, not the tasks.
     pub fn prescan<G: Guest + ?Sized>(&mut self, kernel: &Kernel, guest: &G, p: &Prepared) {
+        if p.change.forced {
+            self.prescan = None;
+            self.spent_prescan = None;
+            return;
+        }
+        self.prescan_check(kernel, guest, &p.check, &p.name);
+    }
+
+    /// The pre-scan for `check` (a transition's, or the sweep's of the
+    /// retired patches), with the guest running; `name` is for the log.
+    pub(super) fn prescan_check<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+        check: &crate::safepoint::Check,
+        name: &str,
+    ) {
         self.prescan = None;
         self.spent_prescan = None;
-        if p.change.forced || p.check.is_empty() {
+        if check.is_empty() {
             return;
         }
         let Some(f) = self.facts.as_ref() else {
@@ -250,12 +267,12 @@ impl Engine {
             let named = match log.named_between(guest, cache.head, head) {
                 Ok(n) => n,
                 Err(why) => {
-                    tracing::debug!(patch = p.name, "a full pre-scan: {why}");
+                    tracing::debug!(patch = name, "a full pre-scan: {why}");
                     return None;
                 }
             };
             let read = |addr| f.tasks.read_task(&space, addr).ok();
-            Some(p.check.prescan_cached(
+            Some(check.prescan_cached(
                 &space,
                 cache,
                 &named,
@@ -268,30 +285,28 @@ impl Engine {
         });
         if let Some((scan, cache)) = cached {
             tracing::debug!(
-                patch = p.name,
+                patch = name,
                 clear = scan.len(),
                 summarised = cache.len(),
                 "pre-scan from the stacks summarised before, the switches since read again"
             );
             self.stack_cache = Some(cache);
-            self.prescan = Some((p.check.clone(), scan));
+            self.prescan = Some((check.clone(), scan));
             return;
         }
         let tasks = match f.tasks.list(&space, &[]) {
             Ok(t) => t,
             Err(e) => {
-                tracing::debug!(patch = p.name, "no pre-scan: {e}");
+                tracing::debug!(patch = name, "no pre-scan: {e}");
                 return;
             }
         };
-        let mut scan = p
-            .check
-            .prescan(&space, &tasks, f.orc.as_ref(), &f.hooks, |addr| {
-                f.tasks.read_task(&space, addr).ok()
-            });
+        let mut scan = check.prescan(&space, &tasks, f.orc.as_ref(), &f.hooks, |addr| {
+            f.tasks.read_task(&space, addr).ok()
+        });
         scan.head0 = head0;
         tracing::debug!(
-            patch = p.name,
+            patch = name,
             clear = scan.len(),
             tasks = tasks.len(),
             "pre-scan while the guest runs"
@@ -299,7 +314,7 @@ impl Engine {
         self.stack_cache = live.map(|(log, head)| {
             crate::safepoint::StackCache::from_full(&scan, log.epoch(), head, tasks.len())
         });
-        self.prescan = Some((p.check.clone(), scan));
+        self.prescan = Some((check.clone(), scan));
     }
 
     pub(super) fn blockers<G: Guest + ?Sized>(

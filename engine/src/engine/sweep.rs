@@ -9,6 +9,11 @@ use klpvisor_guest::Kernel;
 
 use super::*;
 
+/// A retired patch's name as its check's span (and blockers) call it.
+fn span_name(name: &str) -> String {
+    format!("retired {name}")
+}
+
 impl Engine {
     /// Forgets a patch that is not enabled. Its code stays mapped, and its
     /// arena space allocated, until [`Engine::sweep`] finds no task whose
@@ -29,21 +34,9 @@ impl Engine {
         Ok(info)
     }
 
-    /// Frees the arena space of every retired patch no task references:
-    /// no RIP and no return address (conservatively, no stack word) inside
-    /// its code. Call with every vCPU paused. Returns the names freed.
-    pub fn sweep<G: Guest + ?Sized>(
-        &mut self,
-        kernel: &Kernel,
-        guest: &G,
-    ) -> Result<Vec<String>, EngineError> {
-        if self.retired.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One walk of every task for all retired patches (the walk, not
-        // the number of spans, is what costs inside the pause).
-        let span_name = |name: &str| format!("retired {name}");
-        let check = Check::new(
+    /// The check that finds the tasks still referencing retired code.
+    fn retired_check(&self) -> Check {
+        Check::new(
             self.retired
                 .iter()
                 .flat_map(|r| {
@@ -53,25 +46,66 @@ impl Engine {
                     })
                 })
                 .collect(),
-        );
+        )
+    }
+
+    /// The pre-scan for the next [`Engine::sweep`], with the guest
+    /// running: the sweep's pause then reads only the tasks that may have
+    /// run since (all of them, as without it, when the switch log cannot
+    /// say), as a transition's pause does.
+    pub fn prescan_retired<G: Guest + ?Sized>(&mut self, kernel: &Kernel, guest: &G) {
+        if self.retired.is_empty() {
+            return;
+        }
+        let check = self.retired_check();
+        self.prescan_check(kernel, guest, &check, "(retired patches)");
+    }
+
+    /// Frees the arena space of every retired patch no task references:
+    /// no RIP and no return address (conservatively, no stack word) inside
+    /// its code. Call with every vCPU paused. Returns the names freed.
+    /// Uses the pre-scan [`Engine::prescan_retired`] left if it was made
+    /// for the same retired patches.
+    pub fn sweep<G: Guest + ?Sized>(
+        &mut self,
+        kernel: &Kernel,
+        guest: &G,
+    ) -> Result<Vec<String>, EngineError> {
+        if self.retired.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One check of the tasks for all retired patches (the tasks read,
+        // not the number of spans, is what costs inside the pause).
+        let check = self.retired_check();
+        // A transition's own pre-scan (another check) stays for its
+        // commit; one made for this check is used once.
+        if self.prescan.as_ref().is_some_and(|(c, _)| *c == check) {
+            self.spent_prescan = self.prescan.take();
+        }
+        let prescan = self
+            .spent_prescan
+            .as_ref()
+            .filter(|(c, _)| *c == check)
+            .map(|(_, scan)| scan);
         // Unknown means referenced: freeing too late costs space, freeing
         // too early lets new code overwrite a live frame. So a failed walk,
         // or a blocker that names no retired patch (a vCPU on no known
         // stack, a return the kernel hid where it cannot be read), keeps
         // every one of them.
-        let referenced: Option<Vec<String>> =
-            match self.blockers(kernel, guest, &check, None).map(|(b, _)| b) {
-                Ok(b) => {
-                    let names: Vec<String> =
-                        self.retired.iter().map(|r| span_name(&r.name)).collect();
-                    if b.iter().all(|b| names.contains(&b.func)) {
-                        Some(b.into_iter().map(|b| b.func).collect())
-                    } else {
-                        None
-                    }
+        let referenced: Option<Vec<String>> = match self
+            .blockers(kernel, guest, &check, prescan)
+            .map(|(b, _)| b)
+        {
+            Ok(b) => {
+                let names: Vec<String> = self.retired.iter().map(|r| span_name(&r.name)).collect();
+                if b.iter().all(|b| names.contains(&b.func)) {
+                    Some(b.into_iter().map(|b| b.func).collect())
+                } else {
+                    None
                 }
-                Err(_) => None,
-            };
+            }
+            Err(_) => None,
+        };
         let mut freed = Vec::new();
         let mut keep = Vec::new();
         // Iterate over a copy: registry plans look at every retired
