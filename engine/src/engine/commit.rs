@@ -79,13 +79,8 @@ impl Engine {
         if register.is_some() {
             self.registry_quiet(kernel, guest)?;
         }
-        // Used once; dropped after the pause (see `spent_prescan`).
-        self.spent_prescan = self.prescan.take();
-        let prescan = self
-            .spent_prescan
-            .as_ref()
-            .filter(|(check, _)| *check == p.check)
-            .map(|(_, scan)| scan);
+        self.spend_prescan(&p.check);
+        let prescan = self.spent_prescan_for(&p.check);
         let t_modules = t0.elapsed();
         let mut pause_tasks = 0;
         if !p.change.forced && !p.check.is_empty() {
@@ -315,6 +310,27 @@ impl Engine {
             crate::safepoint::StackCache::from_full(&scan, log.epoch(), head, tasks.len())
         });
         self.prescan = Some((check.clone(), scan));
+    }
+
+    /// Takes the pre-scan made for `check`, if that is the one waiting:
+    /// used once, it moves to `spent_prescan`, which the next pre-scan
+    /// frees with the guest running (not in this pause). A pre-scan for
+    /// another check stays where it is.
+    pub(super) fn spend_prescan(&mut self, check: &crate::safepoint::Check) {
+        if self.prescan.as_ref().is_some_and(|(c, _)| c == check) {
+            self.spent_prescan = self.prescan.take();
+        }
+    }
+
+    /// The pre-scan [`Engine::spend_prescan`] took for `check`.
+    pub(super) fn spent_prescan_for(
+        &self,
+        check: &crate::safepoint::Check,
+    ) -> Option<&crate::safepoint::Prescan> {
+        self.spent_prescan
+            .as_ref()
+            .filter(|(c, _)| c == check)
+            .map(|(_, scan)| scan)
     }
 
     pub(super) fn blockers<G: Guest + ?Sized>(

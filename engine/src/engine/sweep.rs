@@ -78,15 +78,9 @@ impl Engine {
         // not the number of spans, is what costs inside the pause).
         let check = self.retired_check();
         // A transition's own pre-scan (another check) stays for its
-        // commit; one made for this check is used once.
-        if self.prescan.as_ref().is_some_and(|(c, _)| *c == check) {
-            self.spent_prescan = self.prescan.take();
-        }
-        let prescan = self
-            .spent_prescan
-            .as_ref()
-            .filter(|(c, _)| *c == check)
-            .map(|(_, scan)| scan);
+        // commit.
+        self.spend_prescan(&check);
+        let prescan = self.spent_prescan_for(&check);
         // Unknown means referenced: freeing too late costs space, freeing
         // too early lets new code overwrite a live frame. So a failed walk,
         // or a blocker that names no retired patch (a vCPU on no known
